@@ -1,0 +1,8 @@
+//! roomrouter: a front door for clusters of video-meeting servers.
+//!
+//! `config` and heartbeats fill the `cluster` registry; the `store` keeps room pins;
+//! `placement` (pure: no I/O, no clock, no locks) decides where a room lives;
+//! `router` ties the three together, and `http` exposes it (front door, API, ops).
+
+pub mod placement;
+pub mod room;

@@ -1,0 +1,364 @@
+//! The placement rules of `placement.md`, as pure functions.
+//!
+//! Nothing here does I/O, reads a clock or takes a lock: the caller hands in a view of the
+//! nodes (anything implementing [`NodeView`]), the room's pin if it has one, hints, and the
+//! current time. [`decide`] is the hot path: for a pinned room it looks at one node; for a new
+//! room it makes one pass over the nodes, keeping the best two candidates, and allocates
+//! nothing. [`explain`] is the slow, allocating twin used by the admin API.
+
+pub mod hash;
+pub mod reservation;
+pub mod rule;
+
+use rendezvous_hash::{Capacity, IdNode, Node, WeightedNode};
+use serde::{Deserialize, Serialize};
+
+use hash::{NodeHash, RoomHash, StableNodeHasher};
+pub use rule::ChoiceRule;
+use rule::{Ranked, Tracker};
+
+/// Milliseconds since the Unix epoch. Time is always passed in, never read here.
+pub type Millis = u64;
+
+/// A node's admin state. Ordered from least to most strict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes new rooms and joins.
+    Active,
+    /// Keeps its rooms and their joins; takes no new rooms.
+    Draining,
+    /// Takes nothing; its rooms are re-placed on their next join.
+    Disabled,
+}
+
+impl AdminState {
+    /// The stricter of two states: a node's own report never lifts an admin's decision.
+    pub fn stricter(self, other: AdminState) -> AdminState {
+        self.max(other)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// What placement needs to know about one node.
+pub trait NodeView {
+    /// Stable hash of the node id ([`hash::node_hash`]).
+    fn node_hash(&self) -> u64;
+    /// Capacity in load units, > 0.
+    fn capacity(&self) -> f64;
+    /// Estimated utilization û: last report plus what was sent and reserved since.
+    fn utilization(&self) -> f64;
+    /// Time of the last heartbeat, if any.
+    fn last_heartbeat(&self) -> Option<Millis>;
+    /// Effective admin state (the stricter of the admin's and the node's own).
+    fn state(&self) -> AdminState;
+    fn region(&self) -> Option<&str>;
+    fn has_tag(&self, tag: &str) -> bool;
+}
+
+/// Tunables of the rules; see `placement.md` for their meaning and defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    pub new_room_limit: f64,
+    pub join_limit: f64,
+    pub heartbeat_timeout_ms: u64,
+    pub region_affinity: bool,
+    pub rule: ChoiceRule,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            new_room_limit: 0.80,
+            join_limit: 1.00,
+            heartbeat_timeout_ms: 6_000,
+            region_affinity: true,
+            rule: ChoiceRule::TopTwo,
+        }
+    }
+}
+
+/// Request hints for a new room.
+#[derive(Debug, Clone, Default)]
+pub struct Hints<'a> {
+    pub region: Option<&'a str>,
+    pub tags: &'a [String],
+}
+
+/// The outcome of [`decide`]. Indexes point into the node slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The room's pin holds: join this node.
+    Pinned(usize),
+    /// The room is pinned to a node at or above `join_limit`: refuse, never send elsewhere.
+    NodeFull(usize),
+    /// The room needs a (new) node: this one.
+    Place { node: usize, overflow: bool },
+    /// No node can take the room.
+    NoCapacity,
+}
+
+/// Whether a node counts as alive at `now`.
+#[inline]
+pub fn is_healthy<N: NodeView + ?Sized>(node: &N, now: Millis, timeout_ms: u64) -> bool {
+    match node.last_heartbeat() {
+        Some(t) => now < t.saturating_add(timeout_ms),
+        None => false,
+    }
+}
+
+/// Decides where a join for a room goes.
+///
+/// `pinned` is the index of the room's pinned node if the pin names a known node; a pin to an
+/// unknown node is passed as `None` and the room is re-placed.
+pub fn decide<N: NodeView>(
+    nodes: &[N],
+    pinned: Option<usize>,
+    room: u64,
+    hints: &Hints<'_>,
+    now: Millis,
+    p: &Params,
+) -> Decision {
+    if let Some(i) = pinned {
+        if let Some(n) = nodes.get(i) {
+            if is_healthy(n, now, p.heartbeat_timeout_ms) && n.state() != AdminState::Disabled {
+                if n.utilization() >= p.join_limit {
+                    return Decision::NodeFull(i);
+                }
+                return Decision::Pinned(i);
+            }
+        }
+    }
+    choose(nodes, room, hints, now, p)
+}
+
+/// The rendezvous score of a node for a room with weight `w`, by the `rendezvous_hash` crate's
+/// logarithmic method (higher is better).
+#[inline]
+fn score(room: u64, node_hash: u64, w: f64) -> rendezvous_hash::types::SignPositiveF64 {
+    let cap = Capacity::new(w.max(f64::MIN_POSITIVE)).unwrap_or_else(|| {
+        // w is finite and positive here; MIN_POSITIVE is normal, so this is unreachable.
+        Capacity::new(f64::MIN_POSITIVE).expect("MIN_POSITIVE is a normal float")
+    });
+    WeightedNode::new(IdNode::new(NodeHash(node_hash)), cap)
+        .hash_code(&StableNodeHasher, &RoomHash(room))
+}
+
+/// The same ranking as a plain number, `-w / ln(h)` with `h` in (0,1), for humans.
+pub fn numeric_score(room: u64, node_hash: u64, w: f64) -> f64 {
+    let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
+    -w / h.ln()
+}
+
+#[inline]
+fn base_eligible<N: NodeView>(n: &N, hints: &Hints<'_>, now: Millis, p: &Params) -> bool {
+    n.state() == AdminState::Active
+        && is_healthy(n, now, p.heartbeat_timeout_ms)
+        && hints.tags.iter().all(|t| n.has_tag(t))
+}
+
+/// Picks a node for a room without a usable pin. One pass; a second pass only on overflow.
+pub fn choose<N: NodeView>(
+    nodes: &[N],
+    room: u64,
+    hints: &Hints<'_>,
+    now: Millis,
+    p: &Params,
+) -> Decision {
+    let prefer_region = if p.region_affinity {
+        hints.region
+    } else {
+        None
+    };
+    let mut all = Tracker::default();
+    let mut local = Tracker::default();
+    let mut overflow_exists = false;
+    for (i, n) in nodes.iter().enumerate() {
+        if !base_eligible(n, hints, now, p) {
+            continue;
+        }
+        let u = n.utilization();
+        if u < p.new_room_limit {
+            let c = Ranked {
+                index: i,
+                score: score(room, n.node_hash(), n.capacity() * (p.new_room_limit - u)),
+                tiebreak: n.node_hash(),
+                util: u,
+            };
+            all.offer(c);
+            if prefer_region.is_some() && n.region() == prefer_region {
+                local.offer(c);
+            }
+        } else if u < p.join_limit {
+            overflow_exists = true;
+        }
+    }
+    let pick = if !local.is_empty() {
+        local.pick(p.rule)
+    } else {
+        all.pick(p.rule)
+    };
+    if let Some(c) = pick {
+        return Decision::Place {
+            node: c.index,
+            overflow: false,
+        };
+    }
+    if !overflow_exists {
+        return Decision::NoCapacity;
+    }
+    let mut over = Tracker::default();
+    for (i, n) in nodes.iter().enumerate() {
+        if !base_eligible(n, hints, now, p) {
+            continue;
+        }
+        let u = n.utilization();
+        if u < p.join_limit {
+            over.offer(Ranked {
+                index: i,
+                score: score(room, n.node_hash(), n.capacity() * (p.join_limit - u)),
+                tiebreak: n.node_hash(),
+                util: u,
+            });
+        }
+    }
+    match over.pick(p.rule) {
+        Some(c) => Decision::Place {
+            node: c.index,
+            overflow: true,
+        },
+        None => Decision::NoCapacity,
+    }
+}
+
+/// Why a node was or was not chosen, for `GET /v1/placement/{room}/explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The room's pinned node, and it takes the join.
+    Pinned,
+    /// Pinned here but at or above `join_limit`: the join is refused.
+    PinnedFull,
+    /// Chosen for the room.
+    Chosen,
+    /// One of the two best-ranked candidates, not chosen.
+    RunnerUp,
+    /// Eligible, ranked lower than the top two.
+    Outranked,
+    /// Eligible but outside the hinted region, and that region had candidates.
+    OtherRegion,
+    /// No heartbeat within `heartbeat_timeout`.
+    Unhealthy,
+    Draining,
+    Disabled,
+    /// Lacks a required tag.
+    MissingTag,
+    /// At or above `new_room_limit` (a new room may still overflow here).
+    AboveNewRoomLimit,
+    /// At or above `join_limit`.
+    AboveJoinLimit,
+}
+
+/// One row of an explanation.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeExplain {
+    pub index: usize,
+    pub healthy: bool,
+    pub state: AdminState,
+    pub utilization: f64,
+    pub weight: f64,
+    pub score: Option<f64>,
+    pub verdict: Verdict,
+}
+
+/// Explains [`decide`] node by node. Allocates; not for the hot path.
+pub fn explain<N: NodeView>(
+    nodes: &[N],
+    pinned: Option<usize>,
+    room: u64,
+    hints: &Hints<'_>,
+    now: Millis,
+    p: &Params,
+) -> (Decision, Vec<NodeExplain>) {
+    let decision = decide(nodes, pinned, room, hints, now, p);
+    let overflow = matches!(decision, Decision::Place { overflow: true, .. });
+    let limit = if overflow {
+        p.join_limit
+    } else {
+        p.new_room_limit
+    };
+    let prefer_region = if p.region_affinity {
+        hints.region
+    } else {
+        None
+    };
+    let local_has_candidates = prefer_region.is_some()
+        && nodes.iter().any(|n| {
+            base_eligible(n, hints, now, p)
+                && n.utilization() < p.new_room_limit
+                && n.region() == prefer_region
+        });
+    // Recompute the top two of the pool the decision came from.
+    let mut pool = Tracker::default();
+    for (i, n) in nodes.iter().enumerate() {
+        let u = n.utilization();
+        if base_eligible(n, hints, now, p)
+            && u < limit
+            && (!local_has_candidates || overflow || n.region() == prefer_region)
+        {
+            pool.offer(Ranked {
+                index: i,
+                score: score(room, n.node_hash(), n.capacity() * (limit - u)),
+                tiebreak: n.node_hash(),
+                util: u,
+            });
+        }
+    }
+    let (best, second) = pool.top_two();
+    let top: Vec<usize> = best.iter().chain(second.iter()).map(|r| r.index).collect();
+    let rows = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let u = n.utilization();
+            let healthy = is_healthy(n, now, p.heartbeat_timeout_ms);
+            let w = (n.capacity() * (limit - u)).max(0.0);
+            let verdict = match decision {
+                Decision::Pinned(j) if j == i => Verdict::Pinned,
+                Decision::NodeFull(j) if j == i => Verdict::PinnedFull,
+                Decision::Place { node, .. } if node == i => Verdict::Chosen,
+                _ if !healthy => Verdict::Unhealthy,
+                _ if n.state() == AdminState::Disabled => Verdict::Disabled,
+                _ if n.state() == AdminState::Draining => Verdict::Draining,
+                _ if !hints.tags.iter().all(|t| n.has_tag(t)) => Verdict::MissingTag,
+                _ if u >= p.join_limit => Verdict::AboveJoinLimit,
+                _ if u >= p.new_room_limit && !overflow => Verdict::AboveNewRoomLimit,
+                _ if local_has_candidates && !overflow && n.region() != prefer_region => {
+                    Verdict::OtherRegion
+                }
+                _ if top.contains(&i) => Verdict::RunnerUp,
+                _ => Verdict::Outranked,
+            };
+            NodeExplain {
+                index: i,
+                healthy,
+                state: n.state(),
+                utilization: u,
+                weight: w,
+                score: (w > 0.0).then(|| numeric_score(room, n.node_hash(), w)),
+                verdict,
+            }
+        })
+        .collect();
+    (decision, rows)
+}
+
+#[cfg(test)]
+mod tests;

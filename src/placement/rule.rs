@@ -1,0 +1,114 @@
+//! Choice rules: how the final node is picked among the eligible candidates.
+//!
+//! Every rule is deterministic (same room, nodes and loads give the same node on every router)
+//! and runs in one pass over the candidates without allocating. The default,
+//! [`ChoiceRule::TopTwo`], is power-of-two-choices where both choices come from the weighted
+//! rendezvous ranking; the others exist so the simulator can compare them.
+
+use std::cmp::Ordering;
+
+use rendezvous_hash::types::SignPositiveF64;
+use serde::{Deserialize, Serialize};
+
+/// Which candidate a new room goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChoiceRule {
+    /// The less loaded of the two best-ranked candidates (ties: the better ranked). Default.
+    #[default]
+    TopTwo,
+    /// The best-ranked candidate (plain weighted rendezvous hashing).
+    Rendezvous,
+    /// The least loaded candidate (ties: the better ranked). Herds bursts; for comparison.
+    LeastLoaded,
+}
+
+impl ChoiceRule {
+    /// All rules, for the simulator and tests.
+    pub const ALL: [ChoiceRule; 3] = [
+        ChoiceRule::TopTwo,
+        ChoiceRule::Rendezvous,
+        ChoiceRule::LeastLoaded,
+    ];
+
+    /// The config name of the rule.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChoiceRule::TopTwo => "top_two",
+            ChoiceRule::Rendezvous => "rendezvous",
+            ChoiceRule::LeastLoaded => "least_loaded",
+        }
+    }
+}
+
+/// One ranked candidate: its index in the node slice, its rendezvous score (the crate's
+/// logarithmic-method code: higher is better) and its utilization.
+#[derive(Debug, Clone, Copy)]
+pub struct Ranked {
+    pub index: usize,
+    pub score: SignPositiveF64,
+    pub tiebreak: u64,
+    pub util: f64,
+}
+
+impl Ranked {
+    /// Rank order: higher score first, then the node hash as a deterministic tie-break.
+    fn outranks(&self, other: &Ranked) -> bool {
+        match self.score.partial_cmp(&other.score) {
+            Some(Ordering::Greater) => true,
+            Some(Ordering::Less) => false,
+            _ => self.tiebreak > other.tiebreak,
+        }
+    }
+}
+
+/// Keeps what a rule needs while candidates stream past: the best two by rank and the least
+/// loaded one. O(1) per candidate, no allocation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tracker {
+    best: Option<Ranked>,
+    second: Option<Ranked>,
+    least: Option<Ranked>,
+}
+
+impl Tracker {
+    #[inline]
+    pub fn offer(&mut self, c: Ranked) {
+        match self.best {
+            None => self.best = Some(c),
+            Some(b) if c.outranks(&b) => {
+                self.second = self.best;
+                self.best = Some(c);
+            }
+            Some(_) => match self.second {
+                Some(s) if !c.outranks(&s) => {}
+                _ => self.second = Some(c),
+            },
+        }
+        match self.least {
+            Some(l) if c.util > l.util || (c.util == l.util && !c.outranks(&l)) => {}
+            _ => self.least = Some(c),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.best.is_none()
+    }
+
+    /// The two best-ranked candidates seen.
+    pub fn top_two(&self) -> (Option<Ranked>, Option<Ranked>) {
+        (self.best, self.second)
+    }
+
+    /// The candidate the rule picks.
+    pub fn pick(&self, rule: ChoiceRule) -> Option<Ranked> {
+        match rule {
+            ChoiceRule::Rendezvous => self.best,
+            ChoiceRule::LeastLoaded => self.least,
+            ChoiceRule::TopTwo => match (self.best, self.second) {
+                (Some(b), Some(s)) if s.util < b.util => Some(s),
+                (b, _) => b,
+            },
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! The rules of placement.md, one test (or property) per rule, on the pure engine.
+
+use super::*;
+use crate::placement::hash::node_hash;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct N {
+    id: String,
+    hash: u64,
+    cap: f64,
+    util: f64,
+    hb: Option<Millis>,
+    state: AdminState,
+    region: Option<String>,
+    tags: Vec<String>,
+}
+
+fn n(id: &str, cap: f64, util: f64) -> N {
+    N {
+        id: id.to_string(),
+        hash: node_hash(id.as_bytes()),
+        cap,
+        util,
+        hb: Some(NOW - 1_000),
+        state: AdminState::Active,
+        region: None,
+        tags: vec![],
+    }
+}
+
+impl NodeView for N {
+    fn node_hash(&self) -> u64 {
+        self.hash
+    }
+    fn capacity(&self) -> f64 {
+        self.cap
+    }
+    fn utilization(&self) -> f64 {
+        self.util
+    }
+    fn last_heartbeat(&self) -> Option<Millis> {
+        self.hb
+    }
+    fn state(&self) -> AdminState {
+        self.state
+    }
+    fn region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+    fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+const NOW: Millis = 1_700_000_000_000;
+
+fn room(i: usize) -> u64 {
+    hash::room_hash(format!("room-{i}").as_bytes())
+}
+
+fn placed(nodes: &[N], r: u64, p: &Params) -> Option<String> {
+    match decide(nodes, None, r, &Hints::default(), NOW, p) {
+        Decision::Place { node, .. } => Some(nodes[node].id.clone()),
+        _ => None,
+    }
+}
+
+fn cluster(caps: &[f64]) -> Vec<N> {
+    caps.iter()
+        .enumerate()
+        .map(|(i, c)| n(&format!("node-{i}"), *c, 0.0))
+        .collect()
+}
+
+#[test]
+fn pinned_room_joins_its_node_even_when_draining_or_above_new_room_limit() {
+    let mut nodes = cluster(&[10.0, 10.0]);
+    nodes[0].state = AdminState::Draining;
+    nodes[0].util = 0.95;
+    let d = decide(
+        &nodes,
+        Some(0),
+        room(1),
+        &Hints::default(),
+        NOW,
+        &Params::default(),
+    );
+    assert_eq!(d, Decision::Pinned(0));
+}
+
+#[test]
+fn pinned_node_at_join_limit_refuses_instead_of_moving_the_room() {
+    let mut nodes = cluster(&[10.0, 10.0]);
+    nodes[0].util = 1.0;
+    let d = decide(
+        &nodes,
+        Some(0),
+        room(1),
+        &Hints::default(),
+        NOW,
+        &Params::default(),
+    );
+    assert_eq!(d, Decision::NodeFull(0));
+}
+
+#[test]
+fn unhealthy_or_disabled_pin_is_re_placed_elsewhere() {
+    let p = Params::default();
+    let mut nodes = cluster(&[10.0, 10.0]);
+    nodes[0].hb = Some(NOW - p.heartbeat_timeout_ms);
+    assert_eq!(
+        decide(&nodes, Some(0), room(1), &Hints::default(), NOW, &p),
+        Decision::Place {
+            node: 1,
+            overflow: false
+        }
+    );
+    let mut nodes = cluster(&[10.0, 10.0]);
+    nodes[0].state = AdminState::Disabled;
+    assert_eq!(
+        decide(&nodes, Some(0), room(1), &Hints::default(), NOW, &p),
+        Decision::Place {
+            node: 1,
+            overflow: false
+        }
+    );
+}
+
+#[test]
+fn a_node_without_any_heartbeat_is_not_healthy() {
+    let mut nodes = cluster(&[10.0]);
+    nodes[0].hb = None;
+    assert_eq!(
+        decide(
+            &nodes,
+            None,
+            room(1),
+            &Hints::default(),
+            NOW,
+            &Params::default()
+        ),
+        Decision::NoCapacity
+    );
+}
+
+#[test]
+fn new_rooms_avoid_draining_disabled_and_untagged_nodes() {
+    let mut nodes = cluster(&[10.0, 10.0, 10.0, 10.0]);
+    nodes[0].state = AdminState::Draining;
+    nodes[1].state = AdminState::Disabled;
+    nodes[2].tags = vec!["recording".into()];
+    let tags = vec!["recording".to_string()];
+    let hints = Hints {
+        region: None,
+        tags: &tags,
+    };
+    for i in 0..200 {
+        assert_eq!(
+            decide(&nodes, None, room(i), &hints, NOW, &Params::default()),
+            Decision::Place {
+                node: 2,
+                overflow: false
+            }
+        );
+    }
+}
+
+#[test]
+fn region_hint_prefers_the_region_and_falls_back_to_all() {
+    let mut nodes = cluster(&[10.0, 10.0, 10.0]);
+    nodes[0].region = Some("eu".into());
+    nodes[1].region = Some("us".into());
+    nodes[2].region = Some("us".into());
+    let hints = Hints {
+        region: Some("eu"),
+        tags: &[],
+    };
+    for i in 0..100 {
+        assert_eq!(
+            decide(&nodes, None, room(i), &hints, NOW, &Params::default()),
+            Decision::Place {
+                node: 0,
+                overflow: false
+            }
+        );
+    }
+    nodes[0].util = 0.9; // eu is above new_room_limit: fall back to all regions
+    for i in 0..100 {
+        let d = decide(&nodes, None, room(i), &hints, NOW, &Params::default());
+        assert!(
+            matches!(
+                d,
+                Decision::Place {
+                    node: 1 | 2,
+                    overflow: false
+                }
+            ),
+            "{d:?}"
+        );
+    }
+    let no_affinity = Params {
+        region_affinity: false,
+        ..Params::default()
+    };
+    nodes[0].util = 0.0;
+    let spread: std::collections::HashSet<usize> = (0..100)
+        .filter_map(
+            |i| match decide(&nodes, None, room(i), &hints, NOW, &no_affinity) {
+                Decision::Place { node, .. } => Some(node),
+                _ => None,
+            },
+        )
+        .collect();
+    assert_eq!(spread.len(), 3, "without affinity the hint is ignored");
+}
+
+#[test]
+fn overflow_to_join_limit_then_no_capacity() {
+    let mut nodes = cluster(&[10.0, 10.0]);
+    nodes[0].util = 0.85;
+    nodes[1].util = 0.99;
+    assert_eq!(
+        decide(
+            &nodes,
+            None,
+            room(1),
+            &Hints::default(),
+            NOW,
+            &Params::default()
+        ),
+        Decision::Place {
+            node: 0,
+            overflow: true
+        },
+        "both nodes are above new_room_limit; the less loaded of the top two takes the overflow"
+    );
+    nodes[0].util = 1.0;
+    nodes[1].util = 1.2;
+    assert_eq!(
+        decide(
+            &nodes,
+            None,
+            room(1),
+            &Hints::default(),
+            NOW,
+            &Params::default()
+        ),
+        Decision::NoCapacity
+    );
+}
+
+#[test]
+fn top_two_takes_the_less_loaded_of_the_two_best_ranked() {
+    let p = Params::default();
+    let mut checked_runner_up = 0;
+    for i in 0..300 {
+        let r = room(i);
+        let nodes: Vec<N> = (0..8)
+            .map(|j| {
+                n(
+                    &format!("node-{j}"),
+                    10.0,
+                    ((i * 7 + j * 13) % 70) as f64 / 100.0,
+                )
+            })
+            .collect();
+        let ranked = |x: &N| score(r, x.hash, x.cap * (p.new_room_limit - x.util));
+        let mut order: Vec<&N> = nodes.iter().collect();
+        order.sort_by(|a, b| ranked(b).partial_cmp(&ranked(a)).unwrap());
+        let (first, second) = (order[0], order[1]);
+        let expected = if second.util < first.util {
+            second
+        } else {
+            first
+        };
+        if expected.id == second.id {
+            checked_runner_up += 1;
+        }
+        assert_eq!(placed(&nodes, r, &p), Some(expected.id.clone()));
+        let plain = Params {
+            rule: ChoiceRule::Rendezvous,
+            ..p.clone()
+        };
+        assert_eq!(placed(&nodes, r, &plain), Some(first.id.clone()));
+    }
+    assert!(
+        checked_runner_up > 50,
+        "the runner-up case was exercised {checked_runner_up} times"
+    );
+}
+
+#[test]
+fn numeric_score_ranks_like_the_crate() {
+    let nodes = cluster(&[1.0, 3.0, 7.0, 20.0, 50.0]);
+    for i in 0..500 {
+        let r = room(i);
+        let by_crate = nodes
+            .iter()
+            .max_by(|a, b| {
+                score(r, a.hash, a.cap)
+                    .partial_cmp(&score(r, b.hash, b.cap))
+                    .unwrap()
+            })
+            .unwrap();
+        let by_number = nodes
+            .iter()
+            .max_by(|a, b| {
+                numeric_score(r, a.hash, a.cap)
+                    .partial_cmp(&numeric_score(r, b.hash, b.cap))
+                    .unwrap()
+            })
+            .unwrap();
+        assert_eq!(by_crate.id, by_number.id);
+    }
+}
+
+#[test]
+fn explain_agrees_with_decide() {
+    let mut nodes = cluster(&[10.0, 20.0, 30.0, 40.0]);
+    nodes[0].state = AdminState::Draining;
+    nodes[1].util = 0.9;
+    let p = Params::default();
+    for i in 0..100 {
+        let (d, rows) = explain(&nodes, None, room(i), &Hints::default(), NOW, &p);
+        assert_eq!(d, decide(&nodes, None, room(i), &Hints::default(), NOW, &p));
+        let Decision::Place { node, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(rows[node].verdict, Verdict::Chosen);
+        assert_eq!(rows[0].verdict, Verdict::Draining);
+        assert_eq!(rows[1].verdict, Verdict::AboveNewRoomLimit);
+        assert_eq!(
+            rows.iter().filter(|r| r.verdict == Verdict::Chosen).count(),
+            1
+        );
+    }
+}
+
+/// Invariant 5: with no load, new rooms spread in proportion to capacity.
+#[test]
+fn weights_hold() {
+    let caps = [10.0, 20.0, 30.0, 40.0];
+    let nodes = cluster(&caps);
+    let p = Params::default();
+    let rooms = 40_000;
+    let mut counts = [0usize; 4];
+    for i in 0..rooms {
+        let Decision::Place { node, .. } =
+            decide(&nodes, None, room(i), &Hints::default(), NOW, &p)
+        else {
+            panic!()
+        };
+        counts[node] += 1;
+    }
+    let total: f64 = caps.iter().sum();
+    for (i, c) in caps.iter().enumerate() {
+        let expected = c / total;
+        let got = counts[i] as f64 / rooms as f64;
+        assert!(
+            (got - expected).abs() < 0.01,
+            "node {i}: share {got:.3}, expected {expected:.3}"
+        );
+    }
+}
+
+fn arb_nodes() -> impl Strategy<Value = Vec<N>> {
+    prop::collection::vec((1.0f64..100.0, 0.0f64..1.2, 0u8..10, any::<bool>()), 1..12).prop_map(
+        |v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (cap, util, st, has_hb))| {
+                    let mut x = n(&format!("n{i}"), cap, util);
+                    x.state = match st {
+                        0 => AdminState::Draining,
+                        1 => AdminState::Disabled,
+                        _ => AdminState::Active,
+                    };
+                    if !has_hb && i % 3 == 0 {
+                        x.hb = Some(NOW - 60_000);
+                    }
+                    x
+                })
+                .collect()
+        },
+    )
+}
+
+proptest! {
+    /// Invariant 6: the same room, nodes and loads give the same node, whatever the order the
+    /// router happens to hold its nodes in.
+    #[test]
+    fn deterministic_across_node_order(nodes in arb_nodes(), r in any::<u64>(), rot in 0usize..12) {
+        let p = Params::default();
+        let a = match decide(&nodes, None, r, &Hints::default(), NOW, &p) {
+            Decision::Place { node, .. } => Some(nodes[node].id.clone()),
+            _ => None,
+        };
+        let mut rotated = nodes.clone();
+        let k = rot % rotated.len();
+        rotated.rotate_left(k);
+        rotated.reverse();
+        let b = match decide(&rotated, None, r, &Hints::default(), NOW, &p) {
+            Decision::Place { node, .. } => Some(rotated[node].id.clone()),
+            _ => None,
+        };
+        prop_assert_eq!(a, b);
+    }
+
+    /// Invariant 4: no new room goes to a node at or above new_room_limit while an eligible
+    /// node below it exists, and nothing goes to a node at or above join_limit.
+    #[test]
+    fn headroom_is_respected(nodes in arb_nodes(), r in any::<u64>()) {
+        let p = Params::default();
+        let eligible = |x: &N| x.state == AdminState::Active && is_healthy(x, NOW, p.heartbeat_timeout_ms);
+        let below_new = nodes.iter().any(|x| eligible(x) && x.util < p.new_room_limit);
+        let below_join = nodes.iter().any(|x| eligible(x) && x.util < p.join_limit);
+        for rule in ChoiceRule::ALL {
+            let p = Params { rule, ..p.clone() };
+            match decide(&nodes, None, r, &Hints::default(), NOW, &p) {
+                Decision::Place { node, overflow } => {
+                    let x = &nodes[node];
+                    prop_assert!(eligible(x));
+                    prop_assert!(x.util < p.join_limit);
+                    if below_new {
+                        prop_assert!(!overflow);
+                        prop_assert!(x.util < p.new_room_limit);
+                    }
+                }
+                Decision::NoCapacity => prop_assert!(!below_join),
+                d => prop_assert!(false, "unexpected {:?}", d),
+            }
+        }
+    }
+
+    /// Invariant 2 (at the hashing level): with equal load, adding a node moves a room only
+    /// onto the new node, never between old nodes.
+    #[test]
+    fn scale_out_moves_only_to_the_new_node(caps in prop::collection::vec(1.0f64..50.0, 1..10), extra in 1.0f64..50.0) {
+        let nodes = cluster(&caps);
+        let mut grown = nodes.clone();
+        grown.push(n("newcomer", extra, 0.0));
+        let p = Params::default();
+        for i in 0..200 {
+            let before = placed(&nodes, room(i), &p).unwrap();
+            let after = placed(&grown, room(i), &p).unwrap();
+            prop_assert!(after == before || after == "newcomer", "{} moved {} -> {}", i, before, after);
+        }
+    }
+
+    /// Invariant 3 (at the hashing level): when a node fails, only its rooms move.
+    #[test]
+    fn failure_moves_only_what_failed(caps in prop::collection::vec(1.0f64..50.0, 2..10), dead in 0usize..10) {
+        let nodes = cluster(&caps);
+        let dead = dead % nodes.len();
+        let mut failed = nodes.clone();
+        failed[dead].hb = Some(NOW - 60_000);
+        let p = Params::default();
+        for i in 0..200 {
+            let before = placed(&nodes, room(i), &p).unwrap();
+            let after = placed(&failed, room(i), &p).unwrap();
+            if before != nodes[dead].id {
+                prop_assert_eq!(before, after);
+            } else {
+                prop_assert_ne!(after, nodes[dead].id.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Room keys: the one way to turn user input into the key a room is stored under.
+//!
+//! Every path that names a room (front door, login, placement API, node reports) goes through
+//! [`RoomKey::parse`] or [`RoomKey::from_encoded`], so no two paths can disagree about which
+//! room a string means and split it across nodes ("Room" and "room" on different shards is
+//! the classic Jitsi bug). A `RoomKey` also carries its stable placement hash, computed once.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+
+use crate::placement::hash::room_hash;
+
+/// Longest room id accepted, in bytes of UTF-8 after decoding and normalization.
+pub const MAX_ROOM_BYTES: usize = 256;
+
+/// How room ids are normalized before they become keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalization {
+    /// Keys are taken byte for byte.
+    None,
+    /// Unicode lowercase: "Room" and "room" are the same room.
+    #[default]
+    Lowercase,
+    /// Unicode NFKC, then lowercase: also folds full-width and compatibility forms.
+    NfkcLowercase,
+}
+
+/// Why a string is not a valid room id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("room id is empty")]
+    Empty,
+    #[error("room id is longer than {MAX_ROOM_BYTES} bytes")]
+    TooLong,
+    #[error("room id is not valid UTF-8 after percent-decoding")]
+    NotUtf8,
+    #[error("room id contains a control character")]
+    ControlChar,
+    #[error("room id contains '/'")]
+    Slash,
+}
+
+/// A validated, normalized room id with its stable placement hash.
+#[derive(Clone)]
+pub struct RoomKey {
+    name: Arc<str>,
+    hash: u64,
+}
+
+impl RoomKey {
+    /// Validates and normalizes a literal room id (as found in a JSON body).
+    pub fn parse(raw: &str, norm: Normalization) -> Result<Self, RoomError> {
+        check(raw)?;
+        let normalized: Cow<'_, str> = match norm {
+            Normalization::None => Cow::Borrowed(raw),
+            Normalization::Lowercase => lowercase(raw),
+            Normalization::NfkcLowercase => {
+                let nfkc: String = raw.nfkc().collect();
+                Cow::Owned(lowercase(&nfkc).into_owned())
+            }
+        };
+        // Normalization can lengthen a string or produce '/' (NFKC of U+FF0F); check again.
+        if let Cow::Owned(s) = &normalized {
+            check(s)?;
+        }
+        Ok(Self::from_valid(&normalized))
+    }
+
+    /// Percent-decodes a room id taken from a URL (path segment, query value), then parses it.
+    pub fn from_encoded(raw: &str, norm: Normalization) -> Result<Self, RoomError> {
+        if raw.len() > MAX_ROOM_BYTES * 3 {
+            return Err(RoomError::TooLong);
+        }
+        let decoded = percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| RoomError::NotUtf8)?;
+        Self::parse(&decoded, norm)
+    }
+
+    fn from_valid(name: &str) -> Self {
+        RoomKey {
+            hash: room_hash(name.as_bytes()),
+            name: Arc::from(name),
+        }
+    }
+
+    /// The normalized id.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The stable hash placement ranks nodes with (XXH3-64 of the UTF-8 bytes).
+    pub fn stable_hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+fn check(s: &str) -> Result<(), RoomError> {
+    if s.is_empty() {
+        return Err(RoomError::Empty);
+    }
+    if s.len() > MAX_ROOM_BYTES {
+        return Err(RoomError::TooLong);
+    }
+    for c in s.chars() {
+        if c == '/' {
+            return Err(RoomError::Slash);
+        }
+        if c.is_control() {
+            return Err(RoomError::ControlChar);
+        }
+    }
+    Ok(())
+}
+
+fn lowercase(s: &str) -> Cow<'_, str> {
+    if s.chars().any(|c| c.is_uppercase()) {
+        Cow::Owned(s.to_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+impl PartialEq for RoomKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.name == other.name
+    }
+}
+impl Eq for RoomKey {}
+
+impl Hash for RoomKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state)
+    }
+}
+
+impl PartialOrd for RoomKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for RoomKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.name.cmp(&other.name)
+    }
+}
+
+impl fmt::Debug for RoomKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RoomKey({:?})", &*self.name)
+    }
+}
+impl fmt::Display for RoomKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Serialize for RoomKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowercase_folds_case_so_one_room_is_one_key() {
+        let a = RoomKey::parse("Team-Standup", Normalization::Lowercase).unwrap();
+        let b = RoomKey::parse("team-standup", Normalization::Lowercase).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.stable_hash(), b.stable_hash());
+    }
+
+    #[test]
+    fn none_keeps_case() {
+        let a = RoomKey::parse("Room", Normalization::None).unwrap();
+        assert_eq!(a.as_str(), "Room");
+    }
+
+    #[test]
+    fn nfkc_folds_full_width_forms() {
+        let a = RoomKey::parse("ＲＯＯＭ", Normalization::NfkcLowercase).unwrap();
+        assert_eq!(a.as_str(), "room");
+        // Without NFKC the full-width form stays distinct.
+        let b = RoomKey::parse("ＲＯＯＭ", Normalization::Lowercase).unwrap();
+        assert_ne!(b.as_str(), "room");
+    }
+
+    #[test]
+    fn nfkc_cannot_smuggle_a_slash() {
+        assert_eq!(
+            RoomKey::parse("a\u{FF0F}b", Normalization::NfkcLowercase),
+            Err(RoomError::Slash)
+        );
+    }
+
+    #[test]
+    fn percent_decoding_happens_before_validation() {
+        let a = RoomKey::from_encoded("daily%20sync", Normalization::None).unwrap();
+        assert_eq!(a.as_str(), "daily sync");
+        assert_eq!(
+            RoomKey::from_encoded("a%2Fb", Normalization::None),
+            Err(RoomError::Slash)
+        );
+        assert_eq!(
+            RoomKey::from_encoded("a%0Ab", Normalization::None),
+            Err(RoomError::ControlChar)
+        );
+        assert_eq!(
+            RoomKey::from_encoded("%FF", Normalization::None),
+            Err(RoomError::NotUtf8)
+        );
+    }
+
+    #[test]
+    fn length_limits() {
+        assert_eq!(
+            RoomKey::parse("", Normalization::None),
+            Err(RoomError::Empty)
+        );
+        let max = "x".repeat(MAX_ROOM_BYTES);
+        assert!(RoomKey::parse(&max, Normalization::None).is_ok());
+        let over = "x".repeat(MAX_ROOM_BYTES + 1);
+        assert_eq!(
+            RoomKey::parse(&over, Normalization::None),
+            Err(RoomError::TooLong)
+        );
+    }
+}

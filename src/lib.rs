@@ -4,5 +4,12 @@
 //! `placement` (pure: no I/O, no clock, no locks) decides where a room lives;
 //! `router` ties the three together, and `http` exposes it (front door, API, ops).
 
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod placement;
 pub mod room;
+pub mod router;
+pub mod store;

@@ -1,0 +1,248 @@
+//! The node table: who the nodes are, their admin states and live load.
+//!
+//! Readers (every placement decision) take an immutable [`Snapshot`] through `arc-swap`: no
+//! lock, no allocation. Heartbeats update a node's live counters in place (atomics); only a
+//! change of membership or of a node's description (url, capacity, region, tags) builds and
+//! publishes a new snapshot, under a writers-only mutex.
+
+mod node;
+pub mod reservations;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, Guard};
+
+pub use node::{Live, NodeEntry, NodeId, NodeIdError, NodeInfo, MAX_NODE_ID};
+
+use crate::placement::AdminState;
+
+/// Node ids hash to their (already uniform) XXH3 value; the index uses it as is.
+#[derive(Default)]
+struct IdentityHasher(u64);
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type IdIndex = HashMap<NodeId, usize, BuildHasherDefault<IdentityHasher>>;
+
+/// An immutable view of the node table.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    nodes: Vec<NodeEntry>,
+    index: IdIndex,
+}
+
+impl Snapshot {
+    fn new(mut nodes: Vec<NodeEntry>) -> Snapshot {
+        nodes.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        let index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.clone(), i))
+            .collect();
+        Snapshot { nodes, index }
+    }
+
+    /// All nodes, sorted by id.
+    pub fn nodes(&self) -> &[NodeEntry] {
+        &self.nodes
+    }
+
+    /// Position of a node in [`Snapshot::nodes`].
+    #[inline]
+    pub fn position(&self, id: &NodeId) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    pub fn get(&self, id: &NodeId) -> Option<&NodeEntry> {
+        self.position(id).map(|i| &self.nodes[i])
+    }
+}
+
+impl std::fmt::Debug for IdentityHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityHasher")
+    }
+}
+
+/// Checks a node URL: absolute http(s) with a host.
+pub fn check_url(s: &str) -> Result<(), String> {
+    let u = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if u.scheme() != "http" && u.scheme() != "https" {
+        return Err("must be an http:// or https:// URL".into());
+    }
+    if u.host_str().is_none_or(|h| h.is_empty()) {
+        return Err("must name a host".into());
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err("must not carry a query or fragment".into());
+    }
+    Ok(())
+}
+
+/// The registry: a published snapshot plus the writers' mutex.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    snapshot: ArcSwap<Snapshot>,
+    writers: Mutex<()>,
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    Added,
+    Updated,
+    Unchanged,
+}
+
+impl Cluster {
+    pub fn new() -> Cluster {
+        Cluster::default()
+    }
+
+    /// The current snapshot; cheap, lock-free.
+    #[inline]
+    pub fn snapshot(&self) -> Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    /// An owned handle on the current snapshot, for work that spans awaits.
+    pub fn snapshot_arc(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Adds a node or updates its description, keeping its live counters and admin state.
+    pub fn upsert(&self, id: &NodeId, info: NodeInfo, is_static: bool) -> (Upsert, NodeEntry) {
+        if let Some(e) = self.snapshot().get(id) {
+            if *e.info == info && (e.is_static || !is_static) {
+                return (Upsert::Unchanged, e.clone());
+            }
+        }
+        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.snapshot.load_full();
+        let mut nodes = cur.nodes.clone();
+        let (outcome, entry) = match cur.position(id) {
+            Some(i) => {
+                let old = &nodes[i];
+                if *old.info == info && (old.is_static || !is_static) {
+                    return (Upsert::Unchanged, old.clone());
+                }
+                let e = NodeEntry {
+                    id: old.id.clone(),
+                    info: Arc::new(info),
+                    live: old.live.clone(),
+                    is_static: old.is_static || is_static,
+                };
+                nodes[i] = e.clone();
+                (Upsert::Updated, e)
+            }
+            None => {
+                let e = NodeEntry {
+                    id: id.clone(),
+                    info: Arc::new(info),
+                    live: Arc::new(Live::default()),
+                    is_static,
+                };
+                nodes.push(e.clone());
+                (Upsert::Added, e)
+            }
+        };
+        self.snapshot.store(Arc::new(Snapshot::new(nodes)));
+        (outcome, entry)
+    }
+
+    /// Removes a node. Its rooms are re-placed on their next join.
+    pub fn remove(&self, id: &NodeId) -> Option<NodeEntry> {
+        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.snapshot.load_full();
+        let i = cur.position(id)?;
+        let mut nodes = cur.nodes.clone();
+        let gone = nodes.remove(i);
+        self.snapshot.store(Arc::new(Snapshot::new(nodes)));
+        Some(gone)
+    }
+
+    /// Sets a node's admin state; false if the node is unknown.
+    pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
+        match self.snapshot().get(id) {
+            Some(e) => {
+                e.live.set_admin_state(state);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.snapshot().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(cap: f64) -> NodeInfo {
+        NodeInfo {
+            url: "http://127.0.0.1:9000".into(),
+            upstream: "http://127.0.0.1:9000".into(),
+            capacity: cap,
+            region: None,
+            tags: vec![],
+        }
+    }
+
+    #[test]
+    fn upsert_keeps_live_counters_and_admin_state() {
+        let c = Cluster::new();
+        let id = NodeId::parse("a").unwrap();
+        let (o, e) = c.upsert(&id, info(10.0), false);
+        assert_eq!(o, Upsert::Added);
+        e.live.add_pending(3.0);
+        c.set_admin_state(&id, AdminState::Draining);
+        assert_eq!(c.upsert(&id, info(10.0), false).0, Upsert::Unchanged);
+        let (o, e2) = c.upsert(&id, info(20.0), false);
+        assert_eq!(o, Upsert::Updated);
+        assert_eq!(e2.live.pending_units(), 3.0);
+        assert_eq!(e2.live.admin_state(), AdminState::Draining);
+        assert_eq!(c.snapshot().get(&id).unwrap().info.capacity, 20.0);
+    }
+
+    #[test]
+    fn snapshots_are_sorted_and_indexed() {
+        let c = Cluster::new();
+        for n in ["c", "a", "b"] {
+            c.upsert(&NodeId::parse(n).unwrap(), info(1.0), false);
+        }
+        let s = c.snapshot();
+        let ids: Vec<&str> = s.nodes().iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(s.position(&NodeId::parse("b").unwrap()), Some(1));
+        assert!(c.remove(&NodeId::parse("b").unwrap()).is_some());
+        assert_eq!(c.snapshot().position(&NodeId::parse("c").unwrap()), Some(1));
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(check_url("https://media-1.example.org").is_ok());
+        assert!(check_url("ftp://x").is_err());
+        assert!(check_url("not a url").is_err());
+        assert!(check_url("http://x/?a=b").is_err());
+    }
+}

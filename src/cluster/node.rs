@@ -1,0 +1,299 @@
+//! One node: its identity, its static description, and the live counters heartbeats and
+//! joins update without locks.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::placement::hash::node_hash;
+use crate::placement::{AdminState, Millis, NodeView};
+use crate::room::RoomKey;
+
+/// Longest node id.
+pub const MAX_NODE_ID: usize = 64;
+
+/// A validated node id (1-64 of `A-Za-z0-9._-`) with its stable hash.
+#[derive(Clone)]
+pub struct NodeId {
+    name: Arc<str>,
+    hash: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node id must be 1-{MAX_NODE_ID} characters of A-Za-z0-9._-")]
+pub struct NodeIdError;
+
+impl NodeId {
+    pub fn parse(s: &str) -> Result<NodeId, NodeIdError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_NODE_ID
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if !ok {
+            return Err(NodeIdError);
+        }
+        Ok(NodeId {
+            hash: node_hash(s.as_bytes()),
+            name: Arc::from(s),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// XXH3-64 of the id, as placement ranks with.
+    pub fn stable_hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.name, &other.name) || self.name == other.name)
+    }
+}
+impl Eq for NodeId {}
+impl Hash for NodeId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash)
+    }
+}
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({})", self.name)
+    }
+}
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name)
+    }
+}
+
+/// What a node is: changes rarely (registration, a heartbeat with new values).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeInfo {
+    /// Public base URL users are redirected to.
+    pub url: String,
+    /// Where the router proxies to (defaults to `url`).
+    pub upstream: String,
+    /// Capacity in load units (> 0).
+    pub capacity: f64,
+    pub region: Option<String>,
+    /// Sorted, deduplicated.
+    pub tags: Vec<String>,
+}
+
+/// Fixed-point scale for load units kept in atomics.
+const MILLI: f64 = 1000.0;
+
+fn state_from(v: u8) -> AdminState {
+    match v {
+        1 => AdminState::Draining,
+        2 => AdminState::Disabled,
+        _ => AdminState::Active,
+    }
+}
+fn state_to(s: AdminState) -> u8 {
+    match s {
+        AdminState::Active => 0,
+        AdminState::Draining => 1,
+        AdminState::Disabled => 2,
+    }
+}
+
+/// The counters of a node that change all the time. Survives info changes (the registry
+/// carries the same `Arc<Live>` into the new snapshot entry).
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Reported utilization `max(load/capacity, cpu)`, f64 bits.
+    reported_util: AtomicU64,
+    /// Reported load units and cpu, f64 bits, for display.
+    reported_load: AtomicU64,
+    reported_cpu: AtomicU64,
+    /// Last heartbeat, ms since epoch; 0 = never.
+    last_heartbeat: AtomicU64,
+    /// Load units (x1000) sent since the last heartbeat.
+    pending_milli: AtomicU64,
+    /// Load units (x1000) reserved by new rooms' expected sizes.
+    reserved_milli: AtomicI64,
+    admin_state: AtomicU8,
+    self_state: AtomicU8,
+    /// Rooms the node listed in its last heartbeat; only heartbeats touch it.
+    pub(crate) reported_rooms: Mutex<HashSet<RoomKey>>,
+}
+
+impl Live {
+    pub fn admin_state(&self) -> AdminState {
+        state_from(self.admin_state.load(Ordering::Relaxed))
+    }
+    pub fn set_admin_state(&self, s: AdminState) {
+        self.admin_state.store(state_to(s), Ordering::Relaxed)
+    }
+    pub fn self_state(&self) -> AdminState {
+        state_from(self.self_state.load(Ordering::Relaxed))
+    }
+    /// The stricter of the admin's and the node's own state.
+    pub fn effective_state(&self) -> AdminState {
+        self.admin_state().stricter(self.self_state())
+    }
+    pub fn last_heartbeat(&self) -> Option<Millis> {
+        match self.last_heartbeat.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+    pub fn reported_util(&self) -> f64 {
+        f64::from_bits(self.reported_util.load(Ordering::Relaxed))
+    }
+    pub fn reported_load(&self) -> f64 {
+        f64::from_bits(self.reported_load.load(Ordering::Relaxed))
+    }
+    pub fn reported_cpu(&self) -> Option<f64> {
+        let v = f64::from_bits(self.reported_cpu.load(Ordering::Relaxed));
+        (v >= 0.0).then_some(v)
+    }
+    pub fn pending_units(&self) -> f64 {
+        self.pending_milli.load(Ordering::Relaxed) as f64 / MILLI
+    }
+    pub fn reserved_units(&self) -> f64 {
+        self.reserved_milli.load(Ordering::Relaxed).max(0) as f64 / MILLI
+    }
+
+    /// Records a heartbeat's load report; `pending` starts again from zero.
+    pub fn record_report(
+        &self,
+        capacity: f64,
+        load: f64,
+        cpu: Option<f64>,
+        own_state: AdminState,
+        now: Millis,
+    ) {
+        let u = (load / capacity).max(cpu.unwrap_or(0.0));
+        self.reported_util.store(u.to_bits(), Ordering::Relaxed);
+        self.reported_load.store(load.to_bits(), Ordering::Relaxed);
+        self.reported_cpu
+            .store(cpu.unwrap_or(-1.0).to_bits(), Ordering::Relaxed);
+        self.self_state
+            .store(state_to(own_state), Ordering::Relaxed);
+        self.pending_milli.store(0, Ordering::Relaxed);
+        self.last_heartbeat.store(now.max(1), Ordering::Release);
+    }
+
+    /// Marks the node as not heard from (used by tests and by passive health checks).
+    pub fn forget_heartbeat(&self) {
+        self.last_heartbeat.store(0, Ordering::Release);
+    }
+
+    /// Adds load units sent to the node since its last heartbeat.
+    #[inline]
+    pub fn add_pending(&self, units: f64) {
+        self.pending_milli
+            .fetch_add((units * MILLI) as u64, Ordering::Relaxed);
+    }
+
+    /// Adds (or with a negative value, releases) reserved load units.
+    pub fn add_reserved(&self, units: i64) {
+        self.reserved_milli
+            .fetch_add(units * 1000, Ordering::Relaxed);
+    }
+
+    /// û for a node of this capacity.
+    #[inline]
+    pub fn utilization(&self, capacity: f64) -> f64 {
+        let extra = self.pending_milli.load(Ordering::Relaxed) as f64
+            + self.reserved_milli.load(Ordering::Relaxed).max(0) as f64;
+        self.reported_util() + extra / MILLI / capacity
+    }
+}
+
+/// A node as the current snapshot holds it.
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    pub info: Arc<NodeInfo>,
+    pub live: Arc<Live>,
+    /// Declared in the config file (kept when it leaves; it may come back).
+    pub is_static: bool,
+}
+
+impl NodeView for NodeEntry {
+    #[inline]
+    fn node_hash(&self) -> u64 {
+        self.id.stable_hash()
+    }
+    #[inline]
+    fn capacity(&self) -> f64 {
+        self.info.capacity
+    }
+    #[inline]
+    fn utilization(&self) -> f64 {
+        self.live.utilization(self.info.capacity)
+    }
+    #[inline]
+    fn last_heartbeat(&self) -> Option<Millis> {
+        self.live.last_heartbeat()
+    }
+    #[inline]
+    fn state(&self) -> AdminState {
+        self.live.effective_state()
+    }
+    fn region(&self) -> Option<&str> {
+        self.info.region.as_deref()
+    }
+    fn has_tag(&self, tag: &str) -> bool {
+        self.info
+            .tags
+            .binary_search_by(|t| t.as_str().cmp(tag))
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_restricted() {
+        assert!(NodeId::parse("media-01.eu_west").is_ok());
+        assert!(NodeId::parse("").is_err());
+        assert!(NodeId::parse("a b").is_err());
+        assert!(NodeId::parse("a/b").is_err());
+        assert!(NodeId::parse(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn utilization_adds_pending_and_reserved_to_the_report() {
+        let l = Live::default();
+        l.record_report(100.0, 20.0, None, AdminState::Active, 5);
+        assert_eq!(l.utilization(100.0), 0.2);
+        l.add_pending(1.0);
+        l.add_reserved(9);
+        assert!((l.utilization(100.0) - 0.3).abs() < 1e-9);
+        l.record_report(100.0, 10.0, Some(0.5), AdminState::Active, 6);
+        assert!(
+            (l.utilization(100.0) - 0.59).abs() < 1e-9,
+            "cpu wins, pending reset"
+        );
+    }
+
+    #[test]
+    fn own_state_never_lifts_the_admins() {
+        let l = Live::default();
+        l.set_admin_state(AdminState::Disabled);
+        l.record_report(1.0, 0.0, None, AdminState::Active, 1);
+        assert_eq!(l.effective_state(), AdminState::Disabled);
+        l.set_admin_state(AdminState::Active);
+        l.record_report(1.0, 0.0, None, AdminState::Draining, 2);
+        assert_eq!(l.effective_state(), AdminState::Draining);
+    }
+}

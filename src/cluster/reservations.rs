@@ -1,0 +1,262 @@
+//! The live book of expected-size reservations and the learned size of recurring rooms.
+//!
+//! A new room reserves its expected size on its node (counted in the node's `û` through
+//! [`Live::add_reserved`]) until that many participants have arrived or the reservation
+//! expires. Room sizes are learned from node reports: the peak of each session is remembered
+//! so that the next session of a weekly class or standing meeting reserves what it needs.
+
+use dashmap::DashMap;
+
+use super::{Live, NodeId};
+use crate::placement::reservation::Reservation;
+use crate::placement::Millis;
+use crate::room::RoomKey;
+
+/// Most rooms whose history is kept; beyond it new rooms are not remembered until a sweep.
+const MAX_HISTORY: usize = 1_000_000;
+
+#[derive(Debug)]
+struct Held {
+    node: NodeId,
+    res: Reservation,
+}
+
+/// Reservations by room.
+#[derive(Debug, Default)]
+pub struct ReservationBook {
+    held: DashMap<RoomKey, Held>,
+}
+
+impl ReservationBook {
+    /// Reserves `size` units for a room just placed on `node`.
+    pub fn reserve(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        live: &Live,
+        size: u32,
+        now: Millis,
+        ttl_ms: u64,
+    ) {
+        let res = Reservation::new(size, now, ttl_ms);
+        live.add_reserved(i64::from(res.outstanding()));
+        if let Some(old) = self.held.insert(
+            room.clone(),
+            Held {
+                node: node.clone(),
+                res,
+            },
+        ) {
+            // A re-placement replaces the old reservation; the caller handed us the new node's
+            // live counters, so the old one is released through `release_on`.
+            let _ = old;
+        }
+    }
+
+    /// Records that at least `arrived` participants are in the room on `node`; returns the
+    /// units released. Reservations for another node are left alone.
+    pub fn observe(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        live: &Live,
+        arrived: u32,
+        now: Millis,
+    ) -> u32 {
+        let mut released = 0;
+        let mut done = false;
+        if let Some(mut h) = self.held.get_mut(room) {
+            if &h.node == node {
+                released = h.res.observe(arrived);
+                done = h.res.is_done(now);
+                if done {
+                    released += h.res.outstanding();
+                }
+            }
+        }
+        if released > 0 {
+            live.add_reserved(-i64::from(released));
+        }
+        if done {
+            self.held.remove_if(room, |_, h| &h.node == node);
+        }
+        released
+    }
+
+    /// One more participant was sent to the room's node.
+    pub fn arrive_one(&self, room: &RoomKey, node: &NodeId, live: &Live, now: Millis) {
+        if let Some(mut h) = self.held.get_mut(room) {
+            if &h.node == node {
+                let arrived = h.res.arrived.saturating_add(1);
+                let released = h.res.observe(arrived);
+                drop(h);
+                if released > 0 {
+                    live.add_reserved(-i64::from(released));
+                }
+                self.observe(room, node, live, 0, now);
+            }
+        }
+    }
+
+    /// Drops a room's reservation (room ended or moved); `live_of` finds the node's counters.
+    pub fn release<'a>(&self, room: &RoomKey, live_of: impl Fn(&NodeId) -> Option<&'a Live>) {
+        if let Some((_, h)) = self.held.remove(room) {
+            if let Some(live) = live_of(&h.node) {
+                live.add_reserved(-i64::from(h.res.outstanding()));
+            }
+        }
+    }
+
+    /// Drops expired reservations; returns how many.
+    pub fn sweep<'a>(&self, now: Millis, live_of: impl Fn(&NodeId) -> Option<&'a Live>) -> usize {
+        let mut expired = Vec::new();
+        for e in self.held.iter() {
+            if e.res.is_done(now) {
+                expired.push(e.key().clone());
+            }
+        }
+        let n = expired.len();
+        for room in expired {
+            self.release(&room, &live_of);
+        }
+        n
+    }
+
+    /// Outstanding units reserved for a room, if any.
+    pub fn outstanding(&self, room: &RoomKey) -> Option<(NodeId, u32)> {
+        self.held
+            .get(room)
+            .map(|h| (h.node.clone(), h.res.outstanding()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sizes {
+    /// Peak of the session in progress.
+    current: u32,
+    /// Peaks of the last sessions, newest first.
+    past: [u32; 3],
+    last_seen: Millis,
+}
+
+/// Learned room sizes: the peak participants of a room's recent sessions.
+#[derive(Debug, Default)]
+pub struct RoomHistory {
+    rooms: DashMap<RoomKey, Sizes>,
+}
+
+impl RoomHistory {
+    /// A node reported `participants` in the room.
+    pub fn observe(&self, room: &RoomKey, participants: u32, now: Millis) {
+        if participants == 0 {
+            return;
+        }
+        if let Some(mut s) = self.rooms.get_mut(room) {
+            s.current = s.current.max(participants);
+            s.last_seen = now;
+            return;
+        }
+        if self.rooms.len() < MAX_HISTORY {
+            self.rooms.insert(
+                room.clone(),
+                Sizes {
+                    current: participants,
+                    past: [0; 3],
+                    last_seen: now,
+                },
+            );
+        }
+    }
+
+    /// The room's session ended: its peak joins the remembered ones.
+    pub fn end_session(&self, room: &RoomKey) {
+        if let Some(mut s) = self.rooms.get_mut(room) {
+            if s.current > 0 {
+                s.past = [s.current, s.past[0], s.past[1]];
+                s.current = 0;
+            }
+        }
+    }
+
+    /// The expected size of the room's next session: the largest recent peak.
+    pub fn expected(&self, room: &RoomKey) -> Option<u32> {
+        self.rooms
+            .get(room)
+            .map(|s| s.past.iter().copied().chain([s.current]).max().unwrap_or(0))
+            .filter(|&v| v > 0)
+    }
+
+    /// Forgets rooms not seen since `before`.
+    pub fn sweep(&self, before: Millis) -> usize {
+        let n = self.rooms.len();
+        self.rooms.retain(|_, s| s.last_seen >= before);
+        n - self.rooms.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room::Normalization;
+
+    fn room(s: &str) -> RoomKey {
+        RoomKey::parse(s, Normalization::None).unwrap()
+    }
+
+    #[test]
+    fn reservation_counts_until_participants_arrive() {
+        let book = ReservationBook::default();
+        let live = Live::default();
+        let n = NodeId::parse("a").unwrap();
+        book.reserve(&room("r"), &n, &live, 3, 0, 1_000);
+        assert_eq!(live.reserved_units(), 3.0);
+        book.arrive_one(&room("r"), &n, &live, 1);
+        assert_eq!(live.reserved_units(), 2.0);
+        book.observe(&room("r"), &n, &live, 3, 2);
+        assert_eq!(live.reserved_units(), 0.0);
+        assert!(book.is_empty());
+    }
+
+    #[test]
+    fn reservations_expire_in_the_sweep() {
+        let book = ReservationBook::default();
+        let live = Live::default();
+        let n = NodeId::parse("a").unwrap();
+        book.reserve(&room("r"), &n, &live, 5, 0, 1_000);
+        assert_eq!(book.sweep(999, |_| Some(&live)), 0);
+        assert_eq!(book.sweep(1_000, |_| Some(&live)), 1);
+        assert_eq!(live.reserved_units(), 0.0);
+    }
+
+    #[test]
+    fn history_remembers_the_peak_of_recent_sessions() {
+        let h = RoomHistory::default();
+        let r = room("weekly-class");
+        assert_eq!(h.expected(&r), None);
+        h.observe(&r, 12, 1);
+        h.observe(&r, 25, 2);
+        h.observe(&r, 3, 3);
+        h.end_session(&r);
+        assert_eq!(h.expected(&r), Some(25));
+        h.observe(&r, 4, 4);
+        assert_eq!(h.expected(&r), Some(25));
+        assert_eq!(h.sweep(5), 1);
+        assert_eq!(h.expected(&r), None);
+    }
+}

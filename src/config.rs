@@ -1,0 +1,557 @@
+//! Typed configuration: parsed once from TOML into these structs, validated with errors that
+//! name the offending key, then handed down by reference. No component reads the file or the
+//! environment again. Secrets may come from the environment instead of the file
+//! (`ROOMROUTER_ADMIN_TOKEN`, `ROOMROUTER_NODE_TOKEN`, `ROOMROUTER_TICKET_SECRET`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::placement::{ChoiceRule, Params};
+use crate::room::Normalization;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub front_door: FrontDoorConfig,
+    pub rooms: RoomsConfig,
+    pub placement: PlacementConfig,
+    pub store: StoreConfig,
+    pub tickets: TicketConfig,
+    pub auth: AuthConfig,
+    pub logging: LoggingConfig,
+    /// Nodes known before their first heartbeat. They become healthy on their first heartbeat.
+    pub nodes: Vec<StaticNode>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes (larger: 413 payload_too_large).
+    pub max_body_bytes: usize,
+    /// Largest request head (request line + headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Time a client has to send the request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send the request body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// How long shutdown waits for open connections to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Most connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            max_body_bytes: 256 * 1024,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// How user requests reach their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontDoorMode {
+    /// 307 to the node's URL with a signed ticket.
+    #[default]
+    Redirect,
+    /// Forward the request to the node's upstream (see the proxy issue; not yet built).
+    Proxy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FrontDoorConfig {
+    pub mode: FrontDoorMode,
+    /// Path patterns with exactly one `{room}` segment.
+    pub routes: Vec<String>,
+    /// Query parameter that names the room on any path not matched by `routes` (empty: off).
+    pub room_query_param: String,
+    /// Header that names the room on any path not matched by `routes` (empty: off).
+    pub room_header: String,
+}
+
+impl Default for FrontDoorConfig {
+    fn default() -> Self {
+        FrontDoorConfig {
+            mode: FrontDoorMode::Redirect,
+            routes: vec!["/rooms/{room}".into(), "/join/{room}".into()],
+            room_query_param: "room".into(),
+            room_header: "x-room".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// `none`, `lowercase` (default) or `nfkc_lowercase`.
+    pub normalization: Normalization,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// `top_two` (default), `rendezvous` or `least_loaded`.
+    pub rule: ChoiceRule,
+    pub new_room_limit: f64,
+    pub join_limit: f64,
+    /// Load units each join adds to the node's `pending` until its next heartbeat.
+    pub join_cost: f64,
+    /// Prefer nodes in the hinted region.
+    pub region_affinity: bool,
+    /// Interval told to nodes in heartbeat replies.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A node is unhealthy after this long without a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// A pin not confirmed by a join or a node report for this long is released.
+    #[serde(with = "humantime_serde")]
+    pub room_idle_ttl: Duration,
+    /// Expected size (load units) of a new room with no hint and no history.
+    pub new_room_reserve: u32,
+    /// Largest size hint accepted; larger hints are clamped.
+    pub max_size_hint: u32,
+    #[serde(with = "humantime_serde")]
+    pub reservation_ttl: Duration,
+    /// How long a room's learned size is remembered after its last session.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// `Retry-After` on 503 node_full / no_capacity.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Remove a node that drains itself (heartbeat `state = "draining"`) once it reports no rooms.
+    pub auto_remove_drained: bool,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            rule: ChoiceRule::TopTwo,
+            new_room_limit: 0.80,
+            join_limit: 1.00,
+            join_cost: 1.0,
+            region_affinity: true,
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(6),
+            room_idle_ttl: Duration::from_secs(600),
+            new_room_reserve: 10,
+            max_size_hint: 10_000,
+            reservation_ttl: Duration::from_secs(300),
+            history_ttl: Duration::from_secs(8 * 24 * 3600),
+            retry_after: Duration::from_secs(5),
+            auto_remove_drained: true,
+        }
+    }
+}
+
+impl PlacementConfig {
+    /// The pure engine's parameters.
+    pub fn params(&self) -> Params {
+        Params {
+            new_room_limit: self.new_room_limit,
+            join_limit: self.join_limit,
+            heartbeat_timeout_ms: self.heartbeat_timeout.as_millis() as u64,
+            region_affinity: self.region_affinity,
+            rule: self.rule,
+        }
+    }
+}
+
+/// Where pins live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In this process (default): one router.
+    #[default]
+    Memory,
+    /// Shared through Redis: several routers (see the Redis issue).
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TicketConfig {
+    /// HS256 secret shared with the nodes (or `ROOMROUTER_TICKET_SECRET`).
+    pub secret: String,
+    /// Ticket lifetime.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Query parameter the ticket is added as on redirects.
+    pub query_param: String,
+    /// Path on a node where a room is joined, for `/v1/login` answers (`{room}` is replaced).
+    pub node_path: String,
+}
+
+impl Default for TicketConfig {
+    fn default() -> Self {
+        TicketConfig {
+            secret: String::new(),
+            ttl: Duration::from_secs(60),
+            query_param: "ticket".into(),
+            node_path: "/rooms/{room}".into(),
+        }
+    }
+}
+
+/// How users authenticate at the front door and `/v1/login`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UserAuth {
+    #[default]
+    None,
+    /// Bearer JWTs (see the user-login issue; not yet built).
+    Jwt,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer tokens accepted for admin endpoints (or `ROOMROUTER_ADMIN_TOKEN`).
+    pub admin_tokens: Vec<String>,
+    /// One bearer token every node may use (or `ROOMROUTER_NODE_TOKEN`).
+    pub node_token: String,
+    /// Per-node bearer tokens: a node listed here must use its own token.
+    pub node_tokens: BTreeMap<String, String>,
+    pub users: UserAuth,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `roomrouter=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A node declared in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticNode {
+    pub id: String,
+    pub url: String,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    pub capacity: f64,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a file; secrets from the environment fill empty fields.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment, no validation).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "config".into(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Fills secrets from the environment: `ROOMROUTER_ADMIN_TOKEN` is added to the admin
+    /// tokens; `ROOMROUTER_NODE_TOKEN` and `ROOMROUTER_TICKET_SECRET` replace the file's value.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(t) = get("ROOMROUTER_ADMIN_TOKEN").filter(|t| !t.is_empty()) {
+            if !self.auth.admin_tokens.contains(&t) {
+                self.auth.admin_tokens.push(t);
+            }
+        }
+        if let Some(t) = get("ROOMROUTER_NODE_TOKEN").filter(|t| !t.is_empty()) {
+            self.auth.node_token = t;
+        }
+        if let Some(t) = get("ROOMROUTER_TICKET_SECRET").filter(|t| !t.is_empty()) {
+            self.tickets.secret = t;
+        }
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be > 0"));
+        }
+        if s.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be >= 1024"));
+        }
+        if s.header_read_timeout.is_zero() {
+            return Err(invalid("server.header_read_timeout", "must be > 0"));
+        }
+        if s.body_read_timeout.is_zero() {
+            return Err(invalid("server.body_read_timeout", "must be > 0"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be > 0"));
+        }
+        let f = &self.front_door;
+        if f.mode == FrontDoorMode::Proxy {
+            return Err(invalid(
+                "front_door.mode",
+                "\"proxy\" is not available in this build; use \"redirect\"",
+            ));
+        }
+        for (i, r) in f.routes.iter().enumerate() {
+            crate::http::routes::RoomPattern::parse(r)
+                .map_err(|m| invalid(&format!("front_door.routes[{i}]"), m))?;
+        }
+        if !f.room_header.is_empty()
+            && http::HeaderName::from_bytes(f.room_header.as_bytes()).is_err()
+        {
+            return Err(invalid("front_door.room_header", "not a valid header name"));
+        }
+        let p = &self.placement;
+        if !(p.join_limit.is_finite() && p.join_limit > 0.0) {
+            return Err(invalid("placement.join_limit", "must be a number > 0"));
+        }
+        if !(p.new_room_limit.is_finite()
+            && p.new_room_limit > 0.0
+            && p.new_room_limit <= p.join_limit)
+        {
+            return Err(invalid(
+                "placement.new_room_limit",
+                "must be > 0 and <= placement.join_limit",
+            ));
+        }
+        if !(p.join_cost.is_finite() && p.join_cost >= 0.0) {
+            return Err(invalid("placement.join_cost", "must be a number >= 0"));
+        }
+        if p.heartbeat_interval.is_zero() {
+            return Err(invalid("placement.heartbeat_interval", "must be > 0"));
+        }
+        if p.heartbeat_timeout <= p.heartbeat_interval {
+            return Err(invalid(
+                "placement.heartbeat_timeout",
+                "must be longer than placement.heartbeat_interval",
+            ));
+        }
+        if p.room_idle_ttl.is_zero() {
+            return Err(invalid("placement.room_idle_ttl", "must be > 0"));
+        }
+        if p.max_size_hint == 0 {
+            return Err(invalid("placement.max_size_hint", "must be > 0"));
+        }
+        if self.store.kind == StoreKind::Redis {
+            return Err(invalid(
+                "store.kind",
+                "\"redis\" is not available in this build; use \"memory\"",
+            ));
+        }
+        if self.tickets.ttl.is_zero() {
+            return Err(invalid("tickets.ttl", "must be > 0"));
+        }
+        if self.tickets.query_param.is_empty() {
+            return Err(invalid("tickets.query_param", "must not be empty"));
+        }
+        if !self.tickets.node_path.starts_with('/') || !self.tickets.node_path.contains("{room}") {
+            return Err(invalid(
+                "tickets.node_path",
+                "must start with '/' and contain {room}",
+            ));
+        }
+        if self.auth.users == UserAuth::Jwt {
+            return Err(invalid(
+                "auth.users",
+                "\"jwt\" is not available in this build; use \"none\"",
+            ));
+        }
+        for (i, t) in self.auth.admin_tokens.iter().enumerate() {
+            if t.len() < 16 {
+                return Err(invalid(
+                    &format!("auth.admin_tokens[{i}]"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        if !self.auth.node_token.is_empty() && self.auth.node_token.len() < 16 {
+            return Err(invalid("auth.node_token", "must be at least 16 characters"));
+        }
+        for (id, t) in &self.auth.node_tokens {
+            crate::cluster::NodeId::parse(id)
+                .map_err(|e| invalid(&format!("auth.node_tokens.{id}"), e.to_string()))?;
+            if t.len() < 16 {
+                return Err(invalid(
+                    &format!("auth.node_tokens.{id}"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        if !self.tickets.secret.is_empty() && self.tickets.secret.len() < 32 {
+            return Err(invalid("tickets.secret", "must be at least 32 characters"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let key = |k: &str| format!("nodes[{i}].{k}");
+            crate::cluster::NodeId::parse(&n.id).map_err(|e| invalid(&key("id"), e.to_string()))?;
+            if !seen.insert(n.id.clone()) {
+                return Err(invalid(&key("id"), format!("duplicate node id {:?}", n.id)));
+            }
+            crate::cluster::check_url(&n.url).map_err(|m| invalid(&key("url"), m))?;
+            if let Some(u) = &n.upstream {
+                crate::cluster::check_url(u).map_err(|m| invalid(&key("upstream"), m))?;
+            }
+            if !(n.capacity.is_finite() && n.capacity > 0.0) {
+                return Err(invalid(&key("capacity"), "must be a number > 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to serve without credentials: a router anyone can register a node with can be
+    /// hijacked. The message says how to set them.
+    pub fn require_credentials(&self) -> Result<(), ConfigError> {
+        if self.auth.admin_tokens.is_empty() {
+            return Err(invalid(
+                "auth.admin_tokens",
+                "no admin token: set auth.admin_tokens in the config or ROOMROUTER_ADMIN_TOKEN (16+ characters)",
+            ));
+        }
+        if self.auth.node_token.is_empty() && self.auth.node_tokens.is_empty() {
+            return Err(invalid(
+                "auth.node_token",
+                "no node credentials: set auth.node_token or auth.node_tokens in the config, or ROOMROUTER_NODE_TOKEN (16+ characters)",
+            ));
+        }
+        if self.tickets.secret.is_empty() {
+            return Err(invalid(
+                "tickets.secret",
+                "no ticket secret: set tickets.secret or ROOMROUTER_TICKET_SECRET (32+ characters, shared with the nodes)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.placement.new_room_limit, 0.80);
+        assert_eq!(c.placement.heartbeat_timeout, Duration::from_secs(6));
+        assert_eq!(c.front_door.routes, vec!["/rooms/{room}", "/join/{room}"]);
+        c.validate().unwrap();
+        assert!(c.require_credentials().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("[placement]\nnew_room_limt = 0.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("new_room_limt"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let c = Config::parse("[placement]\nnew_room_limit = 1.5\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("placement.new_room_limit"), "{e}");
+        let c =
+            Config::parse("[[nodes]]\nid = \"a b\"\nurl = \"http://x\"\ncapacity = 1\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("nodes[0].id"), "{e}");
+        let c = Config::parse("[placement]\nheartbeat_timeout = \"1s\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("placement.heartbeat_timeout"));
+    }
+
+    #[test]
+    fn env_secrets_fill_the_config() {
+        let mut c = Config::parse("").unwrap();
+        c.apply_env(|k| match k {
+            "ROOMROUTER_ADMIN_TOKEN" => Some("a".repeat(20)),
+            "ROOMROUTER_NODE_TOKEN" => Some("n".repeat(20)),
+            "ROOMROUTER_TICKET_SECRET" => Some("s".repeat(40)),
+            _ => None,
+        });
+        c.validate().unwrap();
+        c.require_credentials().unwrap();
+    }
+}

@@ -1,0 +1,745 @@
+//! The `/v1` handlers. Thin: each parses and checks its input, authenticates, calls the
+//! router once, and renders. A rejected request changes no state: everything is validated
+//! before the router is called.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderValue, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::{json, parse_json, read_body, ApiError, App, Body};
+use crate::auth::Credential;
+use crate::cluster::{check_url, NodeId, NodeInfo};
+use crate::placement::{AdminState, Hints};
+use crate::room::RoomKey;
+use crate::router::{Heartbeat, Intent, Placement};
+use crate::store::{Pin, PinStore};
+
+/// Most rooms in one batch lookup.
+pub const MAX_BATCH: usize = 1000;
+/// Most rooms in one heartbeat.
+pub const MAX_REPORTED_ROOMS: usize = 100_000;
+const MAX_TAGS: usize = 32;
+const MAX_LABEL: usize = 64;
+
+/// The query string's pairs, decoded.
+pub fn query(parts: &Parts) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    parts
+        .uri
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).collect())
+        .unwrap_or_default()
+}
+
+fn check_label(key: &str, v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > MAX_LABEL || v.chars().any(char::is_control) {
+        return Err(ApiError::InvalidRequest(format!(
+            "{key} must be 1-{MAX_LABEL} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Placement hints from a query string or a body.
+#[derive(Debug, Default)]
+pub struct HintArgs {
+    pub region: Option<String>,
+    pub tags: Vec<String>,
+    pub size: Option<u32>,
+}
+
+impl HintArgs {
+    pub fn from_query(q: &[(Cow<'_, str>, Cow<'_, str>)]) -> Result<HintArgs, ApiError> {
+        let mut h = HintArgs::default();
+        for (k, v) in q {
+            match k.as_ref() {
+                "region" => h.region = Some(v.to_string()),
+                "tag" => h.tags.push(v.to_string()),
+                "size" => h.size = Some(parse_size(v)?),
+                _ => {}
+            }
+        }
+        h.check()?;
+        Ok(h)
+    }
+
+    pub fn check(&self) -> Result<(), ApiError> {
+        if let Some(r) = &self.region {
+            check_label("region", r)?;
+        }
+        if self.tags.len() > MAX_TAGS {
+            return Err(ApiError::InvalidRequest(format!("at most {MAX_TAGS} tags")));
+        }
+        for t in &self.tags {
+            check_label("tag", t)?;
+        }
+        Ok(())
+    }
+
+    pub fn hints(&self) -> Hints<'_> {
+        Hints {
+            region: self.region.as_deref(),
+            tags: &self.tags,
+        }
+    }
+}
+
+fn parse_size(v: &str) -> Result<u32, ApiError> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| ApiError::InvalidRequest("size must be a positive integer".into()))
+}
+
+/// Decodes a room from a URL segment or query value.
+pub fn room_from_url<S: PinStore>(app: &App<S>, raw: &str) -> Result<RoomKey, ApiError> {
+    RoomKey::from_encoded(raw, app.router.normalization())
+        .map_err(|e| ApiError::InvalidRoom(e.to_string()))
+}
+
+/// Parses a room given literally (JSON body).
+pub fn room_literal<S: PinStore>(app: &App<S>, raw: &str) -> Result<RoomKey, ApiError> {
+    RoomKey::parse(raw, app.router.normalization())
+        .map_err(|e| ApiError::InvalidRoom(e.to_string()))
+}
+
+pub fn require_admin<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<(), ApiError> {
+    match app.tokens.admin(&parts.headers) {
+        Credential::Admin => Ok(()),
+        Credential::None => Err(ApiError::Unauthorized(
+            "admin token required (Authorization: Bearer ...)".into(),
+        )),
+        _ => Err(ApiError::Unauthorized("invalid admin token".into())),
+    }
+}
+
+fn require_node<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    id: &str,
+    admin_ok: bool,
+) -> Result<(), ApiError> {
+    match app.tokens.node(&parts.headers, id, admin_ok) {
+        Credential::Node | Credential::Admin => Ok(()),
+        Credential::None => Err(ApiError::Unauthorized(
+            "node token required (Authorization: Bearer ...)".into(),
+        )),
+        _ => Err(ApiError::Unauthorized("invalid node token".into())),
+    }
+}
+
+fn node_id(raw: &str) -> Result<NodeId, ApiError> {
+    NodeId::parse(raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))
+}
+
+#[derive(Serialize)]
+struct PlacementView<'a> {
+    room: &'a str,
+    node: &'a str,
+    url: &'a str,
+    created: bool,
+}
+
+fn placement_view(p: &Placement) -> PlacementView<'_> {
+    PlacementView {
+        room: p.room.as_str(),
+        node: p.node.id.as_str(),
+        url: &p.node.info.url,
+        created: p.created,
+    }
+}
+
+/// `GET /v1/placement/{room}`: the room's node, placing it unless `create=false`.
+pub async fn placement<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_room: &str,
+) -> Result<Response<Body>, ApiError> {
+    let room = room_from_url(app, raw_room)?;
+    let q = query(parts);
+    let hints = HintArgs::from_query(&q)?;
+    let create = match q
+        .iter()
+        .find(|(k, _)| k == "create")
+        .map(|(_, v)| v.as_ref())
+    {
+        None | Some("true") | Some("1") => true,
+        Some("false") | Some("0") => false,
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "create must be true or false".into(),
+            ))
+        }
+    };
+    let p = app
+        .router
+        .place(&room, &hints.hints(), hints.size, Intent::Lookup { create })
+        .await
+        .map_err(|e| ApiError::from_join(e, app.retry_after()))?;
+    let mut r = json(StatusCode::OK, &placement_view(&p));
+    set_node_header(&mut r, p.node.id.as_str());
+    Ok(r)
+}
+
+pub fn set_node_header(r: &mut Response<Body>, node: &str) {
+    if let Ok(v) = HeaderValue::from_str(node) {
+        r.headers_mut().insert("x-room-node", v);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    rooms: Vec<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    create: Option<bool>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchItem<'a> {
+    Ok(PlacementView<'a>),
+    Err {
+        room: String,
+        error: &'static str,
+        message: String,
+    },
+}
+
+/// `POST /v1/placement`: up to 1000 rooms; answers a JSON array in request order.
+pub async fn placement_batch<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    body: Incoming,
+) -> Result<Response<Body>, ApiError> {
+    let bytes = read_body(
+        body,
+        &parts.headers,
+        app.cfg.server.max_body_bytes,
+        app.cfg.server.body_read_timeout,
+    )
+    .await?;
+    let req: BatchRequest = parse_json(&bytes)?;
+    if req.rooms.len() > MAX_BATCH {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {MAX_BATCH} rooms per batch"
+        )));
+    }
+    let hints = HintArgs {
+        region: req.region,
+        tags: req.tags,
+        size: None,
+    };
+    hints.check()?;
+    let create = req.create.unwrap_or(true);
+    let mut results: Vec<Result<Placement, (String, ApiError)>> =
+        Vec::with_capacity(req.rooms.len());
+    for raw in &req.rooms {
+        let r = match room_literal(app, raw) {
+            Err(e) => Err((raw.clone(), e)),
+            Ok(room) => app
+                .router
+                .place(&room, &hints.hints(), None, Intent::Lookup { create })
+                .await
+                .map_err(|e| (raw.clone(), ApiError::from_join(e, app.retry_after()))),
+        };
+        results.push(r);
+    }
+    let items: Vec<BatchItem<'_>> = results
+        .iter()
+        .map(|r| match r {
+            Ok(p) => BatchItem::Ok(placement_view(p)),
+            Err((room, e)) => BatchItem::Err {
+                room: room.clone(),
+                error: e.code(),
+                message: e.message(),
+            },
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &items))
+}
+
+/// `GET /v1/placement/{room}/explain` (admin).
+pub async fn explain<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_room: &str,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let room = room_from_url(app, raw_room)?;
+    let hints = HintArgs::from_query(&query(parts))?;
+    let e = app
+        .router
+        .explain(&room, &hints.hints())
+        .await
+        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    Ok(json(StatusCode::OK, &e))
+}
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    room: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    display_name: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    size: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct LoginResponse<'a> {
+    room: &'a str,
+    node: &'a str,
+    url: String,
+    ticket: String,
+    expires_in: u64,
+}
+
+/// The URL on the node where a room is joined.
+pub fn node_room_url(base: &str, path_pattern: &str, room: &RoomKey) -> String {
+    let enc =
+        percent_encoding::utf8_percent_encode(room.as_str(), percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    format!("{}{}", base, path_pattern.replace("{room}", &enc))
+}
+
+/// `POST /v1/login`: JSON or a form; answers the node and a ticket, or 303 for browsers.
+pub async fn login<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    body: Incoming,
+) -> Result<Response<Body>, ApiError> {
+    let bytes: Bytes = read_body(
+        body,
+        &parts.headers,
+        app.cfg.server.max_body_bytes,
+        app.cfg.server.body_read_timeout,
+    )
+    .await?;
+    let ctype = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let req: LoginRequest = if ctype.starts_with("application/x-www-form-urlencoded") {
+        serde_urlencoded::from_bytes(&bytes)
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid form: {e}")))?
+    } else {
+        parse_json(&bytes)?
+    };
+    let room = room_literal(app, &req.room)?;
+    let user = req.user.unwrap_or_else(|| "anonymous".to_string());
+    check_label("user", &user)
+        .map_err(|_| ApiError::InvalidRequest("user must be 1-64 printable characters".into()))?;
+    if let Some(d) = &req.display_name {
+        if d.len() > 256 || d.chars().any(char::is_control) {
+            return Err(ApiError::InvalidRequest(
+                "display_name must be at most 256 printable bytes".into(),
+            ));
+        }
+    }
+    let hints = HintArgs {
+        region: req.region,
+        tags: vec![],
+        size: req.size,
+    };
+    hints.check()?;
+    if req.size == Some(0) {
+        return Err(ApiError::InvalidRequest(
+            "size must be a positive integer".into(),
+        ));
+    }
+    let p = app
+        .router
+        .place(&room, &hints.hints(), hints.size, Intent::Join)
+        .await
+        .map_err(|e| ApiError::from_join(e, app.retry_after()))?;
+    let now_secs = app.router.now() / 1000;
+    let ticket = app
+        .tickets
+        .issue(room.as_str(), p.node.id.as_str(), &user, now_secs);
+    let url = node_room_url(&p.node.info.url, &app.cfg.tickets.node_path, &room);
+    let wants_html = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    let mut r = if wants_html {
+        let location = format!("{url}?{}={ticket}", app.cfg.tickets.query_param);
+        let mut r = Response::new(super::full(Bytes::new()));
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        r.headers_mut().insert(
+            header::LOCATION,
+            HeaderValue::from_str(&location)
+                .map_err(|_| ApiError::InvalidRequest("unrepresentable location".into()))?,
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    } else {
+        json(
+            StatusCode::OK,
+            &LoginResponse {
+                room: room.as_str(),
+                node: p.node.id.as_str(),
+                url,
+                ticket,
+                expires_in: app.tickets.ttl().as_secs(),
+            },
+        )
+    };
+    set_node_header(&mut r, p.node.id.as_str());
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct RoomReport {
+    room: String,
+    participants: u32,
+}
+
+#[derive(Deserialize)]
+struct HeartbeatBody {
+    url: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    capacity: f64,
+    load: f64,
+    #[serde(default)]
+    cpu: Option<f64>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    rooms: Option<Vec<RoomReport>>,
+}
+
+/// Validates a node description (heartbeat or admin PUT).
+fn node_info(
+    url: String,
+    upstream: Option<String>,
+    capacity: f64,
+    region: Option<String>,
+    mut tags: Vec<String>,
+) -> Result<NodeInfo, ApiError> {
+    check_url(&url).map_err(|m| ApiError::InvalidRequest(format!("url: {m}")))?;
+    if let Some(u) = &upstream {
+        check_url(u).map_err(|m| ApiError::InvalidRequest(format!("upstream: {m}")))?;
+    }
+    if !(capacity.is_finite() && capacity > 0.0) {
+        return Err(ApiError::InvalidRequest(
+            "capacity must be a number > 0".into(),
+        ));
+    }
+    if let Some(r) = &region {
+        check_label("region", r)?;
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::InvalidRequest(format!("at most {MAX_TAGS} tags")));
+    }
+    for t in &tags {
+        check_label("tag", t)?;
+    }
+    tags.sort();
+    tags.dedup();
+    let url = url.trim_end_matches('/').to_string();
+    Ok(NodeInfo {
+        upstream: upstream
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| url.clone()),
+        url,
+        capacity,
+        region,
+        tags,
+    })
+}
+
+/// `POST /v1/nodes/{id}/heartbeat` (node auth).
+pub async fn heartbeat<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    body: Incoming,
+    raw_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let id = node_id(raw_id)?;
+    require_node(app, parts, id.as_str(), false)?;
+    let bytes = read_body(
+        body,
+        &parts.headers,
+        app.cfg.server.max_body_bytes,
+        app.cfg.server.body_read_timeout,
+    )
+    .await?;
+    let b: HeartbeatBody = parse_json(&bytes)?;
+    let info = node_info(b.url, b.upstream, b.capacity, b.region, b.tags)?;
+    if !(b.load.is_finite() && b.load >= 0.0) {
+        return Err(ApiError::InvalidRequest(
+            "load must be a number >= 0".into(),
+        ));
+    }
+    if let Some(c) = b.cpu {
+        if !(0.0..=1.0).contains(&c) {
+            return Err(ApiError::InvalidRequest(
+                "cpu must be between 0 and 1".into(),
+            ));
+        }
+    }
+    let state = match b.state.as_deref() {
+        None | Some("active") => AdminState::Active,
+        Some("draining") => AdminState::Draining,
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "state must be \"active\" or \"draining\"".into(),
+            ))
+        }
+    };
+    let rooms = match b.rooms {
+        None => None,
+        Some(v) if v.len() > MAX_REPORTED_ROOMS => {
+            return Err(ApiError::InvalidRequest(format!(
+                "at most {MAX_REPORTED_ROOMS} rooms per heartbeat"
+            )))
+        }
+        Some(v) => Some(
+            v.into_iter()
+                .map(|r| room_literal(app, &r.room).map(|k| (k, r.participants)))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let reply = app
+        .router
+        .heartbeat(
+            &id,
+            Heartbeat {
+                info,
+                load: b.load,
+                cpu: b.cpu,
+                state,
+                rooms,
+            },
+        )
+        .await
+        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    Ok(json(StatusCode::OK, &reply))
+}
+
+/// `GET /v1/nodes` (admin).
+pub fn list_nodes<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    #[derive(Serialize)]
+    struct Nodes<T> {
+        nodes: T,
+    }
+    Ok(json(
+        StatusCode::OK,
+        &Nodes {
+            nodes: app.router.nodes(),
+        },
+    ))
+}
+
+fn unknown_node(id: &NodeId) -> ApiError {
+    ApiError::NotFound(format!("no node {id}"))
+}
+
+/// `GET /v1/nodes/{id}` (admin).
+pub fn get_node<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let id = node_id(raw_id)?;
+    let s = app.router.node(&id).ok_or_else(|| unknown_node(&id))?;
+    Ok(json(StatusCode::OK, &s))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutNode {
+    url: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    capacity: f64,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// `PUT /v1/nodes/{id}` (admin): register or update a node by hand.
+pub async fn put_node<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    body: Incoming,
+    raw_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let id = node_id(raw_id)?;
+    let bytes = read_body(
+        body,
+        &parts.headers,
+        app.cfg.server.max_body_bytes,
+        app.cfg.server.body_read_timeout,
+    )
+    .await?;
+    let b: PutNode = parse_json(&bytes)?;
+    let info = node_info(b.url, b.upstream, b.capacity, b.region, b.tags)?;
+    let outcome = app.router.put_node(&id, info);
+    let status = if outcome == crate::cluster::Upsert::Added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let s = app.router.node(&id).ok_or_else(|| unknown_node(&id))?;
+    Ok(json(status, &s))
+}
+
+/// `DELETE /v1/nodes/{id}` (node or admin).
+pub fn delete_node<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let id = node_id(raw_id)?;
+    require_node(app, parts, id.as_str(), true)?;
+    if !app.router.remove_node(&id) {
+        return Err(unknown_node(&id));
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "removed": id.as_str() }),
+    ))
+}
+
+/// `POST /v1/nodes/{id}/drain|disable|enable` (admin).
+pub fn node_action<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_id: &str,
+    action: &str,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let id = node_id(raw_id)?;
+    let state = match action {
+        "drain" => AdminState::Draining,
+        "disable" => AdminState::Disabled,
+        _ => AdminState::Active,
+    };
+    if !app.router.set_admin_state(&id, state) {
+        return Err(unknown_node(&id));
+    }
+    let s = app.router.node(&id).ok_or_else(|| unknown_node(&id))?;
+    Ok(json(StatusCode::OK, &s))
+}
+
+#[derive(Serialize)]
+struct RoomView<'a> {
+    room: &'a str,
+    node: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    created_at_ms: u64,
+    confirmed_at_ms: u64,
+}
+
+fn room_view<'a, S: PinStore>(app: &App<S>, room: &'a RoomKey, pin: &'a Pin) -> RoomView<'a> {
+    RoomView {
+        room: room.as_str(),
+        node: pin.node.as_str(),
+        url: app
+            .router
+            .cluster()
+            .snapshot()
+            .get(&pin.node)
+            .map(|e| e.info.url.clone()),
+        created_at_ms: pin.created_at,
+        confirmed_at_ms: pin.confirmed_at,
+    }
+}
+
+/// `GET /v1/rooms?cursor=&limit=` (admin).
+pub async fn list_rooms<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let q = query(parts);
+    let cursor = q
+        .iter()
+        .find(|(k, _)| k == "cursor")
+        .map(|(_, v)| v.to_string());
+    let limit = match q.iter().find(|(k, _)| k == "limit") {
+        None => 100,
+        Some((_, v)) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1-1000".into()))?,
+    };
+    let page = app
+        .router
+        .store()
+        .list(cursor.as_deref(), limit)
+        .await
+        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    let rooms: Vec<RoomView<'_>> = page
+        .rooms
+        .iter()
+        .map(|(k, p)| room_view(app, k, p))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "rooms": rooms, "next_cursor": page.next_cursor }),
+    ))
+}
+
+/// `GET /v1/rooms/{room}` (admin): no side effects.
+pub async fn get_room<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_room: &str,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let room = room_from_url(app, raw_room)?;
+    let pin = app
+        .router
+        .room(&room)
+        .await
+        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("room {room} has no placement")))?;
+    Ok(json(StatusCode::OK, &room_view(app, &room, &pin)))
+}
+
+/// `DELETE /v1/rooms/{room}` (admin).
+pub async fn delete_room<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    raw_room: &str,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, parts)?;
+    let room = room_from_url(app, raw_room)?;
+    let pin = app
+        .router
+        .delete_room(&room)
+        .await
+        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("room {room} has no placement")))?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "room": room.as_str(), "released_from": pin.node.as_str() }),
+    ))
+}

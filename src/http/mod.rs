@@ -1,0 +1,180 @@
+//! The HTTP surface: one listener serving users (front door), nodes (heartbeats), admins
+//! (node and room management) and operations (health, readiness, metrics, dashboard).
+//!
+//! Layers, outermost first: `server` accepts connections and enforces limits and timeouts;
+//! `routes` maps (method, path) to a handler; handlers in `api`, `front_door` and `ops`
+//! parse, authenticate, call the [`Router`](crate::router::Router) and render. Handlers never
+//! decide placement; `error` renders every failure the same way.
+
+pub mod api;
+pub mod error;
+pub mod front_door;
+pub mod ops;
+pub mod routes;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use crate::auth::{TicketIssuer, Tokens};
+use crate::config::Config;
+use crate::router::Router;
+use crate::store::PinStore;
+pub use error::ApiError;
+use routes::{RoomPattern, Route};
+
+/// Errors a response body can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response body: boxed so buffered answers and (later) streamed proxy bodies mix.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A buffered body.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Everything a handler needs, built once at start.
+pub struct App<S> {
+    pub router: Router<S>,
+    pub cfg: Arc<Config>,
+    pub tokens: Tokens,
+    pub tickets: TicketIssuer,
+    pub patterns: Vec<RoomPattern>,
+}
+
+impl<S: PinStore> App<S> {
+    pub fn new(cfg: Config, router: Router<S>) -> App<S> {
+        let patterns = cfg
+            .front_door
+            .routes
+            .iter()
+            .filter_map(|p| RoomPattern::parse(p).ok())
+            .collect();
+        App {
+            tokens: Tokens::from_config(&cfg.auth),
+            tickets: TicketIssuer::new(&cfg.tickets.secret, cfg.tickets.ttl),
+            patterns,
+            router,
+            cfg: Arc::new(cfg),
+        }
+    }
+
+    pub fn retry_after(&self) -> Duration {
+        self.cfg.placement.retry_after
+    }
+}
+
+/// Reads a request body, refusing more than `limit` bytes or taking longer than `timeout`.
+pub async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::RequestTimeout),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
+        Ok(Err(e)) => Err(ApiError::InvalidRequest(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// Parses a JSON body into `T`, with a clear error.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+/// The entry point for every request.
+pub async fn handle<S: PinStore>(
+    app: Arc<App<S>>,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let route = routes::route(parts.uri.path());
+    let result = dispatch(&app, &route, &parts, body, peer).await;
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            app.router.metrics.error(e.code());
+            if e.status().is_server_error() {
+                tracing::warn!(path = parts.uri.path(), code = e.code(), "{}", e.message());
+            } else {
+                tracing::debug!(path = parts.uri.path(), code = e.code(), "{}", e.message());
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn dispatch<S: PinStore>(
+    app: &App<S>,
+    route: &Route<'_>,
+    parts: &http::request::Parts,
+    body: Incoming,
+    peer: std::net::SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let m = &parts.method;
+    let get = m == Method::GET || m == Method::HEAD;
+    match (route, m) {
+        (Route::Healthz, _) if get => Ok(ops::healthz()),
+        (Route::Readyz, _) if get => ops::readyz(app),
+        (Route::Metrics, _) if get => Ok(ops::metrics(app).await),
+        (Route::Dashboard, _) if get => ops::dashboard(app, parts).await,
+        (Route::Login, &Method::POST) => api::login(app, parts, body).await,
+        (Route::Placement(room), &Method::GET) => api::placement(app, parts, room).await,
+        (Route::PlacementExplain(room), &Method::GET) => api::explain(app, parts, room).await,
+        (Route::PlacementBatch, &Method::POST) => api::placement_batch(app, parts, body).await,
+        (Route::Heartbeat(id), &Method::POST) => api::heartbeat(app, parts, body, id).await,
+        (Route::Nodes, &Method::GET) => api::list_nodes(app, parts),
+        (Route::Node(id), &Method::GET) => api::get_node(app, parts, id),
+        (Route::Node(id), &Method::PUT) => api::put_node(app, parts, body, id).await,
+        (Route::Node(id), &Method::DELETE) => api::delete_node(app, parts, id),
+        (Route::NodeAction(id, action), &Method::POST) => api::node_action(app, parts, id, action),
+        (Route::Rooms, &Method::GET) => api::list_rooms(app, parts).await,
+        (Route::Room(room), &Method::GET) => api::get_room(app, parts, room).await,
+        (Route::Room(room), &Method::DELETE) => api::delete_room(app, parts, room).await,
+        (Route::UnknownApi, _) => Err(ApiError::NotFound(format!(
+            "no such endpoint: {}",
+            parts.uri.path()
+        ))),
+        (Route::FrontDoor, _) => front_door::handle(app, parts, peer).await,
+        (r, _) => Err(ApiError::MethodNotAllowed(r.allowed())),
+    }
+}

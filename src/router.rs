@@ -1,0 +1,693 @@
+//! The service core: registry + store + placement => where a room's joins go.
+//!
+//! [`Router`] owns the node table, the pin store, the reservation book and the learned room
+//! sizes, and applies the pure rules of `placement` to them. It reads the clock (through a
+//! [`Clock`] it is given) and talks to the store; it never sees HTTP. Handlers call
+//! [`Router::place`] for joins and lookups and [`Router::heartbeat`] for node reports.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::cluster::reservations::{ReservationBook, RoomHistory};
+use crate::cluster::{Cluster, NodeEntry, NodeId, NodeInfo, Snapshot, Upsert};
+use crate::config::{Config, PlacementConfig, StaticNode};
+use crate::metrics::Metrics;
+use crate::placement::reservation::{expected_size, SizeSource};
+use crate::placement::{
+    decide, explain, is_healthy, AdminState, Decision, Hints, Millis, NodeExplain, NodeView, Params,
+};
+use crate::room::{Normalization, RoomKey};
+use crate::store::{Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+
+/// Where time comes from. Tests use a manual clock to move time without sleeping.
+#[derive(Debug)]
+pub enum Clock {
+    System,
+    Manual(AtomicU64),
+}
+
+impl Clock {
+    pub fn now(&self) -> Millis {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            Clock::Manual(t) => t.load(Ordering::Relaxed),
+        }
+    }
+    /// Moves a manual clock forward; no effect on the system clock.
+    pub fn advance(&self, ms: u64) {
+        if let Clock::Manual(t) = self {
+            t.fetch_add(ms, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the caller wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// A user joins: counts toward the node's `pending` and the room's reservation.
+    Join,
+    /// A placement lookup: places the room if `create` and it has no usable pin.
+    Lookup { create: bool },
+}
+
+/// The answer: the room's node.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub room: RoomKey,
+    pub node: NodeEntry,
+    /// True when this call placed the room (new, or re-placed off a failed node).
+    pub created: bool,
+    /// True when every candidate was above `new_room_limit` and the room overflowed.
+    pub overflow: bool,
+}
+
+/// Why a join or lookup has no node.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    #[error("node {node} of room is full")]
+    NodeFull { node: NodeId },
+    #[error("no node has capacity for a new room")]
+    NoCapacity,
+    #[error("room has no placement")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A node's heartbeat, already validated by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub info: NodeInfo,
+    pub load: f64,
+    pub cpu: Option<f64>,
+    pub state: AdminState,
+    /// `None`: the node does not report rooms.
+    pub rooms: Option<Vec<(RoomKey, u32)>>,
+}
+
+/// What a node is told after a heartbeat.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeartbeatReply {
+    pub state: AdminState,
+    pub evict: Vec<RoomKey>,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// A node as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    pub state: AdminState,
+    pub admin_state: AdminState,
+    pub reported_state: AdminState,
+    pub healthy: bool,
+    pub load: f64,
+    pub cpu: Option<f64>,
+    pub utilization: f64,
+    pub pending: f64,
+    pub reserved: f64,
+    pub rooms: usize,
+    pub last_heartbeat_ms_ago: Option<u64>,
+    #[serde(rename = "static")]
+    pub is_static: bool,
+}
+
+/// One node in an explanation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExplainRow {
+    pub node: NodeId,
+    #[serde(flatten)]
+    pub row: NodeExplain,
+}
+
+/// An explanation of a room's placement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub room: RoomKey,
+    pub pinned: Option<NodeId>,
+    pub decision: String,
+    pub node: Option<NodeId>,
+    pub rule: &'static str,
+    pub nodes: Vec<ExplainRow>,
+}
+
+/// The router core. Generic over the store so the hot path is statically dispatched.
+pub struct Router<S> {
+    params: Params,
+    placement: PlacementConfig,
+    norm: Normalization,
+    cluster: Cluster,
+    store: S,
+    book: ReservationBook,
+    history: RoomHistory,
+    clock: Clock,
+    pub metrics: Metrics,
+}
+
+impl<S: PinStore> Router<S> {
+    pub fn new(cfg: &Config, store: S, clock: Clock) -> Router<S> {
+        let r = Router {
+            params: cfg.placement.params(),
+            placement: cfg.placement.clone(),
+            norm: cfg.rooms.normalization,
+            cluster: Cluster::new(),
+            store,
+            book: ReservationBook::default(),
+            history: RoomHistory::default(),
+            clock,
+            metrics: Metrics::new(),
+        };
+        for n in &cfg.nodes {
+            r.add_static(n);
+        }
+        r
+    }
+
+    fn add_static(&self, n: &StaticNode) {
+        if let Ok(id) = NodeId::parse(&n.id) {
+            self.cluster.upsert(&id, static_info(n), true);
+        }
+    }
+
+    pub fn normalization(&self) -> Normalization {
+        self.norm
+    }
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+    pub fn placement_config(&self) -> &PlacementConfig {
+        &self.placement
+    }
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Decides the room's node for a join or lookup, pinning it if it needs a (new) node.
+    pub async fn place(
+        &self,
+        room: &RoomKey,
+        hints: &Hints<'_>,
+        size: Option<u32>,
+        intent: Intent,
+    ) -> Result<Placement, JoinError> {
+        let started = Instant::now();
+        let r = self.place_inner(room, hints, size, intent).await;
+        self.metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.decision(match &r {
+            Ok(p) if !p.created => "pinned",
+            Ok(p) if p.overflow => "placed_overflow",
+            Ok(_) => "placed",
+            Err(JoinError::NodeFull { .. }) => "node_full",
+            Err(JoinError::NoCapacity) => "no_capacity",
+            Err(JoinError::NotFound) => "not_found",
+            Err(JoinError::Store(_)) => "store_unavailable",
+        });
+        r
+    }
+
+    async fn place_inner(
+        &self,
+        room: &RoomKey,
+        hints: &Hints<'_>,
+        size: Option<u32>,
+        intent: Intent,
+    ) -> Result<Placement, JoinError> {
+        let now = self.clock.now();
+        let mut pin = self.store.get(room).await?;
+        // Each retry follows a lost compare-and-set: another router changed the pin meanwhile.
+        for _ in 0..8 {
+            let (decision, entry) = {
+                let snap = self.cluster.snapshot();
+                let pinned = pin.as_ref().and_then(|p| snap.position(&p.node));
+                let d = decide(
+                    snap.nodes(),
+                    pinned,
+                    room.stable_hash(),
+                    hints,
+                    now,
+                    &self.params,
+                );
+                let entry = match d {
+                    Decision::Pinned(i)
+                    | Decision::NodeFull(i)
+                    | Decision::Place { node: i, .. } => Some(snap.nodes()[i].clone()),
+                    Decision::NoCapacity => None,
+                };
+                (d, entry)
+            };
+            match (decision, entry) {
+                (Decision::Pinned(_), Some(node)) => {
+                    if intent == Intent::Join {
+                        node.live.add_pending(self.placement.join_cost);
+                        self.book.arrive_one(room, &node.id, &node.live, now);
+                    }
+                    if let Some(p) = &pin {
+                        if now.saturating_sub(p.confirmed_at) > self.confirm_every_ms() {
+                            self.store.confirm(room, &node.id, now).await?;
+                        }
+                    }
+                    return Ok(Placement {
+                        room: room.clone(),
+                        node,
+                        created: false,
+                        overflow: false,
+                    });
+                }
+                (Decision::NodeFull(_), Some(node)) => {
+                    return Err(JoinError::NodeFull { node: node.id })
+                }
+                (Decision::Place { overflow, .. }, Some(node)) => {
+                    if intent == (Intent::Lookup { create: false }) {
+                        return Err(JoinError::NotFound);
+                    }
+                    let expected = pin.as_ref().map(|p| p.node.clone());
+                    match self
+                        .store
+                        .pin_if(room, &node.id, expected.as_ref(), now)
+                        .await?
+                    {
+                        PinOutcome::Won(_) => {
+                            self.on_placed(room, &node, expected.is_some(), size, intent, now);
+                            return Ok(Placement {
+                                room: room.clone(),
+                                node,
+                                created: true,
+                                overflow,
+                            });
+                        }
+                        PinOutcome::Lost(current) => pin = current,
+                    }
+                }
+                _ => {
+                    if intent == (Intent::Lookup { create: false }) && pin.is_none() {
+                        return Err(JoinError::NotFound);
+                    }
+                    return Err(JoinError::NoCapacity);
+                }
+            }
+        }
+        Err(JoinError::Store(StoreError(
+            "pin kept changing under contention".into(),
+        )))
+    }
+
+    /// Pins are confirmed at most this often by joins (a store write per join would be waste).
+    fn confirm_every_ms(&self) -> u64 {
+        (self.placement.room_idle_ttl.as_millis() as u64 / 8).max(1)
+    }
+
+    fn on_placed(
+        &self,
+        room: &RoomKey,
+        node: &NodeEntry,
+        replaced: bool,
+        size: Option<u32>,
+        intent: Intent,
+        now: Millis,
+    ) {
+        if replaced {
+            let snap = self.cluster.snapshot();
+            self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
+            self.metrics.decision("replaced");
+        }
+        let hint = size.map(|s| s.min(self.placement.max_size_hint));
+        let (expected, _source): (u32, SizeSource) = expected_size(
+            hint,
+            self.history.expected(room),
+            self.placement.new_room_reserve,
+        );
+        self.book.reserve(
+            room,
+            &node.id,
+            &node.live,
+            expected,
+            now,
+            self.placement.reservation_ttl.as_millis() as u64,
+        );
+        if intent == Intent::Join {
+            node.live.add_pending(self.placement.join_cost);
+            self.book.arrive_one(room, &node.id, &node.live, now);
+        }
+        tracing::debug!(room = %room, node = %node.id, replaced, expected, "room placed");
+    }
+
+    /// Applies a node's heartbeat: registers or updates it, records its load, reconciles the
+    /// rooms it reports with the pins, and answers its state and the rooms it must end.
+    pub async fn heartbeat(
+        &self,
+        id: &NodeId,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatReply, StoreError> {
+        let now = self.clock.now();
+        let (outcome, entry) = self.cluster.upsert(id, hb.info, false);
+        if outcome == Upsert::Added {
+            tracing::info!(node = %id, "node joined");
+        }
+        entry
+            .live
+            .record_report(entry.info.capacity, hb.load, hb.cpu, hb.state, now);
+        self.metrics.heartbeats.inc();
+        let mut evict = Vec::new();
+        let mut reported_any = true;
+        if let Some(rooms) = hb.rooms {
+            let mut listed = HashSet::with_capacity(rooms.len());
+            for (room, participants) in rooms {
+                if participants == 0 {
+                    self.end_room(&room, &entry, "ended").await?;
+                    continue;
+                }
+                self.history.observe(&room, participants, now);
+                self.book.observe(&room, id, &entry.live, participants, now);
+                if self.reconcile(&room, &entry, now).await? {
+                    listed.insert(room);
+                } else {
+                    evict.push(room);
+                }
+            }
+            let before = std::mem::take(
+                &mut *entry
+                    .live
+                    .reported_rooms
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for gone in before.iter().filter(|r| !listed.contains(*r)) {
+                self.end_room(gone, &entry, "unlisted").await?;
+            }
+            reported_any = !listed.is_empty();
+            *entry
+                .live
+                .reported_rooms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = listed;
+        }
+        let state = entry.live.effective_state();
+        if hb.state == AdminState::Draining
+            && !reported_any
+            && self.placement.auto_remove_drained
+            && !entry.is_static
+        {
+            self.cluster.remove(id);
+            tracing::info!(node = %id, "drained node reported no rooms; removed");
+        }
+        evict.sort();
+        Ok(HeartbeatReply {
+            state,
+            evict,
+            heartbeat_interval_ms: self.placement.heartbeat_interval.as_millis() as u64,
+        })
+    }
+
+    /// A node reports a live room. Returns false if the room belongs elsewhere (evict it).
+    async fn reconcile(
+        &self,
+        room: &RoomKey,
+        entry: &NodeEntry,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let current = self.store.get(room).await?;
+        let expected = match &current {
+            Some(p) if p.node == entry.id => {
+                self.store.confirm(room, &entry.id, now).await?;
+                return Ok(true);
+            }
+            Some(p) => {
+                if self.node_usable(&p.node, now) {
+                    self.metrics.splits_detected.inc();
+                    tracing::warn!(room = %room, node = %entry.id, pinned = %p.node, "split room detected; evicting");
+                    return Ok(false);
+                }
+                Some(p.node.clone())
+            }
+            None => None,
+        };
+        // Unpinned (e.g. the router restarted) or pinned to a node that is gone: adopt it.
+        match self
+            .store
+            .pin_if(room, &entry.id, expected.as_ref(), now)
+            .await?
+        {
+            PinOutcome::Won(_) => Ok(true),
+            PinOutcome::Lost(Some(p)) if p.node == entry.id => Ok(true),
+            PinOutcome::Lost(_) => {
+                self.metrics.splits_detected.inc();
+                Ok(false)
+            }
+        }
+    }
+
+    fn node_usable(&self, id: &NodeId, now: Millis) -> bool {
+        self.cluster.snapshot().get(id).is_some_and(|e| {
+            is_healthy(e, now, self.params.heartbeat_timeout_ms)
+                && e.state() != AdminState::Disabled
+        })
+    }
+
+    async fn end_room(
+        &self,
+        room: &RoomKey,
+        entry: &NodeEntry,
+        why: &'static str,
+    ) -> Result<(), StoreError> {
+        if self.store.release_if(room, &entry.id).await? {
+            self.metrics.released(why);
+        }
+        self.history.end_session(room);
+        if self
+            .book
+            .outstanding(room)
+            .is_some_and(|(n, _)| n == entry.id)
+        {
+            self.book.release(room, |_| Some(&*entry.live));
+        }
+        Ok(())
+    }
+
+    /// Releases idle pins, expired reservations and stale history. Returns pins released.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let idle_before = now.saturating_sub(self.placement.room_idle_ttl.as_millis() as u64);
+        let released = self.store.sweep_idle(idle_before).await?;
+        let snap = self.cluster.snapshot_arc();
+        for (room, _) in &released {
+            self.history.end_session(room);
+            self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
+            self.metrics.released("idle");
+        }
+        self.book.sweep(now, |id| snap.get(id).map(|e| &*e.live));
+        self.history
+            .sweep(now.saturating_sub(self.placement.history_ttl.as_millis() as u64));
+        Ok(released.len())
+    }
+
+    /// Admin or node: the node leaves now. Its rooms are re-placed on their next join.
+    pub fn remove_node(&self, id: &NodeId) -> bool {
+        let gone = self.cluster.remove(id).is_some();
+        if gone {
+            tracing::info!(node = %id, "node removed");
+        }
+        gone
+    }
+
+    /// Admin: register or update a node by hand.
+    pub fn put_node(&self, id: &NodeId, info: NodeInfo) -> Upsert {
+        self.cluster.upsert(id, info, true).0
+    }
+
+    pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
+        let ok = self.cluster.set_admin_state(id, state);
+        if ok {
+            tracing::info!(node = %id, state = state.as_str(), "admin state set");
+        }
+        ok
+    }
+
+    pub fn node_status(&self, e: &NodeEntry, now: Millis) -> NodeStatus {
+        let live = &e.live;
+        NodeStatus {
+            id: e.id.clone(),
+            info: (*e.info).clone(),
+            state: live.effective_state(),
+            admin_state: live.admin_state(),
+            reported_state: live.self_state(),
+            healthy: is_healthy(e, now, self.params.heartbeat_timeout_ms),
+            load: live.reported_load(),
+            cpu: live.reported_cpu(),
+            utilization: e.utilization(),
+            pending: live.pending_units(),
+            reserved: live.reserved_units(),
+            rooms: live.reported_rooms.lock().map(|r| r.len()).unwrap_or(0),
+            last_heartbeat_ms_ago: live.last_heartbeat().map(|t| now.saturating_sub(t)),
+            is_static: e.is_static,
+        }
+    }
+
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        let now = self.clock.now();
+        let snap = self.cluster.snapshot();
+        snap.nodes()
+            .iter()
+            .map(|e| self.node_status(e, now))
+            .collect()
+    }
+
+    pub fn node(&self, id: &NodeId) -> Option<NodeStatus> {
+        let now = self.clock.now();
+        self.cluster
+            .snapshot()
+            .get(id)
+            .map(|e| self.node_status(e, now))
+    }
+
+    /// A room's pin with no side effects.
+    pub async fn room(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        self.store.get(room).await
+    }
+
+    /// Admin: forget a room's pin; its next join places it afresh.
+    pub async fn delete_room(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        let removed = self.store.remove(room).await?;
+        if removed.is_some() {
+            let snap = self.cluster.snapshot_arc();
+            self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
+            self.metrics.released("admin");
+        }
+        Ok(removed)
+    }
+
+    /// Explains where the room would go, node by node. No side effects.
+    pub async fn explain(
+        &self,
+        room: &RoomKey,
+        hints: &Hints<'_>,
+    ) -> Result<Explanation, StoreError> {
+        let now = self.clock.now();
+        let pin = self.store.get(room).await?;
+        let snap: Arc<Snapshot> = self.cluster.snapshot_arc();
+        let pinned = pin.as_ref().and_then(|p| snap.position(&p.node));
+        let (d, rows) = explain(
+            snap.nodes(),
+            pinned,
+            room.stable_hash(),
+            hints,
+            now,
+            &self.params,
+        );
+        let (decision, node) = match d {
+            Decision::Pinned(i) => ("pinned", Some(i)),
+            Decision::NodeFull(i) => ("node_full", Some(i)),
+            Decision::Place {
+                node,
+                overflow: false,
+            } => ("place", Some(node)),
+            Decision::Place {
+                node,
+                overflow: true,
+            } => ("place_overflow", Some(node)),
+            Decision::NoCapacity => ("no_capacity", None),
+        };
+        Ok(Explanation {
+            room: room.clone(),
+            pinned: pin.map(|p| p.node),
+            decision: decision.to_string(),
+            node: node.map(|i| snap.nodes()[i].id.clone()),
+            rule: self.params.rule.name(),
+            nodes: rows
+                .into_iter()
+                .map(|row| ExplainRow {
+                    node: snap.nodes()[row.index].id.clone(),
+                    row,
+                })
+                .collect(),
+        })
+    }
+
+    /// Fills the state gauges and renders the metrics.
+    pub async fn render_metrics(&self) -> String {
+        let now = self.clock.now();
+        let snap = self.cluster.snapshot_arc();
+        let healthy = snap
+            .nodes()
+            .iter()
+            .filter(|e| is_healthy(*e, now, self.params.heartbeat_timeout_ms))
+            .count();
+        self.metrics.nodes_total.set(snap.nodes().len() as i64);
+        self.metrics.nodes_healthy.set(healthy as i64);
+        self.metrics.node_utilization.clear();
+        for e in snap.nodes() {
+            self.metrics
+                .node_utilization
+                .get_or_create(&crate::metrics::NodeLabels {
+                    node: e.id.to_string(),
+                })
+                .set(e.utilization());
+        }
+        if let Ok(n) = self.store.count().await {
+            self.metrics.pins.set(n as i64);
+        }
+        self.metrics
+            .store_degraded
+            .set(i64::from(self.store.health() != StoreHealth::Ok));
+        self.metrics.render()
+    }
+
+    /// Readiness: the store answers and at least one node is healthy. Reasons when not.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let now = self.clock.now();
+        let mut reasons = Vec::new();
+        if let StoreHealth::Degraded(why) = self.store.health() {
+            reasons.push(format!("store degraded: {why}"));
+        }
+        let snap = self.cluster.snapshot();
+        if !snap
+            .nodes()
+            .iter()
+            .any(|e| is_healthy(e, now, self.params.heartbeat_timeout_ms))
+        {
+            reasons.push("no healthy node".to_string());
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
+    }
+}
+
+fn static_info(n: &StaticNode) -> NodeInfo {
+    let mut tags = n.tags.clone();
+    tags.sort();
+    tags.dedup();
+    NodeInfo {
+        url: n.url.trim_end_matches('/').to_string(),
+        upstream: n
+            .upstream
+            .clone()
+            .unwrap_or_else(|| n.url.clone())
+            .trim_end_matches('/')
+            .to_string(),
+        capacity: n.capacity,
+        region: n.region.clone(),
+        tags,
+    }
+}
+
+#[cfg(test)]
+mod tests;

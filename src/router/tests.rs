@@ -1,0 +1,345 @@
+//! The router's rules, driven through `Router` with a manual clock and the memory store.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::*;
+use crate::store::MemoryStore;
+
+const T0: Millis = 1_700_000_000_000;
+
+fn router() -> Router<MemoryStore> {
+    let cfg = Config::default();
+    Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)))
+}
+
+fn info(cap: f64) -> NodeInfo {
+    NodeInfo {
+        url: "http://127.0.0.1:1".into(),
+        upstream: "http://127.0.0.1:1".into(),
+        capacity: cap,
+        region: None,
+        tags: vec![],
+    }
+}
+
+fn id(s: &str) -> NodeId {
+    NodeId::parse(s).unwrap()
+}
+
+fn room(s: &str) -> RoomKey {
+    RoomKey::parse(s, Normalization::Lowercase).unwrap()
+}
+
+async fn beat(
+    r: &Router<MemoryStore>,
+    node: &str,
+    cap: f64,
+    load: f64,
+    rooms: Option<Vec<(&str, u32)>>,
+) -> HeartbeatReply {
+    beat_state(r, node, cap, load, rooms, AdminState::Active).await
+}
+
+async fn beat_state(
+    r: &Router<MemoryStore>,
+    node: &str,
+    cap: f64,
+    load: f64,
+    rooms: Option<Vec<(&str, u32)>>,
+    state: AdminState,
+) -> HeartbeatReply {
+    let hb = Heartbeat {
+        info: info(cap),
+        load,
+        cpu: None,
+        state,
+        rooms: rooms.map(|v| v.into_iter().map(|(k, p)| (room(k), p)).collect()),
+    };
+    r.heartbeat(&id(node), hb).await.unwrap()
+}
+
+async fn join(r: &Router<MemoryStore>, k: &str) -> Result<Placement, JoinError> {
+    r.place(&room(k), &Hints::default(), None, Intent::Join)
+        .await
+}
+
+async fn node_of(r: &Router<MemoryStore>, k: &str) -> String {
+    join(r, k).await.unwrap().node.id.to_string()
+}
+
+#[tokio::test]
+async fn never_split_a_room_under_concurrent_joins() {
+    let r = Arc::new(router());
+    for n in ["a", "b", "c", "d"] {
+        beat(&r, n, 10_000.0, 0.0, None).await;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for i in 0..400 {
+                let k = format!("room-{}", (i * 7 + t) % 100);
+                let p = r
+                    .place(&room(&k), &Hints::default(), None, Intent::Join)
+                    .await
+                    .unwrap();
+                seen.push((k, p.node.id.to_string()));
+            }
+            seen
+        }));
+    }
+    let mut by_room: HashMap<String, HashSet<String>> = HashMap::new();
+    for t in tasks {
+        for (k, n) in t.await.unwrap() {
+            by_room.entry(k).or_default().insert(n);
+        }
+    }
+    assert_eq!(by_room.len(), 100);
+    for (k, nodes) in by_room {
+        assert_eq!(nodes.len(), 1, "room {k} split over {nodes:?}");
+    }
+}
+
+#[tokio::test]
+async fn scale_out_moves_nothing() {
+    let r = router();
+    for n in ["a", "b", "c"] {
+        beat(&r, n, 1_000_000.0, 0.0, None).await;
+    }
+    let mut before = HashMap::new();
+    for i in 0..300 {
+        before.insert(i, node_of(&r, &format!("r{i}")).await);
+    }
+    beat(&r, "d", 5_000_000.0, 0.0, None).await;
+    for i in 0..300 {
+        assert_eq!(
+            node_of(&r, &format!("r{i}")).await,
+            before[&i],
+            "room r{i} moved on scale-out"
+        );
+    }
+    // New rooms do use the new node.
+    let mut on_d = 0;
+    for i in 0..100 {
+        if node_of(&r, &format!("new{i}")).await == "d" {
+            on_d += 1;
+        }
+    }
+    assert!(on_d > 30, "the big new node took {on_d} of 100 new rooms");
+}
+
+#[tokio::test]
+async fn failure_moves_only_what_failed() {
+    let r = router();
+    for n in ["a", "b", "c"] {
+        beat(&r, n, 1_000_000.0, 0.0, None).await;
+    }
+    let mut before = HashMap::new();
+    for i in 0..300 {
+        before.insert(i, node_of(&r, &format!("r{i}")).await);
+    }
+    // b stops beating; a and c keep going past b's timeout.
+    r.clock().advance(7_000);
+    beat(&r, "a", 1_000_000.0, 0.0, None).await;
+    beat(&r, "c", 1_000_000.0, 0.0, None).await;
+    let mut moved = 0;
+    for i in 0..300 {
+        let now = node_of(&r, &format!("r{i}")).await;
+        if before[&i] == "b" {
+            assert_ne!(now, "b");
+            moved += 1;
+        } else {
+            assert_eq!(now, before[&i], "room r{i} moved though its node is alive");
+        }
+    }
+    assert!(moved > 50);
+    // b returns: the rooms re-placed while it was away stay where they are.
+    beat(&r, "b", 1_000_000.0, 0.0, None).await;
+    for i in 0..300 {
+        if before[&i] == "b" {
+            assert_ne!(node_of(&r, &format!("r{i}")).await, "b");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_pinned_node_refuses_joins_instead_of_splitting() {
+    let r = router();
+    beat(&r, "a", 10.0, 0.0, None).await;
+    beat(&r, "b", 10.0, 0.0, None).await;
+    let home = node_of(&r, "busy").await;
+    beat(&r, &home, 10.0, 10.0, None).await;
+    match join(&r, "busy").await {
+        Err(JoinError::NodeFull { node }) => assert_eq!(node.as_str(), home),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn draining_keeps_rooms_disabled_moves_them_enable_restores() {
+    let r = router();
+    beat(&r, "a", 100_000.0, 0.0, None).await;
+    beat(&r, "b", 100_000.0, 0.0, None).await;
+    let mut on_a = Vec::new();
+    for i in 0..60 {
+        if node_of(&r, &format!("r{i}")).await == "a" {
+            on_a.push(format!("r{i}"));
+        }
+    }
+    assert!(!on_a.is_empty());
+    assert!(r.set_admin_state(&id("a"), AdminState::Draining));
+    for k in &on_a {
+        assert_eq!(node_of(&r, k).await, "a", "draining keeps its rooms");
+    }
+    for i in 0..50 {
+        assert_eq!(
+            node_of(&r, &format!("new{i}")).await,
+            "b",
+            "draining takes no new rooms"
+        );
+    }
+    // A node's own "active" does not lift the admin's drain.
+    let reply = beat(&r, "a", 100_000.0, 0.0, None).await;
+    assert_eq!(reply.state, AdminState::Draining);
+    assert!(r.set_admin_state(&id("a"), AdminState::Disabled));
+    for k in &on_a {
+        assert_eq!(
+            node_of(&r, k).await,
+            "b",
+            "disabled: rooms re-placed on next join"
+        );
+    }
+    assert!(r.set_admin_state(&id("a"), AdminState::Active));
+    let mut back = 0;
+    for i in 0..60 {
+        if node_of(&r, &format!("later{i}")).await == "a" {
+            back += 1;
+        }
+    }
+    assert!(back > 0, "enabled node takes new rooms again");
+}
+
+#[tokio::test]
+async fn heartbeat_rooms_confirm_release_and_evict() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let home = node_of(&r, "shared").await;
+    let other = if home == "a" { "b" } else { "a" };
+    // The other node claims the room too: a split. It is told to evict.
+    let reply = beat(&r, other, 1000.0, 3.0, Some(vec![("shared", 3)])).await;
+    assert_eq!(reply.evict, vec![room("shared")]);
+    assert_eq!(node_of(&r, "shared").await, home);
+    // The home node lists it: confirmed, not evicted.
+    let reply = beat(&r, &home, 1000.0, 3.0, Some(vec![("shared", 3)])).await;
+    assert!(reply.evict.is_empty());
+    // It stops listing the room: the pin is released.
+    beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
+    assert!(r.room(&room("shared")).await.unwrap().is_none());
+    // A room reported with 0 participants is released too.
+    let home = node_of(&r, "short").await;
+    beat(&r, &home, 1000.0, 0.0, Some(vec![("short", 0)])).await;
+    assert!(r.room(&room("short")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn unpinned_rooms_a_node_reports_are_adopted() {
+    // After a router restart the memory store is empty; live rooms must not be split.
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let reply = beat(&r, "b", 1000.0, 5.0, Some(vec![("live-room", 5)])).await;
+    assert!(reply.evict.is_empty());
+    assert_eq!(node_of(&r, "live-room").await, "b");
+}
+
+#[tokio::test]
+async fn new_rooms_reserve_their_expected_size() {
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    let p = r
+        .place(
+            &room("class"),
+            &Hints::default(),
+            Some(30),
+            Intent::Lookup { create: true },
+        )
+        .await
+        .unwrap();
+    assert!(p.created);
+    assert!((p.node.live.reserved_units() - 30.0).abs() < 1e-9);
+    // A join consumes one unit of reservation and adds one of pending: û unchanged.
+    let u = p.node.utilization();
+    join(&r, "class").await.unwrap();
+    assert!((p.node.utilization() - u).abs() < 1e-9);
+    // With no hint, the default reserve (10) applies.
+    let q = r
+        .place(
+            &room("other"),
+            &Hints::default(),
+            None,
+            Intent::Lookup { create: true },
+        )
+        .await
+        .unwrap();
+    assert!((q.node.live.reserved_units() - 39.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn learned_history_sizes_the_next_session() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    let p = join(&r, "weekly").await.unwrap();
+    beat(&r, "a", 1000.0, 40.0, Some(vec![("weekly", 40)])).await;
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await; // session ends
+    assert!(r.room(&room("weekly")).await.unwrap().is_none());
+    assert_eq!(p.node.live.reserved_units(), 0.0);
+    let p = r
+        .place(
+            &room("weekly"),
+            &Hints::default(),
+            None,
+            Intent::Lookup { create: true },
+        )
+        .await
+        .unwrap();
+    assert!((p.node.live.reserved_units() - 40.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn lookups_without_create_never_place() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    let e = r
+        .place(
+            &room("x"),
+            &Hints::default(),
+            None,
+            Intent::Lookup { create: false },
+        )
+        .await;
+    assert!(matches!(e, Err(JoinError::NotFound)));
+    assert!(r.room(&room("x")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn idle_pins_are_swept() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "idle").await.unwrap();
+    r.clock().advance(599_000);
+    assert_eq!(r.sweep().await.unwrap(), 0);
+    r.clock().advance(2_000);
+    assert_eq!(r.sweep().await.unwrap(), 1);
+    assert!(r.room(&room("idle")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_self_draining_node_with_no_rooms_is_removed() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining).await;
+    assert!(r.node(&id("a")).is_none());
+}

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -25,6 +25,10 @@ pub struct Config {
     pub tickets: TicketConfig,
     pub auth: AuthConfig,
     pub logging: LoggingConfig,
+    /// Proxy mode: how the front door talks to node upstreams.
+    pub proxy: ProxyConfig,
+    /// TLS on the front door, the plain-HTTP redirect listener and the mTLS node listener.
+    pub tls: TlsConfig,
     /// Nodes known before their first heartbeat. They become healthy on their first heartbeat.
     pub nodes: Vec<StaticNode>,
 }
@@ -72,7 +76,7 @@ pub enum FrontDoorMode {
     /// 307 to the node's URL with a signed ticket.
     #[default]
     Redirect,
-    /// Forward the request to the node's upstream (see the proxy issue; not yet built).
+    /// Forward the request (and any WebSocket upgrade) to the node's upstream.
     Proxy,
 }
 
@@ -86,6 +90,22 @@ pub struct FrontDoorConfig {
     pub room_query_param: String,
     /// Header that names the room on any path not matched by `routes` (empty: off).
     pub room_header: String,
+    /// Cookie that names the room (empty: off).
+    pub room_cookie: String,
+    /// Where the room is looked for, in order; the first source that names one wins.
+    pub room_sources: Vec<RoomSource>,
+    /// Per-route mode overrides: a pattern from `routes` -> `redirect` or `proxy`.
+    pub route_modes: BTreeMap<String, FrontDoorMode>,
+}
+
+/// A place a front-door request can name its room in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomSource {
+    Path,
+    Query,
+    Header,
+    Cookie,
 }
 
 impl Default for FrontDoorConfig {
@@ -95,6 +115,14 @@ impl Default for FrontDoorConfig {
             routes: vec!["/rooms/{room}".into(), "/join/{room}".into()],
             room_query_param: "room".into(),
             room_header: "x-room".into(),
+            room_cookie: String::new(),
+            room_sources: vec![
+                RoomSource::Path,
+                RoomSource::Query,
+                RoomSource::Header,
+                RoomSource::Cookie,
+            ],
+            route_modes: BTreeMap::new(),
         }
     }
 }
@@ -224,7 +252,7 @@ impl Default for TicketConfig {
 pub enum UserAuth {
     #[default]
     None,
-    /// Bearer JWTs (see the user-login issue; not yet built).
+    /// Bearer JWTs verified with `auth.jwt`.
     Jwt,
 }
 
@@ -238,7 +266,188 @@ pub struct AuthConfig {
     /// Per-node bearer tokens: a node listed here must use its own token.
     pub node_tokens: BTreeMap<String, String>,
     pub users: UserAuth,
+    /// How user JWTs are verified when `users = "jwt"`.
+    pub jwt: JwtConfig,
 }
+
+// ---- proxy mode, TLS and user JWTs (issue 3) ----
+
+/// JWT signature algorithms accepted for user tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum JwtAlgorithm {
+    #[default]
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret (or `ROOMROUTER_JWT_SECRET`).
+    pub secret: String,
+    /// RS256/ES256 public key, PEM.
+    pub public_key_file: Option<PathBuf>,
+    /// Clock-skew leeway for `exp`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Query parameter a token may come in when no `Authorization` header can be set
+    /// (browser WebSockets); empty: header only.
+    pub query_param: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithm: JwtAlgorithm::HS256,
+            secret: String::new(),
+            public_key_file: None,
+            leeway: Duration::from_secs(30),
+            query_param: "access_token".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Time to open a TCP (and TLS) connection to an upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time for an upstream to answer with a response head.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// A body (either direction) or WebSocket idle for this long is cut.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest request body forwarded, in bytes (larger: 413).
+    pub max_request_body_bytes: u64,
+    /// Consecutive failures after which a node is marked unhealthy until its next heartbeat.
+    pub failures_to_unhealthy: u32,
+    /// Idle upstream connections kept per node.
+    pub pool_max_idle_per_host: usize,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// CA bundle (PEM) trusted for `https://` upstreams.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            max_request_body_bytes: 64 * 1024 * 1024,
+            failures_to_unhealthy: 3,
+            pool_max_idle_per_host: 32,
+            pool_idle_timeout: Duration::from_secs(60),
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM); with `key_file`, `server.listen` speaks HTTPS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Plain-HTTP listener that answers every request with a redirect to HTTPS.
+    pub redirect_listen: Option<SocketAddr>,
+    /// Listener for nodes and admins that requires a client certificate from `client_ca_file`.
+    pub node_listen: Option<SocketAddr>,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            reload_interval: Duration::from_secs(10),
+            redirect_listen: None,
+            node_listen: None,
+            client_ca_file: None,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(invalid(
+                "tls.key_file",
+                "tls.cert_file and tls.key_file go together",
+            ));
+        }
+        if let (Some(c), Some(k)) = (&self.cert_file, &self.key_file) {
+            crate::http::tls::load_certified_key(c, k).map_err(|m| invalid("tls.cert_file", m))?;
+        }
+        if self.reload_interval.is_zero() {
+            return Err(invalid("tls.reload_interval", "must be > 0"));
+        }
+        if self.redirect_listen.is_some() && !self.enabled() {
+            return Err(invalid(
+                "tls.redirect_listen",
+                "needs tls.cert_file and tls.key_file",
+            ));
+        }
+        if self.node_listen.is_some() {
+            if !self.enabled() {
+                return Err(invalid(
+                    "tls.node_listen",
+                    "needs tls.cert_file and tls.key_file",
+                ));
+            }
+            let ca = self
+                .client_ca_file
+                .as_ref()
+                .ok_or_else(|| invalid("tls.client_ca_file", "required with tls.node_listen"))?;
+            crate::http::tls::load_roots(ca).map_err(|m| invalid("tls.client_ca_file", m))?;
+        }
+        Ok(())
+    }
+}
+
+impl ProxyConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (k, v) in [
+            ("proxy.connect_timeout", self.connect_timeout),
+            ("proxy.response_timeout", self.response_timeout),
+            ("proxy.idle_timeout", self.idle_timeout),
+        ] {
+            if v.is_zero() {
+                return Err(invalid(k, "must be > 0"));
+            }
+        }
+        if self.failures_to_unhealthy == 0 {
+            return Err(invalid("proxy.failures_to_unhealthy", "must be > 0"));
+        }
+        if let Some(ca) = &self.ca_file {
+            crate::http::tls::load_roots(ca).map_err(|m| invalid("proxy.ca_file", m))?;
+        }
+        Ok(())
+    }
+}
+
+impl JwtConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        crate::auth::users::UserVerifier::from_config(self)
+            .map(|_| ())
+            .map_err(|m| invalid("auth.jwt", m))
+    }
+}
+
+// ---- end of issue 3 block ----
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -345,6 +554,9 @@ impl Config {
         if let Some(t) = get("ROOMROUTER_TICKET_SECRET").filter(|t| !t.is_empty()) {
             self.tickets.secret = t;
         }
+        if let Some(t) = get("ROOMROUTER_JWT_SECRET").filter(|t| !t.is_empty()) {
+            self.auth.jwt.secret = t;
+        }
     }
 
     /// Checks every value; the error names the key.
@@ -366,12 +578,22 @@ impl Config {
             return Err(invalid("server.max_connections", "must be > 0"));
         }
         let f = &self.front_door;
-        if f.mode == FrontDoorMode::Proxy {
+        for r in f.route_modes.keys() {
+            if !f.routes.contains(r) {
+                return Err(invalid(
+                    &format!("front_door.route_modes.{r:?}"),
+                    "not one of front_door.routes",
+                ));
+            }
+        }
+        if f.room_sources.is_empty() {
             return Err(invalid(
-                "front_door.mode",
-                "\"proxy\" is not available in this build; use \"redirect\"",
+                "front_door.room_sources",
+                "must name at least one source",
             ));
         }
+        self.proxy.validate()?;
+        self.tls.validate()?;
         for (i, r) in f.routes.iter().enumerate() {
             crate::http::routes::RoomPattern::parse(r)
                 .map_err(|m| invalid(&format!("front_door.routes[{i}]"), m))?;
@@ -431,10 +653,7 @@ impl Config {
             ));
         }
         if self.auth.users == UserAuth::Jwt {
-            return Err(invalid(
-                "auth.users",
-                "\"jwt\" is not available in this build; use \"none\"",
-            ));
+            self.auth.jwt.validate()?;
         }
         for (i, t) in self.auth.admin_tokens.iter().enumerate() {
             if t.len() < 16 {

@@ -135,6 +135,7 @@ mod tests {
             node_token: "cluster-node-token-123".into(),
             node_tokens: per,
             users: Default::default(),
+            jwt: Default::default(),
         })
     }
 

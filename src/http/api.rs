@@ -116,12 +116,79 @@ pub fn require_admin<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<(), Api
     }
 }
 
+// ---- user JWTs and node certificates (issue 3) ----
+
+/// Who a front-door or login request is, as far as placement and the ticket care.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub sub: String,
+    pub region: Option<String>,
+    pub size: Option<u32>,
+}
+
+/// With `auth.users = "jwt"`, the user whose token admits them to `room` (401 without a
+/// valid token, 403 for another room); otherwise the anonymous user.
+pub fn authenticate_user<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    room: &RoomKey,
+) -> Result<User, ApiError> {
+    use crate::auth::UserAuthError;
+    let Some(verifier) = &app.users else {
+        return Ok(User {
+            sub: "anonymous".into(),
+            region: None,
+            size: None,
+        });
+    };
+    let verifier = verifier
+        .as_ref()
+        .map_err(|e| ApiError::Unauthorized(format!("user tokens cannot be checked: {e}")))?;
+    let token = verifier.token_of(&parts.headers, parts.uri.query());
+    match verifier.admit(token.as_deref(), room, app.router.normalization()) {
+        Ok(c) => {
+            check_label("sub", &c.sub).map_err(|_| {
+                ApiError::Unauthorized("token sub must be 1-64 printable characters".into())
+            })?;
+            Ok(User {
+                sub: c.sub,
+                region: c.region,
+                size: c.size.filter(|s| *s > 0),
+            })
+        }
+        Err(e @ UserAuthError::WrongRoom) => Err(ApiError::Forbidden(e.to_string())),
+        Err(e) => Err(ApiError::Unauthorized(e.to_string())),
+    }
+}
+
+/// A connection with a verified client certificate (the mTLS listener) may act only as the
+/// node its certificate names; others fall back to bearer tokens.
+fn require_node_cert(parts: &Parts, id: &str) -> Option<Result<(), ApiError>> {
+    let cert = parts
+        .extensions
+        .get::<super::server::ConnInfo>()?
+        .client_cert
+        .as_ref()?;
+    Some(if super::tls::cert_names_node(cert, id) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "the client certificate does not name node {id}"
+        )))
+    })
+}
+
+// ---- end of issue 3 block ----
+
 fn require_node<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
     id: &str,
     admin_ok: bool,
 ) -> Result<(), ApiError> {
+    if let Some(r) = require_node_cert(parts, id) {
+        return r;
+    }
     match app.tokens.node(&parts.headers, id, admin_ok) {
         Credential::Node | Credential::Admin => Ok(()),
         Credential::None => Err(ApiError::Unauthorized(
@@ -338,7 +405,12 @@ pub async fn login<S: PinStore>(
         parse_json(&bytes)?
     };
     let room = room_literal(app, &req.room)?;
-    let user = req.user.unwrap_or_else(|| "anonymous".to_string());
+    let who = authenticate_user(app, parts, &room)?;
+    // A verified token names the user; without user auth the body may.
+    let user = match app.users {
+        Some(_) => who.sub,
+        None => req.user.unwrap_or_else(|| "anonymous".to_string()),
+    };
     check_label("user", &user)
         .map_err(|_| ApiError::InvalidRequest("user must be 1-64 printable characters".into()))?;
     if let Some(d) = &req.display_name {
@@ -349,9 +421,9 @@ pub async fn login<S: PinStore>(
         }
     }
     let hints = HintArgs {
-        region: req.region,
+        region: req.region.or(who.region),
         tags: vec![],
-        size: req.size,
+        size: req.size.or(who.size),
     };
     hints.check()?;
     if req.size == Some(0) {

@@ -1,64 +1,120 @@
-//! The front door: a user's request for a room is answered with a `307` to the room's node,
-//! carrying a signed ticket (redirect mode). The room is taken from the first configured path
-//! pattern that matches, else from the configured query parameter, else from the configured
-//! header; all three go through the same `RoomKey` decoding.
+//! The front door: a user's request for a room goes to the room's node, either as a `307`
+//! to the node carrying a signed ticket (redirect mode) or forwarded to the node's upstream
+//! (proxy mode, see `proxy`), per route or globally.
+//!
+//! [`locate`] is the one function that finds a request's room: from the sources in
+//! `front_door.room_sources` order (path pattern, query parameter, header, cookie), first
+//! match wins, every value decoded and normalized by `RoomKey`. With `auth.users = "jwt"` the
+//! user's token must admit them to that room.
 
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Response, StatusCode};
+use hyper::body::Incoming;
 
-use super::api::{query, room_from_url, set_node_header, HintArgs};
+use super::api::{authenticate_user, query, room_from_url, set_node_header, HintArgs};
+use super::proxy::Forward;
 use super::{full, ApiError, App, Body};
+use crate::config::{FrontDoorMode, RoomSource};
 use crate::room::RoomKey;
 use crate::router::Intent;
 use crate::store::PinStore;
 
-/// Finds the room a front-door request names. `Ok(None)`: it names none.
-pub fn room_of<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Option<RoomKey>, ApiError> {
-    let path = parts.uri.path();
-    for p in &app.patterns {
-        if let Some(raw) = p.matches(path) {
-            return room_from_url(app, raw).map(Some);
-        }
-    }
+/// Finds the room a front-door request names and the mode its route uses. `Ok(None)`: it
+/// names none.
+pub fn locate<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+) -> Result<Option<(RoomKey, FrontDoorMode)>, ApiError> {
     let fd = &app.cfg.front_door;
-    if !fd.room_query_param.is_empty() {
-        if let Some((_, v)) = query(parts)
-            .into_iter()
-            .find(|(k, _)| k == fd.room_query_param.as_str())
-        {
-            return RoomKey::parse(&v, app.router.normalization())
-                .map(Some)
-                .map_err(|e| ApiError::InvalidRoom(e.to_string()));
-        }
-    }
-    if !fd.room_header.is_empty() {
-        if let Some(v) = parts.headers.get(fd.room_header.as_str()) {
-            let v = v
-                .to_str()
-                .map_err(|_| ApiError::InvalidRoom("room header is not visible ASCII".into()))?;
-            return room_from_url(app, v).map(Some);
+    for source in &fd.room_sources {
+        let found = match source {
+            RoomSource::Path => {
+                let path = parts.uri.path();
+                match app
+                    .patterns
+                    .iter()
+                    .zip(&fd.routes)
+                    .find_map(|(p, raw)| p.matches(path).map(|room| (room, raw)))
+                {
+                    Some((room, route)) => {
+                        let mode = fd.route_modes.get(route).copied().unwrap_or(fd.mode);
+                        return room_from_url(app, room).map(|k| Some((k, mode)));
+                    }
+                    None => None,
+                }
+            }
+            RoomSource::Query if !fd.room_query_param.is_empty() => query(parts)
+                .into_iter()
+                .find(|(k, _)| k == fd.room_query_param.as_str())
+                .map(|(_, v)| {
+                    RoomKey::parse(&v, app.router.normalization())
+                        .map_err(|e| ApiError::InvalidRoom(e.to_string()))
+                }),
+            RoomSource::Header if !fd.room_header.is_empty() => {
+                parts.headers.get(fd.room_header.as_str()).map(|v| {
+                    let v = v.to_str().map_err(|_| {
+                        ApiError::InvalidRoom("room header is not visible ASCII".into())
+                    })?;
+                    room_from_url(app, v)
+                })
+            }
+            RoomSource::Cookie if !fd.room_cookie.is_empty() => {
+                cookie(parts, &fd.room_cookie).map(|v| room_from_url(app, v))
+            }
+            _ => None,
+        };
+        if let Some(k) = found {
+            return k.map(|k| Some((k, fd.mode)));
         }
     }
     Ok(None)
+}
+
+/// Finds the room a front-door request names. `Ok(None)`: it names none.
+pub fn room_of<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Option<RoomKey>, ApiError> {
+    locate(app, parts).map(|r| r.map(|(k, _)| k))
+}
+
+/// The value of cookie `name`, from any `Cookie` header.
+fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
 }
 
 /// Handles a front-door request.
 pub async fn handle<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
+    body: Incoming,
     _peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    let Some(room) = room_of(app, parts)? else {
+    let Some((room, mode)) = locate(app, parts)? else {
         return Err(ApiError::NotFound(format!(
             "no room in request for {}",
             parts.uri.path()
         )));
     };
-    if parts.method != Method::GET && parts.method != Method::HEAD {
+    if mode == FrontDoorMode::Redirect
+        && parts.method != Method::GET
+        && parts.method != Method::HEAD
+    {
         return Err(ApiError::MethodNotAllowed("GET, HEAD"));
     }
+    let user = authenticate_user(app, parts, &room)?;
     let q = query(parts);
-    let hints = HintArgs::from_query(&q)?;
+    let mut hints = HintArgs::from_query(&q)?;
+    if hints.region.is_none() {
+        hints.region = user.region;
+    }
+    hints.size = hints.size.or(user.size);
+    hints.check()?;
     let p = app
         .router
         .place(&room, &hints.hints(), hints.size, Intent::Join)
@@ -67,9 +123,16 @@ pub async fn handle<S: PinStore>(
     let ticket = app.tickets.issue(
         room.as_str(),
         p.node.id.as_str(),
-        "anonymous",
+        &user.sub,
         app.router.now() / 1000,
     );
+    if mode == FrontDoorMode::Proxy {
+        let to = Forward {
+            node: &p.node,
+            ticket: &ticket,
+        };
+        return app.proxy.forward(parts, body, to).await;
+    }
     let location = redirect_location(
         &p.node.info.url,
         parts,

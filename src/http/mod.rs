@@ -10,8 +10,10 @@ pub mod api;
 pub mod error;
 pub mod front_door;
 pub mod ops;
+pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +24,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use crate::auth::{TicketIssuer, Tokens};
-use crate::config::Config;
+use crate::auth::{TicketIssuer, Tokens, UserVerifier};
+use crate::config::{Config, UserAuth};
 use crate::router::Router;
 use crate::store::PinStore;
 pub use error::ApiError;
@@ -59,6 +61,10 @@ pub struct App<S> {
     pub tokens: Tokens,
     pub tickets: TicketIssuer,
     pub patterns: Vec<RoomPattern>,
+    /// User JWT verification; `Some` exactly when `auth.users = "jwt"`.
+    pub users: Option<Result<UserVerifier, String>>,
+    /// The pooled upstream client and passive health for proxy mode.
+    pub proxy: proxy::Proxy,
 }
 
 impl<S: PinStore> App<S> {
@@ -69,7 +75,21 @@ impl<S: PinStore> App<S> {
             .iter()
             .filter_map(|p| RoomPattern::parse(p).ok())
             .collect();
+        // Config::validate has loaded these keys already; a failure here (a file changed since)
+        // fails closed: users get 401, upstream TLS trusts nothing.
+        let users =
+            (cfg.auth.users == UserAuth::Jwt).then(|| UserVerifier::from_config(&cfg.auth.jwt));
+        let proxy = proxy::Proxy::new(&cfg.proxy).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "proxy.ca_file unusable; https upstreams will fail");
+            proxy::Proxy::new(&crate::config::ProxyConfig {
+                ca_file: None,
+                ..cfg.proxy.clone()
+            })
+            .expect("a proxy without a CA file always builds")
+        });
         App {
+            users,
+            proxy,
             tokens: Tokens::from_config(&cfg.auth),
             tickets: TicketIssuer::new(&cfg.tickets.secret, cfg.tickets.ttl),
             patterns,
@@ -174,7 +194,7 @@ async fn dispatch<S: PinStore>(
             "no such endpoint: {}",
             parts.uri.path()
         ))),
-        (Route::FrontDoor, _) => front_door::handle(app, parts, peer).await,
+        (Route::FrontDoor, _) => front_door::handle(app, parts, body, peer).await,
         (r, _) => Err(ApiError::MethodNotAllowed(r.allowed())),
     }
 }

@@ -1,29 +1,134 @@
-//! The accept loop: connection limit, header size and read timeouts, HTTP/1.1 and HTTP/2,
-//! graceful shutdown. Everything a client can hold open is bounded in size and time.
+//! The accept loop: connection limit, TLS handshake timeout, header size and read timeouts,
+//! HTTP/1.1 and HTTP/2, graceful shutdown. Everything a client can hold open is bounded in
+//! size and time. Plain (`serve`), TLS (`serve_tls`, also the mTLS node listener) and the
+//! HTTP-to-HTTPS redirect listener share it; `run` starts the listeners the config asks for.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
-use super::{handle, App};
+use super::{handle, tls, ApiError, App, Body};
+use crate::config::ServerConfig as ServerLimits;
 use crate::store::PinStore;
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish
-/// for up to `server.shutdown_grace`.
+/// What the accept loop knows about a connection; handlers find it in the request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The connection is TLS (the front door's scheme is `https`).
+    pub tls: bool,
+    /// The client's verified end-entity certificate (mTLS listener only).
+    pub client_cert: Option<CertificateDer<'static>>,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+/// A request handler shared by every connection of a listener.
+type Handler = Arc<dyn Fn(Request<Incoming>, ConnInfo) -> BoxFut + Send + Sync>;
+
+/// Serves `app` on `listener` (plain HTTP) until `shutdown` resolves, then lets open
+/// connections finish for up to `server.shutdown_grace`.
 pub async fn serve<S: PinStore>(
     app: Arc<App<S>>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let cfg = app.cfg.server.clone();
+    let limits = app.cfg.server.clone();
+    accept_loop(listener, None, &limits, app_handler(app), shutdown).await
+}
+
+/// Serves `app` over TLS with `config` (see [`tls::server_config`]); with a client verifier
+/// in `config` this is the mTLS node listener.
+pub async fn serve_tls<S: PinStore>(
+    app: Arc<App<S>>,
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limits = app.cfg.server.clone();
+    let acceptor = TlsAcceptor::from(config);
+    accept_loop(
+        listener,
+        Some(acceptor),
+        &limits,
+        app_handler(app),
+        shutdown,
+    )
+    .await
+}
+
+/// Answers every plain-HTTP request with `308` to the same host and path over HTTPS on
+/// `https_port`.
+pub async fn serve_https_redirect(
+    listener: TcpListener,
+    https_port: u16,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let handler: Handler = Arc::new(move |req, _| {
+        let r = https_redirect(&req, https_port).unwrap_or_else(ApiError::into_response);
+        Box::pin(async move { r })
+    });
+    accept_loop(listener, None, &limits, handler, shutdown).await
+}
+
+fn https_redirect(req: &Request<Incoming>, port: u16) -> Result<Response<Body>, ApiError> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .ok_or_else(|| ApiError::InvalidRequest("a Host header is required".into()))?;
+    let authority: http::uri::Authority = host
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest("invalid Host header".into()))?;
+    let mut loc = format!("https://{}", authority.host());
+    if port != 443 {
+        loc.push_str(&format!(":{port}"));
+    }
+    loc.push_str(
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/"),
+    );
+    let mut r = Response::new(super::full(bytes::Bytes::new()));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    r.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&loc)
+            .map_err(|_| ApiError::InvalidRequest("unrepresentable location".into()))?,
+    );
+    Ok(r)
+}
+
+fn app_handler<S: PinStore>(app: Arc<App<S>>) -> Handler {
+    Arc::new(move |mut req, info| {
+        let app = app.clone();
+        let peer = info.peer;
+        req.extensions_mut().insert(info);
+        Box::pin(handle(app, req, peer))
+    })
+}
+
+fn builder(cfg: &ServerLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -38,6 +143,17 @@ pub async fn serve<S: PinStore>(
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    cfg: &ServerLimits,
+    handler: Handler,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let builder = Arc::new(builder(cfg));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     tokio::pin!(shutdown);
@@ -59,18 +175,32 @@ pub async fn serve<S: PinStore>(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let svc = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, handler, watcher) = (builder.clone(), handler.clone(), graceful.watcher());
+        let tls = tls.clone();
+        let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let mut info = ConnInfo {
+                peer,
+                tls: tls.is_some(),
+                client_cert: None,
+            };
+            match tls {
+                None => serve_io(&builder, stream, info, handler, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            info.client_cert = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| c.clone().into_owned());
+                            serve_io(&builder, s, info, handler, watcher).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -80,6 +210,81 @@ pub async fn serve<S: PinStore>(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+    Ok(())
+}
+
+async fn serve_io<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    info: ConnInfo,
+    handler: Handler,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let svc = service_fn(move |req| {
+        let fut = handler(req, info.clone());
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Starts every listener the config asks for and serves until `shutdown` resolves:
+/// `server.listen` (HTTPS when `tls.cert_file` is set, else HTTP), `tls.redirect_listen`
+/// (HTTP -> HTTPS) and `tls.node_listen` (mTLS for nodes and admins). The certificate is
+/// reloaded on SIGHUP and when its files change.
+pub async fn run<S: PinStore>(
+    app: Arc<App<S>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let stop = move || {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let cfg = app.cfg.clone();
+    let main = TcpListener::bind(cfg.server.listen).await?;
+    tracing::info!(addr = %main.local_addr()?, tls = cfg.tls.enabled(), "listening");
+    let mut tasks = tokio::task::JoinSet::new();
+    match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let certs = tls::CertReloader::new(cert, key).map_err(anyhow::Error::msg)?;
+            certs.clone().watch(cfg.tls.reload_interval, stop());
+            let sc = tls::server_config(certs.clone(), None).map_err(anyhow::Error::msg)?;
+            tasks.spawn(serve_tls(app.clone(), main, sc, stop()));
+            if let Some(addr) = cfg.tls.redirect_listen {
+                let l = TcpListener::bind(addr).await?;
+                tracing::info!(addr = %l.local_addr()?, "redirecting HTTP to HTTPS");
+                let port = cfg.server.listen.port();
+                tasks.spawn(serve_https_redirect(l, port, cfg.server.clone(), stop()));
+            }
+            if let (Some(addr), Some(ca)) = (cfg.tls.node_listen, &cfg.tls.client_ca_file) {
+                let roots = tls::load_roots(ca).map_err(anyhow::Error::msg)?;
+                let sc = tls::server_config(certs, Some(roots)).map_err(anyhow::Error::msg)?;
+                let l = TcpListener::bind(addr).await?;
+                tracing::info!(addr = %l.local_addr()?, "node listener (client certificates required)");
+                tasks.spawn(serve_tls(app.clone(), l, sc, stop()));
+            }
+        }
+        _ => {
+            tasks.spawn(serve(app.clone(), main, stop()));
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
     }
     Ok(())
 }

@@ -1,0 +1,273 @@
+//! User logins: verifies the bearer JWT a user presents at the front door or `POST /v1/login`
+//! (HS256 secret, or RS256/ES256 public key) and decides whether it admits them to a room.
+//!
+//! Claims: `sub` (the user), `exp`, `room` (a room id, or `"*"` for any room), optional
+//! `region` (a placement hint) and `size` (expected room size). A wrong signature, a malformed
+//! or expired token, or none at all is `401`; a valid token for another room is `403`.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::{JwtAlgorithm, JwtConfig};
+use crate::room::{Normalization, RoomKey};
+
+/// Longest token accepted, in bytes (a JWT is a header line; anything longer is abuse).
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims of a user token.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct UserClaims {
+    pub sub: String,
+    pub exp: u64,
+    /// A room id, or `"*"` for every room.
+    pub room: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub size: Option<u32>,
+}
+
+/// Why a user was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserAuthError {
+    #[error("a user token is required (Authorization: Bearer ...)")]
+    Missing,
+    #[error("invalid user token: {0}")]
+    Invalid(String),
+    #[error("the user token is not valid for this room")]
+    WrongRoom,
+}
+
+/// Verifies user tokens with one configured key.
+#[derive(Clone)]
+pub struct UserVerifier {
+    key: DecodingKey,
+    validation: Validation,
+    query_param: String,
+}
+
+impl std::fmt::Debug for UserVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserVerifier")
+            .field("algorithms", &self.validation.algorithms)
+            .field("leeway", &self.validation.leeway)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserVerifier {
+    /// Builds the verifier; the error says what is wrong with the key.
+    pub fn from_config(c: &JwtConfig) -> Result<UserVerifier, String> {
+        let pem = || -> Result<Vec<u8>, String> {
+            let path = c
+                .public_key_file
+                .as_ref()
+                .ok_or("public_key_file is required for RS256 and ES256")?;
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let (alg, key) = match c.algorithm {
+            JwtAlgorithm::HS256 => {
+                if c.secret.len() < 32 {
+                    return Err("secret must be at least 32 characters for HS256 (or set ROOMROUTER_JWT_SECRET)".into());
+                }
+                (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(c.secret.as_bytes()),
+                )
+            }
+            JwtAlgorithm::RS256 => (
+                Algorithm::RS256,
+                DecodingKey::from_rsa_pem(&pem()?).map_err(|e| format!("public_key_file: {e}"))?,
+            ),
+            JwtAlgorithm::ES256 => (
+                Algorithm::ES256,
+                DecodingKey::from_ec_pem(&pem()?).map_err(|e| format!("public_key_file: {e}"))?,
+            ),
+        };
+        Ok(UserVerifier::new(alg, key, c.leeway, &c.query_param))
+    }
+
+    /// A verifier for one algorithm and key (the algorithm is pinned: no `alg` confusion).
+    pub fn new(alg: Algorithm, key: DecodingKey, leeway: Duration, query_param: &str) -> Self {
+        let mut validation = Validation::new(alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = leeway.as_secs();
+        validation.validate_aud = false;
+        UserVerifier {
+            key,
+            validation,
+            query_param: query_param.to_string(),
+        }
+    }
+
+    /// The token a request carries: the bearer token, else the configured query parameter.
+    pub fn token_of<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+        if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+            let v = v.to_str().ok()?.trim();
+            let (scheme, rest) = v.split_once(' ')?;
+            return scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_string());
+        }
+        if self.query_param.is_empty() {
+            return None;
+        }
+        url::form_urlencoded::parse(query?.as_bytes())
+            .find(|(k, _)| k == self.query_param.as_str())
+            .map(|(_, v)| v.into_owned())
+    }
+
+    /// Verifies signature and expiry only.
+    pub fn verify(&self, token: &str) -> Result<UserClaims, UserAuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(UserAuthError::Invalid("token too long".into()));
+        }
+        decode::<UserClaims>(token, &self.key, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| UserAuthError::Invalid(e.to_string()))
+    }
+
+    /// Verifies `token` and checks that it admits the user to `room`. The token's room goes
+    /// through the same normalization as every other room id, so "Room" in a token admits to
+    /// "room" exactly when the router treats them as one room.
+    pub fn admit(
+        &self,
+        token: Option<&str>,
+        room: &RoomKey,
+        norm: Normalization,
+    ) -> Result<UserClaims, UserAuthError> {
+        let claims = self.verify(token.ok_or(UserAuthError::Missing)?)?;
+        if claims.room == "*" {
+            return Ok(claims);
+        }
+        match RoomKey::parse(&claims.room, norm) {
+            Ok(k) if k.as_str() == room.as_str() => Ok(claims),
+            _ => Err(UserAuthError::WrongRoom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct C<'a> {
+        sub: &'a str,
+        exp: u64,
+        room: &'a str,
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn verifier() -> UserVerifier {
+        UserVerifier::from_config(&JwtConfig {
+            secret: SECRET.into(),
+            leeway: Duration::from_secs(5),
+            ..JwtConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn token(room: &str, exp: u64, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &C {
+                sub: "alice",
+                exp,
+                room,
+            },
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn key(s: &str) -> RoomKey {
+        RoomKey::parse(s, Normalization::Lowercase).unwrap()
+    }
+
+    #[test]
+    fn the_room_claim_is_normalized_like_every_room() {
+        let v = verifier();
+        let t = token("Daily-Standup", now() + 60, SECRET);
+        let c = v
+            .admit(Some(&t), &key("daily-standup"), Normalization::Lowercase)
+            .unwrap();
+        assert_eq!(c.sub, "alice");
+        assert_eq!(
+            v.admit(Some(&t), &key("other"), Normalization::Lowercase),
+            Err(UserAuthError::WrongRoom)
+        );
+    }
+
+    #[test]
+    fn leeway_admits_slightly_expired_tokens_only() {
+        let v = verifier();
+        let r = key("r");
+        let t = token("r", now() - 2, SECRET);
+        assert!(v.admit(Some(&t), &r, Normalization::Lowercase).is_ok());
+        let t = token("r", now() - 30, SECRET);
+        assert!(matches!(
+            v.admit(Some(&t), &r, Normalization::Lowercase),
+            Err(UserAuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn other_algorithms_are_refused_even_with_the_right_secret() {
+        let v = verifier();
+        let t = encode(
+            &Header::new(Algorithm::HS384),
+            &C {
+                sub: "a",
+                exp: now() + 60,
+                room: "*",
+            },
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(v.verify(&t).is_err());
+        assert!(v.verify(&"x".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn short_secrets_and_missing_keys_are_config_errors() {
+        assert!(UserVerifier::from_config(&JwtConfig::default()).is_err());
+        let c = JwtConfig {
+            algorithm: JwtAlgorithm::RS256,
+            ..JwtConfig::default()
+        };
+        assert!(UserVerifier::from_config(&c)
+            .unwrap_err()
+            .contains("public_key_file"));
+    }
+
+    #[test]
+    fn tokens_come_from_the_header_or_the_query() {
+        let v = verifier();
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            v.token_of(&h, Some("access_token=abc&x=1")).as_deref(),
+            Some("abc")
+        );
+        h.insert(http::header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
+        assert_eq!(
+            v.token_of(&h, Some("access_token=abc")).as_deref(),
+            Some("xyz")
+        );
+        h.insert(http::header::AUTHORIZATION, "Basic xyz".parse().unwrap());
+        assert_eq!(v.token_of(&h, None), None);
+    }
+}

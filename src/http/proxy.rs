@@ -1,0 +1,414 @@
+//! Proxy mode: forwards a front-door request to its room's node over a pooled hyper-util
+//! client, streaming bodies both ways, and tunnels WebSocket (any HTTP/1.1 `Upgrade`)
+//! sessions until either side closes. Sets `X-Forwarded-For/-Proto/-Host`, `X-Room-Node` and
+//! `X-Room-Ticket`; drops hop-by-hop headers (RFC 9110 section 7.6.1).
+//!
+//! Upstream failures (refused, reset, connect or response timeout) answer `502
+//! upstream_unavailable`; `proxy.failures_to_unhealthy` consecutive failures mark the node
+//! unhealthy until its next heartbeat (passive health), so the room's next join is re-placed
+//! by the normal rules. Every body and tunnel is cut after `proxy.idle_timeout` without data.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::upgrade::OnUpgrade;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::RootCertStore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::server::ConnInfo;
+use super::{tls, ApiError, Body, BoxError};
+use crate::cluster::{NodeEntry, NodeId};
+use crate::config::ProxyConfig;
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The upstream client and the passive-health counters.
+pub struct Proxy {
+    client: UpstreamClient,
+    cfg: ProxyConfig,
+    /// Consecutive failures per node since its last success.
+    failures: DashMap<NodeId, u32>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the front door hands the proxy besides the request.
+pub struct Forward<'a> {
+    pub node: &'a NodeEntry,
+    pub ticket: &'a str,
+}
+
+impl Proxy {
+    pub fn new(cfg: &ProxyConfig) -> Result<Proxy, String> {
+        let roots = match &cfg.ca_file {
+            Some(p) => tls::load_roots(p)?,
+            None => RootCertStore::empty(),
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls::client_config(roots)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .build(https);
+        Ok(Proxy {
+            client,
+            cfg: cfg.clone(),
+            failures: DashMap::new(),
+        })
+    }
+
+    /// Forwards the request to `to.node`'s upstream and answers the node's response.
+    pub async fn forward(
+        &self,
+        parts: &Parts,
+        body: Incoming,
+        to: Forward<'_>,
+    ) -> Result<Response<Body>, ApiError> {
+        let node = to.node;
+        let limit = self.cfg.max_request_body_bytes;
+        if content_length(&parts.headers).is_some_and(|l| l > limit) {
+            return Err(ApiError::PayloadTooLarge(limit as usize));
+        }
+        let upgrade = upgrade_protocol(parts);
+        let uri: Uri = format!(
+            "{}{}",
+            node.info.upstream,
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        )
+        .parse()
+        .map_err(|_| ApiError::UpstreamUnavailable(format!("bad upstream URL for {}", node.id)))?;
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        if let Some(proto) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto.clone());
+        }
+        self.forwarded_headers(parts, &mut headers, &to);
+        let body: Body = if upgrade.is_some() {
+            Empty::new().map_err(|never| match never {}).boxed()
+        } else {
+            IdleTimeout::new(Limited::new(body, limit as usize), self.cfg.idle_timeout).boxed()
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+
+        let mut resp =
+            match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
+                Ok(Ok(r)) => {
+                    self.failures.remove(&node.id);
+                    r
+                }
+                Ok(Err(e)) => return Err(self.failed(node, &format!("{e:?}"))),
+                Err(_) => return Err(self.failed(node, "no response in time")),
+            };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() {
+            let client_side = parts.extensions.get::<OnUpgrade>().cloned();
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            let Some(client_side) = client_side else {
+                return Err(ApiError::InvalidRequest(
+                    "this connection cannot be upgraded".into(),
+                ));
+            };
+            tokio::spawn(tunnel(client_side, upstream_side, self.cfg.idle_timeout));
+            let (mut rp, _) = resp.into_parts();
+            let keep = (
+                rp.headers.get(header::UPGRADE).cloned(),
+                rp.headers.get(header::CONNECTION).cloned(),
+            );
+            strip_hop_by_hop(&mut rp.headers);
+            if let (Some(u), Some(c)) = keep {
+                rp.headers.insert(header::UPGRADE, u);
+                rp.headers.insert(header::CONNECTION, c);
+            }
+            set_node(&mut rp.headers, node);
+            return Ok(Response::from_parts(rp, super::full(Bytes::new())));
+        }
+        let (mut rp, body) = resp.into_parts();
+        strip_hop_by_hop(&mut rp.headers);
+        set_node(&mut rp.headers, node);
+        rp.version = Version::HTTP_11;
+        Ok(Response::from_parts(
+            rp,
+            IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
+        ))
+    }
+
+    fn forwarded_headers(&self, parts: &Parts, h: &mut HeaderMap, to: &Forward<'_>) {
+        let info = parts.extensions.get::<ConnInfo>();
+        if let Some(info) = info {
+            let ip = info.peer.ip().to_string();
+            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert("x-forwarded-for", v);
+            }
+        }
+        let proto = if info.is_some_and(|i| i.tls) {
+            "https"
+        } else {
+            "http"
+        };
+        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(host) = host {
+            h.insert("x-forwarded-host", host);
+        }
+        set_node(h, to.node);
+        if let Ok(v) = HeaderValue::from_str(to.ticket) {
+            h.insert("x-room-ticket", v);
+        }
+    }
+
+    /// Counts a failure against the node; enough in a row mark it unhealthy.
+    fn failed(&self, node: &NodeEntry, why: &str) -> ApiError {
+        let mut n = self.failures.entry(node.id.clone()).or_insert(0);
+        *n += 1;
+        if *n >= self.cfg.failures_to_unhealthy {
+            *n = 0;
+            node.live.forget_heartbeat();
+            tracing::warn!(node = %node.id, "upstream failing: marked unhealthy until its next heartbeat");
+        }
+        tracing::debug!(node = %node.id, error = why, "upstream request failed");
+        ApiError::UpstreamUnavailable(format!("node {} did not answer", node.id))
+    }
+}
+
+fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
+    if let Ok(v) = HeaderValue::from_str(node.id.as_str()) {
+        h.insert("x-room-node", v);
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
+fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Removes the hop-by-hop headers: those RFC 9110 names plus any the `Connection` header lists.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+/// A body that fails when no frame arrives for `idle`.
+struct IdleTimeout<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleTimeout<B> {
+    fn new(inner: B, idle: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> HttpBody for IdleTimeout<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(r.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("body idle for too long".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Copies bytes both ways between the upgraded client and upstream connections until both
+/// directions end, either fails, or nothing moves for `idle`.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, idle: Duration) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut cr, mut cw) = tokio::io::split(TokioIo::new(c));
+    let (mut ur, mut uw) = tokio::io::split(TokioIo::new(u));
+    let pumps = async {
+        tokio::try_join!(
+            pump(&mut cr, &mut uw, &last, started),
+            pump(&mut ur, &mut cw, &last, started)
+        )
+    };
+    let watchdog = async {
+        let step = (idle / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(step).await;
+            let quiet = started.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+            if quiet >= idle.as_millis() as u64 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = pumps => if let Err(e) = r { tracing::debug!(error = %e, "tunnel ended with an error") },
+        _ = watchdog => tracing::debug!("tunnel idle; closed"),
+    }
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, started: Instant) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the other direction may still be talking.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::COOKIE, "a=b".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::COOKIE));
+    }
+
+    #[test]
+    fn only_http11_requests_with_connection_upgrade_upgrade() {
+        let req = |v: Version, conn: &str| {
+            let (p, _) = Request::builder()
+                .version(v)
+                .header(header::CONNECTION, conn)
+                .header(header::UPGRADE, "websocket")
+                .body(())
+                .unwrap()
+                .into_parts();
+            p
+        };
+        assert!(upgrade_protocol(&req(Version::HTTP_11, "keep-alive, Upgrade")).is_some());
+        assert!(upgrade_protocol(&req(Version::HTTP_11, "keep-alive")).is_none());
+        assert!(upgrade_protocol(&req(Version::HTTP_2, "upgrade")).is_none());
+    }
+}

@@ -7,9 +7,12 @@
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod room;
 pub mod router;
+pub mod service;
 pub mod store;
+pub mod telemetry;

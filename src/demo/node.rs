@@ -6,8 +6,9 @@
 //! load harness and `roomrouter demo` all use it.
 //!
 //! Endpoints:
-//! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`:
-//!   join (200 JSON with the participant count), 401 bad ticket, 403 ticket for another node.
+//! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`
+//!   (or the ticket in `X-Room-Ticket`, as proxy mode sends it): join (200 JSON with the
+//!   participant count), 401 bad ticket, 403 ticket for another node.
 //! * `POST /rooms/{room}/leave`: one participant leaves.
 //! * `GET /status`: this node's rooms and load.
 //! * `GET /healthz`.
@@ -211,11 +212,21 @@ fn handle(
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let ticket = req.uri().query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "ticket")
-            .map(|(_, v)| v.into_owned())
-    });
+    // Redirect mode brings the ticket in the query; proxy mode in the X-Room-Ticket header.
+    let ticket = req
+        .uri()
+        .query()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "ticket")
+                .map(|(_, v)| v.into_owned())
+        })
+        .or_else(|| {
+            req.headers()
+                .get("x-room-ticket")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, serde_json::json!({"status": "ok"})),
         (&Method::GET, ["status"]) => {

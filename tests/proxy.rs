@@ -1,0 +1,355 @@
+//! Proxy mode over real loopback HTTP: WebSocket sessions, forwarded headers and tickets,
+//! streaming bodies both ways, HTTP/2 and keep-alive clients, upstream failures with
+//! passive health and re-placement, per-route modes and the room sources.
+
+mod common;
+mod upstream;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{expect_error, heartbeat, TestRouter, SECRET};
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use roomrouter::auth::TicketIssuer;
+use roomrouter::config::{Config, FrontDoorMode, RoomSource};
+use tokio_tungstenite::tungstenite::Message;
+use upstream::Upstream;
+
+fn proxy_config() -> Config {
+    let mut c = common::config();
+    c.front_door.mode = FrontDoorMode::Proxy;
+    // Hand-sent heartbeats: keep nodes healthy for the whole test.
+    c.placement.heartbeat_interval = Duration::from_secs(1);
+    c.placement.heartbeat_timeout = Duration::from_secs(60);
+    c.proxy.response_timeout = Duration::from_secs(3);
+    c.proxy.connect_timeout = Duration::from_secs(1);
+    c.validate().unwrap();
+    c
+}
+
+async fn register(r: &TestRouter, id: &str, up: &Upstream) {
+    let resp = heartbeat(r, id, up.heartbeat()).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+}
+
+fn ticket_claims(t: &str) -> roomrouter::auth::TicketClaims {
+    TicketIssuer::new(SECRET, Duration::from_secs(60))
+        .verify(t)
+        .expect("the router's ticket verifies with the shared secret")
+}
+
+#[tokio::test]
+async fn every_websocket_client_of_a_room_ends_up_on_the_same_node_socket() {
+    let r = TestRouter::start(proxy_config()).await;
+    let (a, b, c) = (
+        Upstream::start("n1").await,
+        Upstream::start("n2").await,
+        Upstream::start("n3").await,
+    );
+    for (id, up) in [("n1", &a), ("n2", &b), ("n3", &c)] {
+        register(&r, id, up).await;
+    }
+    let mut node_of_room: HashMap<String, String> = HashMap::new();
+    for room in ["alpha", "beta", "gamma", "delta", "Alpha"] {
+        for client in 0..3 {
+            let url = format!("ws://{}/rooms/{room}/ws", r.addr);
+            let (mut ws, resp) = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_tungstenite::connect_async(url),
+            )
+            .await
+            .unwrap()
+            .expect("the upgrade is proxied");
+            let header_node = resp.headers()["x-room-node"].to_str().unwrap().to_string();
+            ws.send(Message::text(format!("hello {client}")))
+                .await
+                .unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let text = reply.into_text().unwrap().to_string();
+            let (socket_node, echoed) = text.split_once(':').unwrap();
+            assert_eq!(echoed, format!("hello {client}"));
+            assert_eq!(
+                socket_node, header_node,
+                "X-Room-Node names the socket's node"
+            );
+            let key = room.to_lowercase();
+            let first = node_of_room.entry(key).or_insert(socket_node.to_string());
+            assert_eq!(first, socket_node, "room {room} split across nodes");
+            ws.close(None).await.unwrap();
+        }
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn requests_carry_forwarded_headers_and_a_ticket_and_lose_hop_by_hop_headers() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let resp = r
+        .get("/rooms/Standup/sub?x=1")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-room-node"], "n1");
+    assert_eq!(resp.headers()["x-upstream"], "n1");
+    assert!(
+        !resp.headers().contains_key("x-node-private"),
+        "hop-by-hop header named by the upstream's Connection leaked"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let h = &body["headers"];
+    assert_eq!(body["path"], "/rooms/Standup/sub?x=1");
+    assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], r.addr.to_string());
+    assert_eq!(h["x-room-node"], "n1");
+    assert!(h.get("x-private").is_none(), "{h}");
+    assert_eq!(h["host"], up.addr.to_string());
+    let claims = ticket_claims(h["x-room-ticket"].as_str().unwrap());
+    assert_eq!(
+        (claims.room.as_str(), claims.node.as_str()),
+        ("standup", "n1")
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn demo_nodes_accept_the_proxied_ticket() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = r.node("demo-a", 100.0).await;
+    for n in 1..=2 {
+        let resp = r.get("/rooms/weekly").send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["node"], "demo-a");
+        assert_eq!(v["participants"], n);
+    }
+    assert_eq!(node.rooms().get("weekly"), Some(&2));
+    node.stop().await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_without_buffering() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    }));
+    let req = Request::post("/rooms/upload")
+        .header("host", r.addr.to_string())
+        .body(body)
+        .unwrap();
+    const CHUNK: usize = 256 * 1024;
+    const CHUNKS: usize = 64;
+    tx.send(Bytes::from(vec![0u8; CHUNK])).await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("the response starts before the request body ends")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-room-node"], "n1");
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    for i in 0..CHUNKS {
+        if i > 0 {
+            tx.send(Bytes::from(vec![i as u8; CHUNK])).await.unwrap();
+        }
+        // Chunk i must come back before chunk i+1 is sent: nothing buffers the whole body.
+        while got < (i + 1) * CHUNK {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("echo of the chunk just sent")
+                .unwrap()
+                .unwrap();
+            if let Ok(d) = frame.into_data() {
+                assert!(d.iter().all(|b| *b == i as u8), "bytes of chunk {i}");
+                got += d.len();
+            }
+        }
+    }
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert_eq!(got + rest.len(), CHUNK * CHUNKS);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn http2_and_keep_alive_clients_are_proxied() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    // HTTP/2 with prior knowledge.
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get(format!("http://{}/rooms/h2room", r.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-room-node"], "n1");
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(v["headers"]["x-forwarded-host"], r.addr.to_string());
+    }
+    // HTTP/1.1 keep-alive: several requests on one connection.
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get("/rooms/h1room")
+            .header("host", r.addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h1.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusing_node_answers_502_then_turns_unhealthy_and_the_room_moves() {
+    let mut cfg = proxy_config();
+    cfg.proxy.failures_to_unhealthy = 2;
+    let r = TestRouter::start(cfg).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let resp = heartbeat(
+        &r,
+        "dead",
+        serde_json::json!({"url": format!("http://{dead}"), "capacity": 100, "load": 0}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    for _ in 0..2 {
+        let resp = r.get("/rooms/r1").send().await.unwrap();
+        expect_error(resp, 502, "upstream_unavailable").await;
+    }
+    // Two failures in a row: the node is unhealthy and takes nothing.
+    let resp = r.get("/rooms/r1").send().await.unwrap();
+    expect_error(resp, 503, "no_capacity").await;
+    let live = Upstream::start("live").await;
+    register(&r, "live", &live).await;
+    let resp = r.get("/rooms/r1").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-room-node"], "live");
+    let v: serde_json::Value = r
+        .admin(reqwest::Method::GET, "/v1/rooms/r1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["node"], "live", "the pin moved: {v}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_node_times_out_with_502() {
+    let mut cfg = proxy_config();
+    cfg.proxy.response_timeout = Duration::from_millis(300);
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let t = Instant::now();
+    let resp = r.get("/rooms/slow").send().await.unwrap();
+    expect_error(resp, 502, "upstream_unavailable").await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn routes_pick_their_mode_and_room_sources_apply_in_order() {
+    let mut cfg = proxy_config();
+    cfg.front_door
+        .route_modes
+        .insert("/join/{room}".into(), FrontDoorMode::Redirect);
+    cfg.front_door.room_cookie = "meeting".into();
+    cfg.front_door.room_sources = vec![RoomSource::Path, RoomSource::Cookie, RoomSource::Query];
+    cfg.validate().unwrap();
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let resp = r.get("/join/ByRoute").send().await.unwrap();
+    assert_eq!(resp.status(), 307, "per-route redirect");
+    let resp = r.get("/rooms/ByRoute").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "global proxy");
+    // The cookie comes before the query in room_sources.
+    let resp = r
+        .get("/app/index.html?room=FromQuery")
+        .header("cookie", "theme=dark; meeting=From%20Cookie")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let claims = ticket_claims(v["headers"]["x-room-ticket"].as_str().unwrap());
+    assert_eq!(claims.room, "from cookie");
+    let resp = r
+        .get("/app/index.html?room=FromQuery")
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let claims = ticket_claims(v["headers"]["x-room-ticket"].as_str().unwrap());
+    assert_eq!(claims.room, "fromquery");
+    let resp = r.get("/app/index.html").send().await.unwrap();
+    expect_error(resp, 404, "not_found").await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_proxied_bodies_are_refused_up_front() {
+    let mut cfg = proxy_config();
+    cfg.proxy.max_request_body_bytes = 1024;
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let resp = r
+        .post("/rooms/big")
+        .body(vec![0u8; 4096])
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 413, "payload_too_large").await;
+    r.stop().await;
+}

@@ -1,0 +1,147 @@
+//! A tiny upstream meeting node for proxy tests: echoes WebSocket messages prefixed with its
+//! name, streams POST bodies straight back, answers GETs with the headers it saw, and can be
+//! told to hang (`/rooms/slow`). Registered with the router by hand-sent heartbeats.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type B = BoxBody<Bytes, hyper::Error>;
+
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let n = name.to_string();
+        let task = tokio::spawn(async move {
+            // Bounded: the test ends the task by aborting it.
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let n = n.clone();
+                let svc = service_fn(move |req| {
+                    let n = n.clone();
+                    async move { Ok::<_, Infallible>(handle(req, n).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            name: name.to_string(),
+            addr,
+            url: format!("http://{addr}"),
+            task,
+        }
+    }
+
+    /// Stops accepting (open connections end with their tasks' sockets).
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+
+    /// The heartbeat body that registers this upstream.
+    pub fn heartbeat(&self) -> serde_json::Value {
+        serde_json::json!({"url": self.url, "capacity": 100, "load": 0})
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> B {
+    Full::new(b.into()).map_err(|n| match n {}).boxed()
+}
+
+async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
+    if let Some(key) = req.headers().get("sec-websocket-key").cloned() {
+        let on = hyper::upgrade::on(&mut req);
+        let me = name.clone();
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
+            // At most 1000 messages per socket: tests send a few.
+            for _ in 0..1000 {
+                match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let reply = Message::text(format!("{me}:{t}"));
+                        match ws.send(reply).await {
+                            Ok(()) => continue,
+                            Err(_) => return,
+                        }
+                    }
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) | Ok(Some(Err(_))) => {
+                        return
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(
+            "sec-websocket-accept",
+            HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+        );
+        return r;
+    }
+    if req.uri().path() == "/rooms/slow" {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    if req.method() == http::Method::POST {
+        // Streams the body straight back, frame by frame.
+        let mut r = Response::new(req.into_body().boxed());
+        r.headers_mut()
+            .insert("x-upstream", HeaderValue::from_str(&name).unwrap());
+        return r;
+    }
+    let seen: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+        .collect();
+    let body = serde_json::json!({"node": name, "path": req.uri().to_string(), "headers": seen});
+    let mut r = Response::new(full(body.to_string()));
+    r.headers_mut()
+        .insert("x-upstream", HeaderValue::from_str(&name).unwrap());
+    r.headers_mut().insert(
+        header::CONNECTION,
+        HeaderValue::from_static("x-node-private"),
+    );
+    r.headers_mut()
+        .insert("x-node-private", HeaderValue::from_static("1"));
+    r
+}

@@ -1,0 +1,443 @@
+//! TLS over real loopback sockets with certificates made in the test (rcgen): handshake and
+//! ALPN, certificate reload without dropping an open connection, the HTTP -> HTTPS redirect
+//! listener, mTLS node authentication (accept, wrong id, no or foreign certificate), and
+//! proxying to an `https://` upstream trusted through `proxy.ca_file`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use roomrouter::config::{Config, FrontDoorMode};
+use roomrouter::http::{server, tls, App};
+use roomrouter::store::MemoryStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// A CA that issues leaf certificates.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        Ca {
+            issuer: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    /// A leaf for `names` (DNS names or IPs): (cert PEM, key PEM, cert DER).
+    fn leaf(&self, names: &[&str]) -> (String, String, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().clone())
+    }
+
+    fn roots(&self) -> RootCertStore {
+        let mut r = RootCertStore::empty();
+        r.add(self.issuer.der().clone()).unwrap();
+        r
+    }
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "rr-tls-{tag}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn write_pair(dir: &Path, cert: &str, key: &str) -> (PathBuf, PathBuf) {
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    (c, k)
+}
+
+struct TlsRouter {
+    addr: SocketAddr,
+    app: Arc<App<MemoryStore>>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start_tls(cfg: Config, sc: Arc<rustls::ServerConfig>) -> TlsRouter {
+    let app = roomrouter::service::build(cfg, MemoryStore::new());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server::serve_tls(app.clone(), l, sc, async {
+        let _ = rx.await;
+    }));
+    TlsRouter {
+        addr,
+        app,
+        _stop: tx,
+    }
+}
+
+fn client_config(roots: RootCertStore, alpn: &[&[u8]]) -> ClientConfig {
+    let mut c = ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    c
+}
+
+async fn connect(addr: SocketAddr, cfg: ClientConfig) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn h1(stream: TlsStream<TcpStream>) -> H1 {
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn send(
+    h: &mut H1,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(StatusCode, String), hyper::Error> {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h.send_request(req))
+        .await
+        .expect("answer in time")?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn front_door(ca: &Ca, tag: &str) -> (Arc<tls::CertReloader>, PathBuf) {
+    let dir = tempdir(tag);
+    let (cert, key, _) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let (c, k) = write_pair(&dir, &cert, &key);
+    (tls::CertReloader::new(&c, &k).unwrap(), dir)
+}
+
+#[tokio::test]
+async fn handshakes_negotiate_h2_or_http11_over_tls12_and_tls13() {
+    let ca = Ca::new("front CA");
+    let (certs, dir) = front_door(&ca, "alpn");
+    let r = start_tls(common::config(), tls::server_config(certs, None).unwrap()).await;
+
+    let s = connect(r.addr, client_config(ca.roots(), &[b"h2"]))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            Request::get("https://localhost/healthz")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let s = connect(r.addr, client_config(ca.roots(), &[b"http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let (status, _) = send(&mut h1(s).await, "GET", "/healthz", "").await.unwrap();
+    assert_eq!(status, 200);
+
+    let tls12 = ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    let s = connect(r.addr, tls12).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+
+    // A client that trusts another CA does not get through.
+    let other = Ca::new("other CA");
+    assert!(connect(r.addr, client_config(other.roots(), &[]))
+        .await
+        .is_err());
+    let _ = std::fs::remove_dir_all(dir);
+    drop(r);
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_serves_new_connections_and_keeps_open_ones() {
+    let ca = Ca::new("front CA");
+    let (certs, dir) = front_door(&ca, "reload");
+    let r = start_tls(
+        common::config(),
+        tls::server_config(certs.clone(), None).unwrap(),
+    )
+    .await;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    certs.clone().watch(Duration::from_millis(50), async {
+        let _ = stop_rx.await;
+    });
+    let s = connect(r.addr, client_config(ca.roots(), &[b"http/1.1"]))
+        .await
+        .unwrap();
+    let first = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let mut open = h1(s).await;
+    assert_eq!(send(&mut open, "GET", "/healthz", "").await.unwrap().0, 200);
+
+    let (cert, key, new_der) = ca.leaf(&["localhost"]);
+    write_pair(&dir, &cert, &key);
+    common::eventually(
+        "the new certificate is served",
+        Duration::from_secs(5),
+        || {
+            let (addr, cfg, want) = (r.addr, client_config(ca.roots(), &[]), new_der.clone());
+            async move {
+                let s = connect(addr, cfg).await.unwrap();
+                s.get_ref().1.peer_certificates().unwrap()[0] == want
+            }
+        },
+    )
+    .await;
+    assert_ne!(first, new_der);
+    // The connection opened before the reload still works.
+    assert_eq!(send(&mut open, "GET", "/healthz", "").await.unwrap().0, 200);
+
+    // A broken file is refused and the current certificate stays in service.
+    std::fs::write(dir.join("cert.pem"), "not a certificate").unwrap();
+    assert!(certs.reload().is_err());
+    let s = connect(r.addr, client_config(ca.roots(), &[]))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.peer_certificates().unwrap()[0], new_der);
+    let _ = stop_tx.send(());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_plain_listener_redirects_to_https() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (_tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server::serve_https_redirect(
+        l,
+        8443,
+        common::config().server,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let resp = common::client()
+        .get(format!("http://{addr}/rooms/x?y=1"))
+        .header("host", "meet.example:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        "https://meet.example:8443/rooms/x?y=1"
+    );
+}
+
+fn with_client_cert(
+    roots: RootCertStore,
+    cert: CertificateDer<'static>,
+    key_pem: &str,
+) -> ClientConfig {
+    ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![cert],
+            rustls::pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes())
+                .map(|k: PrivateKeyDer<'static>| k)
+                .unwrap(),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
+    let front_ca = Ca::new("front CA");
+    let node_ca = Ca::new("node CA");
+    let (certs, dir) = front_door(&front_ca, "mtls");
+    let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
+    let r = start_tls(common::config(), sc).await;
+    let (_, node_key, node_der) = node_ca.leaf(&["node-a"]);
+    let hb = r#"{"url": "http://127.0.0.1:9", "capacity": 10, "load": 0}"#;
+
+    let s = connect(
+        r.addr,
+        with_client_cert(front_ca.roots(), node_der.clone(), &node_key),
+    )
+    .await
+    .unwrap();
+    let mut h = h1(s).await;
+    let (status, body) = send(&mut h, "POST", "/v1/nodes/node-a/heartbeat", hb)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let id = roomrouter::cluster::NodeId::parse("node-a").unwrap();
+    assert!(r.app.router.node(&id).is_some());
+    // Another node's id with this certificate: refused, and nothing about node-b changes.
+    let (status, body) = send(&mut h, "POST", "/v1/nodes/node-b/heartbeat", hb)
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("\"forbidden\""), "{body}");
+    let b = roomrouter::cluster::NodeId::parse("node-b").unwrap();
+    assert!(r.app.router.node(&b).is_none());
+    // Not even with node-b's valid bearer token on that connection.
+    let req = Request::post("/v1/nodes/node-b/heartbeat")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", common::NODE_TOKEN))
+        .body(Full::new(Bytes::from(hb)))
+        .unwrap();
+    assert_eq!(h.send_request(req).await.unwrap().status(), 403);
+
+    // No client certificate, or one from another CA: no HTTP at all.
+    for cfg in [client_config(front_ca.roots(), &[]), {
+        let rogue = Ca::new("rogue CA");
+        let (_, k, d) = rogue.leaf(&["node-a"]);
+        with_client_cert(front_ca.roots(), d, &k)
+    }] {
+        let refused = match connect(r.addr, cfg).await {
+            Err(_) => true,
+            // TLS 1.3: the server's refusal arrives after the client's handshake ends.
+            Ok(s) => {
+                let (mut h, conn) =
+                    hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                send(&mut h, "POST", "/v1/nodes/node-a/heartbeat", hb)
+                    .await
+                    .is_err()
+            }
+        };
+        assert!(
+            refused,
+            "a connection without a trusted client certificate was served"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An HTTPS upstream answering "secure" to everything.
+async fn https_upstream(ca: &Ca) -> SocketAddr {
+    let (cert, key, _) = ca.leaf(&["localhost"]);
+    let dir = tempdir("upstream");
+    let (c, k) = write_pair(&dir, &cert, &key);
+    let certs = tls::CertReloader::new(&c, &k).unwrap();
+    let sc = tls::server_config(certs, None).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(sc);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        "secure",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstreams_are_trusted_through_the_configured_ca_file() {
+    let ca = Ca::new("node CA");
+    let up = https_upstream(&ca).await;
+    let dir = tempdir("ca");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.issuer.pem()).unwrap();
+    for (trust, want) in [(Some(ca_file.clone()), 200), (None, 502)] {
+        let mut cfg = common::config();
+        cfg.front_door.mode = FrontDoorMode::Proxy;
+        cfg.placement.heartbeat_timeout = Duration::from_secs(60);
+        cfg.proxy.ca_file = trust;
+        cfg.validate().unwrap();
+        let r = common::TestRouter::start(cfg).await;
+        let url = format!("https://localhost:{}", up.port());
+        let resp = common::heartbeat(
+            &r,
+            "secure-node",
+            serde_json::json!({"url": url, "capacity": 10, "load": 0}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let resp = r.get("/rooms/x").send().await.unwrap();
+        assert_eq!(resp.status(), want);
+        if want == 200 {
+            assert_eq!(resp.text().await.unwrap(), "secure");
+        }
+        r.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

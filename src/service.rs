@@ -50,7 +50,8 @@ pub async fn run<S: PinStore>(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let sweeper = spawn_sweeper(&app);
-    let r = server::serve(app, listener, shutdown).await;
+    // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.
+    let r = server::serve_configured(app, listener, shutdown).await;
     sweeper.abort();
     r
 }

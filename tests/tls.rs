@@ -441,3 +441,82 @@ async fn https_upstreams_are_trusted_through_the_configured_ca_file() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_configured_service_serves_https_the_redirect_and_the_node_listener() {
+    let front_ca = Ca::new("front CA");
+    let node_ca = Ca::new("node CA");
+    let dir = tempdir("service");
+    let (cert, key, _) = front_ca.leaf(&["localhost"]);
+    let (c, k) = write_pair(&dir, &cert, &key);
+    let ca_file = dir.join("nodes-ca.pem");
+    std::fs::write(&ca_file, node_ca.issuer.pem()).unwrap();
+    let mut cfg = common::config();
+    cfg.tls.cert_file = Some(c);
+    cfg.tls.key_file = Some(k);
+    cfg.tls.redirect_listen = Some(free_port());
+    cfg.tls.node_listen = Some(free_port());
+    cfg.tls.client_ca_file = Some(ca_file);
+    cfg.validate().unwrap();
+    let (redirect, nodes) = (
+        cfg.tls.redirect_listen.unwrap(),
+        cfg.tls.node_listen.unwrap(),
+    );
+    let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = main.local_addr().unwrap();
+    let app = roomrouter::service::build(cfg, MemoryStore::new());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(roomrouter::service::run(app, main, async {
+        let _ = rx.await;
+    }));
+
+    // The listeners come up as the service starts: retry for up to 5 s.
+    let (_, nk, nd) = node_ca.leaf(&["node-z"]);
+    let mut stream = None;
+    for _ in 0..100 {
+        if let Ok(s) = connect(nodes, with_client_cert(front_ca.roots(), nd.clone(), &nk)).await {
+            stream = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut h = h1(stream.expect("the node listener is up")).await;
+    let hb = r#"{"url": "http://127.0.0.1:9", "capacity": 10, "load": 0}"#;
+    let (status, body) = send(&mut h, "POST", "/v1/nodes/node-z/heartbeat", hb)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let s = connect(addr, client_config(front_ca.roots(), &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&mut h1(s).await, "GET", "/healthz", "")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let resp = common::client()
+        .get(format!("http://{redirect}/rooms/a"))
+        .header("host", "localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"].to_str().unwrap(),
+        format!("https://localhost:{}/rooms/a", addr.port())
+    );
+    let _ = tx.send(());
+    let r = tokio::time::timeout(Duration::from_secs(15), task).await;
+    assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,7 +1,8 @@
 //! The accept loop: connection limit, TLS handshake timeout, header size and read timeouts,
 //! HTTP/1.1 and HTTP/2, graceful shutdown. Everything a client can hold open is bounded in
 //! size and time. Plain (`serve`), TLS (`serve_tls`, also the mTLS node listener) and the
-//! HTTP-to-HTTPS redirect listener share it; `run` starts the listeners the config asks for.
+//! HTTP-to-HTTPS redirect listener share it; `serve_configured` starts the listeners the
+//! config asks for.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -236,55 +237,63 @@ async fn serve_io<I>(
     }
 }
 
-/// Starts every listener the config asks for and serves until `shutdown` resolves:
-/// `server.listen` (HTTPS when `tls.cert_file` is set, else HTTP), `tls.redirect_listen`
-/// (HTTP -> HTTPS) and `tls.node_listen` (mTLS for nodes and admins). The certificate is
-/// reloaded on SIGHUP and when its files change.
-pub async fn run<S: PinStore>(
+/// Serves `app` on the bound `main` listener and starts every other listener the config asks
+/// for, until `shutdown` resolves: `main` speaks HTTPS when `tls.cert_file` is set (else
+/// HTTP); `tls.redirect_listen` redirects HTTP to HTTPS; `tls.node_listen` requires client
+/// certificates (nodes and admins). The certificate reloads on SIGHUP and when its files
+/// change.
+pub async fn serve_configured<S: PinStore>(
     app: Arc<App<S>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+    main: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let cfg = app.cfg.clone();
+    let (Some(cert), Some(key)) = (&cfg.tls.cert_file, &cfg.tls.key_file) else {
+        return serve(app, main, shutdown).await;
+    };
     let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
     let stop = move || {
         let mut rx = rx.clone();
         async move {
             let _ = rx.wait_for(|v| *v).await;
         }
     };
-    let cfg = app.cfg.clone();
-    let main = TcpListener::bind(cfg.server.listen).await?;
-    tracing::info!(addr = %main.local_addr()?, tls = cfg.tls.enabled(), "listening");
+    let certs = tls::CertReloader::new(cert, key).map_err(std::io::Error::other)?;
+    certs.clone().watch(cfg.tls.reload_interval, stop());
     let mut tasks = tokio::task::JoinSet::new();
-    match (&cfg.tls.cert_file, &cfg.tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let certs = tls::CertReloader::new(cert, key).map_err(anyhow::Error::msg)?;
-            certs.clone().watch(cfg.tls.reload_interval, stop());
-            let sc = tls::server_config(certs.clone(), None).map_err(anyhow::Error::msg)?;
-            tasks.spawn(serve_tls(app.clone(), main, sc, stop()));
-            if let Some(addr) = cfg.tls.redirect_listen {
-                let l = TcpListener::bind(addr).await?;
-                tracing::info!(addr = %l.local_addr()?, "redirecting HTTP to HTTPS");
-                let port = cfg.server.listen.port();
-                tasks.spawn(serve_https_redirect(l, port, cfg.server.clone(), stop()));
-            }
-            if let (Some(addr), Some(ca)) = (cfg.tls.node_listen, &cfg.tls.client_ca_file) {
-                let roots = tls::load_roots(ca).map_err(anyhow::Error::msg)?;
-                let sc = tls::server_config(certs, Some(roots)).map_err(anyhow::Error::msg)?;
-                let l = TcpListener::bind(addr).await?;
-                tracing::info!(addr = %l.local_addr()?, "node listener (client certificates required)");
-                tasks.spawn(serve_tls(app.clone(), l, sc, stop()));
-            }
-        }
-        _ => {
-            tasks.spawn(serve(app.clone(), main, stop()));
+    let https_port = main.local_addr()?.port();
+    let sc = tls::server_config(certs.clone(), None).map_err(std::io::Error::other)?;
+    tasks.spawn(serve_tls(app.clone(), main, sc, stop()));
+    if let Some(addr) = cfg.tls.redirect_listen {
+        let l = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %l.local_addr()?, "redirecting HTTP to HTTPS");
+        tasks.spawn(serve_https_redirect(
+            l,
+            https_port,
+            cfg.server.clone(),
+            stop(),
+        ));
+    }
+    if let (Some(addr), Some(ca)) = (cfg.tls.node_listen, &cfg.tls.client_ca_file) {
+        let roots = tls::load_roots(ca).map_err(std::io::Error::other)?;
+        let sc = tls::server_config(certs, Some(roots)).map_err(std::io::Error::other)?;
+        let l = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %l.local_addr()?, "node listener (client certificates required)");
+        tasks.spawn(serve_tls(app.clone(), l, sc, stop()));
+    }
+    // Every listener stops when `shutdown` resolves; an error in one stops the rest.
+    tokio::pin!(shutdown);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            _ = &mut shutdown, if !*tx.borrow() => { let _ = tx.send(true); }
+            r = tasks.join_next() => match r {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => { result = result.and(Err(e)); let _ = tx.send(true); }
+                Some(Err(e)) => { result = result.and(Err(std::io::Error::other(e))); let _ = tx.send(true); }
+            },
         }
     }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
-    Ok(())
+    result
 }

@@ -353,3 +353,35 @@ async fn oversized_proxied_bodies_are_refused_up_front() {
     expect_error(resp, 413, "payload_too_large").await;
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_oversending_a_chunked_body_does_not_hurt_the_node() {
+    let mut cfg = proxy_config();
+    cfg.proxy.max_request_body_bytes = 64 * 1024;
+    cfg.proxy.failures_to_unhealthy = 1;
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    // A streamed body with no content-length: the limit trips mid-stream.
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let chunks =
+        (0..16).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![7u8; 16 * 1024]))));
+    let req = Request::post("/rooms/big")
+        .header("host", r.addr.to_string())
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .unwrap();
+    assert!(!req.headers().contains_key("content-length"));
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap();
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 413);
+    }
+    let resp = r.get("/rooms/big").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the node is still healthy");
+    r.stop().await;
+}

@@ -99,6 +99,9 @@ impl Proxy {
             return Err(ApiError::PayloadTooLarge(limit as usize));
         }
         let upgrade = upgrade_protocol(parts);
+        // A slow request body can delay the answer; only bodiless requests' timeouts are the
+        // node's fault.
+        let bodiless = upgrade.is_some() || body.is_end_stream();
         let uri: Uri = format!(
             "{}{}",
             node.info.upstream,
@@ -135,8 +138,26 @@ impl Proxy {
                     self.failures.remove(&node.id);
                     r
                 }
-                Ok(Err(e)) => return Err(self.failed(node, &format!("{e:?}"))),
-                Err(_) => return Err(self.failed(node, "no response in time")),
+                // Only the node's own failures count toward passive health: a client that
+                // aborts or oversends its body must not be able to mark a node unhealthy.
+                Ok(Err(e)) if e.is_connect() => return Err(self.failed(node, &format!("{e:?}"))),
+                Ok(Err(e)) if caused_by_limit(&e) => {
+                    return Err(ApiError::PayloadTooLarge(limit as usize))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %node.id, error = ?e, "upstream exchange failed");
+                    return Err(ApiError::UpstreamUnavailable(format!(
+                        "the exchange with node {} failed",
+                        node.id
+                    )));
+                }
+                Err(_) if bodiless => return Err(self.failed(node, "no response in time")),
+                Err(_) => {
+                    return Err(ApiError::UpstreamUnavailable(format!(
+                        "node {} did not answer in time",
+                        node.id
+                    )))
+                }
             };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() {
             let client_side = parts.extensions.get::<OnUpgrade>().cloned();
@@ -215,6 +236,17 @@ impl Proxy {
         tracing::debug!(node = %node.id, error = why, "upstream request failed");
         ApiError::UpstreamUnavailable(format!("node {} did not answer", node.id))
     }
+}
+
+fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn set_node(h: &mut HeaderMap, node: &NodeEntry) {

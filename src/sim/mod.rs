@@ -105,6 +105,8 @@ enum Ev {
     Heartbeat(u32),
     ScaleOut,
     Fail,
+    /// After the failure is detected: which other rooms would now go elsewhere.
+    ProbeAfterFailure,
 }
 
 struct Node {
@@ -148,8 +150,8 @@ struct Room {
     peak: u32,
     split: bool,
     first_node: Option<usize>,
-    probe_scale_out: Option<usize>,
-    probe_failure: Option<usize>,
+    /// Had participants on the node that failed, and has not come back yet.
+    on_failed: bool,
 }
 
 impl Room {
@@ -178,14 +180,6 @@ impl Room {
             .iter()
             .find(|(n, _)| *n == node)
             .map_or(0, |&(_, c)| c)
-    }
-
-    /// The node holding most of the room's participants.
-    fn home(&self) -> Option<usize> {
-        self.on
-            .iter()
-            .max_by_key(|&&(n, c)| (c, Reverse(n)))
-            .map(|&(n, _)| n)
     }
 }
 
@@ -226,6 +220,8 @@ struct Sim<'a> {
     moved_on_scale_out: u64,
     moved_on_failure: u64,
     replaced_after_failure: u64,
+    /// Where each live room was routed just before the failure.
+    before_failure: Vec<Option<usize>>,
 }
 
 const FAILED_NODE: usize = 0;
@@ -309,6 +305,7 @@ impl<'a> Sim<'a> {
             moved_on_scale_out: 0,
             moved_on_failure: 0,
             replaced_after_failure: 0,
+            before_failure: Vec::new(),
         };
         for (s, session) in w.sessions.iter().enumerate() {
             for (p, stay) in session.stays.iter().enumerate() {
@@ -349,6 +346,18 @@ impl<'a> Sim<'a> {
                 Ev::Heartbeat(i) => self.heartbeat(t, i as usize),
                 Ev::ScaleOut => self.scale_out(t),
                 Ev::Fail => self.fail(t),
+                Ev::ProbeAfterFailure => {
+                    let after = self.routes(t);
+                    self.moved_on_failure = (0..self.rooms.len())
+                        .filter(|&s| {
+                            let before = self.before_failure[s];
+                            !self.rooms[s].on_failed
+                                && before.is_some_and(|b| b != FAILED_NODE)
+                                && after[s].is_some()
+                                && after[s] != before
+                        })
+                        .count() as u64;
+                }
             }
         }
         self.sample_until(self.w.end);
@@ -498,20 +507,37 @@ impl<'a> Sim<'a> {
         let room = &mut self.rooms[s];
         room.add(node);
         room.first_node.get_or_insert(node);
-        if let Some(home) = room.probe_scale_out.take() {
-            if self.w.fail_at.is_none_or(|f| t < f) && node != home {
-                self.moved_on_scale_out += 1;
-            }
+        if room.on_failed {
+            room.on_failed = false;
+            self.replaced_after_failure += 1;
         }
-        if let Some(home) = room.probe_failure.take() {
-            if node != home {
-                if home == FAILED_NODE {
-                    self.replaced_after_failure += 1;
-                } else {
-                    self.moved_on_failure += 1;
+    }
+
+    /// Where the next join of each live room would go now, as router 0 sees it (`None` for
+    /// rooms nobody is in). Commits nothing.
+    fn routes(&mut self, t: Millis) -> Vec<Option<usize>> {
+        self.fill_view(0);
+        (0..self.rooms.len())
+            .map(|s| {
+                if self.rooms[s].present == 0 {
+                    return None;
                 }
-            }
-        }
+                match self.route(t, s, 0) {
+                    Decision::Pinned(i) | Decision::NodeFull(i) => Some(i),
+                    Decision::Place { node, .. } => Some(node),
+                    Decision::NoCapacity => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Live rooms routed somewhere before and elsewhere after.
+    fn changed(before: &[Option<usize>], after: &[Option<usize>]) -> u64 {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| b.is_some() && a.is_some() && b != a)
+            .count() as u64
     }
 
     /// Books the room's expected size on `node` in router `r`.
@@ -572,23 +598,23 @@ impl<'a> Sim<'a> {
     }
 
     fn scale_out(&mut self, t: Millis) {
+        let before = self.routes(t);
         let i = self.cfg.capacities.len();
         let n = &mut self.nodes[i];
         n.exists = true;
         n.alive = true;
         n.last_hb = Some(t);
         self.push(t + self.cfg.heartbeat_ms, Ev::Heartbeat(i as u32));
-        for room in &mut self.rooms {
-            room.probe_scale_out = room.home();
-        }
+        self.moved_on_scale_out = Self::changed(&before, &self.routes(t));
     }
 
     fn fail(&mut self, t: Millis) {
+        self.before_failure = self.routes(t);
         self.nodes[FAILED_NODE].alive = false;
         self.nodes[FAILED_NODE].load = 0;
+        self.push(t + self.cfg.heartbeat_timeout_ms + 1, Ev::ProbeAfterFailure);
         for room in &mut self.rooms {
-            room.probe_scale_out = None;
-            room.probe_failure = room.home();
+            room.on_failed = room.on_node(FAILED_NODE) > 0;
         }
         for s in 0..self.presence.len() {
             for p in 0..self.presence[s].len() {
@@ -608,9 +634,6 @@ impl<'a> Sim<'a> {
     fn herd_peak(&self) -> Option<f64> {
         let mut worst: Option<f64> = None;
         for &(a, b) in &self.w.bursts {
-            if a >= self.w.measure_until {
-                continue;
-            }
             let mut count = vec![0u32; self.nodes.len()];
             let mut total = 0u32;
             for (s, session) in self.w.sessions.iter().enumerate() {
@@ -625,14 +648,19 @@ impl<'a> Sim<'a> {
             if total < 10 {
                 continue;
             }
-            let cap: f64 = self.nodes[..self.cfg.capacities.len()]
-                .iter()
-                .map(|n| n.capacity)
+            // Fair shares among the nodes up at the burst's start.
+            let n0 = self.cfg.capacities.len();
+            let up = |i: usize| {
+                (i < n0 || self.w.scale_out_at.is_some_and(|x| x <= a))
+                    && !(i == FAILED_NODE && self.w.fail_at.is_some_and(|x| x <= a))
+            };
+            let cap: f64 = (0..self.nodes.len())
+                .filter(|&i| up(i))
+                .map(|i| self.nodes[i].capacity)
                 .sum();
-            let herd = count
-                .iter()
-                .zip(&self.nodes)
-                .map(|(&c, n)| (c as f64 / total as f64) / (n.capacity / cap))
+            let herd = (0..self.nodes.len())
+                .filter(|&i| up(i))
+                .map(|i| (count[i] as f64 / total as f64) / (self.nodes[i].capacity / cap))
                 .fold(0.0, f64::max);
             worst = Some(worst.map_or(herd, |w: f64| w.max(herd)));
         }

@@ -33,9 +33,10 @@ pub struct PolicyResult {
     pub refusals_total: u64,
     /// Largest share of a burst's rooms one node got, relative to its fair (capacity) share.
     pub herd_peak: Option<f64>,
-    /// Live rooms whose next join after the scale-out went to another node.
+    /// Live rooms whose next join would go to another node right after the scale-out.
     pub moved_on_scale_out: u64,
-    /// Live rooms not on the failed node whose next join after the failure went elsewhere.
+    /// Live rooms not on the failed node whose next join would go to another node once the
+    /// failure is detected.
     pub moved_on_failure: u64,
     /// Live rooms of the failed node that came back on another node.
     pub replaced_after_failure: u64,
@@ -55,10 +56,17 @@ impl WorkloadResult {
         self.results.iter().find(|r| r.spec == p)
     }
 
-    /// The best (lowest) value of a figure over all policies, and who has it.
-    pub fn best(&self, f: impl Fn(&PolicyResult) -> f64) -> Option<(&PolicyResult, f64)> {
+    /// The best (lowest) value of a figure, and who has it: over all policies, or with
+    /// `whole_rooms` only over those that split no room (the product never splits one, so a
+    /// policy that does is no candidate for the default).
+    pub fn best(
+        &self,
+        f: impl Fn(&PolicyResult) -> f64,
+        whole_rooms: bool,
+    ) -> Option<(&PolicyResult, f64)> {
         self.results
             .iter()
+            .filter(|r| !whole_rooms || r.split_rooms == 0)
             .map(|r| (r, f(r)))
             .filter(|(_, v)| v.is_finite())
             .min_by(|a, b| a.1.total_cmp(&b.1))
@@ -166,16 +174,21 @@ impl Report {
                 continue;
             };
             for (name, f) in FIGURES {
-                if let Some((best, v)) = w.best(f) {
+                if let Some((best, v)) = w.best(f, false) {
                     if v < f(d) / 1.02 {
                         let _ = writeln!(
                             out,
-                            "{}: {} best by {} ({:.3} vs default {:.3})",
+                            "{}: {} best by {} ({:.3} vs default {:.3}){}",
                             w.workload,
                             name,
                             best.policy,
                             v,
-                            f(d)
+                            f(d),
+                            if best.split_rooms > 0 {
+                                format!(", splitting {} rooms", best.split_rooms)
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                 }

@@ -69,7 +69,13 @@ fn pinned(c: &mut Criterion) {
     let keys = rooms(10_000);
     let bare: DashMap<RoomKey, Pin> = DashMap::new();
     for k in &keys {
-        let p = ready(router.place(k, &Hints::default(), Some(1), Intent::Lookup { create: true })).unwrap();
+        let p = ready(router.place(
+            k,
+            &Hints::default(),
+            Some(1),
+            Intent::Lookup { create: true },
+        ))
+        .unwrap();
         bare.insert(
             k.clone(),
             Pin {
@@ -101,7 +107,12 @@ fn pinned(c: &mut Criterion) {
     g.bench_function("router_lookup", |b| {
         b.iter(|| {
             i = (i + 1) % keys.len();
-            let p = ready(router.place(black_box(&keys[i]), &Hints::default(), None, Intent::Lookup { create: false }));
+            let p = ready(router.place(
+                black_box(&keys[i]),
+                &Hints::default(),
+                None,
+                Intent::Lookup { create: false },
+            ));
             black_box(p.map(|p| p.node.id.stable_hash()).ok())
         })
     });
@@ -120,27 +131,44 @@ fn new_room(c: &mut Criterion) {
             let id = NodeId::parse(&format!("node-{i}")).unwrap();
             let cap = 100.0 + (i % 7) as f64 * 50.0;
             let (_, e) = cluster.upsert(&id, info(cap), false);
-            e.live.record_report(cap, (i % 10) as f64 * 5.0, None, AdminState::Active, NOW);
-            crate_nodes.insert(WeightedNode::new(IdNode::new(NodeHash(id.stable_hash())), Capacity::new(cap).unwrap()));
+            e.live
+                .record_report(cap, (i % 10) as f64 * 5.0, None, AdminState::Active, NOW);
+            crate_nodes.insert(WeightedNode::new(
+                IdNode::new(NodeHash(id.stable_hash())),
+                Capacity::new(cap).unwrap(),
+            ));
         }
         let snap = cluster.snapshot_arc();
         let mut i = 0usize;
         g.bench_with_input(BenchmarkId::new("decide", n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % keys.len();
-                let d = decide(snap.nodes(), None, black_box(keys[i].stable_hash()), &Hints::default(), NOW, &params);
+                let d = decide(
+                    snap.nodes(),
+                    None,
+                    black_box(keys[i].stable_hash()),
+                    &Hints::default(),
+                    NOW,
+                    &params,
+                );
                 assert!(matches!(d, Decision::Place { .. }));
                 black_box(d)
             })
         });
         let mut i = 0usize;
-        g.bench_with_input(BenchmarkId::new("crate_calc_candidates_next", n), &n, |b, _| {
-            b.iter(|| {
-                i = (i + 1) % keys.len();
-                let best = crate_nodes.calc_candidates(&RoomHash(black_box(keys[i].stable_hash()))).next();
-                black_box(best.map(|w| w.node.0 .0))
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("crate_calc_candidates_next", n),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    i = (i + 1) % keys.len();
+                    let best = crate_nodes
+                        .calc_candidates(&RoomHash(black_box(keys[i].stable_hash())))
+                        .next();
+                    black_box(best.map(|w| w.node.0))
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -45,6 +45,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Compare placement policies on standard workloads or a trace, in simulation (no network).
+    Simulate(roomrouter::sim::cli::SimulateArgs),
     /// Run one demo meeting node that heartbeats to a router.
     DemoNode {
         /// Router base URL.
@@ -134,6 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             Ok(())
         }
+        Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),
         Cmd::Demo { listen, nodes } => {
             roomrouter::telemetry::init(log_format, "info");
             roomrouter::demo::run(listen, nodes.clamp(1, 64)).await

@@ -762,6 +762,58 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_use_only_known_keys() {
+        for (name, text) in [
+            ("router.toml", include_str!("../config/router.toml")),
+            ("proxy-tls.toml", include_str!("../config/proxy-tls.toml")),
+            ("jwt.toml", include_str!("../config/jwt.toml")),
+        ] {
+            let c = Config::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if name == "proxy-tls.toml" {
+                assert_eq!(c.front_door.mode, FrontDoorMode::Proxy);
+                assert!(c.tls.node_listen.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn tls_and_proxy_keys_are_checked() {
+        let c = Config::parse("[tls]\ncert_file = \"/nonexistent.pem\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tls.key_file"));
+        let c = Config::parse(
+            "[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.cert_file") && e.contains("/nonexistent.pem"),
+            "{e}"
+        );
+        let c = Config::parse("[tls]\nnode_listen = \"127.0.0.1:1\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tls.node_listen"));
+        let c = Config::parse("[proxy]\nfailures_to_unhealthy = 0\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("proxy.failures_to_unhealthy"));
+        let c = Config::parse("[front_door.route_modes]\n\"/x/{room}\" = \"proxy\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("front_door.route_modes"));
+    }
+
+    #[test]
     fn env_secrets_fill_the_config() {
         let mut c = Config::parse("").unwrap();
         c.apply_env(|k| match k {

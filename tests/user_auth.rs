@@ -200,3 +200,47 @@ fn jwt_config_errors_name_the_key() {
     let e = c.validate().unwrap_err().to_string();
     assert!(e.starts_with("auth.jwt"), "{e}");
 }
+
+/// RS256 with a static test key pair (tests/data; ring cannot generate RSA keys at run time).
+#[tokio::test]
+async fn rs256_tokens_verify_with_a_public_key_file() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let mut cfg = jwt_config();
+    cfg.auth.jwt.algorithm = JwtAlgorithm::RS256;
+    cfg.auth.jwt.public_key_file = Some(format!("{dir}/users-rs256.pub.pem").into());
+    cfg.validate().unwrap();
+    let r = with_node(cfg).await;
+    let pem = std::fs::read(format!("{dir}/users-rs256.key")).unwrap();
+    let key = EncodingKey::from_rsa_pem(&pem).unwrap();
+    let claims = serde_json::json!({"sub": "dave", "exp": now() + 60, "room": "board"});
+    let good = token(claims, &key, Algorithm::RS256);
+    let resp = r
+        .get("/rooms/board")
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    let resp = r
+        .get("/rooms/other")
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 403, "forbidden").await;
+    // Tampered payload: the signature no longer matches.
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    parts[1] = hs(serde_json::json!({"sub": "eve", "exp": now() + 60, "room": "*"}))
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let resp = r
+        .get("/rooms/board")
+        .bearer_auth(parts.join("."))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    r.stop().await;
+}

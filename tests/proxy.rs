@@ -385,3 +385,37 @@ async fn a_client_oversending_a_chunked_body_does_not_hurt_the_node() {
     assert_eq!(resp.status(), 200, "the node is still healthy");
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
+    let mut cfg = proxy_config();
+    cfg.server.max_connections = 1;
+    cfg.validate().unwrap();
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let url = format!("ws://{}/rooms/slots/ws", r.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::text("x")).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    // The only slot is the tunnel's: another client waits.
+    let other = reqwest::Client::new().get(format!("{}/healthz", r.url));
+    let waited = tokio::time::timeout(Duration::from_millis(500), other.send()).await;
+    assert!(
+        waited.is_err(),
+        "served a second connection past max_connections"
+    );
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        reqwest::Client::new()
+            .get(format!("{}/healthz", r.url))
+            .send(),
+    )
+    .await
+    .expect("the slot is free once the tunnel ends")
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    r.stop().await;
+}

@@ -167,7 +167,15 @@ impl Proxy {
                     "this connection cannot be upgraded".into(),
                 ));
             };
-            tokio::spawn(tunnel(client_side, upstream_side, self.cfg.idle_timeout));
+            let slot = parts
+                .extensions
+                .get::<ConnInfo>()
+                .and_then(|i| i.slot.clone());
+            let idle = self.cfg.idle_timeout;
+            tokio::spawn(async move {
+                tunnel(client_side, upstream_side, idle).await;
+                drop(slot);
+            });
             let (mut rp, _) = resp.into_parts();
             let keep = (
                 rp.headers.get(header::UPGRADE).cloned(),

@@ -21,7 +21,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::{handle, tls, ApiError, App, Body};
@@ -37,6 +37,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The client's verified end-entity certificate (mTLS listener only).
     pub client_cert: Option<CertificateDer<'static>>,
+    /// The connection's slot under `server.max_connections`; a WebSocket tunnel keeps it
+    /// after the HTTP connection has handed its socket over.
+    pub slot: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -184,6 +187,7 @@ async fn accept_loop(
                 peer,
                 tls: tls.is_some(),
                 client_cert: None,
+                slot: Some(Arc::new(permit)),
             };
             match tls {
                 None => serve_io(&builder, stream, info, handler, watcher).await,
@@ -203,7 +207,6 @@ async fn accept_loop(
                     }
                 }
             }
-            drop(permit);
         });
     }
     drop(listener);

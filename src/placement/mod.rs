@@ -151,6 +151,33 @@ fn score(room: u64, node_hash: u64, w: f64) -> rendezvous_hash::types::SignPosit
         .hash_code(&StableNodeHasher, &RoomHash(room))
 }
 
+/// A ranked candidate: the crate's score, plus the same value as a float for pruning.
+#[inline]
+fn ranked(index: usize, room: u64, node_hash: u64, w: f64, util: f64) -> Ranked {
+    let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
+    Ranked {
+        index,
+        score: score(room, node_hash, w),
+        raw: h.ln() / w.max(f64::MIN_POSITIVE),
+        tiebreak: node_hash,
+        util,
+    }
+}
+
+/// True if a node with pair hash `h` and weight `w` cannot beat `bar` (a raw score
+/// `ln(h)/w`). Uses `ln(x) <= x - 1`, so the logarithm is only taken for nodes that might
+/// rank in the top two: with n nodes, about 2/n of them. Exact: never prunes a winner.
+#[inline]
+fn cannot_beat(bar: Option<f64>, h: u64, w: f64) -> bool {
+    match bar {
+        Some(bar) => {
+            let x = h as f64 / u64::MAX as f64;
+            (x - 1.0) / w < bar
+        }
+        None => false,
+    }
+}
+
 /// The same ranking as a plain number, `-w / ln(h)` with `h` in (0,1), for humans.
 pub fn numeric_score(room: u64, node_hash: u64, w: f64) -> f64 {
     let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
@@ -186,14 +213,17 @@ pub fn choose<N: NodeView>(
         }
         let u = n.utilization();
         if u < p.new_room_limit {
-            let c = Ranked {
-                index: i,
-                score: score(room, n.node_hash(), n.capacity() * (p.new_room_limit - u)),
-                tiebreak: n.node_hash(),
-                util: u,
-            };
+            let w = n.capacity() * (p.new_room_limit - u);
+            let h = hash::pair_hash(room, n.node_hash());
+            let in_region = prefer_region.is_some() && n.region() == prefer_region;
+            if cannot_beat(all.bar(p.rule), h, w)
+                && !(in_region && !cannot_beat(local.bar(p.rule), h, w))
+            {
+                continue;
+            }
+            let c = ranked(i, room, n.node_hash(), w, u);
             all.offer(c);
-            if prefer_region.is_some() && n.region() == prefer_region {
+            if in_region {
                 local.offer(c);
             }
         } else if u < p.join_limit {
@@ -221,12 +251,11 @@ pub fn choose<N: NodeView>(
         }
         let u = n.utilization();
         if u < p.join_limit {
-            over.offer(Ranked {
-                index: i,
-                score: score(room, n.node_hash(), n.capacity() * (p.join_limit - u)),
-                tiebreak: n.node_hash(),
-                util: u,
-            });
+            let w = n.capacity() * (p.join_limit - u);
+            if cannot_beat(over.bar(p.rule), hash::pair_hash(room, n.node_hash()), w) {
+                continue;
+            }
+            over.offer(ranked(i, room, n.node_hash(), w, u));
         }
     }
     match over.pick(p.rule) {
@@ -313,12 +342,13 @@ pub fn explain<N: NodeView>(
             && u < limit
             && (!local_has_candidates || overflow || n.region() == prefer_region)
         {
-            pool.offer(Ranked {
-                index: i,
-                score: score(room, n.node_hash(), n.capacity() * (limit - u)),
-                tiebreak: n.node_hash(),
-                util: u,
-            });
+            pool.offer(ranked(
+                i,
+                room,
+                n.node_hash(),
+                n.capacity() * (limit - u),
+                u,
+            ));
         }
     }
     let (best, second) = pool.top_two();

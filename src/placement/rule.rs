@@ -47,6 +47,8 @@ impl ChoiceRule {
 pub struct Ranked {
     pub index: usize,
     pub score: SignPositiveF64,
+    /// The same score as a float, `ln(h)/w` (the crate's formula), for pruning.
+    pub raw: f64,
     pub tiebreak: u64,
     pub util: f64,
 }
@@ -93,6 +95,17 @@ impl Tracker {
 
     pub fn is_empty(&self) -> bool {
         self.best.is_none()
+    }
+
+    /// The raw score a candidate must beat to matter to `rule`: the second best for
+    /// `TopTwo`, the best for `Rendezvous`; none for `LeastLoaded` (every candidate matters).
+    #[inline]
+    pub fn bar(&self, rule: ChoiceRule) -> Option<f64> {
+        match rule {
+            ChoiceRule::TopTwo => self.second.map(|s| s.raw),
+            ChoiceRule::Rendezvous => self.best.map(|b| b.raw),
+            ChoiceRule::LeastLoaded => None,
+        }
     }
 
     /// The two best-ranked candidates seen.

@@ -109,7 +109,7 @@ pub struct RoomsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlacementConfig {
-    /// `top_two` (default), `rendezvous` or `least_loaded`.
+    /// `least_loaded` (default), `top_two` or `rendezvous`.
     pub rule: ChoiceRule,
     pub new_room_limit: f64,
     pub join_limit: f64,
@@ -145,7 +145,7 @@ pub struct PlacementConfig {
 impl Default for PlacementConfig {
     fn default() -> Self {
         PlacementConfig {
-            rule: ChoiceRule::TopTwo,
+            rule: ChoiceRule::LeastLoaded,
             new_room_limit: 0.80,
             join_limit: 1.00,
             join_cost: 1.0,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use hash::{NodeHash, RoomHash, StableNodeHasher};
 pub use rule::ChoiceRule;
-use rule::{Ranked, Tracker};
+use rule::{Bar, Ranked, Tracker};
 
 /// Milliseconds since the Unix epoch. Time is always passed in, never read here.
 pub type Millis = u64;
@@ -80,7 +80,7 @@ impl Default for Params {
             join_limit: 1.00,
             heartbeat_timeout_ms: 6_000,
             region_affinity: true,
-            rule: ChoiceRule::TopTwo,
+            rule: ChoiceRule::LeastLoaded,
         }
     }
 }
@@ -164,17 +164,19 @@ fn ranked(index: usize, room: u64, node_hash: u64, w: f64, util: f64) -> Ranked 
     }
 }
 
-/// True if a node with pair hash `h` and weight `w` cannot beat `bar` (a raw score
-/// `ln(h)/w`). Uses `ln(x) <= x - 1`, so the logarithm is only taken for nodes that might
-/// rank in the top two: with n nodes, about 2/n of them. Exact: never prunes a winner.
+/// True if a node (weight `w`) provably cannot matter to the rule. For a score bar it uses
+/// `ln(x) <= x - 1` on the pair hash, so the logarithm is only taken for nodes that might
+/// rank where the rule looks (for the top two: about 2/n of n nodes); the least-loaded rule
+/// skips more loaded nodes without hashing at all. Exact: never prunes a winner.
 #[inline]
-fn cannot_beat(bar: Option<f64>, h: u64, w: f64) -> bool {
+fn cannot_matter(bar: Bar, room: u64, node_hash: u64, w: f64) -> bool {
     match bar {
-        Some(bar) => {
-            let x = h as f64 / u64::MAX as f64;
+        Bar::Take => false,
+        Bar::Skip => true,
+        Bar::Score(bar) => {
+            let x = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
             (x - 1.0) / w < bar
         }
-        None => false,
     }
 }
 
@@ -214,10 +216,9 @@ pub fn choose<N: NodeView>(
         let u = n.utilization();
         if u < p.new_room_limit {
             let w = n.capacity() * (p.new_room_limit - u);
-            let h = hash::pair_hash(room, n.node_hash());
             let in_region = prefer_region.is_some() && n.region() == prefer_region;
-            if cannot_beat(all.bar(p.rule), h, w)
-                && !(in_region && !cannot_beat(local.bar(p.rule), h, w))
+            if cannot_matter(all.bar(p.rule, u), room, n.node_hash(), w)
+                && !(in_region && !cannot_matter(local.bar(p.rule, u), room, n.node_hash(), w))
             {
                 continue;
             }
@@ -252,7 +253,7 @@ pub fn choose<N: NodeView>(
         let u = n.utilization();
         if u < p.join_limit {
             let w = n.capacity() * (p.join_limit - u);
-            if cannot_beat(over.bar(p.rule), hash::pair_hash(room, n.node_hash()), w) {
+            if cannot_matter(over.bar(p.rule, u), room, n.node_hash(), w) {
                 continue;
             }
             over.offer(ranked(i, room, n.node_hash(), w, u));

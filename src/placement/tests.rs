@@ -252,7 +252,10 @@ fn overflow_to_join_limit_then_no_capacity() {
 
 #[test]
 fn top_two_takes_the_less_loaded_of_the_two_best_ranked() {
-    let p = Params::default();
+    let p = Params {
+        rule: ChoiceRule::TopTwo,
+        ..Params::default()
+    };
     let mut checked_runner_up = 0;
     for i in 0..300 {
         let r = room(i);

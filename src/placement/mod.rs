@@ -218,7 +218,7 @@ pub fn choose<N: NodeView>(
             let w = n.capacity() * (p.new_room_limit - u);
             let in_region = prefer_region.is_some() && n.region() == prefer_region;
             if cannot_matter(all.bar(p.rule, u), room, n.node_hash(), w)
-                && !(in_region && !cannot_matter(local.bar(p.rule, u), room, n.node_hash(), w))
+                && (!in_region || cannot_matter(local.bar(p.rule, u), room, n.node_hash(), w))
             {
                 continue;
             }

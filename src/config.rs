@@ -137,7 +137,7 @@ pub struct RoomsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlacementConfig {
-    /// `top_two` (default), `rendezvous` or `least_loaded`.
+    /// `least_loaded` (default), `top_two` or `rendezvous`.
     pub rule: ChoiceRule,
     pub new_room_limit: f64,
     pub join_limit: f64,
@@ -173,7 +173,7 @@ pub struct PlacementConfig {
 impl Default for PlacementConfig {
     fn default() -> Self {
         PlacementConfig {
-            rule: ChoiceRule::TopTwo,
+            rule: ChoiceRule::LeastLoaded,
             new_room_limit: 0.80,
             join_limit: 1.00,
             join_cost: 1.0,
@@ -221,7 +221,7 @@ pub struct StoreConfig {
     pub kind: StoreKind,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TicketConfig {
     /// HS256 secret shared with the nodes (or `ROOMROUTER_TICKET_SECRET`).
@@ -256,7 +256,7 @@ pub enum UserAuth {
     Jwt,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Bearer tokens accepted for admin endpoints (or `ROOMROUTER_ADMIN_TOKEN`).
@@ -281,7 +281,7 @@ pub enum JwtAlgorithm {
     ES256,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     pub algorithm: JwtAlgorithm,
@@ -439,6 +439,18 @@ impl ProxyConfig {
     }
 }
 
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("algorithm", &self.algorithm)
+            .field("secret", &REDACTED)
+            .field("public_key_file", &self.public_key_file)
+            .field("leeway", &self.leeway)
+            .field("query_param", &self.query_param)
+            .finish()
+    }
+}
+
 impl JwtConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         crate::auth::users::UserVerifier::from_config(self)
@@ -448,6 +460,35 @@ impl JwtConfig {
 }
 
 // ---- end of issue 3 block ----
+
+/// Secrets never reach a log line, even through `{:?}`.
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for TicketConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketConfig")
+            .field("secret", &REDACTED)
+            .field("ttl", &self.ttl)
+            .field("query_param", &self.query_param)
+            .field("node_path", &self.node_path)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "admin_tokens",
+                &format_args!("[{} redacted]", self.admin_tokens.len()),
+            )
+            .field("node_token", &REDACTED)
+            .field("node_tokens", &self.node_tokens.keys().collect::<Vec<_>>())
+            .field("users", &self.users)
+            .field("jwt", &self.jwt)
+            .finish()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -811,6 +852,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("front_door.route_modes"));
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut c = Config::parse("[auth.node_tokens]\nmedia-1 = \"per-node-secret-0123456789\"\n")
+            .unwrap();
+        c.auth.admin_tokens = vec!["admin-secret-0123456789".into()];
+        c.auth.node_token = "node-secret-0123456789".into();
+        c.tickets.secret = "ticket-secret-0123456789-0123456789".into();
+        c.auth.jwt.secret = "jwt-secret-0123456789-0123456789".into();
+        let shown = format!("{c:?}");
+        for s in [
+            "jwt-secret",
+            "admin-secret",
+            "node-secret",
+            "ticket-secret",
+            "per-node-secret",
+        ] {
+            assert!(!shown.contains(s), "{s} leaked: {shown}");
+        }
+        assert!(shown.contains("media-1"));
     }
 
     #[test]

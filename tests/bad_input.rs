@@ -313,3 +313,20 @@ async fn oversized_headers_are_refused() {
     // The router still serves.
     assert_eq!(r.get("/healthz").send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let mut cfg = config();
+    cfg.server.header_read_timeout = Duration::from_millis(300);
+    let r = TestRouter::start(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now idle: the router must close the connection on its own.
+    let started = std::time::Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(rest.is_ok(), "idle keep-alive connection left open");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

@@ -233,6 +233,9 @@ struct Inner {
     index_tx: mpsc::UnboundedSender<IndexOp>,
     outages: AtomicU64,
     store_won: AtomicU64,
+    /// The standalone server's `run_id`: a new one means Redis restarted and may have lost
+    /// its data, so everything the cache knows is written back, not only outage decisions.
+    run_id: Mutex<Option<String>>,
 }
 
 /// Pins in Redis, served from a local cache. See the module documentation.
@@ -324,6 +327,7 @@ impl RedisStore {
             index_tx,
             outages: AtomicU64::new(0),
             store_won: AtomicU64::new(0),
+            run_id: Mutex::new(None),
         });
         // Subscribe and load before answering anything, so the cache starts complete.
         let stream = inner
@@ -548,6 +552,10 @@ impl Inner {
         let _: String = self
             .run("ping", redis::cmd("PING").query_async(&mut c))
             .await?;
+        if self.restarted().await? {
+            tracing::warn!("Redis restarted; writing back every cached pin and admin state");
+            self.write_back_all().await?;
+        }
         self.write_back().await?;
         self.load_all().await?;
         self.resync_nodes().await?;
@@ -558,6 +566,60 @@ impl Inner {
         if let Err(e) = self.write_back().await {
             self.mark_down(&e);
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// True if the standalone server's run id changed since we last saw it.
+    async fn restarted(&self) -> Result<bool, StoreError> {
+        if !matches!(self.conns[0], Conn::Single(_)) {
+            return Ok(false);
+        }
+        let mut c = self.conn();
+        let info: String = self
+            .run("info", redis::cmd("INFO").arg("server").query_async(&mut c))
+            .await?;
+        let id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|s| s.trim().to_string());
+        let mut known = self.run_id.lock().unwrap_or_else(|p| p.into_inner());
+        let restarted = known.is_some() && id.is_some() && *known != id;
+        *known = id;
+        Ok(restarted)
+    }
+
+    /// After a restart that may have lost data: every cached pin and every admin state this
+    /// router knows goes back by compare-and-set (a pin already there again wins).
+    async fn write_back_all(&self) -> Result<(), StoreError> {
+        let pins: Vec<(RoomKey, Pin)> = self
+            .cache
+            .iter()
+            .filter(|e| !self.pending.contains_key(e.key()))
+            .filter_map(|e| e.pin.clone().map(|p| (e.key().clone(), p)))
+            .collect();
+        for chunk in pins.chunks(32) {
+            let mut batch = futures_util::stream::FuturesUnordered::new();
+            for (room, p) in chunk {
+                batch.push(self.pin_if_remote(room, &p.node, None, p.confirmed_at));
+            }
+            while let Some(r) = batch.next().await {
+                // Lost: a pin is there again (another router wrote it back first); it wins.
+                r?;
+            }
+        }
+        let admin: Vec<(String, crate::placement::AdminState)> = match self.cluster.get() {
+            Some(cluster) => cluster
+                .snapshot()
+                .nodes()
+                .iter()
+                .map(|e| (e.id.to_string(), e.live.admin_state()))
+                .filter(|(_, s)| *s != crate::placement::AdminState::Active)
+                .collect(),
+            None => Vec::new(),
+        };
+        for (id, state) in admin {
+            self.write_node(&NodeUpdate::Admin { id, state }).await?;
         }
         Ok(())
     }

@@ -164,6 +164,18 @@ async fn two_routers_never_split_a_room_under_concurrent_joins() {
         .await,
         "router B sees every node's heartbeat within a heartbeat interval"
     );
+    // Keep the nodes healthy however long the joins take (bounded: at most 60 s).
+    let beats = {
+        let (c, base) = (c.clone(), a.base());
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for n in ["n1", "n2", "n3"] {
+                    heartbeat(&c, &base, n, 0.0, &[]).await;
+                }
+            }
+        })
+    };
     let bases = Arc::new([a.base(), b.base()]);
     let mut tasks = Vec::new();
     for w in 0..64 {
@@ -208,6 +220,7 @@ async fn two_routers_never_split_a_room_under_concurrent_joins() {
     }
     let used: HashSet<&String> = nodes_of.values().flatten().collect();
     assert_eq!(used.len(), 3, "rooms spread over the nodes");
+    beats.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

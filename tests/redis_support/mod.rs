@@ -259,7 +259,7 @@ pub async fn heartbeat(
         .bearer_auth(NODE)
         .json(&serde_json::json!({
             "url": format!("http://127.0.0.1:1/{id}"),
-            "capacity": 1000,
+            "capacity": 100000,
             "load": load,
             "rooms": rooms,
         }))
@@ -270,17 +270,19 @@ pub async fn heartbeat(
     r.json().await.unwrap()
 }
 
-/// `GET /v1/placement/{room}`: the node id, or the error status.
-pub async fn place(c: &reqwest::Client, base: &str, room: &str) -> Result<String, u16> {
+/// `GET /v1/placement/{room}`: the node id, or the error (status and body).
+pub async fn place(c: &reqwest::Client, base: &str, room: &str) -> Result<String, String> {
     let r = c
         .get(format!("{base}/v1/placement/{room}"))
         .send()
         .await
-        .map_err(|_| 0u16)?;
-    if !r.status().is_success() {
-        return Err(r.status().as_u16());
+        .map_err(|e| format!("send: {e}"))?;
+    let status = r.status();
+    let text = r.text().await.map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{status}: {text}"));
     }
-    let v: serde_json::Value = r.json().await.map_err(|_| 1u16)?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
     Ok(v["node"].as_str().unwrap_or_default().to_string())
 }
 

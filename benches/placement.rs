@@ -1,1 +1,177 @@
-fn main() {}
+//! Placement hot-path benchmarks, with references measured in the same run:
+//!
+//! * `pinned/*`: a join for a pinned room through `Router::place` (memory store), next to a
+//!   bare `DashMap::get` on the same key type (the floor: one concurrent-map lookup).
+//! * `new_room/*/N`: the decision for a new room over N nodes with `placement::decide`, next
+//!   to the `rendezvous_hash` crate's own `calc_candidates().next()` over the same N nodes
+//!   and the same stable hasher.
+//!
+//! Run: `cargo bench --bench placement`.
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dashmap::DashMap;
+use rendezvous_hash::{Capacity, IdNode, RendezvousNodes, WeightedNode};
+
+use roomrouter::cluster::{Cluster, NodeId, NodeInfo};
+use roomrouter::config::Config;
+use roomrouter::placement::hash::{NodeHash, RoomHash, StableNodeHasher};
+use roomrouter::placement::{decide, AdminState, Decision, Hints, Params};
+use roomrouter::room::{Normalization, RoomKey};
+use roomrouter::router::{Clock, Heartbeat, Intent, Router};
+use roomrouter::store::{MemoryStore, Pin};
+
+const NOW: u64 = 1_700_000_000_000;
+
+/// Polls a future that is ready at once (the memory store never waits).
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("the memory store's futures are always ready"),
+    }
+}
+
+fn info(cap: f64) -> NodeInfo {
+    NodeInfo {
+        url: "http://127.0.0.1:1".into(),
+        upstream: "http://127.0.0.1:1".into(),
+        capacity: cap,
+        region: None,
+        tags: vec![],
+    }
+}
+
+fn rooms(n: usize) -> Vec<RoomKey> {
+    (0..n)
+        .map(|i| RoomKey::parse(&format!("room-{i}"), Normalization::None).unwrap())
+        .collect()
+}
+
+fn pinned(c: &mut Criterion) {
+    let cfg = Config::default();
+    let router = Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(NOW)));
+    for i in 0..20 {
+        let hb = Heartbeat {
+            info: info(1e9),
+            load: 0.0,
+            cpu: None,
+            state: AdminState::Active,
+            rooms: None,
+        };
+        ready(router.heartbeat(&NodeId::parse(&format!("node-{i}")).unwrap(), hb)).unwrap();
+    }
+    let keys = rooms(10_000);
+    let bare: DashMap<RoomKey, Pin> = DashMap::new();
+    for k in &keys {
+        let p = ready(router.place(
+            k,
+            &Hints::default(),
+            Some(1),
+            Intent::Lookup { create: true },
+        ))
+        .unwrap();
+        bare.insert(
+            k.clone(),
+            Pin {
+                node: p.node.id.clone(),
+                created_at: NOW,
+                confirmed_at: NOW,
+            },
+        );
+    }
+    let mut g = c.benchmark_group("pinned");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("dashmap_get", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let r = bare.get(black_box(&keys[i])).map(|p| p.node.stable_hash());
+            black_box(r)
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("router_join", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let p = ready(router.place(black_box(&keys[i]), &Hints::default(), None, Intent::Join));
+            black_box(p.map(|p| p.node.id.stable_hash()).ok())
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("router_lookup", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let p = ready(router.place(
+                black_box(&keys[i]),
+                &Hints::default(),
+                None,
+                Intent::Lookup { create: false },
+            ));
+            black_box(p.map(|p| p.node.id.stable_hash()).ok())
+        })
+    });
+    g.finish();
+}
+
+fn new_room(c: &mut Criterion) {
+    let params = Params::default();
+    let keys = rooms(1024);
+    let mut g = c.benchmark_group("new_room");
+    g.throughput(Throughput::Elements(1));
+    for n in [10usize, 100, 1_000, 10_000] {
+        let cluster = Cluster::new();
+        let mut crate_nodes = RendezvousNodes::new(StableNodeHasher);
+        for i in 0..n {
+            let id = NodeId::parse(&format!("node-{i}")).unwrap();
+            let cap = 100.0 + (i % 7) as f64 * 50.0;
+            let (_, e) = cluster.upsert(&id, info(cap), false);
+            e.live
+                .record_report(cap, (i % 10) as f64 * 5.0, None, AdminState::Active, NOW);
+            crate_nodes.insert(WeightedNode::new(
+                IdNode::new(NodeHash(id.stable_hash())),
+                Capacity::new(cap).unwrap(),
+            ));
+        }
+        let snap = cluster.snapshot_arc();
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::new("decide", n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                let d = decide(
+                    snap.nodes(),
+                    None,
+                    black_box(keys[i].stable_hash()),
+                    &Hints::default(),
+                    NOW,
+                    &params,
+                );
+                assert!(matches!(d, Decision::Place { .. }));
+                black_box(d)
+            })
+        });
+        let mut i = 0usize;
+        g.bench_with_input(
+            BenchmarkId::new("crate_calc_candidates_next", n),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    i = (i + 1) % keys.len();
+                    let best = crate_nodes
+                        .calc_candidates(&RoomHash(black_box(keys[i].stable_hash())))
+                        .next();
+                    black_box(best.map(|w| w.node.0))
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, pinned, new_room);
+criterion_main!(benches);

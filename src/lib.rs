@@ -2,14 +2,19 @@
 //!
 //! `config` and heartbeats fill the `cluster` registry; the `store` keeps room pins;
 //! `placement` (pure: no I/O, no clock, no locks) decides where a room lives;
-//! `router` ties the three together, and `http` exposes it (front door, API, ops).
+//! `router` ties the three together, and `http` exposes it (front door, API, ops);
+//! `sim` replays workloads through placement policies in virtual time to compare them.
 
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod room;
 pub mod router;
+pub mod service;
+pub mod sim;
 pub mod store;
+pub mod telemetry;

@@ -9,8 +9,19 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// Every outcome [`Metrics::decision`] counts.
+pub const DECISION_OUTCOMES: [&str; 8] = [
+    "pinned",
+    "placed",
+    "placed_overflow",
+    "replaced",
+    "node_full",
+    "no_capacity",
+    "not_found",
+    "store_unavailable",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -30,10 +41,11 @@ pub struct StatusLabels {
 /// Every metric the router exports.
 pub struct Metrics {
     registry: Registry,
+    /// One counter per outcome, created up front so the hot path never touches the family's
+    /// lock: a decision is one relaxed atomic add.
+    outcomes: Vec<(&'static str, Counter)>,
     /// Joins and lookups by outcome: pinned, placed, replaced, node_full, no_capacity, ...
     pub decisions: Family<Outcome, Counter>,
-    /// Time to decide a join, including the store.
-    pub decision_seconds: Histogram,
     pub heartbeats: Counter,
     /// Rooms a node reported while pinned elsewhere (a split, ended through `evict`).
     pub splits_detected: Counter,
@@ -67,12 +79,6 @@ impl Metrics {
             "decisions",
             "Join and lookup decisions by outcome",
             decisions.clone(),
-        );
-        let decision_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 20));
-        registry.register(
-            "decision_seconds",
-            "Time to decide a join, store included",
-            decision_seconds.clone(),
         );
         let heartbeats = Counter::default();
         registry.register("heartbeats", "Heartbeats accepted", heartbeats.clone());
@@ -116,10 +122,14 @@ impl Metrics {
             "Estimated utilization (reported + pending + reserved) / capacity",
             node_utilization.clone(),
         );
+        let outcomes = DECISION_OUTCOMES
+            .iter()
+            .map(|o| (*o, decisions.get_or_create(&Outcome { outcome: o }).clone()))
+            .collect();
         Metrics {
             registry,
+            outcomes,
             decisions,
-            decision_seconds,
             heartbeats,
             splits_detected,
             pins_released,
@@ -132,8 +142,17 @@ impl Metrics {
         }
     }
 
+    /// Counts a decision; `outcome` is one of [`DECISION_OUTCOMES`].
+    #[inline]
     pub fn decision(&self, outcome: &'static str) {
-        self.decisions.get_or_create(&Outcome { outcome }).inc();
+        match self.outcomes.iter().find(|(o, _)| *o == outcome) {
+            Some((_, c)) => {
+                c.inc();
+            }
+            None => {
+                self.decisions.get_or_create(&Outcome { outcome }).inc();
+            }
+        }
     }
 
     pub fn released(&self, outcome: &'static str) {

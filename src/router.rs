@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -208,11 +208,7 @@ impl<S: PinStore> Router<S> {
         size: Option<u32>,
         intent: Intent,
     ) -> Result<Placement, JoinError> {
-        let started = Instant::now();
         let r = self.place_inner(room, hints, size, intent).await;
-        self.metrics
-            .decision_seconds
-            .observe(started.elapsed().as_secs_f64());
         self.metrics.decision(match &r {
             Ok(p) if !p.created => "pinned",
             Ok(p) if p.overflow => "placed_overflow",

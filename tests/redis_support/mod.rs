@@ -157,6 +157,9 @@ pub fn redis_for(test: &str) -> Option<(String, Option<PrivateRedis>)> {
     match PrivateRedis::start() {
         Some(p) => Some((p.url(), Some(p))),
         None => {
+            if std::env::var_os("ROOMROUTER_REQUIRE_REDIS").is_some() {
+                panic!("{test}: ROOMROUTER_REQUIRE_REDIS is set but no Redis is available");
+            }
             eprintln!(
                 "SKIPPED: {test}: no Redis (REDIS_URL unset, nothing on 127.0.0.1:6379, no redis-server on PATH)"
             );

@@ -1,0 +1,387 @@
+//! A demo meeting node: a small HTTP stand-in for a media server.
+//!
+//! It verifies the router's tickets (a user who skips the router, or lands on the wrong node,
+//! is refused), counts participants per room (`join` / `leave`), heartbeats its load and room
+//! list to the router, and ends rooms the router lists under `evict`. Tests, benchmarks, the
+//! load harness and `roomrouter demo` all use it.
+//!
+//! Endpoints:
+//! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`:
+//!   join (200 JSON with the participant count), 401 bad ticket, 403 ticket for another node.
+//! * `POST /rooms/{room}/leave`: one participant leaves.
+//! * `GET /status`: this node's rooms and load.
+//! * `GET /healthz`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::TicketIssuer;
+
+/// How a demo node is set up.
+#[derive(Debug, Clone)]
+pub struct DemoNodeConfig {
+    pub id: String,
+    /// Router base URL, e.g. `http://127.0.0.1:8080`.
+    pub router: String,
+    pub listen: SocketAddr,
+    /// URL users reach this node at; defaults to `http://{bound address}`.
+    pub public_url: Option<String>,
+    pub capacity: f64,
+    pub region: Option<String>,
+    pub tags: Vec<String>,
+    /// Bearer token for heartbeats.
+    pub node_token: String,
+    /// Shared ticket secret.
+    pub ticket_secret: String,
+    /// First heartbeat interval; the router's reply sets the next ones.
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rooms: Mutex<HashMap<String, u32>>,
+    joins: AtomicU64,
+    refused: AtomicU64,
+    evicted: AtomicU64,
+    draining: AtomicBool,
+}
+
+/// A running demo node.
+pub struct DemoNode {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub url: String,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl DemoNode {
+    /// Binds, starts serving and heartbeating. The first heartbeat is sent before this returns
+    /// (errors are logged and retried by the loop).
+    pub async fn start(cfg: DemoNodeConfig) -> std::io::Result<DemoNode> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let url = cfg
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let state = Arc::new(State::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let tickets = Arc::new(TicketIssuer::new(
+            &cfg.ticket_secret,
+            Duration::from_secs(60),
+        ));
+        let server = tokio::spawn(serve(
+            listener,
+            state.clone(),
+            tickets,
+            cfg.id.clone(),
+            stop_rx.clone(),
+        ));
+        let hb = Heartbeater::new(&cfg, url.clone(), state.clone());
+        hb.beat().await.ok();
+        let beats = tokio::spawn(hb.run(cfg.heartbeat_interval, stop_rx));
+        Ok(DemoNode {
+            id: cfg.id,
+            addr,
+            url,
+            state,
+            stop,
+            tasks: vec![server, beats],
+        })
+    }
+
+    /// Participants per room right now.
+    pub fn rooms(&self) -> HashMap<String, u32> {
+        self.state
+            .rooms
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn load(&self) -> u32 {
+        self.rooms().values().sum()
+    }
+
+    /// Joins accepted, joins refused (bad or foreign ticket), rooms ended by eviction.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.state.joins.load(Ordering::Relaxed),
+            self.state.refused.load(Ordering::Relaxed),
+            self.state.evicted.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Starts reporting `state = "draining"` (as a node shutting down would).
+    pub fn set_draining(&self, on: bool) {
+        self.state.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Stops serving and heartbeating at once (a crash, as far as the router can tell).
+    pub fn kill(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Stops, waiting for the tasks to end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for DemoNode {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    tickets: Arc<TicketIssuer>,
+    id: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5));
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(20)).await; continue } },
+            _ = stop.changed() => break,
+        };
+        let state = state.clone();
+        let tickets = tickets.clone();
+        let id = id.clone();
+        let svc = service_fn(move |req| {
+            let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
+            async move { Ok::<_, Infallible>(handle(req, &state, &tickets, &id)) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn handle(
+    req: Request<Incoming>,
+    state: &State,
+    tickets: &TicketIssuer,
+    id: &str,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ticket = req.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ticket")
+            .map(|(_, v)| v.into_owned())
+    });
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["healthz"]) => reply(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (&Method::GET, ["status"]) => {
+            let rooms = state.rooms.lock().map(|r| r.clone()).unwrap_or_default();
+            let load: u32 = rooms.values().sum();
+            reply(
+                StatusCode::OK,
+                serde_json::json!({"id": id, "load": load, "rooms": rooms}),
+            )
+        }
+        (&Method::GET, ["rooms" | "join", _]) | (&Method::POST, ["rooms" | "join", _, "join"]) => {
+            let Some(t) = ticket else {
+                state.refused.fetch_add(1, Ordering::Relaxed);
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "unauthorized", "message": "ticket required"}),
+                );
+            };
+            let claims = match tickets.verify(&t) {
+                Ok(c) => c,
+                Err(e) => {
+                    state.refused.fetch_add(1, Ordering::Relaxed);
+                    return reply(
+                        StatusCode::UNAUTHORIZED,
+                        serde_json::json!({"error": "unauthorized", "message": e.to_string()}),
+                    );
+                }
+            };
+            if claims.node != id {
+                state.refused.fetch_add(1, Ordering::Relaxed);
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    serde_json::json!({"error": "forbidden", "message": format!("ticket is for node {}", claims.node)}),
+                );
+            }
+            let n = {
+                let mut rooms = state.rooms.lock().unwrap_or_else(|p| p.into_inner());
+                let n = rooms.entry(claims.room.clone()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            state.joins.fetch_add(1, Ordering::Relaxed);
+            reply(
+                StatusCode::OK,
+                serde_json::json!({"node": id, "room": claims.room, "user": claims.sub, "participants": n}),
+            )
+        }
+        (&Method::POST, ["rooms" | "join", room, "leave"]) => {
+            let room = percent_encoding::percent_decode_str(room)
+                .decode_utf8_lossy()
+                .to_lowercase();
+            let mut rooms = state.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            match rooms.get_mut(&room) {
+                Some(n) => {
+                    *n = n.saturating_sub(1);
+                    let left = *n;
+                    if left == 0 {
+                        rooms.remove(&room);
+                    }
+                    reply(
+                        StatusCode::OK,
+                        serde_json::json!({"room": room, "participants": left}),
+                    )
+                }
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": "not_found", "message": "no such room"}),
+                ),
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "message": "no such endpoint"}),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct HeartbeatReply {
+    #[serde(default)]
+    evict: Vec<String>,
+    heartbeat_interval_ms: Option<u64>,
+}
+
+struct Heartbeater {
+    client: reqwest::Client,
+    endpoint: String,
+    node_token: String,
+    body_base: serde_json::Value,
+    state: Arc<State>,
+}
+
+impl Heartbeater {
+    fn new(cfg: &DemoNodeConfig, url: String, state: Arc<State>) -> Heartbeater {
+        Heartbeater {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+            endpoint: format!(
+                "{}/v1/nodes/{}/heartbeat",
+                cfg.router.trim_end_matches('/'),
+                cfg.id
+            ),
+            node_token: cfg.node_token.clone(),
+            body_base: serde_json::json!({
+                "url": url,
+                "capacity": cfg.capacity,
+                "region": cfg.region,
+                "tags": cfg.tags,
+            }),
+            state,
+        }
+    }
+
+    /// Sends one heartbeat; applies evictions; returns the interval the router asks for.
+    async fn beat(&self) -> Result<Option<Duration>, reqwest::Error> {
+        let (load, rooms) = {
+            let rooms = self.state.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            let list: Vec<serde_json::Value> = rooms
+                .iter()
+                .map(|(k, v)| serde_json::json!({"room": k, "participants": v}))
+                .collect();
+            (rooms.values().sum::<u32>(), list)
+        };
+        let mut body = self.body_base.clone();
+        body["load"] = load.into();
+        body["rooms"] = rooms.into();
+        if self.state.draining.load(Ordering::Relaxed) {
+            body["state"] = "draining".into();
+        }
+        let resp = self
+            .client
+            .post(&self.endpoint)
+            .bearer_auth(&self.node_token)
+            .json(&body)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            tracing::warn!(status = %resp.status(), "heartbeat refused");
+            return Ok(None);
+        }
+        let r: HeartbeatReply = resp.json().await?;
+        if !r.evict.is_empty() {
+            let mut rooms = self.state.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            for room in &r.evict {
+                if rooms.remove(room).is_some() {
+                    self.state.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(r.heartbeat_interval_ms.map(Duration::from_millis))
+    }
+
+    async fn run(self, first: Duration, mut stop: watch::Receiver<bool>) {
+        let mut every = first;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {},
+                _ = stop.changed() => break,
+            }
+            match self.beat().await {
+                Ok(Some(d)) if !d.is_zero() => every = d.min(Duration::from_secs(60)),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Assembles a running router from a validated config: store, router core, background sweep,
+//! HTTP server. `roomrouter serve`, `roomrouter demo` and the integration tests all start the
+//! service through here, so they run the same code.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::http::{server, App};
+use crate::router::{Clock, Router};
+use crate::store::{MemoryStore, PinStore};
+
+/// How often idle pins, expired reservations and stale history are swept.
+pub fn sweep_interval(cfg: &Config) -> Duration {
+    (cfg.placement.room_idle_ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// Builds the application around a store.
+pub fn build<S: PinStore>(cfg: Config, store: S) -> Arc<App<S>> {
+    let router = Router::new(&cfg, store, Clock::System);
+    Arc::new(App::new(cfg, router))
+}
+
+/// Runs the periodic sweep until the app is dropped by everyone else.
+pub fn spawn_sweeper<S: PinStore>(app: &Arc<App<S>>) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(app);
+    let every = sweep_interval(&app.cfg);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(app) = weak.upgrade() else { break };
+            match app.router.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(released = n, "released idle rooms"),
+                Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        }
+    })
+}
+
+/// Serves `app` on `listener` with its sweeper until `shutdown` resolves.
+pub async fn run<S: PinStore>(
+    app: Arc<App<S>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let sweeper = spawn_sweeper(&app);
+    let r = server::serve(app, listener, shutdown).await;
+    sweeper.abort();
+    r
+}
+
+/// Runs with the embedded memory store.
+pub async fn run_memory(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    run(build(cfg, MemoryStore::new()), listener, shutdown).await
+}
+
+/// Runs with the store `[store]` names (memory, or Redis shared with other routers).
+pub async fn run_configured(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let store = crate::store::open(&cfg).await?;
+    tracing::info!(store = ?cfg.store.kind, "store opened");
+    run(build(cfg, store), listener, shutdown).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

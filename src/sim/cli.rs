@@ -1,0 +1,173 @@
+//! The `simulate` command: [`SimulateArgs`] (clap) and [`run_cli`], which runs the standard
+//! workloads or a trace and prints the table (and writes JSON if asked). The binary only has
+//! to flatten `SimulateArgs` into a subcommand and call `run_cli`.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::report::Report;
+use super::standard::{run_all, run_workload, Options};
+use super::trace::read_trace;
+use super::workload::{HintMode, StandardWorkload, SECOND};
+use super::Policy;
+
+/// Compare placement policies in simulation.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Standard workloads to run, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub workload: Vec<StandardWorkload>,
+    /// Size-hint modes to run, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub hints: Vec<HintMode>,
+    /// Replay this trace (`time room join|leave [size]` per line) instead of the standard
+    /// workloads.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["workload", "hints", "quick"])]
+    pub trace: Option<PathBuf>,
+    /// Nodes at the start (all of equal capacity).
+    #[arg(long, default_value_t = 20)]
+    pub nodes: usize,
+    /// Capacity of each node, in load units.
+    #[arg(long, default_value_t = 250.0)]
+    pub capacity: f64,
+    /// Router instances, each with its own pending counts.
+    #[arg(long, default_value_t = 4)]
+    pub routers: usize,
+    /// Heartbeat (load report) interval in milliseconds; the timeout is three intervals.
+    #[arg(long, default_value_t = 2_000)]
+    pub heartbeat_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Shorter standard runs (45 min steady, two lessons).
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// With --trace: add a node at this many seconds.
+    #[arg(long, value_name = "SECS", requires = "trace")]
+    pub scale_out_at: Option<f64>,
+    /// With --trace: node 0 fails at this many seconds.
+    #[arg(long, value_name = "SECS", requires = "trace")]
+    pub fail_at: Option<f64>,
+}
+
+impl SimulateArgs {
+    /// The options of a standard run.
+    pub fn options(&self) -> Options {
+        let d = Options::default();
+        Options {
+            nodes: self.nodes,
+            capacity: self.capacity,
+            routers: self.routers,
+            heartbeat_ms: self.heartbeat_ms,
+            seed: self.seed,
+            workloads: if self.workload.is_empty() {
+                d.workloads
+            } else {
+                self.workload.clone()
+            },
+            hints: if self.hints.is_empty() {
+                d.hints
+            } else {
+                self.hints.clone()
+            },
+            policies: d.policies,
+            quick: self.quick,
+        }
+    }
+}
+
+/// Runs what the arguments ask for and returns the report.
+pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
+    let o = args.options();
+    anyhow::ensure!(o.nodes > 0, "--nodes must be at least 1");
+    anyhow::ensure!(o.capacity > 0.0, "--capacity must be positive");
+    let Some(path) = &args.trace else {
+        return Ok(run_all(&o));
+    };
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut w = read_trace(BufReader::new(file), &path.display().to_string())
+        .with_context(|| format!("reading {}", path.display()))?;
+    let ms = |s: f64| (s * SECOND as f64) as u64;
+    w.scale_out_at = args.scale_out_at.map(ms);
+    w.fail_at = args.fail_at.map(ms);
+    if let Some(first) = w.scale_out_at.into_iter().chain(w.fail_at).min() {
+        w.measure_until = w.measure_until.min(first);
+    }
+    Ok(Report {
+        setup: format!("trace {}; {}", path.display(), o.describe()),
+        workloads: vec![run_workload(&w, &Policy::standard(), &o.config())],
+        targets: vec![],
+    })
+}
+
+/// The `simulate` command: prints the table, writes JSON if `--json` was given.
+pub fn run_cli(args: &SimulateArgs) -> anyhow::Result<()> {
+    let report = run(args)?;
+    print!("{report}");
+    let winners = report.winners_over_default();
+    if !winners.is_empty() {
+        println!("\n== policies beating the default by more than 2%\n{winners}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json()?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+
+    #[test]
+    fn flags_map_onto_options() {
+        let cli = Cli::parse_from([
+            "x",
+            "--workload",
+            "school-day,small-rooms",
+            "--hints",
+            "exact",
+            "--nodes",
+            "8",
+            "--routers",
+            "2",
+            "--heartbeat-ms",
+            "5000",
+            "--seed",
+            "9",
+            "--quick",
+        ]);
+        let o = cli.args.options();
+        assert_eq!(
+            o.workloads,
+            vec![StandardWorkload::SchoolDay, StandardWorkload::SmallRooms]
+        );
+        assert_eq!(o.hints, vec![HintMode::Exact]);
+        assert_eq!(
+            (o.nodes, o.routers, o.heartbeat_ms, o.seed),
+            (8, 2, 5000, 9)
+        );
+        assert!(o.quick);
+    }
+
+    #[test]
+    fn trace_excludes_standard_workloads_and_churn_needs_a_trace() {
+        assert!(
+            Cli::try_parse_from(["x", "--trace", "t.txt", "--workload", "school-day"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["x", "--fail-at", "10"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--trace", "t.txt", "--fail-at", "10"]).is_ok());
+    }
+}

@@ -1,0 +1,693 @@
+//! The placement simulator: replays a workload through a placement policy in virtual time.
+//!
+//! Pure and deterministic: a discrete-event loop over a seeded workload, no clock, no threads,
+//! no I/O. It models what the real deployment sees: `routers` routers, each with its own
+//! `pending` per node (reset by each heartbeat) and, for ours, its own book of reservations;
+//! nodes that report their true load every `heartbeat_ms`; a shared pin store (a pinned room
+//! always joins its node; joins to a pinned node at or above `join_limit` are refused);
+//! a node added at the workload's scale-out time and node 0 failing at its failure time
+//! (its participants reconnect through the routers within 20 s, retrying every `retry_ms`
+//! while a router still sends them to the dead node).
+//!
+//! [`simulate`] runs one workload through one policy; [`standard::run_all`] runs the standard
+//! workloads through every policy; [`cli`] is the `simulate` command.
+
+pub mod cli;
+pub mod policy;
+pub mod report;
+pub mod standard;
+pub mod trace;
+pub mod workload;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::placement::hash::{node_hash, pair_hash, room_hash};
+use crate::placement::reservation::{expected_size, Reservation};
+use crate::placement::{decide, is_healthy, ChoiceRule, Decision, Hints, Millis, Params};
+pub use policy::Policy;
+use policy::{Ring, ViewNode};
+pub use report::{PolicyResult, Report, WorkloadResult};
+pub use workload::{HintMode, StandardWorkload, Workload};
+
+/// The cluster and the routers' knobs for one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimConfig {
+    /// Capacities of the initial nodes; a scale-out adds one of their mean capacity.
+    pub capacities: Vec<f64>,
+    pub routers: usize,
+    /// Every node reports its true load this often (staggered across nodes).
+    pub heartbeat_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub new_room_limit: f64,
+    pub join_limit: f64,
+    pub join_cost: f64,
+    /// Expected size of a room without hint or history.
+    pub new_room_reserve: u32,
+    pub reservation_ttl_ms: u64,
+    /// How often utilization is sampled for the figures.
+    pub sample_ms: u64,
+    /// Max/mean is averaged over the time the cluster is at least this busy.
+    pub busy_threshold: f64,
+    /// A participant sent to a dead node tries again after this long.
+    pub retry_ms: u64,
+    pub seed: u64,
+}
+
+impl SimConfig {
+    /// placement.md's defaults, for `nodes` equal nodes; heartbeat timeout three intervals.
+    pub fn new(nodes: usize, capacity: f64, routers: usize, heartbeat_ms: u64, seed: u64) -> Self {
+        let d = Params::default();
+        SimConfig {
+            capacities: vec![capacity; nodes],
+            routers: routers.max(1),
+            heartbeat_ms: heartbeat_ms.max(1),
+            heartbeat_timeout_ms: 3 * heartbeat_ms.max(1),
+            new_room_limit: d.new_room_limit,
+            join_limit: d.join_limit,
+            join_cost: 1.0,
+            new_room_reserve: 10,
+            reservation_ttl_ms: 5 * workload::MINUTE,
+            sample_ms: workload::SECOND,
+            busy_threshold: 0.30,
+            retry_ms: 2 * workload::SECOND,
+            seed,
+        }
+    }
+
+    fn params(&self, rule: ChoiceRule) -> Params {
+        Params {
+            new_room_limit: self.new_room_limit,
+            join_limit: self.join_limit,
+            heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+            region_affinity: false,
+            rule,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    /// Participant `p` of session `s` joins (`retry`: not a new request).
+    Join {
+        s: u32,
+        p: u32,
+        retry: bool,
+    },
+    Leave {
+        s: u32,
+        p: u32,
+    },
+    Heartbeat(u32),
+    ScaleOut,
+    Fail,
+    /// After the failure is detected: which other rooms would now go elsewhere.
+    ProbeAfterFailure,
+}
+
+struct Node {
+    hash: u64,
+    capacity: f64,
+    exists: bool,
+    alive: bool,
+    load: u32,
+    reported: f64,
+    last_hb: Option<Millis>,
+}
+
+struct Booked {
+    session: usize,
+    node: usize,
+    r: Reservation,
+    sent: u32,
+}
+
+struct Router {
+    pending: Vec<f64>,
+    reserved: Vec<f64>,
+    book: Vec<Booked>,
+    rng: StdRng,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Waiting,
+    Joined(usize),
+    Gone,
+}
+
+#[derive(Default)]
+struct Room {
+    hash: u64,
+    pin: Option<usize>,
+    /// Participants per node (more than one entry with a count > 0 is a split).
+    on: Vec<(usize, u32)>,
+    present: u32,
+    peak: u32,
+    split: bool,
+    first_node: Option<usize>,
+    /// Had participants on the node that failed, and has not come back yet.
+    on_failed: bool,
+}
+
+impl Room {
+    fn add(&mut self, node: usize) {
+        if self.on.iter().any(|&(n, c)| n != node && c > 0) {
+            self.split = true;
+        }
+        match self.on.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, c)) => *c += 1,
+            None => self.on.push((node, 1)),
+        }
+        self.present += 1;
+        self.peak = self.peak.max(self.present);
+    }
+
+    fn remove(&mut self, node: usize) {
+        if let Some((_, c)) = self.on.iter_mut().find(|(n, _)| *n == node) {
+            *c -= 1;
+        }
+        self.on.retain(|&(_, c)| c > 0);
+        self.present -= 1;
+    }
+
+    fn on_node(&self, node: usize) -> u32 {
+        self.on
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map_or(0, |&(_, c)| c)
+    }
+}
+
+#[derive(Default)]
+struct Sampler {
+    samples: u64,
+    busy: u64,
+    ratio_sum: f64,
+    peak: f64,
+    over: u64,
+}
+
+/// Runs `w` through `policy` on the cluster of `cfg`.
+pub fn simulate(w: &Workload, policy: Policy, cfg: &SimConfig) -> PolicyResult {
+    Sim::new(w, policy, cfg).run()
+}
+
+struct Sim<'a> {
+    w: &'a Workload,
+    policy: Policy,
+    cfg: &'a SimConfig,
+    params: Params,
+    nodes: Vec<Node>,
+    routers: Vec<Router>,
+    ring: Ring,
+    rooms: Vec<Room>,
+    presence: Vec<Vec<Presence>>,
+    history: HashMap<u64, u32>,
+    heap: BinaryHeap<Reverse<(Millis, u64, Ev)>>,
+    seq: u64,
+    view: Vec<ViewNode>,
+    rng: StdRng,
+    next_sample: Millis,
+    sampler: Sampler,
+    joins: u64,
+    refusals: u64,
+    refusals_measured: u64,
+    moved_on_scale_out: u64,
+    moved_on_failure: u64,
+    replaced_after_failure: u64,
+    /// Where each live room was routed just before the failure.
+    before_failure: Vec<Option<usize>>,
+}
+
+const FAILED_NODE: usize = 0;
+
+impl<'a> Sim<'a> {
+    fn new(w: &'a Workload, policy: Policy, cfg: &'a SimConfig) -> Self {
+        let n0 = cfg.capacities.len();
+        let mean = cfg.capacities.iter().sum::<f64>() / n0.max(1) as f64;
+        let mut nodes: Vec<Node> = cfg
+            .capacities
+            .iter()
+            .chain(w.scale_out_at.map(|_| mean).as_ref())
+            .enumerate()
+            .map(|(i, &capacity)| Node {
+                hash: node_hash(format!("node-{i}").as_bytes()),
+                capacity,
+                exists: i < n0,
+                alive: i < n0,
+                load: 0,
+                reported: 0.0,
+                last_hb: (i < n0).then_some(0),
+            })
+            .collect();
+        if nodes.is_empty() {
+            nodes.push(Node {
+                hash: node_hash(b"node-0"),
+                capacity: 1.0,
+                exists: false,
+                alive: false,
+                load: 0,
+                reported: 0.0,
+                last_hb: None,
+            });
+        }
+        let n = nodes.len();
+        let hashes: Vec<u64> = nodes.iter().map(|x| x.hash).collect();
+        let caps: Vec<f64> = nodes.iter().map(|x| x.capacity).collect();
+        let routers = (0..cfg.routers)
+            .map(|r| Router {
+                pending: vec![0.0; n],
+                reserved: vec![0.0; n],
+                book: Vec::new(),
+                rng: StdRng::seed_from_u64(cfg.seed ^ (r as u64).wrapping_mul(0x9e37_79b9)),
+            })
+            .collect();
+        let rule = match policy {
+            Policy::Ours { rule, .. } => rule,
+            _ => ChoiceRule::TopTwo,
+        };
+        let mut sim = Sim {
+            w,
+            policy,
+            cfg,
+            params: cfg.params(rule),
+            ring: Ring::new(&hashes, &caps),
+            nodes,
+            routers,
+            rooms: w
+                .sessions
+                .iter()
+                .map(|s| Room {
+                    hash: room_hash(s.room.as_bytes()),
+                    ..Room::default()
+                })
+                .collect(),
+            presence: w
+                .sessions
+                .iter()
+                .map(|s| vec![Presence::Waiting; s.stays.len()])
+                .collect(),
+            history: HashMap::new(),
+            heap: BinaryHeap::new(),
+            seq: 0,
+            view: Vec::with_capacity(n),
+            rng: StdRng::seed_from_u64(cfg.seed ^ 0xfa11),
+            next_sample: 0,
+            sampler: Sampler::default(),
+            joins: 0,
+            refusals: 0,
+            refusals_measured: 0,
+            moved_on_scale_out: 0,
+            moved_on_failure: 0,
+            replaced_after_failure: 0,
+            before_failure: Vec::new(),
+        };
+        for (s, session) in w.sessions.iter().enumerate() {
+            for (p, stay) in session.stays.iter().enumerate() {
+                let (s, p) = (s as u32, p as u32);
+                sim.push(stay.join, Ev::Join { s, p, retry: false });
+                sim.push(stay.leave, Ev::Leave { s, p });
+            }
+        }
+        for i in 0..n0 {
+            let phase = cfg.heartbeat_ms * i as u64 / n0 as u64;
+            sim.push(phase.max(1), Ev::Heartbeat(i as u32));
+        }
+        if let Some(t) = w.scale_out_at {
+            sim.push(t, Ev::ScaleOut);
+        }
+        if let Some(t) = w.fail_at {
+            if n0 > 0 {
+                sim.push(t, Ev::Fail);
+            }
+        }
+        sim
+    }
+
+    fn push(&mut self, t: Millis, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse((t, self.seq, ev)));
+    }
+
+    fn run(mut self) -> PolicyResult {
+        while let Some(Reverse((t, _, ev))) = self.heap.pop() {
+            if t >= self.w.end {
+                break;
+            }
+            self.sample_until(t);
+            match ev {
+                Ev::Join { s, p, retry } => self.join(t, s as usize, p as usize, retry),
+                Ev::Leave { s, p } => self.leave(s as usize, p as usize),
+                Ev::Heartbeat(i) => self.heartbeat(t, i as usize),
+                Ev::ScaleOut => self.scale_out(t),
+                Ev::Fail => self.fail(t),
+                Ev::ProbeAfterFailure => {
+                    let after = self.routes(t);
+                    self.moved_on_failure = (0..self.rooms.len())
+                        .filter(|&s| {
+                            let before = self.before_failure[s];
+                            !self.rooms[s].on_failed
+                                && before.is_some_and(|b| b != FAILED_NODE)
+                                && after[s].is_some()
+                                && after[s] != before
+                        })
+                        .count() as u64;
+                }
+            }
+        }
+        self.sample_until(self.w.end);
+        self.finish()
+    }
+
+    /// Takes the samples due up to (not including) `t`, while in the measured part.
+    fn sample_until(&mut self, t: Millis) {
+        let stop = t.min(self.w.measure_until);
+        while self.next_sample < stop {
+            self.next_sample += self.cfg.sample_ms;
+            let (mut load, mut cap, mut max_u, mut over) = (0.0, 0.0, 0.0f64, false);
+            for n in self.nodes.iter().filter(|n| n.exists && n.alive) {
+                let u = n.load as f64 / n.capacity;
+                load += n.load as f64;
+                cap += n.capacity;
+                max_u = max_u.max(u);
+                over |= u > 1.0;
+            }
+            let s = &mut self.sampler;
+            s.samples += 1;
+            s.peak = s.peak.max(max_u);
+            s.over += over as u64;
+            if cap > 0.0 && load / cap >= self.cfg.busy_threshold {
+                s.busy += 1;
+                s.ratio_sum += max_u / (load / cap);
+            }
+        }
+    }
+
+    fn router_of(&self, s: usize, p: usize) -> usize {
+        (pair_hash(s as u64, p as u64) % self.routers.len() as u64) as usize
+    }
+
+    fn fill_view(&mut self, r: usize) {
+        let router = &self.routers[r];
+        self.view.clear();
+        self.view
+            .extend(self.nodes.iter().enumerate().map(|(i, n)| ViewNode {
+                hash: n.hash,
+                capacity: n.capacity,
+                util: (n.reported + router.pending[i] + router.reserved[i]) / n.capacity,
+                last_heartbeat: if n.exists { n.last_hb } else { None },
+            }));
+    }
+
+    /// Where a join goes by the policy, as a placement `Decision`.
+    fn route(&mut self, t: Millis, s: usize, r: usize) -> Decision {
+        let room = self.rooms[s].hash;
+        let pinned = self.rooms[s].pin;
+        let p = &self.params;
+        let view = &self.view;
+        let full = |i: usize| view[i].util >= p.join_limit;
+        match self.policy {
+            Policy::Ours { .. } => decide(view, pinned, room, &Hints::default(), t, p),
+            Policy::LeastLoaded | Policy::TwoChoice => {
+                if let Some(i) = pinned.filter(|&i| is_healthy(&view[i], t, p.heartbeat_timeout_ms))
+                {
+                    return if full(i) {
+                        Decision::NodeFull(i)
+                    } else {
+                        Decision::Pinned(i)
+                    };
+                }
+                let pick = if self.policy == Policy::LeastLoaded {
+                    policy::least_loaded(view, t, p)
+                } else {
+                    policy::two_choice(view, t, p, &mut self.routers[r].rng)
+                };
+                match pick {
+                    Some(node) => Decision::Place {
+                        node,
+                        overflow: false,
+                    },
+                    None => Decision::NoCapacity,
+                }
+            }
+            Policy::ConsistentHash | Policy::BoundedLoadHash { .. } => {
+                let pick = match self.policy {
+                    Policy::BoundedLoadHash { factor } => {
+                        policy::bounded(&self.ring, view, room, t, p, factor)
+                    }
+                    _ => policy::consistent(&self.ring, view, room, t, p),
+                };
+                match pick {
+                    Some(i) if full(i) => Decision::NodeFull(i),
+                    Some(i) => Decision::Pinned(i),
+                    None => Decision::NoCapacity,
+                }
+            }
+        }
+    }
+
+    fn join(&mut self, t: Millis, s: usize, p: usize, retry: bool) {
+        if self.presence[s][p] != Presence::Waiting {
+            return;
+        }
+        if !retry {
+            self.joins += 1;
+        }
+        let r = self.router_of(s, p);
+        self.fill_view(r);
+        let node = match self.route(t, s, r) {
+            Decision::Pinned(i) => i,
+            Decision::Place { node, .. } => {
+                if self.policy.pins() {
+                    self.rooms[s].pin = Some(node);
+                }
+                if self.policy.reserves() {
+                    self.reserve(t, s, r, node);
+                }
+                node
+            }
+            Decision::NodeFull(_) | Decision::NoCapacity => {
+                self.refusals += 1;
+                if t < self.w.measure_until {
+                    self.refusals_measured += 1;
+                }
+                self.presence[s][p] = Presence::Gone;
+                return;
+            }
+        };
+        if !self.nodes[node].alive {
+            // The router does not know yet: the participant's client fails and tries again.
+            self.push(
+                t + self.cfg.retry_ms,
+                Ev::Join {
+                    s: s as u32,
+                    p: p as u32,
+                    retry: true,
+                },
+            );
+            return;
+        }
+        self.nodes[node].load += 1;
+        self.presence[s][p] = Presence::Joined(node);
+        let router = &mut self.routers[r];
+        router.pending[node] += self.cfg.join_cost;
+        if let Some(b) = router
+            .book
+            .iter_mut()
+            .find(|b| b.session == s && b.node == node)
+        {
+            b.sent += 1;
+            router.reserved[node] -= b.r.observe(b.sent) as f64;
+        }
+        let room = &mut self.rooms[s];
+        room.add(node);
+        room.first_node.get_or_insert(node);
+        if room.on_failed {
+            room.on_failed = false;
+            self.replaced_after_failure += 1;
+        }
+    }
+
+    /// Where the next join of each live room would go now, as router 0 sees it (`None` for
+    /// rooms nobody is in). Commits nothing.
+    fn routes(&mut self, t: Millis) -> Vec<Option<usize>> {
+        self.fill_view(0);
+        (0..self.rooms.len())
+            .map(|s| {
+                if self.rooms[s].present == 0 {
+                    return None;
+                }
+                match self.route(t, s, 0) {
+                    Decision::Pinned(i) | Decision::NodeFull(i) => Some(i),
+                    Decision::Place { node, .. } => Some(node),
+                    Decision::NoCapacity => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Live rooms routed somewhere before and elsewhere after.
+    fn changed(before: &[Option<usize>], after: &[Option<usize>]) -> u64 {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| b.is_some() && a.is_some() && b != a)
+            .count() as u64
+    }
+
+    /// Books the room's expected size on `node` in router `r`.
+    fn reserve(&mut self, t: Millis, s: usize, r: usize, node: usize) {
+        let history = self.history.get(&self.rooms[s].hash).copied();
+        let (size, _) = expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve);
+        let router = &mut self.routers[r];
+        router.book.retain(|b| b.session != s);
+        router.book.push(Booked {
+            session: s,
+            node,
+            r: Reservation::new(size, t, self.cfg.reservation_ttl_ms),
+            sent: 0,
+        });
+        router.reserved[node] += size as f64;
+    }
+
+    fn leave(&mut self, s: usize, p: usize) {
+        if let Presence::Joined(node) = self.presence[s][p] {
+            self.nodes[node].load -= 1;
+            let room = &mut self.rooms[s];
+            room.remove(node);
+            if room.present == 0 {
+                // The node reports the room empty: the pin is released and its peak learned.
+                room.pin = None;
+                self.history.insert(room.hash, room.peak);
+                room.peak = 0;
+            }
+        }
+        self.presence[s][p] = Presence::Gone;
+    }
+
+    fn heartbeat(&mut self, t: Millis, i: usize) {
+        if !self.nodes[i].alive {
+            return;
+        }
+        let n = &mut self.nodes[i];
+        n.reported = n.load as f64;
+        n.last_hb = Some(t);
+        let rooms = &self.rooms;
+        for router in &mut self.routers {
+            router.pending[i] = 0.0;
+            let mut reserved = 0.0;
+            router.book.retain_mut(|b| {
+                if b.node != i {
+                    return true;
+                }
+                b.r.observe(rooms[b.session].on_node(i));
+                let keep = !b.r.is_done(t);
+                if keep {
+                    reserved += b.r.outstanding() as f64;
+                }
+                keep
+            });
+            router.reserved[i] = reserved;
+        }
+        self.push(t + self.cfg.heartbeat_ms, Ev::Heartbeat(i as u32));
+    }
+
+    fn scale_out(&mut self, t: Millis) {
+        let before = self.routes(t);
+        let i = self.cfg.capacities.len();
+        let n = &mut self.nodes[i];
+        n.exists = true;
+        n.alive = true;
+        n.last_hb = Some(t);
+        self.push(t + self.cfg.heartbeat_ms, Ev::Heartbeat(i as u32));
+        self.moved_on_scale_out = Self::changed(&before, &self.routes(t));
+    }
+
+    fn fail(&mut self, t: Millis) {
+        self.before_failure = self.routes(t);
+        self.nodes[FAILED_NODE].alive = false;
+        self.nodes[FAILED_NODE].load = 0;
+        self.push(t + self.cfg.heartbeat_timeout_ms + 1, Ev::ProbeAfterFailure);
+        for room in &mut self.rooms {
+            room.on_failed = room.on_node(FAILED_NODE) > 0;
+        }
+        for s in 0..self.presence.len() {
+            for p in 0..self.presence[s].len() {
+                if self.presence[s][p] == Presence::Joined(FAILED_NODE) {
+                    self.rooms[s].remove(FAILED_NODE);
+                    self.presence[s][p] = Presence::Waiting;
+                    let back = t + self
+                        .rng
+                        .random_range(workload::SECOND..=20 * workload::SECOND);
+                    let (s, p) = (s as u32, p as u32);
+                    self.push(back, Ev::Join { s, p, retry: true });
+                }
+            }
+        }
+    }
+
+    fn herd_peak(&self) -> Option<f64> {
+        let mut worst: Option<f64> = None;
+        for &(a, b) in &self.w.bursts {
+            let mut count = vec![0u32; self.nodes.len()];
+            let mut total = 0u32;
+            for (s, session) in self.w.sessions.iter().enumerate() {
+                let start = session.start();
+                if start >= a && start < b {
+                    if let Some(n) = self.rooms[s].first_node {
+                        count[n] += 1;
+                        total += 1;
+                    }
+                }
+            }
+            if total < 10 {
+                continue;
+            }
+            // Fair shares among the nodes up at the burst's start.
+            let n0 = self.cfg.capacities.len();
+            let up = |i: usize| {
+                (i < n0 || self.w.scale_out_at.is_some_and(|x| x <= a))
+                    && !(i == FAILED_NODE && self.w.fail_at.is_some_and(|x| x <= a))
+            };
+            let cap: f64 = (0..self.nodes.len())
+                .filter(|&i| up(i))
+                .map(|i| self.nodes[i].capacity)
+                .sum();
+            let herd = (0..self.nodes.len())
+                .filter(|&i| up(i))
+                .map(|i| (count[i] as f64 / total as f64) / (self.nodes[i].capacity / cap))
+                .fold(0.0, f64::max);
+            worst = Some(worst.map_or(herd, |w: f64| w.max(herd)));
+        }
+        worst
+    }
+
+    fn finish(self) -> PolicyResult {
+        let sm = &self.sampler;
+        PolicyResult {
+            policy: self.policy.name(),
+            spec: self.policy,
+            max_over_mean: if sm.busy > 0 {
+                sm.ratio_sum / sm.busy as f64
+            } else {
+                f64::NAN
+            },
+            busy_share: sm.busy as f64 / sm.samples.max(1) as f64,
+            peak_utilization: sm.peak,
+            over_capacity_share: sm.over as f64 / sm.samples.max(1) as f64,
+            joins: self.joins,
+            refusals: self.refusals_measured,
+            refusals_total: self.refusals,
+            herd_peak: self.herd_peak(),
+            moved_on_scale_out: self.moved_on_scale_out,
+            moved_on_failure: self.moved_on_failure,
+            replaced_after_failure: self.replaced_after_failure,
+            split_rooms: self.rooms.iter().filter(|r| r.split).count() as u64,
+        }
+    }
+}

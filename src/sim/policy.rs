@@ -1,0 +1,287 @@
+//! The placement policies the simulator compares, and how each one picks a node.
+//!
+//! Ours calls the real [`crate::placement::decide`]; the others are re-implemented here from
+//! their documented behaviour, over the same router view (last report + pending (+ reserved
+//! for ours)): Scalelite's least-loaded, LiveKit's `twochoice`, HAProxy's
+//! `hash-type consistent`, and HAProxy's consistent hashing with bounded loads
+//! (`hash-balance-factor`). The hashing policies keep no pins (HAProxy routes every request by
+//! its key), so they can split a room; the others pin a room to its node.
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::placement::hash::pair_hash;
+use crate::placement::{is_healthy, AdminState, ChoiceRule, Millis, NodeView, Params};
+
+/// One placement policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Policy {
+    /// `placement::decide` with this rule, with or without expected-size reservation.
+    Ours { rule: ChoiceRule, reservation: bool },
+    /// The healthy node with the lowest utilization (Scalelite).
+    LeastLoaded,
+    /// The less loaded of two random nodes under the limit (LiveKit `twochoice`).
+    TwoChoice,
+    /// A consistent-hash ring, no pins (HAProxy `hash-type consistent`).
+    ConsistentHash,
+    /// The ring, skipping nodes above `factor` times the mean load (HAProxy
+    /// `hash-balance-factor`, e.g. 1.25 for 125).
+    BoundedLoadHash { factor: f64 },
+}
+
+impl Policy {
+    /// The product's default: the top-two rule with reservation.
+    pub const DEFAULT: Policy = Policy::Ours {
+        rule: ChoiceRule::TopTwo,
+        reservation: true,
+    };
+
+    /// Every policy of the standard comparison: each of our rules with and without
+    /// reservation, then the four others.
+    pub fn standard() -> Vec<Policy> {
+        let mut v = Vec::new();
+        for rule in ChoiceRule::ALL {
+            for reservation in [true, false] {
+                v.push(Policy::Ours { rule, reservation });
+            }
+        }
+        v.extend([
+            Policy::LeastLoaded,
+            Policy::TwoChoice,
+            Policy::ConsistentHash,
+            Policy::BoundedLoadHash { factor: 1.25 },
+        ]);
+        v
+    }
+
+    pub fn name(&self) -> String {
+        match *self {
+            Policy::Ours { rule, reservation } => {
+                format!(
+                    "ours:{}{}",
+                    rule.name(),
+                    if reservation { "+res" } else { "" }
+                )
+            }
+            Policy::LeastLoaded => "scalelite_least_loaded".into(),
+            Policy::TwoChoice => "livekit_two_choice".into(),
+            Policy::ConsistentHash => "haproxy_consistent".into(),
+            Policy::BoundedLoadHash { factor } => format!("haproxy_bounded_{factor}"),
+        }
+    }
+
+    /// Whether the policy stores a room -> node pin (and so never splits a room).
+    pub fn pins(&self) -> bool {
+        !matches!(
+            self,
+            Policy::ConsistentHash | Policy::BoundedLoadHash { .. }
+        )
+    }
+
+    /// Whether new rooms reserve their expected size.
+    pub fn reserves(&self) -> bool {
+        matches!(
+            self,
+            Policy::Ours {
+                reservation: true,
+                ..
+            }
+        )
+    }
+}
+
+/// What a router knows about one node, as [`NodeView`] for `placement::decide`.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewNode {
+    pub hash: u64,
+    pub capacity: f64,
+    /// (reported load + pending + reserved) / capacity.
+    pub util: f64,
+    pub last_heartbeat: Option<Millis>,
+}
+
+impl NodeView for ViewNode {
+    fn node_hash(&self) -> u64 {
+        self.hash
+    }
+    fn capacity(&self) -> f64 {
+        self.capacity
+    }
+    fn utilization(&self) -> f64 {
+        self.util
+    }
+    fn last_heartbeat(&self) -> Option<Millis> {
+        self.last_heartbeat
+    }
+    fn state(&self) -> AdminState {
+        AdminState::Active
+    }
+    fn region(&self) -> Option<&str> {
+        None
+    }
+    fn has_tag(&self, _tag: &str) -> bool {
+        false
+    }
+}
+
+fn healthy(v: &ViewNode, now: Millis, p: &Params) -> bool {
+    is_healthy(v, now, p.heartbeat_timeout_ms)
+}
+
+/// Scalelite: the healthy node with the lowest utilization below `join_limit` (ties: the
+/// lowest index, as a database `ORDER BY load` would give a stable order).
+pub fn least_loaded(nodes: &[ViewNode], now: Millis, p: &Params) -> Option<usize> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| healthy(v, now, p) && v.util < p.join_limit)
+        .min_by(|a, b| a.1.util.total_cmp(&b.1.util))
+        .map(|(i, _)| i)
+}
+
+/// LiveKit `twochoice`: two random nodes among those below `new_room_limit` (else below
+/// `join_limit`), the less loaded of the two.
+pub fn two_choice(nodes: &[ViewNode], now: Millis, p: &Params, rng: &mut StdRng) -> Option<usize> {
+    let pool = |limit: f64| -> Vec<usize> {
+        (0..nodes.len())
+            .filter(|&i| healthy(&nodes[i], now, p) && nodes[i].util < limit)
+            .collect()
+    };
+    let mut c = pool(p.new_room_limit);
+    if c.is_empty() {
+        c = pool(p.join_limit);
+    }
+    match c.len() {
+        0 => None,
+        1 => Some(c[0]),
+        n => {
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (c[a], c[b]);
+            Some(if nodes[b].util < nodes[a].util { b } else { a })
+        }
+    }
+}
+
+/// Points per unit of relative weight on the ring (HAProxy uses a few dozen to a few hundred).
+pub const RING_POINTS: f64 = 100.0;
+
+/// A consistent-hash ring over every node the run may ever have.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    points: Vec<(u64, usize)>,
+}
+
+impl Ring {
+    /// Node `i` gets `RING_POINTS * capacity_i / mean capacity` points.
+    pub fn new(hashes: &[u64], capacities: &[f64]) -> Ring {
+        let mean = capacities.iter().sum::<f64>() / capacities.len().max(1) as f64;
+        let mut points = Vec::new();
+        for (i, (&h, &c)) in hashes.iter().zip(capacities).enumerate() {
+            let n = (RING_POINTS * c / mean).round().max(1.0) as u64;
+            points.extend((0..n).map(|k| (pair_hash(k, h), i)));
+        }
+        points.sort_unstable();
+        Ring { points }
+    }
+
+    /// Nodes clockwise from `key`, one entry per point, once round the ring.
+    pub fn walk(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.points.partition_point(|&(p, _)| p < key);
+        self.points[start..]
+            .iter()
+            .chain(&self.points[..start])
+            .map(|&(_, i)| i)
+    }
+}
+
+/// HAProxy `hash-type consistent`: the first healthy node clockwise from the room's hash.
+pub fn consistent(
+    ring: &Ring,
+    nodes: &[ViewNode],
+    room: u64,
+    now: Millis,
+    p: &Params,
+) -> Option<usize> {
+    ring.walk(room).find(|&i| healthy(&nodes[i], now, p))
+}
+
+/// HAProxy consistent hashing with bounded loads: the first healthy node clockwise whose load
+/// after this join stays within `factor` times its fair share of the total (+1) load; if none,
+/// the first healthy node.
+pub fn bounded(
+    ring: &Ring,
+    nodes: &[ViewNode],
+    room: u64,
+    now: Millis,
+    p: &Params,
+    factor: f64,
+) -> Option<usize> {
+    let (mut total, mut cap) = (0.0, 0.0);
+    for v in nodes.iter().filter(|v| healthy(v, now, p)) {
+        total += v.util * v.capacity;
+        cap += v.capacity;
+    }
+    ring.walk(room)
+        .find(|&i| {
+            let v = &nodes[i];
+            healthy(v, now, p)
+                && v.util * v.capacity + 1.0 <= ((total + 1.0) * factor * v.capacity / cap).ceil()
+        })
+        .or_else(|| consistent(ring, nodes, room, now, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::hash::node_hash;
+    use rand::SeedableRng;
+
+    fn views(utils: &[f64]) -> Vec<ViewNode> {
+        utils
+            .iter()
+            .enumerate()
+            .map(|(i, &u)| ViewNode {
+                hash: node_hash(format!("n{i}").as_bytes()),
+                capacity: 100.0,
+                util: u,
+                last_heartbeat: Some(0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn least_loaded_takes_the_emptiest_healthy_node() {
+        let mut v = views(&[0.5, 0.2, 0.1]);
+        v[2].last_heartbeat = None;
+        assert_eq!(least_loaded(&v, 1, &Params::default()), Some(1));
+    }
+
+    #[test]
+    fn two_choice_never_takes_the_most_loaded_of_three() {
+        let v = views(&[0.5, 0.2, 0.6]);
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..50 {
+            assert_ne!(two_choice(&v, 1, &Params::default(), &mut rng), Some(2));
+        }
+    }
+
+    #[test]
+    fn bounded_hash_skips_a_node_above_its_bound() {
+        let v = views(&[0.0, 0.0, 0.0]);
+        let hashes: Vec<u64> = v.iter().map(|n| n.hash).collect();
+        let ring = Ring::new(&hashes, &[100.0; 3]);
+        let p = Params::default();
+        let first = consistent(&ring, &v, 42, 1, &p).unwrap();
+        let mut hot = v.clone();
+        hot[first].util = 0.5;
+        assert_eq!(bounded(&ring, &v, 42, 1, &p, 1.25), Some(first));
+        assert_ne!(bounded(&ring, &hot, 42, 1, &p, 1.25), Some(first));
+        assert_eq!(consistent(&ring, &hot, 42, 1, &p), Some(first));
+    }
+}

@@ -1,0 +1,208 @@
+//! The figures of a run, per workload and policy, and how they print (text table, JSON).
+//!
+//! [`PolicyResult`] is what one run of one policy yields; a [`Report`] gathers them per
+//! workload with the issue's target checks, prints as a readable table (`Display`) and
+//! serializes with serde.
+
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::Policy;
+
+/// The figures of one policy on one workload. Balance figures (max/mean, peak, over-capacity
+/// time, refusals, herding) cover the measured part, before any scale-out or failure; moves
+/// and splits cover the whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyResult {
+    pub policy: String,
+    pub spec: Policy,
+    /// Time-averaged max/mean node utilization while the cluster is at least 30% busy.
+    pub max_over_mean: f64,
+    /// Share of the measured time the cluster was that busy.
+    pub busy_share: f64,
+    /// Highest utilization of any node.
+    pub peak_utilization: f64,
+    /// Share of the measured time any node was over its capacity.
+    pub over_capacity_share: f64,
+    /// Participants who asked to join (over the whole run).
+    pub joins: u64,
+    /// Joins refused in the measured part (`node_full` or `no_capacity`).
+    pub refusals: u64,
+    /// Joins refused over the whole run.
+    pub refusals_total: u64,
+    /// Largest share of a burst's rooms one node got, relative to its fair (capacity) share.
+    pub herd_peak: Option<f64>,
+    /// Live rooms whose next join would go to another node right after the scale-out.
+    pub moved_on_scale_out: u64,
+    /// Live rooms not on the failed node whose next join would go to another node once the
+    /// failure is detected.
+    pub moved_on_failure: u64,
+    /// Live rooms of the failed node that came back on another node.
+    pub replaced_after_failure: u64,
+    /// Rooms that had participants on two nodes at once.
+    pub split_rooms: u64,
+}
+
+/// All policies on one workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadResult {
+    pub workload: String,
+    pub results: Vec<PolicyResult>,
+}
+
+impl WorkloadResult {
+    pub fn get(&self, p: Policy) -> Option<&PolicyResult> {
+        self.results.iter().find(|r| r.spec == p)
+    }
+
+    /// The best (lowest) value of a figure, and who has it: over all policies, or with
+    /// `whole_rooms` only over those that split no room (the product never splits one, so a
+    /// policy that does is no candidate for the default).
+    pub fn best(
+        &self,
+        f: impl Fn(&PolicyResult) -> f64,
+        whole_rooms: bool,
+    ) -> Option<(&PolicyResult, f64)> {
+        self.results
+            .iter()
+            .filter(|r| !whole_rooms || r.split_rooms == 0)
+            .map(|r| (r, f(r)))
+            .filter(|(_, v)| v.is_finite())
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+/// One of the issue's targets, checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetCheck {
+    pub target: String,
+    pub met: bool,
+    pub detail: String,
+}
+
+/// Everything a standard run produces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// What was run (nodes, routers, heartbeat, seed, ...), as text.
+    pub setup: String,
+    pub workloads: Vec<WorkloadResult>,
+    pub targets: Vec<TargetCheck>,
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+impl fmt::Display for WorkloadResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "== {}", self.workload)?;
+        writeln!(
+            f,
+            "{:<26} {:>8} {:>6} {:>7} {:>8} {:>6} {:>9} {:>9} {:>8} {:>6}",
+            "policy",
+            "max/mean",
+            "peak",
+            "over%",
+            "refused",
+            "herd",
+            "mv:scale",
+            "mv:fail",
+            "replaced",
+            "splits"
+        )?;
+        for r in &self.results {
+            writeln!(
+                f,
+                "{:<26} {:>8.3} {:>6.3} {:>7.2} {:>8} {:>6} {:>9} {:>9} {:>8} {:>6}",
+                r.policy,
+                r.max_over_mean,
+                r.peak_utilization,
+                100.0 * r.over_capacity_share,
+                r.refusals,
+                opt(r.herd_peak),
+                r.moved_on_scale_out,
+                r.moved_on_failure,
+                r.replaced_after_failure,
+                r.split_rooms
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.setup)?;
+        writeln!(
+            f,
+            "max/mean: time-averaged while >=30% busy; peak: highest node utilization; \
+             over%: time any node > capacity;\nherd: burst share of the most-hit node / fair \
+             share; mv:scale / mv:fail: live rooms moved by the scale-out / the failure \
+             (others than the failed node's); replaced: the failed node's rooms re-placed.\n"
+        )?;
+        for w in &self.workloads {
+            writeln!(f, "{w}")?;
+        }
+        if !self.targets.is_empty() {
+            writeln!(f, "== targets")?;
+            for t in &self.targets {
+                writeln!(
+                    f,
+                    "[{}] {}: {}",
+                    if t.met { "met" } else { "MISSED" },
+                    t.target,
+                    t.detail
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(self)
+    }
+
+    /// Policies that beat the default on a figure somewhere by more than 2%, one line each.
+    pub fn winners_over_default(&self) -> String {
+        let mut out = String::new();
+        for w in &self.workloads {
+            let Some(d) = w.get(Policy::DEFAULT) else {
+                continue;
+            };
+            for (name, f) in FIGURES {
+                if let Some((best, v)) = w.best(f, false) {
+                    if v < f(d) / 1.02 {
+                        let _ = writeln!(
+                            out,
+                            "{}: {} best by {} ({:.3} vs default {:.3}){}",
+                            w.workload,
+                            name,
+                            best.policy,
+                            v,
+                            f(d),
+                            if best.split_rooms > 0 {
+                                format!(", splitting {} rooms", best.split_rooms)
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Reads one figure of a result.
+pub type Figure = fn(&PolicyResult) -> f64;
+
+/// The figures the default must lead (or be within 2% of the best) on.
+pub const FIGURES: [(&str, Figure); 2] = [
+    ("max/mean", |r| r.max_over_mean),
+    ("peak", |r| r.peak_utilization),
+];

@@ -1,0 +1,430 @@
+//! Workloads: who joins which room when, generated from a seed or read from a trace.
+//!
+//! A [`Workload`] is plain data (room sessions, each with its participants' stays, plus the
+//! burst windows and the scale-out / failure times), so the very same workload is replayed
+//! through every policy. The three standard workloads of the simulator issue live here:
+//! steady small rooms, steady heavy-tailed rooms and the school day, each with size hints
+//! absent, noisy or exact. Hints come from their own random stream, so the three hint modes
+//! of a workload have identical sessions.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Exp, Zipf};
+use serde::{Deserialize, Serialize};
+
+use crate::placement::Millis;
+
+pub const SECOND: Millis = 1_000;
+pub const MINUTE: Millis = 60 * SECOND;
+pub const HOUR: Millis = 60 * MINUTE;
+
+/// One participant's presence in a room: joins at `join`, leaves at `leave` (> `join`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stay {
+    pub join: Millis,
+    pub leave: Millis,
+}
+
+/// One session of a room: from its first join until it is empty again. Recurring rooms have
+/// several sessions with the same `room` key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// The room key (what the real router hashes).
+    pub room: String,
+    /// The size hint a join carries, if any.
+    pub hint: Option<u32>,
+    /// Participants, in any order.
+    pub stays: Vec<Stay>,
+}
+
+impl Session {
+    /// Time of the first join.
+    pub fn start(&self) -> Millis {
+        self.stays.iter().map(|s| s.join).min().unwrap_or(0)
+    }
+}
+
+/// A complete workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    pub name: String,
+    pub sessions: Vec<Session>,
+    /// Windows in which many rooms start together; sessions starting in one form a burst.
+    pub bursts: Vec<(Millis, Millis)>,
+    /// Balance figures (utilization, refusals, herding) are measured before this time.
+    pub measure_until: Millis,
+    /// When a node is added (scale-out), if ever.
+    pub scale_out_at: Option<Millis>,
+    /// When node 0 fails (stops for good), if ever.
+    pub fail_at: Option<Millis>,
+    /// The simulation stops here.
+    pub end: Millis,
+}
+
+/// Which of the standard workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StandardWorkload {
+    /// (a) steady state, rooms of 2-6 participants.
+    SmallRooms,
+    /// (b) steady state, Zipf-like room sizes up to 30% of a node.
+    HeavyTailed,
+    /// (c) hundreds of rooms starting within a minute every hour, growing over minutes.
+    SchoolDay,
+}
+
+impl StandardWorkload {
+    pub const ALL: [StandardWorkload; 3] = [
+        StandardWorkload::SmallRooms,
+        StandardWorkload::HeavyTailed,
+        StandardWorkload::SchoolDay,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StandardWorkload::SmallRooms => "small_rooms",
+            StandardWorkload::HeavyTailed => "heavy_tailed",
+            StandardWorkload::SchoolDay => "school_day",
+        }
+    }
+}
+
+/// What the joins say about the room's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum HintMode {
+    /// No hint: the router uses history, else its default reserve.
+    Absent,
+    /// The true size times a random factor in 0.6..1.4.
+    Noisy,
+    /// The true size.
+    Exact,
+}
+
+impl HintMode {
+    pub const ALL: [HintMode; 3] = [HintMode::Absent, HintMode::Noisy, HintMode::Exact];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HintMode::Absent => "absent",
+            HintMode::Noisy => "noisy",
+            HintMode::Exact => "exact",
+        }
+    }
+}
+
+/// The knobs of the generated workloads. [`WorkloadParams::standard`] gives the issue's
+/// figures; tests shrink them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadParams {
+    /// Total capacity of the initial cluster, in load units.
+    pub total_capacity: f64,
+    /// Capacity of one node (sets the largest heavy-tailed room).
+    pub node_capacity: f64,
+    pub seed: u64,
+    /// Steady workloads: length of the measured part (then scale-out, failure, 30 min more).
+    pub steady_measure: Millis,
+    /// Steady workloads: target mean utilization.
+    pub steady_utilization: f64,
+    /// School day: number of lessons (one burst each, an hour apart).
+    pub lessons: u32,
+    /// School day: rooms starting per lesson, per node of the initial cluster.
+    pub lesson_rooms_per_node: f64,
+    /// School day: number of nodes (with `lesson_rooms_per_node`, the rooms per burst).
+    pub nodes: usize,
+    /// School day: utilization of the background small rooms.
+    pub background_utilization: f64,
+}
+
+impl WorkloadParams {
+    /// The standard figures for `nodes` nodes of `node_capacity` each.
+    pub fn standard(nodes: usize, node_capacity: f64, seed: u64) -> Self {
+        WorkloadParams {
+            total_capacity: nodes as f64 * node_capacity,
+            node_capacity,
+            seed,
+            steady_measure: 150 * MINUTE,
+            steady_utilization: 0.65,
+            lessons: 4,
+            lesson_rooms_per_node: 12.5,
+            nodes,
+            background_utilization: 0.10,
+        }
+    }
+}
+
+/// Generates a standard workload.
+pub fn generate(kind: StandardWorkload, hints: HintMode, p: &WorkloadParams) -> Workload {
+    let mut w = match kind {
+        StandardWorkload::SmallRooms => steady(kind, p, &SizeDist::Uniform(2, 6)),
+        StandardWorkload::HeavyTailed => {
+            let max = ((0.3 * p.node_capacity).round() as u32).max(3);
+            steady(kind, p, &SizeDist::Zipf { max, s: 1.2 })
+        }
+        StandardWorkload::SchoolDay => school_day(p),
+    };
+    apply_hints(&mut w, hints, p.seed);
+    w.name = format!("{}/{}", kind.name(), hints.name());
+    w
+}
+
+/// Sets each session's hint from its true size (its number of stays).
+pub fn apply_hints(w: &mut Workload, mode: HintMode, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x4849_4e54);
+    for s in &mut w.sessions {
+        let size = s.stays.len() as f64;
+        let noise: f64 = rng.random_range(0.6..1.4);
+        s.hint = match mode {
+            HintMode::Absent => None,
+            HintMode::Exact => Some(s.stays.len() as u32),
+            HintMode::Noisy => Some(((size * noise).round() as u32).max(1)),
+        };
+    }
+}
+
+enum SizeDist {
+    Uniform(u32, u32),
+    /// 1 + Zipf over 1..max-1: sizes 2..=max.
+    Zipf {
+        max: u32,
+        s: f64,
+    },
+}
+
+impl SizeDist {
+    fn mean(&self) -> f64 {
+        match *self {
+            SizeDist::Uniform(a, b) => (a + b) as f64 / 2.0,
+            SizeDist::Zipf { max, s } => {
+                let n = max - 1;
+                let z: f64 = (1..=n).map(|k| (k as f64).powf(-s)).sum();
+                let m: f64 = (1..=n).map(|k| (k as f64).powf(1.0 - s)).sum();
+                1.0 + m / z
+            }
+        }
+    }
+
+    fn sample(&self, rng: &mut StdRng) -> u32 {
+        match *self {
+            SizeDist::Uniform(a, b) => rng.random_range(a..=b),
+            SizeDist::Zipf { max, s } => {
+                let z = Zipf::new((max - 1) as f64, s).expect("valid Zipf parameters");
+                1 + z.sample(rng) as u32
+            }
+        }
+    }
+}
+
+const STEADY_MEAN_DURATION: Millis = 30 * MINUTE;
+const STEADY_MIN_DURATION: Millis = 5 * MINUTE;
+
+/// Stays of a room of `size` from `start` to `end`: joins spread after the start (mean
+/// `growth`, capped at `growth_cap`), leaves in the last minute or two, one in ten early.
+fn stays(
+    rng: &mut StdRng,
+    start: Millis,
+    end: Millis,
+    size: u32,
+    growth: f64,
+    growth_cap: Millis,
+) -> Vec<Stay> {
+    let grow = Exp::new(1.0 / growth).expect("positive mean");
+    (0..size)
+        .map(|i| {
+            let delay = if i == 0 {
+                0
+            } else {
+                (grow.sample(rng) as Millis).min(growth_cap)
+            };
+            let join = start + delay;
+            let mut leave = end.saturating_sub(rng.random_range(0..=2 * MINUTE));
+            if rng.random_bool(0.1) {
+                leave = rng.random_range(join..=leave.max(join));
+            }
+            Stay {
+                join,
+                leave: leave.max(join + SECOND),
+            }
+        })
+        .collect()
+}
+
+/// Steady state: Poisson room arrivals with exponential durations, sized to the target
+/// utilization; scale-out at the end of the measured part, node failure 10 min later.
+fn steady(kind: StandardWorkload, p: &WorkloadParams, sizes: &SizeDist) -> Workload {
+    let mut rng = StdRng::seed_from_u64(p.seed ^ kind as u64);
+    let measure_until = p.steady_measure;
+    let scale_out_at = measure_until;
+    let fail_at = measure_until + 10 * MINUTE;
+    let end = measure_until + 30 * MINUTE;
+    let sessions = poisson_rooms(
+        &mut rng,
+        p.total_capacity * p.steady_utilization,
+        sizes,
+        end,
+        "r",
+    );
+    Workload {
+        name: kind.name().to_string(),
+        sessions,
+        bursts: vec![],
+        measure_until,
+        scale_out_at: Some(scale_out_at),
+        fail_at: Some(fail_at),
+        end,
+    }
+}
+
+/// Rooms arriving as a Poisson process over `0..end` with a mean load of `load` units.
+fn poisson_rooms(
+    rng: &mut StdRng,
+    load: f64,
+    sizes: &SizeDist,
+    end: Millis,
+    prefix: &str,
+) -> Vec<Session> {
+    // A participant stays about 7% less than the room lasts (late joins, early leaves).
+    let mean_duration = (STEADY_MEAN_DURATION + STEADY_MIN_DURATION) as f64 * 0.93;
+    let rate = load / (sizes.mean() * mean_duration); // rooms per ms
+    let gap = Exp::new(rate).expect("positive rate");
+    let dur = Exp::new(1.0 / STEADY_MEAN_DURATION as f64).expect("positive mean");
+    let mut t = 0.0;
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    loop {
+        t += gap.sample(rng);
+        if t as Millis >= end {
+            return out;
+        }
+        let start = t as Millis;
+        let d = STEADY_MIN_DURATION + dur.sample(rng) as Millis;
+        let size = sizes.sample(rng);
+        out.push(Session {
+            room: format!("{prefix}-{i}"),
+            hint: None,
+            stays: stays(rng, start, start + d, size, 20_000.0, 3 * MINUTE),
+        });
+        i += 1;
+    }
+}
+
+/// The school day: background small rooms, and every hour a lesson: hundreds of recurring
+/// class rooms starting within a minute and filling up over a few minutes, for 50 minutes.
+fn school_day(p: &WorkloadParams) -> Workload {
+    let mut rng = StdRng::seed_from_u64(p.seed ^ 0x5c4001);
+    let first = 30 * MINUTE;
+    let lessons = p.lessons.max(1) as Millis;
+    let last = first + (lessons - 1) * HOUR;
+    let measure_until = last + 25 * MINUTE;
+    let scale_out_at = measure_until;
+    let fail_at = measure_until + 10 * MINUTE;
+    let end = last + 55 * MINUTE;
+    let mut sessions = poisson_rooms(
+        &mut rng,
+        p.total_capacity * p.background_utilization,
+        &SizeDist::Uniform(2, 6),
+        end,
+        "bg",
+    );
+    let classes = (p.lesson_rooms_per_node * p.nodes as f64).round().max(1.0) as usize;
+    let nominal: Vec<u32> = (0..classes).map(|_| rng.random_range(4..=25)).collect();
+    let mut bursts = Vec::new();
+    for l in 0..lessons {
+        let t0 = first + l * HOUR;
+        bursts.push((t0, t0 + MINUTE));
+        for (c, &n) in nominal.iter().enumerate() {
+            let start = t0 + rng.random_range(0..MINUTE);
+            let present = ((n as f64 * rng.random_range(0.75..=1.0)).round() as u32).max(2);
+            sessions.push(Session {
+                room: format!("class-{c}"),
+                hint: None,
+                stays: stays(
+                    &mut rng,
+                    start,
+                    start + 50 * MINUTE,
+                    present,
+                    60_000.0,
+                    5 * MINUTE,
+                ),
+            });
+        }
+    }
+    Workload {
+        name: StandardWorkload::SchoolDay.name().to_string(),
+        sessions,
+        bursts,
+        measure_until,
+        scale_out_at: Some(scale_out_at),
+        fail_at: Some(fail_at),
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> WorkloadParams {
+        let mut p = WorkloadParams::standard(4, 100.0, 7);
+        p.steady_measure = 60 * MINUTE;
+        p.lessons = 2;
+        p
+    }
+
+    #[test]
+    fn hint_modes_share_the_same_sessions() {
+        let p = small();
+        let a = generate(StandardWorkload::HeavyTailed, HintMode::Absent, &p);
+        let e = generate(StandardWorkload::HeavyTailed, HintMode::Exact, &p);
+        assert_eq!(a.sessions.len(), e.sessions.len());
+        for (x, y) in a.sessions.iter().zip(&e.sessions) {
+            assert_eq!(x.stays, y.stays);
+            assert_eq!(x.hint, None);
+            assert_eq!(y.hint, Some(y.stays.len() as u32));
+        }
+    }
+
+    #[test]
+    fn small_rooms_have_two_to_six_participants() {
+        let w = generate(StandardWorkload::SmallRooms, HintMode::Absent, &small());
+        assert!(w.sessions.len() > 50);
+        assert!(w.sessions.iter().all(|s| (2..=6).contains(&s.stays.len())));
+    }
+
+    #[test]
+    fn heavy_tailed_rooms_stay_within_thirty_percent_of_a_node_and_have_a_tail() {
+        let w = generate(StandardWorkload::HeavyTailed, HintMode::Absent, &small());
+        let max = w.sessions.iter().map(|s| s.stays.len()).max().unwrap();
+        assert!(max <= 30, "largest room {max}");
+        assert!(max >= 15, "no tail: largest room {max}");
+    }
+
+    #[test]
+    fn school_day_rooms_start_within_a_minute_of_each_hour_and_recur() {
+        let p = small();
+        let w = generate(StandardWorkload::SchoolDay, HintMode::Absent, &p);
+        assert_eq!(w.bursts.len(), 2);
+        let in_burst = |t: Millis| w.bursts.iter().any(|&(a, b)| t >= a && t < b);
+        let classes: Vec<&Session> = w
+            .sessions
+            .iter()
+            .filter(|s| s.room.starts_with("class-"))
+            .collect();
+        assert_eq!(classes.len(), 2 * 50);
+        assert!(classes.iter().all(|s| in_burst(s.start())));
+        assert_eq!(
+            classes.iter().filter(|s| s.room == "class-0").count(),
+            2,
+            "a class room recurs every lesson"
+        );
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_workload() {
+        let p = small();
+        assert_eq!(
+            generate(StandardWorkload::SchoolDay, HintMode::Noisy, &p),
+            generate(StandardWorkload::SchoolDay, HintMode::Noisy, &p)
+        );
+    }
+}

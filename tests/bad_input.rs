@@ -1,0 +1,315 @@
+//! Bad input gets a clear error (status + stable `error` code), never a panic or a hang, and
+//! a rejected request changes no state.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The observable state: nodes (minus timing fields) and pinned rooms.
+async fn state(r: &TestRouter) -> (serde_json::Value, serde_json::Value) {
+    let mut nodes: serde_json::Value = r
+        .admin(Method::GET, "/v1/nodes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for n in nodes["nodes"].as_array_mut().unwrap() {
+        n.as_object_mut().unwrap().remove("last_heartbeat_ms_ago");
+    }
+    let rooms: serde_json::Value = r
+        .admin(Method::GET, "/v1/rooms?limit=1000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (nodes, rooms)
+}
+
+async fn router_with_a_node() -> TestRouter {
+    let r = TestRouter::start(config()).await;
+    let resp = heartbeat(
+        &r,
+        "n1",
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    r.get("/v1/placement/existing").send().await.unwrap();
+    r
+}
+
+#[tokio::test]
+async fn invalid_room_ids_are_refused_everywhere() {
+    let r = router_with_a_node().await;
+    let before = state(&r).await;
+    let long = "x".repeat(257);
+    for path in [
+        "/rooms/a%2Fb".to_string(),
+        "/rooms/a%00b".to_string(),
+        "/rooms/%FF%FE".to_string(),
+        format!("/rooms/{long}"),
+        "/v1/placement/a%0Ab".to_string(),
+        "/meet?room=".to_string(),
+    ] {
+        expect_error(r.get(&path).send().await.unwrap(), 400, "invalid_room").await;
+    }
+    let resp = r
+        .post("/v1/login")
+        .json(&json!({"room": "a/b"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_room").await;
+    let resp = heartbeat(
+        &r,
+        "n1",
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 50, "rooms": [{"room": "ok", "participants": 1}, {"room": "bad\u{7}", "participants": 1}]}),
+    )
+    .await;
+    expect_error(resp, 400, "invalid_room").await;
+    assert_eq!(state(&r).await, before, "rejected requests changed state");
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_bodies() {
+    let r = router_with_a_node().await;
+    let before = state(&r).await;
+    let bad = r
+        .post("/v1/nodes/n1/heartbeat")
+        .bearer_auth(NODE_TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    expect_error(bad, 400, "invalid_request").await;
+    for body in [
+        json!({"url": "http://127.0.0.1:9", "capacity": 0, "load": 1}),
+        json!({"url": "http://127.0.0.1:9", "capacity": -5, "load": 1}),
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": -1}),
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "cpu": 1.5}),
+        json!({"url": "ftp://127.0.0.1:9", "capacity": 100, "load": 1}),
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "state": "disabled"}),
+        json!({"url": "http://127.0.0.1:9", "capacity": "lots", "load": 1}),
+        json!({"capacity": 100, "load": 1}),
+    ] {
+        expect_error(heartbeat(&r, "n1", body).await, 400, "invalid_request").await;
+    }
+    let huge = "x".repeat(300 * 1024);
+    let resp = r
+        .post("/v1/login")
+        .header("content-type", "application/json")
+        .body(format!("{{\"room\":\"{huge}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 413, "payload_too_large").await;
+    let resp = r
+        .post("/v1/placement")
+        .json(&json!({"rooms": "not-a-list"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+    let resp = r.get("/v1/placement/x?size=-3").send().await.unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+    let resp = r.get("/v1/placement/x?create=maybe").send().await.unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+    let resp = r
+        .admin(Method::GET, "/v1/rooms?limit=0")
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+    assert_eq!(state(&r).await, before);
+}
+
+#[tokio::test]
+async fn missing_or_wrong_tokens_are_refused_and_change_nothing() {
+    let r = router_with_a_node().await;
+    let before = state(&r).await;
+    let hb = json!({"url": "http://127.0.0.1:66", "capacity": 999, "load": 0});
+    let resp = r
+        .post("/v1/nodes/n1/heartbeat")
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    let resp = r
+        .post("/v1/nodes/n1/heartbeat")
+        .bearer_auth("wrong-token-wrong-token")
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    let resp = r
+        .post("/v1/nodes/n1/heartbeat")
+        .bearer_auth(ADMIN)
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    for (m, p) in [
+        (Method::GET, "/v1/nodes"),
+        (Method::GET, "/v1/nodes/n1"),
+        (Method::POST, "/v1/nodes/n1/disable"),
+        (Method::DELETE, "/v1/rooms/existing"),
+        (Method::GET, "/v1/rooms"),
+    ] {
+        let resp = client()
+            .request(m.clone(), format!("{}{p}", r.url))
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 401, "unauthorized").await;
+        let resp = client()
+            .request(m, format!("{}{p}", r.url))
+            .bearer_auth(NODE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 401, "unauthorized").await;
+    }
+    let resp = client()
+        .delete(format!("{}/v1/nodes/n1", r.url))
+        .bearer_auth("nope-nope-nope-nope")
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    assert_eq!(state(&r).await, before);
+}
+
+#[tokio::test]
+async fn unknown_nodes_paths_and_wrong_methods() {
+    let r = router_with_a_node().await;
+    let before = state(&r).await;
+    expect_error(
+        r.admin(Method::GET, "/v1/nodes/ghost")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        r.admin(Method::DELETE, "/v1/nodes/ghost")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        r.admin(Method::GET, "/v1/nodes/bad%20id")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        r.admin(Method::GET, "/v1/frobnicate").send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    let resp = r
+        .admin(Method::DELETE, "/v1/placement/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["allow"], "GET");
+    expect_error(resp, 405, "method_not_allowed").await;
+    expect_error(
+        r.get("/v1/login").send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    expect_error(
+        r.get("/v1/nodes/n1/heartbeat").send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    expect_error(
+        r.post("/healthz").send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    expect_error(
+        r.post("/rooms/existing").send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    assert_eq!(state(&r).await, before);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let mut cfg = config();
+    cfg.server.header_read_timeout = Duration::from_millis(300);
+    let r = TestRouter::start(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "connection still open after the header timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_body_gets_a_timeout() {
+    let mut cfg = config();
+    cfg.server.body_read_timeout = Duration::from_millis(300);
+    let r = TestRouter::start(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"POST /v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"room\":")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let r = router_with_a_node().await;
+    let big = "a".repeat(64 * 1024);
+    let resp = r.get("/healthz").header("x-big", big).send().await;
+    match resp {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => assert!(
+            e.is_request() || e.is_connect() || e.to_string().contains("connection"),
+            "{e}"
+        ),
+    }
+    // The router still serves.
+    assert_eq!(r.get("/healthz").send().await.unwrap().status(), 200);
+}

@@ -1,0 +1,187 @@
+//! The real binary: configuration checks, the credential guard, serve + demo-node as separate
+//! processes, and the one-command demo.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{client, ADMIN, NODE_TOKEN, SECRET};
+
+const BIN: &str = env!("CARGO_BIN_EXE_roomrouter");
+
+struct Reaper(Child);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn clean_env(c: &mut Command) -> &mut Command {
+    c.env_remove("ROOMROUTER_ADMIN_TOKEN")
+        .env_remove("ROOMROUTER_NODE_TOKEN")
+        .env_remove("ROOMROUTER_TICKET_SECRET")
+        .env("RUST_LOG", "warn")
+}
+
+#[test]
+fn serve_refuses_to_start_without_credentials_and_says_how_to_set_them() {
+    let out = clean_env(&mut Command::new(BIN))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ROOMROUTER_ADMIN_TOKEN"), "{err}");
+}
+
+#[test]
+fn check_config_accepts_the_shipped_example_and_names_bad_keys() {
+    let ok = clean_env(&mut Command::new(BIN))
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/router.toml"),
+        ])
+        .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+        .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+        .env("ROOMROUTER_TICKET_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let dir = std::env::temp_dir().join(format!("rr-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[placement]\njoin_limit = 0.5\nnew_room_limit = 0.8\n",
+    )
+    .unwrap();
+    let out = clean_env(&mut Command::new(BIN))
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("placement.new_room_limit"));
+    std::fs::write(&bad, "[placement]\nnew_room_limit = \"high\"\n").unwrap();
+    let out = clean_env(&mut Command::new(BIN))
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("new_room_limit"));
+}
+
+async fn wait_http(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if client()
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered");
+}
+
+#[tokio::test]
+async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
+    let port = free_port();
+    let router_url = format!("http://127.0.0.1:{port}");
+    let _router = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args([
+                "serve",
+                "--config",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config/router.toml"),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(&format!("{router_url}/healthz")).await;
+    let _node = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args([
+                "demo-node",
+                "--router",
+                &router_url,
+                "--id",
+                "proc-node",
+                "--capacity",
+                "50",
+            ])
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(&format!("{router_url}/readyz")).await;
+    let resp = client()
+        .get(format!("{router_url}/rooms/e2e"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    assert_eq!(resp.headers()["x-room-node"], "proc-node");
+    let joined: serde_json::Value = client()
+        .get(resp.headers()["location"].to_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(joined["participants"], 1);
+    assert_eq!(joined["node"], "proc-node");
+}
+
+#[tokio::test]
+async fn the_one_command_demo_serves_joins() {
+    let port = free_port();
+    let mut child = clean_env(&mut Command::new(BIN))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _reaper = Reaper(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&format!("{url}/readyz")).await;
+    let resp = client()
+        .get(format!("{url}/rooms/demo-room"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    assert!(resp.headers()["x-room-node"]
+        .to_str()
+        .unwrap()
+        .starts_with("media-"));
+}

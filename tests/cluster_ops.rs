@@ -1,0 +1,478 @@
+//! Node lifecycle and admin operations over HTTP: headroom, drain/disable/enable, failover,
+//! split eviction, rooms and nodes endpoints, health, metrics and the dashboard.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+
+async fn node_of(r: &TestRouter, room: &str) -> String {
+    let resp = r.get(&format!("/rooms/{room}")).send().await.unwrap();
+    assert_eq!(resp.status(), 307, "join {room}");
+    resp.headers()["x-room-node"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn new_rooms_respect_headroom_then_overflow_then_refuse() {
+    let r = TestRouter::start(config()).await;
+    // "hot" reports 85% load: above new_room_limit (80%) but below join_limit.
+    heartbeat(
+        &r,
+        "hot",
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 85}),
+    )
+    .await;
+    heartbeat(
+        &r,
+        "cool",
+        json!({"url": "http://127.0.0.1:9", "capacity": 1000, "load": 0}),
+    )
+    .await;
+    for i in 0..20 {
+        let v: serde_json::Value = r
+            .get(&format!("/v1/placement/h{i}?size=1"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["node"], "cool", "room h{i}");
+    }
+    // cool goes full: new rooms overflow onto hot (below join_limit).
+    heartbeat(
+        &r,
+        "cool",
+        json!({"url": "http://127.0.0.1:9", "capacity": 1000, "load": 1000}),
+    )
+    .await;
+    let v: serde_json::Value = r
+        .get("/v1/placement/overflow?size=1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["node"], "hot");
+    // Everything full: 503 no_capacity with Retry-After.
+    heartbeat(
+        &r,
+        "hot",
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 100}),
+    )
+    .await;
+    let resp = r.get("/v1/placement/nowhere").send().await.unwrap();
+    assert_eq!(resp.headers()["retry-after"], "5");
+    expect_error(resp, 503, "no_capacity").await;
+    // A pinned room whose node is full is refused, never sent elsewhere.
+    let resp = r.get("/rooms/h1").send().await.unwrap();
+    assert!(resp.headers().contains_key("retry-after"));
+    let body = expect_error(resp, 503, "node_full").await;
+    assert_eq!(body["node"], "cool");
+}
+
+#[tokio::test]
+async fn drain_disable_enable_through_the_admin_api() {
+    let r = TestRouter::start(config()).await;
+    let _a = r.node("a", 100_000.0).await;
+    let _b = r.node("b", 100_000.0).await;
+    let mut on_a = Vec::new();
+    for i in 0..40 {
+        if node_of(&r, &format!("r{i}")).await == "a" {
+            on_a.push(format!("r{i}"));
+        }
+    }
+    assert!(!on_a.is_empty());
+    let resp = r
+        .admin(Method::POST, "/v1/nodes/a/drain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let st: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(st["state"], "draining");
+    for room in &on_a {
+        assert_eq!(node_of(&r, room).await, "a", "draining keeps its rooms");
+    }
+    for i in 0..30 {
+        assert_eq!(
+            node_of(&r, &format!("new{i}")).await,
+            "b",
+            "draining takes no new rooms"
+        );
+    }
+    // The node's own heartbeats do not lift the drain.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st: serde_json::Value = r
+        .admin(Method::GET, "/v1/nodes/a")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["state"], "draining");
+    assert_eq!(st["admin_state"], "draining");
+    r.admin(Method::POST, "/v1/nodes/a/disable")
+        .send()
+        .await
+        .unwrap();
+    for room in &on_a {
+        assert_eq!(
+            node_of(&r, room).await,
+            "b",
+            "disabled: rooms re-placed on their next join"
+        );
+    }
+    r.admin(Method::POST, "/v1/nodes/a/enable")
+        .send()
+        .await
+        .unwrap();
+    let mut back = 0;
+    for i in 0..40 {
+        if node_of(&r, &format!("later{i}")).await == "a" {
+            back += 1;
+        }
+    }
+    assert!(back > 0);
+    expect_error(
+        r.admin(Method::POST, "/v1/nodes/ghost/drain")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_node_fails_over_after_heartbeat_timeout_and_only_its_rooms_move() {
+    let r = TestRouter::start(config()).await;
+    let a = r.node("a", 100_000.0).await;
+    let _b = r.node("b", 100_000.0).await;
+    let _c = r.node("c", 100_000.0).await;
+    let mut before = Vec::new();
+    for i in 0..60 {
+        before.push(node_of(&r, &format!("r{i}")).await);
+    }
+    assert!(before.iter().any(|n| n == "a"));
+    a.kill();
+    // heartbeat_timeout is 1 s in tests.
+    eventually(
+        "node a marked unhealthy",
+        Duration::from_secs(5),
+        || async {
+            let st: serde_json::Value = r
+                .admin(Method::GET, "/v1/nodes/a")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            st["healthy"] == false
+        },
+    )
+    .await;
+    for (i, old) in before.iter().enumerate() {
+        let now = node_of(&r, &format!("r{i}")).await;
+        if old == "a" {
+            assert_ne!(now, "a", "room r{i} still sent to the dead node");
+        } else {
+            assert_eq!(&now, old, "room r{i} moved though its node is alive");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_split_room_is_evicted_from_the_wrong_node() {
+    let r = TestRouter::start(config()).await;
+    let a = r.node("a", 1000.0).await;
+    let b = r.node("b", 1000.0).await;
+    // Put a participant in the room through the router.
+    let loc = r.get("/rooms/split-me").send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    client().get(&loc).send().await.unwrap();
+    let (home, other) = if a.rooms().contains_key("split-me") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(home.rooms()["split-me"], 1);
+    // The other node claims the room too (as if users reached it directly).
+    let resp = heartbeat(
+        &r,
+        &other.id,
+        json!({"url": other.url, "capacity": 1000, "load": 2, "rooms": [{"room": "split-me", "participants": 2}]}),
+    )
+    .await;
+    let reply: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(reply["evict"], json!(["split-me"]));
+    assert_eq!(node_of(&r, "split-me").await, home.id);
+    let metrics = r
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("roomrouter_splits_detected_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn rooms_end_when_their_node_stops_listing_them() {
+    let r = TestRouter::start(config()).await;
+    let n = r.node("a", 1000.0).await;
+    let loc = r.get("/rooms/short").send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    client().get(&loc).send().await.unwrap();
+    eventually("node reports the room", Duration::from_secs(3), || async {
+        r.admin(Method::GET, "/v1/nodes/a")
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["rooms"]
+            == 1
+    })
+    .await;
+    let left = client()
+        .post(format!("{}/rooms/short/leave", n.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.status(), 200);
+    eventually(
+        "pin released after the room emptied",
+        Duration::from_secs(3),
+        || async {
+            r.admin(Method::GET, "/v1/rooms/short")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 404
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rooms_and_nodes_admin_endpoints() {
+    let r = TestRouter::start(config()).await;
+    let resp = r
+        .admin(Method::PUT, "/v1/nodes/static-1")
+        .json(&json!({"url": "http://127.0.0.1:7000/", "capacity": 50, "region": "eu", "tags": ["rec", "rec"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let st: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(st["url"], "http://127.0.0.1:7000");
+    assert_eq!(st["tags"], json!(["rec"]));
+    assert_eq!(
+        st["healthy"], false,
+        "healthy only after its first heartbeat"
+    );
+    let _n = r.node("live", 1000.0).await;
+    for i in 0..25 {
+        r.get(&format!("/v1/placement/room-{i:02}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let page: serde_json::Value = r
+        .admin(Method::GET, "/v1/rooms?limit=10")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["rooms"].as_array().unwrap().len(), 10);
+    assert_eq!(page["rooms"][0]["room"], "room-00");
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let page2: serde_json::Value = r
+        .admin(Method::GET, &format!("/v1/rooms?limit=10&cursor={cursor}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page2["rooms"][0]["room"], "room-10");
+    let one: serde_json::Value = r
+        .admin(Method::GET, "/v1/rooms/room-03")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["node"], "live");
+    let del = r
+        .admin(Method::DELETE, "/v1/rooms/room-03")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    expect_error(
+        r.admin(Method::GET, "/v1/rooms/room-03")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        r.admin(Method::DELETE, "/v1/rooms/room-03")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    let list: serde_json::Value = r
+        .admin(Method::GET, "/v1/nodes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["nodes"].as_array().unwrap().len(), 2);
+    // A node may remove itself with its own token.
+    let gone = r.post("/v1/nodes/static-1").send().await.unwrap();
+    assert_eq!(gone.status(), 405);
+    let gone = client()
+        .delete(format!("{}/v1/nodes/static-1", r.url))
+        .bearer_auth(NODE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+    expect_error(
+        r.admin(Method::GET, "/v1/nodes/static-1")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn readiness_health_metrics_and_dashboard() {
+    let r = TestRouter::start(config()).await;
+    assert_eq!(r.get("/healthz").send().await.unwrap().status(), 200);
+    let body = expect_error(r.get("/readyz").send().await.unwrap(), 503, "not_ready").await;
+    assert_eq!(body["reasons"], json!(["no healthy node"]));
+    let _n = r.node("a", 100.0).await;
+    assert_eq!(r.get("/readyz").send().await.unwrap().status(), 200);
+    r.get("/rooms/m").send().await.unwrap();
+    let m = r
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("roomrouter_decisions_total{outcome=\"placed\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("roomrouter_nodes_healthy 1"), "{m}");
+    assert!(m.contains("roomrouter_pins 1"), "{m}");
+    let d = r.get("/dashboard").send().await.unwrap();
+    assert_eq!(d.status(), 401);
+    assert!(d.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic"));
+    let d = client()
+        .get(format!("{}/dashboard", r.url))
+        .basic_auth("admin", Some(ADMIN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(d.status(), 200);
+    let html = d.text().await.unwrap();
+    assert!(html.contains("<td>a</td>"), "{html}");
+}
+
+#[tokio::test]
+async fn explain_lists_every_node_with_its_verdict() {
+    let r = TestRouter::start(config()).await;
+    let _a = r.node("a", 100.0).await;
+    let _b = r.node("b", 100.0).await;
+    r.admin(Method::POST, "/v1/nodes/b/drain")
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        r.get("/v1/placement/x/explain").send().await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    let e: serde_json::Value = r
+        .admin(Method::GET, "/v1/placement/x/explain")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(e["decision"], "place");
+    assert_eq!(e["node"], "a");
+    let rows = e["nodes"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["verdict"], "chosen");
+    assert_eq!(rows[1]["verdict"], "draining");
+    // Explaining has no side effects.
+    expect_error(
+        r.admin(Method::GET, "/v1/rooms/x").send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_draining_itself_with_no_rooms_leaves_the_cluster() {
+    let r = TestRouter::start(config()).await;
+    let n = r.node("leaving", 100.0).await;
+    let _other = r.node("staying", 100.0).await;
+    n.set_draining(true);
+    eventually(
+        "self-drained empty node removed",
+        Duration::from_secs(3),
+        || async {
+            r.admin(Method::GET, "/v1/nodes/leaving")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 404
+        },
+    )
+    .await;
+}

@@ -1,0 +1,157 @@
+//! Test harness: a real router served over loopback HTTP, real demo nodes, and a client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roomrouter::config::Config;
+use roomrouter::demo::node::{DemoNode, DemoNodeConfig};
+use roomrouter::http::App;
+use roomrouter::store::MemoryStore;
+use tokio::sync::oneshot;
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+pub const NODE_TOKEN: &str = "test-node-token-0123456789";
+pub const SECRET: &str = "test-ticket-secret-0123456789-0123456789";
+
+/// A config with test credentials and fast heartbeats.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.auth.admin_tokens = vec![ADMIN.into()];
+    c.auth.node_token = NODE_TOKEN.into();
+    c.tickets.secret = SECRET.into();
+    c.placement.heartbeat_interval = Duration::from_millis(200);
+    c.placement.heartbeat_timeout = Duration::from_millis(1_000);
+    c.validate().unwrap();
+    c
+}
+
+/// A router served on a loopback port; stops when dropped.
+pub struct TestRouter {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub app: Arc<App<MemoryStore>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestRouter {
+    pub async fn start(cfg: Config) -> TestRouter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = roomrouter::service::build(cfg, MemoryStore::new());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(roomrouter::service::run(app.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        TestRouter {
+            addr,
+            url: format!("http://{addr}"),
+            app,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+
+    /// Starts a demo node heartbeating to this router.
+    pub async fn node(&self, id: &str, capacity: f64) -> DemoNode {
+        DemoNode::start(DemoNodeConfig {
+            id: id.into(),
+            router: self.url.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            capacity,
+            region: None,
+            tags: vec![],
+            node_token: NODE_TOKEN.into(),
+            ticket_secret: SECRET.into(),
+            heartbeat_interval: Duration::from_millis(200),
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        client().get(format!("{}{path}", self.url))
+    }
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        client().post(format!("{}{path}", self.url))
+    }
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(ADMIN)
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A client that does not follow redirects, with a timeout.
+pub fn client() -> reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap()
+        })
+        .clone()
+}
+
+/// Asserts a stable error: status and `error` code.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "expected {status} {code}");
+    let body: serde_json::Value = resp.json().await.expect("error body is JSON");
+    assert_eq!(body["error"], code, "body: {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "body: {body}"
+    );
+    body
+}
+
+/// Waits (bounded) until `f` holds.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a heartbeat by hand.
+pub async fn heartbeat(r: &TestRouter, id: &str, body: serde_json::Value) -> reqwest::Response {
+    r.post(&format!("/v1/nodes/{id}/heartbeat"))
+        .bearer_auth(NODE_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}

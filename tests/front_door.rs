@@ -1,0 +1,260 @@
+//! The front door and the join path, end to end over HTTP with demo nodes.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_join_of_a_room_lands_on_one_node_under_concurrency() {
+    let r = TestRouter::start(config()).await;
+    let nodes = vec![
+        r.node("n1", 5_000.0).await,
+        r.node("n2", 10_000.0).await,
+        r.node("n3", 20_000.0).await,
+    ];
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let url = r.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut seen = Vec::new();
+            for i in 0..100 {
+                let room = format!("room-{}", (i * 13 + t * 7) % 300);
+                let resp = c.get(format!("{url}/join/{room}")).send().await.unwrap();
+                assert_eq!(resp.status(), 307);
+                let node = resp.headers()["x-room-node"].to_str().unwrap().to_string();
+                let loc = resp.headers()["location"].to_str().unwrap().to_string();
+                // Follow the redirect: the node verifies the ticket and counts the participant.
+                let joined = c.get(&loc).send().await.unwrap();
+                assert_eq!(joined.status(), 200, "node refused {loc}");
+                seen.push((room, node));
+            }
+            seen
+        }));
+    }
+    let mut by_room: HashMap<String, HashSet<String>> = HashMap::new();
+    for t in tasks {
+        for (room, node) in t.await.unwrap() {
+            by_room.entry(room).or_default().insert(node);
+        }
+    }
+    assert_eq!(by_room.len(), 300);
+    let split: Vec<_> = by_room.iter().filter(|(_, n)| n.len() > 1).collect();
+    assert!(split.is_empty(), "split rooms: {split:?}");
+    // The nodes agree: no room has participants on two nodes, and all 3200 joins arrived.
+    let mut owner: HashMap<String, String> = HashMap::new();
+    let mut total = 0;
+    for n in &nodes {
+        for (room, count) in n.rooms() {
+            total += count;
+            if let Some(prev) = owner.insert(room.clone(), n.id.clone()) {
+                panic!("room {room} on {prev} and {}", n.id);
+            }
+        }
+    }
+    assert_eq!(total, 3200);
+    assert!(nodes.iter().all(|n| n.load() > 0), "every node got rooms");
+}
+
+#[tokio::test]
+async fn redirect_carries_path_query_ticket_and_node() {
+    let r = TestRouter::start(config()).await;
+    let n = r.node("solo", 100.0).await;
+    let resp = r
+        .get("/rooms/Weekly%20Sync?lang=en&ticket=forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    assert_eq!(resp.headers()["x-room-node"], "solo");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let loc = resp.headers()["location"].to_str().unwrap();
+    assert!(
+        loc.starts_with(&format!("{}/rooms/Weekly%20Sync?lang=en&ticket=", n.url)),
+        "{loc}"
+    );
+    assert_eq!(
+        loc.matches("ticket=").count(),
+        1,
+        "a client-sent ticket is dropped: {loc}"
+    );
+    let ticket = loc.rsplit("ticket=").next().unwrap();
+    let claims = roomrouter::auth::TicketIssuer::new(SECRET, Duration::from_secs(60))
+        .verify(ticket)
+        .unwrap();
+    assert_eq!(
+        claims.room, "weekly sync",
+        "the ticket names the normalized room"
+    );
+    assert_eq!(claims.node, "solo");
+}
+
+#[tokio::test]
+async fn room_can_come_from_query_parameter_or_header() {
+    let r = TestRouter::start(config()).await;
+    let _n = r.node("solo", 100.0).await;
+    let a = r.get("/meet?room=Alpha").send().await.unwrap();
+    assert_eq!(a.status(), 307);
+    let b = r
+        .get("/anything")
+        .header("x-room", "alpha")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(b.status(), 307);
+    let pinned = r
+        .admin(reqwest::Method::GET, "/v1/rooms/alpha")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pinned.status(), 200);
+    expect_error(r.get("/anything").send().await.unwrap(), 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn case_variants_of_a_room_share_one_node() {
+    let r = TestRouter::start(config()).await;
+    for i in 0..5 {
+        r.node(&format!("n{i}"), 1000.0).await;
+    }
+    let mut nodes = HashSet::new();
+    for name in ["Team-Room", "team-room", "TEAM-ROOM", "tEaM-rOoM"] {
+        let resp = r.get(&format!("/rooms/{name}")).send().await.unwrap();
+        nodes.insert(resp.headers()["x-room-node"].to_str().unwrap().to_string());
+        let api: serde_json::Value = r
+            .get(&format!("/v1/placement/{name}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        nodes.insert(api["node"].as_str().unwrap().to_string());
+    }
+    assert_eq!(nodes.len(), 1);
+}
+
+#[tokio::test]
+async fn demo_nodes_refuse_users_who_skip_the_router() {
+    let r = TestRouter::start(config()).await;
+    let a = r.node("a", 100.0).await;
+    let b = r.node("b", 100.0).await;
+    let c = client();
+    assert_eq!(
+        c.get(format!("{}/rooms/x", a.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // A ticket for node a is refused by node b.
+    let loc = r.get("/rooms/x").send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let ticket = loc.rsplit("ticket=").next().unwrap();
+    let target = if loc.starts_with(&a.url) { &b } else { &a };
+    let wrong = c
+        .get(format!("{}/rooms/x?ticket={ticket}", target.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+}
+
+#[tokio::test]
+async fn login_answers_json_or_redirects_browsers() {
+    let r = TestRouter::start(config()).await;
+    let n = r.node("solo", 100.0).await;
+    let resp = r
+        .post("/v1/login")
+        .json(&serde_json::json!({"room": "Board", "user": "ann", "display_name": "Ann"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["room"], "board");
+    assert_eq!(body["node"], "solo");
+    assert_eq!(body["url"], format!("{}/rooms/board", n.url));
+    assert_eq!(body["expires_in"], 60);
+    let claims = roomrouter::auth::TicketIssuer::new(SECRET, Duration::from_secs(60))
+        .verify(body["ticket"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(claims.sub, "ann");
+    // A browser form post gets a 303 to the node with the ticket.
+    let resp = r
+        .post("/v1/login")
+        .header("accept", "text/html")
+        .form(&[("room", "board"), ("user", "bob")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let loc = resp.headers()["location"].to_str().unwrap();
+    assert!(
+        loc.starts_with(&format!("{}/rooms/board?ticket=", n.url)),
+        "{loc}"
+    );
+    let joined = client().get(loc).send().await.unwrap();
+    assert_eq!(joined.status(), 200);
+}
+
+#[tokio::test]
+async fn placement_lookups_single_batch_and_without_create() {
+    let r = TestRouter::start(config()).await;
+    r.node("a", 1000.0).await;
+    r.node("b", 1000.0).await;
+    let miss = r
+        .get("/v1/placement/ghost?create=false")
+        .send()
+        .await
+        .unwrap();
+    expect_error(miss, 404, "not_found").await;
+    let first: serde_json::Value = r
+        .get("/v1/placement/alpha?size=4")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["created"], true);
+    let again: serde_json::Value = r
+        .get("/v1/placement/alpha")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["created"], false);
+    assert_eq!(again["node"], first["node"]);
+    let batch: serde_json::Value = r
+        .post("/v1/placement")
+        .json(&serde_json::json!({"rooms": ["alpha", "beta", "bad/room", "gamma"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = batch.as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[0]["node"], first["node"]);
+    assert_eq!(items[1]["room"], "beta");
+    assert_eq!(items[2]["error"], "invalid_room");
+    assert_eq!(items[3]["room"], "gamma");
+    let too_many: Vec<String> = (0..1001).map(|i| format!("r{i}")).collect();
+    let resp = r
+        .post("/v1/placement")
+        .json(&serde_json::json!({ "rooms": too_many }))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+}

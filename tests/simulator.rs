@@ -1,0 +1,191 @@
+//! The placement simulator reproduces known properties of the policies it compares.
+//! Small, bounded runs: each finishes in well under a second in debug builds.
+
+use roomrouter::sim::standard::{run_all, Options};
+use roomrouter::sim::trace::parse_trace;
+use roomrouter::sim::workload::{
+    generate, HintMode, Session, StandardWorkload, Stay, Workload, WorkloadParams, MINUTE, SECOND,
+};
+use roomrouter::sim::{simulate, Policy, Report, SimConfig};
+
+fn small_params(seed: u64) -> WorkloadParams {
+    let mut p = WorkloadParams::standard(6, 60.0, seed);
+    p.steady_measure = 40 * MINUTE;
+    p.lessons = 2;
+    p
+}
+
+fn small_cluster(seed: u64) -> SimConfig {
+    SimConfig::new(6, 60.0, 3, 2_000, seed)
+}
+
+/// 10 nodes half full with long meetings; a fresh empty node joins at 5 min, and 60 rooms of
+/// 6 start right after it, each filling up over a minute.
+fn burst_after_scale_out() -> Workload {
+    let mut sessions = Vec::new();
+    for i in 0..50u64 {
+        let start = i * SECOND;
+        sessions.push(Session {
+            room: format!("long-{i}"),
+            hint: Some(10),
+            stays: (0..10)
+                .map(|k| Stay {
+                    join: start + k * 100,
+                    leave: 20 * MINUTE,
+                })
+                .collect(),
+        });
+    }
+    let t0 = 5 * MINUTE + 2 * SECOND;
+    for i in 0..60u64 {
+        let start = t0 + i * 300;
+        sessions.push(Session {
+            room: format!("burst-{i}"),
+            hint: Some(6),
+            stays: (0..6)
+                .map(|k| Stay {
+                    join: start + k * 10 * SECOND,
+                    leave: 20 * MINUTE,
+                })
+                .collect(),
+        });
+    }
+    Workload {
+        name: "burst_after_scale_out".into(),
+        sessions,
+        bursts: vec![(t0, t0 + MINUTE)],
+        measure_until: 15 * MINUTE,
+        scale_out_at: Some(5 * MINUTE),
+        fail_at: None,
+        end: 15 * MINUTE,
+    }
+}
+
+#[test]
+fn least_loaded_with_stale_reports_herds_a_burst_onto_the_fresh_node() {
+    let w = burst_after_scale_out();
+    let stale = SimConfig::new(10, 100.0, 2, 10_000, 1);
+    let ll = simulate(&w, Policy::LeastLoaded, &stale);
+    let ours = simulate(&w, Policy::DEFAULT, &stale);
+    let ll_herd = ll.herd_peak.expect("the burst is measured");
+    let our_herd = ours.herd_peak.expect("the burst is measured");
+    assert!(ll_herd >= 4.0, "least-loaded herd {ll_herd:.2}");
+    assert!(
+        ll_herd >= 2.0 * our_herd,
+        "least-loaded {ll_herd:.2} vs ours {our_herd:.2}"
+    );
+    assert!(
+        ll.refusals > ours.refusals,
+        "the herded node fills up: {} vs {} refusals",
+        ll.refusals,
+        ours.refusals
+    );
+}
+
+#[test]
+fn plain_consistent_hashing_moves_only_the_failed_nodes_rooms() {
+    let w = generate(
+        StandardWorkload::SmallRooms,
+        HintMode::Absent,
+        &small_params(3),
+    );
+    let r = simulate(&w, Policy::ConsistentHash, &small_cluster(3));
+    assert_eq!(r.moved_on_failure, 0);
+    assert!(r.replaced_after_failure > 0, "{r:?}");
+    assert!(
+        r.moved_on_scale_out > 0,
+        "without pins, a new node takes over part of the ring: {r:?}"
+    );
+}
+
+#[test]
+fn pinning_policies_never_split_a_room_and_move_nothing_but_the_failed_nodes_rooms() {
+    let cfg = small_cluster(5);
+    for kind in [StandardWorkload::HeavyTailed, StandardWorkload::SchoolDay] {
+        let w = generate(kind, HintMode::Noisy, &small_params(5));
+        for p in Policy::standard().into_iter().filter(Policy::pins) {
+            let r = simulate(&w, p, &cfg);
+            assert_eq!(r.split_rooms, 0, "{} on {}", r.policy, w.name);
+            assert_eq!(r.moved_on_scale_out, 0, "{} on {}", r.policy, w.name);
+            assert_eq!(r.moved_on_failure, 0, "{} on {}", r.policy, w.name);
+            assert!(r.replaced_after_failure > 0, "{} on {}", r.policy, w.name);
+        }
+    }
+}
+
+#[test]
+fn bounded_load_hashing_splits_rooms_when_it_skips_a_full_node() {
+    let w = generate(
+        StandardWorkload::HeavyTailed,
+        HintMode::Absent,
+        &small_params(2),
+    );
+    let r = simulate(
+        &w,
+        Policy::BoundedLoadHash { factor: 1.25 },
+        &small_cluster(2),
+    );
+    assert!(r.split_rooms > 0, "{r:?}");
+}
+
+#[test]
+fn a_join_to_a_full_pinned_node_is_refused_not_sent_elsewhere() {
+    let w = parse_trace(
+        "0 room join\n1 room join\n2 room join\n3 other join\n60 room leave\n",
+        "t",
+    )
+    .unwrap();
+    // Two nodes of capacity 2, one router, reports every 10 s, rooms reserving one seat: the
+    // room's third participant finds its node at 2/2 and is refused although the other node
+    // is empty.
+    let mut cfg = SimConfig::new(2, 2.0, 1, 10_000, 1);
+    cfg.new_room_reserve = 1;
+    for p in Policy::standard().into_iter().filter(Policy::pins) {
+        let r = simulate(&w, p, &cfg);
+        assert_eq!(r.joins, 4, "{}", r.policy);
+        assert_eq!(r.refusals, 1, "{}", r.policy);
+        assert_eq!(r.split_rooms, 0, "{}", r.policy);
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_figures() {
+    let w = generate(
+        StandardWorkload::SchoolDay,
+        HintMode::Absent,
+        &small_params(4),
+    );
+    for p in [Policy::DEFAULT, Policy::TwoChoice] {
+        assert_eq!(
+            simulate(&w, p, &small_cluster(4)),
+            simulate(&w, p, &small_cluster(4))
+        );
+    }
+}
+
+#[test]
+fn a_standard_run_prints_a_table_and_round_trips_through_json() {
+    let o = Options {
+        nodes: 6,
+        capacity: 60.0,
+        routers: 2,
+        workloads: vec![StandardWorkload::SmallRooms],
+        hints: vec![HintMode::Exact],
+        quick: true,
+        ..Options::default()
+    };
+    let report = run_all(&o);
+    let table = report.to_string();
+    for p in Policy::standard() {
+        assert!(
+            table.contains(&p.name()),
+            "{} missing from\n{table}",
+            p.name()
+        );
+    }
+    assert!(table.contains("small_rooms/exact"));
+    assert!(!report.targets.is_empty());
+    let back: Report = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+    assert_eq!(back.workloads.len(), 1);
+    assert_eq!(back.workloads[0].results.len(), Policy::standard().len());
+}

@@ -468,3 +468,64 @@ async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
     }
     beats.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_through_redis() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        eprintln!("SKIPPED: outage_node_hold: no redis-server on PATH to start a private one");
+        return;
+    };
+    let p = prefix("hold");
+    let mut cfg = config(&redis.url(), &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(300);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(1);
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    // The nodes heartbeat router A only (bounded: at most 30 s).
+    let beats = {
+        let (c, base) = (c.clone(), a.base());
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                for n in ["n1", "n2"] {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        heartbeat(&c, &base, n, 0.0, &[]),
+                    )
+                    .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
+        })
+        .await
+    );
+    redis.stop();
+    // Three heartbeat timeouts without a word from the nodes on router B.
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let n = place(&c, &b.base(), &format!("during-{i}")).await;
+        assert!(n.is_ok(), "router B still places new rooms: {n:?}");
+        assert_eq!(
+            b.app.router.nodes().iter().filter(|n| n.healthy).count(),
+            2,
+            "no node declared dead on B because Redis is down"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b.app.router.readiness().is_err(), "B reports degraded");
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            b.app.router.store().health() == StoreHealth::Ok
+        })
+        .await
+    );
+    beats.abort();
+}

@@ -139,9 +139,14 @@ pub enum AnyStore {
 pub async fn open(cfg: &Config) -> anyhow::Result<AnyStore> {
     Ok(match cfg.store.kind {
         StoreKind::Memory => AnyStore::Memory(MemoryStore::new()),
-        StoreKind::Redis => {
-            AnyStore::Redis(RedisStore::connect(&cfg.store, cfg.placement.room_idle_ttl).await?)
-        }
+        StoreKind::Redis => AnyStore::Redis(
+            RedisStore::connect(
+                &cfg.store,
+                cfg.placement.room_idle_ttl,
+                cfg.placement.heartbeat_timeout,
+            )
+            .await?,
+        ),
     })
 }
 

@@ -236,6 +236,19 @@ struct Inner {
     /// The standalone server's `run_id`: a new one means Redis restarted and may have lost
     /// its data, so everything the cache knows is written back, not only outage decisions.
     run_id: Mutex<Option<String>>,
+    /// When the current outage began (ms since epoch; 0 = none), for the health hold.
+    outage_since: AtomicU64,
+    heartbeat_timeout_ms: u64,
+}
+
+/// How long an outage may hold nodes healthy that this router cannot hear from.
+const MAX_HOLD_MS: u64 = 60_000;
+
+fn wall_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Pins in Redis, served from a local cache. See the module documentation.
@@ -257,7 +270,11 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 impl RedisStore {
     /// Connects, loads every pin into the cache and starts the background tasks. Fails if
     /// Redis cannot be reached within `connect_timeout`.
-    pub async fn connect(cfg: &StoreConfig, room_idle_ttl: Duration) -> anyhow::Result<Self> {
+    pub async fn connect(
+        cfg: &StoreConfig,
+        room_idle_ttl: Duration,
+        heartbeat_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let keys = Keys::new(&cfg.key_prefix);
         let (conns, sub_url) = if cfg.cluster_nodes.is_empty() {
             let client = redis::Client::open(cfg.url.as_str())
@@ -328,6 +345,8 @@ impl RedisStore {
             outages: AtomicU64::new(0),
             store_won: AtomicU64::new(0),
             run_id: Mutex::new(None),
+            outage_since: AtomicU64::new(0),
+            heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
         });
         // Subscribe and load before answering anything, so the cache starts complete.
         let stream = inner
@@ -336,7 +355,8 @@ impl RedisStore {
             .context("initial Redis sync")?;
         tokio::spawn(supervise(inner.clone(), stream, stop_rx.clone()));
         tokio::spawn(node_writer(inner.clone(), node_rx, stop_rx.clone()));
-        tokio::spawn(index_writer(inner.clone(), index_rx, stop_rx));
+        tokio::spawn(index_writer(inner.clone(), index_rx, stop_rx.clone()));
+        tokio::spawn(hold_nodes(inner.clone(), stop_rx));
         Ok(RedisStore { inner, stop })
     }
 
@@ -372,6 +392,7 @@ impl Inner {
     fn mark_down(&self, why: impl std::fmt::Display) {
         let why = why.to_string();
         if !self.down.swap(true, Ordering::AcqRel) {
+            self.outage_since.store(wall_ms(), Ordering::Release);
             self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
         }
@@ -912,6 +933,37 @@ async fn supervise(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// While Redis is down, keeps healthy the nodes that were healthy when the outage began (for
+/// at most [`MAX_HOLD_MS`]): this router may have heard of them only through Redis, and an
+/// outage of the store is not a failure of every node. Heartbeats that reach this router
+/// directly still update them as usual.
+async fn hold_nodes(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let since = inner.outage_since.load(Ordering::Acquire);
+        let (Some(cluster), true) = (inner.cluster.get(), inner.is_down() && since > 0) else {
+            continue;
+        };
+        let now = wall_ms();
+        if now.saturating_sub(since) > MAX_HOLD_MS {
+            continue;
+        }
+        let healthy_at_start = since.saturating_sub(inner.heartbeat_timeout_ms);
+        for e in cluster.snapshot().nodes() {
+            if e.live
+                .last_heartbeat()
+                .is_some_and(|t| t > healthy_at_start)
+            {
+                e.live.hold_heartbeat(now);
+            }
+        }
     }
 }
 

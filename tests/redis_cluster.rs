@@ -21,6 +21,19 @@ fn have_redis_cli() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A free port whose cluster-bus port (+10000) is free too (ephemeral ports may be too high).
+fn cluster_port() -> u16 {
+    use rand::Rng;
+    for _ in 0..200 {
+        let port = rand::rng().random_range(20_000..45_000u16);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster shard");
+}
+
 fn cluster_ok(port: u16) -> bool {
     let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
         return false;
@@ -50,11 +63,7 @@ async fn pins_work_on_a_three_shard_redis_cluster() {
     }
     let mut shards = Vec::new();
     for _ in 0..3 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = cluster_port();
         let conf = format!("nodes-{port}.conf");
         shards.push(
             PrivateRedis::start_with(

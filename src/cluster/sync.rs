@@ -81,9 +81,12 @@ impl NodeUpdate {
     /// The update a router shares after applying a heartbeat to `entry`.
     pub fn report(entry: &NodeEntry, now: Millis) -> NodeUpdate {
         let live = &entry.live;
-        let rooms = live.reported_rooms.lock().ok().and_then(|r| {
-            (!r.is_empty()).then(|| r.iter().map(|k| k.as_str().to_string()).collect())
-        });
+        // An empty list is sent too: the other routers must forget rooms that ended.
+        let rooms = live
+            .reported_rooms
+            .lock()
+            .ok()
+            .map(|r| r.iter().map(|k| k.as_str().to_string()).collect());
         NodeUpdate::Report {
             id: entry.id.to_string(),
             info: WireInfo::from(&*entry.info),

@@ -389,6 +389,32 @@ impl Inner {
         self.down.load(Ordering::Acquire)
     }
 
+    /// A command failed. Only if Redis also fails a PING within `connect_timeout` is this an
+    /// outage (then the caller decides locally); otherwise the error is returned, because a
+    /// decision taken locally while Redis is reachable could split a room.
+    async fn confirm_down(&self, e: StoreError) -> Result<(), StoreError> {
+        if self.is_down() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let ping = tokio::time::timeout(
+            self.connect_timeout,
+            redis::cmd("PING").query_async::<String>(&mut c),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => Err(e),
+            Ok(Err(pe)) => {
+                self.mark_down(format!("{e}; ping: {pe}"));
+                Ok(())
+            }
+            Err(_) => {
+                self.mark_down(format!("{e}; no answer to ping"));
+                Ok(())
+            }
+        }
+    }
+
     fn mark_down(&self, why: impl std::fmt::Display) {
         let why = why.to_string();
         if !self.down.swap(true, Ordering::AcqRel) {
@@ -910,7 +936,7 @@ async fn supervise(
                         },
                         _ = resync.tick() => {
                             if let Err(e) = inner.resync_nodes().await {
-                                inner.mark_down(&e);
+                                tracing::warn!(error = %e, "node table re-sync failed");
                             }
                             let cutoff = inner.last_ts.load(Ordering::Relaxed).saturating_sub(60_000_000);
                             inner.cache.retain(|_, v| v.pin.is_some() || v.ts == 0 || v.ts > cutoff);
@@ -1053,7 +1079,7 @@ impl PinStore for RedisStore {
         if !i.is_down() {
             match i.pin_if_remote(room, node, expected, now).await {
                 Ok(o) => return Ok(o),
-                Err(e) => i.mark_down(&e),
+                Err(e) => i.confirm_down(e).await?,
             }
         }
         Ok(i.pin_if_local(room, node, expected, now))
@@ -1066,18 +1092,23 @@ impl PinStore for RedisStore {
         now: Millis,
     ) -> Result<bool, StoreError> {
         let i = &self.inner;
-        let local = match i.cache.get_mut(room) {
-            Some(mut c) => match &mut c.pin {
+        // The cache's confirmed_at is what Redis holds as far as we know (it is only
+        // updated from Redis), so a confirmation we wrote recently needs no new write:
+        // node reports list every room every heartbeat.
+        let (mine, fresh) = match i.cache.get(room) {
+            Some(c) => match &c.pin {
                 Some(p) if &p.node == node => {
-                    p.confirmed_at = p.confirmed_at.max(now);
-                    true
+                    (true, now.saturating_sub(p.confirmed_at) < i.pin_ttl_ms / 16)
                 }
-                _ => false,
+                _ => (false, false),
             },
-            None => false,
+            None => (false, false),
         };
         if i.is_down() {
-            return Ok(local);
+            return Ok(mine);
+        }
+        if fresh {
+            return Ok(true);
         }
         let mut c = i.conn();
         let mut inv = i.confirm.key(i.keys.room(room.as_str()));
@@ -1085,13 +1116,18 @@ impl PinStore for RedisStore {
         match i.run::<i64>("confirm", inv.invoke_async(&mut c)).await {
             Ok(n) => {
                 if n == 1 {
+                    if let Some(mut c) = i.cache.get_mut(room) {
+                        if let Some(p) = c.pin.as_mut().filter(|p| &p.node == node) {
+                            p.confirmed_at = p.confirmed_at.max(now);
+                        }
+                    }
                     let _ = i.index_tx.send(IndexOp::Add(room.as_str().to_string()));
                 }
                 Ok(n == 1)
             }
             Err(e) => {
-                i.mark_down(&e);
-                Ok(local)
+                tracing::debug!(error = %e, "confirmation not written");
+                Ok(mine)
             }
         }
     }
@@ -1101,7 +1137,7 @@ impl PinStore for RedisStore {
         if !i.is_down() {
             match i.release_remote(room, Some(node)).await {
                 Ok(old) => return Ok(old.is_some()),
-                Err(e) => i.mark_down(&e),
+                Err(e) => i.confirm_down(e).await?,
             }
         }
         Ok(i.release_local(room, Some(node)).is_some())
@@ -1112,7 +1148,7 @@ impl PinStore for RedisStore {
         if !i.is_down() {
             match i.release_remote(room, None).await {
                 Ok(old) => return Ok(old),
-                Err(e) => i.mark_down(&e),
+                Err(e) => i.confirm_down(e).await?,
             }
         }
         Ok(i.release_local(room, None))
@@ -1159,7 +1195,7 @@ impl PinStore for RedisStore {
                 match i.run("sweep", inv.invoke_async(&mut c)).await {
                     Ok(r) => r,
                     Err(e) => {
-                        i.mark_down(&e);
+                        tracing::warn!(error = %e, "idle sweep interrupted");
                         break;
                     }
                 };

@@ -206,7 +206,9 @@ pub struct StoreConfig {
     /// Time allowed to establish a connection. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time allowed for one command before the store counts as unreachable. Default 250 ms.
+    /// Time allowed for one command. A failed command is followed by a PING (within
+    /// `connect_timeout`): only if that fails too is the store unreachable (degraded mode).
+    /// Default 250 ms.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// Full re-read of the shared node table (in case a message was lost). Default 10 s.

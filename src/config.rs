@@ -109,7 +109,7 @@ pub struct RoomsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlacementConfig {
-    /// `top_two` (default), `rendezvous` or `least_loaded`.
+    /// `least_loaded` (default), `top_two` or `rendezvous`.
     pub rule: ChoiceRule,
     pub new_room_limit: f64,
     pub join_limit: f64,
@@ -145,7 +145,7 @@ pub struct PlacementConfig {
 impl Default for PlacementConfig {
     fn default() -> Self {
         PlacementConfig {
-            rule: ChoiceRule::TopTwo,
+            rule: ChoiceRule::LeastLoaded,
             new_room_limit: 0.80,
             join_limit: 1.00,
             join_cost: 1.0,
@@ -231,7 +231,7 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TicketConfig {
     /// HS256 secret shared with the nodes (or `ROOMROUTER_TICKET_SECRET`).
@@ -266,7 +266,7 @@ pub enum UserAuth {
     Jwt,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Bearer tokens accepted for admin endpoints (or `ROOMROUTER_ADMIN_TOKEN`).
@@ -276,6 +276,34 @@ pub struct AuthConfig {
     /// Per-node bearer tokens: a node listed here must use its own token.
     pub node_tokens: BTreeMap<String, String>,
     pub users: UserAuth,
+}
+
+/// Secrets never reach a log line, even through `{:?}`.
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for TicketConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketConfig")
+            .field("secret", &REDACTED)
+            .field("ttl", &self.ttl)
+            .field("query_param", &self.query_param)
+            .field("node_path", &self.node_path)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "admin_tokens",
+                &format_args!("[{} redacted]", self.admin_tokens.len()),
+            )
+            .field("node_token", &REDACTED)
+            .field("node_tokens", &self.node_tokens.keys().collect::<Vec<_>>())
+            .field("users", &self.users)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -601,6 +629,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("placement.heartbeat_timeout"));
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut c = Config::parse("[auth.node_tokens]\nmedia-1 = \"per-node-secret-0123456789\"\n")
+            .unwrap();
+        c.auth.admin_tokens = vec!["admin-secret-0123456789".into()];
+        c.auth.node_token = "node-secret-0123456789".into();
+        c.tickets.secret = "ticket-secret-0123456789-0123456789".into();
+        let shown = format!("{c:?}");
+        for s in [
+            "admin-secret",
+            "node-secret",
+            "ticket-secret",
+            "per-node-secret",
+        ] {
+            assert!(!shown.contains(s), "{s} leaked: {shown}");
+        }
+        assert!(shown.contains("media-1"));
     }
 
     #[test]

@@ -145,7 +145,12 @@ impl Metrics {
     /// Counts a decision; `outcome` is one of [`DECISION_OUTCOMES`].
     #[inline]
     pub fn decision(&self, outcome: &'static str) {
-        match self.outcomes.iter().find(|(o, _)| *o == outcome) {
+        // Pointer comparison first: callers pass the same &'static str literals.
+        match self
+            .outcomes
+            .iter()
+            .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome)
+        {
             Some((_, c)) => {
                 c.inc();
             }

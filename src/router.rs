@@ -61,7 +61,6 @@ pub enum Intent {
 /// The answer: the room's node.
 #[derive(Debug, Clone)]
 pub struct Placement {
-    pub room: RoomKey,
     pub node: NodeEntry,
     /// True when this call placed the room (new, or re-placed off a failed node).
     pub created: bool,
@@ -263,14 +262,15 @@ impl<S: PinStore> Router<S> {
                         }
                     }
                     return Ok(Placement {
-                        room: room.clone(),
                         node,
                         created: false,
                         overflow: false,
                     });
                 }
                 (Decision::NodeFull(_), Some(node)) => {
-                    return Err(JoinError::NodeFull { node: node.id })
+                    return Err(JoinError::NodeFull {
+                        node: node.id.clone(),
+                    })
                 }
                 (Decision::Place { overflow, .. }, Some(node)) => {
                     if intent == (Intent::Lookup { create: false }) {
@@ -285,7 +285,6 @@ impl<S: PinStore> Router<S> {
                         PinOutcome::Won(_) => {
                             self.on_placed(room, &node, expected.is_some(), size, intent, now);
                             return Ok(Placement {
-                                room: room.clone(),
                                 node,
                                 created: true,
                                 overflow,
@@ -538,7 +537,7 @@ impl<S: PinStore> Router<S> {
         let live = &e.live;
         NodeStatus {
             id: e.id.clone(),
-            info: (*e.info).clone(),
+            info: e.info.clone(),
             state: live.effective_state(),
             admin_state: live.admin_state(),
             reported_state: live.self_state(),

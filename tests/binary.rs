@@ -159,6 +159,74 @@ async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
 }
 
 #[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("rr-log-{}-{port}.log", std::process::id()));
+    let file = std::fs::File::create(&log).unwrap();
+    let router = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-json",
+            ])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(&format!("{url}/healthz")).await;
+    let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 10, "load": 0});
+    let c = client();
+    c.post(format!("{url}/v1/nodes/n1/heartbeat"))
+        .bearer_auth(NODE_TOKEN)
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    c.post(format!("{url}/v1/nodes/n1/heartbeat"))
+        .bearer_auth("wrong-token-0123456789")
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    c.get(format!("{url}/v1/nodes"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let login: serde_json::Value = c
+        .post(format!("{url}/v1/login"))
+        .json(&serde_json::json!({"room": "r"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ticket = login["ticket"].as_str().unwrap().to_string();
+    drop(router);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains("node joined"), "the log was captured: {text}");
+    for secret in [
+        ADMIN,
+        NODE_TOKEN,
+        SECRET,
+        "wrong-token-0123456789",
+        ticket.as_str(),
+    ] {
+        assert!(!text.contains(secret), "a secret reached the log");
+    }
+}
+
+#[tokio::test]
 async fn the_one_command_demo_serves_joins() {
     let port = free_port();
     let mut child = clean_env(&mut Command::new(BIN))

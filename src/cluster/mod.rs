@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 
-pub use node::{Live, NodeEntry, NodeId, NodeIdError, NodeInfo, MAX_NODE_ID};
+pub use node::{Live, NodeData, NodeEntry, NodeId, NodeIdError, NodeInfo, MAX_NODE_ID};
 
 use crate::placement::AdminState;
 
@@ -127,7 +127,7 @@ impl Cluster {
     /// Adds a node or updates its description, keeping its live counters and admin state.
     pub fn upsert(&self, id: &NodeId, info: NodeInfo, is_static: bool) -> (Upsert, NodeEntry) {
         if let Some(e) = self.snapshot().get(id) {
-            if *e.info == info && (e.is_static || !is_static) {
+            if e.info == info && (e.is_static || !is_static) {
                 return (Upsert::Unchanged, e.clone());
             }
         }
@@ -137,25 +137,20 @@ impl Cluster {
         let (outcome, entry) = match cur.position(id) {
             Some(i) => {
                 let old = &nodes[i];
-                if *old.info == info && (old.is_static || !is_static) {
+                if old.info == info && (old.is_static || !is_static) {
                     return (Upsert::Unchanged, old.clone());
                 }
-                let e = NodeEntry {
-                    id: old.id.clone(),
-                    info: Arc::new(info),
-                    live: old.live.clone(),
-                    is_static: old.is_static || is_static,
-                };
+                let e = NodeEntry::new(
+                    old.id.clone(),
+                    info,
+                    old.live.clone(),
+                    old.is_static || is_static,
+                );
                 nodes[i] = e.clone();
                 (Upsert::Updated, e)
             }
             None => {
-                let e = NodeEntry {
-                    id: id.clone(),
-                    info: Arc::new(info),
-                    live: Arc::new(Live::default()),
-                    is_static,
-                };
+                let e = NodeEntry::new(id.clone(), info, Arc::new(Live::default()), is_static);
                 nodes.push(e.clone());
                 (Upsert::Added, e)
             }

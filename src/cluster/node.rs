@@ -223,14 +223,37 @@ impl Live {
     }
 }
 
-/// A node as the current snapshot holds it.
+/// A node as the current snapshot holds it. Cheap to clone (one reference count).
 #[derive(Debug, Clone)]
-pub struct NodeEntry {
+pub struct NodeEntry(Arc<NodeData>);
+
+/// What a [`NodeEntry`] points at.
+#[derive(Debug)]
+pub struct NodeData {
     pub id: NodeId,
-    pub info: Arc<NodeInfo>,
+    pub info: NodeInfo,
     pub live: Arc<Live>,
-    /// Declared in the config file (kept when it leaves; it may come back).
+    /// Declared in the config file or registered by an admin (kept when it stops beating).
     pub is_static: bool,
+}
+
+impl NodeEntry {
+    pub fn new(id: NodeId, info: NodeInfo, live: Arc<Live>, is_static: bool) -> NodeEntry {
+        NodeEntry(Arc::new(NodeData {
+            id,
+            info,
+            live,
+            is_static,
+        }))
+    }
+}
+
+impl std::ops::Deref for NodeEntry {
+    type Target = NodeData;
+    #[inline]
+    fn deref(&self) -> &NodeData {
+        &self.0
+    }
 }
 
 impl NodeView for NodeEntry {

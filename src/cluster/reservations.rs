@@ -83,18 +83,28 @@ impl ReservationBook {
         released
     }
 
-    /// One more participant was sent to the room's node.
+    /// One more participant was sent to the room's node. One map access when the room has
+    /// a reservation, one shared (read) access when it has none.
     pub fn arrive_one(&self, room: &RoomKey, node: &NodeId, live: &Live, now: Millis) {
+        if !self.held.contains_key(room) {
+            return;
+        }
+        let mut done = false;
         if let Some(mut h) = self.held.get_mut(room) {
             if &h.node == node {
                 let arrived = h.res.arrived.saturating_add(1);
-                let released = h.res.observe(arrived);
-                drop(h);
+                let mut released = h.res.observe(arrived);
+                done = h.res.is_done(now);
+                if done {
+                    released += h.res.outstanding();
+                }
                 if released > 0 {
                     live.add_reserved(-i64::from(released));
                 }
-                self.observe(room, node, live, 0, now);
             }
+        }
+        if done {
+            self.held.remove_if(room, |_, h| &h.node == node);
         }
     }
 

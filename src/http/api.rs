@@ -143,9 +143,9 @@ struct PlacementView<'a> {
     created: bool,
 }
 
-fn placement_view(p: &Placement) -> PlacementView<'_> {
+fn placement_view<'a>(room: &'a RoomKey, p: &'a Placement) -> PlacementView<'a> {
     PlacementView {
-        room: p.room.as_str(),
+        room: room.as_str(),
         node: p.node.id.as_str(),
         url: &p.node.info.url,
         created: p.created,
@@ -179,7 +179,7 @@ pub async fn placement<S: PinStore>(
         .place(&room, &hints.hints(), hints.size, Intent::Lookup { create })
         .await
         .map_err(|e| ApiError::from_join(e, app.retry_after()))?;
-    let mut r = json(StatusCode::OK, &placement_view(&p));
+    let mut r = json(StatusCode::OK, &placement_view(&room, &p));
     set_node_header(&mut r, p.node.id.as_str());
     Ok(r)
 }
@@ -239,7 +239,7 @@ pub async fn placement_batch<S: PinStore>(
     };
     hints.check()?;
     let create = req.create.unwrap_or(true);
-    let mut results: Vec<Result<Placement, (String, ApiError)>> =
+    let mut results: Vec<Result<(RoomKey, Placement), (String, ApiError)>> =
         Vec::with_capacity(req.rooms.len());
     for raw in &req.rooms {
         let r = match room_literal(app, raw) {
@@ -248,6 +248,7 @@ pub async fn placement_batch<S: PinStore>(
                 .router
                 .place(&room, &hints.hints(), None, Intent::Lookup { create })
                 .await
+                .map(|p| (room, p))
                 .map_err(|e| (raw.clone(), ApiError::from_join(e, app.retry_after()))),
         };
         results.push(r);
@@ -255,7 +256,7 @@ pub async fn placement_batch<S: PinStore>(
     let items: Vec<BatchItem<'_>> = results
         .iter()
         .map(|r| match r {
-            Ok(p) => BatchItem::Ok(placement_view(p)),
+            Ok((room, p)) => BatchItem::Ok(placement_view(room, p)),
             Err((room, e)) => BatchItem::Err {
                 room: room.clone(),
                 error: e.code(),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use hash::{NodeHash, RoomHash, StableNodeHasher};
 pub use rule::ChoiceRule;
-use rule::{Ranked, Tracker};
+use rule::{Bar, Ranked, Tracker};
 
 /// Milliseconds since the Unix epoch. Time is always passed in, never read here.
 pub type Millis = u64;
@@ -80,7 +80,7 @@ impl Default for Params {
             join_limit: 1.00,
             heartbeat_timeout_ms: 6_000,
             region_affinity: true,
-            rule: ChoiceRule::TopTwo,
+            rule: ChoiceRule::LeastLoaded,
         }
     }
 }
@@ -151,6 +151,35 @@ fn score(room: u64, node_hash: u64, w: f64) -> rendezvous_hash::types::SignPosit
         .hash_code(&StableNodeHasher, &RoomHash(room))
 }
 
+/// A ranked candidate: the crate's score, plus the same value as a float for pruning.
+#[inline]
+fn ranked(index: usize, room: u64, node_hash: u64, w: f64, util: f64) -> Ranked {
+    let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
+    Ranked {
+        index,
+        score: score(room, node_hash, w),
+        raw: h.ln() / w.max(f64::MIN_POSITIVE),
+        tiebreak: node_hash,
+        util,
+    }
+}
+
+/// True if a node (weight `w`) provably cannot matter to the rule. For a score bar it uses
+/// `ln(x) <= x - 1` on the pair hash, so the logarithm is only taken for nodes that might
+/// rank where the rule looks (for the top two: about 2/n of n nodes); the least-loaded rule
+/// skips more loaded nodes without hashing at all. Exact: never prunes a winner.
+#[inline]
+fn cannot_matter(bar: Bar, room: u64, node_hash: u64, w: f64) -> bool {
+    match bar {
+        Bar::Take => false,
+        Bar::Skip => true,
+        Bar::Score(bar) => {
+            let x = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
+            (x - 1.0) / w < bar
+        }
+    }
+}
+
 /// The same ranking as a plain number, `-w / ln(h)` with `h` in (0,1), for humans.
 pub fn numeric_score(room: u64, node_hash: u64, w: f64) -> f64 {
     let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
@@ -186,14 +215,16 @@ pub fn choose<N: NodeView>(
         }
         let u = n.utilization();
         if u < p.new_room_limit {
-            let c = Ranked {
-                index: i,
-                score: score(room, n.node_hash(), n.capacity() * (p.new_room_limit - u)),
-                tiebreak: n.node_hash(),
-                util: u,
-            };
+            let w = n.capacity() * (p.new_room_limit - u);
+            let in_region = prefer_region.is_some() && n.region() == prefer_region;
+            if cannot_matter(all.bar(p.rule, u), room, n.node_hash(), w)
+                && (!in_region || cannot_matter(local.bar(p.rule, u), room, n.node_hash(), w))
+            {
+                continue;
+            }
+            let c = ranked(i, room, n.node_hash(), w, u);
             all.offer(c);
-            if prefer_region.is_some() && n.region() == prefer_region {
+            if in_region {
                 local.offer(c);
             }
         } else if u < p.join_limit {
@@ -221,12 +252,11 @@ pub fn choose<N: NodeView>(
         }
         let u = n.utilization();
         if u < p.join_limit {
-            over.offer(Ranked {
-                index: i,
-                score: score(room, n.node_hash(), n.capacity() * (p.join_limit - u)),
-                tiebreak: n.node_hash(),
-                util: u,
-            });
+            let w = n.capacity() * (p.join_limit - u);
+            if cannot_matter(over.bar(p.rule, u), room, n.node_hash(), w) {
+                continue;
+            }
+            over.offer(ranked(i, room, n.node_hash(), w, u));
         }
     }
     match over.pick(p.rule) {
@@ -313,12 +343,13 @@ pub fn explain<N: NodeView>(
             && u < limit
             && (!local_has_candidates || overflow || n.region() == prefer_region)
         {
-            pool.offer(Ranked {
-                index: i,
-                score: score(room, n.node_hash(), n.capacity() * (limit - u)),
-                tiebreak: n.node_hash(),
-                util: u,
-            });
+            pool.offer(ranked(
+                i,
+                room,
+                n.node_hash(),
+                n.capacity() * (limit - u),
+                u,
+            ));
         }
     }
     let (best, second) = pool.top_two();

@@ -252,7 +252,10 @@ fn overflow_to_join_limit_then_no_capacity() {
 
 #[test]
 fn top_two_takes_the_less_loaded_of_the_two_best_ranked() {
-    let p = Params::default();
+    let p = Params {
+        rule: ChoiceRule::TopTwo,
+        ..Params::default()
+    };
     let mut checked_runner_up = 0;
     for i in 0..300 {
         let r = room(i);
@@ -464,6 +467,81 @@ proptest! {
             } else {
                 prop_assert_ne!(after, nodes[dead].id.clone());
             }
+        }
+    }
+}
+
+/// The rule written the slow, obvious way: rank every candidate with the crate's score.
+fn reference_choice(nodes: &[N], r: u64, p: &Params) -> Option<String> {
+    let eligible =
+        |x: &&N| x.state == AdminState::Active && is_healthy(*x, NOW, p.heartbeat_timeout_ms);
+    for limit in [p.new_room_limit, p.join_limit] {
+        let mut c: Vec<&N> = nodes
+            .iter()
+            .filter(eligible)
+            .filter(|x| x.util < limit)
+            .collect();
+        if c.is_empty() {
+            continue;
+        }
+        c.sort_by(|a, b| {
+            let sa = score(r, a.hash, a.cap * (limit - a.util));
+            let sb = score(r, b.hash, b.cap * (limit - b.util));
+            sb.partial_cmp(&sa).unwrap().then(b.hash.cmp(&a.hash))
+        });
+        let pick = match p.rule {
+            ChoiceRule::Rendezvous => c[0],
+            ChoiceRule::TopTwo => {
+                if c.len() > 1 && c[1].util < c[0].util {
+                    c[1]
+                } else {
+                    c[0]
+                }
+            }
+            ChoiceRule::LeastLoaded => {
+                let min = c.iter().map(|x| x.util).fold(f64::INFINITY, f64::min);
+                c.into_iter().find(|x| x.util == min).unwrap()
+            }
+        };
+        return Some(pick.id.clone());
+    }
+    None
+}
+
+proptest! {
+    /// The one-pass choice (with its logarithm-skipping bound) picks exactly what ranking
+    /// every candidate would.
+    #[test]
+    fn one_pass_choice_equals_full_ranking(nodes in arb_nodes(), r in any::<u64>()) {
+        for rule in ChoiceRule::ALL {
+            let p = Params { rule, ..Params::default() };
+            prop_assert_eq!(placed(&nodes, r, &p), reference_choice(&nodes, r, &p), "rule {:?}", rule);
+        }
+    }
+}
+
+#[test]
+fn one_pass_choice_equals_full_ranking_on_large_clusters() {
+    for rule in ChoiceRule::ALL {
+        let p = Params {
+            rule,
+            ..Params::default()
+        };
+        let nodes: Vec<N> = (0..500)
+            .map(|i| {
+                n(
+                    &format!("big-{i}"),
+                    50.0 + (i % 9) as f64 * 25.0,
+                    (i % 17) as f64 / 20.0,
+                )
+            })
+            .collect();
+        for i in 0..300 {
+            assert_eq!(
+                placed(&nodes, room(i), &p),
+                reference_choice(&nodes, room(i), &p),
+                "rule {rule:?} room {i}"
+            );
         }
     }
 }

@@ -32,9 +32,9 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// The product's default: the top-two rule with reservation.
+    /// The product's default: `ChoiceRule::default()` (least-loaded) with reservation.
     pub const DEFAULT: Policy = Policy::Ours {
-        rule: ChoiceRule::TopTwo,
+        rule: ChoiceRule::LeastLoaded,
         reservation: true,
     };
 

@@ -89,7 +89,7 @@ impl NodeUpdate {
             .map(|r| r.iter().map(|k| k.as_str().to_string()).collect());
         NodeUpdate::Report {
             id: entry.id.to_string(),
-            info: WireInfo::from(&*entry.info),
+            info: WireInfo::from(&entry.info),
             load: live.reported_load(),
             cpu: live.reported_cpu(),
             state: live.self_state(),

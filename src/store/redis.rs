@@ -194,9 +194,14 @@ fn encode(pin: &Pin) -> String {
     format!("{}|{}|{}", pin.node, pin.created_at, pin.confirmed_at)
 }
 
+#[cfg(test)]
 fn decode(v: &str) -> Option<Pin> {
+    decode_with(v, |s| NodeId::parse(s).ok())
+}
+
+fn decode_with(v: &str, node_id: impl Fn(&str) -> Option<NodeId>) -> Option<Pin> {
     let mut it = v.split('|');
-    let node = NodeId::parse(it.next()?).ok()?;
+    let node = node_id(it.next()?)?;
     let created_at = it.next()?.parse().ok()?;
     let confirmed_at = it.next()?.parse().ok()?;
     Some(Pin {
@@ -212,6 +217,7 @@ struct Inner {
     next: AtomicUsize,
     sub_client: redis::Client,
     cache: DashMap<RoomKey, Cached>,
+    node_ids: DashMap<Box<str>, NodeId>,
     pending: DashMap<RoomKey, Pending>,
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     down: AtomicBool,
@@ -322,6 +328,7 @@ impl RedisStore {
             next: AtomicUsize::new(0),
             sub_client,
             cache: DashMap::new(),
+            node_ids: DashMap::new(),
             pending: DashMap::new(),
             pending_nodes: Mutex::new(HashMap::new()),
             down: AtomicBool::new(true),
@@ -442,6 +449,22 @@ impl Inner {
         }
     }
 
+    /// Decodes a stored pin, sharing one `NodeId` (one `Arc`) per node across all pins, as
+    /// the memory store's pins share the registry's: a pinned lookup clones a hot `Arc`
+    /// instead of one cold allocation per room.
+    fn decode(&self, v: &str) -> Option<Pin> {
+        decode_with(v, |s| {
+            if let Some(id) = self.node_ids.get(s) {
+                return Some(id.clone());
+            }
+            let id = NodeId::parse(s).ok()?;
+            if self.node_ids.len() < 100_000 {
+                self.node_ids.insert(s.into(), id.clone());
+            }
+            Some(id)
+        })
+    }
+
     fn see_ts(&self, ts: u64) {
         self.last_ts.fetch_max(ts, Ordering::Relaxed);
     }
@@ -477,7 +500,7 @@ impl Inner {
             .arg(room.as_str());
         let (won, v, ts): (i64, String, String) = self.run("pin", inv.invoke_async(&mut c)).await?;
         let ts = ts.parse().unwrap_or(0);
-        let pin = decode(&v);
+        let pin = self.decode(&v);
         self.apply(room, pin.clone(), ts);
         if won == 1 {
             let pin = pin.ok_or_else(|| err("pin: unreadable reply"))?;
@@ -502,7 +525,7 @@ impl Inner {
             .arg(room.as_str());
         let (old, ts): (String, String) = self.run("release", inv.invoke_async(&mut c)).await?;
         let ts = ts.parse().unwrap_or(0);
-        let old = decode(&old);
+        let old = self.decode(&old);
         if old.is_some() {
             self.apply(room, None, ts);
             let _ = self
@@ -775,7 +798,7 @@ impl Inner {
                     stale.push(name.clone());
                     continue;
                 };
-                match v.as_deref().and_then(decode) {
+                match v.as_deref().and_then(|v| self.decode(v)) {
                     Some(pin) => {
                         let mut e = self
                             .cache
@@ -855,7 +878,7 @@ impl Inner {
             else {
                 return;
             };
-            self.apply(&room, decode(v), ts);
+            self.apply(&room, self.decode(v), ts);
         } else if channel == self.keys.nodes_channel {
             let Ok(env) = serde_json::from_str::<Envelope>(text) else {
                 return;
@@ -1204,13 +1227,13 @@ impl PinStore for RedisStore {
                 1 => {
                     i.apply(&room, None, ts);
                     let _ = i.index_tx.send(IndexOp::Remove(room.as_str().to_string()));
-                    if let Some(p) = decode(&v) {
+                    if let Some(p) = i.decode(&v) {
                         released.push((room, p.node));
                     }
                 }
                 0 => {
                     // Confirmed by another router: take its confirmation time.
-                    i.apply(&room, decode(&v), ts);
+                    i.apply(&room, i.decode(&v), ts);
                 }
                 _ => i.apply(&room, None, ts),
             }

@@ -215,10 +215,48 @@ pub enum StoreKind {
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+/// `[store]`: where pins and the shared node table live. Every key but `kind` concerns
+/// `kind = "redis"` only.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `rediss://` for TLS).
+    /// Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Redis Cluster seed nodes; when non-empty, `url` is ignored and cluster mode is used.
+    pub cluster_nodes: Vec<String>,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    /// Default `roomrouter`; no `{`, `}` or whitespace.
+    pub key_prefix: String,
+    /// Connections the router keeps to Redis (multiplexed; 1-64). Default 2.
+    pub pool_size: usize,
+    /// Time allowed to establish a connection. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for one command. A failed command is followed by a PING (within
+    /// `connect_timeout`): only if that fails too is the store unreachable (degraded mode).
+    /// Default 250 ms.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Full re-read of the shared node table (in case a message was lost). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+            url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
+            key_prefix: "roomrouter".into(),
+            pool_size: 2,
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(250),
+            resync_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -676,10 +714,33 @@ impl Config {
             return Err(invalid("placement.max_size_hint", "must be > 0"));
         }
         if self.store.kind == StoreKind::Redis {
-            return Err(invalid(
-                "store.kind",
-                "\"redis\" is not available in this build; use \"memory\"",
-            ));
+            let st = &self.store;
+            if st.cluster_nodes.is_empty() && st.url.parse::<url::Url>().is_err() {
+                return Err(invalid("store.url", "not a redis:// URL"));
+            }
+            if st.key_prefix.is_empty()
+                || st
+                    .key_prefix
+                    .chars()
+                    .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    "store.key_prefix",
+                    "must be non-empty, without braces or whitespace",
+                ));
+            }
+            if !(1..=64).contains(&st.pool_size) {
+                return Err(invalid("store.pool_size", "must be 1-64"));
+            }
+            if st.connect_timeout.is_zero() {
+                return Err(invalid("store.connect_timeout", "must be > 0"));
+            }
+            if st.command_timeout.is_zero() {
+                return Err(invalid("store.command_timeout", "must be > 0"));
+            }
+            if st.resync_interval.is_zero() {
+                return Err(invalid("store.resync_interval", "must be > 0"));
+            }
         }
         if self.tickets.ttl.is_zero() {
             return Err(invalid("tickets.ttl", "must be > 0"));

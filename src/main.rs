@@ -132,8 +132,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
             tracing::info!(addr = %listener.local_addr()?, "roomrouter listening");
-            roomrouter::service::run_memory(cfg, listener, roomrouter::service::shutdown_signal())
-                .await?;
+            roomrouter::service::run_configured(
+                cfg,
+                listener,
+                roomrouter::service::shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }
         Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),

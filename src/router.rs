@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::cluster::reservations::{ReservationBook, RoomHistory};
+use crate::cluster::sync::{NodeUpdate, WireInfo};
 use crate::cluster::{Cluster, NodeEntry, NodeId, NodeInfo, Snapshot, Upsert};
 use crate::config::{Config, PlacementConfig, StaticNode};
 use crate::metrics::Metrics;
@@ -144,7 +145,7 @@ pub struct Router<S> {
     params: Params,
     placement: PlacementConfig,
     norm: Normalization,
-    cluster: Cluster,
+    cluster: Arc<Cluster>,
     store: S,
     book: ReservationBook,
     history: RoomHistory,
@@ -158,7 +159,7 @@ impl<S: PinStore> Router<S> {
             params: cfg.placement.params(),
             placement: cfg.placement.clone(),
             norm: cfg.rooms.normalization,
-            cluster: Cluster::new(),
+            cluster: Arc::new(Cluster::new()),
             store,
             book: ReservationBook::default(),
             history: RoomHistory::default(),
@@ -168,6 +169,8 @@ impl<S: PinStore> Router<S> {
         for n in &cfg.nodes {
             r.add_static(n);
         }
+        // Shared node state (several routers): the store applies other routers' updates.
+        r.store.attach(&r.cluster);
         r
     }
 
@@ -400,7 +403,11 @@ impl<S: PinStore> Router<S> {
             && !entry.is_static
         {
             self.cluster.remove(id);
+            self.store
+                .share_node(NodeUpdate::Removed { id: id.to_string() });
             tracing::info!(node = %id, "drained node reported no rooms; removed");
+        } else {
+            self.store.share_node(NodeUpdate::report(&entry, now));
         }
         evict.sort();
         Ok(HeartbeatReply {
@@ -496,6 +503,8 @@ impl<S: PinStore> Router<S> {
     pub fn remove_node(&self, id: &NodeId) -> bool {
         let gone = self.cluster.remove(id).is_some();
         if gone {
+            self.store
+                .share_node(NodeUpdate::Removed { id: id.to_string() });
             tracing::info!(node = %id, "node removed");
         }
         gone
@@ -503,12 +512,22 @@ impl<S: PinStore> Router<S> {
 
     /// Admin: register or update a node by hand.
     pub fn put_node(&self, id: &NodeId, info: NodeInfo) -> Upsert {
-        self.cluster.upsert(id, info, true).0
+        let wire = WireInfo::from(&info);
+        let outcome = self.cluster.upsert(id, info, true).0;
+        self.store.share_node(NodeUpdate::Put {
+            id: id.to_string(),
+            info: wire,
+        });
+        outcome
     }
 
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
         let ok = self.cluster.set_admin_state(id, state);
         if ok {
+            self.store.share_node(NodeUpdate::Admin {
+                id: id.to_string(),
+                state,
+            });
             tracing::info!(node = %id, state = state.as_str(), "admin state set");
         }
         ok

@@ -65,6 +65,18 @@ pub async fn run_memory(
     run(build(cfg, MemoryStore::new()), listener, shutdown).await
 }
 
+/// Runs with the store `[store]` names (memory, or Redis shared with other routers).
+pub async fn run_configured(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let store = crate::store::open(&cfg).await?;
+    tracing::info!(store = ?cfg.store.kind, "store opened");
+    run(build(cfg, store), listener, shutdown).await?;
+    Ok(())
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -7,6 +7,7 @@
 
 mod node;
 pub mod reservations;
+pub mod sync;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

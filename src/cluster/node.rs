@@ -189,6 +189,13 @@ impl Live {
         self.last_heartbeat.store(now.max(1), Ordering::Release);
     }
 
+    /// Keeps the node counted as heard from at `at` without a report (load, pending and
+    /// states unchanged). Used while the shared store is down, so a router does not declare
+    /// dead the nodes it only heard of through the store.
+    pub fn hold_heartbeat(&self, at: Millis) {
+        self.last_heartbeat.fetch_max(at.max(1), Ordering::AcqRel);
+    }
+
     /// Marks the node as not heard from (used by tests and by passive health checks).
     pub fn forget_heartbeat(&self) {
         self.last_heartbeat.store(0, Ordering::Release);

@@ -7,15 +7,20 @@
 //! sees HTTP and never decides placement.
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::cluster::NodeId;
+use crate::cluster::sync::NodeUpdate;
+use crate::cluster::{Cluster, NodeId};
+use crate::config::{Config, StoreKind};
 use crate::placement::Millis;
 use crate::room::RoomKey;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 /// A room's pin.
@@ -111,4 +116,92 @@ pub trait PinStore: Send + Sync + 'static {
 
     /// Health for `/readyz` and metrics.
     fn health(&self) -> StoreHealth;
+
+    /// Shared node state: the router calls this once, with its node table, when it is built.
+    /// A shared store applies other routers' node updates to it. Default: nothing.
+    fn attach(&self, _cluster: &Arc<Cluster>) {}
+
+    /// Shared node state: the router calls this after a heartbeat or an admin action changed
+    /// a node. A shared store writes it down and tells the other routers; it must not block
+    /// (it queues). Default: nothing (one router).
+    fn share_node(&self, _update: NodeUpdate) {}
+}
+
+/// The store chosen at run time: static dispatch by `match`, no boxing on the hot path.
+pub enum AnyStore {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+/// Opens the store `[store]` asks for. For Redis this connects (within
+/// `store.connect_timeout`), loads the pins into the local cache and starts the background
+/// tasks (subscription, reconnection, node re-sync); they stop when the store is dropped.
+pub async fn open(cfg: &Config) -> anyhow::Result<AnyStore> {
+    Ok(match cfg.store.kind {
+        StoreKind::Memory => AnyStore::Memory(MemoryStore::new()),
+        StoreKind::Redis => AnyStore::Redis(
+            RedisStore::connect(
+                &cfg.store,
+                cfg.placement.room_idle_ttl,
+                cfg.placement.heartbeat_timeout,
+            )
+            .await?,
+        ),
+    })
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Memory($s) => $e,
+            AnyStore::Redis($s) => $e,
+        }
+    };
+}
+
+impl PinStore for AnyStore {
+    async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        delegate!(self, s => s.get(room).await)
+    }
+    async fn pin_if(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+    ) -> Result<PinOutcome, StoreError> {
+        delegate!(self, s => s.pin_if(room, node, expected, now).await)
+    }
+    async fn confirm(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.confirm(room, node, now).await)
+    }
+    async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
+        delegate!(self, s => s.release_if(room, node).await)
+    }
+    async fn remove(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        delegate!(self, s => s.remove(room).await)
+    }
+    async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        delegate!(self, s => s.list(cursor, limit).await)
+    }
+    async fn sweep_idle(&self, before: Millis) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
+        delegate!(self, s => s.sweep_idle(before).await)
+    }
+    async fn count(&self) -> Result<usize, StoreError> {
+        delegate!(self, s => s.count().await)
+    }
+    fn health(&self) -> StoreHealth {
+        delegate!(self, s => s.health())
+    }
+    fn attach(&self, cluster: &Arc<Cluster>) {
+        delegate!(self, s => s.attach(cluster))
+    }
+    fn share_node(&self, update: NodeUpdate) {
+        delegate!(self, s => s.share_node(update))
+    }
 }

@@ -1,0 +1,1311 @@
+//! The shared pin store: Redis (standalone or Cluster), with a complete local cache of pins.
+//!
+//! It owns the Redis data model (see ARCHITECTURE.md), the local pin cache, the write-back
+//! of decisions taken while Redis was unreachable, and the transport of shared node state.
+//!
+//! Keys (`P` = `store.key_prefix`, which may not contain braces):
+//! - `P:room:{ROOM}`: one string per pinned room, `node|created_ms|confirmed_ms`, expiring
+//!   after twice `room_idle_ttl` unless confirmed. The hash tag is the room, so every
+//!   single-room operation is one Lua script on one key slot (works on Redis Cluster).
+//! - `{P}:rooms`: sorted set of pinned room names (score 0), an index for the cache load; a
+//!   superset that loads prune and confirmations repair.
+//! - `{P}:nodes` (hash id -> last report as JSON), `{P}:admin` (hash id -> admin state).
+//! - channels `P:pins` (`ts\nvalue\nroom`, value empty when released) and `P:nodes` (JSON).
+//!
+//! Reads never wait on Redis: the cache holds every pin (loaded at start and after every
+//! reconnection, kept current by `P:pins`), so a pinned room costs one map lookup and a new
+//! room one script. Each cache entry carries the Redis server time (µs) of the change it
+//! reflects and only a newer change replaces it, so our own replies and the subscription
+//! can arrive in any order. While Redis is unreachable the cache answers alone, decisions
+//! are queued, and when Redis returns they are written back by compare-and-set: where the
+//! store already holds a different pin, the store wins and the cache takes its pin (the
+//! loser's node is then told to evict the room on its next heartbeat).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+use crate::cluster::sync::{NodeSync, NodeUpdate};
+use crate::cluster::{Cluster, NodeId};
+use crate::config::StoreConfig;
+use crate::placement::Millis;
+use crate::room::{Normalization, RoomKey};
+
+/// Sets the pin if the current node is ARGV[2] ('' = no pin). Returns {won, value, ts}.
+const PIN_IF: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%06d', tonumber(t[2]))
+local curnode = ''
+if cur then curnode = string.match(cur, '^[^|]*') end
+if (cur and ARGV[2] ~= '' and curnode == ARGV[2]) or ((not cur) and ARGV[2] == '') then
+  local v = ARGV[1] .. '|' .. ARGV[3] .. '|' .. ARGV[3]
+  redis.call('SET', KEYS[1], v, 'PX', ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ts .. '\n' .. v .. '\n' .. ARGV[6])
+  return {1, v, ts}
+end
+return {0, cur or '', ts}
+"#;
+
+/// Refreshes confirmed_ms and the TTL if the pin still points at ARGV[1]. Returns 0/1.
+const CONFIRM: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local node, created, confirmed = string.match(cur, '^([^|]*)|([^|]*)|([^|]*)$')
+if node ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > tonumber(confirmed) then confirmed = ARGV[2] end
+redis.call('SET', KEYS[1], node .. '|' .. created .. '|' .. confirmed, 'PX', ARGV[3])
+return 1
+"#;
+
+/// Deletes the pin if it points at ARGV[1] ('' = whatever it points at). Returns {old, ts}
+/// with old = '' when nothing was deleted.
+const RELEASE_IF: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%06d', tonumber(t[2]))
+if not cur then return {'', ts} end
+if ARGV[1] ~= '' and string.match(cur, '^[^|]*') ~= ARGV[1] then return {'', ts} end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ts .. '\n\n' .. ARGV[3])
+return {cur, ts}
+"#;
+
+/// Deletes the pin if not confirmed since ARGV[1]. Returns {state, value, ts}: state 1 =
+/// released (value = old), 0 = still in use (value = current), -1 = no pin.
+const SWEEP: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%06d', tonumber(t[2]))
+if not cur then return {-1, '', ts} end
+local confirmed = string.match(cur, '|([^|]*)$')
+if tonumber(confirmed) >= tonumber(ARGV[1]) then return {0, cur, ts} end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ts .. '\n\n' .. ARGV[3])
+return {1, cur, ts}
+"#;
+
+/// One Redis connection: a reconnecting multiplexed connection, or a Cluster connection.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Key and channel names for one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    pub rooms_index: String,
+    pub nodes: String,
+    pub admin: String,
+    pub pins_channel: String,
+    pub nodes_channel: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+            rooms_index: format!("{{{prefix}}}:rooms"),
+            nodes: format!("{{{prefix}}}:nodes"),
+            admin: format!("{{{prefix}}}:admin"),
+            pins_channel: format!("{prefix}:pins"),
+            nodes_channel: format!("{prefix}:nodes"),
+        }
+    }
+
+    /// The key of a room's pin; its hash tag is the room.
+    pub fn room(&self, room: &str) -> String {
+        format!("{}:room:{{{}}}", self.prefix, room)
+    }
+}
+
+/// A cached pin (`None`: released, kept as a tombstone) and the Redis time of that change.
+#[derive(Debug, Clone)]
+struct Cached {
+    pin: Option<Pin>,
+    /// Redis server time in µs of the change; 0 for a decision taken while Redis was away.
+    ts: u64,
+}
+
+/// A decision taken while Redis was unreachable, to write back.
+#[derive(Debug, Clone)]
+enum Pending {
+    Pinned {
+        node: NodeId,
+        expected: Option<NodeId>,
+    },
+    Released {
+        node: NodeId,
+    },
+}
+
+enum IndexOp {
+    Add(String),
+    Remove(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    origin: String,
+    update: NodeUpdate,
+}
+
+#[cfg(test)]
+fn encode(pin: &Pin) -> String {
+    format!("{}|{}|{}", pin.node, pin.created_at, pin.confirmed_at)
+}
+
+#[cfg(test)]
+fn decode(v: &str) -> Option<Pin> {
+    decode_with(v, |s| NodeId::parse(s).ok())
+}
+
+fn decode_with(v: &str, node_id: impl Fn(&str) -> Option<NodeId>) -> Option<Pin> {
+    let mut it = v.split('|');
+    let node = node_id(it.next()?)?;
+    let created_at = it.next()?.parse().ok()?;
+    let confirmed_at = it.next()?.parse().ok()?;
+    Some(Pin {
+        node,
+        created_at,
+        confirmed_at,
+    })
+}
+
+struct Inner {
+    keys: Keys,
+    conns: Vec<Conn>,
+    next: AtomicUsize,
+    sub_client: redis::Client,
+    cache: DashMap<RoomKey, Cached>,
+    node_ids: DashMap<Box<str>, NodeId>,
+    pending: DashMap<RoomKey, Pending>,
+    pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
+    down: AtomicBool,
+    why: Mutex<String>,
+    /// Highest Redis time seen (µs), to age tombstones.
+    last_ts: AtomicU64,
+    cmd_timeout: Duration,
+    connect_timeout: Duration,
+    resync_interval: Duration,
+    pin_ttl_ms: u64,
+    pin_if: Script,
+    confirm: Script,
+    release_if: Script,
+    sweep: Script,
+    cluster: OnceLock<Arc<Cluster>>,
+    sync: NodeSync,
+    origin: String,
+    node_tx: mpsc::UnboundedSender<NodeUpdate>,
+    index_tx: mpsc::UnboundedSender<IndexOp>,
+    outages: AtomicU64,
+    store_won: AtomicU64,
+    /// The standalone server's `run_id`: a new one means Redis restarted and may have lost
+    /// its data, so everything the cache knows is written back, not only outage decisions.
+    run_id: Mutex<Option<String>>,
+    /// When the current outage began (ms since epoch; 0 = none), for the health hold.
+    outage_since: AtomicU64,
+    heartbeat_timeout_ms: u64,
+}
+
+/// How long an outage may hold nodes healthy that this router cannot hear from.
+const MAX_HOLD_MS: u64 = 60_000;
+
+fn wall_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Pins in Redis, served from a local cache. See the module documentation.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl RedisStore {
+    /// Connects, loads every pin into the cache and starts the background tasks. Fails if
+    /// Redis cannot be reached within `connect_timeout`.
+    pub async fn connect(
+        cfg: &StoreConfig,
+        room_idle_ttl: Duration,
+        heartbeat_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let keys = Keys::new(&cfg.key_prefix);
+        let (conns, sub_url) = if cfg.cluster_nodes.is_empty() {
+            let client = redis::Client::open(cfg.url.as_str())
+                .with_context(|| format!("store.url {:?}", cfg.url))?;
+            let mut conns = Vec::with_capacity(cfg.pool_size);
+            for _ in 0..cfg.pool_size.max(1) {
+                let mc = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(cfg.connect_timeout))
+                    .set_response_timeout(Some(cfg.command_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2));
+                let m = tokio::time::timeout(
+                    cfg.connect_timeout,
+                    ConnectionManager::new_with_config(client.clone(), mc),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out"))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+                .with_context(|| format!("cannot connect to Redis at {}", cfg.url))?;
+                conns.push(Conn::Single(m));
+            }
+            (conns, cfg.url.clone())
+        } else {
+            let client = redis::cluster::ClusterClient::builder(cfg.cluster_nodes.clone())
+                .connection_timeout(cfg.connect_timeout)
+                .response_timeout(cfg.command_timeout)
+                .build()
+                .context("store.cluster_nodes")?;
+            let c = tokio::time::timeout(cfg.connect_timeout * 3, client.get_async_connection())
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out"))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+                .with_context(|| {
+                    format!("cannot connect to Redis Cluster {:?}", cfg.cluster_nodes)
+                })?;
+            (vec![Conn::Cluster(c)], cfg.cluster_nodes[0].clone())
+        };
+        let sub_client = redis::Client::open(sub_url.as_str()).context("store.url")?;
+        let (node_tx, node_rx) = mpsc::unbounded_channel();
+        let (index_tx, index_rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            keys,
+            conns,
+            next: AtomicUsize::new(0),
+            sub_client,
+            cache: DashMap::new(),
+            node_ids: DashMap::new(),
+            pending: DashMap::new(),
+            pending_nodes: Mutex::new(HashMap::new()),
+            down: AtomicBool::new(true),
+            why: Mutex::new("connecting".into()),
+            last_ts: AtomicU64::new(0),
+            cmd_timeout: cfg.command_timeout,
+            connect_timeout: cfg.connect_timeout,
+            resync_interval: cfg.resync_interval,
+            pin_ttl_ms: (room_idle_ttl.as_millis() as u64)
+                .saturating_mul(2)
+                .max(1000),
+            pin_if: Script::new(PIN_IF),
+            confirm: Script::new(CONFIRM),
+            release_if: Script::new(RELEASE_IF),
+            sweep: Script::new(SWEEP),
+            cluster: OnceLock::new(),
+            sync: NodeSync::new(),
+            origin: format!("{:016x}", rand::random::<u64>()),
+            node_tx,
+            index_tx,
+            outages: AtomicU64::new(0),
+            store_won: AtomicU64::new(0),
+            run_id: Mutex::new(None),
+            outage_since: AtomicU64::new(0),
+            heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
+        });
+        // Subscribe and load before answering anything, so the cache starts complete.
+        let stream = inner
+            .subscribe_and_sync()
+            .await
+            .context("initial Redis sync")?;
+        tokio::spawn(supervise(inner.clone(), stream, stop_rx.clone()));
+        tokio::spawn(node_writer(inner.clone(), node_rx, stop_rx.clone()));
+        tokio::spawn(index_writer(inner.clone(), index_rx, stop_rx.clone()));
+        tokio::spawn(hold_nodes(inner.clone(), stop_rx));
+        Ok(RedisStore { inner, stop })
+    }
+
+    /// The key names this store uses.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// True while Redis is unreachable and the cache answers alone.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.down.load(Ordering::Acquire)
+    }
+
+    /// Times Redis became unreachable, and write-backs the store's pin won (split avoided).
+    pub fn outage_stats(&self) -> (u64, u64) {
+        (
+            self.inner.outages.load(Ordering::Relaxed),
+            self.inner.store_won.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Inner {
+    fn conn(&self) -> Conn {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// A command failed. Only if Redis also fails a PING within `connect_timeout` is this an
+    /// outage (then the caller decides locally); otherwise the error is returned, because a
+    /// decision taken locally while Redis is reachable could split a room.
+    async fn confirm_down(&self, e: StoreError) -> Result<(), StoreError> {
+        if self.is_down() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let ping = tokio::time::timeout(
+            self.connect_timeout,
+            redis::cmd("PING").query_async::<String>(&mut c),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => Err(e),
+            Ok(Err(pe)) => {
+                self.mark_down(format!("{e}; ping: {pe}"));
+                Ok(())
+            }
+            Err(_) => {
+                self.mark_down(format!("{e}; no answer to ping"));
+                Ok(())
+            }
+        }
+    }
+
+    fn mark_down(&self, why: impl std::fmt::Display) {
+        let why = why.to_string();
+        if !self.down.swap(true, Ordering::AcqRel) {
+            self.outage_since.store(wall_ms(), Ordering::Release);
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
+        }
+        if let Ok(mut w) = self.why.lock() {
+            *w = why;
+        }
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.cmd_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError(format!("{what}: {e}"))),
+            Err(_) => Err(StoreError(format!(
+                "{what}: no answer within {:?}",
+                self.cmd_timeout
+            ))),
+        }
+    }
+
+    /// Decodes a stored pin, sharing one `NodeId` (one `Arc`) per node across all pins, as
+    /// the memory store's pins share the registry's: a pinned lookup clones a hot `Arc`
+    /// instead of one cold allocation per room.
+    fn decode(&self, v: &str) -> Option<Pin> {
+        decode_with(v, |s| {
+            if let Some(id) = self.node_ids.get(s) {
+                return Some(id.clone());
+            }
+            let id = NodeId::parse(s).ok()?;
+            if self.node_ids.len() < 100_000 {
+                self.node_ids.insert(s.into(), id.clone());
+            }
+            Some(id)
+        })
+    }
+
+    fn see_ts(&self, ts: u64) {
+        self.last_ts.fetch_max(ts, Ordering::Relaxed);
+    }
+
+    /// Puts a change into the cache unless the cache already reflects a newer one.
+    fn apply(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
+        self.see_ts(ts);
+        let mut e = self
+            .cache
+            .entry(room.clone())
+            .or_insert(Cached { pin: None, ts: 0 });
+        if e.ts <= ts {
+            *e = Cached { pin, ts };
+        }
+    }
+
+    // --- Redis operations (no fallback) ---
+
+    async fn pin_if_remote(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+    ) -> Result<PinOutcome, StoreError> {
+        let mut c = self.conn();
+        let mut inv = self.pin_if.key(self.keys.room(room.as_str()));
+        inv.arg(node.as_str())
+            .arg(expected.map(|n| n.as_str()).unwrap_or(""))
+            .arg(now)
+            .arg(self.pin_ttl_ms)
+            .arg(&self.keys.pins_channel)
+            .arg(room.as_str());
+        let (won, v, ts): (i64, String, String) = self.run("pin", inv.invoke_async(&mut c)).await?;
+        let ts = ts.parse().unwrap_or(0);
+        let pin = self.decode(&v);
+        self.apply(room, pin.clone(), ts);
+        if won == 1 {
+            let pin = pin.ok_or_else(|| err("pin: unreadable reply"))?;
+            if expected.is_none() {
+                let _ = self.index_tx.send(IndexOp::Add(room.as_str().to_string()));
+            }
+            Ok(PinOutcome::Won(pin))
+        } else {
+            Ok(PinOutcome::Lost(pin))
+        }
+    }
+
+    async fn release_remote(
+        &self,
+        room: &RoomKey,
+        node: Option<&NodeId>,
+    ) -> Result<Option<Pin>, StoreError> {
+        let mut c = self.conn();
+        let mut inv = self.release_if.key(self.keys.room(room.as_str()));
+        inv.arg(node.map(|n| n.as_str()).unwrap_or(""))
+            .arg(&self.keys.pins_channel)
+            .arg(room.as_str());
+        let (old, ts): (String, String) = self.run("release", inv.invoke_async(&mut c)).await?;
+        let ts = ts.parse().unwrap_or(0);
+        let old = self.decode(&old);
+        if old.is_some() {
+            self.apply(room, None, ts);
+            let _ = self
+                .index_tx
+                .send(IndexOp::Remove(room.as_str().to_string()));
+        }
+        Ok(old)
+    }
+
+    // --- local (outage) operations on the cache ---
+
+    fn pin_if_local(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+    ) -> PinOutcome {
+        let mut e = self
+            .cache
+            .entry(room.clone())
+            .or_insert(Cached { pin: None, ts: 0 });
+        let cur = e.pin.as_ref().map(|p| &p.node);
+        if cur == expected {
+            let pin = Pin {
+                node: node.clone(),
+                created_at: now,
+                confirmed_at: now,
+            };
+            e.pin = Some(pin.clone());
+            e.ts = 0;
+            drop(e);
+            // Keep the oldest `expected`: that is what the store held before the outage.
+            let expected = match self.pending.get(room).map(|p| p.clone()) {
+                Some(Pending::Pinned { expected, .. }) => expected,
+                _ => expected.cloned(),
+            };
+            self.pending.insert(
+                room.clone(),
+                Pending::Pinned {
+                    node: node.clone(),
+                    expected,
+                },
+            );
+            PinOutcome::Won(pin)
+        } else {
+            PinOutcome::Lost(e.pin.clone())
+        }
+    }
+
+    fn release_local(&self, room: &RoomKey, node: Option<&NodeId>) -> Option<Pin> {
+        let mut e = self.cache.get_mut(room)?;
+        let matches = e
+            .pin
+            .as_ref()
+            .is_some_and(|p| node.is_none_or(|n| &p.node == n));
+        if !matches {
+            return None;
+        }
+        let old = e.pin.take();
+        e.ts = 0;
+        drop(e);
+        if let Some(p) = &old {
+            self.pending.insert(
+                room.clone(),
+                Pending::Released {
+                    node: p.node.clone(),
+                },
+            );
+        }
+        old
+    }
+
+    // --- recovery ---
+
+    async fn subscribe_and_sync(self: &Arc<Self>) -> anyhow::Result<redis::aio::PubSubStream> {
+        let mut ps = tokio::time::timeout(self.connect_timeout, self.sub_client.get_async_pubsub())
+            .await
+            .map_err(|_| anyhow::anyhow!("subscription: connect timed out"))??;
+        tokio::time::timeout(
+            self.connect_timeout,
+            ps.subscribe(&[&self.keys.pins_channel, &self.keys.nodes_channel]),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("subscribe timed out"))??;
+        self.recover().await?;
+        Ok(ps.into_on_message())
+    }
+
+    /// Writes back queued decisions, reloads the cache and the node table, and leaves
+    /// degraded mode. Messages received meanwhile are buffered by the subscription.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let _: String = self
+            .run("ping", redis::cmd("PING").query_async(&mut c))
+            .await?;
+        if self.restarted().await? {
+            tracing::warn!("Redis restarted; writing back every cached pin and admin state");
+            self.write_back_all().await?;
+        }
+        self.write_back().await?;
+        self.load_all().await?;
+        self.resync_nodes().await?;
+        if self.down.swap(false, Ordering::AcqRel) {
+            tracing::info!("Redis reachable again; pins reconciled");
+        }
+        // Decisions queued while the load ran.
+        if let Err(e) = self.write_back().await {
+            self.mark_down(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// True if the standalone server's run id changed since we last saw it.
+    async fn restarted(&self) -> Result<bool, StoreError> {
+        if !matches!(self.conns[0], Conn::Single(_)) {
+            return Ok(false);
+        }
+        let mut c = self.conn();
+        let info: String = self
+            .run("info", redis::cmd("INFO").arg("server").query_async(&mut c))
+            .await?;
+        let id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|s| s.trim().to_string());
+        let mut known = self.run_id.lock().unwrap_or_else(|p| p.into_inner());
+        let restarted = known.is_some() && id.is_some() && *known != id;
+        *known = id;
+        Ok(restarted)
+    }
+
+    /// After a restart that may have lost data: every cached pin and every admin state this
+    /// router knows goes back by compare-and-set (a pin already there again wins).
+    async fn write_back_all(&self) -> Result<(), StoreError> {
+        let pins: Vec<(RoomKey, Pin)> = self
+            .cache
+            .iter()
+            .filter(|e| !self.pending.contains_key(e.key()))
+            .filter_map(|e| e.pin.clone().map(|p| (e.key().clone(), p)))
+            .collect();
+        for chunk in pins.chunks(32) {
+            let mut batch = futures_util::stream::FuturesUnordered::new();
+            for (room, p) in chunk {
+                batch.push(self.pin_if_remote(room, &p.node, None, p.confirmed_at));
+            }
+            while let Some(r) = batch.next().await {
+                // Lost: a pin is there again (another router wrote it back first); it wins.
+                r?;
+            }
+        }
+        let admin: Vec<(String, crate::placement::AdminState)> = match self.cluster.get() {
+            Some(cluster) => cluster
+                .snapshot()
+                .nodes()
+                .iter()
+                .map(|e| (e.id.to_string(), e.live.admin_state()))
+                .filter(|(_, s)| *s != crate::placement::AdminState::Active)
+                .collect(),
+            None => Vec::new(),
+        };
+        for (id, state) in admin {
+            self.write_node(&NodeUpdate::Admin { id, state }).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_back(&self) -> Result<(), StoreError> {
+        let rooms: Vec<RoomKey> = self.pending.iter().map(|e| e.key().clone()).collect();
+        for room in rooms {
+            let Some((_, op)) = self.pending.remove(&room) else {
+                continue;
+            };
+            let r = match &op {
+                Pending::Pinned { node, expected } => {
+                    self.write_back_pin(&room, node, expected).await
+                }
+                Pending::Released { node } => {
+                    self.release_remote(&room, Some(node)).await.map(|_| ())
+                }
+            };
+            if let Err(e) = r {
+                self.pending.entry(room).or_insert(op);
+                return Err(e);
+            }
+        }
+        let nodes: Vec<NodeUpdate> = self
+            .pending_nodes
+            .lock()
+            .map(|mut m| m.drain().map(|(_, u)| u).collect())
+            .unwrap_or_default();
+        for u in nodes {
+            self.write_node(&u).await?;
+        }
+        Ok(())
+    }
+
+    /// Our outage decision against the store: the store's existing pin wins a disagreement.
+    async fn write_back_pin(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: &Option<NodeId>,
+    ) -> Result<(), StoreError> {
+        let now = self
+            .cache
+            .get(room)
+            .and_then(|c| c.pin.as_ref().map(|p| p.created_at))
+            .unwrap_or(0);
+        match self.pin_if_remote(room, node, None, now).await? {
+            PinOutcome::Won(_) => Ok(()),
+            PinOutcome::Lost(Some(cur)) if &cur.node == node => Ok(()),
+            PinOutcome::Lost(Some(cur)) if expected.as_ref() == Some(&cur.node) => {
+                // We re-placed the room off a failed node; the store still names that node.
+                match self.pin_if_remote(room, node, Some(&cur.node), now).await? {
+                    PinOutcome::Won(_) => Ok(()),
+                    PinOutcome::Lost(_) => {
+                        self.store_won.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                }
+            }
+            PinOutcome::Lost(cur) => {
+                self.store_won.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(room = %room, ours = %node, store = ?cur.map(|p| p.node), "outage decision lost to the store's pin");
+                Ok(())
+            }
+        }
+    }
+
+    /// Replaces the cache with the store's pins (keeping changes newer than the load).
+    async fn load_all(&self) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let (secs, micros): (String, String) = self
+            .run("time", redis::cmd("TIME").query_async(&mut c))
+            .await?;
+        let ts0: u64 =
+            secs.parse::<u64>().unwrap_or(0) * 1_000_000 + micros.parse::<u64>().unwrap_or(0);
+        self.see_ts(ts0);
+        let mut seen: HashSet<RoomKey> = HashSet::new();
+        let mut start = "-".to_string();
+        for _ in 0..100_000 {
+            let names: Vec<String> = self
+                .run(
+                    "load index",
+                    redis::cmd("ZRANGE")
+                        .arg(&self.keys.rooms_index)
+                        .arg(&start)
+                        .arg("+")
+                        .arg("BYLEX")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(1000)
+                        .query_async(&mut c),
+                )
+                .await?;
+            let Some(last) = names.last() else { break };
+            start = format!("({last}");
+            let keys: Vec<String> = names.iter().map(|n| self.keys.room(n)).collect();
+            let values: Vec<Option<String>> = self
+                .run(
+                    "load pins",
+                    redis::cmd("MGET").arg(&keys).query_async(&mut c),
+                )
+                .await?;
+            let mut stale = Vec::new();
+            for (name, v) in names.iter().zip(values) {
+                let Ok(room) = RoomKey::parse(name, Normalization::None) else {
+                    stale.push(name.clone());
+                    continue;
+                };
+                match v.as_deref().and_then(|v| self.decode(v)) {
+                    Some(pin) => {
+                        let mut e = self
+                            .cache
+                            .entry(room.clone())
+                            .or_insert(Cached { pin: None, ts: 0 });
+                        if e.ts <= ts0 {
+                            *e = Cached {
+                                pin: Some(pin),
+                                ts: ts0,
+                            };
+                        }
+                        seen.insert(room);
+                    }
+                    None => stale.push(name.clone()),
+                }
+            }
+            for s in stale {
+                let _ = self.index_tx.send(IndexOp::Remove(s));
+            }
+            if keys.len() < 1000 {
+                break;
+            }
+        }
+        // Pins gone from the store while we were not listening; tombstones.
+        self.cache
+            .retain(|k, v| v.ts > ts0 || (v.pin.is_some() && seen.contains(k)));
+        Ok(())
+    }
+
+    /// Re-reads the shared node table and admin states.
+    async fn resync_nodes(&self) -> Result<(), StoreError> {
+        let Some(cluster) = self.cluster.get() else {
+            return Ok(());
+        };
+        let mut c = self.conn();
+        let nodes: HashMap<String, String> = self
+            .run(
+                "nodes",
+                redis::cmd("HGETALL")
+                    .arg(&self.keys.nodes)
+                    .query_async(&mut c),
+            )
+            .await?;
+        let admin: HashMap<String, String> = self
+            .run(
+                "admin",
+                redis::cmd("HGETALL")
+                    .arg(&self.keys.admin)
+                    .query_async(&mut c),
+            )
+            .await?;
+        for v in nodes.values() {
+            if let Ok(u) = serde_json::from_str::<NodeUpdate>(v) {
+                self.sync.apply(cluster, &u);
+            }
+        }
+        for (id, s) in admin {
+            if let Ok(state) = serde_json::from_value(serde_json::Value::String(s)) {
+                self.sync.apply(cluster, &NodeUpdate::Admin { id, state });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_message(&self, msg: redis::Msg) {
+        let channel = msg.get_channel_name();
+        let payload = msg.get_payload_bytes();
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        if channel == self.keys.pins_channel {
+            let mut parts = text.splitn(3, '\n');
+            let (Some(ts), Some(v), Some(room)) = (parts.next(), parts.next(), parts.next()) else {
+                return;
+            };
+            let (Ok(ts), Ok(room)) = (ts.parse::<u64>(), RoomKey::parse(room, Normalization::None))
+            else {
+                return;
+            };
+            self.apply(&room, self.decode(v), ts);
+        } else if channel == self.keys.nodes_channel {
+            let Ok(env) = serde_json::from_str::<Envelope>(text) else {
+                return;
+            };
+            if env.origin == self.origin {
+                return;
+            }
+            if let Some(cluster) = self.cluster.get() {
+                self.sync.apply(cluster, &env.update);
+            }
+        }
+    }
+
+    async fn write_node(&self, u: &NodeUpdate) -> Result<(), StoreError> {
+        let json = serde_json::to_string(u).map_err(err)?;
+        let env = serde_json::to_string(&Envelope {
+            origin: self.origin.clone(),
+            update: u.clone(),
+        })
+        .map_err(err)?;
+        let mut c = self.conn();
+        let mut p = redis::pipe();
+        match u {
+            NodeUpdate::Report { id, .. } | NodeUpdate::Put { id, .. } => {
+                p.hset(&self.keys.nodes, id, &json).ignore();
+            }
+            NodeUpdate::Admin { id, state } => {
+                p.hset(&self.keys.admin, id, state.as_str()).ignore();
+            }
+            NodeUpdate::Removed { id } => {
+                p.hdel(&self.keys.nodes, id).ignore();
+                p.hdel(&self.keys.admin, id).ignore();
+            }
+        }
+        self.run::<()>("node update", p.query_async(&mut c)).await?;
+        let _: i64 = self
+            .run(
+                "publish",
+                redis::cmd("PUBLISH")
+                    .arg(&self.keys.nodes_channel)
+                    .arg(env)
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Keeps the subscription alive: applies messages, re-syncs nodes periodically, detects an
+/// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return.
+async fn supervise(
+    inner: Arc<Inner>,
+    first: redis::aio::PubSubStream,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut stream = Some(first);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let s = match stream.take() {
+            Some(s) => Ok(s),
+            None => inner.subscribe_and_sync().await,
+        };
+        match s {
+            Ok(mut s) => {
+                backoff = Duration::from_millis(50);
+                let mut resync = tokio::time::interval(inner.resync_interval);
+                resync.tick().await;
+                let mut check = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        m = s.next() => match m {
+                            Some(m) => inner.on_message(m),
+                            None => break,
+                        },
+                        _ = resync.tick() => {
+                            if let Err(e) = inner.resync_nodes().await {
+                                tracing::warn!(error = %e, "node table re-sync failed");
+                            }
+                            let cutoff = inner.last_ts.load(Ordering::Relaxed).saturating_sub(60_000_000);
+                            inner.cache.retain(|_, v| v.pin.is_some() || v.ts == 0 || v.ts > cutoff);
+                        }
+                        _ = check.tick() => {
+                            if inner.is_down() {
+                                if let Err(e) = inner.recover().await {
+                                    inner.mark_down(&e);
+                                }
+                            }
+                        }
+                    }
+                }
+                inner.mark_down("subscription to Redis lost");
+            }
+            Err(e) => inner.mark_down(format!("{e:#}")),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// While Redis is down, keeps healthy the nodes that were healthy when the outage began (for
+/// at most [`MAX_HOLD_MS`]): this router may have heard of them only through Redis, and an
+/// outage of the store is not a failure of every node. Heartbeats that reach this router
+/// directly still update them as usual.
+async fn hold_nodes(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let since = inner.outage_since.load(Ordering::Acquire);
+        let (Some(cluster), true) = (inner.cluster.get(), inner.is_down() && since > 0) else {
+            continue;
+        };
+        let now = wall_ms();
+        if now.saturating_sub(since) > MAX_HOLD_MS {
+            continue;
+        }
+        let healthy_at_start = since.saturating_sub(inner.heartbeat_timeout_ms);
+        for e in cluster.snapshot().nodes() {
+            if e.live
+                .last_heartbeat()
+                .is_some_and(|t| t > healthy_at_start)
+            {
+                e.live.hold_heartbeat(now);
+            }
+        }
+    }
+}
+
+/// Writes and publishes shared node updates in order; queues admin changes during outages.
+async fn node_writer(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<NodeUpdate>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let u = tokio::select! {
+            _ = stop.changed() => return,
+            u = rx.recv() => match u { Some(u) => u, None => return },
+        };
+        let keep = !matches!(u, NodeUpdate::Report { .. });
+        if inner.is_down() || inner.write_node(&u).await.is_err() {
+            // Reports are periodic; the next one replaces a lost one. Admin changes are not.
+            if keep {
+                if let Ok(mut m) = inner.pending_nodes.lock() {
+                    m.insert(u.id().to_string(), u);
+                }
+            }
+        }
+    }
+}
+
+/// Maintains the room index in batches (one ZADD / ZREM per batch).
+async fn index_writer(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<IndexOp>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(512);
+    loop {
+        batch.clear();
+        tokio::select! {
+            _ = stop.changed() => return,
+            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
+        }
+        if inner.is_down() {
+            continue; // the load after recovery prunes; confirmations re-add
+        }
+        let mut add = redis::cmd("ZADD");
+        add.arg(&inner.keys.rooms_index);
+        let mut rem = redis::cmd("ZREM");
+        rem.arg(&inner.keys.rooms_index);
+        let (mut na, mut nr) = (0, 0);
+        for op in &batch {
+            match op {
+                IndexOp::Add(r) => {
+                    add.arg(0).arg(r);
+                    na += 1;
+                }
+                IndexOp::Remove(r) => {
+                    rem.arg(r);
+                    nr += 1;
+                }
+            }
+        }
+        let mut c = inner.conn();
+        if na > 0 {
+            let _ = inner.run::<i64>("index add", add.query_async(&mut c)).await;
+        }
+        if nr > 0 {
+            let _ = inner
+                .run::<i64>("index remove", rem.query_async(&mut c))
+                .await;
+        }
+    }
+}
+
+impl PinStore for RedisStore {
+    async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        // The cache is complete: a miss means no pin (a pin made elsewhere an instant ago is
+        // found by the compare-and-set that follows).
+        Ok(self.inner.cache.get(room).and_then(|c| c.pin.clone()))
+    }
+
+    async fn pin_if(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+    ) -> Result<PinOutcome, StoreError> {
+        let i = &self.inner;
+        if !i.is_down() {
+            match i.pin_if_remote(room, node, expected, now).await {
+                Ok(o) => return Ok(o),
+                Err(e) => i.confirm_down(e).await?,
+            }
+        }
+        Ok(i.pin_if_local(room, node, expected, now))
+    }
+
+    async fn confirm(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let i = &self.inner;
+        // The cache's confirmed_at is what Redis holds as far as we know (it is only
+        // updated from Redis), so a confirmation we wrote recently needs no new write:
+        // node reports list every room every heartbeat.
+        let (mine, fresh) = match i.cache.get(room) {
+            Some(c) => match &c.pin {
+                Some(p) if &p.node == node => {
+                    (true, now.saturating_sub(p.confirmed_at) < i.pin_ttl_ms / 16)
+                }
+                _ => (false, false),
+            },
+            None => (false, false),
+        };
+        if i.is_down() {
+            return Ok(mine);
+        }
+        if fresh {
+            return Ok(true);
+        }
+        let mut c = i.conn();
+        let mut inv = i.confirm.key(i.keys.room(room.as_str()));
+        inv.arg(node.as_str()).arg(now).arg(i.pin_ttl_ms);
+        match i.run::<i64>("confirm", inv.invoke_async(&mut c)).await {
+            Ok(n) => {
+                if n == 1 {
+                    if let Some(mut c) = i.cache.get_mut(room) {
+                        if let Some(p) = c.pin.as_mut().filter(|p| &p.node == node) {
+                            p.confirmed_at = p.confirmed_at.max(now);
+                        }
+                    }
+                    let _ = i.index_tx.send(IndexOp::Add(room.as_str().to_string()));
+                }
+                Ok(n == 1)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "confirmation not written");
+                Ok(mine)
+            }
+        }
+    }
+
+    async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
+        let i = &self.inner;
+        if !i.is_down() {
+            match i.release_remote(room, Some(node)).await {
+                Ok(old) => return Ok(old.is_some()),
+                Err(e) => i.confirm_down(e).await?,
+            }
+        }
+        Ok(i.release_local(room, Some(node)).is_some())
+    }
+
+    async fn remove(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        let i = &self.inner;
+        if !i.is_down() {
+            match i.release_remote(room, None).await {
+                Ok(old) => return Ok(old),
+                Err(e) => i.confirm_down(e).await?,
+            }
+        }
+        Ok(i.release_local(room, None))
+    }
+
+    async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        // The cache holds every pin; list it like the memory store does.
+        let mut rooms: Vec<(RoomKey, Pin)> = self
+            .inner
+            .cache
+            .iter()
+            .filter(|e| cursor.is_none_or(|c| e.key().as_str() > c))
+            .filter_map(|e| e.pin.clone().map(|p| (e.key().clone(), p)))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = rooms.len() > limit;
+        rooms.truncate(limit);
+        let next_cursor = if more {
+            rooms.last().map(|(k, _)| k.as_str().to_string())
+        } else {
+            None
+        };
+        Ok(Page { rooms, next_cursor })
+    }
+
+    async fn sweep_idle(&self, before: Millis) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
+        let i = &self.inner;
+        if i.is_down() {
+            // Releasing needs the store's view of confirmations; wait for it.
+            return Ok(Vec::new());
+        }
+        let idle: Vec<RoomKey> = i
+            .cache
+            .iter()
+            .filter(|e| e.pin.as_ref().is_some_and(|p| p.confirmed_at < before))
+            .map(|e| e.key().clone())
+            .collect();
+        let mut released = Vec::new();
+        for room in idle {
+            let mut c = i.conn();
+            let mut inv = i.sweep.key(i.keys.room(room.as_str()));
+            inv.arg(before).arg(&i.keys.pins_channel).arg(room.as_str());
+            let (state, v, ts): (i64, String, String) =
+                match i.run("sweep", inv.invoke_async(&mut c)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "idle sweep interrupted");
+                        break;
+                    }
+                };
+            let ts = ts.parse().unwrap_or(0);
+            match state {
+                1 => {
+                    i.apply(&room, None, ts);
+                    let _ = i.index_tx.send(IndexOp::Remove(room.as_str().to_string()));
+                    if let Some(p) = i.decode(&v) {
+                        released.push((room, p.node));
+                    }
+                }
+                0 => {
+                    // Confirmed by another router: take its confirmation time.
+                    i.apply(&room, i.decode(&v), ts);
+                }
+                _ => i.apply(&room, None, ts),
+            }
+        }
+        Ok(released)
+    }
+
+    async fn count(&self) -> Result<usize, StoreError> {
+        Ok(self.inner.cache.iter().filter(|e| e.pin.is_some()).count())
+    }
+
+    fn health(&self) -> StoreHealth {
+        if self.inner.is_down() {
+            let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();
+            StoreHealth::Degraded(format!("Redis unreachable ({why}); serving from cache"))
+        } else {
+            StoreHealth::Ok
+        }
+    }
+
+    fn attach(&self, cluster: &Arc<Cluster>) {
+        if self.inner.cluster.set(cluster.clone()).is_ok() {
+            // Pick up the shared node table now rather than at the first re-sync.
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = inner.resync_nodes().await {
+                    tracing::warn!(error = %e, "initial node table sync failed");
+                }
+            });
+        }
+    }
+
+    fn share_node(&self, update: NodeUpdate) {
+        let _ = self.inner.node_tx.send(update);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn every_key_of_a_room_is_in_one_slot_and_rooms_spread() {
+        let k = Keys::new("rr");
+        assert_eq!(k.room("lobby"), "rr:room:{lobby}");
+        assert_eq!(
+            Slot::for_key(k.room("lobby")),
+            Slot::for_key("other-prefix:room:{lobby}")
+        );
+        // Shared keys share the prefix's slot (node table and index).
+        assert_eq!(Slot::for_key(&k.nodes), Slot::for_key(&k.admin));
+        assert_eq!(Slot::for_key(&k.nodes), Slot::for_key(&k.rooms_index));
+        let slots: HashSet<_> = (0..200)
+            .map(|i| format!("{:?}", Slot::for_key(k.room(&format!("room-{i}")))))
+            .collect();
+        assert!(
+            slots.len() > 150,
+            "rooms spread over slots: {}",
+            slots.len()
+        );
+    }
+
+    #[test]
+    fn pin_values_round_trip() {
+        let p = Pin {
+            node: NodeId::parse("media-1").unwrap(),
+            created_at: 1_700_000_000_000,
+            confirmed_at: 1_700_000_000_500,
+        };
+        assert_eq!(decode(&encode(&p)), Some(p));
+        assert_eq!(decode(""), None);
+        assert_eq!(decode("bad node|1|2"), None);
+    }
+}

@@ -1,0 +1,558 @@
+//! The Redis store against a real Redis: the store's atomic operations and cache, and
+//! several routers sharing one Redis through their real HTTP surface.
+
+mod redis_support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use redis_support::*;
+use roomrouter::cluster::NodeId;
+use roomrouter::room::{Normalization, RoomKey};
+use roomrouter::store::{self, AnyStore, PinOutcome, PinStore, StoreHealth};
+
+fn room(s: &str) -> RoomKey {
+    RoomKey::parse(s, Normalization::None).unwrap()
+}
+fn node(s: &str) -> NodeId {
+    NodeId::parse(s).unwrap()
+}
+
+async fn redis_pin(url: &str, key: &str) -> Option<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+fn room_key(prefix: &str, room: &str) -> String {
+    format!("{prefix}:room:{{{room}}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_operations_are_atomic_and_caches_follow_changes() {
+    let Some((url, _private)) = redis_for("store_operations") else {
+        return;
+    };
+    let p = prefix("ops");
+    let cfg = config(&url, &p);
+    let a = store::open(&cfg).await.unwrap();
+    let b = store::open(&cfg).await.unwrap();
+    assert!(matches!(a, AnyStore::Redis(_)));
+    let (r, n1, n2, n3) = (room("lobby"), node("n1"), node("n2"), node("n3"));
+
+    // pin-if-absent: the first wins, the second learns the winner.
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, 1000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    match b.pin_if(&r, &n2, None, 1001).await.unwrap() {
+        PinOutcome::Lost(Some(p)) => assert_eq!(p.node, n1),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(
+        redis_pin(&url, &room_key(&p, "lobby")).await.as_deref(),
+        Some("n1|1000|1000")
+    );
+    // Compare-and-set re-pin needs the right expected node.
+    assert!(matches!(
+        b.pin_if(&r, &n3, Some(&n2), 2000).await.unwrap(),
+        PinOutcome::Lost(Some(_))
+    ));
+    assert!(matches!(
+        b.pin_if(&r, &n3, Some(&n1), 2000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // A's cache follows through the subscription, without asking Redis.
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            a.get(&r).await.unwrap().map(|p| p.node) == Some(n3.clone())
+        })
+        .await,
+        "A's cache saw B's re-pin"
+    );
+    // Confirm only touches its own pin.
+    assert!(!a.confirm(&r, &n1, 102_000).await.unwrap());
+    assert!(a.confirm(&r, &n3, 102_000).await.unwrap());
+    assert_eq!(
+        redis_pin(&url, &room_key(&p, "lobby")).await.as_deref(),
+        Some("n3|2000|102000")
+    );
+    // A confirmation written a moment ago is not written again (room_idle_ttl / 8).
+    assert!(a.confirm(&r, &n3, 102_500).await.unwrap());
+    assert_eq!(
+        redis_pin(&url, &room_key(&p, "lobby")).await.as_deref(),
+        Some("n3|2000|102000")
+    );
+    // Compare-and-delete.
+    assert!(!a.release_if(&r, &n1).await.unwrap());
+    assert!(a.release_if(&r, &n3).await.unwrap());
+    assert_eq!(redis_pin(&url, &room_key(&p, "lobby")).await, None);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            b.get(&r).await.unwrap().is_none()
+        })
+        .await
+    );
+
+    // Listing, counting and idle sweeping.
+    for i in 0..25 {
+        a.pin_if(&room(&format!("room-{i:02}")), &n1, None, 1000)
+            .await
+            .unwrap();
+    }
+    assert!(b.confirm(&room("room-03"), &n1, 200_000).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            b.count().await.unwrap() == 25
+        })
+        .await
+    );
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let page = b.list(cursor.as_deref(), 10).await.unwrap();
+        seen.extend(page.rooms.iter().map(|(k, _)| k.as_str().to_string()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("room-{i:02}")).collect();
+    assert_eq!(seen, expected);
+    // A's cache still has room-03 confirmed at 1000; the store knows 200000 and keeps it.
+    let released = a.sweep_idle(150_000).await.unwrap();
+    assert_eq!(released.len(), 24, "{released:?}");
+    assert!(!released.iter().any(|(r, _)| r.as_str() == "room-03"));
+    assert!(
+        b.sweep_idle(150_000).await.unwrap().is_empty(),
+        "nothing left to release"
+    );
+    assert_eq!(a.health(), StoreHealth::Ok);
+
+    // A store opened later loads every pin.
+    let c = store::open(&cfg).await.unwrap();
+    assert_eq!(
+        c.get(&room("room-03")).await.unwrap().map(|p| p.node),
+        Some(n1.clone())
+    );
+    assert_eq!(c.count().await.unwrap(), 1);
+    // Admin removal whatever the node.
+    assert_eq!(
+        c.remove(&room("room-03")).await.unwrap().map(|p| p.node),
+        Some(n1)
+    );
+    assert_eq!(redis_pin(&url, &room_key(&p, "room-03")).await, None);
+    cleanup(&url, &p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_never_split_a_room_under_concurrent_joins() {
+    let Some((url, _private)) = redis_for("two_routers_never_split") else {
+        return;
+    };
+    let p = prefix("split");
+    let a = serve(config(&url, &p)).await;
+    let b = serve(config(&url, &p)).await;
+    let c = client();
+    // Nodes report to router A only: B must learn them through Redis.
+    for n in ["n1", "n2", "n3"] {
+        heartbeat(&c, &a.base(), n, 0.0, &[]).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 3
+        })
+        .await,
+        "router B sees every node's heartbeat within a heartbeat interval"
+    );
+    // Keep the nodes healthy however long the joins take (bounded: at most 60 s).
+    let beats = {
+        let (c, base) = (c.clone(), a.base());
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for n in ["n1", "n2", "n3"] {
+                    heartbeat(&c, &base, n, 0.0, &[]).await;
+                }
+            }
+        })
+    };
+    let bases = Arc::new([a.base(), b.base()]);
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let (c, bases) = (c.clone(), bases.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seen: Vec<(String, String)> = Vec::new();
+            for i in 0..50 {
+                let (room, base) = {
+                    let mut rng = rand::rng();
+                    (
+                        format!("room-{}", rng.random_range(0..300)),
+                        bases[rng.random_range(0..2)].clone(),
+                    )
+                };
+                // A 503 store_unavailable is a legitimate answer (the client retries).
+                let mut n = place(&c, &base, &room).await;
+                for _ in 0..5 {
+                    match &n {
+                        Err(e) if e.contains("store_unavailable") => {
+                            n = place(&c, &base, &room).await;
+                        }
+                        _ => break,
+                    }
+                }
+                let n = n.unwrap_or_else(|e| panic!("worker {w} join {i}: {e}"));
+                seen.push((room, n));
+            }
+            seen
+        }));
+    }
+    let mut nodes_of: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut joins = 0;
+    for t in tasks {
+        for (room, n) in t.await.unwrap() {
+            nodes_of.entry(room).or_default().insert(n);
+            joins += 1;
+        }
+    }
+    assert_eq!(joins, 3200);
+    let split: Vec<_> = nodes_of.iter().filter(|(_, s)| s.len() > 1).collect();
+    let outages = |s: &Served| match s.app.router.store() {
+        AnyStore::Redis(r) => r.outage_stats().0,
+        AnyStore::Memory(_) => 0,
+    };
+    assert!(
+        split.is_empty(),
+        "split rooms: {split:?} (outages seen: A {}, B {})",
+        outages(&a),
+        outages(&b)
+    );
+    assert!(nodes_of.len() > 250, "most of the 300 rooms were joined");
+    for (room, s) in &nodes_of {
+        let pinned = redis_pin(&url, &room_key(&p, room)).await.unwrap();
+        let n = s.iter().next().unwrap();
+        assert!(
+            pinned.starts_with(&format!("{n}|")),
+            "{room}: {pinned} vs {n}"
+        );
+    }
+    let used: HashSet<&String> = nodes_of.values().flatten().collect();
+    assert_eq!(used.len(), 3, "rooms spread over the nodes");
+    beats.abort();
+    cleanup(&url, &p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_and_room_deletion_hold_on_every_router() {
+    let Some((url, _private)) = redis_for("admin_actions_shared") else {
+        return;
+    };
+    let p = prefix("admin");
+    let a = serve(config(&url, &p)).await;
+    let b = serve(config(&url, &p)).await;
+    let c = client();
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
+        })
+        .await
+    );
+    // Disable n1 on router A: router B places nothing on it.
+    let r = c
+        .post(format!("{}/v1/nodes/n1/disable", a.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let id = NodeId::parse("n1").unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            b.app
+                .router
+                .node(&id)
+                .is_some_and(|n| n.state.as_str() == "disabled")
+        })
+        .await,
+        "the disable reached router B"
+    );
+    // A heartbeat of n1 to router B does not lift the admin's decision there.
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    for i in 0..40 {
+        assert_eq!(place(&c, &b.base(), &format!("d-{i}")).await.unwrap(), "n2");
+    }
+    // Room deletion on A holds on B.
+    let n = place(&c, &a.base(), "gone").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            b.app
+                .router
+                .room(&room("gone"))
+                .await
+                .unwrap()
+                .map(|p| p.node.to_string())
+                == Some(n.clone())
+        })
+        .await
+    );
+    let r = c
+        .delete(format!("{}/v1/rooms/gone", a.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            c.get(format!("{}/v1/rooms/gone", b.base()))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 404)
+        })
+        .await,
+        "router B forgot the deleted room"
+    );
+    // A router started later learns the admin state from Redis.
+    let late = serve(config(&url, &p)).await;
+    heartbeat(&c, &late.base(), "n1", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            late.app
+                .router
+                .node(&id)
+                .is_some_and(|n| n.state.as_str() == "disabled")
+        })
+        .await
+    );
+    cleanup(&url, &p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_router_a_stops_router_b_keeps_every_placement() {
+    let Some((url, _private)) = redis_for("router_a_stops") else {
+        return;
+    };
+    let p = prefix("astops");
+    let a = serve(config(&url, &p)).await;
+    let b = serve(config(&url, &p)).await;
+    let c = client();
+    for n in ["n1", "n2", "n3"] {
+        heartbeat(&c, &a.base(), n, 0.0, &[]).await;
+    }
+    let mut placed = HashMap::new();
+    for i in 0..200 {
+        let room = format!("keep-{i}");
+        placed.insert(room.clone(), place(&c, &a.base(), &room).await.unwrap());
+    }
+    a.stop().await;
+    // Loads change after A is gone; pinned rooms must not move.
+    for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
+        heartbeat(&c, &b.base(), n, 100.0 * i as f64, &[]).await;
+    }
+    for (room, n) in &placed {
+        assert_eq!(&place(&c, &b.base(), room).await.unwrap(), n, "{room}");
+    }
+    cleanup(&url, &p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        eprintln!("SKIPPED: redis_outage: no redis-server on PATH to start a private one");
+        return;
+    };
+    let url = redis.url();
+    let p = prefix("outage");
+    let a = serve(config(&url, &p)).await;
+    let b = serve(config(&url, &p)).await;
+    let c = client();
+    let bases = [a.base(), b.base()];
+    // Nodes heartbeat both routers throughout (bounded: at most 60 s).
+    let beats = {
+        let (c, bases) = (c.clone(), bases.clone());
+        tokio::spawn(async move {
+            for _ in 0..120 {
+                for base in &bases {
+                    for n in ["n1", "n2", "n3"] {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            heartbeat(&c, base, n, 0.0, &[]),
+                        )
+                        .await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut before = HashMap::new();
+    for i in 0..100 {
+        let room = format!("old-{i}");
+        before.insert(room.clone(), place(&c, &bases[i % 2], &room).await.unwrap());
+    }
+    for (room, n) in &before {
+        assert_eq!(&place(&c, &bases[1], room).await.unwrap(), n);
+    }
+
+    redis.stop();
+    let outage_start = std::time::Instant::now();
+    let mut answered = 0;
+    let mut new_rooms = Vec::new();
+    let mut saw_degraded = [false, false];
+    while outage_start.elapsed() < Duration::from_secs(4) {
+        let batch: Vec<_> = (0..32)
+            .map(|k| {
+                let (c, bases, before) = (c.clone(), bases.clone(), before.clone());
+                tokio::spawn(async move {
+                    let (room, base) = {
+                        let mut rng = rand::rng();
+                        (
+                            format!("old-{}", rng.random_range(0..100)),
+                            bases[rng.random_range(0..2)].clone(),
+                        )
+                    };
+                    let got = place(&c, &base, &room).await;
+                    assert_eq!(
+                        got.as_ref().ok(),
+                        before.get(&room),
+                        "{room} via {base} ({k})"
+                    );
+                })
+            })
+            .collect();
+        for t in batch {
+            t.await.unwrap();
+            answered += 1;
+        }
+        let fresh = format!("new-{}", new_rooms.len());
+        let i = new_rooms.len() % 2;
+        place(&c, &bases[i], &fresh)
+            .await
+            .expect("new rooms are placed during the outage");
+        new_rooms.push(fresh);
+        for (k, base) in bases.iter().enumerate() {
+            let r = c.get(format!("{base}/readyz")).send().await.unwrap();
+            if r.status().as_u16() == 503 {
+                saw_degraded[k] = true;
+            }
+        }
+    }
+    assert!(answered > 100, "pinned rooms kept answering ({answered})");
+    assert_eq!(saw_degraded, [true, true], "/readyz reported degraded");
+    let m = c
+        .get(format!("{}/metrics", a.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l.contains("store_degraded") && l.trim_end().ends_with(" 1")),
+        "metrics report degraded"
+    );
+
+    // Redis returns empty (it keeps nothing on disk): the routers write their pins back.
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            a.app.router.store().health() == StoreHealth::Ok
+                && b.app.router.store().health() == StoreHealth::Ok
+        })
+        .await,
+        "both routers reconnected"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut split = Vec::new();
+    for room in before.keys().chain(new_rooms.iter()) {
+        let na = place(&c, &bases[0], room).await.unwrap();
+        let nb = place(&c, &bases[1], room).await.unwrap();
+        let stored = redis_pin(&url, &room_key(&p, room))
+            .await
+            .unwrap_or_default();
+        if na != nb || !stored.starts_with(&format!("{na}|")) {
+            split.push((room.clone(), na, nb, stored));
+        }
+    }
+    assert!(split.is_empty(), "split rooms after recovery: {split:?}");
+    for (room, n) in &before {
+        assert_eq!(
+            &place(&c, &bases[0], room).await.unwrap(),
+            n,
+            "{room} kept its node"
+        );
+    }
+    beats.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_through_redis() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        eprintln!("SKIPPED: outage_node_hold: no redis-server on PATH to start a private one");
+        return;
+    };
+    let p = prefix("hold");
+    let mut cfg = config(&redis.url(), &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(300);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(1);
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    // The nodes heartbeat router A only (bounded: at most 30 s).
+    let beats = {
+        let (c, base) = (c.clone(), a.base());
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                for n in ["n1", "n2"] {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        heartbeat(&c, &base, n, 0.0, &[]),
+                    )
+                    .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
+        })
+        .await
+    );
+    redis.stop();
+    // Three heartbeat timeouts without a word from the nodes on router B.
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let n = place(&c, &b.base(), &format!("during-{i}")).await;
+        assert!(n.is_ok(), "router B still places new rooms: {n:?}");
+        assert_eq!(
+            b.app.router.nodes().iter().filter(|n| n.healthy).count(),
+            2,
+            "no node declared dead on B because Redis is down"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b.app.router.readiness().is_err(), "B reports degraded");
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            b.app.router.store().health() == StoreHealth::Ok
+        })
+        .await
+    );
+    beats.abort();
+}

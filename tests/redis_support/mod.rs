@@ -1,0 +1,340 @@
+//! Test support for everything that needs a real Redis: finding one (REDIS_URL, the local
+//! 127.0.0.1:6379, or a private `redis-server` started on a free port), private servers
+//! the test may stop and restart, unique key prefixes, and routers served on loopback.
+//! Without any Redis, tests print a loud `SKIPPED:` line and return.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use roomrouter::config::{Config, StoreKind};
+use roomrouter::http::App;
+use roomrouter::router::{Clock, Router};
+use roomrouter::store::{self, AnyStore};
+use tokio::sync::oneshot;
+
+pub const ADMIN: &str = "admin-token-0123456789";
+pub const NODE: &str = "node-token-0123456789";
+
+/// A key prefix no other test (or run) uses.
+pub fn prefix(test: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "rrtest-{test}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    )
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+        return false;
+    };
+    redis::cmd("PING").query::<String>(&mut c).is_ok()
+}
+
+pub fn have_redis_server() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A `redis-server` this test owns (no persistence); killed on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl PrivateRedis {
+    /// Starts one on a free port, or `None` if `redis-server` is not on PATH.
+    pub fn start() -> Option<PrivateRedis> {
+        Self::start_with(free_port(), vec![])
+    }
+
+    pub fn start_with(port: u16, extra: Vec<String>) -> Option<PrivateRedis> {
+        if !have_redis_server() {
+            return None;
+        }
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            extra,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (its data is gone: it keeps nothing on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and waits until it answers (at most 10 s).
+    pub fn restart(&mut self) {
+        self.stop();
+        let dir = std::env::temp_dir().join(format!("rr-redis-{}", self.port));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::create_dir_all(&dir);
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.to_str().unwrap(),
+            ])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if answers(&self.url()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("private redis-server on port {} did not start", self.port);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Redis URL for a test: REDIS_URL, else 127.0.0.1:6379 if it answers, else a private
+/// server (returned so it lives as long as the test). `None` (after a loud SKIPPED line)
+/// when there is no Redis at all.
+pub fn redis_for(test: &str) -> Option<(String, Option<PrivateRedis>)> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        if !url.is_empty() {
+            return Some((url, None));
+        }
+    }
+    let local = "redis://127.0.0.1:6379".to_string();
+    if answers(&local) {
+        return Some((local, None));
+    }
+    match PrivateRedis::start() {
+        Some(p) => Some((p.url(), Some(p))),
+        None => {
+            if std::env::var_os("ROOMROUTER_REQUIRE_REDIS").is_some() {
+                panic!("{test}: ROOMROUTER_REQUIRE_REDIS is set but no Redis is available");
+            }
+            eprintln!(
+                "SKIPPED: {test}: no Redis (REDIS_URL unset, nothing on 127.0.0.1:6379, no redis-server on PATH)"
+            );
+            None
+        }
+    }
+}
+
+/// A config for a Redis-backed router in tests.
+pub fn config(url: &str, prefix: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.store.kind = StoreKind::Redis;
+    cfg.store.url = url.to_string();
+    cfg.store.key_prefix = prefix.to_string();
+    cfg.store.resync_interval = Duration::from_secs(1);
+    cfg.auth.admin_tokens = vec![ADMIN.into()];
+    cfg.auth.node_token = NODE.into();
+    cfg.tickets.secret = "s".repeat(40);
+    cfg.validate().expect("test config is valid");
+    cfg
+}
+
+/// One router served on a loopback port; `stop()` (or drop) shuts it down.
+pub struct Served {
+    pub addr: SocketAddr,
+    pub app: Arc<App<AnyStore>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Served {
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Opens the store `cfg` names, builds the router and serves it on 127.0.0.1:0.
+pub async fn serve(mut cfg: Config) -> Served {
+    cfg.server.shutdown_grace = Duration::from_millis(200);
+    let store = store::open(&cfg).await.expect("open store");
+    let router = Router::new(&cfg, store, Clock::System);
+    let app = Arc::new(App::new(cfg, router));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let a = app.clone();
+    let task = tokio::spawn(async move {
+        let _ = roomrouter::http::server::serve(a, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Served {
+        addr,
+        app,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+/// Sends a heartbeat for node `id` (url http://127.0.0.1:1/id) with `load` and `rooms`.
+pub async fn heartbeat(
+    c: &reqwest::Client,
+    base: &str,
+    id: &str,
+    load: f64,
+    rooms: &[(&str, u32)],
+) -> serde_json::Value {
+    let rooms: Vec<serde_json::Value> = rooms
+        .iter()
+        .map(|(r, p)| serde_json::json!({"room": r, "participants": p}))
+        .collect();
+    let r = c
+        .post(format!("{base}/v1/nodes/{id}/heartbeat"))
+        .bearer_auth(NODE)
+        .json(&serde_json::json!({
+            "url": format!("http://127.0.0.1:1/{id}"),
+            "capacity": 100000,
+            "load": load,
+            "rooms": rooms,
+        }))
+        .send()
+        .await
+        .expect("heartbeat sent");
+    assert!(r.status().is_success(), "heartbeat: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// `GET /v1/placement/{room}`: the node id, or the error (status and body).
+pub async fn place(c: &reqwest::Client, base: &str, room: &str) -> Result<String, String> {
+    let r = c
+        .get(format!("{base}/v1/placement/{room}"))
+        .send()
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = r.status();
+    let text = r.text().await.map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{status}: {text}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+    Ok(v["node"].as_str().unwrap_or_default().to_string())
+}
+
+/// Polls `f` every 50 ms until it is true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes every key of a test's prefix (best effort; pins would expire on their own, the
+/// shared hashes and the index would not).
+pub async fn cleanup(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor = 0u64;
+    for _ in 0..1000 {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("*{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return;
+        }
+    }
+}

@@ -320,7 +320,9 @@ async fn an_idle_keep_alive_connection_is_closed() {
     cfg.server.header_read_timeout = Duration::from_millis(300);
     let r = TestRouter::start(cfg).await;
     let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));

@@ -3,13 +3,15 @@
 //! `config` and heartbeats fill the `cluster` registry; the `store` keeps room pins;
 //! `placement` (pure: no I/O, no clock, no locks) decides where a room lives;
 //! `router` ties the three together, and `http` exposes it (front door, API, ops);
-//! `sim` replays workloads through placement policies in virtual time to compare them.
+//! `sim` replays workloads through placement policies in virtual time to compare them;
+//! `load` drives real routers over HTTP and checks that no room is split.
 
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod placement;
 pub mod room;

@@ -47,6 +47,8 @@ enum Cmd {
     },
     /// Compare placement policies on standard workloads or a trace, in simulation (no network).
     Simulate(roomrouter::sim::cli::SimulateArgs),
+    /// Load-test a router (or a cluster it starts itself): latency, throughput, split rooms.
+    Load(roomrouter::load::LoadArgs),
     /// Run one demo meeting node that heartbeats to a router.
     DemoNode {
         /// Router base URL.
@@ -141,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),
+        Cmd::Load(args) => roomrouter::load::run_cli(&args).await,
         Cmd::Demo { listen, nodes } => {
             roomrouter::telemetry::init(log_format, "info");
             roomrouter::demo::run(listen, nodes.clamp(1, 64)).await

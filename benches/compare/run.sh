@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on one machine, everything on loopback:
+#   ceiling         a bare hyper server answering a fixed 307 (`roomrouter load --ceiling-server`)
+#   router-redirect roomrouter, front_door.mode = "redirect" (307 + signed ticket)
+#   router-proxy    roomrouter, front_door.mode = "proxy" (skipped if this build refuses it)
+#   haproxy         balance url_param room, hash-type consistent, hash-balance-factor 125
+#   nginx           hash $arg_room consistent
+# Each target gets fresh demo nodes (`roomrouter demo-node`), then
+#   1. wrk (closed loop, max throughput): $DURATION s, $THREADS threads, $CONNS connections,
+#      random rooms out of $ROOMS (benches/compare/rooms.lua), path /status?room=rN;
+#   2. `roomrouter load` (open loop) at a fixed rate, latency measured from the planned send:
+#      $RATE joins/s (default 4000: what the harness itself sustains on 2 cores against the
+#      bare ceiling; RATE=half sets half the router-redirect wrk throughput), decisions only.
+# Prints a table with ratios to HAProxy and writes it to $OUT/results.md (+ raw outputs).
+# Installs haproxy, nginx and wrk with apt-get if missing. Stops everything it started.
+#
+#   bash benches/compare/run.sh                       # all targets, 10 s each
+#   DURATION=5 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10}
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-64}
+ROOMS=${ROOMS:-10000}
+NODES=${NODES:-3}
+RATE=${RATE:-4000}
+TARGETS=${TARGETS:-"ceiling router-redirect router-proxy haproxy nginx"}
+OUT=${OUT:-target/compare}
+export ROOMS RUST_LOG=${RUST_LOG:-warn}
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null && [ -x "$(command -v nginx)" ] || need+=(nginx)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "== building (release)"
+cargo build --release --quiet
+BIN=$PWD/target/release/roomrouter
+
+rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+export ROOMROUTER_ADMIN_TOKEN="admin-$(rand)"
+export ROOMROUTER_NODE_TOKEN="node-$(rand)"
+export ROOMROUTER_TICKET_SECRET="$(rand)"
+
+PIDS=()
+stop_started() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+trap stop_started EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_http() { # URL [expected status]; bounded: 10 s
+  local i
+  for i in $(seq 1 100); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)
+    if [ "$code" = "${2:-200}" ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "timed out waiting for $1 (last status $code)" >&2
+  return 1
+}
+
+NODE_PORTS=()
+start_nodes() { # ROUTER_URL
+  NODE_PORTS=()
+  local i port
+  for i in $(seq 1 "$NODES"); do
+    port=$(free_port)
+    "$BIN" demo-node --router "$1" --id "media-$i" --capacity 1000000000 \
+      --listen "127.0.0.1:$port" >"$OUT/node-$i.log" 2>&1 &
+    PIDS+=($!)
+    NODE_PORTS+=("$port")
+  done
+  for port in "${NODE_PORTS[@]}"; do wait_http "http://127.0.0.1:$port/healthz"; done
+}
+
+start_router() { # MODE PORT
+  cat >"$OUT/router-$1.toml" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+[front_door]
+mode = "$1"
+EOF
+  if ! "$BIN" check-config "$OUT/router-$1.toml" >"$OUT/router-$1.check" 2>&1; then
+    return 1
+  fi
+  "$BIN" serve --config "$OUT/router-$1.toml" >"$OUT/router-$1.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$2/healthz"
+  start_nodes "http://127.0.0.1:$2"
+  wait_http "http://127.0.0.1:$2/readyz"
+}
+
+start_haproxy() { # PORT
+  start_nodes "http://127.0.0.1:9" # nobody to heartbeat to; the nodes serve anyway
+  {
+    cat <<EOF
+global
+  maxconn 4000
+  log stdout format raw local0 err
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$1
+  default_backend nodes
+backend nodes
+  balance url_param room
+  hash-type consistent
+  hash-balance-factor 125
+EOF
+    local i=1 port
+    for port in "${NODE_PORTS[@]}"; do
+      echo "  server media-$i 127.0.0.1:$port"
+      i=$((i + 1))
+    done
+  } >"$OUT/haproxy.cfg"
+  haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$1/status?room=r1"
+}
+
+start_nginx() { # PORT
+  start_nodes "http://127.0.0.1:9"
+  mkdir -p "$OUT/nginx/logs"
+  {
+    cat <<EOF
+worker_processes auto;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/logs/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $OUT/nginx/body;
+  proxy_temp_path $OUT/nginx/proxy;
+  fastcgi_temp_path $OUT/nginx/fastcgi;
+  uwsgi_temp_path $OUT/nginx/uwsgi;
+  scgi_temp_path $OUT/nginx/scgi;
+  upstream nodes {
+    hash \$arg_room consistent;
+EOF
+    local port
+    for port in "${NODE_PORTS[@]}"; do echo "    server 127.0.0.1:$port;"; done
+    cat <<EOF
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://nodes;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+  } >"$OUT/nginx.conf"
+  nginx -p "$OUT/nginx" -c "$OUT/nginx.conf" -g 'daemon off;' >"$OUT/nginx.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$1/status?room=r1"
+}
+
+to_us() { # wrk value like 812.00us, 1.23ms, 2.01s -> microseconds
+  awk -v v="$1" 'BEGIN {
+    n = v + 0
+    if (v ~ /us$/) print int(n + 0.5); else if (v ~ /ms$/) print int(n * 1000 + 0.5);
+    else if (v ~ /s$/) print int(n * 1000000 + 0.5); else print "?" }'
+}
+
+declare -A RPS P50 P90 P99 OPEN_P50 OPEN_P99 OPEN_P999 OPEN_ERR NOTE
+
+run_wrk() { # NAME PORT
+  local f="$OUT/wrk-$1.txt"
+  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
+    "http://127.0.0.1:$2" >"$f" 2>&1
+  RPS[$1]=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$f")
+  P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' "$f")")
+  P90[$1]=$(to_us "$(awk '$1 == "90%" {print $2}' "$f")")
+  P99[$1]=$(to_us "$(awk '$1 == "99%" {print $2}' "$f")")
+  local bad
+  bad=$(awk '/Non-2xx or 3xx/ {print $NF}' "$f")
+  if [ -n "$bad" ]; then NOTE[$1]="${NOTE[$1]:-}non-2xx/3xx: $bad; "; fi
+  echo "   wrk: ${RPS[$1]} req/s, p50 ${P50[$1]} us, p99 ${P99[$1]} us"
+}
+
+run_open() { # NAME PORT RATE
+  local j="$OUT/load-$1.json"
+  "$BIN" load --router "http://127.0.0.1:$2" --rate "$3" --duration "$DURATION" \
+    --rooms "$ROOMS" --path '/status?room={room}' --no-follow --connections "$CONNS" \
+    --quiet --json "$j" >"$OUT/load-$1.txt" 2>&1 || true
+  read -r OPEN_P50[$1] OPEN_P99[$1] OPEN_P999[$1] OPEN_ERR[$1] < <(python3 - "$j" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["latency_us"]
+print(l["p50"], l["p99"], l["p999"], r["completed"] - r["ok"])
+EOF
+)
+  echo "   open loop at $3/s: p50 ${OPEN_P50[$1]} us, p99 ${OPEN_P99[$1]} us, errors ${OPEN_ERR[$1]}"
+}
+
+bench() { # NAME
+  local name=$1 port
+  port=$(free_port)
+  echo "== $name"
+  case $name in
+    ceiling)
+      "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
+      PIDS+=($!)
+      wait_http "http://127.0.0.1:$port/x" 307 ;;
+    router-redirect)
+      start_router redirect "$port" ;;
+    router-proxy)
+      if ! start_router proxy "$port"; then
+        echo "   proxy mode not available in this build ($(tr '\n' ' ' <"$OUT/router-proxy.check"))"
+        NOTE[$name]="proxy mode not available in this build"
+        return 0
+      fi ;;
+    haproxy) start_haproxy "$port" ;;
+    nginx) start_nginx "$port" ;;
+    *) echo "unknown target $name" >&2; return 1 ;;
+  esac
+  run_wrk "$name" "$port"
+  if [ "$RATE" = half ]; then
+    RATE=$(( ${RPS[router-redirect]:-${RPS[$name]}} / 2 ))
+    echo "   open-loop rate for every target: $RATE/s (half the first measured throughput)"
+  fi
+  run_open "$name" "$port" "$RATE"
+  stop_started
+}
+
+# The router's throughput sets the open-loop rate, so measure it first.
+ordered=""
+for t in router-redirect $TARGETS; do
+  case " $ordered " in *" $t "*) ;; *) case " $TARGETS " in *" $t "*) ordered="$ordered $t" ;; esac ;; esac
+done
+for t in $ordered; do bench "$t"; done
+
+{
+  echo "| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | open-loop p50 µs @${RATE}/s | p99 µs | p99.9 µs | errors | note |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  for t in $TARGETS; do
+    if [ -z "${RPS[$t]:-}" ]; then
+      echo "| $t | - | - | - | - | - | - | - | - | - | ${NOTE[$t]:-not run} |"
+      continue
+    fi
+    ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[haproxy]:-0}" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+    echo "| $t | ${RPS[$t]} | $ratio | ${P50[$t]} | ${P90[$t]} | ${P99[$t]} | ${OPEN_P50[$t]} | ${OPEN_P99[$t]} | ${OPEN_P999[$t]} | ${OPEN_ERR[$t]} | ${NOTE[$t]:-} |"
+  done
+  if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-redirect]:-}" ]; then
+    awk -v a="${RPS[router-redirect]}" -v b="${RPS[ceiling]}" \
+      'BEGIN { printf "\nrouter-redirect / bare-307 ceiling: %.2fx\n", a / b }'
+  fi
+  echo
+  echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes"
+} | tee "$OUT/results.md"

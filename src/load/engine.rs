@@ -1,0 +1,815 @@
+//! The open-loop engine: sends the schedule's joins at their planned times, follows the
+//! redirects to the nodes, makes participants leave, adds or kills nodes, samples node
+//! utilization, and collects everything into a [`LoadReport`].
+//!
+//! Open loop: every join has a planned send time and its latency is measured from that
+//! time, so a slow router shows up as latency instead of as a lower send rate (no
+//! coordinated omission). In-flight decisions are capped by the connection count; a join
+//! waiting for a free connection is still timed from its planned time. Everything is
+//! bounded: the schedule has at most `max_joins` entries, every request has a timeout,
+//! participants leave only before the end of the run, and whatever is still running at
+//! `duration + timeout + 1 s` is aborted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::report::{LoadReport, Percentiles, UtilSample, UtilSummary};
+use super::split::SplitDetector;
+use super::workload::{Join, WorkloadSpec};
+use crate::demo::node::{DemoNode, DemoNodeConfig};
+
+/// The cluster the harness starts itself (router + demo nodes, in this process).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    /// Capacity of each node; `None`: twice the steady participants, spread over the nodes.
+    pub capacity: Option<f64>,
+    /// Heartbeat interval (the timeout is three intervals).
+    pub heartbeat: Duration,
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Router base URLs, used round-robin. Empty: start [`LoadConfig::cluster`].
+    pub routers: Vec<String>,
+    pub cluster: ClusterSpec,
+    pub workload: WorkloadSpec,
+    /// Most decisions in flight at once (and so connections to the routers).
+    pub connections: usize,
+    pub timeout: Duration,
+    /// Follow each redirect to the node (a real join), and leave after the stay.
+    pub follow: bool,
+    /// Send the session's size as `?size=`.
+    pub size_hints: bool,
+    /// Join path with one `{room}`, e.g. `/rooms/{room}`.
+    pub path: String,
+    /// Admin token for `/v1/nodes` (utilization of an external router's nodes).
+    pub admin_token: Option<String>,
+    /// Self-started cluster: add a node at this run time.
+    pub add_node_at: Option<Duration>,
+    /// Self-started cluster: kill the first node at this run time.
+    pub kill_node_at: Option<Duration>,
+    pub sample_every: Duration,
+    /// Print a progress line every second to stderr.
+    pub progress: bool,
+}
+
+/// A router and demo nodes started by the harness.
+pub struct OwnCluster {
+    pub url: String,
+    pub admin_token: String,
+    node_token: String,
+    ticket_secret: String,
+    heartbeat: Duration,
+    capacity: f64,
+    nodes: Arc<Mutex<Vec<(DemoNode, f64)>>>,
+    next_id: usize,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OwnCluster {
+    /// Starts a router (memory store) and `nodes` demo nodes of `capacity` on loopback.
+    pub async fn start(
+        nodes: usize,
+        capacity: f64,
+        heartbeat: Duration,
+        new_room_reserve: u32,
+    ) -> anyhow::Result<OwnCluster> {
+        let mut cfg = crate::demo::demo_config("127.0.0.1:0".parse()?);
+        cfg.placement.heartbeat_interval = heartbeat;
+        cfg.placement.heartbeat_timeout = heartbeat * 3;
+        cfg.placement.new_room_reserve = new_room_reserve;
+        cfg.validate()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let admin_token = cfg.auth.admin_tokens[0].clone();
+        let node_token = cfg.auth.node_token.clone();
+        let ticket_secret = cfg.tickets.secret.clone();
+        let app = crate::service::build(cfg, crate::store::MemoryStore::new());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(crate::service::run(app, listener, async {
+            let _ = rx.await;
+        }));
+        let mut c = OwnCluster {
+            url,
+            admin_token,
+            node_token,
+            ticket_secret,
+            heartbeat,
+            capacity,
+            nodes: Arc::new(Mutex::new(Vec::new())),
+            next_id: 1,
+            stop: Some(tx),
+            task,
+        };
+        for _ in 0..nodes {
+            c.add_node().await?;
+        }
+        Ok(c)
+    }
+
+    /// Starts one more demo node; returns its id.
+    pub async fn add_node(&mut self) -> anyhow::Result<String> {
+        let id = format!("media-{}", self.next_id);
+        self.next_id += 1;
+        let node = DemoNode::start(DemoNodeConfig {
+            id: id.clone(),
+            router: self.url.clone(),
+            listen: "127.0.0.1:0".parse()?,
+            public_url: None,
+            capacity: self.capacity,
+            region: None,
+            tags: vec![],
+            node_token: self.node_token.clone(),
+            ticket_secret: self.ticket_secret.clone(),
+            heartbeat_interval: self.heartbeat,
+        })
+        .await
+        .context("starting a demo node")?;
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((node, self.capacity));
+        Ok(id)
+    }
+
+    /// Kills the oldest node (it stops answering and heartbeating at once); returns its
+    /// [`node_key`].
+    pub fn kill_first(&mut self) -> Option<String> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if nodes.is_empty() {
+            return None;
+        }
+        let (node, _) = nodes.remove(0);
+        let key = node_key(Some(&node.id), Some(&node.url));
+        node.kill();
+        key
+    }
+
+    /// Stops the router and every node.
+    pub async fn stop(mut self) {
+        let nodes: Vec<(DemoNode, f64)> =
+            std::mem::take(&mut *self.nodes.lock().unwrap_or_else(|p| p.into_inner()));
+        for (n, _) in nodes {
+            n.stop().await;
+        }
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+}
+
+fn util_sample(t_s: f64, loads: impl Iterator<Item = (f64, f64)>) -> Option<UtilSample> {
+    let (mut n, mut max, mut sum, mut participants) = (0usize, 0.0f64, 0.0f64, 0.0f64);
+    for (load, cap) in loads {
+        if cap <= 0.0 {
+            continue;
+        }
+        let u = load / cap;
+        n += 1;
+        max = max.max(u);
+        sum += u;
+        participants += load;
+    }
+    (n > 0).then(|| UtilSample {
+        t_s,
+        nodes: n,
+        max,
+        mean: sum / n as f64,
+        participants: participants as u64,
+    })
+}
+
+/// How early the dispatcher may wake for a planned send (the timer's resolution).
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// What request tasks tell the collector.
+enum Event {
+    Decided {
+        room: u32,
+        /// `Ok(status)` or `Err(transport failure)`.
+        outcome: Result<u16, &'static str>,
+        code: Option<String>,
+        node: Option<String>,
+        latency: Duration,
+        service: Duration,
+        at: Duration,
+    },
+    Joined {
+        room: u32,
+        node: String,
+        at: Duration,
+    },
+    Left {
+        room: u32,
+        node: String,
+    },
+    NodeError(String),
+    Killed(String, Duration),
+    Added(String, Duration),
+}
+
+/// Counters the progress line reads.
+#[derive(Default)]
+struct Progress {
+    sent: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    p99_us: AtomicU64,
+}
+
+struct Ctx {
+    client: reqwest::Client,
+    routers: Vec<String>,
+    rooms: Vec<String>,
+    cfg: LoadConfig,
+    start: Instant,
+    end: Instant,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Ctx {
+    fn join_url(&self, i: usize, j: &Join) -> String {
+        let room = &self.rooms[j.room as usize];
+        let enc = percent_encoding::utf8_percent_encode(room, percent_encoding::NON_ALPHANUMERIC);
+        let mut url = format!(
+            "{}{}",
+            self.routers[i % self.routers.len()],
+            self.cfg.path.replace("{room}", &enc.to_string())
+        );
+        if self.cfg.size_hints {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("size={}", j.size));
+        }
+        url
+    }
+}
+
+/// `scheme://host:port` of a URL.
+fn base_of(location: &str) -> Option<String> {
+    let u = url::Url::parse(location).ok()?;
+    let host = u.host_str()?;
+    Some(match u.port() {
+        Some(p) => format!("{}://{host}:{p}", u.scheme()),
+        None => format!("{}://{host}", u.scheme()),
+    })
+}
+
+/// How the detector names a node: `id@host:port` from `X-Room-Node` and the redirect's
+/// target, so equal ids of independent clusters stay apart; either part alone if that is all
+/// there is (proxy mode has no `Location`).
+pub fn node_key(id: Option<&str>, location: Option<&str>) -> Option<String> {
+    let addr = location
+        .and_then(|l| url::Url::parse(l).ok())
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+    match (id, addr) {
+        (Some(id), Some(a)) => Some(format!("{id}@{a}")),
+        (Some(id), None) => Some(id.to_string()),
+        (None, a) => a,
+    }
+}
+
+fn transport_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    }
+}
+
+async fn one_join(
+    ctx: Arc<Ctx>,
+    i: usize,
+    join: Join,
+    planned: Instant,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let url = ctx.join_url(i, &join);
+    let sent = Instant::now();
+    let resp = ctx.client.get(&url).send().await;
+    // Latency counts from the planned time, or from the send if the timer woke early.
+    let origin = planned.min(sent);
+    let (outcome, code, node, location) = match resp {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let header = |n: &str| {
+                r.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let node = header("x-room-node");
+            let location = header("location");
+            let ok = (200..400).contains(&status);
+            let body = r.bytes().await.unwrap_or_default();
+            let code = if ok {
+                None
+            } else {
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+            };
+            (Ok(status), code, node, location)
+        }
+        Err(e) => (Err(transport_kind(&e)), None, None, None),
+    };
+    let done = Instant::now();
+    drop(permit);
+    let ok = matches!(outcome, Ok(s) if (200..400).contains(&s));
+    let node = node_key(node.as_deref(), location.as_deref());
+    let _ = ctx.events.send(Event::Decided {
+        room: join.room,
+        outcome,
+        code,
+        node: node.clone(),
+        latency: done.saturating_duration_since(origin),
+        service: done.saturating_duration_since(sent),
+        at: done.saturating_duration_since(ctx.start),
+    });
+    if !(ok && ctx.cfg.follow) {
+        return;
+    }
+    let (Some(location), Some(node)) = (location, node) else {
+        return;
+    };
+    let Some(base) = base_of(&location) else {
+        let _ = ctx
+            .events
+            .send(Event::NodeError("join: bad location".into()));
+        return;
+    };
+    match ctx.client.get(&location).send().await {
+        Ok(r) if r.status().is_success() => {
+            let _ = r.bytes().await;
+            let _ = ctx.events.send(Event::Joined {
+                room: join.room,
+                node: node.clone(),
+                at: Instant::now().saturating_duration_since(ctx.start),
+            });
+        }
+        Ok(r) => {
+            let _ = ctx
+                .events
+                .send(Event::NodeError(format!("join {}", r.status().as_u16())));
+            return;
+        }
+        Err(e) => {
+            let _ = ctx
+                .events
+                .send(Event::NodeError(format!("join {}", transport_kind(&e))));
+            return;
+        }
+    }
+    let leave_at = planned + join.stay;
+    if leave_at >= ctx.end {
+        return;
+    }
+    tokio::time::sleep_until(leave_at).await;
+    let room = &ctx.rooms[join.room as usize];
+    let enc = percent_encoding::utf8_percent_encode(room, percent_encoding::NON_ALPHANUMERIC);
+    match ctx
+        .client
+        .post(format!("{base}/rooms/{enc}/leave"))
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => {
+            let _ = r.bytes().await;
+            let _ = ctx.events.send(Event::Left {
+                room: join.room,
+                node,
+            });
+        }
+        Ok(r) => {
+            let _ = ctx
+                .events
+                .send(Event::NodeError(format!("leave {}", r.status().as_u16())));
+        }
+        Err(e) => {
+            let _ = ctx
+                .events
+                .send(Event::NodeError(format!("leave {}", transport_kind(&e))));
+        }
+    }
+}
+
+/// What the collector gathered.
+struct Collected {
+    latency: Histogram<u64>,
+    service: Histogram<u64>,
+    completed: u64,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    node_errors: BTreeMap<String, u64>,
+    node_joins: u64,
+    leaves: u64,
+    last_done: Duration,
+    detector: SplitDetector,
+    events: Vec<String>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    rooms: Vec<String>,
+    follow: bool,
+    progress: Arc<Progress>,
+) -> Collected {
+    let mut c = Collected {
+        latency: histogram(),
+        service: histogram(),
+        completed: 0,
+        ok: 0,
+        errors: BTreeMap::new(),
+        node_errors: BTreeMap::new(),
+        node_joins: 0,
+        leaves: 0,
+        last_done: Duration::ZERO,
+        detector: SplitDetector::new(),
+        events: Vec::new(),
+    };
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Decided {
+                room,
+                outcome,
+                code,
+                node,
+                latency,
+                service,
+                at,
+            } => {
+                c.completed += 1;
+                c.last_done = c.last_done.max(at);
+                c.latency
+                    .saturating_record(latency.as_micros().max(1) as u64);
+                c.service
+                    .saturating_record(service.as_micros().max(1) as u64);
+                match outcome {
+                    Ok(s) if (200..400).contains(&s) => {
+                        c.ok += 1;
+                        if let Some(node) = node {
+                            c.detector
+                                .decided(&rooms[room as usize], &node, at, !follow);
+                        }
+                    }
+                    Ok(s) => {
+                        let key = match code {
+                            Some(code) => format!("{s} {code}"),
+                            None => s.to_string(),
+                        };
+                        *c.errors.entry(key).or_default() += 1;
+                        progress.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(kind) => {
+                        *c.errors.entry(kind.to_string()).or_default() += 1;
+                        progress.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                progress.completed.store(c.completed, Ordering::Relaxed);
+                if c.completed % 256 == 0 {
+                    progress
+                        .p99_us
+                        .store(c.latency.value_at_quantile(0.99), Ordering::Relaxed);
+                }
+            }
+            Event::Joined { room, node, at } => {
+                c.node_joins += 1;
+                c.detector.joined(&rooms[room as usize], &node, at);
+            }
+            Event::Left { room, node } => {
+                c.leaves += 1;
+                c.detector.left(&rooms[room as usize], &node);
+            }
+            Event::NodeError(k) => *c.node_errors.entry(k).or_default() += 1,
+            Event::Killed(node, at) => {
+                c.detector.killed(&node);
+                c.events
+                    .push(format!("{:.3}s killed {node}", at.as_secs_f64()));
+            }
+            Event::Added(node, at) => {
+                c.events
+                    .push(format!("{:.3}s added {node}", at.as_secs_f64()));
+            }
+        }
+    }
+    c
+}
+
+/// Utilization of an external router's nodes from `GET /v1/nodes` (reported load).
+async fn sample_external(
+    client: &reqwest::Client,
+    router: &str,
+    token: &str,
+    t_s: f64,
+) -> Option<UtilSample> {
+    let v: serde_json::Value = client
+        .get(format!("{router}/v1/nodes"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let nodes = v["nodes"].as_array()?;
+    util_sample(
+        t_s,
+        nodes
+            .iter()
+            .filter(|n| n["healthy"].as_bool() == Some(true))
+            .map(|n| {
+                (
+                    n["load"].as_f64().unwrap_or(0.0),
+                    n["capacity"].as_f64().unwrap_or(0.0),
+                )
+            }),
+    )
+}
+
+/// The node capacity used when none is given: the steady participants (rate x mean stay)
+/// twice over, spread over the nodes, so the mean utilization stays near one half.
+pub fn auto_capacity(w: &WorkloadSpec, nodes: usize) -> f64 {
+    let steady = w.rate * w.stay.mean().min(w.duration.as_secs_f64());
+    let burst: f64 = w
+        .bursts
+        .iter()
+        .map(|b| b.rooms as f64 * w.size.mean())
+        .sum();
+    ((2.0 * (steady + burst)) / nodes.max(1) as f64)
+        .ceil()
+        .max(20.0)
+}
+
+/// Runs one load test.
+pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(cfg.connections > 0, "connections must be > 0");
+    anyhow::ensure!(
+        cfg.path.contains("{room}"),
+        "--path needs a {{room}} placeholder"
+    );
+    let own = cfg.routers.is_empty();
+    anyhow::ensure!(
+        own || (cfg.add_node_at.is_none() && cfg.kill_node_at.is_none()),
+        "--add-node-at and --kill-node-at need a cluster the harness starts (no --router)"
+    );
+    let schedule = cfg.workload.schedule();
+    let mut cluster = if own {
+        let cap = cfg
+            .cluster
+            .capacity
+            .unwrap_or_else(|| auto_capacity(&cfg.workload, cfg.cluster.nodes));
+        let reserve = cfg.workload.size.mean().round().max(1.0) as u32;
+        Some(
+            OwnCluster::start(
+                cfg.cluster.nodes.max(1),
+                cap,
+                cfg.cluster.heartbeat,
+                reserve,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let routers: Vec<String> = match &cluster {
+        Some(c) => vec![c.url.clone()],
+        None => cfg
+            .routers
+            .iter()
+            .map(|r| r.trim_end_matches('/').to_string())
+            .collect(),
+    };
+    let target = match &cluster {
+        Some(c) => format!(
+            "self-started router {} + {} demo nodes",
+            c.url, cfg.cluster.nodes
+        ),
+        None => routers.join(", "),
+    };
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(cfg.timeout)
+        .pool_max_idle_per_host(cfg.connections)
+        .tcp_nodelay(true)
+        .http1_only()
+        .build()?;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let progress = Arc::new(Progress::default());
+    let collector = tokio::spawn(collect(
+        rx,
+        schedule.rooms.clone(),
+        cfg.follow,
+        progress.clone(),
+    ));
+    let start = Instant::now() + Duration::from_millis(20);
+    let end = start + cfg.workload.duration;
+    let hard_end = end + cfg.timeout + Duration::from_secs(1);
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        routers: routers.clone(),
+        rooms: schedule.rooms.clone(),
+        cfg: cfg.clone(),
+        start,
+        end,
+        events: tx.clone(),
+    });
+
+    // Utilization sampler and progress line, until `stop` says so.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let nodes = cluster.as_ref().map(|c| c.nodes.clone());
+        let admin = cluster
+            .as_ref()
+            .map(|c| c.admin_token.clone())
+            .or(cfg.admin_token.clone());
+        let router = routers[0].clone();
+        let client = client.clone();
+        let every = cfg.sample_every.max(Duration::from_millis(50));
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut tick = tokio::time::interval_at(start, every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {},
+                    _ = stop.changed() => break,
+                }
+                let t_s = start.elapsed().as_secs_f64();
+                let s = match (&nodes, &admin) {
+                    (Some(nodes), _) => {
+                        let nodes = nodes.lock().unwrap_or_else(|p| p.into_inner());
+                        util_sample(t_s, nodes.iter().map(|(n, cap)| (n.load() as f64, *cap)))
+                    }
+                    (None, Some(token)) => sample_external(&client, &router, token, t_s).await,
+                    (None, None) => break,
+                };
+                out.extend(s);
+            }
+            out
+        })
+    };
+    let progress_task = cfg.progress.then(|| {
+        let p = progress.clone();
+        let total = schedule.joins.len();
+        let dur = cfg.workload.duration.as_secs_f64();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {},
+                    _ = stop.changed() => break,
+                }
+                let sent = p.sent.load(Ordering::Relaxed);
+                let done = p.completed.load(Ordering::Relaxed);
+                eprintln!(
+                    "[{:>6.1}s/{dur:.0}s] sent {sent}/{total}  done {done}  errors {}  in flight {}  p99 {} µs",
+                    start.elapsed().as_secs_f64(),
+                    p.errors.load(Ordering::Relaxed),
+                    sent.saturating_sub(done),
+                    p.p99_us.load(Ordering::Relaxed),
+                );
+            }
+        })
+    });
+
+    // Cluster events at their times (self-started cluster only).
+    let mut cluster_events: Vec<(Duration, bool)> = Vec::new();
+    if let Some(t) = cfg.add_node_at {
+        cluster_events.push((t, true));
+    }
+    if let Some(t) = cfg.kill_node_at {
+        cluster_events.push((t, false));
+    }
+    cluster_events.sort_by_key(|e| e.0);
+    let mut cluster_events = cluster_events.into_iter().peekable();
+
+    // The dispatcher.
+    let sem = Arc::new(Semaphore::new(cfg.connections));
+    let mut tasks = JoinSet::new();
+    for (i, j) in schedule.joins.iter().enumerate() {
+        let planned = start + j.at;
+        while let Some((t, add)) = cluster_events.next_if(|e| start + e.0 <= planned) {
+            tokio::time::sleep_until(start + t).await;
+            if let Some(c) = cluster.as_mut() {
+                let at = start.elapsed();
+                if add {
+                    let id = c.add_node().await?;
+                    let _ = tx.send(Event::Added(id, at));
+                } else if let Some(id) = c.kill_first() {
+                    let _ = tx.send(Event::Killed(id, at));
+                }
+            }
+        }
+        if Instant::now() >= hard_end {
+            break;
+        }
+        // Tokio's timer rounds deadlines up to the next millisecond; waking up to 1 ms early
+        // keeps sends on schedule instead of systematically late (see `one_join`).
+        tokio::time::sleep_until(planned.checked_sub(TIMER_SLACK).unwrap_or(planned)).await;
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => p?,
+            _ = tokio::time::sleep_until(hard_end) => break,
+        };
+        progress.sent.fetch_add(1, Ordering::Relaxed);
+        tasks.spawn(one_join(ctx.clone(), i, *j, planned, permit));
+        while tasks.try_join_next().is_some() {}
+    }
+    // Events after the last join still happen, so the run sees their effect on leaves.
+    for (t, add) in cluster_events {
+        if start + t >= end {
+            break;
+        }
+        tokio::time::sleep_until(start + t).await;
+        if let Some(c) = cluster.as_mut() {
+            let at = start.elapsed();
+            if add {
+                let id = c.add_node().await?;
+                let _ = tx.send(Event::Added(id, at));
+            } else if let Some(id) = c.kill_first() {
+                let _ = tx.send(Event::Killed(id, at));
+            }
+        }
+    }
+    let _ = tokio::time::timeout_at(hard_end, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let _ = stop_tx.send(true);
+    let samples = sampler.await.unwrap_or_default();
+    if let Some(p) = progress_task {
+        let _ = p.await;
+    }
+    drop(ctx);
+    drop(tx);
+    let c = collector.await?;
+    if let Some(own) = cluster.take() {
+        own.stop().await;
+    }
+
+    let elapsed = c.last_done.as_secs_f64().max(1e-9);
+    let when = |t: Option<Duration>| t.map(|t| c.detector.split_since(t));
+    let report = LoadReport {
+        target,
+        settings: serde_json::json!({
+            "rate": cfg.workload.rate,
+            "duration_s": cfg.workload.duration.as_secs_f64(),
+            "max_requests": cfg.workload.max_joins,
+            "connections": cfg.connections,
+            "rooms": cfg.workload.rooms,
+            "zipf_s": cfg.workload.zipf_s,
+            "size": cfg.workload.size,
+            "stay_s": cfg.workload.stay,
+            "spread_s": cfg.workload.spread.as_secs_f64(),
+            "bursts": cfg.workload.bursts,
+            "seed": cfg.workload.seed,
+            "follow": cfg.follow,
+            "size_hints": cfg.size_hints,
+            "path": cfg.path,
+            "nodes": if own { Some(cfg.cluster.nodes) } else { None },
+            "add_node_at_s": cfg.add_node_at.map(|d| d.as_secs_f64()),
+            "kill_node_at_s": cfg.kill_node_at.map(|d| d.as_secs_f64()),
+        }),
+        scheduled: schedule.joins.len() as u64,
+        completed: c.completed,
+        ok: c.ok,
+        elapsed_s: elapsed,
+        throughput_per_s: c.completed as f64 / elapsed,
+        latency_us: Percentiles::of(&c.latency),
+        service_us: Percentiles::of(&c.service),
+        errors: c.errors,
+        node_joins: c.node_joins,
+        leaves: c.leaves,
+        node_errors: c.node_errors,
+        rooms_seen: c.detector.rooms_seen(),
+        split_rooms: c.detector.split_count(),
+        split_examples: c.detector.split_rooms(20),
+        rooms_moved_after_add: when(cfg.add_node_at),
+        rooms_moved_after_kill: when(cfg.kill_node_at),
+        rooms_on_killed_node: cfg.kill_node_at.map(|_| c.detector.orphaned_count()),
+        rooms_failed_over: cfg.kill_node_at.map(|_| c.detector.failed_over_count()),
+        utilization: UtilSummary::of(samples),
+        events: c.events,
+    };
+    Ok(report)
+}

@@ -1,0 +1,222 @@
+//! The load harness: `roomrouter load`.
+//!
+//! An open-loop load generator for any router URL (or several, round-robin), or for a
+//! cluster it starts itself in this process (router + N demo nodes on loopback). The
+//! workload ([`workload`]) draws room popularity from Zipf(s), room sizes and stays from
+//! configurable distributions, and can add bursts of new rooms. The engine ([`engine`])
+//! sends joins at their planned times, follows redirects to the demo nodes (a real join) and
+//! makes participants leave, optionally adds or kills a node mid-run, and measures decision
+//! latency (HdrHistogram), throughput, errors by code, split rooms ([`split`]), rooms moved
+//! and node utilization over time. [`report`] prints the table and writes the JSON.
+//! [`ceiling`] is the bare-307 server benchmarks compare the router against.
+
+pub mod ceiling;
+pub mod engine;
+pub mod report;
+pub mod split;
+pub mod workload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+pub use engine::{run, ClusterSpec, LoadConfig};
+pub use report::LoadReport;
+pub use split::SplitDetector;
+pub use workload::{Burst, Dist, WorkloadSpec};
+
+fn parse_dist(s: &str) -> Result<Dist, String> {
+    Dist::parse(s)
+}
+
+fn parse_burst(s: &str) -> Result<Burst, String> {
+    Burst::parse(s)
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?}: not a number of seconds"))?;
+    if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("{s:?}: seconds must be in 0..=86400"))
+    }
+}
+
+/// `roomrouter load`: drive a router (or a self-started cluster) with joins.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Router base URL (repeatable: round-robin over several routers). Without it, the
+    /// harness starts a router and --nodes demo nodes on loopback itself.
+    #[arg(long = "router")]
+    pub routers: Vec<String>,
+    /// Self-started cluster: number of demo nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nodes: u16,
+    /// Self-started cluster: capacity of each node (default: twice the steady participants
+    /// rate x mean stay, spread over the nodes).
+    #[arg(long)]
+    pub node_capacity: Option<f64>,
+    /// Self-started cluster: heartbeat interval in ms (the timeout is 3 intervals).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=10_000))]
+    pub heartbeat_ms: u64,
+    /// Target joins per second (open loop; bursts come on top).
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Run time in seconds.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub duration: Duration,
+    /// At most this many joins, whatever the rate and duration.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_requests: usize,
+    /// Most decisions in flight (connections to the routers).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    pub timeout: Duration,
+    /// Number of distinct room names (popularity is Zipf over them).
+    #[arg(long, default_value_t = 1000)]
+    pub rooms: u32,
+    /// Zipf exponent of room popularity.
+    #[arg(long, default_value_t = 1.1)]
+    pub zipf: f64,
+    /// Participants per session: fixed:V, uniform:LO:HI, exp:MEAN or zipf:MAX:S.
+    #[arg(long, default_value = "uniform:2:8", value_parser = parse_dist)]
+    pub size: Dist,
+    /// Seconds a participant stays (same forms as --size).
+    #[arg(long, default_value = "exp:5", value_parser = parse_dist)]
+    pub stay: Dist,
+    /// Participants of a session arrive within this many seconds of its first join.
+    #[arg(long, default_value = "2", value_parser = parse_secs)]
+    pub spread: Duration,
+    /// SECS:ROOMS, e.g. 5:1000 = 1000 new rooms within one second from 5 s (repeatable).
+    #[arg(long = "burst", value_parser = parse_burst)]
+    pub bursts: Vec<Burst>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Join path with one {room} placeholder (e.g. "/status?room={room}").
+    #[arg(long, default_value = "/rooms/{room}")]
+    pub path: String,
+    /// Send the session's true size as ?size= with each join.
+    #[arg(long)]
+    pub size_hints: bool,
+    /// Do not follow redirects to the nodes (decisions only; nobody joins or leaves).
+    #[arg(long)]
+    pub no_follow: bool,
+    /// Admin token, to sample an external router's node utilization from /v1/nodes.
+    #[arg(long, env = "ROOMROUTER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Self-started cluster: add a node at this many seconds into the run.
+    #[arg(long, value_parser = parse_secs)]
+    pub add_node_at: Option<Duration>,
+    /// Self-started cluster: kill the first node at this many seconds into the run.
+    #[arg(long, value_parser = parse_secs)]
+    pub kill_node_at: Option<Duration>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Instead of a load test, serve a bare fixed 307 on this address until Ctrl-C (the
+    /// benchmarks' ceiling).
+    #[arg(long, value_name = "ADDR")]
+    pub ceiling_server: Option<SocketAddr>,
+}
+
+impl LoadArgs {
+    /// The engine's configuration, checked.
+    pub fn config(&self) -> anyhow::Result<LoadConfig> {
+        anyhow::ensure!(
+            self.rate.is_finite() && self.rate > 0.0 && self.rate <= 1_000_000.0,
+            "--rate must be in (0, 1000000]"
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be > 0");
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.connections),
+            "--connections must be in 1..=10000"
+        );
+        anyhow::ensure!(
+            (1..=10_000_000).contains(&self.max_requests),
+            "--max-requests must be in 1..=10000000"
+        );
+        anyhow::ensure!(
+            (1..=10_000_000).contains(&self.rooms),
+            "--rooms must be in 1..=10000000"
+        );
+        anyhow::ensure!(
+            self.zipf.is_finite() && self.zipf > 0.0,
+            "--zipf must be > 0"
+        );
+        anyhow::ensure!(!self.timeout.is_zero(), "--timeout must be > 0");
+        if let Some(c) = self.node_capacity {
+            anyhow::ensure!(c.is_finite() && c > 0.0, "--node-capacity must be > 0");
+        }
+        for r in &self.routers {
+            url::Url::parse(r).with_context(|| format!("--router {r:?}"))?;
+        }
+        Ok(LoadConfig {
+            routers: self.routers.clone(),
+            cluster: ClusterSpec {
+                nodes: self.nodes as usize,
+                capacity: self.node_capacity,
+                heartbeat: Duration::from_millis(self.heartbeat_ms),
+            },
+            workload: WorkloadSpec {
+                rate: self.rate,
+                duration: self.duration,
+                max_joins: self.max_requests,
+                rooms: self.rooms,
+                zipf_s: self.zipf,
+                size: self.size,
+                stay: self.stay,
+                spread: self.spread,
+                bursts: self.bursts.clone(),
+                seed: self.seed,
+            },
+            connections: self.connections,
+            timeout: self.timeout,
+            follow: !self.no_follow,
+            size_hints: self.size_hints,
+            path: self.path.clone(),
+            admin_token: self.admin_token.clone(),
+            add_node_at: self.add_node_at,
+            kill_node_at: self.kill_node_at,
+            sample_every: Duration::from_secs(1),
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// Runs `roomrouter load`: the ceiling server, or one load test (table to stdout, JSON to
+/// `--json`). Fails when any room was split, so scripts notice.
+pub async fn run_cli(args: &LoadArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.ceiling_server {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        println!(
+            "bare 307 ceiling server on http://{}",
+            listener.local_addr()?
+        );
+        ceiling::serve_bare_307(listener, crate::service::shutdown_signal()).await;
+        return Ok(());
+    }
+    let report = run(args.config()?).await?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("  json       {}", path.display());
+    }
+    anyhow::ensure!(
+        report.split_rooms == 0,
+        "{} split room(s): the router sent one room's participants to two nodes",
+        report.split_rooms
+    );
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! The load harness's results: a serializable [`LoadReport`] (the JSON file) and its
+//! readable table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::split::SplitRoom;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            mean: h.mean(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// Node utilization at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UtilSample {
+    pub t_s: f64,
+    pub nodes: usize,
+    /// Highest load / capacity over the live nodes.
+    pub max: f64,
+    /// Mean load / capacity over the live nodes.
+    pub mean: f64,
+    /// Participants on all live nodes.
+    pub participants: u64,
+}
+
+/// Utilization over the run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UtilSummary {
+    pub peak_max: f64,
+    /// Highest max/mean over the samples whose mean is at least 5% (below that the ratio is
+    /// noise from a handful of participants).
+    pub peak_max_over_mean: f64,
+    /// Average of max/mean over the same samples.
+    pub avg_max_over_mean: f64,
+    pub samples: Vec<UtilSample>,
+}
+
+impl UtilSummary {
+    pub fn of(samples: Vec<UtilSample>) -> Option<UtilSummary> {
+        if samples.is_empty() {
+            return None;
+        }
+        let ratios: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.mean >= 0.05)
+            .map(|s| s.max / s.mean)
+            .collect();
+        Some(UtilSummary {
+            peak_max: samples.iter().map(|s| s.max).fold(0.0, f64::max),
+            peak_max_over_mean: ratios.iter().copied().fold(0.0, f64::max),
+            avg_max_over_mean: if ratios.is_empty() {
+                0.0
+            } else {
+                ratios.iter().sum::<f64>() / ratios.len() as f64
+            },
+            samples,
+        })
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// What was driven: router URLs, and whether the harness started the cluster.
+    pub target: String,
+    pub settings: serde_json::Value,
+    /// Joins in the schedule.
+    pub scheduled: u64,
+    /// Decisions that got any HTTP answer or transport error.
+    pub completed: u64,
+    /// Decisions answered 2xx/3xx.
+    pub ok: u64,
+    pub elapsed_s: f64,
+    /// Completed decisions per second of run time.
+    pub throughput_per_s: f64,
+    /// Decision latency from the *scheduled* send time (open loop: no coordinated omission).
+    pub latency_us: Percentiles,
+    /// Decision latency from the actual send (service time).
+    pub service_us: Percentiles,
+    /// Failed decisions by `status error_code`, or by transport failure.
+    pub errors: BTreeMap<String, u64>,
+    /// Joins the nodes accepted after a redirect was followed.
+    pub node_joins: u64,
+    /// Participants that left through the node's leave endpoint.
+    pub leaves: u64,
+    /// Failed node joins and leaves by kind.
+    pub node_errors: BTreeMap<String, u64>,
+    pub rooms_seen: usize,
+    /// Rooms whose participants were on two live nodes at once. Must be 0.
+    pub split_rooms: u64,
+    pub split_examples: Vec<SplitRoom>,
+    /// Rooms split (moved while in use) after a node was added; must be 0.
+    pub rooms_moved_after_add: Option<u64>,
+    /// Rooms other than the killed node's that moved after the kill; must be 0.
+    pub rooms_moved_after_kill: Option<u64>,
+    /// Rooms with participants on the killed node when it died.
+    pub rooms_on_killed_node: Option<u64>,
+    /// Of those, rooms that came back on another node during the run.
+    pub rooms_failed_over: Option<u64>,
+    pub utilization: Option<UtilSummary>,
+    /// Cluster events during the run (`2.000s added media-4`).
+    pub events: Vec<String>,
+}
+
+fn us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} ms", v as f64 / 1000.0)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+impl LoadReport {
+    /// The readable table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "roomrouter load: {}", self.target);
+        let _ = writeln!(
+            s,
+            "  joins      scheduled {}  completed {}  ok {}  in {:.2} s  = {:.0} joins/s",
+            self.scheduled, self.completed, self.ok, self.elapsed_s, self.throughput_per_s
+        );
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency", "p50", "p90", "p99", "p99.9", "max", "mean"
+        );
+        for (name, p) in [
+            ("from schedule (open)", &self.latency_us),
+            ("service (from send)", &self.service_us),
+        ] {
+            let _ = writeln!(
+                s,
+                "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                name,
+                us(p.p50),
+                us(p.p90),
+                us(p.p99),
+                us(p.p999),
+                us(p.max),
+                us(p.mean.round() as u64)
+            );
+        }
+        let errs = |m: &BTreeMap<String, u64>| {
+            if m.is_empty() {
+                "none".to_string()
+            } else {
+                m.iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let _ = writeln!(s, "  errors     {}", errs(&self.errors));
+        let _ = writeln!(
+            s,
+            "  nodes      joins {}  leaves {}  errors {}",
+            self.node_joins,
+            self.leaves,
+            errs(&self.node_errors)
+        );
+        let _ = writeln!(
+            s,
+            "  rooms      seen {}  SPLIT {}{}",
+            self.rooms_seen,
+            self.split_rooms,
+            if self.split_rooms == 0 {
+                "  (ok)".to_string()
+            } else {
+                format!(
+                    "  (e.g. {})",
+                    self.split_examples
+                        .iter()
+                        .take(3)
+                        .map(|r| format!("{} on {}", r.room, r.nodes.join("+")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            }
+        );
+        if let Some(n) = self.rooms_moved_after_add {
+            let _ = writeln!(s, "  scale-out  rooms moved after the node was added: {n}");
+        }
+        if let Some(n) = self.rooms_moved_after_kill {
+            let _ = writeln!(
+                s,
+                "  failure    rooms on the killed node {}, failed over {}, other rooms moved {n}",
+                self.rooms_on_killed_node.unwrap_or(0),
+                self.rooms_failed_over.unwrap_or(0)
+            );
+        }
+        if let Some(u) = &self.utilization {
+            let _ = writeln!(
+                s,
+                "  utilization peak max {:.2}  max/mean: peak {:.2}, average {:.2}  ({} samples)",
+                u.peak_max,
+                u.peak_max_over_mean,
+                u.avg_max_over_mean,
+                u.samples.len()
+            );
+        }
+        for e in &self.events {
+            let _ = writeln!(s, "  event      {e}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_utilization_summaries() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in 1..=1000u64 {
+            h.record(v).unwrap();
+        }
+        let p = Percentiles::of(&h);
+        assert_eq!(p.count, 1000);
+        assert!((499..=501).contains(&p.p50), "{p:?}");
+        assert!((989..=991).contains(&p.p99), "{p:?}");
+        assert_eq!(p.max, 1000);
+        assert_eq!(Percentiles::of(&Histogram::new(3).unwrap()).count, 0);
+
+        let sample = |max, mean| UtilSample {
+            t_s: 0.0,
+            nodes: 3,
+            max,
+            mean,
+            participants: 0,
+        };
+        let u =
+            UtilSummary::of(vec![sample(0.02, 0.01), sample(0.6, 0.5), sample(0.8, 0.5)]).unwrap();
+        assert_eq!(u.peak_max, 0.8);
+        assert!((u.peak_max_over_mean - 1.6).abs() < 1e-9);
+        assert!((u.avg_max_over_mean - 1.4).abs() < 1e-9);
+        assert!(UtilSummary::of(vec![]).is_none());
+    }
+}

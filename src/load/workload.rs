@@ -1,0 +1,351 @@
+//! The load harness's workload: a precomputed, bounded schedule of joins.
+//!
+//! Sessions of rooms arrive as a Poisson process; each picks its room by Zipf(s) popularity
+//! over `rooms` room names (a popular room drawn again while it is running simply gets more
+//! participants), a size from [`Dist`], and for each participant an arrival offset within
+//! `spread` and a stay from [`Dist`]. The joins are sorted by their natural time and then
+//! re-timed to a constant rate (`k / rate`), so the generator is open-loop at exactly the
+//! target rate while keeping the rooms' interleaving. Bursts ("1 000 new rooms in one
+//! second") are added on top with fresh room names. Everything is drawn from a seed, so a
+//! run can be repeated, and the schedule is cut at the duration and at `max_joins`.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Exp, Zipf};
+use serde::Serialize;
+
+/// A distribution of room sizes (participants) or stays (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Dist {
+    /// Always `value`.
+    Fixed { value: f64 },
+    /// Uniform in `lo..=hi` (integers for sizes).
+    Uniform { lo: f64, hi: f64 },
+    /// Exponential with this mean.
+    Exp { mean: f64 },
+    /// Zipf(s) over `1..=max`: many small values, a heavy tail up to `max`.
+    Zipf { max: f64, s: f64 },
+}
+
+impl Dist {
+    /// Parses `fixed:V`, `uniform:LO:HI`, `exp:MEAN` or `zipf:MAX:S`.
+    pub fn parse(s: &str) -> Result<Dist, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let num = |i: usize| -> Result<f64, String> {
+            let v: f64 = parts
+                .get(i)
+                .ok_or_else(|| format!("{s:?}: missing a number"))?
+                .parse()
+                .map_err(|_| format!("{s:?}: not a number"))?;
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(format!("{s:?}: numbers must be finite and >= 0"))
+            }
+        };
+        let d = match (parts[0], parts.len()) {
+            ("fixed", 2) => Dist::Fixed { value: num(1)? },
+            ("uniform", 3) => {
+                let (lo, hi) = (num(1)?, num(2)?);
+                if lo > hi {
+                    return Err(format!("{s:?}: lo > hi"));
+                }
+                Dist::Uniform { lo, hi }
+            }
+            ("exp", 2) => {
+                let mean = num(1)?;
+                if mean <= 0.0 {
+                    return Err(format!("{s:?}: mean must be > 0"));
+                }
+                Dist::Exp { mean }
+            }
+            ("zipf", 3) => {
+                let (max, s_) = (num(1)?, num(2)?);
+                if max < 1.0 || s_ <= 0.0 {
+                    return Err(format!("{s:?}: needs max >= 1 and s > 0"));
+                }
+                Dist::Zipf { max, s: s_ }
+            }
+            _ => {
+                return Err(format!(
+                    "{s:?}: expected fixed:V, uniform:LO:HI, exp:MEAN or zipf:MAX:S"
+                ))
+            }
+        };
+        Ok(d)
+    }
+
+    /// The mean (exact for every kind).
+    pub fn mean(&self) -> f64 {
+        match *self {
+            Dist::Fixed { value } => value,
+            Dist::Uniform { lo, hi } => (lo + hi) / 2.0,
+            Dist::Exp { mean } => mean,
+            Dist::Zipf { max, s } => {
+                let n = max.floor() as u64;
+                let z: f64 = (1..=n).map(|k| (k as f64).powf(-s)).sum();
+                (1..=n).map(|k| (k as f64).powf(1.0 - s)).sum::<f64>() / z
+            }
+        }
+    }
+
+    /// One sample as a real number.
+    pub fn sample(&self, rng: &mut StdRng) -> f64 {
+        match *self {
+            Dist::Fixed { value } => value,
+            Dist::Uniform { lo, hi } if lo == hi => lo,
+            Dist::Uniform { lo, hi } => rng.random_range(lo..=hi),
+            Dist::Exp { mean } => Exp::new(1.0 / mean).map_or(mean, |e| e.sample(rng)),
+            Dist::Zipf { max, s } => Zipf::new(max.floor(), s).map_or(1.0, |z| z.sample(rng)),
+        }
+    }
+
+    /// One sample as a count of at least 1 (room sizes).
+    pub fn sample_count(&self, rng: &mut StdRng) -> u32 {
+        match *self {
+            Dist::Uniform { lo, hi } => rng.random_range(lo.round() as u32..=hi.round() as u32),
+            _ => self.sample(rng).round() as u32,
+        }
+        .max(1)
+    }
+}
+
+/// `N` new rooms whose first participants join within one second from `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Burst {
+    pub at: Duration,
+    pub rooms: u32,
+}
+
+impl Burst {
+    /// Parses `SECS:ROOMS`, e.g. `5:1000`.
+    pub fn parse(s: &str) -> Result<Burst, String> {
+        let (a, n) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected SECS:ROOMS"))?;
+        let at: f64 = a.parse().map_err(|_| format!("{s:?}: bad SECS"))?;
+        let rooms: u32 = n.parse().map_err(|_| format!("{s:?}: bad ROOMS"))?;
+        if !(at.is_finite() && at >= 0.0) || rooms == 0 || rooms > 1_000_000 {
+            return Err(format!("{s:?}: SECS >= 0, ROOMS in 1..=1000000"));
+        }
+        Ok(Burst {
+            at: Duration::from_secs_f64(at),
+            rooms,
+        })
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkloadSpec {
+    /// Target joins per second (base load, bursts come on top).
+    pub rate: f64,
+    pub duration: Duration,
+    /// Hard cap on the number of joins in the schedule.
+    pub max_joins: usize,
+    /// Number of distinct base room names.
+    pub rooms: u32,
+    /// Zipf exponent of room popularity.
+    pub zipf_s: f64,
+    /// Participants per session.
+    pub size: Dist,
+    /// Seconds a participant stays.
+    pub stay: Dist,
+    /// Participants of a session arrive within this long after its first join.
+    pub spread: Duration,
+    pub bursts: Vec<Burst>,
+    pub seed: u64,
+}
+
+/// One scheduled join.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Join {
+    /// Offset from the start of the run.
+    pub at: Duration,
+    /// Index into [`Schedule::rooms`].
+    pub room: u32,
+    /// The session's true size (sent as `?size=` when hints are on).
+    pub size: u32,
+    /// How long the participant stays before leaving.
+    pub stay: Duration,
+}
+
+/// The whole run's joins, sorted by time, plus the room names they index.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub rooms: Vec<String>,
+    pub joins: Vec<Join>,
+}
+
+/// The name of base room `i`.
+pub fn room_name(i: u32) -> String {
+    format!("room-{i}")
+}
+
+impl WorkloadSpec {
+    /// Builds the schedule. Bounded: at most `max_joins` joins, none at or after `duration`.
+    pub fn schedule(&self) -> Schedule {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let rooms_n = self.rooms.max(1);
+        let mut rooms: Vec<String> = (0..rooms_n).map(room_name).collect();
+        let secs = self.duration.as_secs_f64();
+        let base_n = ((self.rate.max(0.0) * secs).floor() as usize).min(self.max_joins);
+
+        // Base sessions in natural time; generate somewhat more than needed, then re-time.
+        let mean_size = self.size.mean().max(1.0);
+        let session_rate = (self.rate / mean_size).max(1e-9);
+        let arrivals = Exp::new(session_rate).expect("rate > 0");
+        let popularity = Zipf::new(rooms_n as f64, self.zipf_s.max(1e-9)).ok();
+        let spread = self.spread.as_secs_f64();
+        let mut natural: Vec<(f64, u32, u32, f64)> = Vec::with_capacity(base_n + base_n / 4);
+        let mut t = 0.0f64;
+        // Bounded: stops once enough joins exist or natural time runs far past the run.
+        while natural.len() < base_n + base_n / 5 + 16 && t < secs * 4.0 + 60.0 && base_n > 0 {
+            t += arrivals.sample(&mut rng);
+            let room = match &popularity {
+                Some(z) => (z.sample(&mut rng) as u32).clamp(1, rooms_n) - 1,
+                None => rng.random_range(0..rooms_n),
+            };
+            let size = self.size.sample_count(&mut rng).min(100_000);
+            for j in 0..size {
+                let off = if j == 0 {
+                    0.0
+                } else {
+                    rng.random_range(0.0..=spread)
+                };
+                natural.push((t + off, room, size, self.stay.sample(&mut rng)));
+            }
+        }
+        natural.sort_by(|a, b| a.0.total_cmp(&b.0));
+        natural.truncate(base_n);
+        let mut joins: Vec<Join> = natural
+            .into_iter()
+            .enumerate()
+            .map(|(k, (_, room, size, stay))| Join {
+                at: Duration::from_secs_f64(k as f64 / self.rate),
+                room,
+                size,
+                stay: Duration::from_secs_f64(stay.clamp(0.0, 86_400.0)),
+            })
+            .collect();
+
+        // Bursts: fresh rooms, first joins spread over one second, the rest within `spread`.
+        for (b, burst) in self.bursts.iter().enumerate() {
+            for i in 0..burst.rooms {
+                let room = rooms.len() as u32;
+                rooms.push(format!("burst-{b}-{i}"));
+                let first = burst.at.as_secs_f64() + i as f64 / burst.rooms as f64;
+                let size = self.size.sample_count(&mut rng).min(100_000);
+                for j in 0..size {
+                    let off = if j == 0 {
+                        0.0
+                    } else {
+                        rng.random_range(0.0..=spread)
+                    };
+                    joins.push(Join {
+                        at: Duration::from_secs_f64(first + off),
+                        room,
+                        size,
+                        stay: Duration::from_secs_f64(
+                            self.stay.sample(&mut rng).clamp(0.0, 86_400.0),
+                        ),
+                    });
+                }
+            }
+        }
+        joins.retain(|j| j.at < self.duration);
+        joins.sort_by_key(|j| j.at);
+        joins.truncate(self.max_joins);
+        Schedule { rooms, joins }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> WorkloadSpec {
+        WorkloadSpec {
+            rate: 500.0,
+            duration: Duration::from_secs(4),
+            max_joins: 1_000_000,
+            rooms: 200,
+            zipf_s: 1.1,
+            size: Dist::Uniform { lo: 2.0, hi: 6.0 },
+            stay: Dist::Exp { mean: 3.0 },
+            spread: Duration::from_secs(1),
+            bursts: vec![],
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn constant_rate_and_bounded() {
+        let s = spec().schedule();
+        assert_eq!(s.joins.len(), 2_000);
+        assert!(s.joins.windows(2).all(|w| w[0].at <= w[1].at));
+        assert!(s.joins.iter().all(|j| j.at < Duration::from_secs(4)));
+        let second = s
+            .joins
+            .iter()
+            .filter(|j| j.at >= Duration::from_secs(1) && j.at < Duration::from_secs(2))
+            .count();
+        assert_eq!(second, 500);
+        let mut capped = spec();
+        capped.max_joins = 123;
+        assert_eq!(capped.schedule().joins.len(), 123);
+    }
+
+    #[test]
+    fn popularity_is_skewed_and_repeatable() {
+        let s = spec().schedule();
+        let mut counts = vec![0u32; 200];
+        for j in &s.joins {
+            counts[j.room as usize] += 1;
+        }
+        // Zipf(1.1): room-0 is far more popular than a room in the tail.
+        assert!(counts[0] > 10 * counts[150].max(1), "{:?}", &counts[..5]);
+        assert_eq!(spec().schedule().joins, s.joins);
+    }
+
+    #[test]
+    fn bursts_add_new_rooms_within_one_second() {
+        let mut sp = spec();
+        sp.bursts = vec![Burst::parse("2:300").unwrap()];
+        sp.size = Dist::Fixed { value: 1.0 };
+        let s = sp.schedule();
+        let burst: Vec<&Join> = s
+            .joins
+            .iter()
+            .filter(|j| s.rooms[j.room as usize].starts_with("burst-0-"))
+            .collect();
+        assert_eq!(burst.len(), 300);
+        assert!(burst
+            .iter()
+            .all(|j| j.at >= Duration::from_secs(2) && j.at < Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn dists_parse_and_have_their_means() {
+        assert_eq!(Dist::parse("fixed:4").unwrap().mean(), 4.0);
+        assert_eq!(Dist::parse("uniform:2:6").unwrap().mean(), 4.0);
+        assert!(Dist::parse("uniform:6:2").is_err());
+        assert!(Dist::parse("exp:0").is_err());
+        assert!(Dist::parse("zipf:30").is_err());
+        assert!(Dist::parse("normal:1:2").is_err());
+        let z = Dist::parse("zipf:30:1.2").unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let n = 20_000;
+        let avg: f64 = (0..n).map(|_| z.sample_count(&mut rng) as f64).sum::<f64>() / n as f64;
+        assert!(
+            (avg - z.mean()).abs() < 0.1 * z.mean(),
+            "{avg} vs {}",
+            z.mean()
+        );
+        assert!(Burst::parse("5").is_err());
+        assert!(Burst::parse("1:0").is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! The load harness end to end, in small bounded runs over loopback: a clean run finds no
+//! split, and deliberately split rooms (two independent routers for the same rooms; a node
+//! disabled while its rooms still have participants) are caught.
+
+use std::time::Duration;
+
+use roomrouter::load::engine::OwnCluster;
+use roomrouter::load::{run, ClusterSpec, Dist, LoadConfig, WorkloadSpec};
+
+fn config(rate: f64, secs: u64, rooms: u32) -> LoadConfig {
+    LoadConfig {
+        routers: vec![],
+        cluster: ClusterSpec {
+            nodes: 3,
+            capacity: None,
+            heartbeat: Duration::from_millis(200),
+        },
+        workload: WorkloadSpec {
+            rate,
+            duration: Duration::from_secs(secs),
+            max_joins: 10_000,
+            rooms,
+            zipf_s: 1.1,
+            size: Dist::Uniform { lo: 2.0, hi: 5.0 },
+            stay: Dist::Exp { mean: 1.0 },
+            spread: Duration::from_millis(500),
+            bursts: vec![],
+            seed: 3,
+        },
+        connections: 16,
+        timeout: Duration::from_secs(5),
+        follow: true,
+        size_hints: false,
+        path: "/rooms/{room}".into(),
+        admin_token: None,
+        add_node_at: None,
+        kill_node_at: None,
+        sample_every: Duration::from_millis(250),
+        progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_started_run_with_scale_out_and_failure_splits_nothing() {
+    let mut cfg = config(80.0, 3, 40);
+    cfg.workload.bursts = vec![roomrouter::load::Burst::parse("1:40").unwrap()];
+    cfg.add_node_at = Some(Duration::from_millis(800));
+    cfg.kill_node_at = Some(Duration::from_millis(1_500));
+    let r = tokio::time::timeout(Duration::from_secs(30), run(cfg))
+        .await
+        .expect("bounded")
+        .unwrap();
+    assert!(r.scheduled >= 240, "{}", r.table());
+    assert_eq!(r.completed, r.scheduled, "{}", r.table());
+    assert!(r.ok as f64 >= 0.95 * r.scheduled as f64, "{}", r.table());
+    assert!(r.node_joins > 0 && r.leaves > 0, "{}", r.table());
+    assert!(r.latency_us.count == r.completed && r.latency_us.p50 > 0);
+    assert!(r.latency_us.p50 <= r.latency_us.p99 && r.latency_us.p99 <= r.latency_us.max);
+    assert_eq!(r.split_rooms, 0, "{}", r.table());
+    assert_eq!(r.rooms_moved_after_add, Some(0), "{}", r.table());
+    assert_eq!(r.rooms_moved_after_kill, Some(0), "{}", r.table());
+    assert!(r.rooms_on_killed_node.is_some());
+    assert_eq!(r.events.len(), 2, "{:?}", r.events);
+    let u = r.utilization.as_ref().expect("sampled the demo nodes");
+    assert!(u.peak_max > 0.0 && !u.samples.is_empty());
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["split_rooms"], 0);
+    assert!(json["latency_us"]["p99"].as_u64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
+    // Each router has its own memory store and its own nodes: the same room gets a node from
+    // each, which is exactly a split room.
+    let a = OwnCluster::start(2, 1000.0, Duration::from_millis(200), 1)
+        .await
+        .unwrap();
+    let b = OwnCluster::start(2, 1000.0, Duration::from_millis(200), 1)
+        .await
+        .unwrap();
+    let mut cfg = config(100.0, 1, 10);
+    cfg.routers = vec![a.url.clone(), b.url.clone()];
+    cfg.follow = false;
+    let r = tokio::time::timeout(Duration::from_secs(30), run(cfg))
+        .await
+        .expect("bounded")
+        .unwrap();
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(r.ok, 100, "{}", r.table());
+    assert!(r.split_rooms >= 5, "{}", r.table());
+    let s = &r.split_examples[0];
+    assert!(s.nodes.len() >= 2, "{s:?}");
+    assert!(r.table().contains("SPLIT"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_disabled_under_its_participants_shows_as_split() {
+    let c = OwnCluster::start(2, 1000.0, Duration::from_millis(200), 1)
+        .await
+        .unwrap();
+    let mut cfg = config(40.0, 3, 6);
+    cfg.routers = vec![c.url.clone()];
+    cfg.workload.stay = Dist::Fixed { value: 60.0 }; // nobody leaves during the run
+    let admin = c.admin_token.clone();
+    let url = c.url.clone();
+    let disable = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let r = reqwest::Client::new()
+            .post(format!("{url}/v1/nodes/media-1/disable"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    });
+    let r = tokio::time::timeout(Duration::from_secs(30), run(cfg))
+        .await
+        .expect("bounded")
+        .unwrap();
+    disable.await.unwrap();
+    c.stop().await;
+    assert!(r.split_rooms >= 1, "{}", r.table());
+    assert!(
+        r.split_examples.iter().all(|s| s.at_ms >= 1_200),
+        "{:?}",
+        r.split_examples
+    );
+    assert!(r.split_examples[0]
+        .nodes
+        .iter()
+        .any(|n| n.starts_with("media-1@")));
+}

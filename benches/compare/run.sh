@@ -2,6 +2,7 @@
 # Side-by-side benchmark on one machine, everything on loopback:
 #   ceiling         a bare hyper server answering a fixed 307 (`roomrouter load --ceiling-server`)
 #   router-redirect roomrouter, front_door.mode = "redirect" (307 + signed ticket)
+#   router-lookup   roomrouter placement lookup GET /v1/placement/{room} (JSON, no ticket)
 #   router-proxy    roomrouter, front_door.mode = "proxy" (skipped if this build refuses it)
 #   haproxy         balance url_param room, hash-type consistent, hash-balance-factor 125
 #   nginx           hash $arg_room consistent
@@ -25,7 +26,7 @@ CONNS=${CONNS:-64}
 ROOMS=${ROOMS:-10000}
 NODES=${NODES:-3}
 RATE=${RATE:-4000}
-TARGETS=${TARGETS:-"ceiling router-redirect router-proxy haproxy nginx"}
+TARGETS=${TARGETS:-"ceiling router-lookup router-redirect router-proxy haproxy nginx"}
 OUT=${OUT:-target/compare}
 export ROOMS RUST_LOG=${RUST_LOG:-warn}
 
@@ -186,9 +187,17 @@ to_us() { # wrk value like 812.00us, 1.23ms, 2.01s -> microseconds
 
 declare -A RPS P50 P90 P99 OPEN_P50 OPEN_P99 OPEN_P999 OPEN_ERR NOTE
 
+wrk_prefix() { # NAME -> the path prefix wrk puts before the room number
+  case $1 in router-lookup) echo "/v1/placement/r" ;; *) echo "/status?room=r" ;; esac
+}
+
+open_path() { # NAME -> the harness path template
+  case $1 in router-lookup) echo "/v1/placement/{room}" ;; *) echo "/status?room={room}" ;; esac
+}
+
 run_wrk() { # NAME PORT
   local f="$OUT/wrk-$1.txt"
-  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
+  WRK_PATH=$(wrk_prefix "$1") wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
     "http://127.0.0.1:$2" >"$f" 2>&1
   RPS[$1]=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$f")
   P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' "$f")")
@@ -203,7 +212,7 @@ run_wrk() { # NAME PORT
 run_open() { # NAME PORT RATE
   local j="$OUT/load-$1.json"
   "$BIN" load --router "http://127.0.0.1:$2" --rate "$3" --duration "$DURATION" \
-    --rooms "$ROOMS" --path '/status?room={room}' --no-follow --connections "$CONNS" \
+    --rooms "$ROOMS" --path "$(open_path "$1")" --no-follow --connections "$CONNS" \
     --quiet --json "$j" >"$OUT/load-$1.txt" 2>&1 || true
   read -r OPEN_P50[$1] OPEN_P99[$1] OPEN_P999[$1] OPEN_ERR[$1] < <(python3 - "$j" <<'EOF'
 import json, sys
@@ -224,7 +233,7 @@ bench() { # NAME
       "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
       PIDS+=($!)
       wait_http "http://127.0.0.1:$port/x" 307 ;;
-    router-redirect)
+    router-redirect|router-lookup)
       start_router redirect "$port" ;;
     router-proxy)
       if ! start_router proxy "$port"; then
@@ -266,6 +275,10 @@ for t in $ordered; do bench "$t"; done
   if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-redirect]:-}" ]; then
     awk -v a="${RPS[router-redirect]}" -v b="${RPS[ceiling]}" \
       'BEGIN { printf "\nrouter-redirect / bare-307 ceiling: %.2fx\n", a / b }'
+  fi
+  if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-lookup]:-}" ]; then
+    awk -v a="${RPS[router-lookup]}" -v b="${RPS[ceiling]}" \
+      'BEGIN { printf "router-lookup / bare-307 ceiling: %.2fx\n", a / b }'
   fi
   echo
   echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes"

@@ -83,10 +83,12 @@ impl ReservationBook {
         released
     }
 
-    /// One more participant was sent to the room's node. One map access when the room has
-    /// a reservation, one shared (read) access when it has none.
+    /// One more participant was sent to the room's node. No map access when the node has
+    /// nothing reserved; otherwise one read, plus one write when the room has a reservation.
     pub fn arrive_one(&self, room: &RoomKey, node: &NodeId, live: &Live, now: Millis) {
-        if !self.held.contains_key(room) {
+        // A node with nothing outstanding holds no reservation this join could consume:
+        // skip the map (and its hashing) entirely, the common case for established rooms.
+        if live.reserved_units() <= 0.0 || !self.held.contains_key(room) {
             return;
         }
         let mut done = false;

@@ -63,11 +63,37 @@ impl ReservationBook {
         arrived: u32,
         now: Millis,
     ) -> u32 {
+        self.settle(room, node, live, now, |_| arrived)
+    }
+
+    /// One more participant was sent to the room's node. No map access when the node has
+    /// nothing reserved; otherwise one read, plus one write when the room has a reservation.
+    pub fn arrive_one(&self, room: &RoomKey, node: &NodeId, live: &Live, now: Millis) {
+        // A node with nothing outstanding holds no reservation this join could consume:
+        // skip the map (and its hashing) entirely, the common case for established rooms.
+        if live.reserved_units() <= 0.0 || !self.held.contains_key(room) {
+            return;
+        }
+        self.settle(room, node, live, now, |r| r.arrived.saturating_add(1));
+    }
+
+    /// Records arrivals on the room's reservation if it is on `node` (`arrived` maps the
+    /// reservation to the new arrival count), releases what that and expiry free on the
+    /// node, and drops the reservation once done. Returns the units released.
+    fn settle(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        live: &Live,
+        now: Millis,
+        arrived: impl FnOnce(&Reservation) -> u32,
+    ) -> u32 {
         let mut released = 0;
         let mut done = false;
         if let Some(mut h) = self.held.get_mut(room) {
             if &h.node == node {
-                released = h.res.observe(arrived);
+                let n = arrived(&h.res);
+                released = h.res.observe(n);
                 done = h.res.is_done(now);
                 if done {
                     released += h.res.outstanding();
@@ -81,33 +107,6 @@ impl ReservationBook {
             self.held.remove_if(room, |_, h| &h.node == node);
         }
         released
-    }
-
-    /// One more participant was sent to the room's node. No map access when the node has
-    /// nothing reserved; otherwise one read, plus one write when the room has a reservation.
-    pub fn arrive_one(&self, room: &RoomKey, node: &NodeId, live: &Live, now: Millis) {
-        // A node with nothing outstanding holds no reservation this join could consume:
-        // skip the map (and its hashing) entirely, the common case for established rooms.
-        if live.reserved_units() <= 0.0 || !self.held.contains_key(room) {
-            return;
-        }
-        let mut done = false;
-        if let Some(mut h) = self.held.get_mut(room) {
-            if &h.node == node {
-                let arrived = h.res.arrived.saturating_add(1);
-                let mut released = h.res.observe(arrived);
-                done = h.res.is_done(now);
-                if done {
-                    released += h.res.outstanding();
-                }
-                if released > 0 {
-                    live.add_reserved(-i64::from(released));
-                }
-            }
-        }
-        if done {
-            self.held.remove_if(room, |_, h| &h.node == node);
-        }
     }
 
     /// Drops a room's reservation (room ended or moved); `live_of` finds the node's counters.

@@ -12,25 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The observable state: nodes (minus timing fields) and pinned rooms.
 async fn state(r: &TestRouter) -> (serde_json::Value, serde_json::Value) {
-    let mut nodes: serde_json::Value = r
-        .admin(Method::GET, "/v1/nodes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mut nodes: serde_json::Value = admin_json(r, "/v1/nodes").await;
     for n in nodes["nodes"].as_array_mut().unwrap() {
         n.as_object_mut().unwrap().remove("last_heartbeat_ms_ago");
     }
-    let rooms: serde_json::Value = r
-        .admin(Method::GET, "/v1/rooms?limit=1000")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rooms: serde_json::Value = admin_json(r, "/v1/rooms?limit=1000").await;
     (nodes, rooms)
 }
 

@@ -107,14 +107,7 @@ async fn drain_disable_enable_through_the_admin_api() {
     }
     // The node's own heartbeats do not lift the drain.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let st: serde_json::Value = r
-        .admin(Method::GET, "/v1/nodes/a")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: serde_json::Value = admin_json(&r, "/v1/nodes/a").await;
     assert_eq!(st["state"], "draining");
     assert_eq!(st["admin_state"], "draining");
     r.admin(Method::POST, "/v1/nodes/a/disable")
@@ -167,14 +160,7 @@ async fn a_dead_node_fails_over_after_heartbeat_timeout_and_only_its_rooms_move(
         "node a marked unhealthy",
         Duration::from_secs(5),
         || async {
-            let st: serde_json::Value = r
-                .admin(Method::GET, "/v1/nodes/a")
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let st: serde_json::Value = admin_json(&r, "/v1/nodes/a").await;
             st["healthy"] == false
         },
     )
@@ -240,14 +226,7 @@ async fn rooms_end_when_their_node_stops_listing_them() {
         .to_string();
     client().get(&loc).send().await.unwrap();
     eventually("node reports the room", Duration::from_secs(3), || async {
-        r.admin(Method::GET, "/v1/nodes/a")
-            .send()
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()["rooms"]
-            == 1
+        admin_json(&r, "/v1/nodes/a").await["rooms"] == 1
     })
     .await;
     let left = client()
@@ -295,34 +274,14 @@ async fn rooms_and_nodes_admin_endpoints() {
             .await
             .unwrap();
     }
-    let page: serde_json::Value = r
-        .admin(Method::GET, "/v1/rooms?limit=10")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: serde_json::Value = admin_json(&r, "/v1/rooms?limit=10").await;
     assert_eq!(page["rooms"].as_array().unwrap().len(), 10);
     assert_eq!(page["rooms"][0]["room"], "room-00");
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
-    let page2: serde_json::Value = r
-        .admin(Method::GET, &format!("/v1/rooms?limit=10&cursor={cursor}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page2: serde_json::Value =
+        admin_json(&r, &format!("/v1/rooms?limit=10&cursor={cursor}")).await;
     assert_eq!(page2["rooms"][0]["room"], "room-10");
-    let one: serde_json::Value = r
-        .admin(Method::GET, "/v1/rooms/room-03")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: serde_json::Value = admin_json(&r, "/v1/rooms/room-03").await;
     assert_eq!(one["node"], "live");
     let del = r
         .admin(Method::DELETE, "/v1/rooms/room-03")
@@ -348,14 +307,7 @@ async fn rooms_and_nodes_admin_endpoints() {
         "not_found",
     )
     .await;
-    let list: serde_json::Value = r
-        .admin(Method::GET, "/v1/nodes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = admin_json(&r, "/v1/nodes").await;
     assert_eq!(list["nodes"].as_array().unwrap().len(), 2);
     // A node may remove itself with its own token.
     let gone = r.post("/v1/nodes/static-1").send().await.unwrap();
@@ -433,14 +385,7 @@ async fn explain_lists_every_node_with_its_verdict() {
         "unauthorized",
     )
     .await;
-    let e: serde_json::Value = r
-        .admin(Method::GET, "/v1/placement/x/explain")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let e: serde_json::Value = admin_json(&r, "/v1/placement/x/explain").await;
     assert_eq!(e["decision"], "place");
     assert_eq!(e["node"], "a");
     let rows = e["nodes"].as_array().unwrap();

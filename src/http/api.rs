@@ -343,11 +343,7 @@ pub async fn explain<S: PinStore>(
     require_admin(app, parts)?;
     let room = room_from_url(app, raw_room)?;
     let hints = HintArgs::from_query(&query(parts))?;
-    let e = app
-        .router
-        .explain(&room, &hints.hints())
-        .await
-        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    let e = app.router.explain(&room, &hints.hints()).await?;
     Ok(json(StatusCode::OK, &e))
 }
 
@@ -604,8 +600,7 @@ pub async fn heartbeat<S: PinStore>(
                 rooms,
             },
         )
-        .await
-        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+        .await?;
     Ok(json(StatusCode::OK, &reply))
 }
 
@@ -763,12 +758,7 @@ pub async fn list_rooms<S: PinStore>(
             .filter(|l| (1..=1000).contains(l))
             .ok_or_else(|| ApiError::InvalidRequest("limit must be 1-1000".into()))?,
     };
-    let page = app
-        .router
-        .store()
-        .list(cursor.as_deref(), limit)
-        .await
-        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    let page = app.router.store().list(cursor.as_deref(), limit).await?;
     let rooms: Vec<RoomView<'_>> = page
         .rooms
         .iter()
@@ -791,8 +781,7 @@ pub async fn get_room<S: PinStore>(
     let pin = app
         .router
         .room(&room)
-        .await
-        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("room {room} has no placement")))?;
     Ok(json(StatusCode::OK, &room_view(app, &room, &pin)))
 }
@@ -808,8 +797,7 @@ pub async fn delete_room<S: PinStore>(
     let pin = app
         .router
         .delete_room(&room)
-        .await
-        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("room {room} has no placement")))?;
     Ok(json(
         StatusCode::OK,

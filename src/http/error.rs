@@ -140,6 +140,8 @@ impl ApiError {
     }
 
     /// Maps a router refusal.
+    ///
+    /// (A store failure alone converts through `From<StoreError>`.)
     pub fn from_join(e: JoinError, retry_after: Duration) -> ApiError {
         match e {
             JoinError::NodeFull { node } => ApiError::NodeFull {
@@ -148,7 +150,13 @@ impl ApiError {
             },
             JoinError::NoCapacity => ApiError::NoCapacity { retry_after },
             JoinError::NotFound => ApiError::NotFound("the room has no placement".into()),
-            JoinError::Store(e) => ApiError::StoreUnavailable(e.to_string()),
+            JoinError::Store(e) => e.into(),
         }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        ApiError::StoreUnavailable(e.to_string())
     }
 }

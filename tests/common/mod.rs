@@ -155,3 +155,14 @@ pub async fn heartbeat(r: &TestRouter, id: &str, body: serde_json::Value) -> req
         .await
         .unwrap()
 }
+
+/// `GET path` with the admin token, as JSON (any status).
+pub async fn admin_json(r: &TestRouter, path: &str) -> serde_json::Value {
+    r.admin(reqwest::Method::GET, path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

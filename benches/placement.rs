@@ -1,7 +1,11 @@
 //! Placement hot-path benchmarks, with references measured in the same run:
 //!
-//! * `pinned/*`: a join for a pinned room through `Router::place` (memory store), next to a
-//!   bare `DashMap::get` on the same key type (the floor: one concurrent-map lookup).
+//! * `pinned/*`: a pinned room (memory store), next to a bare `DashMap::get` on the same key
+//!   type (the floor: one concurrent-map lookup). `decision` is the pinned-room decision on its
+//!   own (the store's read of the pin, the node's health, state and load: what
+//!   `Router::place` runs first); `router_join` and `router_lookup` are the whole
+//!   `Router::place` call, with its bookkeeping (the node's `pending` counter and the room's
+//!   reservation for a join, the decision metric, an owned handle on the node).
 //! * `new_room/*/N`: the decision for a new room over N nodes with `placement::decide`, next
 //!   to the `rendezvous_hash` crate's own `calc_candidates().next()` over the same N nodes
 //!   and the same stable hasher.
@@ -24,7 +28,7 @@ use roomrouter::placement::hash::{NodeHash, RoomHash, StableNodeHasher};
 use roomrouter::placement::{decide, AdminState, Decision, Hints, Params};
 use roomrouter::room::{Normalization, RoomKey};
 use roomrouter::router::{Clock, Heartbeat, Intent, Router};
-use roomrouter::store::{MemoryStore, Pin};
+use roomrouter::store::{MemoryStore, Pin, PinStore};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -96,6 +100,16 @@ fn pinned(c: &mut Criterion) {
         })
     });
     let mut i = 0usize;
+    g.bench_function("decision", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let d = router.store().peek(black_box(&keys[i]), |pin| {
+                router.pinned_decision(pin?, NOW, |node, hold| (node.id.stable_hash(), hold))
+            });
+            black_box(d.flatten())
+        })
+    });
+    let mut i = 0usize;
     g.bench_function("router_join", |b| {
         b.iter(|| {
             i = (i + 1) % keys.len();
@@ -144,7 +158,7 @@ fn new_room(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % keys.len();
                 let d = decide(
-                    snap.nodes(),
+                    snap.candidates(),
                     None,
                     black_box(keys[i].stable_hash()),
                     &Hints::default(),

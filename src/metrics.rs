@@ -11,17 +11,46 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Every outcome [`Metrics::decision`] counts.
-pub const DECISION_OUTCOMES: [&str; 8] = [
-    "pinned",
-    "placed",
-    "placed_overflow",
-    "replaced",
-    "node_full",
-    "no_capacity",
-    "not_found",
-    "store_unavailable",
-];
+/// Every outcome [`Metrics::decision`] counts: the `outcome` label of
+/// `roomrouter_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decided {
+    Pinned,
+    Placed,
+    PlacedOverflow,
+    Replaced,
+    NodeFull,
+    NoCapacity,
+    NotFound,
+    StoreUnavailable,
+}
+
+impl Decided {
+    pub const ALL: [Decided; 8] = [
+        Decided::Pinned,
+        Decided::Placed,
+        Decided::PlacedOverflow,
+        Decided::Replaced,
+        Decided::NodeFull,
+        Decided::NoCapacity,
+        Decided::NotFound,
+        Decided::StoreUnavailable,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decided::Pinned => "pinned",
+            Decided::Placed => "placed",
+            Decided::PlacedOverflow => "placed_overflow",
+            Decided::Replaced => "replaced",
+            Decided::NodeFull => "node_full",
+            Decided::NoCapacity => "no_capacity",
+            Decided::NotFound => "not_found",
+            Decided::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -41,9 +70,9 @@ pub struct StatusLabels {
 /// Every metric the router exports.
 pub struct Metrics {
     registry: Registry,
-    /// One counter per outcome, created up front so the hot path never touches the family's
-    /// lock: a decision is one relaxed atomic add.
-    outcomes: Vec<(&'static str, Counter)>,
+    /// One counter per outcome, indexed by [`Decided`], created up front so the hot path
+    /// never touches the family's lock: a decision is one relaxed atomic add.
+    outcomes: [Counter; Decided::ALL.len()],
     /// Joins and lookups by outcome: pinned, placed, replaced, node_full, no_capacity, ...
     pub decisions: Family<Outcome, Counter>,
     pub heartbeats: Counter,
@@ -122,10 +151,13 @@ impl Metrics {
             "Estimated utilization (reported + pending + reserved) / capacity",
             node_utilization.clone(),
         );
-        let outcomes = DECISION_OUTCOMES
-            .iter()
-            .map(|o| (*o, decisions.get_or_create(&Outcome { outcome: o }).clone()))
-            .collect();
+        let outcomes = Decided::ALL.map(|d| {
+            decisions
+                .get_or_create(&Outcome {
+                    outcome: d.as_str(),
+                })
+                .clone()
+        });
         Metrics {
             registry,
             outcomes,
@@ -142,22 +174,10 @@ impl Metrics {
         }
     }
 
-    /// Counts a decision; `outcome` is one of [`DECISION_OUTCOMES`].
+    /// Counts a decision.
     #[inline]
-    pub fn decision(&self, outcome: &'static str) {
-        // Pointer comparison first: callers pass the same &'static str literals.
-        match self
-            .outcomes
-            .iter()
-            .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome)
-        {
-            Some((_, c)) => {
-                c.inc();
-            }
-            None => {
-                self.decisions.get_or_create(&Outcome { outcome }).inc();
-            }
-        }
+    pub fn decision(&self, outcome: Decided) {
+        self.outcomes[outcome as usize].inc();
     }
 
     pub fn released(&self, outcome: &'static str) {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 
-pub use node::{Live, NodeData, NodeEntry, NodeId, NodeIdError, NodeInfo, MAX_NODE_ID};
+pub use node::{Candidate, Live, NodeData, NodeEntry, NodeId, NodeIdError, NodeInfo, MAX_NODE_ID};
 
 use crate::placement::AdminState;
 
@@ -42,6 +42,8 @@ type IdIndex = HashMap<NodeId, usize, BuildHasherDefault<IdentityHasher>>;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     nodes: Vec<NodeEntry>,
+    /// The same nodes, in the same order, as placement reads them.
+    candidates: Vec<Candidate>,
     index: IdIndex,
 }
 
@@ -53,12 +55,24 @@ impl Snapshot {
             .enumerate()
             .map(|(i, n)| (n.id.clone(), i))
             .collect();
-        Snapshot { nodes, index }
+        let candidates = nodes.iter().map(Candidate::new).collect();
+        Snapshot {
+            nodes,
+            candidates,
+            index,
+        }
     }
 
     /// All nodes, sorted by id.
     pub fn nodes(&self) -> &[NodeEntry] {
         &self.nodes
+    }
+
+    /// All nodes as [`Candidate`]s, in the order of [`Snapshot::nodes`]: what placement
+    /// decides over (its indexes point into both slices).
+    #[inline]
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.candidates
     }
 
     /// Position of a node in [`Snapshot::nodes`].

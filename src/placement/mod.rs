@@ -127,22 +127,43 @@ pub fn decide<N: NodeView>(
     p: &Params,
 ) -> Decision {
     if let Some(i) = pinned {
-        if let Some(n) = nodes.get(i) {
-            if is_healthy(n, now, p.heartbeat_timeout_ms) && n.state() != AdminState::Disabled {
-                if n.utilization() >= p.join_limit {
-                    return Decision::NodeFull(i);
-                }
-                return Decision::Pinned(i);
-            }
+        if let Some(pin) = nodes.get(i).and_then(|n| pin_holds(n, now, p)) {
+            return match pin {
+                PinHold::Join => Decision::Pinned(i),
+                PinHold::Full => Decision::NodeFull(i),
+            };
         }
     }
     choose(nodes, room, hints, now, p)
 }
 
-/// The rendezvous score of a node for a room with weight `w`, by the `rendezvous_hash` crate's
-/// logarithmic method (higher is better).
+/// What a room's pin to a live node means for a join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinHold {
+    /// The join goes to the pinned node.
+    Join,
+    /// The pinned node is at or above `join_limit`: refuse, never send elsewhere.
+    Full,
+}
+
+/// The pinned-room half of [`decide`], for one node: `None` if the pin no longer holds
+/// (the node is unhealthy or disabled) and the room must be re-placed. Draining nodes and
+/// nodes above `new_room_limit` keep their rooms.
 #[inline]
-fn score(room: u64, node_hash: u64, w: f64) -> rendezvous_hash::types::SignPositiveF64 {
+pub fn pin_holds<N: NodeView + ?Sized>(n: &N, now: Millis, p: &Params) -> Option<PinHold> {
+    if !is_healthy(n, now, p.heartbeat_timeout_ms) || n.state() == AdminState::Disabled {
+        return None;
+    }
+    Some(if n.utilization() >= p.join_limit {
+        PinHold::Full
+    } else {
+        PinHold::Join
+    })
+}
+
+/// The rendezvous score of a node for a room with weight `w`, by the `rendezvous_hash` crate's
+/// logarithmic method (higher is better): the reference [`raw_score`] is tested against.
+pub fn crate_score(room: u64, node_hash: u64, w: f64) -> rendezvous_hash::types::SignPositiveF64 {
     let cap = Capacity::new(w.max(f64::MIN_POSITIVE)).unwrap_or_else(|| {
         // w is finite and positive here; MIN_POSITIVE is normal, so this is unreachable.
         Capacity::new(f64::MIN_POSITIVE).expect("MIN_POSITIVE is a normal float")
@@ -151,14 +172,22 @@ fn score(room: u64, node_hash: u64, w: f64) -> rendezvous_hash::types::SignPosit
         .hash_code(&StableNodeHasher, &RoomHash(room))
 }
 
-/// A ranked candidate: the crate's score, plus the same value as a float for pruning.
+/// The crate's weighted score as a plain float, `ln(h / u64::MAX) / w`: the same operations
+/// in the same order as [`crate_score`], so the same bits (tested), with the logarithm taken
+/// once. The crate keeps its value private, which would otherwise cost a second logarithm
+/// per ranked node for the pruning bound.
+#[inline]
+pub fn raw_score(room: u64, node_hash: u64, w: f64) -> f64 {
+    let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
+    h.ln() / w.max(f64::MIN_POSITIVE)
+}
+
+/// A ranked candidate: its weighted rendezvous score and what the rules compare.
 #[inline]
 fn ranked(index: usize, room: u64, node_hash: u64, w: f64, util: f64) -> Ranked {
-    let h = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
     Ranked {
         index,
-        score: score(room, node_hash, w),
-        raw: h.ln() / w.max(f64::MIN_POSITIVE),
+        raw: raw_score(room, node_hash, w),
         tiebreak: node_hash,
         util,
     }

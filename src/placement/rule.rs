@@ -10,7 +10,6 @@
 
 use std::cmp::Ordering;
 
-use rendezvous_hash::types::SignPositiveF64;
 use serde::{Deserialize, Serialize};
 
 /// Which candidate a new room goes to.
@@ -46,12 +45,12 @@ impl ChoiceRule {
 }
 
 /// One ranked candidate: its index in the node slice, its rendezvous score (the crate's
-/// logarithmic-method code: higher is better) and its utilization.
+/// logarithmic-method value, see `placement::raw_score`: higher is better) and its
+/// utilization.
 #[derive(Debug, Clone, Copy)]
 pub struct Ranked {
     pub index: usize,
-    pub score: SignPositiveF64,
-    /// The same score as a float, `ln(h)/w` (the crate's formula), for pruning.
+    /// `ln(h)/w`, in (-inf, 0]: ranks and bounds the pruning.
     pub raw: f64,
     pub tiebreak: u64,
     pub util: f64,
@@ -60,7 +59,7 @@ pub struct Ranked {
 impl Ranked {
     /// Rank order: higher score first, then the node hash as a deterministic tie-break.
     fn outranks(&self, other: &Ranked) -> bool {
-        match self.score.partial_cmp(&other.score) {
+        match self.raw.partial_cmp(&other.raw) {
             Some(Ordering::Greater) => true,
             Some(Ordering::Less) => false,
             _ => self.tiebreak > other.tiebreak,

@@ -268,7 +268,7 @@ fn top_two_takes_the_less_loaded_of_the_two_best_ranked() {
                 )
             })
             .collect();
-        let ranked = |x: &N| score(r, x.hash, x.cap * (p.new_room_limit - x.util));
+        let ranked = |x: &N| crate_score(r, x.hash, x.cap * (p.new_room_limit - x.util));
         let mut order: Vec<&N> = nodes.iter().collect();
         order.sort_by(|a, b| ranked(b).partial_cmp(&ranked(a)).unwrap());
         let (first, second) = (order[0], order[1]);
@@ -301,8 +301,8 @@ fn numeric_score_ranks_like_the_crate() {
         let by_crate = nodes
             .iter()
             .max_by(|a, b| {
-                score(r, a.hash, a.cap)
-                    .partial_cmp(&score(r, b.hash, b.cap))
+                crate_score(r, a.hash, a.cap)
+                    .partial_cmp(&crate_score(r, b.hash, b.cap))
                     .unwrap()
             })
             .unwrap();
@@ -315,6 +315,23 @@ fn numeric_score_ranks_like_the_crate() {
             })
             .unwrap();
         assert_eq!(by_crate.id, by_number.id);
+    }
+}
+
+proptest! {
+    /// The hot path's float is the crate's score, bit for bit (the crate's value is private;
+    /// its `Debug` prints the shortest representation that round-trips, so equal text is
+    /// equal bits).
+    #[test]
+    fn raw_score_is_the_crates_score_bit_for_bit(
+        r in any::<u64>(),
+        n in any::<u64>(),
+        w in prop_oneof![1e-9f64..1e-3, 1e-3f64..1.0, 1.0f64..1e6],
+    ) {
+        prop_assert_eq!(
+            format!("{:?}", crate_score(r, n, w)),
+            format!("SignPositiveF64({:?})", raw_score(r, n, w))
+        );
     }
 }
 
@@ -485,8 +502,8 @@ fn reference_choice(nodes: &[N], r: u64, p: &Params) -> Option<String> {
             continue;
         }
         c.sort_by(|a, b| {
-            let sa = score(r, a.hash, a.cap * (limit - a.util));
-            let sb = score(r, b.hash, b.cap * (limit - b.util));
+            let sa = crate_score(r, a.hash, a.cap * (limit - a.util));
+            let sb = crate_score(r, b.hash, b.cap * (limit - b.util));
             sb.partial_cmp(&sa).unwrap().then(b.hash.cmp(&a.hash))
         });
         let pick = match p.rule {

@@ -343,3 +343,31 @@ async fn a_self_draining_node_with_no_rooms_is_removed() {
     beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining).await;
     assert!(r.node(&id("a")).is_none());
 }
+
+#[tokio::test]
+async fn joins_keep_a_busy_rooms_pin_confirmed() {
+    // The pinned fast path leaves confirmation to the general path once a pin is due: a room
+    // that keeps getting joins is never swept, even if its node never reports rooms.
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "busy").await.unwrap();
+    let pin = r.room(&room("busy")).await.unwrap().unwrap();
+    assert!(
+        r.pinned_decision(&pin, T0 + 1_000, |n, _| n.id.to_string())
+            .is_some(),
+        "a fresh pin is decided on the fast path"
+    );
+    assert!(
+        r.pinned_decision(&pin, T0 + 500_000, |_, _| ()).is_none(),
+        "a pin due for confirmation goes down the general path"
+    );
+    for _ in 0..4 {
+        r.clock().advance(300_000);
+        beat(&r, "a", 1000.0, 0.0, None).await;
+        assert_eq!(node_of(&r, "busy").await, "a");
+    }
+    // 1 200 s after placement, twice the idle TTL: still pinned, confirmed by the joins.
+    assert_eq!(r.sweep().await.unwrap(), 0);
+    let pin = r.room(&room("busy")).await.unwrap().unwrap();
+    assert_eq!(pin.confirmed_at, T0 + 1_200_000);
+}

@@ -113,6 +113,11 @@ impl PinStore for MemoryStore {
         Ok(self.get_now(room))
     }
 
+    #[inline]
+    fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
+        Some(f(self.pins.get(room).as_deref()))
+    }
+
     async fn pin_if(
         &self,
         room: &RoomKey,

@@ -68,6 +68,16 @@ pub trait PinStore: Send + Sync + 'static {
     /// The room's pin, if any.
     fn get(&self, room: &RoomKey) -> impl Future<Output = Result<Option<Pin>, StoreError>> + Send;
 
+    /// The hot path's read: hands the room's pin (or `None`: no pin) to `f` without waiting
+    /// and without copying it, if this process holds an authoritative view of the pins (the
+    /// memory map; the Redis store's complete cache). `f` runs while the store holds the
+    /// room's entry for reading, so it must not call back into the store. A store that would
+    /// have to ask elsewhere returns `None`, and the caller falls back to [`PinStore::get`].
+    fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
+        let _ = (room, f);
+        None
+    }
+
     /// Sets the pin to `node` if the current pin's node is `expected` (`None`: no pin).
     fn pin_if(
         &self,
@@ -194,6 +204,10 @@ impl PinStore for AnyStore {
     }
     async fn count(&self) -> Result<usize, StoreError> {
         delegate!(self, s => s.count().await)
+    }
+    #[inline]
+    fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
+        delegate!(self, s => s.peek(room, f))
     }
     fn health(&self) -> StoreHealth {
         delegate!(self, s => s.health())

@@ -1091,6 +1091,13 @@ impl PinStore for RedisStore {
         Ok(self.inner.cache.get(room).and_then(|c| c.pin.clone()))
     }
 
+    #[inline]
+    fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
+        // Complete cache, as for `get`.
+        let cached = self.inner.cache.get(room);
+        Some(f(cached.as_ref().and_then(|c| c.pin.as_ref())))
+    }
+
     async fn pin_if(
         &self,
         room: &RoomKey,

@@ -77,12 +77,16 @@ async fn router(up: SocketAddr) -> SocketAddr {
 }
 
 /// `conns` keep-alive connections for `secs`, each sending requests back to back
-/// (`rate` = None: saturation) or paced so that all together send `rate` requests/s.
+/// (`rate` = None: saturation) or paced so that all together send `rate` requests/s, the
+/// connections' schedules staggered across one interval.
 async fn load(addr: SocketAddr, conns: usize, secs: u64, rate: Option<f64>) -> (f64, Vec<u32>) {
     let gap = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
-    for _ in 0..conns {
+    for c in 0..conns {
+        // Paced connections start spread over one gap, so that together they send evenly
+        // instead of in bursts of `conns` simultaneous requests.
+        let offset = gap.map_or(Duration::ZERO, |g| g * c as u32 / conns as u32);
         tasks.push(tokio::spawn(async move {
             let s = TcpStream::connect(addr).await.unwrap();
             s.set_nodelay(true).unwrap();
@@ -91,7 +95,7 @@ async fn load(addr: SocketAddr, conns: usize, secs: u64, rate: Option<f64>) -> (
                 .unwrap();
             tokio::spawn(conn);
             let mut lat = Vec::with_capacity(100_000);
-            let mut next = tokio::time::Instant::now();
+            let mut next = tokio::time::Instant::now() + offset;
             while Instant::now() < deadline {
                 if let Some(g) = gap {
                     next += g;

@@ -121,7 +121,7 @@ impl Proxy {
             headers.insert(header::UPGRADE, proto.clone());
         }
         self.forwarded_headers(parts, &mut headers, &to);
-        let body: Body = if upgrade.is_some() {
+        let body: Body = if bodiless {
             Empty::new().map_err(|never| match never {}).boxed()
         } else {
             IdleTimeout::new(Limited::new(body, limit as usize), self.cfg.idle_timeout).boxed()
@@ -314,7 +314,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Armed the first time the body has to wait: a body that is ready whenever it is
+    /// polled (most small requests and responses) never touches the timer wheel.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    progressed: bool,
 }
 
 impl<B> IdleTimeout<B> {
@@ -322,7 +326,8 @@ impl<B> IdleTimeout<B> {
         IdleTimeout {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
+            progressed: false,
         }
     }
 }
@@ -342,14 +347,26 @@ where
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(r) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.progressed = true;
                 Poll::Ready(r.map(|r| r.map_err(Into::into)))
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err("body idle for too long".into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = match &mut this.timer {
+                    Some(t) => {
+                        if this.progressed {
+                            t.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        t
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                this.progressed = false;
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err("body idle for too long".into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -451,4 +468,79 @@ mod tests {
         assert!(upgrade_protocol(&req(Version::HTTP_11, "keep-alive")).is_none());
         assert!(upgrade_protocol(&req(Version::HTTP_2, "upgrade")).is_none());
     }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    /// A body that yields one frame when polled the first `frames` times (each time after
+    /// `gap`), then waits forever.
+    struct Trickle {
+        frames: usize,
+        gap: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl HttpBody for Trickle {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.frames == 0 {
+                return Poll::Pending;
+            }
+            let gap = self.gap;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            match sleep.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => {
+                    self.sleep = None;
+                    self.frames -= 1;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_flowing_is_never_cut_and_a_stalled_one_is() {
+        let idle = Duration::from_millis(150);
+        // Ten frames 60 ms apart: 600 ms in all, four times the idle timeout, never idle.
+        let mut body = IdleTimeout::new(
+            Trickle {
+                frames: 10,
+                gap: Duration::from_millis(60),
+                sleep: None,
+            },
+            idle,
+        );
+        for _ in 0..10 {
+            let f = body.frame().await.expect("a frame").expect("not cut");
+            assert_eq!(f.into_data().unwrap(), "x");
+        }
+        // Then it stalls: cut after the idle timeout, not before and not never.
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the idle timeout fires");
+        assert!(matches!(r, Some(Err(_))), "a stalled body ends in an error");
+        assert!(t.elapsed() >= idle, "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_ready_body_never_arms_the_timer() {
+        let mut body = IdleTimeout::new(
+            http_body_util::Full::new(Bytes::from_static(b"hello")),
+            SECOND,
+        );
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(body.timer.is_none());
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
 }

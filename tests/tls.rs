@@ -1,5 +1,6 @@
 //! TLS over real loopback sockets with certificates made in the test (rcgen): handshake and
-//! ALPN, certificate reload without dropping an open connection, the HTTP -> HTTPS redirect
+//! ALPN, certificate reload without dropping an open connection (on a file change in process,
+//! and on SIGHUP to the real binary), the HTTP -> HTTPS redirect
 //! listener, mTLS node authentication (accept, wrong id, no or foreign certificate), and
 //! proxying to an `https://` upstream trusted through `proxy.ca_file`.
 
@@ -518,5 +519,86 @@ async fn the_configured_service_serves_https_the_redirect_and_the_node_listener(
     let _ = tx.send(());
     let r = tokio::time::timeout(Duration::from_secs(15), task).await;
     assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Kills the child process when the test ends, passed or not.
+struct Reaper(std::process::Child);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_makes_the_real_binary_reload_its_certificate_and_keep_open_connections() {
+    let ca = Ca::new("front CA");
+    let dir = tempdir("sighup");
+    let (cert, key, first) = ca.leaf(&["localhost"]);
+    let (c, k) = write_pair(&dir, &cert, &key);
+    let addr = free_port();
+    let config = dir.join("router.toml");
+    // A file check once an hour: only the signal can explain a reload within the test.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{addr}\"\n[tls]\ncert_file = {c:?}\nkey_file = {k:?}\n\
+             reload_interval = \"1h\"\n"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_roomrouter"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("ROOMROUTER_ADMIN_TOKEN", common::ADMIN)
+        .env("ROOMROUTER_NODE_TOKEN", common::NODE_TOKEN)
+        .env("ROOMROUTER_TICKET_SECRET", common::SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let router = Reaper(child);
+    let mut open = None;
+    for _ in 0..200 {
+        if let Ok(s) = connect(addr, client_config(ca.roots(), &[b"http/1.1"])).await {
+            open = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open = open.expect("the router serves HTTPS within 10 s");
+    assert_eq!(open.get_ref().1.peer_certificates().unwrap()[0], first);
+    let mut open = h1(open).await;
+    assert_eq!(send(&mut open, "GET", "/healthz", "").await.unwrap().0, 200);
+
+    let (cert, key, second) = ca.leaf(&["localhost"]);
+    write_pair(&dir, &cert, &key);
+    let s = connect(addr, client_config(ca.roots(), &[])).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.peer_certificates().unwrap()[0],
+        first,
+        "no reload before the signal"
+    );
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &router.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    common::eventually(
+        "the new certificate is served after SIGHUP",
+        Duration::from_secs(10),
+        || {
+            let (cfg, want) = (client_config(ca.roots(), &[]), second.clone());
+            async move {
+                let s = connect(addr, cfg).await.unwrap();
+                s.get_ref().1.peer_certificates().unwrap()[0] == want
+            }
+        },
+    )
+    .await;
+    // The process is still running, and the connection opened before the reload still works.
+    assert_eq!(send(&mut open, "GET", "/healthz", "").await.unwrap().0, 200);
+    drop(router);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -86,6 +86,19 @@ pub struct Metrics {
     pub pins: Gauge,
     pub store_degraded: Gauge,
     pub node_utilization: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    pub proxy: ProxyMetrics,
+}
+
+/// What proxy mode counts (handles onto the router's registry, cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyMetrics {
+    /// Requests a node refused or left unanswered: the failures passive health counts.
+    pub upstream_failures: Counter,
+    /// Nodes marked unhealthy by passive health.
+    pub nodes_marked_unhealthy: Counter,
+    /// WebSocket (upgraded) tunnels opened, and open now.
+    pub tunnels: Counter,
+    pub tunnels_open: Gauge,
 }
 
 impl Default for Metrics {
@@ -151,6 +164,27 @@ impl Metrics {
             "Estimated utilization (reported + pending + reserved) / capacity",
             node_utilization.clone(),
         );
+        let proxy = ProxyMetrics::default();
+        registry.register(
+            "proxy_upstream_failures",
+            "Proxied requests a node refused or did not answer in time (passive health)",
+            proxy.upstream_failures.clone(),
+        );
+        registry.register(
+            "proxy_nodes_marked_unhealthy",
+            "Nodes marked unhealthy after proxy.failures_to_unhealthy failures in a row",
+            proxy.nodes_marked_unhealthy.clone(),
+        );
+        registry.register(
+            "proxy_tunnels",
+            "Upgraded (WebSocket) connections tunnelled to a node",
+            proxy.tunnels.clone(),
+        );
+        registry.register(
+            "proxy_tunnels_open",
+            "Upgraded (WebSocket) tunnels open now",
+            proxy.tunnels_open.clone(),
+        );
         let outcomes = Decided::ALL.map(|d| {
             decisions
                 .get_or_create(&Outcome {
@@ -171,6 +205,7 @@ impl Metrics {
             pins,
             store_degraded,
             node_utilization,
+            proxy,
         }
     }
 

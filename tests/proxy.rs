@@ -266,6 +266,20 @@ async fn a_refusing_node_answers_502_then_turns_unhealthy_and_the_room_moves() {
     // Two failures in a row: the node is unhealthy and takes nothing.
     let resp = r.get("/rooms/r1").send().await.unwrap();
     expect_error(resp, 503, "no_capacity").await;
+    let metrics = r
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "roomrouter_proxy_upstream_failures_total 2",
+        "roomrouter_proxy_nodes_marked_unhealthy_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     let live = Upstream::start("live").await;
     register(&r, "live", &live).await;
     let resp = r.get("/rooms/r1").send().await.unwrap();
@@ -398,6 +412,8 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     ws.send(Message::text("x")).await.unwrap();
     ws.next().await.unwrap().unwrap();
+    let open_tunnels = |r: &TestRouter| r.app.router.metrics.proxy.tunnels_open.get();
+    assert_eq!(open_tunnels(&r), 1);
     // The only slot is the tunnel's: another client waits.
     let other = reqwest::Client::new().get(format!("{}/healthz", r.url));
     let waited = tokio::time::timeout(Duration::from_millis(500), other.send()).await;
@@ -417,5 +433,7 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
     .expect("the slot is free once the tunnel ends")
     .unwrap();
     assert_eq!(resp.status(), 200);
+    assert_eq!(open_tunnels(&r), 0);
+    assert_eq!(r.app.router.metrics.proxy.tunnels.get(), 1);
     r.stop().await;
 }

@@ -79,12 +79,16 @@ impl<S: PinStore> App<S> {
         // fails closed: users get 401, upstream TLS trusts nothing.
         let users =
             (cfg.auth.users == UserAuth::Jwt).then(|| UserVerifier::from_config(&cfg.auth.jwt));
-        let proxy = proxy::Proxy::new(&cfg.proxy).unwrap_or_else(|e| {
+        let counts = router.metrics.proxy.clone();
+        let proxy = proxy::Proxy::new(&cfg.proxy, counts.clone()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "proxy.ca_file unusable; https upstreams will fail");
-            proxy::Proxy::new(&crate::config::ProxyConfig {
-                ca_file: None,
-                ..cfg.proxy.clone()
-            })
+            proxy::Proxy::new(
+                &crate::config::ProxyConfig {
+                    ca_file: None,
+                    ..cfg.proxy.clone()
+                },
+                counts,
+            )
             .expect("a proxy without a CA file always builds")
         });
         App {

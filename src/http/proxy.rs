@@ -33,6 +33,7 @@ use super::server::ConnInfo;
 use super::{tls, ApiError, Body, BoxError};
 use crate::cluster::{NodeEntry, NodeId};
 use crate::config::ProxyConfig;
+use crate::metrics::ProxyMetrics;
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
 
@@ -42,6 +43,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     /// Consecutive failures per node since its last success.
     failures: DashMap<NodeId, u32>,
+    metrics: ProxyMetrics,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -59,7 +61,7 @@ pub struct Forward<'a> {
 }
 
 impl Proxy {
-    pub fn new(cfg: &ProxyConfig) -> Result<Proxy, String> {
+    pub fn new(cfg: &ProxyConfig, metrics: ProxyMetrics) -> Result<Proxy, String> {
         let roots = match &cfg.ca_file {
             Some(p) => tls::load_roots(p)?,
             None => RootCertStore::empty(),
@@ -83,6 +85,7 @@ impl Proxy {
             client,
             cfg: cfg.clone(),
             failures: DashMap::new(),
+            metrics,
         })
     }
 
@@ -172,8 +175,10 @@ impl Proxy {
                 .get::<ConnInfo>()
                 .and_then(|i| i.slot.clone());
             let idle = self.cfg.idle_timeout;
+            let open = OpenTunnel::new(&self.metrics);
             tokio::spawn(async move {
                 tunnel(client_side, upstream_side, idle).await;
+                drop(open);
                 drop(slot);
             });
             let (mut rp, _) = resp.into_parts();
@@ -234,15 +239,34 @@ impl Proxy {
 
     /// Counts a failure against the node; enough in a row mark it unhealthy.
     fn failed(&self, node: &NodeEntry, why: &str) -> ApiError {
+        self.metrics.upstream_failures.inc();
         let mut n = self.failures.entry(node.id.clone()).or_insert(0);
         *n += 1;
         if *n >= self.cfg.failures_to_unhealthy {
             *n = 0;
             node.live.forget_heartbeat();
+            self.metrics.nodes_marked_unhealthy.inc();
             tracing::warn!(node = %node.id, "upstream failing: marked unhealthy until its next heartbeat");
         }
         tracing::debug!(node = %node.id, error = why, "upstream request failed");
         ApiError::UpstreamUnavailable(format!("node {} did not answer", node.id))
+    }
+}
+
+/// Counts a tunnel as open for as long as it lives (also if its task is cancelled).
+struct OpenTunnel(ProxyMetrics);
+
+impl OpenTunnel {
+    fn new(m: &ProxyMetrics) -> OpenTunnel {
+        m.tunnels.inc();
+        m.tunnels_open.inc();
+        OpenTunnel(m.clone())
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.tunnels_open.dec();
     }
 }
 

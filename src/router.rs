@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::future::{self, BoxFuture, Either};
 use serde::Serialize;
 
+use crate::cluster::recent::RecentJoins;
 use crate::cluster::reservations::{ReservationBook, RoomHistory};
 use crate::cluster::sync::{NodeUpdate, WireInfo};
 use crate::cluster::{Cluster, NodeEntry, NodeId, NodeInfo, Snapshot, Upsert};
@@ -157,6 +158,10 @@ pub struct Router<S> {
     store: S,
     book: ReservationBook,
     history: RoomHistory,
+    /// Rooms with a join routed lately (their tickets may still be on the way).
+    recent: RecentJoins,
+    /// How long a ticket is valid: a room keeps its pin this long after its last join.
+    ticket_ttl_ms: u64,
     clock: Clock,
     pub metrics: Metrics,
 }
@@ -171,6 +176,8 @@ impl<S: PinStore> Router<S> {
             store,
             book: ReservationBook::default(),
             history: RoomHistory::default(),
+            recent: RecentJoins::default(),
+            ticket_ttl_ms: cfg.tickets.ttl.as_millis() as u64,
             clock,
             metrics: Metrics::new(),
         };
@@ -300,6 +307,7 @@ impl<S: PinStore> Router<S> {
     /// A join sent to `node`: counts toward its `pending` and the room's reservation.
     #[inline]
     fn count_join(&self, room: &RoomKey, node: &NodeEntry, now: Millis) {
+        self.recent.joined(room.stable_hash(), now);
         node.live.add_pending(self.placement.join_cost);
         self.book.arrive_one(room, &node.id, &node.live, now);
     }
@@ -448,9 +456,14 @@ impl<S: PinStore> Router<S> {
         let mut reported_any = true;
         if let Some(rooms) = hb.rooms {
             let mut listed = HashSet::with_capacity(rooms.len());
+            // Ended rooms whose pins are kept for outstanding tickets: looked at again at the
+            // next heartbeat, as if listed now.
+            let mut kept = Vec::new();
             for (room, participants) in rooms {
                 if participants == 0 {
-                    self.end_room(&room, &entry, "ended").await?;
+                    if !self.end_room(&room, &entry, "ended").await? {
+                        kept.push(room);
+                    }
                     continue;
                 }
                 self.history.observe(&room, participants, now);
@@ -469,9 +482,12 @@ impl<S: PinStore> Router<S> {
                     .unwrap_or_else(|p| p.into_inner()),
             );
             for gone in before.iter().filter(|r| !listed.contains(*r)) {
-                self.end_room(gone, &entry, "unlisted").await?;
+                if !self.end_room(gone, &entry, "unlisted").await? {
+                    kept.push(gone.clone());
+                }
             }
             reported_any = !listed.is_empty();
+            listed.extend(kept);
             *entry
                 .live
                 .reported_rooms
@@ -544,12 +560,23 @@ impl<S: PinStore> Router<S> {
         })
     }
 
+    /// A node says a room ended on it (reported empty, or no longer listed): releases the
+    /// room's pin if it still points there. Returns false when the pin is kept because this
+    /// router routed a join to the room within the ticket lifetime (see `cluster::recent`).
     async fn end_room(
         &self,
         room: &RoomKey,
         entry: &NodeEntry,
         why: &'static str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let since = self.clock.now().saturating_sub(self.ticket_ttl_ms);
+        if self.recent.joined_since(room.stable_hash(), since) {
+            // Someone may still be on the way with a ticket for this node: keep the pin so
+            // that the next join comes here too. The caller asks again at the next heartbeat.
+            tracing::debug!(room = %room, node = %entry.id, why, "room ended with tickets outstanding; pin kept");
+            self.history.end_session(room);
+            return Ok(false);
+        }
         if self.store.release_if(room, &entry.id).await? {
             self.metrics.released(why);
         }
@@ -561,7 +588,7 @@ impl<S: PinStore> Router<S> {
         {
             self.book.release(room, |_| Some(&*entry.live));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Releases idle pins, expired reservations and stale history. Returns pins released.

@@ -218,7 +218,11 @@ async fn a_split_room_is_evicted_from_the_wrong_node() {
 
 #[tokio::test]
 async fn rooms_end_when_their_node_stops_listing_them() {
-    let r = TestRouter::start(config()).await;
+    // The pin outlives the room by the lifetime of the last ticket issued for it (someone
+    // may still be on the way): keep that short here.
+    let mut cfg = config();
+    cfg.tickets.ttl = Duration::from_secs(1);
+    let r = TestRouter::start(cfg).await;
     let n = r.node("a", 1000.0).await;
     let loc = r.get("/rooms/short").send().await.unwrap().headers()["location"]
         .to_str()
@@ -237,7 +241,7 @@ async fn rooms_end_when_their_node_stops_listing_them() {
     assert_eq!(left.status(), 200);
     eventually(
         "pin released after the room emptied",
-        Duration::from_secs(3),
+        Duration::from_secs(6),
         || async {
             r.admin(Method::GET, "/v1/rooms/short")
                 .send()

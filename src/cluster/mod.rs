@@ -6,6 +6,7 @@
 //! publishes a new snapshot, under a writers-only mutex.
 
 mod node;
+pub mod recent;
 pub mod reservations;
 pub mod sync;
 

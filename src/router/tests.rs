@@ -235,13 +235,51 @@ async fn heartbeat_rooms_confirm_release_and_evict() {
     // The home node lists it: confirmed, not evicted.
     let reply = beat(&r, &home, 1000.0, 3.0, Some(vec![("shared", 3)])).await;
     assert!(reply.evict.is_empty());
-    // It stops listing the room: the pin is released.
+    // Once the last ticket has expired, it stops listing the room: the pin is released.
+    r.clock().advance(TICKET_TTL_MS + 1);
+    beat(&r, &home, 1000.0, 3.0, Some(vec![("shared", 3)])).await;
     beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
     assert!(r.room(&room("shared")).await.unwrap().is_none());
     // A room reported with 0 participants is released too.
     let home = node_of(&r, "short").await;
+    r.clock().advance(TICKET_TTL_MS + 1);
     beat(&r, &home, 1000.0, 0.0, Some(vec![("short", 0)])).await;
     assert!(r.room(&room("short")).await.unwrap().is_none());
+}
+
+/// `tickets.ttl` of the default configuration.
+const TICKET_TTL_MS: u64 = 60_000;
+
+#[tokio::test]
+async fn a_room_ended_while_tickets_are_out_keeps_its_pin_so_latecomers_are_not_split() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let home = node_of(&r, "late").await;
+    let other = if home == "a" { "b" } else { "a" };
+    // The room empties on its node seconds after a ticket for it was issued, and the other
+    // node is now far emptier.
+    r.clock().advance(5_000);
+    beat(&r, &home, 1000.0, 700.0, Some(vec![("late", 0)])).await;
+    beat(&r, other, 1000.0, 0.0, None).await;
+    assert_eq!(
+        r.room(&room("late")).await.unwrap().unwrap().node.as_str(),
+        home,
+        "the pin outlives the report while the ticket is valid"
+    );
+    assert_eq!(
+        node_of(&r, "late").await,
+        home,
+        "the next join goes where the ticket went"
+    );
+    // Heartbeats within the ticket lifetime of that join keep it; the first one after
+    // releases it (the node no longer lists the room).
+    r.clock().advance(TICKET_TTL_MS / 2);
+    beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
+    assert!(r.room(&room("late")).await.unwrap().is_some());
+    r.clock().advance(TICKET_TTL_MS / 2 + 1);
+    beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
+    assert!(r.room(&room("late")).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -293,6 +331,7 @@ async fn learned_history_sizes_the_next_session() {
     beat(&r, "a", 1000.0, 0.0, None).await;
     let p = join(&r, "weekly").await.unwrap();
     beat(&r, "a", 1000.0, 40.0, Some(vec![("weekly", 40)])).await;
+    r.clock().advance(TICKET_TTL_MS + 1);
     beat(&r, "a", 1000.0, 0.0, Some(vec![])).await; // session ends
     assert!(r.room(&room("weekly")).await.unwrap().is_none());
     assert_eq!(p.node.live.reserved_units(), 0.0);

@@ -9,6 +9,11 @@
 //! (its participants reconnect through the routers within 20 s, retrying every `retry_ms`
 //! while a router still sends them to the dead node).
 //!
+//! Besides the realized load (participants present), each node carries an *offered* load:
+//! the participants present plus those refused because their room is pinned to it, counted
+//! there for the stay they would have had. The realized load of a pinned node cannot pass
+//! `join_limit`, so the offered load is what shows how much a policy piled onto a node.
+//!
 //! [`simulate`] runs one workload through one policy; [`standard::run_all`] runs the standard
 //! workloads through every policy; [`cli`] is the `simulate` command.
 
@@ -115,6 +120,8 @@ struct Node {
     exists: bool,
     alive: bool,
     load: u32,
+    /// Refused joins of rooms pinned here (`NodeFull`), until the leave they would have had.
+    refused: u32,
     reported: f64,
     last_hb: Option<Millis>,
 }
@@ -137,6 +144,8 @@ struct Router {
 enum Presence {
     Waiting,
     Joined(usize),
+    /// Refused because the room's node was full: still offered to that node until its leave.
+    Refused(usize),
     Gone,
 }
 
@@ -189,6 +198,8 @@ struct Sampler {
     busy: u64,
     ratio_sum: f64,
     peak: f64,
+    /// Highest offered utilization: (present + refused on the node) / capacity.
+    offered_peak: f64,
     over: u64,
 }
 
@@ -217,6 +228,8 @@ struct Sim<'a> {
     joins: u64,
     refusals: u64,
     refusals_measured: u64,
+    /// Measured refusals no node could take (`NoCapacity`): in no node's offered load.
+    no_capacity_measured: u64,
     moved_on_scale_out: u64,
     moved_on_failure: u64,
     replaced_after_failure: u64,
@@ -241,6 +254,7 @@ impl<'a> Sim<'a> {
                 exists: i < n0,
                 alive: i < n0,
                 load: 0,
+                refused: 0,
                 reported: 0.0,
                 last_hb: (i < n0).then_some(0),
             })
@@ -252,6 +266,7 @@ impl<'a> Sim<'a> {
                 exists: false,
                 alive: false,
                 load: 0,
+                refused: 0,
                 reported: 0.0,
                 last_hb: None,
             });
@@ -302,6 +317,7 @@ impl<'a> Sim<'a> {
             joins: 0,
             refusals: 0,
             refusals_measured: 0,
+            no_capacity_measured: 0,
             moved_on_scale_out: 0,
             moved_on_failure: 0,
             replaced_after_failure: 0,
@@ -370,16 +386,19 @@ impl<'a> Sim<'a> {
         while self.next_sample < stop {
             self.next_sample += self.cfg.sample_ms;
             let (mut load, mut cap, mut max_u, mut over) = (0.0, 0.0, 0.0f64, false);
+            let mut max_offered = 0.0f64;
             for n in self.nodes.iter().filter(|n| n.exists && n.alive) {
                 let u = n.load as f64 / n.capacity;
                 load += n.load as f64;
                 cap += n.capacity;
                 max_u = max_u.max(u);
+                max_offered = max_offered.max((n.load + n.refused) as f64 / n.capacity);
                 over |= u > 1.0;
             }
             let s = &mut self.sampler;
             s.samples += 1;
             s.peak = s.peak.max(max_u);
+            s.offered_peak = s.offered_peak.max(max_offered);
             s.over += over as u64;
             if cap > 0.0 && load / cap >= self.cfg.busy_threshold {
                 s.busy += 1;
@@ -471,12 +490,20 @@ impl<'a> Sim<'a> {
                 }
                 node
             }
-            Decision::NodeFull(_) | Decision::NoCapacity => {
+            refused @ (Decision::NodeFull(_) | Decision::NoCapacity) => {
+                let measured = t < self.w.measure_until;
                 self.refusals += 1;
-                if t < self.w.measure_until {
-                    self.refusals_measured += 1;
-                }
-                self.presence[s][p] = Presence::Gone;
+                self.refusals_measured += measured as u64;
+                self.presence[s][p] = match refused {
+                    Decision::NodeFull(i) => {
+                        self.nodes[i].refused += 1;
+                        Presence::Refused(i)
+                    }
+                    _ => {
+                        self.no_capacity_measured += measured as u64;
+                        Presence::Gone
+                    }
+                };
                 return;
             }
         };
@@ -556,16 +583,21 @@ impl<'a> Sim<'a> {
     }
 
     fn leave(&mut self, s: usize, p: usize) {
-        if let Presence::Joined(node) = self.presence[s][p] {
-            self.nodes[node].load -= 1;
-            let room = &mut self.rooms[s];
-            room.remove(node);
-            if room.present == 0 {
-                // The node reports the room empty: the pin is released and its peak learned.
-                room.pin = None;
-                self.history.insert(room.hash, room.peak);
-                room.peak = 0;
+        match self.presence[s][p] {
+            Presence::Joined(node) => {
+                self.nodes[node].load -= 1;
+                let room = &mut self.rooms[s];
+                room.remove(node);
+                if room.present == 0 {
+                    // The node reports the room empty: the pin is released and its peak learned.
+                    room.pin = None;
+                    self.history.insert(room.hash, room.peak);
+                    room.peak = 0;
+                }
             }
+            // The stay the refused participant would have had ends: no longer offered.
+            Presence::Refused(node) => self.nodes[node].refused -= 1,
+            Presence::Waiting | Presence::Gone => {}
         }
         self.presence[s][p] = Presence::Gone;
     }
@@ -679,9 +711,11 @@ impl<'a> Sim<'a> {
             },
             busy_share: sm.busy as f64 / sm.samples.max(1) as f64,
             peak_utilization: sm.peak,
+            offered_peak: sm.offered_peak,
             over_capacity_share: sm.over as f64 / sm.samples.max(1) as f64,
             joins: self.joins,
             refusals: self.refusals_measured,
+            refusals_no_capacity: self.no_capacity_measured,
             refusals_total: self.refusals,
             herd_peak: self.herd_peak(),
             moved_on_scale_out: self.moved_on_scale_out,
@@ -689,5 +723,73 @@ impl<'a> Sim<'a> {
             replaced_after_failure: self.replaced_after_failure,
             split_rooms: self.rooms.iter().filter(|r| r.split).count() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace::parse_trace;
+    use super::*;
+
+    /// Two nodes of capacity 2, one router, reports every 10 s, rooms reserving one seat.
+    fn two_small_nodes() -> SimConfig {
+        let mut cfg = SimConfig::new(2, 2.0, 1, 10_000, 1);
+        cfg.new_room_reserve = 1;
+        cfg
+    }
+
+    #[test]
+    fn a_full_pinned_node_refuses_joins_that_still_count_in_its_offered_load() {
+        // Five participants for one room: its node takes two (2/2 reaches join_limit), the
+        // other three are refused and would have stayed until 60 s.
+        let w = parse_trace(
+            "0 room join\n1 room join\n2 room join\n3 room join\n4 room join\n\
+             60 room leave\n60 room leave\n60 room leave\n60 room leave\n60 room leave\n",
+            "t",
+        )
+        .unwrap();
+        let cfg = two_small_nodes();
+        for p in Policy::standard().into_iter().filter(Policy::pins) {
+            let r = simulate(&w, p, &cfg);
+            assert_eq!(r.refusals, 3, "{}", r.policy);
+            assert_eq!(r.refusals_no_capacity, 0, "{}", r.policy);
+            assert!(r.peak_utilization <= cfg.join_limit, "{r:?}");
+            assert_eq!(r.offered_peak, 5.0 / 2.0, "{}", r.policy);
+            assert!(r.offered_peak > r.peak_utilization, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn without_refusals_offered_and_realized_peaks_are_equal() {
+        let w = parse_trace(
+            "0 a join\n1 a join\n2 b join\n3 c join\n30 a leave\n40 b leave\n50 a leave\n\
+             60 c leave\n",
+            "t",
+        )
+        .unwrap();
+        let cfg = SimConfig::new(2, 100.0, 1, 2_000, 1);
+        for p in Policy::standard() {
+            let r = simulate(&w, p, &cfg);
+            assert_eq!(r.refusals, 0, "{}", r.policy);
+            assert!(r.peak_utilization > 0.0, "{r:?}");
+            assert_eq!(r.offered_peak, r.peak_utilization, "{}", r.policy);
+        }
+    }
+
+    #[test]
+    fn a_refusal_no_node_could_take_is_counted_apart_and_offered_to_none() {
+        // One node of capacity 2: room a fills it past new_room_limit, so room b has nowhere
+        // to go.
+        let w = parse_trace(
+            "0 a join\n1 a join\n2 b join\n60 a leave\n60 a leave\n60 b leave\n",
+            "t",
+        )
+        .unwrap();
+        let mut cfg = SimConfig::new(1, 2.0, 1, 10_000, 1);
+        cfg.new_room_reserve = 1;
+        let r = simulate(&w, Policy::DEFAULT, &cfg);
+        assert_eq!((r.refusals, r.refusals_no_capacity), (1, 1));
+        assert_eq!(r.offered_peak, r.peak_utilization);
+        assert_eq!(r.peak_utilization, 1.0);
     }
 }

@@ -222,10 +222,19 @@ pub enum StoreKind {
 pub struct StoreConfig {
     pub kind: StoreKind,
     /// Redis URL (`redis://[user:pass@]host:port[/db]`, `rediss://` for TLS).
-    /// Default `redis://127.0.0.1:6379`.
+    /// Default `redis://127.0.0.1:6379`. With `sentinels`, only its user, password, db and
+    /// scheme are used (for the master the sentinels name); its host and port are not.
     pub url: String,
     /// Redis Cluster seed nodes; when non-empty, `url` is ignored and cluster mode is used.
     pub cluster_nodes: Vec<String>,
+    /// Redis Sentinel addresses (`redis://[user:pass@]host:port`, the sentinels' own
+    /// credentials). When non-empty, the store asks them for the master named
+    /// `sentinel_master` and asks again on every reconnection, so it follows a failover.
+    /// Excludes `cluster_nodes`.
+    pub sentinels: Vec<String>,
+    /// The master's name as the sentinels monitor it (`sentinel monitor <name> ...`).
+    /// Required with `sentinels`.
+    pub sentinel_master: String,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     /// Default `roomrouter`; no `{`, `}` or whitespace.
     pub key_prefix: String,
@@ -250,12 +259,56 @@ impl Default for StoreConfig {
             kind: StoreKind::Memory,
             url: "redis://127.0.0.1:6379".into(),
             cluster_nodes: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
             key_prefix: "roomrouter".into(),
             pool_size: 2,
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(250),
             resync_interval: Duration::from_secs(10),
         }
+    }
+}
+
+impl StoreConfig {
+    /// The Sentinel keys: both or neither, not with Cluster, every address a Redis URL.
+    fn validate_sentinel(&self) -> Result<(), ConfigError> {
+        if self.sentinels.is_empty() {
+            if !self.sentinel_master.is_empty() {
+                return Err(invalid(
+                    "store.sentinels",
+                    "must list at least one sentinel when store.sentinel_master is set",
+                ));
+            }
+            return Ok(());
+        }
+        if !self.cluster_nodes.is_empty() {
+            return Err(invalid(
+                "store.sentinels",
+                "cannot be combined with store.cluster_nodes: use Sentinel or Cluster, not both",
+            ));
+        }
+        if self.sentinel_master.is_empty()
+            || self
+                .sentinel_master
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "store.sentinel_master",
+                "must name the master the sentinels monitor (`sentinel monitor <name> ...`), without whitespace",
+            ));
+        }
+        for (i, s) in self.sentinels.iter().enumerate() {
+            let key = format!("store.sentinels[{i}]");
+            let u = s
+                .parse::<url::Url>()
+                .map_err(|e| invalid(&key, format!("not a redis:// URL: {e}")))?;
+            if !matches!(u.scheme(), "redis" | "rediss") || u.host_str().is_none_or(str::is_empty) {
+                return Err(invalid(&key, "not a redis://host:port URL"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -718,6 +771,7 @@ impl Config {
             if st.cluster_nodes.is_empty() && st.url.parse::<url::Url>().is_err() {
                 return Err(invalid("store.url", "not a redis:// URL"));
             }
+            st.validate_sentinel()?;
             if st.key_prefix.is_empty()
                 || st
                     .key_prefix
@@ -865,17 +919,76 @@ mod tests {
 
     #[test]
     fn the_example_configs_use_only_known_keys() {
-        for (name, text) in [
-            ("router.toml", include_str!("../config/router.toml")),
-            ("proxy-tls.toml", include_str!("../config/proxy-tls.toml")),
-            ("jwt.toml", include_str!("../config/jwt.toml")),
-        ] {
-            let c = Config::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
-            if name == "proxy-tls.toml" {
-                assert_eq!(c.front_door.mode, FrontDoorMode::Proxy);
-                assert!(c.tls.node_listen.is_some());
+        // Every file in config/, so a new example cannot be forgotten here.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
             }
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let c = Config::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            match name.as_str() {
+                "proxy-tls.toml" => {
+                    assert_eq!(c.front_door.mode, FrontDoorMode::Proxy);
+                    assert!(c.tls.node_listen.is_some());
+                }
+                "redis-sentinel.toml" => {
+                    assert_eq!(c.store.kind, StoreKind::Redis);
+                    assert!(!c.store.sentinels.is_empty());
+                    c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+                }
+                _ => {}
+            }
+            checked.push(name);
         }
+        for expected in [
+            "router.toml",
+            "proxy-tls.toml",
+            "jwt.toml",
+            "redis-sentinel.toml",
+        ] {
+            assert!(checked.iter().any(|n| n == expected), "{expected} checked");
+        }
+    }
+
+    #[test]
+    fn sentinel_keys_are_checked_and_named() {
+        let redis = |extra: &str| {
+            Config::parse(&format!("[store]\nkind = \"redis\"\n{extra}"))
+                .unwrap()
+                .validate()
+                .map_err(|e| e.to_string())
+        };
+        redis("sentinels = [\"redis://127.0.0.1:26379\", \"redis://:pw@10.0.0.2:26379\"]\nsentinel_master = \"mymaster\"\n").unwrap();
+        let e = redis("sentinels = [\"redis://127.0.0.1:26379\"]\n").unwrap_err();
+        assert!(e.starts_with("store.sentinel_master"), "{e}");
+        let e = redis("sentinel_master = \"mymaster\"\n").unwrap_err();
+        assert!(e.starts_with("store.sentinels"), "{e}");
+        let e =
+            redis("sentinels = [\"redis://127.0.0.1:26379\"]\nsentinel_master = \"my master\"\n")
+                .unwrap_err();
+        assert!(e.starts_with("store.sentinel_master"), "{e}");
+        let e = redis(
+            "sentinels = [\"redis://127.0.0.1:26379\", \"10.0.0.2:26379\"]\nsentinel_master = \"m\"\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("store.sentinels[1]"), "{e}");
+        let e = redis(
+            "sentinels = [\"redis://127.0.0.1:26379\"]\nsentinel_master = \"m\"\ncluster_nodes = [\"redis://127.0.0.1:7000\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("store.sentinels") && e.contains("store.cluster_nodes"),
+            "{e}"
+        );
+        // The keys concern kind = "redis" only.
+        Config::parse("[store]\nsentinels = [\"nonsense\"]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

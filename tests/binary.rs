@@ -46,22 +46,24 @@ fn serve_refuses_to_start_without_credentials_and_says_how_to_set_them() {
 }
 
 #[test]
-fn check_config_accepts_the_shipped_example_and_names_bad_keys() {
-    let ok = clean_env(&mut Command::new(BIN))
-        .args([
-            "check-config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/router.toml"),
-        ])
-        .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
-        .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-        .env("ROOMROUTER_TICKET_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+fn check_config_accepts_the_shipped_examples_and_names_bad_keys() {
+    for example in [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/router.toml"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/redis-sentinel.toml"),
+    ] {
+        let ok = clean_env(&mut Command::new(BIN))
+            .args(["check-config", example])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
     let dir = std::env::temp_dir().join(format!("rr-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");

@@ -20,20 +20,6 @@ fn node(s: &str) -> NodeId {
     NodeId::parse(s).unwrap()
 }
 
-async fn redis_pin(url: &str, key: &str) -> Option<String> {
-    let client = redis::Client::open(url).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("GET")
-        .arg(key)
-        .query_async(&mut c)
-        .await
-        .unwrap()
-}
-
-fn room_key(prefix: &str, room: &str) -> String {
-    format!("{prefix}:room:{{{room}}}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_operations_are_atomic_and_caches_follow_changes() {
     let Some((url, _private)) = redis_for("store_operations") else {

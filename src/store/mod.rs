@@ -8,6 +8,7 @@
 
 pub mod memory;
 pub mod redis;
+mod sentinel;
 
 use std::future::Future;
 use std::sync::Arc;

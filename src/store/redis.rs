@@ -1,7 +1,10 @@
-//! The shared pin store: Redis (standalone or Cluster), with a complete local cache of pins.
+//! The shared pin store: Redis (standalone, Sentinel or Cluster), with a complete local
+//! cache of pins.
 //!
 //! It owns the Redis data model (see ARCHITECTURE.md), the local pin cache, the write-back
-//! of decisions taken while Redis was unreachable, and the transport of shared node state.
+//! of decisions taken while Redis was unreachable, the transport of shared node state, and
+//! the connections: one pool of commands and one subscription, opened where
+//! [`Inner::follow_master`] says (with Sentinel: wherever the sentinels name the master).
 //!
 //! Keys (`P` = `store.key_prefix`, which may not contain braces):
 //! - `P:room:{ROOM}`: one string per pinned room, `node|created_ms|confirmed_ms`, expiring
@@ -20,6 +23,13 @@
 //! are queued, and when Redis returns they are written back by compare-and-set: where the
 //! store already holds a different pin, the store wins and the cache takes its pin (the
 //! loser's node is then told to evict the room on its next heartbeat).
+//!
+//! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
+//! `+switch-master` announcement, a command refused by a master turned replica, or a lost
+//! connection marks the store down, and the reconnection asks the sentinels for the master
+//! again before it reopens the commands' pool and the subscription there. The new master
+//! has a new `run_id`, so, as after a restart, every cached pin is written back by
+//! compare-and-set (pins the old master had not yet replicated are restored).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,6 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -35,6 +46,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use super::sentinel::Sentinels;
 use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
 use crate::cluster::sync::{NodeSync, NodeUpdate};
 use crate::cluster::{Cluster, NodeId};
@@ -129,6 +141,49 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Where commands and the subscription go now. Replaced whole when Sentinel names a new
+/// master; fixed otherwise (the connections reconnect to the same server by themselves).
+struct Pool {
+    /// The server commands go to, `host:port` (for Cluster, the seed nodes).
+    server: String,
+    /// Opens the subscription: the same server (for Cluster, the first seed node).
+    sub: redis::Client,
+    conns: Vec<Conn>,
+}
+
+/// Opens `size` reconnecting multiplexed connections to one server (standalone, or the
+/// master the sentinels named), each within `connect_timeout`.
+async fn open_pool(
+    client: redis::Client,
+    size: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+) -> anyhow::Result<Pool> {
+    let server = client.get_connection_info().addr().to_string();
+    let mut conns = Vec::with_capacity(size.max(1));
+    for _ in 0..size.max(1) {
+        let mc = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(command_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let m = tokio::time::timeout(
+            connect_timeout,
+            ConnectionManager::new_with_config(client.clone(), mc),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| format!("cannot connect to Redis at {server}"))?;
+        conns.push(Conn::Single(m));
+    }
+    Ok(Pool {
+        server,
+        sub: client,
+        conns,
+    })
+}
+
 /// Key and channel names for one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -213,9 +268,11 @@ fn decode_with(v: &str, node_id: impl Fn(&str) -> Option<NodeId>) -> Option<Pin>
 
 struct Inner {
     keys: Keys,
-    conns: Vec<Conn>,
+    pool: ArcSwap<Pool>,
     next: AtomicUsize,
-    sub_client: redis::Client,
+    /// With Sentinel: whom to ask where the master is, on every reconnection.
+    sentinels: Option<Sentinels>,
+    pool_size: usize,
     cache: DashMap<RoomKey, Cached>,
     node_ids: DashMap<Box<str>, NodeId>,
     pending: DashMap<RoomKey, Pending>,
@@ -282,27 +339,30 @@ impl RedisStore {
         heartbeat_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let keys = Keys::new(&cfg.key_prefix);
-        let (conns, sub_url) = if cfg.cluster_nodes.is_empty() {
-            let client = redis::Client::open(cfg.url.as_str())
-                .with_context(|| format!("store.url {:?}", cfg.url))?;
-            let mut conns = Vec::with_capacity(cfg.pool_size);
-            for _ in 0..cfg.pool_size.max(1) {
-                let mc = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(cfg.connect_timeout))
-                    .set_response_timeout(Some(cfg.command_timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(2));
-                let m = tokio::time::timeout(
-                    cfg.connect_timeout,
-                    ConnectionManager::new_with_config(client.clone(), mc),
-                )
-                .await
-                .map_err(|_| anyhow::anyhow!("timed out"))
-                .and_then(|r| r.map_err(anyhow::Error::from))
-                .with_context(|| format!("cannot connect to Redis at {}", cfg.url))?;
-                conns.push(Conn::Single(m));
-            }
-            (conns, cfg.url.clone())
+        let mut sentinels = None;
+        let pool = if !cfg.sentinels.is_empty() {
+            let s = Sentinels::new(cfg)?;
+            let master = s.master().await.context("store.sentinels")?;
+            let pool = open_pool(
+                master,
+                cfg.pool_size,
+                cfg.connect_timeout,
+                cfg.command_timeout,
+            )
+            .await
+            .with_context(|| format!("master {:?} named by the sentinels", s.master_name()))?;
+            tracing::info!(master = %s.master_name(), server = %pool.server, "Redis master found through Sentinel");
+            sentinels = Some(s);
+            pool
+        } else if cfg.cluster_nodes.is_empty() {
+            let client = redis::Client::open(cfg.url.as_str()).context("store.url")?;
+            open_pool(
+                client,
+                cfg.pool_size,
+                cfg.connect_timeout,
+                cfg.command_timeout,
+            )
+            .await?
         } else {
             let client = redis::cluster::ClusterClient::builder(cfg.cluster_nodes.clone())
                 .connection_timeout(cfg.connect_timeout)
@@ -316,17 +376,22 @@ impl RedisStore {
                 .with_context(|| {
                     format!("cannot connect to Redis Cluster {:?}", cfg.cluster_nodes)
                 })?;
-            (vec![Conn::Cluster(c)], cfg.cluster_nodes[0].clone())
+            Pool {
+                server: cfg.cluster_nodes.join(","),
+                sub: redis::Client::open(cfg.cluster_nodes[0].as_str())
+                    .context("store.cluster_nodes[0]")?,
+                conns: vec![Conn::Cluster(c)],
+            }
         };
-        let sub_client = redis::Client::open(sub_url.as_str()).context("store.url")?;
         let (node_tx, node_rx) = mpsc::unbounded_channel();
         let (index_tx, index_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             keys,
-            conns,
+            pool: ArcSwap::from_pointee(pool),
             next: AtomicUsize::new(0),
-            sub_client,
+            sentinels,
+            pool_size: cfg.pool_size,
             cache: DashMap::new(),
             node_ids: DashMap::new(),
             pending: DashMap::new(),
@@ -363,6 +428,9 @@ impl RedisStore {
         tokio::spawn(supervise(inner.clone(), stream, stop_rx.clone()));
         tokio::spawn(node_writer(inner.clone(), node_rx, stop_rx.clone()));
         tokio::spawn(index_writer(inner.clone(), index_rx, stop_rx.clone()));
+        if inner.sentinels.is_some() {
+            tokio::spawn(watch_failovers(inner.clone(), stop_rx.clone()));
+        }
         tokio::spawn(hold_nodes(inner.clone(), stop_rx));
         Ok(RedisStore { inner, stop })
     }
@@ -370,6 +438,12 @@ impl RedisStore {
     /// The key names this store uses.
     pub fn keys(&self) -> &Keys {
         &self.inner.keys
+    }
+
+    /// The server commands go to now (`host:port`): with Sentinel, the master it last
+    /// followed; for Cluster, the seed nodes.
+    pub fn server(&self) -> String {
+        self.inner.pool.load().server.clone()
     }
 
     /// True while Redis is unreachable and the cache answers alone.
@@ -388,38 +462,87 @@ impl RedisStore {
 
 impl Inner {
     fn conn(&self) -> Conn {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].clone()
+        let pool = self.pool.load();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.conns.len();
+        pool.conns[i].clone()
     }
 
     fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
     }
 
-    /// A command failed. Only if Redis also fails a PING within `connect_timeout` is this an
-    /// outage (then the caller decides locally); otherwise the error is returned, because a
-    /// decision taken locally while Redis is reachable could split a room.
+    /// A command failed. Only if Redis also fails a PING within `connect_timeout` (with
+    /// Sentinel: a `ROLE` that must still say master) is this an outage (then the caller
+    /// decides locally); otherwise the error is returned, because a decision taken locally
+    /// while Redis is reachable could split a room.
     async fn confirm_down(&self, e: StoreError) -> Result<(), StoreError> {
         if self.is_down() {
             return Ok(());
         }
         let mut c = self.conn();
-        let ping = tokio::time::timeout(
-            self.connect_timeout,
-            redis::cmd("PING").query_async::<String>(&mut c),
-        )
+        let probe = tokio::time::timeout(self.connect_timeout, async {
+            if self.sentinels.is_none() {
+                return redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .map(|_| None);
+            }
+            let role: redis::Role = redis::cmd("ROLE").query_async(&mut c).await?;
+            Ok(match role {
+                redis::Role::Primary { .. } => None,
+                _ => Some(format!(
+                    "{} is no longer the master",
+                    self.pool.load().server
+                )),
+            })
+        })
         .await;
-        match ping {
-            Ok(Ok(_)) => Err(e),
+        let what = if self.sentinels.is_none() {
+            "ping"
+        } else {
+            "role"
+        };
+        match probe {
+            Ok(Ok(None)) => Err(e),
+            Ok(Ok(Some(not_master))) => {
+                self.mark_down(format!("{e}; {not_master}"));
+                Ok(())
+            }
             Ok(Err(pe)) => {
-                self.mark_down(format!("{e}; ping: {pe}"));
+                self.mark_down(format!("{e}; {what}: {pe}"));
                 Ok(())
             }
             Err(_) => {
-                self.mark_down(format!("{e}; no answer to ping"));
+                self.mark_down(format!("{e}; no answer to {what}"));
                 Ok(())
             }
         }
+    }
+
+    /// With Sentinel: asks the sentinels where the master is and, if it is not where the
+    /// commands go, opens a new pool there and swaps it in. True if it moved. Without
+    /// Sentinel there is nobody to ask: false.
+    async fn follow_master(&self) -> anyhow::Result<bool> {
+        let Some(s) = &self.sentinels else {
+            return Ok(false);
+        };
+        let master = s.master().await?;
+        let server = master.get_connection_info().addr().to_string();
+        let old = self.pool.load().server.clone();
+        if server == old {
+            return Ok(false);
+        }
+        let pool = open_pool(
+            master,
+            self.pool_size,
+            self.connect_timeout,
+            self.cmd_timeout,
+        )
+        .await
+        .with_context(|| format!("new master {:?} at {server}", s.master_name()))?;
+        tracing::warn!(master = %s.master_name(), from = %old, to = %server, "Redis master moved; following it");
+        self.pool.store(Arc::new(pool));
+        Ok(true)
     }
 
     fn mark_down(&self, why: impl std::fmt::Display) {
@@ -602,7 +725,9 @@ impl Inner {
     // --- recovery ---
 
     async fn subscribe_and_sync(self: &Arc<Self>) -> anyhow::Result<redis::aio::PubSubStream> {
-        let mut ps = tokio::time::timeout(self.connect_timeout, self.sub_client.get_async_pubsub())
+        self.follow_master().await?;
+        let sub = self.pool.load().sub.clone();
+        let mut ps = tokio::time::timeout(self.connect_timeout, sub.get_async_pubsub())
             .await
             .map_err(|_| anyhow::anyhow!("subscription: connect timed out"))??;
         tokio::time::timeout(
@@ -640,9 +765,10 @@ impl Inner {
         Ok(())
     }
 
-    /// True if the standalone server's run id changed since we last saw it.
+    /// True if the server's run id changed since we last saw it (a restart, or with
+    /// Sentinel a new master). Not for Cluster.
     async fn restarted(&self) -> Result<bool, StoreError> {
-        if !matches!(self.conns[0], Conn::Single(_)) {
+        if !matches!(self.pool.load().conns[0], Conn::Single(_)) {
             return Ok(false);
         }
         let mut c = self.conn();
@@ -929,6 +1055,9 @@ impl Inner {
 
 /// Keeps the subscription alive: applies messages, re-syncs nodes periodically, detects an
 /// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return.
+/// Every reconnection goes through [`Inner::subscribe_and_sync`], which with Sentinel asks
+/// the sentinels for the master first; while the subscription lives, an outage that moved
+/// the master ends it, so that the subscription moves too.
 async fn supervise(
     inner: Arc<Inner>,
     first: redis::aio::PubSubStream,
@@ -950,12 +1079,12 @@ async fn supervise(
                 let mut resync = tokio::time::interval(inner.resync_interval);
                 resync.tick().await;
                 let mut check = tokio::time::interval(Duration::from_millis(250));
-                loop {
+                let lost = loop {
                     tokio::select! {
                         _ = stop.changed() => return,
                         m = s.next() => match m {
                             Some(m) => inner.on_message(m),
-                            None => break,
+                            None => break "subscription to Redis lost".to_string(),
                         },
                         _ = resync.tick() => {
                             if let Err(e) = inner.resync_nodes().await {
@@ -966,14 +1095,20 @@ async fn supervise(
                         }
                         _ = check.tick() => {
                             if inner.is_down() {
-                                if let Err(e) = inner.recover().await {
-                                    inner.mark_down(&e);
+                                match inner.follow_master().await {
+                                    Ok(true) => break "following the new master".to_string(),
+                                    Ok(false) => {
+                                        if let Err(e) = inner.recover().await {
+                                            inner.mark_down(&e);
+                                        }
+                                    }
+                                    Err(e) => inner.mark_down(format!("{e:#}")),
                                 }
                             }
                         }
                     }
-                }
-                inner.mark_down("subscription to Redis lost");
+                };
+                inner.mark_down(lost);
             }
             Err(e) => inner.mark_down(format!("{e:#}")),
         }
@@ -983,6 +1118,26 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// With Sentinel: a failover announced by the sentinels marks the store down unless the
+/// commands already go to the new master; the reconnection then follows it (see
+/// [`supervise`]). Without this the store would notice only when the old master refuses a
+/// write or drops the connection, and the old master takes writes until it is demoted.
+async fn watch_failovers(inner: Arc<Inner>, stop: watch::Receiver<bool>) {
+    let Some(sentinels) = &inner.sentinels else {
+        return;
+    };
+    sentinels
+        .watch(stop, |to| {
+            if inner.pool.load().server != to {
+                inner.mark_down(format!(
+                    "the sentinels moved master {:?} to {to}",
+                    sentinels.master_name()
+                ));
+            }
+        })
+        .await;
 }
 
 /// While Redis is down, keeps healthy the nodes that were healthy when the outage began (for

@@ -1,11 +1,13 @@
 //! Test support for everything that needs a real Redis: finding one (REDIS_URL, the local
 //! 127.0.0.1:6379, or a private `redis-server` started on a free port), private servers
-//! the test may stop and restart, unique key prefixes, and routers served on loopback.
-//! Without any Redis, tests print a loud `SKIPPED:` line and return.
+//! (plain, replica or Sentinel) the test may stop and restart, unique key prefixes, pins
+//! read straight from a server, and routers served on loopback. Without any Redis, tests
+//! print a loud `SKIPPED:` line and return; `ROOMROUTER_REQUIRE_REDIS` makes that a failure.
 
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,11 +63,22 @@ pub fn have_redis_server() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A test cannot run without something it needs: prints a loud `SKIPPED:` line, or fails
+/// when `ROOMROUTER_REQUIRE_REDIS` is set (CI), so a missing Redis is never a silent pass.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("ROOMROUTER_REQUIRE_REDIS").is_some() {
+        panic!("{test}: ROOMROUTER_REQUIRE_REDIS is set but {why}");
+    }
+    eprintln!("SKIPPED: {test}: {why}");
+}
+
 /// A `redis-server` this test owns (no persistence); killed on drop.
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Sentinel mode: the configuration file's text (written anew on every start).
+    sentinel_conf: Option<String>,
 }
 
 impl PrivateRedis {
@@ -82,6 +95,40 @@ impl PrivateRedis {
             port,
             child: None,
             extra,
+            sentinel_conf: None,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    /// Starts a replica of `master` on a free port (it answers before it has synced).
+    pub fn start_replica_of(master: &PrivateRedis) -> Option<PrivateRedis> {
+        Self::start_with(
+            free_port(),
+            vec![
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master.port.to_string(),
+            ],
+        )
+    }
+
+    /// Starts a Sentinel on a free port that monitors `master` under `name` with a quorum
+    /// of one, declares it down after 500 ms and may fail over every 5 s.
+    pub fn start_sentinel(name: &str, master: &PrivateRedis) -> Option<PrivateRedis> {
+        if !have_redis_server() {
+            return None;
+        }
+        let mut r = PrivateRedis {
+            port: free_port(),
+            child: None,
+            extra: vec![],
+            sentinel_conf: Some(format!(
+                "sentinel monitor {name} 127.0.0.1 {port} 1\n\
+                 sentinel down-after-milliseconds {name} 500\n\
+                 sentinel failover-timeout {name} 5000\n",
+                port = master.port
+            )),
         };
         r.restart();
         Some(r)
@@ -99,13 +146,24 @@ impl PrivateRedis {
         }
     }
 
+    fn dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("rr-redis-{}", self.port))
+    }
+
     /// Starts it again on the same port and waits until it answers (at most 10 s).
     pub fn restart(&mut self) {
         self.stop();
-        let dir = std::env::temp_dir().join(format!("rr-redis-{}", self.port));
+        let dir = self.dir();
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::create_dir_all(&dir);
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(conf) = &self.sentinel_conf {
+            // Sentinel rewrites its file, so it must be a file of its own: first argument.
+            let file = dir.join("sentinel.conf");
+            std::fs::write(&file, conf).expect("write sentinel.conf");
+            cmd.arg(&file).arg("--sentinel");
+        }
+        let child = cmd
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -138,6 +196,7 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
 
@@ -157,11 +216,9 @@ pub fn redis_for(test: &str) -> Option<(String, Option<PrivateRedis>)> {
     match PrivateRedis::start() {
         Some(p) => Some((p.url(), Some(p))),
         None => {
-            if std::env::var_os("ROOMROUTER_REQUIRE_REDIS").is_some() {
-                panic!("{test}: ROOMROUTER_REQUIRE_REDIS is set but no Redis is available");
-            }
-            eprintln!(
-                "SKIPPED: {test}: no Redis (REDIS_URL unset, nothing on 127.0.0.1:6379, no redis-server on PATH)"
+            skip(
+                test,
+                "no Redis (REDIS_URL unset, nothing on 127.0.0.1:6379, no redis-server on PATH)",
             );
             None
         }
@@ -235,6 +292,22 @@ pub async fn serve(mut cfg: Config) -> Served {
         stop: Some(tx),
         task: Some(task),
     }
+}
+
+/// The Redis key of a room's pin under `prefix` (the store's data model).
+pub fn room_key(prefix: &str, room: &str) -> String {
+    format!("{prefix}:room:{{{room}}}")
+}
+
+/// The raw value of `key` on the server at `url` (`node|created_ms|confirmed_ms` for a pin).
+pub async fn redis_pin(url: &str, key: &str) -> Option<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap()
 }
 
 pub fn client() -> reqwest::Client {

@@ -216,12 +216,13 @@ pub enum StoreKind {
 }
 
 /// `[store]`: where pins and the shared node table live. Every key but `kind` concerns
-/// `kind = "redis"` only.
-#[derive(Debug, Clone, Deserialize)]
+/// `kind = "redis"` only. `Debug` hides passwords in the URLs.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `rediss://` for TLS).
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`). TLS to Redis (`rediss://`) is not
+    /// built in: the store refuses such a URL at start rather than fail to connect.
     /// Default `redis://127.0.0.1:6379`. With `sentinels`, only its user, password, db and
     /// scheme are used (for the master the sentinels name); its host and port are not.
     pub url: String,
@@ -301,14 +302,58 @@ impl StoreConfig {
         }
         for (i, s) in self.sentinels.iter().enumerate() {
             let key = format!("store.sentinels[{i}]");
-            let u = s
-                .parse::<url::Url>()
-                .map_err(|e| invalid(&key, format!("not a redis:// URL: {e}")))?;
-            if !matches!(u.scheme(), "redis" | "rediss") || u.host_str().is_none_or(str::is_empty) {
-                return Err(invalid(&key, "not a redis://host:port URL"));
-            }
+            check_redis_url(&key, s)?;
         }
         Ok(())
+    }
+}
+
+/// Checks one Redis address: `redis://host[:port][/db]`. `rediss://` is refused by name,
+/// since this build has no TLS for Redis.
+fn check_redis_url(key: &str, s: &str) -> Result<(), ConfigError> {
+    let u = s
+        .parse::<url::Url>()
+        .map_err(|e| invalid(key, format!("not a redis:// URL: {e}")))?;
+    if u.scheme() == "rediss" {
+        return Err(invalid(
+            key,
+            "TLS to Redis (rediss://) is not supported by this build; use redis:// on a \
+             trusted network or a TLS tunnel",
+        ));
+    }
+    if u.scheme() != "redis" || u.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(key, "not a redis://host:port URL"));
+    }
+    Ok(())
+}
+
+/// A Redis URL with its password replaced, for logs and `Debug`.
+pub fn redact_url(s: &str) -> String {
+    match s.parse::<url::Url>() {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        Ok(_) => s.to_string(),
+        Err(_) => REDACTED.to_string(),
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls = |v: &[String]| v.iter().map(|u| redact_url(u)).collect::<Vec<_>>();
+        f.debug_struct("StoreConfig")
+            .field("kind", &self.kind)
+            .field("url", &redact_url(&self.url))
+            .field("cluster_nodes", &urls(&self.cluster_nodes))
+            .field("sentinels", &urls(&self.sentinels))
+            .field("sentinel_master", &self.sentinel_master)
+            .field("key_prefix", &self.key_prefix)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("resync_interval", &self.resync_interval)
+            .finish()
     }
 }
 
@@ -768,8 +813,11 @@ impl Config {
         }
         if self.store.kind == StoreKind::Redis {
             let st = &self.store;
-            if st.cluster_nodes.is_empty() && st.url.parse::<url::Url>().is_err() {
-                return Err(invalid("store.url", "not a redis:// URL"));
+            if st.cluster_nodes.is_empty() {
+                check_redis_url("store.url", &st.url)?;
+            }
+            for (i, n) in st.cluster_nodes.iter().enumerate() {
+                check_redis_url(&format!("store.cluster_nodes[{i}]"), n)?;
             }
             st.validate_sentinel()?;
             if st.key_prefix.is_empty()
@@ -898,6 +946,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("new_room_limt"), "{e}");
+    }
+
+    #[test]
+    fn redis_urls_refuse_tls_by_name_and_hide_passwords_in_debug() {
+        for (text, key) in [
+            ("kind = \"redis\"\nurl = \"rediss://h:6379\"\n", "store.url"),
+            (
+                "kind = \"redis\"\ncluster_nodes = [\"redis://h:7000\", \"ftp://h\"]\n",
+                "store.cluster_nodes[1]",
+            ),
+            (
+                "kind = \"redis\"\nsentinels = [\"rediss://h:26379\"]\nsentinel_master = \"m\"\n",
+                "store.sentinels[0]",
+            ),
+        ] {
+            let c = Config::parse(&format!("[store]\n{text}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(key), "{key}: {e}");
+        }
+        let c = Config::parse(
+            "[store]\nkind = \"redis\"\nurl = \"redis://app:s3cret@h:6379/2\"\n\
+             sentinels = [\"redis://:sentinel-pw@h:26379\"]\nsentinel_master = \"m\"\n",
+        )
+        .unwrap();
+        let shown = format!("{:?}", c.store);
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("sentinel-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("redis://app:redacted@h:6379/2"), "{shown}");
     }
 
     #[test]

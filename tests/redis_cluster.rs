@@ -56,8 +56,9 @@ fn dbsize(port: u16) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_work_on_a_three_shard_redis_cluster() {
     if !have_redis_server() || !have_redis_cli() {
-        eprintln!(
-            "SKIPPED: redis_cluster: redis-server and redis-cli are needed to start a cluster"
+        skip(
+            "redis_cluster",
+            "redis-server and redis-cli are needed to start a cluster",
         );
         return;
     }

@@ -353,7 +353,10 @@ async fn when_router_a_stops_router_b_keeps_every_placement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
     let Some(mut redis) = PrivateRedis::start() else {
-        eprintln!("SKIPPED: redis_outage: no redis-server on PATH to start a private one");
+        skip(
+            "redis_outage",
+            "no redis-server on PATH to start a private one",
+        );
         return;
     };
     let url = redis.url();
@@ -485,7 +488,10 @@ async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_through_redis() {
     let Some(mut redis) = PrivateRedis::start() else {
-        eprintln!("SKIPPED: outage_node_hold: no redis-server on PATH to start a private one");
+        skip(
+            "outage_node_hold",
+            "no redis-server on PATH to start a private one",
+        );
         return;
     };
     let p = prefix("hold");

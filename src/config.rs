@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Most connections served at once; more wait in the accept queue.
     pub max_connections: usize,
+    /// Runtime worker threads for `roomrouter serve`. Default: one per CPU core. Fewer
+    /// leaves cores to what shares the machine (media processes, a load generator).
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +68,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
+            worker_threads: None,
         }
     }
 }
@@ -751,6 +755,9 @@ impl Config {
         if s.body_read_timeout.is_zero() {
             return Err(invalid("server.body_read_timeout", "must be > 0"));
         }
+        if s.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
+            return Err(invalid("server.worker_threads", "must be 1-1024"));
+        }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be > 0"));
         }
@@ -976,6 +983,20 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("redis://app:redacted@h:6379/2"), "{shown}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_and_are_bounded() {
+        assert_eq!(Config::default().server.worker_threads, None);
+        let c = Config::parse("[server]\nworker_threads = 1\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.worker_threads, Some(1));
+        let e = Config::parse("[server]\nworker_threads = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("server.worker_threads"), "{e}");
     }
 
     #[test]

@@ -84,17 +84,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("roomrouter: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let done = match cli.cmd {
+        // `serve` reads its configuration before the runtime exists: it sizes the runtime.
+        Cmd::Serve { config, listen } => serve_config(config.as_deref(), listen).and_then(|cfg| {
+            runtime(cfg.server.worker_threads)?.block_on(serve_with(cfg, cli.log_json))
+        }),
+        cmd => runtime(None).and_then(|rt| rt.block_on(run(cmd, cli.log_json))),
     };
-    match rt.block_on(run(cli)) {
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roomrouter: {e:#}");
@@ -103,13 +100,62 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let log_format = if cli.log_json {
+/// A multi-threaded runtime with `workers` threads (default: one per core).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
+}
+
+/// The configuration `serve` runs with: the file (or the defaults and the environment),
+/// `--listen` on top, validated, with credentials required.
+fn serve_config(
+    config: Option<&std::path::Path>,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<Config> {
+    let mut cfg = match config {
+        Some(f) => Config::load(f)?,
+        None => {
+            let mut c = Config::default();
+            c.apply_env(|k| std::env::var(k).ok());
+            c.validate()?;
+            c
+        }
+    };
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    cfg.require_credentials()?;
+    Ok(cfg)
+}
+
+async fn serve_with(cfg: Config, log_json: bool) -> anyhow::Result<()> {
+    let fmt = if log_json {
+        LogFormat::Json
+    } else {
+        cfg.logging.format
+    };
+    roomrouter::telemetry::init(fmt, &cfg.logging.level);
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "roomrouter listening");
+    roomrouter::service::run_configured(cfg, listener, roomrouter::service::shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
+    let log_format = if log_json {
         LogFormat::Json
     } else {
         LogFormat::Text
     };
-    match cli.cmd {
+    match cmd {
         Cmd::CheckConfig { file } => {
             let cfg = Config::load(&file)?;
             cfg.require_credentials()?;
@@ -117,36 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { config, listen } => {
-            let mut cfg = match &config {
-                Some(f) => Config::load(f)?,
-                None => {
-                    let mut c = Config::default();
-                    c.apply_env(|k| std::env::var(k).ok());
-                    c.validate()?;
-                    c
-                }
-            };
-            if let Some(l) = listen {
-                cfg.server.listen = l;
-            }
-            cfg.require_credentials()?;
-            let fmt = if cli.log_json {
-                LogFormat::Json
-            } else {
-                cfg.logging.format
-            };
-            roomrouter::telemetry::init(fmt, &cfg.logging.level);
-            let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
-            tracing::info!(addr = %listener.local_addr()?, "roomrouter listening");
-            roomrouter::service::run_configured(
-                cfg,
-                listener,
-                roomrouter::service::shutdown_signal(),
-            )
-            .await?;
-            Ok(())
+            serve_with(serve_config(config.as_deref(), listen)?, log_json).await
         }
         Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),
         Cmd::Load(args) => roomrouter::load::run_cli(&args).await,

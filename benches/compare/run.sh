@@ -26,6 +26,10 @@ CONNS=${CONNS:-64}
 ROOMS=${ROOMS:-10000}
 NODES=${NODES:-3}
 RATE=${RATE:-4000}
+# Threads each front end under test gets (router runtime workers, HAProxy nbthread, nginx
+# worker_processes, the ceiling's runtime): the same budget for all. "auto" = their defaults
+# (one per core each).
+PROXY_THREADS=${PROXY_THREADS:-auto}
 TARGETS=${TARGETS:-"ceiling router-lookup router-redirect router-proxy haproxy nginx"}
 OUT=${OUT:-target/compare}
 export ROOMS RUST_LOG=${RUST_LOG:-warn}
@@ -94,6 +98,7 @@ start_router() { # MODE PORT
   cat >"$OUT/router-$1.toml" <<EOF
 [server]
 listen = "127.0.0.1:$2"
+$( [ "$PROXY_THREADS" = auto ] || echo "worker_threads = $PROXY_THREADS" )
 [front_door]
 mode = "$1"
 EOF
@@ -113,6 +118,7 @@ start_haproxy() { # PORT
     cat <<EOF
 global
   maxconn 4000
+$( [ "$PROXY_THREADS" = auto ] || echo "  nbthread $PROXY_THREADS" )
   log stdout format raw local0 err
 defaults
   mode http
@@ -143,7 +149,7 @@ start_nginx() { # PORT
   mkdir -p "$OUT/nginx/logs"
   {
     cat <<EOF
-worker_processes auto;
+worker_processes $( [ "$PROXY_THREADS" = auto ] && echo auto || echo "$PROXY_THREADS" );
 pid $OUT/nginx/nginx.pid;
 error_log $OUT/nginx/logs/error.log warn;
 events { worker_connections 8192; }
@@ -230,7 +236,11 @@ bench() { # NAME
   echo "== $name"
   case $name in
     ceiling)
-      "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
+      if [ "$PROXY_THREADS" = auto ]; then
+        "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
+      else
+        TOKIO_WORKER_THREADS=$PROXY_THREADS "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
+      fi
       PIDS+=($!)
       wait_http "http://127.0.0.1:$port/x" 307 ;;
     router-redirect|router-lookup)
@@ -281,5 +291,5 @@ for t in $ordered; do bench "$t"; done
       'BEGIN { printf "router-lookup / bare-307 ceiling: %.2fx\n", a / b }'
   fi
   echo
-  echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes"
+  echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
 } | tee "$OUT/results.md"

@@ -1,79 +1,75 @@
 //! Proxy-mode and TLS benchmarks (issue 3 targets), over loopback:
 //!
-//! 1. throughput and latency percentiles of `GET /rooms/bench` sent directly to an upstream
-//!    and through the router in proxy mode, with the same keep-alive clients and load, and the
-//!    router's added latency (p50/p99 difference);
+//! 1. throughput and latency percentiles of `GET /status?room=bench` sent directly to a demo
+//!    node and through the router in proxy mode to the same node, with the same keep-alive
+//!    clients and load, and the router's added latency (p50/p99 difference);
 //! 2. TLS handshakes per second completed by a front door confined to one core (a
 //!    current-thread runtime on its own thread), ECDSA P-256 certificate, TLS 1.3.
 //!
 //! Run: `cargo run --release --example proxy_bench [connections] [seconds] [req/s]`
-//! (defaults 8, 5, 2000). Everything shares the machine's cores: clients, router, upstream.
+//! (defaults 8, 5, 2000). Everything shares the machine's cores: clients, router, node.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use roomrouter::config::FrontDoorMode;
-use roomrouter::http::{server, tls};
+use roomrouter::demo::node::{DemoNode, DemoNodeConfig};
+use roomrouter::http::tls;
 use roomrouter::store::MemoryStore;
 use tokio::net::{TcpListener, TcpStream};
 
 const ADMIN: &str = "bench-admin-token-0123456789";
 const NODE: &str = "bench-node-token-0123456789";
 const SECRET: &str = "bench-ticket-secret-0123456789-0123456789";
+/// The demo node's status page, which needs no ticket, so that the same request goes to the
+/// node directly and through the router (whose front door takes the room from `?room=`).
+const PATH: &str = "/status?room=bench";
 
-async fn upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                        b"{\"ok\":true}",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-async fn router(up: SocketAddr) -> SocketAddr {
+/// The router in proxy mode and one demo node (`roomrouter demo-node`'s implementation)
+/// registered with it by its own first heartbeat: the router's address and the node.
+async fn cluster() -> (SocketAddr, DemoNode) {
     let mut cfg = roomrouter::config::Config::default();
     cfg.auth.admin_tokens = vec![ADMIN.into()];
     cfg.auth.node_token = NODE.into();
     cfg.tickets.secret = SECRET.into();
     cfg.front_door.mode = FrontDoorMode::Proxy;
-    cfg.placement.heartbeat_timeout = Duration::from_secs(3600);
     cfg.placement.join_limit = 1e9;
     cfg.placement.new_room_limit = 1e9;
     cfg.validate().unwrap();
     let app = roomrouter::service::build(cfg, MemoryStore::new());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(server::serve(app, l, std::future::pending()));
-    let resp = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/nodes/bench-node/heartbeat"))
-        .bearer_auth(NODE)
-        .json(&serde_json::json!({"url": format!("http://{up}"), "capacity": 1e9, "load": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
-    addr
+    tokio::spawn(roomrouter::service::run(app, l, std::future::pending()));
+    let node = DemoNode::start(DemoNodeConfig {
+        id: "bench-node".into(),
+        router: format!("http://{addr}"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        public_url: None,
+        capacity: 1e9,
+        region: None,
+        tags: vec![],
+        node_token: NODE.into(),
+        ticket_secret: SECRET.into(),
+        heartbeat_interval: Duration::from_secs(1),
+    })
+    .await
+    .unwrap();
+    let ready = format!("http://{addr}/readyz");
+    for _ in 0..100 {
+        if reqwest::get(&ready)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return (addr, node);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the demo node never made the router ready");
 }
 
 /// `conns` keep-alive connections for `secs`, each sending requests back to back
@@ -101,7 +97,7 @@ async fn load(addr: SocketAddr, conns: usize, secs: u64, rate: Option<f64>) -> (
                     next += g;
                     tokio::time::sleep_until(next).await;
                 }
-                let req = Request::get("/rooms/bench")
+                let req = Request::get(PATH)
                     .header("host", "bench")
                     .body(Empty::<Bytes>::new())
                     .unwrap();
@@ -204,8 +200,8 @@ fn main() {
     let rate: f64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(2000.0);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let up = upstream().await;
-        let via = router(up).await;
+        let (via, node) = cluster().await;
+        let up = node.addr;
         let _ = load(via, conns, 1, None).await; // warm-up
         for (label, r) in [
             (format!("moderate load, {rate} req/s"), Some(rate)),
@@ -213,7 +209,7 @@ fn main() {
         ] {
             let (d_rps, d) = load(up, conns, secs, r).await;
             let (p_rps, p) = load(via, conns, secs, r).await;
-            println!("{label}: {conns} keep-alive connections, {secs} s, GET /rooms/bench");
+            println!("{label}: {conns} keep-alive connections, {secs} s, GET {PATH}");
             for (name, rps, v) in [("direct", d_rps, &d), ("proxy", p_rps, &p)] {
                 println!(
                     "{name:>7}: {rps:>9.0} req/s  p50 {:>5} us  p99 {:>5} us  p99.9 {:>5} us",
@@ -228,6 +224,7 @@ fn main() {
                 pct(&p, 0.99) as i64 - pct(&d, 0.99) as i64
             );
         }
+        node.stop().await;
     });
     drop(rt);
     println!(

@@ -202,14 +202,7 @@ async fn a_split_room_is_evicted_from_the_wrong_node() {
     let reply: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(reply["evict"], json!(["split-me"]));
     assert_eq!(node_of(&r, "split-me").await, home.id);
-    let metrics = r
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = r.metrics().await;
     assert!(
         metrics.contains("roomrouter_splits_detected_total 1"),
         "{metrics}"

@@ -266,14 +266,7 @@ async fn a_refusing_node_answers_502_then_turns_unhealthy_and_the_room_moves() {
     // Two failures in a row: the node is unhealthy and takes nothing.
     let resp = r.get("/rooms/r1").send().await.unwrap();
     expect_error(resp, 503, "no_capacity").await;
-    let metrics = r
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = r.metrics().await;
     for line in [
         "roomrouter_proxy_upstream_failures_total 2",
         "roomrouter_proxy_nodes_marked_unhealthy_total 1",

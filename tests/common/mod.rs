@@ -80,6 +80,17 @@ impl TestRouter {
         .unwrap()
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
         client().get(format!("{}{path}", self.url))
     }

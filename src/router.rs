@@ -569,18 +569,17 @@ impl<S: PinStore> Router<S> {
         entry: &NodeEntry,
         why: &'static str,
     ) -> Result<bool, StoreError> {
+        self.history.end_session(room);
         let since = self.clock.now().saturating_sub(self.ticket_ttl_ms);
         if self.recent.joined_since(room.stable_hash(), since) {
             // Someone may still be on the way with a ticket for this node: keep the pin so
             // that the next join comes here too. The caller asks again at the next heartbeat.
             tracing::debug!(room = %room, node = %entry.id, why, "room ended with tickets outstanding; pin kept");
-            self.history.end_session(room);
             return Ok(false);
         }
         if self.store.release_if(room, &entry.id).await? {
             self.metrics.released(why);
         }
-        self.history.end_session(room);
         if self
             .book
             .outstanding(room)

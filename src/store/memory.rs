@@ -24,12 +24,6 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    /// The synchronous core of [`PinStore::get`] (benchmarks call it directly).
-    #[inline]
-    pub fn get_now(&self, room: &RoomKey) -> Option<Pin> {
-        self.pins.get(room).map(|p| p.clone())
-    }
-
     fn pin_if_now(
         &self,
         room: &RoomKey,
@@ -110,7 +104,7 @@ impl Ord for Pin {
 
 impl PinStore for MemoryStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
-        Ok(self.get_now(room))
+        Ok(self.peek(room, |pin| pin.cloned()).flatten())
     }
 
     #[inline]

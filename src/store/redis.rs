@@ -1241,14 +1241,13 @@ async fn index_writer(
 
 impl PinStore for RedisStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
-        // The cache is complete: a miss means no pin (a pin made elsewhere an instant ago is
-        // found by the compare-and-set that follows).
-        Ok(self.inner.cache.get(room).and_then(|c| c.pin.clone()))
+        Ok(self.peek(room, |pin| pin.cloned()).flatten())
     }
 
     #[inline]
     fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
-        // Complete cache, as for `get`.
+        // The cache is complete: a miss means no pin (a pin made elsewhere an instant ago is
+        // found by the compare-and-set that follows).
         let cached = self.inner.cache.get(room);
         Some(f(cached.as_ref().and_then(|c| c.pin.as_ref())))
     }

@@ -430,3 +430,91 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
     assert_eq!(r.app.router.metrics.proxy.tunnels.get(), 1);
     r.stop().await;
 }
+
+/// One GET through the router on a connection of its own; the status and the body.
+async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", r.addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_a_node_closing_one_costs_no_request() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    // Five clients one after the other: one upstream connection carries them all.
+    for _ in 0..5 {
+        let (status, body) = get_fresh(&r, "/rooms/pooled").await;
+        assert_eq!(status, 200, "{body:?}");
+    }
+    assert_eq!(
+        up.connections(),
+        1,
+        "sequential requests share a pooled connection"
+    );
+    // The node answers and closes: that connection is not handed out again, and the next
+    // requests get a new one without an error.
+    assert_eq!(get_fresh(&r, "/rooms/pooled?close=1").await.0, 200);
+    for _ in 0..3 {
+        assert_eq!(get_fresh(&r, "/rooms/pooled").await.0, 200);
+    }
+    assert_eq!(up.connections(), 2);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_abandoned_midway_closes_its_upstream_connection_and_nothing_else() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    // An upload echoed back frame by frame; the client reads one frame and goes away.
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let client_conn = tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    }));
+    let req = Request::post("/rooms/abandon")
+        .header("host", r.addr.to_string())
+        .body(body)
+        .unwrap();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut echo = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), echo.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first");
+    drop((echo, send, tx));
+    client_conn.abort();
+    // The half-done exchange's connection is closed, not pooled: the next request opens a
+    // new one and succeeds, and the one after reuses that.
+    assert_eq!(get_fresh(&r, "/rooms/abandon").await.0, 200);
+    assert_eq!(up.connections(), 2);
+    assert_eq!(get_fresh(&r, "/rooms/abandon").await.0, 200);
+    assert_eq!(up.connections(), 2);
+    r.stop().await;
+}

@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;

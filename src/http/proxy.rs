@@ -1,6 +1,6 @@
-//! Proxy mode: forwards a front-door request to its room's node over a pooled hyper-util
-//! client, streaming bodies both ways, and tunnels WebSocket (any HTTP/1.1 `Upgrade`)
-//! sessions until either side closes. Sets `X-Forwarded-For/-Proto/-Host`, `X-Room-Node` and
+//! Proxy mode: forwards a front-door request to its room's node over a pooled upstream
+//! connection (a lane, see `upstream`), streaming bodies both ways, and tunnels WebSocket
+//! (any HTTP/1.1 `Upgrade`) sessions until either side closes. Sets `X-Forwarded-For/-Proto/-Host`, `X-Room-Node` and
 //! `X-Room-Ticket`; drops hop-by-hop headers (RFC 9110 section 7.6.1).
 //!
 //! Upstream failures (refused, reset, connect or response timeout) answer `502
@@ -30,6 +30,7 @@ use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::server::ConnInfo;
+use super::upstream::{Lane, LaneError, Lanes};
 use super::{tls, ApiError, Body, BoxError};
 use crate::cluster::{NodeEntry, NodeId};
 use crate::config::ProxyConfig;
@@ -39,6 +40,10 @@ type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 /// The upstream client and the passive-health counters.
 pub struct Proxy {
+    /// Ordinary requests: lanes driven by the request's own task.
+    lanes: Lanes,
+    /// `Upgrade` requests: hyper-util's client, whose connection tasks can hand the upgraded
+    /// connection over to a tunnel.
     client: UpstreamClient,
     cfg: ProxyConfig,
     /// Consecutive failures per node since its last success.
@@ -75,6 +80,12 @@ impl Proxy {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let lanes = Lanes::new(
+            https.clone(),
+            cfg.connect_timeout,
+            cfg.pool_max_idle_per_host,
+            cfg.pool_idle_timeout,
+        );
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -82,6 +93,7 @@ impl Proxy {
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .build(https);
         Ok(Proxy {
+            lanes,
             client,
             cfg: cfg.clone(),
             failures: DashMap::new(),
@@ -105,24 +117,9 @@ impl Proxy {
         // A slow request body can delay the answer; only bodiless requests' timeouts are the
         // node's fault.
         let bodiless = upgrade.is_some() || body.is_end_stream();
-        let uri: Uri = format!(
-            "{}{}",
-            node.info.upstream,
-            parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-        )
-        .parse()
-        .map_err(|_| ApiError::UpstreamUnavailable(format!("bad upstream URL for {}", node.id)))?;
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
-        if let Some(proto) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, proto.clone());
-        }
         self.forwarded_headers(parts, &mut headers, &to);
         let body: Body = if bodiless {
             Empty::new().map_err(|never| match never {}).boxed()
@@ -131,77 +128,151 @@ impl Proxy {
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
+        if let Some(proto) = upgrade {
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let uri: Uri = format!("{}{path}", node.info.upstream)
+                .parse()
+                .map_err(|_| bad_upstream(node))?;
+            *req.uri_mut() = uri;
+            let h = req.headers_mut();
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, proto);
+            return self.upgrade(parts, req, node).await;
+        }
+        // A lane speaks HTTP/1.1 to the node itself: origin-form target, Host set here.
+        let (host, target) =
+            lane_target(&node.info.upstream, &parts.uri).ok_or_else(|| bad_upstream(node))?;
+        *req.uri_mut() = target;
+        req.headers_mut().insert(header::HOST, host);
+        let exchange = tokio::time::timeout(
+            self.cfg.response_timeout,
+            self.exchange(&node.info.upstream, req),
+        );
+        let (resp, lane) = match exchange.await {
+            Ok(Ok(r)) => {
+                self.failures.remove(&node.id);
+                r
+            }
+            // Only the node's own failures count toward passive health: a client that
+            // aborts or oversends its body must not be able to mark a node unhealthy.
+            Ok(Err(LaneError::Connect(e))) => return Err(self.failed(node, &e)),
+            Ok(Err(LaneError::Exchange(e))) if caused_by_limit(&e) => {
+                return Err(ApiError::PayloadTooLarge(limit as usize))
+            }
+            Ok(Err(LaneError::Exchange(e))) => {
+                tracing::debug!(node = %node.id, error = ?e, "upstream exchange failed");
+                return Err(ApiError::UpstreamUnavailable(format!(
+                    "the exchange with node {} failed",
+                    node.id
+                )));
+            }
+            Err(_) if bodiless => return Err(self.failed(node, "no response in time")),
+            Err(_) => {
+                return Err(ApiError::UpstreamUnavailable(format!(
+                    "node {} did not answer in time",
+                    node.id
+                )))
+            }
+        };
+        let (mut rp, body) = resp.into_parts();
+        strip_hop_by_hop(&mut rp.headers);
+        set_node(&mut rp.headers, node);
+        rp.version = Version::HTTP_11;
+        let body = self.lanes.body(body, lane);
+        Ok(Response::from_parts(
+            rp,
+            IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
+        ))
+    }
 
+    /// Sends `req` on a lane to `upstream` and waits for the response head. A pooled lane
+    /// that turns out closed before the request was written is replaced by a new one, once.
+    async fn exchange(
+        &self,
+        upstream: &str,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Lane), LaneError> {
+        let mut lane = self.lanes.get(upstream).await?;
+        match lane.exchange(req).await {
+            Ok(resp) => Ok((resp, lane)),
+            Err((_, Some(req))) if lane.reused() => {
+                let mut lane = self.lanes.connect(upstream).await?;
+                match lane.exchange(req).await {
+                    Ok(resp) => Ok((resp, lane)),
+                    Err((e, _)) => Err(LaneError::Exchange(e)),
+                }
+            }
+            Err((e, _)) => Err(LaneError::Exchange(e)),
+        }
+    }
+
+    /// Forwards an `Upgrade` request (WebSocket) over a connection of its own and, on `101`,
+    /// tunnels both upgraded connections.
+    async fn upgrade(
+        &self,
+        parts: &Parts,
+        req: Request<Body>,
+        node: &NodeEntry,
+    ) -> Result<Response<Body>, ApiError> {
         let mut resp =
             match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
                 Ok(Ok(r)) => {
                     self.failures.remove(&node.id);
                     r
                 }
-                // Only the node's own failures count toward passive health: a client that
-                // aborts or oversends its body must not be able to mark a node unhealthy.
                 Ok(Err(e)) if e.is_connect() => return Err(self.failed(node, &format!("{e:?}"))),
-                Ok(Err(e)) if caused_by_limit(&e) => {
-                    return Err(ApiError::PayloadTooLarge(limit as usize))
-                }
                 Ok(Err(e)) => {
-                    tracing::debug!(node = %node.id, error = ?e, "upstream exchange failed");
+                    tracing::debug!(node = %node.id, error = ?e, "upstream upgrade failed");
                     return Err(ApiError::UpstreamUnavailable(format!(
                         "the exchange with node {} failed",
                         node.id
                     )));
                 }
-                Err(_) if bodiless => return Err(self.failed(node, "no response in time")),
-                Err(_) => {
-                    return Err(ApiError::UpstreamUnavailable(format!(
-                        "node {} did not answer in time",
-                        node.id
-                    )))
-                }
+                Err(_) => return Err(self.failed(node, "no response in time")),
             };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() {
-            let client_side = parts.extensions.get::<OnUpgrade>().cloned();
-            let upstream_side = hyper::upgrade::on(&mut resp);
-            let Some(client_side) = client_side else {
-                return Err(ApiError::InvalidRequest(
-                    "this connection cannot be upgraded".into(),
-                ));
-            };
-            let slot = parts
-                .extensions
-                .get::<ConnInfo>()
-                .and_then(|i| i.slot.clone());
-            let idle = self.cfg.idle_timeout;
-            let open = OpenTunnel::new(&self.metrics);
-            tokio::spawn(async move {
-                tunnel(client_side, upstream_side, idle).await;
-                drop(open);
-                drop(slot);
-            });
-            let (mut rp, _) = resp.into_parts();
-            let keep = (
-                rp.headers.get(header::UPGRADE).cloned(),
-                rp.headers.get(header::CONNECTION).cloned(),
-            );
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The node declined the upgrade: its answer goes back as it is.
+            let (mut rp, body) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers);
-            if let (Some(u), Some(c)) = keep {
-                rp.headers.insert(header::UPGRADE, u);
-                rp.headers.insert(header::CONNECTION, c);
-            }
             set_node(&mut rp.headers, node);
-            return Ok(Response::from_parts(rp, super::full(Bytes::new())));
+            rp.version = Version::HTTP_11;
+            return Ok(Response::from_parts(
+                rp,
+                IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
+            ));
         }
-        let (mut rp, body) = resp.into_parts();
+        let client_side = parts.extensions.get::<OnUpgrade>().cloned();
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let Some(client_side) = client_side else {
+            return Err(ApiError::InvalidRequest(
+                "this connection cannot be upgraded".into(),
+            ));
+        };
+        let slot = parts
+            .extensions
+            .get::<ConnInfo>()
+            .and_then(|i| i.slot.clone());
+        let idle = self.cfg.idle_timeout;
+        let open = OpenTunnel::new(&self.metrics);
+        tokio::spawn(async move {
+            tunnel(client_side, upstream_side, idle).await;
+            drop(open);
+            drop(slot);
+        });
+        let (mut rp, _) = resp.into_parts();
+        let keep = (
+            rp.headers.get(header::UPGRADE).cloned(),
+            rp.headers.get(header::CONNECTION).cloned(),
+        );
         strip_hop_by_hop(&mut rp.headers);
+        if let (Some(u), Some(c)) = keep {
+            rp.headers.insert(header::UPGRADE, u);
+            rp.headers.insert(header::CONNECTION, c);
+        }
         set_node(&mut rp.headers, node);
-        rp.version = Version::HTTP_11;
-        Ok(Response::from_parts(
-            rp,
-            IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
-        ))
+        Ok(Response::from_parts(rp, super::full(Bytes::new())))
     }
 
     fn forwarded_headers(&self, parts: &Parts, h: &mut HeaderMap, to: &Forward<'_>) {
@@ -279,6 +350,29 @@ fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+fn bad_upstream(node: &NodeEntry) -> ApiError {
+    ApiError::UpstreamUnavailable(format!("bad upstream URL for {}", node.id))
+}
+
+/// The `Host` header and origin-form target for a request to `uri` forwarded to the node
+/// whose base URL is `upstream` (`http://10.0.0.5:8080`, or with a path prefix such as
+/// `https://node.example/media/`, which the target keeps).
+fn lane_target(upstream: &str, uri: &Uri) -> Option<(HeaderValue, Uri)> {
+    let rest = upstream.split_once("://").map_or(upstream, |(_, r)| r);
+    let (authority, base) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit('@').next().filter(|h| !h.is_empty())?;
+    let base = base.trim_end_matches('/');
+    let pq = uri.path_and_query();
+    let target = match pq {
+        // The common case copies nothing: the request's own path and query.
+        Some(pq) if base.is_empty() && pq.as_str().starts_with('/') => Uri::from(pq.clone()),
+        _ => format!("{base}{}", pq.map_or("/", |p| p.as_str()))
+            .parse()
+            .ok()?,
+    };
+    Some((HeaderValue::from_str(host).ok()?, target))
 }
 
 fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
@@ -474,6 +568,29 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::COOKIE));
+    }
+
+    #[test]
+    fn a_lane_request_names_the_nodes_host_and_keeps_its_base_path() {
+        let target = |up: &str, uri: &str| {
+            lane_target(up, &uri.parse().unwrap())
+                .map(|(h, t)| (h.to_str().unwrap().to_string(), t.to_string()))
+        };
+        let pair = |h: &str, t: &str| Some((h.to_string(), t.to_string()));
+        assert_eq!(
+            target("http://10.0.0.5:8080", "/rooms/a?x=1"),
+            pair("10.0.0.5:8080", "/rooms/a?x=1")
+        );
+        // HTTP/2 clients send absolute URIs: only the path and query go upstream.
+        assert_eq!(
+            target("http://[::1]:9000/", "http://router.example/rooms/a"),
+            pair("[::1]:9000", "/rooms/a")
+        );
+        assert_eq!(
+            target("https://user:pw@node.example/media/", "/rooms/a"),
+            pair("node.example", "/media/rooms/a")
+        );
+        assert_eq!(target("http://", "/rooms/a"), None);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! A tiny upstream meeting node for proxy tests: echoes WebSocket messages prefixed with its
 //! name, streams POST bodies straight back, answers GETs with the headers it saw, and can be
-//! told to hang (`/rooms/slow`). Registered with the router by hand-sent heartbeats.
+//! told to hang (`/rooms/slow`) or to close the connection after answering (`?close=1`).
+//! Counts the connections it accepts. Registered with the router by hand-sent heartbeats.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +29,7 @@ pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
     pub url: String,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,12 +38,15 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let n = name.to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             // Bounded: the test ends the task by aborting it.
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                count.fetch_add(1, Ordering::SeqCst);
                 let n = n.clone();
                 let svc = service_fn(move |req| {
                     let n = n.clone();
@@ -57,8 +64,14 @@ impl Upstream {
             name: name.to_string(),
             addr,
             url: format!("http://{addr}"),
+            accepted,
             task,
         }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Stops accepting (open connections end with their tasks' sockets).
@@ -143,5 +156,10 @@ async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
     );
     r.headers_mut()
         .insert("x-node-private", HeaderValue::from_static("1"));
+    if req.uri().query().is_some_and(|q| q.contains("close=1")) {
+        // hyper closes the connection after a response that says so.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }

@@ -1,0 +1,315 @@
+//! Upstream connections for proxy mode: a pool of HTTP/1.1 "lanes" per node, each lane one
+//! connection that is driven by the task of the request using it.
+//!
+//! hyper-util's pooled client runs every upstream connection in a task of its own: a
+//! forwarded request hands its head to that task, the task wakes to write it, wakes again to
+//! read the response, and hands the head and every body chunk back through channels — four
+//! or more cross-task wake-ups per request, which on a busy proxy cost more than the HTTP
+//! work itself (scheduler and futex time in profiles). A lane has no task: whoever holds it
+//! polls its connection, first while waiting for the response head ([`Lane::exchange`]) and
+//! then from the response body ([`LaneBody`]), so the downstream connection's task does the
+//! upstream I/O itself and a request costs no wake-up beyond the sockets' own.
+//!
+//! Ownership is the invariant: a lane is either in the pool (idle, nobody polls it) or owned
+//! by exactly one request. A response body that ends cleanly gives its lane back; one dropped
+//! early closes the connection (its state is unknown). An idle lane is checked before reuse
+//! (its connection polled once: a node that closed it shows up then) and dropped after
+//! `proxy.pool_idle_timeout`; a reaper prunes idle lanes of nodes that get no traffic.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{Request, Response, Uri};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use super::Body;
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// Why a lane could not be had or did not answer.
+#[derive(Debug)]
+pub enum LaneError {
+    /// No connection to the node (refused, unreachable, TLS failure, timeout).
+    Connect(String),
+    /// The exchange failed after the connection was open.
+    Exchange(hyper::Error),
+}
+
+/// One HTTP/1.1 connection to a node and the handle that sends requests on it.
+pub struct Lane {
+    send: http1::SendRequest<Body>,
+    /// `None` once the connection has ended (it must not be polled again).
+    conn: Option<http1::Connection<Io, Body>>,
+    /// The pool key of the node it belongs to.
+    key: Arc<str>,
+    /// Came out of the pool (a failure before the request was written may be retried).
+    reused: bool,
+}
+
+impl Lane {
+    /// Drives the connection's I/O; false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(conn) = &mut self.conn {
+            if let Poll::Ready(r) = Pin::new(conn).poll(cx) {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                self.conn = None;
+            }
+        }
+        self.conn.is_some()
+    }
+
+    /// Whether the lane can carry a new request now: its connection still open (polled once,
+    /// without a waker that matters) and ready for the next request.
+    fn reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx) && matches!(self.send.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Sends `req` and waits for the response head, driving the connection meanwhile. On a
+    /// failure before the request was written, the request comes back for another lane.
+    pub async fn exchange(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
+        let mut sent = std::pin::pin!(self.send.try_send_request(req));
+        let mut conn = self.conn.take();
+        let r = std::future::poll_fn(|cx| {
+            if let Some(c) = &mut conn {
+                if let Poll::Ready(r) = Pin::new(c).poll(cx) {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "upstream connection ended");
+                    }
+                    conn = None;
+                }
+            }
+            sent.as_mut().poll(cx)
+        })
+        .await;
+        self.conn = conn;
+        r.map_err(|mut e| {
+            let req = e.take_message();
+            (e.into_error(), req)
+        })
+    }
+}
+
+/// Idle lanes per node, most recently used last.
+struct Idle {
+    lanes: DashMap<Arc<str>, Vec<(Lane, Instant)>>,
+    max_per_node: usize,
+    timeout: Duration,
+}
+
+impl Idle {
+    fn put(&self, lane: Lane) {
+        if self.max_per_node == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut v = self.lanes.entry(lane.key.clone()).or_default();
+        v.retain(|(_, since)| now.duration_since(*since) < self.timeout);
+        if v.len() < self.max_per_node {
+            v.push((lane, now));
+        }
+    }
+
+    fn take(&self, key: &str) -> Option<Lane> {
+        let now = Instant::now();
+        let mut v = self.lanes.get_mut(key)?;
+        while let Some((mut lane, since)) = v.pop() {
+            if now.duration_since(since) < self.timeout && lane.reusable() {
+                lane.reused = true;
+                return Some(lane);
+            }
+        }
+        None
+    }
+
+    /// Drops expired and closed lanes; forgets nodes with none left.
+    fn prune(&self) {
+        let now = Instant::now();
+        self.lanes.retain(|_, v| {
+            v.retain_mut(|(lane, since)| {
+                now.duration_since(*since) < self.timeout && lane.reusable()
+            });
+            !v.is_empty()
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.lanes.iter().map(|e| e.value().len()).sum()
+    }
+}
+
+/// The lane pool: hands out idle lanes or opens new ones.
+pub struct Lanes {
+    connector: HttpsConnector<HttpConnector>,
+    connect_timeout: Duration,
+    idle: Arc<Idle>,
+}
+
+impl Lanes {
+    /// A pool keeping at most `max_idle_per_node` idle lanes per node, each for at most
+    /// `idle_timeout`. Inside a runtime, also starts the reaper (it stops with the pool).
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        connect_timeout: Duration,
+        max_idle_per_node: usize,
+        idle_timeout: Duration,
+    ) -> Lanes {
+        let idle = Arc::new(Idle {
+            lanes: DashMap::new(),
+            max_per_node: max_idle_per_node,
+            timeout: idle_timeout,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let period =
+                (idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            rt.spawn(reap(Arc::downgrade(&idle), period));
+        }
+        Lanes {
+            connector,
+            connect_timeout,
+            idle,
+        }
+    }
+
+    /// An idle lane to `upstream` (a base URL such as `http://10.0.0.5:8080`), or a new one.
+    pub async fn get(&self, upstream: &str) -> Result<Lane, LaneError> {
+        if let Some(lane) = self.idle.take(upstream) {
+            return Ok(lane);
+        }
+        self.connect(upstream).await
+    }
+
+    /// Opens a new lane to `upstream`.
+    pub async fn connect(&self, upstream: &str) -> Result<Lane, LaneError> {
+        let uri: Uri = upstream
+            .parse()
+            .map_err(|_| LaneError::Connect(format!("bad upstream URL {upstream:?}")))?;
+        let mut connector = self.connector.clone();
+        let open = async {
+            std::future::poll_fn(|cx| connector.poll_ready(cx))
+                .await
+                .map_err(|e| LaneError::Connect(e.to_string()))?;
+            let io = connector
+                .call(uri)
+                .await
+                .map_err(|e| LaneError::Connect(e.to_string()))?;
+            http1::Builder::new()
+                .handshake::<_, Body>(io)
+                .await
+                .map_err(|e| LaneError::Connect(e.to_string()))
+        };
+        let (send, conn) = tokio::time::timeout(self.connect_timeout, open)
+            .await
+            .map_err(|_| LaneError::Connect("connect timed out".into()))??;
+        Ok(Lane {
+            send,
+            conn: Some(conn),
+            key: Arc::from(upstream),
+            reused: false,
+        })
+    }
+
+    /// Wraps a response body so that it drives `lane` and gives it back when it ends.
+    pub fn body(&self, inner: Incoming, lane: Lane) -> LaneBody {
+        LaneBody {
+            inner,
+            lane: Some(lane),
+            home: Arc::downgrade(&self.idle),
+        }
+    }
+
+    /// Idle lanes in the pool (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+impl Lane {
+    /// Whether this lane came out of the pool rather than being opened for this request.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+}
+
+async fn reap(idle: Weak<Idle>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        match idle.upgrade() {
+            Some(idle) => idle.prune(),
+            None => return,
+        }
+    }
+}
+
+/// A response body that drives its lane's connection while it is read and returns the lane
+/// to the pool once it has ended.
+pub struct LaneBody {
+    inner: Incoming,
+    lane: Option<Lane>,
+    home: Weak<Idle>,
+}
+
+impl LaneBody {
+    fn release(&mut self) {
+        if let (Some(lane), Some(home)) = (self.lane.take(), self.home.upgrade()) {
+            home.put(lane);
+        }
+    }
+}
+
+impl HttpBody for LaneBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(lane) = &mut this.lane {
+            lane.drive(cx);
+        }
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.lane = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LaneBody {
+    /// A body dropped once it has ended (hyper drops bodies it knows are over without
+    /// polling them) gives its lane back; one dropped midway closes the connection.
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}

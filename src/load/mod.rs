@@ -76,8 +76,8 @@ pub struct LoadArgs {
     /// Constant-rate latency mode (wrk2-style): this many requests/s in total against
     /// --url, spread evenly over --connections persistent HTTP/1.1 connections, latency from
     /// each request's planned time; redirects are never followed. Uses --duration,
-    /// --connections, --timeout, --rooms, --zipf (0 = uniform), --path, --seed,
-    /// --max-requests, --json, --quiet.
+    /// --connections, --timeout, --rooms, --room-prefix, --zipf (0 = uniform), --path,
+    /// --seed, --max-requests, --json, --quiet.
     #[arg(
         long,
         value_name = "REQ_PER_S",
@@ -87,6 +87,10 @@ pub struct LoadArgs {
         ]
     )]
     pub constant_rate: Option<f64>,
+    /// Constant-rate mode: room names are this prefix and a number in 1..=--rooms (`r`
+    /// gives the names the compare script's wrk requests use).
+    #[arg(long, default_value = "room-", requires = "constant_rate")]
+    pub room_prefix: String,
     /// Run time in seconds.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub duration: Duration,
@@ -162,6 +166,7 @@ impl LoadArgs {
             connections: self.connections,
             timeout: self.timeout,
             rooms: self.rooms,
+            room_prefix: self.room_prefix.clone(),
             zipf_s: self.zipf,
             path: self.path.clone(),
             max_requests: self.max_requests as u64,

@@ -45,7 +45,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::report::{Percentiles, RateReport};
-use super::workload::room_name;
 
 /// How early a connection may wake for a planned send: Tokio's timer rounds deadlines up to
 /// the next millisecond, so waking up to 1 ms early keeps sends on schedule instead of
@@ -68,8 +67,10 @@ pub struct RateConfig {
     /// Per-request timeout (connect, or send to end of body); also the grace after
     /// `duration` before the hard stop.
     pub timeout: Duration,
-    /// Room names `room-0 .. room-{rooms-1}`.
+    /// Rooms `{room_prefix}1 ..= {room_prefix}{rooms}`.
     pub rooms: u32,
+    /// What room names start with (`r` matches the compare script's wrk requests).
+    pub room_prefix: String,
     /// Zipf exponent of room popularity; 0 = uniform (what wrk's rooms.lua does).
     pub zipf_s: f64,
     /// Request path with one `{room}`, appended to the target's path.
@@ -154,7 +155,8 @@ impl RateConfig {
         );
         for t in &self.targets {
             let t = Target::parse(t).context("--url")?;
-            let example = PathTemplate::new(&t.base_path, &self.path).for_room(0);
+            let example =
+                PathTemplate::new(&t.base_path, &self.path, &self.room_prefix).for_room(self.rooms);
             http::Uri::try_from(example.as_str())
                 .with_context(|| format!("--path gives {example:?}, which is not a valid path"))?;
         }
@@ -176,7 +178,7 @@ impl RateConfig {
     }
 }
 
-/// How rooms are drawn.
+/// How room numbers (`1..=rooms`) are drawn.
 #[derive(Debug, Clone, Copy)]
 enum RoomPick {
     Uniform(u32),
@@ -193,8 +195,8 @@ impl RoomPick {
 
     fn sample(&self, rng: &mut StdRng) -> u32 {
         match self {
-            RoomPick::Uniform(n) => rng.random_range(0..*n),
-            RoomPick::Zipf(z, n) => (z.sample(rng) as u32).clamp(1, *n) - 1,
+            RoomPick::Uniform(n) => rng.random_range(1..=*n),
+            RoomPick::Zipf(z, n) => (z.sample(rng) as u32).clamp(1, *n),
         }
     }
 }
@@ -202,21 +204,22 @@ impl RoomPick {
 /// Builds request paths from the template without re-parsing it per request.
 #[derive(Debug, Clone)]
 struct PathTemplate {
-    prefix: String,
-    suffix: String,
+    /// Everything up to the room number: base path, template head, room prefix.
+    head: String,
+    tail: String,
 }
 
 impl PathTemplate {
-    fn new(base_path: &str, template: &str) -> PathTemplate {
-        let (p, s) = template.split_once("{room}").unwrap_or((template, ""));
+    fn new(base_path: &str, template: &str, room_prefix: &str) -> PathTemplate {
+        let (h, t) = template.split_once("{room}").unwrap_or((template, ""));
         PathTemplate {
-            prefix: format!("{base_path}{p}"),
-            suffix: s.to_string(),
+            head: format!("{base_path}{h}{room_prefix}"),
+            tail: t.to_string(),
         }
     }
 
     fn for_room(&self, room: u32) -> String {
-        format!("{}{}{}", self.prefix, room_name(room), self.suffix)
+        format!("{}{room}{}", self.head, self.tail)
     }
 }
 
@@ -520,7 +523,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
             rate: cfg.rate,
             addr: addrs[c % targets.len()],
             host: HeaderValue::from_str(&t.authority).context("the URL's host")?,
-            path: PathTemplate::new(&t.base_path, &cfg.path),
+            path: PathTemplate::new(&t.base_path, &cfg.path, &cfg.room_prefix),
             rooms,
             seed: cfg.seed,
             timeout: cfg.timeout,
@@ -585,6 +588,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
             "connections": connections,
             "timeout_s": cfg.timeout.as_secs_f64(),
             "rooms": cfg.rooms,
+            "room_prefix": cfg.room_prefix,
             "zipf_s": cfg.zipf_s,
             "path": cfg.path,
             "seed": cfg.seed,
@@ -683,6 +687,7 @@ mod tests {
             connections,
             timeout: Duration::from_secs(5),
             rooms: 100,
+            room_prefix: "room-".into(),
             zipf_s: 1.1,
             path: "/rooms/{room}".into(),
             max_requests: 1_000_000,
@@ -743,7 +748,7 @@ mod tests {
         assert_eq!((r.planned, r.answered), (500, 500), "{}", r.table());
         assert_eq!(server.requests.load(Ordering::SeqCst), 500);
         let paths = server.paths.lock().unwrap().clone();
-        let expected: HashSet<String> = (0..10)
+        let expected: HashSet<String> = (1..=10)
             .map(|i| format!("/prefix/status?room=room-{i}"))
             .collect();
         assert_eq!(paths, expected, "uniform over 10 rooms hits all of them");
@@ -929,11 +934,18 @@ mod tests {
             "http://127.0.0.1:1",
             "--zipf",
             "0",
+            "--room-prefix",
+            "r",
         ])
         .unwrap();
         let cfg = a.rate_config().unwrap().expect("constant-rate mode");
         assert_eq!((cfg.rate, cfg.connections, cfg.zipf_s), (5000.0, 64, 0.0));
         assert_eq!(cfg.targets, vec!["http://127.0.0.1:1".to_string()]);
+        assert_eq!(cfg.room_prefix, "r");
+        assert!(
+            parse(&["--room-prefix", "r"]).is_err(),
+            "--room-prefix belongs to the constant-rate mode"
+        );
         assert!(parse(&["--url", "http://127.0.0.1:1"])
             .unwrap()
             .rate_config()

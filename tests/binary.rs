@@ -255,3 +255,90 @@ async fn the_one_command_demo_serves_joins() {
         .unwrap()
         .starts_with("media-"));
 }
+
+#[test]
+fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicking() {
+    for (args, says) in [
+        (
+            &["--constant-rate", "0", "--url", "http://127.0.0.1:9"][..],
+            "--constant-rate must be in",
+        ),
+        (
+            &[
+                "--constant-rate",
+                "100",
+                "--connections",
+                "0",
+                "--url",
+                "http://127.0.0.1:9",
+            ],
+            "--connections",
+        ),
+        (
+            &["--constant-rate", "100", "--url", "127.0.0.1:9"],
+            "http://",
+        ),
+        (&["--constant-rate", "100"], "needs a target"),
+    ] {
+        let out = clean_env(&mut Command::new(BIN))
+            .arg("load")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let port = free_port();
+    let _ceiling = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args(["load", "--ceiling-server", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the ceiling server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let json = std::env::temp_dir().join(format!("roomrouter-rate-{port}.json"));
+    let out = clean_env(&mut Command::new(BIN))
+        .args([
+            "load",
+            "--constant-rate",
+            "500",
+            "--duration",
+            "1",
+            "--connections",
+            "4",
+        ])
+        .args(["--url", &url, "--quiet", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("from plan (constant)") && table.contains("307: 500"),
+        "{table}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        (r["planned"].as_u64(), r["ok"].as_u64()),
+        (Some(500), Some(500)),
+        "{r}"
+    );
+}

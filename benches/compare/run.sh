@@ -9,9 +9,12 @@
 # Each target gets fresh demo nodes (`roomrouter demo-node`), then
 #   1. wrk (closed loop, max throughput): $DURATION s, $THREADS threads, $CONNS connections,
 #      random rooms out of $ROOMS (benches/compare/rooms.lua), path /status?room=rN;
-#   2. `roomrouter load` (open loop) at a fixed rate, latency measured from the planned send:
-#      $RATE joins/s (default 4000: what the harness itself sustains on 2 cores against the
-#      bare ceiling; RATE=half sets half the router-redirect wrk throughput), decisions only.
+#   2. `roomrouter load --constant-rate` (wrk2-style: open loop, constant rate, latency from
+#      each request's planned send, so no coordinated omission) for $DURATION s over
+#      $RATE_CONNS connections, uniform random rooms out of the same $ROOMS wrk used (so
+#      they are already placed: steady-state joins), decisions only. $RATE is
+#      `half` (default: half of the same target's wrk throughput, the "p99 at half of the
+#      maximum throughput" claim) or a number of requests/s for every target.
 # Prints a table with ratios to HAProxy and writes it to $OUT/results.md (+ raw outputs).
 # Installs haproxy, nginx and wrk with apt-get if missing. Stops everything it started.
 #
@@ -25,7 +28,8 @@ THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
 ROOMS=${ROOMS:-10000}
 NODES=${NODES:-3}
-RATE=${RATE:-4000}
+RATE=${RATE:-half}
+RATE_CONNS=${RATE_CONNS:-$CONNS}
 # Threads each front end under test gets (router runtime workers, HAProxy nbthread, nginx
 # worker_processes, the ceiling's runtime): the same budget for all. "auto" = their defaults
 # (one per core each).
@@ -49,7 +53,7 @@ fi
 
 echo "== building (release)"
 cargo build --release --quiet
-BIN=$PWD/target/release/roomrouter
+BIN=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/roomrouter
 
 rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 export ROOMROUTER_ADMIN_TOKEN="admin-$(rand)"
@@ -191,13 +195,13 @@ to_us() { # wrk value like 812.00us, 1.23ms, 2.01s -> microseconds
     else if (v ~ /s$/) print int(n * 1000000 + 0.5); else print "?" }'
 }
 
-declare -A RPS P50 P90 P99 OPEN_P50 OPEN_P99 OPEN_P999 OPEN_ERR NOTE
+declare -A RPS P50 P90 P99 CR_RATE CR_ACH CR_P50 CR_P99 CR_P999 CR_ERR NOTE
 
 wrk_prefix() { # NAME -> the path prefix wrk puts before the room number
   case $1 in router-lookup) echo "/v1/placement/r" ;; *) echo "/status?room=r" ;; esac
 }
 
-open_path() { # NAME -> the harness path template
+open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as wrk names them)
   case $1 in router-lookup) echo "/v1/placement/{room}" ;; *) echo "/status?room={room}" ;; esac
 }
 
@@ -215,19 +219,20 @@ run_wrk() { # NAME PORT
   echo "   wrk: ${RPS[$1]} req/s, p50 ${P50[$1]} us, p99 ${P99[$1]} us"
 }
 
-run_open() { # NAME PORT RATE
-  local j="$OUT/load-$1.json"
-  "$BIN" load --router "http://127.0.0.1:$2" --rate "$3" --duration "$DURATION" \
-    --rooms "$ROOMS" --path "$(open_path "$1")" --no-follow --connections "$CONNS" \
-    --quiet --json "$j" >"$OUT/load-$1.txt" 2>&1 || true
-  read -r OPEN_P50[$1] OPEN_P99[$1] OPEN_P999[$1] OPEN_ERR[$1] < <(python3 - "$j" <<'EOF'
+run_rate() { # NAME PORT RATE
+  local j="$OUT/rate-$1.json"
+  "$BIN" load --constant-rate "$3" --url "http://127.0.0.1:$2" --duration "$DURATION" \
+    --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
+    --path "$(open_path "$1")" --max-requests $(( $3 * DURATION + 1 )) \
+    --quiet --json "$j" >"$OUT/rate-$1.txt" 2>&1 || { cat "$OUT/rate-$1.txt" >&2; return 0; }
+  read -r CR_RATE[$1] CR_ACH[$1] CR_P50[$1] CR_P99[$1] CR_P999[$1] CR_ERR[$1] < <(python3 - "$j" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency_us"]
-print(l["p50"], l["p99"], l["p999"], r["completed"] - r["ok"])
+print(int(r["target_rate"]), int(r["achieved_per_s"]), l["p50"], l["p99"], l["p999"], r["planned"] - r["ok"])
 EOF
 )
-  echo "   open loop at $3/s: p50 ${OPEN_P50[$1]} us, p99 ${OPEN_P99[$1]} us, errors ${OPEN_ERR[$1]}"
+  echo "   constant rate ${CR_RATE[$1]}/s (achieved ${CR_ACH[$1]}/s): p50 ${CR_P50[$1]} us, p99 ${CR_P99[$1]} us, p99.9 ${CR_P999[$1]} us, not ok ${CR_ERR[$1]}"
 }
 
 bench() { # NAME
@@ -256,31 +261,28 @@ bench() { # NAME
     *) echo "unknown target $name" >&2; return 1 ;;
   esac
   run_wrk "$name" "$port"
-  if [ "$RATE" = half ]; then
-    RATE=$(( ${RPS[router-redirect]:-${RPS[$name]}} / 2 ))
-    echo "   open-loop rate for every target: $RATE/s (half the first measured throughput)"
+  local rate=$RATE
+  if [ "$RATE" = half ]; then rate=$(( ${RPS[$name]:-0} / 2 )); fi
+  if [ "$rate" -gt 0 ] 2>/dev/null; then
+    run_rate "$name" "$port" "$rate"
+  else
+    NOTE[$name]="${NOTE[$name]:-}no constant-rate run (rate $rate); "
   fi
-  run_open "$name" "$port" "$RATE"
   stop_started
 }
 
-# The router's throughput sets the open-loop rate, so measure it first.
-ordered=""
-for t in router-redirect $TARGETS; do
-  case " $ordered " in *" $t "*) ;; *) case " $TARGETS " in *" $t "*) ordered="$ordered $t" ;; esac ;; esac
-done
-for t in $ordered; do bench "$t"; done
+for t in $TARGETS; do bench "$t"; done
 
 {
-  echo "| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | open-loop p50 µs @${RATE}/s | p99 µs | p99.9 µs | errors | note |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  echo "| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | not ok | note |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for t in $TARGETS; do
     if [ -z "${RPS[$t]:-}" ]; then
-      echo "| $t | - | - | - | - | - | - | - | - | - | ${NOTE[$t]:-not run} |"
+      echo "| $t | - | - | - | - | - | - | - | - | - | - | - | ${NOTE[$t]:-not run} |"
       continue
     fi
     ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[haproxy]:-0}" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-    echo "| $t | ${RPS[$t]} | $ratio | ${P50[$t]} | ${P90[$t]} | ${P99[$t]} | ${OPEN_P50[$t]} | ${OPEN_P99[$t]} | ${OPEN_P999[$t]} | ${OPEN_ERR[$t]} | ${NOTE[$t]:-} |"
+    echo "| $t | ${RPS[$t]} | $ratio | ${P50[$t]} | ${P90[$t]} | ${P99[$t]} | ${CR_RATE[$t]:--} | ${CR_ACH[$t]:--} | ${CR_P50[$t]:--} | ${CR_P99[$t]:--} | ${CR_P999[$t]:--} | ${CR_ERR[$t]:--} | ${NOTE[$t]:-} |"
   done
   if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-redirect]:-}" ]; then
     awk -v a="${RPS[router-redirect]}" -v b="${RPS[ceiling]}" \
@@ -291,5 +293,6 @@ for t in $ordered; do bench "$t"; done
       'BEGIN { printf "router-lookup / bare-307 ceiling: %.2fx\n", a / b }'
   fi
   echo
+  echo "constant rate: RATE=$RATE (half = half of each target's own wrk req/s), $RATE_CONNS connections, ${DURATION}s, latency from the planned send"
   echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
 } | tee "$OUT/results.md"

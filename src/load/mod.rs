@@ -9,9 +9,14 @@
 //! latency (HdrHistogram), throughput, errors by code, split rooms ([`split`]), rooms moved
 //! and node utilization over time. [`report`] prints the table and writes the JSON.
 //! [`ceiling`] is the bare-307 server benchmarks compare the router against.
+//!
+//! `--constant-rate R` switches to [`rate`]: a lean wrk2-style latency measurement (one
+//! hyper HTTP/1.1 connection per task, decisions only, latency from each request's planned
+//! time) for rates the user-modelling engine cannot reach.
 
 pub mod ceiling;
 pub mod engine;
+pub mod rate;
 pub mod report;
 pub mod split;
 pub mod workload;
@@ -23,7 +28,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 pub use engine::{run, ClusterSpec, LoadConfig};
-pub use report::LoadReport;
+pub use rate::RateConfig;
+pub use report::{LoadReport, RateReport};
 pub use split::SplitDetector;
 pub use workload::{Burst, Dist, WorkloadSpec};
 
@@ -50,8 +56,9 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
     /// Router base URL (repeatable: round-robin over several routers). Without it, the
-    /// harness starts a router and --nodes demo nodes on loopback itself.
-    #[arg(long = "router")]
+    /// harness starts a router and --nodes demo nodes on loopback itself. `--url` is the
+    /// same flag (the constant-rate mode's target).
+    #[arg(long = "router", visible_alias = "url")]
     pub routers: Vec<String>,
     /// Self-started cluster: number of demo nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -66,6 +73,24 @@ pub struct LoadArgs {
     /// Target joins per second (open loop; bursts come on top).
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
+    /// Constant-rate latency mode (wrk2-style): this many requests/s in total against
+    /// --url, spread evenly over --connections persistent HTTP/1.1 connections, latency from
+    /// each request's planned time; redirects are never followed. Uses --duration,
+    /// --connections, --timeout, --rooms, --room-prefix, --zipf (0 = uniform), --path,
+    /// --seed, --max-requests, --json, --quiet.
+    #[arg(
+        long,
+        value_name = "REQ_PER_S",
+        conflicts_with_all = [
+            "rate", "bursts", "size_hints", "node_capacity", "add_node_at", "kill_node_at",
+            "ceiling_server",
+        ]
+    )]
+    pub constant_rate: Option<f64>,
+    /// Constant-rate mode: room names are this prefix and a number in 1..=--rooms (`r`
+    /// gives the names the compare script's wrk requests use).
+    #[arg(long, default_value = "room-", requires = "constant_rate")]
+    pub room_prefix: String,
     /// Run time in seconds.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub duration: Duration,
@@ -129,6 +154,29 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
+    /// The constant-rate mode's configuration, checked (`None` without `--constant-rate`).
+    pub fn rate_config(&self) -> anyhow::Result<Option<RateConfig>> {
+        let Some(rate) = self.constant_rate else {
+            return Ok(None);
+        };
+        let cfg = RateConfig {
+            targets: self.routers.clone(),
+            rate,
+            duration: self.duration,
+            connections: self.connections,
+            timeout: self.timeout,
+            rooms: self.rooms,
+            room_prefix: self.room_prefix.clone(),
+            zipf_s: self.zipf,
+            path: self.path.clone(),
+            max_requests: self.max_requests as u64,
+            seed: self.seed,
+            progress: !self.quiet,
+        };
+        cfg.check()?;
+        Ok(Some(cfg))
+    }
+
     /// The engine's configuration, checked.
     pub fn config(&self) -> anyhow::Result<LoadConfig> {
         anyhow::ensure!(
@@ -192,8 +240,22 @@ impl LoadArgs {
     }
 }
 
-/// Runs `roomrouter load`: the ceiling server, or one load test (table to stdout, JSON to
-/// `--json`). Fails when any room was split, so scripts notice.
+/// Writes `report` as pretty JSON to `path`, if one was given, and says where.
+fn write_json(
+    path: Option<&std::path::Path>,
+    report: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("  json       {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs `roomrouter load`: the ceiling server, a constant-rate measurement, or one load test
+/// (table to stdout, JSON to `--json`). A load test fails when any room was split, so
+/// scripts notice.
 pub async fn run_cli(args: &LoadArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.ceiling_server {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -206,13 +268,14 @@ pub async fn run_cli(args: &LoadArgs) -> anyhow::Result<()> {
         ceiling::serve_bare_307(listener, crate::service::shutdown_signal()).await;
         return Ok(());
     }
+    if let Some(cfg) = args.rate_config()? {
+        let report = rate::run(cfg).await?;
+        print!("{}", report.table());
+        return write_json(args.json.as_deref(), &report);
+    }
     let report = run(args.config()?).await?;
     print!("{}", report.table());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        println!("  json       {}", path.display());
-    }
+    write_json(args.json.as_deref(), &report)?;
     anyhow::ensure!(
         report.split_rooms == 0,
         "{} split room(s): the router sent one room's participants to two nodes",

@@ -1,5 +1,5 @@
 //! The load harness's results: a serializable [`LoadReport`] (the JSON file) and its
-//! readable table.
+//! readable table, and the same for the constant-rate mode ([`RateReport`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -148,37 +148,10 @@ impl LoadReport {
             "  joins      scheduled {}  completed {}  ok {}  in {:.2} s  = {:.0} joins/s",
             self.scheduled, self.completed, self.ok, self.elapsed_s, self.throughput_per_s
         );
-        let _ = writeln!(
-            s,
-            "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency", "p50", "p90", "p99", "p99.9", "max", "mean"
-        );
-        for (name, p) in [
-            ("from schedule (open)", &self.latency_us),
-            ("service (from send)", &self.service_us),
-        ] {
-            let _ = writeln!(
-                s,
-                "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                name,
-                us(p.p50),
-                us(p.p90),
-                us(p.p99),
-                us(p.p999),
-                us(p.max),
-                us(p.mean.round() as u64)
-            );
-        }
-        let errs = |m: &BTreeMap<String, u64>| {
-            if m.is_empty() {
-                "none".to_string()
-            } else {
-                m.iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        };
+        latency_header(&mut s);
+        latency_row(&mut s, "from schedule (open)", &self.latency_us);
+        latency_row(&mut s, "service (from send)", &self.service_us);
+        let errs = counts::<String>;
         let _ = writeln!(s, "  errors     {}", errs(&self.errors));
         let _ = writeln!(
             s,
@@ -230,6 +203,100 @@ impl LoadReport {
         for e in &self.events {
             let _ = writeln!(s, "  event      {e}");
         }
+        s
+    }
+}
+
+/// What one constant-rate run measured (`roomrouter load --constant-rate`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RateReport {
+    /// The target URLs.
+    pub target: String,
+    pub settings: serde_json::Value,
+    /// Requests per second asked for.
+    pub target_rate: f64,
+    pub connections: usize,
+    /// Requests in the plan: `floor(rate x duration)`.
+    pub planned: u64,
+    /// Requests that left (the rest were not sent by the hard stop).
+    pub sent: u64,
+    /// Requests that got an HTTP answer (any status).
+    pub answered: u64,
+    /// Answers with a 2xx or 3xx status.
+    pub ok: u64,
+    /// From the planned start to the last answer.
+    pub elapsed_s: f64,
+    /// Answers per second of `elapsed_s`.
+    pub achieved_per_s: f64,
+    /// Sends that left more than 1 ms after their planned time (the client fell behind,
+    /// or a connection waited for a slow answer).
+    pub late_sends: u64,
+    /// Connections opened during the run (after a close, timeout or failure).
+    pub reconnects: u64,
+    /// Latency of answered requests from the *planned* send time (no coordinated omission).
+    pub latency_us: Percentiles,
+    /// Latency of answered requests from the actual send (what a closed loop would report).
+    pub service_us: Percentiles,
+    /// Answers by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests without an answer, by kind (`timeout`, `connect`, `closed`, `transport`,
+    /// `not sent by the hard stop`).
+    pub errors: BTreeMap<String, u64>,
+}
+
+fn latency_header(s: &mut String) {
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "latency", "p50", "p90", "p99", "p99.9", "max", "mean"
+    );
+}
+
+fn latency_row(s: &mut String, name: &str, p: &Percentiles) {
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        name,
+        us(p.p50),
+        us(p.p90),
+        us(p.p99),
+        us(p.p999),
+        us(p.max),
+        us(p.mean.round() as u64)
+    );
+}
+
+fn counts<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
+    if m.is_empty() {
+        "none".to_string()
+    } else {
+        m.iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl RateReport {
+    /// The readable table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "roomrouter load --constant-rate: {}", self.target);
+        let _ = writeln!(
+            s,
+            "  requests   planned {}  sent {}  answered {}  ok {}  in {:.2} s",
+            self.planned, self.sent, self.answered, self.ok, self.elapsed_s
+        );
+        let _ = writeln!(
+            s,
+            "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {}",
+            self.target_rate, self.achieved_per_s, self.connections, self.late_sends, self.reconnects
+        );
+        latency_header(&mut s);
+        latency_row(&mut s, "from plan (constant)", &self.latency_us);
+        latency_row(&mut s, "service (from send)", &self.service_us);
+        let _ = writeln!(s, "  statuses   {}", counts(&self.statuses));
+        let _ = writeln!(s, "  errors     {}", counts(&self.errors));
         s
     }
 }

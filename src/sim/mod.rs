@@ -200,6 +200,9 @@ struct Sampler {
     peak: f64,
     /// Highest offered utilization: (present + refused on the node) / capacity.
     offered_peak: f64,
+    /// When the offered peak was first reached, and the cluster's mean utilization then.
+    offered_peak_at: Millis,
+    mean_at_offered_peak: f64,
     over: u64,
 }
 
@@ -384,6 +387,8 @@ impl<'a> Sim<'a> {
     fn sample_until(&mut self, t: Millis) {
         let stop = t.min(self.w.measure_until);
         while self.next_sample < stop {
+            // This sample is the state after every event at or before `at`.
+            let at = self.next_sample;
             self.next_sample += self.cfg.sample_ms;
             let (mut load, mut cap, mut max_u, mut over) = (0.0, 0.0, 0.0f64, false);
             let mut max_offered = 0.0f64;
@@ -398,7 +403,11 @@ impl<'a> Sim<'a> {
             let s = &mut self.sampler;
             s.samples += 1;
             s.peak = s.peak.max(max_u);
-            s.offered_peak = s.offered_peak.max(max_offered);
+            if max_offered > s.offered_peak {
+                s.offered_peak = max_offered;
+                s.offered_peak_at = at;
+                s.mean_at_offered_peak = if cap > 0.0 { load / cap } else { 0.0 };
+            }
             s.over += over as u64;
             if cap > 0.0 && load / cap >= self.cfg.busy_threshold {
                 s.busy += 1;
@@ -712,6 +721,8 @@ impl<'a> Sim<'a> {
             busy_share: sm.busy as f64 / sm.samples.max(1) as f64,
             peak_utilization: sm.peak,
             offered_peak: sm.offered_peak,
+            offered_peak_at: sm.offered_peak_at,
+            mean_at_offered_peak: sm.mean_at_offered_peak,
             over_capacity_share: sm.over as f64 / sm.samples.max(1) as f64,
             joins: self.joins,
             refusals: self.refusals_measured,

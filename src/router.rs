@@ -411,9 +411,13 @@ impl<S: PinStore> Router<S> {
         intent: Intent,
         now: Millis,
     ) {
+        // The room may still hold a reservation from an earlier placement: re-placed, or
+        // ended where this router did not see it end (its pin released by another router)
+        // and created again before that reservation lapsed. Release it first: overwritten in
+        // the book, it would stay counted on its node for good.
+        let snap = self.cluster.snapshot();
+        self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
         if replaced {
-            let snap = self.cluster.snapshot();
-            self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
             self.metrics.decision(Decided::Replaced);
         }
         let hint = size.map(|s| s.min(self.placement.max_size_hint));

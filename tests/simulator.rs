@@ -1,7 +1,7 @@
 //! The placement simulator reproduces known properties of the policies it compares.
 //! Small, bounded runs: each finishes in well under a second in debug builds.
 
-use roomrouter::sim::standard::{run_all, Options};
+use roomrouter::sim::standard::{run_all, run_workload, Options};
 use roomrouter::sim::trace::parse_trace;
 use roomrouter::sim::workload::{
     generate, HintMode, Session, StandardWorkload, Stay, Workload, WorkloadParams, MINUTE, SECOND,
@@ -188,4 +188,27 @@ fn a_standard_run_prints_a_table_and_round_trips_through_json() {
     let back: Report = serde_json::from_str(&report.to_json().unwrap()).unwrap();
     assert_eq!(back.workloads.len(), 1);
     assert_eq!(back.workloads[0].results.len(), Policy::standard().len());
+}
+
+#[test]
+fn no_policy_peaks_below_the_cluster_mean_at_the_busiest_moment() {
+    let cfg = small_cluster(6);
+    for kind in StandardWorkload::SCHOOL_DAYS {
+        let w = generate(kind, HintMode::Exact, &small_params(6));
+        let r = run_workload(&w, &Policy::standard(), &cfg);
+        assert!(r.peak_mean > 0.3, "{}: {}", w.name, r.peak_mean);
+        for p in &r.results {
+            // Joins no node could take are in no node's offered load.
+            if p.refusals_no_capacity == 0 {
+                assert!(
+                    p.offered_peak >= r.peak_mean,
+                    "{} on {}: {} < {}",
+                    p.policy,
+                    w.name,
+                    p.offered_peak,
+                    r.peak_mean
+                );
+            }
+        }
+    }
 }

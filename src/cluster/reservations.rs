@@ -28,7 +28,10 @@ pub struct ReservationBook {
 }
 
 impl ReservationBook {
-    /// Reserves `size` units for a room just placed on `node`.
+    /// Reserves `size` units for a room just placed on `node`. The caller releases any
+    /// earlier reservation of the room first ([`ReservationBook::release`]); one that is
+    /// still there (a racing placement of the same room) is released here if it is on the
+    /// same node, the only counters at hand.
     pub fn reserve(
         &self,
         room: &RoomKey,
@@ -47,9 +50,9 @@ impl ReservationBook {
                 res,
             },
         ) {
-            // A re-placement replaces the old reservation; the caller handed us the new node's
-            // live counters, so the old one is released through `release_on`.
-            let _ = old;
+            if &old.node == node {
+                live.add_reserved(-i64::from(old.res.outstanding()));
+            }
         }
     }
 
@@ -242,6 +245,17 @@ mod tests {
         book.observe(&room("r"), &n, &live, 3, 2);
         assert_eq!(live.reserved_units(), 0.0);
         assert!(book.is_empty());
+    }
+
+    #[test]
+    fn reserving_a_room_again_on_its_node_replaces_what_it_still_held() {
+        let book = ReservationBook::default();
+        let live = Live::default();
+        let n = NodeId::parse("a").unwrap();
+        book.reserve(&room("r"), &n, &live, 5, 0, 1_000);
+        book.reserve(&room("r"), &n, &live, 3, 10, 1_000);
+        assert_eq!(live.reserved_units(), 3.0);
+        assert_eq!(book.len(), 1);
     }
 
     #[test]

@@ -326,6 +326,32 @@ async fn new_rooms_reserve_their_expected_size() {
 }
 
 #[tokio::test]
+async fn a_room_created_again_before_its_reservation_lapsed_is_reserved_once() {
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let key = room("class");
+    let hints = Hints::default();
+    let create = |size| r.place(&key, &hints, Some(size), Intent::Lookup { create: true });
+    let first = create(30).await.unwrap();
+    // The room ends where this router does not see it (another router released the pin), and
+    // is created again within the reservation's lifetime.
+    assert!(r
+        .store
+        .release_if(&room("class"), &first.node.id)
+        .await
+        .unwrap());
+    let again = create(20).await.unwrap();
+    assert!(again.created);
+    let snap = r.cluster.snapshot();
+    let reserved: f64 = ["a", "b"]
+        .iter()
+        .map(|n| snap.get(&id(n)).unwrap().live.reserved_units())
+        .sum();
+    assert!((reserved - 20.0).abs() < 1e-9, "reserved {reserved}");
+}
+
+#[tokio::test]
 async fn learned_history_sizes_the_next_session() {
     let r = router();
     beat(&r, "a", 1000.0, 0.0, None).await;

@@ -200,6 +200,9 @@ struct Sampler {
     peak: f64,
     /// Highest offered utilization: (present + refused on the node) / capacity.
     offered_peak: f64,
+    /// When the offered peak was first reached, and the cluster's mean utilization then.
+    offered_peak_at: Millis,
+    mean_at_offered_peak: f64,
     over: u64,
 }
 
@@ -218,7 +221,9 @@ struct Sim<'a> {
     ring: Ring,
     rooms: Vec<Room>,
     presence: Vec<Vec<Presence>>,
-    history: HashMap<u64, u32>,
+    /// Learned room sizes as the router's `RoomHistory` keeps them: the peaks of a room's
+    /// last three sessions, newest first; the expected size is the largest.
+    history: HashMap<u64, [u32; 3]>,
     heap: BinaryHeap<Reverse<(Millis, u64, Ev)>>,
     seq: u64,
     view: Vec<ViewNode>,
@@ -384,6 +389,8 @@ impl<'a> Sim<'a> {
     fn sample_until(&mut self, t: Millis) {
         let stop = t.min(self.w.measure_until);
         while self.next_sample < stop {
+            // This sample is the state after every event at or before `at`.
+            let at = self.next_sample;
             self.next_sample += self.cfg.sample_ms;
             let (mut load, mut cap, mut max_u, mut over) = (0.0, 0.0, 0.0f64, false);
             let mut max_offered = 0.0f64;
@@ -398,7 +405,11 @@ impl<'a> Sim<'a> {
             let s = &mut self.sampler;
             s.samples += 1;
             s.peak = s.peak.max(max_u);
-            s.offered_peak = s.offered_peak.max(max_offered);
+            if max_offered > s.offered_peak {
+                s.offered_peak = max_offered;
+                s.offered_peak_at = at;
+                s.mean_at_offered_peak = if cap > 0.0 { load / cap } else { 0.0 };
+            }
             s.over += over as u64;
             if cap > 0.0 && load / cap >= self.cfg.busy_threshold {
                 s.busy += 1;
@@ -569,9 +580,16 @@ impl<'a> Sim<'a> {
 
     /// Books the room's expected size on `node` in router `r`.
     fn reserve(&mut self, t: Millis, s: usize, r: usize, node: usize) {
-        let history = self.history.get(&self.rooms[s].hash).copied();
+        let history = self
+            .history
+            .get(&self.rooms[s].hash)
+            .and_then(|peaks| peaks.iter().copied().max());
         let (size, _) = expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve);
         let router = &mut self.routers[r];
+        // A re-placement replaces the room's old reservation: what it still held is released.
+        for b in router.book.iter().filter(|b| b.session == s) {
+            router.reserved[b.node] -= b.r.outstanding() as f64;
+        }
         router.book.retain(|b| b.session != s);
         router.book.push(Booked {
             session: s,
@@ -591,7 +609,8 @@ impl<'a> Sim<'a> {
                 if room.present == 0 {
                     // The node reports the room empty: the pin is released and its peak learned.
                     room.pin = None;
-                    self.history.insert(room.hash, room.peak);
+                    let peaks = self.history.entry(room.hash).or_default();
+                    *peaks = [room.peak, peaks[0], peaks[1]];
                     room.peak = 0;
                 }
             }
@@ -618,7 +637,9 @@ impl<'a> Sim<'a> {
                     return true;
                 }
                 b.r.observe(rooms[b.session].on_node(i));
-                let keep = !b.r.is_done(t);
+                // A room that ended (its pin was released when it emptied) is no longer
+                // reported: the router releases its reservation, as `Router::end_room` does.
+                let keep = !b.r.is_done(t) && rooms[b.session].pin.is_some();
                 if keep {
                     reserved += b.r.outstanding() as f64;
                 }
@@ -712,6 +733,8 @@ impl<'a> Sim<'a> {
             busy_share: sm.busy as f64 / sm.samples.max(1) as f64,
             peak_utilization: sm.peak,
             offered_peak: sm.offered_peak,
+            offered_peak_at: sm.offered_peak_at,
+            mean_at_offered_peak: sm.mean_at_offered_peak,
             over_capacity_share: sm.over as f64 / sm.samples.max(1) as f64,
             joins: self.joins,
             refusals: self.refusals_measured,
@@ -774,6 +797,50 @@ mod tests {
             assert!(r.peak_utilization > 0.0, "{r:?}");
             assert_eq!(r.offered_peak, r.peak_utilization, "{}", r.policy);
         }
+    }
+
+    #[test]
+    fn a_recurring_room_reserves_the_largest_of_its_recent_sessions_as_the_router_does() {
+        // "big" had 10 participants, then 2. Its third session starts on the empty node just
+        // before room "x" (12 participants) is placed; the other node holds 4. Expecting 10
+        // (the router's history: the largest recent peak), x goes to the other node; expecting
+        // 2 (the last peak only), x would join big's node and overfill it when big fills up.
+        let mut t = String::new();
+        let mut add = |room: &str, n: u32, join: u32, leave: u32| {
+            for k in 0..n {
+                t += &format!("{}.{k:02} {room} join\n{leave} {room} leave\n", join);
+            }
+        };
+        add("long", 4, 0, 1_000);
+        add("big", 10, 10, 100);
+        add("big", 2, 200, 300);
+        add("big", 1, 400, 1_000);
+        add("x", 12, 401, 1_000);
+        add("big", 9, 430, 1_000);
+        let w = parse_trace(&t, "t").unwrap();
+        let mut cfg = SimConfig::new(2, 20.0, 1, 10_000, 1);
+        cfg.new_room_reserve = 1;
+        let r = simulate(&w, Policy::DEFAULT, &cfg);
+        assert_eq!(r.refusals, 0, "{r:?}");
+        assert_eq!(r.offered_peak, 16.0 / 20.0, "{r:?}");
+    }
+
+    #[test]
+    fn a_room_that_ended_releases_its_reservation_at_its_nodes_next_report() {
+        // "a" expects 15 but its one participant leaves after 5 s; "long" holds 4 on the
+        // other node. At 30 s "c" (12) goes to a's node, now empty: a's reservation went with
+        // the room, it does not wait out its five minutes.
+        let mut t = String::from("0 long join 4\n0.5 a join 15\n5 a leave\n30 c join 12\n");
+        for k in 1..4 {
+            t += &format!("0.{k} long join\n");
+        }
+        for k in 1..12 {
+            t += &format!("30.{k:02} c join\n");
+        }
+        let w = parse_trace(&t, "t").unwrap();
+        let cfg = SimConfig::new(2, 20.0, 1, 10_000, 1);
+        let r = simulate(&w, Policy::DEFAULT, &cfg);
+        assert_eq!(r.offered_peak, 12.0 / 20.0, "{r:?}");
     }
 
     #[test]

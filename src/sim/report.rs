@@ -27,6 +27,10 @@ pub struct PolicyResult {
     /// Highest offered utilization of any node: participants present plus those refused
     /// because their room is pinned there (`node_full`), for the stay they would have had.
     pub offered_peak: f64,
+    /// When (ms into the run) the offered peak was first reached.
+    pub offered_peak_at: u64,
+    /// The cluster's mean (realized) utilization at that moment.
+    pub mean_at_offered_peak: f64,
     /// Share of the measured time any node was over its capacity.
     pub over_capacity_share: f64,
     /// Participants who asked to join (over the whole run).
@@ -54,6 +58,11 @@ pub struct PolicyResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkloadResult {
     pub workload: String,
+    /// The cluster's mean utilization at the workload's busiest moment (participants present
+    /// then / total capacity): no policy's peak can be below it. See `Workload::peak_demand`.
+    pub peak_mean: f64,
+    /// When that moment is (ms into the run).
+    pub peak_mean_at: u64,
     pub results: Vec<PolicyResult>,
 }
 
@@ -96,6 +105,12 @@ pub struct Report {
     pub targets: Vec<TargetCheck>,
 }
 
+/// `ms` into the run as `h:mm:ss`.
+pub fn clock(ms: u64) -> String {
+    let s = ms / 1_000;
+    format!("{}:{:02}:{:02}", s / 3_600, s / 60 % 60, s % 60)
+}
+
 fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.2}"))
 }
@@ -103,6 +118,12 @@ fn opt(v: Option<f64>) -> String {
 impl fmt::Display for WorkloadResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "== {}", self.workload)?;
+        writeln!(
+            f,
+            "lower bound: cluster mean {:.3} at its busiest moment ({}); no peak can be lower",
+            self.peak_mean,
+            clock(self.peak_mean_at)
+        )?;
         writeln!(
             f,
             "{:<26} {:>8} {:>6} {:>7} {:>7} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8} {:>6}",

@@ -3,8 +3,10 @@
 //! A [`Workload`] is plain data (room sessions, each with its participants' stays, plus the
 //! burst windows and the scale-out / failure times), so the very same workload is replayed
 //! through every policy. The three standard workloads of the simulator issue live here:
-//! steady small rooms, steady heavy-tailed rooms and the school day, each with size hints
-//! absent, noisy or exact. Hints come from their own random stream, so the three hint modes
+//! steady small rooms, steady heavy-tailed rooms and the school day (also on a cluster sized
+//! with the headroom operators plan for), each with size hints absent, noisy or exact.
+//! [`Workload::peak_demand`] is the busiest moment of a workload, the lower bound of every
+//! policy's peak. Hints come from their own random stream, so the three hint modes
 //! of a workload have identical sessions.
 
 use rand::rngs::StdRng;
@@ -61,6 +63,44 @@ pub struct Workload {
     pub end: Millis,
 }
 
+impl Workload {
+    /// The busiest moment of the measured part: the most participants present at once and
+    /// when, sampled as the simulator samples (the state after every join and leave at or
+    /// before each multiple of `sample_ms`, before `measure_until`). It depends on the
+    /// workload alone: whatever a policy does, the total load on the nodes at that moment
+    /// is this (less any joins no node could take), so the busiest node is at least this
+    /// divided by the total capacity. Every policy's peak is bounded below by it.
+    pub fn peak_demand(&self, sample_ms: Millis) -> (u32, Millis) {
+        let mut joins: Vec<Millis> = self.all_stays().map(|s| s.join).collect();
+        let mut leaves: Vec<Millis> = self.all_stays().map(|s| s.leave).collect();
+        joins.sort_unstable();
+        leaves.sort_unstable();
+        let (mut j, mut l) = (0, 0);
+        let mut best = (0u32, 0);
+        let step = sample_ms.max(1);
+        let mut t = 0;
+        while t < self.measure_until {
+            while j < joins.len() && joins[j] <= t {
+                j += 1;
+            }
+            while l < leaves.len() && leaves[l] <= t {
+                l += 1;
+            }
+            // A stay that has left has joined: j >= l.
+            let present = (j - l) as u32;
+            if present > best.0 {
+                best = (present, t);
+            }
+            t += step;
+        }
+        best
+    }
+
+    fn all_stays(&self) -> impl Iterator<Item = &Stay> {
+        self.sessions.iter().flat_map(|s| &s.stays)
+    }
+}
+
 /// Which of the standard workloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -71,13 +111,24 @@ pub enum StandardWorkload {
     HeavyTailed,
     /// (c) hundreds of rooms starting within a minute every hour, growing over minutes.
     SchoolDay,
+    /// (c') the school day on a cluster sized as operators size one: fewer lesson rooms per
+    /// node, so that the cluster's mean at its busiest moment is about 60% (the standard
+    /// school day runs it at about 77%).
+    SchoolDaySized,
 }
 
 impl StandardWorkload {
-    pub const ALL: [StandardWorkload; 3] = [
+    pub const ALL: [StandardWorkload; 4] = [
         StandardWorkload::SmallRooms,
         StandardWorkload::HeavyTailed,
         StandardWorkload::SchoolDay,
+        StandardWorkload::SchoolDaySized,
+    ];
+
+    /// The school days, for the checks that concern them.
+    pub const SCHOOL_DAYS: [StandardWorkload; 2] = [
+        StandardWorkload::SchoolDay,
+        StandardWorkload::SchoolDaySized,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +136,7 @@ impl StandardWorkload {
             StandardWorkload::SmallRooms => "small_rooms",
             StandardWorkload::HeavyTailed => "heavy_tailed",
             StandardWorkload::SchoolDay => "school_day",
+            StandardWorkload::SchoolDaySized => "school_day_sized",
         }
     }
 }
@@ -130,6 +182,8 @@ pub struct WorkloadParams {
     pub lessons: u32,
     /// School day: rooms starting per lesson, per node of the initial cluster.
     pub lesson_rooms_per_node: f64,
+    /// The sized school day: the same, with this many rooms per lesson and node.
+    pub sized_lesson_rooms_per_node: f64,
     /// School day: number of nodes (with `lesson_rooms_per_node`, the rooms per burst).
     pub nodes: usize,
     /// School day: utilization of the background small rooms.
@@ -147,6 +201,9 @@ impl WorkloadParams {
             steady_utilization: 0.65,
             lessons: 4,
             lesson_rooms_per_node: 12.5,
+            // About 60% mean at the busiest moment instead of 77%: 25% more nodes for the
+            // same school, the headroom operators plan for a daily peak.
+            sized_lesson_rooms_per_node: 9.5,
             nodes,
             background_utilization: 0.10,
         }
@@ -161,7 +218,8 @@ pub fn generate(kind: StandardWorkload, hints: HintMode, p: &WorkloadParams) -> 
             let max = ((0.3 * p.node_capacity).round() as u32).max(3);
             steady(kind, p, &SizeDist::Zipf { max, s: 1.2 })
         }
-        StandardWorkload::SchoolDay => school_day(p),
+        StandardWorkload::SchoolDay => school_day(p, p.lesson_rooms_per_node),
+        StandardWorkload::SchoolDaySized => school_day(p, p.sized_lesson_rooms_per_node),
     };
     apply_hints(&mut w, hints, p.seed);
     w.name = format!("{}/{}", kind.name(), hints.name());
@@ -309,8 +367,9 @@ fn poisson_rooms(
 }
 
 /// The school day: background small rooms, and every hour a lesson: hundreds of recurring
-/// class rooms starting within a minute and filling up over a few minutes, for 50 minutes.
-fn school_day(p: &WorkloadParams) -> Workload {
+/// class rooms (`rooms_per_node` per node) starting within a minute and filling up over a few
+/// minutes, for 50 minutes.
+fn school_day(p: &WorkloadParams, rooms_per_node: f64) -> Workload {
     let mut rng = StdRng::seed_from_u64(p.seed ^ 0x5c4001);
     let first = 30 * MINUTE;
     let lessons = p.lessons.max(1) as Millis;
@@ -326,7 +385,7 @@ fn school_day(p: &WorkloadParams) -> Workload {
         end,
         "bg",
     );
-    let classes = (p.lesson_rooms_per_node * p.nodes as f64).round().max(1.0) as usize;
+    let classes = (rooms_per_node * p.nodes as f64).round().max(1.0) as usize;
     let nominal: Vec<u32> = (0..classes).map(|_| rng.random_range(4..=25)).collect();
     let mut bursts = Vec::new();
     for l in 0..lessons {
@@ -417,6 +476,67 @@ mod tests {
             2,
             "a class room recurs every lesson"
         );
+    }
+
+    #[test]
+    fn peak_demand_is_the_most_participants_present_at_a_sample_before_the_measured_end() {
+        let stay = |join: Millis, leave: Millis| Stay { join, leave };
+        let w = Workload {
+            name: "t".into(),
+            sessions: vec![Session {
+                room: "r".into(),
+                hint: None,
+                stays: vec![
+                    stay(0, 10 * SECOND),
+                    stay(2 * SECOND, 5 * SECOND),
+                    stay(3 * SECOND, 4 * SECOND),
+                    // Present between two samples only: never seen, as the simulator samples.
+                    stay(3_200, 3_700),
+                    // Busier, but after the measured part.
+                    stay(20 * SECOND, 30 * SECOND),
+                    stay(20 * SECOND, 30 * SECOND),
+                    stay(20 * SECOND, 30 * SECOND),
+                    stay(20 * SECOND, 30 * SECOND),
+                ],
+            }],
+            bursts: vec![],
+            measure_until: 15 * SECOND,
+            scale_out_at: None,
+            fail_at: None,
+            end: 40 * SECOND,
+        };
+        assert_eq!(w.peak_demand(SECOND), (3, 3 * SECOND));
+        assert_eq!(w.peak_demand(100), (4, 3_200));
+    }
+
+    #[test]
+    fn the_standard_school_day_peaks_above_75_percent_and_the_sized_one_near_60() {
+        let p = WorkloadParams::standard(20, 250.0, 1);
+        let peak_mean = |kind| {
+            let w = generate(kind, HintMode::Absent, &p);
+            w.peak_demand(SECOND).0 as f64 / p.total_capacity
+        };
+        let standard = peak_mean(StandardWorkload::SchoolDay);
+        assert!(
+            standard > 0.75,
+            "a 25% cut from least-loaded's ~1.0 is then impossible: {standard:.3}"
+        );
+        let sized = peak_mean(StandardWorkload::SchoolDaySized);
+        assert!((0.55..=0.65).contains(&sized), "{sized:.3}");
+    }
+
+    #[test]
+    fn the_sized_school_day_has_fewer_classes_of_the_same_kind() {
+        let p = small();
+        let classes = |kind| {
+            generate(kind, HintMode::Absent, &p)
+                .sessions
+                .iter()
+                .filter(|s| s.room.starts_with("class-"))
+                .count()
+        };
+        assert_eq!(classes(StandardWorkload::SchoolDay), 2 * 50);
+        assert_eq!(classes(StandardWorkload::SchoolDaySized), 2 * 38);
     }
 
     #[test]

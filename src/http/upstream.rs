@@ -282,10 +282,15 @@ impl HttpBody for LaneBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if let Some(lane) = &mut this.lane {
-            lane.drive(cx);
+        // Ask first: the connection hands body data over only once the body has asked for
+        // it, so driving it before asking would cost a second trip through the scheduler.
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        if r.is_pending() {
+            if let Some(lane) = &mut this.lane {
+                lane.drive(cx);
+                r = Pin::new(&mut this.inner).poll_frame(cx);
+            }
         }
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),

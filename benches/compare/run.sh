@@ -8,7 +8,9 @@
 #   nginx           hash $arg_room consistent
 # Each target gets fresh demo nodes (`roomrouter demo-node`), then
 #   1. wrk (closed loop, max throughput): $DURATION s, $THREADS threads, $CONNS connections,
-#      random rooms out of $ROOMS (benches/compare/rooms.lua), path /status?room=rN;
+#      random rooms out of $ROOMS (benches/compare/rooms.lua), path /status?room=rN; the
+#      front end's own CPU time (user + system, with child processes) over that run, per
+#      request: what a request costs the front end, steadier than throughput on a busy box;
 #   2. `roomrouter load --constant-rate` (wrk2-style: open loop, constant rate, latency from
 #      each request's planned send, so no coordinated omission) for $DURATION s over
 #      $RATE_CONNS connections, uniform random rooms out of the same $ROOMS wrk used (so
@@ -111,6 +113,7 @@ EOF
   fi
   "$BIN" serve --config "$OUT/router-$1.toml" >"$OUT/router-$1.log" 2>&1 &
   PIDS+=($!)
+  FRONT_PID=$!
   wait_http "http://127.0.0.1:$2/healthz"
   start_nodes "http://127.0.0.1:$2"
   wait_http "http://127.0.0.1:$2/readyz"
@@ -145,6 +148,7 @@ EOF
   } >"$OUT/haproxy.cfg"
   haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
   PIDS+=($!)
+  FRONT_PID=$!
   wait_http "http://127.0.0.1:$1/status?room=r1"
 }
 
@@ -185,6 +189,7 @@ EOF
   } >"$OUT/nginx.conf"
   nginx -p "$OUT/nginx" -c "$OUT/nginx.conf" -g 'daemon off;' >"$OUT/nginx.log" 2>&1 &
   PIDS+=($!)
+  FRONT_PID=$!
   wait_http "http://127.0.0.1:$1/status?room=r1"
 }
 
@@ -195,7 +200,19 @@ to_us() { # wrk value like 812.00us, 1.23ms, 2.01s -> microseconds
     else if (v ~ /s$/) print int(n * 1000000 + 0.5); else print "?" }'
 }
 
-declare -A RPS P50 P90 P99 CR_RATE CR_ACH CR_P50 CR_P99 CR_P999 CR_ERR NOTE
+# CPU time (user + system, clock ticks) of the front end under test and its child processes
+# (nginx workers): divided by the requests wrk completed, the CPU each request cost it, a
+# figure that varies less with the machine's noise than throughput does.
+FRONT_PID=
+cpu_ticks() { # PID
+  local p t=0
+  for p in "$1" $(pgrep -P "$1" || true); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+
+declare -A CPU_US RPS P50 P90 P99 CR_RATE CR_ACH CR_P50 CR_P99 CR_P999 CR_ERR NOTE
 
 wrk_prefix() { # NAME -> the path prefix wrk puts before the room number
   case $1 in router-lookup) echo "/v1/placement/r" ;; *) echo "/status?room=r" ;; esac
@@ -206,17 +223,20 @@ open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as w
 }
 
 run_wrk() { # NAME PORT
-  local f="$OUT/wrk-$1.txt"
+  local f="$OUT/wrk-$1.txt" t0 t1
+  t0=$(cpu_ticks "$FRONT_PID")
   WRK_PATH=$(wrk_prefix "$1") wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
     "http://127.0.0.1:$2" >"$f" 2>&1
+  t1=$(cpu_ticks "$FRONT_PID")
   RPS[$1]=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$f")
+  CPU_US[$1]=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '/requests in/ { printf "%.1f", d * 1e6 / hz / $1 }' "$f")
   P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' "$f")")
   P90[$1]=$(to_us "$(awk '$1 == "90%" {print $2}' "$f")")
   P99[$1]=$(to_us "$(awk '$1 == "99%" {print $2}' "$f")")
   local bad
   bad=$(awk '/Non-2xx or 3xx/ {print $NF}' "$f")
   if [ -n "$bad" ]; then NOTE[$1]="${NOTE[$1]:-}non-2xx/3xx: $bad; "; fi
-  echo "   wrk: ${RPS[$1]} req/s, p50 ${P50[$1]} us, p99 ${P99[$1]} us"
+  echo "   wrk: ${RPS[$1]} req/s, p50 ${P50[$1]} us, p99 ${P99[$1]} us, front end CPU ${CPU_US[$1]} us/req"
 }
 
 run_rate() { # NAME PORT RATE
@@ -247,6 +267,7 @@ bench() { # NAME
         TOKIO_WORKER_THREADS=$PROXY_THREADS "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
       fi
       PIDS+=($!)
+      FRONT_PID=$!
       wait_http "http://127.0.0.1:$port/x" 307 ;;
     router-redirect|router-lookup)
       start_router redirect "$port" ;;
@@ -274,15 +295,15 @@ bench() { # NAME
 for t in $TARGETS; do bench "$t"; done
 
 {
-  echo "| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | not ok | note |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  echo "| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | not ok | note |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for t in $TARGETS; do
     if [ -z "${RPS[$t]:-}" ]; then
-      echo "| $t | - | - | - | - | - | - | - | - | - | - | - | ${NOTE[$t]:-not run} |"
+      echo "| $t | - | - | - | - | - | - | - | - | - | - | - | - | ${NOTE[$t]:-not run} |"
       continue
     fi
     ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[haproxy]:-0}" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-    echo "| $t | ${RPS[$t]} | $ratio | ${P50[$t]} | ${P90[$t]} | ${P99[$t]} | ${CR_RATE[$t]:--} | ${CR_ACH[$t]:--} | ${CR_P50[$t]:--} | ${CR_P99[$t]:--} | ${CR_P999[$t]:--} | ${CR_ERR[$t]:--} | ${NOTE[$t]:-} |"
+    echo "| $t | ${RPS[$t]} | $ratio | ${P50[$t]} | ${P90[$t]} | ${P99[$t]} | ${CPU_US[$t]:--} | ${CR_RATE[$t]:--} | ${CR_ACH[$t]:--} | ${CR_P50[$t]:--} | ${CR_P99[$t]:--} | ${CR_P999[$t]:--} | ${CR_ERR[$t]:--} | ${NOTE[$t]:-} |"
   done
   if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-redirect]:-}" ]; then
     awk -v a="${RPS[router-redirect]}" -v b="${RPS[ceiling]}" \

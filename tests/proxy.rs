@@ -518,3 +518,36 @@ async fn a_response_abandoned_midway_closes_its_upstream_connection_and_nothing_
     assert_eq!(up.connections(), 2);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn idle_upstream_connections_obey_the_pool_settings() {
+    // Kept for 200 ms: a request after that opens a new connection.
+    let mut cfg = proxy_config();
+    cfg.proxy.pool_idle_timeout = Duration::from_millis(200);
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    assert_eq!(get_fresh(&r, "/rooms/idle").await.0, 200);
+    assert_eq!(get_fresh(&r, "/rooms/idle").await.0, 200);
+    assert_eq!(up.connections(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get_fresh(&r, "/rooms/idle").await.0, 200);
+    assert_eq!(
+        up.connections(),
+        2,
+        "an expired idle connection is not reused"
+    );
+    r.stop().await;
+
+    // No idle connections kept: every request opens its own.
+    let mut cfg = proxy_config();
+    cfg.proxy.pool_max_idle_per_host = 0;
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    for _ in 0..3 {
+        assert_eq!(get_fresh(&r, "/rooms/idle").await.0, 200);
+    }
+    assert_eq!(up.connections(), 3);
+    r.stop().await;
+}

@@ -128,14 +128,15 @@ impl Idle {
 
     fn take(&self, key: &str) -> Option<Lane> {
         let now = Instant::now();
-        let mut v = self.lanes.get_mut(key)?;
-        while let Some((mut lane, since)) = v.pop() {
+        loop {
+            // One lane at a time out of the map, checked outside its lock (the check reads
+            // from the socket).
+            let (mut lane, since) = self.lanes.get_mut(key)?.pop()?;
             if now.duration_since(since) < self.timeout && lane.reusable() {
                 lane.reused = true;
                 return Some(lane);
             }
         }
-        None
     }
 
     /// Drops expired and closed lanes; forgets nodes with none left.

@@ -144,33 +144,65 @@ async fn demo_nodes_accept_the_proxied_ticket() {
     r.stop().await;
 }
 
+type UploadBody =
+    StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+
+/// A POST through the router, on a connection of its own, whose body is streamed from `tx`;
+/// the response head has arrived (the node echoes the body back as it comes).
+struct Upload {
+    send: hyper::client::conn::http1::SendRequest<UploadBody>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    response: http::Response<hyper::body::Incoming>,
+    connection: tokio::task::JoinHandle<hyper::Result<()>>,
+}
+
+impl Upload {
+    /// Sends `first` as the first body chunk, then waits for the response head.
+    async fn start(r: &TestRouter, path: &str, first: Bytes) -> Upload {
+        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let connection = tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        let req = Request::post(path)
+            .header("host", r.addr.to_string())
+            .body(StreamBody::new(chunks.boxed()))
+            .unwrap();
+        tx.send(first).await.unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .expect("the response starts before the request body ends")
+            .unwrap();
+        Upload {
+            send,
+            tx,
+            response,
+            connection,
+        }
+    }
+}
+
 #[tokio::test]
 async fn large_bodies_stream_both_ways_without_buffering() {
     let r = TestRouter::start(proxy_config()).await;
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
-    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-    let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    }));
-    let req = Request::post("/rooms/upload")
-        .header("host", r.addr.to_string())
-        .body(body)
-        .unwrap();
     const CHUNK: usize = 256 * 1024;
     const CHUNKS: usize = 64;
-    tx.send(Bytes::from(vec![0u8; CHUNK])).await.unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-        .await
-        .expect("the response starts before the request body ends")
-        .unwrap();
+    let upload = Upload::start(&r, "/rooms/upload", Bytes::from(vec![0u8; CHUNK])).await;
+    // The client connection stays open while the chunks go round.
+    let Upload {
+        tx,
+        response: resp,
+        send: _send,
+        connection: _connection,
+    } = upload;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-room-node"], "n1");
     let mut body = resp.into_body();
@@ -481,35 +513,16 @@ async fn a_response_abandoned_midway_closes_its_upstream_connection_and_nothing_
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
     // An upload echoed back frame by frame; the client reads one frame and goes away.
-    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    let client_conn = tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-    let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    }));
-    let req = Request::post("/rooms/abandon")
-        .header("host", r.addr.to_string())
-        .body(body)
-        .unwrap();
-    tx.send(Bytes::from_static(b"first")).await.unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    let mut echo = resp.into_body();
+    let upload = Upload::start(&r, "/rooms/abandon", Bytes::from_static(b"first")).await;
+    let mut echo = upload.response.into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), echo.frame())
         .await
         .unwrap()
         .unwrap()
         .unwrap();
     assert_eq!(first.into_data().unwrap(), "first");
-    drop((echo, send, tx));
-    client_conn.abort();
+    drop((echo, upload.send, upload.tx));
+    upload.connection.abort();
     // The half-done exchange's connection is closed, not pooled: the next request opens a
     // new one and succeeds, and the one after reuses that.
     assert_eq!(get_fresh(&r, "/rooms/abandon").await.0, 200);

@@ -177,9 +177,7 @@ impl Proxy {
             }
         };
         let (mut rp, body) = resp.into_parts();
-        strip_hop_by_hop(&mut rp.headers);
-        set_node(&mut rp.headers, node);
-        rp.version = Version::HTTP_11;
+        answer_head(&mut rp, node);
         let body = self.lanes.body(body, lane);
         Ok(Response::from_parts(
             rp,
@@ -235,9 +233,7 @@ impl Proxy {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The node declined the upgrade: its answer goes back as it is.
             let (mut rp, body) = resp.into_parts();
-            strip_hop_by_hop(&mut rp.headers);
-            set_node(&mut rp.headers, node);
-            rp.version = Version::HTTP_11;
+            answer_head(&mut rp, node);
             return Ok(Response::from_parts(
                 rp,
                 IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
@@ -373,6 +369,13 @@ fn lane_target(upstream: &str, uri: &Uri) -> Option<(HeaderValue, Uri)> {
             .ok()?,
     };
     Some((HeaderValue::from_str(host).ok()?, target))
+}
+
+/// A node's response head as the client gets it: hop-by-hop headers gone, the node named.
+fn answer_head(rp: &mut http::response::Parts, node: &NodeEntry) {
+    strip_hop_by_hop(&mut rp.headers);
+    set_node(&mut rp.headers, node);
+    rp.version = Version::HTTP_11;
 }
 
 fn set_node(h: &mut HeaderMap, node: &NodeEntry) {

@@ -60,15 +60,7 @@ pub struct Lane {
 impl Lane {
     /// Drives the connection's I/O; false once it has ended.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(conn) = &mut self.conn {
-            if let Poll::Ready(r) = Pin::new(conn).poll(cx) {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                self.conn = None;
-            }
-        }
-        self.conn.is_some()
+        drive(&mut self.conn, cx)
     }
 
     /// Whether the lane can carry a new request now: its connection still open (polled once,
@@ -85,25 +77,30 @@ impl Lane {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
         let mut sent = std::pin::pin!(self.send.try_send_request(req));
-        let mut conn = self.conn.take();
         let r = std::future::poll_fn(|cx| {
-            if let Some(c) = &mut conn {
-                if let Poll::Ready(r) = Pin::new(c).poll(cx) {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "upstream connection ended");
-                    }
-                    conn = None;
-                }
-            }
+            drive(&mut self.conn, cx);
             sent.as_mut().poll(cx)
         })
         .await;
-        self.conn = conn;
         r.map_err(|mut e| {
             let req = e.take_message();
             (e.into_error(), req)
         })
     }
+}
+
+/// Polls `conn` once; sets it to `None` when it has ended (it must not be polled again).
+/// False once it has ended.
+fn drive(conn: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -> bool {
+    if let Some(c) = conn {
+        if let Poll::Ready(r) = Pin::new(c).poll(cx) {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+            *conn = None;
+        }
+    }
+    conn.is_some()
 }
 
 /// Idle lanes per node, most recently used last.

@@ -4,9 +4,16 @@
 
 use std::time::Duration;
 
-use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Every ticket's JOSE header, `{"typ":"JWT","alg":"HS256"}`, base64url-encoded.
+const HEADER_B64: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9";
 
 /// Ticket claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,10 +28,28 @@ pub struct TicketClaims {
     pub jti: String,
 }
 
+/// The claims as signed: the same fields, borrowed (signing copies no string).
+#[derive(Serialize)]
+struct ClaimsRef<'a> {
+    room: &'a str,
+    node: &'a str,
+    sub: &'a str,
+    iat: u64,
+    exp: u64,
+    jti: &'a str,
+}
+
 /// Signs (and, for nodes and tests, verifies) tickets.
+///
+/// Signing is on every join's path, so it is done here rather than by `jsonwebtoken`'s
+/// `encode`, which re-keys the HMAC, serializes the constant header and copies every claim
+/// on each call: the keyed HMAC state is computed once and cloned per ticket, the header is
+/// a constant, and the claims are serialized from borrowed strings straight into the
+/// token. The result is a standard HS256 JWT; [`TicketIssuer::verify`] (and any node) checks
+/// it with a stock JWT library.
 #[derive(Clone)]
 pub struct TicketIssuer {
-    enc: EncodingKey,
+    mac: Hmac<Sha256>,
     dec: DecodingKey,
     ttl: Duration,
 }
@@ -44,7 +69,8 @@ pub struct TicketError(String);
 impl TicketIssuer {
     pub fn new(secret: &str, ttl: Duration) -> TicketIssuer {
         TicketIssuer {
-            enc: EncodingKey::from_secret(secret.as_bytes()),
+            // HMAC takes a key of any length.
+            mac: Hmac::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length"),
             dec: DecodingKey::from_secret(secret.as_bytes()),
             ttl,
         }
@@ -56,16 +82,28 @@ impl TicketIssuer {
 
     /// Issues a ticket for `user` to join `room` on `node`; `now_secs` is Unix time.
     pub fn issue(&self, room: &str, node: &str, user: &str, now_secs: u64) -> String {
-        let claims = TicketClaims {
-            room: room.to_string(),
-            node: node.to_string(),
-            sub: user.to_string(),
+        let mut jti = [0u8; 32];
+        hex::encode_to_slice(rand::rng().random::<[u8; 16]>(), &mut jti)
+            .expect("16 bytes are 32 hex digits");
+        let claims = ClaimsRef {
+            room,
+            node,
+            sub: user,
             iat: now_secs,
             exp: now_secs + self.ttl.as_secs().max(1),
-            jti: hex::encode(rand::rng().random::<[u8; 16]>()),
+            jti: std::str::from_utf8(&jti).expect("hex digits are ASCII"),
         };
-        // HS256 signing of a serializable struct cannot fail.
-        encode(&Header::new(Algorithm::HS256), &claims, &self.enc).unwrap_or_default()
+        // Serializing borrowed strings and integers cannot fail.
+        let payload = serde_json::to_vec(&claims).unwrap_or_default();
+        let mut token = String::with_capacity(HEADER_B64.len() + payload.len() * 4 / 3 + 50);
+        token.push_str(HEADER_B64);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let mut mac = self.mac.clone();
+        mac.update(token.as_bytes());
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(mac.finalize().into_bytes(), &mut token);
+        token
     }
 
     /// Verifies signature and expiry (60 s leeway) and returns the claims.
@@ -101,6 +139,42 @@ mod tests {
         );
         assert_eq!(c.exp - c.iat, 60);
         assert_eq!(c.jti.len(), 32);
+        assert_ne!(
+            c.jti,
+            t.verify(&t.issue("room-1", "node-a", "alice", now()))
+                .unwrap()
+                .jti
+        );
+    }
+
+    #[test]
+    fn tickets_are_standard_hs256_jwts() {
+        let secret = "k".repeat(40);
+        let tok = TicketIssuer::new(&secret, Duration::from_secs(60)).issue(
+            "room \"1\" é",
+            "node-a",
+            "alice",
+            now(),
+        );
+        let header = jsonwebtoken::decode_header(&tok).unwrap();
+        assert_eq!(header.alg, Algorithm::HS256);
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        // Checked by jsonwebtoken alone, as a node would.
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_required_spec_claims(&["exp", "sub"]);
+        let c = decode::<TicketClaims>(&tok, &DecodingKey::from_secret(secret.as_bytes()), &v)
+            .unwrap()
+            .claims;
+        assert_eq!(c.room, "room \"1\" é");
+        // One changed byte of the claims breaks the signature.
+        let mut parts: Vec<String> = tok.split('.').map(str::to_string).collect();
+        let mut claims = URL_SAFE_NO_PAD.decode(&parts[1]).unwrap();
+        let at = claims.iter().position(|&b| b == b'a').unwrap();
+        claims[at] = b'b';
+        parts[1] = URL_SAFE_NO_PAD.encode(&claims);
+        assert!(TicketIssuer::new(&secret, Duration::from_secs(60))
+            .verify(&parts.join("."))
+            .is_err());
     }
 
     #[test]

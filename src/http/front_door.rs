@@ -7,6 +7,8 @@
 //! match wins, every value decoded and normalized by `RoomKey`. With `auth.users = "jwt"` the
 //! user's token must admit them to that room.
 
+use std::borrow::Cow;
+
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
@@ -24,6 +26,15 @@ use crate::store::PinStore;
 pub fn locate<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
+) -> Result<Option<(RoomKey, FrontDoorMode)>, ApiError> {
+    locate_in(app, parts, &query(parts))
+}
+
+/// [`locate`] with the request's query already parsed (`q`, as [`query`] gives it).
+fn locate_in<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    q: &[(Cow<'_, str>, Cow<'_, str>)],
 ) -> Result<Option<(RoomKey, FrontDoorMode)>, ApiError> {
     let fd = &app.cfg.front_door;
     for source in &fd.room_sources {
@@ -43,11 +54,11 @@ pub fn locate<S: PinStore>(
                     None => None,
                 }
             }
-            RoomSource::Query if !fd.room_query_param.is_empty() => query(parts)
-                .into_iter()
+            RoomSource::Query if !fd.room_query_param.is_empty() => q
+                .iter()
                 .find(|(k, _)| k == fd.room_query_param.as_str())
                 .map(|(_, v)| {
-                    RoomKey::parse(&v, app.router.normalization())
+                    RoomKey::parse(v, app.router.normalization())
                         .map_err(|e| ApiError::InvalidRoom(e.to_string()))
                 }),
             RoomSource::Header if !fd.room_header.is_empty() => {
@@ -95,7 +106,8 @@ pub async fn handle<S: PinStore>(
     body: Incoming,
     _peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    let Some((room, mode)) = locate(app, parts)? else {
+    let q = query(parts);
+    let Some((room, mode)) = locate_in(app, parts, &q)? else {
         return Err(ApiError::NotFound(format!(
             "no room in request for {}",
             parts.uri.path()
@@ -108,7 +120,6 @@ pub async fn handle<S: PinStore>(
         return Err(ApiError::MethodNotAllowed("GET, HEAD"));
     }
     let user = authenticate_user(app, parts, &room)?;
-    let q = query(parts);
     let mut hints = HintArgs::from_query(&q)?;
     if hints.region.is_none() {
         hints.region = user.region;
@@ -129,7 +140,7 @@ pub async fn handle<S: PinStore>(
     if mode == FrontDoorMode::Proxy {
         let to = Forward {
             node: &p.node,
-            ticket: &ticket,
+            ticket,
         };
         return app.proxy.forward(parts, body, to).await;
     }

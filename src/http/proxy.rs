@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,8 @@ pub struct Proxy {
     cfg: ProxyConfig,
     /// Consecutive failures per node since its last success.
     failures: DashMap<NodeId, u32>,
+    /// Entries in `failures` (at least): lets a success skip the map when nothing failed.
+    failing: AtomicUsize,
     metrics: ProxyMetrics,
 }
 
@@ -62,7 +64,8 @@ impl std::fmt::Debug for Proxy {
 /// What the front door hands the proxy besides the request.
 pub struct Forward<'a> {
     pub node: &'a NodeEntry,
-    pub ticket: &'a str,
+    /// The signed ticket (it becomes the `X-Room-Ticket` header without a copy).
+    pub ticket: String,
 }
 
 impl Proxy {
@@ -97,6 +100,7 @@ impl Proxy {
             client,
             cfg: cfg.clone(),
             failures: DashMap::new(),
+            failing: AtomicUsize::new(0),
             metrics,
         })
     }
@@ -117,10 +121,8 @@ impl Proxy {
         // A slow request body can delay the answer; only bodiless requests' timeouts are the
         // node's fault.
         let bodiless = upgrade.is_some() || body.is_end_stream();
-        let mut headers = parts.headers.clone();
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        self.forwarded_headers(parts, &mut headers, &to);
+        let mut headers = end_to_end(&parts.headers);
+        self.forwarded_headers(parts, &mut headers, to);
         let body: Body = if bodiless {
             Empty::new().map_err(|never| match never {}).boxed()
         } else {
@@ -152,7 +154,7 @@ impl Proxy {
         );
         let (resp, lane) = match exchange.await {
             Ok(Ok(r)) => {
-                self.failures.remove(&node.id);
+                self.succeeded(node);
                 r
             }
             // Only the node's own failures count toward passive health: a client that
@@ -191,7 +193,7 @@ impl Proxy {
         &self,
         upstream: &str,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lane), LaneError> {
+    ) -> Result<(Response<Incoming>, Box<Lane>), LaneError> {
         let mut lane = self.lanes.get(upstream).await?;
         match lane.exchange(req).await {
             Ok(resp) => Ok((resp, lane)),
@@ -217,7 +219,7 @@ impl Proxy {
         let mut resp =
             match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
                 Ok(Ok(r)) => {
-                    self.failures.remove(&node.id);
+                    self.succeeded(node);
                     r
                 }
                 Ok(Err(e)) if e.is_connect() => return Err(self.failed(node, &format!("{e:?}"))),
@@ -271,16 +273,17 @@ impl Proxy {
         Ok(Response::from_parts(rp, super::full(Bytes::new())))
     }
 
-    fn forwarded_headers(&self, parts: &Parts, h: &mut HeaderMap, to: &Forward<'_>) {
+    fn forwarded_headers(&self, parts: &Parts, h: &mut HeaderMap, to: Forward<'_>) {
         let info = parts.extensions.get::<ConnInfo>();
         if let Some(info) = info {
-            let ip = info.peer.ip().to_string();
-            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
+            let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.trim().is_empty() => {
+                    HeaderValue::try_from(format!("{prev}, {}", info.peer.ip())).ok()
+                }
+                _ => Some(info.peer_ip.clone()),
             };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
-                h.insert("x-forwarded-for", v);
+            if let Some(v) = xff {
+                h.insert(X_FORWARDED_FOR, v);
             }
         }
         let proto = if info.is_some_and(|i| i.tls) {
@@ -288,7 +291,7 @@ impl Proxy {
         } else {
             "http"
         };
-        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -296,18 +299,35 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         if let Some(host) = host {
-            h.insert("x-forwarded-host", host);
+            h.insert(X_FORWARDED_HOST, host);
         }
         set_node(h, to.node);
-        if let Ok(v) = HeaderValue::from_str(to.ticket) {
-            h.insert("x-room-ticket", v);
+        if let Ok(v) = HeaderValue::try_from(to.ticket) {
+            h.insert(X_ROOM_TICKET, v);
+        }
+    }
+
+    /// The node answered: its run of consecutive failures, if it had one, is over.
+    fn succeeded(&self, node: &NodeEntry) {
+        // Most requests find no failures at all; they skip the map (and its shard's write
+        // lock, which every request to the node would otherwise take).
+        if self.failing.load(Ordering::Acquire) > 0 && self.failures.remove(&node.id).is_some() {
+            self.failing.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// Counts a failure against the node; enough in a row mark it unhealthy.
     fn failed(&self, node: &NodeEntry, why: &str) -> ApiError {
         self.metrics.upstream_failures.inc();
-        let mut n = self.failures.entry(node.id.clone()).or_insert(0);
+        let mut n = match self.failures.entry(node.id.clone()) {
+            dashmap::Entry::Occupied(e) => e.into_ref(),
+            dashmap::Entry::Vacant(e) => {
+                // Counted before the entry exists, so a success racing with this failure
+                // looks in the map.
+                self.failing.fetch_add(1, Ordering::AcqRel);
+                e.insert(0)
+            }
+        };
         *n += 1;
         if *n >= self.cfg.failures_to_unhealthy {
             *n = 0;
@@ -380,7 +400,7 @@ fn answer_head(rp: &mut http::response::Parts, node: &NodeEntry) {
 
 fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
     if let Ok(v) = HeaderValue::from_str(node.id.as_str()) {
-        h.insert("x-room-node", v);
+        h.insert(X_ROOM_NODE, v);
     }
 }
 
@@ -404,31 +424,63 @@ fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// Removes the hop-by-hop headers: those RFC 9110 names plus any the `Connection` header lists.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
+/// Header names the proxy sets, parsed once.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_ROOM_NODE: HeaderName = HeaderName::from_static("x-room-node");
+const X_ROOM_TICKET: HeaderName = HeaderName::from_static("x-room-ticket");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether `n` is a hop-by-hop header RFC 9110 names (or one of two legacy ones): never
+/// forwarded.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == header::PROXY_AUTHORIZATION
+        || n == header::PROXY_AUTHENTICATE
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+}
+
+/// The header names a `Connection` header lists (they are hop-by-hop for this message).
+fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
+    h.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
+        .collect()
+}
+
+/// A request's end-to-end headers, as they go to the node: all but the hop-by-hop ones,
+/// those the `Connection` header lists, and `Host` (the node's own is set by the lane).
+fn end_to_end(src: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(src);
+    let mut h = HeaderMap::with_capacity(src.len() + 6);
+    for (name, value) in src {
+        if name != header::HOST && !is_hop_by_hop(name) && !listed.contains(name) {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    h
+}
+
+/// Removes the hop-by-hop headers: those RFC 9110 names plus any the `Connection` header lists.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one look at each name and nothing else.
+    let mut drop: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    if drop.is_empty() {
+        return;
+    }
+    drop.extend(connection_listed(h));
+    for n in drop {
         h.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
 }
 
 /// A body that fails when no frame arrives for `idle`.
@@ -571,6 +623,63 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::COOKIE));
+    }
+
+    #[test]
+    fn a_forwarded_request_keeps_its_end_to_end_headers_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "router.example".parse().unwrap());
+        h.insert(header::CONNECTION, "x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::PROXY_AUTHORIZATION, "Basic eA==".parse().unwrap());
+        h.append(header::ACCEPT, "text/html".parse().unwrap());
+        h.append(header::ACCEPT, "application/json".parse().unwrap());
+        h.insert("x-custom", "kept".parse().unwrap());
+        let out = end_to_end(&h);
+        assert_eq!(out.len(), 3, "{out:?}");
+        let accept: Vec<_> = out.get_all(header::ACCEPT).iter().collect();
+        assert_eq!(accept, ["text/html", "application/json"]);
+        assert_eq!(out["x-custom"], "kept");
+    }
+
+    #[tokio::test]
+    async fn a_success_ends_a_nodes_run_of_failures() {
+        let cfg = ProxyConfig {
+            failures_to_unhealthy: 2,
+            ..ProxyConfig::default()
+        };
+        let p = Proxy::new(&cfg, ProxyMetrics::default()).unwrap();
+        let info = crate::cluster::NodeInfo {
+            url: "http://127.0.0.1:9".into(),
+            upstream: "http://127.0.0.1:9".into(),
+            capacity: 100.0,
+            region: None,
+            tags: vec![],
+        };
+        let id = NodeId::parse("media-1").unwrap();
+        let node = NodeEntry::new(id, info, Default::default(), false);
+        p.failed(&node, "refused");
+        p.succeeded(&node);
+        p.failed(&node, "refused");
+        assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
+        p.failed(&node, "refused");
+        assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);
+        // Marking starts a new run; a success with nothing failing is a no-op.
+        p.succeeded(&node);
+        p.succeeded(&node);
+        assert_eq!(p.failing.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        h.append("x-a", "1".parse().unwrap());
+        h.append("x-a", "2".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]

@@ -33,6 +33,9 @@ use crate::store::PinStore;
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as a header value (proxy mode's `X-Forwarded-For`), made once per
+    /// connection.
+    pub peer_ip: HeaderValue,
     /// The connection is TLS (the front door's scheme is `https`).
     pub tls: bool,
     /// The client's verified end-entity certificate (mTLS listener only).
@@ -185,6 +188,8 @@ async fn accept_loop(
         tokio::spawn(async move {
             let mut info = ConnInfo {
                 peer,
+                peer_ip: HeaderValue::try_from(peer.ip().to_string())
+                    .expect("an IP address is a valid header value"),
                 tls: tls.is_some(),
                 client_cert: None,
                 slot: Some(Arc::new(permit)),

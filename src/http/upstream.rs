@@ -46,7 +46,9 @@ pub enum LaneError {
     Exchange(hyper::Error),
 }
 
-/// One HTTP/1.1 connection to a node and the handle that sends requests on it.
+/// One HTTP/1.1 connection to a node and the handle that sends requests on it. Large (the
+/// connection's buffers and state are inline), so it moves between pool, request and body
+/// boxed.
 pub struct Lane {
     send: http1::SendRequest<Body>,
     /// `None` once the connection has ended (it must not be polled again).
@@ -105,13 +107,13 @@ fn drive(conn: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -
 
 /// Idle lanes per node, most recently used last.
 struct Idle {
-    lanes: DashMap<Arc<str>, Vec<(Lane, Instant)>>,
+    lanes: DashMap<Arc<str>, Vec<(Box<Lane>, Instant)>>,
     max_per_node: usize,
     timeout: Duration,
 }
 
 impl Idle {
-    fn put(&self, lane: Lane) {
+    fn put(&self, lane: Box<Lane>) {
         if self.max_per_node == 0 {
             return;
         }
@@ -123,7 +125,7 @@ impl Idle {
         }
     }
 
-    fn take(&self, key: &str) -> Option<Lane> {
+    fn take(&self, key: &str) -> Option<Box<Lane>> {
         let now = Instant::now();
         loop {
             // One lane at a time out of the map, checked outside its lock (the check reads
@@ -186,7 +188,7 @@ impl Lanes {
     }
 
     /// An idle lane to `upstream` (a base URL such as `http://10.0.0.5:8080`), or a new one.
-    pub async fn get(&self, upstream: &str) -> Result<Lane, LaneError> {
+    pub async fn get(&self, upstream: &str) -> Result<Box<Lane>, LaneError> {
         if let Some(lane) = self.idle.take(upstream) {
             return Ok(lane);
         }
@@ -194,7 +196,7 @@ impl Lanes {
     }
 
     /// Opens a new lane to `upstream`.
-    pub async fn connect(&self, upstream: &str) -> Result<Lane, LaneError> {
+    pub async fn connect(&self, upstream: &str) -> Result<Box<Lane>, LaneError> {
         let uri: Uri = upstream
             .parse()
             .map_err(|_| LaneError::Connect(format!("bad upstream URL {upstream:?}")))?;
@@ -215,16 +217,16 @@ impl Lanes {
         let (send, conn) = tokio::time::timeout(self.connect_timeout, open)
             .await
             .map_err(|_| LaneError::Connect("connect timed out".into()))??;
-        Ok(Lane {
+        Ok(Box::new(Lane {
             send,
             conn: Some(conn),
             key: Arc::from(upstream),
             reused: false,
-        })
+        }))
     }
 
     /// Wraps a response body so that it drives `lane` and gives it back when it ends.
-    pub fn body(&self, inner: Incoming, lane: Lane) -> LaneBody {
+    pub fn body(&self, inner: Incoming, lane: Box<Lane>) -> LaneBody {
         LaneBody {
             inner,
             lane: Some(lane),
@@ -259,7 +261,7 @@ async fn reap(idle: Weak<Idle>, period: Duration) {
 /// to the pool once it has ended.
 pub struct LaneBody {
     inner: Incoming,
-    lane: Option<Lane>,
+    lane: Option<Box<Lane>>,
     home: Weak<Idle>,
 }
 

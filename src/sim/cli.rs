@@ -47,6 +47,12 @@ pub struct SimulateArgs {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Also run the default policy with reservations shared between routers, each router
+    /// seeing the others' reservations (and their releases) after this many milliseconds;
+    /// comma-separated, one extra policy per delay (e.g. `0,50,500`). A what-if: the product
+    /// counts each router's own reservations only.
+    #[arg(long, value_name = "MS", value_delimiter = ',')]
+    pub shared_reservations: Vec<u64>,
     /// With --trace: add a node at this many seconds.
     #[arg(long, value_name = "SECS", requires = "trace")]
     pub scale_out_at: Option<f64>,
@@ -75,7 +81,15 @@ impl SimulateArgs {
             } else {
                 self.hints.clone()
             },
-            policies: d.policies,
+            policies: d
+                .policies
+                .into_iter()
+                .chain(
+                    self.shared_reservations
+                        .iter()
+                        .map(|&ms| Policy::default_shared(ms)),
+                )
+                .collect(),
             quick: self.quick,
         }
     }
@@ -100,7 +114,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     }
     Ok(Report {
         setup: format!("trace {}; {}", path.display(), o.describe()),
-        workloads: vec![run_workload(&w, &Policy::standard(), &o.config())],
+        workloads: vec![run_workload(&w, &o.policies, &o.config())],
         targets: vec![],
     })
 }
@@ -148,6 +162,8 @@ mod tests {
             "--seed",
             "9",
             "--quick",
+            "--shared-reservations",
+            "0,500",
         ]);
         let o = cli.args.options();
         assert_eq!(
@@ -160,6 +176,12 @@ mod tests {
             (8, 2, 5000, 9)
         );
         assert!(o.quick);
+        let n = Policy::standard().len();
+        assert_eq!(
+            o.policies[n..],
+            [Policy::default_shared(0), Policy::default_shared(500)]
+        );
+        assert_eq!(o.policies[n].name(), "ours:least_loaded+res+shared0ms");
     }
 
     #[test]

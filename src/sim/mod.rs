@@ -2,7 +2,9 @@
 //!
 //! Pure and deterministic: a discrete-event loop over a seeded workload, no clock, no threads,
 //! no I/O. It models what the real deployment sees: `routers` routers, each with its own
-//! `pending` per node (reset by each heartbeat) and, for ours, its own book of reservations;
+//! `pending` per node (reset by each heartbeat) and, for ours, its own book of reservations
+//! (with `Policy::Ours { shared_ms: Some(d), .. }`, each router also adds the reservations of
+//! the others as they stood `d` ms earlier: [`SharedBook`]);
 //! nodes that report their true load every `heartbeat_ms`; a shared pin store (a pinned room
 //! always joins its node; joins to a pinned node at or above `join_limit` are refused);
 //! a node added at the workload's scale-out time and node 0 failing at its failure time
@@ -25,7 +27,7 @@ pub mod trace;
 pub mod workload;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -140,6 +142,55 @@ struct Router {
     rng: StdRng,
 }
 
+/// Reservations shared between routers, as routers sharing a store could publish them: every
+/// change of a router's reserved amount on a node (a new reservation, a join it sent that
+/// consumed one, a release at a node's report: participants arrived, TTL passed, room ended)
+/// becomes visible to the other routers `delay` ms after it happened. A router sees its own
+/// reservations at once, as before.
+struct SharedBook {
+    delay: u64,
+    /// Changes not yet visible: (when made, router, node, change), in time order.
+    queue: VecDeque<(Millis, usize, usize, f64)>,
+    /// Visible reserved amount per router and node (what the others see of each router).
+    published: Vec<Vec<f64>>,
+    /// Visible reserved amount per node, summed over routers.
+    total: Vec<f64>,
+}
+
+impl SharedBook {
+    fn new(delay: u64, routers: usize, nodes: usize) -> Self {
+        SharedBook {
+            delay,
+            queue: VecDeque::new(),
+            published: vec![vec![0.0; nodes]; routers],
+            total: vec![0.0; nodes],
+        }
+    }
+
+    fn publish(&mut self, t: Millis, r: usize, node: usize, change: f64) {
+        if change != 0.0 {
+            self.queue.push_back((t, r, node, change));
+        }
+    }
+
+    /// Makes visible every change made at or before `t - delay`.
+    fn advance(&mut self, t: Millis) {
+        while let Some(&(at, r, node, change)) = self.queue.front() {
+            if at + self.delay > t {
+                break;
+            }
+            self.queue.pop_front();
+            self.published[r][node] += change;
+            self.total[node] += change;
+        }
+    }
+
+    /// What router `r` sees of the other routers' reservations on `node`.
+    fn others(&self, r: usize, node: usize) -> f64 {
+        self.total[node] - self.published[r][node]
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Presence {
     Waiting,
@@ -218,6 +269,8 @@ struct Sim<'a> {
     params: Params,
     nodes: Vec<Node>,
     routers: Vec<Router>,
+    /// With reservations shared between routers.
+    shared: Option<SharedBook>,
     ring: Ring,
     rooms: Vec<Room>,
     presence: Vec<Vec<Presence>>,
@@ -298,6 +351,9 @@ impl<'a> Sim<'a> {
             params: cfg.params(rule),
             ring: Ring::new(&hashes, &caps),
             nodes,
+            shared: policy
+                .shared_delay_ms()
+                .map(|d| SharedBook::new(d, cfg.routers, n)),
             routers,
             rooms: w
                 .sessions
@@ -422,16 +478,32 @@ impl<'a> Sim<'a> {
         (pair_hash(s as u64, p as u64) % self.routers.len() as u64) as usize
     }
 
-    fn fill_view(&mut self, r: usize) {
+    /// Router `r`'s view of the nodes at `t`.
+    fn fill_view(&mut self, t: Millis, r: usize) {
+        if let Some(sh) = &mut self.shared {
+            sh.advance(t);
+        }
         let router = &self.routers[r];
+        let shared = self.shared.as_ref();
         self.view.clear();
         self.view
-            .extend(self.nodes.iter().enumerate().map(|(i, n)| ViewNode {
-                hash: n.hash,
-                capacity: n.capacity,
-                util: (n.reported + router.pending[i] + router.reserved[i]) / n.capacity,
-                last_heartbeat: if n.exists { n.last_hb } else { None },
+            .extend(self.nodes.iter().enumerate().map(|(i, n)| {
+                let others = shared.map_or(0.0, |sh| sh.others(r, i));
+                ViewNode {
+                    hash: n.hash,
+                    capacity: n.capacity,
+                    util: (n.reported + router.pending[i] + router.reserved[i] + others)
+                        / n.capacity,
+                    last_heartbeat: if n.exists { n.last_hb } else { None },
+                }
             }));
+    }
+
+    /// Router `r`'s reserved amount on `node` changed by `change` at `t`.
+    fn publish(&mut self, t: Millis, r: usize, node: usize, change: f64) {
+        if let Some(sh) = &mut self.shared {
+            sh.publish(t, r, node, change);
+        }
     }
 
     /// Where a join goes by the policy, as a placement `Decision`.
@@ -489,7 +561,7 @@ impl<'a> Sim<'a> {
             self.joins += 1;
         }
         let r = self.router_of(s, p);
-        self.fill_view(r);
+        self.fill_view(t, r);
         let node = match self.route(t, s, r) {
             Decision::Pinned(i) => i,
             Decision::Place { node, .. } => {
@@ -540,7 +612,9 @@ impl<'a> Sim<'a> {
             .find(|b| b.session == s && b.node == node)
         {
             b.sent += 1;
-            router.reserved[node] -= b.r.observe(b.sent) as f64;
+            let consumed = b.r.observe(b.sent) as f64;
+            router.reserved[node] -= consumed;
+            self.publish(t, r, node, -consumed);
         }
         let room = &mut self.rooms[s];
         room.add(node);
@@ -554,7 +628,7 @@ impl<'a> Sim<'a> {
     /// Where the next join of each live room would go now, as router 0 sees it (`None` for
     /// rooms nobody is in). Commits nothing.
     fn routes(&mut self, t: Millis) -> Vec<Option<usize>> {
-        self.fill_view(0);
+        self.fill_view(t, 0);
         (0..self.rooms.len())
             .map(|s| {
                 if self.rooms[s].present == 0 {
@@ -587,8 +661,10 @@ impl<'a> Sim<'a> {
         let (size, _) = expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve);
         let router = &mut self.routers[r];
         // A re-placement replaces the room's old reservation: what it still held is released.
+        let mut released = Vec::new();
         for b in router.book.iter().filter(|b| b.session == s) {
             router.reserved[b.node] -= b.r.outstanding() as f64;
+            released.push((b.node, b.r.outstanding() as f64));
         }
         router.book.retain(|b| b.session != s);
         router.book.push(Booked {
@@ -598,6 +674,10 @@ impl<'a> Sim<'a> {
             sent: 0,
         });
         router.reserved[node] += size as f64;
+        for (old, amount) in released {
+            self.publish(t, r, old, -amount);
+        }
+        self.publish(t, r, node, size as f64);
     }
 
     fn leave(&mut self, s: usize, p: usize) {
@@ -629,7 +709,7 @@ impl<'a> Sim<'a> {
         n.reported = n.load as f64;
         n.last_hb = Some(t);
         let rooms = &self.rooms;
-        for router in &mut self.routers {
+        for (r, router) in self.routers.iter_mut().enumerate() {
             router.pending[i] = 0.0;
             let mut reserved = 0.0;
             router.book.retain_mut(|b| {
@@ -645,6 +725,9 @@ impl<'a> Sim<'a> {
                 }
                 keep
             });
+            if let Some(sh) = &mut self.shared {
+                sh.publish(t, r, i, reserved - router.reserved[i]);
+            }
             router.reserved[i] = reserved;
         }
         self.push(t + self.cfg.heartbeat_ms, Ev::Heartbeat(i as u32));
@@ -841,6 +924,102 @@ mod tests {
         let cfg = SimConfig::new(2, 20.0, 1, 10_000, 1);
         let r = simulate(&w, Policy::DEFAULT, &cfg);
         assert_eq!(r.offered_peak, 12.0 / 20.0, "{r:?}");
+    }
+
+    /// `n` rooms of `size` (exact hints) whose first participant joins at `start` + 50 ms
+    /// apart, the others from `rest_at` on, 100 ms apart; everyone stays until `leave`.
+    fn rooms(
+        prefix: &str,
+        n: usize,
+        size: u32,
+        start: Millis,
+        rest_at: Millis,
+        leave: Millis,
+    ) -> Vec<workload::Session> {
+        (0..n as u64)
+            .map(|i| workload::Session {
+                room: format!("{prefix}-{i}"),
+                hint: Some(size),
+                stays: (0..size as u64)
+                    .map(|k| workload::Stay {
+                        join: if k == 0 {
+                            start + 50 * i
+                        } else {
+                            rest_at + 100 * k
+                        },
+                        leave,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn burst_workload(
+        sessions: Vec<workload::Session>,
+        burst: (Millis, Millis),
+        scale_out_at: Option<Millis>,
+    ) -> Workload {
+        Workload {
+            name: "burst".into(),
+            sessions,
+            bursts: vec![burst],
+            measure_until: 170_000,
+            scale_out_at,
+            fail_at: None,
+            end: 180_000,
+        }
+    }
+
+    fn burst_rooms_per_node(r: &PolicyResult, rooms: usize, nodes: usize) -> f64 {
+        r.herd_peak.unwrap() * rooms as f64 / nodes as f64
+    }
+
+    #[test]
+    fn shared_reservations_spread_a_burst_into_an_empty_cluster_exactly_evenly() {
+        // 24 rooms of 5 start within 1.2 s on 8 empty nodes, no report in between; everyone
+        // else arrives at 20 s. Seeing every router's reservations at once, the routers put
+        // exactly 3 rooms on each node; each seeing only its own, they cannot do better.
+        let w = burst_workload(rooms("r", 24, 5, 1_000, 20_000, 170_000), (0, 5_000), None);
+        let cfg = SimConfig::new(8, 100.0, 4, 60_000, 1);
+        let own = simulate(&w, Policy::DEFAULT, &cfg);
+        let shared = simulate(&w, Policy::default_shared(0), &cfg);
+        assert_eq!(burst_rooms_per_node(&shared, 24, 8), 3.0, "{shared:?}");
+        assert_eq!(shared.peak_utilization, 0.15, "{shared:?}");
+        assert!(
+            own.herd_peak.unwrap() >= shared.herd_peak.unwrap(),
+            "{own:?}"
+        );
+        assert!(own.peak_utilization >= shared.peak_utilization, "{own:?}");
+    }
+
+    #[test]
+    fn per_router_reservations_herd_onto_a_new_node_and_shared_ones_do_not() {
+        // 4 nodes hold 8 rooms of 15 (reported by 40 s); a fifth, empty node is added at
+        // 40.5 s and 12 rooms of 10 (exact hints) start at 41.0-41.55 s, with no report in
+        // between. Each router sees the new node as the emptiest until its own reservations
+        // there reach the others' load (3 rooms each), so it gets about twice its share;
+        // with the routers' reservations shared at once it gets its share.
+        let mut sessions = rooms("bg", 8, 15, 1_000, 2_000, 170_000);
+        sessions.extend(rooms("burst", 12, 10, 41_000, 60_000, 170_000));
+        let w = burst_workload(sessions, (41_000, 42_000), Some(40_500));
+        let cfg = SimConfig::new(4, 100.0, 4, 10_000, 1);
+        let own = simulate(&w, Policy::DEFAULT, &cfg);
+        let shared = simulate(&w, Policy::default_shared(0), &cfg);
+        let (own_n, shared_n) = (
+            burst_rooms_per_node(&own, 12, 5),
+            burst_rooms_per_node(&shared, 12, 5),
+        );
+        // The fair share is 4.8 rooms (a mean of 0.48 once everyone is in).
+        assert!(shared_n <= 5.0, "shared {shared_n}: {shared:?}");
+        assert!(
+            own_n >= 1.5 * shared_n,
+            "own {own_n}, shared {shared_n}: {own:?}"
+        );
+        assert!(shared.offered_peak <= 0.5, "{shared:?}");
+        assert!(own.offered_peak >= 0.8, "{own:?}");
+        // Visible only after the burst is over, the others' reservations change nothing.
+        let late = simulate(&w, Policy::default_shared(5_000), &cfg);
+        assert_eq!(late.herd_peak, own.herd_peak);
     }
 
     #[test]

@@ -19,7 +19,16 @@ use crate::placement::{is_healthy, AdminState, ChoiceRule, Millis, NodeView, Par
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Policy {
     /// `placement::decide` with this rule, with or without expected-size reservation.
-    Ours { rule: ChoiceRule, reservation: bool },
+    Ours {
+        rule: ChoiceRule,
+        reservation: bool,
+        /// With reservation: `None`, each router counts only its own reservations (what the
+        /// product does); `Some(ms)`, every router publishes its reservations and the others
+        /// add them to û this many milliseconds later (a what-if for routers sharing a
+        /// store), releases propagating with the same delay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shared_ms: Option<u64>,
+    },
     /// The healthy node with the lowest utilization (Scalelite).
     LeastLoaded,
     /// The less loaded of two random nodes under the limit (LiveKit `twochoice`).
@@ -36,7 +45,17 @@ impl Policy {
     pub const DEFAULT: Policy = Policy::Ours {
         rule: ChoiceRule::LeastLoaded,
         reservation: true,
+        shared_ms: None,
     };
+
+    /// The default policy with reservations shared between routers after `delay_ms`.
+    pub fn default_shared(delay_ms: u64) -> Policy {
+        Policy::Ours {
+            rule: ChoiceRule::LeastLoaded,
+            reservation: true,
+            shared_ms: Some(delay_ms),
+        }
+    }
 
     /// Every policy of the standard comparison: each of our rules with and without
     /// reservation, then the four others.
@@ -44,7 +63,11 @@ impl Policy {
         let mut v = Vec::new();
         for rule in ChoiceRule::ALL {
             for reservation in [true, false] {
-                v.push(Policy::Ours { rule, reservation });
+                v.push(Policy::Ours {
+                    rule,
+                    reservation,
+                    shared_ms: None,
+                });
             }
         }
         v.extend([
@@ -58,9 +81,17 @@ impl Policy {
 
     pub fn name(&self) -> String {
         match *self {
-            Policy::Ours { rule, reservation } => {
+            Policy::Ours {
+                rule,
+                reservation,
+                shared_ms,
+            } => {
+                let shared = match shared_ms {
+                    Some(ms) if reservation => format!("+shared{ms}ms"),
+                    _ => String::new(),
+                };
                 format!(
-                    "ours:{}{}",
+                    "ours:{}{}{shared}",
                     rule.name(),
                     if reservation { "+res" } else { "" }
                 )
@@ -89,6 +120,18 @@ impl Policy {
                 ..
             }
         )
+    }
+
+    /// With reservation shared between routers: the propagation delay in milliseconds.
+    pub fn shared_delay_ms(&self) -> Option<u64> {
+        match *self {
+            Policy::Ours {
+                reservation: true,
+                shared_ms,
+                ..
+            } => shared_ms,
+            _ => None,
+        }
     }
 }
 

@@ -17,11 +17,16 @@
 #      they are already placed: steady-state joins), decisions only. $RATE is
 #      `half` (default: half of the same target's wrk throughput, the "p99 at half of the
 #      maximum throughput" claim) or a number of requests/s for every target.
-# Prints a table with ratios to HAProxy and writes it to $OUT/results.md (+ raw outputs).
+# With ROUNDS=N (default 3) the whole sequence of targets runs N times, interleaved, and the
+# table shows each figure's median over the rounds; every ratio is the median of the ratios
+# measured within a round (targets of one round ran minutes apart, not a whole run apart),
+# and the per-round ratios are listed: on a shared VM whose speed drifts (steal time), that
+# is what keeps a ratio honest. Every run's figures are in $OUT/runs.jsonl.
+# Prints the table and writes it to $OUT/results.md (+ raw outputs).
 # Installs haproxy, nginx and wrk with apt-get if missing. Stops everything it started.
 #
-#   bash benches/compare/run.sh                       # all targets, 10 s each
-#   DURATION=5 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
+#   bash benches/compare/run.sh                       # all targets, 10 s each, 3 rounds
+#   ROUNDS=1 DURATION=5 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -32,6 +37,7 @@ ROOMS=${ROOMS:-10000}
 NODES=${NODES:-3}
 RATE=${RATE:-half}
 RATE_CONNS=${RATE_CONNS:-$CONNS}
+ROUNDS=${ROUNDS:-3}
 # Threads each front end under test gets (router runtime workers, HAProxy nbthread, nginx
 # worker_processes, the ceiling's runtime): the same budget for all. "auto" = their defaults
 # (one per core each).
@@ -42,6 +48,8 @@ export ROOMS RUST_LOG=${RUST_LOG:-warn}
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+RUNS="$OUT/runs.jsonl"
+: >"$RUNS"
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
@@ -212,7 +220,12 @@ cpu_ticks() { # PID
   echo "$t"
 }
 
-declare -A CPU_US RPS P50 P90 P99 CR_RATE CR_ACH CR_P50 CR_P99 CR_P999 CR_ERR NOTE
+declare -A RPS NOTE
+ROUND=1
+
+record() { # JSON object fields (without braces) -> one line of $RUNS for this round
+  echo "{\"round\": $ROUND, $1}" >>"$RUNS"
+}
 
 wrk_prefix() { # NAME -> the path prefix wrk puts before the room number
   case $1 in router-lookup) echo "/v1/placement/r" ;; *) echo "/status?room=r" ;; esac
@@ -223,36 +236,39 @@ open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as w
 }
 
 run_wrk() { # NAME PORT
-  local f="$OUT/wrk-$1.txt" t0 t1
+  local f="$OUT/wrk-$1-$ROUND.txt" t0 t1 cpu p50 p90 p99 bad
   t0=$(cpu_ticks "$FRONT_PID")
   WRK_PATH=$(wrk_prefix "$1") wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
     "http://127.0.0.1:$2" >"$f" 2>&1
   t1=$(cpu_ticks "$FRONT_PID")
   RPS[$1]=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$f")
-  CPU_US[$1]=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '/requests in/ { printf "%.1f", d * 1e6 / hz / $1 }' "$f")
-  P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' "$f")")
-  P90[$1]=$(to_us "$(awk '$1 == "90%" {print $2}' "$f")")
-  P99[$1]=$(to_us "$(awk '$1 == "99%" {print $2}' "$f")")
-  local bad
+  cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '/requests in/ { printf "%.1f", d * 1e6 / hz / $1 }' "$f")
+  p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$f")")
+  p90=$(to_us "$(awk '$1 == "90%" {print $2}' "$f")")
+  p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$f")")
   bad=$(awk '/Non-2xx or 3xx/ {print $NF}' "$f")
   if [ -n "$bad" ]; then NOTE[$1]="${NOTE[$1]:-}non-2xx/3xx: $bad; "; fi
-  echo "   wrk: ${RPS[$1]} req/s, p50 ${P50[$1]} us, p99 ${P99[$1]} us, front end CPU ${CPU_US[$1]} us/req"
+  record "\"target\": \"$1\", \"kind\": \"wrk\", \"rps\": ${RPS[$1]:-0}, \"cpu_us\": ${cpu:-null}, \"p50\": ${p50:-null}, \"p90\": ${p90:-null}, \"p99\": ${p99:-null}, \"non_2xx_3xx\": ${bad:-0}"
+  echo "   wrk: ${RPS[$1]} req/s, p50 $p50 us, p99 $p99 us, front end CPU $cpu us/req"
 }
 
 run_rate() { # NAME PORT RATE
-  local j="$OUT/rate-$1.json"
+  local j="$OUT/rate-$1-$ROUND.json" line
   "$BIN" load --constant-rate "$3" --url "http://127.0.0.1:$2" --duration "$DURATION" \
     --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
     --path "$(open_path "$1")" --max-requests $(( $3 * DURATION + 1 )) \
-    --quiet --json "$j" >"$OUT/rate-$1.txt" 2>&1 || { cat "$OUT/rate-$1.txt" >&2; return 0; }
-  read -r CR_RATE[$1] CR_ACH[$1] CR_P50[$1] CR_P99[$1] CR_P999[$1] CR_ERR[$1] < <(python3 - "$j" <<'EOF'
+    --quiet --json "$j" >"$OUT/rate-$1-$ROUND.txt" 2>&1 || { cat "$OUT/rate-$1-$ROUND.txt" >&2; return 0; }
+  line=$(python3 - "$j" "$1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency_us"]
-print(int(r["target_rate"]), int(r["achieved_per_s"]), l["p50"], l["p99"], l["p999"], r["planned"] - r["ok"])
+print(json.dumps({"target": sys.argv[2], "kind": "rate", "rate": int(r["target_rate"]),
+                  "achieved": int(r["achieved_per_s"]), "p50": l["p50"], "p99": l["p99"],
+                  "p999": l["p999"], "not_ok": r["planned"] - r["ok"]})[1:-1])
 EOF
 )
-  echo "   constant rate ${CR_RATE[$1]}/s (achieved ${CR_ACH[$1]}/s): p50 ${CR_P50[$1]} us, p99 ${CR_P99[$1]} us, p99.9 ${CR_P999[$1]} us, not ok ${CR_ERR[$1]}"
+  record "$line"
+  echo "   constant rate: {$line}"
 }
 
 bench() { # NAME
@@ -292,28 +308,62 @@ bench() { # NAME
   stop_started
 }
 
-for t in $TARGETS; do bench "$t"; done
+for ROUND in $(seq 1 "$ROUNDS"); do
+  [ "$ROUNDS" -gt 1 ] && echo "==== round $ROUND of $ROUNDS"
+  for t in $TARGETS; do bench "$t"; done
+done
 
 {
-  echo "| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | not ok | note |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-  for t in $TARGETS; do
-    if [ -z "${RPS[$t]:-}" ]; then
-      echo "| $t | - | - | - | - | - | - | - | - | - | - | - | - | ${NOTE[$t]:-not run} |"
-      continue
-    fi
-    ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[haproxy]:-0}" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-    echo "| $t | ${RPS[$t]} | $ratio | ${P50[$t]} | ${P90[$t]} | ${P99[$t]} | ${CPU_US[$t]:--} | ${CR_RATE[$t]:--} | ${CR_ACH[$t]:--} | ${CR_P50[$t]:--} | ${CR_P99[$t]:--} | ${CR_P999[$t]:--} | ${CR_ERR[$t]:--} | ${NOTE[$t]:-} |"
-  done
-  if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-redirect]:-}" ]; then
-    awk -v a="${RPS[router-redirect]}" -v b="${RPS[ceiling]}" \
-      'BEGIN { printf "\nrouter-redirect / bare-307 ceiling: %.2fx\n", a / b }'
-  fi
-  if [ -n "${RPS[ceiling]:-}" ] && [ -n "${RPS[router-lookup]:-}" ]; then
-    awk -v a="${RPS[router-lookup]}" -v b="${RPS[ceiling]}" \
-      'BEGIN { printf "router-lookup / bare-307 ceiling: %.2fx\n", a / b }'
-  fi
+  python3 - "$RUNS" "$TARGETS" <<'EOF'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+targets = sys.argv[2].split()
+rounds = sorted({r["round"] for r in runs})
+
+def get(target, kind, round_=None):
+    return [r for r in runs if r["target"] == target and r["kind"] == kind
+            and (round_ is None or r["round"] == round_)]
+
+def med(target, kind, key):
+    v = [r[key] for r in get(target, kind) if r.get(key) is not None]
+    if not v:
+        return "-"
+    m = statistics.median(v)
+    return f"{m:.1f}" if key == "cpu_us" else str(int(m))
+
+def ratios(a, b):
+    """a / b throughput within each round where both ran."""
+    out = []
+    for n in rounds:
+        x, y = get(a, "wrk", n), get(b, "wrk", n)
+        if x and y and y[0]["rps"] > 0:
+            out.append(x[0]["rps"] / y[0]["rps"])
+    return out
+
+def show(rs):
+    return f"{statistics.median(rs):.2f}x" if rs else "-"
+
+print("| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | not ok |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for t in targets:
+    if not get(t, "wrk"):
+        print(f"| {t} | - | - | - | - | - | - | - | - | - | - | - | - |")
+        continue
+    print(f"| {t} | {med(t, 'wrk', 'rps')} | {show(ratios(t, 'haproxy'))} | "
+          f"{med(t, 'wrk', 'p50')} | {med(t, 'wrk', 'p90')} | {med(t, 'wrk', 'p99')} | "
+          f"{med(t, 'wrk', 'cpu_us')} | {med(t, 'rate', 'rate')} | {med(t, 'rate', 'achieved')} | "
+          f"{med(t, 'rate', 'p50')} | {med(t, 'rate', 'p99')} | {med(t, 'rate', 'p999')} | "
+          f"{med(t, 'rate', 'not_ok')} |")
+print()
+for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
+             ("router-proxy", "haproxy"), ("router-proxy", "nginx")]:
+    rs = ratios(a, b)
+    if rs:
+        per = ", ".join(f"{r:.2f}" for r in rs)
+        print(f"{a} / {b}: {show(rs)} (median; per round: {per})")
+EOF
   echo
-  echo "constant rate: RATE=$RATE (half = half of each target's own wrk req/s), $RATE_CONNS connections, ${DURATION}s, latency from the planned send"
+  echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s, latency from the planned send"
   echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
+  for t in $TARGETS; do if [ -n "${NOTE[$t]:-}" ]; then echo "$t: ${NOTE[$t]}"; fi; done
 } | tee "$OUT/results.md"

@@ -22,16 +22,9 @@ use crate::router::Intent;
 use crate::store::PinStore;
 
 /// Finds the room a front-door request names and the mode its route uses. `Ok(None)`: it
-/// names none.
+/// names none. `q` is the request's query as [`query`] parses it (the caller reads its
+/// hints from the same parse).
 pub fn locate<S: PinStore>(
-    app: &App<S>,
-    parts: &Parts,
-) -> Result<Option<(RoomKey, FrontDoorMode)>, ApiError> {
-    locate_in(app, parts, &query(parts))
-}
-
-/// [`locate`] with the request's query already parsed (`q`, as [`query`] gives it).
-fn locate_in<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
     q: &[(Cow<'_, str>, Cow<'_, str>)],
@@ -81,11 +74,6 @@ fn locate_in<S: PinStore>(
     Ok(None)
 }
 
-/// Finds the room a front-door request names. `Ok(None)`: it names none.
-pub fn room_of<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Option<RoomKey>, ApiError> {
-    locate(app, parts).map(|r| r.map(|(k, _)| k))
-}
-
 /// The value of cookie `name`, from any `Cookie` header.
 fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     parts
@@ -107,7 +95,7 @@ pub async fn handle<S: PinStore>(
     _peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let q = query(parts);
-    let Some((room, mode)) = locate_in(app, parts, &q)? else {
+    let Some((room, mode)) = locate(app, parts, &q)? else {
         return Err(ApiError::NotFound(format!(
             "no room in request for {}",
             parts.uri.path()

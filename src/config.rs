@@ -225,9 +225,8 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`). TLS to Redis (`rediss://`) is not
-    /// built in: the store refuses such a URL at start rather than fail to connect.
-    /// Default `redis://127.0.0.1:6379`. With `sentinels`, only its user, password, db and
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS, see
+    /// `tls_ca_file`). Default `redis://127.0.0.1:6379`. With `sentinels`, only its user, password, db and
     /// scheme are used (for the master the sentinels name); its host and port are not.
     pub url: String,
     /// Redis Cluster seed nodes; when non-empty, `url` is ignored and cluster mode is used.
@@ -256,6 +255,13 @@ pub struct StoreConfig {
     /// Full re-read of the shared node table (in case a message was lost). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub resync_interval: Duration,
+    /// `rediss://` only: PEM file of the CA(s) that signed the Redis server's certificate.
+    /// Unset: the system's trusted roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` only: PEM certificate and key the router presents to a Redis that asks
+    /// for client certificates (`tls-auth-clients yes`). Both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -271,11 +277,73 @@ impl Default for StoreConfig {
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(250),
             resync_interval: Duration::from_secs(10),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl StoreConfig {
+    /// Whether the store speaks TLS to Redis (`rediss://` in `url` or `cluster_nodes`).
+    pub fn uses_tls(&self) -> bool {
+        let tls = |u: &String| u.starts_with("rediss://");
+        if self.cluster_nodes.is_empty() {
+            tls(&self.url)
+        } else {
+            self.cluster_nodes.iter().any(tls)
+        }
+    }
+
+    /// The TLS keys: only with `rediss://`, all nodes alike, files readable, cert and key
+    /// together; Sentinel is plain only.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let files = [
+            ("store.tls_ca_file", &self.tls_ca_file),
+            ("store.tls_cert_file", &self.tls_cert_file),
+            ("store.tls_key_file", &self.tls_key_file),
+        ];
+        if !self.sentinels.is_empty() {
+            if self.url.starts_with("rediss://") {
+                return Err(invalid(
+                    "store.url",
+                    "rediss:// is not supported with store.sentinels (Sentinel is plain only)",
+                ));
+            }
+            if let Some((key, _)) = files.iter().find(|(_, f)| f.is_some()) {
+                return Err(invalid(key, "is not supported with store.sentinels"));
+            }
+            return Ok(());
+        }
+        let tls = self.uses_tls();
+        if tls
+            && self
+                .cluster_nodes
+                .iter()
+                .any(|u| !u.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "store.cluster_nodes",
+                "mixes redis:// and rediss://: every node is TLS or none is",
+            ));
+        }
+        for (key, file) in files {
+            let Some(path) = file else { continue };
+            if !tls {
+                return Err(invalid(key, "needs a rediss:// URL (TLS to Redis)"));
+            }
+            std::fs::metadata(path)
+                .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                "store.tls_cert_file",
+                "store.tls_cert_file and store.tls_key_file go together",
+            ));
+        }
+        Ok(())
+    }
+
     /// The Sentinel keys: both or neither, not with Cluster, every address a Redis URL.
     fn validate_sentinel(&self) -> Result<(), ConfigError> {
         if self.sentinels.is_empty() {
@@ -312,21 +380,13 @@ impl StoreConfig {
     }
 }
 
-/// Checks one Redis address: `redis://host[:port][/db]`. `rediss://` is refused by name,
-/// since this build has no TLS for Redis.
+/// Checks one Redis address: `redis://host[:port][/db]` or `rediss://` (TLS).
 fn check_redis_url(key: &str, s: &str) -> Result<(), ConfigError> {
     let u = s
         .parse::<url::Url>()
         .map_err(|e| invalid(key, format!("not a redis:// URL: {e}")))?;
-    if u.scheme() == "rediss" {
-        return Err(invalid(
-            key,
-            "TLS to Redis (rediss://) is not supported by this build; use redis:// on a \
-             trusted network or a TLS tunnel",
-        ));
-    }
-    if u.scheme() != "redis" || u.host_str().is_none_or(str::is_empty) {
-        return Err(invalid(key, "not a redis://host:port URL"));
+    if !matches!(u.scheme(), "redis" | "rediss") || u.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(key, "not a redis://host:port (or rediss://) URL"));
     }
     Ok(())
 }
@@ -357,6 +417,9 @@ impl std::fmt::Debug for StoreConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("resync_interval", &self.resync_interval)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -827,6 +890,7 @@ impl Config {
                 check_redis_url(&format!("store.cluster_nodes[{i}]"), n)?;
             }
             st.validate_sentinel()?;
+            st.validate_tls()?;
             if st.key_prefix.is_empty()
                 || st
                     .key_prefix
@@ -956,21 +1020,48 @@ mod tests {
     }
 
     #[test]
-    fn redis_urls_refuse_tls_by_name_and_hide_passwords_in_debug() {
+    fn redis_urls_are_checked_and_hide_passwords_in_debug() {
+        let ca = std::env::temp_dir().join(format!("rr-cfg-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "not read here").unwrap();
+        let ca = ca.display();
         for (text, key) in [
-            ("kind = \"redis\"\nurl = \"rediss://h:6379\"\n", "store.url"),
             (
                 "kind = \"redis\"\ncluster_nodes = [\"redis://h:7000\", \"ftp://h\"]\n",
                 "store.cluster_nodes[1]",
             ),
             (
-                "kind = \"redis\"\nsentinels = [\"rediss://h:26379\"]\nsentinel_master = \"m\"\n",
-                "store.sentinels[0]",
+                "kind = \"redis\"\nsentinels = [\"redis://h:26379\"]\nsentinel_master = \"m\"\nurl = \"rediss://h\"\n",
+                "store.url",
+            ),
+            (
+                "kind = \"redis\"\ncluster_nodes = [\"rediss://h:7000\", \"redis://h:7001\"]\n",
+                "store.cluster_nodes",
+            ),
+            (
+                &format!("kind = \"redis\"\nurl = \"redis://h\"\ntls_ca_file = \"{ca}\"\n"),
+                "store.tls_ca_file",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"rediss://h\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+                "store.tls_ca_file",
+            ),
+            (
+                &format!("kind = \"redis\"\nurl = \"rediss://h\"\ntls_cert_file = \"{ca}\"\n"),
+                "store.tls_cert_file",
             ),
         ] {
             let c = Config::parse(&format!("[store]\n{text}")).unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.starts_with(key), "{key}: {e}");
+        }
+        for ok in [
+            format!("url = \"rediss://h:6380\"\ntls_ca_file = \"{ca}\""),
+            format!("cluster_nodes = [\"rediss://h:7000\", \"rediss://h:7001\"]\ntls_cert_file = \"{ca}\"\ntls_key_file = \"{ca}\""),
+            "url = \"rediss://h:6380\"".to_string(),
+        ] {
+            let c = Config::parse(&format!("[store]\nkind = \"redis\"\n{ok}\n")).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(c.store.uses_tls());
         }
         let c = Config::parse(
             "[store]\nkind = \"redis\"\nurl = \"redis://app:s3cret@h:6379/2\"\n\

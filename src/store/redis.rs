@@ -330,6 +330,40 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// The certificates `store.tls_*` name, read now; `None` when none is set (a `rediss://`
+/// URL then trusts the system's roots).
+fn tls_certificates(cfg: &StoreConfig) -> anyhow::Result<Option<redis::TlsCertificates>> {
+    let read = |key: &str, p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("{key}: {}", p.display()))
+    };
+    let root_cert = match &cfg.tls_ca_file {
+        Some(p) => Some(read("store.tls_ca_file", p)?),
+        None => None,
+    };
+    let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+            client_cert: read("store.tls_cert_file", c)?,
+            client_key: read("store.tls_key_file", k)?,
+        }),
+        _ => None,
+    };
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
+}
+
+/// A client for `url`: plain, or TLS (`rediss://`) with the configured certificates.
+fn client_for(cfg: &StoreConfig, url: &str) -> anyhow::Result<redis::Client> {
+    let client = match tls_certificates(cfg)? {
+        Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs)?,
+        _ => redis::Client::open(url)?,
+    };
+    Ok(client)
+}
+
 impl RedisStore {
     /// Connects, loads every pin into the cache and starts the background tasks. Fails if
     /// Redis cannot be reached within `connect_timeout`.
@@ -355,7 +389,7 @@ impl RedisStore {
             sentinels = Some(s);
             pool
         } else if cfg.cluster_nodes.is_empty() {
-            let client = redis::Client::open(cfg.url.as_str()).context("store.url")?;
+            let client = client_for(cfg, &cfg.url).context("store.url")?;
             open_pool(
                 client,
                 cfg.pool_size,
@@ -364,11 +398,13 @@ impl RedisStore {
             )
             .await?
         } else {
-            let client = redis::cluster::ClusterClient::builder(cfg.cluster_nodes.clone())
+            let mut builder = redis::cluster::ClusterClient::builder(cfg.cluster_nodes.clone())
                 .connection_timeout(cfg.connect_timeout)
-                .response_timeout(cfg.command_timeout)
-                .build()
-                .context("store.cluster_nodes")?;
+                .response_timeout(cfg.command_timeout);
+            if let Some(certs) = tls_certificates(cfg)? {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().context("store.cluster_nodes")?;
             let c = tokio::time::timeout(cfg.connect_timeout * 3, client.get_async_connection())
                 .await
                 .map_err(|_| anyhow::anyhow!("timed out"))
@@ -378,8 +414,7 @@ impl RedisStore {
                 })?;
             Pool {
                 server: cfg.cluster_nodes.join(","),
-                sub: redis::Client::open(cfg.cluster_nodes[0].as_str())
-                    .context("store.cluster_nodes[0]")?,
+                sub: client_for(cfg, &cfg.cluster_nodes[0]).context("store.cluster_nodes[0]")?,
                 conns: vec![Conn::Cluster(c)],
             }
         };

@@ -36,7 +36,7 @@ pub fn prefix(test: &str) -> String {
     )
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -5,11 +5,12 @@
 
 mod redis_support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use redis_support::*;
+use roomrouter::config::Config;
 use roomrouter::store;
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
@@ -63,13 +64,22 @@ impl Drop for Pki {
     }
 }
 
-/// A private `redis-server` with a plain port (to look at its data) and a TLS port.
-fn tls_redis(pki: &Pki, client_certs: bool) -> Option<(PrivateRedis, u16)> {
-    let tls_port = free_port();
-    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
-    let r = PrivateRedis::start_with(
-        free_port(),
-        vec![
+/// A private `redis-server` with a plain port (to look at its data) and a TLS port whose
+/// certificate `pki` signed; the server asks for client certificates if `client_certs`.
+struct TlsRedis {
+    pki: Pki,
+    redis: PrivateRedis,
+    /// `rediss://127.0.0.1:<tls port>`.
+    url: String,
+}
+
+impl TlsRedis {
+    /// Starts one, or says SKIPPED (a failure in CI) and gives `None` without `redis-server`.
+    fn start(test: &str, client_certs: bool) -> Option<TlsRedis> {
+        let pki = Pki::new(test);
+        let tls_port = free_port();
+        let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+        let args = vec![
             "--tls-port".into(),
             tls_port.to_string(),
             "--tls-cert-file".into(),
@@ -80,49 +90,63 @@ fn tls_redis(pki: &Pki, client_certs: bool) -> Option<(PrivateRedis, u16)> {
             path(&pki.ca),
             "--tls-auth-clients".into(),
             if client_certs { "yes" } else { "no" }.into(),
-        ],
-    )?;
-    Some((r, tls_port))
+        ];
+        let Some(redis) = PrivateRedis::start_with(free_port(), args) else {
+            skip(test, "no redis-server on PATH");
+            return None;
+        };
+        Some(TlsRedis {
+            pki,
+            redis,
+            url: format!("rediss://127.0.0.1:{tls_port}"),
+        })
+    }
+
+    /// A router config for it under `prefix`, trusting `ca`, failing fast.
+    fn config(&self, prefix: &str, ca: &Path) -> Config {
+        let mut cfg = config(&self.url, prefix);
+        cfg.store.tls_ca_file = Some(ca.to_path_buf());
+        cfg.store.connect_timeout = Duration::from_millis(500);
+        cfg.validate().unwrap();
+        cfg
+    }
+}
+
+/// Serves a router with `cfg`, registers one node and places `room`: the node it names.
+async fn place_one(cfg: Config, room: &str) -> String {
+    let r = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &r.base(), "media-1", 0.0, &[]).await;
+    let node = place(&c, &r.base(), room).await.unwrap();
+    r.stop().await;
+    node
 }
 
 #[tokio::test]
 async fn a_router_keeps_its_pins_in_a_redis_reached_over_tls() {
-    let test = "a_router_keeps_its_pins_in_a_redis_reached_over_tls";
-    let pki = Pki::new("pins");
-    let Some((redis, tls_port)) = tls_redis(&pki, false) else {
-        return skip(test, "no redis-server on PATH");
+    let Some(t) = TlsRedis::start("tls-pins", false) else {
+        return;
     };
     let prefix = prefix("tls");
-    let mut cfg = config(&format!("rediss://127.0.0.1:{tls_port}"), &prefix);
-    cfg.store.tls_ca_file = Some(pki.ca.clone());
-    cfg.validate().unwrap();
-    let r = serve(cfg).await;
-    let c = client();
-    heartbeat(&c, &r.base(), "media-1", 0.0, &[]).await;
-    assert_eq!(place(&c, &r.base(), "standup").await.unwrap(), "media-1");
+    assert_eq!(
+        place_one(t.config(&prefix, &t.pki.ca), "standup").await,
+        "media-1"
+    );
     // The pin is in that Redis (read back over its plain port).
-    let pin = redis_pin(&redis.url(), &room_key(&prefix, "standup"))
+    let pin = redis_pin(&t.redis.url(), &room_key(&prefix, "standup"))
         .await
         .expect("pin written over TLS");
     assert!(pin.starts_with("media-1|"), "{pin}");
-    r.stop().await;
 }
 
 #[tokio::test]
 async fn a_server_certificate_the_router_cannot_verify_stops_it_from_starting() {
-    let test = "a_server_certificate_the_router_cannot_verify_stops_it_from_starting";
-    let pki = Pki::new("untrusted");
-    let Some((_redis, tls_port)) = tls_redis(&pki, false) else {
-        return skip(test, "no redis-server on PATH");
+    let Some(t) = TlsRedis::start("tls-untrusted", false) else {
+        return;
     };
     // Another CA than the one that signed the server's certificate.
-    let other = Pki::new("other-ca");
-    let mut cfg = config(
-        &format!("rediss://127.0.0.1:{tls_port}"),
-        &prefix("tls-bad"),
-    );
-    cfg.store.tls_ca_file = Some(other.ca.clone());
-    cfg.store.connect_timeout = Duration::from_millis(500);
+    let other = Pki::new("tls-other-ca");
+    let cfg = t.config(&prefix("tls-bad"), &other.ca);
     let e = store::open(&cfg)
         .await
         .err()
@@ -133,25 +157,16 @@ async fn a_server_certificate_the_router_cannot_verify_stops_it_from_starting() 
 
 #[tokio::test]
 async fn a_redis_that_asks_for_a_client_certificate_gets_the_configured_one() {
-    let test = "a_redis_that_asks_for_a_client_certificate_gets_the_configured_one";
-    let pki = Pki::new("mtls");
-    let Some((_redis, tls_port)) = tls_redis(&pki, true) else {
-        return skip(test, "no redis-server on PATH");
+    let Some(t) = TlsRedis::start("tls-mtls", true) else {
+        return;
     };
-    let url = format!("rediss://127.0.0.1:{tls_port}");
-    let mut cfg = config(&url, &prefix("tls-mtls"));
-    cfg.store.tls_ca_file = Some(pki.ca.clone());
-    cfg.store.connect_timeout = Duration::from_millis(500);
+    let mut cfg = t.config(&prefix("tls-mtls"), &t.pki.ca);
     assert!(
         store::open(&cfg).await.is_err(),
         "without a client certificate the server refuses the router"
     );
-    cfg.store.tls_cert_file = Some(pki.client.0.clone());
-    cfg.store.tls_key_file = Some(pki.client.1.clone());
+    cfg.store.tls_cert_file = Some(t.pki.client.0.clone());
+    cfg.store.tls_key_file = Some(t.pki.client.1.clone());
     cfg.validate().unwrap();
-    let r = serve(cfg).await;
-    let c = client();
-    heartbeat(&c, &r.base(), "media-1", 0.0, &[]).await;
-    assert_eq!(place(&c, &r.base(), "weekly").await.unwrap(), "media-1");
-    r.stop().await;
+    assert_eq!(place_one(cfg, "weekly").await, "media-1");
 }

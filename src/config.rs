@@ -304,6 +304,16 @@ impl StoreConfig {
             ("store.tls_key_file", &self.tls_key_file),
         ];
         if !self.sentinels.is_empty() {
+            if let Some(i) = self
+                .sentinels
+                .iter()
+                .position(|u| u.starts_with("rediss://"))
+            {
+                return Err(invalid(
+                    &format!("store.sentinels[{i}]"),
+                    "rediss:// is not supported for sentinels (Sentinel is plain only)",
+                ));
+            }
             if self.url.starts_with("rediss://") {
                 return Err(invalid(
                     "store.url",
@@ -1032,6 +1042,10 @@ mod tests {
             (
                 "kind = \"redis\"\nsentinels = [\"redis://h:26379\"]\nsentinel_master = \"m\"\nurl = \"rediss://h\"\n",
                 "store.url",
+            ),
+            (
+                "kind = \"redis\"\nsentinels = [\"redis://h:26379\", \"rediss://h:26380\"]\nsentinel_master = \"m\"\n",
+                "store.sentinels[1]",
             ),
             (
                 "kind = \"redis\"\ncluster_nodes = [\"rediss://h:7000\", \"redis://h:7001\"]\n",

@@ -114,10 +114,15 @@ impl CertReloader {
         interval: Duration,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
+        // Registered before this returns (and so before any listener serves), not when the
+        // task first runs: until then SIGHUP's default action would end the process.
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(
+                |e| tracing::warn!(error = %e, "no SIGHUP handler: reload on file change only"),
+            )
+            .ok();
         tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(stop);

@@ -355,11 +355,11 @@ fn tls_certificates(cfg: &StoreConfig) -> anyhow::Result<Option<redis::TlsCertif
     )
 }
 
-/// A client for `url`: plain, or TLS (`rediss://`) with the configured certificates.
-fn client_for(cfg: &StoreConfig, url: &str) -> anyhow::Result<redis::Client> {
-    let client = match tls_certificates(cfg)? {
-        Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs)?,
-        _ => redis::Client::open(url)?,
+/// A client for `url`: plain, or TLS with `certs` (config allows them only with `rediss://`).
+fn client_for(url: &str, certs: Option<&redis::TlsCertificates>) -> anyhow::Result<redis::Client> {
+    let client = match certs {
+        Some(certs) => redis::Client::build_with_tls(url, certs.clone())?,
+        None => redis::Client::open(url)?,
     };
     Ok(client)
 }
@@ -373,6 +373,7 @@ impl RedisStore {
         heartbeat_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let keys = Keys::new(&cfg.key_prefix);
+        let certs = tls_certificates(cfg)?;
         let mut sentinels = None;
         let pool = if !cfg.sentinels.is_empty() {
             let s = Sentinels::new(cfg)?;
@@ -389,7 +390,7 @@ impl RedisStore {
             sentinels = Some(s);
             pool
         } else if cfg.cluster_nodes.is_empty() {
-            let client = client_for(cfg, &cfg.url).context("store.url")?;
+            let client = client_for(&cfg.url, certs.as_ref()).context("store.url")?;
             open_pool(
                 client,
                 cfg.pool_size,
@@ -401,7 +402,7 @@ impl RedisStore {
             let mut builder = redis::cluster::ClusterClient::builder(cfg.cluster_nodes.clone())
                 .connection_timeout(cfg.connect_timeout)
                 .response_timeout(cfg.command_timeout);
-            if let Some(certs) = tls_certificates(cfg)? {
+            if let Some(certs) = certs.clone() {
                 builder = builder.certs(certs);
             }
             let client = builder.build().context("store.cluster_nodes")?;
@@ -414,7 +415,8 @@ impl RedisStore {
                 })?;
             Pool {
                 server: cfg.cluster_nodes.join(","),
-                sub: client_for(cfg, &cfg.cluster_nodes[0]).context("store.cluster_nodes[0]")?,
+                sub: client_for(&cfg.cluster_nodes[0], certs.as_ref())
+                    .context("store.cluster_nodes[0]")?,
                 conns: vec![Conn::Cluster(c)],
             }
         };

@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// Runtime worker threads for `roomrouter serve`. Default: one per CPU core. Fewer
     /// leaves cores to what shares the machine (media processes, a load generator).
     pub worker_threads: Option<usize>,
+    /// Serve front-door requests on HTTP/1.1 through the fast path (`http::h1`): heads
+    /// parsed once, bodies relayed as bytes. Off: hyper serves every request.
+    pub fast_path: bool,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +72,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
             worker_threads: None,
+            fast_path: true,
         }
     }
 }

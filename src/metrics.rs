@@ -87,6 +87,10 @@ pub struct Metrics {
     pub store_degraded: Gauge,
     pub node_utilization: Family<NodeLabels, Gauge<f64, AtomicU64>>,
     pub proxy: ProxyMetrics,
+    /// Front-door requests the HTTP/1.1 fast path answered (`http::h1`).
+    pub fast_requests: Counter,
+    /// Connections the fast path handed to hyper (a request it does not carry).
+    pub fast_handoffs: Counter,
 }
 
 /// What proxy mode counts (handles onto the router's registry, cheap to clone).
@@ -185,6 +189,18 @@ impl Metrics {
             "Upgraded (WebSocket) tunnels open now",
             proxy.tunnels_open.clone(),
         );
+        let fast_requests = Counter::default();
+        registry.register(
+            "http_fast_path_requests",
+            "Front-door requests answered by the HTTP/1.1 fast path",
+            fast_requests.clone(),
+        );
+        let fast_handoffs = Counter::default();
+        registry.register(
+            "http_fast_path_handoffs",
+            "Connections the fast path handed to hyper at a request it does not carry",
+            fast_handoffs.clone(),
+        );
         let outcomes = Decided::ALL.map(|d| {
             decisions
                 .get_or_create(&Outcome {
@@ -206,6 +222,8 @@ impl Metrics {
             store_degraded,
             node_utilization,
             proxy,
+            fast_requests,
+            fast_handoffs,
         }
     }
 

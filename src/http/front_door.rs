@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use super::api::{authenticate_user, query, room_from_url, set_node_header, HintArgs};
 use super::proxy::Forward;
 use super::{full, ApiError, App, Body};
+use crate::cluster::NodeEntry;
 use crate::config::{FrontDoorMode, RoomSource};
 use crate::room::RoomKey;
 use crate::router::Intent;
@@ -87,13 +88,18 @@ fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim_matches('"'))
 }
 
-/// Handles a front-door request.
-pub async fn handle<S: PinStore>(
-    app: &App<S>,
-    parts: &Parts,
-    body: Incoming,
-    _peer: std::net::SocketAddr,
-) -> Result<Response<Body>, ApiError> {
+/// What the front door decided for a request: the room's node, the user's ticket for it,
+/// and how the user gets there.
+pub struct Admission {
+    pub node: NodeEntry,
+    pub ticket: String,
+    pub mode: FrontDoorMode,
+}
+
+/// Finds the request's room, authenticates the user for it and places it: everything a
+/// front-door request needs before it is redirected or forwarded, whichever HTTP/1 server
+/// (hyper's or the fast path, see `h1`) carries it.
+pub async fn admit<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Admission, ApiError> {
     let q = query(parts);
     let Some((room, mode)) = locate(app, parts, &q)? else {
         return Err(ApiError::NotFound(format!(
@@ -125,18 +131,42 @@ pub async fn handle<S: PinStore>(
         &user.sub,
         app.router.now() / 1000,
     );
-    if mode == FrontDoorMode::Proxy {
+    Ok(Admission {
+        node: p.node,
+        ticket,
+        mode,
+    })
+}
+
+/// Handles a front-door request.
+pub async fn handle<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    body: Incoming,
+    _peer: std::net::SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let a = admit(app, parts).await?;
+    if a.mode == FrontDoorMode::Proxy {
         let to = Forward {
-            node: &p.node,
-            ticket,
+            node: &a.node,
+            ticket: a.ticket,
         };
         return app.proxy.forward(parts, body, to).await;
     }
+    redirect(app, parts, &a)
+}
+
+/// The redirect-mode answer: `307` to the node with the ticket.
+pub fn redirect<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    a: &Admission,
+) -> Result<Response<Body>, ApiError> {
     let location = redirect_location(
-        &p.node.info.url,
+        &a.node.info.url,
         parts,
         &app.cfg.tickets.query_param,
-        &ticket,
+        &a.ticket,
     );
     let mut r = Response::new(full(bytes::Bytes::new()));
     *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
@@ -147,7 +177,7 @@ pub async fn handle<S: PinStore>(
             .map_err(|_| ApiError::InvalidRequest("unrepresentable location".into()))?,
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    set_node_header(&mut r, p.node.id.as_str());
+    set_node_header(&mut r, a.node.id.as_str());
     Ok(r)
 }
 

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod error;
 pub mod front_door;
+pub mod h1;
 pub mod ops;
 pub mod proxy;
 pub mod routes;
@@ -154,18 +155,19 @@ pub async fn handle<S: PinStore>(
     let (parts, body) = req.into_parts();
     let route = routes::route(parts.uri.path());
     let result = dispatch(&app, &route, &parts, body, peer).await;
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            app.router.metrics.error(e.code());
-            if e.status().is_server_error() {
-                tracing::warn!(path = parts.uri.path(), code = e.code(), "{}", e.message());
-            } else {
-                tracing::debug!(path = parts.uri.path(), code = e.code(), "{}", e.message());
-            }
-            e.into_response()
-        }
+    result.unwrap_or_else(|e| error_response(&app, parts.uri.path(), e))
+}
+
+/// The answer for a failed request, counted and logged the same way whichever server
+/// (hyper's or the fast path) carried it.
+pub fn error_response<S: PinStore>(app: &App<S>, path: &str, e: ApiError) -> Response<Body> {
+    app.router.metrics.error(e.code());
+    if e.status().is_server_error() {
+        tracing::warn!(path, code = e.code(), "{}", e.message());
+    } else {
+        tracing::debug!(path, code = e.code(), "{}", e.message());
     }
+    e.into_response()
 }
 
 async fn dispatch<S: PinStore>(

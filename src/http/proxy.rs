@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::h1::pool::Conns;
 use super::server::ConnInfo;
 use super::upstream::{Lane, LaneError, Lanes};
 use super::{tls, ApiError, Body, BoxError};
@@ -42,6 +43,8 @@ type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
 pub struct Proxy {
     /// Ordinary requests: lanes driven by the request's own task.
     lanes: Lanes,
+    /// The fast path's raw upstream connections (`h1`).
+    pub(crate) conns: Conns,
     /// `Upgrade` requests: hyper-util's client, whose connection tasks can hand the upgraded
     /// connection over to a tunnel.
     client: UpstreamClient,
@@ -83,6 +86,12 @@ impl Proxy {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let conns = Conns::new(
+            https.clone(),
+            cfg.connect_timeout,
+            cfg.pool_max_idle_per_host,
+            cfg.pool_idle_timeout,
+        );
         let lanes = Lanes::new(
             https.clone(),
             cfg.connect_timeout,
@@ -97,12 +106,18 @@ impl Proxy {
             .build(https);
         Ok(Proxy {
             lanes,
+            conns,
             client,
             cfg: cfg.clone(),
             failures: DashMap::new(),
             failing: AtomicUsize::new(0),
             metrics,
         })
+    }
+
+    /// The proxy's settings.
+    pub(crate) fn cfg(&self) -> &ProxyConfig {
+        &self.cfg
     }
 
     /// Forwards the request to `to.node`'s upstream and answers the node's response.
@@ -308,7 +323,7 @@ impl Proxy {
     }
 
     /// The node answered: its run of consecutive failures, if it had one, is over.
-    fn succeeded(&self, node: &NodeEntry) {
+    pub(crate) fn succeeded(&self, node: &NodeEntry) {
         // Most requests find no failures at all; they skip the map (and its shard's write
         // lock, which every request to the node would otherwise take).
         if self.failing.load(Ordering::Acquire) > 0 && self.failures.remove(&node.id).is_some() {
@@ -317,7 +332,7 @@ impl Proxy {
     }
 
     /// Counts a failure against the node; enough in a row mark it unhealthy.
-    fn failed(&self, node: &NodeEntry, why: &str) -> ApiError {
+    pub(crate) fn failed(&self, node: &NodeEntry, why: &str) -> ApiError {
         self.metrics.upstream_failures.inc();
         let mut n = match self.failures.entry(node.id.clone()) {
             dashmap::Entry::Occupied(e) => e.into_ref(),
@@ -368,18 +383,24 @@ fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn bad_upstream(node: &NodeEntry) -> ApiError {
+pub(crate) fn bad_upstream(node: &NodeEntry) -> ApiError {
     ApiError::UpstreamUnavailable(format!("bad upstream URL for {}", node.id))
+}
+
+/// The authority (the node's `Host`) and base path (no trailing `/`) of an upstream base URL
+/// such as `http://10.0.0.5:8080` or `https://user@node.example/media/`.
+pub(crate) fn upstream_parts(upstream: &str) -> Option<(&str, &str)> {
+    let rest = upstream.split_once("://").map_or(upstream, |(_, r)| r);
+    let (authority, base) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit('@').next().filter(|h| !h.is_empty())?;
+    Some((host, base.trim_end_matches('/')))
 }
 
 /// The `Host` header and origin-form target for a request to `uri` forwarded to the node
 /// whose base URL is `upstream` (`http://10.0.0.5:8080`, or with a path prefix such as
 /// `https://node.example/media/`, which the target keeps).
 fn lane_target(upstream: &str, uri: &Uri) -> Option<(HeaderValue, Uri)> {
-    let rest = upstream.split_once("://").map_or(upstream, |(_, r)| r);
-    let (authority, base) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit('@').next().filter(|h| !h.is_empty())?;
-    let base = base.trim_end_matches('/');
+    let (host, base) = upstream_parts(upstream)?;
     let pq = uri.path_and_query();
     let target = match pq {
         // The common case copies nothing: the request's own path and query.

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -21,9 +22,10 @@ use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::h1::{self, BoxIo, Outcome, Rewind};
 use super::{handle, tls, ApiError, App, Body};
 use crate::config::ServerConfig as ServerLimits;
 use crate::store::PinStore;
@@ -49,6 +51,15 @@ type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 /// A request handler shared by every connection of a listener.
 type Handler = Arc<dyn Fn(Request<Incoming>, ConnInfo) -> BoxFut + Send + Sync>;
 
+/// What a connection's fast phase hands back: the connection, and how the phase ended.
+type FastEnd = (BoxIo, ConnInfo, Outcome);
+/// The HTTP/1.1 fast path (`h1`) a listener runs each connection through before hyper.
+type FastPath = Arc<
+    dyn Fn(BoxIo, ConnInfo, watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = FastEnd> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Serves `app` on `listener` (plain HTTP) until `shutdown` resolves, then lets open
 /// connections finish for up to `server.shutdown_grace`.
 pub async fn serve<S: PinStore>(
@@ -57,7 +68,8 @@ pub async fn serve<S: PinStore>(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let limits = app.cfg.server.clone();
-    accept_loop(listener, None, &limits, app_handler(app), shutdown).await
+    let fast = app_fast_path(&app);
+    accept_loop(listener, None, &limits, app_handler(app), fast, shutdown).await
 }
 
 /// Serves `app` over TLS with `config` (see [`tls::server_config`]); with a client verifier
@@ -70,11 +82,13 @@ pub async fn serve_tls<S: PinStore>(
 ) -> std::io::Result<()> {
     let limits = app.cfg.server.clone();
     let acceptor = TlsAcceptor::from(config);
+    let fast = app_fast_path(&app);
     accept_loop(
         listener,
         Some(acceptor),
         &limits,
         app_handler(app),
+        fast,
         shutdown,
     )
     .await
@@ -92,7 +106,7 @@ pub async fn serve_https_redirect(
         let r = https_redirect(&req, https_port).unwrap_or_else(ApiError::into_response);
         Box::pin(async move { r })
     });
-    accept_loop(listener, None, &limits, handler, shutdown).await
+    accept_loop(listener, None, &limits, handler, None, shutdown).await
 }
 
 fn https_redirect(req: &Request<Incoming>, port: u16) -> Result<Response<Body>, ApiError> {
@@ -135,6 +149,21 @@ fn app_handler<S: PinStore>(app: Arc<App<S>>) -> Handler {
     })
 }
 
+/// The fast path for `app`'s listeners, unless `server.fast_path` turns it off.
+fn app_fast_path<S: PinStore>(app: &Arc<App<S>>) -> Option<FastPath> {
+    if !app.cfg.server.fast_path {
+        return None;
+    }
+    let app = app.clone();
+    Some(Arc::new(move |mut io, info, stop| {
+        let app = app.clone();
+        Box::pin(async move {
+            let outcome = h1::serve(&app, &mut io, &info, stop).await;
+            (io, info, outcome)
+        })
+    }))
+}
+
 fn builder(cfg: &ServerLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -158,10 +187,14 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     cfg: &ServerLimits,
     handler: Handler,
+    fast: Option<FastPath>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let builder = Arc::new(builder(cfg));
     let graceful = GracefulShutdown::new();
+    // Tells connections in their fast phase to stop between requests (hyper's phase hears
+    // it through `graceful`, whose watchers every connection holds from the start).
+    let (stop_tx, stop_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -184,6 +217,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (builder, handler, watcher) = (builder.clone(), handler.clone(), graceful.watcher());
         let tls = tls.clone();
+        let (fast, stop) = (fast.clone(), stop_rx.clone());
         let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
             let mut info = ConnInfo {
@@ -195,7 +229,7 @@ async fn accept_loop(
                 slot: Some(Arc::new(permit)),
             };
             match tls {
-                None => serve_io(&builder, stream, info, handler, watcher).await,
+                None => serve_io(&builder, stream, info, handler, watcher, fast, stop).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
@@ -205,7 +239,10 @@ async fn accept_loop(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .map(|c| c.clone().into_owned());
-                            serve_io(&builder, s, info, handler, watcher).await
+                            // HTTP/2 (by ALPN) is hyper's alone.
+                            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let fast = fast.filter(|_| !h2);
+                            serve_io(&builder, s, info, handler, watcher, fast, stop).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -215,6 +252,7 @@ async fn accept_loop(
         });
     }
     drop(listener);
+    let _ = stop_tx.send(true);
     tracing::info!("shutting down: waiting for open connections");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -229,16 +267,27 @@ async fn serve_io<I>(
     info: ConnInfo,
     handler: Handler,
     watcher: Watcher,
+    fast: Option<FastPath>,
+    stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut io: BoxIo = Box::new(io);
+    let mut info = info;
+    let mut prefix = Bytes::new();
+    if let Some(fast) = fast {
+        match fast(io, info, stop).await {
+            (_, _, Outcome::Closed) => return,
+            (i, inf, Outcome::Handoff(p)) => (io, info, prefix) = (i, inf, p),
+        }
+    }
     let peer = info.peer;
     let svc = service_fn(move |req| {
         let fut = handler(req, info.clone());
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .serve_connection_with_upgrades(TokioIo::new(Rewind::new(io, prefix)), svc)
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");

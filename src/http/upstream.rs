@@ -35,7 +35,7 @@ use tower_service::Service;
 
 use super::Body;
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+pub(crate) type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 
 /// Why a lane could not be had or did not answer.
 #[derive(Debug)]
@@ -105,40 +105,81 @@ fn drive(conn: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -
     conn.is_some()
 }
 
-/// Idle lanes per node, most recently used last.
-struct Idle {
-    lanes: DashMap<Arc<str>, Vec<(Box<Lane>, Instant)>>,
+/// A connection an [`Idle`] pool can hold: it knows its node and can tell whether it may
+/// carry another request.
+pub(crate) trait Pooled {
+    /// The pool key of the node it belongs to (its upstream base URL).
+    fn key(&self) -> &Arc<str>;
+    /// Whether it can carry a new request now. May read from the socket, never blocks.
+    fn reusable(&mut self) -> bool;
+    /// It came out of the pool (a failure before the request was written may be retried).
+    fn mark_reused(&mut self);
+}
+
+impl Pooled for Lane {
+    fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+
+    fn reusable(&mut self) -> bool {
+        Lane::reusable(self)
+    }
+
+    fn mark_reused(&mut self) {
+        self.reused = true;
+    }
+}
+
+/// Idle connections per node, most recently used last. Shared by the lanes here and the
+/// fast path's raw connections (`h1::pool`).
+pub(crate) struct Idle<T> {
+    lanes: DashMap<Arc<str>, Vec<(Box<T>, Instant)>>,
     max_per_node: usize,
     timeout: Duration,
 }
 
-impl Idle {
-    fn put(&self, lane: Box<Lane>) {
+impl<T: Pooled + Send + Sync + 'static> Idle<T> {
+    /// A pool keeping at most `max_per_node` idle connections per node, each for at most
+    /// `timeout`. Inside a runtime, also starts the reaper (it stops with the pool).
+    pub(crate) fn new(max_per_node: usize, timeout: Duration) -> Arc<Idle<T>> {
+        let idle = Arc::new(Idle {
+            lanes: DashMap::new(),
+            max_per_node,
+            timeout,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let period = (timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            rt.spawn(reap(Arc::downgrade(&idle), period));
+        }
+        idle
+    }
+
+    pub(crate) fn put(&self, lane: Box<T>) {
         if self.max_per_node == 0 {
             return;
         }
         let now = Instant::now();
-        let mut v = self.lanes.entry(lane.key.clone()).or_default();
+        let mut v = self.lanes.entry(lane.key().clone()).or_default();
         v.retain(|(_, since)| now.duration_since(*since) < self.timeout);
         if v.len() < self.max_per_node {
             v.push((lane, now));
         }
     }
 
-    fn take(&self, key: &str) -> Option<Box<Lane>> {
+    pub(crate) fn take(&self, key: &str) -> Option<Box<T>> {
         let now = Instant::now();
         loop {
-            // One lane at a time out of the map, checked outside its lock (the check reads
-            // from the socket).
+            // One connection at a time out of the map, checked outside its lock (the check
+            // reads from the socket).
             let (mut lane, since) = self.lanes.get_mut(key)?.pop()?;
             if now.duration_since(since) < self.timeout && lane.reusable() {
-                lane.reused = true;
+                lane.mark_reused();
                 return Some(lane);
             }
         }
     }
 
-    /// Drops expired and closed lanes; forgets nodes with none left.
+    /// Drops expired and closed connections; forgets nodes with none left.
     fn prune(&self) {
         let now = Instant::now();
         self.lanes.retain(|_, v| {
@@ -149,7 +190,7 @@ impl Idle {
         });
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lanes.iter().map(|e| e.value().len()).sum()
     }
 }
@@ -158,7 +199,7 @@ impl Idle {
 pub struct Lanes {
     connector: HttpsConnector<HttpConnector>,
     connect_timeout: Duration,
-    idle: Arc<Idle>,
+    idle: Arc<Idle<Lane>>,
 }
 
 impl Lanes {
@@ -170,16 +211,7 @@ impl Lanes {
         max_idle_per_node: usize,
         idle_timeout: Duration,
     ) -> Lanes {
-        let idle = Arc::new(Idle {
-            lanes: DashMap::new(),
-            max_per_node: max_idle_per_node,
-            timeout: idle_timeout,
-        });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let period =
-                (idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
-            rt.spawn(reap(Arc::downgrade(&idle), period));
-        }
+        let idle = Idle::new(max_idle_per_node, idle_timeout);
         Lanes {
             connector,
             connect_timeout,
@@ -197,18 +229,8 @@ impl Lanes {
 
     /// Opens a new lane to `upstream`.
     pub async fn connect(&self, upstream: &str) -> Result<Box<Lane>, LaneError> {
-        let uri: Uri = upstream
-            .parse()
-            .map_err(|_| LaneError::Connect(format!("bad upstream URL {upstream:?}")))?;
-        let mut connector = self.connector.clone();
         let open = async {
-            std::future::poll_fn(|cx| connector.poll_ready(cx))
-                .await
-                .map_err(|e| LaneError::Connect(e.to_string()))?;
-            let io = connector
-                .call(uri)
-                .await
-                .map_err(|e| LaneError::Connect(e.to_string()))?;
+            let io = open(&self.connector, upstream).await?;
             http1::Builder::new()
                 .handshake::<_, Body>(io)
                 .await
@@ -247,7 +269,26 @@ impl Lane {
     }
 }
 
-async fn reap(idle: Weak<Idle>, period: Duration) {
+/// Opens a connection to `upstream` (a base URL such as `http://10.0.0.5:8080`): TCP, and
+/// TLS for `https://`. The caller bounds it in time.
+pub(crate) async fn open(
+    connector: &HttpsConnector<HttpConnector>,
+    upstream: &str,
+) -> Result<Io, LaneError> {
+    let uri: Uri = upstream
+        .parse()
+        .map_err(|_| LaneError::Connect(format!("bad upstream URL {upstream:?}")))?;
+    let mut connector = connector.clone();
+    std::future::poll_fn(|cx| connector.poll_ready(cx))
+        .await
+        .map_err(|e| LaneError::Connect(e.to_string()))?;
+    connector
+        .call(uri)
+        .await
+        .map_err(|e| LaneError::Connect(e.to_string()))
+}
+
+async fn reap<T: Pooled + Send + Sync + 'static>(idle: Weak<Idle<T>>, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
         match idle.upgrade() {
@@ -262,7 +303,7 @@ async fn reap(idle: Weak<Idle>, period: Duration) {
 pub struct LaneBody {
     inner: Incoming,
     lane: Option<Box<Lane>>,
-    home: Weak<Idle>,
+    home: Weak<Idle<Lane>>,
 }
 
 impl LaneBody {

@@ -1,0 +1,673 @@
+//! Message heads on the fast path: a client's request head parsed (httparse) and checked
+//! against what the fast path carries, the head forwarded to the node, the node's response
+//! head parsed and rewritten for the client, and buffered answers (redirects, errors)
+//! written out.
+//!
+//! What the fast path does not carry is [`Parse::Other`]: the connection then goes to hyper
+//! with every byte still unread, so hyper's rules (400s, 431s, chunked request bodies,
+//! `Expect`, upgrades, HTTP/1.0, HTTP/2) apply unchanged.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+
+use crate::http::routes::{self, Route};
+use crate::http::Body;
+
+/// Most header fields in a request or response head the fast path parses.
+pub const MAX_HEADERS: usize = 100;
+
+/// What a client's buffered bytes hold.
+pub enum Parse {
+    /// Not a whole head yet.
+    Partial,
+    /// A head the fast path carries, `len` bytes long.
+    Head(Plan),
+    /// Anything else: hyper's.
+    Other,
+}
+
+/// Where the parts of a request head lie in the client's buffer, and what the head says
+/// about framing.
+pub struct Plan {
+    pub len: usize,
+    method: Range<usize>,
+    target: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    /// Request body length (`Content-Length`; 0 without one).
+    pub body: u64,
+    /// The client asked to close the connection after this request.
+    pub close: bool,
+}
+
+/// A request the fast path is carrying.
+pub struct RequestHead {
+    pub parts: Parts,
+    pub body: u64,
+    pub close: bool,
+}
+
+/// Parses the request head at the start of `buf` and decides whether the fast path carries
+/// it: HTTP/1.1, a front-door path, a body framed by at most one `Content-Length` (no
+/// `Transfer-Encoding`), no `Expect`, no upgrade.
+pub fn parse_request(buf: &[u8]) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parse::Partial,
+        Err(_) => return Parse::Other,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parse::Other;
+    };
+    if method == "CONNECT" {
+        return Parse::Other;
+    }
+    // The path the routes see: origin form as it is; absolute form (`http://host/p`) through
+    // a URI parse (rare: proxies send it, browsers do not).
+    let route_path: std::borrow::Cow<'_, str> = if path.starts_with('/') {
+        path.split_once('?').map_or(path, |(p, _)| p).into()
+    } else {
+        match Uri::try_from(path) {
+            Ok(u) if u.scheme().is_some() => u.path().to_owned().into(),
+            _ => return Parse::Other,
+        }
+    };
+    if routes::route(&route_path) != Route::FrontDoor {
+        return Parse::Other;
+    }
+    let at = |s: &[u8]| {
+        let start = s.as_ptr() as usize - buf.as_ptr() as usize;
+        start..start + s.len()
+    };
+    let mut body = None;
+    let mut close = false;
+    let mut plan_headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parse::Other;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            match (body, parse_length(h.value)) {
+                (None, Some(n)) => body = Some(n),
+                _ => return Parse::Other,
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    return Parse::Other;
+                }
+            }
+        }
+        plan_headers.push((at(name), at(h.value)));
+    }
+    Parse::Head(Plan {
+        len,
+        method: at(method.as_bytes()),
+        target: at(path.as_bytes()),
+        headers: plan_headers,
+        body: body.unwrap_or(0),
+        close,
+    })
+}
+
+impl Plan {
+    /// Builds the request's parts from `head` (the `len` bytes the plan was made from),
+    /// sharing its bytes. `None` if a part does not make a valid `http` value.
+    pub fn build(self, head: &Bytes) -> Option<RequestHead> {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = Method::from_bytes(&head[self.method]).ok()?;
+        parts.uri = Uri::from_maybe_shared(head.slice(self.target)).ok()?;
+        parts.version = Version::HTTP_11;
+        let mut map = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in self.headers {
+            let name = HeaderName::from_bytes(&head[name]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
+            map.append(name, value);
+        }
+        parts.headers = map;
+        Some(RequestHead {
+            parts,
+            body: self.body,
+            close: self.close,
+        })
+    }
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',').map(|t| t.trim_ascii())
+}
+
+/// Hop-by-hop header names (RFC 9110 section 7.6.1, and two legacy ones), never forwarded.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"keep-alive",
+        b"proxy-connection",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Whether `name` is listed by any of the `Connection` values (so hop-by-hop for this
+/// message).
+fn listed<'a>(connection: impl IntoIterator<Item = &'a [u8]>, name: &[u8]) -> bool {
+    connection
+        .into_iter()
+        .flat_map(tokens)
+        .any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// Request headers the proxy sets itself; a client's own are dropped (`X-Forwarded-For` is
+/// extended instead).
+const SET_BY_PROXY: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-room-node",
+    "x-room-ticket",
+];
+
+/// What the node is told about the request besides its own headers.
+pub struct Forwarded<'a> {
+    /// The node's `Host` (its upstream authority).
+    pub host: &'a str,
+    /// The node's base path (no trailing `/`), put before the request's path.
+    pub base: &'a str,
+    /// The client's address as `X-Forwarded-For` has it.
+    pub peer_ip: &'a [u8],
+    pub tls: bool,
+    pub node: &'a str,
+    pub ticket: &'a str,
+}
+
+/// Writes the head of `parts` as it goes to the node: origin-form target under the node's
+/// base path, the node's `Host`, end-to-end headers only, and the proxy's own headers.
+pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(f.base.as_bytes());
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(pq.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(f.host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let h = &parts.headers;
+    let connection = h.get_all(header::CONNECTION);
+    let has_connection = connection.iter().next().is_some();
+    let mut xff_prev: Vec<&[u8]> = Vec::new();
+    for (name, value) in h {
+        let n = name.as_str();
+        if name == header::HOST
+            || is_hop_by_hop(n.as_bytes())
+            || has_connection && listed(connection.iter().map(|v| v.as_bytes()), n.as_bytes())
+        {
+            continue;
+        }
+        if SET_BY_PROXY.contains(&n) {
+            if n == "x-forwarded-for" && !value.as_bytes().trim_ascii().is_empty() {
+                xff_prev.push(value.as_bytes().trim_ascii());
+            }
+            continue;
+        }
+        header_line(out, n.as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for prev in xff_prev {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(f.peer_ip);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(if f.tls { b"https" } else { b"http" });
+    out.extend_from_slice(b"\r\n");
+    let host = h
+        .get(header::HOST)
+        .map(|v| v.as_bytes())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    if let Some(host) = host {
+        header_line(out, b"x-forwarded-host", host);
+    }
+    header_line(out, b"x-room-node", f.node.as_bytes());
+    header_line(out, b"x-room-ticket", f.ticket.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response's body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (a response to HEAD, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the node closes the connection.
+    UntilClose,
+}
+
+/// A node's response head, parsed.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    /// Bytes of the head in the connection's buffer.
+    pub len: usize,
+    pub framing: Framing,
+    /// The node will close the connection after this response.
+    pub close: bool,
+}
+
+/// Why a node's response head is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadResponse {
+    #[error("the response head is malformed")]
+    Malformed,
+    #[error("the response head is too large")]
+    TooLarge,
+    #[error("the response has an invalid Content-Length")]
+    Length,
+    #[error("a 101 answer to a request that asked for no upgrade")]
+    UnaskedUpgrade,
+}
+
+/// Parses a node's response head at the start of `buf`. `Ok(None)`: not a whole head yet.
+pub fn parse_response(
+    buf: &[u8],
+    request: &Method,
+    max: usize,
+) -> Result<Option<ResponseHead>, BadResponse> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max => return Err(BadResponse::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(BadResponse::TooLarge),
+        Err(_) => return Err(BadResponse::Malformed),
+    };
+    let status = resp.code.ok_or(BadResponse::Malformed)?;
+    if status == 101 {
+        return Err(BadResponse::UnaskedUpgrade);
+    }
+    let mut close = resp.version != Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(h.value).ok_or(BadResponse::Length)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadResponse::Length);
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only the last coding decides: chunked last means chunked framing.
+            chunked = tokens(h.value)
+                .filter(|t| !t.is_empty())
+                .last()
+                .map(|t| t.eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection")
+            && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"))
+        {
+            close = true;
+        }
+    }
+    let framing = if *request == Method::HEAD
+        || (100..200).contains(&status)
+        || status == 204
+        || status == 304
+    {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    if framing == Framing::UntilClose {
+        close = true;
+    }
+    Ok(Some(ResponseHead {
+        status,
+        len,
+        framing,
+        close,
+    }))
+}
+
+/// Writes the client's copy of the node's response head `head` (the bytes `parse_response`
+/// accepted): hop-by-hop headers dropped, the body's framing restated, `X-Room-Node` set,
+/// `Connection: close` when the client connection ends after it.
+pub fn write_client_response(
+    out: &mut Vec<u8>,
+    head: &[u8],
+    parsed: &ResponseHead,
+    node: &str,
+    close: bool,
+) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    // The same bytes parsed before: this cannot fail.
+    let _ = resp.parse(head);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let status = StatusCode::from_u16(parsed.status).ok();
+    match &status {
+        Some(s) => out.extend_from_slice(s.as_str().as_bytes()),
+        None => out.extend_from_slice(b"500"),
+    }
+    out.push(b' ');
+    let reason = resp.reason.unwrap_or("");
+    if reason.is_empty() {
+        let canonical = status.and_then(|s| s.canonical_reason()).unwrap_or("");
+        out.extend_from_slice(canonical.as_bytes());
+    } else {
+        out.extend_from_slice(reason.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    let connection: Vec<&[u8]> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value)
+        .collect();
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"x-room-node")
+            || (parsed.framing != Framing::Empty
+                && !matches!(parsed.framing, Framing::Length(_))
+                && name.eq_ignore_ascii_case(b"content-length"))
+            || (!connection.is_empty() && listed(connection.iter().copied(), name))
+        {
+            continue;
+        }
+        header_line(out, name, h.value);
+    }
+    if parsed.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    header_line(out, b"x-room-node", node.as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a buffered response (a redirect or an error): its head with `Content-Length` and
+/// `Date`, and its body unless the request was `HEAD`.
+pub async fn write_buffered(out: &mut Vec<u8>, resp: Response<Body>, head_only: bool, close: bool) {
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_LENGTH && name != header::CONNECTION {
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(&body);
+    }
+}
+
+/// Appends the current `Date` value (IMF-fixdate), formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(raw: &str) -> Option<Plan> {
+        match parse_request(raw.as_bytes()) {
+            Parse::Head(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn head(raw: &str) -> RequestHead {
+        let p = plan(raw).expect("the fast path carries it");
+        let len = p.len;
+        p.build(&Bytes::copy_from_slice(&raw.as_bytes()[..len]))
+            .expect("builds")
+    }
+
+    #[test]
+    fn a_plain_front_door_request_is_carried_with_its_parts() {
+        let h = head("POST /rooms/a?x=1 HTTP/1.1\r\nHost: r.example\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello");
+        assert_eq!(h.parts.method, Method::POST);
+        assert_eq!(h.parts.uri, "/rooms/a?x=1");
+        assert_eq!(h.body, 5);
+        assert!(!h.close);
+        let xa: Vec<_> = h.parts.headers.get_all("x-a").iter().collect();
+        assert_eq!(xa, ["1", "2"]);
+    }
+
+    #[test]
+    fn what_the_fast_path_does_not_carry_goes_to_hyper() {
+        for raw in [
+            "GET /v1/placement/a HTTP/1.1\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\n\r\n",
+            "GET /rooms/a HTTP/1.0\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "CONNECT r.example:443 HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_request(raw.as_bytes()), Parse::Other),
+                "{raw:?}"
+            );
+        }
+        assert!(matches!(
+            parse_request(b"GET /rooms/a HTTP/1.1\r\nHost: x\r\n"),
+            Parse::Partial
+        ));
+    }
+
+    #[test]
+    fn connection_close_is_noticed() {
+        assert!(head("GET /rooms/a HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n").close);
+    }
+
+    #[test]
+    fn the_node_gets_end_to_end_headers_and_the_proxys_own() {
+        let h = head(concat!(
+            "GET /rooms/a?x=1 HTTP/1.1\r\nHost: r.example\r\nConnection: keep-alive, x-hop\r\n",
+            "X-Hop: 1\r\nKeep-Alive: 5\r\nProxy-Authorization: b\r\nX-Forwarded-For: 10.1.1.1\r\n",
+            "X-Room-Ticket: forged\r\nX-Room-Node: forged\r\nX-Forwarded-Proto: gopher\r\n",
+            "Accept: a\r\nAccept: b\r\n\r\n"
+        ));
+        let mut out = Vec::new();
+        write_upstream_request(
+            &mut out,
+            &h.parts,
+            &Forwarded {
+                host: "10.0.0.5:8080",
+                base: "/media",
+                peer_ip: b"127.0.0.1",
+                tls: true,
+                node: "n1",
+                ticket: "t.k.n",
+            },
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                "GET /media/rooms/a?x=1 HTTP/1.1\r\nhost: 10.0.0.5:8080\r\n",
+                "accept: a\r\naccept: b\r\n",
+                "x-forwarded-for: 10.1.1.1, 127.0.0.1\r\nx-forwarded-proto: https\r\n",
+                "x-forwarded-host: r.example\r\nx-room-node: n1\r\nx-room-ticket: t.k.n\r\n\r\n"
+            )
+        );
+        // The result is a request head a parser takes.
+        let mut hs = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut hs);
+        assert!(req.parse(text.as_bytes()).unwrap().is_complete());
+    }
+
+    fn response(raw: &str, method: Method) -> Result<Option<ResponseHead>, BadResponse> {
+        parse_response(raw.as_bytes(), &method, 64 * 1024)
+    }
+
+    #[test]
+    fn a_responses_framing_follows_rfc_9112() {
+        let f = |raw: &str, m: Method| response(raw, m).unwrap().unwrap();
+        let r = f(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+            Method::GET,
+        );
+        assert_eq!((r.framing, r.close, r.len), (Framing::Length(3), false, 38));
+        let r = f(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        let r = f(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!((r.framing, r.close), (Framing::UntilClose, true));
+        let r = f("HTTP/1.1 200 OK\r\n\r\n", Method::GET);
+        assert_eq!((r.framing, r.close), (Framing::UntilClose, true));
+        let r = f("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::HEAD);
+        assert_eq!(r.framing, Framing::Empty);
+        for status in [204, 304, 103] {
+            let r = f(&format!("HTTP/1.1 {status} X\r\n\r\n"), Method::GET);
+            assert_eq!(r.framing, Framing::Empty, "{status}");
+        }
+        let r = f("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", Method::GET);
+        assert!(r.close);
+        let r = f(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            Method::GET,
+        );
+        assert!(r.close);
+    }
+
+    #[test]
+    fn unusable_response_heads_are_refused() {
+        let e = |raw: &str| response(raw, Method::GET).unwrap_err();
+        assert_eq!(
+            e("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"),
+            BadResponse::Length
+        );
+        assert_eq!(
+            e("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            BadResponse::Length
+        );
+        assert_eq!(
+            e("HTTP/1.1 101 Switching\r\n\r\n"),
+            BadResponse::UnaskedUpgrade
+        );
+        assert_eq!(e("SSH-2.0-OpenSSH\r\n\r\n"), BadResponse::Malformed);
+        let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(70_000));
+        assert_eq!(e(&big), BadResponse::TooLarge);
+        assert!(response("HTTP/1.1 200 OK\r\n", Method::GET)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn the_client_gets_the_nodes_head_without_hop_by_hop_headers() {
+        let raw = concat!(
+            "HTTP/1.1 200 Fine\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 9\r\nX-Room-Node: forged\r\n",
+            "Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
+        );
+        let parsed = response(raw, Method::GET).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_client_response(&mut out, raw.as_bytes(), &parsed, "n1", true);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            concat!(
+                "HTTP/1.1 200 Fine\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n",
+                "transfer-encoding: chunked\r\nx-room-node: n1\r\nconnection: close\r\n\r\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_buffered_answer_carries_its_length_and_a_date() {
+        let mut r = Response::new(crate::http::full("{}"));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        let mut out = Vec::new();
+        write_buffered(&mut out, r, false, true).await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+        assert!(text.contains("content-length: 2\r\n"), "{text}");
+        assert!(text.contains("\r\ndate: "), "{text}");
+        assert!(text.ends_with("connection: close\r\n\r\n{}"), "{text}");
+    }
+}

@@ -1,0 +1,589 @@
+//! The HTTP/1.1 fast path for front-door requests: parse the head (httparse), admit and
+//! place it through the same `front_door::admit` as every other path, and either answer
+//! the redirect or relay the request and the node's response byte for byte over a pooled
+//! upstream connection, all in the connection's own task.
+//!
+//! Why it exists: in proxy mode a request crossing hyper's server and hyper's client costs
+//! about as many instructions in hyper alone as HAProxy spends on the whole request
+//! (BENCHMARKS.md). A relay that parses each head once and copies bodies as bytes does the
+//! same job for the common request, the way HAProxy and Pingora do.
+//!
+//! What it carries, and nothing else: HTTP/1.1 requests to front-door paths whose body, if
+//! any, has one `Content-Length` (no `Transfer-Encoding`, no `Expect`, no upgrade). Anything
+//! else (the API, WebSocket upgrades, chunked uploads, HTTP/1.0, HTTP/2, a malformed head)
+//! is handed with every unread byte to hyper ([`Outcome::Handoff`]), which serves the rest
+//! of the connection exactly as it would have without this path. A connection's fast phase
+//! is bounded like hyper's: `server.header_read_timeout` for each head (idle keep-alive
+//! included), `server.max_header_bytes`, and `proxy.*` for everything upstream.
+//!
+//! Invariants: a request is answered once; a response is relayed whole or its connection is
+//! closed; a client connection is reused only when its request body was consumed; an upstream
+//! connection is pooled only after a response that ended where its framing said.
+
+pub mod chunked;
+pub mod head;
+pub mod pool;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::Method;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use self::chunked::ChunkedEnd;
+use self::head::{BadResponse, Forwarded, Framing, Parse, RequestHead, ResponseHead};
+use self::pool::Conn;
+use super::front_door::{self, Admission};
+use super::server::ConnInfo;
+use super::upstream::LaneError;
+use super::{proxy, ApiError, App};
+use crate::config::FrontDoorMode;
+use crate::store::PinStore;
+
+/// A byte stream a listener accepted (TCP, or TLS over it).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection as the accept loop hands it over.
+pub type BoxIo = Box<dyn Io>;
+
+/// How a connection's fast phase ended.
+pub enum Outcome {
+    /// The connection is over.
+    Closed,
+    /// hyper serves the rest of the connection, starting with these bytes (read, not used).
+    Handoff(Bytes),
+}
+
+/// Serves front-door requests on `io` until the connection ends or a request the fast path
+/// does not carry arrives. Stops between requests once `stop` turns true (shutdown).
+pub async fn serve<S: PinStore>(
+    app: &App<S>,
+    io: &mut BoxIo,
+    info: &ConnInfo,
+    mut stop: watch::Receiver<bool>,
+) -> Outcome {
+    let limits = &app.cfg.server;
+    let mut c = Client {
+        io,
+        buf: BytesMut::with_capacity(8 * 1024),
+        out: Vec::with_capacity(4 * 1024),
+        idle: app.proxy.cfg().idle_timeout,
+    };
+    let timer = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(timer);
+    loop {
+        // A whole head, or hand the connection over.
+        timer
+            .as_mut()
+            .reset(Instant::now() + limits.header_read_timeout);
+        let plan = loop {
+            match head::parse_request(&c.buf) {
+                Parse::Head(p) => break p,
+                Parse::Other => return handoff(app, c.buf.split().freeze()),
+                // Too large for this path: hyper answers 431.
+                Parse::Partial if c.buf.len() >= limits.max_header_bytes => {
+                    return handoff(app, c.buf.split().freeze())
+                }
+                Parse::Partial => {}
+            }
+            let idle = c.buf.is_empty();
+            if idle && *stop.borrow() {
+                return Outcome::Closed;
+            }
+            c.buf.reserve(4096);
+            let read = tokio::select! {
+                biased;
+                r = c.io.read_buf(&mut c.buf) => r,
+                _ = &mut timer => return Outcome::Closed,
+                _ = stop.changed(), if idle => return Outcome::Closed,
+            };
+            match read {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(_) => {}
+            }
+        };
+        let head = c.buf.split_to(plan.len).freeze();
+        let Some(req) = plan.build(&head) else {
+            let mut all = BytesMut::from(&head[..]);
+            all.extend_from_slice(&c.buf);
+            return handoff(app, all.freeze());
+        };
+        app.router.metrics.fast_requests.inc();
+        let close = req.close || *stop.borrow();
+        if !c.request(app, info, req, close).await || close {
+            let _ = c.io.shutdown().await;
+            return Outcome::Closed;
+        }
+    }
+}
+
+fn handoff<S: PinStore>(app: &App<S>, unread: Bytes) -> Outcome {
+    app.router.metrics.fast_handoffs.inc();
+    Outcome::Handoff(unread)
+}
+
+/// The client side of a connection in its fast phase.
+struct Client<'a> {
+    io: &'a mut BoxIo,
+    /// Bytes read from the client and not yet used.
+    buf: BytesMut,
+    /// The next write, to the client or to a node.
+    out: Vec<u8>,
+    /// `proxy.idle_timeout`: the longest a body may stall either way.
+    idle: Duration,
+}
+
+impl Client<'_> {
+    /// Answers one request; false when the connection cannot carry another.
+    async fn request<S: PinStore>(
+        &mut self,
+        app: &App<S>,
+        info: &ConnInfo,
+        req: RequestHead,
+        close: bool,
+    ) -> bool {
+        let parts = &req.parts;
+        let admitted = front_door::admit(app, parts).await;
+        let a = match admitted {
+            Ok(a) => a,
+            Err(e) => return self.answer_error(app, &req, e, close).await,
+        };
+        if a.mode == FrontDoorMode::Redirect {
+            return match front_door::redirect(app, parts, &a) {
+                Ok(r) => {
+                    let keep = self.skip_body(req.body);
+                    self.out.clear();
+                    let head_only = parts.method == Method::HEAD;
+                    head::write_buffered(&mut self.out, r, head_only, close || !keep).await;
+                    self.flush().await && keep
+                }
+                Err(e) => self.answer_error(app, &req, e, close).await,
+            };
+        }
+        match self.forward(app, info, &req, &a, close).await {
+            Ok(keep) => keep,
+            Err((e, consumed)) => {
+                let keep = self.answer_error(app, &req, e, close || !consumed).await;
+                keep && consumed
+            }
+        }
+    }
+
+    /// Drops a request body the answer does not need, if it is all here already; false if
+    /// it is not (the connection then closes after the answer).
+    fn skip_body(&mut self, body: u64) -> bool {
+        if body <= self.buf.len() as u64 {
+            self.buf.advance(body as usize);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Writes `e` as the answer; false if the connection cannot carry another request.
+    async fn answer_error<S: PinStore>(
+        &mut self,
+        app: &App<S>,
+        req: &RequestHead,
+        e: ApiError,
+        close: bool,
+    ) -> bool {
+        let keep = self.skip_body(req.body) && !close;
+        let resp = super::error_response(app, req.parts.uri.path(), e);
+        self.out.clear();
+        let head_only = req.parts.method == Method::HEAD;
+        head::write_buffered(&mut self.out, resp, head_only, !keep).await;
+        self.flush().await && keep
+    }
+
+    /// Writes `out` to the client within the idle timeout.
+    async fn flush(&mut self) -> bool {
+        within(self.idle, self.io.write_all(&self.out))
+            .await
+            .is_ok()
+    }
+
+    /// Forwards the request to its node and relays the answer. `Ok(keep)`: the node's answer
+    /// went out (whole, or the connection is cut); `Err((e, consumed))`: answer `e` instead,
+    /// `consumed` telling whether the request body was read off the connection.
+    async fn forward<S: PinStore>(
+        &mut self,
+        app: &App<S>,
+        info: &ConnInfo,
+        req: &RequestHead,
+        a: &Admission,
+        close: bool,
+    ) -> Result<bool, (ApiError, bool)> {
+        let p = &app.proxy;
+        let cfg = p.cfg();
+        let node = &a.node;
+        if req.body > cfg.max_request_body_bytes {
+            let limit = cfg.max_request_body_bytes;
+            return Err((ApiError::PayloadTooLarge(limit as usize), false));
+        }
+        let upstream = node.info.upstream.as_str();
+        let Some((host, base)) = proxy::upstream_parts(upstream) else {
+            return Err((proxy::bad_upstream(node), false));
+        };
+        self.out.clear();
+        head::write_upstream_request(
+            &mut self.out,
+            &req.parts,
+            &Forwarded {
+                host,
+                base,
+                peer_ip: info.peer_ip.as_bytes(),
+                tls: info.tls,
+                node: node.id.as_str(),
+                ticket: &a.ticket,
+            },
+        );
+        // The body bytes already here go out with the head, in the same write.
+        let here = req.body.min(self.buf.len() as u64) as usize;
+        self.out.extend_from_slice(&self.buf[..here]);
+        self.buf.advance(here);
+        let mut rest = req.body - here as u64;
+        let bodiless = req.body == 0;
+        let method = &req.parts.method;
+
+        // Nothing of the body left to stream: the whole request is in `out`.
+        let whole = rest == 0;
+        // The node took the whole request (else its connection is not reused).
+        let mut sent_whole = true;
+        let max = app.cfg.server.max_header_bytes.max(64 * 1024);
+        let mut conn = p
+            .conns
+            .get(upstream)
+            .await
+            .map_err(|e| (connect_failed(app, a, e), rest == 0))?;
+        let head = loop {
+            let sent = self.send(&mut conn, &mut rest).await;
+            let got = match sent {
+                Ok(()) => {
+                    tokio::time::timeout(cfg.response_timeout, read_head(&mut conn, method, max))
+                        .await
+                }
+                Err(Side::Client) => return Err((client_gone(), false)),
+                // The node may have answered early (refusing the body) and stopped reading:
+                // its answer, if there is one, is the one to relay.
+                Err(Side::Node(e)) => {
+                    sent_whole = false;
+                    match tokio::time::timeout(
+                        cfg.response_timeout,
+                        read_head(&mut conn, method, max),
+                    )
+                    .await
+                    {
+                        Ok(Ok(h)) => Ok(Ok(h)),
+                        _ => Ok(Err(HeadError::Io(e))),
+                    }
+                }
+            };
+            match got {
+                Ok(Ok(h)) => break h,
+                // A pooled connection the node had closed, found out before it answered
+                // anything: the whole request is still in `out`, send it on a new one, once.
+                Ok(Err(HeadError::Closed | HeadError::Io(_))) if conn.reused() && whole => {
+                    sent_whole = true;
+                    conn = p
+                        .conns
+                        .connect(upstream)
+                        .await
+                        .map_err(|e| (connect_failed(app, a, e), true))?;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %node.id, error = %e, "upstream exchange failed");
+                    let consumed = rest == 0;
+                    return Err((
+                        ApiError::UpstreamUnavailable(format!(
+                            "the exchange with node {} failed",
+                            node.id
+                        )),
+                        consumed,
+                    ));
+                }
+                Err(_) if bodiless => return Err((p.failed(node, "no response in time"), true)),
+                Err(_) => {
+                    return Err((
+                        ApiError::UpstreamUnavailable(format!(
+                            "node {} did not answer in time",
+                            node.id
+                        )),
+                        rest == 0,
+                    ))
+                }
+            }
+        };
+        p.succeeded(node);
+        // A body the node did not take in full is still on the client connection.
+        let close = close || rest > 0 || head.framing == Framing::UntilClose;
+        self.out.clear();
+        head::write_client_response(
+            &mut self.out,
+            &conn.buf[..head.len],
+            &head,
+            node.id.as_str(),
+            close,
+        );
+        conn.buf.advance(head.len);
+        let ended = self.relay(&mut conn, &head).await;
+        match ended {
+            Ok(()) => {
+                if sent_whole && !head.close && conn.buf.is_empty() {
+                    p.conns.put(conn);
+                }
+                Ok(!close)
+            }
+            Err(e) => {
+                tracing::debug!(node = %node.id, error = %e, "response relay cut");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Writes `out` (head and the body bytes that came with it) to the node, then the rest of
+    /// the request body as it arrives from the client.
+    async fn send(&mut self, conn: &mut Conn, rest: &mut u64) -> Result<(), Side> {
+        within(self.idle, conn.write_all(&self.out))
+            .await
+            .map_err(Side::Node)?;
+        while *rest > 0 {
+            if self.buf.is_empty() {
+                self.buf.reserve(16 * 1024);
+                match within(self.idle, self.io.read_buf(&mut self.buf)).await {
+                    Ok(0) | Err(_) => return Err(Side::Client),
+                    Ok(_) => {}
+                }
+            }
+            let n = (*rest).min(self.buf.len() as u64) as usize;
+            within(self.idle, conn.write_all(&self.buf[..n]))
+                .await
+                .map_err(Side::Node)?;
+            self.buf.advance(n);
+            *rest -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Relays the response body after `out` (the head): what came with the head goes in the
+    /// same write, the rest as it arrives, up to where the framing says it ends.
+    async fn relay(&mut self, conn: &mut Conn, head: &ResponseHead) -> io::Result<()> {
+        let mut left = match head.framing {
+            Framing::Empty => {
+                return within(self.idle, self.io.write_all(&self.out)).await;
+            }
+            Framing::Length(n) => Left::Length(n),
+            Framing::Chunked => Left::Chunked(ChunkedEnd::new()),
+            Framing::UntilClose => Left::UntilClose,
+        };
+        let (n, mut done) = left.take(&conn.buf)?;
+        self.out.extend_from_slice(&conn.buf[..n]);
+        conn.buf.advance(n);
+        within(self.idle, self.io.write_all(&self.out)).await?;
+        while !done {
+            conn.buf.reserve(16 * 1024);
+            let read = within(self.idle, conn.io.read_buf(&mut conn.buf)).await?;
+            if read == 0 {
+                return match left {
+                    Left::UntilClose => Ok(()),
+                    _ => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "node closed mid-body",
+                    )),
+                };
+            }
+            let (n, d) = left.take(&conn.buf)?;
+            within(self.idle, self.io.write_all(&conn.buf[..n])).await?;
+            conn.buf.advance(n);
+            done = d;
+        }
+        self.io.flush().await
+    }
+}
+
+/// Which side of an exchange failed.
+enum Side {
+    Client,
+    Node(io::Error),
+}
+
+/// What is left of a response body.
+enum Left {
+    Length(u64),
+    Chunked(ChunkedEnd),
+    UntilClose,
+}
+
+impl Left {
+    /// How much of `buf` belongs to the body, and whether the body ends there.
+    fn take(&mut self, buf: &[u8]) -> io::Result<(usize, bool)> {
+        match self {
+            Left::Length(n) => {
+                let take = (*n).min(buf.len() as u64);
+                *n -= take;
+                Ok((take as usize, *n == 0))
+            }
+            Left::Chunked(c) => match c.feed(buf) {
+                Ok(Some(n)) => Ok((n, true)),
+                Ok(None) => Ok((buf.len(), false)),
+                Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            },
+            Left::UntilClose => Ok((buf.len(), false)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error("the node closed the connection before answering")]
+    Closed,
+    #[error("{0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Bad(BadResponse),
+}
+
+/// Reads the node's response head into `conn.buf`, skipping interim (1xx) responses.
+async fn read_head(
+    conn: &mut Conn,
+    method: &Method,
+    max: usize,
+) -> Result<ResponseHead, HeadError> {
+    loop {
+        match head::parse_response(&conn.buf, method, max) {
+            Ok(Some(h)) if (100..200).contains(&h.status) => {
+                conn.buf.advance(h.len);
+                continue;
+            }
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => {}
+            Err(e) => return Err(HeadError::Bad(e)),
+        }
+        conn.buf.reserve(8 * 1024);
+        let was_empty = conn.buf.is_empty();
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) if was_empty => return Err(HeadError::Closed),
+            Ok(0) => {
+                return Err(HeadError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "node closed mid-head",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+    }
+}
+
+fn connect_failed<S: PinStore>(app: &App<S>, a: &Admission, e: LaneError) -> ApiError {
+    let why = match e {
+        LaneError::Connect(e) => e,
+        LaneError::Exchange(e) => e.to_string(),
+    };
+    app.proxy.failed(&a.node, &why)
+}
+
+fn client_gone() -> ApiError {
+    ApiError::InvalidRequest("the request body stopped short".into())
+}
+
+/// Runs an I/O future for at most `d`.
+async fn within<T>(d: Duration, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    match tokio::time::timeout(d, f).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle for too long")),
+    }
+}
+
+/// A connection handed to hyper: the bytes the fast path read first, then the stream.
+pub struct Rewind {
+    prefix: Bytes,
+    inner: BoxIo,
+}
+
+impl Rewind {
+    pub fn new(inner: BoxIo, prefix: Bytes) -> Rewind {
+        Rewind { prefix, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handed_over_connection_reads_its_prefix_first() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut r = Rewind::new(Box::new(a), Bytes::from_static(b"GET / HTTP/1.1\r\n"));
+        b.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        drop(b);
+        let mut all = String::new();
+        r.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[test]
+    fn a_body_ends_where_its_framing_says() {
+        let mut l = Left::Length(5);
+        assert_eq!(l.take(b"abc").unwrap(), (3, false));
+        assert_eq!(l.take(b"defgh").unwrap(), (2, true));
+        let mut l = Left::Chunked(ChunkedEnd::new());
+        assert_eq!(l.take(b"1\r\na\r\n").unwrap(), (6, false));
+        assert_eq!(l.take(b"0\r\n\r\nHTTP").unwrap(), (5, true));
+        assert!(Left::Chunked(ChunkedEnd::new()).take(b"z").is_err());
+        assert_eq!(Left::UntilClose.take(b"abc").unwrap(), (3, false));
+    }
+}

@@ -1,0 +1,588 @@
+//! The HTTP/1.1 fast path (`http::h1`) over real loopback sockets: a raw client speaking
+//! HTTP/1.1 byte for byte to the router, and a scripted raw node whose every answer's
+//! framing the test chooses (chunked with trailers, close-delimited, interim 1xx, malformed).
+//! What must hold: every answer arrives whole and in order, connections are reused only when
+//! clean, the node sees the proxy's headers and none of the client's forgeries, requests the
+//! path does not carry move the connection to hyper without losing a byte, and shutdown
+//! closes idle connections.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{heartbeat, TestRouter};
+use roomrouter::config::{Config, FrontDoorMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn proxy_config() -> Config {
+    let mut c = common::config();
+    c.front_door.mode = FrontDoorMode::Proxy;
+    c.placement.heartbeat_interval = Duration::from_secs(1);
+    c.placement.heartbeat_timeout = Duration::from_secs(60);
+    c.proxy.response_timeout = Duration::from_secs(3);
+    c.proxy.connect_timeout = Duration::from_secs(1);
+    c.validate().unwrap();
+    c
+}
+
+/// A node that answers every request with the next of its scripted responses (the last one
+/// repeats), recording each request it got. Closes a connection after a response that has
+/// no length (close-delimited) and when the script says so.
+struct RawNode {
+    url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+    connections: Arc<Mutex<usize>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawNode {
+    async fn start(script: Vec<&'static str>) -> RawNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(Mutex::new(0));
+        let (s, c) = (seen.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            let next = Arc::new(Mutex::new(0usize));
+            // Bounded: the test aborts the task when the node is dropped.
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                *c.lock().unwrap() += 1;
+                let (s, script, next) = (s.clone(), script.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    // At most 100 requests per connection; tests send a few.
+                    for _ in 0..100 {
+                        let Some(req) = read_request(&mut sock, &mut buf).await else {
+                            return;
+                        };
+                        s.lock().unwrap().push(req);
+                        let i = {
+                            let mut n = next.lock().unwrap();
+                            *n += 1;
+                            (*n - 1).min(script.len() - 1)
+                        };
+                        let resp = script[i];
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let lower = resp.to_ascii_lowercase();
+                        let head = lower.split("\r\n\r\n").next().unwrap_or("");
+                        if head.contains("connection: close")
+                            || !head.contains("content-length")
+                                && !head.contains("transfer-encoding")
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawNode {
+            url,
+            seen,
+            connections,
+            task,
+        }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn connections(&self) -> usize {
+        *self.connections.lock().unwrap()
+    }
+
+    async fn register(&self, r: &TestRouter, id: &str) {
+        let body = serde_json::json!({"url": self.url, "capacity": 100, "load": 0});
+        assert_eq!(heartbeat(r, id, body).await.status(), 200);
+    }
+}
+
+impl Drop for RawNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request (head, then a `Content-Length` body) off `sock`; `None` at EOF.
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
+            let lower = head.to_ascii_lowercase();
+            if lower.contains("\r\ntransfer-encoding: chunked\r\n") {
+                // Tests send one-chunk bodies: up to the last chunk and the empty trailer.
+                let end = loop {
+                    if let Some(i) = find(buf, b"0\r\n\r\n") {
+                        break i + 5;
+                    }
+                    read_some(sock, buf).await?;
+                };
+                let all: Vec<u8> = buf.drain(..end).collect();
+                return Some(String::from_utf8_lossy(&all).to_string());
+            }
+            let len = lower
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>())
+                })
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                read_some(sock, buf).await?;
+            }
+            let all: Vec<u8> = buf.drain(..end + 4 + len).collect();
+            return Some(String::from_utf8_lossy(&all).to_string());
+        }
+        read_some(sock, buf).await?;
+    }
+}
+
+async fn read_some(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 4096];
+    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk)).await {
+        Ok(Ok(n)) if n > 0 => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+        _ => None,
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A raw client connection to the router.
+struct Raw {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One response as the client read it.
+#[derive(Debug)]
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head[9..12].parse().unwrap()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+impl Raw {
+    async fn connect(r: &TestRouter) -> Raw {
+        Raw {
+            sock: TcpStream::connect(r.addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.sock.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// Reads one response: head, then a body by `Content-Length`, by chunks (decoded), or
+    /// until the router closes.
+    async fn answer(&mut self) -> Answer {
+        let end = loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                break end;
+            }
+            assert!(
+                read_some(&mut self.sock, &mut self.buf).await.is_some(),
+                "connection ended before a response head: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end + 4]).to_string();
+        self.buf.drain(..end + 4);
+        let a = Answer {
+            head,
+            body: Vec::new(),
+        };
+        let body = if let Some(len) = a.header("content-length") {
+            let len: usize = len.parse().unwrap();
+            while self.buf.len() < len {
+                assert!(read_some(&mut self.sock, &mut self.buf).await.is_some());
+            }
+            self.buf.drain(..len).collect()
+        } else if a.header("transfer-encoding").as_deref() == Some("chunked") {
+            self.chunked().await
+        } else {
+            while read_some(&mut self.sock, &mut self.buf).await.is_some() {}
+            std::mem::take(&mut self.buf)
+        };
+        Answer { body, ..a }
+    }
+
+    async fn chunked(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let line = loop {
+                if let Some(i) = find(&self.buf, b"\r\n") {
+                    break i;
+                }
+                assert!(read_some(&mut self.sock, &mut self.buf).await.is_some());
+            };
+            let size_text = String::from_utf8_lossy(&self.buf[..line]).to_string();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .expect("chunk size");
+            self.buf.drain(..line + 2);
+            if size == 0 {
+                // Trailers up to the empty line.
+                loop {
+                    if let Some(i) = find(&self.buf, b"\r\n") {
+                        let empty = i == 0;
+                        self.buf.drain(..i + 2);
+                        if empty {
+                            return out;
+                        }
+                        continue;
+                    }
+                    assert!(read_some(&mut self.sock, &mut self.buf).await.is_some());
+                }
+            }
+            while self.buf.len() < size + 2 {
+                assert!(read_some(&mut self.sock, &mut self.buf).await.is_some());
+            }
+            out.extend(self.buf.drain(..size));
+            assert_eq!(self.buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+        }
+    }
+
+    /// Whether the router closed the connection (EOF within 5 s, nothing more sent).
+    async fn closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.sock.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: router.test\r\n\r\n")
+}
+
+async fn fast_requests(r: &TestRouter) -> u64 {
+    metric(r, "roomrouter_http_fast_path_requests_total").await
+}
+
+async fn metric(r: &TestRouter, name: &str) -> u64 {
+    let text = r.metrics().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn chunked_answers_with_trailers_arrive_whole_and_the_node_connection_is_reused() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec![concat!(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n",
+        "5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 12\r\n\r\n"
+    )])
+    .await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    for i in 0..3 {
+        c.send(&get(&format!("/rooms/chunky?i={i}"))).await;
+        let a = c.answer().await;
+        assert_eq!(a.status(), 200, "{a:?}");
+        assert_eq!(a.body, b"hello, world");
+        assert_eq!(a.header("x-room-node").as_deref(), Some("n1"));
+        assert_eq!(
+            a.header("content-length"),
+            None,
+            "chunked wins over a length"
+        );
+    }
+    assert_eq!(
+        node.connections(),
+        1,
+        "one node connection carried all three"
+    );
+    assert_eq!(fast_requests(&r).await, 3);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_close_delimited_answer_ends_both_connections() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nX-Kind: eof\r\n\r\nuntil the end"]).await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/eof")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200);
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    assert_eq!(a.body, b"until the end");
+    // A second client gets a new node connection: the first one ended with its answer.
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/eof")).await;
+    assert_eq!(c.answer().await.body, b"until the end");
+    assert_eq!(node.connections(), 2);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped_and_pipelined_requests_answered_in_order() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec![
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+        "HTTP/1.1 201 Created\r\nContent-Length: 6\r\n\r\nsecond",
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nthird",
+    ])
+    .await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    // Three requests in one write, the second with a body.
+    c.send(&format!(
+        "{}POST /rooms/p HTTP/1.1\r\nHost: router.test\r\nContent-Length: 4\r\n\r\nbody{}",
+        get("/rooms/p?n=1"),
+        get("/rooms/p?n=3")
+    ))
+    .await;
+    let got: Vec<(u16, Vec<u8>)> = [c.answer().await, c.answer().await, c.answer().await]
+        .into_iter()
+        .map(|a| (a.status(), a.body))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (200, b"first".to_vec()),
+            (201, b"second".to_vec()),
+            (404, b"third".to_vec())
+        ]
+    );
+    let seen = node.seen();
+    assert!(
+        seen[0].starts_with("GET /rooms/p?n=1 HTTP/1.1\r\n"),
+        "{seen:?}"
+    );
+    assert!(
+        seen[1].starts_with("POST /rooms/p HTTP/1.1\r\n"),
+        "{seen:?}"
+    );
+    assert!(seen[1].ends_with("\r\n\r\nbody"), "{seen:?}");
+    assert!(
+        seen[2].starts_with("GET /rooms/p?n=3 HTTP/1.1\r\n"),
+        "{seen:?}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec![
+        "HTTP/1.1 204 No Content\r\nX-Room-Node: forged\r\n\r\n",
+    ])
+    .await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    c.send(concat!(
+        "GET /rooms/hdr HTTP/1.1\r\nHost: router.test\r\nConnection: keep-alive, x-private\r\n",
+        "X-Private: 1\r\nX-Room-Ticket: forged\r\nX-Room-Node: forged\r\n",
+        "X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Proto: gopher\r\nCookie: a=b\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 204);
+    assert_eq!(a.header("x-room-node").as_deref(), Some("n1"));
+    let seen = node.seen().remove(0).to_ascii_lowercase();
+    let authority = node.url.trim_start_matches("http://");
+    assert!(
+        seen.contains(&format!("\r\nhost: {authority}\r\n")),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("\r\nx-forwarded-for: 10.9.9.9, 127.0.0.1\r\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("\r\nx-forwarded-proto: http\r\n"), "{seen}");
+    assert!(
+        seen.contains("\r\nx-forwarded-host: router.test\r\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("\r\ncookie: a=b\r\n"), "{seen}");
+    for gone in ["x-private", "connection:", "forged", "gopher"] {
+        assert!(!seen.contains(gone), "{gone} reached the node: {seen}");
+    }
+    let ticket = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("x-room-ticket: "))
+        .expect("a ticket");
+    assert_eq!(ticket.split('.').count(), 3, "a JWT: {ticket}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_sent_in_pieces_reaches_the_node_whole() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    let body = "x".repeat(100_000);
+    c.send(&format!(
+        "PUT /rooms/up HTTP/1.1\r\nHost: router.test\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..10]
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(&body[10..]).await;
+    let a = c.answer().await;
+    assert_eq!((a.status(), a.body.as_slice()), (200, &b"ok"[..]));
+    let seen = node.seen().remove(0);
+    assert!(seen.ends_with(&format!("\r\n\r\n{body}")), "the whole body");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_node_answer_is_a_502_and_the_connection_goes_on() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec!["SSH-2.0-OpenSSH_9.2\r\n\r\n"]).await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    for _ in 0..2 {
+        c.send(&get("/rooms/bad")).await;
+        let a = c.answer().await;
+        assert_eq!(a.status(), 502, "{a:?}");
+        let e: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(e["error"], "upstream_unavailable");
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn requests_the_fast_path_does_not_carry_move_the_connection_to_hyper() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnode"]).await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/mixed")).await;
+    assert_eq!(c.answer().await.body, b"node");
+    // The API on the same connection, pipelined behind a chunked upload: hyper's from here.
+    c.send(concat!(
+        "GET /v1/placement/mixed HTTP/1.1\r\nHost: router.test\r\n\r\n",
+        "POST /rooms/mixed HTTP/1.1\r\nHost: router.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "3\r\nabc\r\n0\r\n\r\n"
+    ))
+    .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["node"], "n1");
+    let a = c.answer().await;
+    assert_eq!((a.status(), a.body.as_slice()), (200, &b"node"[..]));
+    assert!(node.seen()[1].contains("abc"), "{:?}", node.seen());
+    // The chunked upload after the handoff was hyper's: one request on the fast path. (Every
+    // connection that starts with the API counts as a handoff, the metrics scrape's too.)
+    assert_eq!(fast_requests(&r).await, 1);
+    assert!(metric(&r, "roomrouter_http_fast_path_handoffs_total").await >= 1);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_and_errors_are_answered_on_the_fast_path_too() {
+    let mut cfg = common::config();
+    cfg.front_door.mode = FrontDoorMode::Redirect;
+    let r = TestRouter::start(cfg).await;
+    let _n = r.node("n1", 100.0).await;
+    common::eventually("n1 healthy", Duration::from_secs(5), || async {
+        r.get("/readyz").send().await.unwrap().status() == 200
+    })
+    .await;
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/redir?x=1")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 307, "{a:?}");
+    let loc = a.header("location").unwrap();
+    assert!(loc.contains("/rooms/redir?x=1&ticket="), "{loc}");
+    assert!(a.header("date").is_some());
+    // A bad room, then a POST redirect mode refuses: JSON errors, connection kept.
+    c.send(&get("/rooms/%00")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 400);
+    assert!(String::from_utf8_lossy(&a.body).contains("invalid_room"));
+    c.send("POST /rooms/redir HTTP/1.1\r\nHost: router.test\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    assert_eq!(c.answer().await.status(), 405);
+    c.send(&get("/rooms/redir")).await;
+    assert_eq!(c.answer().await.status(), 307);
+    assert_eq!(fast_requests(&r).await, 4);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_fast_path_off_hyper_carries_everything() {
+    let mut cfg = proxy_config();
+    cfg.server.fast_path = false;
+    let r = TestRouter::start(cfg).await;
+    let node = RawNode::start(vec![concat!(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "2\r\nok\r\n0\r\n\r\n"
+    )])
+    .await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/slow-path")).await;
+    let a = c.answer().await;
+    assert_eq!((a.status(), a.body.as_slice()), (200, &b"ok"[..]));
+    assert_eq!(fast_requests(&r).await, 0);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_fast_path_connections() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/idle")).await;
+    assert_eq!(c.answer().await.body, b"ok");
+    let stopped = tokio::spawn(r.stop());
+    assert!(
+        c.closed().await,
+        "the idle connection is closed at shutdown"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("shutdown does not wait out the grace period")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_mid_head_is_cut_after_the_header_timeout() {
+    let mut cfg = proxy_config();
+    cfg.server.header_read_timeout = Duration::from_millis(300);
+    let r = TestRouter::start(cfg).await;
+    let mut c = Raw::connect(&r).await;
+    c.send("GET /rooms/a HTTP/1.1\r\nHost: rou").await;
+    let t = std::time::Instant::now();
+    assert!(c.closed().await);
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    r.stop().await;
+}

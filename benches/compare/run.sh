@@ -4,6 +4,8 @@
 #   router-redirect roomrouter, front_door.mode = "redirect" (307 + signed ticket)
 #   router-lookup   roomrouter placement lookup GET /v1/placement/{room} (JSON, no ticket)
 #   router-proxy    roomrouter, front_door.mode = "proxy" (skipped if this build refuses it)
+#   router-proxy-hyper  the same with server.fast_path = false: every request through hyper
+#                   (the fast path's own before/after, not in the default TARGETS)
 #   haproxy         balance url_param room, hash-type consistent, hash-balance-factor 125
 #   nginx           hash $arg_room consistent
 # Each target gets fresh demo nodes (`roomrouter demo-node`), then
@@ -108,10 +110,11 @@ start_nodes() { # ROUTER_URL
   for port in "${NODE_PORTS[@]}"; do wait_http "http://127.0.0.1:$port/healthz"; done
 }
 
-start_router() { # MODE PORT
+start_router() { # MODE PORT [FAST_PATH]
   cat >"$OUT/router-$1.toml" <<EOF
 [server]
 listen = "127.0.0.1:$2"
+fast_path = ${3:-true}
 $( [ "$PROXY_THREADS" = auto ] || echo "worker_threads = $PROXY_THREADS" )
 [front_door]
 mode = "$1"
@@ -293,6 +296,7 @@ bench() { # NAME
         NOTE[$name]="proxy mode not available in this build"
         return 0
       fi ;;
+    router-proxy-hyper) start_router proxy "$port" false ;;
     haproxy) start_haproxy "$port" ;;
     nginx) start_nginx "$port" ;;
     *) echo "unknown target $name" >&2; return 1 ;;
@@ -356,7 +360,8 @@ for t in targets:
           f"{med(t, 'rate', 'not_ok')} |")
 print()
 for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
-             ("router-proxy", "haproxy"), ("router-proxy", "nginx")]:
+             ("router-proxy", "haproxy"), ("router-proxy", "nginx"),
+             ("router-proxy", "router-proxy-hyper"), ("router-proxy-hyper", "haproxy")]:
     rs = ratios(a, b)
     if rs:
         per = ", ".join(f"{r:.2f}" for r in rs)

@@ -87,7 +87,8 @@ pub struct Metrics {
     pub store_degraded: Gauge,
     pub node_utilization: Family<NodeLabels, Gauge<f64, AtomicU64>>,
     pub proxy: ProxyMetrics,
-    /// Front-door requests the HTTP/1.1 fast path answered (`http::h1`).
+    /// Front-door requests and placement lookups the HTTP/1.1 fast path answered
+    /// (`http::h1`).
     pub fast_requests: Counter,
     /// Connections the fast path handed to hyper (a request it does not carry).
     pub fast_handoffs: Counter,
@@ -192,7 +193,7 @@ impl Metrics {
         let fast_requests = Counter::default();
         registry.register(
             "http_fast_path_requests",
-            "Front-door requests answered by the HTTP/1.1 fast path",
+            "Front-door requests and placement lookups answered by the HTTP/1.1 fast path",
             fast_requests.clone(),
         );
         let fast_handoffs = Counter::default();

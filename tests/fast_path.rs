@@ -480,11 +480,15 @@ async fn requests_the_fast_path_does_not_carry_move_the_connection_to_hyper() {
     let mut c = Raw::connect(&r).await;
     c.send(&get("/rooms/mixed")).await;
     assert_eq!(c.answer().await.body, b"node");
-    // The API on the same connection, pipelined behind a chunked upload: hyper's from here.
-    c.send(concat!(
-        "GET /v1/placement/mixed HTTP/1.1\r\nHost: router.test\r\n\r\n",
-        "POST /rooms/mixed HTTP/1.1\r\nHost: router.test\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "3\r\nabc\r\n0\r\n\r\n"
+    // The admin API on the same connection, pipelined before a chunked upload: hyper's from
+    // here.
+    c.send(&format!(
+        "GET /v1/rooms/mixed HTTP/1.1\r\nHost: router.test\r\nAuthorization: Bearer {}\r\n\r\n{}",
+        common::ADMIN,
+        concat!(
+            "POST /rooms/mixed HTTP/1.1\r\nHost: router.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "3\r\nabc\r\n0\r\n\r\n"
+        )
     ))
     .await;
     let a = c.answer().await;
@@ -584,5 +588,31 @@ async fn a_client_that_stalls_mid_head_is_cut_after_the_header_timeout() {
         "{:?}",
         t.elapsed()
     );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn placement_lookups_are_answered_on_the_fast_path() {
+    let r = TestRouter::start(proxy_config()).await;
+    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]).await;
+    node.register(&r, "n1").await;
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/v1/placement/looked-up")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(
+        (v["node"].as_str(), v["created"].as_bool()),
+        (Some("n1"), Some(true))
+    );
+    assert_eq!(a.header("x-room-node").as_deref(), Some("n1"));
+    c.send(&get("/v1/placement/looked-up")).await;
+    let v: serde_json::Value = serde_json::from_slice(&c.answer().await.body).unwrap();
+    assert_eq!(v["created"], false, "the second lookup finds the pin");
+    c.send(&get("/v1/placement/never-seen?create=false")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 404);
+    assert!(String::from_utf8_lossy(&a.body).contains("not_found"));
+    assert_eq!(fast_requests(&r).await, 3);
     r.stop().await;
 }

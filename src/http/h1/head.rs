@@ -35,6 +35,8 @@ pub enum Parse {
 /// about framing.
 pub struct Plan {
     pub len: usize,
+    /// A placement lookup (`GET /v1/placement/{room}`) rather than a front-door request.
+    lookup: bool,
     method: Range<usize>,
     target: Range<usize>,
     headers: Vec<(Range<usize>, Range<usize>)>,
@@ -47,13 +49,15 @@ pub struct Plan {
 /// A request the fast path is carrying.
 pub struct RequestHead {
     pub parts: Parts,
+    /// A placement lookup (`GET /v1/placement/{room}`, no body).
+    pub lookup: bool,
     pub body: u64,
     pub close: bool,
 }
 
 /// Parses the request head at the start of `buf` and decides whether the fast path carries
-/// it: HTTP/1.1, a front-door path, a body framed by at most one `Content-Length` (no
-/// `Transfer-Encoding`), no `Expect`, no upgrade.
+/// it: HTTP/1.1, a front-door path (or a bodiless placement lookup), a body framed by at
+/// most one `Content-Length` (no `Transfer-Encoding`), no `Expect`, no upgrade.
 pub fn parse_request(buf: &[u8]) -> Parse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -78,9 +82,11 @@ pub fn parse_request(buf: &[u8]) -> Parse {
             _ => return Parse::Other,
         }
     };
-    if routes::route(&route_path) != Route::FrontDoor {
-        return Parse::Other;
-    }
+    let lookup = match routes::route(&route_path) {
+        Route::FrontDoor => false,
+        Route::Placement(_) if method == "GET" => true,
+        _ => return Parse::Other,
+    };
     let at = |s: &[u8]| {
         let start = s.as_ptr() as usize - buf.as_ptr() as usize;
         start..start + s.len()
@@ -112,8 +118,12 @@ pub fn parse_request(buf: &[u8]) -> Parse {
         }
         plan_headers.push((at(name), at(h.value)));
     }
+    if lookup && body.is_some_and(|n| n > 0) {
+        return Parse::Other;
+    }
     Parse::Head(Plan {
         len,
+        lookup,
         method: at(method.as_bytes()),
         target: at(path.as_bytes()),
         headers: plan_headers,
@@ -139,6 +149,7 @@ impl Plan {
         parts.headers = map;
         Some(RequestHead {
             parts,
+            lookup: self.lookup,
             body: self.body,
             close: self.close,
         })
@@ -502,7 +513,8 @@ mod tests {
         assert_eq!(h.parts.method, Method::POST);
         assert_eq!(h.parts.uri, "/rooms/a?x=1");
         assert_eq!(h.body, 5);
-        assert!(!h.close);
+        assert!(!h.close && !h.lookup);
+        assert!(head("GET /v1/placement/a?create=false HTTP/1.1\r\n\r\n").lookup);
         let xa: Vec<_> = h.parts.headers.get_all("x-a").iter().collect();
         assert_eq!(xa, ["1", "2"]);
     }
@@ -510,7 +522,9 @@ mod tests {
     #[test]
     fn what_the_fast_path_does_not_carry_goes_to_hyper() {
         for raw in [
-            "GET /v1/placement/a HTTP/1.1\r\n\r\n",
+            "POST /v1/placement HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "GET /v1/placement/a/explain HTTP/1.1\r\n\r\n",
+            "GET /v1/placement/a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
             "GET /healthz HTTP/1.1\r\n\r\n",
             "GET /rooms/a HTTP/1.0\r\n\r\n",
             "POST /rooms/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -9,8 +9,9 @@
 //! same job for the common request, the way HAProxy and Pingora do.
 //!
 //! What it carries, and nothing else: HTTP/1.1 requests to front-door paths whose body, if
-//! any, has one `Content-Length` (no `Transfer-Encoding`, no `Expect`, no upgrade). Anything
-//! else (the API, WebSocket upgrades, chunked uploads, HTTP/1.0, HTTP/2, a malformed head)
+//! any, has one `Content-Length` (no `Transfer-Encoding`, no `Expect`, no upgrade), and
+//! placement lookups (`GET /v1/placement/{room}`, answered by the API's own handler).
+//! Anything else (the rest of the API, WebSocket upgrades, chunked uploads, HTTP/1.0, HTTP/2, a malformed head)
 //! is handed with every unread byte to hyper ([`Outcome::Handoff`]), which serves the rest
 //! of the connection exactly as it would have without this path. A connection's fast phase
 //! is bounded like hyper's: `server.header_read_timeout` for each head (idle keep-alive
@@ -40,9 +41,10 @@ use self::chunked::ChunkedEnd;
 use self::head::{BadResponse, Forwarded, Framing, Parse, RequestHead, ResponseHead};
 use self::pool::Conn;
 use super::front_door::{self, Admission};
+use super::routes::{self, Route};
 use super::server::ConnInfo;
 use super::upstream::LaneError;
-use super::{proxy, ApiError, App};
+use super::{api, proxy, ApiError, App};
 use crate::config::FrontDoorMode;
 use crate::store::PinStore;
 
@@ -150,6 +152,9 @@ impl Client<'_> {
         close: bool,
     ) -> bool {
         let parts = &req.parts;
+        if req.lookup {
+            return self.lookup(app, &req, close).await;
+        }
         let admitted = front_door::admit(app, parts).await;
         let a = match admitted {
             Ok(a) => a,
@@ -174,6 +179,19 @@ impl Client<'_> {
                 keep && consumed
             }
         }
+    }
+
+    /// Answers a placement lookup with the API's own handler.
+    async fn lookup<S: PinStore>(&mut self, app: &App<S>, req: &RequestHead, close: bool) -> bool {
+        let parts = &req.parts;
+        let answer = match routes::route(parts.uri.path()) {
+            Route::Placement(room) => api::placement(app, parts, room).await,
+            _ => Err(ApiError::NotFound("no such endpoint".into())),
+        };
+        let resp = answer.unwrap_or_else(|e| super::error_response(app, parts.uri.path(), e));
+        self.out.clear();
+        head::write_buffered(&mut self.out, resp, false, close).await;
+        self.flush().await
     }
 
     /// Drops a request body the answer does not need, if it is all here already; false if

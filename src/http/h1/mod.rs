@@ -158,7 +158,7 @@ impl Client<'_> {
         let admitted = front_door::admit(app, parts).await;
         let a = match admitted {
             Ok(a) => a,
-            Err(e) => return self.answer_error(app, &req, e, close).await,
+            Err(e) => return self.answer_error(app, &req, e, req.body, close).await,
         };
         if a.mode == FrontDoorMode::Redirect {
             return match front_door::redirect(app, parts, &a) {
@@ -169,14 +169,16 @@ impl Client<'_> {
                     head::write_buffered(&mut self.out, r, head_only, close || !keep).await;
                     self.flush().await && keep
                 }
-                Err(e) => self.answer_error(app, &req, e, close).await,
+                Err(e) => self.answer_error(app, &req, e, req.body, close).await,
             };
         }
         match self.forward(app, info, &req, &a, close).await {
             Ok(keep) => keep,
             Err((e, consumed)) => {
-                let keep = self.answer_error(app, &req, e, close || !consumed).await;
-                keep && consumed
+                // A body that went to the node is gone from the buffer already.
+                let unread = if consumed { 0 } else { req.body };
+                self.answer_error(app, &req, e, unread, close || !consumed)
+                    .await
             }
         }
     }
@@ -205,15 +207,17 @@ impl Client<'_> {
         }
     }
 
-    /// Writes `e` as the answer; false if the connection cannot carry another request.
+    /// Writes `e` as the answer, dropping the `unread` bytes of the request's body still in
+    /// the buffer; false if the connection cannot carry another request.
     async fn answer_error<S: PinStore>(
         &mut self,
         app: &App<S>,
         req: &RequestHead,
         e: ApiError,
+        unread: u64,
         close: bool,
     ) -> bool {
-        let keep = self.skip_body(req.body) && !close;
+        let keep = !close && self.skip_body(unread);
         let resp = super::error_response(app, req.parts.uri.path(), e);
         self.out.clear();
         let head_only = req.parts.method == Method::HEAD;

@@ -295,6 +295,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The node will close the connection after this response.
     pub close: bool,
+    /// The client connection ends after this response (the client asked, or the body runs
+    /// until the node closes).
+    pub client_close: bool,
 }
 
 /// Why a node's response head is unusable.
@@ -310,11 +313,22 @@ pub enum BadResponse {
     UnaskedUpgrade,
 }
 
+/// Where the client's copy of a final response head goes, and what it says.
+pub struct ClientHead<'a> {
+    pub out: &'a mut Vec<u8>,
+    pub node: &'a str,
+    /// The client connection ends after this response whatever the node says.
+    pub close: bool,
+}
+
 /// Parses a node's response head at the start of `buf`. `Ok(None)`: not a whole head yet.
+/// A final (not 1xx) head is also written, as the client gets it, to `client.out`: the same
+/// parse serves both.
 pub fn parse_response(
     buf: &[u8],
     request: &Method,
     max: usize,
+    client: &mut ClientHead<'_>,
 ) -> Result<Option<ResponseHead>, BadResponse> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
@@ -352,11 +366,8 @@ pub fn parse_response(
             close = true;
         }
     }
-    let framing = if *request == Method::HEAD
-        || (100..200).contains(&status)
-        || status == 204
-        || status == 304
-    {
+    let interim = (100..200).contains(&status);
+    let framing = if *request == Method::HEAD || interim || status == 204 || status == 304 {
         Framing::Empty
     } else {
         match (chunked, length) {
@@ -369,28 +380,28 @@ pub fn parse_response(
     if framing == Framing::UntilClose {
         close = true;
     }
-    Ok(Some(ResponseHead {
+    let head = ResponseHead {
         status,
         len,
         framing,
         close,
-    }))
+        client_close: client.close || framing == Framing::UntilClose,
+    };
+    if !interim {
+        write_client_response(client.out, &resp, &head, client.node);
+    }
+    Ok(Some(head))
 }
 
-/// Writes the client's copy of the node's response head `head` (the bytes `parse_response`
-/// accepted): hop-by-hop headers dropped, the body's framing restated, `X-Room-Node` set,
-/// `Connection: close` when the client connection ends after it.
-pub fn write_client_response(
+/// Writes the client's copy of the node's response head: hop-by-hop headers dropped, the
+/// body's framing restated, `X-Room-Node` set, `Connection: close` when the client
+/// connection ends after it.
+fn write_client_response(
     out: &mut Vec<u8>,
-    head: &[u8],
+    resp: &httparse::Response<'_, '_>,
     parsed: &ResponseHead,
     node: &str,
-    close: bool,
 ) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    // The same bytes parsed before: this cannot fail.
-    let _ = resp.parse(head);
     out.extend_from_slice(b"HTTP/1.1 ");
     let status = StatusCode::from_u16(parsed.status).ok();
     match &status {
@@ -406,20 +417,21 @@ pub fn write_client_response(
         out.extend_from_slice(reason.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    let connection: Vec<&[u8]> = resp
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .map(|h| h.value)
-        .collect();
+    let connection = || {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value)
+    };
+    let has_connection = connection().next().is_some();
+    // A length stays only where it frames the body (or, for HEAD, 304, describes one).
+    let keep_length = matches!(parsed.framing, Framing::Empty | Framing::Length(_));
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-room-node")
-            || (parsed.framing != Framing::Empty
-                && !matches!(parsed.framing, Framing::Length(_))
-                && name.eq_ignore_ascii_case(b"content-length"))
-            || (!connection.is_empty() && listed(connection.iter().copied(), name))
+            || (!keep_length && name.eq_ignore_ascii_case(b"content-length"))
+            || (has_connection && listed(connection(), name))
         {
             continue;
         }
@@ -429,7 +441,7 @@ pub fn write_client_response(
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     header_line(out, b"x-room-node", node.as_bytes());
-    if close {
+    if parsed.client_close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -592,7 +604,13 @@ mod tests {
     }
 
     fn response(raw: &str, method: Method) -> Result<Option<ResponseHead>, BadResponse> {
-        parse_response(raw.as_bytes(), &method, 64 * 1024)
+        let mut out = Vec::new();
+        let mut client = ClientHead {
+            out: &mut out,
+            node: "n1",
+            close: false,
+        };
+        parse_response(raw.as_bytes(), &method, 64 * 1024, &mut client)
     }
 
     #[test]
@@ -660,9 +678,14 @@ mod tests {
             "Transfer-Encoding: chunked\r\nContent-Length: 9\r\nX-Room-Node: forged\r\n",
             "Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
         );
-        let parsed = response(raw, Method::GET).unwrap().unwrap();
         let mut out = Vec::new();
-        write_client_response(&mut out, raw.as_bytes(), &parsed, "n1", true);
+        let mut client = ClientHead {
+            out: &mut out,
+            node: "n1",
+            close: true,
+        };
+        let parsed = parse_response(raw.as_bytes(), &Method::GET, 64 * 1024, &mut client);
+        assert!(parsed.unwrap().unwrap().client_close);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             concat!(

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use self::chunked::ChunkedEnd;
-use self::head::{BadResponse, Forwarded, Framing, Parse, RequestHead, ResponseHead};
+use self::head::{BadResponse, ClientHead, Forwarded, Framing, Parse, RequestHead, ResponseHead};
 use self::pool::Conn;
 use super::front_door::{self, Admission};
 use super::routes::{self, Route};
@@ -76,6 +76,7 @@ pub async fn serve<S: PinStore>(
         io,
         buf: BytesMut::with_capacity(8 * 1024),
         out: Vec::with_capacity(4 * 1024),
+        answer: Vec::with_capacity(4 * 1024),
         idle: app.proxy.cfg().idle_timeout,
     };
     let timer = tokio::time::sleep(limits.header_read_timeout);
@@ -138,6 +139,8 @@ struct Client<'a> {
     buf: BytesMut,
     /// The next write, to the client or to a node.
     out: Vec<u8>,
+    /// A node's answer as it goes to the client (the request stays in `out` for a retry).
+    answer: Vec<u8>,
     /// `proxy.idle_timeout`: the longest a body may stall either way.
     idle: Duration,
 }
@@ -289,20 +292,26 @@ impl Client<'_> {
             let sent = self.send(&mut conn, &mut rest).await;
             let got = match sent {
                 Ok(()) => {
-                    tokio::time::timeout(cfg.response_timeout, read_head(&mut conn, method, max))
-                        .await
+                    let mut client = ClientHead {
+                        out: &mut self.answer,
+                        node: node.id.as_str(),
+                        close,
+                    };
+                    let head = read_head(&mut conn, method, max, &mut client);
+                    tokio::time::timeout(cfg.response_timeout, head).await
                 }
                 Err(Side::Client) => return Err((client_gone(), false)),
                 // The node may have answered early (refusing the body) and stopped reading:
                 // its answer, if there is one, is the one to relay.
                 Err(Side::Node(e)) => {
                     sent_whole = false;
-                    match tokio::time::timeout(
-                        cfg.response_timeout,
-                        read_head(&mut conn, method, max),
-                    )
-                    .await
-                    {
+                    let mut client = ClientHead {
+                        out: &mut self.answer,
+                        node: node.id.as_str(),
+                        close: true,
+                    };
+                    let head = read_head(&mut conn, method, max, &mut client);
+                    match tokio::time::timeout(cfg.response_timeout, head).await {
                         Ok(Ok(h)) => Ok(Ok(h)),
                         _ => Ok(Err(HeadError::Io(e))),
                     }
@@ -344,16 +353,9 @@ impl Client<'_> {
             }
         };
         p.succeeded(node);
-        // A body the node did not take in full is still on the client connection.
-        let close = close || rest > 0 || head.framing == Framing::UntilClose;
-        self.out.clear();
-        head::write_client_response(
-            &mut self.out,
-            &conn.buf[..head.len],
-            &head,
-            node.id.as_str(),
-            close,
-        );
+        // A body the node did not take in full is still on the client connection (and the
+        // answer's head says so: it was read with `close` set).
+        let close = head.client_close;
         conn.buf.advance(head.len);
         let ended = self.relay(&mut conn, &head).await;
         match ended {
@@ -394,21 +396,21 @@ impl Client<'_> {
         Ok(())
     }
 
-    /// Relays the response body after `out` (the head): what came with the head goes in the
-    /// same write, the rest as it arrives, up to where the framing says it ends.
+    /// Relays the response body after `answer` (the head): what came with the head goes in
+    /// the same write, the rest as it arrives, up to where the framing says it ends.
     async fn relay(&mut self, conn: &mut Conn, head: &ResponseHead) -> io::Result<()> {
         let mut left = match head.framing {
             Framing::Empty => {
-                return within(self.idle, self.io.write_all(&self.out)).await;
+                return within(self.idle, self.io.write_all(&self.answer)).await;
             }
             Framing::Length(n) => Left::Length(n),
             Framing::Chunked => Left::Chunked(ChunkedEnd::new()),
             Framing::UntilClose => Left::UntilClose,
         };
         let (n, mut done) = left.take(&conn.buf)?;
-        self.out.extend_from_slice(&conn.buf[..n]);
+        self.answer.extend_from_slice(&conn.buf[..n]);
         conn.buf.advance(n);
-        within(self.idle, self.io.write_all(&self.out)).await?;
+        within(self.idle, self.io.write_all(&self.answer)).await?;
         while !done {
             conn.buf.reserve(16 * 1024);
             let read = within(self.idle, conn.io.read_buf(&mut conn.buf)).await?;
@@ -472,14 +474,17 @@ enum HeadError {
     Bad(BadResponse),
 }
 
-/// Reads the node's response head into `conn.buf`, skipping interim (1xx) responses.
+/// Reads the node's response head into `conn.buf`, skipping interim (1xx) responses, and
+/// writes the client's copy of the final one to `client.out`.
 async fn read_head(
     conn: &mut Conn,
     method: &Method,
     max: usize,
+    client: &mut ClientHead<'_>,
 ) -> Result<ResponseHead, HeadError> {
+    client.out.clear();
     loop {
-        match head::parse_response(&conn.buf, method, max) {
+        match head::parse_response(&conn.buf, method, max, client) {
             Ok(Some(h)) if (100..200).contains(&h.status) => {
                 conn.buf.advance(h.len);
                 continue;

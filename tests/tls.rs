@@ -602,3 +602,91 @@ async fn sighup_makes_the_real_binary_reload_its_certificate_and_keep_open_conne
     drop(router);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
+    use roomrouter::cluster::{NodeId, NodeInfo};
+    use roomrouter::placement::AdminState;
+    // A plain upstream that names the scheme the router told it.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        for _ in 0..10 {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                    let proto = req.headers()["x-forwarded-proto"].clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::copy_from_slice(proto.as_bytes()),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let ca = Ca::new("front CA");
+    let (certs, dir) = front_door(&ca, "fast-tls");
+    let mut cfg = common::config();
+    cfg.front_door.mode = FrontDoorMode::Proxy;
+    cfg.placement.heartbeat_timeout = Duration::from_secs(60);
+    cfg.validate().unwrap();
+    let r = start_tls(cfg, tls::server_config(certs, None).unwrap()).await;
+    let url = format!("http://{up}");
+    let hb = roomrouter::router::Heartbeat {
+        info: NodeInfo {
+            url: url.clone(),
+            upstream: url,
+            capacity: 100.0,
+            region: None,
+            tags: vec![],
+        },
+        load: 0.0,
+        cpu: None,
+        state: AdminState::Active,
+        rooms: None,
+    };
+    r.app
+        .router
+        .heartbeat(&NodeId::parse("n1").unwrap(), hb)
+        .await
+        .unwrap();
+    let fast = || r.app.router.metrics.fast_requests.get();
+
+    let s = connect(r.addr, client_config(ca.roots(), &[b"http/1.1"]))
+        .await
+        .unwrap();
+    let mut h = h1(s).await;
+    for _ in 0..2 {
+        let (status, body) = send(&mut h, "GET", "/rooms/secure", "").await.unwrap();
+        assert_eq!((status.as_u16(), body.as_str()), (200, "https"));
+    }
+    assert_eq!(fast(), 2, "HTTP/1.1 over TLS takes the fast path");
+
+    let s = connect(r.addr, client_config(ca.roots(), &[b"h2"]))
+        .await
+        .unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            Request::get("https://localhost/rooms/secure")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "https");
+    assert_eq!(fast(), 2, "HTTP/2 is hyper's");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -11,21 +11,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{heartbeat, TestRouter};
-use roomrouter::config::{Config, FrontDoorMode};
+use common::{heartbeat, proxy_config, TestRouter};
+use roomrouter::config::FrontDoorMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn proxy_config() -> Config {
-    let mut c = common::config();
-    c.front_door.mode = FrontDoorMode::Proxy;
-    c.placement.heartbeat_interval = Duration::from_secs(1);
-    c.placement.heartbeat_timeout = Duration::from_secs(60);
-    c.proxy.response_timeout = Duration::from_secs(3);
-    c.proxy.connect_timeout = Duration::from_secs(1);
-    c.validate().unwrap();
-    c
-}
 
 /// A node that answers every request with the next of its scripted responses (the last one
 /// repeats), recording each request it got. Closes a connection after a response that has

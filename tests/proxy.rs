@@ -10,28 +10,16 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{expect_error, heartbeat, TestRouter, SECRET};
+use common::{expect_error, heartbeat, proxy_config, TestRouter, SECRET};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use roomrouter::auth::TicketIssuer;
-use roomrouter::config::{Config, FrontDoorMode, RoomSource};
+use roomrouter::config::{FrontDoorMode, RoomSource};
 use tokio_tungstenite::tungstenite::Message;
 use upstream::Upstream;
-
-fn proxy_config() -> Config {
-    let mut c = common::config();
-    c.front_door.mode = FrontDoorMode::Proxy;
-    // Hand-sent heartbeats: keep nodes healthy for the whole test.
-    c.placement.heartbeat_interval = Duration::from_secs(1);
-    c.placement.heartbeat_timeout = Duration::from_secs(60);
-    c.proxy.response_timeout = Duration::from_secs(3);
-    c.proxy.connect_timeout = Duration::from_secs(1);
-    c.validate().unwrap();
-    c
-}
 
 async fn register(r: &TestRouter, id: &str, up: &Upstream) {
     let resp = heartbeat(r, id, up.heartbeat()).await;

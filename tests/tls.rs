@@ -154,6 +154,22 @@ async fn send(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// GETs `uri` over HTTP/2 (ALPN h2 negotiated on `s`): the status and the body.
+async fn h2_get(s: TlsStream<TcpStream>, uri: &str) -> (StatusCode, Bytes) {
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(Request::get(uri).body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
 fn front_door(ca: &Ca, tag: &str) -> (Arc<tls::CertReloader>, PathBuf) {
     let dir = tempdir(tag);
     let (cert, key, _) = ca.leaf(&["localhost", "127.0.0.1"]);
@@ -170,21 +186,7 @@ async fn handshakes_negotiate_h2_or_http11_over_tls12_and_tls13() {
     let s = connect(r.addr, client_config(ca.roots(), &[b"h2"]))
         .await
         .unwrap();
-    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = h2
-        .send_request(
-            Request::get("https://localhost/healthz")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(h2_get(s, "https://localhost/healthz").await.0, 200);
 
     let s = connect(r.addr, client_config(ca.roots(), &[b"http/1.1"]))
         .await
@@ -671,22 +673,8 @@ async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
     let s = connect(r.addr, client_config(ca.roots(), &[b"h2"]))
         .await
         .unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = h2
-        .send_request(
-            Request::get("https://localhost/rooms/secure")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(body, "https");
+    let (status, body) = h2_get(s, "https://localhost/rooms/secure").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"https"[..]));
     assert_eq!(fast(), 2, "HTTP/2 is hyper's");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -28,6 +28,19 @@ pub fn config() -> Config {
     c
 }
 
+/// `config()` in proxy mode, for nodes registered by hand-sent heartbeats: they stay healthy
+/// for the whole test, and a node that does not answer fails within seconds.
+pub fn proxy_config() -> Config {
+    let mut c = config();
+    c.front_door.mode = roomrouter::config::FrontDoorMode::Proxy;
+    c.placement.heartbeat_interval = Duration::from_secs(1);
+    c.placement.heartbeat_timeout = Duration::from_secs(60);
+    c.proxy.response_timeout = Duration::from_secs(3);
+    c.proxy.connect_timeout = Duration::from_secs(1);
+    c.validate().unwrap();
+    c
+}
+
 /// A router served on a loopback port; stops when dropped.
 pub struct TestRouter {
     pub addr: SocketAddr,

@@ -266,6 +266,62 @@ mod tests {
         }
     }
 
+    /// A chunked encoding of `chunks` (sizes in hex with optional extensions), then trailers.
+    fn encode(chunks: &[Vec<u8>], ext: bool, trailers: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks.iter().filter(|c| !c.is_empty()) {
+            out.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+            if ext {
+                out.extend_from_slice(b";name=v");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n");
+        for t in trailers {
+            out.extend_from_slice(format!("X-{t}: v\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_valid_body_ends_exactly_where_it_ends_however_it_is_cut(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..6),
+            ext in proptest::bool::ANY,
+            trailers in proptest::collection::vec("[a-z]{1,8}", 0..3),
+            cuts in proptest::collection::vec(0usize..2000, 0..6),
+        ) {
+            let mut wire = encode(&chunks, ext, &trailers);
+            let end = wire.len();
+            wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut c = ChunkedEnd::new();
+            let mut at = 0;
+            let mut found = None;
+            for cut in cuts {
+                if let Some(n) = c.feed(&wire[at..cut]).unwrap() {
+                    found = Some(at + n);
+                    break;
+                }
+                at = cut;
+            }
+            proptest::prop_assert_eq!(found, Some(end));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut c = ChunkedEnd::new();
+            if let Ok(Some(n)) = c.feed(&bytes) {
+                proptest::prop_assert!(n <= bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn endless_size_lines_and_trailers_are_refused() {
         let mut c = ChunkedEnd::new();

@@ -695,6 +695,34 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever a client or a node sends, parsing answers (never panics), and a head the
+        /// fast path takes builds or is handed over.
+        #[test]
+        fn arbitrary_heads_never_panic(
+            line in "(GET|POST|PUT|HEAD|PRI|CONNECT) (/rooms/[a-z%0-9]{0,8}|/v1/placement/[a-z]{0,4}|\\*|http://x/r) HTTP/1\\.[01]",
+            headers in proptest::collection::vec("[A-Za-z-]{1,12}: [ -~]{0,20}", 0..8),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut raw = line.into_bytes();
+            for h in &headers {
+                raw.extend_from_slice(b"\r\n");
+                raw.extend_from_slice(h.as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n\r\n");
+            raw.extend_from_slice(&tail);
+            if let Parse::Head(p) = parse_request(&raw) {
+                let len = p.len;
+                proptest::prop_assert!(len <= raw.len());
+                let _ = p.build(&Bytes::copy_from_slice(&raw[..len]));
+            }
+            let mut out = Vec::new();
+            let mut client = ClientHead { out: &mut out, node: "n1", close: false };
+            let _ = parse_response(&raw, &Method::GET, 64 * 1024, &mut client);
+            let _ = parse_response(&tail, &Method::GET, 64 * 1024, &mut client);
+        }
+    }
+
     #[tokio::test]
     async fn a_buffered_answer_carries_its_length_and_a_date() {
         let mut r = Response::new(crate::http::full("{}"));

@@ -10,6 +10,9 @@
 //!   to the `rendezvous_hash` crate's own `calc_candidates().next()` over the same N nodes
 //!   and the same stable hasher.
 //!
+//! * `join/ticket`: signing the ticket every join carries (HS256 JWT), next to the pinned
+//!   `router_join` it follows: the two together are the join's work before HTTP.
+//!
 //! Run: `cargo bench --bench placement`.
 
 use std::future::Future;
@@ -187,5 +190,25 @@ fn new_room(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pinned, new_room);
+fn ticket(c: &mut Criterion) {
+    let issuer = roomrouter::auth::TicketIssuer::new(
+        "bench-ticket-secret-0123456789-0123456789",
+        std::time::Duration::from_secs(60),
+    );
+    let mut g = c.benchmark_group("join");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("ticket", |b| {
+        b.iter(|| {
+            black_box(issuer.issue(
+                black_box("room-12345"),
+                black_box("media-7"),
+                black_box("anonymous"),
+                NOW / 1000,
+            ))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, pinned, new_room, ticket);
 criterion_main!(benches);

@@ -113,13 +113,16 @@ fn state_to(s: AdminState) -> u8 {
 
 /// The counters of a node that change all the time. Survives info changes (the registry
 /// carries the same `Arc<Live>` into the new snapshot entry).
+///
+/// Laid out for the new-room pass, which reads every node's `Live` through a pointer: what
+/// the pass reads (utilization, heartbeat, pending, reserved, states) comes first, in field
+/// order (`repr(C)`), and the struct starts a cache line, so those reads touch one line per
+/// node instead of the two or three the compiler's own order spread them over.
 #[derive(Debug, Default)]
+#[repr(C, align(64))]
 pub struct Live {
     /// Reported utilization `max(load/capacity, cpu)`, f64 bits.
     reported_util: AtomicU64,
-    /// Reported load units and cpu, f64 bits, for display.
-    reported_load: AtomicU64,
-    reported_cpu: AtomicU64,
     /// Last heartbeat, ms since epoch; 0 = never.
     last_heartbeat: AtomicU64,
     /// Load units (x1000) sent since the last heartbeat.
@@ -128,6 +131,9 @@ pub struct Live {
     reserved_milli: AtomicI64,
     admin_state: AtomicU8,
     self_state: AtomicU8,
+    /// Reported load units and cpu, f64 bits, for display.
+    reported_load: AtomicU64,
+    reported_cpu: AtomicU64,
     /// Rooms the node listed in its last heartbeat; only heartbeats touch it.
     pub(crate) reported_rooms: Mutex<HashSet<RoomKey>>,
 }
@@ -337,6 +343,12 @@ impl NodeView for Candidate {
     }
     fn has_tag(&self, tag: &str) -> bool {
         self.entry.has_tag(tag)
+    }
+    #[inline]
+    fn warm(&self) {
+        // A load whose value nobody waits for: the line is on its way by the time the pass
+        // reaches this node.
+        std::hint::black_box(self.live.reported_util.load(Ordering::Relaxed));
     }
 }
 

@@ -611,3 +611,39 @@ async fn placement_lookups_are_answered_on_the_fast_path() {
     assert_eq!(fast_requests(&r).await, 3);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_pooled_connection_that_dies_unanswered_is_retried_only_for_idempotent_requests() {
+    for (method, retried) in [("GET", true), ("POST", false)] {
+        let r = TestRouter::start(proxy_config()).await;
+        // First answer: pooled. Second request: read, then the connection closes unanswered.
+        let node = RawNode::start(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry",
+        ])
+        .await;
+        node.register(&r, "n1").await;
+        let mut c = Raw::connect(&r).await;
+        c.send(&get("/rooms/flaky")).await;
+        assert_eq!(c.answer().await.body, b"ok");
+        c.send(&format!(
+            "{method} /rooms/flaky HTTP/1.1\r\nHost: router.test\r\nContent-Length: 1\r\n\r\nx"
+        ))
+        .await;
+        let a = c.answer().await;
+        let sent = node.seen().iter().filter(|s| s.starts_with(method)).count();
+        if retried {
+            assert_eq!(
+                (a.status(), a.body.as_slice()),
+                (200, &b"retry"[..]),
+                "{a:?}"
+            );
+            assert_eq!(sent, 3, "the first GET, then the second one twice");
+        } else {
+            assert_eq!(a.status(), 502, "{a:?}");
+            assert_eq!(sent, 1, "a POST reaches the node once");
+        }
+        r.stop().await;
+    }
+}

@@ -320,8 +320,12 @@ impl Client<'_> {
             match got {
                 Ok(Ok(h)) => break h,
                 // A pooled connection the node had closed, found out before it answered
-                // anything: the whole request is still in `out`, send it on a new one, once.
-                Ok(Err(HeadError::Closed | HeadError::Io(_))) if conn.reused() && whole => {
+                // anything: the whole request is still in `out`, send it on a new one, once,
+                // if the node cannot have acted on it (the write failed) or acting twice is
+                // harmless (an idempotent method, RFC 9110 section 9.2.2).
+                Ok(Err(HeadError::Closed | HeadError::Io(_)))
+                    if conn.reused() && whole && (!sent_whole || method.is_idempotent()) =>
+                {
                     sent_whole = true;
                     conn = p
                         .conns

@@ -26,6 +26,7 @@
 # is what keeps a ratio honest. Every run's figures are in $OUT/runs.jsonl.
 # Prints the table and writes it to $OUT/results.md (+ raw outputs).
 # Installs haproxy, nginx and wrk with apt-get if missing. Stops everything it started.
+# The router is built with BUILD_PROFILE (default release-lto, the deployable build).
 #
 #   bash benches/compare/run.sh                       # all targets, 10 s each, 3 rounds
 #   ROUNDS=1 DURATION=5 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
@@ -63,9 +64,11 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-echo "== building (release)"
-cargo build --release --quiet
-BIN=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/roomrouter
+# The deployable build (Cargo.toml's release-lto profile: fat LTO, one codegen unit).
+BUILD_PROFILE=${BUILD_PROFILE:-release-lto}
+echo "== building ($BUILD_PROFILE)"
+cargo build --profile "$BUILD_PROFILE" --quiet
+BIN=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/$BUILD_PROFILE/roomrouter
 
 rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 export ROOMROUTER_ADMIN_TOKEN="admin-$(rand)"

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{heartbeat, proxy_config, TestRouter};
-use roomrouter::config::FrontDoorMode;
+use roomrouter::config::{Config, FrontDoorMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -266,6 +266,20 @@ impl Raw {
     }
 }
 
+/// A proxy-mode router, a scripted node registered with it as `n1`, and a raw client
+/// connection to the router.
+async fn cluster(script: Vec<&'static str>) -> (TestRouter, RawNode, Raw) {
+    cluster_with(proxy_config(), script).await
+}
+
+async fn cluster_with(cfg: Config, script: Vec<&'static str>) -> (TestRouter, RawNode, Raw) {
+    let r = TestRouter::start(cfg).await;
+    let node = RawNode::start(script).await;
+    node.register(&r, "n1").await;
+    let c = Raw::connect(&r).await;
+    (r, node, c)
+}
+
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: router.test\r\n\r\n")
 }
@@ -283,14 +297,11 @@ async fn metric(r: &TestRouter, name: &str) -> u64 {
 
 #[tokio::test]
 async fn chunked_answers_with_trailers_arrive_whole_and_the_node_connection_is_reused() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec![concat!(
+    let (r, node, mut c) = cluster(vec![concat!(
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n",
         "5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 12\r\n\r\n"
     )])
     .await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
     for i in 0..3 {
         c.send(&get(&format!("/rooms/chunky?i={i}"))).await;
         let a = c.answer().await;
@@ -314,10 +325,8 @@ async fn chunked_answers_with_trailers_arrive_whole_and_the_node_connection_is_r
 
 #[tokio::test]
 async fn a_close_delimited_answer_ends_both_connections() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nX-Kind: eof\r\n\r\nuntil the end"]).await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
+    let (r, node, mut c) =
+        cluster(vec!["HTTP/1.1 200 OK\r\nX-Kind: eof\r\n\r\nuntil the end"]).await;
     c.send(&get("/rooms/eof")).await;
     let a = c.answer().await;
     assert_eq!(a.status(), 200);
@@ -333,15 +342,12 @@ async fn a_close_delimited_answer_ends_both_connections() {
 
 #[tokio::test]
 async fn interim_answers_are_skipped_and_pipelined_requests_answered_in_order() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec![
+    let (r, node, mut c) = cluster(vec![
         "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
         "HTTP/1.1 201 Created\r\nContent-Length: 6\r\n\r\nsecond",
         "HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nthird",
     ])
     .await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
     // Three requests in one write, the second with a body.
     c.send(&format!(
         "{}POST /rooms/p HTTP/1.1\r\nHost: router.test\r\nContent-Length: 4\r\n\r\nbody{}",
@@ -380,13 +386,10 @@ async fn interim_answers_are_skipped_and_pipelined_requests_answered_in_order() 
 
 #[tokio::test]
 async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec![
+    let (r, node, mut c) = cluster(vec![
         "HTTP/1.1 204 No Content\r\nX-Room-Node: forged\r\n\r\n",
     ])
     .await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
     c.send(concat!(
         "GET /rooms/hdr HTTP/1.1\r\nHost: router.test\r\nConnection: keep-alive, x-private\r\n",
         "X-Private: 1\r\nX-Room-Ticket: forged\r\nX-Room-Node: forged\r\n",
@@ -425,10 +428,7 @@ async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
 
 #[tokio::test]
 async fn a_body_sent_in_pieces_reaches_the_node_whole() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
+    let (r, node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
     let body = "x".repeat(100_000);
     c.send(&format!(
         "PUT /rooms/up HTTP/1.1\r\nHost: router.test\r\nContent-Length: {}\r\n\r\n{}",
@@ -447,10 +447,7 @@ async fn a_body_sent_in_pieces_reaches_the_node_whole() {
 
 #[tokio::test]
 async fn a_malformed_node_answer_is_a_502_and_the_connection_goes_on() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec!["SSH-2.0-OpenSSH_9.2\r\n\r\n"]).await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
+    let (r, _node, mut c) = cluster(vec!["SSH-2.0-OpenSSH_9.2\r\n\r\n"]).await;
     // A POST whose body went to the node, pipelined with a GET: the GET must be read from
     // where the POST's body ended.
     c.send(&format!(
@@ -469,10 +466,7 @@ async fn a_malformed_node_answer_is_a_502_and_the_connection_goes_on() {
 
 #[tokio::test]
 async fn requests_the_fast_path_does_not_carry_move_the_connection_to_hyper() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnode"]).await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
+    let (r, node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnode"]).await;
     c.send(&get("/rooms/mixed")).await;
     assert_eq!(c.answer().await.body, b"node");
     // The admin API on the same connection, pipelined before a chunked upload: hyper's from
@@ -535,14 +529,14 @@ async fn redirects_and_errors_are_answered_on_the_fast_path_too() {
 async fn with_the_fast_path_off_hyper_carries_everything() {
     let mut cfg = proxy_config();
     cfg.server.fast_path = false;
-    let r = TestRouter::start(cfg).await;
-    let node = RawNode::start(vec![concat!(
-        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "2\r\nok\r\n0\r\n\r\n"
-    )])
+    let (r, _node, mut c) = cluster_with(
+        cfg,
+        vec![concat!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "2\r\nok\r\n0\r\n\r\n"
+        )],
+    )
     .await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
     c.send(&get("/rooms/slow-path")).await;
     let a = c.answer().await;
     assert_eq!((a.status(), a.body.as_slice()), (200, &b"ok"[..]));
@@ -552,10 +546,7 @@ async fn with_the_fast_path_off_hyper_carries_everything() {
 
 #[tokio::test]
 async fn shutdown_closes_idle_fast_path_connections() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
+    let (r, _node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
     c.send(&get("/rooms/idle")).await;
     assert_eq!(c.answer().await.body, b"ok");
     let stopped = tokio::spawn(r.stop());
@@ -588,10 +579,7 @@ async fn a_client_that_stalls_mid_head_is_cut_after_the_header_timeout() {
 
 #[tokio::test]
 async fn placement_lookups_are_answered_on_the_fast_path() {
-    let r = TestRouter::start(proxy_config()).await;
-    let node = RawNode::start(vec!["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]).await;
-    node.register(&r, "n1").await;
-    let mut c = Raw::connect(&r).await;
+    let (r, _node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]).await;
     c.send(&get("/v1/placement/looked-up")).await;
     let a = c.answer().await;
     assert_eq!(a.status(), 200, "{a:?}");
@@ -615,16 +603,12 @@ async fn placement_lookups_are_answered_on_the_fast_path() {
 #[tokio::test]
 async fn a_pooled_connection_that_dies_unanswered_is_retried_only_for_idempotent_requests() {
     for (method, retried) in [("GET", true), ("POST", false)] {
-        let r = TestRouter::start(proxy_config()).await;
-        // First answer: pooled. Second request: read, then the connection closes unanswered.
-        let node = RawNode::start(vec![
+        let (r, node, mut c) = cluster(vec![
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             "",
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nretry",
         ])
         .await;
-        node.register(&r, "n1").await;
-        let mut c = Raw::connect(&r).await;
         c.send(&get("/rooms/flaky")).await;
         assert_eq!(c.answer().await.body, b"ok");
         c.send(&format!(

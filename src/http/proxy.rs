@@ -451,21 +451,11 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_ROOM_NODE: HeaderName = HeaderName::from_static("x-room-node");
 const X_ROOM_TICKET: HeaderName = HeaderName::from_static("x-room-ticket");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether `n` is a hop-by-hop header RFC 9110 names (or one of two legacy ones): never
+/// Whether `n` is a hop-by-hop header (the one list, shared with the fast path): never
 /// forwarded.
 fn is_hop_by_hop(n: &HeaderName) -> bool {
-    n == header::CONNECTION
-        || n == header::TE
-        || n == header::TRAILER
-        || n == header::TRANSFER_ENCODING
-        || n == header::UPGRADE
-        || n == header::PROXY_AUTHORIZATION
-        || n == header::PROXY_AUTHENTICATE
-        || n == KEEP_ALIVE
-        || n == PROXY_CONNECTION
+    super::h1::head::is_hop_by_hop(n.as_str().as_bytes())
 }
 
 /// The header names a `Connection` header lists (they are hop-by-hop for this message).

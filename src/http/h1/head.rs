@@ -168,8 +168,9 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(|t| t.trim_ascii())
 }
 
-/// Hop-by-hop header names (RFC 9110 section 7.6.1, and two legacy ones), never forwarded.
-fn is_hop_by_hop(name: &[u8]) -> bool {
+/// Hop-by-hop header names (RFC 9110 section 7.6.1, and two legacy ones), never forwarded
+/// by either proxy path.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     const HOP: [&[u8]; 9] = [
         b"connection",
         b"te",

@@ -379,7 +379,7 @@ impl Client<'_> {
     /// Writes `out` (head and the body bytes that came with it) to the node, then the rest of
     /// the request body as it arrives from the client.
     async fn send(&mut self, conn: &mut Conn, rest: &mut u64) -> Result<(), Side> {
-        within(self.idle, conn.write_all(&self.out))
+        within(self.idle, conn.io.write_all(&self.out))
             .await
             .map_err(Side::Node)?;
         while *rest > 0 {
@@ -391,7 +391,7 @@ impl Client<'_> {
                 }
             }
             let n = (*rest).min(self.buf.len() as u64) as usize;
-            within(self.idle, conn.write_all(&self.buf[..n]))
+            within(self.idle, conn.io.write_all(&self.buf[..n]))
                 .await
                 .map_err(Side::Node)?;
             self.buf.advance(n);

@@ -342,3 +342,73 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
         "{r}"
     );
 }
+
+#[test]
+fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking() {
+    for (args, says) in [
+        (&["--seeds", "0"][..], "--seeds"),
+        (&["--seeds", "2", "--trace", "t.txt"][..], "--trace"),
+        (&["--workload", "rush-hour"][..], "rush-hour"),
+    ] {
+        let out = clean_env(&mut Command::new(BIN))
+            .arg("simulate")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let json = std::env::temp_dir().join(format!("roomrouter-sim-{}.json", std::process::id()));
+    let out = clean_env(&mut Command::new(BIN))
+        .args([
+            "simulate",
+            "--quick",
+            "--workload",
+            "small-rooms",
+            "--hints",
+            "exact",
+        ])
+        .args([
+            "--nodes",
+            "6",
+            "--capacity",
+            "60",
+            "--routers",
+            "2",
+            "--seed",
+            "5",
+        ])
+        .args(["--seeds", "2", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("seeds 5-6 (utilization figures: means"),
+        "{table}"
+    );
+    assert!(table.contains("checked on each seed alone"), "{table}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let seeds = report["per_seed"].as_array().unwrap();
+    assert_eq!(seeds.len(), 2);
+    // The top-level figures are the seeds' mean.
+    let peak = |r: &serde_json::Value| {
+        r["workloads"][0]["results"][0]["peak_utilization"]
+            .as_f64()
+            .unwrap()
+    };
+    let mean = (peak(&seeds[0]) + peak(&seeds[1])) / 2.0;
+    assert!((peak(&report) - mean).abs() < 1e-9, "{report}");
+    assert!(seeds[1]["setup"].as_str().unwrap().ends_with("seed 6"));
+}

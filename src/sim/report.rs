@@ -2,7 +2,8 @@
 //!
 //! [`PolicyResult`] is what one run of one policy yields; a [`Report`] gathers them per
 //! workload with the target checks, prints as a readable table (`Display`) and
-//! serializes with serde.
+//! serializes with serde. A run over several seeds reports their mean
+//! ([`WorkloadResult::mean_of`]) and keeps each seed's own report beside it.
 
 use std::fmt::{self, Write as _};
 
@@ -54,6 +55,38 @@ pub struct PolicyResult {
     pub split_rooms: u64,
 }
 
+impl PolicyResult {
+    /// One policy's results under several seeds (not empty), as [`WorkloadResult::mean_of`]
+    /// describes: utilization figures averaged, counts summed.
+    fn mean_of(all: &[&PolicyResult]) -> PolicyResult {
+        let n = all.len() as f64;
+        let mean = |f: fn(&PolicyResult) -> f64| all.iter().map(|r| f(r)).sum::<f64>() / n;
+        let total = |f: fn(&PolicyResult) -> u64| all.iter().map(|r| f(r)).sum::<u64>();
+        let herds: Vec<f64> = all.iter().filter_map(|r| r.herd_peak).collect();
+        let first = all[0];
+        PolicyResult {
+            policy: first.policy.clone(),
+            spec: first.spec,
+            max_over_mean: mean(|r| r.max_over_mean),
+            busy_share: mean(|r| r.busy_share),
+            peak_utilization: mean(|r| r.peak_utilization),
+            offered_peak: mean(|r| r.offered_peak),
+            offered_peak_at: first.offered_peak_at,
+            mean_at_offered_peak: mean(|r| r.mean_at_offered_peak),
+            over_capacity_share: mean(|r| r.over_capacity_share),
+            joins: total(|r| r.joins),
+            refusals: total(|r| r.refusals),
+            refusals_no_capacity: total(|r| r.refusals_no_capacity),
+            refusals_total: total(|r| r.refusals_total),
+            herd_peak: (!herds.is_empty()).then(|| herds.iter().sum::<f64>() / herds.len() as f64),
+            moved_on_scale_out: total(|r| r.moved_on_scale_out),
+            moved_on_failure: total(|r| r.moved_on_failure),
+            replaced_after_failure: total(|r| r.replaced_after_failure),
+            split_rooms: total(|r| r.split_rooms),
+        }
+    }
+}
+
 /// All policies on one workload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkloadResult {
@@ -67,6 +100,39 @@ pub struct WorkloadResult {
 }
 
 impl WorkloadResult {
+    /// The same workload and policies run under several seeds, as one result: utilization
+    /// figures (max/mean, peaks, over-capacity share, herd, the lower bound) are the means over
+    /// the seeds; counts (joins, refusals, moves, splits) are their totals, so a count is zero
+    /// only if it is zero in every seed. The times of the lower bound and of each offered peak
+    /// are the first seed's. A policy missing from any seed is left out.
+    pub fn mean_of(runs: &[&WorkloadResult]) -> WorkloadResult {
+        let Some(first) = runs.first() else {
+            return WorkloadResult {
+                workload: String::new(),
+                peak_mean: f64::NAN,
+                peak_mean_at: 0,
+                results: vec![],
+            };
+        };
+        let n = runs.len() as f64;
+        let mean = |f: &dyn Fn(&WorkloadResult) -> f64| runs.iter().map(|w| f(w)).sum::<f64>() / n;
+        let results = first
+            .results
+            .iter()
+            .filter_map(|r0| {
+                let all: Vec<&PolicyResult> =
+                    runs.iter().map(|w| w.get(r0.spec)).collect::<Option<_>>()?;
+                Some(PolicyResult::mean_of(&all))
+            })
+            .collect();
+        WorkloadResult {
+            workload: first.workload.clone(),
+            peak_mean: mean(&|w| w.peak_mean),
+            peak_mean_at: first.peak_mean_at,
+            results,
+        }
+    }
+
     pub fn get(&self, p: Policy) -> Option<&PolicyResult> {
         self.results.iter().find(|r| r.spec == p)
     }
@@ -103,6 +169,10 @@ pub struct Report {
     pub setup: String,
     pub workloads: Vec<WorkloadResult>,
     pub targets: Vec<TargetCheck>,
+    /// With several seeds: each seed's own report (`workloads` and `targets` above are then
+    /// their mean and the targets checked on it). Empty for one seed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_seed: Vec<Report>,
 }
 
 /// `ms` into the run as `h:mm:ss`.
@@ -189,6 +259,22 @@ impl fmt::Display for Report {
                 )?;
             }
         }
+        if !self.per_seed.is_empty() {
+            writeln!(f, "\n== the same targets, checked on each seed alone")?;
+            for r in &self.per_seed {
+                let missed: Vec<&str> = r
+                    .targets
+                    .iter()
+                    .filter(|t| !t.met)
+                    .map(|t| t.target.as_str())
+                    .collect();
+                let met = r.targets.len() - missed.len();
+                writeln!(f, "{}: {met} of {} met", r.setup, r.targets.len())?;
+                for m in missed {
+                    writeln!(f, "  missed: {m}")?;
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -240,3 +326,94 @@ pub const FIGURES: [(&str, Figure); 3] = [
     ("peak", |r| r.peak_utilization),
     ("offered peak", |r| r.offered_peak),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(
+        spec: Policy,
+        peak: f64,
+        refusals: u64,
+        herd: Option<f64>,
+        splits: u64,
+    ) -> PolicyResult {
+        PolicyResult {
+            policy: spec.name(),
+            spec,
+            max_over_mean: 1.0 + peak / 10.0,
+            busy_share: 0.5,
+            peak_utilization: peak,
+            offered_peak: peak + 0.1,
+            offered_peak_at: 7,
+            mean_at_offered_peak: peak / 2.0,
+            over_capacity_share: 0.0,
+            joins: 100,
+            refusals,
+            refusals_no_capacity: 0,
+            refusals_total: refusals,
+            herd_peak: herd,
+            moved_on_scale_out: 0,
+            moved_on_failure: 1,
+            replaced_after_failure: 2,
+            split_rooms: splits,
+        }
+    }
+
+    fn workload(peak_mean: f64, results: Vec<PolicyResult>) -> WorkloadResult {
+        WorkloadResult {
+            workload: "w/exact".into(),
+            peak_mean,
+            peak_mean_at: 5,
+            results,
+        }
+    }
+
+    #[test]
+    fn the_mean_over_seeds_averages_utilization_and_adds_up_counts() {
+        let a = workload(
+            0.5,
+            vec![
+                result(Policy::DEFAULT, 0.8, 0, Some(1.2), 0),
+                result(Policy::TwoChoice, 0.9, 3, None, 1),
+            ],
+        );
+        let b = workload(
+            0.7,
+            vec![
+                result(Policy::TwoChoice, 0.7, 0, Some(2.0), 0),
+                result(Policy::DEFAULT, 1.0, 2, Some(1.4), 0),
+            ],
+        );
+        let m = WorkloadResult::mean_of(&[&a, &b]);
+        assert_eq!(m.workload, "w/exact");
+        assert!((m.peak_mean - 0.6).abs() < 1e-12);
+        let d = m.get(Policy::DEFAULT).unwrap();
+        assert!((d.peak_utilization - 0.9).abs() < 1e-12);
+        assert!((d.offered_peak - 1.0).abs() < 1e-12);
+        assert!((d.max_over_mean - 1.09).abs() < 1e-12);
+        assert!((d.herd_peak.unwrap() - 1.3).abs() < 1e-12);
+        assert_eq!((d.joins, d.refusals, d.moved_on_failure), (200, 2, 2));
+        let t = m.get(Policy::TwoChoice).unwrap();
+        // A split in any one seed stays visible, and a herd figure is averaged over the seeds
+        // that had a burst.
+        assert_eq!((t.split_rooms, t.refusals), (1, 3));
+        assert_eq!(t.herd_peak, Some(2.0));
+        assert_eq!(m.results[0].spec, Policy::DEFAULT, "the first seed's order");
+    }
+
+    #[test]
+    fn a_policy_missing_from_one_seed_is_left_out_of_the_mean() {
+        let a = workload(0.5, vec![result(Policy::DEFAULT, 0.8, 0, None, 0)]);
+        let b = workload(
+            0.5,
+            vec![
+                result(Policy::DEFAULT, 0.8, 0, None, 0),
+                result(Policy::TwoChoice, 0.1, 0, None, 0),
+            ],
+        );
+        let m = WorkloadResult::mean_of(&[&b, &a]);
+        assert_eq!(m.results.len(), 1);
+        assert!(WorkloadResult::mean_of(&[]).results.is_empty());
+    }
+}

@@ -176,6 +176,12 @@ pub struct PlacementConfig {
     pub retry_after: Duration,
     /// Remove a node that drains itself (heartbeat `state = "draining"`) once it reports no rooms.
     pub auto_remove_drained: bool,
+    /// Several routers on one Redis: each tells the others, within milliseconds, how much it
+    /// has reserved on each node for new rooms' expected sizes, so that a burst of new rooms
+    /// spread over the routers is placed as one router would place it. Needs `store.kind =
+    /// "redis"`. Off by default: it pays with size hints (or learned history), and costs
+    /// where reservations are mostly the default guess.
+    pub share_reservations: bool,
 }
 
 impl Default for PlacementConfig {
@@ -195,6 +201,7 @@ impl Default for PlacementConfig {
             history_ttl: Duration::from_secs(8 * 24 * 3600),
             retry_after: Duration::from_secs(5),
             auto_remove_drained: true,
+            share_reservations: false,
         }
     }
 }
@@ -895,6 +902,12 @@ impl Config {
         if p.max_size_hint == 0 {
             return Err(invalid("placement.max_size_hint", "must be > 0"));
         }
+        if p.share_reservations && self.store.kind != StoreKind::Redis {
+            return Err(invalid(
+                "placement.share_reservations",
+                "needs store.kind = \"redis\" (one router has no one to share with)",
+            ));
+        }
         if self.store.kind == StoreKind::Redis {
             let st = &self.store;
             if st.cluster_nodes.is_empty() {
@@ -1092,6 +1105,22 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("redis://app:redacted@h:6379/2"), "{shown}");
+    }
+
+    #[test]
+    fn shared_reservations_need_a_shared_store() {
+        assert!(!Config::default().placement.share_reservations);
+        let e = Config::parse("[placement]\nshare_reservations = true\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("placement.share_reservations"), "{e}");
+        let c =
+            Config::parse("[placement]\nshare_reservations = true\n[store]\nkind = \"redis\"\n")
+                .unwrap();
+        c.validate().unwrap();
+        assert!(c.placement.share_reservations);
     }
 
     #[test]

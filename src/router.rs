@@ -124,6 +124,8 @@ pub struct NodeStatus {
     pub utilization: f64,
     pub pending: f64,
     pub reserved: f64,
+    /// What the other routers reserved here (`placement.share_reservations`; else 0).
+    pub reserved_by_others: f64,
     pub rooms: usize,
     pub last_heartbeat_ms_ago: Option<u64>,
     #[serde(rename = "static")]
@@ -162,6 +164,8 @@ pub struct Router<S> {
     recent: RecentJoins,
     /// How long a ticket is valid: a room keeps its pin this long after its last join.
     ticket_ttl_ms: u64,
+    /// This router among the others sharing a store: names its shared reservations.
+    instance: String,
     clock: Clock,
     pub metrics: Metrics,
 }
@@ -178,6 +182,7 @@ impl<S: PinStore> Router<S> {
             history: RoomHistory::default(),
             recent: RecentJoins::default(),
             ticket_ttl_ms: cfg.tickets.ttl.as_millis() as u64,
+            instance: format!("{:016x}", rand::random::<u64>()),
             clock,
             metrics: Metrics::new(),
         };
@@ -594,6 +599,27 @@ impl<S: PinStore> Router<S> {
         Ok(true)
     }
 
+    /// `placement.share_reservations`: tells the other routers (through the store) this
+    /// router's reservation on every node where it changed since the last call, or with
+    /// `again` on every node where it is not zero (the periodic repeat that keeps it alive in
+    /// their tables). Returns how many nodes it told about.
+    pub fn share_reservations(&self, again: bool) -> usize {
+        let now = self.clock.now();
+        let mut told = 0;
+        for e in self.cluster.snapshot().nodes() {
+            if let Some(milli) = e.live.reserved_to_share(again) {
+                self.store.share_node(NodeUpdate::Reserved {
+                    id: e.id.to_string(),
+                    router: self.instance.clone(),
+                    reserved_milli: milli,
+                    at: now,
+                });
+                told += 1;
+            }
+        }
+        told
+    }
+
     /// Releases idle pins, expired reservations and stale history. Returns pins released.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let now = self.clock.now();
@@ -659,6 +685,7 @@ impl<S: PinStore> Router<S> {
             utilization: e.utilization(),
             pending: live.pending_units(),
             reserved: live.reserved_units(),
+            reserved_by_others: live.others_reserved_units(),
             rooms: live.reported_rooms.lock().map(|r| r.len()).unwrap_or(0),
             last_heartbeat_ms_ago: live.last_heartbeat().map(|t| now.saturating_sub(t)),
             is_static: e.is_static,

@@ -129,6 +129,9 @@ pub struct Live {
     pending_milli: AtomicU64,
     /// Load units (x1000) reserved by new rooms' expected sizes.
     reserved_milli: AtomicI64,
+    /// Load units (x1000) the other routers reserved here, as they last said
+    /// (`placement.share_reservations`); 0 without sharing.
+    others_reserved_milli: AtomicI64,
     admin_state: AtomicU8,
     self_state: AtomicU8,
     /// Reported load units and cpu, f64 bits, for display.
@@ -136,6 +139,8 @@ pub struct Live {
     reported_cpu: AtomicU64,
     /// Rooms the node listed in its last heartbeat; only heartbeats touch it.
     pub(crate) reported_rooms: Mutex<HashSet<RoomKey>>,
+    /// `reserved_milli` as last told to the other routers.
+    shared_reserved_milli: AtomicI64,
 }
 
 impl Live {
@@ -173,6 +178,21 @@ impl Live {
     }
     pub fn reserved_units(&self) -> f64 {
         self.reserved_milli.load(Ordering::Relaxed).max(0) as f64 / MILLI
+    }
+    /// What the other routers reserved here (shared reservations).
+    pub fn others_reserved_units(&self) -> f64 {
+        self.others_reserved_milli.load(Ordering::Relaxed).max(0) as f64 / MILLI
+    }
+    pub(crate) fn set_others_reserved_milli(&self, milli: i64) {
+        self.others_reserved_milli.store(milli, Ordering::Relaxed);
+    }
+
+    /// This router's reservation here (x1000) if it changed since the last call that took
+    /// it (or, with `again`, if it is not zero): what to tell the other routers next.
+    pub(crate) fn reserved_to_share(&self, again: bool) -> Option<i64> {
+        let now = self.reserved_milli.load(Ordering::Relaxed).max(0);
+        let told = self.shared_reserved_milli.swap(now, Ordering::Relaxed);
+        (now != told || (again && now != 0)).then_some(now)
     }
 
     /// Records a heartbeat's load report; `pending` starts again from zero.
@@ -224,7 +244,8 @@ impl Live {
     #[inline]
     pub fn utilization(&self, capacity: f64) -> f64 {
         let extra = self.pending_milli.load(Ordering::Relaxed) as f64
-            + self.reserved_milli.load(Ordering::Relaxed).max(0) as f64;
+            + self.reserved_milli.load(Ordering::Relaxed).max(0) as f64
+            + self.others_reserved_milli.load(Ordering::Relaxed).max(0) as f64;
         self.reported_util() + extra / MILLI / capacity
     }
 }
@@ -378,6 +399,34 @@ mod tests {
             (l.utilization(100.0) - 0.59).abs() < 1e-9,
             "cpu wins, pending reset"
         );
+    }
+
+    #[test]
+    fn other_routers_reservations_count_and_own_changes_are_shared_once() {
+        let l = Live::default();
+        l.record_report(100.0, 20.0, None, AdminState::Active, 5);
+        l.set_others_reserved_milli(30_000);
+        assert!((l.utilization(100.0) - 0.5).abs() < 1e-9);
+        assert_eq!(l.others_reserved_units(), 30.0);
+        // Nothing reserved yet: nothing to tell, unless asked again (and then only non-zero).
+        assert_eq!(l.reserved_to_share(false), None);
+        assert_eq!(l.reserved_to_share(true), None);
+        l.add_reserved(12);
+        assert_eq!(l.reserved_to_share(false), Some(12_000));
+        assert_eq!(l.reserved_to_share(false), None, "told once");
+        assert_eq!(
+            l.reserved_to_share(true),
+            Some(12_000),
+            "the periodic refresh"
+        );
+        l.add_reserved(-12);
+        assert_eq!(
+            l.reserved_to_share(false),
+            Some(0),
+            "the release is told too"
+        );
+        assert_eq!(l.reserved_to_share(true), None);
+        assert!((l.utilization(100.0) - 0.5).abs() < 1e-9);
     }
 
     #[test]

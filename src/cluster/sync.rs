@@ -6,8 +6,16 @@
 //! down and publishes it, and every other router applies it with [`apply`]. Applying is
 //! idempotent and never moves a node's heartbeat time backwards, so duplicates, reorderings
 //! and the periodic full re-sync are harmless.
+//!
+//! With `placement.share_reservations`, routers also tell each other how much each has
+//! reserved on each node for new rooms ([`NodeUpdate::Reserved`], the sender's whole amount,
+//! not a change, so a lost message is made good by the next). [`NodeSync`] keeps them by node
+//! and router and counts their sum in the node's utilization; a router that stops saying
+//! anything (stopped, cut off) is forgotten after a full re-sync interval
+//! ([`NodeSync::expire_reserved`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -75,6 +83,15 @@ pub enum NodeUpdate {
     Admin { id: String, state: AdminState },
     /// The node left (admin, node, or drained and empty).
     Removed { id: String },
+    /// Router `router` now holds `reserved_milli` load units (x1000) reserved on the node
+    /// for new rooms' expected sizes (its whole amount there; 0 releases it). `at` orders one
+    /// router's messages (its clock, ms since epoch).
+    Reserved {
+        id: String,
+        router: String,
+        reserved_milli: i64,
+        at: Millis,
+    },
 }
 
 impl NodeUpdate {
@@ -103,21 +120,143 @@ impl NodeUpdate {
             NodeUpdate::Report { id, .. }
             | NodeUpdate::Put { id, .. }
             | NodeUpdate::Admin { id, .. }
-            | NodeUpdate::Removed { id } => id,
+            | NodeUpdate::Removed { id }
+            | NodeUpdate::Reserved { id, .. } => id,
         }
     }
 }
 
+/// Most routers whose reservations one node keeps (a bound on what messages can make it hold).
+const MAX_ROUTERS_PER_NODE: usize = 1024;
+
+/// Largest reservation one router can declare on one node (x1000 load units).
+const MAX_RESERVED_MILLI: i64 = 1_000_000_000_000;
+
 /// Applies shared updates to one router's node table. Remembers admin states of nodes this
-/// router does not know yet, so a drain that arrives before the node's first report holds.
+/// router does not know yet, so a drain that arrives before the node's first report holds,
+/// and the other routers' reservations by node.
 #[derive(Debug, Default)]
 pub struct NodeSync {
     admin: DashMap<String, AdminState>,
+    reserved: Mutex<Reserved>,
+}
+
+/// Other routers' reservations: by node, by router, the amount (x1000), the sender's time and
+/// the expiry generation it was last heard in.
+#[derive(Debug, Default)]
+struct Reserved {
+    by_node: HashMap<String, HashMap<String, Said>>,
+    generation: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Said {
+    milli: i64,
+    at: Millis,
+    generation: u64,
+}
+
+impl Reserved {
+    fn sum(&self, node: &str) -> i64 {
+        self.by_node
+            .get(node)
+            .map_or(0, |by| by.values().map(|s| s.milli).sum())
+    }
 }
 
 impl NodeSync {
     pub fn new() -> NodeSync {
         NodeSync::default()
+    }
+
+    /// The other routers' reservations on `node` (x1000 load units), as last heard.
+    pub fn others_reserved_milli(&self, node: &str) -> i64 {
+        self.reserved.lock().map_or(0, |r| r.sum(node))
+    }
+
+    /// Forgets the reservations of routers not heard from since the previous call (one full
+    /// re-sync interval: routers repeat theirs more often than that) and recounts the nodes
+    /// that lost any. Returns how many (node, router) entries were dropped.
+    pub fn expire_reserved(&self, cluster: &Cluster) -> usize {
+        let Ok(mut r) = self.reserved.lock() else {
+            return 0;
+        };
+        let keep_from = r.generation;
+        r.generation += 1;
+        let mut dropped = 0;
+        let mut touched = Vec::new();
+        for (node, by) in r.by_node.iter_mut() {
+            let before = by.len();
+            by.retain(|_, s| s.generation >= keep_from);
+            if by.len() != before {
+                dropped += before - by.len();
+                touched.push(node.clone());
+            }
+        }
+        r.by_node.retain(|_, by| !by.is_empty());
+        let snap = cluster.snapshot();
+        for node in touched {
+            if let Some(e) = NodeId::parse(&node)
+                .ok()
+                .and_then(|id| snap.get(&id).cloned())
+            {
+                e.live.set_others_reserved_milli(r.sum(&node));
+            }
+        }
+        dropped
+    }
+
+    fn apply_reserved(
+        &self,
+        cluster: &Cluster,
+        id: &NodeId,
+        router: &str,
+        milli: i64,
+        at: Millis,
+    ) -> bool {
+        if router.is_empty() || router.len() > 64 || !(0..=MAX_RESERVED_MILLI).contains(&milli) {
+            return false;
+        }
+        let Ok(mut r) = self.reserved.lock() else {
+            return false;
+        };
+        let generation = r.generation;
+        let by = r.by_node.entry(id.to_string()).or_default();
+        match by.get(router) {
+            Some(s) if s.at > at => return false, // a newer amount is already here
+            None if by.len() >= MAX_ROUTERS_PER_NODE => return false,
+            _ => {}
+        }
+        if milli == 0 {
+            by.remove(router);
+        } else {
+            by.insert(
+                router.to_string(),
+                Said {
+                    milli,
+                    at,
+                    generation,
+                },
+            );
+        }
+        let sum = r.sum(id.as_str());
+        if sum == 0 {
+            r.by_node.remove(id.as_str());
+        }
+        if let Some(e) = cluster.snapshot().get(id) {
+            e.live.set_others_reserved_milli(sum);
+        }
+        true
+    }
+
+    /// A node just added to this router's table starts with what the others reserved on it.
+    fn added(&self, id: &NodeId, entry: &NodeEntry) {
+        if let Some(s) = self.admin.get(id.as_str()) {
+            entry.live.set_admin_state(*s);
+        }
+        entry
+            .live
+            .set_others_reserved_milli(self.others_reserved_milli(id.as_str()));
     }
 
     /// Applies one update. Returns false if it was malformed or stale and changed nothing.
@@ -149,9 +288,7 @@ impl NodeSync {
                 let capacity = info.capacity;
                 let (outcome, entry) = cluster.upsert(&id, info, false);
                 if outcome == Upsert::Added {
-                    if let Some(s) = self.admin.get(id.as_str()) {
-                        entry.live.set_admin_state(*s);
-                    }
+                    self.added(&id, &entry);
                 }
                 entry.live.record_report(capacity, *load, *cpu, *state, *at);
                 if let Some(rooms) = rooms {
@@ -169,9 +306,7 @@ impl NodeSync {
                 Some(info) => {
                     let (outcome, entry) = cluster.upsert(&id, info, true);
                     if outcome == Upsert::Added {
-                        if let Some(s) = self.admin.get(id.as_str()) {
-                            entry.live.set_admin_state(*s);
-                        }
+                        self.added(&id, &entry);
                     }
                     true
                 }
@@ -184,8 +319,17 @@ impl NodeSync {
             }
             NodeUpdate::Removed { .. } => {
                 self.admin.remove(id.as_str());
+                if let Ok(mut r) = self.reserved.lock() {
+                    r.by_node.remove(id.as_str());
+                }
                 cluster.remove(&id).is_some()
             }
+            NodeUpdate::Reserved {
+                router,
+                reserved_milli,
+                at,
+                ..
+            } => self.apply_reserved(cluster, &id, router, *reserved_milli, *at),
         }
     }
 }
@@ -257,6 +401,71 @@ mod tests {
             c.snapshot().get(&id).unwrap().live.effective_state(),
             AdminState::Active
         );
+    }
+
+    fn reserved(router: &str, milli: i64, at: Millis) -> NodeUpdate {
+        NodeUpdate::Reserved {
+            id: "n1".into(),
+            router: router.into(),
+            reserved_milli: milli,
+            at,
+        }
+    }
+
+    #[test]
+    fn other_routers_reservations_add_up_and_the_newest_of_each_counts() {
+        let c = Cluster::new();
+        let s = NodeSync::new();
+        // Heard before the node is known: kept, and counted once it arrives.
+        assert!(s.apply(&c, &reserved("ra", 4_000, 10)));
+        s.apply(&c, &report(1000, 0.0));
+        let id = NodeId::parse("n1").unwrap();
+        let live = c.snapshot().get(&id).unwrap().live.clone();
+        assert_eq!(live.others_reserved_units(), 4.0);
+        assert!(s.apply(&c, &reserved("rb", 6_000, 5)));
+        assert_eq!(live.others_reserved_units(), 10.0);
+        // A router's amount replaces its previous one; an older message changes nothing.
+        assert!(s.apply(&c, &reserved("ra", 1_000, 11)));
+        assert!(!s.apply(&c, &reserved("ra", 9_000, 9)));
+        assert_eq!(live.others_reserved_units(), 7.0);
+        assert!(s.apply(&c, &reserved("rb", 0, 6)));
+        assert_eq!(live.others_reserved_units(), 1.0);
+        // Nonsense is refused.
+        for bad in [
+            reserved("ra", -1, 20),
+            reserved("ra", i64::MAX, 20),
+            reserved("", 1, 20),
+            reserved(&"r".repeat(65), 1, 20),
+        ] {
+            assert!(!s.apply(&c, &bad), "{bad:?}");
+        }
+        assert_eq!(live.others_reserved_units(), 1.0);
+        // A removed node's reservations are forgotten with it.
+        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }));
+        assert_eq!(s.others_reserved_milli("n1"), 0);
+    }
+
+    #[test]
+    fn a_router_not_heard_from_over_a_whole_interval_is_forgotten() {
+        let c = Cluster::new();
+        let s = NodeSync::new();
+        s.apply(&c, &report(1000, 0.0));
+        let id = NodeId::parse("n1").unwrap();
+        let live = c.snapshot().get(&id).unwrap().live.clone();
+        s.apply(&c, &reserved("quiet", 2_000, 1));
+        s.apply(&c, &reserved("talks", 3_000, 1));
+        assert_eq!(s.expire_reserved(&c), 0, "both heard in this interval");
+        s.apply(&c, &reserved("talks", 3_000, 2));
+        assert_eq!(
+            s.expire_reserved(&c),
+            1,
+            "quiet said nothing for a whole interval"
+        );
+        assert_eq!(live.others_reserved_units(), 3.0);
+        s.apply(&c, &reserved("talks", 3_000, 3));
+        assert_eq!(s.expire_reserved(&c), 0);
+        assert_eq!(s.expire_reserved(&c), 1);
+        assert_eq!(live.others_reserved_units(), 0.0);
     }
 
     #[test]

@@ -58,8 +58,8 @@ pub struct SimulateArgs {
     pub json: Option<PathBuf>,
     /// Also run the default policy with reservations shared between routers, each router
     /// seeing the others' reservations (and their releases) after this many milliseconds;
-    /// comma-separated, one extra policy per delay (e.g. `0,50,500`). A what-if: the product
-    /// counts each router's own reservations only.
+    /// comma-separated, one extra policy per delay (e.g. `0,5,50`). The router does this
+    /// with `placement.share_reservations` (about 5 ms behind, on Redis); off by default.
     #[arg(long, value_name = "MS", value_delimiter = ',')]
     pub shared_reservations: Vec<u64>,
     /// With --trace: add a node at this many seconds.

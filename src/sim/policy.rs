@@ -22,10 +22,10 @@ pub enum Policy {
     Ours {
         rule: ChoiceRule,
         reservation: bool,
-        /// With reservation: `None`, each router counts only its own reservations (what the
-        /// product does); `Some(ms)`, every router publishes its reservations and the others
-        /// add them to û this many milliseconds later (a what-if for routers sharing a
-        /// store), releases propagating with the same delay.
+        /// With reservation: `None`, each router counts only its own reservations (the
+        /// product's default); `Some(ms)`, every router publishes its reservations and the
+        /// others add them to û this many milliseconds later, releases propagating with the
+        /// same delay (the product with `placement.share_reservations`, about 5 ms).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shared_ms: Option<u64>,
     },

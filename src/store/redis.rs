@@ -1075,8 +1075,13 @@ impl Inner {
                 p.hdel(&self.keys.nodes, id).ignore();
                 p.hdel(&self.keys.admin, id).ignore();
             }
+            // Only published: every router repeats its own every second, so a router that
+            // subscribes late has them all within a second without a stored copy.
+            NodeUpdate::Reserved { .. } => {}
         }
-        self.run::<()>("node update", p.query_async(&mut c)).await?;
+        if !matches!(u, NodeUpdate::Reserved { .. }) {
+            self.run::<()>("node update", p.query_async(&mut c)).await?;
+        }
         let _: i64 = self
             .run(
                 "publish",
@@ -1126,6 +1131,9 @@ async fn supervise(
                         _ = resync.tick() => {
                             if let Err(e) = inner.resync_nodes().await {
                                 tracing::warn!(error = %e, "node table re-sync failed");
+                            }
+                            if let Some(cluster) = inner.cluster.get() {
+                                inner.sync.expire_reserved(cluster);
                             }
                             let cutoff = inner.last_ts.load(Ordering::Relaxed).saturating_sub(60_000_000);
                             inner.cache.retain(|_, v| v.pin.is_some() || v.ts == 0 || v.ts > cutoff);
@@ -1219,9 +1227,10 @@ async fn node_writer(
             _ = stop.changed() => return,
             u = rx.recv() => match u { Some(u) => u, None => return },
         };
-        let keep = !matches!(u, NodeUpdate::Report { .. });
+        let keep = !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. });
         if inner.is_down() || inner.write_node(&u).await.is_err() {
-            // Reports are periodic; the next one replaces a lost one. Admin changes are not.
+            // Reports and reservations are repeated; the next one replaces a lost one. Admin
+            // changes are not.
             if keep {
                 if let Ok(mut m) = inner.pending_nodes.lock() {
                     m.insert(u.id().to_string(), u);

@@ -294,6 +294,30 @@ pub async fn serve(mut cfg: Config) -> Served {
     }
 }
 
+/// Like [`serve`], but through `service::run`, as `roomrouter serve` runs: with the sweeper
+/// and, when the config asks for it, the reservation sharer.
+pub async fn serve_service(mut cfg: Config) -> Served {
+    cfg.server.shutdown_grace = Duration::from_millis(200);
+    let store = store::open(&cfg).await.expect("open store");
+    let app = roomrouter::service::build(cfg, store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let a = app.clone();
+    let task = tokio::spawn(async move {
+        let _ = roomrouter::service::run(a, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Served {
+        addr,
+        app,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
 /// The Redis key of a room's pin under `prefix` (the store's data model).
 pub fn room_key(prefix: &str, room: &str) -> String {
     format!("{prefix}:room:{{{room}}}")

@@ -1,0 +1,140 @@
+//! `placement.share_reservations`: routers on one Redis tell each other what they reserved
+//! for new rooms, so that a new room placed through one router counts on the others at once
+//! (through the real HTTP surface and a real Redis; skipped loudly without one).
+
+mod redis_support;
+
+use std::time::Duration;
+
+use redis_support::*;
+use roomrouter::cluster::NodeId;
+
+fn config_sharing(url: &str, prefix: &str, share: bool) -> roomrouter::config::Config {
+    let mut cfg = config(url, prefix);
+    cfg.placement.share_reservations = share;
+    cfg.validate().expect("valid");
+    cfg
+}
+
+/// What `router` counts as reserved on node `id` by the other routers.
+fn others_reserved(s: &Served, id: &str) -> f64 {
+    let id = NodeId::parse(id).unwrap();
+    s.app
+        .router
+        .cluster()
+        .snapshot()
+        .get(&id)
+        .map_or(-1.0, |e| e.live.others_reserved_units())
+}
+
+/// Two routers on `prefix`, both seeing n1 (empty) and n2 (1% busy) through Redis.
+async fn pair(url: &str, prefix: &str, share: bool) -> (Served, Served) {
+    let a = serve_service(config_sharing(url, prefix, share)).await;
+    let b = serve_service(config_sharing(url, prefix, share)).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &a.base(), "n2", 1_000.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
+        })
+        .await,
+        "router B heard of both nodes"
+    );
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
+    let Some((url, _private)) = redis_for("shared_reservations") else {
+        return;
+    };
+    let c = client();
+
+    // Without sharing (the default), each router counts only its own: two big new rooms
+    // placed through two routers land on the same, emptiest node.
+    let p = prefix("unshared");
+    let (a, b) = pair(&url, &p, false).await;
+    assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(others_reserved(&b, "n1"), 0.0);
+    assert_eq!(place(&c, &b.base(), "big-b?size=5000").await.unwrap(), "n1");
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &p).await;
+
+    // With sharing, router B counts router A's 5 000 units on n1 within milliseconds and
+    // sends the next big room to n2.
+    let p = prefix("shared");
+    let (a, b) = pair(&url, &p, true).await;
+    assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            others_reserved(&b, "n1") == 5_000.0
+        })
+        .await,
+        "router B sees A's reservation: {}",
+        others_reserved(&b, "n1")
+    );
+    assert_eq!(
+        others_reserved(&a, "n1"),
+        0.0,
+        "a router does not count its own twice"
+    );
+    let shown: serde_json::Value = c
+        .get(format!("{}/v1/nodes/n1", b.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["reserved_by_others"], 5_000.0, "{shown}");
+    assert_eq!(shown["reserved"], 0.0, "{shown}");
+    assert_eq!(place(&c, &b.base(), "big-b?size=5000").await.unwrap(), "n2");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            others_reserved(&a, "n2") == 5_000.0
+        })
+        .await
+    );
+
+    // The participants arrive (n1 reports them to A): A's reservation is used up, and B
+    // stops counting it.
+    heartbeat(&c, &a.base(), "n1", 5_000.0, &[("big-a", 5_000)]).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            others_reserved(&b, "n1") == 0.0
+        })
+        .await,
+        "released on B: {}",
+        others_reserved(&b, "n1")
+    );
+
+    // A router that stops is forgotten after a full re-sync interval (1 s here) without
+    // repeating its reservations.
+    assert_eq!(place(&c, &a.base(), "later?size=3000").await.unwrap(), "n1");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            others_reserved(&b, "n1") == 3_000.0
+        })
+        .await
+    );
+    a.stop().await;
+    assert!(
+        eventually(Duration::from_secs(6), || async {
+            others_reserved(&b, "n1") == 0.0
+        })
+        .await,
+        "router B forgot the stopped router: {}",
+        others_reserved(&b, "n1")
+    );
+    // Its own reservation (on n2) is still there, repeated: it is not forgotten.
+    assert_eq!(b.app.router.nodes().len(), 2);
+    let n2 = NodeId::parse("n2").unwrap();
+    let snap = b.app.router.cluster().snapshot();
+    assert_eq!(snap.get(&n2).unwrap().live.reserved_units(), 5_000.0);
+    b.stop().await;
+    cleanup(&url, &p).await;
+}

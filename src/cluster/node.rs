@@ -127,13 +127,16 @@ pub struct Live {
     last_heartbeat: AtomicU64,
     /// Load units (x1000) sent since the last heartbeat.
     pending_milli: AtomicU64,
-    /// Load units (x1000) reserved by new rooms' expected sizes.
+    /// Reserved load units (x1000) that count in û: `reserved_milli + others_reserved_milli`,
+    /// kept as one counter so that the new-room pass reads one value per node.
+    counted_reserved_milli: AtomicI64,
+    admin_state: AtomicU8,
+    self_state: AtomicU8,
+    /// Load units (x1000) this router reserved for new rooms' expected sizes.
     reserved_milli: AtomicI64,
     /// Load units (x1000) the other routers reserved here, as they last said
     /// (`placement.share_reservations`); 0 without sharing.
     others_reserved_milli: AtomicI64,
-    admin_state: AtomicU8,
-    self_state: AtomicU8,
     /// Reported load units and cpu, f64 bits, for display.
     reported_load: AtomicU64,
     reported_cpu: AtomicU64,
@@ -184,7 +187,9 @@ impl Live {
         self.others_reserved_milli.load(Ordering::Relaxed).max(0) as f64 / MILLI
     }
     pub(crate) fn set_others_reserved_milli(&self, milli: i64) {
-        self.others_reserved_milli.store(milli, Ordering::Relaxed);
+        let before = self.others_reserved_milli.swap(milli, Ordering::Relaxed);
+        self.counted_reserved_milli
+            .fetch_add(milli - before, Ordering::Relaxed);
     }
 
     /// This router's reservation here (x1000) if it changed since the last call that took
@@ -238,14 +243,15 @@ impl Live {
     pub fn add_reserved(&self, units: i64) {
         self.reserved_milli
             .fetch_add(units * 1000, Ordering::Relaxed);
+        self.counted_reserved_milli
+            .fetch_add(units * 1000, Ordering::Relaxed);
     }
 
     /// û for a node of this capacity.
     #[inline]
     pub fn utilization(&self, capacity: f64) -> f64 {
         let extra = self.pending_milli.load(Ordering::Relaxed) as f64
-            + self.reserved_milli.load(Ordering::Relaxed).max(0) as f64
-            + self.others_reserved_milli.load(Ordering::Relaxed).max(0) as f64;
+            + self.counted_reserved_milli.load(Ordering::Relaxed).max(0) as f64;
         self.reported_util() + extra / MILLI / capacity
     }
 }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use roomrouter::config::{Config, StoreKind};
 use roomrouter::http::App;
-use roomrouter::router::{Clock, Router};
 use roomrouter::store::{self, AnyStore};
 use tokio::sync::oneshot;
 
@@ -270,33 +269,19 @@ impl Drop for Served {
     }
 }
 
-/// Opens the store `cfg` names, builds the router and serves it on 127.0.0.1:0.
-pub async fn serve(mut cfg: Config) -> Served {
-    cfg.server.shutdown_grace = Duration::from_millis(200);
-    let store = store::open(&cfg).await.expect("open store");
-    let router = Router::new(&cfg, store, Clock::System);
-    let app = Arc::new(App::new(cfg, router));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let a = app.clone();
-    let task = tokio::spawn(async move {
-        let _ = roomrouter::http::server::serve(a, listener, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Served {
-        addr,
-        app,
-        stop: Some(tx),
-        task: Some(task),
-    }
+/// Opens the store `cfg` names, builds the router and serves it on 127.0.0.1:0 (the HTTP
+/// server alone: no sweeper, so tests decide when rooms are swept).
+pub async fn serve(cfg: Config) -> Served {
+    start(cfg, false).await
 }
 
 /// Like [`serve`], but through `service::run`, as `roomrouter serve` runs: with the sweeper
 /// and, when the config asks for it, the reservation sharer.
-pub async fn serve_service(mut cfg: Config) -> Served {
+pub async fn serve_service(cfg: Config) -> Served {
+    start(cfg, true).await
+}
+
+async fn start(mut cfg: Config, as_service: bool) -> Served {
     cfg.server.shutdown_grace = Duration::from_millis(200);
     let store = store::open(&cfg).await.expect("open store");
     let app = roomrouter::service::build(cfg, store);
@@ -305,10 +290,14 @@ pub async fn serve_service(mut cfg: Config) -> Served {
     let (tx, rx) = oneshot::channel::<()>();
     let a = app.clone();
     let task = tokio::spawn(async move {
-        let _ = roomrouter::service::run(a, listener, async {
+        let stopped = async {
             let _ = rx.await;
-        })
-        .await;
+        };
+        let _ = if as_service {
+            roomrouter::service::run(a, listener, stopped).await
+        } else {
+            roomrouter::http::server::serve(a, listener, stopped).await
+        };
     });
     Served {
         addr,

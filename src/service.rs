@@ -52,7 +52,7 @@ pub const SHARE_RESERVATIONS_EVERY: Duration = Duration::from_millis(5);
 /// started later have it, and none forgets it (they forget a router not heard from over a
 /// full `store.resync_interval`).
 pub fn share_reservations_again(cfg: &Config) -> Duration {
-    (cfg.store.resync_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    (cfg.store.resync_interval / 2).clamp(SHARE_RESERVATIONS_EVERY, Duration::from_secs(1))
 }
 
 /// With `placement.share_reservations`: tells the other routers this router's reservations

@@ -92,6 +92,16 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
         .unwrap();
     assert_eq!(shown["reserved_by_others"], 5_000.0, "{shown}");
     assert_eq!(shown["reserved"], 0.0, "{shown}");
+    let page = c
+        .get(format!("{}/dashboard", b.base()))
+        .basic_auth("admin", Some(ADMIN))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("0.0 + 5000.0 by other routers"), "{page}");
     assert_eq!(place(&c, &b.base(), "big-b?size=5000").await.unwrap(), "n2");
     assert!(
         eventually(Duration::from_secs(2), || async {

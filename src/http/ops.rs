@@ -59,7 +59,7 @@ pub async fn dashboard<S: PinStore>(
     let mut rows = String::new();
     for n in &nodes {
         rows.push_str(&format!(
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}</td><td>{:.0}%</td><td>{:.1}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}</td><td>{:.0}%</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             if n.healthy { "ok" } else { "bad" },
             esc(n.id.as_str()),
             esc(&n.info.url),
@@ -69,7 +69,11 @@ pub async fn dashboard<S: PinStore>(
             n.load,
             n.utilization * 100.0,
             n.pending,
-            n.reserved,
+            if n.reserved_by_others > 0.0 {
+                format!("{:.1} + {:.1} by other routers", n.reserved, n.reserved_by_others)
+            } else {
+                format!("{:.1}", n.reserved)
+            },
             n.rooms,
             esc(n.info.region.as_deref().unwrap_or("")),
             n.last_heartbeat_ms_ago.map(|ms| format!("{:.1} s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "never".into()),

@@ -256,6 +256,17 @@ async fn the_one_command_demo_serves_joins() {
         .starts_with("media-"));
 }
 
+/// The standard output of a run that must have succeeded (else both outputs, in the panic).
+fn stdout_of_success(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// Runs `roomrouter SUBCOMMAND ARGS...` for each case and checks that it fails with a message
 /// containing the expected text, never a panic.
 fn refuses(subcommand: &str, cases: &[(&[&str], &str)]) {
@@ -333,12 +344,7 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
         .args(["--url", &url, "--quiet", "--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table = stdout_of_success(&out);
     assert!(
         table.contains("from plan (constant)") && table.contains("307: 500"),
         "{table}"
@@ -386,12 +392,7 @@ fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking(
         .args(["--seeds", "2", "--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table = stdout_of_success(&out);
     assert!(
         table.contains("seeds 5-6 (utilization figures: means"),
         "{table}"

@@ -151,10 +151,7 @@ async fn two_routers_never_split_a_room_under_concurrent_joins() {
         heartbeat(&c, &a.base(), n, 0.0, &[]).await;
     }
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 3
-        })
-        .await,
+        eventually(Duration::from_secs(3), || async { b.healthy_nodes() == 3 }).await,
         "router B sees every node's heartbeat within a heartbeat interval"
     );
     // Keep the nodes healthy however long the joins take (bounded: at most 60 s).
@@ -245,12 +242,7 @@ async fn admin_actions_and_room_deletion_hold_on_every_router() {
     let c = client();
     heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
     heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            a.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 2 }).await);
     // Disable n1 on router A: router B places nothing on it.
     let r = c
         .post(format!("{}/v1/nodes/n1/disable", a.base()))
@@ -517,12 +509,7 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
             }
         })
     };
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(3), || async { b.healthy_nodes() == 2 }).await);
     redis.stop();
     // Three heartbeat timeouts without a word from the nodes on router B.
     let start = std::time::Instant::now();
@@ -531,7 +518,7 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
         let n = place(&c, &b.base(), &format!("during-{i}")).await;
         assert!(n.is_ok(), "router B still places new rooms: {n:?}");
         assert_eq!(
-            b.app.router.nodes().iter().filter(|n| n.healthy).count(),
+            b.healthy_nodes(),
             2,
             "no node declared dead on B because Redis is down"
         );

@@ -35,10 +35,7 @@ async fn pair(url: &str, prefix: &str, share: bool) -> (Served, Served) {
     heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
     heartbeat(&c, &a.base(), "n2", 1_000.0, &[]).await;
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            b.app.router.nodes().iter().filter(|n| n.healthy).count() == 2
-        })
-        .await,
+        eventually(Duration::from_secs(3), || async { b.healthy_nodes() == 2 }).await,
         "router B heard of both nodes"
     );
     (a, b)

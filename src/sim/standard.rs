@@ -361,18 +361,6 @@ mod tests {
         }
     }
 
-    fn runs(o: &Options) -> Vec<(StandardWorkload, HintMode, WorkloadResult)> {
-        let (cfg, wp) = (o.config(), o.workload_params());
-        let mut out = Vec::new();
-        for &kind in &o.workloads {
-            for &h in &o.hints {
-                let w = generate(kind, h, &wp);
-                out.push((kind, h, run_workload(&w, &o.policies, &cfg)));
-            }
-        }
-        out
-    }
-
     fn school_lines(targets: &[TargetCheck], kind: StandardWorkload) -> Vec<&TargetCheck> {
         let prefix = format!("{}: default offered peak", kind.name());
         targets
@@ -394,7 +382,7 @@ mod tests {
     #[test]
     fn the_school_day_target_is_met_exactly_when_the_default_is_25_percent_below() {
         let o = quick_school_days();
-        let mut r = runs(&o);
+        let mut r = run_seed(&o);
         let base = r[0].2.get(Policy::LeastLoaded).unwrap().offered_peak;
         for (i, factor) in [(0, 0.74), (1, 0.76), (2, 0.75)] {
             let def = r[i]

@@ -251,6 +251,11 @@ impl Served {
         format!("http://{}", self.addr)
     }
 
+    /// How many nodes this router counts as healthy.
+    pub fn healthy_nodes(&self) -> usize {
+        self.app.router.nodes().iter().filter(|n| n.healthy).count()
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -107,9 +107,7 @@ impl ChunkedEnd {
                     _ => self.grow_line()?,
                 },
                 State::SizeLf => {
-                    if b != b'\n' {
-                        return Err(ChunkedError("CR without LF in chunk size line"));
-                    }
+                    expect(b, b'\n', "CR without LF in chunk size line")?;
                     self.line = 0;
                     self.digits = 0;
                     if self.size == 0 {
@@ -129,15 +127,11 @@ impl ChunkedEnd {
                     continue;
                 }
                 State::DataCr => {
-                    if b != b'\r' {
-                        return Err(ChunkedError("chunk data longer than its size"));
-                    }
+                    expect(b, b'\r', "chunk data longer than its size")?;
                     self.state = State::DataLf;
                 }
                 State::DataLf => {
-                    if b != b'\n' {
-                        return Err(ChunkedError("CR without LF after chunk data"));
-                    }
+                    expect(b, b'\n', "CR without LF after chunk data")?;
                     self.state = State::Size;
                 }
                 State::TrailerStart => match b {
@@ -154,15 +148,11 @@ impl ChunkedEnd {
                     _ => self.grow_trailers()?,
                 },
                 State::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(ChunkedError("CR without LF in trailers"));
-                    }
+                    expect(b, b'\n', "CR without LF in trailers")?;
                     self.state = State::TrailerStart;
                 }
                 State::EndLf => {
-                    if b != b'\n' {
-                        return Err(ChunkedError("CR without LF at the end of the body"));
-                    }
+                    expect(b, b'\n', "CR without LF at the end of the body")?;
                     self.state = State::Done;
                     return Ok(Some(i + 1));
                 }
@@ -186,6 +176,15 @@ impl ChunkedEnd {
             return Err(ChunkedError("trailers too large"));
         }
         Ok(())
+    }
+}
+
+/// `b` must be `want` (a CR or LF the framing requires), else `why`.
+fn expect(b: u8, want: u8, why: &'static str) -> Result<(), ChunkedError> {
+    if b == want {
+        Ok(())
+    } else {
+        Err(ChunkedError(why))
     }
 }
 

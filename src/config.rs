@@ -549,7 +549,10 @@ pub struct ProxyConfig {
     pub max_request_body_bytes: u64,
     /// Consecutive failures after which a node is marked unhealthy until its next heartbeat.
     pub failures_to_unhealthy: u32,
-    /// Idle upstream connections kept per node.
+    /// Idle upstream connections kept per node. A connection over this many is closed when
+    /// its exchange ends, and the next burst opens a new one: keep it above the proxied
+    /// requests a node has in flight at once (HAProxy keeps every idle server connection by
+    /// default, hyper's client too).
     pub pool_max_idle_per_host: usize,
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
@@ -565,7 +568,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(300),
             max_request_body_bytes: 64 * 1024 * 1024,
             failures_to_unhealthy: 3,
-            pool_max_idle_per_host: 32,
+            pool_max_idle_per_host: 256,
             pool_idle_timeout: Duration::from_secs(60),
             ca_file: None,
         }

@@ -1,6 +1,7 @@
 //! A tiny upstream meeting node for proxy tests: echoes WebSocket messages prefixed with its
 //! name, streams POST bodies straight back, answers GETs with the headers it saw, and can be
-//! told to hang (`/rooms/slow`) or to close the connection after answering (`?close=1`).
+//! told to hang (`/rooms/slow`), to hold its answer a while (`?hold=MS`, at most 2 s) or to
+//! close the connection after answering (`?close=1`).
 //! Counts the connections it accepts. Registered with the router by hand-sent heartbeats.
 #![allow(dead_code)]
 
@@ -133,6 +134,14 @@ async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
     }
     if req.uri().path() == "/rooms/slow" {
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let hold = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("hold="))
+            .and_then(|ms| ms.parse::<u64>().ok())
+    });
+    if let Some(ms) = hold {
+        tokio::time::sleep(Duration::from_millis(ms.min(2_000))).await;
     }
     if req.method() == http::Method::POST {
         // Streams the body straight back, frame by frame.

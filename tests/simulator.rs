@@ -58,6 +58,7 @@ fn burst_after_scale_out() -> Workload {
         scale_out_at: Some(5 * MINUTE),
         fail_at: None,
         end: 15 * MINUTE,
+        learned: vec![],
     }
 }
 
@@ -211,4 +212,54 @@ fn no_policy_peaks_below_the_cluster_mean_at_the_busiest_moment() {
             }
         }
     }
+}
+
+/// One class of 60 and six of 10 starting within a second on two empty nodes of 100, with
+/// reports too stale to show any of it: only what the router expects of each room keeps the
+/// big class from sharing its node with half of the small ones.
+fn first_lesson_of_the_day(learned: Vec<(String, u32)>) -> Workload {
+    let class = |room: String, size: u64, start: u64| Session {
+        room,
+        hint: None,
+        stays: (0..size)
+            .map(|k| Stay {
+                join: start + k * 100,
+                leave: 20 * MINUTE,
+            })
+            .collect(),
+    };
+    let mut sessions = vec![class("big".into(), 60, SECOND)];
+    sessions.extend((0..6).map(|i| class(format!("small-{i}"), 10, 1_100 + i * 100)));
+    Workload {
+        name: "first_lesson_of_the_day".into(),
+        sessions,
+        bursts: vec![(SECOND, 2 * SECOND)],
+        measure_until: 10 * MINUTE,
+        scale_out_at: None,
+        fail_at: None,
+        end: 10 * MINUTE,
+        learned,
+    }
+}
+
+#[test]
+fn sizes_learned_before_the_run_place_its_first_burst() {
+    let cfg = SimConfig::new(2, 100.0, 1, 30_000, 1);
+    let cold = simulate(&first_lesson_of_the_day(vec![]), Policy::DEFAULT, &cfg);
+    // Learned from last week's lessons: the newest peak counts as much as the others.
+    let mut learned = vec![("big".to_string(), 55), ("big".to_string(), 60)];
+    learned.extend((0..6).map(|i| (format!("small-{i}"), 10)));
+    let warm = simulate(&first_lesson_of_the_day(learned), Policy::DEFAULT, &cfg);
+    assert!(
+        cold.peak_utilization >= 0.8,
+        "without history every room is expected at the default 10: {}",
+        cold.peak_utilization
+    );
+    assert!(
+        warm.peak_utilization <= 0.65,
+        "the big class gets a node to itself: {} (cold {})",
+        warm.peak_utilization,
+        cold.peak_utilization
+    );
+    assert_eq!(warm.refusals + cold.refusals, 0);
 }

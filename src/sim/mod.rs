@@ -262,6 +262,24 @@ pub fn simulate(w: &Workload, policy: Policy, cfg: &SimConfig) -> PolicyResult {
     Sim::new(w, policy, cfg).run()
 }
 
+/// A room's session ended with `peak` participants at its busiest: the newest of the three
+/// peaks remembered, as `RoomHistory::end_session` does.
+fn remember(peaks: &mut [u32; 3], peak: u32) {
+    *peaks = [peak, peaks[0], peaks[1]];
+}
+
+/// The history the routers start with: the workload's earlier sessions, oldest first.
+fn learned_before(w: &Workload) -> HashMap<u64, [u32; 3]> {
+    let mut history: HashMap<u64, [u32; 3]> = HashMap::new();
+    for (room, peak) in &w.learned {
+        remember(
+            history.entry(room_hash(room.as_bytes())).or_default(),
+            *peak,
+        );
+    }
+    history
+}
+
 struct Sim<'a> {
     w: &'a Workload,
     policy: Policy,
@@ -368,7 +386,7 @@ impl<'a> Sim<'a> {
                 .iter()
                 .map(|s| vec![Presence::Waiting; s.stays.len()])
                 .collect(),
-            history: HashMap::new(),
+            history: learned_before(w),
             heap: BinaryHeap::new(),
             seq: 0,
             view: Vec::with_capacity(n),
@@ -689,8 +707,7 @@ impl<'a> Sim<'a> {
                 if room.present == 0 {
                     // The node reports the room empty: the pin is released and its peak learned.
                     room.pin = None;
-                    let peaks = self.history.entry(room.hash).or_default();
-                    *peaks = [room.peak, peaks[0], peaks[1]];
+                    remember(self.history.entry(room.hash).or_default(), room.peak);
                     room.peak = 0;
                 }
             }
@@ -967,6 +984,7 @@ mod tests {
             scale_out_at,
             fail_at: None,
             end: 180_000,
+            learned: vec![],
         }
     }
 

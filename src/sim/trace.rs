@@ -121,6 +121,7 @@ pub fn read_trace(input: impl BufRead, name: &str) -> anyhow::Result<Workload> {
         scale_out_at: None,
         fail_at: None,
         end: end + SECOND,
+        learned: vec![],
     })
 }
 

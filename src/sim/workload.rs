@@ -61,6 +61,13 @@ pub struct Workload {
     pub fail_at: Option<Millis>,
     /// The simulation stops here.
     pub end: Millis,
+    /// Room sizes the routers learned before the run, as `RoomHistory` learns them from node
+    /// reports: `(room, peak participants of one earlier session)`, oldest first. A school's
+    /// classes meet every week and the router keeps history for 8 days
+    /// (`placement.history_ttl`), so on any day but its very first it knows the first
+    /// lesson's classes too. Empty for rooms that do not recur and for traces.
+    #[serde(default)]
+    pub learned: Vec<(String, u32)>,
 }
 
 impl Workload {
@@ -307,6 +314,23 @@ fn stays(
         .collect()
 }
 
+/// The most participants present at once among `stays` (what a node reports at a room's
+/// busiest moment, and so what the router's history learns).
+pub fn peak_present(stays: &[Stay]) -> u32 {
+    let mut edges: Vec<(Millis, i32)> = stays
+        .iter()
+        .flat_map(|s| [(s.join, 1), (s.leave, -1)])
+        .collect();
+    // A leave and a join at the same instant: the leave first.
+    edges.sort_unstable();
+    let (mut present, mut peak) = (0i32, 0i32);
+    for (_, d) in edges {
+        present += d;
+        peak = peak.max(present);
+    }
+    peak as u32
+}
+
 /// Steady state: Poisson room arrivals with exponential durations, sized to the target
 /// utilization; scale-out at the end of the measured part, node failure 10 min later.
 fn steady(kind: StandardWorkload, p: &WorkloadParams, sizes: &SizeDist) -> Workload {
@@ -330,6 +354,7 @@ fn steady(kind: StandardWorkload, p: &WorkloadParams, sizes: &SizeDist) -> Workl
         scale_out_at: Some(scale_out_at),
         fail_at: Some(fail_at),
         end,
+        learned: vec![],
     }
 }
 
@@ -368,7 +393,8 @@ fn poisson_rooms(
 
 /// The school day: background small rooms, and every hour a lesson: hundreds of recurring
 /// class rooms (`rooms_per_node` per node) starting within a minute and filling up over a few
-/// minutes, for 50 minutes.
+/// minutes, for 50 minutes. It is not the school's first day: the routers learned every
+/// class's size from three earlier lessons (`Workload::learned`).
 fn school_day(p: &WorkloadParams, rooms_per_node: f64) -> Workload {
     let mut rng = StdRng::seed_from_u64(p.seed ^ 0x5c4001);
     let first = 30 * MINUTE;
@@ -393,19 +419,21 @@ fn school_day(p: &WorkloadParams, rooms_per_node: f64) -> Workload {
         bursts.push((t0, t0 + MINUTE));
         for (c, &n) in nominal.iter().enumerate() {
             let start = t0 + rng.random_range(0..MINUTE);
-            let present = ((n as f64 * rng.random_range(0.75..=1.0)).round() as u32).max(2);
             sessions.push(Session {
                 room: format!("class-{c}"),
                 hint: None,
-                stays: stays(
-                    &mut rng,
-                    start,
-                    start + 50 * MINUTE,
-                    present,
-                    60_000.0,
-                    5 * MINUTE,
-                ),
+                stays: lesson(&mut rng, n, start),
             });
+        }
+    }
+    // The same classes on earlier days (their own attendance, from their own random stream,
+    // so the day itself is the same with or without them): what the router learned.
+    let mut earlier = StdRng::seed_from_u64(p.seed ^ 0xea21_1e7d);
+    let mut learned = Vec::with_capacity(EARLIER_LESSONS * nominal.len());
+    for _ in 0..EARLIER_LESSONS {
+        for (c, &n) in nominal.iter().enumerate() {
+            let peak = peak_present(&lesson(&mut earlier, n, 0));
+            learned.push((format!("class-{c}"), peak));
         }
     }
     Workload {
@@ -416,7 +444,25 @@ fn school_day(p: &WorkloadParams, rooms_per_node: f64) -> Workload {
         scale_out_at: Some(scale_out_at),
         fail_at: Some(fail_at),
         end,
+        learned,
     }
+}
+
+/// Earlier lessons of each class the routers remember (`RoomHistory` keeps three peaks).
+const EARLIER_LESSONS: usize = 3;
+
+/// One lesson of a class of `n` pupils from `start`: 75-100% of them come, over the first
+/// few minutes, for 50 minutes.
+fn lesson(rng: &mut StdRng, n: u32, start: Millis) -> Vec<Stay> {
+    let present = ((n as f64 * rng.random_range(0.75..=1.0)).round() as u32).max(2);
+    stays(
+        rng,
+        start,
+        start + 50 * MINUTE,
+        present,
+        60_000.0,
+        5 * MINUTE,
+    )
 }
 
 #[cfg(test)]
@@ -479,6 +525,50 @@ mod tests {
     }
 
     #[test]
+    fn the_school_days_classes_were_learned_on_earlier_days_and_nothing_else_was() {
+        let p = small();
+        let w = generate(StandardWorkload::SchoolDay, HintMode::Absent, &p);
+        assert_eq!(w.learned.len(), EARLIER_LESSONS * 50);
+        for c in 0..50 {
+            let room = format!("class-{c}");
+            let peaks: Vec<u32> = w
+                .learned
+                .iter()
+                .filter(|(r, _)| *r == room)
+                .map(|&(_, p)| p)
+                .collect();
+            assert_eq!(peaks.len(), EARLIER_LESSONS, "{room}");
+            // Classes have 4-25 pupils, 75-100% of whom come; a few leave early.
+            assert!(
+                peaks.iter().all(|p| (1..=25).contains(p)),
+                "{room}: {peaks:?}"
+            );
+            // Earlier lessons are not today's: the class's size is learned, not copied.
+            let today = w.sessions.iter().find(|s| s.room == room).unwrap();
+            assert!(peaks.iter().all(|&p| p as usize <= today.stays.len() * 2));
+        }
+        assert!(w.learned.iter().all(|(r, _)| r.starts_with("class-")));
+        let exact = generate(StandardWorkload::SchoolDay, HintMode::Exact, &p);
+        assert_eq!(exact.learned, w.learned, "hint modes learned the same");
+        let steady = generate(StandardWorkload::SmallRooms, HintMode::Absent, &p);
+        assert!(steady.learned.is_empty(), "one-off rooms teach nothing");
+    }
+
+    #[test]
+    fn peak_present_counts_the_most_participants_at_once() {
+        let stay = |join: Millis, leave: Millis| Stay { join, leave };
+        assert_eq!(peak_present(&[]), 0);
+        // Three overlap between 3 and 4 s; one leaves at 5 s exactly as another joins.
+        let stays = [
+            stay(0, 10 * SECOND),
+            stay(2 * SECOND, 5 * SECOND),
+            stay(3 * SECOND, 4 * SECOND),
+            stay(5 * SECOND, 6 * SECOND),
+        ];
+        assert_eq!(peak_present(&stays), 3);
+    }
+
+    #[test]
     fn peak_demand_is_the_most_participants_present_at_a_sample_before_the_measured_end() {
         let stay = |join: Millis, leave: Millis| Stay { join, leave };
         let w = Workload {
@@ -504,6 +594,7 @@ mod tests {
             scale_out_at: None,
             fail_at: None,
             end: 40 * SECOND,
+            learned: vec![],
         };
         assert_eq!(w.peak_demand(SECOND), (3, 3 * SECOND));
         assert_eq!(w.peak_demand(100), (4, 3_200));

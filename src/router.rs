@@ -578,7 +578,7 @@ impl<S: PinStore> Router<S> {
         entry: &NodeEntry,
         why: &'static str,
     ) -> Result<bool, StoreError> {
-        self.history.end_session(room);
+        self.end_session(room);
         let since = self.clock.now().saturating_sub(self.ticket_ttl_ms);
         if self.recent.joined_since(room.stable_hash(), since) {
             // Someone may still be on the way with a ticket for this node: keep the pin so
@@ -627,14 +627,39 @@ impl<S: PinStore> Router<S> {
         let released = self.store.sweep_idle(idle_before).await?;
         let snap = self.cluster.snapshot_arc();
         for (room, _) in &released {
-            self.history.end_session(room);
+            self.end_session(room);
             self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
             self.metrics.released("idle");
         }
         self.book.sweep(now, |id| snap.get(id).map(|e| &*e.live));
-        self.history
-            .sweep(now.saturating_sub(self.placement.history_ttl.as_millis() as u64));
+        let forget_before = now.saturating_sub(self.placement.history_ttl.as_millis() as u64);
+        self.history.sweep(forget_before);
+        self.store.forget_learned(forget_before);
         Ok(released.len())
+    }
+
+    /// A room's session ended: its peak joins its history, which the store keeps.
+    fn end_session(&self, room: &RoomKey) {
+        if let Some(learned) = self.history.end_session(room) {
+            self.store.save_learned(room, learned);
+        }
+    }
+
+    /// Takes the room sizes the store kept from earlier runs (a shared store; the memory
+    /// store has none), leaving out those older than `history_ttl`. Returns how many.
+    pub async fn restore_history(&self) -> Result<usize, StoreError> {
+        let before = self
+            .clock
+            .now()
+            .saturating_sub(self.placement.history_ttl.as_millis() as u64);
+        let mut n = 0;
+        for (room, learned) in self.store.load_learned().await? {
+            if learned.last_seen >= before {
+                self.history.restore(room, learned);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Admin or node: the node leaves now. Its rooms are re-placed on their next join.

@@ -87,6 +87,13 @@ pub async fn run<S: PinStore>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    // Room sizes learned by earlier runs (Redis): before the first placement, so that a
+    // restart does not cost a week of weekly classes placed at the default size.
+    match app.router.restore_history().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rooms = n, "learned room sizes restored"),
+        Err(e) => tracing::warn!(error = %e, "learned room sizes not restored; learning anew"),
+    }
     let sweeper = spawn_sweeper(&app);
     let sharer = spawn_reservation_sharer(&app);
     // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.

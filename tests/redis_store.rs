@@ -342,6 +342,92 @@ async fn when_router_a_stops_router_b_keeps_every_placement() {
     cleanup(&url, &p).await;
 }
 
+/// What router `s` has reserved on node `id`, in load units (`GET /v1/nodes/{id}`).
+async fn reserved_on(c: &reqwest::Client, s: &Served, id: &str) -> f64 {
+    let v: serde_json::Value = c
+        .get(format!("{}/v1/nodes/{id}", s.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["reserved"].as_f64().unwrap_or(-1.0)
+}
+
+/// The raw learned sizes of `room` in Redis, if any.
+async fn learned_in_redis(url: &str, prefix: &str, room: &str) -> Option<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("HGET")
+        .arg(format!("{{{prefix}}}:learned"))
+        .arg(room)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl() {
+    let Some((url, _private)) = redis_for("learned_sizes") else {
+        return;
+    };
+    let p = prefix("learned");
+    let c = client();
+    let a = serve_service(config(&url, &p)).await;
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    // A weekly class: placed, 40 pupils reported, then the lesson ends.
+    assert_eq!(place(&c, &a.base(), "class-7b").await.unwrap(), "n1");
+    heartbeat(&c, &a.base(), "n1", 40.0, &[("class-7b", 40)]).await;
+    heartbeat(&c, &a.base(), "n1", 0.0, &[("class-7b", 0)]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            learned_in_redis(&url, &p, "class-7b")
+                .await
+                .is_some_and(|v| v.starts_with("40,0,0,"))
+        })
+        .await,
+        "saved: {:?}",
+        learned_in_redis(&url, &p, "class-7b").await
+    );
+    a.stop().await;
+
+    // The router restarts (a new one on the same Redis): next week's lesson reserves the
+    // 40 it learned, a room it never saw the 10-unit default.
+    let b = serve_service(config(&url, &p)).await;
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert_eq!(place(&c, &b.base(), "class-7b").await.unwrap(), "n1");
+    assert_eq!(reserved_on(&c, &b, "n1").await, 40.0);
+    assert_eq!(place(&c, &b.base(), "one-off").await.unwrap(), "n1");
+    assert_eq!(reserved_on(&c, &b, "n1").await, 50.0);
+    b.stop().await;
+
+    // Kept no longer than history_ttl: a router's sweep forgets it in Redis too, and a
+    // router started after that learns nothing from it.
+    let mut short = config(&url, &p);
+    short.placement.history_ttl = Duration::from_millis(300);
+    short.placement.room_idle_ttl = Duration::from_secs(1);
+    short.validate().expect("valid");
+    let d = serve_service(short).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            learned_in_redis(&url, &p, "class-7b").await.is_none()
+        })
+        .await,
+        "forgotten: {:?}",
+        learned_in_redis(&url, &p, "class-7b").await
+    );
+    d.stop().await;
+    let e = serve_service(config(&url, &p)).await;
+    // Last week's lesson ended (its pin is released); this week's is a new room again.
+    heartbeat(&c, &e.base(), "n1", 0.0, &[("class-7b", 0), ("one-off", 0)]).await;
+    assert_eq!(place(&c, &e.base(), "class-7b").await.unwrap(), "n1");
+    assert_eq!(reserved_on(&c, &e, "n1").await, 10.0);
+    e.stop().await;
+    cleanup(&url, &p).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
     let Some(mut redis) = PrivateRedis::start() else {

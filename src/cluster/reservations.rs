@@ -4,6 +4,8 @@
 //! [`Live::add_reserved`]) until that many participants have arrived or the reservation
 //! expires. Room sizes are learned from node reports: the peak of each session is remembered
 //! so that the next session of a weekly class or standing meeting reserves what it needs.
+//! What ended sessions taught ([`Learned`]) is handed to the store, which keeps it across
+//! restarts when it is shared (Redis).
 
 use dashmap::DashMap;
 
@@ -161,6 +163,14 @@ struct Sizes {
     last_seen: Millis,
 }
 
+/// What a room's ended sessions taught: the peaks of its last three, newest first, and when
+/// it was last reported. The part of the history a shared store keeps across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Learned {
+    pub peaks: [u32; 3],
+    pub last_seen: Millis,
+}
+
 /// Learned room sizes: the peak participants of a room's recent sessions.
 #[derive(Debug, Default)]
 pub struct RoomHistory {
@@ -190,13 +200,43 @@ impl RoomHistory {
         }
     }
 
-    /// The room's session ended: its peak joins the remembered ones.
-    pub fn end_session(&self, room: &RoomKey) {
-        if let Some(mut s) = self.rooms.get_mut(room) {
-            if s.current > 0 {
-                s.past = [s.current, s.past[0], s.past[1]];
-                s.current = 0;
+    /// The room's session ended: its peak joins the remembered ones. Returns what the room
+    /// has taught so far when this changed it (to be kept by a shared store).
+    pub fn end_session(&self, room: &RoomKey) -> Option<Learned> {
+        let mut s = self.rooms.get_mut(room)?;
+        if s.current == 0 {
+            return None;
+        }
+        s.past = [s.current, s.past[0], s.past[1]];
+        s.current = 0;
+        Some(Learned {
+            peaks: s.past,
+            last_seen: s.last_seen,
+        })
+    }
+
+    /// Takes what an earlier run (this router's or another's) learned about a room, unless
+    /// this router has seen the room since.
+    pub fn restore(&self, room: RoomKey, learned: Learned) {
+        if learned.peaks.iter().all(|&p| p == 0) {
+            return;
+        }
+        if let Some(mut s) = self.rooms.get_mut(&room) {
+            if s.last_seen < learned.last_seen && s.current == 0 {
+                s.past = learned.peaks;
+                s.last_seen = learned.last_seen;
             }
+            return;
+        }
+        if self.rooms.len() < MAX_HISTORY {
+            self.rooms.insert(
+                room,
+                Sizes {
+                    current: 0,
+                    past: learned.peaks,
+                    last_seen: learned.last_seen,
+                },
+            );
         }
     }
 
@@ -277,11 +317,42 @@ mod tests {
         h.observe(&r, 12, 1);
         h.observe(&r, 25, 2);
         h.observe(&r, 3, 3);
-        h.end_session(&r);
+        assert_eq!(
+            h.end_session(&r),
+            Some(Learned {
+                peaks: [25, 0, 0],
+                last_seen: 3
+            }),
+            "what the store keeps"
+        );
+        assert_eq!(h.end_session(&r), None, "nothing new to keep");
         assert_eq!(h.expected(&r), Some(25));
         h.observe(&r, 4, 4);
         assert_eq!(h.expected(&r), Some(25));
         assert_eq!(h.sweep(5), 1);
         assert_eq!(h.expected(&r), None);
+    }
+
+    #[test]
+    fn restored_history_counts_unless_the_room_was_seen_since() {
+        let h = RoomHistory::default();
+        let learned = |peaks, last_seen| Learned { peaks, last_seen };
+        h.restore(room("a"), learned([30, 20, 0], 100));
+        assert_eq!(h.expected(&room("a")), Some(30));
+        h.restore(room("zeros"), learned([0, 0, 0], 100));
+        assert_eq!(h.expected(&room("zeros")), None);
+        assert_eq!(h.len(), 1);
+        // Seen here after the stored entry was written: this router's own knowledge stays.
+        h.observe(&room("b"), 8, 200);
+        h.end_session(&room("b"));
+        h.restore(room("b"), learned([50, 0, 0], 150));
+        assert_eq!(h.expected(&room("b")), Some(8));
+        // A newer stored entry (another router saw a later session) replaces an older one.
+        h.restore(room("b"), learned([12, 8, 0], 300));
+        assert_eq!(h.expected(&room("b")), Some(12));
+        // Not while a session is in progress here.
+        h.observe(&room("b"), 5, 400);
+        h.restore(room("b"), learned([60, 12, 8], 500));
+        assert_eq!(h.expected(&room("b")), Some(12));
     }
 }

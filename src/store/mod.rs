@@ -3,7 +3,8 @@
 //! [`PinStore`] is the seam between the router and its shared state. Every operation that
 //! changes a pin is conditional (pin-if-expected, confirm-if-still-mine, release-if-still-mine)
 //! so that routers sharing a store never split a room. The in-memory store is the embedded
-//! default; a Redis store implements the same trait for several routers. The store never
+//! default; a Redis store implements the same trait for several routers, and also carries
+//! their shared node state and keeps learned room sizes across restarts. The store never
 //! sees HTTP and never decides placement.
 
 pub mod memory;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::cluster::reservations::Learned;
 use crate::cluster::sync::NodeUpdate;
 use crate::cluster::{Cluster, NodeId};
 use crate::config::{Config, StoreKind};
@@ -136,6 +138,24 @@ pub trait PinStore: Send + Sync + 'static {
     /// a node. A shared store writes it down and tells the other routers; it must not block
     /// (it queues). Default: nothing (one router).
     fn share_node(&self, _update: NodeUpdate) {}
+
+    /// Learned room sizes: the router calls this when a room's session ended and taught it
+    /// something. A shared store keeps it, so that a restarted router, or one started later,
+    /// knows the room's size without waiting a week for its next session. Best effort: it
+    /// must not block (it queues) and may drop it while the store is unreachable. Default:
+    /// nothing (the memory store's pins do not outlive the process either).
+    fn save_learned(&self, _room: &RoomKey, _learned: Learned) {}
+
+    /// Forgets the learned sizes of rooms not reported since `before` (`history_ttl`).
+    /// Called by the router's sweep; queues like [`PinStore::save_learned`].
+    fn forget_learned(&self, _before: Millis) {}
+
+    /// Every room's learned sizes the store keeps, for a router starting.
+    fn load_learned(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(RoomKey, Learned)>, StoreError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// The store chosen at run time: static dispatch by `match`, no boxing on the hot path.
@@ -218,5 +238,14 @@ impl PinStore for AnyStore {
     }
     fn share_node(&self, update: NodeUpdate) {
         delegate!(self, s => s.share_node(update))
+    }
+    fn save_learned(&self, room: &RoomKey, learned: Learned) {
+        delegate!(self, s => s.save_learned(room, learned))
+    }
+    fn forget_learned(&self, before: Millis) {
+        delegate!(self, s => s.forget_learned(before))
+    }
+    async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {
+        delegate!(self, s => s.load_learned().await)
     }
 }

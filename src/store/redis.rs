@@ -13,6 +13,10 @@
 //! - `{P}:rooms`: sorted set of pinned room names (score 0), an index for the cache load; a
 //!   superset that loads prune and confirmations repair.
 //! - `{P}:nodes` (hash id -> last report as JSON), `{P}:admin` (hash id -> admin state).
+//! - `{P}:learned` (hash room -> `peak,peak,peak,last_seen_ms`: the learned sizes of rooms
+//!   whose sessions ended, newest peak first) and `{P}:learned:seen` (sorted set room ->
+//!   last_seen_ms, the index the routers' sweeps prune by `history_ttl`). Loaded by a
+//!   starting router; written best effort (dropped while Redis is unreachable).
 //! - channels `P:pins` (`ts\nvalue\nroom`, value empty when released) and `P:nodes` (JSON).
 //!
 //! Reads never wait on Redis: the cache holds every pin (loaded at start and after every
@@ -48,6 +52,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::sentinel::Sentinels;
 use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+use crate::cluster::reservations::Learned;
 use crate::cluster::sync::{NodeSync, NodeUpdate};
 use crate::cluster::{Cluster, NodeId};
 use crate::config::StoreConfig;
@@ -193,6 +198,8 @@ pub struct Keys {
     pub admin: String,
     pub pins_channel: String,
     pub nodes_channel: String,
+    pub learned: String,
+    pub learned_seen: String,
 }
 
 impl Keys {
@@ -204,6 +211,8 @@ impl Keys {
             admin: format!("{{{prefix}}}:admin"),
             pins_channel: format!("{prefix}:pins"),
             nodes_channel: format!("{prefix}:nodes"),
+            learned: format!("{{{prefix}}}:learned"),
+            learned_seen: format!("{{{prefix}}}:learned:seen"),
         }
     }
 
@@ -236,6 +245,40 @@ enum Pending {
 enum IndexOp {
     Add(String),
     Remove(String),
+}
+
+/// A change to the learned room sizes, to write.
+#[derive(Debug)]
+enum LearnedOp {
+    Save(String, Learned),
+    /// Forget rooms not seen since this time (ms).
+    Forget(Millis),
+}
+
+/// Forgets learned sizes last seen before ARGV[1], at most ARGV[2] of them. Returns how many.
+const FORGET_LEARNED: &str = r#"
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #old > 0 then
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREM', KEYS[2], unpack(old))
+end
+return #old
+"#;
+
+/// Most learned sizes one sweep forgets (the next sweeps take the rest).
+const FORGET_AT_MOST: usize = 1000;
+
+fn encode_learned(l: &Learned) -> String {
+    let [a, b, c] = l.peaks;
+    format!("{a},{b},{c},{}", l.last_seen)
+}
+
+fn decode_learned(v: &str) -> Option<Learned> {
+    let mut it = v.split(',').map(|x| x.parse::<u64>().ok());
+    let mut peak = || it.next().flatten().and_then(|p| u32::try_from(p).ok());
+    let peaks = [peak()?, peak()?, peak()?];
+    let last_seen = it.next().flatten()?;
+    it.next().is_none().then_some(Learned { peaks, last_seen })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -294,6 +337,8 @@ struct Inner {
     origin: String,
     node_tx: mpsc::UnboundedSender<NodeUpdate>,
     index_tx: mpsc::UnboundedSender<IndexOp>,
+    learned_tx: mpsc::UnboundedSender<LearnedOp>,
+    forget_learned: Script,
     outages: AtomicU64,
     store_won: AtomicU64,
     /// The standalone server's `run_id`: a new one means Redis restarted and may have lost
@@ -422,6 +467,7 @@ impl RedisStore {
         };
         let (node_tx, node_rx) = mpsc::unbounded_channel();
         let (index_tx, index_rx) = mpsc::unbounded_channel();
+        let (learned_tx, learned_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             keys,
@@ -451,6 +497,8 @@ impl RedisStore {
             origin: format!("{:016x}", rand::random::<u64>()),
             node_tx,
             index_tx,
+            learned_tx,
+            forget_learned: Script::new(FORGET_LEARNED),
             outages: AtomicU64::new(0),
             store_won: AtomicU64::new(0),
             run_id: Mutex::new(None),
@@ -465,6 +513,7 @@ impl RedisStore {
         tokio::spawn(supervise(inner.clone(), stream, stop_rx.clone()));
         tokio::spawn(node_writer(inner.clone(), node_rx, stop_rx.clone()));
         tokio::spawn(index_writer(inner.clone(), index_rx, stop_rx.clone()));
+        tokio::spawn(learned_writer(inner.clone(), learned_rx, stop_rx.clone()));
         if inner.sentinels.is_some() {
             tokio::spawn(watch_failovers(inner.clone(), stop_rx.clone()));
         }
@@ -1285,6 +1334,64 @@ async fn index_writer(
     }
 }
 
+/// Writes learned room sizes in batches. Best effort: while Redis is unreachable they are
+/// dropped (the routers keep theirs in memory, and save again when a session ends).
+async fn learned_writer(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<LearnedOp>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(512);
+    loop {
+        batch.clear();
+        tokio::select! {
+            _ = stop.changed() => return,
+            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
+        }
+        if inner.is_down() {
+            continue;
+        }
+        let mut save = redis::pipe();
+        let mut saves = 0;
+        let mut forget_before = None;
+        for op in &batch {
+            match op {
+                LearnedOp::Save(room, l) => {
+                    save.hset(&inner.keys.learned, room, encode_learned(l))
+                        .ignore()
+                        .zadd(&inner.keys.learned_seen, room, l.last_seen)
+                        .ignore();
+                    saves += 1;
+                }
+                LearnedOp::Forget(before) => {
+                    forget_before = Some(forget_before.map_or(*before, |b: Millis| b.max(*before)))
+                }
+            }
+        }
+        let mut c = inner.conn();
+        if saves > 0 {
+            if let Err(e) = inner
+                .run::<()>("save learned", save.query_async(&mut c))
+                .await
+            {
+                tracing::debug!(error = %e, "learned room sizes not saved");
+            }
+        }
+        if let Some(before) = forget_before {
+            let mut inv = inner.forget_learned.key(&inner.keys.learned);
+            inv.key(&inner.keys.learned_seen)
+                .arg(before)
+                .arg(FORGET_AT_MOST);
+            if let Err(e) = inner
+                .run::<i64>("forget learned", inv.invoke_async(&mut c))
+                .await
+            {
+                tracing::debug!(error = %e, "stale learned room sizes not forgotten");
+            }
+        }
+    }
+}
+
 impl PinStore for RedisStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         Ok(self.peek(room, |pin| pin.cloned()).flatten())
@@ -1476,12 +1583,63 @@ impl PinStore for RedisStore {
     fn share_node(&self, update: NodeUpdate) {
         let _ = self.inner.node_tx.send(update);
     }
+
+    fn save_learned(&self, room: &RoomKey, learned: Learned) {
+        let _ = self
+            .inner
+            .learned_tx
+            .send(LearnedOp::Save(room.as_str().to_string(), learned));
+    }
+
+    fn forget_learned(&self, before: Millis) {
+        let _ = self.inner.learned_tx.send(LearnedOp::Forget(before));
+    }
+
+    async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {
+        let i = &self.inner;
+        let mut c = i.conn();
+        let all: HashMap<String, String> = i
+            .run(
+                "load learned",
+                redis::cmd("HGETALL")
+                    .arg(&i.keys.learned)
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(room, v)| {
+                let room = RoomKey::parse(&room, Normalization::None).ok()?;
+                Some((room, decode_learned(&v)?))
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    #[test]
+    fn learned_sizes_round_trip_and_garbage_is_refused() {
+        let l = Learned {
+            peaks: [25, 0, 19],
+            last_seen: 1_700_000_000_123,
+        };
+        assert_eq!(encode_learned(&l), "25,0,19,1700000000123");
+        assert_eq!(decode_learned(&encode_learned(&l)), Some(l));
+        for bad in [
+            "",
+            "1,2,3",
+            "1,2,3,4,5",
+            "a,2,3,4",
+            "1,2,-3,4",
+            "1,2,99999999999,4",
+        ] {
+            assert_eq!(decode_learned(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn every_key_of_a_room_is_in_one_slot_and_rooms_spread() {
@@ -1494,6 +1652,8 @@ mod tests {
         // Shared keys share the prefix's slot (node table and index).
         assert_eq!(Slot::for_key(&k.nodes), Slot::for_key(&k.admin));
         assert_eq!(Slot::for_key(&k.nodes), Slot::for_key(&k.rooms_index));
+        // The forget script touches both learned keys.
+        assert_eq!(Slot::for_key(&k.learned), Slot::for_key(&k.learned_seen));
         let slots: HashSet<_> = (0..200)
             .map(|i| format!("{:?}", Slot::for_key(k.room(&format!("room-{i}")))))
             .collect();

@@ -344,16 +344,9 @@ async fn when_router_a_stops_router_b_keeps_every_placement() {
 
 /// What router `s` has reserved on node `id`, in load units (`GET /v1/nodes/{id}`).
 async fn reserved_on(c: &reqwest::Client, s: &Served, id: &str) -> f64 {
-    let v: serde_json::Value = c
-        .get(format!("{}/v1/nodes/{id}", s.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["reserved"].as_f64().unwrap_or(-1.0)
+    node_json(c, &s.base(), id).await["reserved"]
+        .as_f64()
+        .unwrap_or(-1.0)
 }
 
 /// The raw learned sizes of `room` in Redis, if any.

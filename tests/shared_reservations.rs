@@ -78,15 +78,7 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
         0.0,
         "a router does not count its own twice"
     );
-    let shown: serde_json::Value = c
-        .get(format!("{}/v1/nodes/n1", b.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown = node_json(&c, &b.base(), "n1").await;
     assert_eq!(shown["reserved_by_others"], 5_000.0, "{shown}");
     assert_eq!(shown["reserved"], 0.0, "{shown}");
     let page = c

@@ -1289,22 +1289,36 @@ async fn node_writer(
     }
 }
 
-/// Maintains the room index in batches (one ZADD / ZREM per batch).
+/// Waits for the next batch of queued writes (at most 512) into `batch`. False when the
+/// store stops. Batches that arrive while Redis is unreachable are dropped: the writers that
+/// use this can afford it (see each).
+async fn next_batch<T>(
+    inner: &Inner,
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    stop: &mut watch::Receiver<bool>,
+    batch: &mut Vec<T>,
+) -> bool {
+    loop {
+        batch.clear();
+        tokio::select! {
+            _ = stop.changed() => return false,
+            n = rx.recv_many(batch, 512) => if n == 0 { return false },
+        }
+        if !inner.is_down() {
+            return true;
+        }
+    }
+}
+
+/// Maintains the room index in batches (one ZADD / ZREM per batch). During an outage the
+/// index is not written: the load after recovery prunes it and confirmations re-add.
 async fn index_writer(
     inner: Arc<Inner>,
     mut rx: mpsc::UnboundedReceiver<IndexOp>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(512);
-    loop {
-        batch.clear();
-        tokio::select! {
-            _ = stop.changed() => return,
-            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
-        }
-        if inner.is_down() {
-            continue; // the load after recovery prunes; confirmations re-add
-        }
+    while next_batch(&inner, &mut rx, &mut stop, &mut batch).await {
         let mut add = redis::cmd("ZADD");
         add.arg(&inner.keys.rooms_index);
         let mut rem = redis::cmd("ZREM");
@@ -1342,15 +1356,7 @@ async fn learned_writer(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(512);
-    loop {
-        batch.clear();
-        tokio::select! {
-            _ = stop.changed() => return,
-            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
-        }
-        if inner.is_down() {
-            continue;
-        }
+    while next_batch(&inner, &mut rx, &mut stop, &mut batch).await {
         let mut save = redis::pipe();
         let mut saves = 0;
         let mut forget_before = None;

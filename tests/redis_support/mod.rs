@@ -380,6 +380,18 @@ pub async fn place(c: &reqwest::Client, base: &str, room: &str) -> Result<String
     Ok(v["node"].as_str().unwrap_or_default().to_string())
 }
 
+/// `GET /v1/nodes/{id}` on the router at `base`, as the admin.
+pub async fn node_json(c: &reqwest::Client, base: &str, id: &str) -> serde_json::Value {
+    c.get(format!("{base}/v1/nodes/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Polls `f` every 50 ms until it is true or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where

@@ -148,6 +148,10 @@ pub struct Explanation {
     pub decision: String,
     pub node: Option<NodeId>,
     pub rule: &'static str,
+    /// What a new session of the room would reserve (the `size` hint asked about, else its
+    /// learned history, else `new_room_reserve`), and where that comes from.
+    pub expected_size: u32,
+    pub size_source: SizeSource,
     pub nodes: Vec<ExplainRow>,
 }
 
@@ -425,12 +429,7 @@ impl<S: PinStore> Router<S> {
         if replaced {
             self.metrics.decision(Decided::Replaced);
         }
-        let hint = size.map(|s| s.min(self.placement.max_size_hint));
-        let (expected, _source): (u32, SizeSource) = expected_size(
-            hint,
-            self.history.expected(room),
-            self.placement.new_room_reserve,
-        );
+        let (expected, _) = self.expected_size(room, size);
         self.book.reserve(
             room,
             &node.id,
@@ -443,6 +442,16 @@ impl<S: PinStore> Router<S> {
             self.count_join(room, node, now);
         }
         tracing::debug!(room = %room, node = %node.id, replaced, expected, "room placed");
+    }
+
+    /// What a new session of `room` reserves: the hint (capped at `max_size_hint`), else the
+    /// room's learned history, else `new_room_reserve`.
+    fn expected_size(&self, room: &RoomKey, size: Option<u32>) -> (u32, SizeSource) {
+        expected_size(
+            size.map(|s| s.min(self.placement.max_size_hint)),
+            self.history.expected(room),
+            self.placement.new_room_reserve,
+        )
     }
 
     /// Applies a node's heartbeat: registers or updates it, records its load, reconciles the
@@ -632,6 +641,10 @@ impl<S: PinStore> Router<S> {
             self.metrics.released("idle");
         }
         self.book.sweep(now, |id| snap.get(id).map(|e| &*e.live));
+        // What the other routers learned since the last sweep (a shared store).
+        for (room, learned) in self.store.take_learned() {
+            self.history.restore(room, learned);
+        }
         let forget_before = now.saturating_sub(self.placement.history_ttl.as_millis() as u64);
         self.history.sweep(forget_before);
         self.store.forget_learned(forget_before);
@@ -750,12 +763,15 @@ impl<S: PinStore> Router<S> {
         Ok(removed)
     }
 
-    /// Explains where the room would go, node by node. No side effects.
+    /// Explains where the room would go, node by node, and what it would reserve there. No
+    /// side effects.
     pub async fn explain(
         &self,
         room: &RoomKey,
         hints: &Hints<'_>,
+        size: Option<u32>,
     ) -> Result<Explanation, StoreError> {
+        let (expected_size, size_source) = self.expected_size(room, size);
         let now = self.clock.now();
         let pin = self.store.get(room).await?;
         let snap: Arc<Snapshot> = self.cluster.snapshot_arc();
@@ -787,6 +803,8 @@ impl<S: PinStore> Router<S> {
             decision: decision.to_string(),
             node: node.map(|i| snap.nodes()[i].id.clone()),
             rule: self.params.rule.name(),
+            expected_size,
+            size_source,
             nodes: rows
                 .into_iter()
                 .map(|row| ExplainRow {

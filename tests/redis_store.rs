@@ -421,6 +421,62 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
     cleanup(&url, &p).await;
 }
 
+/// What router `s` would reserve for a new session of `room`, and why (explain).
+async fn expected_on(c: &reqwest::Client, s: &Served, room: &str) -> (u64, String) {
+    let e: serde_json::Value = c
+        .get(format!("{}/v1/placement/{room}/explain", s.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        e["expected_size"].as_u64().unwrap_or(0),
+        e["size_source"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_learned_by_one_router_is_known_to_the_others() {
+    let Some((url, _private)) = redis_for("learned_shared") else {
+        return;
+    };
+    let p = prefix("learnedshared");
+    let c = client();
+    let mut cfg = config(&url, &p);
+    // Sweeps (which take what other routers learned) every 500 ms.
+    cfg.placement.room_idle_ttl = Duration::from_secs(2);
+    cfg.validate().expect("valid");
+    let a = serve_service(cfg.clone()).await;
+    let b = serve_service(cfg).await;
+    // The node reports to router A only (as a node configured with one router's address).
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    assert_eq!(
+        expected_on(&c, &b, "class-9").await,
+        (10, "default".to_string())
+    );
+    assert_eq!(place(&c, &a.base(), "class-9").await.unwrap(), "n1");
+    heartbeat(&c, &a.base(), "n1", 40.0, &[("class-9", 40)]).await;
+    heartbeat(&c, &a.base(), "n1", 0.0, &[("class-9", 0)]).await;
+    assert_eq!(
+        expected_on(&c, &a, "class-9").await,
+        (40, "history".to_string())
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            expected_on(&c, &b, "class-9").await == (40, "history".to_string())
+        })
+        .await,
+        "router B learned what A learned: {:?}",
+        expected_on(&c, &b, "class-9").await
+    );
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &p).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
     let Some(mut redis) = PrivateRedis::start() else {

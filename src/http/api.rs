@@ -343,7 +343,10 @@ pub async fn explain<S: PinStore>(
     require_admin(app, parts)?;
     let room = room_from_url(app, raw_room)?;
     let hints = HintArgs::from_query(&query(parts))?;
-    let e = app.router.explain(&room, &hints.hints()).await?;
+    let e = app
+        .router
+        .explain(&room, &hints.hints(), hints.size)
+        .await?;
     Ok(json(StatusCode::OK, &e))
 }
 

@@ -150,6 +150,12 @@ pub trait PinStore: Send + Sync + 'static {
     /// Called by the router's sweep; queues like [`PinStore::save_learned`].
     fn forget_learned(&self, _before: Millis) {}
 
+    /// Learned sizes other routers saved since the last call (a shared store hears of
+    /// them), for the router's sweep to take. Default: none.
+    fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
+        Vec::new()
+    }
+
     /// Every room's learned sizes the store keeps, for a router starting.
     fn load_learned(
         &self,
@@ -244,6 +250,9 @@ impl PinStore for AnyStore {
     }
     fn forget_learned(&self, before: Millis) {
         delegate!(self, s => s.forget_learned(before))
+    }
+    fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
+        delegate!(self, s => s.take_learned())
     }
     async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {
         delegate!(self, s => s.load_learned().await)

@@ -17,7 +17,9 @@
 //!   whose sessions ended, newest peak first) and `{P}:learned:seen` (sorted set room ->
 //!   last_seen_ms, the index the routers' sweeps prune by `history_ttl`). Loaded by a
 //!   starting router; written best effort (dropped while Redis is unreachable).
-//! - channels `P:pins` (`ts\nvalue\nroom`, value empty when released) and `P:nodes` (JSON).
+//! - channels `P:pins` (`ts\nvalue\nroom`, value empty when released), `P:nodes` (JSON)
+//!   and `P:learned` (`origin\npeak,peak,peak,last_seen\nroom` for every learned size
+//!   saved, so that every router knows what any of them learned).
 //!
 //! Reads never wait on Redis: the cache holds every pin (loaded at start and after every
 //! reconnection, kept current by `P:pins`), so a pinned room costs one map lookup and a new
@@ -200,6 +202,7 @@ pub struct Keys {
     pub nodes_channel: String,
     pub learned: String,
     pub learned_seen: String,
+    pub learned_channel: String,
 }
 
 impl Keys {
@@ -213,6 +216,7 @@ impl Keys {
             nodes_channel: format!("{prefix}:nodes"),
             learned: format!("{{{prefix}}}:learned"),
             learned_seen: format!("{{{prefix}}}:learned:seen"),
+            learned_channel: format!("{prefix}:learned"),
         }
     }
 
@@ -267,6 +271,9 @@ return #old
 
 /// Most learned sizes one sweep forgets (the next sweeps take the rest).
 const FORGET_AT_MOST: usize = 1000;
+
+/// Most learned sizes heard from other routers and not yet taken by this router's sweep.
+const MAX_LEARNED_INBOX: usize = 100_000;
 
 fn encode_learned(l: &Learned) -> String {
     let [a, b, c] = l.peaks;
@@ -339,6 +346,8 @@ struct Inner {
     index_tx: mpsc::UnboundedSender<IndexOp>,
     learned_tx: mpsc::UnboundedSender<LearnedOp>,
     forget_learned: Script,
+    /// Learned sizes other routers published, until the router takes them.
+    learned_inbox: Mutex<Vec<(RoomKey, Learned)>>,
     outages: AtomicU64,
     store_won: AtomicU64,
     /// The standalone server's `run_id`: a new one means Redis restarted and may have lost
@@ -499,6 +508,7 @@ impl RedisStore {
             index_tx,
             learned_tx,
             forget_learned: Script::new(FORGET_LEARNED),
+            learned_inbox: Mutex::new(Vec::new()),
             outages: AtomicU64::new(0),
             store_won: AtomicU64::new(0),
             run_id: Mutex::new(None),
@@ -818,7 +828,11 @@ impl Inner {
             .map_err(|_| anyhow::anyhow!("subscription: connect timed out"))??;
         tokio::time::timeout(
             self.connect_timeout,
-            ps.subscribe(&[&self.keys.pins_channel, &self.keys.nodes_channel]),
+            ps.subscribe(&[
+                &self.keys.pins_channel,
+                &self.keys.nodes_channel,
+                &self.keys.learned_channel,
+            ]),
         )
         .await
         .map_err(|_| anyhow::anyhow!("subscribe timed out"))??;
@@ -1101,6 +1115,25 @@ impl Inner {
             if let Some(cluster) = self.cluster.get() {
                 self.sync.apply(cluster, &env.update);
             }
+        } else if channel == self.keys.learned_channel {
+            let mut parts = text.splitn(3, '\n');
+            let (Some(origin), Some(v), Some(room)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return;
+            };
+            if origin == self.origin {
+                return;
+            }
+            let (Some(learned), Ok(room)) =
+                (decode_learned(v), RoomKey::parse(room, Normalization::None))
+            else {
+                return;
+            };
+            if let Ok(mut inbox) = self.learned_inbox.lock() {
+                if inbox.len() < MAX_LEARNED_INBOX {
+                    inbox.push((room, learned));
+                }
+            }
         }
     }
 
@@ -1363,9 +1396,15 @@ async fn learned_writer(
         for op in &batch {
             match op {
                 LearnedOp::Save(room, l) => {
-                    save.hset(&inner.keys.learned, room, encode_learned(l))
+                    let v = encode_learned(l);
+                    save.hset(&inner.keys.learned, room, &v)
                         .ignore()
                         .zadd(&inner.keys.learned_seen, room, l.last_seen)
+                        .ignore()
+                        .publish(
+                            &inner.keys.learned_channel,
+                            format!("{}\n{v}\n{room}", inner.origin),
+                        )
                         .ignore();
                     saves += 1;
                 }
@@ -1599,6 +1638,14 @@ impl PinStore for RedisStore {
 
     fn forget_learned(&self, before: Millis) {
         let _ = self.inner.learned_tx.send(LearnedOp::Forget(before));
+    }
+
+    fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
+        self.inner
+            .learned_inbox
+            .lock()
+            .map(|mut inbox| std::mem::take(&mut *inbox))
+            .unwrap_or_default()
     }
 
     async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {

@@ -273,6 +273,10 @@ pub struct StoreConfig {
     /// for client certificates (`tls-auth-clients yes`). Both or neither.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Memory store only: a file where learned room sizes are kept across restarts
+    /// (written every 10 s when they changed, and at shutdown). Unset: they live and die
+    /// with the process. Redis keeps them itself.
+    pub learned_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -291,6 +295,7 @@ impl Default for StoreConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            learned_file: None,
         }
     }
 }
@@ -911,6 +916,12 @@ impl Config {
                 "needs store.kind = \"redis\" (one router has no one to share with)",
             ));
         }
+        if self.store.kind == StoreKind::Redis && self.store.learned_file.is_some() {
+            return Err(invalid(
+                "store.learned_file",
+                "is for the memory store; Redis keeps learned room sizes itself",
+            ));
+        }
         if self.store.kind == StoreKind::Redis {
             let st = &self.store;
             if st.cluster_nodes.is_empty() {
@@ -1124,6 +1135,20 @@ mod tests {
                 .unwrap();
         c.validate().unwrap();
         assert!(c.placement.share_reservations);
+    }
+
+    #[test]
+    fn a_learned_sizes_file_is_for_the_memory_store() {
+        let c = Config::parse("[store]\nlearned_file = \"/var/lib/roomrouter/learned\"\n").unwrap();
+        c.validate().unwrap();
+        let e = Config::parse(
+            "[store]\nkind = \"redis\"\nlearned_file = \"/var/lib/roomrouter/learned\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("store.learned_file"), "{e}");
     }
 
     #[test]

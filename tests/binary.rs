@@ -228,6 +228,114 @@ async fn secrets_never_reach_the_logs() {
     }
 }
 
+/// `roomrouter serve --config CONFIG` on a free port with the test credentials.
+fn serve_with(config: &std::path::Path) -> (Reaper, String) {
+    let port = free_port();
+    let router = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    (router, format!("http://127.0.0.1:{port}"))
+}
+
+/// What the router at `url` would reserve for a new session of `room`, and why.
+async fn expected_size(url: &str, room: &str) -> (u64, String) {
+    let e: serde_json::Value = client()
+        .get(format!("{url}/v1/placement/{room}/explain"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        e["expected_size"].as_u64().unwrap_or(0),
+        e["size_source"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test]
+async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
+    let dir =
+        std::env::temp_dir().join(format!("rr-learned-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("learned.txt");
+    let config = dir.join("router.toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nlearned_file = {:?}\n", file.to_str().unwrap()),
+    )
+    .unwrap();
+
+    let (mut router, url) = serve_with(&config);
+    wait_http(&format!("{url}/healthz")).await;
+    let c = client();
+    let beat = |rooms: serde_json::Value| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            let r = c
+                .post(format!("{url}/v1/nodes/n1/heartbeat"))
+                .bearer_auth(NODE_TOKEN)
+                .json(&serde_json::json!({
+                    "url": "http://127.0.0.1:9", "capacity": 1000, "load": 0, "rooms": rooms,
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    beat(serde_json::json!([])).await;
+    let placed = c
+        .get(format!("{url}/v1/placement/class-7b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 200);
+    // A lesson of 40 that ends.
+    beat(serde_json::json!([{"room": "class-7b", "participants": 40}])).await;
+    beat(serde_json::json!([{"room": "class-7b", "participants": 0}])).await;
+    assert_eq!(
+        expected_size(&url, "class-7b").await,
+        (40, "history".into())
+    );
+
+    // A graceful stop (SIGTERM) writes the file; a restart reads it.
+    let stopped = Command::new("kill")
+        .args(["-TERM", &router.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while router.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the router did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\tclass-7b"), "{text}");
+    let (_router, url) = serve_with(&config);
+    wait_http(&format!("{url}/healthz")).await;
+    assert_eq!(
+        expected_size(&url, "class-7b").await,
+        (40, "history".into())
+    );
+    assert_eq!(expected_size(&url, "other").await, (10, "default".into()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn the_one_command_demo_serves_joins() {
     let port = free_port();

@@ -171,6 +171,23 @@ pub struct Learned {
     pub last_seen: Millis,
 }
 
+impl Learned {
+    /// `peak,peak,peak,last_seen`: how the stores write it down.
+    pub fn encode(&self) -> String {
+        let [a, b, c] = self.peaks;
+        format!("{a},{b},{c},{}", self.last_seen)
+    }
+
+    /// Reads [`Learned::encode`]'s form; anything else is `None`.
+    pub fn decode(v: &str) -> Option<Learned> {
+        let mut it = v.split(',').map(|x| x.parse::<u64>().ok());
+        let mut peak = || it.next().flatten().and_then(|p| u32::try_from(p).ok());
+        let peaks = [peak()?, peak()?, peak()?];
+        let last_seen = it.next().flatten()?;
+        it.next().is_none().then_some(Learned { peaks, last_seen })
+    }
+}
+
 /// Learned room sizes: the peak participants of a room's recent sessions.
 #[derive(Debug, Default)]
 pub struct RoomHistory {
@@ -331,6 +348,26 @@ mod tests {
         assert_eq!(h.expected(&r), Some(25));
         assert_eq!(h.sweep(5), 1);
         assert_eq!(h.expected(&r), None);
+    }
+
+    #[test]
+    fn learned_sizes_round_trip_and_garbage_is_refused() {
+        let l = Learned {
+            peaks: [25, 0, 19],
+            last_seen: 1_700_000_000_123,
+        };
+        assert_eq!(l.encode(), "25,0,19,1700000000123");
+        assert_eq!(Learned::decode(&l.encode()), Some(l));
+        for bad in [
+            "",
+            "1,2,3",
+            "1,2,3,4,5",
+            "a,2,3,4",
+            "1,2,-3,4",
+            "1,2,99999999999,4",
+        ] {
+            assert_eq!(Learned::decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -2,26 +2,41 @@
 //!
 //! Every operation is one `DashMap` access (one shard lock held for a few instructions), so a
 //! pinned room's lookup is one concurrent-map lookup. The futures it returns are always ready.
+//! Pins live and die with the process; learned room sizes can outlive it in a file
+//! (`store.learned_file`, [`super::learned_file`]).
 
 use std::collections::BinaryHeap;
+use std::path::Path;
+use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use super::learned_file::LearnedFile;
 use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+use crate::cluster::reservations::Learned;
 use crate::cluster::NodeId;
 use crate::placement::Millis;
 use crate::room::RoomKey;
 
-/// Pins in a `DashMap`.
+/// Pins in a `DashMap`; learned sizes in a file if one is configured.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     pins: DashMap<RoomKey, Pin>,
+    learned: Option<Arc<LearnedFile>>,
 }
 
 impl MemoryStore {
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// A memory store that keeps learned room sizes in `path` across restarts.
+    pub fn with_learned_file(path: &Path) -> anyhow::Result<MemoryStore> {
+        Ok(MemoryStore {
+            pins: DashMap::new(),
+            learned: Some(LearnedFile::open(path)?),
+        })
     }
 
     fn pin_if_now(
@@ -176,6 +191,22 @@ impl PinStore for MemoryStore {
 
     fn health(&self) -> StoreHealth {
         StoreHealth::Ok
+    }
+
+    fn save_learned(&self, room: &RoomKey, learned: Learned) {
+        if let Some(f) = &self.learned {
+            f.save(room, learned);
+        }
+    }
+
+    fn forget_learned(&self, before: Millis) {
+        if let Some(f) = &self.learned {
+            f.forget(before);
+        }
+    }
+
+    async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {
+        Ok(self.learned.as_ref().map(|f| f.all()).unwrap_or_default())
     }
 }
 

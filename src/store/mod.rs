@@ -7,6 +7,7 @@
 //! their shared node state and keeps learned room sizes across restarts. The store never
 //! sees HTTP and never decides placement.
 
+pub mod learned_file;
 pub mod memory;
 pub mod redis;
 mod sentinel;
@@ -143,7 +144,7 @@ pub trait PinStore: Send + Sync + 'static {
     /// something. A shared store keeps it, so that a restarted router, or one started later,
     /// knows the room's size without waiting a week for its next session. Best effort: it
     /// must not block (it queues) and may drop it while the store is unreachable. Default:
-    /// nothing (the memory store's pins do not outlive the process either).
+    /// nothing. (The memory store keeps them in `store.learned_file` if one is set.)
     fn save_learned(&self, _room: &RoomKey, _learned: Learned) {}
 
     /// Forgets the learned sizes of rooms not reported since `before` (`history_ttl`).
@@ -175,7 +176,10 @@ pub enum AnyStore {
 /// tasks (subscription, reconnection, node re-sync); they stop when the store is dropped.
 pub async fn open(cfg: &Config) -> anyhow::Result<AnyStore> {
     Ok(match cfg.store.kind {
-        StoreKind::Memory => AnyStore::Memory(MemoryStore::new()),
+        StoreKind::Memory => AnyStore::Memory(match &cfg.store.learned_file {
+            Some(path) => MemoryStore::with_learned_file(path)?,
+            None => MemoryStore::new(),
+        }),
         StoreKind::Redis => AnyStore::Redis(
             RedisStore::connect(
                 &cfg.store,

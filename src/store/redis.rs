@@ -275,19 +275,6 @@ const FORGET_AT_MOST: usize = 1000;
 /// Most learned sizes heard from other routers and not yet taken by this router's sweep.
 const MAX_LEARNED_INBOX: usize = 100_000;
 
-fn encode_learned(l: &Learned) -> String {
-    let [a, b, c] = l.peaks;
-    format!("{a},{b},{c},{}", l.last_seen)
-}
-
-fn decode_learned(v: &str) -> Option<Learned> {
-    let mut it = v.split(',').map(|x| x.parse::<u64>().ok());
-    let mut peak = || it.next().flatten().and_then(|p| u32::try_from(p).ok());
-    let peaks = [peak()?, peak()?, peak()?];
-    let last_seen = it.next().flatten()?;
-    it.next().is_none().then_some(Learned { peaks, last_seen })
-}
-
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     origin: String,
@@ -1124,9 +1111,10 @@ impl Inner {
             if origin == self.origin {
                 return;
             }
-            let (Some(learned), Ok(room)) =
-                (decode_learned(v), RoomKey::parse(room, Normalization::None))
-            else {
+            let (Some(learned), Ok(room)) = (
+                Learned::decode(v),
+                RoomKey::parse(room, Normalization::None),
+            ) else {
                 return;
             };
             if let Ok(mut inbox) = self.learned_inbox.lock() {
@@ -1396,7 +1384,7 @@ async fn learned_writer(
         for op in &batch {
             match op {
                 LearnedOp::Save(room, l) => {
-                    let v = encode_learned(l);
+                    let v = l.encode();
                     save.hset(&inner.keys.learned, room, &v)
                         .ignore()
                         .zadd(&inner.keys.learned_seen, room, l.last_seen)
@@ -1663,7 +1651,7 @@ impl PinStore for RedisStore {
             .into_iter()
             .filter_map(|(room, v)| {
                 let room = RoomKey::parse(&room, Normalization::None).ok()?;
-                Some((room, decode_learned(&v)?))
+                Some((room, Learned::decode(&v)?))
             })
             .collect())
     }
@@ -1673,26 +1661,6 @@ impl PinStore for RedisStore {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
-
-    #[test]
-    fn learned_sizes_round_trip_and_garbage_is_refused() {
-        let l = Learned {
-            peaks: [25, 0, 19],
-            last_seen: 1_700_000_000_123,
-        };
-        assert_eq!(encode_learned(&l), "25,0,19,1700000000123");
-        assert_eq!(decode_learned(&encode_learned(&l)), Some(l));
-        for bad in [
-            "",
-            "1,2,3",
-            "1,2,3,4,5",
-            "a,2,3,4",
-            "1,2,-3,4",
-            "1,2,99999999999,4",
-        ] {
-            assert_eq!(decode_learned(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn every_key_of_a_room_is_in_one_slot_and_rooms_spread() {

@@ -1,0 +1,249 @@
+//! Learned room sizes on disk, for the embedded store (`store.learned_file`).
+//!
+//! One router with the memory store loses its pins when it stops, and that is fine: rooms
+//! re-pin on their next join. Losing what it learned about room sizes is not: a weekly class
+//! would be placed at the default size for a week after every restart. [`LearnedFile`] keeps
+//! the learned sizes in memory, writes them to a file when they changed (every
+//! [`FLUSH_EVERY`] and when the store is dropped, as on a graceful shutdown) and reads them
+//! back when the router starts.
+//!
+//! The file is text, one room per line: `peak,peak,peak,last_seen_ms<TAB>room` (a room
+//! key holds no control characters). It is replaced whole (written beside it, then renamed),
+//! so a crash leaves the old file or the new one, never half of one. Lines that do not parse
+//! are skipped and counted; a file larger than [`MAX_FILE_BYTES`] is refused.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use anyhow::Context;
+use dashmap::DashMap;
+
+use crate::cluster::reservations::Learned;
+use crate::placement::Millis;
+use crate::room::{Normalization, RoomKey};
+
+/// How often changed sizes are written out.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+/// Largest file read at start (about 4 million rooms).
+pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Learned sizes kept in memory and in a file.
+#[derive(Debug)]
+pub struct LearnedFile {
+    path: PathBuf,
+    rooms: DashMap<RoomKey, Learned>,
+    dirty: AtomicBool,
+}
+
+impl LearnedFile {
+    /// Reads `path` (a missing file is an empty one) and, inside a runtime, starts writing
+    /// changes every [`FLUSH_EVERY`] until the returned value is dropped.
+    pub fn open(path: &Path) -> anyhow::Result<Arc<LearnedFile>> {
+        let rooms = DashMap::new();
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > MAX_FILE_BYTES => anyhow::bail!(
+                "store.learned_file {}: {} bytes, more than the {MAX_FILE_BYTES} read at start",
+                path.display(),
+                m.len()
+            ),
+            Ok(_) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("store.learned_file {}", path.display()))?;
+                let mut skipped = 0usize;
+                for line in text.lines().filter(|l| !l.is_empty()) {
+                    match parse_line(line) {
+                        Some((room, learned)) => {
+                            rooms.insert(room, learned);
+                        }
+                        None => skipped += 1,
+                    }
+                }
+                if skipped > 0 {
+                    tracing::warn!(file = %path.display(), skipped, "unreadable learned-size lines skipped");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("store.learned_file {}", path.display()))
+            }
+        }
+        let file = Arc::new(LearnedFile {
+            path: path.to_path_buf(),
+            rooms,
+            dirty: AtomicBool::new(false),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(flush_periodically(Arc::downgrade(&file)));
+        }
+        Ok(file)
+    }
+
+    pub fn save(&self, room: &RoomKey, learned: Learned) {
+        self.rooms.insert(room.clone(), learned);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Forgets rooms not seen since `before`.
+    pub fn forget(&self, before: Millis) {
+        let n = self.rooms.len();
+        self.rooms.retain(|_, l| l.last_seen >= before);
+        if self.rooms.len() != n {
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn all(&self) -> Vec<(RoomKey, Learned)> {
+        self.rooms
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect()
+    }
+
+    /// Writes the file if anything changed since the last write.
+    pub fn flush(&self) -> std::io::Result<()> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let written = self.write();
+        if written.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        written
+    }
+
+    fn write(&self) -> std::io::Result<()> {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        let tmp = self.path.with_file_name(name);
+        {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            for e in self.rooms.iter() {
+                writeln!(out, "{}\t{}", e.value().encode(), e.key().as_str())?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+impl Drop for LearnedFile {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(file = %self.path.display(), error = %e, "learned room sizes not written");
+        }
+    }
+}
+
+fn parse_line(line: &str) -> Option<(RoomKey, Learned)> {
+    let (learned, room) = line.split_once('\t')?;
+    Some((
+        RoomKey::parse(room, Normalization::None).ok()?,
+        Learned::decode(learned)?,
+    ))
+}
+
+async fn flush_periodically(file: Weak<LearnedFile>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(file) = file.upgrade() else { return };
+        // The write is small and rare; done off the async workers all the same.
+        let result = tokio::task::spawn_blocking({
+            let file = file.clone();
+            move || file.flush()
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(file = %file.path.display(), error = %e, "learned room sizes not written; retrying");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(s: &str) -> RoomKey {
+        RoomKey::parse(s, Normalization::None).unwrap()
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "roomrouter-learned-{}-{name}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("learned.txt")
+    }
+
+    #[test]
+    fn sizes_written_are_read_back_and_forgotten_ones_are_not() {
+        let path = temp_path("roundtrip");
+        let f = LearnedFile::open(&path).unwrap();
+        assert!(f.all().is_empty(), "a missing file is an empty one");
+        let l = |p, t| Learned {
+            peaks: [p, 0, 0],
+            last_seen: t,
+        };
+        f.save(&room("class 7b"), l(40, 1_000));
+        f.save(&room("standup"), l(6, 10));
+        f.flush().unwrap();
+        assert!(!path.with_file_name("learned.txt.tmp").exists());
+        let g = LearnedFile::open(&path).unwrap();
+        let mut all = g.all();
+        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        assert_eq!(
+            all,
+            vec![
+                (room("class 7b"), l(40, 1_000)),
+                (room("standup"), l(6, 10))
+            ]
+        );
+        g.forget(500);
+        drop(g); // writes on drop
+        assert_eq!(
+            LearnedFile::open(&path).unwrap().all(),
+            vec![(room("class 7b"), l(40, 1_000))]
+        );
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn unreadable_lines_are_skipped_and_a_huge_file_is_refused() {
+        let path = temp_path("garbage");
+        std::fs::write(
+            &path,
+            "12,0,0,5\tgood\nnonsense\n1,2,3\tshort\n\n7,7,7,7\tbad/room\n3,2,1,9\tother\n",
+        )
+        .unwrap();
+        let f = LearnedFile::open(&path).unwrap();
+        let mut rooms: Vec<String> = f.all().iter().map(|(r, _)| r.as_str().into()).collect();
+        rooms.sort();
+        assert_eq!(rooms, ["good", "other"]);
+        drop(f);
+        let big = std::fs::File::create(&path).unwrap();
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let e = LearnedFile::open(&path).unwrap_err().to_string();
+        assert!(e.contains("store.learned_file"), "{e}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn nothing_is_written_when_nothing_changed() {
+        let path = temp_path("quiet");
+        let f = LearnedFile::open(&path).unwrap();
+        f.flush().unwrap();
+        assert!(!path.exists());
+        f.forget(u64::MAX);
+        drop(f);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{client, ADMIN, NODE_TOKEN, SECRET};
+use common::{client, expected_size, ADMIN, NODE_TOKEN, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roomrouter");
 
@@ -105,23 +105,10 @@ async fn wait_http(url: &str) {
 
 #[tokio::test]
 async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
-    let port = free_port();
-    let router_url = format!("http://127.0.0.1:{port}");
-    let _router = Reaper(
-        clean_env(&mut Command::new(BIN))
-            .args([
-                "serve",
-                "--config",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config/router.toml"),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
-            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-            .env("ROOMROUTER_TICKET_SECRET", SECRET)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_router, router_url) = serve_with(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/router.toml"
+    )));
     wait_http(&format!("{router_url}/healthz")).await;
     let _node = Reaper(
         clean_env(&mut Command::new(BIN))
@@ -246,23 +233,6 @@ fn serve_with(config: &std::path::Path) -> (Reaper, String) {
     (router, format!("http://127.0.0.1:{port}"))
 }
 
-/// What the router at `url` would reserve for a new session of `room`, and why.
-async fn expected_size(url: &str, room: &str) -> (u64, String) {
-    let e: serde_json::Value = client()
-        .get(format!("{url}/v1/placement/{room}/explain"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        e["expected_size"].as_u64().unwrap_or(0),
-        e["size_source"].as_str().unwrap_or("").to_string(),
-    )
-}
-
 #[tokio::test]
 async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     let dir =
@@ -306,7 +276,7 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     beat(serde_json::json!([{"room": "class-7b", "participants": 40}])).await;
     beat(serde_json::json!([{"room": "class-7b", "participants": 0}])).await;
     assert_eq!(
-        expected_size(&url, "class-7b").await,
+        expected_size(&c, &url, ADMIN, "class-7b").await,
         (40, "history".into())
     );
 
@@ -329,10 +299,13 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     let (_router, url) = serve_with(&config);
     wait_http(&format!("{url}/healthz")).await;
     assert_eq!(
-        expected_size(&url, "class-7b").await,
+        expected_size(&c, &url, ADMIN, "class-7b").await,
         (40, "history".into())
     );
-    assert_eq!(expected_size(&url, "other").await, (10, "default".into()));
+    assert_eq!(
+        expected_size(&c, &url, ADMIN, "other").await,
+        (10, "default".into())
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -1,6 +1,7 @@
 //! The Redis store against a real Redis: the store's atomic operations and cache, and
 //! several routers sharing one Redis through their real HTTP surface.
 
+mod common;
 mod redis_support;
 
 use std::collections::{HashMap, HashSet};
@@ -423,19 +424,7 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
 
 /// What router `s` would reserve for a new session of `room`, and why (explain).
 async fn expected_on(c: &reqwest::Client, s: &Served, room: &str) -> (u64, String) {
-    let e: serde_json::Value = c
-        .get(format!("{}/v1/placement/{room}/explain", s.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        e["expected_size"].as_u64().unwrap_or(0),
-        e["size_source"].as_str().unwrap_or("").to_string(),
-    )
+    common::expected_size(c, &s.base(), ADMIN, room).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

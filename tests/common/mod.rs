@@ -125,6 +125,29 @@ impl Drop for TestRouter {
     }
 }
 
+/// What the router at `url` would reserve for a new session of `room`, and why
+/// (`expected_size`, `size_source` of `GET /v1/placement/{room}/explain`, as `admin`).
+pub async fn expected_size(
+    c: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    room: &str,
+) -> (u64, String) {
+    let e: serde_json::Value = c
+        .get(format!("{url}/v1/placement/{room}/explain"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        e["expected_size"].as_u64().unwrap_or(0),
+        e["size_source"].as_str().unwrap_or("").to_string(),
+    )
+}
+
 /// A client that does not follow redirects, with a timeout.
 pub fn client() -> reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use redis_support::*;
+use roomrouter::cluster::reservations::Learned;
 use roomrouter::cluster::NodeId;
 use roomrouter::config::{Config, StoreKind};
 use roomrouter::room::{Normalization, RoomKey};
@@ -150,4 +151,36 @@ async fn pins_work_on_a_three_shard_redis_cluster() {
     let c = store::open(&cfg).await.unwrap();
     assert_eq!(c.count().await.unwrap(), 59);
     assert_eq!(c.get(&rooms[5]).await.unwrap().map(|p| p.node), Some(n1));
+
+    // Learned sizes on the cluster: saved, announced to the other routers, loaded by a
+    // router opened later, forgotten by the two-key script (both keys in the prefix's slot).
+    let learned = |peak, last_seen| Learned {
+        peaks: [peak, 0, 0],
+        last_seen,
+    };
+    a.save_learned(&rooms[1], learned(40, 5_000));
+    a.save_learned(&rooms[2], learned(7, 1_000));
+    let heard = std::sync::Mutex::new(Vec::new());
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let mut h = heard.lock().unwrap();
+            h.extend(b.take_learned());
+            h.sort_by_key(|(_, l): &(RoomKey, Learned)| l.last_seen);
+            h.len() == 2 && h[1] == (rooms[1].clone(), learned(40, 5_000))
+        })
+        .await,
+        "router B heard both: {:?}",
+        heard.lock().unwrap()
+    );
+    let later = store::open(&cfg).await.unwrap();
+    assert_eq!(later.load_learned().await.unwrap().len(), 2);
+    a.forget_learned(2_000);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            later.load_learned().await.unwrap() == vec![(rooms[1].clone(), learned(40, 5_000))]
+        })
+        .await,
+        "the older one forgotten: {:?}",
+        later.load_learned().await
+    );
 }

@@ -1378,8 +1378,10 @@ async fn learned_writer(
 ) {
     let mut batch = Vec::with_capacity(512);
     while next_batch(&inner, &mut rx, &mut stop, &mut batch).await {
+        // The keys share the prefix's slot (one pipeline, on Redis Cluster too); the
+        // announcements go out one by one afterwards, as the node updates do.
         let mut save = redis::pipe();
-        let mut saves = 0;
+        let mut announce = Vec::new();
         let mut forget_before = None;
         for op in &batch {
             match op {
@@ -1388,13 +1390,8 @@ async fn learned_writer(
                     save.hset(&inner.keys.learned, room, &v)
                         .ignore()
                         .zadd(&inner.keys.learned_seen, room, l.last_seen)
-                        .ignore()
-                        .publish(
-                            &inner.keys.learned_channel,
-                            format!("{}\n{v}\n{room}", inner.origin),
-                        )
                         .ignore();
-                    saves += 1;
+                    announce.push(format!("{}\n{v}\n{room}", inner.origin));
                 }
                 LearnedOp::Forget(before) => {
                     forget_before = Some(forget_before.map_or(*before, |b: Millis| b.max(*before)))
@@ -1402,12 +1399,21 @@ async fn learned_writer(
             }
         }
         let mut c = inner.conn();
-        if saves > 0 {
+        if !announce.is_empty() {
             if let Err(e) = inner
                 .run::<()>("save learned", save.query_async(&mut c))
                 .await
             {
                 tracing::debug!(error = %e, "learned room sizes not saved");
+            }
+        }
+        for message in announce {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(&inner.keys.learned_channel).arg(message);
+            let sent = publish.query_async(&mut c);
+            if let Err(e) = inner.run::<i64>("announce learned", sent).await {
+                tracing::debug!(error = %e, "learned room size not announced");
+                break;
             }
         }
         if let Some(before) = forget_before {

@@ -84,6 +84,7 @@ pub struct Metrics {
     pub nodes_healthy: Gauge,
     pub nodes_total: Gauge,
     pub pins: Gauge,
+    pub learned_rooms: Gauge,
     pub store_degraded: Gauge,
     pub node_utilization: Family<NodeLabels, Gauge<f64, AtomicU64>>,
     pub proxy: ProxyMetrics,
@@ -157,6 +158,12 @@ impl Metrics {
         registry.register("nodes", "Nodes known", nodes_total.clone());
         let pins = Gauge::default();
         registry.register("pins", "Rooms pinned", pins.clone());
+        let learned_rooms = Gauge::default();
+        registry.register(
+            "learned_rooms",
+            "Rooms whose size this router has learned (history kept for placement.history_ttl)",
+            learned_rooms.clone(),
+        );
         let store_degraded = Gauge::default();
         registry.register(
             "store_degraded",
@@ -220,6 +227,7 @@ impl Metrics {
             nodes_healthy,
             nodes_total,
             pins,
+            learned_rooms,
             store_degraded,
             node_utilization,
             proxy,

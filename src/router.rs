@@ -838,6 +838,7 @@ impl<S: PinStore> Router<S> {
         if let Ok(n) = self.store.count().await {
             self.metrics.pins.set(n as i64);
         }
+        self.metrics.learned_rooms.set(self.history.len() as i64);
         self.metrics
             .store_degraded
             .set(i64::from(self.store.health() != StoreHealth::Ok));

@@ -350,6 +350,7 @@ async fn readiness_health_metrics_and_dashboard() {
     );
     assert!(m.contains("roomrouter_nodes_healthy 1"), "{m}");
     assert!(m.contains("roomrouter_pins 1"), "{m}");
+    assert!(m.contains("roomrouter_learned_rooms 0"), "{m}");
     let d = r.get("/dashboard").send().await.unwrap();
     assert_eq!(d.status(), 401);
     assert!(d.headers()["www-authenticate"]

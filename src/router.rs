@@ -645,10 +645,15 @@ impl<S: PinStore> Router<S> {
         for (room, learned) in self.store.take_learned() {
             self.history.restore(room, learned);
         }
-        let forget_before = now.saturating_sub(self.placement.history_ttl.as_millis() as u64);
+        let forget_before = self.history_cutoff(now);
         self.history.sweep(forget_before);
         self.store.forget_learned(forget_before);
         Ok(released.len())
+    }
+
+    /// Learned sizes last seen before this are forgotten (`history_ttl`).
+    fn history_cutoff(&self, now: Millis) -> Millis {
+        now.saturating_sub(self.placement.history_ttl.as_millis() as u64)
     }
 
     /// A room's session ended: its peak joins its history, which the store keeps.
@@ -661,10 +666,7 @@ impl<S: PinStore> Router<S> {
     /// Takes the room sizes the store kept from earlier runs (a shared store; the memory
     /// store has none), leaving out those older than `history_ttl`. Returns how many.
     pub async fn restore_history(&self) -> Result<usize, StoreError> {
-        let before = self
-            .clock
-            .now()
-            .saturating_sub(self.placement.history_ttl.as_millis() as u64);
+        let before = self.history_cutoff(self.clock.now());
         let mut n = 0;
         for (room, learned) in self.store.load_learned().await? {
             if learned.last_seen >= before {

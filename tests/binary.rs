@@ -302,14 +302,7 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
         expected_size(&c, &url, ADMIN, "class-7b").await,
         (40, "history".into())
     );
-    let metrics = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&c, &url).await;
     assert!(metrics.contains("roomrouter_learned_rooms 1"), "{metrics}");
     assert_eq!(
         expected_size(&c, &url, ADMIN, "other").await,

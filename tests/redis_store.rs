@@ -554,14 +554,7 @@ async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
     }
     assert!(answered > 100, "pinned rooms kept answering ({answered})");
     assert_eq!(saw_degraded, [true, true], "/readyz reported degraded");
-    let m = c
-        .get(format!("{}/metrics", a.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = common::metrics(&c, &a.base()).await;
     assert!(
         m.lines()
             .any(|l| l.contains("store_degraded") && l.trim_end().ends_with(" 1")),

@@ -148,6 +148,17 @@ pub async fn expected_size(
     )
 }
 
+/// The Prometheus text of the router at `url`.
+pub async fn metrics(c: &reqwest::Client, url: &str) -> String {
+    c.get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A client that does not follow redirects, with a timeout.
 pub fn client() -> reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();

@@ -393,6 +393,17 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
                 "http://",
             ),
             (&["--constant-rate", "100"], "needs a target"),
+            (
+                &[
+                    "--constant-rate",
+                    "100",
+                    "--pacing",
+                    "often",
+                    "--url",
+                    "http://127.0.0.1:9",
+                ],
+                "often",
+            ),
         ],
     );
 
@@ -423,6 +434,8 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
             "1",
             "--connections",
             "4",
+            "--pacing",
+            "wheel",
         ])
         .args(["--url", &url, "--quiet", "--json", json.to_str().unwrap()])
         .output()
@@ -439,6 +452,12 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
         (Some(500), Some(500)),
         "{r}"
     );
+    let pacing = if cfg!(target_os = "linux") {
+        "wheel"
+    } else {
+        "tokio"
+    };
+    assert_eq!(r["pacing"], pacing, "{r}");
 }
 
 #[test]

@@ -19,6 +19,11 @@
 #      they are already placed: steady-state joins), decisions only. $RATE is
 #      `half` (default: half of the same target's wrk throughput, the "p99 at half of the
 #      maximum throughput" claim) or a number of requests/s for every target.
+# With PIN=1 the front end under test gets CPU 1 to itself with one thread (PROXY_THREADS=1)
+# and everything else (demo nodes, wrk with THREADS=1, the load tool with one runtime
+# thread) shares CPU 0: the router's own latency, as if the load came from another machine,
+# within what one core of load tool can send. PACING=wheel times the constant-rate sends
+# with the load tool's 100 µs timer wheel instead of Tokio's 1 ms timer (`load --pacing`).
 # With ROUNDS=N (default 3) the whole sequence of targets runs N times, interleaved, and the
 # table shows each figure's median over the rounds; every ratio is the median of the ratios
 # measured within a round (targets of one round ran minutes apart, not a whole run apart),
@@ -30,6 +35,7 @@
 #
 #   bash benches/compare/run.sh                       # all targets, 10 s each, 3 rounds
 #   ROUNDS=1 DURATION=5 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
+#   PIN=1 PACING=wheel ROUNDS=1 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -45,6 +51,14 @@ ROUNDS=${ROUNDS:-3}
 # worker_processes, the ceiling's runtime): the same budget for all. "auto" = their defaults
 # (one per core each).
 PROXY_THREADS=${PROXY_THREADS:-auto}
+PIN=${PIN:-0}
+PACING=${PACING:-tokio}
+FRONT_CPU=() REST_CPU=() LOAD_THREADS=()
+if [ "$PIN" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs 2 CPUs" >&2; exit 1; }
+  PROXY_THREADS=1 THREADS=1
+  FRONT_CPU=(taskset -c 1) REST_CPU=(taskset -c 0) LOAD_THREADS=(env TOKIO_WORKER_THREADS=1)
+fi
 TARGETS=${TARGETS:-"ceiling router-lookup router-redirect router-proxy haproxy nginx"}
 OUT=${OUT:-target/compare}
 export ROOMS RUST_LOG=${RUST_LOG:-warn}
@@ -105,7 +119,7 @@ start_nodes() { # ROUTER_URL
   local i port
   for i in $(seq 1 "$NODES"); do
     port=$(free_port)
-    "$BIN" demo-node --router "$1" --id "media-$i" --capacity 1000000000 \
+    "${REST_CPU[@]}" "$BIN" demo-node --router "$1" --id "media-$i" --capacity 1000000000 \
       --listen "127.0.0.1:$port" >"$OUT/node-$i.log" 2>&1 &
     PIDS+=($!)
     NODE_PORTS+=("$port")
@@ -125,7 +139,7 @@ EOF
   if ! "$BIN" check-config "$OUT/router-$1.toml" >"$OUT/router-$1.check" 2>&1; then
     return 1
   fi
-  "$BIN" serve --config "$OUT/router-$1.toml" >"$OUT/router-$1.log" 2>&1 &
+  "${FRONT_CPU[@]}" "$BIN" serve --config "$OUT/router-$1.toml" >"$OUT/router-$1.log" 2>&1 &
   PIDS+=($!)
   FRONT_PID=$!
   wait_http "http://127.0.0.1:$2/healthz"
@@ -160,7 +174,7 @@ EOF
       i=$((i + 1))
     done
   } >"$OUT/haproxy.cfg"
-  haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
+  "${FRONT_CPU[@]}" haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
   PIDS+=($!)
   FRONT_PID=$!
   wait_http "http://127.0.0.1:$1/status?room=r1"
@@ -201,7 +215,7 @@ EOF
 }
 EOF
   } >"$OUT/nginx.conf"
-  nginx -p "$OUT/nginx" -c "$OUT/nginx.conf" -g 'daemon off;' >"$OUT/nginx.log" 2>&1 &
+  "${FRONT_CPU[@]}" nginx -p "$OUT/nginx" -c "$OUT/nginx.conf" -g 'daemon off;' >"$OUT/nginx.log" 2>&1 &
   PIDS+=($!)
   FRONT_PID=$!
   wait_http "http://127.0.0.1:$1/status?room=r1"
@@ -244,7 +258,7 @@ open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as w
 run_wrk() { # NAME PORT
   local f="$OUT/wrk-$1-$ROUND.txt" t0 t1 cpu p50 p90 p99 bad
   t0=$(cpu_ticks "$FRONT_PID")
-  WRK_PATH=$(wrk_prefix "$1") wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
+  WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
     "http://127.0.0.1:$2" >"$f" 2>&1
   t1=$(cpu_ticks "$FRONT_PID")
   RPS[$1]=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$f")
@@ -260,7 +274,8 @@ run_wrk() { # NAME PORT
 
 run_rate() { # NAME PORT RATE
   local j="$OUT/rate-$1-$ROUND.json" line
-  "$BIN" load --constant-rate "$3" --url "http://127.0.0.1:$2" --duration "$DURATION" \
+  "${REST_CPU[@]}" "${LOAD_THREADS[@]}" "$BIN" load --constant-rate "$3" \
+    --url "http://127.0.0.1:$2" --duration "$DURATION" --pacing "$PACING" \
     --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
     --path "$(open_path "$1")" --max-requests $(( $3 * DURATION + 1 )) \
     --quiet --json "$j" >"$OUT/rate-$1-$ROUND.txt" 2>&1 || { cat "$OUT/rate-$1-$ROUND.txt" >&2; return 0; }
@@ -270,7 +285,8 @@ r = json.load(open(sys.argv[1]))
 l = r["latency_us"]
 print(json.dumps({"target": sys.argv[2], "kind": "rate", "rate": int(r["target_rate"]),
                   "achieved": int(r["achieved_per_s"]), "p50": l["p50"], "p99": l["p99"],
-                  "p999": l["p999"], "not_ok": r["planned"] - r["ok"]})[1:-1])
+                  "p999": l["p999"], "service_p99": r["service_us"]["p99"],
+                  "late": r["late_sends"], "not_ok": r["planned"] - r["ok"]})[1:-1])
 EOF
 )
   record "$line"
@@ -286,7 +302,7 @@ bench() { # NAME
       if [ "$PROXY_THREADS" = auto ]; then
         "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
       else
-        TOKIO_WORKER_THREADS=$PROXY_THREADS "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
+        TOKIO_WORKER_THREADS=$PROXY_THREADS "${FRONT_CPU[@]}" "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
       fi
       PIDS+=($!)
       FRONT_PID=$!
@@ -350,17 +366,17 @@ def ratios(a, b):
 def show(rs):
     return f"{statistics.median(rs):.2f}x" if rs else "-"
 
-print("| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | not ok |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | service p99 µs | late sends | not ok |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in targets:
     if not get(t, "wrk"):
-        print(f"| {t} | - | - | - | - | - | - | - | - | - | - | - | - |")
+        print(f"| {t} |" + " - |" * 14)
         continue
     print(f"| {t} | {med(t, 'wrk', 'rps')} | {show(ratios(t, 'haproxy'))} | "
           f"{med(t, 'wrk', 'p50')} | {med(t, 'wrk', 'p90')} | {med(t, 'wrk', 'p99')} | "
           f"{med(t, 'wrk', 'cpu_us')} | {med(t, 'rate', 'rate')} | {med(t, 'rate', 'achieved')} | "
           f"{med(t, 'rate', 'p50')} | {med(t, 'rate', 'p99')} | {med(t, 'rate', 'p999')} | "
-          f"{med(t, 'rate', 'not_ok')} |")
+          f"{med(t, 'rate', 'service_p99')} | {med(t, 'rate', 'late')} | {med(t, 'rate', 'not_ok')} |")
 print()
 for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
              ("router-proxy", "haproxy"), ("router-proxy", "nginx"),
@@ -371,7 +387,8 @@ for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
         print(f"{a} / {b}: {show(rs)} (median; per round: {per})")
 EOF
   echo
-  echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s, latency from the planned send"
+  echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s, latency from the planned send (service: from the actual send), paced by $PACING"
+  [ "$PIN" = 1 ] && echo "PIN=1: each front end alone on CPU 1 with one thread; demo nodes, wrk and the load tool on CPU 0"
   echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
   for t in $TARGETS; do if [ -n "${NOTE[$t]:-}" ]; then echo "$t: ${NOTE[$t]}"; fi; done
 } | tee "$OUT/results.md"

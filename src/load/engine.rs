@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::pace::Pacer;
 use super::report::{LoadReport, Percentiles, UtilSample, UtilSummary};
 use super::split::SplitDetector;
 use super::workload::{Join, WorkloadSpec};
@@ -190,9 +191,6 @@ fn util_sample(t_s: f64, loads: impl Iterator<Item = (f64, f64)>) -> Option<Util
         participants: participants as u64,
     })
 }
-
-/// How early the dispatcher may wake for a planned send (the timer's resolution).
-const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// What request tasks tell the collector.
 enum Event {
@@ -705,6 +703,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     // The dispatcher.
     let sem = Arc::new(Semaphore::new(cfg.connections));
     let mut tasks = JoinSet::new();
+    let pacer = Pacer::tokio();
     for (i, j) in schedule.joins.iter().enumerate() {
         let planned = start + j.at;
         while let Some((t, add)) = cluster_events.next_if(|e| start + e.0 <= planned) {
@@ -724,7 +723,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         }
         // Tokio's timer rounds deadlines up to the next millisecond; waking up to 1 ms early
         // keeps sends on schedule instead of systematically late (see `one_join`).
-        tokio::time::sleep_until(planned.checked_sub(TIMER_SLACK).unwrap_or(planned)).await;
+        pacer.until(planned).await;
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => p?,
             _ = tokio::time::sleep_until(hard_end) => break,

@@ -15,9 +15,11 @@
 //! Latency counts from the **planned** time: a server that stalls delays every request
 //! planned behind the stall on that connection, and all of that delay is measured (wrk2's
 //! correction), whereas the service time (from the actual send, what a closed-loop tool
-//! reports) is kept next to it for comparison. A send may leave up to 1 ms before its
-//! planned time (the timer's resolution, see [`TIMER_SLACK`]); its latency then counts from
-//! the actual send, so nothing is hidden and the average rate is unchanged.
+//! reports) is kept next to it for comparison. Sends are paced by a [`Pacer`]: by default
+//! Tokio's millisecond timer, which may send up to 1 ms early (its latency then counts from
+//! the actual send, so nothing is hidden and the average rate is unchanged); with
+//! `--pacing wheel` a 100 µs timer wheel, for sub-millisecond figures. The report says which
+//! one paced the run.
 //!
 //! Bounded everywhere: each connection sends at most its share of `floor(R x duration)`
 //! requests, every connect and exchange has a timeout, and nothing is sent or awaited after
@@ -44,12 +46,12 @@ use rand_distr::{Distribution as _, Zipf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::pace::{Pacer, Pacing};
 use super::report::{Percentiles, RateReport};
 
-/// How early a connection may wake for a planned send: Tokio's timer rounds deadlines up to
-/// the next millisecond, so waking up to 1 ms early keeps sends on schedule instead of
-/// systematically late.
-pub const TIMER_SLACK: Duration = Duration::from_millis(1);
+/// A send this long after its planned time counts as late (`late_sends`): the client fell
+/// behind, or the connection waited for a slow answer.
+pub const LATE: Duration = Duration::from_millis(1);
 
 /// Most requests one run may plan (memory and time stay bounded whatever the flags say).
 pub const MAX_PLANNED: u64 = 100_000_000;
@@ -80,6 +82,8 @@ pub struct RateConfig {
     pub seed: u64,
     /// Print a progress line every second to stderr.
     pub progress: bool,
+    /// What paces the sends (`--pacing`).
+    pub pacing: Pacing,
 }
 
 /// One checked target: where to connect and what to send.
@@ -240,6 +244,8 @@ struct ConnStats {
     ok: u64,
     late_sends: u64,
     connects: u64,
+    /// What paced the sends ([`Pacer::kind`]; `"mixed"` once merged from different ones).
+    pacing: &'static str,
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<&'static str, u64>,
     last_done: Duration,
@@ -256,6 +262,7 @@ impl ConnStats {
             ok: 0,
             late_sends: 0,
             connects: 0,
+            pacing: "",
             statuses: BTreeMap::new(),
             errors: BTreeMap::new(),
             last_done: Duration::ZERO,
@@ -276,6 +283,11 @@ impl ConnStats {
         self.ok += o.ok;
         self.late_sends += o.late_sends;
         self.connects += o.connects;
+        self.pacing = match (self.pacing, o.pacing) {
+            ("", p) | (p, "") => p,
+            (a, b) if a == b => a,
+            _ => "mixed",
+        };
         for (k, v) in o.statuses {
             *self.statuses.entry(k).or_default() += v;
         }
@@ -376,6 +388,7 @@ struct Lane {
     timeout: Duration,
     start: Instant,
     hard_end: Instant,
+    pacer: Pacer,
 }
 
 impl Lane {
@@ -407,10 +420,10 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
             st.error("not sent by the hard stop", count - k);
             break;
         }
-        tokio::time::sleep_until(planned.checked_sub(TIMER_SLACK).unwrap_or(planned)).await;
+        lane.pacer.until(planned).await;
         let sent = Instant::now();
         let deadline = (sent + lane.timeout).min(lane.hard_end);
-        if sent > planned + TIMER_SLACK {
+        if sent > planned + LATE {
             st.late_sends += 1;
         }
         st.sent += 1;
@@ -463,6 +476,7 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
             }
         }
     }
+    st.pacing = lane.pacer.kind();
     st
 }
 
@@ -513,6 +527,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
     let start = Instant::now() + Duration::from_millis(20);
     let hard_end = start + cfg.duration + cfg.timeout;
     let rooms = RoomPick::new(cfg.rooms, cfg.zipf_s);
+    let pacer = Pacer::new(cfg.pacing);
     let mut tasks = tokio::task::JoinSet::new();
     for (c, conn) in conns.into_iter().enumerate() {
         let t = &targets[c % targets.len()];
@@ -529,6 +544,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
             timeout: cfg.timeout,
             start,
             hard_end,
+            pacer: pacer.clone(),
         };
         tasks.spawn(drive(lane, Some(conn), progress.clone()));
     }
@@ -602,6 +618,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         elapsed_s: elapsed,
         achieved_per_s: total.answered as f64 / elapsed,
         late_sends: total.late_sends,
+        pacing: total.pacing.to_string(),
         reconnects: total.connects,
         latency_us: Percentiles::of(&total.latency),
         service_us: Percentiles::of(&total.service),
@@ -693,6 +710,7 @@ mod tests {
             max_requests: 1_000_000,
             seed: 1,
             progress: false,
+            pacing: Pacing::Tokio,
         }
     }
 
@@ -757,12 +775,25 @@ mod tests {
     /// Coordinated omission: one answer stalls for 300 ms. Every request planned behind it
     /// on that connection waits, and from the plan that wait is latency, so p99 is of the
     /// stall's order. Timed from the actual send (what a closed loop reports), only one
-    /// request in 1 500 was slow and p99 stays small.
+    /// request in 1 500 was slow and p99 stays small. The same whatever paces the sends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stall_shows_in_latency_from_the_plan_but_not_in_service_time() {
+        for pacing in [Pacing::Tokio, Pacing::Wheel] {
+            a_stall_shows_paced_by(pacing).await;
+        }
+    }
+
+    async fn a_stall_shows_paced_by(pacing: Pacing) {
         let stall = Duration::from_millis(300);
         let server = TestServer::start(Some(300), stall).await;
-        let r = bounded(config(&server.url, 1_000.0, 1.5, 1)).await.unwrap();
+        let mut cfg = config(&server.url, 1_000.0, 1.5, 1);
+        cfg.pacing = pacing;
+        let r = bounded(cfg).await.unwrap();
+        let expected = match pacing {
+            Pacing::Wheel if cfg!(target_os = "linux") => "wheel",
+            _ => "tokio",
+        };
+        assert_eq!(r.pacing, expected, "{}", r.table());
         assert_eq!((r.planned, r.answered), (1_500, 1_500), "{}", r.table());
         assert_eq!(server.requests.load(Ordering::SeqCst), 1_500);
         assert!(r.latency_us.max >= 300_000, "{}", r.table());

@@ -231,6 +231,10 @@ pub struct RateReport {
     /// Sends that left more than 1 ms after their planned time (the client fell behind,
     /// or a connection waited for a slow answer).
     pub late_sends: u64,
+    /// What paced the sends: `wheel` (`--pacing wheel`, Linux: at most about 100 µs after
+    /// the plan) or `tokio` (1 ms timer: up to 1 ms early); `mixed` if the wheel's timer
+    /// failed during the run. See `load::pace`.
+    pub pacing: String,
     /// Connections opened during the run (after a close, timeout or failure).
     pub reconnects: u64,
     /// Latency of answered requests from the *planned* send time (no coordinated omission).
@@ -289,8 +293,8 @@ impl RateReport {
         );
         let _ = writeln!(
             s,
-            "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {}",
-            self.target_rate, self.achieved_per_s, self.connections, self.late_sends, self.reconnects
+            "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {}  paced by {}",
+            self.target_rate, self.achieved_per_s, self.connections, self.late_sends, self.reconnects, self.pacing
         );
         latency_header(&mut s);
         latency_row(&mut s, "from plan (constant)", &self.latency_us);

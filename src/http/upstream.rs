@@ -130,8 +130,9 @@ impl Pooled for Lane {
     }
 }
 
-/// Idle connections per node, most recently used last. Shared by the lanes here and the
-/// fast path's raw connections (`h1::pool`).
+/// Idle connections per node, most recently used last (so oldest first: each list is in
+/// the order its connections went idle). Shared by the lanes here and the fast path's raw
+/// connections (`h1::pool`).
 pub(crate) struct Idle<T> {
     lanes: DashMap<Arc<str>, Vec<(Box<T>, Instant)>>,
     max_per_node: usize,
@@ -158,9 +159,13 @@ impl<T: Pooled + Send + Sync + 'static> Idle<T> {
         if self.max_per_node == 0 {
             return;
         }
-        let now = Instant::now();
         let mut v = self.lanes.entry(lane.key().clone()).or_default();
-        v.retain(|(_, since)| now.duration_since(*since) < self.timeout);
+        // Read under the node's lock, so each list stays in the order its connections went
+        // idle: the expired ones are a prefix, dropped without looking at the rest (this
+        // runs after every proxied request, with up to `max_per_node` entries).
+        let now = Instant::now();
+        let expired = v.partition_point(|(_, since)| now.duration_since(*since) >= self.timeout);
+        v.drain(..expired);
         if v.len() < self.max_per_node {
             v.push((lane, now));
         }
@@ -357,5 +362,76 @@ impl Drop for LaneBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in connection: its node, a name, and whether it is still open.
+    struct Fake {
+        key: Arc<str>,
+        name: &'static str,
+        open: bool,
+    }
+
+    impl Pooled for Fake {
+        fn key(&self) -> &Arc<str> {
+            &self.key
+        }
+        fn reusable(&mut self) -> bool {
+            self.open
+        }
+        fn mark_reused(&mut self) {}
+    }
+
+    fn conn(node: &str, name: &'static str) -> Box<Fake> {
+        Box::new(Fake {
+            key: Arc::from(node),
+            name,
+            open: true,
+        })
+    }
+
+    #[test]
+    fn the_connection_used_last_goes_out_first_and_only_to_its_own_node() {
+        let idle = Idle::new(8, Duration::from_secs(60));
+        idle.put(conn("n1", "a"));
+        idle.put(conn("n1", "b"));
+        idle.put(conn("n2", "c"));
+        assert_eq!(idle.take("n1").unwrap().name, "b");
+        assert_eq!(idle.take("n1").unwrap().name, "a");
+        assert!(idle.take("n1").is_none());
+        assert_eq!(idle.take("n2").unwrap().name, "c");
+    }
+
+    #[test]
+    fn a_node_keeps_at_most_its_cap_and_a_closed_connection_is_never_handed_out() {
+        let idle = Idle::new(2, Duration::from_secs(60));
+        idle.put(conn("n1", "a"));
+        let mut closed = conn("n1", "b");
+        closed.open = false;
+        idle.put(closed);
+        idle.put(conn("n1", "over the cap"));
+        assert_eq!(idle.len(), 2);
+        assert_eq!(idle.take("n1").unwrap().name, "a", "b was closed");
+        assert!(idle.take("n1").is_none());
+    }
+
+    #[test]
+    fn expired_connections_give_up_their_places_under_the_cap() {
+        let idle = Idle::new(2, Duration::from_millis(200));
+        idle.put(conn("n1", "old 1"));
+        idle.put(conn("n1", "old 2"));
+        std::thread::sleep(Duration::from_millis(250));
+        // Both old ones have expired: the new ones take their places instead of being
+        // turned away by a full list.
+        idle.put(conn("n1", "new 1"));
+        idle.put(conn("n1", "new 2"));
+        assert_eq!(idle.len(), 2);
+        assert_eq!(idle.take("n1").unwrap().name, "new 2");
+        assert_eq!(idle.take("n1").unwrap().name, "new 1");
+        assert!(idle.take("n1").is_none());
     }
 }

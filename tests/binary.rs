@@ -458,6 +458,12 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
         "tokio"
     };
     assert_eq!(r["pacing"], pacing, "{r}");
+    if cfg!(target_os = "linux") {
+        assert!(
+            r["load_tool_cores"].as_f64().is_some_and(|c| c > 0.0),
+            "{r}"
+        );
+    }
 }
 
 #[test]

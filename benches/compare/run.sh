@@ -286,7 +286,8 @@ l = r["latency_us"]
 print(json.dumps({"target": sys.argv[2], "kind": "rate", "rate": int(r["target_rate"]),
                   "achieved": int(r["achieved_per_s"]), "p50": l["p50"], "p99": l["p99"],
                   "p999": l["p999"], "service_p99": r["service_us"]["p99"],
-                  "late": r["late_sends"], "not_ok": r["planned"] - r["ok"]})[1:-1])
+                  "late": r["late_sends"], "load_tool_cores": r.get("load_tool_cores"),
+                  "not_ok": r["planned"] - r["ok"]})[1:-1])
 EOF
 )
   record "$line"
@@ -352,6 +353,8 @@ def med(target, kind, key):
     if not v:
         return "-"
     m = statistics.median(v)
+    if key == "load_tool_cores":
+        return f"{m:.2f}"
     return f"{m:.1f}" if key == "cpu_us" else str(int(m))
 
 def ratios(a, b):
@@ -366,17 +369,18 @@ def ratios(a, b):
 def show(rs):
     return f"{statistics.median(rs):.2f}x" if rs else "-"
 
-print("| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | service p99 µs | late sends | not ok |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| target | wrk req/s | vs HAProxy | p50 µs | p90 µs | p99 µs | CPU µs/req | constant rate req/s | achieved | p50 µs | p99 µs | p99.9 µs | service p99 µs | late sends | load tool cores | not ok |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in targets:
     if not get(t, "wrk"):
-        print(f"| {t} |" + " - |" * 14)
+        print(f"| {t} |" + " - |" * 15)
         continue
     print(f"| {t} | {med(t, 'wrk', 'rps')} | {show(ratios(t, 'haproxy'))} | "
           f"{med(t, 'wrk', 'p50')} | {med(t, 'wrk', 'p90')} | {med(t, 'wrk', 'p99')} | "
           f"{med(t, 'wrk', 'cpu_us')} | {med(t, 'rate', 'rate')} | {med(t, 'rate', 'achieved')} | "
           f"{med(t, 'rate', 'p50')} | {med(t, 'rate', 'p99')} | {med(t, 'rate', 'p999')} | "
-          f"{med(t, 'rate', 'service_p99')} | {med(t, 'rate', 'late')} | {med(t, 'rate', 'not_ok')} |")
+          f"{med(t, 'rate', 'service_p99')} | {med(t, 'rate', 'late')} | "
+          f"{med(t, 'rate', 'load_tool_cores')} | {med(t, 'rate', 'not_ok')} |")
 print()
 for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
              ("router-proxy", "haproxy"), ("router-proxy", "nginx"),

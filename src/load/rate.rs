@@ -480,6 +480,21 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
     st
 }
 
+/// This process's CPU time so far (all threads, user and system), where the platform tells.
+#[cfg(target_os = "linux")]
+fn own_cpu() -> Option<Duration> {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Some(Duration::new(
+        t.tv_sec.try_into().ok()?,
+        t.tv_nsec.try_into().ok()?,
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn own_cpu() -> Option<Duration> {
+    None
+}
+
 /// Records `d` in microseconds (at least 1), growing the histogram as needed
 /// (`saturating_record` would clamp to its current range instead).
 fn record(h: &mut Histogram<u64>, d: Duration) {
@@ -528,6 +543,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
     let hard_end = start + cfg.duration + cfg.timeout;
     let rooms = RoomPick::new(cfg.rooms, cfg.zipf_s);
     let pacer = Pacer::new(cfg.pacing);
+    let cpu_from = (Instant::now(), own_cpu());
     let mut tasks = tokio::task::JoinSet::new();
     for (c, conn) in conns.into_iter().enumerate() {
         let t = &targets[c % targets.len()];
@@ -590,6 +606,12 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         t.abort();
     }
     total.error("connection task aborted", aborted);
+    let load_tool_cores = match (cpu_from.1, own_cpu()) {
+        (Some(a), Some(b)) => {
+            Some(b.saturating_sub(a).as_secs_f64() / cpu_from.0.elapsed().as_secs_f64().max(1e-9))
+        }
+        _ => None,
+    };
 
     let elapsed = total.last_done.as_secs_f64().max(1e-9);
     Ok(RateReport {
@@ -619,6 +641,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         achieved_per_s: total.answered as f64 / elapsed,
         late_sends: total.late_sends,
         pacing: total.pacing.to_string(),
+        load_tool_cores,
         reconnects: total.connects,
         latency_us: Percentiles::of(&total.latency),
         service_us: Percentiles::of(&total.service),
@@ -750,6 +773,13 @@ mod tests {
         );
         assert_eq!(r.latency_us.count, 2_000);
         assert!(r.latency_us.p50 <= r.latency_us.p99 && r.latency_us.p99 <= r.latency_us.max);
+        if cfg!(target_os = "linux") {
+            let cores = r
+                .load_tool_cores
+                .expect("Linux tells a process its CPU time");
+            assert!(cores > 0.0 && cores < 64.0, "{}", r.table());
+            assert!(r.table().contains("cores busy"), "{}", r.table());
+        }
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["statuses"]["307"], 2_000);
         assert!(json["latency_us"]["p999"].as_u64().is_some());
@@ -804,6 +834,11 @@ mod tests {
         assert!(
             r.late_sends >= 250,
             "sends queued behind the stall: {}",
+            r.table()
+        );
+        assert!(
+            r.table().contains("of sends left more than 1 ms late"),
+            "the table points at the late sends: {}",
             r.table()
         );
     }

@@ -235,6 +235,10 @@ pub struct RateReport {
     /// the plan) or `tokio` (1 ms timer: up to 1 ms early); `mixed` if the wheel's timer
     /// failed during the run. See `load::pace`.
     pub pacing: String,
+    /// CPU the load tool itself used during the run, in cores (1.0: one core busy the whole
+    /// time; Linux only). Near the cores it has, the load tool is its own bottleneck: its
+    /// late sends, and the latency from plan they add, are its own, not the server's.
+    pub load_tool_cores: Option<f64>,
     /// Connections opened during the run (after a close, timeout or failure).
     pub reconnects: u64,
     /// Latency of answered requests from the *planned* send time (no coordinated omission).
@@ -296,6 +300,19 @@ impl RateReport {
             "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {}  paced by {}",
             self.target_rate, self.achieved_per_s, self.connections, self.late_sends, self.reconnects, self.pacing
         );
+        if let Some(c) = self.load_tool_cores {
+            let _ = writeln!(
+                s,
+                "  load tool  {c:.2} cores busy (its own CPU over the run)"
+            );
+        }
+        if self.late_sends * 100 > self.sent {
+            let _ = writeln!(
+                s,
+                "  note       {:.1}% of sends left more than 1 ms late: latency from plan includes the load tool's own delay (is it short of CPU?) or a slow connection's",
+                self.late_sends as f64 * 100.0 / self.sent as f64
+            );
+        }
         latency_header(&mut s);
         latency_row(&mut s, "from plan (constant)", &self.latency_us);
         latency_row(&mut s, "service (from send)", &self.service_us);

@@ -309,7 +309,7 @@ impl RateReport {
         if self.late_sends * 100 > self.sent {
             let _ = writeln!(
                 s,
-                "  note       {:.1}% of sends left more than 1 ms late: latency from plan includes the load tool's own delay (is it short of CPU?) or a slow connection's",
+                "  note       {:.1}% of sends left more than 1 ms late: latency from plan includes the load tool's own delay (short of CPU, or Tokio's timer firing late: try --pacing wheel) or a slow connection's",
                 self.late_sends as f64 * 100.0 / self.sent as f64
             );
         }

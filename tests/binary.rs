@@ -424,45 +424,49 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let json = std::env::temp_dir().join(format!("roomrouter-rate-{port}.json"));
-    let out = clean_env(&mut Command::new(BIN))
-        .args([
-            "load",
-            "--constant-rate",
-            "500",
-            "--duration",
-            "1",
-            "--connections",
-            "4",
-            "--pacing",
-            "wheel",
-        ])
-        .args(["--url", &url, "--quiet", "--json", json.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let table = stdout_of_success(&out);
-    assert!(
-        table.contains("from plan (constant)") && table.contains("307: 500"),
-        "{table}"
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
-    assert_eq!(
-        (r["planned"].as_u64(), r["ok"].as_u64()),
-        (Some(500), Some(500)),
-        "{r}"
-    );
-    let pacing = if cfg!(target_os = "linux") {
+    // The wheel is Linux's (a timerfd) and falls back to Tokio's timer elsewhere; spin
+    // paces on any platform.
+    let wheel = if cfg!(target_os = "linux") {
         "wheel"
     } else {
         "tokio"
     };
-    assert_eq!(r["pacing"], pacing, "{r}");
-    if cfg!(target_os = "linux") {
+    for (pacing, paced_by) in [("wheel", wheel), ("spin", "spin")] {
+        let json = std::env::temp_dir().join(format!("roomrouter-rate-{port}-{pacing}.json"));
+        let out = clean_env(&mut Command::new(BIN))
+            .args([
+                "load",
+                "--constant-rate",
+                "500",
+                "--duration",
+                "1",
+                "--connections",
+                "4",
+                "--pacing",
+                pacing,
+            ])
+            .args(["--url", &url, "--quiet", "--json", json.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let table = stdout_of_success(&out);
         assert!(
-            r["load_tool_cores"].as_f64().is_some_and(|c| c > 0.0),
+            table.contains("from plan (constant)") && table.contains("307: 500"),
+            "{table}"
+        );
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&json);
+        assert_eq!(
+            (r["planned"].as_u64(), r["ok"].as_u64()),
+            (Some(500), Some(500)),
             "{r}"
         );
+        assert_eq!(r["pacing"], paced_by, "{r}");
+        if cfg!(target_os = "linux") {
+            assert!(
+                r["load_tool_cores"].as_f64().is_some_and(|c| c > 0.0),
+                "{r}"
+            );
+        }
     }
 }
 

@@ -23,7 +23,9 @@
 # and everything else (demo nodes, wrk with THREADS=1, the load tool with one runtime
 # thread) shares CPU 0: the router's own latency, as if the load came from another machine,
 # within what one core of load tool can send. PACING=wheel times the constant-rate sends
-# with the load tool's 100 µs timer wheel instead of Tokio's 1 ms timer (`load --pacing`).
+# with the load tool's 100 µs timer wheel instead of Tokio's 1 ms timer; PACING=spin with a
+# 10 µs wheel on a load tool that never sleeps (a whole core: use it with PIN=1; see
+# `load --pacing`).
 # With ROUNDS=N (default 3) the whole sequence of targets runs N times, interleaved, and the
 # table shows each figure's median over the rounds; every ratio is the median of the ratios
 # measured within a round (targets of one round ran minutes apart, not a whole run apart),
@@ -35,7 +37,7 @@
 #
 #   bash benches/compare/run.sh                       # all targets, 10 s each, 3 rounds
 #   ROUNDS=1 DURATION=5 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
-#   PIN=1 PACING=wheel ROUNDS=1 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
+#   PIN=1 PACING=spin ROUNDS=1 TARGETS="ceiling router-redirect" bash benches/compare/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

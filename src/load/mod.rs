@@ -90,8 +90,10 @@ pub struct LoadArgs {
     )]
     pub constant_rate: Option<f64>,
     /// Constant-rate mode: what paces the sends. `tokio` (1 ms timer: sends up to 1 ms
-    /// early, in 1 ms batches) or `wheel` (Linux: a 100 µs timer wheel, for sub-millisecond
-    /// latency figures; costs the load tool 10 000 timer wake-ups a second).
+    /// early, in 1 ms batches), `wheel` (Linux: a 100 µs timer wheel, for sub-millisecond
+    /// latency figures; costs the load tool 10 000 timer wake-ups a second) or `spin` (a
+    /// 10 µs wheel and a runtime that never sleeps: the load tool's own wake-ups leave the
+    /// figures; costs it a whole core, so give it one of its own).
     #[arg(long, value_enum, default_value_t = Pacing::Tokio, requires = "constant_rate")]
     pub pacing: Pacing,
     /// Constant-rate mode: room names are this prefix and a number in 1..=--rooms (`r`

@@ -18,8 +18,9 @@
 //! reports) is kept next to it for comparison. Sends are paced by a [`Pacer`]: by default
 //! Tokio's millisecond timer, which may send up to 1 ms early (its latency then counts from
 //! the actual send, so nothing is hidden and the average rate is unchanged); with
-//! `--pacing wheel` a 100 µs timer wheel, for sub-millisecond figures. The report says which
-//! one paced the run.
+//! `--pacing wheel` a 100 µs timer wheel, for sub-millisecond figures; with `--pacing spin`
+//! a 10 µs wheel on a runtime that never sleeps, for a load tool with a core of its own.
+//! The report says which one paced the run.
 //!
 //! Bounded everywhere: each connection sends at most its share of `floor(R x duration)`
 //! requests, every connect and exchange has a timeout, and nothing is sent or awaited after
@@ -806,7 +807,7 @@ mod tests {
     /// request in 1 500 was slow and p99 stays small. The same whatever paces the sends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stall_shows_in_latency_from_the_plan_but_not_in_service_time() {
-        for pacing in [Pacing::Tokio, Pacing::Wheel] {
+        for pacing in [Pacing::Tokio, Pacing::Wheel, Pacing::Spin] {
             a_stall_shows_paced_by(pacing).await;
         }
     }
@@ -818,6 +819,7 @@ mod tests {
         cfg.pacing = pacing;
         let r = bounded(cfg).await.unwrap();
         let expected = match pacing {
+            Pacing::Spin => "spin",
             Pacing::Wheel if cfg!(target_os = "linux") => "wheel",
             _ => "tokio",
         };

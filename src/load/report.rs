@@ -231,13 +231,15 @@ pub struct RateReport {
     /// Sends that left more than 1 ms after their planned time (the client fell behind,
     /// or a connection waited for a slow answer).
     pub late_sends: u64,
-    /// What paced the sends: `wheel` (`--pacing wheel`, Linux: at most about 100 µs after
-    /// the plan) or `tokio` (1 ms timer: up to 1 ms early); `mixed` if the wheel's timer
+    /// What paced the sends: `spin` (`--pacing spin`: at most about 10 µs after the plan,
+    /// the load tool never sleeps), `wheel` (`--pacing wheel`, Linux: at most about 100 µs
+    /// after) or `tokio` (1 ms timer: up to 1 ms early); `mixed` if the wheel's timer
     /// failed during the run. See `load::pace`.
     pub pacing: String,
     /// CPU the load tool itself used during the run, in cores (1.0: one core busy the whole
     /// time; Linux only). Near the cores it has, the load tool is its own bottleneck: its
-    /// late sends, and the latency from plan they add, are its own, not the server's.
+    /// late sends, and the latency from plan they add, are its own, not the server's. A
+    /// spin-paced run reads at least 1.0 by design; its late sends tell instead.
     pub load_tool_cores: Option<f64>,
     /// Connections opened during the run (after a close, timeout or failure).
     pub reconnects: u64,
@@ -309,7 +311,7 @@ impl RateReport {
         if self.late_sends * 100 > self.sent {
             let _ = writeln!(
                 s,
-                "  note       {:.1}% of sends left more than 1 ms late: latency from plan includes the load tool's own delay (short of CPU, or Tokio's timer firing late: try --pacing wheel) or a slow connection's",
+                "  note       {:.1}% of sends left more than 1 ms late: latency from plan includes the load tool's own delay (short of CPU, or Tokio's timer firing late: try --pacing wheel, or spin with a core to spare) or a slow connection's",
                 self.late_sends as f64 * 100.0 / self.sent as f64
             );
         }

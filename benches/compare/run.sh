@@ -7,6 +7,11 @@
 #   router-proxy-hyper  the same with server.fast_path = false: every request through hyper
 #                   (the fast path's own before/after, not in the default TARGETS)
 #   haproxy         balance url_param room, hash-type consistent, hash-balance-factor 125
+#   haproxy-headers the same, also sending the headers the router's proxy mode must send
+#                   (X-Forwarded-For/-Proto/-Host, X-Room-Node both ways, and a fixed
+#                   stand-in of a ticket's length for X-Room-Ticket: HAProxy cannot sign
+#                   one): like-for-like bytes and header work, only the signing differs
+#                   (not in the default TARGETS)
 #   nginx           hash $arg_room consistent
 # Each target gets fresh demo nodes (`roomrouter demo-node`), then
 #   1. wrk (closed loop, max throughput): $DURATION s, $THREADS threads, $CONNS connections,
@@ -149,7 +154,10 @@ EOF
   wait_http "http://127.0.0.1:$2/readyz"
 }
 
-start_haproxy() { # PORT
+# A ticket's length of base64url (the router's are about 270 characters).
+TICKET_STANDIN=$(head -c 204 /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')
+
+start_haproxy() { # PORT [with the router's headers: 1]
   start_nodes "http://127.0.0.1:9" # nobody to heartbeat to; the nodes serve anyway
   {
     cat <<EOF
@@ -170,6 +178,16 @@ backend nodes
   hash-type consistent
   hash-balance-factor 125
 EOF
+    if [ "${2:-0}" = 1 ]; then
+      cat <<EOF
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header X-Room-Ticket $TICKET_STANDIN
+  http-send-name-header X-Room-Node
+  http-response set-header X-Room-Node %[srv_name]
+EOF
+    fi
     local i=1 port
     for port in "${NODE_PORTS[@]}"; do
       echo "  server media-$i 127.0.0.1:$port"
@@ -320,6 +338,7 @@ bench() { # NAME
       fi ;;
     router-proxy-hyper) start_router proxy "$port" false ;;
     haproxy) start_haproxy "$port" ;;
+    haproxy-headers) start_haproxy "$port" 1 ;;
     nginx) start_nginx "$port" ;;
     *) echo "unknown target $name" >&2; return 1 ;;
   esac
@@ -329,7 +348,10 @@ bench() { # NAME
   if [ "$rate" -gt 0 ] 2>/dev/null; then
     run_rate "$name" "$port" "$rate"
   else
-    NOTE[$name]="${NOTE[$name]:-}no constant-rate run (rate $rate); "
+    case "${NOTE[$name]:-}" in
+      *"no constant-rate run"*) ;; # once, not once per round
+      *) NOTE[$name]="${NOTE[$name]:-}no constant-rate run (rate $rate); " ;;
+    esac
   fi
   stop_started
 }
@@ -385,7 +407,8 @@ for t in targets:
           f"{med(t, 'rate', 'load_tool_cores')} | {med(t, 'rate', 'not_ok')} |")
 print()
 for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
-             ("router-proxy", "haproxy"), ("router-proxy", "nginx"),
+             ("router-proxy", "haproxy"), ("router-proxy", "haproxy-headers"),
+             ("haproxy-headers", "haproxy"), ("router-proxy", "nginx"),
              ("router-proxy", "router-proxy-hyper"), ("router-proxy-hyper", "haproxy")]:
     rs = ratios(a, b)
     if rs:

@@ -53,7 +53,7 @@ pub enum Pacing {
     /// A 100 µs timer wheel (Linux): sends at most about 100 µs late, evenly spread; costs
     /// the load tool 10 000 timer wake-ups a second.
     Wheel,
-    /// A 10 µs wheel turned by a task that never sleeps: sends a few µs late at most, and
+    /// A 10 µs wheel turned by a task that never sleeps: sends at most about 10 µs late, and
     /// the runtime polls its sockets between turns instead of sleeping; costs the load tool
     /// a whole core for the run. For a load tool on a core of its own.
     Spin,

@@ -29,7 +29,8 @@
 # thread) shares CPU 0: the router's own latency, as if the load came from another machine,
 # within what one core of load tool can send. PACING=wheel times the constant-rate sends
 # with the load tool's 100 µs timer wheel instead of Tokio's 1 ms timer; PACING=spin with a
-# 10 µs wheel on a load tool that never sleeps (a whole core: use it with PIN=1; see
+# 10 µs wheel on a load tool that never sleeps (a whole core: use it with PIN=1, for the
+# targets that answer themselves, since the demo nodes a proxy needs share its CPU 0; see
 # `load --pacing`).
 # With ROUNDS=N (default 3) the whole sequence of targets runs N times, interleaved, and the
 # table shows each figure's median over the rounds; every ratio is the median of the ratios

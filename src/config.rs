@@ -56,6 +56,8 @@ pub struct ServerConfig {
     /// Runtime worker threads for `roomrouter serve`. Default: one per CPU core. Fewer
     /// leaves cores to what shares the machine (media processes, a load generator).
     pub worker_threads: Option<usize>,
+    /// How those threads serve the listener: see [`RuntimeModel`].
+    pub runtime: RuntimeModel,
     /// Serve front-door requests on HTTP/1.1 through the fast path (`http::h1`): heads
     /// parsed once, bodies relayed as bytes. Off: hyper serves every request.
     pub fast_path: bool,
@@ -72,9 +74,42 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
             worker_threads: None,
+            runtime: RuntimeModel::default(),
             fast_path: true,
         }
     }
+}
+
+impl ServerConfig {
+    /// The threads `serve` runs: `worker_threads`, else one per core.
+    pub fn threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
+    /// How many event loops accept and serve the front door's connections: one per thread
+    /// with `runtime = "per_thread"`, else one (the shared runtime's).
+    pub fn event_loops(&self) -> usize {
+        match self.runtime {
+            RuntimeModel::PerThread => self.threads(),
+            RuntimeModel::Shared => 1,
+        }
+    }
+}
+
+/// How `serve`'s threads share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeModel {
+    /// One multi-threaded Tokio runtime: its workers share one I/O driver and steal each
+    /// other's tasks.
+    Shared,
+    /// One single-threaded runtime per thread, each accepting from the same listening
+    /// socket and serving its connections start to end with its own upstream connections
+    /// (as HAProxy's and nginx's threads do): no task or socket wake-up crosses threads.
+    #[default]
+    PerThread,
 }
 
 /// How user requests reach their node.
@@ -1149,6 +1184,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("store.learned_file"), "{e}");
+    }
+
+    #[test]
+    fn the_runtime_is_per_thread_unless_set_to_shared() {
+        let d = Config::default().server;
+        assert_eq!(d.runtime, RuntimeModel::PerThread);
+        assert_eq!(d.event_loops(), d.threads());
+        let c = Config::parse("[server]\nruntime = \"shared\"\nworker_threads = 3\n").unwrap();
+        assert_eq!(c.server.runtime, RuntimeModel::Shared);
+        assert_eq!(c.server.event_loops(), 1);
+        let c = Config::parse("[server]\nruntime = \"per_thread\"\nworker_threads = 3\n").unwrap();
+        assert_eq!(c.server.event_loops(), 3);
+        let e = Config::parse("[server]\nruntime = \"green\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("runtime"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use roomrouter::config::{Config, LogFormat};
+use roomrouter::config::{Config, LogFormat, RuntimeModel, ServerConfig};
 use roomrouter::demo::node::{DemoNode, DemoNodeConfig};
 
 /// mimalloc instead of the system allocator: a proxied request allocates and frees dozens of
@@ -86,9 +86,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = match cli.cmd {
         // `serve` reads its configuration before the runtime exists: it sizes the runtime.
-        Cmd::Serve { config, listen } => serve_config(config.as_deref(), listen).and_then(|cfg| {
-            runtime(cfg.server.worker_threads)?.block_on(serve_with(cfg, cli.log_json))
-        }),
+        Cmd::Serve { config, listen } => serve_config(config.as_deref(), listen)
+            .and_then(|cfg| serve_runtime(&cfg.server)?.block_on(serve_with(cfg, cli.log_json))),
         cmd => runtime(None).and_then(|rt| rt.block_on(run(cmd, cli.log_json))),
     };
     match done {
@@ -109,6 +108,19 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
+}
+
+/// The runtime `serve` starts on. With `server.runtime = "per_thread"` it is event loop 0
+/// (a single thread, also running the background tasks) and `http::loops` starts the
+/// others; with `"shared"` one multi-threaded runtime of `worker_threads` workers.
+fn serve_runtime(cfg: &ServerConfig) -> anyhow::Result<tokio::runtime::Runtime> {
+    match cfg.runtime {
+        RuntimeModel::Shared => runtime(cfg.worker_threads),
+        RuntimeModel::PerThread => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}")),
+    }
 }
 
 /// The configuration `serve` runs with: the file (or the defaults and the environment),

@@ -281,19 +281,7 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     );
 
     // A graceful stop (SIGTERM) writes the file; a restart reads it.
-    let stopped = Command::new("kill")
-        .args(["-TERM", &router.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while router.0.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the router did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    terminate(&mut router.0).await;
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("\tclass-7b"), "{text}");
     let (_router, url) = serve_with(&config);
@@ -309,6 +297,111 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
         (10, "default".into())
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sends SIGTERM and waits (bounded) for the process to exit; returns whether it exited 0.
+async fn terminate(child: &mut Child) -> bool {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Proxy mode through the real binary under each runtime model: concurrent clients all
+/// reach their room's node, and SIGTERM stops every thread.
+#[tokio::test]
+async fn both_runtime_models_proxy_concurrent_joins_and_stop_on_sigterm() {
+    for runtime in ["per_thread", "shared"] {
+        let dir = std::env::temp_dir().join(format!(
+            "rr-runtime-{runtime}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("router.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nruntime = \"{runtime}\"\nworker_threads = 3\n\
+                 [front_door]\nmode = \"proxy\"\n"
+            ),
+        )
+        .unwrap();
+        let (mut router, url) = serve_with(&config);
+        wait_http(&format!("{url}/healthz")).await;
+        let _node = Reaper(
+            clean_env(&mut Command::new(BIN))
+                .args([
+                    "demo-node",
+                    "--router",
+                    &url,
+                    "--id",
+                    "n1",
+                    "--capacity",
+                    "1000",
+                ])
+                .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+                .env("ROOMROUTER_TICKET_SECRET", SECRET)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_http(&format!("{url}/readyz")).await;
+        #[cfg(target_os = "linux")]
+        {
+            let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", router.0.id()))
+                .unwrap()
+                .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+                .map(|name| name.trim().to_string())
+                .collect();
+            let loops = threads
+                .iter()
+                .filter(|n| n.starts_with("roomrouter-loop"))
+                .count();
+            let workers = threads.iter().filter(|n| n.starts_with("tokio-")).count();
+            match runtime {
+                // Loop 0 is the main thread; loops 1 and 2 have threads of their own.
+                "per_thread" => assert_eq!((loops, workers), (2, 0), "{threads:?}"),
+                _ => assert_eq!((loops, workers), (0, 3), "{threads:?}"),
+            }
+        }
+        // 24 clients, each with its own keep-alive connection, 5 joins each.
+        let mut clients = tokio::task::JoinSet::new();
+        for c in 0..24 {
+            let url = url.clone();
+            clients.spawn(async move {
+                let http = client();
+                for j in 0..5 {
+                    let resp = http
+                        .get(format!("{url}/rooms/room-{}", (c + j) % 7))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(resp.status(), 200);
+                    assert_eq!(resp.headers()["x-room-node"], "n1");
+                    let joined: serde_json::Value = resp.json().await.unwrap();
+                    assert_eq!(joined["node"], "n1");
+                }
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done.unwrap();
+        }
+        assert!(terminate(&mut router.0).await, "{runtime}: exit status");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 #[tokio::test]

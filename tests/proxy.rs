@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{expect_error, heartbeat, proxy_config, TestRouter, SECRET};
+use common::{expect_error, heartbeat, one_loop, proxy_config, TestRouter, SECRET};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty, StreamBody};
@@ -472,7 +472,7 @@ async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
 
 #[tokio::test]
 async fn upstream_connections_are_reused_and_a_node_closing_one_costs_no_request() {
-    let r = TestRouter::start(proxy_config()).await;
+    let r = TestRouter::start(one_loop(proxy_config())).await;
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
     // Five clients one after the other: one upstream connection carries them all.
@@ -497,7 +497,7 @@ async fn upstream_connections_are_reused_and_a_node_closing_one_costs_no_request
 
 #[tokio::test]
 async fn a_response_abandoned_midway_closes_its_upstream_connection_and_nothing_else() {
-    let r = TestRouter::start(proxy_config()).await;
+    let r = TestRouter::start(one_loop(proxy_config())).await;
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
     // An upload echoed back frame by frame; the client reads one frame and goes away.
@@ -520,6 +520,46 @@ async fn a_response_abandoned_midway_closes_its_upstream_connection_and_nothing_
     r.stop().await;
 }
 
+#[tokio::test]
+async fn each_event_loop_serves_its_share_of_clients_with_upstream_connections_of_its_own() {
+    let mut cfg = proxy_config();
+    cfg.server.runtime = roomrouter::config::RuntimeModel::PerThread;
+    cfg.server.worker_threads = Some(3);
+    cfg.validate().unwrap();
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    // Three clients connect and stay: one per loop, since each goes to the loop with the
+    // fewest open connections.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        clients.push(send);
+    }
+    for round in 0..3 {
+        for send in &mut clients {
+            let req = Request::get(format!("/rooms/loops?round={round}"))
+                .header("host", r.addr.to_string())
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.into_body().collect().await.unwrap();
+        }
+    }
+    // One pool would have carried all nine one after another on one connection; each loop
+    // opened one of its own and reused it for its client's next requests.
+    assert_eq!(up.connections(), 3);
+    r.stop().await;
+}
+
 /// `n` clients at once, each on its own connection, each held 300 ms by the node: the node
 /// has `n` requests in flight together.
 async fn wave(r: &TestRouter, n: usize) {
@@ -536,7 +576,7 @@ async fn a_burst_of_a_hundred_requests_to_one_node_reuses_its_connections_next_t
     // With the default settings. (Up to the fifth session the default kept 32 idle
     // connections per node: each further burst of 100 opened 68 new ones, and in a closed-loop
     // benchmark about one proxied request in 200 paid for a connect.)
-    let r = TestRouter::start(proxy_config()).await;
+    let r = TestRouter::start(one_loop(proxy_config())).await;
     let up = Upstream::start("n1").await;
     // Room enough for the 300 joins.
     let big = serde_json::json!({"url": up.url, "capacity": 100_000, "load": 0});
@@ -562,7 +602,7 @@ async fn idle_upstream_connections_obey_the_pool_settings() {
     // Kept for 200 ms: a request after that opens a new connection.
     let mut cfg = proxy_config();
     cfg.proxy.pool_idle_timeout = Duration::from_millis(200);
-    let r = TestRouter::start(cfg).await;
+    let r = TestRouter::start(one_loop(cfg)).await;
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
     assert_eq!(get_fresh(&r, "/rooms/idle").await.0, 200);
@@ -580,7 +620,7 @@ async fn idle_upstream_connections_obey_the_pool_settings() {
     // No idle connections kept: every request opens its own.
     let mut cfg = proxy_config();
     cfg.proxy.pool_max_idle_per_host = 0;
-    let r = TestRouter::start(cfg).await;
+    let r = TestRouter::start(one_loop(cfg)).await;
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
     for _ in 0..3 {

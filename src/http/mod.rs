@@ -10,6 +10,7 @@ pub mod api;
 pub mod error;
 pub mod front_door;
 pub mod h1;
+pub mod loops;
 pub mod ops;
 pub mod proxy;
 pub mod routes;
@@ -82,13 +83,15 @@ impl<S: PinStore> App<S> {
         let users =
             (cfg.auth.users == UserAuth::Jwt).then(|| UserVerifier::from_config(&cfg.auth.jwt));
         let counts = router.metrics.proxy.clone();
-        let proxy = proxy::Proxy::new(&cfg.proxy, counts.clone()).unwrap_or_else(|e| {
+        let loops = cfg.server.event_loops();
+        let proxy = proxy::Proxy::new(&cfg.proxy, loops, counts.clone()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "proxy.ca_file unusable; https upstreams will fail");
             proxy::Proxy::new(
                 &crate::config::ProxyConfig {
                     ca_file: None,
                     ..cfg.proxy.clone()
                 },
+                loops,
                 counts,
             )
             .expect("a proxy without a CA file always builds")

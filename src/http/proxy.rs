@@ -72,7 +72,9 @@ pub struct Forward<'a> {
 }
 
 impl Proxy {
-    pub fn new(cfg: &ProxyConfig, metrics: ProxyMetrics) -> Result<Proxy, String> {
+    /// The proxy of a router serving on `loops` event loops (`ServerConfig::event_loops`):
+    /// its connection pools keep a shard per loop.
+    pub fn new(cfg: &ProxyConfig, loops: usize, metrics: ProxyMetrics) -> Result<Proxy, String> {
         let roots = match &cfg.ca_file {
             Some(p) => tls::load_roots(p)?,
             None => RootCertStore::empty(),
@@ -89,12 +91,14 @@ impl Proxy {
         let conns = Conns::new(
             https.clone(),
             cfg.connect_timeout,
+            loops,
             cfg.pool_max_idle_per_host,
             cfg.pool_idle_timeout,
         );
         let lanes = Lanes::new(
             https.clone(),
             cfg.connect_timeout,
+            loops,
             cfg.pool_max_idle_per_host,
             cfg.pool_idle_timeout,
         );
@@ -165,7 +169,7 @@ impl Proxy {
         req.headers_mut().insert(header::HOST, host);
         let exchange = tokio::time::timeout(
             self.cfg.response_timeout,
-            self.exchange(&node.info.upstream, req),
+            self.exchange(event_loop(parts), &node.info.upstream, req),
         );
         let (resp, lane) = match exchange.await {
             Ok(Ok(r)) => {
@@ -206,14 +210,15 @@ impl Proxy {
     /// that turns out closed before the request was written is replaced by a new one, once.
     async fn exchange(
         &self,
+        shard: usize,
         upstream: &str,
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, Box<Lane>), LaneError> {
-        let mut lane = self.lanes.get(upstream).await?;
+        let mut lane = self.lanes.get(shard, upstream).await?;
         match lane.exchange(req).await {
             Ok(resp) => Ok((resp, lane)),
             Err((_, Some(req))) if lane.reused() => {
-                let mut lane = self.lanes.connect(upstream).await?;
+                let mut lane = self.lanes.connect(shard, upstream).await?;
                 match lane.exchange(req).await {
                     Ok(resp) => Ok((resp, lane)),
                     Err((e, _)) => Err(LaneError::Exchange(e)),
@@ -381,6 +386,14 @@ fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// The event loop the request's connection is served on (its pools' shard).
+fn event_loop(parts: &Parts) -> usize {
+    parts
+        .extensions
+        .get::<ConnInfo>()
+        .map_or(0, |info| info.event_loop)
 }
 
 pub(crate) fn bad_upstream(node: &NodeEntry) -> ApiError {
@@ -660,7 +673,7 @@ mod tests {
             failures_to_unhealthy: 2,
             ..ProxyConfig::default()
         };
-        let p = Proxy::new(&cfg, ProxyMetrics::default()).unwrap();
+        let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
         let info = crate::cluster::NodeInfo {
             url: "http://127.0.0.1:9".into(),
             upstream: "http://127.0.0.1:9".into(),

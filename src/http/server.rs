@@ -2,7 +2,9 @@
 //! HTTP/1.1 and HTTP/2, graceful shutdown. Everything a client can hold open is bounded in
 //! size and time. Plain (`serve`), TLS (`serve_tls`, also the mTLS node listener) and the
 //! HTTP-to-HTTPS redirect listener share it; `serve_configured` starts the listeners the
-//! config asks for.
+//! config asks for. The front door's connections are served on `server.event_loops()`
+//! event loops (`loops`: loop 0 accepts and hands each to the loop with the fewest open),
+//! under one count of connection slots; the other listeners run on one.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,11 +23,12 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::h1::{self, BoxIo, Outcome, Rewind};
+use super::loops::{self, Handed, Handoff, Inbox, Open, Stop};
 use super::{handle, tls, ApiError, App, Body};
 use crate::config::ServerConfig as ServerLimits;
 use crate::store::PinStore;
@@ -45,6 +48,9 @@ pub struct ConnInfo {
     /// The connection's slot under `server.max_connections`; a WebSocket tunnel keeps it
     /// after the HTTP connection has handed its socket over.
     pub slot: Option<Arc<OwnedSemaphorePermit>>,
+    /// The event loop serving the connection (`loops`; 0 with the shared runtime): the
+    /// shard of the proxy's connection pools its requests use.
+    pub event_loop: usize,
 }
 
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -60,6 +66,38 @@ type FastPath = Arc<
         + Sync,
 >;
 
+/// What every accept loop of one listener shares: how a connection is served, and the
+/// listener's connection slots (`server.max_connections` counts across all its loops).
+#[derive(Clone)]
+struct Front {
+    tls: Option<TlsAcceptor>,
+    handler: Handler,
+    fast: Option<FastPath>,
+    slots: Arc<Semaphore>,
+}
+
+impl Front {
+    fn new(
+        tls: Option<TlsAcceptor>,
+        handler: Handler,
+        fast: Option<FastPath>,
+        cfg: &ServerLimits,
+    ) -> Front {
+        let slots = Arc::new(Semaphore::new(cfg.max_connections));
+        Front {
+            tls,
+            handler,
+            fast,
+            slots,
+        }
+    }
+
+    fn for_app<S: PinStore>(app: &Arc<App<S>>, tls: Option<TlsAcceptor>) -> Front {
+        let fast = app_fast_path(app);
+        Front::new(tls, app_handler(app.clone()), fast, &app.cfg.server)
+    }
+}
+
 /// Serves `app` on `listener` (plain HTTP) until `shutdown` resolves, then lets open
 /// connections finish for up to `server.shutdown_grace`.
 pub async fn serve<S: PinStore>(
@@ -68,12 +106,11 @@ pub async fn serve<S: PinStore>(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let limits = app.cfg.server.clone();
-    let fast = app_fast_path(&app);
-    accept_loop(listener, None, &limits, app_handler(app), fast, shutdown).await
+    let front = Front::for_app(&app, None);
+    on_loops(listener, limits.event_loops(), limits, front, shutdown).await
 }
 
-/// Serves `app` over TLS with `config` (see [`tls::server_config`]); with a client verifier
-/// in `config` this is the mTLS node listener.
+/// Serves `app` over TLS with `config` (see [`tls::server_config`]) as the front door.
 pub async fn serve_tls<S: PinStore>(
     app: Arc<App<S>>,
     listener: TcpListener,
@@ -81,15 +118,33 @@ pub async fn serve_tls<S: PinStore>(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let limits = app.cfg.server.clone();
-    let acceptor = TlsAcceptor::from(config);
-    let fast = app_fast_path(&app);
-    accept_loop(
-        listener,
-        Some(acceptor),
-        &limits,
-        app_handler(app),
-        fast,
+    let front = Front::for_app(&app, Some(TlsAcceptor::from(config)));
+    on_loops(listener, limits.event_loops(), limits, front, shutdown).await
+}
+
+/// Runs `front`'s accept loop for `listener` on `loops` event loops: loop 0 accepts and
+/// hands each connection to the loop with the fewest open ones (`loops`).
+async fn on_loops(
+    listener: TcpListener,
+    loops: usize,
+    limits: ServerLimits,
+    front: Front,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    if loops <= 1 {
+        return accept_loop(listener, &limits, front, None, shutdown).await;
+    }
+    let (l0, f0) = (limits.clone(), front.clone());
+    loops::run(
+        loops,
         shutdown,
+        move |handoff, stop| async move {
+            accept_loop(listener, &l0, f0, Some(handoff), stop.wait()).await
+        },
+        move |inbox, index, stop| {
+            let (limits, front) = (limits.clone(), front.clone());
+            async move { serve_handed(inbox, &limits, front, index, stop).await }
+        },
     )
     .await
 }
@@ -106,7 +161,8 @@ pub async fn serve_https_redirect(
         let r = https_redirect(&req, https_port).unwrap_or_else(ApiError::into_response);
         Box::pin(async move { r })
     });
-    accept_loop(listener, None, &limits, handler, None, shutdown).await
+    let front = Front::new(None, handler, None, &limits);
+    accept_loop(listener, &limits, front, None, shutdown).await
 }
 
 fn https_redirect(req: &Request<Incoming>, port: u16) -> Result<Response<Body>, ApiError> {
@@ -182,20 +238,18 @@ fn builder(cfg: &ServerLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Accepts connections on `listener` until `shutdown`, serving each in a task of its own
+/// on this event loop (0) or, with a `handoff`, on the loop that has the fewest open; then
+/// drains this loop's connections for up to `server.shutdown_grace`.
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
     cfg: &ServerLimits,
-    handler: Handler,
-    fast: Option<FastPath>,
+    front: Front,
+    handoff: Option<Handoff>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let builder = Arc::new(builder(cfg));
-    let graceful = GracefulShutdown::new();
-    // Tells connections in their fast phase to stop between requests (hyper's phase hears
-    // it through `graceful`, whose watchers every connection holds from the start).
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let slots = front.slots.clone();
+    let here = LoopServer::new(cfg, front, 0);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -215,11 +269,113 @@ async fn accept_loop(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, handler, watcher) = (builder.clone(), handler.clone(), graceful.watcher());
-        let tls = tls.clone();
-        let (fast, stop) = (fast.clone(), stop_rx.clone());
-        let handshake_timeout = cfg.header_read_timeout;
+        let Some(handoff) = &handoff else {
+            here.spawn(stream, peer, permit, None);
+            continue;
+        };
+        let to = handoff.pick();
+        let open = handoff.opened(to);
+        if to == 0 {
+            here.spawn(stream, peer, permit, Some(open));
+            continue;
+        }
+        let handed = match stream.into_std() {
+            Ok(stream) => handoff.send(
+                to,
+                Handed {
+                    stream,
+                    peer,
+                    permit,
+                    open,
+                },
+            ),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection lost before its hand-over");
+                continue;
+            }
+        };
+        // That loop has ended (it failed; everything stops soon): serve it here.
+        if let Err(back) = handed {
+            match TcpStream::from_std(back.stream) {
+                Ok(stream) => here.spawn(stream, peer, back.permit, None),
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
+            }
+        }
+    }
+    drop(listener);
+    here.drain(cfg.shutdown_grace).await;
+    Ok(())
+}
+
+/// Event loop `index` (1..): serves the connections loop 0 hands it until `stop`, then
+/// drains them for up to `server.shutdown_grace`.
+async fn serve_handed(
+    mut inbox: Inbox,
+    cfg: &ServerLimits,
+    front: Front,
+    index: usize,
+    stop: Stop,
+) -> std::io::Result<()> {
+    let here = LoopServer::new(cfg, front, index);
+    let stop = stop.wait();
+    tokio::pin!(stop);
+    loop {
+        let handed = tokio::select! {
+            h = inbox.recv() => match h { Some(h) => h, None => break },
+            () = &mut stop => break,
+        };
+        // Registered with this loop's driver from here on.
+        match TcpStream::from_std(handed.stream) {
+            Ok(stream) => here.spawn(stream, handed.peer, handed.permit, Some(handed.open)),
+            Err(e) => tracing::warn!(peer = %handed.peer, error = %e, "cannot serve a connection"),
+        }
+    }
+    here.drain(cfg.shutdown_grace).await;
+    Ok(())
+}
+
+/// One event loop's side of serving connections: each in a task of this loop, which all
+/// stop together at the drain.
+struct LoopServer {
+    front: Front,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: GracefulShutdown,
+    /// Tells connections in their fast phase to stop between requests (hyper's phase hears
+    /// it through `graceful`, whose watchers every connection holds from the start).
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    event_loop: usize,
+    handshake_timeout: Duration,
+}
+
+impl LoopServer {
+    fn new(cfg: &ServerLimits, front: Front, event_loop: usize) -> LoopServer {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        LoopServer {
+            front,
+            builder: Arc::new(builder(cfg)),
+            graceful: GracefulShutdown::new(),
+            stop_tx,
+            stop_rx,
+            event_loop,
+            handshake_timeout: cfg.header_read_timeout,
+        }
+    }
+
+    /// Serves `stream` in a task of this loop; `open` counts it as this loop's while it lasts.
+    fn spawn(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        open: Option<Open>,
+    ) {
+        let (builder, watcher) = (self.builder.clone(), self.graceful.watcher());
+        let (tls, handler) = (self.front.tls.clone(), self.front.handler.clone());
+        let (fast, stop) = (self.front.fast.clone(), self.stop_rx.clone());
+        let (handshake_timeout, event_loop) = (self.handshake_timeout, self.event_loop);
         tokio::spawn(async move {
+            let _open = open;
             let mut info = ConnInfo {
                 peer,
                 peer_ip: HeaderValue::try_from(peer.ip().to_string())
@@ -227,6 +383,7 @@ async fn accept_loop(
                 tls: tls.is_some(),
                 client_cert: None,
                 slot: Some(Arc::new(permit)),
+                event_loop,
             };
             match tls {
                 None => serve_io(&builder, stream, info, handler, watcher, fast, stop).await,
@@ -251,14 +408,19 @@ async fn accept_loop(
             }
         });
     }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    tracing::info!("shutting down: waiting for open connections");
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("grace period over; closing remaining connections"),
+
+    /// Stops this loop's connections between requests and waits up to `grace` for them.
+    async fn drain(self, grace: Duration) {
+        let _ = self.stop_tx.send(true);
+        tracing::info!(
+            event_loop = self.event_loop,
+            "shutting down: waiting for open connections"
+        );
+        tokio::select! {
+            _ = self.graceful.shutdown() => tracing::info!(event_loop = self.event_loop, "all connections closed"),
+            _ = tokio::time::sleep(grace) => tracing::warn!(event_loop = self.event_loop, "grace period over; closing remaining connections"),
+        }
     }
-    Ok(())
 }
 
 async fn serve_io<I>(
@@ -336,7 +498,9 @@ pub async fn serve_configured<S: PinStore>(
         let sc = tls::server_config(certs, Some(roots)).map_err(std::io::Error::other)?;
         let l = TcpListener::bind(addr).await?;
         tracing::info!(addr = %l.local_addr()?, "node listener (client certificates required)");
-        tasks.spawn(serve_tls(app.clone(), l, sc, stop()));
+        // The node listener is light (heartbeats): one loop.
+        let front = Front::for_app(&app, Some(TlsAcceptor::from(sc)));
+        tasks.spawn(on_loops(l, 1, cfg.server.clone(), front, stop()));
     }
     // Every listener stops when `shutdown` resolves; an error in one stops the rest.
     tokio::pin!(shutdown);

@@ -15,6 +15,10 @@
 //! early closes the connection (its state is unknown). An idle lane is checked before reuse
 //! (its connection polled once: a node that closed it shows up then) and dropped after
 //! `proxy.pool_idle_timeout`; a reaper prunes idle lanes of nodes that get no traffic.
+//!
+//! With several event loops (`server.runtime = "per_thread"`) the pool has a shard per loop:
+//! a connection is registered with the loop that opened it, so it goes back to that loop's
+//! shard and only that loop's requests take it; no socket's readiness crosses threads.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -55,6 +59,8 @@ pub struct Lane {
     conn: Option<http1::Connection<Io, Body>>,
     /// The pool key of the node it belongs to.
     key: Arc<str>,
+    /// The event loop that opened it (its pool shard).
+    shard: usize,
     /// Came out of the pool (a failure before the request was written may be retried).
     reused: bool,
 }
@@ -110,6 +116,8 @@ fn drive(conn: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -
 pub(crate) trait Pooled {
     /// The pool key of the node it belongs to (its upstream base URL).
     fn key(&self) -> &Arc<str>;
+    /// The event loop it was opened on: the pool shard it goes back to.
+    fn shard(&self) -> usize;
     /// Whether it can carry a new request now. May read from the socket, never blocks.
     fn reusable(&mut self) -> bool;
     /// It came out of the pool (a failure before the request was written may be retried).
@@ -121,6 +129,10 @@ impl Pooled for Lane {
         &self.key
     }
 
+    fn shard(&self) -> usize {
+        self.shard
+    }
+
     fn reusable(&mut self) -> bool {
         Lane::reusable(self)
     }
@@ -130,21 +142,25 @@ impl Pooled for Lane {
     }
 }
 
-/// Idle connections per node, most recently used last (so oldest first: each list is in
-/// the order its connections went idle). Shared by the lanes here and the fast path's raw
-/// connections (`h1::pool`).
+/// Idle connections per event loop and node, most recently used last (so oldest first:
+/// each list is in the order its connections went idle). Shared by the lanes here and the
+/// fast path's raw connections (`h1::pool`).
 pub(crate) struct Idle<T> {
-    lanes: DashMap<Arc<str>, Vec<(Box<T>, Instant)>>,
+    /// One map per event loop: node -> its idle connections.
+    shards: Box<[IdleLists<T>]>,
     max_per_node: usize,
     timeout: Duration,
 }
 
+type IdleLists<T> = DashMap<Arc<str>, Vec<(Box<T>, Instant)>>;
+
 impl<T: Pooled + Send + Sync + 'static> Idle<T> {
-    /// A pool keeping at most `max_per_node` idle connections per node, each for at most
-    /// `timeout`. Inside a runtime, also starts the reaper (it stops with the pool).
-    pub(crate) fn new(max_per_node: usize, timeout: Duration) -> Arc<Idle<T>> {
+    /// A pool for `loops` event loops keeping at most `max_per_node` idle connections per
+    /// loop and node, each for at most `timeout`. Inside a runtime, also starts the reaper
+    /// (it stops with the pool).
+    pub(crate) fn new(loops: usize, max_per_node: usize, timeout: Duration) -> Arc<Idle<T>> {
         let idle = Arc::new(Idle {
-            lanes: DashMap::new(),
+            shards: (0..loops.max(1)).map(|_| DashMap::new()).collect(),
             max_per_node,
             timeout,
         });
@@ -159,7 +175,8 @@ impl<T: Pooled + Send + Sync + 'static> Idle<T> {
         if self.max_per_node == 0 {
             return;
         }
-        let mut v = self.lanes.entry(lane.key().clone()).or_default();
+        let shard = &self.shards[lane.shard() % self.shards.len()];
+        let mut v = shard.entry(lane.key().clone()).or_default();
         // Read under the node's lock, so each list stays in the order its connections went
         // idle: the expired ones are a prefix, dropped without looking at the rest (this
         // runs after every proxied request, with up to `max_per_node` entries).
@@ -171,12 +188,14 @@ impl<T: Pooled + Send + Sync + 'static> Idle<T> {
         }
     }
 
-    pub(crate) fn take(&self, key: &str) -> Option<Box<T>> {
+    /// An idle connection to `key` opened by event loop `shard`.
+    pub(crate) fn take(&self, shard: usize, key: &str) -> Option<Box<T>> {
         let now = Instant::now();
+        let lists = &self.shards[shard % self.shards.len()];
         loop {
             // One connection at a time out of the map, checked outside its lock (the check
             // reads from the socket).
-            let (mut lane, since) = self.lanes.get_mut(key)?.pop()?;
+            let (mut lane, since) = lists.get_mut(key)?.pop()?;
             if now.duration_since(since) < self.timeout && lane.reusable() {
                 lane.mark_reused();
                 return Some(lane);
@@ -187,16 +206,21 @@ impl<T: Pooled + Send + Sync + 'static> Idle<T> {
     /// Drops expired and closed connections; forgets nodes with none left.
     fn prune(&self) {
         let now = Instant::now();
-        self.lanes.retain(|_, v| {
-            v.retain_mut(|(lane, since)| {
-                now.duration_since(*since) < self.timeout && lane.reusable()
+        for lists in &self.shards {
+            lists.retain(|_, v| {
+                v.retain_mut(|(lane, since)| {
+                    now.duration_since(*since) < self.timeout && lane.reusable()
+                });
+                !v.is_empty()
             });
-            !v.is_empty()
-        });
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.lanes.iter().map(|e| e.value().len()).sum()
+        self.shards
+            .iter()
+            .flat_map(|lists| lists.iter().map(|e| e.value().len()))
+            .sum()
     }
 }
 
@@ -208,15 +232,17 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// A pool keeping at most `max_idle_per_node` idle lanes per node, each for at most
-    /// `idle_timeout`. Inside a runtime, also starts the reaper (it stops with the pool).
+    /// A pool for `loops` event loops keeping at most `max_idle_per_node` idle lanes per loop
+    /// and node, each for at most `idle_timeout`. Inside a runtime, also starts the reaper
+    /// (it stops with the pool).
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         connect_timeout: Duration,
+        loops: usize,
         max_idle_per_node: usize,
         idle_timeout: Duration,
     ) -> Lanes {
-        let idle = Idle::new(max_idle_per_node, idle_timeout);
+        let idle = Idle::new(loops, max_idle_per_node, idle_timeout);
         Lanes {
             connector,
             connect_timeout,
@@ -224,16 +250,17 @@ impl Lanes {
         }
     }
 
-    /// An idle lane to `upstream` (a base URL such as `http://10.0.0.5:8080`), or a new one.
-    pub async fn get(&self, upstream: &str) -> Result<Box<Lane>, LaneError> {
-        if let Some(lane) = self.idle.take(upstream) {
+    /// An idle lane of event loop `shard` to `upstream` (a base URL such as
+    /// `http://10.0.0.5:8080`), or a new one.
+    pub async fn get(&self, shard: usize, upstream: &str) -> Result<Box<Lane>, LaneError> {
+        if let Some(lane) = self.idle.take(shard, upstream) {
             return Ok(lane);
         }
-        self.connect(upstream).await
+        self.connect(shard, upstream).await
     }
 
-    /// Opens a new lane to `upstream`.
-    pub async fn connect(&self, upstream: &str) -> Result<Box<Lane>, LaneError> {
+    /// Opens a new lane to `upstream` on event loop `shard` (the caller's).
+    pub async fn connect(&self, shard: usize, upstream: &str) -> Result<Box<Lane>, LaneError> {
         let open = async {
             let io = open(&self.connector, upstream).await?;
             http1::Builder::new()
@@ -248,6 +275,7 @@ impl Lanes {
             send,
             conn: Some(conn),
             key: Arc::from(upstream),
+            shard,
             reused: false,
         }))
     }
@@ -372,6 +400,7 @@ mod tests {
     /// A stand-in connection: its node, a name, and whether it is still open.
     struct Fake {
         key: Arc<str>,
+        shard: usize,
         name: &'static str,
         open: bool,
     }
@@ -379,6 +408,9 @@ mod tests {
     impl Pooled for Fake {
         fn key(&self) -> &Arc<str> {
             &self.key
+        }
+        fn shard(&self) -> usize {
+            self.shard
         }
         fn reusable(&mut self) -> bool {
             self.open
@@ -389,6 +421,7 @@ mod tests {
     fn conn(node: &str, name: &'static str) -> Box<Fake> {
         Box::new(Fake {
             key: Arc::from(node),
+            shard: 0,
             name,
             open: true,
         })
@@ -396,32 +429,32 @@ mod tests {
 
     #[test]
     fn the_connection_used_last_goes_out_first_and_only_to_its_own_node() {
-        let idle = Idle::new(8, Duration::from_secs(60));
+        let idle = Idle::new(1, 8, Duration::from_secs(60));
         idle.put(conn("n1", "a"));
         idle.put(conn("n1", "b"));
         idle.put(conn("n2", "c"));
-        assert_eq!(idle.take("n1").unwrap().name, "b");
-        assert_eq!(idle.take("n1").unwrap().name, "a");
-        assert!(idle.take("n1").is_none());
-        assert_eq!(idle.take("n2").unwrap().name, "c");
+        assert_eq!(idle.take(0, "n1").unwrap().name, "b");
+        assert_eq!(idle.take(0, "n1").unwrap().name, "a");
+        assert!(idle.take(0, "n1").is_none());
+        assert_eq!(idle.take(0, "n2").unwrap().name, "c");
     }
 
     #[test]
     fn a_node_keeps_at_most_its_cap_and_a_closed_connection_is_never_handed_out() {
-        let idle = Idle::new(2, Duration::from_secs(60));
+        let idle = Idle::new(1, 2, Duration::from_secs(60));
         idle.put(conn("n1", "a"));
         let mut closed = conn("n1", "b");
         closed.open = false;
         idle.put(closed);
         idle.put(conn("n1", "over the cap"));
         assert_eq!(idle.len(), 2);
-        assert_eq!(idle.take("n1").unwrap().name, "a", "b was closed");
-        assert!(idle.take("n1").is_none());
+        assert_eq!(idle.take(0, "n1").unwrap().name, "a", "b was closed");
+        assert!(idle.take(0, "n1").is_none());
     }
 
     #[test]
     fn expired_connections_give_up_their_places_under_the_cap() {
-        let idle = Idle::new(2, Duration::from_millis(200));
+        let idle = Idle::new(1, 2, Duration::from_millis(200));
         idle.put(conn("n1", "old 1"));
         idle.put(conn("n1", "old 2"));
         std::thread::sleep(Duration::from_millis(250));
@@ -430,8 +463,30 @@ mod tests {
         idle.put(conn("n1", "new 1"));
         idle.put(conn("n1", "new 2"));
         assert_eq!(idle.len(), 2);
-        assert_eq!(idle.take("n1").unwrap().name, "new 2");
-        assert_eq!(idle.take("n1").unwrap().name, "new 1");
-        assert!(idle.take("n1").is_none());
+        assert_eq!(idle.take(0, "n1").unwrap().name, "new 2");
+        assert_eq!(idle.take(0, "n1").unwrap().name, "new 1");
+        assert!(idle.take(0, "n1").is_none());
+    }
+
+    #[test]
+    fn a_connection_goes_back_to_the_event_loop_that_opened_it_and_only_that_one_takes_it() {
+        let idle = Idle::new(3, 2, Duration::from_secs(60));
+        let mut on_loop_2 = conn("n1", "opened by loop 2");
+        on_loop_2.shard = 2;
+        idle.put(on_loop_2);
+        idle.put(conn("n1", "opened by loop 0"));
+        assert!(idle.take(1, "n1").is_none(), "loop 1 opened none");
+        assert_eq!(idle.take(2, "n1").unwrap().name, "opened by loop 2");
+        assert!(idle.take(2, "n1").is_none());
+        assert_eq!(idle.take(0, "n1").unwrap().name, "opened by loop 0");
+        // The cap counts per loop: each loop keeps its own.
+        for shard in 0..3 {
+            for _ in 0..3 {
+                let mut c = conn("n1", "x");
+                c.shard = shard;
+                idle.put(c);
+            }
+        }
+        assert_eq!(idle.len(), 6);
     }
 }

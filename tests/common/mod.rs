@@ -41,6 +41,14 @@ pub fn proxy_config() -> Config {
     c
 }
 
+/// `c` served by one event loop (`server.runtime = "per_thread"` with one thread): for tests
+/// that count the proxy's upstream connections, which every loop keeps a pool of its own of.
+pub fn one_loop(mut c: Config) -> Config {
+    c.server.worker_threads = Some(1);
+    c.validate().unwrap();
+    c
+}
+
 /// A router served on a loopback port; stops when dropped.
 pub struct TestRouter {
     pub addr: SocketAddr,

@@ -285,7 +285,7 @@ impl Client<'_> {
         let max = app.cfg.server.max_header_bytes.max(64 * 1024);
         let mut conn = p
             .conns
-            .get(upstream)
+            .get(info.event_loop, upstream)
             .await
             .map_err(|e| (connect_failed(app, a, e), rest == 0))?;
         let head = loop {
@@ -329,7 +329,7 @@ impl Client<'_> {
                     sent_whole = true;
                     conn = p
                         .conns
-                        .connect(upstream)
+                        .connect(info.event_loop, upstream)
                         .await
                         .map_err(|e| (connect_failed(app, a, e), true))?;
                 }

@@ -24,6 +24,8 @@ pub struct Conn {
     /// Response bytes read but not yet relayed.
     pub buf: BytesMut,
     key: Arc<str>,
+    /// The event loop that opened it (its pool shard).
+    shard: usize,
     reused: bool,
 }
 
@@ -37,6 +39,10 @@ impl Conn {
 impl Pooled for Conn {
     fn key(&self) -> &Arc<str> {
         &self.key
+    }
+
+    fn shard(&self) -> usize {
+        self.shard
     }
 
     /// Open and quiet: a read finds nothing waiting. A node that closed the connection (or
@@ -59,7 +65,7 @@ impl Pooled for Conn {
     }
 }
 
-/// The pool: idle connections per node, and how to open new ones.
+/// The pool: idle connections per event loop and node, and how to open new ones.
 pub struct Conns {
     connector: HttpsConnector<HttpConnector>,
     connect_timeout: Duration,
@@ -70,26 +76,28 @@ impl Conns {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         connect_timeout: Duration,
+        loops: usize,
         max_idle_per_node: usize,
         idle_timeout: Duration,
     ) -> Conns {
         Conns {
             connector,
             connect_timeout,
-            idle: Idle::new(max_idle_per_node, idle_timeout),
+            idle: Idle::new(loops, max_idle_per_node, idle_timeout),
         }
     }
 
-    /// An idle connection to `upstream`, or a new one.
-    pub async fn get(&self, upstream: &str) -> Result<Box<Conn>, LaneError> {
-        match self.idle.take(upstream) {
+    /// An idle connection of event loop `shard` to `upstream`, or a new one.
+    pub async fn get(&self, shard: usize, upstream: &str) -> Result<Box<Conn>, LaneError> {
+        match self.idle.take(shard, upstream) {
             Some(c) => Ok(c),
-            None => self.connect(upstream).await,
+            None => self.connect(shard, upstream).await,
         }
     }
 
-    /// Opens a new connection to `upstream` within `proxy.connect_timeout`.
-    pub async fn connect(&self, upstream: &str) -> Result<Box<Conn>, LaneError> {
+    /// Opens a new connection to `upstream` on event loop `shard` (the caller's) within
+    /// `proxy.connect_timeout`.
+    pub async fn connect(&self, shard: usize, upstream: &str) -> Result<Box<Conn>, LaneError> {
         let io = tokio::time::timeout(
             self.connect_timeout,
             upstream::open(&self.connector, upstream),
@@ -100,6 +108,7 @@ impl Conns {
             io: TokioIo::new(io),
             buf: BytesMut::with_capacity(8 * 1024),
             key: Arc::from(upstream),
+            shard,
             reused: false,
         }))
     }

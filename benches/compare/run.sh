@@ -6,6 +6,9 @@
 #   router-proxy    roomrouter, front_door.mode = "proxy" (skipped if this build refuses it)
 #   router-proxy-hyper  the same with server.fast_path = false: every request through hyper
 #                   (the fast path's own before/after, not in the default TARGETS)
+#   router-proxy-shared the same with server.runtime = "shared": one multi-threaded Tokio
+#                   runtime instead of an event loop per thread (that change's own
+#                   before/after, not in the default TARGETS)
 #   haproxy         balance url_param room, hash-type consistent, hash-balance-factor 125
 #   haproxy-headers the same, also sending the headers the router's proxy mode must send
 #                   (X-Forwarded-For/-Proto/-Host, X-Room-Node both ways, and a fixed
@@ -135,11 +138,12 @@ start_nodes() { # ROUTER_URL
   for port in "${NODE_PORTS[@]}"; do wait_http "http://127.0.0.1:$port/healthz"; done
 }
 
-start_router() { # MODE PORT [FAST_PATH]
+start_router() { # MODE PORT [FAST_PATH] [RUNTIME]
   cat >"$OUT/router-$1.toml" <<EOF
 [server]
 listen = "127.0.0.1:$2"
 fast_path = ${3:-true}
+runtime = "${4:-per_thread}"
 $( [ "$PROXY_THREADS" = auto ] || echo "worker_threads = $PROXY_THREADS" )
 [front_door]
 mode = "$1"
@@ -338,6 +342,7 @@ bench() { # NAME
         return 0
       fi ;;
     router-proxy-hyper) start_router proxy "$port" false ;;
+    router-proxy-shared) start_router proxy "$port" true shared ;;
     haproxy) start_haproxy "$port" ;;
     haproxy-headers) start_haproxy "$port" 1 ;;
     nginx) start_nginx "$port" ;;
@@ -410,7 +415,8 @@ print()
 for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
              ("router-proxy", "haproxy"), ("router-proxy", "haproxy-headers"),
              ("haproxy-headers", "haproxy"), ("router-proxy", "nginx"),
-             ("router-proxy", "router-proxy-hyper"), ("router-proxy-hyper", "haproxy")]:
+             ("router-proxy", "router-proxy-hyper"), ("router-proxy-hyper", "haproxy"),
+             ("router-proxy", "router-proxy-shared"), ("router-proxy-shared", "haproxy")]:
     rs = ratios(a, b)
     if rs:
         per = ", ".join(f"{r:.2f}" for r in rs)

@@ -110,23 +110,7 @@ async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
         "/config/router.toml"
     )));
     wait_http(&format!("{router_url}/healthz")).await;
-    let _node = Reaper(
-        clean_env(&mut Command::new(BIN))
-            .args([
-                "demo-node",
-                "--router",
-                &router_url,
-                "--id",
-                "proc-node",
-                "--capacity",
-                "50",
-            ])
-            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-            .env("ROOMROUTER_TICKET_SECRET", SECRET)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _node = demo_node(&router_url, "proc-node", 50);
     wait_http(&format!("{router_url}/readyz")).await;
     let resp = client()
         .get(format!("{router_url}/rooms/e2e"))
@@ -213,6 +197,20 @@ async fn secrets_never_reach_the_logs() {
     ] {
         assert!(!text.contains(secret), "a secret reached the log");
     }
+}
+
+/// `roomrouter demo-node` heartbeating to `router` with the test credentials.
+fn demo_node(router: &str, id: &str, capacity: u32) -> Reaper {
+    Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args(["demo-node", "--router", router, "--id", id])
+            .args(["--capacity", &capacity.to_string()])
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// `roomrouter serve --config CONFIG` on a free port with the test credentials.
@@ -341,23 +339,7 @@ async fn both_runtime_models_proxy_concurrent_joins_and_stop_on_sigterm() {
         .unwrap();
         let (mut router, url) = serve_with(&config);
         wait_http(&format!("{url}/healthz")).await;
-        let _node = Reaper(
-            clean_env(&mut Command::new(BIN))
-                .args([
-                    "demo-node",
-                    "--router",
-                    &url,
-                    "--id",
-                    "n1",
-                    "--capacity",
-                    "1000",
-                ])
-                .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-                .env("ROOMROUTER_TICKET_SECRET", SECRET)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let _node = demo_node(&url, "n1", 1000);
         wait_http(&format!("{url}/readyz")).await;
         #[cfg(target_os = "linux")]
         {

@@ -15,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use roomrouter::auth::TicketIssuer;
 use roomrouter::config::{FrontDoorMode, RoomSource};
@@ -453,11 +454,21 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
 
 /// One GET through the router on a connection of its own; the status and the body.
 async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
+    get_on(&mut connect(r).await, r, path).await
+}
+
+/// A client connection of its own to the router (HTTP/1.1, kept alive).
+async fn connect(r: &TestRouter) -> SendRequest<Empty<Bytes>> {
     let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
+    send
+}
+
+/// `GET path` on the client connection `send`: the status and the whole body.
+async fn get_on(send: &mut SendRequest<Empty<Bytes>>, r: &TestRouter, path: &str) -> (u16, Bytes) {
     let req = Request::get(path)
         .header("host", r.addr.to_string())
         .body(Empty::<Bytes>::new())
@@ -533,25 +544,12 @@ async fn each_event_loop_serves_its_share_of_clients_with_upstream_connections_o
     // fewest open connections.
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        clients.push(send);
+        clients.push(connect(&r).await);
     }
     for round in 0..3 {
         for send in &mut clients {
-            let req = Request::get(format!("/rooms/loops?round={round}"))
-                .header("host", r.addr.to_string())
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            assert_eq!(resp.status(), 200);
-            resp.into_body().collect().await.unwrap();
+            let path = format!("/rooms/loops?round={round}");
+            assert_eq!(get_on(send, &r, &path).await.0, 200);
         }
     }
     // One pool would have carried all nine one after another on one connection; each loop

@@ -105,9 +105,10 @@ pub enum RuntimeModel {
     /// One multi-threaded Tokio runtime: its workers share one I/O driver and steal each
     /// other's tasks.
     Shared,
-    /// One single-threaded runtime per thread, each accepting from the same listening
-    /// socket and serving its connections start to end with its own upstream connections
-    /// (as HAProxy's and nginx's threads do): no task or socket wake-up crosses threads.
+    /// One single-threaded runtime per thread (an event loop, `http::loops`), each serving
+    /// the connections it is given start to end with upstream connections of its own (as
+    /// HAProxy's and nginx's threads do): no task or socket wake-up crosses threads. Loop 0
+    /// accepts and hands each connection to the loop with the fewest open.
     #[default]
     PerThread,
 }

@@ -60,7 +60,12 @@ impl RawNode {
                             return;
                         }
                         let lower = resp.to_ascii_lowercase();
-                        let head = lower.split("\r\n\r\n").next().unwrap_or("");
+                        // The final head decides: interim (1xx) answers before it do not end
+                        // the exchange.
+                        let head = lower
+                            .split("\r\n\r\n")
+                            .find(|h| !h.starts_with("http/1.1 1"))
+                            .unwrap_or("");
                         if head.contains("connection: close")
                             || !head.contains("content-length")
                                 && !head.contains("transfer-encoding")

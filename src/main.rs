@@ -116,9 +116,7 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve_runtime(cfg: &ServerConfig) -> anyhow::Result<tokio::runtime::Runtime> {
     match cfg.runtime {
         RuntimeModel::Shared => runtime(cfg.worker_threads),
-        RuntimeModel::PerThread => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        RuntimeModel::PerThread => roomrouter::http::loops::runtime()
             .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}")),
     }
 }

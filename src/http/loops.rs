@@ -164,6 +164,14 @@ where
     result
 }
 
+/// The runtime an event loop runs on: single-threaded, with I/O and timers. Loop 0's too
+/// (`roomrouter serve` starts on it).
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Starts loop `index` on a thread of its own; the receiver gets how it ended.
 fn spawn<S, SF>(
     index: usize,
@@ -180,10 +188,7 @@ where
     std::thread::Builder::new()
         .name(format!("roomrouter-loop-{index}"))
         .spawn(move || {
-            let ended = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .and_then(|rt| rt.block_on(serve(inbox, index, stop)));
+            let ended = runtime().and_then(|rt| rt.block_on(serve(inbox, index, stop)));
             if ended.is_err() {
                 stop_tx.send_replace(true);
             }

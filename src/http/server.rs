@@ -296,10 +296,7 @@ async fn accept_loop(
         };
         // That loop has ended (it failed; everything stops soon): serve it here.
         if let Err(back) = handed {
-            match TcpStream::from_std(back.stream) {
-                Ok(stream) => here.spawn(stream, peer, back.permit, None),
-                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
-            }
+            here.adopt(back);
         }
     }
     drop(listener);
@@ -324,11 +321,7 @@ async fn serve_handed(
             h = inbox.recv() => match h { Some(h) => h, None => break },
             () = &mut stop => break,
         };
-        // Registered with this loop's driver from here on.
-        match TcpStream::from_std(handed.stream) {
-            Ok(stream) => here.spawn(stream, handed.peer, handed.permit, Some(handed.open)),
-            Err(e) => tracing::warn!(peer = %handed.peer, error = %e, "cannot serve a connection"),
-        }
+        here.adopt(handed);
     }
     here.drain(cfg.shutdown_grace).await;
     Ok(())
@@ -407,6 +400,15 @@ impl LoopServer {
                 }
             }
         });
+    }
+
+    /// Serves a connection loop 0 handed over, registering its socket with this loop's
+    /// driver.
+    fn adopt(&self, h: Handed) {
+        match TcpStream::from_std(h.stream) {
+            Ok(stream) => self.spawn(stream, h.peer, h.permit, Some(h.open)),
+            Err(e) => tracing::warn!(peer = %h.peer, error = %e, "cannot serve a connection"),
+        }
     }
 
     /// Stops this loop's connections between requests and waits up to `grace` for them.

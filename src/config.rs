@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::placement::reservation::SizeSource;
 use crate::placement::{ChoiceRule, Params};
 use crate::room::Normalization;
 
@@ -200,8 +201,14 @@ pub struct PlacementConfig {
     pub room_idle_ttl: Duration,
     /// Expected size (load units) of a new room with no hint and no history.
     pub new_room_reserve: u32,
+    /// How long a reservation of that guess (`new_room_reserve`) lasts. Shorter than
+    /// `reservation_ttl`: a guess covers the seconds before node reports show where new rooms
+    /// went, and kept longer it is phantom load on rooms smaller than the guess.
+    #[serde(with = "humantime_serde")]
+    pub new_room_reserve_ttl: Duration,
     /// Largest size hint accepted; larger hints are clamped.
     pub max_size_hint: u32,
+    /// How long a reservation of a hinted or learned size lasts at most.
     #[serde(with = "humantime_serde")]
     pub reservation_ttl: Duration,
     /// How long a room's learned size is remembered after its last session.
@@ -232,6 +239,7 @@ impl Default for PlacementConfig {
             heartbeat_timeout: Duration::from_secs(6),
             room_idle_ttl: Duration::from_secs(600),
             new_room_reserve: 10,
+            new_room_reserve_ttl: Duration::from_secs(60),
             max_size_hint: 10_000,
             reservation_ttl: Duration::from_secs(300),
             history_ttl: Duration::from_secs(8 * 24 * 3600),
@@ -243,6 +251,14 @@ impl Default for PlacementConfig {
 }
 
 impl PlacementConfig {
+    /// How long a new room's reservation of an expected size from `source` lasts.
+    pub fn reservation_ttl_ms(&self, source: SizeSource) -> u64 {
+        source.ttl_ms(
+            self.reservation_ttl.as_millis() as u64,
+            self.new_room_reserve_ttl.as_millis() as u64,
+        )
+    }
+
     /// The pure engine's parameters.
     pub fn params(&self) -> Params {
         Params {
@@ -943,6 +959,12 @@ impl Config {
         if p.room_idle_ttl.is_zero() {
             return Err(invalid("placement.room_idle_ttl", "must be > 0"));
         }
+        if p.new_room_reserve_ttl.is_zero() {
+            return Err(invalid(
+                "placement.new_room_reserve_ttl",
+                "must be > 0 (new_room_reserve = 0 reserves nothing for a guess)",
+            ));
+        }
         if p.max_size_hint == 0 {
             return Err(invalid("placement.max_size_hint", "must be > 0"));
         }
@@ -1155,6 +1177,23 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("redis://app:redacted@h:6379/2"), "{shown}");
+    }
+
+    #[test]
+    fn a_guess_lapses_after_a_minute_by_default_and_never_at_once() {
+        let p = Config::default().placement;
+        assert_eq!(p.reservation_ttl_ms(SizeSource::Default), 60_000);
+        assert_eq!(p.reservation_ttl_ms(SizeSource::Hint), 300_000);
+        assert_eq!(p.reservation_ttl_ms(SizeSource::History), 300_000);
+        let c = Config::parse("[placement]\nnew_room_reserve_ttl = \"90s\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.placement.reservation_ttl_ms(SizeSource::Default), 90_000);
+        let e = Config::parse("[placement]\nnew_room_reserve_ttl = \"0s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("placement.new_room_reserve_ttl"), "{e}");
     }
 
     #[test]

@@ -429,14 +429,14 @@ impl<S: PinStore> Router<S> {
         if replaced {
             self.metrics.decision(Decided::Replaced);
         }
-        let (expected, _) = self.expected_size(room, size);
+        let (expected, source) = self.expected_size(room, size);
         self.book.reserve(
             room,
             &node.id,
             &node.live,
             expected,
             now,
-            self.placement.reservation_ttl.as_millis() as u64,
+            self.placement.reservation_ttl_ms(source),
         );
         if intent == Intent::Join {
             self.count_join(room, node, now);

@@ -427,3 +427,34 @@ async fn a_node_draining_itself_with_no_rooms_leaves_the_cluster() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_guessed_reservation_lapses_before_a_hinted_one() {
+    let mut cfg = config();
+    cfg.placement.new_room_reserve_ttl = Duration::from_millis(300);
+    cfg.validate().unwrap();
+    let r = TestRouter::start(cfg).await;
+    heartbeat(
+        &r,
+        "n1",
+        json!({"url": "http://127.0.0.1:9", "capacity": 1000, "load": 0}),
+    )
+    .await;
+    for path in ["/v1/placement/hinted?size=30", "/v1/placement/guessed"] {
+        let resp = r.get(path).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let reserved = || async { admin_json(&r, "/v1/nodes/n1").await["reserved"].as_f64() };
+    assert_eq!(
+        reserved().await,
+        Some(40.0),
+        "30 hinted + the 10-unit guess"
+    );
+    // The guess goes with the next sweep after its 300 ms; the hint stays (5 min).
+    eventually("the guess lapsed", Duration::from_secs(10), || async {
+        reserved().await == Some(30.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reserved().await, Some(30.0));
+}

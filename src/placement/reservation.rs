@@ -21,6 +21,19 @@ pub enum SizeSource {
     Default,
 }
 
+impl SizeSource {
+    /// How long a reservation of this source lasts: `known_ms` for a hinted or learned size,
+    /// `guess_ms` for the default guess. A guess is only there to cover the seconds before
+    /// node reports show where new rooms went; held for minutes it is phantom load on every
+    /// room smaller than the guess.
+    pub fn ttl_ms(self, known_ms: u64, guess_ms: u64) -> u64 {
+        match self {
+            SizeSource::Hint | SizeSource::History => known_ms,
+            SizeSource::Default => guess_ms,
+        }
+    }
+}
+
 /// Picks the expected size of a new room: hint, else history, else the default.
 pub fn expected_size(hint: Option<u32>, history: Option<u32>, default: u32) -> (u32, SizeSource) {
     match (hint, history) {
@@ -80,6 +93,13 @@ mod tests {
         assert_eq!(expected_size(None, Some(30), 10), (30, SizeSource::History));
         assert_eq!(expected_size(None, None, 10), (10, SizeSource::Default));
         assert_eq!(expected_size(None, Some(0), 10), (10, SizeSource::Default));
+    }
+
+    #[test]
+    fn a_guess_lapses_sooner_than_a_known_size() {
+        assert_eq!(SizeSource::Hint.ttl_ms(300_000, 60_000), 300_000);
+        assert_eq!(SizeSource::History.ttl_ms(300_000, 60_000), 300_000);
+        assert_eq!(SizeSource::Default.ttl_ms(300_000, 60_000), 60_000);
     }
 
     #[test]

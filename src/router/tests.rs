@@ -326,6 +326,40 @@ async fn new_rooms_reserve_their_expected_size() {
 }
 
 #[tokio::test]
+async fn a_guessed_size_lapses_after_new_room_reserve_ttl_a_hinted_one_after_reservation_ttl() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    let create = |k: &'static str, size| {
+        let r = &r;
+        async move {
+            r.place(
+                &room(k),
+                &Hints::default(),
+                size,
+                Intent::Lookup { create: true },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let hinted = create("hinted", Some(30)).await;
+    create("guessed", None).await;
+    let reserved = || hinted.node.live.reserved_units();
+    assert!((reserved() - 40.0).abs() < 1e-9, "{}", reserved());
+    // The default guess (10) holds for new_room_reserve_ttl (60 s), the hint for
+    // reservation_ttl (5 min).
+    r.clock().advance(60_000 - 1);
+    r.sweep().await.unwrap();
+    assert!((reserved() - 40.0).abs() < 1e-9, "{}", reserved());
+    r.clock().advance(1);
+    r.sweep().await.unwrap();
+    assert!((reserved() - 30.0).abs() < 1e-9, "{}", reserved());
+    r.clock().advance(300_000 - 60_000);
+    r.sweep().await.unwrap();
+    assert_eq!(reserved(), 0.0);
+}
+
+#[tokio::test]
 async fn a_room_created_again_before_its_reservation_lapsed_is_reserved_once() {
     let r = router();
     beat(&r, "a", 100.0, 0.0, None).await;

@@ -33,6 +33,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::config::PlacementConfig;
 use crate::placement::hash::{node_hash, pair_hash, room_hash};
 use crate::placement::reservation::{expected_size, Reservation};
 use crate::placement::{decide, is_healthy, ChoiceRule, Decision, Hints, Millis, Params};
@@ -55,6 +56,10 @@ pub struct SimConfig {
     pub join_cost: f64,
     /// Expected size of a room without hint or history.
     pub new_room_reserve: u32,
+    /// How long a reservation of that guess lasts.
+    #[serde(default = "guess_ttl_ms")]
+    pub new_room_reserve_ttl_ms: u64,
+    /// How long a reservation of a hinted or learned size lasts at most.
     pub reservation_ttl_ms: u64,
     /// How often utilization is sampled for the figures.
     pub sample_ms: u64,
@@ -65,10 +70,17 @@ pub struct SimConfig {
     pub seed: u64,
 }
 
+/// The router's default `placement.new_room_reserve_ttl`, in ms.
+fn guess_ttl_ms() -> u64 {
+    PlacementConfig::default().new_room_reserve_ttl.as_millis() as u64
+}
+
 impl SimConfig {
-    /// placement.md's defaults, for `nodes` equal nodes; heartbeat timeout three intervals.
+    /// The router's placement defaults, for `nodes` equal nodes; heartbeat timeout three
+    /// intervals.
     pub fn new(nodes: usize, capacity: f64, routers: usize, heartbeat_ms: u64, seed: u64) -> Self {
         let d = Params::default();
+        let p = PlacementConfig::default();
         SimConfig {
             capacities: vec![capacity; nodes],
             routers: routers.max(1),
@@ -77,8 +89,9 @@ impl SimConfig {
             new_room_limit: d.new_room_limit,
             join_limit: d.join_limit,
             join_cost: 1.0,
-            new_room_reserve: 10,
-            reservation_ttl_ms: 5 * workload::MINUTE,
+            new_room_reserve: p.new_room_reserve,
+            new_room_reserve_ttl_ms: guess_ttl_ms(),
+            reservation_ttl_ms: p.reservation_ttl.as_millis() as u64,
             sample_ms: workload::SECOND,
             busy_threshold: 0.30,
             retry_ms: 2 * workload::SECOND,
@@ -676,7 +689,12 @@ impl<'a> Sim<'a> {
             .history
             .get(&self.rooms[s].hash)
             .and_then(|peaks| peaks.iter().copied().max());
-        let (size, _) = expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve);
+        let (size, source) =
+            expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve);
+        let ttl = source.ttl_ms(
+            self.cfg.reservation_ttl_ms,
+            self.cfg.new_room_reserve_ttl_ms,
+        );
         let router = &mut self.routers[r];
         // A re-placement replaces the room's old reservation: what it still held is released.
         let mut released = Vec::new();
@@ -688,7 +706,7 @@ impl<'a> Sim<'a> {
         router.book.push(Booked {
             session: s,
             node,
-            r: Reservation::new(size, t, self.cfg.reservation_ttl_ms),
+            r: Reservation::new(size, t, ttl),
             sent: 0,
         });
         router.reserved[node] += size as f64;
@@ -923,6 +941,31 @@ mod tests {
         let r = simulate(&w, Policy::DEFAULT, &cfg);
         assert_eq!(r.refusals, 0, "{r:?}");
         assert_eq!(r.offered_peak, 16.0 / 20.0, "{r:?}");
+    }
+
+    #[test]
+    fn a_guessed_size_stops_counting_after_new_room_reserve_ttl_and_a_hinted_one_does_not() {
+        // "g" has one participant and reserves 10 on one node; "long" (3) goes to the other.
+        // At 90 s "c" (12, hinted) is placed. Without a hint g's 10 was a guess, gone after
+        // 60 s: g's node (1) is the emptier and c goes there (peak 13/20). With a hint of 10,
+        // g's reservation holds for five minutes and c goes to long's node (15/20).
+        let run = |g_hint: &str| {
+            let mut t = format!("0 g join{g_hint}\n1000 g leave\n90 c join 12\n1000 c leave\n");
+            for k in 1..4 {
+                t += &format!("0.{k} long join\n1000 long leave\n");
+            }
+            for k in 1..12 {
+                t += &format!("90.{k:02} c join\n1000 c leave\n");
+            }
+            let w = parse_trace(&t, "t").unwrap();
+            let cfg = SimConfig::new(2, 20.0, 1, 2_000, 1);
+            assert_eq!(cfg.new_room_reserve_ttl_ms, 60_000);
+            simulate(&w, Policy::DEFAULT, &cfg)
+        };
+        let guessed = run("");
+        assert_eq!(guessed.offered_peak, 13.0 / 20.0, "{guessed:?}");
+        let hinted = run(" 10");
+        assert_eq!(hinted.offered_peak, 15.0 / 20.0, "{hinted:?}");
     }
 
     #[test]

@@ -221,10 +221,11 @@ pub struct PlacementConfig {
     pub auto_remove_drained: bool,
     /// Several routers on one Redis: each tells the others, within milliseconds, how much it
     /// has reserved on each node for new rooms' expected sizes, so that a burst of new rooms
-    /// spread over the routers is placed as one router would place it. Needs `store.kind =
-    /// "redis"`. Off by default: it pays with size hints (or learned history), and costs
-    /// where reservations are mostly the default guess.
-    pub share_reservations: bool,
+    /// spread over the routers is placed as one router would place it. Unset: on with
+    /// `store.kind = "redis"` (the simulator's winner for several routers), off with the
+    /// memory store (one router has no one to share with); `true` needs Redis. Read it
+    /// through [`Config::shares_reservations`].
+    pub share_reservations: Option<bool>,
 }
 
 impl Default for PlacementConfig {
@@ -245,7 +246,7 @@ impl Default for PlacementConfig {
             history_ttl: Duration::from_secs(8 * 24 * 3600),
             retry_after: Duration::from_secs(5),
             auto_remove_drained: true,
-            share_reservations: false,
+            share_reservations: None,
         }
     }
 }
@@ -857,6 +858,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Whether this router tells the others its reservations and counts theirs
+    /// (`placement.share_reservations`; unset: with Redis, yes).
+    pub fn shares_reservations(&self) -> bool {
+        self.placement
+            .share_reservations
+            .unwrap_or(self.store.kind == StoreKind::Redis)
+    }
+
     /// Parses TOML text (no environment, no validation).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -968,7 +977,7 @@ impl Config {
         if p.max_size_hint == 0 {
             return Err(invalid("placement.max_size_hint", "must be > 0"));
         }
-        if p.share_reservations && self.store.kind != StoreKind::Redis {
+        if p.share_reservations == Some(true) && self.store.kind != StoreKind::Redis {
             return Err(invalid(
                 "placement.share_reservations",
                 "needs store.kind = \"redis\" (one router has no one to share with)",
@@ -1198,7 +1207,7 @@ mod tests {
 
     #[test]
     fn shared_reservations_need_a_shared_store() {
-        assert!(!Config::default().placement.share_reservations);
+        assert!(!Config::default().shares_reservations());
         let e = Config::parse("[placement]\nshare_reservations = true\n")
             .unwrap()
             .validate()
@@ -1209,7 +1218,18 @@ mod tests {
             Config::parse("[placement]\nshare_reservations = true\n[store]\nkind = \"redis\"\n")
                 .unwrap();
         c.validate().unwrap();
-        assert!(c.placement.share_reservations);
+        assert!(c.shares_reservations());
+        // Unset, routers on Redis share; one can still turn it off.
+        let redis = |extra: &str| {
+            let c = Config::parse(&format!("{extra}[store]\nkind = \"redis\"\n")).unwrap();
+            c.validate().unwrap();
+            c.shares_reservations()
+        };
+        assert!(redis(""));
+        assert!(!redis("[placement]\nshare_reservations = false\n"));
+        let c = Config::parse("[placement]\nshare_reservations = false\n").unwrap();
+        c.validate().unwrap();
+        assert!(!c.shares_reservations());
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub fn share_reservations_again(cfg: &Config) -> Duration {
 pub fn spawn_reservation_sharer<S: PinStore>(
     app: &Arc<App<S>>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    if !app.cfg.placement.share_reservations {
+    if !app.cfg.shares_reservations() {
         return None;
     }
     let weak = Arc::downgrade(app);

@@ -1,6 +1,7 @@
-//! `placement.share_reservations`: routers on one Redis tell each other what they reserved
-//! for new rooms, so that a new room placed through one router counts on the others at once
-//! (through the real HTTP surface and a real Redis; skipped loudly without one).
+//! `placement.share_reservations` (unset: on with Redis): routers on one Redis tell each other
+//! what they reserved for new rooms, so that a new room placed through one router counts on
+//! the others at once (through the real HTTP surface and a real Redis; skipped loudly without
+//! one).
 
 mod redis_support;
 
@@ -9,7 +10,8 @@ use std::time::Duration;
 use redis_support::*;
 use roomrouter::cluster::NodeId;
 
-fn config_sharing(url: &str, prefix: &str, share: bool) -> roomrouter::config::Config {
+/// `share`: `placement.share_reservations` as the file would set it (`None`: not set).
+fn config_sharing(url: &str, prefix: &str, share: Option<bool>) -> roomrouter::config::Config {
     let mut cfg = config(url, prefix);
     cfg.placement.share_reservations = share;
     cfg.validate().expect("valid");
@@ -28,7 +30,7 @@ fn others_reserved(s: &Served, id: &str) -> f64 {
 }
 
 /// Two routers on `prefix`, both seeing n1 (empty) and n2 (1% busy) through Redis.
-async fn pair(url: &str, prefix: &str, share: bool) -> (Served, Served) {
+async fn pair(url: &str, prefix: &str, share: Option<bool>) -> (Served, Served) {
     let a = serve_service(config_sharing(url, prefix, share)).await;
     let b = serve_service(config_sharing(url, prefix, share)).await;
     let c = client();
@@ -48,10 +50,10 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
     };
     let c = client();
 
-    // Without sharing (the default), each router counts only its own: two big new rooms
-    // placed through two routers land on the same, emptiest node.
+    // With sharing turned off, each router counts only its own: two big new rooms placed
+    // through two routers land on the same, emptiest node.
     let p = prefix("unshared");
-    let (a, b) = pair(&url, &p, false).await;
+    let (a, b) = pair(&url, &p, Some(false)).await;
     assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(others_reserved(&b, "n1"), 0.0);
@@ -60,10 +62,10 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
     b.stop().await;
     cleanup(&url, &p).await;
 
-    // With sharing, router B counts router A's 5 000 units on n1 within milliseconds and
-    // sends the next big room to n2.
+    // With sharing (not set: the default on Redis), router B counts router A's 5 000 units
+    // on n1 within milliseconds and sends the next big room to n2.
     let p = prefix("shared");
-    let (a, b) = pair(&url, &p, true).await;
+    let (a, b) = pair(&url, &p, None).await;
     assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
     assert!(
         eventually(Duration::from_secs(2), || async {

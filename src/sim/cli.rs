@@ -56,12 +56,16 @@ pub struct SimulateArgs {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Also run the default policy with reservations shared between routers, each router
-    /// seeing the others' reservations (and their releases) after this many milliseconds;
-    /// comma-separated, one extra policy per delay (e.g. `0,5,50`). The router does this
-    /// with `placement.share_reservations` (about 5 ms behind, on Redis); off by default.
+    /// Also run the default policy with the other routers' reservations (and their
+    /// releases) seen after this many milliseconds instead of the router's 5 ms
+    /// (`placement.share_reservations`, on by default with Redis); comma-separated, one extra
+    /// policy per delay (e.g. `0,50,500`).
     #[arg(long, value_name = "MS", value_delimiter = ',')]
     pub shared_reservations: Vec<u64>,
+    /// How long a new room's default-guess reservation (no hint, no history) lasts, in
+    /// seconds (default: the router's `placement.new_room_reserve_ttl`, 60 s).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub new_room_reserve_ttl: Option<f64>,
     /// With --trace: add a node at this many seconds.
     #[arg(long, value_name = "SECS", requires = "trace")]
     pub scale_out_at: Option<f64>,
@@ -91,17 +95,29 @@ impl SimulateArgs {
             } else {
                 self.hints.clone()
             },
-            policies: d
-                .policies
-                .into_iter()
-                .chain(
-                    self.shared_reservations
-                        .iter()
-                        .map(|&ms| Policy::default_shared(ms)),
-                )
-                .collect(),
+            policies: {
+                let mut v = d.policies;
+                for &ms in &self.shared_reservations {
+                    let p = Policy::default_shared(ms);
+                    if !v.contains(&p) {
+                        v.push(p);
+                    }
+                }
+                v
+            },
             quick: self.quick,
+            new_room_reserve_ttl_ms: self.new_room_reserve_ttl.map(|s| (s * 1000.0) as u64),
         }
+    }
+}
+
+/// A duration in seconds: a finite number above 0, at most a day.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds above 0 and at most 86400"
+        )),
     }
 }
 
@@ -176,7 +192,7 @@ mod tests {
             "3",
             "--quick",
             "--shared-reservations",
-            "0,500",
+            "0,5,500",
         ]);
         let o = cli.args.options();
         assert_eq!(
@@ -191,6 +207,7 @@ mod tests {
         assert!(o.describe().contains("seeds 9-11"), "{}", o.describe());
         assert_eq!(Cli::parse_from(["x"]).args.options().seeds, 8);
         assert!(o.quick);
+        // 5 ms is the default's own delay: run once.
         let n = Policy::standard().len();
         assert_eq!(
             o.policies[n..],
@@ -208,6 +225,23 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--trace", "t.txt", "--fail-at", "10"]).is_ok());
         // A trace replays one history: several seeds of it are not a thing.
         assert!(Cli::try_parse_from(["x", "--trace", "t.txt", "--seeds", "2"]).is_err());
+    }
+
+    #[test]
+    fn the_guess_ttl_is_in_seconds_and_positive() {
+        let o = Cli::parse_from(["x", "--new-room-reserve-ttl", "20"])
+            .args
+            .options();
+        assert_eq!(o.config().new_room_reserve_ttl_ms, 20_000);
+        assert!(o.describe().contains("default-guess reservations for 20 s"));
+        let d = Cli::parse_from(["x"]).args.options();
+        assert_eq!(d.config().new_room_reserve_ttl_ms, 60_000);
+        for bad in ["0", "-1", "inf", "NaN", "1e9", "soon"] {
+            assert!(
+                Cli::try_parse_from(["x", "--new-room-reserve-ttl", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Pure and deterministic: a discrete-event loop over a seeded workload, no clock, no threads,
 //! no I/O. It models what the real deployment sees: `routers` routers, each with its own
 //! `pending` per node (reset by each heartbeat) and, for ours, its own book of reservations
-//! (with `Policy::Ours { shared_ms: Some(d), .. }`, each router also adds the reservations of
-//! the others as they stood `d` ms earlier: [`SharedBook`]);
+//! (with `Policy::Ours { shared_ms: Some(d), .. }`, as the default has it, each router also
+//! adds the reservations of the others as they stood `d` ms earlier: [`SharedBook`]);
 //! nodes that report their true load every `heartbeat_ms`; a shared pin store (a pinned room
 //! always joins its node; joins to a pinned node at or above `join_limit` are refused);
 //! a node added at the workload's scale-out time and node 0 failing at its failure time
@@ -1042,7 +1042,7 @@ mod tests {
         // exactly 3 rooms on each node; each seeing only its own, they cannot do better.
         let w = burst_workload(rooms("r", 24, 5, 1_000, 20_000, 170_000), (0, 5_000), None);
         let cfg = SimConfig::new(8, 100.0, 4, 60_000, 1);
-        let own = simulate(&w, Policy::DEFAULT, &cfg);
+        let own = simulate(&w, Policy::OWN_RESERVATIONS, &cfg);
         let shared = simulate(&w, Policy::default_shared(0), &cfg);
         assert_eq!(burst_rooms_per_node(&shared, 24, 8), 3.0, "{shared:?}");
         assert_eq!(shared.peak_utilization, 0.15, "{shared:?}");
@@ -1064,7 +1064,7 @@ mod tests {
         sessions.extend(rooms("burst", 12, 10, 41_000, 60_000, 170_000));
         let w = burst_workload(sessions, (41_000, 42_000), Some(40_500));
         let cfg = SimConfig::new(4, 100.0, 4, 10_000, 1);
-        let own = simulate(&w, Policy::DEFAULT, &cfg);
+        let own = simulate(&w, Policy::OWN_RESERVATIONS, &cfg);
         let shared = simulate(&w, Policy::default_shared(0), &cfg);
         let (own_n, shared_n) = (
             burst_rooms_per_node(&own, 12, 5),

@@ -23,9 +23,10 @@ pub enum Policy {
         rule: ChoiceRule,
         reservation: bool,
         /// With reservation: `None`, each router counts only its own reservations (the
-        /// product's default); `Some(ms)`, every router publishes its reservations and the
-        /// others add them to û this many milliseconds later, releases propagating with the
-        /// same delay (the product with `placement.share_reservations`, about 5 ms).
+        /// product with one router, or with `placement.share_reservations = false`);
+        /// `Some(ms)`, every router publishes its reservations and the others add them to û
+        /// this many milliseconds later, releases propagating with the same delay (routers on
+        /// Redis by default: about 5 ms).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shared_ms: Option<u64>,
     },
@@ -40,16 +41,26 @@ pub enum Policy {
     BoundedLoadHash { factor: f64 },
 }
 
+/// How far behind a router sees the others' reservations with `placement.share_reservations`:
+/// `service::SHARE_RESERVATIONS_EVERY`, the period of the task that publishes them.
+pub const SHARED_DELAY_MS: u64 = 5;
+
 impl Policy {
-    /// The product's default: `ChoiceRule::default()` (least-loaded) with reservation.
-    pub const DEFAULT: Policy = Policy::Ours {
+    /// The product's default with several routers (`ChoiceRule::default()`, least-loaded,
+    /// with reservation, shared between routers on Redis: `placement.share_reservations`
+    /// unset). With one router it is the same as [`Policy::OWN_RESERVATIONS`].
+    pub const DEFAULT: Policy = Policy::default_shared(SHARED_DELAY_MS);
+
+    /// The default with each router counting only its own reservations (routers on Redis with
+    /// `placement.share_reservations = false`; the default up to the eleventh session).
+    pub const OWN_RESERVATIONS: Policy = Policy::Ours {
         rule: ChoiceRule::LeastLoaded,
         reservation: true,
         shared_ms: None,
     };
 
     /// The default policy with reservations shared between routers after `delay_ms`.
-    pub fn default_shared(delay_ms: u64) -> Policy {
+    pub const fn default_shared(delay_ms: u64) -> Policy {
         Policy::Ours {
             rule: ChoiceRule::LeastLoaded,
             reservation: true,
@@ -57,10 +68,10 @@ impl Policy {
         }
     }
 
-    /// Every policy of the standard comparison: each of our rules with and without
-    /// reservation, then the four others.
+    /// Every policy of the standard comparison: the default, each of our rules with and
+    /// without reservation (each router counting its own), then the four others.
     pub fn standard() -> Vec<Policy> {
-        let mut v = Vec::new();
+        let mut v = vec![Policy::DEFAULT];
         for rule in ChoiceRule::ALL {
             for reservation in [true, false] {
                 v.push(Policy::Ours {
@@ -296,6 +307,17 @@ mod tests {
                 last_heartbeat: Some(0),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_default_shares_reservations_as_far_behind_as_the_router_publishes_them() {
+        let every = crate::service::SHARE_RESERVATIONS_EVERY.as_millis() as u64;
+        assert_eq!(Policy::DEFAULT.shared_delay_ms(), Some(every));
+        assert_eq!(Policy::DEFAULT.name(), "ours:least_loaded+res+shared5ms");
+        assert_eq!(Policy::OWN_RESERVATIONS.shared_delay_ms(), None);
+        let standard = Policy::standard();
+        assert_eq!(standard[0], Policy::DEFAULT);
+        assert!(standard.contains(&Policy::OWN_RESERVATIONS));
     }
 
     #[test]

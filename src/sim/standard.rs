@@ -32,6 +32,10 @@ pub struct Options {
     pub policies: Vec<Policy>,
     /// Shorter runs (45 min steady, two lessons) for smoke tests.
     pub quick: bool,
+    /// How long the default guess's reservation lasts, in ms (`None`: the router's default,
+    /// `placement.new_room_reserve_ttl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_room_reserve_ttl_ms: Option<u64>,
 }
 
 impl Default for Options {
@@ -48,19 +52,24 @@ impl Default for Options {
             hints: HintMode::ALL.to_vec(),
             policies: Policy::standard(),
             quick: false,
+            new_room_reserve_ttl_ms: None,
         }
     }
 }
 
 impl Options {
     pub fn config(&self) -> SimConfig {
-        SimConfig::new(
+        let mut c = SimConfig::new(
             self.nodes,
             self.capacity,
             self.routers,
             self.heartbeat_ms,
             self.seed,
-        )
+        );
+        if let Some(ms) = self.new_room_reserve_ttl_ms {
+            c.new_room_reserve_ttl_ms = ms;
+        }
+        c
     }
 
     pub fn workload_params(&self) -> WorkloadParams {
@@ -83,8 +92,12 @@ impl Options {
         } else {
             format!("seed {}", self.seed)
         };
+        let guess = match self.new_room_reserve_ttl_ms {
+            Some(ms) => format!(", default-guess reservations for {} s", ms as f64 / 1000.0),
+            None => String::new(),
+        };
         format!(
-            "{} nodes x {} units, {} routers, reports every {} ms{}, {seeds}",
+            "{} nodes x {} units, {} routers, reports every {} ms{guess}{}, {seeds}",
             self.nodes,
             self.capacity,
             self.routers,
@@ -268,8 +281,9 @@ pub fn check_targets(
 /// default's offered peak at least 25% below least-loaded's without hints on the same day.
 /// The realized peak of a pinned node stops at `join_limit` (beyond it joins are refused), so
 /// the target compares offered peaks: what each policy piled onto its busiest node. The
-/// default with reservations shared between routers (`placement.share_reservations`; the
-/// simulator's `--shared-reservations`) is checked the same way when it was run.
+/// default's variants, each router with its own reservations (`placement.share_reservations
+/// = false`) and reservations shared after other delays (`--shared-reservations`), are
+/// checked the same way when they were run.
 fn school_day_targets(
     kind: StandardWorkload,
     runs: &[(StandardWorkload, HintMode, WorkloadResult)],
@@ -284,20 +298,19 @@ fn school_day_targets(
     };
     let pct = |a: f64, b: f64| 100.0 * (a / b - 1.0);
     let target = 0.75 * base.offered_peak;
-    // The default, then each shared variant, in the order they were run.
+    // The default, then its variants (each router counting its own reservations; shared
+    // after other delays), in the order they were run.
     let mut candidates = vec![Policy::DEFAULT];
     if let Some(w) = day(HintMode::Absent) {
-        candidates.extend(
-            w.results
-                .iter()
-                .map(|r| r.spec)
-                .filter(|p| p.shared_delay_ms().is_some()),
-        );
+        candidates.extend(w.results.iter().map(|r| r.spec).filter(|&p| {
+            p != Policy::DEFAULT && (p == Policy::OWN_RESERVATIONS || p.shared_delay_ms().is_some())
+        }));
     }
     let mut out = Vec::new();
     for policy in candidates {
         let with = match policy.shared_delay_ms() {
-            None => String::new(),
+            _ if policy == Policy::DEFAULT => String::new(),
+            None => " (each router its own reservations)".to_string(),
             Some(ms) => format!(" (reservations shared after {ms} ms)"),
         };
         for h in HintMode::ALL {
@@ -446,28 +459,31 @@ mod tests {
     }
 
     #[test]
-    fn the_school_day_target_is_also_checked_with_shared_reservations_when_run() {
+    fn the_school_day_target_is_also_checked_on_the_defaults_variants_when_run() {
         let o = Options {
             workloads: vec![StandardWorkload::SchoolDay],
             policies: vec![
                 Policy::DEFAULT,
                 Policy::LeastLoaded,
-                Policy::default_shared(5),
+                Policy::OWN_RESERVATIONS,
+                Policy::default_shared(50),
             ],
             ..quick_school_days()
         };
         let report = run_all(&o);
         let lines = school_lines(&report.targets, StandardWorkload::SchoolDay);
         assert_eq!(lines.len(), 3, "the default's: {:?}", report.targets);
-        let shared: Vec<_> = report
-            .targets
-            .iter()
-            .filter(|t| {
-                t.target
-                    .contains("(reservations shared after 5 ms) offered peak")
-            })
-            .collect();
-        assert_eq!(shared.len(), 3, "{:?}", report.targets);
+        for variant in [
+            "(each router its own reservations) offered peak",
+            "(reservations shared after 50 ms) offered peak",
+        ] {
+            let n = report
+                .targets
+                .iter()
+                .filter(|t| t.target.contains(variant))
+                .count();
+            assert_eq!(n, 3, "{variant}: {:?}", report.targets);
+        }
     }
 
     #[test]

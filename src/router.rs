@@ -152,6 +152,9 @@ pub struct Explanation {
     /// learned history, else `new_room_reserve`), and where that comes from.
     pub expected_size: u32,
     pub size_source: SizeSource,
+    /// How long that reservation would last at most: `reservation_ttl` for a hint or
+    /// history, `new_room_reserve_ttl` for the default guess.
+    pub reserved_for_ms: u64,
     pub nodes: Vec<ExplainRow>,
 }
 
@@ -807,6 +810,7 @@ impl<S: PinStore> Router<S> {
             rule: self.params.rule.name(),
             expected_size,
             size_source,
+            reserved_for_ms: self.placement.reservation_ttl_ms(size_source),
             nodes: rows
                 .into_iter()
                 .map(|row| ExplainRow {

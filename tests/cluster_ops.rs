@@ -390,13 +390,19 @@ async fn explain_lists_every_node_with_its_verdict() {
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["verdict"], "chosen");
     assert_eq!(rows[1]["verdict"], "draining");
-    // What the room would reserve, and why: no hint and no history, the default.
+    // What the room would reserve, why and for how long: no hint and no history, the
+    // default guess for new_room_reserve_ttl.
     assert_eq!(e["expected_size"], 10);
     assert_eq!(e["size_source"], "default");
+    assert_eq!(e["reserved_for_ms"], 60_000);
     let e: serde_json::Value = admin_json(&r, "/v1/placement/x/explain?size=25").await;
     assert_eq!(
-        (e["expected_size"].as_u64(), e["size_source"].as_str()),
-        (Some(25), Some("hint"))
+        (
+            e["expected_size"].as_u64(),
+            e["size_source"].as_str(),
+            e["reserved_for_ms"].as_u64()
+        ),
+        (Some(25), Some("hint"), Some(300_000))
     );
     // Explaining has no side effects.
     expect_error(

@@ -1292,22 +1292,48 @@ async fn node_writer(
     mut rx: mpsc::UnboundedReceiver<NodeUpdate>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut batch = Vec::new();
     loop {
-        let u = tokio::select! {
+        batch.clear();
+        tokio::select! {
             _ = stop.changed() => return,
-            u = rx.recv() => match u { Some(u) => u, None => return },
-        };
-        let keep = !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. });
-        if inner.is_down() || inner.write_node(&u).await.is_err() {
-            // Reports and reservations are repeated; the next one replaces a lost one. Admin
-            // changes are not.
-            if keep {
-                if let Ok(mut m) = inner.pending_nodes.lock() {
-                    m.insert(u.id().to_string(), u);
+            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
+        }
+        // Written one by one, updates queue up behind Redis round trips when reservations
+        // change on many nodes at once (a burst of new rooms, with shared reservations): of
+        // what queued meanwhile, only each node's newest report and reservation still matter.
+        supersede(&mut batch);
+        for u in batch.drain(..) {
+            let keep = !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. });
+            if inner.is_down() || inner.write_node(&u).await.is_err() {
+                // Reports and reservations are repeated; the next one replaces a lost one.
+                // Admin changes are not.
+                if keep {
+                    if let Ok(mut m) = inner.pending_nodes.lock() {
+                        m.insert(u.id().to_string(), u);
+                    }
                 }
             }
         }
     }
+}
+
+/// Drops every report and every reservation of a node that a later one of the same kind in
+/// `batch` supersedes (each carries the whole state: the node's load, this router's whole
+/// reservation there). Admin changes, puts and removals all stay, in order.
+fn supersede(batch: &mut Vec<NodeUpdate>) {
+    let mut newer: HashSet<(bool, &str)> = HashSet::new();
+    let mut stale = vec![false; batch.len()];
+    for (i, u) in batch.iter().enumerate().rev() {
+        let kind = match u {
+            NodeUpdate::Report { .. } => true,
+            NodeUpdate::Reserved { .. } => false,
+            _ => continue,
+        };
+        stale[i] = !newer.insert((kind, u.id()));
+    }
+    let mut stale = stale.into_iter();
+    batch.retain(|_| !stale.next().unwrap_or(false));
 }
 
 /// Waits for the next batch of queued writes (at most 512) into `batch`. False when the
@@ -1667,6 +1693,62 @@ impl PinStore for RedisStore {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    fn report(id: &str, load: f64) -> NodeUpdate {
+        NodeUpdate::Report {
+            id: id.into(),
+            info: crate::cluster::sync::WireInfo {
+                url: "http://127.0.0.1:1".into(),
+                upstream: "http://127.0.0.1:1".into(),
+                capacity: 100.0,
+                region: None,
+                tags: vec![],
+            },
+            load,
+            cpu: None,
+            state: crate::placement::AdminState::Active,
+            at: 1,
+            rooms: None,
+        }
+    }
+
+    fn reserved(id: &str, milli: i64) -> NodeUpdate {
+        NodeUpdate::Reserved {
+            id: id.into(),
+            router: "r".into(),
+            reserved_milli: milli,
+            at: 1,
+        }
+    }
+
+    #[test]
+    fn queued_reports_and_reservations_are_superseded_by_the_newest_of_each_node() {
+        let admin = NodeUpdate::Admin {
+            id: "n1".into(),
+            state: crate::placement::AdminState::Draining,
+        };
+        let removed = NodeUpdate::Removed { id: "n3".into() };
+        let mut batch = vec![
+            report("n1", 1.0),
+            reserved("n1", 1_000),
+            admin.clone(),
+            report("n1", 2.0),
+            reserved("n2", 5_000),
+            reserved("n1", 2_000),
+            removed.clone(),
+        ];
+        supersede(&mut batch);
+        assert_eq!(
+            batch,
+            vec![
+                admin,
+                report("n1", 2.0),
+                reserved("n2", 5_000),
+                reserved("n1", 2_000),
+                removed
+            ]
+        );
+    }
 
     #[test]
     fn every_key_of_a_room_is_in_one_slot_and_rooms_spread() {

@@ -121,7 +121,11 @@ pub async fn run_configured(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let store = crate::store::open(&cfg).await?;
-    tracing::info!(store = ?cfg.store.kind, "store opened");
+    tracing::info!(
+        store = ?cfg.store.kind,
+        share_reservations = cfg.shares_reservations(),
+        "store opened"
+    );
     run(build(cfg, store), listener, shutdown).await?;
     Ok(())
 }

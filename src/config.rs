@@ -1109,6 +1109,15 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The error `text` fails validation with (it must parse).
+    fn rejected(text: &str) -> String {
+        Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn empty_file_gives_documented_defaults() {
         let c = Config::parse("").unwrap();
@@ -1197,22 +1206,14 @@ mod tests {
         let c = Config::parse("[placement]\nnew_room_reserve_ttl = \"90s\"\n").unwrap();
         c.validate().unwrap();
         assert_eq!(c.placement.reservation_ttl_ms(SizeSource::Default), 90_000);
-        let e = Config::parse("[placement]\nnew_room_reserve_ttl = \"0s\"\n")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = rejected("[placement]\nnew_room_reserve_ttl = \"0s\"\n");
         assert!(e.starts_with("placement.new_room_reserve_ttl"), "{e}");
     }
 
     #[test]
     fn shared_reservations_need_a_shared_store() {
         assert!(!Config::default().shares_reservations());
-        let e = Config::parse("[placement]\nshare_reservations = true\n")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = rejected("[placement]\nshare_reservations = true\n");
         assert!(e.starts_with("placement.share_reservations"), "{e}");
         let c =
             Config::parse("[placement]\nshare_reservations = true\n[store]\nkind = \"redis\"\n")
@@ -1236,13 +1237,8 @@ mod tests {
     fn a_learned_sizes_file_is_for_the_memory_store() {
         let c = Config::parse("[store]\nlearned_file = \"/var/lib/roomrouter/learned\"\n").unwrap();
         c.validate().unwrap();
-        let e = Config::parse(
-            "[store]\nkind = \"redis\"\nlearned_file = \"/var/lib/roomrouter/learned\"\n",
-        )
-        .unwrap()
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e =
+            rejected("[store]\nkind = \"redis\"\nlearned_file = \"/var/lib/roomrouter/learned\"\n");
         assert!(e.starts_with("store.learned_file"), "{e}");
     }
 
@@ -1268,11 +1264,7 @@ mod tests {
         let c = Config::parse("[server]\nworker_threads = 1\n").unwrap();
         c.validate().unwrap();
         assert_eq!(c.server.worker_threads, Some(1));
-        let e = Config::parse("[server]\nworker_threads = 0\n")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = rejected("[server]\nworker_threads = 0\n");
         assert!(e.starts_with("server.worker_threads"), "{e}");
     }
 

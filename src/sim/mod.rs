@@ -90,7 +90,7 @@ impl SimConfig {
             join_limit: d.join_limit,
             join_cost: 1.0,
             new_room_reserve: p.new_room_reserve,
-            new_room_reserve_ttl_ms: guess_ttl_ms(),
+            new_room_reserve_ttl_ms: p.new_room_reserve_ttl.as_millis() as u64,
             reservation_ttl_ms: p.reservation_ttl.as_millis() as u64,
             sample_ms: workload::SECOND,
             busy_threshold: 0.30,

@@ -35,6 +35,10 @@
 # 10 µs wheel on a load tool that never sleeps (a whole core: use it with PIN=1, for the
 # targets that answer themselves, since the demo nodes a proxy needs share its CPU 0; see
 # `load --pacing`).
+# Before the rounds, an idle loop that only reads the clock spins JITTER s (default 3; 0 to
+# skip) on each CPU in turn and counts the gaps in which it did not run: the machine's own
+# hiccups (a VM's vCPU descheduled by its host, an interrupt storm), which every tail figure
+# below includes; the footer shows them.
 # With ROUNDS=N (default 3) the whole sequence of targets runs N times, interleaved, and the
 # table shows each figure's median over the rounds; every ratio is the median of the ratios
 # measured within a round (targets of one round ran minutes apart, not a whole run apart),
@@ -64,6 +68,7 @@ ROUNDS=${ROUNDS:-3}
 PROXY_THREADS=${PROXY_THREADS:-auto}
 PIN=${PIN:-0}
 PACING=${PACING:-tokio}
+JITTER=${JITTER:-3}
 FRONT_CPU=() REST_CPU=() LOAD_THREADS=()
 if [ "$PIN" = 1 ]; then
   [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs 2 CPUs" >&2; exit 1; }
@@ -377,6 +382,34 @@ bench() { # NAME
   stop_started
 }
 
+jitter_probe() { # each CPU alone in turn, nothing else of ours running: one $RUNS line per CPU
+  [ "$JITTER" -gt 0 ] 2>/dev/null || return 0
+  local cpu
+  echo "== the machine's own hiccups: a clock-reading loop, ${JITTER} s on each CPU"
+  for cpu in $(seq 0 $(( $(nproc) - 1 ))); do
+    taskset -c "$cpu" python3 - "$JITTER" "$cpu" >>"$RUNS" <<'EOF'
+import json, sys, time
+secs, cpu = float(sys.argv[1]), int(sys.argv[2])
+now = time.perf_counter_ns
+prev = start = now()
+end = start + int(secs * 1e9)
+over_100us = over_1ms = longest = lost = 0
+while prev < end:
+    t = now()
+    gap, prev = t - prev, t
+    if gap > 100_000:
+        over_100us += 1
+        lost += gap
+        over_1ms += gap > 1_000_000
+        longest = max(longest, gap)
+print(json.dumps({"round": 0, "target": f"cpu{cpu}", "kind": "jitter", "seconds": secs,
+                  "gaps_over_100us": over_100us, "gaps_over_1ms": over_1ms,
+                  "longest_gap_us": longest // 1000, "lost_share": lost / (now() - start)}))
+EOF
+  done
+}
+jitter_probe
+
 for ROUND in $(seq 1 "$ROUNDS"); do
   [ "$ROUNDS" -gt 1 ] && echo "==== round $ROUND of $ROUNDS"
   for t in $TARGETS; do bench "$t"; done
@@ -436,6 +469,13 @@ for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
     if rs:
         per = ", ".join(f"{r:.2f}" for r in rs)
         print(f"{a} / {b}: {show(rs)} (median; per round: {per})")
+jit = [r for r in runs if r["kind"] == "jitter"]
+if jit:
+    print()
+    print("the machine's own hiccups before the rounds (a loop that only reads the clock, alone on each CPU): "
+          + "; ".join(f"{r['target']} over {r['seconds']:g} s: gaps > 100 µs {r['gaps_over_100us']}, "
+                      f"> 1 ms {r['gaps_over_1ms']}, longest {r['longest_gap_us'] / 1000:.1f} ms, "
+                      f"{100 * r['lost_share']:.2f}% of the time" for r in jit))
 EOF
   echo
   echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s, latency from the planned send (service: from the actual send), paced by $PACING"

@@ -382,31 +382,30 @@ bench() { # NAME
   stop_started
 }
 
-jitter_probe() { # each CPU alone in turn, nothing else of ours running: one $RUNS line per CPU
+jitter_probe() { # each CPU this script may use, alone in turn: one $RUNS line per CPU
   [ "$JITTER" -gt 0 ] 2>/dev/null || return 0
-  local cpu
   echo "== the machine's own hiccups: a clock-reading loop, ${JITTER} s on each CPU"
-  for cpu in $(seq 0 $(( $(nproc) - 1 ))); do
-    taskset -c "$cpu" python3 - "$JITTER" "$cpu" >>"$RUNS" <<'EOF'
-import json, sys, time
-secs, cpu = float(sys.argv[1]), int(sys.argv[2])
+  python3 - "$JITTER" >>"$RUNS" <<'EOF'
+import json, os, sys, time
+secs = float(sys.argv[1])
 now = time.perf_counter_ns
-prev = start = now()
-end = start + int(secs * 1e9)
-over_100us = over_1ms = longest = lost = 0
-while prev < end:
-    t = now()
-    gap, prev = t - prev, t
-    if gap > 100_000:
-        over_100us += 1
-        lost += gap
-        over_1ms += gap > 1_000_000
-        longest = max(longest, gap)
-print(json.dumps({"round": 0, "target": f"cpu{cpu}", "kind": "jitter", "seconds": secs,
-                  "gaps_over_100us": over_100us, "gaps_over_1ms": over_1ms,
-                  "longest_gap_us": longest // 1000, "lost_share": lost / (now() - start)}))
+for cpu in sorted(os.sched_getaffinity(0)):
+    os.sched_setaffinity(0, {cpu})
+    prev = start = now()
+    end = start + int(secs * 1e9)
+    over_100us = over_1ms = longest = lost = 0
+    while prev < end:
+        t = now()
+        gap, prev = t - prev, t
+        if gap > 100_000:
+            over_100us += 1
+            lost += gap
+            over_1ms += gap > 1_000_000
+            longest = max(longest, gap)
+    print(json.dumps({"round": 0, "target": f"cpu{cpu}", "kind": "jitter", "seconds": secs,
+                      "gaps_over_100us": over_100us, "gaps_over_1ms": over_1ms,
+                      "longest_gap_us": longest // 1000, "lost_share": lost / (now() - start)}))
 EOF
-  done
 }
 jitter_probe
 

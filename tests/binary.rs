@@ -479,6 +479,17 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
                 ],
                 "often",
             ),
+            (
+                &[
+                    "--constant-rate",
+                    "100",
+                    "--warmup",
+                    "7200",
+                    "--url",
+                    "http://127.0.0.1:9",
+                ],
+                "--warmup must be at most",
+            ),
         ],
     );
 
@@ -506,7 +517,9 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
     } else {
         "tokio"
     };
-    for (pacing, paced_by) in [("wheel", wheel), ("spin", "spin")] {
+    // The spin-paced run also warms up for half a second: 250 more requests, sent and
+    // answered, none of them measured.
+    for (pacing, paced_by, warmup) in [("wheel", wheel, 0), ("spin", "spin", 250)] {
         let json = std::env::temp_dir().join(format!("roomrouter-rate-{port}-{pacing}.json"));
         let out = clean_env(&mut Command::new(BIN))
             .args([
@@ -519,20 +532,28 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
                 "4",
                 "--pacing",
                 pacing,
+                "--warmup",
+                if warmup > 0 { "0.5" } else { "0" },
             ])
             .args(["--url", &url, "--quiet", "--json", json.to_str().unwrap()])
             .output()
             .unwrap();
         let table = stdout_of_success(&out);
         assert!(
-            table.contains("from plan (constant)") && table.contains("307: 500"),
+            table.contains("from plan (constant)")
+                && table.contains(&format!("307: {}", 500 + warmup)),
             "{table}"
         );
         let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         let _ = std::fs::remove_file(&json);
         assert_eq!(
             (r["planned"].as_u64(), r["ok"].as_u64()),
-            (Some(500), Some(500)),
+            (Some(500 + warmup), Some(500 + warmup)),
+            "{r}"
+        );
+        assert_eq!(
+            (r["warmup_sent"].as_u64(), r["latency_us"]["count"].as_u64()),
+            (Some(warmup), Some(500)),
             "{r}"
         );
         assert_eq!(r["pacing"], paced_by, "{r}");

@@ -26,7 +26,10 @@
 #      $RATE_CONNS connections, uniform random rooms out of the same $ROOMS wrk used (so
 #      they are already placed: steady-state joins), decisions only. $RATE is
 #      `half` (default: half of the same target's wrk throughput, the "p99 at half of the
-#      maximum throughput" claim) or a number of requests/s for every target.
+#      maximum throughput" claim) or a number of requests/s for every target. With
+#      WARMUP=S (default 0) it first sends at that rate for S s and measures nothing of it
+#      (`load --warmup`: fresh connections and the load tool's own start are not the
+#      front end's steady state).
 # With PIN=1 the front end under test gets CPU 1 to itself with one thread (PROXY_THREADS=1)
 # and everything else (demo nodes, wrk with THREADS=1, the load tool with one runtime
 # thread) shares CPU 0: the router's own latency, as if the load came from another machine,
@@ -69,6 +72,7 @@ PROXY_THREADS=${PROXY_THREADS:-auto}
 PIN=${PIN:-0}
 PACING=${PACING:-tokio}
 JITTER=${JITTER:-3}
+WARMUP=${WARMUP:-0}
 FRONT_CPU=() REST_CPU=() LOAD_THREADS=()
 if [ "$PIN" = 1 ]; then
   [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs 2 CPUs" >&2; exit 1; }
@@ -320,9 +324,9 @@ run_wrk() { # NAME PORT
 run_rate() { # NAME PORT RATE
   local j="$OUT/rate-$1-$ROUND.json" line
   "${REST_CPU[@]}" "${LOAD_THREADS[@]}" "$BIN" load --constant-rate "$3" \
-    --url "http://127.0.0.1:$2" --duration "$DURATION" --pacing "$PACING" \
+    --url "http://127.0.0.1:$2" --duration "$DURATION" --warmup "$WARMUP" --pacing "$PACING" \
     --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
-    --path "$(open_path "$1")" --max-requests $(( $3 * DURATION + 1 )) \
+    --path "$(open_path "$1")" --max-requests $(python3 -c "import math; print(math.floor($3 * ($DURATION + $WARMUP)) + 1)") \
     --quiet --json "$j" >"$OUT/rate-$1-$ROUND.txt" 2>&1 || { cat "$OUT/rate-$1-$ROUND.txt" >&2; return 0; }
   line=$(python3 - "$j" "$1" <<'EOF'
 import json, sys
@@ -477,7 +481,7 @@ if jit:
                       f"{100 * r['lost_share']:.2f}% of the time" for r in jit))
 EOF
   echo
-  echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s, latency from the planned send (service: from the actual send), paced by $PACING"
+  echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s after ${WARMUP}s of warm-up, latency from the planned send (service: from the actual send), paced by $PACING"
   [ "$PIN" = 1 ] && echo "PIN=1: each front end alone on CPU 1 with one thread; demo nodes, wrk and the load tool on CPU 0"
   echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
   for t in $TARGETS; do if [ -n "${NOTE[$t]:-}" ]; then echo "$t: ${NOTE[$t]}"; fi; done

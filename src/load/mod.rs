@@ -100,9 +100,14 @@ pub struct LoadArgs {
     /// gives the names the compare script's wrk requests use).
     #[arg(long, default_value = "room-", requires = "constant_rate")]
     pub room_prefix: String,
-    /// Run time in seconds.
+    /// Run time in seconds (constant-rate mode: the measured part, after --warmup).
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub duration: Duration,
+    /// Constant-rate mode: first send at the same rate for this many seconds and measure
+    /// nothing of it (wrk2's calibration period): fresh connections and the load tool's own
+    /// start are not the server's steady state.
+    #[arg(long, default_value = "0", value_parser = parse_secs, requires = "constant_rate")]
+    pub warmup: Duration,
     /// At most this many joins, whatever the rate and duration.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_requests: usize,
@@ -172,6 +177,7 @@ impl LoadArgs {
             targets: self.routers.clone(),
             rate,
             duration: self.duration,
+            warmup: self.warmup,
             connections: self.connections,
             timeout: self.timeout,
             rooms: self.rooms,

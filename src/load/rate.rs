@@ -22,9 +22,15 @@
 //! a 10 µs wheel on a runtime that never sleeps, for a load tool with a core of its own.
 //! The report says which one paced the run.
 //!
-//! Bounded everywhere: each connection sends at most its share of `floor(R x duration)`
-//! requests, every connect and exchange has a timeout, and nothing is sent or awaited after
-//! the hard stop at `duration + timeout`; requests not sent by then are counted as such.
+//! With `--warmup W` the run first sends at the same rate for `W` seconds and leaves those
+//! requests out of every latency figure and of the late sends, as wrk2 does with its
+//! calibration period: fresh connections, cold caches and the load tool's own start-up
+//! (tens of milliseconds in which it falls behind) are not the server's steady state.
+//!
+//! Bounded everywhere: each connection sends at most its share of `floor(R x (warmup +
+//! duration))` requests, every connect and exchange has a timeout, and nothing is sent or
+//! awaited after the hard stop at `warmup + duration + timeout`; requests not sent by then
+//! are counted as such.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -57,6 +63,9 @@ pub const LATE: Duration = Duration::from_millis(1);
 /// Most requests one run may plan (memory and time stay bounded whatever the flags say).
 pub const MAX_PLANNED: u64 = 100_000_000;
 
+/// Longest warm-up `--warmup` accepts.
+pub const MAX_WARMUP: Duration = Duration::from_secs(3600);
+
 /// Everything a constant-rate run needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateConfig {
@@ -64,7 +73,10 @@ pub struct RateConfig {
     pub targets: Vec<String>,
     /// Requests per second over all connections.
     pub rate: f64,
+    /// How long the measured part of the run lasts.
     pub duration: Duration,
+    /// Sent at `rate` before `duration` and not measured (see the module docs).
+    pub warmup: Duration,
     /// Persistent connections (and tasks); each carries `rate / connections` per second.
     pub connections: usize,
     /// Per-request timeout (connect, or send to end of body); also the grace after
@@ -122,9 +134,14 @@ impl Target {
 }
 
 impl RateConfig {
-    /// Requests the run plans: `floor(rate x duration)`.
+    /// Requests the run plans: `floor(rate x (warmup + duration))`.
     pub fn planned(&self) -> u64 {
-        (self.rate * self.duration.as_secs_f64()).floor() as u64
+        (self.rate * (self.warmup + self.duration).as_secs_f64()).floor() as u64
+    }
+
+    /// The first requests of the plan, sent during the warm-up and not measured.
+    pub fn warmup_planned(&self) -> u64 {
+        ((self.rate * self.warmup.as_secs_f64()).floor() as u64).min(self.planned())
     }
 
     /// Checks every setting; the errors name the flag to change.
@@ -140,6 +157,11 @@ impl RateConfig {
             self.connections
         );
         anyhow::ensure!(!self.duration.is_zero(), "--duration must be > 0");
+        anyhow::ensure!(
+            self.warmup <= MAX_WARMUP,
+            "--warmup must be at most {} s",
+            MAX_WARMUP.as_secs()
+        );
         anyhow::ensure!(!self.timeout.is_zero(), "--timeout must be > 0");
         anyhow::ensure!(
             (1..=10_000_000).contains(&self.rooms),
@@ -167,17 +189,18 @@ impl RateConfig {
         }
         let planned = self.planned();
         anyhow::ensure!(
-            planned >= 1,
-            "--constant-rate {} for {} s plans no request: raise the rate or the duration",
+            planned > self.warmup_planned(),
+            "--constant-rate {} for {} s plans no request to measure: raise the rate or the duration",
             self.rate,
             self.duration.as_secs_f64()
         );
         let cap = self.max_requests.min(MAX_PLANNED);
         anyhow::ensure!(
             planned <= cap,
-            "--constant-rate {} for {} s plans {planned} requests, more than --max-requests {cap}",
+            "--constant-rate {} for {} s (with --warmup {} s) plans {planned} requests, more than --max-requests {cap}",
             self.rate,
-            self.duration.as_secs_f64()
+            self.duration.as_secs_f64(),
+            self.warmup.as_secs_f64()
         );
         Ok(())
     }
@@ -241,6 +264,8 @@ struct ConnStats {
     latency: Histogram<u64>,
     service: Histogram<u64>,
     sent: u64,
+    /// Of `sent`, those planned during the warm-up (not measured).
+    warmup_sent: u64,
     answered: u64,
     ok: u64,
     late_sends: u64,
@@ -257,6 +282,7 @@ impl ConnStats {
             latency: Histogram::new(3).expect("valid histogram"),
             service: Histogram::new(3).expect("valid histogram"),
             sent: 0,
+            warmup_sent: 0,
             answered: 0,
             ok: 0,
             late_sends: 0,
@@ -277,6 +303,7 @@ impl ConnStats {
         let _ = self.latency.add(&o.latency);
         let _ = self.service.add(&o.service);
         self.sent += o.sent;
+        self.warmup_sent += o.warmup_sent;
         self.answered += o.answered;
         self.ok += o.ok;
         self.late_sends += o.late_sends;
@@ -372,6 +399,8 @@ struct Lane {
     index: usize,
     connections: u64,
     planned: u64,
+    /// Requests numbered below this are the warm-up's.
+    warmup_planned: u64,
     rate: f64,
     addr: SocketAddr,
     host: HeaderValue,
@@ -395,9 +424,13 @@ impl Lane {
         }
     }
 
+    /// The number of this connection's `k`-th request in the whole run's plan.
+    fn number(&self, k: u64) -> u64 {
+        self.index as u64 + k * self.connections
+    }
+
     fn planned_at(&self, k: u64) -> Instant {
-        let n = self.index as u64 + k * self.connections;
-        self.start + Duration::from_secs_f64(n as f64 / self.rate)
+        self.start + Duration::from_secs_f64(self.number(k) as f64 / self.rate)
     }
 }
 
@@ -416,7 +449,10 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
         lane.pacer.until(planned).await;
         let sent = Instant::now();
         let deadline = (sent + lane.timeout).min(lane.hard_end);
-        if sent > planned + LATE {
+        let measured = lane.number(k) >= lane.warmup_planned;
+        if !measured {
+            st.warmup_sent += 1;
+        } else if sent > planned + LATE {
             st.late_sends += 1;
         }
         st.sent += 1;
@@ -443,11 +479,13 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
         let done = Instant::now();
         match outcome {
             Ok((Ok(status), reusable)) => {
-                record(
-                    &mut st.latency,
-                    done.saturating_duration_since(planned.min(sent)),
-                );
-                record(&mut st.service, done.saturating_duration_since(sent));
+                if measured {
+                    record(
+                        &mut st.latency,
+                        done.saturating_duration_since(planned.min(sent)),
+                    );
+                    record(&mut st.service, done.saturating_duration_since(sent));
+                }
                 st.answered += 1;
                 if (200..400).contains(&status) {
                     st.ok += 1;
@@ -532,7 +570,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
 
     let progress = Arc::new(Progress::default());
     let start = Instant::now() + Duration::from_millis(20);
-    let hard_end = start + cfg.duration + cfg.timeout;
+    let hard_end = start + cfg.warmup + cfg.duration + cfg.timeout;
     let rooms = RoomPick::new(cfg.rooms, cfg.zipf_s);
     let pacer = Pacer::new(cfg.pacing);
     let paced_by = pacer.kind();
@@ -544,6 +582,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
             index: c,
             connections: connections as u64,
             planned,
+            warmup_planned: cfg.warmup_planned(),
             rate: cfg.rate,
             addr: addrs[c % targets.len()],
             host: HeaderValue::from_str(&t.authority).context("the URL's host")?,
@@ -616,6 +655,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         settings: serde_json::json!({
             "rate": cfg.rate,
             "duration_s": cfg.duration.as_secs_f64(),
+            "warmup_s": cfg.warmup.as_secs_f64(),
             "connections": connections,
             "timeout_s": cfg.timeout.as_secs_f64(),
             "rooms": cfg.rooms,
@@ -628,6 +668,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         connections,
         planned,
         sent: total.sent,
+        warmup_sent: total.warmup_sent,
         answered: total.answered,
         ok: total.ok,
         elapsed_s: elapsed,
@@ -723,6 +764,7 @@ mod tests {
             targets: vec![url.to_string()],
             rate,
             duration: Duration::from_secs_f64(secs),
+            warmup: Duration::ZERO,
             connections,
             timeout: Duration::from_secs(5),
             rooms: 100,
@@ -841,6 +883,39 @@ mod tests {
             "the table points at the late sends: {}",
             r.table()
         );
+    }
+
+    /// The same 300 ms stall, on the very first request, inside a 0.5 s warm-up: the
+    /// requests queued behind it leave late and are answered, but none of them is measured,
+    /// and the measured second after the warm-up starts with the connection caught up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stall_during_the_warm_up_is_answered_but_not_measured() {
+        let stall = Duration::from_millis(300);
+        let server = TestServer::start(Some(1), stall).await;
+        let mut cfg = config(&server.url, 1_000.0, 1.0, 1);
+        cfg.warmup = Duration::from_millis(500);
+        cfg.pacing = Pacing::Wheel;
+        let r = bounded(cfg).await.unwrap();
+        assert_eq!((r.planned, r.answered), (1_500, 1_500), "{}", r.table());
+        assert_eq!(server.requests.load(Ordering::SeqCst), 1_500);
+        assert_eq!(r.warmup_sent, 500, "{}", r.table());
+        assert_eq!(r.statuses, BTreeMap::from([(204, 1_500)]), "{}", r.table());
+        assert_eq!(r.latency_us.count, 1_000, "only what followed the warm-up");
+        assert_eq!(r.service_us.count, 1_000);
+        assert!(
+            r.latency_us.max < 200_000,
+            "the stall and its queue stayed in the warm-up: {}",
+            r.table()
+        );
+        assert!(
+            r.late_sends < 250,
+            "the ~300 sends queued behind the stall were the warm-up's: {}",
+            r.table()
+        );
+        assert!(r.table().contains("the first 500 sent are not measured"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["warmup_sent"], 500);
+        assert_eq!(json["settings"]["warmup_s"], 0.5);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -962,6 +1037,22 @@ mod tests {
                 },
                 "--zipf",
             ),
+            (
+                RateConfig {
+                    warmup: MAX_WARMUP + Duration::from_secs(1),
+                    ..ok.clone()
+                },
+                "--warmup must be at most",
+            ),
+            (
+                // 100/s for 1 s is 100 requests, and the warm-up's 95 more pass the cap.
+                RateConfig {
+                    warmup: Duration::from_secs_f64(0.95),
+                    max_requests: 150,
+                    ..ok.clone()
+                },
+                "(with --warmup 0.95 s) plans 195 requests, more than --max-requests 150",
+            ),
         ];
         for (cfg, want) in cases {
             let e = format!("{:#}", run(cfg.clone()).await.unwrap_err());
@@ -1006,6 +1097,27 @@ mod tests {
         .unwrap();
         let cfg = a.rate_config().unwrap().expect("constant-rate mode");
         assert_eq!((cfg.rate, cfg.connections, cfg.zipf_s), (5000.0, 64, 0.0));
+        assert_eq!(cfg.warmup, Duration::ZERO, "no warm-up unless asked for");
+        let warm = parse(&[
+            "--constant-rate",
+            "1000",
+            "--url",
+            "http://127.0.0.1:1",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+        ])
+        .unwrap()
+        .rate_config()
+        .unwrap()
+        .unwrap();
+        assert_eq!(warm.warmup, Duration::from_millis(500));
+        assert_eq!((warm.planned(), warm.warmup_planned()), (2_500, 500));
+        assert!(
+            parse(&["--warmup", "1"]).is_err(),
+            "--warmup belongs to the constant-rate mode"
+        );
         assert_eq!(cfg.targets, vec!["http://127.0.0.1:1".to_string()]);
         assert_eq!(cfg.room_prefix, "r");
         assert!(

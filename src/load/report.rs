@@ -216,10 +216,13 @@ pub struct RateReport {
     /// Requests per second asked for.
     pub target_rate: f64,
     pub connections: usize,
-    /// Requests in the plan: `floor(rate x duration)`.
+    /// Requests in the plan: `floor(rate x (warmup + duration))`.
     pub planned: u64,
     /// Requests that left (the rest were not sent by the hard stop).
     pub sent: u64,
+    /// Of `sent`, those of the warm-up (`--warmup`): answered and counted by status, but in
+    /// no latency figure and not in `late_sends`.
+    pub warmup_sent: u64,
     /// Requests that got an HTTP answer (any status).
     pub answered: u64,
     /// Answers with a 2xx or 3xx status.
@@ -297,6 +300,13 @@ impl RateReport {
             "  requests   planned {}  sent {}  answered {}  ok {}  in {:.2} s",
             self.planned, self.sent, self.answered, self.ok, self.elapsed_s
         );
+        if self.warmup_sent > 0 {
+            let _ = writeln!(
+                s,
+                "  warm-up    the first {} sent are not measured (--warmup)",
+                self.warmup_sent
+            );
+        }
         let _ = writeln!(
             s,
             "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {}  paced by {}",
@@ -308,11 +318,12 @@ impl RateReport {
                 "  load tool  {c:.2} cores busy (its own CPU over the run)"
             );
         }
-        if self.late_sends * 100 > self.sent {
+        let measured = self.sent - self.warmup_sent;
+        if self.late_sends * 100 > measured {
             let _ = writeln!(
                 s,
                 "  note       {:.1}% of sends left more than 1 ms late: latency from plan includes the load tool's own delay (short of CPU, or Tokio's timer firing late: try --pacing wheel, or spin with a core to spare) or a slow connection's",
-                self.late_sends as f64 * 100.0 / self.sent as f64
+                self.late_sends as f64 * 100.0 / measured as f64
             );
         }
         latency_header(&mut s);

@@ -885,21 +885,22 @@ mod tests {
         );
     }
 
-    /// The same 300 ms stall, on the very first request, inside a 0.5 s warm-up: the
+    /// The same 300 ms stall, on the very first request, inside a 0.8 s warm-up: the
     /// requests queued behind it leave late and are answered, but none of them is measured,
-    /// and the measured second after the warm-up starts with the connection caught up.
+    /// and the measured second after the warm-up starts with the connection caught up (it
+    /// had half a second to send its ~300 queued requests).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stall_during_the_warm_up_is_answered_but_not_measured() {
         let stall = Duration::from_millis(300);
         let server = TestServer::start(Some(1), stall).await;
         let mut cfg = config(&server.url, 1_000.0, 1.0, 1);
-        cfg.warmup = Duration::from_millis(500);
+        cfg.warmup = Duration::from_millis(800);
         cfg.pacing = Pacing::Wheel;
         let r = bounded(cfg).await.unwrap();
-        assert_eq!((r.planned, r.answered), (1_500, 1_500), "{}", r.table());
-        assert_eq!(server.requests.load(Ordering::SeqCst), 1_500);
-        assert_eq!(r.warmup_sent, 500, "{}", r.table());
-        assert_eq!(r.statuses, BTreeMap::from([(204, 1_500)]), "{}", r.table());
+        assert_eq!((r.planned, r.answered), (1_800, 1_800), "{}", r.table());
+        assert_eq!(server.requests.load(Ordering::SeqCst), 1_800);
+        assert_eq!(r.warmup_sent, 800, "{}", r.table());
+        assert_eq!(r.statuses, BTreeMap::from([(204, 1_800)]), "{}", r.table());
         assert_eq!(r.latency_us.count, 1_000, "only what followed the warm-up");
         assert_eq!(r.service_us.count, 1_000);
         assert!(
@@ -912,10 +913,10 @@ mod tests {
             "the ~300 sends queued behind the stall were the warm-up's: {}",
             r.table()
         );
-        assert!(r.table().contains("the first 500 sent are not measured"));
+        assert!(r.table().contains("the first 800 sent are not measured"));
         let json = serde_json::to_value(&r).unwrap();
-        assert_eq!(json["warmup_sent"], 500);
-        assert_eq!(json["settings"]["warmup_s"], 0.5);
+        assert_eq!(json["warmup_sent"], 800);
+        assert_eq!(json["settings"]["warmup_s"], 0.8);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,10 +26,11 @@
 #      $RATE_CONNS connections, uniform random rooms out of the same $ROOMS wrk used (so
 #      they are already placed: steady-state joins), decisions only. $RATE is
 #      `half` (default: half of the same target's wrk throughput, the "p99 at half of the
-#      maximum throughput" claim) or a number of requests/s for every target. With
-#      WARMUP=S (default 0) it first sends at that rate for S s and measures nothing of it
-#      (`load --warmup`: fresh connections and the load tool's own start are not the
-#      front end's steady state).
+#      maximum throughput" claim) or a number of requests/s for every target.
+# WARMUP=S (default 0) puts S s of the same load, unmeasured, before each step: wrk first
+# runs S s against the fresh target (every room placed, connection pools filled: the front
+# end's steady state), and the constant-rate step sends S s at its rate first (`load
+# --warmup`: the load tool's own start is not the front end's either).
 # With PIN=1 the front end under test gets CPU 1 to itself with one thread (PROXY_THREADS=1)
 # and everything else (demo nodes, wrk with THREADS=1, the load tool with one runtime
 # thread) shares CPU 0: the router's own latency, as if the load came from another machine,
@@ -303,6 +304,10 @@ open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as w
 
 run_wrk() { # NAME PORT
   local f="$OUT/wrk-$1-$ROUND.txt" t0 t1 n0 n1 cpu ncpu p50 p90 p99 bad
+  if [ "$WARMUP" != 0 ]; then # the same load, unmeasured: placed rooms, warm pools
+    WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -s benches/compare/rooms.lua \
+      "http://127.0.0.1:$2" >"$OUT/wrk-$1-$ROUND.warmup.txt" 2>&1
+  fi
   t0=$(cpu_ticks "$FRONT_PID")
   n0=$(node_ticks)
   WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \

@@ -538,6 +538,6 @@ EOF
   echo
   echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s after ${WARMUP}s of warm-up, latency from the planned send (service: from the actual send), paced by $PACING"
   [ "$PIN" = 1 ] && echo "PIN=1: each front end alone on CPU 1 with one thread; demo nodes, wrk and the load tool on CPU 0"
-  echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
+  echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s after ${WARMUP}s unmeasured; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
   for t in $TARGETS; do if [ -n "${NOTE[$t]:-}" ]; then echo "$t: ${NOTE[$t]}"; fi; done
 } | tee "$OUT/results.md"

@@ -28,7 +28,7 @@
 #      `half` (default: half of the same target's wrk throughput, the "p99 at half of the
 #      maximum throughput" claim) or a number of requests/s for every target.
 # WARMUP=S (default 0) puts S s of the same load, unmeasured, before each step: wrk first
-# runs S s against the fresh target (every room placed, connection pools filled: the front
+# runs S s (rounded up to whole seconds) against the fresh target (every room placed, connection pools filled: the front
 # end's steady state), and the constant-rate step sends S s at its rate first (`load
 # --warmup`: the load tool's own start is not the front end's either).
 # With PIN=1 the front end under test gets CPU 1 to itself with one thread (PROXY_THREADS=1)
@@ -74,6 +74,9 @@ PIN=${PIN:-0}
 PACING=${PACING:-tokio}
 JITTER=${JITTER:-3}
 WARMUP=${WARMUP:-0}
+for v in JITTER WARMUP; do
+  [[ ${!v} =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "$v must be a number of seconds (got ${!v})" >&2; exit 1; }
+done
 FRONT_CPU=() REST_CPU=() LOAD_THREADS=()
 if [ "$PIN" = 1 ]; then
   [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs 2 CPUs" >&2; exit 1; }
@@ -305,7 +308,9 @@ open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as w
 run_wrk() { # NAME PORT
   local f="$OUT/wrk-$1-$ROUND.txt" t0 t1 n0 n1 cpu ncpu p50 p90 p99 bad
   if [ "$WARMUP" != 0 ]; then # the same load, unmeasured: placed rooms, warm pools
-    WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -s benches/compare/rooms.lua \
+    # wrk takes whole seconds only
+    WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" \
+      -d"$(python3 -c "import math; print(math.ceil($WARMUP))")s" -s benches/compare/rooms.lua \
       "http://127.0.0.1:$2" >"$OUT/wrk-$1-$ROUND.warmup.txt" 2>&1
   fi
   t0=$(cpu_ticks "$FRONT_PID")
@@ -346,12 +351,11 @@ EOF
 }
 kthreads_since() { # FILE -> JSON fields (without braces): kernel threads' run time since FILE
   python3 - "$1" <<'EOF'
-import json, sys
+import glob, json, sys
 def read(lines):
     return {p: (n, int(t)) for p, n, t in (l.split() for l in lines if l.strip())}
 before = read(open(sys.argv[1]))
 after = {}
-import glob
 for stat in glob.glob("/proc/[0-9]*/stat"):
     pid = stat.split("/")[2]
     if pid in before:
@@ -436,7 +440,7 @@ bench() { # NAME
 }
 
 jitter_probe() { # each CPU this script may use, alone in turn: one $RUNS line per CPU
-  [ "$JITTER" -gt 0 ] 2>/dev/null || return 0
+  [ "$JITTER" != 0 ] || return 0
   echo "== the machine's own hiccups: a clock-reading loop, ${JITTER} s on each CPU"
   python3 - "$JITTER" >>"$RUNS" <<'EOF'
 import json, os, sys, time

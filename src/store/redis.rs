@@ -1293,12 +1293,8 @@ async fn node_writer(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::new();
-    loop {
-        batch.clear();
-        tokio::select! {
-            _ = stop.changed() => return,
-            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
-        }
+    // Unlike `next_batch`, takes what queued during an outage too: admin changes are kept.
+    while recv_batch(&mut rx, &mut stop, &mut batch).await {
         // Written one by one, updates queue up behind Redis round trips when reservations
         // change on many nodes at once (a burst of new rooms, with shared reservations): of
         // what queued meanwhile, only each node's newest report and reservation still matter.
@@ -1315,6 +1311,20 @@ async fn node_writer(
                 }
             }
         }
+    }
+}
+
+/// Waits for what queued (at most 512) and puts it in `batch`, emptied first. False when the
+/// store stops or every sender is gone.
+async fn recv_batch<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    stop: &mut watch::Receiver<bool>,
+    batch: &mut Vec<T>,
+) -> bool {
+    batch.clear();
+    tokio::select! {
+        _ = stop.changed() => false,
+        n = rx.recv_many(batch, 512) => n > 0,
     }
 }
 
@@ -1345,16 +1355,12 @@ async fn next_batch<T>(
     stop: &mut watch::Receiver<bool>,
     batch: &mut Vec<T>,
 ) -> bool {
-    loop {
-        batch.clear();
-        tokio::select! {
-            _ = stop.changed() => return false,
-            n = rx.recv_many(batch, 512) => if n == 0 { return false },
-        }
+    while recv_batch(rx, stop, batch).await {
         if !inner.is_down() {
             return true;
         }
     }
+    false
 }
 
 /// Maintains the room index in batches (one ZADD / ZREM per batch). During an outage the

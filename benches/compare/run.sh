@@ -43,6 +43,11 @@
 # skip) on each CPU in turn and counts the gaps in which it did not run: the machine's own
 # hiccups (a VM's vCPU descheduled by its host, an interrupt storm), which every tail figure
 # below includes; the footer shows them.
+# DAMON=pause turns off the kernel's DAMON monitoring threads (`kdamond.N`: some VMs run one
+# for proactive memory reclaim, and the footer names it when it was the busiest kernel thread
+# during a step) for the whole run and turns them back on when the script exits, however it
+# exits; it needs root. Default DAMON=leave: the machine as it is, and the footer says
+# whether DAMON was on.
 # With ROUNDS=N (default 3) the whole sequence of targets runs N times, interleaved, and the
 # table shows each figure's median over the rounds; every ratio is the median of the ratios
 # measured within a round (targets of one round ran minutes apart, not a whole run apart),
@@ -74,6 +79,8 @@ PIN=${PIN:-0}
 PACING=${PACING:-tokio}
 JITTER=${JITTER:-3}
 WARMUP=${WARMUP:-0}
+DAMON=${DAMON:-leave}
+case "$DAMON" in leave | pause) ;; *) echo "DAMON must be leave or pause (got $DAMON)" >&2; exit 1 ;; esac
 for v in JITTER WARMUP; do
   [[ ${!v} =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "$v must be a number of seconds (got ${!v})" >&2; exit 1; }
 done
@@ -121,7 +128,27 @@ stop_started() {
   PIDS=()
   NODE_PIDS=()
 }
-trap stop_started EXIT INT TERM
+
+# DAMON's threads, as /sys/kernel/mm/damon/admin/kdamonds/N/state files that read "on".
+DAMON_ON=()
+for f in /sys/kernel/mm/damon/admin/kdamonds/*/state; do
+  if [ -r "$f" ] && [ "$(cat "$f")" = on ]; then DAMON_ON+=("$f"); fi
+done
+DAMON_PAUSED=()
+resume_damon() {
+  local f
+  for f in "${DAMON_PAUSED[@]}"; do echo on >"$f" || echo "could not turn $f back on" >&2; done
+  DAMON_PAUSED=()
+}
+trap 'stop_started; resume_damon' EXIT
+trap 'exit 130' INT TERM
+if [ "$DAMON" = pause ] && [ ${#DAMON_ON[@]} -gt 0 ]; then
+  for f in "${DAMON_ON[@]}"; do
+    echo off >"$f" || { echo "DAMON=pause: cannot write $f (root needed)" >&2; exit 1; }
+    DAMON_PAUSED+=("$f")
+  done
+  echo "== DAMON paused for the run (${#DAMON_PAUSED[@]} kdamond(s)); back on at exit"
+fi
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -542,6 +569,11 @@ EOF
   echo
   echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s after ${WARMUP}s of warm-up, latency from the planned send (service: from the actual send), paced by $PACING"
   [ "$PIN" = 1 ] && echo "PIN=1: each front end alone on CPU 1 with one thread; demo nodes, wrk and the load tool on CPU 0"
+  if [ ${#DAMON_PAUSED[@]} -gt 0 ]; then
+    echo "DAMON: ${#DAMON_PAUSED[@]} kdamond(s) paused for the run (DAMON=pause)"
+  elif [ ${#DAMON_ON[@]} -gt 0 ]; then
+    echo "DAMON: ${#DAMON_ON[@]} kdamond(s) on during the run (the kernel's memory-access monitor; DAMON=pause pauses it)"
+  fi
   echo "machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'); wrk -t$THREADS -c$CONNS -d${DURATION}s after ${WARMUP}s unmeasured; $ROOMS rooms; $NODES demo nodes; $PROXY_THREADS thread(s) per front end"
   for t in $TARGETS; do if [ -n "${NOTE[$t]:-}" ]; then echo "$t: ${NOTE[$t]}"; fi; done
 } | tee "$OUT/results.md"

@@ -563,6 +563,19 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
                 "{r}"
             );
         }
+        // The kernel's threads over the run: a figure wherever /proc shows them (not in a
+        // PID namespace of its own), and then in the table too.
+        let k = &r["kernel_threads"];
+        if std::fs::read_to_string("/proc/2/stat").is_ok_and(|s| s.contains("(kthreadd)")) {
+            assert!(
+                k["threads"].as_u64().is_some_and(|n| n > 0)
+                    && k["run_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+                "{r}"
+            );
+            assert!(table.contains("kernel     its threads ran"), "{table}");
+        } else {
+            assert!(k.is_null(), "{r}");
+        }
     }
 }
 

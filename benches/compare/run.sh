@@ -358,69 +358,35 @@ run_wrk() { # NAME PORT
   echo "   wrk: ${RPS[$1]} req/s, p50 $p50 us, p99 $p99 us, front end CPU $cpu us/req, nodes $ncpu us/req"
 }
 
-# The kernel's own threads (children of kthreadd, PID 2: memory reclaim and monitoring,
-# RCU, workqueues) take the cores from whatever runs there, front end included, and the idle
-# probe above does not see the work a run makes for them. Their run time from
-# /proc/PID/schedstat, before and after each constant-rate step: total and the busiest.
-kthreads_snapshot() { # FILE: "pid name run_ns" per kernel thread
-  python3 - >"$1" <<'EOF'
-import glob
-for stat in glob.glob("/proc/[0-9]*/stat"):
-    pid = stat.split("/")[2]
-    try:
-        head, _, rest = open(stat).read().rpartition(")")
-        run_ns = open(f"/proc/{pid}/schedstat").read().split()[0]
-    except OSError:
-        continue
-    if rest.split()[1] == "2":
-        print(pid, head.split("(", 1)[1].replace(" ", "_"), run_ns)
-EOF
-}
-kthreads_since() { # FILE -> JSON fields (without braces): kernel threads' run time since FILE
-  python3 - "$1" <<'EOF'
-import glob, json, sys
-def read(lines):
-    return {p: (n, int(t)) for p, n, t in (l.split() for l in lines if l.strip())}
-before = read(open(sys.argv[1]))
-after = {}
-for stat in glob.glob("/proc/[0-9]*/stat"):
-    pid = stat.split("/")[2]
-    if pid in before:
-        try:
-            after[pid] = (before[pid][0], int(open(f"/proc/{pid}/schedstat").read().split()[0]))
-        except OSError:
-            pass
-delta = {p: (n, t - before[p][1]) for p, (n, t) in after.items()}
-total = sum(t for _, t in delta.values())
-name, top = max(delta.values(), key=lambda v: v[1], default=("-", 0))
-print(json.dumps({"kthreads_ms": round(total / 1e6, 1), "kthreads_top": name,
-                  "kthreads_top_ms": round(top / 1e6, 1)})[1:-1])
-EOF
-}
-
+# The load tool also reports how long the kernel's own threads (memory reclaim and
+# monitoring, RCU, workqueues: they take the cores from whatever runs there, front end
+# included; the idle probe above does not see the work a run makes for them) ran over the
+# step, from /proc/PID/schedstat: total and the busiest (`load::kthreads`).
 run_rate() { # NAME PORT RATE
-  local j="$OUT/rate-$1-$ROUND.json" line kt
-  kthreads_snapshot "$OUT/kthreads.before"
+  local j="$OUT/rate-$1-$ROUND.json" line
   "${REST_CPU[@]}" "${LOAD_THREADS[@]}" "$BIN" load --constant-rate "$3" \
     --url "http://127.0.0.1:$2" --duration "$DURATION" --warmup "$WARMUP" --pacing "$PACING" \
     --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
     --path "$(open_path "$1")" --max-requests $(python3 -c "import math; print(math.floor($3 * ($DURATION + $WARMUP)) + 1)") \
     --quiet --json "$j" >"$OUT/rate-$1-$ROUND.txt" 2>&1 || { cat "$OUT/rate-$1-$ROUND.txt" >&2; return 0; }
-  kt=$(kthreads_since "$OUT/kthreads.before")
   line=$(python3 - "$j" "$1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency_us"]
-print(json.dumps({"target": sys.argv[2], "kind": "rate", "rate": int(r["target_rate"]),
-                  "achieved": int(r["achieved_per_s"]), "p50": l["p50"], "p99": l["p99"],
-                  "p999": l["p999"], "service_p99": r["service_us"]["p99"],
-                  "late": r["late_sends"], "load_tool_cores": r.get("load_tool_cores"),
-                  "not_ok": r["planned"] - r["ok"]})[1:-1])
+k = r.get("kernel_threads")
+line = {"target": sys.argv[2], "kind": "rate", "rate": int(r["target_rate"]),
+        "achieved": int(r["achieved_per_s"]), "p50": l["p50"], "p99": l["p99"],
+        "p999": l["p999"], "service_p99": r["service_us"]["p99"],
+        "late": r["late_sends"], "load_tool_cores": r.get("load_tool_cores"),
+        "not_ok": r["planned"] - r["ok"]}
+if k:
+    line.update({"kthreads_ms": round(k["run_ms"], 1), "kthreads_top": k["busiest"],
+                 "kthreads_top_ms": round(k["busiest_ms"], 1)})
+print(json.dumps(line)[1:-1])
 EOF
 )
-  record "$line, $kt"
+  record "$line"
   echo "   constant rate: {$line}"
-  echo "   kernel threads during it: {$kt}"
 }
 
 bench() { # NAME
@@ -557,7 +523,7 @@ if kt:
     print()
     print("kernel threads' run time during each constant-rate step (busiest thread): "
           + "; ".join(t + ": " + ", ".join(f"{r['kthreads_ms']:g} ms ({r['kthreads_top']} {r['kthreads_top_ms']:g})"
-                                           for r in get(t, "rate")) for t in kt))
+                                           for r in get(t, "rate") if "kthreads_ms" in r) for t in kt))
 jit = [r for r in runs if r["kind"] == "jitter"]
 if jit:
     print()

@@ -16,6 +16,7 @@
 
 pub mod ceiling;
 pub mod engine;
+pub mod kthreads;
 pub mod pace;
 pub mod rate;
 pub mod report;

@@ -569,6 +569,8 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
     }
 
     let progress = Arc::new(Progress::default());
+    // Read before the clock starts: scanning /proc takes a few milliseconds.
+    let kernel_from = super::kthreads::Snapshot::take();
     let start = Instant::now() + Duration::from_millis(20);
     let hard_end = start + cfg.warmup + cfg.duration + cfg.timeout;
     let rooms = RoomPick::new(cfg.rooms, cfg.zipf_s);
@@ -645,6 +647,8 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         _ => None,
     };
 
+    let kernel_threads = kernel_from.and_then(|k| k.since());
+
     let elapsed = total.last_done.as_secs_f64().max(1e-9);
     Ok(RateReport {
         target: targets
@@ -682,6 +686,7 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         }
         .to_string(),
         load_tool_cores,
+        kernel_threads,
         reconnects: total.connects,
         latency_us: Percentiles::of(&total.latency),
         service_us: Percentiles::of(&total.service),

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::kthreads::KernelThreads;
 use super::split::SplitRoom;
 
 /// Latency percentiles in microseconds.
@@ -244,6 +245,10 @@ pub struct RateReport {
     /// late sends, and the latency from plan they add, are its own, not the server's. A
     /// spin-paced run reads at least 1.0 by design; its late sends tell instead.
     pub load_tool_cores: Option<f64>,
+    /// How long the kernel's own threads ran over the run, and which ran longest (Linux,
+    /// where `/proc` shows them): time they took from whatever ran on their cores, the
+    /// server's and the load tool's included. See `load::kthreads`.
+    pub kernel_threads: Option<KernelThreads>,
     /// Connections opened during the run (after a close, timeout or failure).
     pub reconnects: u64,
     /// Latency of answered requests from the *planned* send time (no coordinated omission).
@@ -316,6 +321,13 @@ impl RateReport {
             let _ = writeln!(
                 s,
                 "  load tool  {c:.2} cores busy (its own CPU over the run)"
+            );
+        }
+        if let Some(k) = &self.kernel_threads {
+            let _ = writeln!(
+                s,
+                "  kernel     its threads ran {:.1} ms in all ({} seen; longest {} {:.1} ms): time taken from whatever ran on their cores",
+                k.run_ms, k.threads, k.busiest, k.busiest_ms
             );
         }
         let measured = self.sent - self.warmup_sent;

@@ -71,6 +71,16 @@ impl Snapshot {
     }
 }
 
+impl KernelThreads {
+    /// What the busiest thread is, when it is one an operator can do something about.
+    pub fn note(&self) -> Option<&'static str> {
+        // DAMON's monitor (`kdamond.N`), which some VMs run for proactive memory reclaim.
+        self.busiest.starts_with("kdamond").then_some(
+            "kdamond is the kernel's DAMON memory monitor (proactive reclaim on some VMs): it takes whole cores for milliseconds at a time; see deploy/README.md",
+        )
+    }
+}
+
 /// Totals `(name, ns)` pairs; `None` for none.
 fn summarize<'a>(ran: impl Iterator<Item = (&'a str, u64)>) -> Option<KernelThreads> {
     let (mut threads, mut total, mut busiest) = (0usize, 0u64, ("-", 0u64));
@@ -151,6 +161,9 @@ mod tests {
         assert_eq!(k.threads, 3);
         assert!((k.run_ms - 29.6).abs() < 1e-9, "{k:?}");
         assert_eq!((k.busiest.as_str(), k.busiest_ms), ("kdamond.0", 26.6));
+        assert!(k.note().is_some_and(|n| n.contains("DAMON")), "{k:?}");
+        let rcu = summarize([("rcu_preempt", 6_300_000)].into_iter()).unwrap();
+        assert_eq!(rcu.note(), None, "nothing to say about RCU");
         let idle = summarize([("a", 0)].into_iter()).unwrap();
         assert_eq!((idle.busiest.as_str(), idle.run_ms), ("-", 0.0));
         assert_eq!(summarize(std::iter::empty()), None);

@@ -329,6 +329,9 @@ impl RateReport {
                 "  kernel     its threads ran {:.1} ms in all ({} seen; longest {} {:.1} ms): time taken from whatever ran on their cores",
                 k.run_ms, k.threads, k.busiest, k.busiest_ms
             );
+            if let Some(note) = k.note() {
+                let _ = writeln!(s, "  note       {note}");
+            }
         }
         let measured = self.sent - self.warmup_sent;
         if self.late_sends * 100 > measured {

@@ -45,15 +45,14 @@ impl Snapshot {
                 continue;
             };
             // A thread that exits between the two reads is skipped.
-            let Some((name, 2)) = read(pid, "stat")
-                .as_deref()
-                .and_then(parse_stat)
-                .map(|(n, ppid)| (n.to_string(), ppid))
-            else {
+            let Some(stat) = read(pid, "stat") else {
                 continue;
             };
+            let Some((name, 2)) = parse_stat(&stat) else {
+                continue; // not a kernel thread
+            };
             if let Some(ns) = read(pid, "schedstat").as_deref().and_then(parse_schedstat) {
-                threads.push((pid, name, ns));
+                threads.push((pid, name.to_string(), ns));
             }
         }
         Some(Snapshot { threads })

@@ -43,6 +43,10 @@
 # skip) on each CPU in turn and counts the gaps in which it did not run: the machine's own
 # hiccups (a VM's vCPU descheduled by its host, an interrupt storm), which every tail figure
 # below includes; the footer shows them.
+# PRIO=rt runs each front end under test with SCHED_FIFO priority 50 (`chrt -f 50`: it
+# takes its core from any ordinary thread, kernel threads such as kdamond included, as soon
+# as it wakes) and the constant-rate load tool at nice -20 (not real-time: a spinning load
+# tool would starve its core); PRIO=nice runs both at nice -20; default PRIO=none. Needs root.
 # DAMON=pause turns off the kernel's DAMON monitoring threads (`kdamond.N`: some VMs run one
 # for proactive memory reclaim, and the footer names it when it was the busiest kernel thread
 # during a step) for the whole run and turns them back on when the script exits, however it
@@ -90,6 +94,14 @@ if [ "$PIN" = 1 ]; then
   PROXY_THREADS=1 THREADS=1
   FRONT_CPU=(taskset -c 1) REST_CPU=(taskset -c 0) LOAD_THREADS=(env TOKIO_WORKER_THREADS=1)
 fi
+PRIO=${PRIO:-none}
+LOAD_PRIO=()
+case "$PRIO" in
+  none) ;;
+  nice) FRONT_CPU+=(nice -n -20) LOAD_PRIO=(nice -n -20) ;;
+  rt) FRONT_CPU+=(chrt -f 50) LOAD_PRIO=(nice -n -20) ;;
+  *) echo "PRIO must be none, nice or rt (got $PRIO)" >&2; exit 1 ;;
+esac
 TARGETS=${TARGETS:-"ceiling router-lookup router-redirect router-proxy haproxy nginx"}
 OUT=${OUT:-target/compare}
 export ROOMS RUST_LOG=${RUST_LOG:-warn}
@@ -364,7 +376,7 @@ run_wrk() { # NAME PORT
 # step, from /proc/PID/schedstat: total and the busiest (`load::kthreads`).
 run_rate() { # NAME PORT RATE
   local j="$OUT/rate-$1-$ROUND.json" line
-  "${REST_CPU[@]}" "${LOAD_THREADS[@]}" "$BIN" load --constant-rate "$3" \
+  "${REST_CPU[@]}" "${LOAD_PRIO[@]}" "${LOAD_THREADS[@]}" "$BIN" load --constant-rate "$3" \
     --url "http://127.0.0.1:$2" --duration "$DURATION" --warmup "$WARMUP" --pacing "$PACING" \
     --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
     --path "$(open_path "$1")" --max-requests $(python3 -c "import math; print(math.floor($3 * ($DURATION + $WARMUP)) + 1)") \
@@ -396,7 +408,7 @@ bench() { # NAME
   case $name in
     ceiling)
       if [ "$PROXY_THREADS" = auto ]; then
-        "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
+        "${FRONT_CPU[@]}" "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
       else
         TOKIO_WORKER_THREADS=$PROXY_THREADS "${FRONT_CPU[@]}" "$BIN" load --ceiling-server "127.0.0.1:$port" >"$OUT/ceiling.log" 2>&1 &
       fi
@@ -535,6 +547,10 @@ EOF
   echo
   echo "medians over $ROUNDS round(s); constant rate: RATE=$RATE (half = half of each target's own wrk req/s in that round), $RATE_CONNS connections, ${DURATION}s after ${WARMUP}s of warm-up, latency from the planned send (service: from the actual send), paced by $PACING"
   [ "$PIN" = 1 ] && echo "PIN=1: each front end alone on CPU 1 with one thread; demo nodes, wrk and the load tool on CPU 0"
+  case "$PRIO" in
+    rt) echo "PRIO=rt: front ends under SCHED_FIFO 50, the constant-rate load tool at nice -20" ;;
+    nice) echo "PRIO=nice: front ends and the constant-rate load tool at nice -20" ;;
+  esac
   if [ ${#DAMON_PAUSED[@]} -gt 0 ]; then
     echo "DAMON: ${#DAMON_PAUSED[@]} kdamond(s) paused for the run (DAMON=pause)"
   elif [ ${#DAMON_ON[@]} -gt 0 ]; then

@@ -174,6 +174,37 @@ async fn missing_or_wrong_tokens_are_refused_and_change_nothing() {
         .await
         .unwrap();
     expect_error(resp, 401, "unauthorized").await;
+    // Credentials are checked before the node id: without them a caller learns nothing,
+    // not even that an id is malformed; with them the id's fault is named.
+    let bad_id = "x".repeat(65);
+    let resp = r
+        .post(&format!("/v1/nodes/{bad_id}/heartbeat"))
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    let resp = client()
+        .delete(format!("{}/v1/nodes/{bad_id}", r.url))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
+    let resp = r
+        .post(&format!("/v1/nodes/{bad_id}/heartbeat"))
+        .bearer_auth(NODE_TOKEN)
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
+    let resp = client()
+        .delete(format!("{}/v1/nodes/{bad_id}", r.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
     assert_eq!(state(&r).await, before);
 }
 

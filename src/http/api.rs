@@ -546,8 +546,9 @@ pub async fn heartbeat<S: PinStore>(
     body: Incoming,
     raw_id: &str,
 ) -> Result<Response<Body>, ApiError> {
+    // Credentials first: a caller without them learns nothing, not even whether the id is valid.
+    require_node(app, parts, raw_id, false)?;
     let id = node_id(raw_id)?;
-    require_node(app, parts, id.as_str(), false)?;
     let bytes = read_body(
         body,
         &parts.headers,
@@ -685,8 +686,8 @@ pub fn delete_node<S: PinStore>(
     parts: &Parts,
     raw_id: &str,
 ) -> Result<Response<Body>, ApiError> {
+    require_node(app, parts, raw_id, true)?;
     let id = node_id(raw_id)?;
-    require_node(app, parts, id.as_str(), true)?;
     if !app.router.remove_node(&id) {
         return Err(unknown_node(&id));
     }

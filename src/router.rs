@@ -507,8 +507,10 @@ impl<S: PinStore> Router<S> {
                     kept.push(gone.clone());
                 }
             }
-            reported_any = !listed.is_empty();
             listed.extend(kept);
+            // Pins kept for tickets still count: a drained node is removed only once no
+            // ticket for it can still arrive.
+            reported_any = !listed.is_empty();
             *entry
                 .live
                 .reported_rooms
@@ -582,8 +584,10 @@ impl<S: PinStore> Router<S> {
     }
 
     /// A node says a room ended on it (reported empty, or no longer listed): releases the
-    /// room's pin if it still points there. Returns false when the pin is kept because this
-    /// router routed a join to the room within the ticket lifetime (see `cluster::recent`).
+    /// room's pin if it still points there. Returns false when the pin is kept because a
+    /// ticket for the room may still be on its way: this router routed a join to the room
+    /// within the ticket lifetime (see `cluster::recent`), or, with a store other routers
+    /// share, the pin was confirmed too recently to rule out one of theirs.
     async fn end_room(
         &self,
         room: &RoomKey,
@@ -591,8 +595,13 @@ impl<S: PinStore> Router<S> {
         why: &'static str,
     ) -> Result<bool, StoreError> {
         self.end_session(room);
-        let since = self.clock.now().saturating_sub(self.ticket_ttl_ms);
-        if self.recent.joined_since(room.stable_hash(), since) {
+        let now = self.clock.now();
+        let own_ticket = self
+            .recent
+            .joined_since(room.stable_hash(), now.saturating_sub(self.ticket_ttl_ms));
+        if own_ticket
+            || (self.store.shared() && self.others_may_hold_tickets(room, entry, now).await?)
+        {
             // Someone may still be on the way with a ticket for this node: keep the pin so
             // that the next join comes here too. The caller asks again at the next heartbeat.
             tracing::debug!(room = %room, node = %entry.id, why, "room ended with tickets outstanding; pin kept");
@@ -609,6 +618,30 @@ impl<S: PinStore> Router<S> {
             self.book.release(room, |_| Some(&*entry.live));
         }
         Ok(true)
+    }
+
+    /// Whether another router sharing the store may have issued a ticket for `room` on
+    /// `entry` that has not arrived yet. Their joins are not in this router's `recent`
+    /// table, but a join confirms the pin whenever its confirmation is older than
+    /// [`Router::confirm_every_ms`], so every join routed within the last ticket lifetime
+    /// left a confirmation at most that much older, and node reports confirm it too while
+    /// the room is live. So the pin is kept until its last confirmation is older than a
+    /// ticket's lifetime, plus the confirmation interval, plus a heartbeat interval for
+    /// the routers' clocks to disagree by.
+    async fn others_may_hold_tickets(
+        &self,
+        room: &RoomKey,
+        entry: &NodeEntry,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let hold = self.ticket_ttl_ms
+            + self.confirm_every_ms()
+            + self.placement.heartbeat_interval.as_millis() as u64;
+        Ok(self
+            .store
+            .get(room)
+            .await?
+            .is_some_and(|p| p.node == entry.id && now < p.confirmed_at.saturating_add(hold)))
     }
 
     /// `placement.share_reservations`: tells the other routers (through the store) this

@@ -343,6 +343,77 @@ async fn when_router_a_stops_router_b_keeps_every_placement() {
     cleanup(&url, &p).await;
 }
 
+/// `GET /v1/rooms/{room}` on the router at `base`: the pinned node, `None` if unpinned.
+async fn pinned_node(c: &reqwest::Client, base: &str, room: &str) -> Option<String> {
+    let r = c
+        .get(format!("{base}/v1/rooms/{room}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 404 {
+        return None;
+    }
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    Some(v["node"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_another_router_issued_keeps_an_ended_rooms_pin() {
+    let Some((url, _private)) = redis_for("ticket_hold_shared") else {
+        return;
+    };
+    let p = prefix("tickethold");
+    let mut cfg = config(&url, &p);
+    // Short lifetimes so that the hold (ticket 1 s + confirmation interval 1 s + heartbeat
+    // interval 0.5 s) passes within the test.
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.placement.room_idle_ttl = Duration::from_secs(8);
+    cfg.placement.heartbeat_interval = Duration::from_millis(500);
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert!(eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 1 }).await);
+    // Router A sends a user to n1 with a ticket; the node reports to router B only.
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = no_follow
+        .get(format!("{}/rooms/late", a.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    heartbeat(&c, &b.base(), "n1", 1.0, &[("late", 1)]).await;
+    // The room empties before A's user arrives. Router B routed no join to it, but A's
+    // ticket may still be on its way: B keeps the pin, so the next join lands on n1 too.
+    heartbeat(&c, &b.base(), "n1", 0.0, &[("late", 0)]).await;
+    assert_eq!(
+        pinned_node(&c, &b.base(), "late").await.as_deref(),
+        Some("n1"),
+        "router B released a pin another router's ticket may still need"
+    );
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert_eq!(
+        pinned_node(&c, &b.base(), "late").await.as_deref(),
+        Some("n1")
+    );
+    // Once no ticket can still arrive, the next report releases it.
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+            pinned_node(&c, &b.base(), "late").await.is_none()
+        })
+        .await,
+        "the pin outlived the hold"
+    );
+    cleanup(&url, &p).await;
+}
+
 /// What router `s` has reserved on node `id`, in load units (`GET /v1/nodes/{id}`).
 async fn reserved_on(c: &reqwest::Client, s: &Served, id: &str) -> f64 {
     node_json(c, &s.base(), id).await["reserved"]
@@ -369,12 +440,26 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
     };
     let p = prefix("learned");
     let c = client();
-    let a = serve_service(config(&url, &p)).await;
+    // An ended room's pin outlives it while a ticket for it may be on its way (ticket 1 s +
+    // confirmation interval 1 s + heartbeat interval 0.5 s here): the lesson is over by then.
+    let mut cfg = config(&url, &p);
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.placement.room_idle_ttl = Duration::from_secs(8);
+    cfg.placement.heartbeat_interval = Duration::from_millis(500);
+    let a = serve_service(cfg.clone()).await;
     heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
     // A weekly class: placed, 40 pupils reported, then the lesson ends.
     assert_eq!(place(&c, &a.base(), "class-7b").await.unwrap(), "n1");
     heartbeat(&c, &a.base(), "n1", 40.0, &[("class-7b", 40)]).await;
     heartbeat(&c, &a.base(), "n1", 0.0, &[("class-7b", 0)]).await;
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+            pinned_node(&c, &a.base(), "class-7b").await.is_none()
+        })
+        .await,
+        "the ended lesson's pin was released"
+    );
     assert!(
         eventually(Duration::from_secs(3), || async {
             learned_in_redis(&url, &p, "class-7b")
@@ -389,7 +474,7 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
 
     // The router restarts (a new one on the same Redis): next week's lesson reserves the
     // 40 it learned, a room it never saw the 10-unit default.
-    let b = serve_service(config(&url, &p)).await;
+    let b = serve_service(cfg.clone()).await;
     heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
     assert_eq!(place(&c, &b.base(), "class-7b").await.unwrap(), "n1");
     assert_eq!(reserved_on(&c, &b, "n1").await, 40.0);
@@ -413,9 +498,17 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
         learned_in_redis(&url, &p, "class-7b").await
     );
     d.stop().await;
-    let e = serve_service(config(&url, &p)).await;
+    let e = serve_service(cfg).await;
     // Last week's lesson ended (its pin is released); this week's is a new room again.
-    heartbeat(&c, &e.base(), "n1", 0.0, &[("class-7b", 0), ("one-off", 0)]).await;
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            heartbeat(&c, &e.base(), "n1", 0.0, &[("class-7b", 0), ("one-off", 0)]).await;
+            pinned_node(&c, &e.base(), "class-7b").await.is_none()
+                && pinned_node(&c, &e.base(), "one-off").await.is_none()
+        })
+        .await,
+        "last week's pins were released"
+    );
     assert_eq!(place(&c, &e.base(), "class-7b").await.unwrap(), "n1");
     assert_eq!(reserved_on(&c, &e, "n1").await, 10.0);
     e.stop().await;

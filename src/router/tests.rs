@@ -444,6 +444,32 @@ async fn a_self_draining_node_with_no_rooms_is_removed() {
 }
 
 #[tokio::test]
+async fn a_self_draining_node_stays_while_a_ticket_for_it_may_arrive() {
+    // Its last room ended just after a join was routed there: the pin is kept for that
+    // ticket, so the node is not removed under it (the next join would land elsewhere).
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "last").await.unwrap();
+    beat(&r, "a", 1000.0, 1.0, Some(vec![("last", 1)])).await;
+    r.clock().advance(1_000);
+    let draining = |rooms| beat_state(&r, "a", 1000.0, 0.0, Some(rooms), AdminState::Draining);
+    draining(vec![("last", 0)]).await;
+    assert!(
+        r.node(&id("a")).is_some(),
+        "removed with a ticket outstanding"
+    );
+    assert_eq!(
+        r.room(&room("last")).await.unwrap().unwrap().node.as_str(),
+        "a"
+    );
+    // The ticket lifetime (60 s) passes: the room is released and the node removed.
+    r.clock().advance(60_000);
+    draining(vec![]).await;
+    assert!(r.room(&room("last")).await.unwrap().is_none());
+    assert!(r.node(&id("a")).is_none());
+}
+
+#[tokio::test]
 async fn joins_keep_a_busy_rooms_pin_confirmed() {
     // The pinned fast path leaves confirmation to the general path once a pin is due: a room
     // that keeps getting joins is never swept, even if its node never reports rooms.

@@ -131,6 +131,13 @@ pub trait PinStore: Send + Sync + 'static {
     /// Health for `/readyz` and metrics.
     fn health(&self) -> StoreHealth;
 
+    /// Whether other routers may use this store too, so that joins this router did not route
+    /// can be pending on its pins (the router then keeps an ended room's pin for a ticket's
+    /// lifetime after its last confirmation, not only after its own last join). Default: no.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Shared node state: the router calls this once, with its node table, when it is built.
     /// A shared store applies other routers' node updates to it. Default: nothing.
     fn attach(&self, _cluster: &Arc<Cluster>) {}
@@ -242,6 +249,9 @@ impl PinStore for AnyStore {
     }
     fn health(&self) -> StoreHealth {
         delegate!(self, s => s.health())
+    }
+    fn shared(&self) -> bool {
+        delegate!(self, s => s.shared())
     }
     fn attach(&self, cluster: &Arc<Cluster>) {
         delegate!(self, s => s.attach(cluster))

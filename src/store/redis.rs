@@ -1630,6 +1630,10 @@ impl PinStore for RedisStore {
         Ok(self.inner.cache.iter().filter(|e| e.pin.is_some()).count())
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn health(&self) -> StoreHealth {
         if self.inner.is_down() {
             let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();

@@ -264,6 +264,30 @@ async fn rooms_and_nodes_admin_endpoints() {
         st["healthy"], false,
         "healthy only after its first heartbeat"
     );
+    // The same PUT again updates it (200); without the admin token it changes nothing.
+    let resp = r
+        .admin(Method::PUT, "/v1/nodes/static-1")
+        .json(&json!({"url": "http://127.0.0.1:7001", "capacity": 80, "region": "us"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let st: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (st["url"].as_str(), st["capacity"].as_f64()),
+        (Some("http://127.0.0.1:7001"), Some(80.0))
+    );
+    assert_eq!(st["region"], "us");
+    for token in [None, Some(NODE_TOKEN)] {
+        let mut req = client()
+            .put(format!("{}/v1/nodes/static-1", r.url))
+            .json(&json!({"url": "http://127.0.0.1:7002", "capacity": 1}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        expect_error(req.send().await.unwrap(), 401, "unauthorized").await;
+    }
+    assert_eq!(admin_json(&r, "/v1/nodes/static-1").await["capacity"], 80.0);
     let _n = r.node("live", 1000.0).await;
     for i in 0..25 {
         r.get(&format!("/v1/placement/room-{i:02}"))

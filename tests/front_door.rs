@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::*;
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_join_of_a_room_lands_on_one_node_under_concurrency() {
@@ -195,6 +196,7 @@ async fn login_answers_json_or_redirects_browsers() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["x-room-node"], "solo");
     let loc = resp.headers()["location"].to_str().unwrap();
     assert!(
         loc.starts_with(&format!("{}/rooms/board?ticket=", n.url)),
@@ -202,6 +204,52 @@ async fn login_answers_json_or_redirects_browsers() {
     );
     let joined = client().get(loc).send().await.unwrap();
     assert_eq!(joined.status(), 200);
+}
+
+#[tokio::test]
+async fn tag_hints_only_place_rooms_on_nodes_carrying_every_tag() {
+    let r = TestRouter::start(config()).await;
+    for (id, tags) in [
+        ("plain-1", json!([])),
+        ("plain-2", json!([])),
+        ("rec", json!(["recording"])),
+        ("rec-gpu", json!(["recording", "gpu"])),
+    ] {
+        let resp = heartbeat(
+            &r,
+            id,
+            json!({"url": format!("http://127.0.0.1:9/{id}"), "capacity": 1000, "load": 0, "tags": tags}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let reply: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(reply["state"], "active");
+        assert_eq!(reply["heartbeat_interval_ms"], 200, "config().placement");
+        assert_eq!(reply["evict"], json!([]));
+    }
+    let lookup = |q: String| {
+        let r = &r;
+        async move {
+            let v: serde_json::Value = r.get(&q).send().await.unwrap().json().await.unwrap();
+            v["node"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    let mut with_rec = HashSet::new();
+    for i in 0..40 {
+        with_rec.insert(lookup(format!("/v1/placement/rec-{i}?tag=recording")).await);
+        assert_eq!(
+            lookup(format!("/v1/placement/both-{i}?tag=recording&tag=gpu")).await,
+            "rec-gpu"
+        );
+    }
+    assert_eq!(
+        with_rec,
+        HashSet::from(["rec".to_string(), "rec-gpu".to_string()]),
+        "rooms needing a tag spread over the nodes carrying it, and only those"
+    );
+    // No node carries the tag: refused, not overflowed onto a node without it.
+    let resp = r.get("/v1/placement/nowhere?tag=sip").send().await.unwrap();
+    expect_error(resp, 503, "no_capacity").await;
 }
 
 #[tokio::test]

@@ -668,8 +668,10 @@ impl<S: PinStore> Router<S> {
     /// Releases idle pins, expired reservations and stale history. Returns pins released.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let now = self.clock.now();
-        let idle_before = now.saturating_sub(self.placement.room_idle_ttl.as_millis() as u64);
-        let released = self.store.sweep_idle(idle_before).await?;
+        // Joins confirm a pin only when its confirmation is older than `confirm_every_ms`, so
+        // a pin joined `room_idle_ttl` ago may carry a confirmation that much older still.
+        let idle_ms = self.placement.room_idle_ttl.as_millis() as u64 + self.confirm_every_ms();
+        let released = self.store.sweep_idle(now.saturating_sub(idle_ms)).await?;
         let snap = self.cluster.snapshot_arc();
         for (room, _) in &released {
             self.end_session(room);

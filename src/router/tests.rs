@@ -428,11 +428,36 @@ async fn idle_pins_are_swept() {
     let r = router();
     beat(&r, "a", 1000.0, 0.0, None).await;
     join(&r, "idle").await.unwrap();
-    r.clock().advance(599_000);
+    // room_idle_ttl (600 s) and the interval at which joins confirm (600 s / 8).
+    r.clock().advance(674_000);
     assert_eq!(r.sweep().await.unwrap(), 0);
     r.clock().advance(2_000);
     assert_eq!(r.sweep().await.unwrap(), 1);
     assert!(r.room(&room("idle")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_pin_joined_within_the_idle_ttl_is_never_swept() {
+    // Joins confirm a pin at most every room_idle_ttl/8 (75 s): one that came 74 s after
+    // the last confirmation wrote nothing, and the pin must still outlive it by the TTL.
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "rare").await.unwrap();
+    r.clock().advance(74_000);
+    beat(&r, "a", 1000.0, 0.0, None).await; // alive; lists no rooms, so confirms no pin
+    join(&r, "rare").await.unwrap();
+    assert_eq!(
+        r.room(&room("rare")).await.unwrap().unwrap().confirmed_at,
+        T0
+    );
+    r.clock().advance(599_000);
+    assert_eq!(
+        r.sweep().await.unwrap(),
+        0,
+        "swept 1 s before the TTL since its last join"
+    );
+    r.clock().advance(3_000);
+    assert_eq!(r.sweep().await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -343,6 +343,46 @@ async fn when_router_a_stops_router_b_keeps_every_placement() {
     cleanup(&url, &p).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
+    let Some((url, _private)) = redis_for("store_unavailable") else {
+        return;
+    };
+    let p = prefix("refused");
+    let a = serve(config(&url, &p)).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    // Something else wrote a key of the wrong type where the room's pin belongs: Redis is up
+    // (it answers PING) but refuses the pin's script. Deciding locally could split the room
+    // with a router that reads the same key, so the join is refused with a clear error.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(room_key(&p, "broken"))
+        .arg("not")
+        .arg("a pin")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = c
+        .get(format!("{}/v1/placement/broken", a.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    // Not an outage: the router stays healthy and every other room is placed as usual.
+    assert_eq!(a.app.router.store().health(), StoreHealth::Ok);
+    assert_eq!(place(&c, &a.base(), "fine").await.unwrap(), "n1");
+    let ready = c.get(format!("{}/readyz", a.base())).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    cleanup(&url, &p).await;
+}
+
 /// `GET /v1/rooms/{room}` on the router at `base`: the pinned node, `None` if unpinned.
 async fn pinned_node(c: &reqwest::Client, base: &str, room: &str) -> Option<String> {
     let r = c

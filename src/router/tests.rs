@@ -294,6 +294,60 @@ async fn unpinned_rooms_a_node_reports_are_adopted() {
 }
 
 #[tokio::test]
+async fn a_room_pinned_to_an_unusable_node_is_taken_over_by_the_node_reporting_it() {
+    // Its users reached another node (re-placed while the old one was away): that node's
+    // report moves the pin there instead of evicting the room from the only node it is on.
+    for unusable in ["dead", "disabled", "removed"] {
+        let r = router();
+        beat(&r, "old", 1000.0, 0.0, None).await;
+        beat(&r, "new", 1000.0, 0.0, None).await;
+        r.set_admin_state(&id("new"), AdminState::Disabled);
+        assert_eq!(node_of(&r, "moved").await, "old");
+        r.set_admin_state(&id("new"), AdminState::Active);
+        match unusable {
+            "dead" => {
+                r.clock().advance(7_000);
+                beat(&r, "new", 1000.0, 0.0, None).await;
+            }
+            "disabled" => {
+                r.set_admin_state(&id("old"), AdminState::Disabled);
+            }
+            _ => {
+                assert!(r.remove_node(&id("old")));
+            }
+        }
+        let reply = beat(&r, "new", 1000.0, 3.0, Some(vec![("moved", 3)])).await;
+        assert!(reply.evict.is_empty(), "{unusable}: {:?}", reply.evict);
+        let pin = r.room(&room("moved")).await.unwrap().unwrap();
+        assert_eq!(pin.node.as_str(), "new", "{unusable}");
+        // While a room pinned to a usable node is evicted from any other that reports it.
+        let reply = beat(&r, "third", 1000.0, 3.0, Some(vec![("moved", 1)])).await;
+        assert_eq!(reply.evict, vec![room("moved")], "{unusable}");
+    }
+}
+
+#[tokio::test]
+async fn a_room_pinned_to_a_removed_node_is_placed_again_on_its_next_join() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let first = node_of(&r, "orphan").await;
+    let other = if first == "a" { "b" } else { "a" };
+    assert!(r.remove_node(&id(&first)));
+    let again = join(&r, "orphan").await.unwrap();
+    assert_eq!(again.node.id.as_str(), other);
+    assert_eq!(
+        r.room(&room("orphan"))
+            .await
+            .unwrap()
+            .unwrap()
+            .node
+            .as_str(),
+        other
+    );
+}
+
+#[tokio::test]
 async fn new_rooms_reserve_their_expected_size() {
     let r = router();
     beat(&r, "a", 100.0, 0.0, None).await;

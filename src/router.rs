@@ -25,7 +25,7 @@ use crate::placement::{
     NodeView, Params, PinHold,
 };
 use crate::room::{Normalization, RoomKey};
-use crate::store::{Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+use crate::store::{Pin, PinOutcome, PinStore, StoreError, StoreHealth, Unconfirmed};
 
 /// Where time comes from. Tests use a manual clock to move time without sleeping.
 #[derive(Debug)]
@@ -587,7 +587,8 @@ impl<S: PinStore> Router<S> {
     /// room's pin if it still points there. Returns false when the pin is kept because a
     /// ticket for the room may still be on its way: this router routed a join to the room
     /// within the ticket lifetime (see `cluster::recent`), or, with a store other routers
-    /// share, the pin was confirmed too recently to rule out one of theirs.
+    /// share, the pin was confirmed too recently to rule out one of theirs
+    /// ([`Router::shared_ticket_hold_ms`]).
     async fn end_room(
         &self,
         room: &RoomKey,
@@ -599,15 +600,29 @@ impl<S: PinStore> Router<S> {
         let own_ticket = self
             .recent
             .joined_since(room.stable_hash(), now.saturating_sub(self.ticket_ttl_ms));
-        if own_ticket
-            || (self.store.shared() && self.others_may_hold_tickets(room, entry, now).await?)
-        {
+        let released = if own_ticket {
+            None
+        } else if self.store.shared() {
+            let before = now.saturating_sub(self.shared_ticket_hold_ms());
+            match self
+                .store
+                .release_if_unconfirmed(room, &entry.id, before)
+                .await?
+            {
+                Unconfirmed::Confirmed => None,
+                Unconfirmed::Released => Some(true),
+                Unconfirmed::NotThere => Some(false),
+            }
+        } else {
+            Some(self.store.release_if(room, &entry.id).await?)
+        };
+        let Some(released) = released else {
             // Someone may still be on the way with a ticket for this node: keep the pin so
             // that the next join comes here too. The caller asks again at the next heartbeat.
             tracing::debug!(room = %room, node = %entry.id, why, "room ended with tickets outstanding; pin kept");
             return Ok(false);
-        }
-        if self.store.release_if(room, &entry.id).await? {
+        };
+        if released {
             self.metrics.released(why);
         }
         if self
@@ -620,28 +635,17 @@ impl<S: PinStore> Router<S> {
         Ok(true)
     }
 
-    /// Whether another router sharing the store may have issued a ticket for `room` on
-    /// `entry` that has not arrived yet. Their joins are not in this router's `recent`
-    /// table, but a join confirms the pin whenever its confirmation is older than
-    /// [`Router::confirm_every_ms`], so every join routed within the last ticket lifetime
-    /// left a confirmation at most that much older, and node reports confirm it too while
-    /// the room is live. So the pin is kept until its last confirmation is older than a
-    /// ticket's lifetime, plus the confirmation interval, plus a heartbeat interval for
-    /// the routers' clocks to disagree by.
-    async fn others_may_hold_tickets(
-        &self,
-        room: &RoomKey,
-        entry: &NodeEntry,
-        now: Millis,
-    ) -> Result<bool, StoreError> {
-        let hold = self.ticket_ttl_ms
+    /// How long after its last confirmation a pin may still have a ticket another router
+    /// issued on its way. Their joins are not in this router's `recent` table, but a join
+    /// confirms the pin whenever the confirmation it sees is older than
+    /// [`Router::confirm_every_ms`] (and the store's is never older than the one a router
+    /// sees), so every join routed within the last ticket lifetime left a confirmation at
+    /// most that much older; node reports confirm it too while the room is live. Plus a
+    /// heartbeat interval for the routers' clocks to disagree by.
+    fn shared_ticket_hold_ms(&self) -> u64 {
+        self.ticket_ttl_ms
             + self.confirm_every_ms()
-            + self.placement.heartbeat_interval.as_millis() as u64;
-        Ok(self
-            .store
-            .get(room)
-            .await?
-            .is_some_and(|p| p.node == entry.id && now < p.confirmed_at.saturating_add(hold)))
+            + self.placement.heartbeat_interval.as_millis() as u64
     }
 
     /// `placement.share_reservations`: tells the other routers (through the store) this

@@ -46,6 +46,41 @@ async fn store_operations_are_atomic_and_caches_follow_changes() {
         redis_pin(&url, &room_key(&p, "lobby")).await.as_deref(),
         Some("n1|1000|1000")
     );
+    // Releasing on the confirmation Redis holds: B confirms (after more than the 75 s within
+    // which a confirmation its cache knows of needs no new write), A's cache does not hear
+    // of it, yet A cannot release the pin as unconfirmed since before B's confirmation.
+    let (hall, hall_key) = (room("hall"), room_key(&p, "hall"));
+    a.pin_if(&hall, &n1, None, 100).await.unwrap();
+    assert!(b.confirm(&hall, &n1, 100_000).await.unwrap());
+    assert_eq!(a.get(&hall).await.unwrap().unwrap().confirmed_at, 100);
+    use store::Unconfirmed::*;
+    assert_eq!(
+        a.release_if_unconfirmed(&hall, &n2, 200_000).await.unwrap(),
+        NotThere
+    );
+    assert_eq!(
+        a.release_if_unconfirmed(&hall, &n1, 99_999).await.unwrap(),
+        Confirmed
+    );
+    assert_eq!(
+        a.get(&hall).await.unwrap().unwrap().confirmed_at,
+        100_000,
+        "A took Redis's"
+    );
+    assert_eq!(
+        redis_pin(&url, &hall_key).await.as_deref(),
+        Some("n1|100|100000")
+    );
+    assert_eq!(
+        a.release_if_unconfirmed(&hall, &n1, 100_001).await.unwrap(),
+        Released
+    );
+    assert_eq!(redis_pin(&url, &hall_key).await, None);
+    assert_eq!(
+        a.release_if_unconfirmed(&hall, &n1, 100_001).await.unwrap(),
+        NotThere
+    );
+
     // Compare-and-set re-pin needs the right expected node.
     assert!(matches!(
         b.pin_if(&r, &n3, Some(&n2), 2000).await.unwrap(),
@@ -441,6 +476,24 @@ async fn a_ticket_another_router_issued_keeps_an_ended_rooms_pin() {
     assert_eq!(
         pinned_node(&c, &b.base(), "late").await.as_deref(),
         Some("n1")
+    );
+    // Router A sends another user after the room ended. That join confirms the pin in Redis
+    // (A's view of it is older than the 1 s confirmation interval); B's cache never hears
+    // of confirmations, so B must decide on what Redis holds, and keep the pin past the
+    // hold it would have counted from the node's last report.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let r = no_follow
+        .get(format!("{}/rooms/late", a.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert_eq!(
+        pinned_node(&c, &b.base(), "late").await.as_deref(),
+        Some("n1"),
+        "router B released a pin router A sent a user to after the room ended"
     );
     // Once no ticket can still arrive, the next report releases it.
     assert!(

@@ -270,6 +270,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn release_if_unconfirmed_releases_only_its_nodes_stale_pin() {
+        use crate::store::Unconfirmed::*;
+        let s = MemoryStore::new();
+        s.pin_if(&room("r"), &node("a"), None, 100).await.unwrap();
+        let go = |n: &'static str, before| {
+            let s = &s;
+            async move {
+                s.release_if_unconfirmed(&room("r"), &node(n), before)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(go("b", 1_000).await, NotThere, "another node's pin");
+        assert_eq!(
+            go("a", 100).await,
+            Confirmed,
+            "confirmed at `before` itself"
+        );
+        assert_eq!(go("a", 101).await, Released);
+        assert_eq!(go("a", 101).await, NotThere);
+        assert!(s.get(&room("r")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn listing_pages_through_every_room_once_in_order() {
         let s = MemoryStore::new();
         for i in 0..25 {

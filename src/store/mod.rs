@@ -67,6 +67,17 @@ pub enum StoreHealth {
     Degraded(String),
 }
 
+/// How [`PinStore::release_if_unconfirmed`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unconfirmed {
+    /// The pin pointed at the node and had not been confirmed since: deleted.
+    Released,
+    /// The pin points at the node and was confirmed since (or the store cannot tell now): kept.
+    Confirmed,
+    /// No pin, or one to another node: nothing to release.
+    NotThere,
+}
+
 /// The pin store. All methods are atomic per room.
 pub trait PinStore: Send + Sync + 'static {
     /// The room's pin, if any.
@@ -106,6 +117,26 @@ pub trait PinStore: Send + Sync + 'static {
         node: &NodeId,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Deletes the pin if it still points at `node` and was last confirmed before `before`,
+    /// deciding on the confirmation the store holds (a shared store's cache does not see
+    /// other routers' confirmations). The default, `get` then `release_if`, is right for a
+    /// store whose `get` is authoritative.
+    fn release_if_unconfirmed(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        before: Millis,
+    ) -> impl Future<Output = Result<Unconfirmed, StoreError>> + Send {
+        async move {
+            Ok(match self.get(room).await? {
+                Some(p) if &p.node != node => Unconfirmed::NotThere,
+                Some(p) if p.confirmed_at >= before => Unconfirmed::Confirmed,
+                Some(_) if self.release_if(room, node).await? => Unconfirmed::Released,
+                _ => Unconfirmed::NotThere,
+            })
+        }
+    }
+
     /// Deletes the pin whatever it points at (admin).
     fn remove(
         &self,
@@ -133,7 +164,8 @@ pub trait PinStore: Send + Sync + 'static {
 
     /// Whether other routers may use this store too, so that joins this router did not route
     /// can be pending on its pins (the router then keeps an ended room's pin for a ticket's
-    /// lifetime after its last confirmation, not only after its own last join). Default: no.
+    /// lifetime after its last confirmation, not only after its own last join, through
+    /// [`PinStore::release_if_unconfirmed`]). Default: no.
     fn shared(&self) -> bool {
         false
     }
@@ -230,6 +262,14 @@ impl PinStore for AnyStore {
     }
     async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
         delegate!(self, s => s.release_if(room, node).await)
+    }
+    async fn release_if_unconfirmed(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        before: Millis,
+    ) -> Result<Unconfirmed, StoreError> {
+        delegate!(self, s => s.release_if_unconfirmed(room, node, before).await)
     }
     async fn remove(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         delegate!(self, s => s.remove(room).await)

@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use super::sentinel::Sentinels;
-use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth, Unconfirmed};
 use crate::cluster::reservations::Learned;
 use crate::cluster::sync::{NodeSync, NodeUpdate};
 use crate::cluster::{Cluster, NodeId};
@@ -101,13 +101,15 @@ redis.call('PUBLISH', ARGV[2], ts .. '\n\n' .. ARGV[3])
 return {cur, ts}
 "#;
 
-/// Deletes the pin if not confirmed since ARGV[1]. Returns {state, value, ts}: state 1 =
-/// released (value = old), 0 = still in use (value = current), -1 = no pin.
+/// Deletes the pin if not confirmed since ARGV[1] and, unless ARGV[4] is '', if it points at
+/// ARGV[4]. Returns {state, value, ts}: state 1 = released (value = old), 0 = still in use
+/// (value = current), 2 = points at another node (value = current), -1 = no pin.
 const SWEEP: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%06d', tonumber(t[2]))
 if not cur then return {-1, '', ts} end
+if ARGV[4] ~= '' and string.match(cur, '^[^|]*') ~= ARGV[4] then return {2, cur, ts} end
 local confirmed = string.match(cur, '|([^|]*)$')
 if tonumber(confirmed) >= tonumber(ARGV[1]) then return {0, cur, ts} end
 redis.call('DEL', KEYS[1])
@@ -1551,6 +1553,62 @@ impl PinStore for RedisStore {
         Ok(i.release_local(room, Some(node)).is_some())
     }
 
+    async fn release_if_unconfirmed(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        before: Millis,
+    ) -> Result<Unconfirmed, StoreError> {
+        let i = &self.inner;
+        // While Redis is unreachable the other routers' confirmations are out of sight: keep
+        // the pin; the node's next report asks again.
+        let kept = || {
+            if self.peek(room, |p| p.is_some_and(|p| &p.node == node)) == Some(true) {
+                Unconfirmed::Confirmed
+            } else {
+                Unconfirmed::NotThere
+            }
+        };
+        if i.is_down() {
+            return Ok(kept());
+        }
+        let mut c = i.conn();
+        let mut inv = i.sweep.key(i.keys.room(room.as_str()));
+        inv.arg(before)
+            .arg(&i.keys.pins_channel)
+            .arg(room.as_str())
+            .arg(node.as_str());
+        let (state, v, ts): (i64, String, String) =
+            match i.run("release unconfirmed", inv.invoke_async(&mut c)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    i.confirm_down(e).await?;
+                    return Ok(kept());
+                }
+            };
+        let ts = ts.parse().unwrap_or(0);
+        Ok(match state {
+            1 => {
+                i.apply(room, None, ts);
+                let _ = i.index_tx.send(IndexOp::Remove(room.as_str().to_string()));
+                Unconfirmed::Released
+            }
+            0 => {
+                // Confirmed since, perhaps by another router: take its confirmation time.
+                i.apply(room, i.decode(&v), ts);
+                Unconfirmed::Confirmed
+            }
+            2 => {
+                i.apply(room, i.decode(&v), ts);
+                Unconfirmed::NotThere
+            }
+            _ => {
+                i.apply(room, None, ts);
+                Unconfirmed::NotThere
+            }
+        })
+    }
+
     async fn remove(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let i = &self.inner;
         if !i.is_down() {
@@ -1598,7 +1656,10 @@ impl PinStore for RedisStore {
         for room in idle {
             let mut c = i.conn();
             let mut inv = i.sweep.key(i.keys.room(room.as_str()));
-            inv.arg(before).arg(&i.keys.pins_channel).arg(room.as_str());
+            inv.arg(before)
+                .arg(&i.keys.pins_channel)
+                .arg(room.as_str())
+                .arg("");
             let (state, v, ts): (i64, String, String) =
                 match i.run("sweep", inv.invoke_async(&mut c)).await {
                     Ok(r) => r,

@@ -418,6 +418,168 @@ async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
     cleanup(&url, &p).await;
 }
 
+/// A loopback TCP forwarder to Redis that can be cut and restored: one router's own
+/// network partition, while the others keep reaching Redis.
+struct Partition {
+    addr: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    async fn to(upstream: String) -> Partition {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, cs) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is reset
+                }
+                let upstream = upstream.clone();
+                cs.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        Partition {
+            addr,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
+    let Some((url, _private)) = redis_for("outage_yields") else {
+        return;
+    };
+    let Some(hostport) = url
+        .strip_prefix("redis://")
+        .map(|r| r.trim_end_matches('/'))
+        .filter(|h| !h.contains('@') && !h.contains('/'))
+    else {
+        eprintln!("SKIPPED an_outage_re_placement_yields_to_a_node_other_routers_kept_alive: REDIS_URL {url} is not redis://host:port");
+        return;
+    };
+    let p = prefix("yields");
+    let mut cfg = config(&url, &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(200);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(1);
+    cfg.validate().expect("valid");
+    let cut = Partition::to(hostport.to_string()).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", cut.addr);
+    let a = serve(cfg_a).await;
+    let b = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 2 }).await);
+    let stale = place(&c, &b.base(), "standup").await.unwrap();
+    let other = if stale == "n1" { "n2" } else { "n1" }.to_string();
+    // `stale` falls silent past its timeout (both routers see it dead); `other` keeps beating.
+    let beat_stale = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = {
+        let (c, a, b, stale, other, on) = (
+            c.clone(),
+            a.base(),
+            b.base(),
+            stale.clone(),
+            other.clone(),
+            beat_stale.clone(),
+        );
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                heartbeat(&c, &b, &other, 0.0, &[]).await;
+                heartbeat(&c, &a, &other, 0.0, &[]).await;
+                if on.load(std::sync::atomic::Ordering::SeqCst) {
+                    heartbeat(&c, &b, &stale, 0.0, &[]).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Router A loses Redis; B does not.
+    cut.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let _ = place(&c, &a.base(), "probe").await;
+            a.app.router.store().health() != StoreHealth::Ok
+        })
+        .await,
+        "router A noticed the outage"
+    );
+    // `stale` comes back, but only router B hears it (its reports reach Redis, not A).
+    beat_stale.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stale_id = NodeId::parse(&stale).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.node(&stale_id).is_some_and(|n| n.healthy)
+        })
+        .await,
+        "router B hears the node again"
+    );
+    assert_eq!(
+        place(&c, &b.base(), "standup").await.unwrap(),
+        stale,
+        "router B sends the room's users to its node again"
+    );
+    // Router A, cut off, still sees it dead and re-places the room on the other node.
+    assert_eq!(place(&c, &a.base(), "standup").await.unwrap(), other);
+    cut.restore();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            a.app.router.store().health() == StoreHealth::Ok
+        })
+        .await,
+        "router A reconnected"
+    );
+    // The store's pin wins: the node B kept using is alive, so A's decision yields to it.
+    assert_eq!(
+        redis_pin(&url, &room_key(&p, "standup")).await.map(|v| v
+            .split('|')
+            .next()
+            .unwrap_or_default()
+            .to_string()),
+        Some(stale.clone())
+    );
+    assert_eq!(place(&c, &a.base(), "standup").await.unwrap(), stale);
+    assert_eq!(place(&c, &b.base(), "standup").await.unwrap(), stale);
+    if let AnyStore::Redis(r) = a.app.router.store() {
+        assert!(r.outage_stats().1 >= 1, "the write-back counted its loss");
+    }
+    beats.abort();
+    cleanup(&url, &p).await;
+}
+
 /// `GET /v1/rooms/{room}` on the router at `base`: the pinned node, `None` if unpinned.
 async fn pinned_node(c: &reqwest::Client, base: &str, room: &str) -> Option<String> {
     let r = c

@@ -955,7 +955,15 @@ impl Inner {
             PinOutcome::Won(_) => Ok(()),
             PinOutcome::Lost(Some(cur)) if &cur.node == node => Ok(()),
             PinOutcome::Lost(Some(cur)) if expected.as_ref() == Some(&cur.node) => {
-                // We re-placed the room off a failed node; the store still names that node.
+                // We re-placed the room off a node that failed as we saw it; the store still
+                // names that node. If the store says it is alive (another router kept hearing
+                // it, and may have sent joins there), the store's pin wins as in any
+                // disagreement; if not, nobody re-placed the room and ours stands.
+                if self.node_alive_in_store(&cur.node).await? {
+                    self.store_won.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(room = %room, ours = %node, store = %cur.node, "outage re-placement lost: the store's node is alive");
+                    return Ok(());
+                }
                 match self.pin_if_remote(room, node, Some(&cur.node), now).await? {
                     PinOutcome::Won(_) => Ok(()),
                     PinOutcome::Lost(_) => {
@@ -970,6 +978,29 @@ impl Inner {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the store's node table says `id` is usable: its last report (any router's)
+    /// within the heartbeat timeout and no admin disable.
+    async fn node_alive_in_store(&self, id: &NodeId) -> Result<bool, StoreError> {
+        let mut c = self.conn();
+        let (report, admin): (Option<String>, Option<String>) = self
+            .run(
+                "node state",
+                redis::pipe()
+                    .hget(&self.keys.nodes, id.as_str())
+                    .hget(&self.keys.admin, id.as_str())
+                    .query_async(&mut c),
+            )
+            .await?;
+        let heard_at = match report.and_then(|r| serde_json::from_str::<NodeUpdate>(&r).ok()) {
+            Some(NodeUpdate::Report { at, .. }) => at,
+            _ => return Ok(false),
+        };
+        Ok(
+            wall_ms().saturating_sub(heard_at) <= self.heartbeat_timeout_ms
+                && admin.as_deref() != Some(crate::placement::AdminState::Disabled.as_str()),
+        )
     }
 
     /// Replaces the cache with the store's pins (keeping changes newer than the load).

@@ -209,6 +209,46 @@ async fn missing_or_wrong_tokens_are_refused_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn a_node_with_its_own_token_must_use_it_and_no_other_node_may() {
+    let mut cfg = config();
+    let own = "special-node-token-0123456789";
+    cfg.auth
+        .node_tokens
+        .insert("special".to_string(), own.to_string());
+    let r = TestRouter::start(cfg).await;
+    let hb = json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 0});
+    let send = |id: &'static str, token: &'static str| {
+        let (r, hb) = (&r, hb.clone());
+        async move {
+            r.post(&format!("/v1/nodes/{id}/heartbeat"))
+                .bearer_auth(token)
+                .json(&hb)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    expect_error(send("special", NODE_TOKEN).await, 401, "unauthorized").await;
+    expect_error(send("other", own).await, 401, "unauthorized").await;
+    assert_eq!(send("special", own).await.status(), 200);
+    assert_eq!(send("other", NODE_TOKEN).await.status(), 200);
+    let del = client()
+        .delete(format!("{}/v1/nodes/special", r.url))
+        .bearer_auth(NODE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    expect_error(del, 401, "unauthorized").await;
+    let del = client()
+        .delete(format!("{}/v1/nodes/special", r.url))
+        .bearer_auth(own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+}
+
+#[tokio::test]
 async fn unknown_nodes_paths_and_wrong_methods() {
     let r = router_with_a_node().await;
     let before = state(&r).await;

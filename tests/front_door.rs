@@ -250,6 +250,41 @@ async fn tag_hints_only_place_rooms_on_nodes_carrying_every_tag() {
     // No node carries the tag: refused, not overflowed onto a node without it.
     let resp = r.get("/v1/placement/nowhere?tag=sip").send().await.unwrap();
     expect_error(resp, 503, "no_capacity").await;
+    // The batch lookup takes the same hints for all its rooms, and `create: false`.
+    let batch: serde_json::Value = r
+        .post("/v1/placement")
+        .json(&json!({"rooms": ["gpu-a", "gpu-b", "rec-0"], "tags": ["gpu"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch[0]["node"], "rec-gpu");
+    assert_eq!(batch[1]["node"], "rec-gpu");
+    assert_eq!(
+        batch[2]["node"],
+        lookup("/v1/placement/rec-0".into()).await,
+        "pinned wins"
+    );
+    let batch: serde_json::Value = r
+        .post("/v1/placement")
+        .json(&json!({"rooms": ["gpu-a", "never-made"], "create": false}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch[0]["node"], "rec-gpu");
+    assert_eq!(batch[1]["error"], "not_found", "{batch}");
+    let resp = r
+        .post("/v1/placement")
+        .json(&json!({"rooms": ["x"], "tags": [""]}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_request").await;
 }
 
 #[tokio::test]

@@ -337,6 +337,43 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_client_that_stalls_before_its_protocol_is_known_is_cut_off() {
+    // hyper's protocol sniff (HTTP/1 or HTTP/2) has no timer of its own: a client that sends
+    // a piece of the HTTP/2 preface, or nothing at all, must still lose its connection slot
+    // after the header timeout.
+    for (fast_path, first) in [
+        (true, &b"PRI * HTTP/2.0\r\n"[..]),
+        (false, &b""[..]),
+        (false, &b"PRI * HTTP"[..]),
+    ] {
+        let mut cfg = config();
+        cfg.server.header_read_timeout = Duration::from_millis(300);
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "connection still open 5 s after a stall (fast path {fast_path}, sent {first:?})"
+        );
+        // The router still answers, HTTP/1 and, with the whole preface, HTTP/2.
+        assert_eq!(r.get("/healthz").send().await.unwrap().status(), 200);
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let resp = h2.get(format!("{}/healthz", r.url)).send().await.unwrap();
+        assert_eq!(
+            (resp.version(), resp.status().as_u16()),
+            (reqwest::Version::HTTP_2, 200)
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_client_that_never_finishes_its_body_gets_a_timeout() {
     let mut cfg = config();
     cfg.server.body_read_timeout = Duration::from_millis(300);

@@ -379,7 +379,10 @@ impl LoopServer {
                 event_loop,
             };
             match tls {
-                None => serve_io(&builder, stream, info, handler, watcher, fast, stop).await,
+                None => {
+                    let io = (stream, handshake_timeout);
+                    serve_io(&builder, io, info, handler, watcher, fast, stop).await
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
@@ -392,7 +395,8 @@ impl LoopServer {
                             // HTTP/2 (by ALPN) is hyper's alone.
                             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                             let fast = fast.filter(|_| !h2);
-                            serve_io(&builder, s, info, handler, watcher, fast, stop).await
+                            let io = (s, handshake_timeout);
+                            serve_io(&builder, io, info, handler, watcher, fast, stop).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -425,9 +429,42 @@ impl LoopServer {
     }
 }
 
+/// The HTTP/2 client preface: hyper-util's `auto` builder reads up to this many bytes to
+/// tell HTTP/2 from HTTP/1, with no timer of its own.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `bytes` already tell the protocol: they differ from the HTTP/2 preface, or hold
+/// all of it.
+fn protocol_known(bytes: &[u8]) -> bool {
+    let n = bytes.len().min(H2_PREFACE.len());
+    n == H2_PREFACE.len() || bytes[..n] != H2_PREFACE[..n]
+}
+
+/// Reads, within `limit`, as much of the connection's first bytes as it takes to tell the
+/// protocol, after the `prefix` already read, and returns them all for hyper to read again.
+/// `None`: the client closed, failed, or stalled that long (its connection slot is freed).
+async fn protocol_bytes(io: &mut BoxIo, prefix: Bytes, limit: Duration) -> Option<Bytes> {
+    if protocol_known(&prefix) {
+        return Some(prefix);
+    }
+    let mut buf = bytes::BytesMut::from(&prefix[..]);
+    let read = async {
+        while !protocol_known(&buf) {
+            if tokio::io::AsyncReadExt::read_buf(io, &mut buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+        Some(())
+    };
+    tokio::time::timeout(limit, read).await.ok()??;
+    Some(buf.freeze())
+}
+
+/// Serves one connection, `(io, first-bytes timeout)`: the fast path first when there is
+/// one, then hyper once the protocol is known (see [`protocol_bytes`]).
 async fn serve_io<I>(
     builder: &auto::Builder<TokioExecutor>,
-    io: I,
+    (io, first_bytes_timeout): (I, Duration),
     info: ConnInfo,
     handler: Handler,
     watcher: Watcher,
@@ -445,6 +482,10 @@ async fn serve_io<I>(
             (i, inf, Outcome::Handoff(p)) => (io, info, prefix) = (i, inf, p),
         }
     }
+    let Some(prefix) = protocol_bytes(&mut io, prefix, first_bytes_timeout).await else {
+        tracing::debug!(peer = %info.peer, "no request within the header timeout; closed");
+        return;
+    };
     let peer = info.peer;
     let svc = service_fn(move |req| {
         let fut = handler(req, info.clone());

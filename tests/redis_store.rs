@@ -418,34 +418,86 @@ async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
     cleanup(&url, &p).await;
 }
 
-/// A loopback TCP forwarder to Redis that can be cut and restored: one router's own
-/// network partition, while the others keep reaching Redis.
+/// A loopback TCP forwarder to Redis that can be cut and restored (one router's own network
+/// partition, while the others keep reaching Redis), or can silence the subscriptions
+/// passing through it: their sockets stay open and nothing more arrives, as when a host
+/// vanishes or a NAT entry expires.
 struct Partition {
     addr: std::net::SocketAddr,
-    open: Arc<std::sync::atomic::AtomicBool>,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    open: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<Forwarded>>>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// One forwarded connection: its two copy tasks, whether the client subscribed on it, and
+/// whether it is silenced.
+struct Forwarded {
+    tasks: [tokio::task::JoinHandle<()>; 2],
+    subscribed: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
+}
+
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+
+/// Copies `from` to `to` chunk by chunk; holds a chunk (and so everything after it) while
+/// `silent`; marks `subscribed` when a chunk carries a SUBSCRIBE command.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    subscribed: Option<Arc<AtomicBool>>,
+    silent: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    for _ in 0..10_000_000u64 {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(s) = &subscribed {
+            if buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+            {
+                s.store(true, AtomicOrdering::SeqCst);
+            }
+        }
+        while silent.load(AtomicOrdering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Partition {
     async fn to(upstream: String) -> Partition {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let open = Arc::new(AtomicBool::new(true));
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (o, cs) = (open.clone(), conns.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
-                if !o.load(Ordering::SeqCst) {
+            while let Ok((down, _)) = listener.accept().await {
+                if !o.load(AtomicOrdering::SeqCst) {
                     continue; // dropped: the connection is reset
                 }
-                let upstream = upstream.clone();
-                cs.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                }));
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
+                let subscribed = Arc::new(AtomicBool::new(false));
+                let silent = Arc::new(AtomicBool::new(false));
+                let tasks = [
+                    tokio::spawn(forward(dr, uw, Some(subscribed.clone()), silent.clone())),
+                    tokio::spawn(forward(ur, dw, None, silent.clone())),
+                ];
+                cs.lock().unwrap().push(Forwarded {
+                    tasks,
+                    subscribed,
+                    silent,
+                });
             }
         });
         Partition {
@@ -457,14 +509,24 @@ impl Partition {
     }
 
     fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.open.store(false, AtomicOrdering::SeqCst);
         for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
+            c.tasks.iter().for_each(|t| t.abort());
         }
     }
 
     fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.open.store(true, AtomicOrdering::SeqCst);
+    }
+
+    /// Silences every subscription open now; connections made later pass.
+    fn silence_subscriptions(&self) -> usize {
+        let conns = self.conns.lock().unwrap();
+        let subs = conns
+            .iter()
+            .filter(|c| c.subscribed.load(AtomicOrdering::SeqCst));
+        subs.map(|c| c.silent.store(true, AtomicOrdering::SeqCst))
+            .count()
     }
 }
 
@@ -475,17 +537,70 @@ impl Drop for Partition {
     }
 }
 
+/// `redis://host:port` of `url`, for a forwarder; `None` (and a loud skip) otherwise.
+fn plain_host_port(url: &str, test: &str) -> Option<String> {
+    let hp = url
+        .strip_prefix("redis://")
+        .map(|r| r.trim_end_matches('/'))
+        .filter(|h| !h.contains('@') && !h.contains('/'));
+    if hp.is_none() {
+        eprintln!("SKIPPED {test}: REDIS_URL {url} is not redis://host:port");
+    }
+    hp.map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_falls_silent_is_renewed_and_the_cache_caught_up() {
+    let test = "a_subscription_that_falls_silent_is_renewed_and_the_cache_caught_up";
+    let Some((url, _private)) = redis_for("silent_subscription") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("silent");
+    let mut cfg = config(&url, &p);
+    cfg.store.resync_interval = Duration::from_millis(300);
+    let silenced = Partition::to(hostport).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", silenced.addr);
+    let a = serve(cfg_a).await;
+    let b = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert!(eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 1 }).await);
+    assert_eq!(place(&c, &a.base(), "hall").await.unwrap(), "n1");
+    assert_eq!(
+        silenced.silence_subscriptions(),
+        1,
+        "router A subscribes once"
+    );
+    // Router B deletes the room; A's old subscription never says so.
+    let r = c
+        .delete(format!("{}/v1/rooms/hall", b.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pinned_node(&c, &a.base(), "hall").await.is_none()
+        })
+        .await,
+        "router A still holds a pin deleted through router B"
+    );
+    assert_eq!(a.app.router.store().health(), StoreHealth::Ok);
+    cleanup(&url, &p).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
     let Some((url, _private)) = redis_for("outage_yields") else {
         return;
     };
-    let Some(hostport) = url
-        .strip_prefix("redis://")
-        .map(|r| r.trim_end_matches('/'))
-        .filter(|h| !h.contains('@') && !h.contains('/'))
-    else {
-        eprintln!("SKIPPED an_outage_re_placement_yields_to_a_node_other_routers_kept_alive: REDIS_URL {url} is not redis://host:port");
+    let test = "an_outage_re_placement_yields_to_a_node_other_routers_kept_alive";
+    let Some(hostport) = plain_host_port(&url, test) else {
         return;
     };
     let p = prefix("yields");
@@ -493,7 +608,7 @@ async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
     cfg.placement.heartbeat_interval = Duration::from_millis(200);
     cfg.placement.heartbeat_timeout = Duration::from_secs(1);
     cfg.validate().expect("valid");
-    let cut = Partition::to(hostport.to_string()).await;
+    let cut = Partition::to(hostport).await;
     let mut cfg_a = cfg.clone();
     cfg_a.store.url = format!("redis://{}", cut.addr);
     let a = serve(cfg_a).await;
@@ -505,7 +620,7 @@ async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
     let stale = place(&c, &b.base(), "standup").await.unwrap();
     let other = if stale == "n1" { "n2" } else { "n1" }.to_string();
     // `stale` falls silent past its timeout (both routers see it dead); `other` keeps beating.
-    let beat_stale = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beat_stale = Arc::new(AtomicBool::new(false));
     let beats = {
         let (c, a, b, stale, other, on) = (
             c.clone(),
@@ -519,7 +634,7 @@ async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
             for _ in 0..300 {
                 heartbeat(&c, &b, &other, 0.0, &[]).await;
                 heartbeat(&c, &a, &other, 0.0, &[]).await;
-                if on.load(std::sync::atomic::Ordering::SeqCst) {
+                if on.load(AtomicOrdering::SeqCst) {
                     heartbeat(&c, &b, &stale, 0.0, &[]).await;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -538,7 +653,7 @@ async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
         "router A noticed the outage"
     );
     // `stale` comes back, but only router B hears it (its reports reach Redis, not A).
-    beat_stale.store(true, std::sync::atomic::Ordering::SeqCst);
+    beat_stale.store(true, AtomicOrdering::SeqCst);
     let stale_id = NodeId::parse(&stale).unwrap();
     assert!(
         eventually(Duration::from_secs(3), || async {

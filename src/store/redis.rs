@@ -40,7 +40,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -980,6 +980,22 @@ impl Inner {
         }
     }
 
+    /// Publishes a message only this router's subscription reads (and ignores: its own
+    /// origin on the learned-sizes channel), so that hearing it proves the subscription
+    /// alive. False if Redis did not take it (the outage path deals with that).
+    async fn probe_subscription(&self) -> bool {
+        let mut c = self.conn();
+        self.run::<i64>(
+            "probe",
+            redis::cmd("PUBLISH")
+                .arg(&self.keys.learned_channel)
+                .arg(format!("{}\nalive\n", self.origin))
+                .query_async(&mut c),
+        )
+        .await
+        .is_ok()
+    }
+
     /// Whether the store's node table says `id` is usable: its last report (any router's)
     /// within the heartbeat timeout and no admin disable.
     async fn node_alive_in_store(&self, id: &NodeId) -> Result<bool, StoreError> {
@@ -1222,16 +1238,29 @@ async fn supervise(
             Ok(mut s) => {
                 backoff = Duration::from_millis(50);
                 let mut resync = tokio::time::interval(inner.resync_interval);
+                resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 resync.tick().await;
                 let mut check = tokio::time::interval(Duration::from_millis(250));
+                // A subscription whose socket died silently (a host gone, a NAT entry
+                // expired) never ends: every re-sync this router publishes a probe to itself
+                // and, if not even that came back by the next one, subscribes again.
+                let (mut heard, mut probed) = (Instant::now(), None::<Instant>);
                 let lost = loop {
                     tokio::select! {
                         _ = stop.changed() => return,
                         m = s.next() => match m {
-                            Some(m) => inner.on_message(m),
+                            Some(m) => {
+                                heard = Instant::now();
+                                inner.on_message(m);
+                            }
                             None => break "subscription to Redis lost".to_string(),
                         },
                         _ = resync.tick() => {
+                            let waited = inner.resync_interval / 2;
+                            if probed.is_some_and(|p| heard < p && p.elapsed() >= waited) {
+                                break "subscription to Redis silent: its probe did not come back".to_string();
+                            }
+                            probed = inner.probe_subscription().await.then(Instant::now);
                             if let Err(e) = inner.resync_nodes().await {
                                 tracing::warn!(error = %e, "node table re-sync failed");
                             }

@@ -251,15 +251,14 @@ async fn tag_hints_only_place_rooms_on_nodes_carrying_every_tag() {
     let resp = r.get("/v1/placement/nowhere?tag=sip").send().await.unwrap();
     expect_error(resp, 503, "no_capacity").await;
     // The batch lookup takes the same hints for all its rooms, and `create: false`.
-    let batch: serde_json::Value = r
-        .post("/v1/placement")
-        .json(&json!({"rooms": ["gpu-a", "gpu-b", "rec-0"], "tags": ["gpu"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let batch_lookup = |body: serde_json::Value| {
+        let r = &r;
+        async move {
+            let resp = r.post("/v1/placement").json(&body).send().await.unwrap();
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let batch = batch_lookup(json!({"rooms": ["gpu-a", "gpu-b", "rec-0"], "tags": ["gpu"]})).await;
     assert_eq!(batch[0]["node"], "rec-gpu");
     assert_eq!(batch[1]["node"], "rec-gpu");
     assert_eq!(
@@ -267,15 +266,7 @@ async fn tag_hints_only_place_rooms_on_nodes_carrying_every_tag() {
         lookup("/v1/placement/rec-0".into()).await,
         "pinned wins"
     );
-    let batch: serde_json::Value = r
-        .post("/v1/placement")
-        .json(&json!({"rooms": ["gpu-a", "never-made"], "create": false}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let batch = batch_lookup(json!({"rooms": ["gpu-a", "never-made"], "create": false})).await;
     assert_eq!(batch[0]["node"], "rec-gpu");
     assert_eq!(batch[1]["error"], "not_found", "{batch}");
     let resp = r

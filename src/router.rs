@@ -600,30 +600,28 @@ impl<S: PinStore> Router<S> {
         let own_ticket = self
             .recent
             .joined_since(room.stable_hash(), now.saturating_sub(self.ticket_ttl_ms));
-        let released = if own_ticket {
-            None
+        let outcome = if own_ticket {
+            Unconfirmed::Confirmed
         } else if self.store.shared() {
             let before = now.saturating_sub(self.shared_ticket_hold_ms());
-            match self
-                .store
+            self.store
                 .release_if_unconfirmed(room, &entry.id, before)
                 .await?
-            {
-                Unconfirmed::Confirmed => None,
-                Unconfirmed::Released => Some(true),
-                Unconfirmed::NotThere => Some(false),
-            }
+        } else if self.store.release_if(room, &entry.id).await? {
+            Unconfirmed::Released
         } else {
-            Some(self.store.release_if(room, &entry.id).await?)
+            Unconfirmed::NotThere
         };
-        let Some(released) = released else {
-            // Someone may still be on the way with a ticket for this node: keep the pin so
-            // that the next join comes here too. The caller asks again at the next heartbeat.
-            tracing::debug!(room = %room, node = %entry.id, why, "room ended with tickets outstanding; pin kept");
-            return Ok(false);
-        };
-        if released {
-            self.metrics.released(why);
+        match outcome {
+            Unconfirmed::Confirmed => {
+                // Someone may still be on the way with a ticket for this node: keep the pin
+                // so that the next join comes here too. The caller asks again at the next
+                // heartbeat.
+                tracing::debug!(room = %room, node = %entry.id, why, "room ended with tickets outstanding; pin kept");
+                return Ok(false);
+            }
+            Unconfirmed::Released => self.metrics.released(why),
+            Unconfirmed::NotThere => {}
         }
         if self
             .book

@@ -117,6 +117,16 @@ redis.call('PUBLISH', ARGV[2], ts .. '\n\n' .. ARGV[3])
 return {1, cur, ts}
 "#;
 
+/// What `SWEEP` did to one room.
+enum Swept {
+    /// Deleted; the pin it held.
+    Released(Option<Pin>),
+    /// Confirmed since the time asked about: kept.
+    Confirmed,
+    /// No pin, or (when a node was given) one to another node.
+    NotThere,
+}
+
 /// One Redis connection: a reconnecting multiplexed connection, or a Cluster connection.
 #[derive(Clone)]
 enum Conn {
@@ -980,6 +990,47 @@ impl Inner {
         }
     }
 
+    /// Runs `SWEEP` on one room (with `node`: only if the pin points there) and brings the
+    /// cache and the room index up to date with what it found.
+    async fn sweep_one(
+        &self,
+        room: &RoomKey,
+        before: Millis,
+        node: Option<&NodeId>,
+    ) -> Result<Swept, StoreError> {
+        let mut c = self.conn();
+        let mut inv = self.sweep.key(self.keys.room(room.as_str()));
+        inv.arg(before)
+            .arg(&self.keys.pins_channel)
+            .arg(room.as_str())
+            .arg(node.map_or("", NodeId::as_str));
+        let (state, v, ts): (i64, String, String) =
+            self.run("sweep", inv.invoke_async(&mut c)).await?;
+        let ts = ts.parse().unwrap_or(0);
+        Ok(match state {
+            1 => {
+                self.apply(room, None, ts);
+                let _ = self
+                    .index_tx
+                    .send(IndexOp::Remove(room.as_str().to_string()));
+                Swept::Released(self.decode(&v))
+            }
+            0 => {
+                // Confirmed since, perhaps by another router: take its confirmation time.
+                self.apply(room, self.decode(&v), ts);
+                Swept::Confirmed
+            }
+            2 => {
+                self.apply(room, self.decode(&v), ts);
+                Swept::NotThere
+            }
+            _ => {
+                self.apply(room, None, ts);
+                Swept::NotThere
+            }
+        })
+    }
+
     /// Publishes a message only this router's subscription reads (and ignores: its own
     /// origin on the learned-sizes channel), so that hearing it proves the subscription
     /// alive. False if Redis did not take it (the outage path deals with that).
@@ -1632,39 +1683,13 @@ impl PinStore for RedisStore {
         if i.is_down() {
             return Ok(kept());
         }
-        let mut c = i.conn();
-        let mut inv = i.sweep.key(i.keys.room(room.as_str()));
-        inv.arg(before)
-            .arg(&i.keys.pins_channel)
-            .arg(room.as_str())
-            .arg(node.as_str());
-        let (state, v, ts): (i64, String, String) =
-            match i.run("release unconfirmed", inv.invoke_async(&mut c)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    i.confirm_down(e).await?;
-                    return Ok(kept());
-                }
-            };
-        let ts = ts.parse().unwrap_or(0);
-        Ok(match state {
-            1 => {
-                i.apply(room, None, ts);
-                let _ = i.index_tx.send(IndexOp::Remove(room.as_str().to_string()));
-                Unconfirmed::Released
-            }
-            0 => {
-                // Confirmed since, perhaps by another router: take its confirmation time.
-                i.apply(room, i.decode(&v), ts);
-                Unconfirmed::Confirmed
-            }
-            2 => {
-                i.apply(room, i.decode(&v), ts);
-                Unconfirmed::NotThere
-            }
-            _ => {
-                i.apply(room, None, ts);
-                Unconfirmed::NotThere
+        Ok(match i.sweep_one(room, before, Some(node)).await {
+            Ok(Swept::Released(_)) => Unconfirmed::Released,
+            Ok(Swept::Confirmed) => Unconfirmed::Confirmed,
+            Ok(Swept::NotThere) => Unconfirmed::NotThere,
+            Err(e) => {
+                i.confirm_down(e).await?;
+                kept()
             }
         })
     }
@@ -1714,34 +1739,13 @@ impl PinStore for RedisStore {
             .collect();
         let mut released = Vec::new();
         for room in idle {
-            let mut c = i.conn();
-            let mut inv = i.sweep.key(i.keys.room(room.as_str()));
-            inv.arg(before)
-                .arg(&i.keys.pins_channel)
-                .arg(room.as_str())
-                .arg("");
-            let (state, v, ts): (i64, String, String) =
-                match i.run("sweep", inv.invoke_async(&mut c)).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "idle sweep interrupted");
-                        break;
-                    }
-                };
-            let ts = ts.parse().unwrap_or(0);
-            match state {
-                1 => {
-                    i.apply(&room, None, ts);
-                    let _ = i.index_tx.send(IndexOp::Remove(room.as_str().to_string()));
-                    if let Some(p) = i.decode(&v) {
-                        released.push((room, p.node));
-                    }
+            match i.sweep_one(&room, before, None).await {
+                Ok(Swept::Released(Some(p))) => released.push((room, p.node)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "idle sweep interrupted");
+                    break;
                 }
-                0 => {
-                    // Confirmed by another router: take its confirmation time.
-                    i.apply(&room, i.decode(&v), ts);
-                }
-                _ => i.apply(&room, None, ts),
             }
         }
         Ok(released)

@@ -46,6 +46,10 @@ pub struct ServerConfig {
     /// Time a client has to send the request head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// An HTTP/2 connection with no open stream for this long is shut down gracefully
+    /// (GOAWAY). HTTP/1.1's idle wait is `header_read_timeout`'s.
+    #[serde(with = "humantime_serde")]
+    pub h2_idle_timeout: Duration,
     /// Time a client has to send the request body.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
@@ -71,6 +75,7 @@ impl Default for ServerConfig {
             max_body_bytes: 256 * 1024,
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(5),
+            h2_idle_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
@@ -905,6 +910,9 @@ impl Config {
         if s.header_read_timeout.is_zero() {
             return Err(invalid("server.header_read_timeout", "must be > 0"));
         }
+        if s.h2_idle_timeout.is_zero() {
+            return Err(invalid("server.h2_idle_timeout", "must be > 0"));
+        }
         if s.body_read_timeout.is_zero() {
             return Err(invalid("server.body_read_timeout", "must be > 0"));
         }
@@ -1283,6 +1291,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("placement.heartbeat_timeout"));
+        let c = Config::parse("[server]\nh2_idle_timeout = \"0s\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("server.h2_idle_timeout"), "{e}");
     }
 
     #[test]

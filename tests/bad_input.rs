@@ -426,3 +426,58 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert!(rest.is_ok(), "idle keep-alive connection left open");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_shut_down_but_a_busy_one_is_not() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // HTTP/2 keep-alive pings keep a silent connection alive; without an idle timeout it
+    // would hold its connection slot for good.
+    let limit = Duration::from_millis(800);
+    let mut cfg = config();
+    cfg.server.h2_idle_timeout = limit;
+    let r = TestRouter::start(cfg).await;
+    let tcp = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Busy: a request every 100 ms for three times the limit.
+    let busy_until = tokio::time::Instant::now() + limit * 3;
+    let mut last_answer = std::time::Instant::now();
+    while tokio::time::Instant::now() < busy_until {
+        let req = http::Request::get(format!("{}/healthz", r.url))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .expect("busy connection closed");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        last_answer = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!conn.is_finished(), "a busy HTTP/2 connection was closed");
+    // Idle: the router ends it on its own (GOAWAY, then close), and says so.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "idle HTTP/2 connection left open");
+    // (The router's idle clock started when it dropped the last response, a little before
+    // the client had read it.)
+    let idle = last_answer.elapsed();
+    assert!(
+        idle >= limit - Duration::from_millis(100),
+        "closed {idle:?} after the last answer, before the idle limit"
+    );
+    assert!(send.is_closed());
+    // And the router still serves HTTP/2.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let resp = h2.get(format!("{}/healthz", r.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

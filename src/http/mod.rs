@@ -10,6 +10,7 @@ pub mod api;
 pub mod error;
 pub mod front_door;
 pub mod h1;
+pub mod idle;
 pub mod loops;
 pub mod ops;
 pub mod proxy;

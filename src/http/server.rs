@@ -28,6 +28,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::h1::{self, BoxIo, Outcome, Rewind};
+use super::idle::Streams;
 use super::loops::{self, Handed, Handoff, Inbox, Open, Stop};
 use super::{handle, tls, ApiError, App, Body};
 use crate::config::ServerConfig as ServerLimits;
@@ -338,7 +339,17 @@ struct LoopServer {
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     event_loop: usize,
-    handshake_timeout: Duration,
+    timeouts: ConnTimeouts,
+}
+
+/// The time limits `server` sets on each connection beyond hyper's own.
+#[derive(Debug, Clone, Copy)]
+struct ConnTimeouts {
+    /// `server.header_read_timeout`: for the TLS handshake and for the first bytes, until
+    /// the protocol is known.
+    first_bytes: Duration,
+    /// `server.h2_idle_timeout`.
+    h2_idle: Duration,
 }
 
 impl LoopServer {
@@ -351,7 +362,10 @@ impl LoopServer {
             stop_tx,
             stop_rx,
             event_loop,
-            handshake_timeout: cfg.header_read_timeout,
+            timeouts: ConnTimeouts {
+                first_bytes: cfg.header_read_timeout,
+                h2_idle: cfg.h2_idle_timeout,
+            },
         }
     }
 
@@ -366,7 +380,7 @@ impl LoopServer {
         let (builder, watcher) = (self.builder.clone(), self.graceful.watcher());
         let (tls, handler) = (self.front.tls.clone(), self.front.handler.clone());
         let (fast, stop) = (self.front.fast.clone(), self.stop_rx.clone());
-        let (handshake_timeout, event_loop) = (self.handshake_timeout, self.event_loop);
+        let (timeouts, event_loop) = (self.timeouts, self.event_loop);
         tokio::spawn(async move {
             let _open = open;
             let mut info = ConnInfo {
@@ -380,11 +394,12 @@ impl LoopServer {
             };
             match tls {
                 None => {
-                    let io = (stream, handshake_timeout);
+                    let io = (stream, timeouts);
                     serve_io(&builder, io, info, handler, watcher, fast, stop).await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(timeouts.first_bytes, handshake).await {
                         Ok(Ok(s)) => {
                             info.client_cert = s
                                 .get_ref()
@@ -395,7 +410,7 @@ impl LoopServer {
                             // HTTP/2 (by ALPN) is hyper's alone.
                             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                             let fast = fast.filter(|_| !h2);
-                            let io = (s, handshake_timeout);
+                            let io = (s, timeouts);
                             serve_io(&builder, io, info, handler, watcher, fast, stop).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -460,11 +475,12 @@ async fn protocol_bytes(io: &mut BoxIo, prefix: Bytes, limit: Duration) -> Optio
     Some(buf.freeze())
 }
 
-/// Serves one connection, `(io, first-bytes timeout)`: the fast path first when there is
-/// one, then hyper once the protocol is known (see [`protocol_bytes`]).
+/// Serves one connection, `(io, timeouts)`: the fast path first when there is one, then
+/// hyper once the protocol is known (see [`protocol_bytes`]); an HTTP/2 connection is shut
+/// down once idle (see [`idle`](super::idle)).
 async fn serve_io<I>(
     builder: &auto::Builder<TokioExecutor>,
-    (io, first_bytes_timeout): (I, Duration),
+    (io, timeouts): (I, ConnTimeouts),
     info: ConnInfo,
     handler: Handler,
     watcher: Watcher,
@@ -477,25 +493,79 @@ async fn serve_io<I>(
     let mut info = info;
     let mut prefix = Bytes::new();
     if let Some(fast) = fast {
-        match fast(io, info, stop).await {
+        match fast(io, info, stop.clone()).await {
             (_, _, Outcome::Closed) => return,
             (i, inf, Outcome::Handoff(p)) => (io, info, prefix) = (i, inf, p),
         }
     }
-    let Some(prefix) = protocol_bytes(&mut io, prefix, first_bytes_timeout).await else {
+    let Some(prefix) = protocol_bytes(&mut io, prefix, timeouts.first_bytes).await else {
         tracing::debug!(peer = %info.peer, "no request within the header timeout; closed");
         return;
     };
     let peer = info.peer;
+    // HTTP/2 (prior knowledge, or TLS with ALPN `h2`: both open with the preface) counts its
+    // open streams; HTTP/1.1's idle time is hyper's header timeout.
+    let streams = prefix.starts_with(H2_PREFACE).then(Streams::new);
+    let counted = streams.clone();
     let svc = service_fn(move |req| {
+        let stream = counted.as_ref().map(Streams::open);
         let fut = handler(req, info.clone());
-        async move { Ok::<_, Infallible>(fut.await) }
+        async move {
+            let resp = fut.await;
+            Ok::<_, Infallible>(match stream {
+                Some(guard) => resp.map(|body| Streams::hold(guard, body)),
+                None => resp,
+            })
+        }
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(Rewind::new(io, prefix)), svc)
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let ended = match streams {
+        None => watcher.watch(conn).await,
+        Some(streams) => {
+            // Counted by the drain while it lives; the drain's signal comes through `stop`.
+            let _watcher = watcher;
+            let shut_down = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+            close_when_idle(conn, shut_down, &streams, timeouts.h2_idle, stop, peer).await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives an HTTP/2 connection to its end, shutting it down gracefully (GOAWAY; open
+/// streams finish) when `streams` has been idle for `limit` or the server drains (`stop`).
+async fn close_when_idle<C, E>(
+    conn: C,
+    shut_down: impl Fn(Pin<&mut C>),
+    streams: &Streams,
+    limit: Duration,
+    mut stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    let idle = streams.idle(limit);
+    tokio::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            () = &mut idle, if !closing => {
+                tracing::debug!(%peer, "HTTP/2 connection idle; shutting it down");
+                closing = true;
+                shut_down(conn.as_mut());
+            }
+            r = stop.wait_for(|s| *s), if !closing => {
+                let _ = r;
+                closing = true;
+                shut_down(conn.as_mut());
+            }
+        }
     }
 }
 

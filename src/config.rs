@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// (GOAWAY). HTTP/1.1's idle wait is `header_read_timeout`'s.
     #[serde(with = "humantime_serde")]
     pub h2_idle_timeout: Duration,
+    /// Longest a write to a client may wait for the client to take bytes (a response, a
+    /// proxied body, a WebSocket message); longer and the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Time a client has to send the request body.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(5),
             h2_idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
@@ -913,6 +918,9 @@ impl Config {
         if s.h2_idle_timeout.is_zero() {
             return Err(invalid("server.h2_idle_timeout", "must be > 0"));
         }
+        if s.send_timeout.is_zero() {
+            return Err(invalid("server.send_timeout", "must be > 0"));
+        }
         if s.body_read_timeout.is_zero() {
             return Err(invalid("server.body_read_timeout", "must be > 0"));
         }
@@ -1291,9 +1299,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("placement.heartbeat_timeout"));
-        let c = Config::parse("[server]\nh2_idle_timeout = \"0s\"\n").unwrap();
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.starts_with("server.h2_idle_timeout"), "{e}");
+        for key in ["h2_idle_timeout", "send_timeout"] {
+            let c = Config::parse(&format!("[server]\n{key} = \"0s\"\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("server.{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -452,6 +452,67 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
     r.stop().await;
 }
 
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout() {
+    // A client that asks for a large body and never reads it must not hold its connection
+    // slot: with one slot, the next client is served once the send timeout cuts the first.
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.max_connections = 1;
+        cfg.server.fast_path = fast_path;
+        cfg.server.send_timeout = Duration::from_millis(500);
+        // (so the heartbeat's keep-alive connection frees the one slot soon)
+        cfg.server.header_read_timeout = Duration::from_secs(1);
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        // A small receive window, so the router's writes stall long before 16 MiB.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stuck = socket.connect(r.addr).await.unwrap();
+        let ask = format!(
+            "GET /rooms/big?size={} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            16 << 20,
+            r.addr
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stuck, ask.as_bytes())
+            .await
+            .unwrap();
+        // The answer has begun (the slot may first have had to wait for the heartbeat's
+        // keep-alive connection to close); from here on the client reads no more.
+        let mut first = [0u8; 64];
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut stuck, &mut first),
+        )
+        .await
+        .expect("the large answer begins")
+        .unwrap();
+        assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+        let started = Instant::now();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            reqwest::Client::new()
+                .get(format!("{}/healthz", r.url))
+                .send(),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("slot still held by a client that stopped reading (fast path {fast_path})")
+        })
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "served after {:?}: the stalled client should have held the slot until its send timeout",
+            started.elapsed()
+        );
+        drop(stuck);
+        r.stop().await;
+    }
+}
+
 /// One GET through the router on a connection of its own; the status and the body.
 async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
     get_on(&mut connect(r).await, r, path).await

@@ -1,6 +1,6 @@
-//! The accept loop: connection limit, TLS handshake timeout, header size and read timeouts,
-//! HTTP/1.1 and HTTP/2, graceful shutdown. Everything a client can hold open is bounded in
-//! size and time. Plain (`serve`), TLS (`serve_tls`, also the mTLS node listener) and the
+//! The accept loop: connection limit, TLS handshake timeout, header size, read and write
+//! timeouts, HTTP/1.1 and HTTP/2, graceful shutdown. Everything a client can hold open is
+//! bounded in size and time. Plain (`serve`), TLS (`serve_tls`, also the mTLS node listener) and the
 //! HTTP-to-HTTPS redirect listener share it; `serve_configured` starts the listeners the
 //! config asks for. The front door's connections are served on `server.event_loops()`
 //! event loops (`loops`: loop 0 accepts and hands each to the loop with the fewest open),
@@ -25,6 +25,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::h1::{self, BoxIo, Outcome, Rewind};
@@ -350,6 +351,9 @@ struct ConnTimeouts {
     first_bytes: Duration,
     /// `server.h2_idle_timeout`.
     h2_idle: Duration,
+    /// `server.send_timeout`: every write to the client, TLS included, goes through a
+    /// [`TimeoutStream`] with this write timeout.
+    send: Duration,
 }
 
 impl LoopServer {
@@ -365,6 +369,7 @@ impl LoopServer {
             timeouts: ConnTimeouts {
                 first_bytes: cfg.header_read_timeout,
                 h2_idle: cfg.h2_idle_timeout,
+                send: cfg.send_timeout,
             },
         }
     }
@@ -383,6 +388,9 @@ impl LoopServer {
         let (timeouts, event_loop) = (self.timeouts, self.event_loop);
         tokio::spawn(async move {
             let _open = open;
+            let mut stream = TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(timeouts.send));
+            let stream = Box::pin(stream);
             let mut info = ConnInfo {
                 peer,
                 peer_ip: HeaderValue::try_from(peer.ip().to_string())

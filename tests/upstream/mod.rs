@@ -1,7 +1,8 @@
 //! A tiny upstream meeting node for proxy tests: echoes WebSocket messages prefixed with its
 //! name, streams POST bodies straight back, answers GETs with the headers it saw, and can be
-//! told to hang (`/rooms/slow`), to hold its answer a while (`?hold=MS`, at most 2 s) or to
-//! close the connection after answering (`?close=1`).
+//! told to hang (`/rooms/slow`), to hold its answer a while (`?hold=MS`, at most 2 s), to
+//! answer with `?size=N` bytes (at most 64 MiB) or to close the connection after answering
+//! (`?close=1`).
 //! Counts the connections it accepts. Registered with the router by hand-sent heartbeats.
 #![allow(dead_code)]
 
@@ -142,6 +143,14 @@ async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
     });
     if let Some(ms) = hold {
         tokio::time::sleep(Duration::from_millis(ms.min(2_000))).await;
+    }
+    let size = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("size="))
+            .and_then(|n| n.parse::<usize>().ok())
+    });
+    if let Some(n) = size {
+        return Response::new(full(vec![b'x'; n.min(64 << 20)]));
     }
     if req.method() == http::Method::POST {
         // Streams the body straight back, frame by frame.

@@ -7,6 +7,7 @@
 //! `load` drives real routers over HTTP and checks that no room is split.
 
 pub mod auth;
+pub mod capped;
 pub mod cluster;
 pub mod config;
 pub mod demo;

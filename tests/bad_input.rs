@@ -481,3 +481,54 @@ async fn an_idle_http2_connection_is_shut_down_but_a_busy_one_is_not() {
     let resp = h2.get(format!("{}/healthz", r.url)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn demo_nodes_and_the_benchmark_ceiling_cut_off_a_client_that_stalls() {
+    // Both serve HTTP/1.1 and HTTP/2 through hyper-util's protocol sniff, which has no timer
+    // of its own: a stalled client must still lose its connection (5 s header timeout).
+    let r = TestRouter::start(config()).await;
+    let node = r.node("n1", 10.0).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ceiling = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(roomrouter::load::ceiling::serve_bare_307(
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let targets = [("demo node", node.addr), ("ceiling", ceiling)];
+    let mut stalls = tokio::task::JoinSet::new();
+    for (what, addr) in targets {
+        for first in [&b"PRI * HTTP"[..], &b""[..]] {
+            stalls.spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(first).await.unwrap();
+                let mut buf = Vec::new();
+                let read =
+                    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+                assert!(
+                    read.is_ok(),
+                    "{what}: connection still open 15 s after a stall (sent {first:?})"
+                );
+            });
+        }
+    }
+    while let Some(stall) = stalls.join_next().await {
+        stall.unwrap();
+    }
+    for (what, addr) in targets {
+        // Still serving.
+        let resp = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/rooms/x"))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().as_u16() < 500, "{what}: {}", resp.status());
+    }
+    let _ = stop.send(());
+    server.await.unwrap();
+}

@@ -29,9 +29,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::auth::TicketIssuer;
+use crate::capped;
+use crate::http::sniff;
+
+/// Largest heartbeat reply read from the router: its evictions name at most the rooms this
+/// node reported (at most 100 000, each id at most 256 bytes).
+const HEARTBEAT_REPLY_MAX: usize = 32 * 1024 * 1024;
+/// Connections a demo node serves at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 10_000;
+/// Time a client has to send a request head (and to idle between requests).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a demo node is set up.
 #[derive(Debug, Clone)]
@@ -172,8 +182,14 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5));
+        .header_read_timeout(HEADER_TIMEOUT);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.changed() => break,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(20)).await; continue } },
             _ = stop.changed() => break,
@@ -185,11 +201,15 @@ async fn serve(
             let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
             async move { Ok::<_, Infallible>(handle(req, &state, &tickets, &id)) }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _permit = permit;
+            let Some(io) = sniff::sniffed(Box::new(stream), HEADER_TIMEOUT).await else {
+                return;
+            };
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .await;
         });
     }
 }
@@ -346,7 +366,7 @@ impl Heartbeater {
     }
 
     /// Sends one heartbeat; applies evictions; returns the interval the router asks for.
-    async fn beat(&self) -> Result<Option<Duration>, reqwest::Error> {
+    async fn beat(&self) -> anyhow::Result<Option<Duration>> {
         let (load, rooms) = {
             let rooms = self.state.rooms.lock().unwrap_or_else(|p| p.into_inner());
             let list: Vec<serde_json::Value> = rooms
@@ -372,7 +392,7 @@ impl Heartbeater {
             tracing::warn!(status = %resp.status(), "heartbeat refused");
             return Ok(None);
         }
-        let r: HeartbeatReply = resp.json().await?;
+        let r: HeartbeatReply = capped::json(resp, HEARTBEAT_REPLY_MAX).await?;
         if !r.evict.is_empty() {
             let mut rooms = self.state.rooms.lock().unwrap_or_else(|p| p.into_inner());
             for room in &r.evict {

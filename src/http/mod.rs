@@ -16,6 +16,7 @@ pub mod ops;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod sniff;
 pub mod tls;
 pub mod upstream;
 

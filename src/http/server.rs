@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use super::h1::{self, BoxIo, Outcome, Rewind};
 use super::idle::Streams;
 use super::loops::{self, Handed, Handoff, Inbox, Open, Stop};
+use super::sniff;
 use super::{handle, tls, ApiError, App, Body};
 use crate::config::ServerConfig as ServerLimits;
 use crate::store::PinStore;
@@ -452,39 +453,8 @@ impl LoopServer {
     }
 }
 
-/// The HTTP/2 client preface: hyper-util's `auto` builder reads up to this many bytes to
-/// tell HTTP/2 from HTTP/1, with no timer of its own.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Whether `bytes` already tell the protocol: they differ from the HTTP/2 preface, or hold
-/// all of it.
-fn protocol_known(bytes: &[u8]) -> bool {
-    let n = bytes.len().min(H2_PREFACE.len());
-    n == H2_PREFACE.len() || bytes[..n] != H2_PREFACE[..n]
-}
-
-/// Reads, within `limit`, as much of the connection's first bytes as it takes to tell the
-/// protocol, after the `prefix` already read, and returns them all for hyper to read again.
-/// `None`: the client closed, failed, or stalled that long (its connection slot is freed).
-async fn protocol_bytes(io: &mut BoxIo, prefix: Bytes, limit: Duration) -> Option<Bytes> {
-    if protocol_known(&prefix) {
-        return Some(prefix);
-    }
-    let mut buf = bytes::BytesMut::from(&prefix[..]);
-    let read = async {
-        while !protocol_known(&buf) {
-            if tokio::io::AsyncReadExt::read_buf(io, &mut buf).await.ok()? == 0 {
-                return None;
-            }
-        }
-        Some(())
-    };
-    tokio::time::timeout(limit, read).await.ok()??;
-    Some(buf.freeze())
-}
-
 /// Serves one connection, `(io, timeouts)`: the fast path first when there is one, then
-/// hyper once the protocol is known (see [`protocol_bytes`]); an HTTP/2 connection is shut
+/// hyper once the protocol is known (see [`sniff`]); an HTTP/2 connection is shut
 /// down once idle (see [`idle`](super::idle)).
 async fn serve_io<I>(
     builder: &auto::Builder<TokioExecutor>,
@@ -506,14 +476,14 @@ async fn serve_io<I>(
             (i, inf, Outcome::Handoff(p)) => (io, info, prefix) = (i, inf, p),
         }
     }
-    let Some(prefix) = protocol_bytes(&mut io, prefix, timeouts.first_bytes).await else {
+    let Some(prefix) = sniff::protocol_bytes(&mut io, prefix, timeouts.first_bytes).await else {
         tracing::debug!(peer = %info.peer, "no request within the header timeout; closed");
         return;
     };
     let peer = info.peer;
     // HTTP/2 (prior knowledge, or TLS with ALPN `h2`: both open with the preface) counts its
     // open streams; HTTP/1.1's idle time is hyper's header timeout.
-    let streams = prefix.starts_with(H2_PREFACE).then(Streams::new);
+    let streams = sniff::is_h2(&prefix).then(Streams::new);
     let counted = streams.clone();
     let svc = service_fn(move |req| {
         let stream = counted.as_ref().map(Streams::open);

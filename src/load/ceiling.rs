@@ -2,17 +2,31 @@
 //! `307` (fixed `Location`, `X-Room-Node`), on the same server stack the router uses
 //! (hyper-util auto builder, HTTP/1.1 + HTTP/2, Tokio). The router's redirect mode does this
 //! plus a placement lookup and a signed ticket, so the ratio of the two is what the lookup costs.
+//! It is bounded like the router: connections capped, the first bytes read under a timer
+//! (`http::sniff`), each request head within a timeout (since the fifteenth session; the
+//! figures before had none of these).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::http::sniff;
+
+/// Connections served at once (the router's default `server.max_connections`).
+const MAX_CONNECTIONS: usize = 10_000;
+/// Time a client has to send a request head (the router's default
+/// `server.header_read_timeout`).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where every answer points.
 pub const LOCATION: &str = "http://127.0.0.1:9/rooms/room?ticket=fixed";
@@ -35,28 +49,38 @@ fn answer() -> Response<Full<Bytes>> {
 
 /// Serves the fixed `307` on `listener` until `shutdown` resolves.
 pub async fn serve_bare_307(listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                service_fn(|_req| async { Ok::<_, Infallible>(answer()) }),
-            )
-            .into_owned();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _permit = permit;
+            let Some(io) = sniff::sniffed(Box::new(stream), HEADER_TIMEOUT).await else {
+                return;
+            };
+            let svc = service_fn(|_req| async { Ok::<_, Infallible>(answer()) });
+            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
         });
     }
 }

@@ -25,7 +25,14 @@ use super::pace::Pacer;
 use super::report::{LoadReport, Percentiles, UtilSample, UtilSummary};
 use super::split::SplitDetector;
 use super::workload::{Join, WorkloadSpec};
+use crate::capped;
 use crate::demo::node::{DemoNode, DemoNodeConfig};
+
+/// Largest answer read from a router or node for a join, a node join or a leave (they are
+/// a few hundred bytes; the `error` code of a refusal is all the harness reads).
+const ANSWER_MAX: usize = 64 * 1024;
+/// Largest `GET /v1/nodes` answer read from an external router.
+const NODES_MAX: usize = 8 * 1024 * 1024;
 
 /// The cluster the harness starts itself (router + demo nodes, in this process).
 #[derive(Debug, Clone, PartialEq)]
@@ -312,7 +319,7 @@ async fn one_join(
             let node = header("x-room-node");
             let location = header("location");
             let ok = (200..400).contains(&status);
-            let body = r.bytes().await.unwrap_or_default();
+            let body = capped::bytes(r, ANSWER_MAX).await.unwrap_or_default();
             let code = if ok {
                 None
             } else {
@@ -351,7 +358,7 @@ async fn one_join(
     };
     match ctx.client.get(&location).send().await {
         Ok(r) if r.status().is_success() => {
-            let _ = r.bytes().await;
+            let _ = capped::bytes(r, ANSWER_MAX).await;
             let _ = ctx.events.send(Event::Joined {
                 room: join.room,
                 node: node.clone(),
@@ -385,7 +392,7 @@ async fn one_join(
         .await
     {
         Ok(r) if r.status().is_success() => {
-            let _ = r.bytes().await;
+            let _ = capped::bytes(r, ANSWER_MAX).await;
             let _ = ctx.events.send(Event::Left {
                 room: join.room,
                 node,
@@ -517,15 +524,13 @@ async fn sample_external(
     token: &str,
     t_s: f64,
 ) -> Option<UtilSample> {
-    let v: serde_json::Value = client
+    let resp = client
         .get(format!("{router}/v1/nodes"))
         .bearer_auth(token)
         .send()
         .await
-        .ok()?
-        .json()
-        .await
         .ok()?;
+    let v: serde_json::Value = capped::json(resp, NODES_MAX).await.ok()?;
     let nodes = v["nodes"].as_array()?;
     util_sample(
         t_s,

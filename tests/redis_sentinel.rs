@@ -352,3 +352,61 @@ async fn when_the_master_dies_the_router_reconnects_to_the_replica_the_sentinel_
     }
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_announced_while_the_watch_was_deaf_is_still_followed_at_once() {
+    // The router reaches the sentinel through a forwarder that then silences its failover
+    // subscription: the socket stays open and the announcement never arrives, as when a
+    // NAT entry expires. The watch's ping finds it deaf; the new subscription asks where the
+    // master is, so the router still moves before the old master is demoted (about 8 s
+    // after the switch, when the sentinel would also cut its clients).
+    let Some(t) = Topology::start("sentinel_deaf_watch").await else {
+        return;
+    };
+    let p = prefix("sentinel-deaf-watch");
+    let forwarder = Partition::to(at(t.sentinel.port)).await;
+    let mut cfg = t.config(&p);
+    cfg.store.sentinels = vec![format!("redis://{}", forwarder.addr)];
+    cfg.store.resync_interval = Duration::from_millis(500);
+    cfg.validate().unwrap();
+    let a = serve(cfg).await;
+    assert_eq!(server_of(&a), at(t.master.port));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            forwarder.silence_subscriptions() > 0
+        })
+        .await,
+        "the router subscribed to the sentinel's announcements"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            query::<String>(
+                &t.sentinel.url(),
+                redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER),
+            )
+            .await
+            .is_some()
+        })
+        .await,
+        "the sentinel accepted the failover"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            t.sentinel_names().await == Some(t.replica.port)
+        })
+        .await,
+        "the sentinel names the replica as master"
+    );
+    assert!(
+        follows(&a, t.replica.port).await,
+        "the router follows the new master (sends to {}, health {:?})",
+        server_of(&a),
+        a.app.router.store().health()
+    );
+    assert_eq!(
+        role(&t.master).await.as_deref(),
+        Some("master"),
+        "the router moved only when the old master was demoted: the deaf watch went unnoticed"
+    );
+    a.stop().await;
+}

@@ -5,6 +5,7 @@ mod common;
 mod redis_support;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -416,125 +417,6 @@ async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
     let ready = c.get(format!("{}/readyz", a.base())).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     cleanup(&url, &p).await;
-}
-
-/// A loopback TCP forwarder to Redis that can be cut and restored (one router's own network
-/// partition, while the others keep reaching Redis), or can silence the subscriptions
-/// passing through it: their sockets stay open and nothing more arrives, as when a host
-/// vanishes or a NAT entry expires.
-struct Partition {
-    addr: std::net::SocketAddr,
-    open: Arc<AtomicBool>,
-    conns: Arc<std::sync::Mutex<Vec<Forwarded>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-/// One forwarded connection: its two copy tasks, whether the client subscribed on it, and
-/// whether it is silenced.
-struct Forwarded {
-    tasks: [tokio::task::JoinHandle<()>; 2],
-    subscribed: Arc<AtomicBool>,
-    silent: Arc<AtomicBool>,
-}
-
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-
-/// Copies `from` to `to` chunk by chunk; holds a chunk (and so everything after it) while
-/// `silent`; marks `subscribed` when a chunk carries a SUBSCRIBE command.
-async fn forward(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    subscribed: Option<Arc<AtomicBool>>,
-    silent: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    for _ in 0..10_000_000u64 {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if let Some(s) = &subscribed {
-            if buf[..n]
-                .windows(9)
-                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
-            {
-                s.store(true, AtomicOrdering::SeqCst);
-            }
-        }
-        while silent.load(AtomicOrdering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-impl Partition {
-    async fn to(upstream: String) -> Partition {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicBool::new(true));
-        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (o, cs) = (open.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((down, _)) = listener.accept().await {
-                if !o.load(AtomicOrdering::SeqCst) {
-                    continue; // dropped: the connection is reset
-                }
-                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
-                    continue;
-                };
-                let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
-                let subscribed = Arc::new(AtomicBool::new(false));
-                let silent = Arc::new(AtomicBool::new(false));
-                let tasks = [
-                    tokio::spawn(forward(dr, uw, Some(subscribed.clone()), silent.clone())),
-                    tokio::spawn(forward(ur, dw, None, silent.clone())),
-                ];
-                cs.lock().unwrap().push(Forwarded {
-                    tasks,
-                    subscribed,
-                    silent,
-                });
-            }
-        });
-        Partition {
-            addr,
-            open,
-            conns,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, AtomicOrdering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.tasks.iter().for_each(|t| t.abort());
-        }
-    }
-
-    fn restore(&self) {
-        self.open.store(true, AtomicOrdering::SeqCst);
-    }
-
-    /// Silences every subscription open now; connections made later pass.
-    fn silence_subscriptions(&self) -> usize {
-        let conns = self.conns.lock().unwrap();
-        let subs = conns
-            .iter()
-            .filter(|c| c.subscribed.load(AtomicOrdering::SeqCst));
-        subs.map(|c| c.silent.store(true, AtomicOrdering::SeqCst))
-            .count()
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
 }
 
 /// `redis://host:port` of `url`, for a forwarder; `None` (and a loud skip) otherwise.

@@ -40,6 +40,10 @@ pub struct Sentinels {
     /// Bound on one lookup: it opens two connections (the sentinel, then the master).
     lookup_timeout: Duration,
     connect_timeout: Duration,
+    /// How often the failover watch pings its sentinel (`store.resync_interval`), and how
+    /// long the answer may take (`store.command_timeout`).
+    probe_interval: Duration,
+    probe_timeout: Duration,
 }
 
 impl Sentinels {
@@ -77,6 +81,8 @@ impl Sentinels {
             node,
             lookup_timeout: cfg.connect_timeout * 2,
             connect_timeout: cfg.connect_timeout,
+            probe_interval: cfg.resync_interval,
+            probe_timeout: cfg.command_timeout,
         })
     }
 
@@ -122,9 +128,13 @@ impl Sentinels {
     }
 
     /// Watches the sentinels for failovers of our master until `stop`: calls `on_switch`
-    /// with the new master's `host:port` each time one is announced. Listens to one
-    /// sentinel at a time (each announces every failover it takes part in or hears of)
-    /// and moves to the next when it cannot reach it or the subscription ends.
+    /// with the new master's `host:port` each time one is announced, and with the current
+    /// master's each time the watch (re)subscribes (a failover announced while nobody
+    /// listened is caught then; `on_switch` ignores a master it already uses). Listens to
+    /// one sentinel at a time (each announces every failover it takes part in or hears of)
+    /// and moves to the next when it cannot reach it, the subscription ends, or a ping on it
+    /// (every `store.resync_interval`) is not answered within `store.command_timeout`: a
+    /// socket that died without closing would otherwise leave the watch deaf for good.
     pub async fn watch(&self, mut stop: watch::Receiver<bool>, on_switch: impl Fn(String)) {
         let mut backoff = Duration::from_millis(100);
         for s in self.sentinels.iter().cycle() {
@@ -132,11 +142,24 @@ impl Sentinels {
                 return;
             }
             match self.subscribe(s).await {
-                Ok(mut events) => {
+                Ok((mut sink, mut events)) => {
                     backoff = Duration::from_millis(100);
+                    match self.master().await {
+                        Ok(m) => on_switch(m.get_connection_info().addr().to_string()),
+                        Err(e) => tracing::debug!(error = %e, "no master named on (re)subscribing"),
+                    }
+                    let start = tokio::time::Instant::now() + self.probe_interval;
+                    let mut probe = tokio::time::interval_at(start, self.probe_interval);
                     loop {
                         tokio::select! {
                             _ = stop.changed() => return,
+                            _ = probe.tick() => {
+                                let pong = tokio::time::timeout(self.probe_timeout, sink.ping::<redis::Value>());
+                                if !matches!(pong.await, Ok(Ok(_))) {
+                                    tracing::warn!(sentinel = %s.addr, "failover watch silent; subscribing again");
+                                    break;
+                                }
+                            }
                             m = events.next() => match m {
                                 Some(m) => {
                                     let payload = String::from_utf8_lossy(m.get_payload_bytes());
@@ -162,14 +185,18 @@ impl Sentinels {
         }
     }
 
-    async fn subscribe(&self, s: &One) -> anyhow::Result<redis::aio::PubSubStream> {
+    /// A subscription to `s`'s announcements: the side that sends (pings) and the messages.
+    async fn subscribe(
+        &self,
+        s: &One,
+    ) -> anyhow::Result<(redis::aio::PubSubSink, redis::aio::PubSubStream)> {
         let mut ps = tokio::time::timeout(self.connect_timeout, s.client.get_async_pubsub())
             .await
             .map_err(|_| anyhow::anyhow!("connect timed out"))??;
         tokio::time::timeout(self.connect_timeout, ps.subscribe(SWITCH_MASTER))
             .await
             .map_err(|_| anyhow::anyhow!("subscribe timed out"))??;
-        Ok(ps.into_on_message())
+        Ok(ps.split())
     }
 }
 

@@ -204,11 +204,11 @@ async fn serve(
         let builder = builder.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let Some(io) = sniff::sniffed(Box::new(stream), HEADER_TIMEOUT).await else {
+            if !sniff::peek_protocol(&stream, HEADER_TIMEOUT).await {
                 return;
-            };
+            }
             let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }

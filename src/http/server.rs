@@ -352,8 +352,8 @@ struct ConnTimeouts {
     first_bytes: Duration,
     /// `server.h2_idle_timeout`.
     h2_idle: Duration,
-    /// `server.send_timeout`: every write to the client, TLS included, goes through a
-    /// [`TimeoutStream`] with this write timeout.
+    /// `server.send_timeout`: the fast path bounds each write to the client with it; under
+    /// hyper, every write goes through a [`TimeoutStream`] with this write timeout.
     send: Duration,
 }
 
@@ -389,9 +389,6 @@ impl LoopServer {
         let (timeouts, event_loop) = (self.timeouts, self.event_loop);
         tokio::spawn(async move {
             let _open = open;
-            let mut stream = TimeoutStream::new(stream);
-            stream.set_write_timeout(Some(timeouts.send));
-            let stream = Box::pin(stream);
             let mut info = ConnInfo {
                 peer,
                 peer_ip: HeaderValue::try_from(peer.ip().to_string())
@@ -481,6 +478,10 @@ async fn serve_io<I>(
         return;
     };
     let peer = info.peer;
+    // hyper has no write timeout: a client that stops reading would keep its connection.
+    let mut io = TimeoutStream::new(io);
+    io.set_write_timeout(Some(timeouts.send));
+    let io: BoxIo = Box::new(Box::pin(io));
     // HTTP/2 (prior knowledge, or TLS with ALPN `h2`: both open with the preface) counts its
     // open streams; HTTP/1.1's idle time is hyper's header timeout.
     let streams = sniff::is_h2(&prefix).then(Streams::new);

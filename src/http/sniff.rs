@@ -1,15 +1,15 @@
 //! Telling HTTP/1 from HTTP/2 within a time limit. hyper-util's `auto` builder reads a
 //! connection's first bytes to choose, with no timer of its own: a client that sends part of
 //! the HTTP/2 preface, or nothing, would hold its connection (and its slot) for good. Every
-//! server in the crate (the router's listeners, the demo nodes, the benchmark ceiling) reads
-//! them here first, under its header timeout, and hands hyper a [`Rewind`] that replays them.
+//! server in the crate reads them here first, under its header timeout: the router's
+//! listeners take them ([`protocol_bytes`]) and hand hyper a `Rewind` that replays them; the
+//! demo nodes and the benchmark ceiling only peek at them ([`peek_protocol`]).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
-
-use super::h1::{BoxIo, Rewind};
+use tokio::net::TcpStream;
 
 /// The HTTP/2 client preface: hyper-util's `auto` builder reads up to this many bytes to
 /// tell HTTP/2 from HTTP/1, with no timer of its own.
@@ -51,9 +51,26 @@ pub fn is_h2(prefix: &[u8]) -> bool {
     prefix.starts_with(H2_PREFACE)
 }
 
-/// `io` ready for hyper's `auto` builder: its first bytes read within `limit` and replayed.
-/// `None`: the client closed, failed, or stalled that long.
-pub async fn sniffed(mut io: BoxIo, limit: Duration) -> Option<Rewind> {
-    let prefix = protocol_bytes(&mut io, Bytes::new(), limit).await?;
-    Some(Rewind::new(io, prefix))
+/// Waits, within `limit`, until the bytes waiting on `stream` tell the protocol, without
+/// taking them ([`TcpStream::peek`]): hyper then reads the socket itself, with no layer in
+/// between (the demo nodes and the benchmark ceiling, which have no fast path to hand over
+/// from). False: the client closed, failed, or stalled that long.
+pub async fn peek_protocol(stream: &TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let known = async {
+        loop {
+            // Waits for bytes; returns what is there without consuming it.
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if protocol_known(&buf[..n]) {
+                return Some(());
+            }
+            // Part of the HTTP/2 preface (a rare split, or a stall): the bytes stay readable,
+            // so look again a little later rather than spin.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    matches!(tokio::time::timeout(limit, known).await, Ok(Some(())))
 }

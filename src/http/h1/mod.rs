@@ -78,6 +78,7 @@ pub async fn serve<S: PinStore>(
         out: Vec::with_capacity(4 * 1024),
         answer: Vec::with_capacity(4 * 1024),
         idle: app.proxy.cfg().idle_timeout,
+        send: limits.send_timeout,
     };
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
@@ -121,7 +122,7 @@ pub async fn serve<S: PinStore>(
         app.router.metrics.fast_requests.inc();
         let close = req.close || *stop.borrow();
         if !c.request(app, info, req, close).await || close {
-            let _ = c.io.shutdown().await;
+            let _ = within(c.send, c.io.shutdown()).await;
             return Outcome::Closed;
         }
     }
@@ -141,8 +142,11 @@ struct Client<'a> {
     out: Vec<u8>,
     /// A node's answer as it goes to the client (the request stays in `out` for a retry).
     answer: Vec<u8>,
-    /// `proxy.idle_timeout`: the longest a body may stall either way.
+    /// `proxy.idle_timeout`: the longest a body may stall on its way in or on the node's
+    /// side.
     idle: Duration,
+    /// `server.send_timeout`: the longest a write to the client may wait for it to read.
+    send: Duration,
 }
 
 impl Client<'_> {
@@ -228,9 +232,9 @@ impl Client<'_> {
         self.flush().await && keep
     }
 
-    /// Writes `out` to the client within the idle timeout.
+    /// Writes `out` to the client within the send timeout.
     async fn flush(&mut self) -> bool {
-        within(self.idle, self.io.write_all(&self.out))
+        within(self.send, self.io.write_all(&self.out))
             .await
             .is_ok()
     }
@@ -405,7 +409,7 @@ impl Client<'_> {
     async fn relay(&mut self, conn: &mut Conn, head: &ResponseHead) -> io::Result<()> {
         let mut left = match head.framing {
             Framing::Empty => {
-                return within(self.idle, self.io.write_all(&self.answer)).await;
+                return within(self.send, self.io.write_all(&self.answer)).await;
             }
             Framing::Length(n) => Left::Length(n),
             Framing::Chunked => Left::Chunked(ChunkedEnd::new()),
@@ -414,7 +418,7 @@ impl Client<'_> {
         let (n, mut done) = left.take(&conn.buf)?;
         self.answer.extend_from_slice(&conn.buf[..n]);
         conn.buf.advance(n);
-        within(self.idle, self.io.write_all(&self.answer)).await?;
+        within(self.send, self.io.write_all(&self.answer)).await?;
         while !done {
             conn.buf.reserve(16 * 1024);
             let read = within(self.idle, conn.io.read_buf(&mut conn.buf)).await?;
@@ -428,11 +432,11 @@ impl Client<'_> {
                 };
             }
             let (n, d) = left.take(&conn.buf)?;
-            within(self.idle, self.io.write_all(&conn.buf[..n])).await?;
+            within(self.send, self.io.write_all(&conn.buf[..n])).await?;
             conn.buf.advance(n);
             done = d;
         }
-        self.io.flush().await
+        within(self.send, self.io.flush()).await
     }
 }
 
@@ -525,8 +529,14 @@ fn client_gone() -> ApiError {
     ApiError::InvalidRequest("the request body stopped short".into())
 }
 
-/// Runs an I/O future for at most `d`.
+/// Runs an I/O future for at most `d`. Most reads and writes are ready at their first poll;
+/// only one that is not starts a timer (reading the clock and registering a timer entry
+/// cost more than a write to a socket with room).
 async fn within<T>(d: Duration, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let mut f = std::pin::pin!(f);
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
+        return r;
+    }
     match tokio::time::timeout(d, f).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle for too long")),
@@ -604,6 +614,29 @@ mod tests {
         let mut all = String::new();
         r.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_bounds_what_is_pending_and_passes_what_is_ready() {
+        let t0 = Instant::now();
+        let stuck = within(
+            Duration::from_secs(3),
+            std::future::pending::<io::Result<()>>(),
+        );
+        assert_eq!(stuck.await.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Instant::now() - t0, Duration::from_secs(3));
+        // Ready at once, or after a while within the bound: the value comes through.
+        assert_eq!(
+            within(Duration::from_secs(3), async { Ok(7) })
+                .await
+                .unwrap(),
+            7
+        );
+        let later = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(8)
+        };
+        assert_eq!(within(Duration::from_secs(3), later).await.unwrap(), 8);
     }
 
     #[test]

@@ -135,6 +135,12 @@ impl PartialEq for RoomKey {
 }
 impl Eq for RoomKey {}
 
+/// A concurrent map keyed by room: every pin, cache, reservation and history lookup on the
+/// hot path is one. Hashed with foldhash (seeded at random per process, so room ids a
+/// client picks cannot be aimed at one bucket) instead of the default SipHash, which cost
+/// about 350 instructions per proxied request (callgrind); foldhash a small fraction.
+pub type RoomMap<V> = dashmap::DashMap<RoomKey, V, foldhash::fast::RandomState>;
+
 impl Hash for RoomKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.name.hash(state)

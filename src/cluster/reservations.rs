@@ -7,12 +7,10 @@
 //! What ended sessions taught ([`Learned`]) is handed to the store, which keeps it across
 //! restarts when it is shared (Redis).
 
-use dashmap::DashMap;
-
 use super::{Live, NodeId};
 use crate::placement::reservation::Reservation;
 use crate::placement::Millis;
-use crate::room::RoomKey;
+use crate::room::{RoomKey, RoomMap};
 
 /// Most rooms whose history is kept; beyond it new rooms are not remembered until a sweep.
 const MAX_HISTORY: usize = 1_000_000;
@@ -26,7 +24,7 @@ struct Held {
 /// Reservations by room.
 #[derive(Debug, Default)]
 pub struct ReservationBook {
-    held: DashMap<RoomKey, Held>,
+    held: RoomMap<Held>,
 }
 
 impl ReservationBook {
@@ -191,7 +189,7 @@ impl Learned {
 /// Learned room sizes: the peak participants of a room's recent sessions.
 #[derive(Debug, Default)]
 pub struct RoomHistory {
-    rooms: DashMap<RoomKey, Sizes>,
+    rooms: RoomMap<Sizes>,
 }
 
 impl RoomHistory {

@@ -152,7 +152,9 @@ pub(crate) struct Idle<T> {
     timeout: Duration,
 }
 
-type IdleLists<T> = DashMap<Arc<str>, Vec<(Box<T>, Instant)>>;
+/// Idle connections by node URL: taken and returned on every proxied request, so hashed with
+/// foldhash rather than SipHash (see [`RoomMap`](crate::room::RoomMap)).
+type IdleLists<T> = DashMap<Arc<str>, Vec<(Box<T>, Instant)>, foldhash::fast::RandomState>;
 
 impl<T: Pooled + Send + Sync + 'static> Idle<T> {
     /// A pool for `loops` event loops keeping at most `max_per_node` idle connections per
@@ -160,7 +162,7 @@ impl<T: Pooled + Send + Sync + 'static> Idle<T> {
     /// (it stops with the pool).
     pub(crate) fn new(loops: usize, max_per_node: usize, timeout: Duration) -> Arc<Idle<T>> {
         let idle = Arc::new(Idle {
-            shards: (0..loops.max(1)).map(|_| DashMap::new()).collect(),
+            shards: (0..loops.max(1)).map(|_| DashMap::default()).collect(),
             max_per_node,
             timeout,
         });

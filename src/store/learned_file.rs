@@ -19,11 +19,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
-use dashmap::DashMap;
 
 use crate::cluster::reservations::Learned;
 use crate::placement::Millis;
-use crate::room::{Normalization, RoomKey};
+use crate::room::{Normalization, RoomKey, RoomMap};
 
 /// How often changed sizes are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
@@ -35,7 +34,7 @@ pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
 #[derive(Debug)]
 pub struct LearnedFile {
     path: PathBuf,
-    rooms: DashMap<RoomKey, Learned>,
+    rooms: RoomMap<Learned>,
     dirty: AtomicBool,
 }
 
@@ -43,7 +42,7 @@ impl LearnedFile {
     /// Reads `path` (a missing file is an empty one) and, inside a runtime, starts writing
     /// changes every [`FLUSH_EVERY`] until the returned value is dropped.
     pub fn open(path: &Path) -> anyhow::Result<Arc<LearnedFile>> {
-        let rooms = DashMap::new();
+        let rooms = RoomMap::default();
         match std::fs::metadata(path) {
             Ok(m) if m.len() > MAX_FILE_BYTES => anyhow::bail!(
                 "store.learned_file {}: {} bytes, more than the {MAX_FILE_BYTES} read at start",

@@ -10,19 +10,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 
 use super::learned_file::LearnedFile;
 use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
 use crate::cluster::reservations::Learned;
 use crate::cluster::NodeId;
 use crate::placement::Millis;
-use crate::room::RoomKey;
+use crate::room::{RoomKey, RoomMap};
 
 /// Pins in a `DashMap`; learned sizes in a file if one is configured.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    pins: DashMap<RoomKey, Pin>,
+    pins: RoomMap<Pin>,
     learned: Option<Arc<LearnedFile>>,
 }
 
@@ -34,7 +33,7 @@ impl MemoryStore {
     /// A memory store that keeps learned room sizes in `path` across restarts.
     pub fn with_learned_file(path: &Path) -> anyhow::Result<MemoryStore> {
         Ok(MemoryStore {
-            pins: DashMap::new(),
+            pins: RoomMap::default(),
             learned: Some(LearnedFile::open(path)?),
         })
     }

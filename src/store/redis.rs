@@ -59,7 +59,7 @@ use crate::cluster::sync::{NodeSync, NodeUpdate};
 use crate::cluster::{Cluster, NodeId};
 use crate::config::StoreConfig;
 use crate::placement::Millis;
-use crate::room::{Normalization, RoomKey};
+use crate::room::{Normalization, RoomKey, RoomMap};
 
 /// Sets the pin if the current node is ARGV[2] ('' = no pin). Returns {won, value, ts}.
 const PIN_IF: &str = r#"
@@ -322,9 +322,9 @@ struct Inner {
     /// With Sentinel: whom to ask where the master is, on every reconnection.
     sentinels: Option<Sentinels>,
     pool_size: usize,
-    cache: DashMap<RoomKey, Cached>,
+    cache: RoomMap<Cached>,
     node_ids: DashMap<Box<str>, NodeId>,
-    pending: DashMap<RoomKey, Pending>,
+    pending: RoomMap<Pending>,
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     down: AtomicBool,
     why: Mutex<String>,
@@ -483,9 +483,9 @@ impl RedisStore {
             next: AtomicUsize::new(0),
             sentinels,
             pool_size: cfg.pool_size,
-            cache: DashMap::new(),
+            cache: RoomMap::default(),
             node_ids: DashMap::new(),
-            pending: DashMap::new(),
+            pending: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
             down: AtomicBool::new(true),
             why: Mutex::new("connecting".into()),

@@ -33,6 +33,19 @@ async fn router_with_a_node() -> TestRouter {
     r
 }
 
+/// `GET /healthz` over HTTP/2 (prior knowledge) on a connection of its own.
+async fn h2_healthz(r: &TestRouter) -> reqwest::Response {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+        .get(format!("{}/healthz", r.url))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn invalid_room_ids_are_refused_everywhere() {
     let r = router_with_a_node().await;
@@ -360,12 +373,7 @@ async fn a_client_that_stalls_before_its_protocol_is_known_is_cut_off() {
         );
         // The router still answers, HTTP/1 and, with the whole preface, HTTP/2.
         assert_eq!(r.get("/healthz").send().await.unwrap().status(), 200);
-        let h2 = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap();
-        let resp = h2.get(format!("{}/healthz", r.url)).send().await.unwrap();
+        let resp = h2_healthz(&r).await;
         assert_eq!(
             (resp.version(), resp.status().as_u16()),
             (reqwest::Version::HTTP_2, 200)
@@ -473,13 +481,11 @@ async fn an_idle_http2_connection_is_shut_down_but_a_busy_one_is_not() {
     );
     assert!(send.is_closed());
     // And the router still serves HTTP/2.
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let resp = h2.get(format!("{}/healthz", r.url)).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
+    let resp = h2_healthz(&r).await;
+    assert_eq!(
+        (resp.version(), resp.status().as_u16()),
+        (reqwest::Version::HTTP_2, 200)
+    );
 }
 
 #[tokio::test]

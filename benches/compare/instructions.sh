@@ -33,25 +33,12 @@ if [ -z "${BINS:-}" ]; then
   BINS=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/$BUILD_PROFILE/roomrouter
 fi
 
-rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-export ROOMROUTER_ADMIN_TOKEN="admin-$(rand)"
-export ROOMROUTER_NODE_TOKEN="node-$(rand)"
-export ROOMROUTER_TICKET_SECRET="$(rand)"
+# shellcheck source=benches/compare/lib.sh
+source benches/compare/lib.sh # (the script runs from the repository root)
 
-PIDS=()
-stop_started() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
-}
 WORK=$(mktemp -d)
 trap 'stop_started; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
 wait_http() { # URL; bounded: 60 s (valgrind starts slowly)
   local i
   for i in $(seq 1 600); do

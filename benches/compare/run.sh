@@ -127,19 +127,8 @@ echo "== building ($BUILD_PROFILE)"
 cargo build --profile "$BUILD_PROFILE" --quiet
 BIN=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/$BUILD_PROFILE/roomrouter
 
-rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-export ROOMROUTER_ADMIN_TOKEN="admin-$(rand)"
-export ROOMROUTER_NODE_TOKEN="node-$(rand)"
-export ROOMROUTER_TICKET_SECRET="$(rand)"
-
-PIDS=()
-stop_started() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
-  NODE_PIDS=()
-}
+# shellcheck source=benches/compare/lib.sh
+source benches/compare/lib.sh # (the script runs from the repository root)
 
 # DAMON's threads, as /sys/kernel/mm/damon/admin/kdamonds/N/state files that read "on".
 DAMON_ON=()
@@ -161,10 +150,6 @@ if [ "$DAMON" = pause ] && [ ${#DAMON_ON[@]} -gt 0 ]; then
   done
   echo "== DAMON paused for the run (${#DAMON_PAUSED[@]} kdamond(s)); back on at exit"
 fi
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
 
 wait_http() { # URL [expected status]; bounded: 10 s
   local i

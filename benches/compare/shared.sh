@@ -38,23 +38,10 @@ echo "== building (release)"
 cargo build --release --quiet
 BIN=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/roomrouter
 
-rand() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-export ROOMROUTER_ADMIN_TOKEN="admin-$(rand)"
-export ROOMROUTER_NODE_TOKEN="node-$(rand)"
-export ROOMROUTER_TICKET_SECRET="$(rand)"
+# shellcheck source=benches/compare/lib.sh
+source benches/compare/lib.sh # (the script runs from the repository root)
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-PIDS=()
 REDIS_PID=
-stop_started() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
-}
 cleanup() {
   stop_started
   if [ -n "$REDIS_PID" ]; then

@@ -22,7 +22,7 @@ use super::{Body, BoxError};
 /// One connection's open streams and when the last one closed.
 #[derive(Debug)]
 pub struct Streams {
-    /// When the connection started; `last_close` counts from it.
+    /// When the connection started; `last_change` counts from it.
     start: Instant,
     open: AtomicUsize,
     /// Milliseconds from `start` to the last time a stream opened or closed.

@@ -15,7 +15,8 @@
 //! is handed with every unread byte to hyper ([`Outcome::Handoff`]), which serves the rest
 //! of the connection exactly as it would have without this path. A connection's fast phase
 //! is bounded like hyper's: `server.header_read_timeout` for each head (idle keep-alive
-//! included), `server.max_header_bytes`, and `proxy.*` for everything upstream.
+//! included), `server.max_header_bytes`, `server.send_timeout` for each write to the client,
+//! and `proxy.*` for everything upstream.
 //!
 //! Invariants: a request is answered once; a response is relayed whole or its connection is
 //! closed; a client connection is reused only when its request body was consumed; an upstream

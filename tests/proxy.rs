@@ -504,7 +504,8 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout
         .unwrap();
         assert_eq!(resp.status(), 200);
         assert!(
-            started.elapsed() >= Duration::from_millis(400),
+            // (the stall began a little before `started`; a slot freed at once would be ~0)
+            started.elapsed() >= Duration::from_millis(200),
             "served after {:?}: the stalled client should have held the slot until its send timeout",
             started.elapsed()
         );

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use dashmap::mapref::entry::Entry;
 
 use super::learned_file::LearnedFile;
-use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth};
+use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth, Unconfirmed};
 use crate::cluster::reservations::Learned;
 use crate::cluster::NodeId;
 use crate::placement::Millis;
@@ -153,6 +153,24 @@ impl PinStore for MemoryStore {
 
     async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
         Ok(self.pins.remove_if(room, |_, p| &p.node == node).is_some())
+    }
+
+    async fn release_if_unconfirmed(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        before: Millis,
+    ) -> Result<Unconfirmed, StoreError> {
+        // One entry lock: no confirmation can land between the check and the delete.
+        Ok(match self.pins.entry(room.clone()) {
+            Entry::Occupied(e) if &e.get().node != node => Unconfirmed::NotThere,
+            Entry::Occupied(e) if e.get().confirmed_at >= before => Unconfirmed::Confirmed,
+            Entry::Occupied(e) => {
+                e.remove();
+                Unconfirmed::Released
+            }
+            Entry::Vacant(_) => Unconfirmed::NotThere,
+        })
     }
 
     async fn remove(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {

@@ -118,24 +118,14 @@ pub trait PinStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Deletes the pin if it still points at `node` and was last confirmed before `before`,
-    /// deciding on the confirmation the store holds (a shared store's cache does not see
-    /// other routers' confirmations). The default, `get` then `release_if`, is right for a
-    /// store whose `get` is authoritative.
+    /// deciding atomically on the confirmation the store holds (a shared store's cache does
+    /// not see other routers' confirmations).
     fn release_if_unconfirmed(
         &self,
         room: &RoomKey,
         node: &NodeId,
         before: Millis,
-    ) -> impl Future<Output = Result<Unconfirmed, StoreError>> + Send {
-        async move {
-            Ok(match self.get(room).await? {
-                Some(p) if &p.node != node => Unconfirmed::NotThere,
-                Some(p) if p.confirmed_at >= before => Unconfirmed::Confirmed,
-                Some(_) if self.release_if(room, node).await? => Unconfirmed::Released,
-                _ => Unconfirmed::NotThere,
-            })
-        }
-    }
+    ) -> impl Future<Output = Result<Unconfirmed, StoreError>> + Send;
 
     /// Deletes the pin whatever it points at (admin).
     fn remove(

@@ -2,13 +2,15 @@
 //! text exposition format by `GET /metrics`. Gauges that describe current state (nodes, pins)
 //! are filled in at scrape time from the registry and the store.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Every outcome [`Metrics::decision`] counts: the `outcome` label of
@@ -93,6 +95,8 @@ pub struct Metrics {
     pub fast_requests: Counter,
     /// Connections the fast path handed to hyper (a request it does not carry).
     pub fast_handoffs: Counter,
+    /// How long decisions that took the general path (not decided from a holding pin) took.
+    pub slow_decisions: Latency,
 }
 
 /// What proxy mode counts (handles onto the router's registry, cheap to clone).
@@ -209,6 +213,15 @@ impl Metrics {
             "Connections the fast path handed to hyper at a request it does not carry",
             fast_handoffs.clone(),
         );
+        let slow_decisions = Latency::default();
+        registry.register_with_unit(
+            "decision_slow_path",
+            "Time to decide joins and lookups that a holding pin could not decide alone: a new \
+             room, a re-placement, a pin due for confirmation, any store round trip. A room \
+             whose pin holds is decided from it in well under a microsecond and is not timed",
+            prometheus_client::registry::Unit::Seconds,
+            slow_decisions.clone(),
+        );
         let outcomes = Decided::ALL.map(|d| {
             decisions
                 .get_or_create(&Outcome {
@@ -233,6 +246,7 @@ impl Metrics {
             proxy,
             fast_requests,
             fast_handoffs,
+            slow_decisions,
         }
     }
 
@@ -256,5 +270,107 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Upper bounds of [`Latency`]'s buckets, in nanoseconds: 10 µs to 1 s, then +Inf.
+const LATENCY_BOUNDS_NS: [u64; 16] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+];
+
+/// A latency histogram that any thread records into with relaxed atomic adds: no lock, so
+/// recording never waits on a scrape or on another thread. `prometheus_client`'s own
+/// histogram takes a write lock per observation, which the decision path must not.
+/// A scrape reads the counters one by one; it may see an observation in a bucket and not yet
+/// in the sum, never a count that disagrees with the buckets (the count is their sum).
+#[derive(Debug, Clone, Default)]
+pub struct Latency(std::sync::Arc<LatencyInner>);
+
+#[derive(Debug, Default)]
+struct LatencyInner {
+    /// Observations per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    /// Records one observation.
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// (upper bound in seconds, observations in that bucket alone); the last bound is
+    /// `f64::MAX`, which the encoder writes as `+Inf`.
+    fn buckets(&self) -> Vec<(f64, u64)> {
+        LATENCY_BOUNDS_NS
+            .iter()
+            .map(|&b| b as f64 / 1e9)
+            .chain(std::iter::once(f64::MAX))
+            .zip(&self.0.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+impl TypedMetric for Latency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets = self.buckets();
+        let count = buckets.iter().map(|&(_, n)| n).sum();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_cumulative_in_the_exposition_and_count_every_observation() {
+        let m = Metrics::new();
+        m.slow_decisions.observe(Duration::from_micros(7));
+        m.slow_decisions.observe(Duration::from_micros(10));
+        m.slow_decisions.observe(Duration::from_micros(300));
+        m.slow_decisions.observe(Duration::from_secs(3));
+        let text = m.render();
+        for line in [
+            "roomrouter_decision_slow_path_seconds_bucket{le=\"0.00001\"} 2",
+            "roomrouter_decision_slow_path_seconds_bucket{le=\"0.00025\"} 2",
+            "roomrouter_decision_slow_path_seconds_bucket{le=\"0.0005\"} 3",
+            "roomrouter_decision_slow_path_seconds_bucket{le=\"1.0\"} 3",
+            "roomrouter_decision_slow_path_seconds_bucket{le=\"+Inf\"} 4",
+            "roomrouter_decision_slow_path_seconds_count 4",
+            "roomrouter_decision_slow_path_seconds_sum 3.000317",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains("# TYPE roomrouter_decision_slow_path_seconds histogram"));
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::{self, BoxFuture, Either};
 use serde::Serialize;
@@ -247,9 +247,11 @@ impl<S: PinStore> Router<S> {
             self.count_decision(&r);
             return Either::Left(future::ready(r));
         }
+        let started = Instant::now();
         Either::Right(Box::pin(async move {
             let r = self.place_inner(room, hints, size, intent, now).await;
             self.count_decision(&r);
+            self.metrics.slow_decisions.observe(started.elapsed());
             r
         }))
     }

@@ -392,6 +392,50 @@ async fn readiness_health_metrics_and_dashboard() {
     assert!(html.contains("<td>a</td>"), "{html}");
 }
 
+/// The value of the un-labelled sample `name` in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+#[tokio::test]
+async fn decisions_that_needed_more_than_a_holding_pin_are_timed_in_a_histogram() {
+    let r = TestRouter::start(config()).await;
+    let _n = r.node("a", 100.0).await;
+    let name = "roomrouter_decision_slow_path_seconds";
+    // Three new rooms, then joins and lookups of rooms whose pin holds: those are decided
+    // from the pin and not timed.
+    for room in ["t1", "t2", "t3", "t1", "t2", "t3", "t1"] {
+        assert_eq!(node_of(&r, room).await, "a");
+        let lookup = r.get(&format!("/v1/placement/{room}")).send();
+        assert_eq!(lookup.await.unwrap().status(), 200);
+    }
+    // A lookup that may not create, of a room nobody placed: the store had to be asked.
+    expect_error(
+        r.get("/v1/placement/nobody?create=false")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    let m = metrics(&client(), &r.url).await;
+    assert!(m.contains(&format!("# TYPE {name} histogram")), "{m}");
+    assert_eq!(sample(&m, &format!("{name}_count")), 4.0, "{m}");
+    assert_eq!(sample(&m, &format!("{name}_bucket{{le=\"+Inf\"}}")), 4.0);
+    let sum = sample(&m, &format!("{name}_sum"));
+    assert!(
+        sum > 0.0 && sum < 4.0,
+        "four decisions on loopback took {sum} s"
+    );
+    assert_eq!(
+        sample(&m, "roomrouter_decisions_total{outcome=\"placed\"}"),
+        3.0
+    );
+}
+
 #[tokio::test]
 async fn explain_lists_every_node_with_its_verdict() {
     let r = TestRouter::start(config()).await;

@@ -5,13 +5,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 /// Every outcome [`Metrics::decision`] counts: the `outcome` label of
 /// `roomrouter_decisions_total`.
@@ -97,6 +100,8 @@ pub struct Metrics {
     pub fast_handoffs: Counter,
     /// How long decisions that took the general path (not decided from a holding pin) took.
     pub slow_decisions: Latency,
+    /// Proxy mode: how long each node took to answer, per node (filled at render time).
+    pub upstream_response: NodeLatencies,
 }
 
 /// What proxy mode counts (handles onto the router's registry, cheap to clone).
@@ -219,9 +224,17 @@ impl Metrics {
             "Time to decide joins and lookups that a holding pin could not decide alone: a new \
              room, a re-placement, a pin due for confirmation, any store round trip. A room \
              whose pin holds is decided from it in well under a microsecond and is not timed",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             slow_decisions.clone(),
         );
+        let upstream_response = NodeLatencies::default();
+        registry.register_collector(Box::new(NodeLatencyFamily {
+            name: "proxy_upstream_response",
+            help: "Proxy mode: time from taking (or opening) a connection to a node until its \
+                   response head arrived, per node; requests the node failed are not timed \
+                   (roomrouter_proxy_upstream_failures_total counts them).",
+            readings: upstream_response.clone(),
+        }));
         let outcomes = Decided::ALL.map(|d| {
             decisions
                 .get_or_create(&Outcome {
@@ -247,6 +260,7 @@ impl Metrics {
             fast_requests,
             fast_handoffs,
             slow_decisions,
+            upstream_response,
         }
     }
 
@@ -293,41 +307,74 @@ const LATENCY_BOUNDS_NS: [u64; 16] = [
     1_000_000_000,
 ];
 
-/// A latency histogram that any thread records into with relaxed atomic adds: no lock, so
+/// Latency counts that any thread records into with relaxed atomic adds: no lock, so
 /// recording never waits on a scrape or on another thread. `prometheus_client`'s own
-/// histogram takes a write lock per observation, which the decision path must not.
-/// A scrape reads the counters one by one; it may see an observation in a bucket and not yet
-/// in the sum, never a count that disagrees with the buckets (the count is their sum).
-#[derive(Debug, Clone, Default)]
-pub struct Latency(std::sync::Arc<LatencyInner>);
-
+/// histogram takes a write lock per observation, which the request path must not. A scrape
+/// reads the counters one by one; it may see an observation in a bucket and not yet in the
+/// sum, never a count that disagrees with the buckets (the count is their sum).
 #[derive(Debug, Default)]
-struct LatencyInner {
+pub struct LatencyCounts {
     /// Observations per bucket (not cumulative); the last one is +Inf.
     buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
     sum_ns: AtomicU64,
 }
 
-impl Latency {
+impl LatencyCounts {
     /// Records one observation.
     #[inline]
     pub fn observe(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
-        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// (upper bound in seconds, observations in that bucket alone); the last bound is
-    /// `f64::MAX`, which the encoder writes as `+Inf`.
-    fn buckets(&self) -> Vec<(f64, u64)> {
-        LATENCY_BOUNDS_NS
+    /// What has been recorded so far.
+    pub fn read(&self) -> LatencyReading {
+        LatencyReading {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A copy of [`LatencyCounts`] taken for a scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyReading {
+    pub buckets: [u64; LATENCY_BOUNDS_NS.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl LatencyReading {
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Encodes the reading as one histogram sample set.
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // (upper bound in seconds, observations in that bucket alone); the last bound is
+        // `f64::MAX`, which the encoder writes as `+Inf`.
+        let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_NS
             .iter()
             .map(|&b| b as f64 / 1e9)
             .chain(std::iter::once(f64::MAX))
-            .zip(&self.0.buckets)
-            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
-            .collect()
+            .zip(self.buckets)
+            .collect();
+        let sum = self.sum_ns as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, self.count(), &buckets, None)
+    }
+}
+
+/// An unlabelled latency histogram for the registry.
+#[derive(Debug, Clone, Default)]
+pub struct Latency(std::sync::Arc<LatencyCounts>);
+
+impl Latency {
+    /// Records one observation.
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        self.0.observe(d)
     }
 }
 
@@ -336,15 +383,45 @@ impl TypedMetric for Latency {
 }
 
 impl EncodeMetric for Latency {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let buckets = self.buckets();
-        let count = buckets.iter().map(|&(_, n)| n).sum();
-        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.read().encode(encoder)
     }
 
     fn metric_type(&self) -> MetricType {
         Self::TYPE
+    }
+}
+
+/// A latency histogram per node, labelled `node`: the router fills it from each node's
+/// [`LatencyCounts`] when it renders the metrics (`set`), so that nodes that left the
+/// cluster leave the exposition with it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeLatencies(std::sync::Arc<std::sync::Mutex<Vec<(NodeLabels, LatencyReading)>>>);
+
+impl NodeLatencies {
+    /// Replaces the readings (one per node).
+    pub fn set(&self, readings: Vec<(NodeLabels, LatencyReading)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = readings;
+    }
+}
+
+/// The descriptor of a labelled histogram family that [`NodeLatencies`] encodes.
+#[derive(Debug)]
+struct NodeLatencyFamily {
+    name: &'static str,
+    help: &'static str,
+    readings: NodeLatencies,
+}
+
+impl Collector for NodeLatencyFamily {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let readings = self.readings.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut family =
+            encoder.encode_descriptor(self.name, self.help, Some(&Unit::Seconds), Latency::TYPE)?;
+        for (labels, reading) in readings.iter() {
+            reading.encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
     }
 }
 

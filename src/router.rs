@@ -872,14 +872,21 @@ impl<S: PinStore> Router<S> {
         self.metrics.nodes_total.set(snap.nodes().len() as i64);
         self.metrics.nodes_healthy.set(healthy as i64);
         self.metrics.node_utilization.clear();
+        let mut upstream = Vec::with_capacity(snap.nodes().len());
         for e in snap.nodes() {
+            let labels = crate::metrics::NodeLabels {
+                node: e.id.to_string(),
+            };
+            let reading = e.live.upstream_response.read();
             self.metrics
                 .node_utilization
-                .get_or_create(&crate::metrics::NodeLabels {
-                    node: e.id.to_string(),
-                })
+                .get_or_create(&labels)
                 .set(e.utilization());
+            if reading.count() > 0 {
+                upstream.push((labels, reading));
+            }
         }
+        self.metrics.upstream_response.set(upstream);
         if let Ok(n) = self.store.count().await {
             self.metrics.pins.set(n as i64);
         }

@@ -392,13 +392,6 @@ async fn readiness_health_metrics_and_dashboard() {
     assert!(html.contains("<td>a</td>"), "{html}");
 }
 
-/// The value of the un-labelled sample `name` in a Prometheus text exposition.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
-}
-
 #[tokio::test]
 async fn decisions_that_needed_more_than_a_holding_pin_are_timed_in_a_histogram() {
     let r = TestRouter::start(config()).await;

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{expect_error, heartbeat, one_loop, proxy_config, TestRouter, SECRET};
+use common::{expect_error, heartbeat, one_loop, proxy_config, sample, TestRouter, SECRET};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty, StreamBody};
@@ -261,6 +261,27 @@ async fn http2_and_keep_alive_clients_are_proxied() {
         assert_eq!(resp.status(), 200);
         resp.into_body().collect().await.unwrap();
     }
+    // One answer the node holds for 300 ms (HTTP/1.1: the fast path; HTTP/2 went to hyper).
+    let held = r.get("/rooms/h1room?hold=300").send().await.unwrap();
+    assert_eq!(held.status(), 200);
+    // Every answer is timed, per node: the six quick ones and the held one.
+    let m = r.metrics().await;
+    let name = "roomrouter_proxy_upstream_response_seconds";
+    assert_eq!(
+        sample(&m, &format!("{name}_count{{node=\"n1\"}}")),
+        7.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, &format!("{name}_bucket{{le=\"+Inf\",node=\"n1\"}}")),
+        7.0
+    );
+    let quick = sample(&m, &format!("{name}_bucket{{le=\"0.25\",node=\"n1\"}}"));
+    assert!(quick <= 6.0, "the held answer is not under 250 ms:\n{m}");
+    assert!(
+        sample(&m, &format!("{name}_sum{{node=\"n1\"}}")) >= 0.3,
+        "{m}"
+    );
     r.stop().await;
 }
 
@@ -294,6 +315,11 @@ async fn a_refusing_node_answers_502_then_turns_unhealthy_and_the_room_moves() {
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+    // Failed exchanges are counted above, not timed.
+    assert!(
+        !metrics.contains("roomrouter_proxy_upstream_response_seconds_count{node=\"dead\"}"),
+        "{metrics}"
+    );
     let live = Upstream::start("live").await;
     register(&r, "live", &live).await;
     let resp = r.get("/rooms/r1").send().await.unwrap();

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::metrics::LatencyCounts;
 use crate::placement::hash::node_hash;
 use crate::placement::{AdminState, Millis, NodeView};
 use crate::room::RoomKey;
@@ -144,6 +145,10 @@ pub struct Live {
     pub(crate) reported_rooms: Mutex<HashSet<RoomKey>>,
     /// `reserved_milli` as last told to the other routers.
     shared_reserved_milli: AtomicI64,
+    /// Proxy mode: how long the node took to answer
+    /// (`roomrouter_proxy_upstream_response_seconds`). Last, so the new-room pass's cache
+    /// line stays as it was.
+    pub upstream_response: LatencyCounts,
 }
 
 impl Live {

@@ -167,13 +167,14 @@ impl Proxy {
             lane_target(&node.info.upstream, &parts.uri).ok_or_else(|| bad_upstream(node))?;
         *req.uri_mut() = target;
         req.headers_mut().insert(header::HOST, host);
+        let since = Instant::now();
         let exchange = tokio::time::timeout(
             self.cfg.response_timeout,
             self.exchange(event_loop(parts), &node.info.upstream, req),
         );
         let (resp, lane) = match exchange.await {
             Ok(Ok(r)) => {
-                self.succeeded(node);
+                self.succeeded(node, since);
                 r
             }
             // Only the node's own failures count toward passive health: a client that
@@ -236,10 +237,11 @@ impl Proxy {
         req: Request<Body>,
         node: &NodeEntry,
     ) -> Result<Response<Body>, ApiError> {
+        let since = Instant::now();
         let mut resp =
             match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
                 Ok(Ok(r)) => {
-                    self.succeeded(node);
+                    self.succeeded(node, since);
                     r
                 }
                 Ok(Err(e)) if e.is_connect() => return Err(self.failed(node, &format!("{e:?}"))),
@@ -327,8 +329,10 @@ impl Proxy {
         }
     }
 
-    /// The node answered: its run of consecutive failures, if it had one, is over.
-    pub(crate) fn succeeded(&self, node: &NodeEntry) {
+    /// The node answered, `since` the exchange began (taking or opening a connection): the
+    /// time is recorded, and its run of consecutive failures, if it had one, is over.
+    pub(crate) fn succeeded(&self, node: &NodeEntry, since: Instant) {
+        node.live.upstream_response.observe(since.elapsed());
         // Most requests find no failures at all; they skip the map (and its shard's write
         // lock, which every request to the node would otherwise take).
         if self.failing.load(Ordering::Acquire) > 0 && self.failures.remove(&node.id).is_some() {
@@ -684,14 +688,14 @@ mod tests {
         let id = NodeId::parse("media-1").unwrap();
         let node = NodeEntry::new(id, info, Default::default(), false);
         p.failed(&node, "refused");
-        p.succeeded(&node);
+        p.succeeded(&node, Instant::now());
         p.failed(&node, "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
         p.failed(&node, "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);
         // Marking starts a new run; a success with nothing failing is a no-op.
-        p.succeeded(&node);
-        p.succeeded(&node);
+        p.succeeded(&node, Instant::now());
+        p.succeeded(&node, Instant::now());
         assert_eq!(p.failing.load(Ordering::Relaxed), 0);
     }
 

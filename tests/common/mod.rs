@@ -167,6 +167,14 @@ pub async fn metrics(c: &reqwest::Client, url: &str) -> String {
         .unwrap()
 }
 
+/// The value of the sample `name` (with its labels, as the exposition writes them) in a
+/// Prometheus text exposition.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
 /// A client that does not follow redirects, with a timeout.
 pub fn client() -> reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();

@@ -288,6 +288,7 @@ impl Client<'_> {
         // The node took the whole request (else its connection is not reused).
         let mut sent_whole = true;
         let max = app.cfg.server.max_header_bytes.max(64 * 1024);
+        let since = std::time::Instant::now();
         let mut conn = p
             .conns
             .get(info.event_loop, upstream)
@@ -361,7 +362,7 @@ impl Client<'_> {
                 }
             }
         };
-        p.succeeded(node);
+        p.succeeded(node, since);
         // A body the node did not take in full is still on the client connection (and the
         // answer's head says so: it was read with `close` set).
         let close = head.client_close;

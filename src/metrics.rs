@@ -102,6 +102,8 @@ pub struct Metrics {
     pub slow_decisions: Latency,
     /// Proxy mode: how long each node took to answer, per node (filled at render time).
     pub upstream_response: NodeLatencies,
+    /// How long applying a node's heartbeat took.
+    pub heartbeat_time: Latency,
 }
 
 /// What proxy mode counts (handles onto the router's registry, cheap to clone).
@@ -227,6 +229,14 @@ impl Metrics {
             Unit::Seconds,
             slow_decisions.clone(),
         );
+        let heartbeat_time = Latency::default();
+        registry.register_with_unit(
+            "heartbeat",
+            "Time to apply a node's heartbeat: recording its load, reconciling the rooms it \
+             lists with the pins (store round trips), the reply",
+            Unit::Seconds,
+            heartbeat_time.clone(),
+        );
         let upstream_response = NodeLatencies::default();
         registry.register_collector(Box::new(NodeLatencyFamily {
             name: "proxy_upstream_response",
@@ -261,6 +271,7 @@ impl Metrics {
             fast_handoffs,
             slow_decisions,
             upstream_response,
+            heartbeat_time,
         }
     }
 

@@ -461,7 +461,20 @@ impl<S: PinStore> Router<S> {
 
     /// Applies a node's heartbeat: registers or updates it, records its load, reconciles the
     /// rooms it reports with the pins, and answers its state and the rooms it must end.
+    /// Timed (`roomrouter_heartbeat_seconds`): with many rooms per node and a remote store,
+    /// this is where a slow store shows first.
     pub async fn heartbeat(
+        &self,
+        id: &NodeId,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatReply, StoreError> {
+        let started = Instant::now();
+        let reply = self.apply_heartbeat(id, hb).await;
+        self.metrics.heartbeat_time.observe(started.elapsed());
+        reply
+    }
+
+    async fn apply_heartbeat(
         &self,
         id: &NodeId,
         hb: Heartbeat,

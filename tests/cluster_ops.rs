@@ -430,6 +430,23 @@ async fn decisions_that_needed_more_than_a_holding_pin_are_timed_in_a_histogram(
 }
 
 #[tokio::test]
+async fn applied_heartbeats_are_timed_and_refused_ones_are_not() {
+    let r = TestRouter::start(config()).await;
+    let name = "roomrouter_heartbeat_seconds";
+    let beat = json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 3,
+                      "rooms": [{"room": "x", "participants": 3}]});
+    for _ in 0..3 {
+        assert_eq!(heartbeat(&r, "hb", beat.clone()).await.status(), 200);
+    }
+    let refused = r.post("/v1/nodes/hb/heartbeat").json(&beat).send().await;
+    expect_error(refused.unwrap(), 401, "unauthorized").await;
+    let m = metrics(&client(), &r.url).await;
+    assert_eq!(sample(&m, &format!("{name}_count")), 3.0, "{m}");
+    assert_eq!(sample(&m, "roomrouter_heartbeats_total"), 3.0, "{m}");
+    assert!(sample(&m, &format!("{name}_sum")) > 0.0, "{m}");
+}
+
+#[tokio::test]
 async fn explain_lists_every_node_with_its_verdict() {
     let r = TestRouter::start(config()).await;
     let _a = r.node("a", 100.0).await;

@@ -28,8 +28,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::auth::TicketIssuer;
 use crate::capped;
@@ -184,34 +184,23 @@ async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
     let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.changed() => break,
-        };
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(20)).await; continue } },
-            _ = stop.changed() => break,
-        };
-        let state = state.clone();
-        let tickets = tickets.clone();
-        let id = id.clone();
+    let serve = move |stream: TcpStream| {
+        let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
         let svc = service_fn(move |req| {
             let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
             async move { Ok::<_, Infallible>(handle(req, &state, &tickets, &id)) }
         });
         let builder = builder.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if !sniff::peek_protocol(&stream, HEADER_TIMEOUT).await {
-                return;
-            }
+        async move {
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
-        });
-    }
+        }
+    };
+    let stopped = async move {
+        let _ = stop.changed().await;
+    };
+    sniff::accept_sniffed(listener, MAX_CONNECTIONS, HEADER_TIMEOUT, stopped, serve).await;
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -2,9 +2,10 @@
 //! timeouts, HTTP/1.1 and HTTP/2 (idle HTTP/2 connections closed), graceful shutdown.
 //! Everything a client can hold open is bounded in size and time. Plain (`serve`), TLS
 //! (`serve_tls`, also the mTLS node listener) and the HTTP-to-HTTPS redirect listener share
-//! it; `serve_configured` starts the listeners the config asks for. The front door's connections are served on `server.event_loops()`
-//! event loops (`loops`: loop 0 accepts and hands each to the loop with the fewest open),
-//! under one count of connection slots; the other listeners run on one.
+//! it; `serve_configured` starts the listeners the config asks for. The front door's
+//! connections are served on `server.event_loops()` event loops (`loops`: loop 0 accepts and
+//! hands each to the loop with the fewest open), under one count of connection slots; the
+//! other listeners run on one.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -3,13 +3,17 @@
 //! the HTTP/2 preface, or nothing, would hold its connection (and its slot) for good. Every
 //! server in the crate reads them here first, under its header timeout: the router's
 //! listeners take them ([`protocol_bytes`]) and hand hyper a `Rewind` that replays them; the
-//! demo nodes and the benchmark ceiling only peek at them ([`peek_protocol`]).
+//! demo nodes and the benchmark ceiling only peek at them ([`peek_protocol`]), in the bounded
+//! accept loop they share ([`accept_sniffed`]).
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 /// The HTTP/2 client preface: hyper-util's `auto` builder reads up to this many bytes to
 /// tell HTTP/2 from HTTP/1, with no timer of its own.
@@ -73,4 +77,48 @@ pub async fn peek_protocol(stream: &TcpStream, limit: Duration) -> bool {
         }
     };
     matches!(tokio::time::timeout(limit, known).await, Ok(Some(())))
+}
+
+/// Accepts on `listener` until `stop` resolves, serving at most `max` connections at once
+/// (more wait in the accept queue): each one whose first bytes tell the protocol within
+/// `first_bytes` ([`peek_protocol`]) goes to `serve` on a task of its own, which holds its
+/// connection slot until it ends. The accept loop of the servers without a fast path (the
+/// demo nodes, the benchmark ceiling).
+pub async fn accept_sniffed<F, Fut>(
+    listener: TcpListener,
+    max: usize,
+    first_bytes: Duration,
+    stop: impl Future<Output = ()>,
+    serve: F,
+) where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let serve = Arc::new(serve);
+    let slots = Arc::new(Semaphore::new(max));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Out of file descriptors, say: let some connections end first.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let serve = serve.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if peek_protocol(&stream, first_bytes).await {
+                serve(stream).await;
+            }
+        });
+    }
 }

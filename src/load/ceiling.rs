@@ -19,8 +19,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::http::sniff;
 
@@ -52,34 +51,15 @@ fn answer() -> Response<Full<Bytes>> {
 /// Serves the fixed `307` on `listener` until `shutdown` resolves.
 pub async fn serve_bare_307(listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let serve = move |stream: TcpStream| {
         let builder = builder.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if !sniff::peek_protocol(&stream, HEADER_TIMEOUT).await {
-                return;
-            }
+        async move {
+            let _ = stream.set_nodelay(true);
             let svc = service_fn(|_req| async { Ok::<_, Infallible>(answer()) });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+        }
+    };
+    sniff::accept_sniffed(listener, MAX_CONNECTIONS, HEADER_TIMEOUT, shutdown, serve).await;
 }
 
 #[cfg(test)]

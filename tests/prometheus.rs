@@ -8,8 +8,9 @@
 //!
 //! The tools: `promtool` and `prometheus` from `PROMTOOL` / `PROMETHEUS` or `PATH` (Debian's
 //! `prometheus` package ships both), and `python3` with the `prometheus_client` package (its
-//! OpenMetrics parser); `.ci/run` installs them. A test without its tool prints a loud `SKIPPED:` line and passes, unless
-//! `ROOMROUTER_REQUIRE_PROMETHEUS_TOOLS` is set (CI), which makes that a failure.
+//! OpenMetrics parser); `.ci/run` installs them. A test without its tool prints a loud
+//! `SKIPPED:` line and passes, unless `ROOMROUTER_REQUIRE_PROMETHEUS_TOOLS` is set (CI),
+//! which makes that a failure.
 
 mod common;
 mod upstream;
@@ -349,6 +350,33 @@ impl Prometheus {
         Ok(data["result"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Waits (at most a minute) until the router was scraped `n` times; fails with
+    /// Prometheus's log if it exits or never gets there.
+    async fn wait_for_scrapes(&mut self, n: u32) {
+        let query = "count_over_time(roomrouter_nodes{job=\"roomrouter\"}[1m])";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let scraped = self
+                .query(query)
+                .await
+                .ok()
+                .and_then(|v| v.first().map(value));
+            if scraped.is_some_and(|s| s >= f64::from(n)) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", self.log());
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "prometheus did not scrape the router {n} times in a minute:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
@@ -381,19 +409,10 @@ async fn a_real_prometheus_evaluates_the_rules_fires_on_a_split_room_and_fills_e
     let (n1, n2) = (Upstream::start("n1").await, Upstream::start("n2").await);
     assert_eq!(heartbeat(&r, "n1", n1.heartbeat()).await.status(), 200);
     assert_eq!(r.get("/rooms/lesson").send().await.unwrap().status(), 200);
-    let p = Prometheus::start(&bin, r.addr);
+    let mut p = Prometheus::start(&bin, r.addr);
 
-    // Rates need two samples in their window: wait for three scrapes.
-    eventually(
-        "three scrapes of the router",
-        Duration::from_secs(60),
-        || async {
-            let q = p.query("count_over_time(roomrouter_nodes{job=\"roomrouter\"}[1m])");
-            q.await
-                .is_ok_and(|v| v.first().is_some_and(|s| value(s) >= 3.0))
-        },
-    )
-    .await;
+    // Rates need two samples in their window.
+    p.wait_for_scrapes(3).await;
     let targets = p.api("targets", &[]).await.unwrap();
     let target = &targets["activeTargets"][0];
     assert_eq!(target["health"], "up", "{target}");

@@ -190,13 +190,23 @@ fn as_grafana_sends(expr: &str) -> String {
     e
 }
 
-/// The exposition of a router in proxy mode that has placed a room and proxied a request
-/// to a node, so that the per-node histograms have samples too.
-async fn exposition_with_every_metric() -> String {
+/// A router in proxy mode with a series in every family: it placed two rooms on its node
+/// (`n1`, returned) and proxied a request there, released one pin (an admin's) and answered
+/// an error (the labelled families have a series once something happened to them).
+async fn router_with_every_series() -> (TestRouter, Upstream) {
     let r = TestRouter::start(proxy_config()).await;
-    let up = Upstream::start("n1").await;
-    assert_eq!(heartbeat(&r, "n1", up.heartbeat()).await.status(), 200);
-    assert_eq!(r.get("/rooms/alerts").send().await.unwrap().status(), 200);
+    let n1 = Upstream::start("n1").await;
+    assert_eq!(heartbeat(&r, "n1", n1.heartbeat()).await.status(), 200);
+    assert_eq!(r.get("/rooms/lesson").send().await.unwrap().status(), 200);
+    assert_eq!(r.get("/rooms/recess").send().await.unwrap().status(), 200);
+    let released = r.admin(reqwest::Method::DELETE, "/v1/rooms/recess");
+    assert!(released.send().await.unwrap().status().is_success());
+    assert_eq!(r.get("/no/such/path").send().await.unwrap().status(), 404);
+    (r, n1)
+}
+
+async fn exposition_with_every_metric() -> String {
+    let (r, _n1) = router_with_every_series().await;
     let exposed = r.metrics().await;
     r.stop().await;
     exposed
@@ -276,7 +286,7 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exposed_by_a_real_rout
         .collect();
     assert!(
         missing.is_empty(),
-        "the rules name metrics the router does not expose: {missing:?}\n{exposed}"
+        "the rules or the dashboard name metrics the router does not expose: {missing:?}\n{exposed}"
     );
 }
 
@@ -404,11 +414,8 @@ async fn a_real_prometheus_evaluates_the_rules_fires_on_a_split_room_and_fills_e
         );
     };
     let dashboard = Dashboard::load();
-    // A router in proxy mode that has placed a room and proxied a request to its node.
-    let r = TestRouter::start(proxy_config()).await;
-    let (n1, n2) = (Upstream::start("n1").await, Upstream::start("n2").await);
-    assert_eq!(heartbeat(&r, "n1", n1.heartbeat()).await.status(), 200);
-    assert_eq!(r.get("/rooms/lesson").send().await.unwrap().status(), 200);
+    let (r, _n1) = router_with_every_series().await;
+    let n2 = Upstream::start("n2").await;
     let mut p = Prometheus::start(&bin, r.addr);
 
     // Rates need two samples in their window.

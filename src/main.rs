@@ -149,7 +149,7 @@ async fn serve_with(cfg: Config, log_json: bool) -> anyhow::Result<()> {
     } else {
         cfg.logging.format
     };
-    roomrouter::telemetry::init(fmt, &cfg.logging.level);
+    let _log = roomrouter::telemetry::init(fmt, &cfg.logging.level);
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
@@ -178,7 +178,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
         Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),
         Cmd::Load(args) => roomrouter::load::run_cli(&args).await,
         Cmd::Demo { listen, nodes } => {
-            roomrouter::telemetry::init(log_format, "info");
+            let _log = roomrouter::telemetry::init(log_format, "info");
             roomrouter::demo::run(listen, nodes.clamp(1, 64)).await
         }
         Cmd::DemoNode {
@@ -192,7 +192,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             node_token,
             ticket_secret,
         } => {
-            roomrouter::telemetry::init(log_format, "info");
+            let _log = roomrouter::telemetry::init(log_format, "info");
             let node = DemoNode::start(DemoNodeConfig {
                 id,
                 router,

@@ -33,6 +33,11 @@ pub struct SimulateArgs {
     /// Capacity of each node, in load units.
     #[arg(long, default_value_t = 250.0)]
     pub capacity: f64,
+    /// Nodes of unequal capacity instead of --nodes x --capacity: comma-separated, each
+    /// `C` (one node of capacity C) or `NxC` (N of them), e.g. `10x100,5x400`. The standard
+    /// workloads are sized for the same total capacity.
+    #[arg(long, value_name = "LIST", value_parser = parse_capacities, conflicts_with_all = ["nodes", "capacity"])]
+    pub capacities: Option<Capacities>,
     /// Router instances, each with its own pending counts.
     #[arg(long, default_value_t = 4)]
     pub routers: usize,
@@ -78,7 +83,7 @@ impl SimulateArgs {
     /// The options of a standard run.
     pub fn options(&self) -> Options {
         let d = Options::default();
-        Options {
+        let o = Options {
             nodes: self.nodes,
             capacity: self.capacity,
             routers: self.routers,
@@ -107,8 +112,48 @@ impl SimulateArgs {
             },
             quick: self.quick,
             new_room_reserve_ttl_ms: self.new_room_reserve_ttl.map(|s| (s * 1000.0) as u64),
+            capacities: None,
+        };
+        match &self.capacities {
+            Some(Capacities(caps)) => o.with_capacities(caps.clone()),
+            None => o,
         }
     }
+}
+
+/// `--capacities`, parsed: one capacity per node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capacities(pub Vec<f64>);
+
+/// The most nodes `--capacities` may describe.
+const MAX_NODES: usize = 10_000;
+
+/// `--capacities`: `C` or `NxC` items, comma-separated; every capacity a finite number above
+/// 0, at least one node and at most [`MAX_NODES`].
+fn parse_capacities(s: &str) -> Result<Capacities, String> {
+    let mut caps = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        let (n, c) = match item.split_once('x') {
+            Some((n, c)) => (
+                n.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("{item:?}: the count in NxC must be a whole number"))?,
+                c,
+            ),
+            None => (1, item),
+        };
+        let c = c
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .ok_or_else(|| format!("{item:?}: a capacity must be a number above 0"))?;
+        if n == 0 || caps.len() + n > MAX_NODES {
+            return Err(format!("{item:?}: between 1 and {MAX_NODES} nodes in all"));
+        }
+        caps.extend(std::iter::repeat_n(c, n));
+    }
+    Ok(Capacities(caps))
 }
 
 /// A duration in seconds: a finite number above 0, at most a day.
@@ -250,5 +295,32 @@ mod tests {
             assert!(Cli::try_parse_from(["x", "--seeds", bad]).is_err(), "{bad}");
         }
         assert!(Cli::try_parse_from(["x", "--seeds", "1"]).is_ok());
+    }
+
+    #[test]
+    fn capacities_are_counts_times_capacities_and_replace_nodes_and_capacity() {
+        let o = Cli::parse_from(["x", "--capacities", "10x100, 5x400,250"])
+            .args
+            .options();
+        let caps = o.capacities.clone().unwrap();
+        assert_eq!(caps.len(), 16);
+        assert_eq!((caps[0], caps[10], caps[15]), (100.0, 400.0, 250.0));
+        assert_eq!((o.nodes, o.capacity), (16, 3250.0 / 16.0));
+        assert_eq!(o.config().capacities, caps);
+        assert!(o
+            .describe()
+            .starts_with("16 nodes of 10x100+5x400+1x250 units"));
+        for bad in [
+            "", "0x100", "3x0", "3x-1", "x100", "ax100", "100,,5", "10001x1", "inf",
+        ] {
+            assert!(
+                Cli::try_parse_from(["x", "--capacities", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        for with in ["--nodes", "--capacity"] {
+            let both = Cli::try_parse_from(["x", "--capacities", "100", with, "5"]);
+            assert!(both.is_err(), "{with}");
+        }
     }
 }

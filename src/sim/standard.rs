@@ -36,6 +36,11 @@ pub struct Options {
     /// `placement.new_room_reserve_ttl`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_room_reserve_ttl_ms: Option<u64>,
+    /// Nodes of unequal capacity, one entry per node (`--capacities`), instead of `nodes`
+    /// nodes of `capacity` each. The workloads are sized for the same total (`nodes` set to
+    /// their count, `capacity` to their mean).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacities: Option<Vec<f64>>,
 }
 
 impl Default for Options {
@@ -53,8 +58,24 @@ impl Default for Options {
             policies: Policy::standard(),
             quick: false,
             new_room_reserve_ttl_ms: None,
+            capacities: None,
         }
     }
+}
+
+/// Capacities as runs, `10x100+5x400`, for the report's header.
+fn runs(caps: &[f64]) -> String {
+    let mut out: Vec<(usize, f64)> = Vec::new();
+    for &c in caps {
+        match out.last_mut() {
+            Some((n, last)) if *last == c => *n += 1,
+            _ => out.push((1, c)),
+        }
+    }
+    out.iter()
+        .map(|(n, c)| format!("{n}x{c}"))
+        .collect::<Vec<_>>()
+        .join("+")
 }
 
 impl Options {
@@ -69,7 +90,18 @@ impl Options {
         if let Some(ms) = self.new_room_reserve_ttl_ms {
             c.new_room_reserve_ttl_ms = ms;
         }
+        if let Some(caps) = &self.capacities {
+            c.capacities = caps.clone();
+        }
         c
+    }
+
+    /// Sets unequal node capacities; `nodes` and `capacity` become their count and mean.
+    pub fn with_capacities(mut self, caps: Vec<f64>) -> Options {
+        self.nodes = caps.len();
+        self.capacity = caps.iter().sum::<f64>() / caps.len().max(1) as f64;
+        self.capacities = Some(caps);
+        self
     }
 
     pub fn workload_params(&self) -> WorkloadParams {
@@ -96,10 +128,12 @@ impl Options {
             Some(ms) => format!(", default-guess reservations for {} s", ms as f64 / 1000.0),
             None => String::new(),
         };
+        let cluster = match &self.capacities {
+            Some(caps) => format!("{} nodes of {} units", caps.len(), runs(caps)),
+            None => format!("{} nodes x {} units", self.nodes, self.capacity),
+        };
         format!(
-            "{} nodes x {} units, {} routers, reports every {} ms{guess}{}, {seeds}",
-            self.nodes,
-            self.capacity,
+            "{cluster}, {} routers, reports every {} ms{guess}{}, {seeds}",
             self.routers,
             self.heartbeat_ms,
             if self.quick { " (quick)" } else { "" }
@@ -250,7 +284,8 @@ pub fn check_targets(
             }
         }
     }
-    let issue_setup = o.nodes == 20 && o.routers == 4 && o.heartbeat_ms == 2_000;
+    let issue_setup =
+        o.nodes == 20 && o.capacities.is_none() && o.routers == 4 && o.heartbeat_ms == 2_000;
     for (kind, _, w) in runs {
         if *kind != StandardWorkload::SmallRooms {
             continue;

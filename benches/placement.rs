@@ -156,6 +156,11 @@ fn new_room(c: &mut Criterion) {
             ));
         }
         let snap = cluster.snapshot_arc();
+        // As the router decides: with the room's expected size (here the default guess).
+        let hints = Hints {
+            expected_load: 10.0,
+            ..Hints::default()
+        };
         let mut i = 0usize;
         g.bench_with_input(BenchmarkId::new("decide", n), &n, |b, _| {
             b.iter(|| {
@@ -164,7 +169,7 @@ fn new_room(c: &mut Criterion) {
                     snap.candidates(),
                     None,
                     black_box(keys[i].stable_hash()),
-                    &Hints::default(),
+                    black_box(&hints),
                     NOW,
                     &params,
                 );

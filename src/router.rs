@@ -71,6 +71,18 @@ pub struct Placement {
     pub overflow: bool,
 }
 
+/// What the general path tells `on_placed` about a placement it won.
+#[derive(Clone, Copy)]
+struct Placed<'a> {
+    /// The node the room was pinned to before (a re-placement), if any.
+    previous: Option<&'a NodeId>,
+    /// Placed above `new_room_limit` because every candidate was.
+    overflow: bool,
+    /// The size it reserves, and where that came from.
+    expected: u32,
+    source: SizeSource,
+}
+
 /// The future [`Router::place`] returns: ready at once for a pinned room, boxed otherwise.
 pub type Placing<'a> = Either<
     future::Ready<Result<Placement, JoinError>>,
@@ -335,6 +347,12 @@ impl<S: PinStore> Router<S> {
         now: Millis,
     ) -> Result<Placement, JoinError> {
         let mut pin = self.store.get(room).await?;
+        // What the room would reserve if placed now: the rules compare nodes with it counted.
+        let (expected, source) = self.expected_size(room, size);
+        let hints = &Hints {
+            expected_load: f64::from(expected),
+            ..*hints
+        };
         // Each retry follows a lost compare-and-set: another router changed the pin meanwhile.
         for _ in 0..8 {
             let (decision, entry) = {
@@ -381,14 +399,20 @@ impl<S: PinStore> Router<S> {
                     if intent == (Intent::Lookup { create: false }) {
                         return Err(JoinError::NotFound);
                     }
-                    let expected = pin.as_ref().map(|p| p.node.clone());
+                    let previous = pin.as_ref().map(|p| p.node.clone());
                     match self
                         .store
-                        .pin_if(room, &node.id, expected.as_ref(), now)
+                        .pin_if(room, &node.id, previous.as_ref(), now)
                         .await?
                     {
                         PinOutcome::Won(_) => {
-                            self.on_placed(room, &node, expected.is_some(), size, intent, now);
+                            let placed = Placed {
+                                previous: previous.as_ref(),
+                                overflow,
+                                expected,
+                                source,
+                            };
+                            self.on_placed(room, &node, placed, intent, now);
                             return Ok(Placement {
                                 node,
                                 created: true,
@@ -420,8 +444,7 @@ impl<S: PinStore> Router<S> {
         &self,
         room: &RoomKey,
         node: &NodeEntry,
-        replaced: bool,
-        size: Option<u32>,
+        placed: Placed<'_>,
         intent: Intent,
         now: Millis,
     ) {
@@ -431,10 +454,10 @@ impl<S: PinStore> Router<S> {
         // the book, it would stay counted on its node for good.
         let snap = self.cluster.snapshot();
         self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
-        if replaced {
+        if placed.previous.is_some() {
             self.metrics.decision(Decided::Replaced);
         }
-        let (expected, source) = self.expected_size(room, size);
+        let (expected, source) = (placed.expected, placed.source);
         self.book.reserve(
             room,
             &node.id,
@@ -446,7 +469,19 @@ impl<S: PinStore> Router<S> {
         if intent == Intent::Join {
             self.count_join(room, node, now);
         }
-        tracing::debug!(room = %room, node = %node.id, replaced, expected, "room placed");
+        // The placement log an operator reads when a room "moved": one line per placement
+        // (never per join), queued to the log's writer thread.
+        let (size_source, overflow) = (source.as_str(), placed.overflow);
+        match placed.previous {
+            None => tracing::info!(
+                room = %room, node = %node.id, expected_size = expected, size_source, overflow,
+                "room placed"
+            ),
+            Some(previous) => tracing::info!(
+                room = %room, node = %node.id, %previous, expected_size = expected, size_source,
+                overflow, "room re-placed: its node was gone, unhealthy or disabled"
+            ),
+        }
     }
 
     /// What a new session of `room` reserves: the hint (capped at `max_size_hint`), else the
@@ -833,6 +868,10 @@ impl<S: PinStore> Router<S> {
         let pin = self.store.get(room).await?;
         let snap: Arc<Snapshot> = self.cluster.snapshot_arc();
         let pinned = pin.as_ref().and_then(|p| snap.position(&p.node));
+        let hints = &Hints {
+            expected_load: f64::from(expected_size),
+            ..*hints
+        };
         let (d, rows) = explain(
             snap.candidates(),
             pinned,

@@ -199,6 +199,85 @@ async fn secrets_never_reach_the_logs() {
     }
 }
 
+/// Every placement is logged once, with where the room went and what it reserves; joins of
+/// a placed room are not (a log line per join would be a flood at 100 000 joins/s).
+#[tokio::test]
+async fn placements_are_logged_once_per_room_with_their_reservation() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("rr-placed-{}-{port}.log", std::process::id()));
+    let file = std::fs::File::create(&log).unwrap();
+    let _router = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-json",
+            ])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(&format!("{url}/healthz")).await;
+    let c = client();
+    let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 0});
+    c.post(format!("{url}/v1/nodes/n1/heartbeat"))
+        .bearer_auth(NODE_TOKEN)
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let resp = c.get(format!("{url}/rooms/standup")).send().await.unwrap();
+        assert_eq!(resp.status(), 307);
+    }
+    let resp = c.get(format!("{url}/rooms/lesson?size=25")).send().await;
+    assert_eq!(resp.unwrap().status(), 307);
+    // The writer thread writes the lines soon after, not before the answers.
+    let placed = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == "room placed")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while placed().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = placed();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let of = |room: &str| lines.iter().find(|l| l["room"] == room).unwrap().clone();
+    let standup = of("standup");
+    assert_eq!(
+        (
+            &standup["node"],
+            &standup["expected_size"],
+            &standup["size_source"]
+        ),
+        (&"n1".into(), &10.into(), &"default".into()),
+        "{standup}"
+    );
+    let lesson = of("lesson");
+    assert_eq!(
+        (
+            &lesson["expected_size"],
+            &lesson["size_source"],
+            &lesson["level"]
+        ),
+        (&25.into(), &"hint".into(), &"INFO".into()),
+        "{lesson}"
+    );
+}
+
 /// `roomrouter demo-node` heartbeating to `router` with the test credentials.
 fn demo_node(router: &str, id: &str, capacity: u32) -> Reaper {
     Reaper(

@@ -491,6 +491,37 @@ async fn explain_lists_every_node_with_its_verdict() {
     .await;
 }
 
+/// Nodes of unequal size: a new room counts its expected size on each candidate, so a big
+/// class goes to the node it fills least rather than to whichever is emptier now. (Counting
+/// only the load already there, the second room would go to the empty small node and fill
+/// it to 80% while the big one sat at 20%.)
+#[tokio::test]
+async fn a_big_room_goes_to_the_node_it_fills_least() {
+    let r = TestRouter::start(config()).await;
+    let _small = r.node("small", 50.0).await;
+    let _big = r.node("big", 200.0).await;
+    for class in ["class-1", "class-2", "class-3"] {
+        let resp = r
+            .get(&format!("/v1/placement/{class}?size=40"))
+            .send()
+            .await;
+        let placed: serde_json::Value = resp.unwrap().json().await.unwrap();
+        assert_eq!(placed["node"], "big", "{class}: {placed}");
+    }
+    // Three rooms of 40 reserved on the big node: it is at 60%, and a fourth room of 40
+    // would take it to 80%, the small one to 80% too. The explanation shows both figures.
+    let e: serde_json::Value = admin_json(&r, "/v1/placement/class-4/explain?size=40").await;
+    let rows = e["nodes"].as_array().unwrap();
+    let row = |id: &str| rows.iter().find(|n| n["node"] == id).unwrap().clone();
+    assert_eq!(row("big")["utilization"], 0.6, "{e}");
+    assert_eq!(row("big")["utilization_with_room"], 0.8, "{e}");
+    assert_eq!(row("small")["utilization"], 0.0, "{e}");
+    assert_eq!(row("small")["utilization_with_room"], 0.8, "{e}");
+    // A small room still goes to the small node, which it fills least.
+    let e: serde_json::Value = admin_json(&r, "/v1/placement/chat/explain?size=2").await;
+    assert_eq!(e["node"], "small", "{e}");
+}
+
 #[tokio::test]
 async fn a_node_draining_itself_with_no_rooms_leaves_the_cluster() {
     let r = TestRouter::start(config()).await;

@@ -83,6 +83,8 @@ impl HintArgs {
         Hints {
             region: self.region.as_deref(),
             tags: &self.tags,
+            // The router adds the room's expected size when it places one.
+            expected_load: 0.0,
         }
     }
 }

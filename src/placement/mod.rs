@@ -95,10 +95,24 @@ impl Default for Params {
 }
 
 /// Request hints for a new room.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Hints<'a> {
     pub region: Option<&'a str>,
     pub tags: &'a [String],
+    /// Load units the room is expected to bring (the size it will reserve; 0 if unknown).
+    /// The rules compare candidates by their utilization with it added, so on nodes of
+    /// unequal capacity a big room goes where it takes the smallest share; on equal nodes
+    /// this adds the same to every candidate and changes nothing.
+    pub expected_load: f64,
+}
+
+impl Hints<'_> {
+    /// Node `n`'s utilization `u` once the room's expected load is placed on it: what the
+    /// rules compare.
+    #[inline]
+    fn with_room<N: NodeView + ?Sized>(&self, n: &N, u: f64) -> f64 {
+        u + self.expected_load / n.capacity()
+    }
 }
 
 /// The outcome of [`decide`]. Indexes point into the node slice.
@@ -191,7 +205,8 @@ pub fn raw_score(room: u64, node_hash: u64, w: f64) -> f64 {
     h.ln() / w.max(f64::MIN_POSITIVE)
 }
 
-/// A ranked candidate: its weighted rendezvous score and what the rules compare.
+/// A ranked candidate: its weighted rendezvous score and what the rules compare (its
+/// utilization with the room's expected load added).
 #[inline]
 fn ranked(index: usize, room: u64, node_hash: u64, w: f64, util: f64) -> Ranked {
     Ranked {
@@ -260,13 +275,14 @@ pub fn choose<N: NodeView>(
         let u = n.utilization();
         if u < p.new_room_limit {
             let w = n.capacity() * (p.new_room_limit - u);
+            let after = hints.with_room(n, u);
             let in_region = prefer_region.is_some() && n.region() == prefer_region;
-            if cannot_matter(all.bar(p.rule, u), room, n.node_hash(), w)
-                && (!in_region || cannot_matter(local.bar(p.rule, u), room, n.node_hash(), w))
+            if cannot_matter(all.bar(p.rule, after), room, n.node_hash(), w)
+                && (!in_region || cannot_matter(local.bar(p.rule, after), room, n.node_hash(), w))
             {
                 continue;
             }
-            let c = ranked(i, room, n.node_hash(), w, u);
+            let c = ranked(i, room, n.node_hash(), w, after);
             all.offer(c);
             if in_region {
                 local.offer(c);
@@ -297,10 +313,11 @@ pub fn choose<N: NodeView>(
         let u = n.utilization();
         if u < p.join_limit {
             let w = n.capacity() * (p.join_limit - u);
-            if cannot_matter(over.bar(p.rule, u), room, n.node_hash(), w) {
+            let after = hints.with_room(n, u);
+            if cannot_matter(over.bar(p.rule, after), room, n.node_hash(), w) {
                 continue;
             }
-            over.offer(ranked(i, room, n.node_hash(), w, u));
+            over.offer(ranked(i, room, n.node_hash(), w, after));
         }
     }
     match over.pick(p.rule) {
@@ -347,6 +364,8 @@ pub struct NodeExplain {
     pub healthy: bool,
     pub state: AdminState,
     pub utilization: f64,
+    /// `utilization` with the room's expected load added: what the rules compared.
+    pub utilization_with_room: f64,
     pub weight: f64,
     pub score: Option<f64>,
     pub verdict: Verdict,
@@ -392,7 +411,7 @@ pub fn explain<N: NodeView>(
                 room,
                 n.node_hash(),
                 n.capacity() * (limit - u),
-                u,
+                hints.with_room(n, u),
             ));
         }
     }
@@ -426,6 +445,7 @@ pub fn explain<N: NodeView>(
                 healthy,
                 state: n.state(),
                 utilization: u,
+                utilization_with_room: hints.with_room(n, u),
                 weight: w,
                 score: (w > 0.0).then(|| numeric_score(room, n.node_hash(), w)),
                 verdict,

@@ -22,6 +22,15 @@ pub enum SizeSource {
 }
 
 impl SizeSource {
+    /// The name the API and the logs use (`hint`, `history`, `default`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SizeSource::Hint => "hint",
+            SizeSource::History => "history",
+            SizeSource::Default => "default",
+        }
+    }
+
     /// How long a reservation of this source lasts: `known_ms` for a hinted or learned size,
     /// `guess_ms` for the default guess. A guess is only there to cover the seconds before
     /// node reports show where new rooms went; held for minutes it is phantom load on every
@@ -93,6 +102,13 @@ mod tests {
         assert_eq!(expected_size(None, Some(30), 10), (30, SizeSource::History));
         assert_eq!(expected_size(None, None, 10), (10, SizeSource::Default));
         assert_eq!(expected_size(None, Some(0), 10), (10, SizeSource::Default));
+    }
+
+    #[test]
+    fn names_match_the_serialized_form() {
+        for s in [SizeSource::Hint, SizeSource::History, SizeSource::Default] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
     }
 
     #[test]

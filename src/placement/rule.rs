@@ -20,8 +20,9 @@ pub enum ChoiceRule {
     TopTwo,
     /// The best-ranked candidate (plain weighted rendezvous hashing).
     Rendezvous,
-    /// The least loaded candidate (ties: the better ranked). Default: with reservations
-    /// counted in the load it balances best in simulation.
+    /// The least loaded candidate once the room's expected load is counted on it (ties:
+    /// the better ranked). Default: with reservations counted in the load it balances best
+    /// in simulation.
     #[default]
     LeastLoaded,
 }
@@ -46,7 +47,8 @@ impl ChoiceRule {
 
 /// One ranked candidate: its index in the node slice, its rendezvous score (the crate's
 /// logarithmic-method value, see `placement::raw_score`: higher is better) and its
-/// utilization.
+/// utilization with the room's expected load added (`Hints::expected_load`), which is what
+/// "less loaded" means to every rule.
 #[derive(Debug, Clone, Copy)]
 pub struct Ranked {
     pub index: usize,

@@ -152,8 +152,8 @@ fn new_rooms_avoid_draining_disabled_and_untagged_nodes() {
     nodes[2].tags = vec!["recording".into()];
     let tags = vec!["recording".to_string()];
     let hints = Hints {
-        region: None,
         tags: &tags,
+        ..Hints::default()
     };
     for i in 0..200 {
         assert_eq!(
@@ -174,7 +174,7 @@ fn region_hint_prefers_the_region_and_falls_back_to_all() {
     nodes[2].region = Some("us".into());
     let hints = Hints {
         region: Some("eu"),
-        tags: &[],
+        ..Hints::default()
     };
     for i in 0..100 {
         assert_eq!(
@@ -342,8 +342,18 @@ fn explain_agrees_with_decide() {
     nodes[1].util = 0.9;
     let p = Params::default();
     for i in 0..100 {
-        let (d, rows) = explain(&nodes, None, room(i), &Hints::default(), NOW, &p);
-        assert_eq!(d, decide(&nodes, None, room(i), &Hints::default(), NOW, &p));
+        let hints = Hints {
+            expected_load: (i % 3) as f64 * 4.0,
+            ..Hints::default()
+        };
+        let (d, rows) = explain(&nodes, None, room(i), &hints, NOW, &p);
+        assert_eq!(d, decide(&nodes, None, room(i), &hints, NOW, &p));
+        for (row, x) in rows.iter().zip(&nodes) {
+            assert_eq!(
+                row.utilization_with_room,
+                x.util + hints.expected_load / x.cap
+            );
+        }
         let Decision::Place { node, .. } = d else {
             panic!("{d:?}")
         };
@@ -488,8 +498,10 @@ proptest! {
     }
 }
 
-/// The rule written the slow, obvious way: rank every candidate with the crate's score.
-fn reference_choice(nodes: &[N], r: u64, p: &Params) -> Option<String> {
+/// The rule written the slow, obvious way: rank every candidate with the crate's score,
+/// compare loads with the room's `expected` load added.
+fn reference_choice(nodes: &[N], r: u64, p: &Params, expected: f64) -> Option<String> {
+    let after = |x: &N| x.util + expected / x.cap;
     let eligible =
         |x: &&N| x.state == AdminState::Active && is_healthy(*x, NOW, p.heartbeat_timeout_ms);
     for limit in [p.new_room_limit, p.join_limit] {
@@ -509,15 +521,15 @@ fn reference_choice(nodes: &[N], r: u64, p: &Params) -> Option<String> {
         let pick = match p.rule {
             ChoiceRule::Rendezvous => c[0],
             ChoiceRule::TopTwo => {
-                if c.len() > 1 && c[1].util < c[0].util {
+                if c.len() > 1 && after(c[1]) < after(c[0]) {
                     c[1]
                 } else {
                     c[0]
                 }
             }
             ChoiceRule::LeastLoaded => {
-                let min = c.iter().map(|x| x.util).fold(f64::INFINITY, f64::min);
-                c.into_iter().find(|x| x.util == min).unwrap()
+                let min = c.iter().map(|x| after(x)).fold(f64::INFINITY, f64::min);
+                c.into_iter().find(|x| after(x) == min).unwrap()
             }
         };
         return Some(pick.id.clone());
@@ -529,11 +541,69 @@ proptest! {
     /// The one-pass choice (with its logarithm-skipping bound) picks exactly what ranking
     /// every candidate would.
     #[test]
-    fn one_pass_choice_equals_full_ranking(nodes in arb_nodes(), r in any::<u64>()) {
+    fn one_pass_choice_equals_full_ranking(nodes in arb_nodes(), r in any::<u64>(), e in prop::sample::select(vec![0.0, 1.0, 12.0, 40.0])) {
         for rule in ChoiceRule::ALL {
             let p = Params { rule, ..Params::default() };
-            prop_assert_eq!(placed(&nodes, r, &p), reference_choice(&nodes, r, &p), "rule {:?}", rule);
+            prop_assert_eq!(placed_with(&nodes, r, &p, e), reference_choice(&nodes, r, &p, e), "rule {:?}", rule);
         }
+    }
+
+    /// On nodes of equal capacity the room's expected load adds the same to every candidate:
+    /// no decision changes (the simulator's standard clusters are such).
+    #[test]
+    fn on_equal_nodes_the_expected_load_changes_nothing(utils in prop::collection::vec(0.0f64..1.2, 1..12), r in any::<u64>(), e in 0.0f64..80.0) {
+        let nodes: Vec<N> = utils.iter().enumerate().map(|(i, u)| n(&format!("n{i}"), 100.0, *u)).collect();
+        for rule in ChoiceRule::ALL {
+            let p = Params { rule, ..Params::default() };
+            prop_assert_eq!(placed_with(&nodes, r, &p, e), placed(&nodes, r, &p), "rule {:?}", rule);
+        }
+    }
+}
+
+/// Where a new room of `expected` load units goes.
+fn placed_with(nodes: &[N], r: u64, p: &Params, expected: f64) -> Option<String> {
+    let hints = Hints {
+        expected_load: expected,
+        ..Hints::default()
+    };
+    match decide(nodes, None, r, &hints, NOW, p) {
+        Decision::Place { node, .. } => Some(nodes[node].id.clone()),
+        _ => None,
+    }
+}
+
+/// On nodes of unequal capacity, "least loaded" means once the room is there: a room
+/// expected to fill 80% of a small node goes to the big one, which it fills to 20%, even
+/// though both are empty now and the small one sometimes ranks first.
+#[test]
+fn a_big_room_goes_where_it_takes_the_smallest_share() {
+    let nodes = vec![n("small", 50.0, 0.0), n("big", 200.0, 0.0)];
+    let p = Params::default();
+    let small_first = (0..200)
+        .filter(|&i| placed(&nodes, room(i), &p).as_deref() == Some("small"))
+        .count();
+    assert!(
+        small_first > 10,
+        "with no size known, the small node takes its share"
+    );
+    for i in 0..200 {
+        assert_eq!(
+            placed_with(&nodes, room(i), &p, 40.0).as_deref(),
+            Some("big")
+        );
+    }
+    // The small node busy at 10%, the big at 45%: a room of 40 still fits better on the big
+    // one (65% against 90%), a room of 2 on the small one (14% against 46%).
+    let nodes = vec![n("small", 50.0, 0.10), n("big", 200.0, 0.45)];
+    for i in 0..50 {
+        assert_eq!(
+            placed_with(&nodes, room(i), &p, 40.0).as_deref(),
+            Some("big")
+        );
+        assert_eq!(
+            placed_with(&nodes, room(i), &p, 2.0).as_deref(),
+            Some("small")
+        );
     }
 }
 
@@ -554,11 +624,13 @@ fn one_pass_choice_equals_full_ranking_on_large_clusters() {
             })
             .collect();
         for i in 0..300 {
-            assert_eq!(
-                placed(&nodes, room(i), &p),
-                reference_choice(&nodes, room(i), &p),
-                "rule {rule:?} room {i}"
-            );
+            for e in [0.0, 30.0] {
+                assert_eq!(
+                    placed_with(&nodes, room(i), &p, e),
+                    reference_choice(&nodes, room(i), &p, e),
+                    "rule {rule:?} room {i} expected load {e}"
+                );
+            }
         }
     }
 }

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PlacementConfig;
 use crate::placement::hash::{node_hash, pair_hash, room_hash};
-use crate::placement::reservation::{expected_size, Reservation};
+use crate::placement::reservation::{expected_size, Reservation, SizeSource};
 use crate::placement::{decide, is_healthy, ChoiceRule, Decision, Hints, Millis, Params};
 pub use policy::Policy;
 use policy::{Ring, ViewNode};
@@ -545,7 +545,19 @@ impl<'a> Sim<'a> {
         let view = &self.view;
         let full = |i: usize| view[i].util >= p.join_limit;
         match self.policy {
-            Policy::Ours { .. } => decide(view, pinned, room, &Hints::default(), t, p),
+            Policy::Ours { .. } => {
+                // As the router: the rules compare nodes with the room's reservation counted
+                // (none for the variant without reservations).
+                let hints = Hints {
+                    expected_load: if self.policy.reserves() {
+                        f64::from(self.expected_size(s).0)
+                    } else {
+                        0.0
+                    },
+                    ..Hints::default()
+                };
+                decide(view, pinned, room, &hints, t, p)
+            }
             Policy::LeastLoaded | Policy::TwoChoice => {
                 if let Some(i) = pinned.filter(|&i| is_healthy(&view[i], t, p.heartbeat_timeout_ms))
                 {
@@ -683,14 +695,19 @@ impl<'a> Sim<'a> {
             .count() as u64
     }
 
-    /// Books the room's expected size on `node` in router `r`.
-    fn reserve(&mut self, t: Millis, s: usize, r: usize, node: usize) {
+    /// What session `s`'s room would reserve: its hint, else its learned history, else the
+    /// default guess.
+    fn expected_size(&self, s: usize) -> (u32, SizeSource) {
         let history = self
             .history
             .get(&self.rooms[s].hash)
             .and_then(|peaks| peaks.iter().copied().max());
-        let (size, source) =
-            expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve);
+        expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve)
+    }
+
+    /// Books the room's expected size on `node` in router `r`.
+    fn reserve(&mut self, t: Millis, s: usize, r: usize, node: usize) {
+        let (size, source) = self.expected_size(s);
         let ttl = source.ttl_ms(
             self.cfg.reservation_ttl_ms,
             self.cfg.new_room_reserve_ttl_ms,

@@ -394,6 +394,43 @@ fn weights_hold() {
     }
 }
 
+/// Invariant 5 with sizes: a room with an expected size goes first where it takes the
+/// smallest share (the biggest node), but as each placement's reservation raises its node's
+/// û, a burst of such rooms still spreads in proportion to capacity.
+#[test]
+fn weights_hold_for_a_burst_of_sized_rooms() {
+    let caps = [50.0, 100.0, 200.0, 400.0];
+    let mut nodes = cluster(&caps);
+    let p = Params::default();
+    let hints = Hints {
+        expected_load: 0.3,
+        ..Hints::default()
+    };
+    let rooms = 1_000;
+    let mut counts = [0usize; 4];
+    for i in 0..rooms {
+        let Decision::Place { node, overflow } = decide(&nodes, None, room(i), &hints, NOW, &p)
+        else {
+            panic!()
+        };
+        assert!(!overflow);
+        if i == 0 {
+            assert_eq!(node, 3, "the first room goes to the biggest node");
+        }
+        counts[node] += 1;
+        nodes[node].util += hints.expected_load / caps[node];
+    }
+    let total: f64 = caps.iter().sum();
+    for (i, c) in caps.iter().enumerate() {
+        let expected = c / total;
+        let got = counts[i] as f64 / rooms as f64;
+        assert!(
+            (got - expected).abs() < 0.01,
+            "node {i}: share {got:.3}, expected {expected:.3}"
+        );
+    }
+}
+
 fn arb_nodes() -> impl Strategy<Value = Vec<N>> {
     prop::collection::vec((1.0f64..100.0, 0.0f64..1.2, 0u8..10, any::<bool>()), 1..12).prop_map(
         |v| {

@@ -36,7 +36,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::PlacementConfig;
 use crate::placement::hash::{node_hash, pair_hash, room_hash};
 use crate::placement::reservation::{expected_size, Reservation, SizeSource};
-use crate::placement::{decide, is_healthy, ChoiceRule, Decision, Hints, Millis, Params};
+use crate::placement::{
+    decide, is_healthy, pin_holds, ChoiceRule, Decision, Hints, Millis, Params,
+};
 pub use policy::Policy;
 use policy::{Ring, ViewNode};
 pub use report::{PolicyResult, Report, WorkloadResult};
@@ -547,9 +549,11 @@ impl<'a> Sim<'a> {
         match self.policy {
             Policy::Ours { .. } => {
                 // As the router: the rules compare nodes with the room's reservation counted
-                // (none for the variant without reservations).
+                // (none for the variant without reservations). Not looked up for a room
+                // whose pin holds: no node is chosen for it.
+                let holds = pinned.is_some_and(|i| pin_holds(&view[i], t, p).is_some());
                 let hints = Hints {
-                    expected_load: if self.policy.reserves() {
+                    expected_load: if self.policy.reserves() && !holds {
                         f64::from(self.expected_size(s).0)
                     } else {
                         0.0

@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -131,8 +132,9 @@ async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
     assert_eq!(joined["node"], "proc-node");
 }
 
-#[tokio::test]
-async fn secrets_never_reach_the_logs() {
+/// `roomrouter serve` with the test credentials on a free port, logging JSON at `level` to
+/// a file: `(router, its URL, the log file)`.
+async fn serve_logging_to_a_file(level: &str) -> (Reaper, String, PathBuf) {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("rr-log-{}-{port}.log", std::process::id()));
@@ -148,13 +150,19 @@ async fn secrets_never_reach_the_logs() {
             .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
             .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
             .env("ROOMROUTER_TICKET_SECRET", SECRET)
-            .env("RUST_LOG", "trace")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .unwrap(),
     );
     wait_http(&format!("{url}/healthz")).await;
+    (router, url, log)
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let (router, url, log) = serve_logging_to_a_file("trace").await;
     let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 10, "load": 0});
     let c = client();
     c.post(format!("{url}/v1/nodes/n1/heartbeat"))
@@ -203,28 +211,7 @@ async fn secrets_never_reach_the_logs() {
 /// a placed room are not (a log line per join would be a flood at 100 000 joins/s).
 #[tokio::test]
 async fn placements_are_logged_once_per_room_with_their_reservation() {
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("rr-placed-{}-{port}.log", std::process::id()));
-    let file = std::fs::File::create(&log).unwrap();
-    let _router = Reaper(
-        clean_env(&mut Command::new(BIN))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log-json",
-            ])
-            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
-            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-            .env("ROOMROUTER_TICKET_SECRET", SECRET)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap(),
-    );
-    wait_http(&format!("{url}/healthz")).await;
+    let (_router, url, log) = serve_logging_to_a_file("info").await;
     let c = client();
     let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 0});
     c.post(format!("{url}/v1/nodes/n1/heartbeat"))

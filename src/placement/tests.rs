@@ -367,6 +367,20 @@ fn explain_agrees_with_decide() {
     }
 }
 
+/// Each node got its capacity's share of the rooms, within a point.
+fn assert_shares_follow_capacity(counts: &[usize], caps: &[f64]) {
+    let rooms: usize = counts.iter().sum();
+    let total: f64 = caps.iter().sum();
+    for (i, c) in caps.iter().enumerate() {
+        let expected = c / total;
+        let got = counts[i] as f64 / rooms as f64;
+        assert!(
+            (got - expected).abs() < 0.01,
+            "node {i}: share {got:.3}, expected {expected:.3}"
+        );
+    }
+}
+
 /// Invariant 5: with no load, new rooms spread in proportion to capacity.
 #[test]
 fn weights_hold() {
@@ -383,15 +397,7 @@ fn weights_hold() {
         };
         counts[node] += 1;
     }
-    let total: f64 = caps.iter().sum();
-    for (i, c) in caps.iter().enumerate() {
-        let expected = c / total;
-        let got = counts[i] as f64 / rooms as f64;
-        assert!(
-            (got - expected).abs() < 0.01,
-            "node {i}: share {got:.3}, expected {expected:.3}"
-        );
-    }
+    assert_shares_follow_capacity(&counts, &caps);
 }
 
 /// Invariant 5 with sizes: a room with an expected size goes first where it takes the
@@ -420,15 +426,7 @@ fn weights_hold_for_a_burst_of_sized_rooms() {
         counts[node] += 1;
         nodes[node].util += hints.expected_load / caps[node];
     }
-    let total: f64 = caps.iter().sum();
-    for (i, c) in caps.iter().enumerate() {
-        let expected = c / total;
-        let got = counts[i] as f64 / rooms as f64;
-        assert!(
-            (got - expected).abs() < 0.01,
-            "node {i}: share {got:.3}, expected {expected:.3}"
-        );
-    }
+    assert_shares_follow_capacity(&counts, &caps);
 }
 
 fn arb_nodes() -> impl Strategy<Value = Vec<N>> {

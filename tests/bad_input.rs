@@ -265,33 +265,12 @@ async fn a_node_with_its_own_token_must_use_it_and_no_other_node_may() {
 async fn unknown_nodes_paths_and_wrong_methods() {
     let r = router_with_a_node().await;
     let before = state(&r).await;
-    expect_error(
-        r.admin(Method::GET, "/v1/nodes/ghost")
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect_error(
-        r.admin(Method::DELETE, "/v1/nodes/ghost")
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect_error(
-        r.admin(Method::GET, "/v1/nodes/bad%20id")
-            .send()
-            .await
-            .unwrap(),
-        400,
-        "invalid_request",
-    )
-    .await;
+    r.expect_admin_error(Method::GET, "/v1/nodes/ghost", 404, "not_found")
+        .await;
+    r.expect_admin_error(Method::DELETE, "/v1/nodes/ghost", 404, "not_found")
+        .await;
+    r.expect_admin_error(Method::GET, "/v1/nodes/bad%20id", 400, "invalid_request")
+        .await;
     expect_error(
         r.admin(Method::GET, "/v1/frobnicate").send().await.unwrap(),
         404,

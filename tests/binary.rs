@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{client, expected_size, ADMIN, NODE_TOKEN, SECRET};
+use common::{client, expected_size, heartbeat_at, ADMIN, NODE_TOKEN, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roomrouter");
 
@@ -165,18 +165,8 @@ async fn secrets_never_reach_the_logs() {
     let (router, url, log) = serve_logging_to_a_file("trace").await;
     let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 10, "load": 0});
     let c = client();
-    c.post(format!("{url}/v1/nodes/n1/heartbeat"))
-        .bearer_auth(NODE_TOKEN)
-        .json(&hb)
-        .send()
-        .await
-        .unwrap();
-    c.post(format!("{url}/v1/nodes/n1/heartbeat"))
-        .bearer_auth("wrong-token-0123456789")
-        .json(&hb)
-        .send()
-        .await
-        .unwrap();
+    heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
+    heartbeat_at(&url, "wrong-token-0123456789", "n1", &hb).await;
     c.get(format!("{url}/v1/nodes"))
         .bearer_auth(ADMIN)
         .send()
@@ -214,12 +204,7 @@ async fn placements_are_logged_once_per_room_with_their_reservation() {
     let (_router, url, log) = serve_logging_to_a_file("info").await;
     let c = client();
     let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 0});
-    c.post(format!("{url}/v1/nodes/n1/heartbeat"))
-        .bearer_auth(NODE_TOKEN)
-        .json(&hb)
-        .send()
-        .await
-        .unwrap();
+    heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
     for _ in 0..3 {
         let resp = c.get(format!("{url}/rooms/standup")).send().await.unwrap();
         assert_eq!(resp.status(), 307);
@@ -314,18 +299,12 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     wait_http(&format!("{url}/healthz")).await;
     let c = client();
     let beat = |rooms: serde_json::Value| {
-        let c = c.clone();
         let url = url.clone();
         async move {
-            let r = c
-                .post(format!("{url}/v1/nodes/n1/heartbeat"))
-                .bearer_auth(NODE_TOKEN)
-                .json(&serde_json::json!({
-                    "url": "http://127.0.0.1:9", "capacity": 1000, "load": 0, "rooms": rooms,
-                }))
-                .send()
-                .await
-                .unwrap();
+            let hb = serde_json::json!({
+                "url": "http://127.0.0.1:9", "capacity": 1000, "load": 0, "rooms": rooms,
+            });
+            let r = heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
             assert_eq!(r.status(), 200);
         }
     };

@@ -132,15 +132,8 @@ async fn drain_disable_enable_through_the_admin_api() {
         }
     }
     assert!(back > 0);
-    expect_error(
-        r.admin(Method::POST, "/v1/nodes/ghost/drain")
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
+    r.expect_admin_error(Method::POST, "/v1/nodes/ghost/drain", 404, "not_found")
+        .await;
 }
 
 #[tokio::test]
@@ -310,24 +303,10 @@ async fn rooms_and_nodes_admin_endpoints() {
         .await
         .unwrap();
     assert_eq!(del.status(), 200);
-    expect_error(
-        r.admin(Method::GET, "/v1/rooms/room-03")
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect_error(
-        r.admin(Method::DELETE, "/v1/rooms/room-03")
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
+    r.expect_admin_error(Method::GET, "/v1/rooms/room-03", 404, "not_found")
+        .await;
+    r.expect_admin_error(Method::DELETE, "/v1/rooms/room-03", 404, "not_found")
+        .await;
     let list: serde_json::Value = admin_json(&r, "/v1/nodes").await;
     assert_eq!(list["nodes"].as_array().unwrap().len(), 2);
     // A node may remove itself with its own token.
@@ -340,15 +319,8 @@ async fn rooms_and_nodes_admin_endpoints() {
         .await
         .unwrap();
     assert_eq!(gone.status(), 200);
-    expect_error(
-        r.admin(Method::GET, "/v1/nodes/static-1")
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
+    r.expect_admin_error(Method::GET, "/v1/nodes/static-1", 404, "not_found")
+        .await;
 }
 
 #[tokio::test]

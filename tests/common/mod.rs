@@ -123,6 +123,19 @@ impl TestRouter {
             .request(method, format!("{}{path}", self.url))
             .bearer_auth(ADMIN)
     }
+
+    /// Sends an admin request with no body and checks that it fails with `status` and the
+    /// stable error `code` (see [`expect_error`]).
+    pub async fn expect_admin_error(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        status: u16,
+        code: &str,
+    ) -> serde_json::Value {
+        let resp = self.admin(method, path).send().await.unwrap();
+        expect_error(resp, status, code).await
+    }
 }
 
 impl Drop for TestRouter {
@@ -222,9 +235,21 @@ where
 
 /// Sends a heartbeat by hand.
 pub async fn heartbeat(r: &TestRouter, id: &str, body: serde_json::Value) -> reqwest::Response {
-    r.post(&format!("/v1/nodes/{id}/heartbeat"))
-        .bearer_auth(NODE_TOKEN)
-        .json(&body)
+    heartbeat_at(&r.url, NODE_TOKEN, id, &body).await
+}
+
+/// Sends a heartbeat by hand to the router at `url` (one this harness did not start), with
+/// `token` as the node's bearer token.
+pub async fn heartbeat_at(
+    url: &str,
+    token: &str,
+    id: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    client()
+        .post(format!("{url}/v1/nodes/{id}/heartbeat"))
+        .bearer_auth(token)
+        .json(body)
         .send()
         .await
         .unwrap()

@@ -431,6 +431,43 @@ async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
     r.stop().await;
 }
 
+/// `Connection` may name headers to drop on the way, but not the length that frames a body:
+/// a request that listed `Content-Length` there lost it on the way to the node, which then
+/// read the body as a second request, one the router never admitted, carrying whatever
+/// ticket and forwarding headers the client wrote (request smuggling). Nor may a node's
+/// answer lose its length so: the client could not tell where the body ends.
+#[tokio::test]
+async fn a_connection_header_cannot_strip_the_length_that_frames_a_body() {
+    let (r, node, mut c) = cluster(vec![
+        "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello",
+    ])
+    .await;
+    let smuggled =
+        "GET /rooms/other HTTP/1.1\r\nHost: n\r\nX-Room-Ticket: forged\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+    c.send(&format!(
+        "POST /rooms/s HTTP/1.1\r\nHost: router.test\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    ))
+    .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200);
+    assert_eq!(a.header("content-length").as_deref(), Some("5"), "{a:?}");
+    assert_eq!(a.body, b"hello");
+    // The connection goes on: the client knew where the answer ended.
+    c.send(&get("/rooms/s")).await;
+    assert_eq!(c.answer().await.status(), 200);
+    let seen = node.seen();
+    assert_eq!(seen.len(), 2, "no request but the client's two: {seen:?}");
+    let first = seen[0].to_ascii_lowercase();
+    assert!(
+        first.contains(&format!("\r\ncontent-length: {}\r\n", smuggled.len())),
+        "{first}"
+    );
+    assert!(first.ends_with(&smuggled.to_ascii_lowercase()), "{first}");
+    assert!(seen[1].starts_with("GET /rooms/s "), "{seen:?}");
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_body_sent_in_pieces_reaches_the_node_whole() {
     let (r, node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;

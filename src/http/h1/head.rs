@@ -234,9 +234,14 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
     let mut xff_prev: Vec<&[u8]> = Vec::new();
     for (name, value) in h {
         let n = name.as_str();
+        // `Content-Length` frames the body the fast path sends after this head: it goes to
+        // the node even if `Connection` lists it, or the node would read the body as the
+        // next request (one the router never admitted: request smuggling).
         if name == header::HOST
             || is_hop_by_hop(n.as_bytes())
-            || has_connection && listed(connection.iter().map(|v| v.as_bytes()), n.as_bytes())
+            || has_connection
+                && name != header::CONTENT_LENGTH
+                && listed(connection.iter().map(|v| v.as_bytes()), n.as_bytes())
         {
             continue;
         }
@@ -429,10 +434,13 @@ fn write_client_response(
     let keep_length = matches!(parsed.framing, Framing::Empty | Framing::Length(_));
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        let length = name.eq_ignore_ascii_case(b"content-length");
+        // A length that frames the body stays even if `Connection` lists it: the relay
+        // sends that many bytes, and the client must know where they end.
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-room-node")
-            || (!keep_length && name.eq_ignore_ascii_case(b"content-length"))
-            || (has_connection && listed(connection(), name))
+            || (length && !keep_length)
+            || (has_connection && !(length && keep_length) && listed(connection(), name))
         {
             continue;
         }

@@ -235,7 +235,7 @@ impl Client<'_> {
 
     /// Writes `out` to the client within the send timeout.
     async fn flush(&mut self) -> bool {
-        within(self.send, self.io.write_all(&self.out))
+        within(self.send, write_out(&mut self.io, &self.out))
             .await
             .is_ok()
     }
@@ -403,7 +403,8 @@ impl Client<'_> {
             self.buf.advance(n);
             *rest -= n as u64;
         }
-        Ok(())
+        // All of the request must reach the node before its answer is awaited.
+        within(self.idle, conn.io.flush()).await.map_err(Side::Node)
     }
 
     /// Relays the response body after `answer` (the head): what came with the head goes in
@@ -411,7 +412,7 @@ impl Client<'_> {
     async fn relay(&mut self, conn: &mut Conn, head: &ResponseHead) -> io::Result<()> {
         let mut left = match head.framing {
             Framing::Empty => {
-                return within(self.send, self.io.write_all(&self.answer)).await;
+                return within(self.send, write_out(&mut self.io, &self.answer)).await;
             }
             Framing::Length(n) => Left::Length(n),
             Framing::Chunked => Left::Chunked(ChunkedEnd::new()),
@@ -543,6 +544,15 @@ async fn within<T>(d: Duration, f: impl Future<Output = io::Result<T>>) -> io::R
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle for too long")),
     }
+}
+
+/// Writes all of `bytes` and flushes them: over TLS, `write_all` may leave the last bytes
+/// in rustls's buffer (it accepts them before the socket does) until something flushes, and
+/// a peer waiting for them would wait until a timeout. Over plain TCP the flush costs one
+/// poll and no system call.
+async fn write_out<W: AsyncWrite + Unpin + ?Sized>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
 }
 
 /// A connection handed to hyper: the bytes the fast path read first, then the stream.

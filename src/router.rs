@@ -572,6 +572,7 @@ impl<S: PinStore> Router<S> {
             && !reported_any
             && self.placement.auto_remove_drained
             && !entry.is_static
+            && !self.tickets_may_arrive(id, now)
         {
             self.cluster.remove(id);
             self.store
@@ -681,6 +682,26 @@ impl<S: PinStore> Router<S> {
             self.book.release(room, |_| Some(&*entry.live));
         }
         Ok(true)
+    }
+
+    /// Whether a user may still arrive at `node` with a ticket: some pin on it had a join
+    /// within a ticket's lifetime (this router's own, or, by the pin's confirmation, another
+    /// router's). Rooms the node never listed count too: a room placed there since its last
+    /// report, whose first user is on the way, would otherwise be placed afresh elsewhere
+    /// once the node is gone, while that user lands on the node (a split). Visits every pin:
+    /// only asked of a drained node that reported no rooms.
+    fn tickets_may_arrive(&self, node: &NodeId, now: Millis) -> bool {
+        let own_since = now.saturating_sub(self.ticket_ttl_ms);
+        // As in `end_room`: other routers' joins show only as confirmations.
+        let confirmed_since = match self.store.shared() {
+            true => now.saturating_sub(self.shared_ticket_hold_ms()),
+            false => Millis::MAX,
+        };
+        self.store.any_pin(|room, pin| {
+            pin.node == *node
+                && (pin.confirmed_at >= confirmed_since
+                    || self.recent.joined_since(room.stable_hash(), own_since))
+        })
     }
 
     /// How long after its last confirmation a pin may still have a ticket another router

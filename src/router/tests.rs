@@ -549,6 +549,36 @@ async fn a_self_draining_node_stays_while_a_ticket_for_it_may_arrive() {
 }
 
 #[tokio::test]
+async fn a_drained_node_stays_while_a_ticket_for_a_room_it_never_listed_may_arrive() {
+    // A room placed on the node after its last report: its first user holds a ticket for
+    // the node, and the node has nothing to list yet. Removing the node would place the
+    // room's next join elsewhere while that user lands on the node: a split.
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
+    join(&r, "fresh").await.unwrap();
+    r.clock().advance(500);
+    let draining = || beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining);
+    draining().await;
+    assert!(
+        r.node(&id("a")).is_some(),
+        "removed with a ticket outstanding"
+    );
+    assert_eq!(
+        node_of(&r, "fresh").await,
+        "a",
+        "the room stays where its user goes"
+    );
+    // Once no ticket for it can arrive (the room's last join is older than a ticket's
+    // lifetime, 60 s), the drained node goes.
+    r.clock().advance(59_000);
+    draining().await;
+    assert!(r.node(&id("a")).is_some(), "a ticket may still arrive");
+    r.clock().advance(2_000);
+    draining().await;
+    assert!(r.node(&id("a")).is_none());
+}
+
+#[tokio::test]
 async fn joins_keep_a_busy_rooms_pin_confirmed() {
     // The pinned fast path leaves confirmation to the general path once a pin is due: a room
     // that keeps getting joins is never swept, even if its node never reports rooms.

@@ -206,6 +206,10 @@ impl PinStore for MemoryStore {
         Ok(self.pins.len())
     }
 
+    fn any_pin(&self, mut f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool {
+        self.pins.iter().any(|e| f(e.key(), e.value()))
+    }
+
     fn health(&self) -> StoreHealth {
         StoreHealth::Ok
     }

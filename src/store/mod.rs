@@ -149,6 +149,11 @@ pub trait PinStore: Send + Sync + 'static {
     /// Number of pins (may be approximate for shared stores).
     fn count(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
+    /// Whether any pin satisfies `f`. Every store holds all pins locally (the memory store
+    /// its map, the Redis store its complete cache), so this waits on nothing; it visits
+    /// every pin, so it serves rare decisions (removing a drained node), never a join.
+    fn any_pin(&self, f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool;
+
     /// Health for `/readyz` and metrics.
     fn health(&self) -> StoreHealth;
 
@@ -232,6 +237,9 @@ macro_rules! delegate {
 impl PinStore for AnyStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         delegate!(self, s => s.get(room).await)
+    }
+    fn any_pin(&self, f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool {
+        delegate!(self, s => s.any_pin(f))
     }
     async fn pin_if(
         &self,

@@ -1755,6 +1755,14 @@ impl PinStore for RedisStore {
         Ok(self.inner.cache.iter().filter(|e| e.pin.is_some()).count())
     }
 
+    fn any_pin(&self, mut f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool {
+        // The cache is complete (see `peek`).
+        self.inner
+            .cache
+            .iter()
+            .any(|e| e.pin.as_ref().is_some_and(|p| f(e.key(), p)))
+    }
+
     fn shared(&self) -> bool {
         true
     }

@@ -452,8 +452,7 @@ impl<S: PinStore> Router<S> {
         // ended where this router did not see it end (its pin released by another router)
         // and created again before that reservation lapsed. Release it first: overwritten in
         // the book, it would stay counted on its node for good.
-        let snap = self.cluster.snapshot();
-        self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
+        self.book.release(room);
         if placed.previous.is_some() {
             self.metrics.decision(Decided::Replaced);
         }
@@ -538,7 +537,7 @@ impl<S: PinStore> Router<S> {
                     continue;
                 }
                 self.history.observe(&room, participants, now);
-                self.book.observe(&room, id, &entry.live, participants, now);
+                self.book.observe(&room, id, participants, now);
                 if self.reconcile(&room, &entry, now).await? {
                     listed.insert(room);
                 } else {
@@ -679,7 +678,7 @@ impl<S: PinStore> Router<S> {
             .outstanding(room)
             .is_some_and(|(n, _)| n == entry.id)
         {
-            self.book.release(room, |_| Some(&*entry.live));
+            self.book.release(room);
         }
         Ok(true)
     }
@@ -745,13 +744,12 @@ impl<S: PinStore> Router<S> {
         // a pin joined `room_idle_ttl` ago may carry a confirmation that much older still.
         let idle_ms = self.placement.room_idle_ttl.as_millis() as u64 + self.confirm_every_ms();
         let released = self.store.sweep_idle(now.saturating_sub(idle_ms)).await?;
-        let snap = self.cluster.snapshot_arc();
         for (room, _) in &released {
             self.end_session(room);
-            self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
+            self.book.release(room);
             self.metrics.released("idle");
         }
-        self.book.sweep(now, |id| snap.get(id).map(|e| &*e.live));
+        self.book.sweep(now);
         // What the other routers learned since the last sweep (a shared store).
         for (room, learned) in self.store.take_learned() {
             self.history.restore(room, learned);
@@ -869,8 +867,7 @@ impl<S: PinStore> Router<S> {
     pub async fn delete_room(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let removed = self.store.remove(room).await?;
         if removed.is_some() {
-            let snap = self.cluster.snapshot_arc();
-            self.book.release(room, |id| snap.get(id).map(|e| &*e.live));
+            self.book.release(room);
             self.metrics.released("admin");
         }
         Ok(removed)

@@ -7,6 +7,8 @@
 //! What ended sessions taught ([`Learned`]) is handed to the store, which keeps it across
 //! restarts when it is shared (Redis).
 
+use std::sync::Arc;
+
 use super::{Live, NodeId};
 use crate::placement::reservation::Reservation;
 use crate::placement::Millis;
@@ -18,6 +20,11 @@ const MAX_HISTORY: usize = 1_000_000;
 #[derive(Debug)]
 struct Held {
     node: NodeId,
+    /// The counters the reservation was added to, released on the same ones: a node removed
+    /// and added again (a restart that said goodbye) has new counters, which must not lose
+    /// what was only ever added to the old ones (they would go negative and hide later
+    /// reservations from `û`).
+    live: Arc<Live>,
     res: Reservation,
 }
 
@@ -30,13 +37,12 @@ pub struct ReservationBook {
 impl ReservationBook {
     /// Reserves `size` units for a room just placed on `node`. The caller releases any
     /// earlier reservation of the room first ([`ReservationBook::release`]); one that is
-    /// still there (a racing placement of the same room) is released here if it is on the
-    /// same node, the only counters at hand.
+    /// still there (a racing placement of the same room) is released here.
     pub fn reserve(
         &self,
         room: &RoomKey,
         node: &NodeId,
-        live: &Live,
+        live: &Arc<Live>,
         size: u32,
         now: Millis,
         ttl_ms: u64,
@@ -47,26 +53,18 @@ impl ReservationBook {
             room.clone(),
             Held {
                 node: node.clone(),
+                live: live.clone(),
                 res,
             },
         ) {
-            if &old.node == node {
-                live.add_reserved(-i64::from(old.res.outstanding()));
-            }
+            old.live.add_reserved(-i64::from(old.res.outstanding()));
         }
     }
 
     /// Records that at least `arrived` participants are in the room on `node`; returns the
     /// units released. Reservations for another node are left alone.
-    pub fn observe(
-        &self,
-        room: &RoomKey,
-        node: &NodeId,
-        live: &Live,
-        arrived: u32,
-        now: Millis,
-    ) -> u32 {
-        self.settle(room, node, live, now, |_| arrived)
+    pub fn observe(&self, room: &RoomKey, node: &NodeId, arrived: u32, now: Millis) -> u32 {
+        self.settle(room, node, now, |_| arrived)
     }
 
     /// One more participant was sent to the room's node. No map access when the node has
@@ -77,7 +75,7 @@ impl ReservationBook {
         if live.reserved_units() <= 0.0 || !self.held.contains_key(room) {
             return;
         }
-        self.settle(room, node, live, now, |r| r.arrived.saturating_add(1));
+        self.settle(room, node, now, |r| r.arrived.saturating_add(1));
     }
 
     /// Records arrivals on the room's reservation if it is on `node` (`arrived` maps the
@@ -87,7 +85,6 @@ impl ReservationBook {
         &self,
         room: &RoomKey,
         node: &NodeId,
-        live: &Live,
         now: Millis,
         arrived: impl FnOnce(&Reservation) -> u32,
     ) -> u32 {
@@ -101,10 +98,10 @@ impl ReservationBook {
                 if done {
                     released += h.res.outstanding();
                 }
+                if released > 0 {
+                    h.live.add_reserved(-i64::from(released));
+                }
             }
-        }
-        if released > 0 {
-            live.add_reserved(-i64::from(released));
         }
         if done {
             self.held.remove_if(room, |_, h| &h.node == node);
@@ -112,17 +109,15 @@ impl ReservationBook {
         released
     }
 
-    /// Drops a room's reservation (room ended or moved); `live_of` finds the node's counters.
-    pub fn release<'a>(&self, room: &RoomKey, live_of: impl Fn(&NodeId) -> Option<&'a Live>) {
+    /// Drops a room's reservation (room ended or moved).
+    pub fn release(&self, room: &RoomKey) {
         if let Some((_, h)) = self.held.remove(room) {
-            if let Some(live) = live_of(&h.node) {
-                live.add_reserved(-i64::from(h.res.outstanding()));
-            }
+            h.live.add_reserved(-i64::from(h.res.outstanding()));
         }
     }
 
     /// Drops expired reservations; returns how many.
-    pub fn sweep<'a>(&self, now: Millis, live_of: impl Fn(&NodeId) -> Option<&'a Live>) -> usize {
+    pub fn sweep(&self, now: Millis) -> usize {
         let mut expired = Vec::new();
         for e in self.held.iter() {
             if e.res.is_done(now) {
@@ -131,7 +126,7 @@ impl ReservationBook {
         }
         let n = expired.len();
         for room in expired {
-            self.release(&room, &live_of);
+            self.release(&room);
         }
         n
     }
@@ -291,13 +286,13 @@ mod tests {
     #[test]
     fn reservation_counts_until_participants_arrive() {
         let book = ReservationBook::default();
-        let live = Live::default();
+        let live = Arc::new(Live::default());
         let n = NodeId::parse("a").unwrap();
         book.reserve(&room("r"), &n, &live, 3, 0, 1_000);
         assert_eq!(live.reserved_units(), 3.0);
         book.arrive_one(&room("r"), &n, &live, 1);
         assert_eq!(live.reserved_units(), 2.0);
-        book.observe(&room("r"), &n, &live, 3, 2);
+        book.observe(&room("r"), &n, 3, 2);
         assert_eq!(live.reserved_units(), 0.0);
         assert!(book.is_empty());
     }
@@ -305,7 +300,7 @@ mod tests {
     #[test]
     fn reserving_a_room_again_on_its_node_replaces_what_it_still_held() {
         let book = ReservationBook::default();
-        let live = Live::default();
+        let live = Arc::new(Live::default());
         let n = NodeId::parse("a").unwrap();
         book.reserve(&room("r"), &n, &live, 5, 0, 1_000);
         book.reserve(&room("r"), &n, &live, 3, 10, 1_000);
@@ -316,12 +311,38 @@ mod tests {
     #[test]
     fn reservations_expire_in_the_sweep() {
         let book = ReservationBook::default();
-        let live = Live::default();
+        let live = Arc::new(Live::default());
         let n = NodeId::parse("a").unwrap();
         book.reserve(&room("r"), &n, &live, 5, 0, 1_000);
-        assert_eq!(book.sweep(999, |_| Some(&live)), 0);
-        assert_eq!(book.sweep(1_000, |_| Some(&live)), 1);
+        assert_eq!(book.sweep(999), 0);
+        assert_eq!(book.sweep(1_000), 1);
         assert_eq!(live.reserved_units(), 0.0);
+    }
+
+    #[test]
+    fn a_reservation_is_released_from_the_counters_it_was_added_to() {
+        // The node was removed and added again while the room's reservation held: the new
+        // counters never had it, so releasing it must not take it off them (they would go
+        // negative and hide the next room's reservation from `û`).
+        let book = ReservationBook::default();
+        let n = NodeId::parse("a").unwrap();
+        let before = Arc::new(Live::default());
+        book.reserve(&room("r"), &n, &before, 40, 0, 1_000);
+        let again = Arc::new(Live::default());
+        assert_eq!(book.sweep(1_000), 1);
+        assert_eq!(
+            (before.reserved_units(), again.reserved_units()),
+            (0.0, 0.0)
+        );
+        book.reserve(&room("s"), &n, &again, 30, 1_000, 1_000);
+        assert_eq!(again.reserved_units(), 30.0);
+        // Arrivals reported through the new counters settle the old reservation where it is.
+        book.reserve(&room("t"), &n, &before, 10, 1_000, 1_000);
+        book.observe(&room("t"), &n, 10, 1_001);
+        assert_eq!(
+            (before.reserved_units(), again.reserved_units()),
+            (0.0, 30.0)
+        );
     }
 
     #[test]

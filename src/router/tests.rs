@@ -579,6 +579,37 @@ async fn a_drained_node_stays_while_a_ticket_for_a_room_it_never_listed_may_arri
 }
 
 #[tokio::test]
+async fn a_node_that_leaves_and_comes_back_counts_its_new_reservations() {
+    // A reservation made before the node left (DELETE on shutdown, a restart) lapses after
+    // it came back: releasing it must not take it off the counters the node came back with.
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    let sized = |k: &'static str, size| {
+        let r = &r;
+        async move {
+            r.place(
+                &room(k),
+                &Hints::default(),
+                Some(size),
+                Intent::Lookup { create: true },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    sized("before", 40).await;
+    assert!(r.remove_node(&id("a")));
+    beat(&r, "a", 100.0, 0.0, None).await;
+    r.clock().advance(301_000); // past `reservation_ttl`
+    beat(&r, "a", 100.0, 0.0, None).await;
+    r.sweep().await.unwrap();
+    let p = sized("after", 30).await;
+    assert_eq!(p.node.id.as_str(), "a");
+    assert!((p.node.live.reserved_units() - 30.0).abs() < 1e-9);
+    assert!((p.node.utilization() - 0.30).abs() < 1e-9);
+}
+
+#[tokio::test]
 async fn joins_keep_a_busy_rooms_pin_confirmed() {
     // The pinned fast path leaves confirmation to the general path once a pin is due: a room
     // that keeps getting joins is never swept, even if its node never reports rooms.

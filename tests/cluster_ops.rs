@@ -515,6 +515,47 @@ async fn a_node_draining_itself_with_no_rooms_leaves_the_cluster() {
     .await;
 }
 
+/// Leaving does not lift an admin's disable: a disabled node that drains itself empty is
+/// removed, and when it comes back under its id (a restart) it is still disabled until an
+/// admin enables it.
+#[tokio::test]
+async fn a_disabled_node_that_leaves_and_comes_back_is_still_disabled() {
+    let r = TestRouter::start(config()).await;
+    let hb = |state: &str| json!({"url": "http://127.0.0.1:9", "capacity": 10000, "load": 0, "state": state, "rooms": []});
+    assert_eq!(heartbeat(&r, "a", hb("active")).await.status(), 200);
+    assert_eq!(heartbeat(&r, "b", hb("active")).await.status(), 200);
+    let resp = r
+        .admin(Method::POST, "/v1/nodes/a/disable")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(heartbeat(&r, "a", hb("draining")).await.status(), 200);
+    r.expect_admin_error(Method::GET, "/v1/nodes/a", 404, "not_found")
+        .await;
+    assert_eq!(heartbeat(&r, "a", hb("active")).await.status(), 200);
+    let st: serde_json::Value = admin_json(&r, "/v1/nodes/a").await;
+    assert_eq!(
+        (st["state"].as_str(), st["admin_state"].as_str()),
+        (Some("disabled"), Some("disabled"))
+    );
+    for i in 0..20 {
+        assert_eq!(
+            node_of(&r, &format!("d{i}")).await,
+            "b",
+            "a disabled node takes nothing"
+        );
+    }
+    let resp = r
+        .admin(Method::POST, "/v1/nodes/a/enable")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let st: serde_json::Value = admin_json(&r, "/v1/nodes/a").await;
+    assert_eq!(st["state"], "active");
+}
+
 #[tokio::test]
 async fn a_guessed_reservation_lapses_before_a_hinted_one() {
     let mut cfg = config();

@@ -112,7 +112,11 @@ pub fn check_url(s: &str) -> Result<(), String> {
 #[derive(Debug, Default)]
 pub struct Cluster {
     snapshot: ArcSwap<Snapshot>,
-    writers: Mutex<()>,
+    /// Taken by every writer. It holds the admin states (drain, disable) of nodes removed
+    /// while under one: a node that comes back under its id gets its admin's state back, so
+    /// neither leaving (on its own, or removed once drained) nor returning lifts it; only an
+    /// admin's `enable` does.
+    writers: Mutex<HashMap<NodeId, AdminState>>,
 }
 
 /// What an upsert did.
@@ -146,7 +150,7 @@ impl Cluster {
                 return (Upsert::Unchanged, e.clone());
             }
         }
-        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.snapshot.load_full();
         let mut nodes = cur.nodes.clone();
         let (outcome, entry) = match cur.position(id) {
@@ -165,7 +169,11 @@ impl Cluster {
                 (Upsert::Updated, e)
             }
             None => {
-                let e = NodeEntry::new(id.clone(), info, Arc::new(Live::default()), is_static);
+                let live = Live::default();
+                if let Some(s) = removed.remove(id) {
+                    live.set_admin_state(s);
+                }
+                let e = NodeEntry::new(id.clone(), info, Arc::new(live), is_static);
                 nodes.push(e.clone());
                 (Upsert::Added, e)
             }
@@ -176,23 +184,36 @@ impl Cluster {
 
     /// Removes a node. Its rooms are re-placed on their next join.
     pub fn remove(&self, id: &NodeId) -> Option<NodeEntry> {
-        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.snapshot.load_full();
         let i = cur.position(id)?;
         let mut nodes = cur.nodes.clone();
         let gone = nodes.remove(i);
+        let state = gone.live.admin_state();
+        if state != AdminState::Active {
+            removed.insert(gone.id.clone(), state);
+        }
         self.snapshot.store(Arc::new(Snapshot::new(nodes)));
         Some(gone)
     }
 
-    /// Sets a node's admin state; false if the node is unknown.
+    /// Sets a node's admin state; false if the node is unknown. For a node removed under
+    /// an admin state (another router's admin acting on it), the state it comes back with.
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
+        let mut removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         match self.snapshot().get(id) {
             Some(e) => {
                 e.live.set_admin_state(state);
                 true
             }
-            None => false,
+            None => {
+                if state == AdminState::Active {
+                    removed.remove(id);
+                } else if let Some(s) = removed.get_mut(id) {
+                    *s = state;
+                }
+                false
+            }
         }
     }
 
@@ -233,6 +254,25 @@ mod tests {
         assert_eq!(e2.live.pending_units(), 3.0);
         assert_eq!(e2.live.admin_state(), AdminState::Draining);
         assert_eq!(c.snapshot().get(&id).unwrap().info.capacity, 20.0);
+    }
+
+    #[test]
+    fn an_admin_state_outlives_the_nodes_removal() {
+        let c = Cluster::new();
+        let (a, b) = (NodeId::parse("a").unwrap(), NodeId::parse("b").unwrap());
+        c.upsert(&a, info(10.0), false);
+        c.upsert(&b, info(10.0), false);
+        c.set_admin_state(&a, AdminState::Disabled);
+        assert!(c.remove(&a).is_some() && c.remove(&b).is_some());
+        let (_, back) = c.upsert(&a, info(10.0), false);
+        assert_eq!(back.live.admin_state(), AdminState::Disabled);
+        let (_, other) = c.upsert(&b, info(10.0), false);
+        assert_eq!(other.live.admin_state(), AdminState::Active);
+        // Enabled (by another router's admin) while away: back as active.
+        c.remove(&a);
+        assert!(!c.set_admin_state(&a, AdminState::Active));
+        let (_, back) = c.upsert(&a, info(10.0), false);
+        assert_eq!(back.live.admin_state(), AdminState::Active);
     }
 
     #[test]

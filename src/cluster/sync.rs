@@ -318,7 +318,8 @@ impl NodeSync {
                 true
             }
             NodeUpdate::Removed { .. } => {
-                self.admin.remove(id.as_str());
+                // The node's admin state stays (`self.admin`, and the cluster keeps it too):
+                // a node that comes back is still drained or disabled until an admin enables it.
                 if let Ok(mut r) = self.reserved.lock() {
                     r.by_node.remove(id.as_str());
                 }
@@ -378,7 +379,7 @@ mod tests {
     }
 
     #[test]
-    fn admin_state_before_first_report_holds_and_removal_forgets() {
+    fn admin_state_before_first_report_holds_and_outlives_removal() {
         let c = Cluster::new();
         let s = NodeSync::new();
         s.apply(
@@ -396,7 +397,19 @@ mod tests {
         );
         assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }));
         assert!(c.snapshot().get(&id).is_none());
+        // Back after its removal: still disabled, until an admin enables it.
         s.apply(&c, &report(3000, 0.0));
+        assert_eq!(
+            c.snapshot().get(&id).unwrap().live.effective_state(),
+            AdminState::Disabled
+        );
+        s.apply(
+            &c,
+            &NodeUpdate::Admin {
+                id: "n1".into(),
+                state: AdminState::Active,
+            },
+        );
         assert_eq!(
             c.snapshot().get(&id).unwrap().live.effective_state(),
             AdminState::Active

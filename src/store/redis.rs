@@ -1242,8 +1242,9 @@ impl Inner {
                 p.hset(&self.keys.admin, id, state.as_str()).ignore();
             }
             NodeUpdate::Removed { id } => {
+                // The admin state stays: a node that comes back is still drained or
+                // disabled until an admin enables it (`Cluster::remove`).
                 p.hdel(&self.keys.nodes, id).ignore();
-                p.hdel(&self.keys.admin, id).ignore();
             }
             // Only published: every router repeats its own every second, so a router that
             // subscribes late has them all within a second without a stored copy.

@@ -997,3 +997,110 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
     );
     beats.abort();
 }
+
+/// Kills, on the server at `url`, only the subscriptions open through `through` (`CLIENT
+/// KILL ADDR .. TYPE pubsub`: what Redis does to a subscriber for `CLIENT KILL TYPE pubsub`
+/// or past its output buffer limit), leaving every other test's clients alone. How many.
+async fn kill_subscriptions(url: &str, through: &Partition) -> usize {
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut killed = 0;
+    for addr in through.subscription_addrs() {
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ADDR")
+            .arg(addr.to_string())
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        killed += n as usize;
+    }
+    killed
+}
+
+/// Times a Redis store entered degraded mode.
+fn outages(s: &AnyStore) -> u64 {
+    match s {
+        AnyStore::Redis(r) => r.outage_stats().0,
+        _ => panic!("not a Redis store"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
+    let test = "a_lost_subscription_while_redis_answers_is_not_an_outage";
+    let Some((url, _private)) = redis_for("lost_subscription") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("lostsub");
+    let cfg = config(&url, &p);
+    let door = Partition::to(hostport).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", door.addr);
+    let a = store::open(&cfg_a).await.unwrap();
+    let b = store::open(&cfg).await.unwrap();
+    let (r, n1, n2, n3) = (room("standup"), node("n1"), node("n2"), node("n3"));
+    let outages_before = outages(&a);
+    // Redis drops router A's subscriber alone and, at maxclients, refuses it a new one;
+    // A's command connections keep working throughout.
+    door.refuse_new_connections();
+    assert_eq!(
+        kill_subscriptions(&url, &door).await,
+        1,
+        "router A subscribes once"
+    );
+    // Router B pins the room to n2; A has no subscription to hear of it.
+    assert!(matches!(
+        b.pin_if(&r, &n2, None, 1000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // Several failed re-subscriptions later (bounded: 1.5 s), A has never decided alone.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_millis(1_500) {
+        assert_eq!(
+            a.health(),
+            StoreHealth::Ok,
+            "a lost subscription is not an outage while Redis answers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // So A asks Redis, and learns the room is n2's instead of splitting it onto n1.
+    match a.pin_if(&r, &n1, None, 2000).await.unwrap() {
+        PinOutcome::Lost(Some(pin)) => assert_eq!(pin.node, n2),
+        o => panic!("router A split the room: {o:?}"),
+    }
+    assert_eq!(
+        redis_pin(&url, &room_key(&p, "standup")).await.as_deref(),
+        Some("n2|1000|1000")
+    );
+    // Once Redis takes connections again, A subscribes again and follows B's changes.
+    door.restore();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            door.subscription_addrs().len() == 1
+        })
+        .await,
+        "router A subscribed again"
+    );
+    assert!(matches!(
+        b.pin_if(&r, &n3, Some(&n2), 3000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&r).await.unwrap().map(|p| p.node) == Some(n3.clone())
+        })
+        .await,
+        "router A's cache hears of changes again"
+    );
+    assert_eq!(outages(&a), outages_before, "no outage was counted");
+    cleanup(&url, &p).await;
+}

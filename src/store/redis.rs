@@ -28,7 +28,9 @@
 //! can arrive in any order. While Redis is unreachable the cache answers alone, decisions
 //! are queued, and when Redis returns they are written back by compare-and-set: where the
 //! store already holds a different pin, the store wins and the cache takes its pin (the
-//! loser's node is then told to evict the room on its next heartbeat).
+//! loser's node is then told to evict the room on its next heartbeat). Unreachable means
+//! that Redis fails a probe ([`Inner::probe`]): a failed command or a lost subscription
+//! alone is not an outage.
 //!
 //! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
 //! `+switch-master` announcement, a command refused by a master turned replica, or a lost
@@ -574,6 +576,20 @@ impl Inner {
         if self.is_down() {
             return Ok(());
         }
+        match self.probe().await {
+            Ok(()) => Err(e),
+            Err(failed) => {
+                self.mark_down(format!("{e}; {failed}"));
+                Ok(())
+            }
+        }
+    }
+
+    /// The one test of whether Redis is reachable, shared by every path that may enter
+    /// degraded mode (a failed command, a lost subscription), so that none of them decides
+    /// on less evidence: a PING on the commands' connection (with Sentinel: a `ROLE` that
+    /// must say master) answered within `connect_timeout`. `Err` says how it failed.
+    async fn probe(&self) -> Result<(), String> {
         let mut c = self.conn();
         let probe = tokio::time::timeout(self.connect_timeout, async {
             if self.sentinels.is_none() {
@@ -598,19 +614,27 @@ impl Inner {
             "role"
         };
         match probe {
-            Ok(Ok(None)) => Err(e),
-            Ok(Ok(Some(not_master))) => {
-                self.mark_down(format!("{e}; {not_master}"));
-                Ok(())
-            }
-            Ok(Err(pe)) => {
-                self.mark_down(format!("{e}; {what}: {pe}"));
-                Ok(())
-            }
-            Err(_) => {
-                self.mark_down(format!("{e}; no answer to {what}"));
-                Ok(())
-            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(not_master))) => Err(not_master),
+            Ok(Err(pe)) => Err(format!("{what}: {pe}")),
+            Err(_) => Err(format!("no answer to {what}")),
+        }
+    }
+
+    /// The subscription ended, fell silent or could not be opened again. Redis may still
+    /// answer commands (it kills subscribers alone for `CLIENT KILL TYPE pubsub` or an
+    /// output buffer limit, and may refuse new connections at `maxclients`): deciding from
+    /// the cache then could split a room with a router that still reaches Redis, so this is
+    /// an outage only if Redis also fails [`Inner::probe`]. Otherwise the caller subscribes
+    /// again, and [`Inner::recover`] reloads the cache, catching up on what was missed.
+    async fn subscription_failed(&self, why: String) {
+        if self.is_down() {
+            // Already degraded: only keep the latest reason.
+            self.mark_down(why);
+            return;
+        }
+        if self.confirm_down(StoreError(why.clone())).await.is_err() {
+            tracing::warn!(error = %why, "Redis subscription failed while Redis answers commands; subscribing again (not an outage)");
         }
     }
 
@@ -1266,7 +1290,9 @@ impl Inner {
 }
 
 /// Keeps the subscription alive: applies messages, re-syncs nodes periodically, detects an
-/// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return.
+/// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return. A
+/// subscription lost while Redis still answers commands is renewed without an outage (see
+/// [`Inner::subscription_failed`]).
 /// Every reconnection goes through [`Inner::subscribe_and_sync`], which with Sentinel asks
 /// the sentinels for the master first; while the subscription lives, an outage that moved
 /// the master ends it, so that the subscription moves too.
@@ -1336,9 +1362,10 @@ async fn supervise(
                         }
                     }
                 };
-                inner.mark_down(lost);
+                // Only an outage if Redis fails the probe too (see `subscription_failed`).
+                inner.subscription_failed(lost).await;
             }
-            Err(e) => inner.mark_down(format!("{e:#}")),
+            Err(e) => inner.subscription_failed(format!("{e:#}")).await,
         }
         tokio::select! {
             _ = stop.changed() => return,

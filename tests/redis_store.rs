@@ -1031,6 +1031,13 @@ fn outages(s: &AnyStore) -> u64 {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
     let test = "a_lost_subscription_while_redis_answers_is_not_an_outage";
@@ -1102,5 +1109,84 @@ async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
         "router A's cache hears of changes again"
     );
     assert_eq!(outages(&a), outages_before, "no outage was counted");
+    cleanup(&url, &p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_swept() {
+    let test = "a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_swept";
+    let Some((url, _private)) = redis_for("confirmed_through_outage") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("confirmed");
+    let cut = Partition::to(hostport).await;
+    let mut cfg = config(&format!("redis://{}", cut.addr), &p);
+    // Short enough to outlast in a test.
+    let ttl = Duration::from_secs(5);
+    cfg.placement.room_idle_ttl = ttl;
+    cfg.validate().expect("valid");
+    // What the router's sweep releases: rooms unconfirmed for the idle TTL and its 1/8 slack.
+    let idle_ms = (ttl + ttl / 8).as_millis() as u64;
+    let a = store::open(&cfg).await.unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    let pinned_at = std::time::Instant::now();
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // Redis keeps a pin twice the idle TTL: 20 minutes by default, against seconds to
+    // reconnect. Scaled down to 5 s, the reconnection would outlast the key, so the key is
+    // given a minute (its confirmation, which the sweep goes by, stays as it is).
+    let mut direct = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let kept: i64 = redis::cmd("PEXPIRE")
+        .arg(room_key(&p, "standup"))
+        .arg(60_000)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    cut.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.health() != StoreHealth::Ok
+        })
+        .await,
+        "the router noticed the outage"
+    );
+    // Node n1 keeps reporting the room throughout, for longer than the sweep's idle limit.
+    while pinned_at.elapsed() < Duration::from_millis(idle_ms + 300) {
+        assert!(
+            a.confirm(&r, &n1, now_ms()).await.unwrap(),
+            "the cached pin is n1's"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cut.restore();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            a.health() == StoreHealth::Ok
+        })
+        .await,
+        "the router reconnected"
+    );
+    let released = a.sweep_idle(now_ms() - idle_ms).await.unwrap();
+    assert!(
+        released.is_empty(),
+        "a room in use was released: {released:?}"
+    );
+    assert!(
+        redis_pin(&url, &room_key(&p, "standup"))
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "the pin is still in Redis"
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
     cleanup(&url, &p).await;
 }

@@ -28,9 +28,10 @@
 //! can arrive in any order. While Redis is unreachable the cache answers alone, decisions
 //! are queued, and when Redis returns they are written back by compare-and-set: where the
 //! store already holds a different pin, the store wins and the cache takes its pin (the
-//! loser's node is then told to evict the room on its next heartbeat). Unreachable means
-//! that Redis fails a probe ([`Inner::probe`]): a failed command or a lost subscription
-//! alone is not an outage.
+//! loser's node is then told to evict the room on its next heartbeat). Confirmations of
+//! cached pins are queued too, so that the first idle sweep after a long outage does not
+//! release rooms that stayed in use. Unreachable means that Redis fails a probe
+//! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage.
 //!
 //! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
 //! `+switch-master` announcement, a command refused by a master turned replica, or a lost
@@ -327,6 +328,12 @@ struct Inner {
     cache: RoomMap<Cached>,
     node_ids: DashMap<Box<str>, NodeId>,
     pending: RoomMap<Pending>,
+    /// Confirmations heard while Redis was unreachable: room -> (node, latest time), only
+    /// for rooms whose cached pin points at that node (so at most one per cached pin).
+    /// Written back on recovery: without them Redis would still hold the pre-outage
+    /// confirmation, and the first idle sweep after an outage longer than the idle TTL
+    /// would release rooms whose nodes kept confirming them all along.
+    pending_confirms: RoomMap<(NodeId, Millis)>,
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     down: AtomicBool,
     why: Mutex<String>,
@@ -488,6 +495,7 @@ impl RedisStore {
             cache: RoomMap::default(),
             node_ids: DashMap::new(),
             pending: RoomMap::default(),
+            pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
             down: AtomicBool::new(true),
             why: Mutex::new("connecting".into()),
@@ -777,7 +785,67 @@ impl Inner {
         Ok(old)
     }
 
+    /// Runs `CONFIRM` (refreshes the pin only if it still points at `node`); on success
+    /// brings the cached pin's confirmation up to `now` and repairs the room index. Shared
+    /// by live confirmations and their write-back after an outage.
+    async fn confirm_remote(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn();
+        let mut inv = self.confirm.key(self.keys.room(room.as_str()));
+        inv.arg(node.as_str()).arg(now).arg(self.pin_ttl_ms);
+        let n = self.run::<i64>("confirm", inv.invoke_async(&mut c)).await?;
+        if n == 1 {
+            self.confirm_cached(room, node, now);
+            let _ = self.index_tx.send(IndexOp::Add(room.as_str().to_string()));
+        }
+        Ok(n == 1)
+    }
+
     // --- local (outage) operations on the cache ---
+
+    /// Moves the cached pin's confirmation up to `now` if the pin points at `node`. True if
+    /// it does.
+    fn confirm_cached(&self, room: &RoomKey, node: &NodeId, now: Millis) -> bool {
+        let Some(mut c) = self.cache.get_mut(room) else {
+            return false;
+        };
+        match c.pin.as_mut().filter(|p| &p.node == node) {
+            Some(p) => {
+                p.confirmed_at = p.confirmed_at.max(now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A confirmation while Redis is unreachable: if the cached pin points at `node`, the
+    /// cache takes it (the local view stays right) and it is queued for
+    /// [`Inner::write_back`], keeping the latest time per room. True if the pin is `node`'s.
+    fn confirm_local(&self, room: &RoomKey, node: &NodeId, now: Millis) -> bool {
+        if !self.confirm_cached(room, node, now) {
+            return false;
+        }
+        self.queue_confirm(room, node, now);
+        true
+    }
+
+    /// Queues a confirmation to write back; a newer one (or one for another node, which
+    /// the cache now names) replaces it.
+    fn queue_confirm(&self, room: &RoomKey, node: &NodeId, now: Millis) {
+        let mut e = self
+            .pending_confirms
+            .entry(room.clone())
+            .or_insert_with(|| (node.clone(), now));
+        if &e.0 != node {
+            *e = (node.clone(), now);
+        } else {
+            e.1 = e.1.max(now);
+        }
+    }
 
     fn pin_if_local(
         &self,
@@ -959,6 +1027,24 @@ impl Inner {
             };
             if let Err(e) = r {
                 self.pending.entry(room).or_insert(op);
+                return Err(e);
+            }
+        }
+        // After the pins (a room pinned during the outage is in the store by now). `CONFIRM`
+        // refreshes only a pin that still points at the node, so a confirmation can neither
+        // bring back a released pin nor take a room from the node the store chose.
+        let rooms: Vec<RoomKey> = self
+            .pending_confirms
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        for room in rooms {
+            let Some((_, (node, at))) = self.pending_confirms.remove(&room) else {
+                continue;
+            };
+            if let Err(e) = self.confirm_remote(&room, &node, at).await {
+                // Kept for the next write-back; one heard meanwhile may be newer.
+                self.queue_confirm(&room, &node, at);
                 return Err(e);
             }
         }
@@ -1640,9 +1726,10 @@ impl PinStore for RedisStore {
         now: Millis,
     ) -> Result<bool, StoreError> {
         let i = &self.inner;
-        // The cache's confirmed_at is what Redis holds as far as we know (it is only
-        // updated from Redis), so a confirmation we wrote recently needs no new write:
-        // node reports list every room every heartbeat.
+        // The cache's confirmed_at is what Redis holds as far as we know (it is updated
+        // from Redis, or during an outage by confirmations queued for write-back), so a
+        // confirmation we wrote recently needs no new write: node reports list every room
+        // every heartbeat.
         let (mine, fresh) = match i.cache.get(room) {
             Some(c) => match &c.pin {
                 Some(p) if &p.node == node => {
@@ -1653,26 +1740,15 @@ impl PinStore for RedisStore {
             None => (false, false),
         };
         if i.is_down() {
-            return Ok(mine);
+            // Remembered and written back on recovery, so that the room is not swept as
+            // idle by the pre-outage confirmation Redis still holds.
+            return Ok(i.confirm_local(room, node, now));
         }
         if fresh {
             return Ok(true);
         }
-        let mut c = i.conn();
-        let mut inv = i.confirm.key(i.keys.room(room.as_str()));
-        inv.arg(node.as_str()).arg(now).arg(i.pin_ttl_ms);
-        match i.run::<i64>("confirm", inv.invoke_async(&mut c)).await {
-            Ok(n) => {
-                if n == 1 {
-                    if let Some(mut c) = i.cache.get_mut(room) {
-                        if let Some(p) = c.pin.as_mut().filter(|p| &p.node == node) {
-                            p.confirmed_at = p.confirmed_at.max(now);
-                        }
-                    }
-                    let _ = i.index_tx.send(IndexOp::Add(room.as_str().to_string()));
-                }
-                Ok(n == 1)
-            }
+        match i.confirm_remote(room, node, now).await {
+            Ok(n) => Ok(n),
             Err(e) => {
                 tracing::debug!(error = %e, "confirmation not written");
                 Ok(mine)

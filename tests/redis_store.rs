@@ -997,3 +997,196 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
     );
     beats.abort();
 }
+
+/// Kills, on the server at `url`, only the subscriptions open through `through` (`CLIENT
+/// KILL ADDR .. TYPE pubsub`: what Redis does to a subscriber for `CLIENT KILL TYPE pubsub`
+/// or past its output buffer limit), leaving every other test's clients alone. How many.
+async fn kill_subscriptions(url: &str, through: &Partition) -> usize {
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut killed = 0;
+    for addr in through.subscription_addrs() {
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ADDR")
+            .arg(addr.to_string())
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        killed += n as usize;
+    }
+    killed
+}
+
+/// Times a Redis store entered degraded mode.
+fn outages(s: &AnyStore) -> u64 {
+    match s {
+        AnyStore::Redis(r) => r.outage_stats().0,
+        _ => panic!("not a Redis store"),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
+    let test = "a_lost_subscription_while_redis_answers_is_not_an_outage";
+    let Some((url, _private)) = redis_for("lost_subscription") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("lostsub");
+    let cfg = config(&url, &p);
+    let door = Partition::to(hostport).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", door.addr);
+    let a = store::open(&cfg_a).await.unwrap();
+    let b = store::open(&cfg).await.unwrap();
+    let (r, n1, n2, n3) = (room("standup"), node("n1"), node("n2"), node("n3"));
+    let outages_before = outages(&a);
+    // Redis drops router A's subscriber alone and, at maxclients, refuses it a new one;
+    // A's command connections keep working throughout.
+    door.refuse_new_connections();
+    assert_eq!(
+        kill_subscriptions(&url, &door).await,
+        1,
+        "router A subscribes once"
+    );
+    // Router B pins the room to n2; A has no subscription to hear of it.
+    assert!(matches!(
+        b.pin_if(&r, &n2, None, 1000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // Several failed re-subscriptions later (bounded: 1.5 s), A has never decided alone.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_millis(1_500) {
+        assert_eq!(
+            a.health(),
+            StoreHealth::Ok,
+            "a lost subscription is not an outage while Redis answers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // So A asks Redis, and learns the room is n2's instead of splitting it onto n1.
+    match a.pin_if(&r, &n1, None, 2000).await.unwrap() {
+        PinOutcome::Lost(Some(pin)) => assert_eq!(pin.node, n2),
+        o => panic!("router A split the room: {o:?}"),
+    }
+    assert_eq!(
+        redis_pin(&url, &room_key(&p, "standup")).await.as_deref(),
+        Some("n2|1000|1000")
+    );
+    // Once Redis takes connections again, A subscribes again and follows B's changes.
+    door.restore();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            door.subscription_addrs().len() == 1
+        })
+        .await,
+        "router A subscribed again"
+    );
+    assert!(matches!(
+        b.pin_if(&r, &n3, Some(&n2), 3000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&r).await.unwrap().map(|p| p.node) == Some(n3.clone())
+        })
+        .await,
+        "router A's cache hears of changes again"
+    );
+    assert_eq!(outages(&a), outages_before, "no outage was counted");
+    cleanup(&url, &p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_swept() {
+    let test = "a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_swept";
+    let Some((url, _private)) = redis_for("confirmed_through_outage") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("confirmed");
+    let cut = Partition::to(hostport).await;
+    let mut cfg = config(&format!("redis://{}", cut.addr), &p);
+    // Short enough to outlast in a test.
+    let ttl = Duration::from_secs(5);
+    cfg.placement.room_idle_ttl = ttl;
+    cfg.validate().expect("valid");
+    // What the router's sweep releases: rooms unconfirmed for the idle TTL and its 1/8 slack.
+    let idle_ms = (ttl + ttl / 8).as_millis() as u64;
+    let a = store::open(&cfg).await.unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    let pinned_at = std::time::Instant::now();
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // Redis keeps a pin twice the idle TTL: 20 minutes by default, against seconds to
+    // reconnect. Scaled down to 5 s, the reconnection would outlast the key, so the key is
+    // given a minute (its confirmation, which the sweep goes by, stays as it is).
+    let mut direct = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let kept: i64 = redis::cmd("PEXPIRE")
+        .arg(room_key(&p, "standup"))
+        .arg(60_000)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    cut.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.health() != StoreHealth::Ok
+        })
+        .await,
+        "the router noticed the outage"
+    );
+    // Node n1 keeps reporting the room throughout, for longer than the sweep's idle limit.
+    while pinned_at.elapsed() < Duration::from_millis(idle_ms + 300) {
+        assert!(
+            a.confirm(&r, &n1, now_ms()).await.unwrap(),
+            "the cached pin is n1's"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cut.restore();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            a.health() == StoreHealth::Ok
+        })
+        .await,
+        "the router reconnected"
+    );
+    let released = a.sweep_idle(now_ms() - idle_ms).await.unwrap();
+    assert!(
+        released.is_empty(),
+        "a room in use was released: {released:?}"
+    );
+    assert!(
+        redis_pin(&url, &room_key(&p, "standup"))
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "the pin is still in Redis"
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
+    cleanup(&url, &p).await;
+}

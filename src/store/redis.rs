@@ -28,7 +28,10 @@
 //! can arrive in any order. While Redis is unreachable the cache answers alone, decisions
 //! are queued, and when Redis returns they are written back by compare-and-set: where the
 //! store already holds a different pin, the store wins and the cache takes its pin (the
-//! loser's node is then told to evict the room on its next heartbeat).
+//! loser's node is then told to evict the room on its next heartbeat). Confirmations of
+//! cached pins are queued too, so that the first idle sweep after a long outage does not
+//! release rooms that stayed in use. Unreachable means that Redis fails a probe
+//! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage.
 //!
 //! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
 //! `+switch-master` announcement, a command refused by a master turned replica, or a lost
@@ -325,6 +328,12 @@ struct Inner {
     cache: RoomMap<Cached>,
     node_ids: DashMap<Box<str>, NodeId>,
     pending: RoomMap<Pending>,
+    /// Confirmations heard while Redis was unreachable: room -> (node, latest time), only
+    /// for rooms whose cached pin points at that node (so at most one per cached pin).
+    /// Written back on recovery: without them Redis would still hold the pre-outage
+    /// confirmation, and the first idle sweep after an outage longer than the idle TTL
+    /// would release rooms whose nodes kept confirming them all along.
+    pending_confirms: RoomMap<(NodeId, Millis)>,
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     down: AtomicBool,
     why: Mutex<String>,
@@ -486,6 +495,7 @@ impl RedisStore {
             cache: RoomMap::default(),
             node_ids: DashMap::new(),
             pending: RoomMap::default(),
+            pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
             down: AtomicBool::new(true),
             why: Mutex::new("connecting".into()),
@@ -574,6 +584,20 @@ impl Inner {
         if self.is_down() {
             return Ok(());
         }
+        match self.probe().await {
+            Ok(()) => Err(e),
+            Err(failed) => {
+                self.mark_down(format!("{e}; {failed}"));
+                Ok(())
+            }
+        }
+    }
+
+    /// The one test of whether Redis is reachable, shared by every path that may enter
+    /// degraded mode (a failed command, a lost subscription), so that none of them decides
+    /// on less evidence: a PING on the commands' connection (with Sentinel: a `ROLE` that
+    /// must say master) answered within `connect_timeout`. `Err` says how it failed.
+    async fn probe(&self) -> Result<(), String> {
         let mut c = self.conn();
         let probe = tokio::time::timeout(self.connect_timeout, async {
             if self.sentinels.is_none() {
@@ -598,19 +622,27 @@ impl Inner {
             "role"
         };
         match probe {
-            Ok(Ok(None)) => Err(e),
-            Ok(Ok(Some(not_master))) => {
-                self.mark_down(format!("{e}; {not_master}"));
-                Ok(())
-            }
-            Ok(Err(pe)) => {
-                self.mark_down(format!("{e}; {what}: {pe}"));
-                Ok(())
-            }
-            Err(_) => {
-                self.mark_down(format!("{e}; no answer to {what}"));
-                Ok(())
-            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(not_master))) => Err(not_master),
+            Ok(Err(pe)) => Err(format!("{what}: {pe}")),
+            Err(_) => Err(format!("no answer to {what}")),
+        }
+    }
+
+    /// The subscription ended, fell silent or could not be opened again. Redis may still
+    /// answer commands (it kills subscribers alone for `CLIENT KILL TYPE pubsub` or an
+    /// output buffer limit, and may refuse new connections at `maxclients`): deciding from
+    /// the cache then could split a room with a router that still reaches Redis, so this is
+    /// an outage only if Redis also fails [`Inner::probe`]. Otherwise the caller subscribes
+    /// again, and [`Inner::recover`] reloads the cache, catching up on what was missed.
+    async fn subscription_failed(&self, why: String) {
+        if self.is_down() {
+            // Already degraded: only keep the latest reason.
+            self.mark_down(why);
+            return;
+        }
+        if self.confirm_down(StoreError(why.clone())).await.is_err() {
+            tracing::warn!(error = %why, "Redis subscription failed while Redis answers commands; subscribing again (not an outage)");
         }
     }
 
@@ -753,7 +785,67 @@ impl Inner {
         Ok(old)
     }
 
+    /// Runs `CONFIRM` (refreshes the pin only if it still points at `node`); on success
+    /// brings the cached pin's confirmation up to `now` and repairs the room index. Shared
+    /// by live confirmations and their write-back after an outage.
+    async fn confirm_remote(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn();
+        let mut inv = self.confirm.key(self.keys.room(room.as_str()));
+        inv.arg(node.as_str()).arg(now).arg(self.pin_ttl_ms);
+        let n = self.run::<i64>("confirm", inv.invoke_async(&mut c)).await?;
+        if n == 1 {
+            self.confirm_cached(room, node, now);
+            let _ = self.index_tx.send(IndexOp::Add(room.as_str().to_string()));
+        }
+        Ok(n == 1)
+    }
+
     // --- local (outage) operations on the cache ---
+
+    /// Moves the cached pin's confirmation up to `now` if the pin points at `node`. True if
+    /// it does.
+    fn confirm_cached(&self, room: &RoomKey, node: &NodeId, now: Millis) -> bool {
+        let Some(mut c) = self.cache.get_mut(room) else {
+            return false;
+        };
+        match c.pin.as_mut().filter(|p| &p.node == node) {
+            Some(p) => {
+                p.confirmed_at = p.confirmed_at.max(now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A confirmation while Redis is unreachable: if the cached pin points at `node`, the
+    /// cache takes it (the local view stays right) and it is queued for
+    /// [`Inner::write_back`], keeping the latest time per room. True if the pin is `node`'s.
+    fn confirm_local(&self, room: &RoomKey, node: &NodeId, now: Millis) -> bool {
+        if !self.confirm_cached(room, node, now) {
+            return false;
+        }
+        self.queue_confirm(room, node, now);
+        true
+    }
+
+    /// Queues a confirmation to write back; a newer one (or one for another node, which
+    /// the cache now names) replaces it.
+    fn queue_confirm(&self, room: &RoomKey, node: &NodeId, now: Millis) {
+        let mut e = self
+            .pending_confirms
+            .entry(room.clone())
+            .or_insert_with(|| (node.clone(), now));
+        if &e.0 != node {
+            *e = (node.clone(), now);
+        } else {
+            e.1 = e.1.max(now);
+        }
+    }
 
     fn pin_if_local(
         &self,
@@ -935,6 +1027,24 @@ impl Inner {
             };
             if let Err(e) = r {
                 self.pending.entry(room).or_insert(op);
+                return Err(e);
+            }
+        }
+        // After the pins (a room pinned during the outage is in the store by now). `CONFIRM`
+        // refreshes only a pin that still points at the node, so a confirmation can neither
+        // bring back a released pin nor take a room from the node the store chose.
+        let rooms: Vec<RoomKey> = self
+            .pending_confirms
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        for room in rooms {
+            let Some((_, (node, at))) = self.pending_confirms.remove(&room) else {
+                continue;
+            };
+            if let Err(e) = self.confirm_remote(&room, &node, at).await {
+                // Kept for the next write-back; one heard meanwhile may be newer.
+                self.queue_confirm(&room, &node, at);
                 return Err(e);
             }
         }
@@ -1267,7 +1377,9 @@ impl Inner {
 }
 
 /// Keeps the subscription alive: applies messages, re-syncs nodes periodically, detects an
-/// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return.
+/// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return. A
+/// subscription lost while Redis still answers commands is renewed without an outage (see
+/// [`Inner::subscription_failed`]).
 /// Every reconnection goes through [`Inner::subscribe_and_sync`], which with Sentinel asks
 /// the sentinels for the master first; while the subscription lives, an outage that moved
 /// the master ends it, so that the subscription moves too.
@@ -1337,9 +1449,10 @@ async fn supervise(
                         }
                     }
                 };
-                inner.mark_down(lost);
+                // Only an outage if Redis fails the probe too (see `subscription_failed`).
+                inner.subscription_failed(lost).await;
             }
-            Err(e) => inner.mark_down(format!("{e:#}")),
+            Err(e) => inner.subscription_failed(format!("{e:#}")).await,
         }
         tokio::select! {
             _ = stop.changed() => return,
@@ -1614,9 +1727,10 @@ impl PinStore for RedisStore {
         now: Millis,
     ) -> Result<bool, StoreError> {
         let i = &self.inner;
-        // The cache's confirmed_at is what Redis holds as far as we know (it is only
-        // updated from Redis), so a confirmation we wrote recently needs no new write:
-        // node reports list every room every heartbeat.
+        // The cache's confirmed_at is what Redis holds as far as we know (it is updated
+        // from Redis, or during an outage by confirmations queued for write-back), so a
+        // confirmation we wrote recently needs no new write: node reports list every room
+        // every heartbeat.
         let (mine, fresh) = match i.cache.get(room) {
             Some(c) => match &c.pin {
                 Some(p) if &p.node == node => {
@@ -1627,26 +1741,15 @@ impl PinStore for RedisStore {
             None => (false, false),
         };
         if i.is_down() {
-            return Ok(mine);
+            // Remembered and written back on recovery, so that the room is not swept as
+            // idle by the pre-outage confirmation Redis still holds.
+            return Ok(i.confirm_local(room, node, now));
         }
         if fresh {
             return Ok(true);
         }
-        let mut c = i.conn();
-        let mut inv = i.confirm.key(i.keys.room(room.as_str()));
-        inv.arg(node.as_str()).arg(now).arg(i.pin_ttl_ms);
-        match i.run::<i64>("confirm", inv.invoke_async(&mut c)).await {
-            Ok(n) => {
-                if n == 1 {
-                    if let Some(mut c) = i.cache.get_mut(room) {
-                        if let Some(p) = c.pin.as_mut().filter(|p| &p.node == node) {
-                            p.confirmed_at = p.confirmed_at.max(now);
-                        }
-                    }
-                    let _ = i.index_tx.send(IndexOp::Add(room.as_str().to_string()));
-                }
-                Ok(n == 1)
-            }
+        match i.confirm_remote(room, node, now).await {
+            Ok(n) => Ok(n),
             Err(e) => {
                 tracing::debug!(error = %e, "confirmation not written");
                 Ok(mine)

@@ -454,12 +454,13 @@ pub struct Partition {
     accept: tokio::task::JoinHandle<()>,
 }
 
-/// One forwarded connection: its two copy tasks, whether the client subscribed on it, and
-/// whether it is silenced.
+/// One forwarded connection: its two copy tasks, whether the client subscribed on it,
+/// whether it is silenced, and its address as Redis sees it (`CLIENT LIST`'s `addr`).
 struct Forwarded {
     tasks: [tokio::task::JoinHandle<()>; 2],
     subscribed: Arc<AtomicBool>,
     silent: Arc<AtomicBool>,
+    upstream: std::net::SocketAddr,
 }
 
 /// Copies `from` to `to` chunk by chunk; holds a chunk (and so everything after it) while
@@ -509,6 +510,9 @@ impl Partition {
                 let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
                     continue;
                 };
+                let Ok(up_addr) = up.local_addr() else {
+                    continue;
+                };
                 let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
                 let subscribed = Arc::new(AtomicBool::new(false));
                 let silent = Arc::new(AtomicBool::new(false));
@@ -520,6 +524,7 @@ impl Partition {
                     tasks,
                     subscribed,
                     silent,
+                    upstream: up_addr,
                 });
             }
         });
@@ -540,6 +545,23 @@ impl Partition {
 
     pub fn restore(&self) {
         self.open.store(true, AtomicOrdering::SeqCst);
+    }
+
+    /// Refuses new connections (they are reset) while the open ones keep working, as a
+    /// Redis at `maxclients` does; `restore()` opens the door again.
+    pub fn refuse_new_connections(&self) {
+        self.open.store(false, AtomicOrdering::SeqCst);
+    }
+
+    /// The addresses Redis sees for the subscriptions open through here (to pick them out
+    /// of `CLIENT LIST`, e.g. to kill only these with `CLIENT KILL ADDR`).
+    pub fn subscription_addrs(&self) -> Vec<std::net::SocketAddr> {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|c| c.subscribed.load(AtomicOrdering::SeqCst) && !c.tasks[1].is_finished())
+            .map(|c| c.upstream)
+            .collect()
     }
 
     /// Silences every subscription open now; connections made later pass.

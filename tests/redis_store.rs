@@ -419,6 +419,70 @@ async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
     cleanup(&url, &p).await;
 }
 
+/// An admin change that Redis refused while it answered (a command refused at `maxmemory`,
+/// here a key of the wrong type) is written as soon as Redis takes writes again, not at an
+/// outage's write-back that may never come; meanwhile it holds on the router that made it.
+#[tokio::test]
+async fn an_admin_change_redis_refused_is_written_once_redis_takes_writes_again() {
+    let Some((url, _private)) = redis_for("admin_refused") else {
+        return;
+    };
+    let p = prefix("adminrefused");
+    let a = serve(config(&url, &p)).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let admin_key = format!("{{{p}}}:admin");
+    let _: () = redis::cmd("SET")
+        .arg(&admin_key)
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = c
+        .post(format!("{}/v1/nodes/n1/drain", a.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    // Two re-syncs (1 s each) pass while the write is refused.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let id = NodeId::parse("n1").unwrap();
+    assert_eq!(a.app.router.node(&id).unwrap().state.as_str(), "draining");
+    assert_eq!(a.app.router.store().health(), StoreHealth::Ok);
+    let _: () = redis::cmd("DEL")
+        .arg(&admin_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The node's next heartbeat wakes the writer, which writes the kept change first.
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    let stored = || {
+        let mut conn = conn.clone();
+        let key = admin_key.clone();
+        async move {
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("n1")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            v.as_deref() == Some("draining")
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), stored).await,
+        "the drain reached Redis"
+    );
+    a.stop().await;
+    cleanup(&url, &p).await;
+}
+
 /// `redis://host:port` of `url`, for a forwarder; `None` (and a loud skip) otherwise.
 fn plain_host_port(url: &str, test: &str) -> Option<String> {
     let hp = url

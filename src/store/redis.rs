@@ -334,6 +334,9 @@ struct Inner {
     /// confirmation, and the first idle sweep after an outage longer than the idle TTL
     /// would release rooms whose nodes kept confirming them all along.
     pending_confirms: RoomMap<(NodeId, Millis)>,
+    /// Node changes that are not repeated (admin states, hand registrations, removals) and
+    /// could not be written: kept by [`pending_node_key`] until written, by the writer's next
+    /// round once Redis answers again, or by the write-back after an outage.
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     down: AtomicBool,
     why: Mutex<String>,
@@ -1048,15 +1051,40 @@ impl Inner {
                 return Err(e);
             }
         }
-        let nodes: Vec<NodeUpdate> = self
+        self.write_pending_nodes().await
+    }
+
+    /// Writes the node changes kept since a write failed. On an error, what is not yet
+    /// written stays kept (unless a newer change of the same kind replaced it meanwhile).
+    async fn write_pending_nodes(&self) -> Result<(), StoreError> {
+        let nodes: Vec<(String, NodeUpdate)> = self
             .pending_nodes
             .lock()
-            .map(|mut m| m.drain().map(|(_, u)| u).collect())
+            .map(|mut m| m.drain().collect())
             .unwrap_or_default();
-        for u in nodes {
-            self.write_node(&u).await?;
+        let mut left = nodes.into_iter();
+        while let Some((key, u)) = left.next() {
+            if let Err(e) = self.write_node(&u).await {
+                if let Ok(mut m) = self.pending_nodes.lock() {
+                    for (key, u) in std::iter::once((key, u)).chain(left) {
+                        m.entry(key).or_insert(u);
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
+    }
+
+    /// Whether a change of `id`'s admin state waits to be written: the store's older state
+    /// must not undo it here meanwhile.
+    fn admin_pending(&self, id: &str) -> bool {
+        self.pending_nodes.lock().is_ok_and(|m| {
+            m.contains_key(&pending_node_key(&NodeUpdate::Admin {
+                id: id.to_string(),
+                state: crate::placement::AdminState::Active,
+            }))
+        })
     }
 
     /// Our outage decision against the store: the store's existing pin wins a disagreement.
@@ -1279,6 +1307,9 @@ impl Inner {
             }
         }
         for (id, s) in admin {
+            if self.admin_pending(&id) {
+                continue;
+            }
             if let Ok(state) = serde_json::from_value(serde_json::Value::String(s)) {
                 self.sync.apply(cluster, &NodeUpdate::Admin { id, state });
             }
@@ -1526,6 +1557,12 @@ async fn node_writer(
         // change on many nodes at once (a burst of new rooms, with shared reservations): of
         // what queued meanwhile, only each node's newest report and reservation still matter.
         supersede(&mut batch);
+        // A change kept after a failed write goes first (and before what may supersede it):
+        // a write can fail while Redis is reachable (a command refused at `maxmemory`), so
+        // it cannot wait for the write-back after an outage, which may never come.
+        if !inner.is_down() {
+            let _ = inner.write_pending_nodes().await;
+        }
         for u in batch.drain(..) {
             let keep = !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. });
             if inner.is_down() || inner.write_node(&u).await.is_err() {
@@ -1533,11 +1570,21 @@ async fn node_writer(
                 // Admin changes are not.
                 if keep {
                     if let Ok(mut m) = inner.pending_nodes.lock() {
-                        m.insert(u.id().to_string(), u);
+                        m.insert(pending_node_key(&u), u);
                     }
                 }
             }
         }
+    }
+}
+
+/// Under which key a node change waits to be written: the newest change of a node's admin
+/// state replaces an older one, and so does the newest registration or removal, but neither
+/// kind replaces the other (a hand registration followed by a drain keeps both).
+fn pending_node_key(u: &NodeUpdate) -> String {
+    match u {
+        NodeUpdate::Admin { id, .. } => format!("admin {id}"),
+        other => format!("node {}", other.id()),
     }
 }
 

@@ -1176,6 +1176,58 @@ async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
     cleanup(&url, &p).await;
 }
 
+/// Without its subscription a router hears of no other router's change, so while Redis
+/// answers it reads pins from Redis instead of its cache: a room released and placed afresh
+/// elsewhere meanwhile is not joined on its old node (a split).
+#[tokio::test]
+async fn a_router_without_its_subscription_reads_pins_from_redis() {
+    let test = "a_router_without_its_subscription_reads_pins_from_redis";
+    let Some((url, _private)) = redis_for("unsubscribed_reads") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("unsubscribed");
+    let cfg = config(&url, &p);
+    let door = Partition::to(hostport).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", door.addr);
+    let a = store::open(&cfg_a).await.unwrap();
+    let b = store::open(&cfg).await.unwrap();
+    let (r, n1, n2) = (room("standup"), node("n1"), node("n2"));
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, 1000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    let cached = |s: &AnyStore| s.peek(&r, |p| p.map(|p| p.node.clone()));
+    assert_eq!(cached(&a), Some(Some(n1.clone())));
+    door.refuse_new_connections();
+    assert_eq!(kill_subscriptions(&url, &door).await, 1);
+    // Router B sees the room end on n1 and places it afresh on n2.
+    assert!(b.release_if(&r, &n1).await.unwrap());
+    assert!(matches!(
+        b.pin_if(&r, &n2, None, 2000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || async { cached(&a).is_none() }).await,
+        "router A stops answering from its cache"
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n2.clone()));
+    assert_eq!(a.health(), StoreHealth::Ok);
+    // Subscribed again (and caught up), it answers from its cache again.
+    door.restore();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            cached(&a) == Some(Some(n2.clone()))
+        })
+        .await,
+        "router A's cache is back and current"
+    );
+    cleanup(&url, &p).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_swept() {
     let test = "a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_swept";

@@ -23,7 +23,8 @@
 //!
 //! Reads never wait on Redis: the cache holds every pin (loaded at start and after every
 //! reconnection, kept current by `P:pins`), so a pinned room costs one map lookup and a new
-//! room one script. Each cache entry carries the Redis server time (µs) of the change it
+//! room one script. Only while the subscription is lost and Redis still answers does a read
+//! go to Redis (the cache would miss other routers' changes), until it is open again. Each cache entry carries the Redis server time (µs) of the change it
 //! reflects and only a newer change replaces it, so our own replies and the subscription
 //! can arrive in any order. While Redis is unreachable the cache answers alone, decisions
 //! are queued, and when Redis returns they are written back by compare-and-set: where the
@@ -339,6 +340,12 @@ struct Inner {
     /// round once Redis answers again, or by the write-back after an outage.
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     down: AtomicBool,
+    /// The subscription is open and the cache caught up since it opened. While it is not
+    /// (and Redis answers, so the store is not down), the cache hears of no other router's
+    /// change, so pins are read from Redis instead ([`RedisStore::get`]; `peek` declines):
+    /// a room released and placed afresh elsewhere would otherwise be joined on its old
+    /// node (a split).
+    subscribed: AtomicBool,
     why: Mutex<String>,
     /// Highest Redis time seen (µs), to age tombstones.
     last_ts: AtomicU64,
@@ -501,6 +508,7 @@ impl RedisStore {
             pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
             down: AtomicBool::new(true),
+            subscribed: AtomicBool::new(false),
             why: Mutex::new("connecting".into()),
             last_ts: AtomicU64::new(0),
             cmd_timeout: cfg.command_timeout,
@@ -577,6 +585,13 @@ impl Inner {
 
     fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
+    }
+
+    /// Redis answers but the subscription is not open (see `subscribed`): pins are read
+    /// from Redis, not from the cache.
+    #[inline]
+    fn reads_from_redis(&self) -> bool {
+        !self.subscribed.load(Ordering::Acquire) && !self.is_down()
     }
 
     /// A command failed. Only if Redis also fails a PING within `connect_timeout` (with
@@ -808,6 +823,20 @@ impl Inner {
         Ok(n == 1)
     }
 
+    /// The room's pin as Redis holds it now (while the cache cannot be trusted).
+    async fn get_remote(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        let mut c = self.conn();
+        let v: Option<String> = self
+            .run(
+                "get",
+                redis::cmd("GET")
+                    .arg(self.keys.room(room.as_str()))
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(v.as_deref().and_then(|v| self.decode(v)))
+    }
+
     // --- local (outage) operations on the cache ---
 
     /// Moves the cached pin's confirmation up to `now` if the pin points at `node`. True if
@@ -931,6 +960,8 @@ impl Inner {
         .await
         .map_err(|_| anyhow::anyhow!("subscribe timed out"))??;
         self.recover().await?;
+        // Caught up: the cache may answer again (`reads_from_redis`).
+        self.subscribed.store(true, Ordering::Release);
         Ok(ps.into_on_message())
     }
 
@@ -1481,6 +1512,7 @@ async fn supervise(
                     }
                 };
                 // Only an outage if Redis fails the probe too (see `subscription_failed`).
+                inner.subscribed.store(false, Ordering::Release);
                 inner.subscription_failed(lost).await;
             }
             Err(e) => inner.subscription_failed(format!("{e:#}")).await,
@@ -1739,11 +1771,24 @@ async fn learned_writer(
 
 impl PinStore for RedisStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
-        Ok(self.peek(room, |pin| pin.cloned()).flatten())
+        let i = &self.inner;
+        if i.reads_from_redis() {
+            match i.get_remote(room).await {
+                Ok(pin) => return Ok(pin),
+                // Down now: the cache answers, as in any outage.
+                Err(e) => i.confirm_down(e).await?,
+            }
+        }
+        let cached = i.cache.get(room);
+        Ok(cached.as_ref().and_then(|c| c.pin.clone()))
     }
 
     #[inline]
     fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
+        // Without the subscription the cache may be stale: `get` asks Redis instead.
+        if self.inner.reads_from_redis() {
+            return None;
+        }
         // The cache is complete: a miss means no pin (a pin made elsewhere an instant ago is
         // found by the compare-and-set that follows).
         let cached = self.inner.cache.get(room);

@@ -152,6 +152,29 @@ async fn pins_work_on_a_three_shard_redis_cluster() {
     assert_eq!(c.count().await.unwrap(), 59);
     assert_eq!(c.get(&rooms[5]).await.unwrap().map(|p| p.node), Some(n1));
 
+    // The first seed node gone (where the subscription used to open, for good): a router
+    // still opens, subscribes on another seed, and hears the other routers' changes.
+    let mut first_gone = cfg.clone();
+    first_gone
+        .store
+        .cluster_nodes
+        .insert(0, format!("redis://127.0.0.1:{}", cluster_port()));
+    first_gone.validate().unwrap();
+    let d = store::open(&first_gone)
+        .await
+        .expect("open with the first seed gone");
+    assert!(matches!(
+        a.pin_if(&rooms[0], &n2, None, 3000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            d.peek(&rooms[0], |p| p.map(|p| p.node.clone())) == Some(Some(n2.clone()))
+        })
+        .await,
+        "the router without its first seed heard the pin"
+    );
+
     // Learned sizes on the cluster: saved, announced to the other routers, loaded by a
     // router opened later, forgotten by the two-key script (both keys in the prefix's slot).
     let learned = |peak, last_seen| Learned {

@@ -169,8 +169,10 @@ impl ConnectionLike for Conn {
 struct Pool {
     /// The server commands go to, `host:port` (for Cluster, the seed nodes).
     server: String,
-    /// Opens the subscription: the same server (for Cluster, the first seed node).
-    sub: redis::Client,
+    /// Where the subscription may open: the same server; for Cluster, every seed node (a
+    /// message published on any node reaches the subscribers of all), tried in turn from
+    /// the one that last worked, so that one seed gone does not cut the router off.
+    subs: Vec<redis::Client>,
     conns: Vec<Conn>,
 }
 
@@ -202,7 +204,7 @@ async fn open_pool(
     }
     Ok(Pool {
         server,
-        sub: client,
+        subs: vec![client],
         conns,
     })
 }
@@ -346,6 +348,8 @@ struct Inner {
     /// a room released and placed afresh elsewhere would otherwise be joined on its old
     /// node (a split).
     subscribed: AtomicBool,
+    /// Which of the pool's `subs` the subscription opened on last.
+    sub_next: AtomicUsize,
     why: Mutex<String>,
     /// Highest Redis time seen (µs), to age tombstones.
     last_ts: AtomicU64,
@@ -487,8 +491,15 @@ impl RedisStore {
                 })?;
             Pool {
                 server: cfg.cluster_nodes.join(","),
-                sub: client_for(&cfg.cluster_nodes[0], certs.as_ref())
-                    .context("store.cluster_nodes[0]")?,
+                subs: cfg
+                    .cluster_nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        client_for(n, certs.as_ref())
+                            .with_context(|| format!("store.cluster_nodes[{i}]"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
                 conns: vec![Conn::Cluster(c)],
             }
         };
@@ -509,6 +520,7 @@ impl RedisStore {
             pending_nodes: Mutex::new(HashMap::new()),
             down: AtomicBool::new(true),
             subscribed: AtomicBool::new(false),
+            sub_next: AtomicUsize::new(0),
             why: Mutex::new("connecting".into()),
             last_ts: AtomicU64::new(0),
             cmd_timeout: cfg.command_timeout,
@@ -945,10 +957,36 @@ impl Inner {
 
     async fn subscribe_and_sync(self: &Arc<Self>) -> anyhow::Result<redis::aio::PubSubStream> {
         self.follow_master().await?;
-        let sub = self.pool.load().sub.clone();
+        let subs = self.pool.load().subs.clone();
+        let first = self.sub_next.load(Ordering::Relaxed);
+        let mut failed = Vec::new();
+        let mut ps = None;
+        for k in 0..subs.len() {
+            let i = (first + k) % subs.len();
+            match self.subscribe_at(&subs[i]).await {
+                Ok(s) => {
+                    self.sub_next.store(i, Ordering::Relaxed);
+                    ps = Some(s);
+                    break;
+                }
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        let Some(ps) = ps else {
+            anyhow::bail!("subscription: {}", failed.join("; "));
+        };
+        self.recover().await?;
+        // Caught up: the cache may answer again (`reads_from_redis`).
+        self.subscribed.store(true, Ordering::Release);
+        Ok(ps.into_on_message())
+    }
+
+    /// Opens a subscription to the shared channels on `sub`'s server, within
+    /// `connect_timeout` for each step.
+    async fn subscribe_at(&self, sub: &redis::Client) -> anyhow::Result<redis::aio::PubSub> {
         let mut ps = tokio::time::timeout(self.connect_timeout, sub.get_async_pubsub())
             .await
-            .map_err(|_| anyhow::anyhow!("subscription: connect timed out"))??;
+            .map_err(|_| anyhow::anyhow!("connect timed out"))??;
         tokio::time::timeout(
             self.connect_timeout,
             ps.subscribe(&[
@@ -959,10 +997,7 @@ impl Inner {
         )
         .await
         .map_err(|_| anyhow::anyhow!("subscribe timed out"))??;
-        self.recover().await?;
-        // Caught up: the cache may answer again (`reads_from_redis`).
-        self.subscribed.store(true, Ordering::Release);
-        Ok(ps.into_on_message())
+        Ok(ps)
     }
 
     /// Writes back queued decisions, reloads the cache and the node table, and leaves

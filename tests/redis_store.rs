@@ -1176,6 +1176,62 @@ async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
     cleanup(&url, &p).await;
 }
 
+/// A failover that lost a re-placement (the promoted replica still holds the room's older
+/// pin, whose node the users left) is repaired by the routers that saw the re-placement:
+/// their write-back puts it over the older pin instead of yielding to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        skip(
+            "lost_re_placement",
+            "no redis-server on PATH to start a private one",
+        );
+        return;
+    };
+    let p = prefix("lostreplace");
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
+        .await
+        .unwrap();
+    let (r, x, y) = (room("standup"), node("x"), node("y"));
+    assert!(matches!(
+        a.pin_if(&r, &x, None, 1000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(matches!(
+        a.pin_if(&r, &y, Some(&x), 2000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.cut();
+    // A new server (a new run id, as a promoted replica has) holding the room's older pin.
+    redis.restart();
+    let key = room_key(&p, "standup");
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x|1000|1000")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    door.restore();
+    let url = redis.url();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            redis_pin(&url, &key)
+                .await
+                .is_some_and(|v| v.starts_with("y|"))
+        })
+        .await,
+        "the re-placement is back: {:?}",
+        redis_pin(&url, &key).await
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y));
+}
+
 /// Without its subscription a router hears of no other router's change, so while Redis
 /// answers it reads pins from Redis instead of its cache: a room released and placed afresh
 /// elsewhere meanwhile is not joined on its old node (a split).

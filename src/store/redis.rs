@@ -39,7 +39,8 @@
 //! connection marks the store down, and the reconnection asks the sentinels for the master
 //! again before it reopens the commands' pool and the subscription there. The new master
 //! has a new `run_id`, so, as after a restart, every cached pin is written back by
-//! compare-and-set (pins the old master had not yet replicated are restored).
+//! compare-and-set (pins the old master had not yet replicated are restored, and so is a
+//! re-placement it had not replicated, over the older pin the new master still holds).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -1057,13 +1058,17 @@ impl Inner {
         for chunk in pins.chunks(32) {
             let mut batch = futures_util::stream::FuturesUnordered::new();
             for (room, p) in chunk {
-                batch.push(self.pin_if_remote(room, &p.node, None, p.confirmed_at));
+                batch.push(self.write_back_newer(room, p));
             }
             while let Some(r) = batch.next().await {
-                // Lost: a pin is there again (another router wrote it back first); it wins.
                 r?;
             }
         }
+        // The server lost the room index too, and the index writer drops what is queued
+        // while the store is down (as it is during recovery), so the load that follows would
+        // find none of these pins and drop them from the cache.
+        let rooms: Vec<&str> = pins.iter().map(|(room, _)| room.as_str()).collect();
+        self.index_now(&rooms).await?;
         let admin: Vec<(String, crate::placement::AdminState)> = match self.cluster.get() {
             Some(cluster) => cluster
                 .snapshot()
@@ -1080,6 +1085,40 @@ impl Inner {
         Ok(())
     }
 
+    /// Adds rooms to the room index now, in batches of 1 000 (recovery, when the index
+    /// writer is not writing).
+    async fn index_now(&self, rooms: &[&str]) -> Result<(), StoreError> {
+        for chunk in rooms.chunks(1000) {
+            let mut add = redis::cmd("ZADD");
+            add.arg(&self.keys.rooms_index);
+            for room in chunk {
+                add.arg(0).arg(*room);
+            }
+            let mut c = self.conn();
+            self.run::<i64>("index add", add.query_async(&mut c))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// After a restart or failover: puts the cached pin back where the store lost it. A pin
+    /// already there again wins (another router wrote it back first), unless it is an older
+    /// placement of the room than ours: a promoted replica that never got the re-placement
+    /// (ours) still holds the pin it replaced, whose node users left. Then ours replaces it
+    /// by compare-and-set, as every router that saw the re-placement does alike.
+    async fn write_back_newer(&self, room: &RoomKey, ours: &Pin) -> Result<(), StoreError> {
+        let theirs = match self
+            .pin_if_remote(room, &ours.node, None, ours.confirmed_at)
+            .await?
+        {
+            PinOutcome::Lost(Some(p)) if p.node != ours.node && p.created_at < ours.created_at => p,
+            _ => return Ok(()),
+        };
+        self.pin_if_remote(room, &ours.node, Some(&theirs.node), ours.confirmed_at)
+            .await
+            .map(|_| ())
+    }
+
     async fn write_back(&self) -> Result<(), StoreError> {
         let rooms: Vec<RoomKey> = self.pending.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
@@ -1087,8 +1126,13 @@ impl Inner {
                 continue;
             };
             let r = match &op {
+                // Indexed here: the index writer drops what is queued while the store is
+                // down, as it still is during recovery.
                 Pending::Pinned { node, expected } => {
-                    self.write_back_pin(&room, node, expected).await
+                    match self.write_back_pin(&room, node, expected).await {
+                        Ok(()) => self.index_now(&[room.as_str()]).await,
+                        Err(e) => Err(e),
+                    }
                 }
                 Pending::Released { node } => {
                     self.release_remote(&room, Some(node)).await.map(|_| ())

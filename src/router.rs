@@ -595,12 +595,17 @@ impl<S: PinStore> Router<S> {
         entry: &NodeEntry,
         now: Millis,
     ) -> Result<bool, StoreError> {
-        let current = self.store.get(room).await?;
-        let expected = match &current {
-            Some(p) if p.node == entry.id => {
-                self.store.confirm(room, &entry.id, now).await?;
+        let mut current = self.store.get(room).await?;
+        if current.as_ref().is_some_and(|p| p.node == entry.id) {
+            if self.store.confirm(room, &entry.id, now).await? {
                 return Ok(true);
             }
+            // The store no longer names this node (the read was stale): decide on what it
+            // holds now.
+            current = self.store.get(room).await?;
+        }
+        let expected = match &current {
+            Some(p) if p.node == entry.id => return Ok(true),
             Some(p) => {
                 if self.node_usable(&p.node, now) {
                     self.metrics.splits_detected.inc();

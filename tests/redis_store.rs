@@ -1232,6 +1232,53 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y));
 }
 
+/// A cache that missed a change (a message lost before the subscription was found dead)
+/// is caught by the next confirmation Redis refuses: the node reporting the room is told
+/// to evict it if the store names another live node, and the cache takes the store's pin.
+#[tokio::test]
+async fn a_refused_confirmation_corrects_a_stale_cache() {
+    let Some((url, _private)) = redis_for("refused_confirmation") else {
+        return;
+    };
+    let p = prefix("staleconfirm");
+    let mut cfg = config(&url, &p);
+    // Confirmations go to Redis once the cached one is older than 1/16 of the pins' TTL
+    // (twice the idle TTL): 250 ms here.
+    cfg.placement.room_idle_ttl = Duration::from_secs(2);
+    cfg.validate().unwrap();
+    let a = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &a.base(), "n2", 0.0, &[]).await;
+    let first = place(&c, &a.base(), "standup").await.unwrap();
+    let other = if first == "n1" { "n2" } else { "n1" };
+    // The store moves the room without a message reaching router A.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let _: () = redis::cmd("SET")
+        .arg(room_key(&p, "standup"))
+        .arg(format!("{other}|{now}|{now}"))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    heartbeat(&c, &a.base(), other, 0.0, &[]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reply = heartbeat(&c, &a.base(), &first, 1.0, &[("standup", 1)]).await;
+    assert_eq!(reply["evict"], serde_json::json!(["standup"]), "{reply}");
+    assert_eq!(place(&c, &a.base(), "standup").await.unwrap(), other);
+    a.stop().await;
+    cleanup(&url, &p).await;
+}
+
 /// Without its subscription a router hears of no other router's change, so while Redis
 /// answers it reads pins from Redis instead of its cache: a room released and placed afresh
 /// elsewhere meanwhile is not joined on its old node (a split).

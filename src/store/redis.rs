@@ -109,6 +109,14 @@ return {cur, ts}
 /// Deletes the pin if not confirmed since ARGV[1] and, unless ARGV[4] is '', if it points at
 /// ARGV[4]. Returns {state, value, ts}: state 1 = released (value = old), 0 = still in use
 /// (value = current), 2 = points at another node (value = current), -1 = no pin.
+/// Reads the pin with the server time, so that the cache can take it in order. Returns
+/// {value ('' = no pin), ts}.
+const READ: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+return {cur or '', t[1] .. string.format('%06d', tonumber(t[2]))}
+"#;
+
 const SWEEP: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
@@ -360,6 +368,7 @@ struct Inner {
     pin_ttl_ms: u64,
     pin_if: Script,
     confirm: Script,
+    read: Script,
     release_if: Script,
     sweep: Script,
     cluster: OnceLock<Arc<Cluster>>,
@@ -532,6 +541,7 @@ impl RedisStore {
                 .max(1000),
             pin_if: Script::new(PIN_IF),
             confirm: Script::new(CONFIRM),
+            read: Script::new(READ),
             release_if: Script::new(RELEASE_IF),
             sweep: Script::new(SWEEP),
             cluster: OnceLock::new(),
@@ -832,8 +842,22 @@ impl Inner {
         if n == 1 {
             self.confirm_cached(room, node, now);
             let _ = self.index_tx.send(IndexOp::Add(room.as_str().to_string()));
+        } else if self.confirm_cached(room, node, 0) {
+            // The cache names `node` but Redis does not: a change it missed (a message lost
+            // before the subscription was found dead). It takes Redis's pin now, so that the
+            // caller, and the next join, see where the room is.
+            self.refresh(room).await?;
         }
         Ok(n == 1)
+    }
+
+    /// Reads the room's pin from Redis into the cache (in order with every other change).
+    async fn refresh(&self, room: &RoomKey) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let inv = self.read.key(self.keys.room(room.as_str()));
+        let (v, ts): (String, String) = self.run("read", inv.invoke_async(&mut c)).await?;
+        self.apply(room, self.decode(&v), ts.parse().unwrap_or(0));
+        Ok(())
     }
 
     /// The room's pin as Redis holds it now (while the cache cannot be trusted).

@@ -391,11 +391,7 @@ async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
     // Something else wrote a key of the wrong type where the room's pin belongs: Redis is up
     // (it answers PING) but refuses the pin's script. Deciding locally could split the room
     // with a router that reads the same key, so the join is refused with a clear error.
-    let mut conn = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn(&url).await;
     let _: () = redis::cmd("HSET")
         .arg(room_key(&p, "broken"))
         .arg("not")
@@ -431,11 +427,7 @@ async fn an_admin_change_redis_refused_is_written_once_redis_takes_writes_again(
     let a = serve(config(&url, &p)).await;
     let c = client();
     heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
-    let mut conn = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn(&url).await;
     let admin_key = format!("{{{p}}}:admin");
     let _: () = redis::cmd("SET")
         .arg(&admin_key)
@@ -877,11 +869,7 @@ async fn a_size_learned_by_one_router_is_known_to_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
-    let Some(mut redis) = PrivateRedis::start() else {
-        skip(
-            "redis_outage",
-            "no redis-server on PATH to start a private one",
-        );
+    let Some(mut redis) = private_redis_for("redis_outage") else {
         return;
     };
     let url = redis.url();
@@ -1005,11 +993,7 @@ async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_through_redis() {
-    let Some(mut redis) = PrivateRedis::start() else {
-        skip(
-            "outage_node_hold",
-            "no redis-server on PATH to start a private one",
-        );
+    let Some(mut redis) = private_redis_for("outage_node_hold") else {
         return;
     };
     let p = prefix("hold");
@@ -1066,11 +1050,7 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
 /// KILL ADDR .. TYPE pubsub`: what Redis does to a subscriber for `CLIENT KILL TYPE pubsub`
 /// or past its output buffer limit), leaving every other test's clients alone. How many.
 async fn kill_subscriptions(url: &str, through: &Partition) -> usize {
-    let mut c = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_conn(url).await;
     let mut killed = 0;
     for addr in through.subscription_addrs() {
         let n: i64 = redis::cmd("CLIENT")
@@ -1085,6 +1065,38 @@ async fn kill_subscriptions(url: &str, through: &Partition) -> usize {
         killed += n as usize;
     }
     killed
+}
+
+/// Two stores on one Redis under a prefix of their own: router A's through a `Partition`
+/// the test controls, router B's directly.
+struct Behind {
+    url: String,
+    _private: Option<PrivateRedis>,
+    p: String,
+    door: Partition,
+    a: AnyStore,
+    b: AnyStore,
+}
+
+/// `None` (after a loud skip) without a Redis, or without a plain URL a forwarder can use.
+async fn a_behind_a_door(test: &str, name: &str) -> Option<Behind> {
+    let (url, _private) = redis_for(name)?;
+    let hostport = plain_host_port(&url, test)?;
+    let p = prefix(name);
+    let cfg = config(&url, &p);
+    let door = Partition::to(hostport).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", door.addr);
+    let a = store::open(&cfg_a).await.unwrap();
+    let b = store::open(&cfg).await.unwrap();
+    Some(Behind {
+        url,
+        _private,
+        p,
+        door,
+        a,
+        b,
+    })
 }
 
 /// Times a Redis store entered degraded mode.
@@ -1105,19 +1117,17 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
     let test = "a_lost_subscription_while_redis_answers_is_not_an_outage";
-    let Some((url, _private)) = redis_for("lost_subscription") else {
+    let Some(Behind {
+        url,
+        _private,
+        p,
+        door,
+        a,
+        b,
+    }) = a_behind_a_door(test, "lostsub").await
+    else {
         return;
     };
-    let Some(hostport) = plain_host_port(&url, test) else {
-        return;
-    };
-    let p = prefix("lostsub");
-    let cfg = config(&url, &p);
-    let door = Partition::to(hostport).await;
-    let mut cfg_a = cfg.clone();
-    cfg_a.store.url = format!("redis://{}", door.addr);
-    let a = store::open(&cfg_a).await.unwrap();
-    let b = store::open(&cfg).await.unwrap();
     let (r, n1, n2, n3) = (room("standup"), node("n1"), node("n2"), node("n3"));
     let outages_before = outages(&a);
     // Redis drops router A's subscriber alone and, at maxclients, refuses it a new one;
@@ -1181,11 +1191,7 @@ async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
 /// their write-back puts it over the older pin instead of yielding to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin() {
-    let Some(mut redis) = PrivateRedis::start() else {
-        skip(
-            "lost_re_placement",
-            "no redis-server on PATH to start a private one",
-        );
+    let Some(mut redis) = private_redis_for("lost_re_placement") else {
         return;
     };
     let p = prefix("lostreplace");
@@ -1206,11 +1212,7 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
     // A new server (a new run id, as a promoted replica has) holding the room's older pin.
     redis.restart();
     let key = room_key(&p, "standup");
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_conn(&redis.url()).await;
     let _: () = redis::cmd("SET")
         .arg(&key)
         .arg("x|1000|1000")
@@ -1253,11 +1255,7 @@ async fn a_refused_confirmation_corrects_a_stale_cache() {
     let first = place(&c, &a.base(), "standup").await.unwrap();
     let other = if first == "n1" { "n2" } else { "n1" };
     // The store moves the room without a message reaching router A.
-    let mut conn = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn(&url).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1285,19 +1283,17 @@ async fn a_refused_confirmation_corrects_a_stale_cache() {
 #[tokio::test]
 async fn a_router_without_its_subscription_reads_pins_from_redis() {
     let test = "a_router_without_its_subscription_reads_pins_from_redis";
-    let Some((url, _private)) = redis_for("unsubscribed_reads") else {
+    let Some(Behind {
+        url,
+        _private,
+        p,
+        door,
+        a,
+        b,
+    }) = a_behind_a_door(test, "unsubscribed").await
+    else {
         return;
     };
-    let Some(hostport) = plain_host_port(&url, test) else {
-        return;
-    };
-    let p = prefix("unsubscribed");
-    let cfg = config(&url, &p);
-    let door = Partition::to(hostport).await;
-    let mut cfg_a = cfg.clone();
-    cfg_a.store.url = format!("redis://{}", door.addr);
-    let a = store::open(&cfg_a).await.unwrap();
-    let b = store::open(&cfg).await.unwrap();
     let (r, n1, n2) = (room("standup"), node("n1"), node("n2"));
     assert!(matches!(
         a.pin_if(&r, &n1, None, 1000).await.unwrap(),
@@ -1359,11 +1355,7 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
     // Redis keeps a pin twice the idle TTL: 20 minutes by default, against seconds to
     // reconnect. Scaled down to 5 s, the reconnection would outlast the key, so the key is
     // given a minute (its confirmation, which the sweep goes by, stays as it is).
-    let mut direct = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut direct = redis_conn(&url).await;
     let kept: i64 = redis::cmd("PEXPIRE")
         .arg(room_key(&p, "standup"))
         .arg(60_000)

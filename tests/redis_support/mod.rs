@@ -200,6 +200,16 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A private server for a test that stops or restarts it; `None` (after a loud SKIPPED
+/// line) without `redis-server` on PATH.
+pub fn private_redis_for(test: &str) -> Option<PrivateRedis> {
+    let p = PrivateRedis::start();
+    if p.is_none() {
+        skip(test, "no redis-server on PATH to start a private one");
+    }
+    p
+}
+
 /// A Redis URL for a test: REDIS_URL, else 127.0.0.1:6379 if it answers, else a private
 /// server (returned so it lives as long as the test). `None` (after a loud SKIPPED line)
 /// when there is no Redis at all.
@@ -318,10 +328,18 @@ pub fn room_key(prefix: &str, room: &str) -> String {
     format!("{prefix}:room:{{{room}}}")
 }
 
+/// A connection of the test's own to the server at `url` (to look at or tamper with keys).
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 /// The raw value of `key` on the server at `url` (`node|created_ms|confirmed_ms` for a pin).
 pub async fn redis_pin(url: &str, key: &str) -> Option<String> {
-    let client = redis::Client::open(url).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let mut c = redis_conn(url).await;
     redis::cmd("GET")
         .arg(key)
         .query_async(&mut c)

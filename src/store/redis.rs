@@ -24,9 +24,9 @@
 //! Reads never wait on Redis: the cache holds every pin (loaded at start and after every
 //! reconnection, kept current by `P:pins`), so a pinned room costs one map lookup and a new
 //! room one script. Only while the subscription is lost and Redis still answers does a read
-//! go to Redis (the cache would miss other routers' changes), until it is open again. Each cache entry carries the Redis server time (µs) of the change it
-//! reflects and only a newer change replaces it, so our own replies and the subscription
-//! can arrive in any order. While Redis is unreachable the cache answers alone, decisions
+//! go to Redis (the cache would miss other routers' changes), until it is open again. Each
+//! cache entry carries the Redis server time (µs) of the change it reflects and only a newer
+//! change replaces it, so our own replies and the subscription can arrive in any order. While Redis is unreachable the cache answers alone, decisions
 //! are queued, and when Redis returns they are written back by compare-and-set: where the
 //! store already holds a different pin, the store wins and the cache takes its pin (the
 //! loser's node is then told to evict the room on its next heartbeat). Confirmations of
@@ -106,9 +106,6 @@ redis.call('PUBLISH', ARGV[2], ts .. '\n\n' .. ARGV[3])
 return {cur, ts}
 "#;
 
-/// Deletes the pin if not confirmed since ARGV[1] and, unless ARGV[4] is '', if it points at
-/// ARGV[4]. Returns {state, value, ts}: state 1 = released (value = old), 0 = still in use
-/// (value = current), 2 = points at another node (value = current), -1 = no pin.
 /// Reads the pin with the server time, so that the cache can take it in order. Returns
 /// {value ('' = no pin), ts}.
 const READ: &str = r#"
@@ -117,6 +114,9 @@ local t = redis.call('TIME')
 return {cur or '', t[1] .. string.format('%06d', tonumber(t[2]))}
 "#;
 
+/// Deletes the pin if not confirmed since ARGV[1] and, unless ARGV[4] is '', if it points at
+/// ARGV[4]. Returns {state, value, ts}: state 1 = released (value = old), 0 = still in use
+/// (value = current), 2 = points at another node (value = current), -1 = no pin.
 const SWEEP: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')

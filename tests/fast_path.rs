@@ -217,7 +217,11 @@ impl Raw {
                 assert!(read_some(&mut self.sock, &mut self.buf).await.is_some());
             }
             self.buf.drain(..len).collect()
-        } else if a.header("transfer-encoding").as_deref() == Some("chunked") {
+        } else if a.header("transfer-encoding").is_some_and(|te| {
+            te.rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        }) {
             self.chunked().await
         } else {
             while read_some(&mut self.sock, &mut self.buf).await.is_some() {}
@@ -584,6 +588,31 @@ async fn with_the_fast_path_off_hyper_carries_everything() {
     assert_eq!((a.status(), a.body.as_slice()), (200, &b"ok"[..]));
     assert_eq!(fast_requests(&r).await, 0);
     r.stop().await;
+}
+
+/// A transfer coding besides chunked (`gzip`) reaches the client with the bytes it applies
+/// to, on both proxy paths: dropped as hop-by-hop, it would leave the client gzip bytes to
+/// take for plain content.
+#[tokio::test]
+async fn transfer_codings_besides_chunked_reach_the_client() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, _node, mut c) = cluster_with(
+            cfg,
+            vec!["HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        )
+        .await;
+        c.send(&get("/rooms/coded")).await;
+        let a = c.answer().await;
+        assert_eq!(
+            a.header("transfer-encoding").as_deref(),
+            Some("gzip, chunked"),
+            "fast path {fast_path}: {a:?}"
+        );
+        assert_eq!(a.body, b"hello", "fast path {fast_path}");
+        r.stop().await;
+    }
 }
 
 #[tokio::test]

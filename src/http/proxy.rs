@@ -430,10 +430,33 @@ fn lane_target(upstream: &str, uri: &Uri) -> Option<(HeaderValue, Uri)> {
 }
 
 /// A node's response head as the client gets it: hop-by-hop headers gone, the node named.
+/// Transfer codings other than chunked stay: hyper took the chunks off, but what is left is
+/// still coded (`gzip`), and hyper's server chunks it again after them.
 fn answer_head(rp: &mut http::response::Parts, node: &NodeEntry) {
+    let codings = codings_besides_chunked(&rp.headers);
     strip_hop_by_hop(&mut rp.headers);
+    if let Some(c) = codings {
+        rp.headers.insert(header::TRANSFER_ENCODING, c);
+    }
     set_node(&mut rp.headers, node);
     rp.version = Version::HTTP_11;
+}
+
+/// The `Transfer-Encoding` codings of a message other than `chunked`, in order, if any.
+fn codings_besides_chunked(h: &HeaderMap) -> Option<HeaderValue> {
+    let mut codings = Vec::new();
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let v = v.to_str().ok()?;
+        codings.extend(
+            v.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked")),
+        );
+    }
+    if codings.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&codings.join(", ")).ok()
 }
 
 fn set_node(h: &mut HeaderMap, node: &NodeEntry) {

@@ -432,8 +432,18 @@ fn write_client_response(
     let has_connection = connection().next().is_some();
     // A length stays only where it frames the body (or, for HEAD, 304, describes one).
     let keep_length = matches!(parsed.framing, Framing::Empty | Framing::Length(_));
+    // The relay passes the body's bytes on as they came, so the codings the node applied
+    // to them (`gzip, chunked`, or `gzip` until close) go with them: dropped as hop-by-hop,
+    // they would leave the client gzip bytes to take for plain content.
+    let keep_codings = matches!(parsed.framing, Framing::Chunked | Framing::UntilClose);
+    let mut codings_sent = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        if keep_codings && name.eq_ignore_ascii_case(b"transfer-encoding") {
+            header_line(out, name, h.value);
+            codings_sent = true;
+            continue;
+        }
         let length = name.eq_ignore_ascii_case(b"content-length");
         // A length that frames the body stays even if `Connection` lists it: the relay
         // sends that many bytes, and the client must know where they end.
@@ -446,7 +456,7 @@ fn write_client_response(
         }
         header_line(out, name, h.value);
     }
-    if parsed.framing == Framing::Chunked {
+    if parsed.framing == Framing::Chunked && !codings_sent {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     header_line(out, b"x-room-node", node.as_bytes());
@@ -698,8 +708,9 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             concat!(
-                "HTTP/1.1 200 Fine\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n",
-                "transfer-encoding: chunked\r\nx-room-node: n1\r\nconnection: close\r\n\r\n"
+                // The node's codings go with the bytes they apply to, as it wrote them.
+                "HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=1\r\n",
+                "Set-Cookie: b=2\r\nx-room-node: n1\r\nconnection: close\r\n\r\n"
             )
         );
     }

@@ -330,6 +330,20 @@ impl<S: PinStore> Router<S> {
         Some(f(node, hold))
     }
 
+    /// Settles this router's reservations with the participants other routers' heartbeats
+    /// reported (a shared store), as its own heartbeats settle them: without it, a room
+    /// whose node reports to another router, and whose users join through others, would
+    /// stay reserved here until `reservation_ttl` although it has filled. Before every
+    /// placement that is not a pinned join (where reservations count) and at every sweep;
+    /// nothing to do costs one atomic read.
+    fn settle_observed(&self, now: Millis) {
+        for seen in self.store.take_observed() {
+            for (room, participants) in &seen.rooms {
+                self.book.observe(room, &seen.node, *participants, now);
+            }
+        }
+    }
+
     /// A join sent to `node`: counts toward its `pending` and the room's reservation.
     #[inline]
     fn count_join(&self, room: &RoomKey, node: &NodeEntry, now: Millis) {
@@ -346,6 +360,7 @@ impl<S: PinStore> Router<S> {
         intent: Intent,
         now: Millis,
     ) -> Result<Placement, JoinError> {
+        self.settle_observed(now);
         let mut pin = self.store.get(room).await?;
         // What the room would reserve if placed now: the rules compare nodes with it counted.
         let (expected, source) = self.expected_size(room, size);
@@ -524,7 +539,18 @@ impl<S: PinStore> Router<S> {
         self.metrics.heartbeats.inc();
         let mut evict = Vec::new();
         let mut reported_any = true;
+        // For the other routers' reservations (a shared store only).
+        let mut counts = None;
         if let Some(rooms) = hb.rooms {
+            if self.store.shared() {
+                counts = Some(
+                    rooms
+                        .iter()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(r, n)| (r.as_str().to_string(), *n))
+                        .collect(),
+                );
+            }
             let mut listed = HashSet::with_capacity(rooms.len());
             // Ended rooms whose pins are kept for outstanding tickets: looked at again at the
             // next heartbeat, as if listed now.
@@ -578,7 +604,8 @@ impl<S: PinStore> Router<S> {
                 .share_node(NodeUpdate::Removed { id: id.to_string() });
             tracing::info!(node = %id, "drained node reported no rooms; removed");
         } else {
-            self.store.share_node(NodeUpdate::report(&entry, now));
+            self.store
+                .share_node(NodeUpdate::report(&entry, now, counts));
         }
         evict.sort();
         Ok(HeartbeatReply {
@@ -754,6 +781,7 @@ impl<S: PinStore> Router<S> {
             self.book.release(room);
             self.metrics.released("idle");
         }
+        self.settle_observed(now);
         self.book.sweep(now);
         // What the other routers learned since the last sweep (a shared store).
         for (room, learned) in self.store.take_learned() {

@@ -139,3 +139,51 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
     b.stop().await;
     cleanup(&url, &p).await;
 }
+
+/// What `router` has reserved itself on node `id`, in load units.
+fn own_reserved(s: &Served, id: &str) -> f64 {
+    let id = NodeId::parse(id).unwrap();
+    s.app
+        .router
+        .cluster()
+        .snapshot()
+        .get(&id)
+        .map_or(-1.0, |e| e.live.reserved_units())
+}
+
+/// A room placed through router A whose node reports to router B only (heartbeats behind a
+/// load balancer that pins them), and whose users join through B: A's reservation is
+/// settled by the participants B's heartbeats report, as B's own would be, instead of
+/// counting on top of them until `reservation_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_is_settled_by_participants_another_router_heard_of() {
+    let Some((url, _private)) = redis_for("settled_elsewhere") else {
+        return;
+    };
+    let c = client();
+    let p = prefix("settled");
+    let a = serve_service(config_sharing(&url, &p, None)).await;
+    let b = serve_service(config_sharing(&url, &p, None)).await;
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 1 }).await,
+        "router A heard of n1"
+    );
+    assert_eq!(place(&c, &a.base(), "class?size=30").await.unwrap(), "n1");
+    assert_eq!(own_reserved(&a, "n1"), 30.0);
+    // The class comes in (through router B) and n1 tells router B.
+    heartbeat(&c, &b.base(), "n1", 30.0, &[("class", 30)]).await;
+    // Router A settles when it next places a room (or sweeps).
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let _ = place(&c, &a.base(), "probe").await;
+            own_reserved(&a, "n1") <= 10.0
+        })
+        .await,
+        "router A's reservation for the class settled: {} reserved",
+        own_reserved(&a, "n1")
+    );
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &p).await;
+}

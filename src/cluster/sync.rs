@@ -15,6 +15,7 @@
 //! ([`NodeSync::expire_reserved`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use dashmap::DashMap;
@@ -76,6 +77,11 @@ pub enum NodeUpdate {
         at: Millis,
         /// The rooms it listed, if it reports rooms.
         rooms: Option<Vec<String>>,
+        /// The rooms the heartbeat reported live, with their participants: the other
+        /// routers settle their own reservations with them, as the receiving router settles
+        /// its own. (Absent from routers that predate it.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Vec<(String, u32)>>,
     },
     /// An admin registered or updated the node by hand.
     Put { id: String, info: WireInfo },
@@ -95,8 +101,13 @@ pub enum NodeUpdate {
 }
 
 impl NodeUpdate {
-    /// The update a router shares after applying a heartbeat to `entry`.
-    pub fn report(entry: &NodeEntry, now: Millis) -> NodeUpdate {
+    /// The update a router shares after applying a heartbeat to `entry`, with the live
+    /// rooms' participants as the heartbeat reported them (`counts`).
+    pub fn report(
+        entry: &NodeEntry,
+        now: Millis,
+        counts: Option<Vec<(String, u32)>>,
+    ) -> NodeUpdate {
         let live = &entry.live;
         // An empty list is sent too: the other routers must forget rooms that ended.
         let rooms = live
@@ -112,6 +123,7 @@ impl NodeUpdate {
             state: live.self_state(),
             at: live.last_heartbeat().unwrap_or(now),
             rooms,
+            counts,
         }
     }
 
@@ -139,7 +151,24 @@ const MAX_RESERVED_MILLI: i64 = 1_000_000_000_000;
 pub struct NodeSync {
     admin: DashMap<String, AdminState>,
     reserved: Mutex<Reserved>,
+    /// Participants other routers' heartbeats reported, until the router takes them
+    /// ([`NodeSync::take_observed`]); `any_observed` spares the lock when there are none.
+    observed: Mutex<Vec<Observed>>,
+    any_observed: AtomicBool,
 }
+
+/// A heartbeat another router received: the node's live rooms and their participants, for
+/// this router to settle its reservations with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub node: NodeId,
+    pub rooms: Vec<(RoomKey, u32)>,
+}
+
+/// Most heartbeats kept for the router to take (it takes them before every placement that
+/// is not a pinned join, and at every sweep); beyond it new ones are dropped and the
+/// reservations they would have settled lapse with `reservation_ttl`.
+const MAX_OBSERVED: usize = 4096;
 
 /// Other routers' reservations: by node, by router, the amount (x1000), the sender's time and
 /// the expiry generation it was last heard in.
@@ -167,6 +196,17 @@ impl Reserved {
 impl NodeSync {
     pub fn new() -> NodeSync {
         NodeSync::default()
+    }
+
+    /// The participants other routers' heartbeats reported since the last call.
+    pub fn take_observed(&self) -> Vec<Observed> {
+        if !self.any_observed.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        self.observed
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default()
     }
 
     /// The other routers' reservations on `node` (x1000 load units), as last heard.
@@ -272,6 +312,7 @@ impl NodeSync {
                 state,
                 at,
                 rooms,
+                counts,
                 ..
             } => {
                 let Some(info) = info.to_info() else {
@@ -298,6 +339,23 @@ impl NodeSync {
                         .collect();
                     if let Ok(mut g) = entry.live.reported_rooms.lock() {
                         *g = set;
+                    }
+                }
+                if let Some(counts) = counts {
+                    let rooms: Vec<(RoomKey, u32)> = counts
+                        .iter()
+                        .filter_map(|(r, n)| {
+                            Some((RoomKey::parse(r, Normalization::None).ok()?, *n))
+                        })
+                        .collect();
+                    if let Ok(mut o) = self.observed.lock() {
+                        if o.len() < MAX_OBSERVED && !rooms.is_empty() {
+                            o.push(Observed {
+                                node: id.clone(),
+                                rooms,
+                            });
+                            self.any_observed.store(true, Ordering::Release);
+                        }
                     }
                 }
                 true
@@ -358,7 +416,28 @@ mod tests {
             state: AdminState::Active,
             at,
             rooms: Some(vec!["r1".into()]),
+            counts: Some(vec![("r1".into(), 4)]),
         }
+    }
+
+    #[test]
+    fn the_participants_another_router_heard_are_kept_once_for_this_routers_reservations() {
+        let c = Cluster::new();
+        let s = NodeSync::new();
+        assert!(s.take_observed().is_empty());
+        assert!(s.apply(&c, &report(1000, 4.0)));
+        let seen = s.take_observed();
+        assert_eq!(
+            seen,
+            vec![Observed {
+                node: NodeId::parse("n1").unwrap(),
+                rooms: vec![(RoomKey::parse("r1", Normalization::None).unwrap(), 4)],
+            }]
+        );
+        assert!(s.take_observed().is_empty(), "taken once");
+        // A report no newer than the one this router has settles nothing.
+        assert!(!s.apply(&c, &report(1000, 4.0)));
+        assert!(s.take_observed().is_empty());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::cluster::reservations::Learned;
-use crate::cluster::sync::NodeUpdate;
+use crate::cluster::sync::{NodeUpdate, Observed};
 use crate::cluster::{Cluster, NodeId};
 use crate::config::{Config, StoreKind};
 use crate::placement::Millis;
@@ -191,6 +191,13 @@ pub trait PinStore: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Participants that other routers' heartbeats reported since the last call (a shared
+    /// store hears of them with the node reports), for this router to settle its own
+    /// reservations with, as its own heartbeats do. Default: none.
+    fn take_observed(&self) -> Vec<Observed> {
+        Vec::new()
+    }
+
     /// Every room's learned sizes the store keeps, for a router starting.
     fn load_learned(
         &self,
@@ -305,6 +312,9 @@ impl PinStore for AnyStore {
     }
     fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
         delegate!(self, s => s.take_learned())
+    }
+    fn take_observed(&self) -> Vec<Observed> {
+        delegate!(self, s => s.take_observed())
     }
     async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {
         delegate!(self, s => s.load_learned().await)

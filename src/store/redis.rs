@@ -2102,6 +2102,10 @@ impl PinStore for RedisStore {
         let _ = self.inner.learned_tx.send(LearnedOp::Forget(before));
     }
 
+    fn take_observed(&self) -> Vec<crate::cluster::sync::Observed> {
+        self.inner.sync.take_observed()
+    }
+
     fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
         self.inner
             .learned_inbox
@@ -2151,6 +2155,7 @@ mod tests {
             state: crate::placement::AdminState::Active,
             at: 1,
             rooms: None,
+            counts: None,
         }
     }
 

@@ -200,7 +200,10 @@ impl NodeSync {
 
     /// The participants other routers' heartbeats reported since the last call.
     pub fn take_observed(&self) -> Vec<Observed> {
-        if !self.any_observed.swap(false, Ordering::AcqRel) {
+        // A read first: the common case (nothing heard) writes no shared cache line.
+        if !self.any_observed.load(Ordering::Acquire)
+            || !self.any_observed.swap(false, Ordering::AcqRel)
+        {
             return Vec::new();
         }
         self.observed

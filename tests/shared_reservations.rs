@@ -173,15 +173,22 @@ async fn a_reservation_is_settled_by_participants_another_router_heard_of() {
     assert_eq!(own_reserved(&a, "n1"), 30.0);
     // The class comes in (through router B) and n1 tells router B.
     heartbeat(&c, &b.base(), "n1", 30.0, &[("class", 30)]).await;
-    // Router A settles when it next places a room (or sweeps).
+    // Router A settles when it next places a new room (or sweeps): each probe is a new room,
+    // which reserves the default guess (10) itself.
+    let probes = std::sync::atomic::AtomicU32::new(0);
     assert!(
         eventually(Duration::from_secs(3), || async {
-            let _ = place(&c, &a.base(), "probe").await;
-            own_reserved(&a, "n1") <= 10.0
+            let k = probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            assert_eq!(
+                place(&c, &a.base(), &format!("probe-{k}")).await.unwrap(),
+                "n1"
+            );
+            own_reserved(&a, "n1") == 10.0 * f64::from(k)
         })
         .await,
-        "router A's reservation for the class settled: {} reserved",
-        own_reserved(&a, "n1")
+        "router A's reservation for the class settled: {} reserved after {} probes",
+        own_reserved(&a, "n1"),
+        probes.load(std::sync::atomic::Ordering::Relaxed)
     );
     a.stop().await;
     b.stop().await;

@@ -8,7 +8,7 @@ mod redis_support;
 use std::time::Duration;
 
 use redis_support::*;
-use roomrouter::cluster::NodeId;
+use roomrouter::cluster::{Live, NodeId};
 
 /// `share`: `placement.share_reservations` as the file would set it (`None`: not set).
 fn config_sharing(url: &str, prefix: &str, share: Option<bool>) -> roomrouter::config::Config {
@@ -18,15 +18,20 @@ fn config_sharing(url: &str, prefix: &str, share: Option<bool>) -> roomrouter::c
     cfg
 }
 
-/// What `router` counts as reserved on node `id` by the other routers.
-fn others_reserved(s: &Served, id: &str) -> f64 {
+/// What `router` reads off node `id`'s live counters (-1 when it does not know the node).
+fn live_on(s: &Served, id: &str, read: impl Fn(&Live) -> f64) -> f64 {
     let id = NodeId::parse(id).unwrap();
     s.app
         .router
         .cluster()
         .snapshot()
         .get(&id)
-        .map_or(-1.0, |e| e.live.others_reserved_units())
+        .map_or(-1.0, |e| read(&e.live))
+}
+
+/// What `router` counts as reserved on node `id` by the other routers.
+fn others_reserved(s: &Served, id: &str) -> f64 {
+    live_on(s, id, Live::others_reserved_units)
 }
 
 /// Two routers on `prefix`, both seeing n1 (empty) and n2 (1% busy) through Redis.
@@ -142,13 +147,7 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
 
 /// What `router` has reserved itself on node `id`, in load units.
 fn own_reserved(s: &Served, id: &str) -> f64 {
-    let id = NodeId::parse(id).unwrap();
-    s.app
-        .router
-        .cluster()
-        .snapshot()
-        .get(&id)
-        .map_or(-1.0, |e| e.live.reserved_units())
+    live_on(s, id, Live::reserved_units)
 }
 
 /// A room placed through router A whose node reports to router B only (heartbeats behind a

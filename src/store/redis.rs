@@ -846,32 +846,21 @@ impl Inner {
             // The cache names `node` but Redis does not: a change it missed (a message lost
             // before the subscription was found dead). It takes Redis's pin now, so that the
             // caller, and the next join, see where the room is.
-            self.refresh(room).await?;
+            self.get_remote(room).await?;
         }
         Ok(n == 1)
     }
 
-    /// Reads the room's pin from Redis into the cache (in order with every other change).
-    async fn refresh(&self, room: &RoomKey) -> Result<(), StoreError> {
+    /// The room's pin as Redis holds it now, read with the server time and put into the
+    /// cache in order with every other change (used where the cache cannot be trusted, or
+    /// was found stale).
+    async fn get_remote(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let mut c = self.conn();
         let inv = self.read.key(self.keys.room(room.as_str()));
         let (v, ts): (String, String) = self.run("read", inv.invoke_async(&mut c)).await?;
-        self.apply(room, self.decode(&v), ts.parse().unwrap_or(0));
-        Ok(())
-    }
-
-    /// The room's pin as Redis holds it now (while the cache cannot be trusted).
-    async fn get_remote(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
-        let mut c = self.conn();
-        let v: Option<String> = self
-            .run(
-                "get",
-                redis::cmd("GET")
-                    .arg(self.keys.room(room.as_str()))
-                    .query_async(&mut c),
-            )
-            .await?;
-        Ok(v.as_deref().and_then(|v| self.decode(v)))
+        let pin = self.decode(&v);
+        self.apply(room, pin.clone(), ts.parse().unwrap_or(0));
+        Ok(pin)
     }
 
     // --- local (outage) operations on the cache ---

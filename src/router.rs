@@ -50,6 +50,13 @@ impl Clock {
             t.fetch_add(ms, Ordering::Relaxed);
         }
     }
+    /// Moves a manual clock backward, as NTP steps a wall clock that ran ahead; no effect on
+    /// the system clock.
+    pub fn step_back(&self, ms: u64) {
+        if let Clock::Manual(t) = self {
+            t.fetch_sub(ms, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the caller wants.
@@ -333,13 +340,16 @@ impl<S: PinStore> Router<S> {
     /// Settles this router's reservations with the participants other routers' heartbeats
     /// reported (a shared store), as its own heartbeats settle them: without it, a room
     /// whose node reports to another router, and whose users join through others, would
-    /// stay reserved here until `reservation_ttl` although it has filled. Before every
+    /// stay reserved here until `reservation_ttl` although it has filled, or ended. Before every
     /// placement that is not a pinned join (where reservations count) and at every sweep;
     /// nothing to do costs one atomic read.
     fn settle_observed(&self, now: Millis) {
         for seen in self.store.take_observed() {
             for (room, participants) in &seen.rooms {
                 self.book.observe(room, &seen.node, *participants, now);
+            }
+            for room in &seen.ended {
+                self.book.ended(room, &seen.node, seen.at);
             }
         }
     }
@@ -782,6 +792,10 @@ impl<S: PinStore> Router<S> {
             self.metrics.released("idle");
         }
         self.settle_observed(now);
+        // Times later than now come from before a backward step of the wall clock.
+        for e in self.cluster.snapshot().nodes() {
+            e.live.clamp_heartbeat(now);
+        }
         self.book.sweep(now);
         // What the other routers learned since the last sweep (a shared store).
         for (room, learned) in self.store.take_learned() {

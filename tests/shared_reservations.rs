@@ -193,3 +193,52 @@ async fn a_reservation_is_settled_by_participants_another_router_heard_of() {
     b.stop().await;
     cleanup(&url, &p).await;
 }
+
+/// As above, but the class ends early (the teacher cancels it): its node stops listing it in
+/// router B's heartbeats, and router A drops what it still held for it, instead of keeping
+/// it reserved until `reservation_ttl` (five minutes with a hint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_is_released_when_another_router_hears_its_room_ended() {
+    let Some((url, _private)) = redis_for("ended_elsewhere") else {
+        return;
+    };
+    let c = client();
+    let p = prefix("ended");
+    let mut cfg = config_sharing(&url, &p, None);
+    // A room's pin outlives its last listing by a ticket's life, a confirmation interval and
+    // a heartbeat interval (a ticket another router issued may be on its way): short here.
+    cfg.tickets.ttl = Duration::from_millis(300);
+    cfg.placement.room_idle_ttl = Duration::from_secs(8);
+    cfg.placement.heartbeat_interval = Duration::from_millis(200);
+    cfg.validate().expect("valid");
+    let a = serve_service(cfg.clone()).await;
+    let b = serve_service(cfg).await;
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 1 }).await,
+        "router A heard of n1"
+    );
+    assert_eq!(place(&c, &a.base(), "class?size=30").await.unwrap(), "n1");
+    heartbeat(&c, &b.base(), "n1", 4.0, &[("class", 4)]).await;
+    // Four came, then the class ended: n1 stops listing it. Router B releases the room once
+    // no ticket for it can still arrive, and says so with its next report.
+    let probes = std::sync::atomic::AtomicU32::new(0);
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+            let k = probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            assert_eq!(
+                place(&c, &a.base(), &format!("probe-{k}")).await.unwrap(),
+                "n1"
+            );
+            own_reserved(&a, "n1") == 10.0 * f64::from(k)
+        })
+        .await,
+        "router A's reservation for the ended class was released: {} reserved after {} probes",
+        own_reserved(&a, "n1"),
+        probes.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &p).await;
+}

@@ -236,6 +236,14 @@ impl Live {
         self.last_heartbeat.fetch_max(at.max(1), Ordering::AcqRel);
     }
 
+    /// Brings a heartbeat time later than `now` back to `now`: after the wall clock steps
+    /// backwards, the times taken before the step lie in the future and would keep the node
+    /// healthy until the clock caught up with them, whether it still reports or not. The
+    /// sweep calls it, so a step costs at most a sweep interval on top of the timeout.
+    pub fn clamp_heartbeat(&self, now: Millis) {
+        self.last_heartbeat.fetch_min(now.max(1), Ordering::AcqRel);
+    }
+
     /// Marks the node as not heard from (used by tests and by passive health checks).
     pub fn forget_heartbeat(&self) {
         self.last_heartbeat.store(0, Ordering::Release);

@@ -26,6 +26,8 @@ struct Held {
     /// reservations from `û`).
     live: Arc<Live>,
     res: Reservation,
+    /// When the room was placed: a report older than this cannot have seen it end.
+    since: Millis,
 }
 
 /// Reservations by room.
@@ -55,6 +57,7 @@ impl ReservationBook {
                 node: node.clone(),
                 live: live.clone(),
                 res,
+                since: now,
             },
         ) {
             old.live.add_reserved(-i64::from(old.res.outstanding()));
@@ -116,12 +119,40 @@ impl ReservationBook {
         }
     }
 
-    /// Drops expired reservations; returns how many.
+    /// The room's session ended on `node`, as a report sent at `at` says: drops its
+    /// reservation there, unless the room was placed again since (a new session). Returns
+    /// the units released.
+    pub fn ended(&self, room: &RoomKey, node: &NodeId, at: Millis) -> u32 {
+        match self
+            .held
+            .remove_if(room, |_, h| &h.node == node && h.since <= at)
+        {
+            Some((_, h)) => {
+                let units = h.res.outstanding();
+                h.live.add_reserved(-i64::from(units));
+                units
+            }
+            None => 0,
+        }
+    }
+
+    /// Drops expired reservations; returns how many. A reservation made in the future (the
+    /// wall clock stepped backwards since) is moved back to `now`, as if made now: a step
+    /// gives it at most one more life, instead of keeping it for as long as the step was.
     pub fn sweep(&self, now: Millis) -> usize {
-        let mut expired = Vec::new();
+        let (mut expired, mut ahead) = (Vec::new(), Vec::new());
         for e in self.held.iter() {
             if e.res.is_done(now) {
                 expired.push(e.key().clone());
+            } else if e.since > now {
+                ahead.push(e.key().clone());
+            }
+        }
+        for room in ahead {
+            if let Some(mut h) = self.held.get_mut(&room) {
+                let by = h.since.saturating_sub(now);
+                h.since -= by;
+                h.res.expires_at = h.res.expires_at.saturating_sub(by);
             }
         }
         let n = expired.len();
@@ -306,6 +337,40 @@ mod tests {
         book.reserve(&room("r"), &n, &live, 3, 10, 1_000);
         assert_eq!(live.reserved_units(), 3.0);
         assert_eq!(book.len(), 1);
+    }
+
+    #[test]
+    fn a_room_that_ended_on_its_node_frees_its_reservation_unless_placed_again_since() {
+        let book = ReservationBook::default();
+        let live = Arc::new(Live::default());
+        let (a, b) = (NodeId::parse("a").unwrap(), NodeId::parse("b").unwrap());
+        book.reserve(&room("r"), &a, &live, 30, 100, 60_000);
+        book.observe(&room("r"), &a, 4, 200);
+        // A report about another node, or one sent before the room was placed, ends nothing.
+        assert_eq!(book.ended(&room("r"), &b, 300), 0);
+        assert_eq!(book.ended(&room("r"), &a, 99), 0);
+        assert_eq!(live.reserved_units(), 26.0);
+        assert_eq!(book.ended(&room("r"), &a, 300), 26);
+        assert_eq!((live.reserved_units(), book.len()), (0.0, 0));
+        // Placed again after the report that ends its previous session: kept.
+        book.reserve(&room("r"), &a, &live, 30, 400, 60_000);
+        assert_eq!(book.ended(&room("r"), &a, 300), 0);
+        assert_eq!(live.reserved_units(), 30.0);
+    }
+
+    #[test]
+    fn a_reservation_made_before_the_clock_stepped_back_lives_at_most_its_life_after_the_step() {
+        let book = ReservationBook::default();
+        let live = Arc::new(Live::default());
+        let n = NodeId::parse("a").unwrap();
+        let hour = 3_600_000;
+        book.reserve(&room("r"), &n, &live, 5, 10 * hour, 60_000);
+        // The clock steps back an hour, 10 s after the room was placed.
+        let now = 9 * hour + 10_000;
+        assert_eq!(book.sweep(now), 0);
+        assert_eq!(book.sweep(now + 59_999), 0);
+        assert_eq!(book.sweep(now + 60_000), 1, "not an hour more");
+        assert_eq!(live.reserved_units(), 0.0);
     }
 
     #[test]

@@ -155,14 +155,25 @@ pub struct NodeSync {
     /// ([`NodeSync::take_observed`]); `any_observed` spares the lock when there are none.
     observed: Mutex<Vec<Observed>>,
     any_observed: AtomicBool,
+    /// How far ahead of this router's clock a report's time may be (another router's clock
+    /// a little ahead); one further ahead is refused, see [`NodeSync::apply`].
+    max_ahead_ms: Millis,
+    /// Whether a report from too far ahead was logged yet (once per router is enough).
+    warned_ahead: AtomicBool,
 }
 
-/// A heartbeat another router received: the node's live rooms and their participants, for
-/// this router to settle its reservations with.
+/// A heartbeat another router received: the node's live rooms and their participants, and
+/// the rooms that ended on it since its previous report, for this router to settle its
+/// reservations with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
     pub node: NodeId,
+    /// When the node sent it, by the clock of the router it reached.
+    pub at: Millis,
     pub rooms: Vec<(RoomKey, u32)>,
+    /// Rooms the node listed before and no longer does: their sessions ended there (a room
+    /// kept for tickets on the way stays listed).
+    pub ended: Vec<RoomKey>,
 }
 
 /// Most heartbeats kept for the router to take (it takes them before every placement that
@@ -194,8 +205,13 @@ impl Reserved {
 }
 
 impl NodeSync {
-    pub fn new() -> NodeSync {
-        NodeSync::default()
+    /// `max_ahead_ms`: the heartbeat timeout, the most two routers' clocks may disagree by
+    /// before one of them sees the other's nodes as dead anyway.
+    pub fn new(max_ahead_ms: Millis) -> NodeSync {
+        NodeSync {
+            max_ahead_ms,
+            ..NodeSync::default()
+        }
     }
 
     /// The participants other routers' heartbeats reported since the last call.
@@ -302,8 +318,15 @@ impl NodeSync {
             .set_others_reserved_milli(self.others_reserved_milli(id.as_str()));
     }
 
-    /// Applies one update. Returns false if it was malformed or stale and changed nothing.
-    pub fn apply(&self, cluster: &Cluster, u: &NodeUpdate) -> bool {
+    /// Applies one update, `now` by this router's clock. Returns false if it was malformed
+    /// or stale and changed nothing.
+    ///
+    /// A report's time is taken as at most `now`: a node is never counted as heard from
+    /// later than this router's present. A report more than `max_ahead_ms` ahead is refused:
+    /// it was stamped before a router's wall clock stepped backwards, and taking it (even
+    /// brought back to `now`) at every re-sync would keep a dead node healthy until the clock
+    /// caught up with it.
+    pub fn apply(&self, cluster: &Cluster, u: &NodeUpdate, now: Millis) -> bool {
         let Ok(id) = NodeId::parse(u.id()) else {
             return false;
         };
@@ -321,11 +344,18 @@ impl NodeSync {
                 let Some(info) = info.to_info() else {
                     return false;
                 };
+                if *at > now.saturating_add(self.max_ahead_ms) {
+                    if !self.warned_ahead.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(node = %id, ahead_ms = *at - now, "a node report is stamped ahead of this router's clock; refused (a wall clock stepped backwards, or the routers' clocks disagree)");
+                    }
+                    return false;
+                }
+                let at = (*at).min(now);
                 if cluster
                     .snapshot()
                     .get(&id)
                     .and_then(|e| e.live.last_heartbeat())
-                    .is_some_and(|t| t >= *at)
+                    .is_some_and(|t| t >= at)
                 {
                     return false; // this router already has a report as new
                 }
@@ -334,28 +364,31 @@ impl NodeSync {
                 if outcome == Upsert::Added {
                     self.added(&id, &entry);
                 }
-                entry.live.record_report(capacity, *load, *cpu, *state, *at);
+                entry.live.record_report(capacity, *load, *cpu, *state, at);
+                let mut ended = Vec::new();
                 if let Some(rooms) = rooms {
                     let set: HashSet<RoomKey> = rooms
                         .iter()
                         .filter_map(|r| RoomKey::parse(r, Normalization::None).ok())
                         .collect();
                     if let Ok(mut g) = entry.live.reported_rooms.lock() {
+                        ended = g.iter().filter(|r| !set.contains(*r)).cloned().collect();
                         *g = set;
                     }
                 }
-                if let Some(counts) = counts {
-                    let rooms: Vec<(RoomKey, u32)> = counts
-                        .iter()
-                        .filter_map(|(r, n)| {
-                            Some((RoomKey::parse(r, Normalization::None).ok()?, *n))
-                        })
-                        .collect();
+                let rooms: Vec<(RoomKey, u32)> = counts
+                    .iter()
+                    .flatten()
+                    .filter_map(|(r, n)| Some((RoomKey::parse(r, Normalization::None).ok()?, *n)))
+                    .collect();
+                if !rooms.is_empty() || !ended.is_empty() {
                     if let Ok(mut o) = self.observed.lock() {
-                        if o.len() < MAX_OBSERVED && !rooms.is_empty() {
+                        if o.len() < MAX_OBSERVED {
                             o.push(Observed {
                                 node: id.clone(),
+                                at,
                                 rooms,
+                                ended,
                             });
                             self.any_observed.store(true, Ordering::Release);
                         }
@@ -400,6 +433,11 @@ impl NodeSync {
 mod tests {
     use super::*;
 
+    /// This router's clock in the tests: after every report's time.
+    const NOW: Millis = 10_000;
+    /// The heartbeat timeout (how far ahead another router's report may be).
+    const NO_SKEW: Millis = 6_000;
+
     fn info(cap: f64) -> WireInfo {
         WireInfo {
             url: "http://127.0.0.1:9001".into(),
@@ -426,61 +464,101 @@ mod tests {
     #[test]
     fn the_participants_another_router_heard_are_kept_once_for_this_routers_reservations() {
         let c = Cluster::new();
-        let s = NodeSync::new();
+        let s = NodeSync::new(NO_SKEW);
         assert!(s.take_observed().is_empty());
-        assert!(s.apply(&c, &report(1000, 4.0)));
+        assert!(s.apply(&c, &report(1000, 4.0), NOW));
         let seen = s.take_observed();
         assert_eq!(
             seen,
             vec![Observed {
                 node: NodeId::parse("n1").unwrap(),
+                at: 1000,
                 rooms: vec![(RoomKey::parse("r1", Normalization::None).unwrap(), 4)],
+                ended: vec![],
             }]
         );
         assert!(s.take_observed().is_empty(), "taken once");
+        // The next report no longer lists r1: its session ended on n1.
+        let gone = NodeUpdate::Report {
+            id: "n1".into(),
+            info: info(100.0),
+            load: 0.0,
+            cpu: None,
+            state: AdminState::Active,
+            at: 3000,
+            rooms: Some(vec![]),
+            counts: Some(vec![]),
+        };
+        assert!(s.apply(&c, &gone, NOW));
+        assert_eq!(
+            s.take_observed(),
+            vec![Observed {
+                node: NodeId::parse("n1").unwrap(),
+                at: 3000,
+                rooms: vec![],
+                ended: vec![RoomKey::parse("r1", Normalization::None).unwrap()],
+            }]
+        );
         // A report no newer than the one this router has settles nothing.
-        assert!(!s.apply(&c, &report(1000, 4.0)));
+        assert!(!s.apply(&c, &report(1000, 4.0), NOW));
         assert!(s.take_observed().is_empty());
     }
 
     #[test]
     fn reports_register_nodes_and_never_go_back_in_time() {
         let c = Cluster::new();
-        let s = NodeSync::new();
-        assert!(s.apply(&c, &report(1000, 10.0)));
+        let s = NodeSync::new(NO_SKEW);
+        assert!(s.apply(&c, &report(1000, 10.0), NOW));
         let id = NodeId::parse("n1").unwrap();
         let e = c.snapshot().get(&id).unwrap().clone();
         assert_eq!(e.live.last_heartbeat(), Some(1000));
         assert_eq!(e.live.reported_load(), 10.0);
         assert_eq!(e.live.reported_rooms.lock().unwrap().len(), 1);
         // An older (reordered) report changes nothing.
-        assert!(!s.apply(&c, &report(900, 50.0)));
+        assert!(!s.apply(&c, &report(900, 50.0), NOW));
         assert_eq!(e.live.reported_load(), 10.0);
-        assert!(s.apply(&c, &report(2000, 30.0)));
+        assert!(s.apply(&c, &report(2000, 30.0), NOW));
         assert_eq!(e.live.reported_load(), 30.0);
+    }
+
+    #[test]
+    fn a_report_from_ahead_of_this_routers_clock_counts_as_now_or_not_at_all() {
+        let c = Cluster::new();
+        let s = NodeSync::new(NO_SKEW);
+        let id = NodeId::parse("n1").unwrap();
+        // Another router's clock a little ahead: heard from now, not later.
+        assert!(s.apply(&c, &report(NOW + 2_000, 1.0), NOW));
+        let e = c.snapshot().get(&id).unwrap().clone();
+        assert_eq!(e.live.last_heartbeat(), Some(NOW));
+        // A report stamped an hour ahead (before a wall clock stepped back an hour) is
+        // refused: taken as `now` at every re-sync, it would keep a dead node healthy.
+        assert!(!s.apply(&c, &report(NOW + 3_600_000, 2.0), NOW + 1_000));
+        assert_eq!(e.live.last_heartbeat(), Some(NOW));
+        assert_eq!(e.live.reported_load(), 1.0);
     }
 
     #[test]
     fn admin_state_before_first_report_holds_and_outlives_removal() {
         let c = Cluster::new();
-        let s = NodeSync::new();
+        let s = NodeSync::new(NO_SKEW);
         s.apply(
             &c,
             &NodeUpdate::Admin {
                 id: "n1".into(),
                 state: AdminState::Disabled,
             },
+            NOW,
         );
-        s.apply(&c, &report(1000, 0.0));
+        s.apply(&c, &report(1000, 0.0), NOW);
         let id = NodeId::parse("n1").unwrap();
         assert_eq!(
             c.snapshot().get(&id).unwrap().live.effective_state(),
             AdminState::Disabled
         );
-        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }));
+        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, NOW));
         assert!(c.snapshot().get(&id).is_none());
         // Back after its removal: still disabled, until an admin enables it.
-        s.apply(&c, &report(3000, 0.0));
+        s.apply(&c, &report(3000, 0.0), NOW);
         assert_eq!(
             c.snapshot().get(&id).unwrap().live.effective_state(),
             AdminState::Disabled
@@ -491,6 +569,7 @@ mod tests {
                 id: "n1".into(),
                 state: AdminState::Active,
             },
+            NOW,
         );
         assert_eq!(
             c.snapshot().get(&id).unwrap().live.effective_state(),
@@ -510,20 +589,20 @@ mod tests {
     #[test]
     fn other_routers_reservations_add_up_and_the_newest_of_each_counts() {
         let c = Cluster::new();
-        let s = NodeSync::new();
+        let s = NodeSync::new(NO_SKEW);
         // Heard before the node is known: kept, and counted once it arrives.
-        assert!(s.apply(&c, &reserved("ra", 4_000, 10)));
-        s.apply(&c, &report(1000, 0.0));
+        assert!(s.apply(&c, &reserved("ra", 4_000, 10), NOW));
+        s.apply(&c, &report(1000, 0.0), NOW);
         let id = NodeId::parse("n1").unwrap();
         let live = c.snapshot().get(&id).unwrap().live.clone();
         assert_eq!(live.others_reserved_units(), 4.0);
-        assert!(s.apply(&c, &reserved("rb", 6_000, 5)));
+        assert!(s.apply(&c, &reserved("rb", 6_000, 5), NOW));
         assert_eq!(live.others_reserved_units(), 10.0);
         // A router's amount replaces its previous one; an older message changes nothing.
-        assert!(s.apply(&c, &reserved("ra", 1_000, 11)));
-        assert!(!s.apply(&c, &reserved("ra", 9_000, 9)));
+        assert!(s.apply(&c, &reserved("ra", 1_000, 11), NOW));
+        assert!(!s.apply(&c, &reserved("ra", 9_000, 9), NOW));
         assert_eq!(live.others_reserved_units(), 7.0);
-        assert!(s.apply(&c, &reserved("rb", 0, 6)));
+        assert!(s.apply(&c, &reserved("rb", 0, 6), NOW));
         assert_eq!(live.others_reserved_units(), 1.0);
         // Nonsense is refused.
         for bad in [
@@ -532,32 +611,32 @@ mod tests {
             reserved("", 1, 20),
             reserved(&"r".repeat(65), 1, 20),
         ] {
-            assert!(!s.apply(&c, &bad), "{bad:?}");
+            assert!(!s.apply(&c, &bad, NOW), "{bad:?}");
         }
         assert_eq!(live.others_reserved_units(), 1.0);
         // A removed node's reservations are forgotten with it.
-        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }));
+        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, NOW));
         assert_eq!(s.others_reserved_milli("n1"), 0);
     }
 
     #[test]
     fn a_router_not_heard_from_over_a_whole_interval_is_forgotten() {
         let c = Cluster::new();
-        let s = NodeSync::new();
-        s.apply(&c, &report(1000, 0.0));
+        let s = NodeSync::new(NO_SKEW);
+        s.apply(&c, &report(1000, 0.0), NOW);
         let id = NodeId::parse("n1").unwrap();
         let live = c.snapshot().get(&id).unwrap().live.clone();
-        s.apply(&c, &reserved("quiet", 2_000, 1));
-        s.apply(&c, &reserved("talks", 3_000, 1));
+        s.apply(&c, &reserved("quiet", 2_000, 1), NOW);
+        s.apply(&c, &reserved("talks", 3_000, 1), NOW);
         assert_eq!(s.expire_reserved(&c), 0, "both heard in this interval");
-        s.apply(&c, &reserved("talks", 3_000, 2));
+        s.apply(&c, &reserved("talks", 3_000, 2), NOW);
         assert_eq!(
             s.expire_reserved(&c),
             1,
             "quiet said nothing for a whole interval"
         );
         assert_eq!(live.others_reserved_units(), 3.0);
-        s.apply(&c, &reserved("talks", 3_000, 3));
+        s.apply(&c, &reserved("talks", 3_000, 3), NOW);
         assert_eq!(s.expire_reserved(&c), 0);
         assert_eq!(s.expire_reserved(&c), 1);
         assert_eq!(live.others_reserved_units(), 0.0);
@@ -573,12 +652,12 @@ mod tests {
             id: "bad id".into(),
             info: info(1.0),
         };
-        assert!(!NodeSync::new().apply(&c, &bad));
+        assert!(!NodeSync::new(NO_SKEW).apply(&c, &bad, NOW));
         let zero = NodeUpdate::Put {
             id: "n".into(),
             info: info(0.0),
         };
-        assert!(!NodeSync::new().apply(&c, &zero));
+        assert!(!NodeSync::new(NO_SKEW).apply(&c, &zero, NOW));
         assert!(c.is_empty());
     }
 }

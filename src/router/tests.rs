@@ -131,6 +131,30 @@ async fn scale_out_moves_nothing() {
 }
 
 #[tokio::test]
+async fn a_node_that_dies_as_the_wall_clock_steps_back_is_still_found_dead() {
+    let r = router();
+    beat(&r, "a", 1_000.0, 0.0, None).await;
+    beat(&r, "b", 1_000.0, 0.0, None).await;
+    // b dies; then NTP steps the router's clock back an hour (it ran ahead).
+    r.clock().step_back(3_600_000);
+    // a keeps reporting; one sweep later and past the heartbeat timeout, b is dead, not
+    // healthy until the clock has caught up with its last report an hour from now.
+    r.sweep().await.unwrap();
+    r.clock().advance(7_000);
+    beat(&r, "a", 1_000.0, 0.0, None).await;
+    let healthy: Vec<String> = r
+        .nodes()
+        .into_iter()
+        .filter(|n| n.healthy)
+        .map(|n| n.id.to_string())
+        .collect();
+    assert_eq!(healthy, ["a"]);
+    for i in 0..20 {
+        assert_eq!(node_of(&r, &format!("r{i}")).await, "a");
+    }
+}
+
+#[tokio::test]
 async fn failure_moves_only_what_failed() {
     let r = router();
     for n in ["a", "b", "c"] {

@@ -545,7 +545,7 @@ impl RedisStore {
             release_if: Script::new(RELEASE_IF),
             sweep: Script::new(SWEEP),
             cluster: OnceLock::new(),
-            sync: NodeSync::new(),
+            sync: NodeSync::new(heartbeat_timeout.as_millis() as u64),
             origin: format!("{:016x}", rand::random::<u64>()),
             node_tx,
             index_tx,
@@ -1325,10 +1325,11 @@ impl Inner {
             Some(NodeUpdate::Report { at, .. }) => at,
             _ => return Ok(false),
         };
-        Ok(
-            wall_ms().saturating_sub(heard_at) <= self.heartbeat_timeout_ms
-                && admin.as_deref() != Some(crate::placement::AdminState::Disabled.as_str()),
-        )
+        // A report stamped further ahead than a timeout comes from before a backward step
+        // of a wall clock (as `NodeSync::apply` refuses it).
+        let now = wall_ms();
+        Ok(now.abs_diff(heard_at) <= self.heartbeat_timeout_ms
+            && admin.as_deref() != Some(crate::placement::AdminState::Disabled.as_str()))
     }
 
     /// Replaces the cache with the store's pins (keeping changes newer than the load).
@@ -1426,7 +1427,7 @@ impl Inner {
             .await?;
         for v in nodes.values() {
             if let Ok(u) = serde_json::from_str::<NodeUpdate>(v) {
-                self.sync.apply(cluster, &u);
+                self.sync.apply(cluster, &u, wall_ms());
             }
         }
         for (id, s) in admin {
@@ -1434,7 +1435,8 @@ impl Inner {
                 continue;
             }
             if let Ok(state) = serde_json::from_value(serde_json::Value::String(s)) {
-                self.sync.apply(cluster, &NodeUpdate::Admin { id, state });
+                self.sync
+                    .apply(cluster, &NodeUpdate::Admin { id, state }, wall_ms());
             }
         }
         Ok(())
@@ -1464,7 +1466,7 @@ impl Inner {
                 return;
             }
             if let Some(cluster) = self.cluster.get() {
-                self.sync.apply(cluster, &env.update);
+                self.sync.apply(cluster, &env.update, wall_ms());
             }
         } else if channel == self.keys.learned_channel {
             let mut parts = text.splitn(3, '\n');

@@ -991,6 +991,39 @@ async fn redis_outage_under_join_load_keeps_pinned_rooms_and_splits_nothing() {
     beats.abort();
 }
 
+/// Redis comes back: the router leaves degraded mode at its next attempt to subscribe (at
+/// most 500 ms after Redis), not once every pooled connection has failed one more attempt
+/// with the error of the cut (4-5 s after Redis before; BENCHMARKS.md, section 6). The bound
+/// leaves that measured 0.25-0.3 s a wide margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_leaves_degraded_mode_soon_after_redis_is_back() {
+    let Some(mut redis) = private_redis_for("back_soon") else {
+        return;
+    };
+    let p = prefix("back");
+    let a = serve(config(&redis.url(), &p)).await;
+    let store_ok = || async { a.app.router.store().health() == StoreHealth::Ok };
+    for round in 1..=2 {
+        redis.stop();
+        assert!(
+            eventually(Duration::from_secs(5), || async { !store_ok().await }).await,
+            "round {round}: the outage was noticed"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        redis.restart();
+        let back = std::time::Instant::now();
+        assert!(
+            eventually(Duration::from_secs(15), store_ok).await,
+            "round {round}: the router reconnected"
+        );
+        assert!(
+            back.elapsed() < Duration::from_millis(2500),
+            "round {round}: out of degraded mode {:?} after Redis was back",
+            back.elapsed()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_through_redis() {
     let Some(mut redis) = private_redis_for("outage_node_hold") else {

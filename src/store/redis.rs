@@ -1014,13 +1014,34 @@ impl Inner {
         Ok(ps)
     }
 
+    /// Pings every command connection, each once more after a failure. A reconnecting
+    /// connection answers its first command after a cut with the error that cut it (or that
+    /// its last reconnection attempt met while Redis was away), and only then connects
+    /// again: without this, the pool's connections each failed one recovery attempt in
+    /// turn, each failure waiting out the reconnection backoff, and a router was back 4-5 s
+    /// after Redis (BENCHMARKS.md, section 6).
+    async fn wake_pool(&self) -> Result<(), StoreError> {
+        let conns = self.pool.load().conns.clone();
+        for mut c in conns {
+            let mut answer = Ok(());
+            for _ in 0..2 {
+                answer = self
+                    .run::<String>("ping", redis::cmd("PING").query_async(&mut c))
+                    .await
+                    .map(drop);
+                if answer.is_ok() {
+                    break;
+                }
+            }
+            answer?;
+        }
+        Ok(())
+    }
+
     /// Writes back queued decisions, reloads the cache and the node table, and leaves
     /// degraded mode. Messages received meanwhile are buffered by the subscription.
     async fn recover(&self) -> Result<(), StoreError> {
-        let mut c = self.conn();
-        let _: String = self
-            .run("ping", redis::cmd("PING").query_async(&mut c))
-            .await?;
+        self.wake_pool().await?;
         if self.restarted().await? {
             tracing::warn!("Redis restarted; writing back every cached pin and admin state");
             self.write_back_all().await?;
@@ -1532,8 +1553,12 @@ impl Inner {
     }
 }
 
+/// Longest wait between two attempts to subscribe again: how late, at most, a router notices
+/// that Redis is back. An attempt while Redis is away costs a refused connection.
+const MAX_RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(500);
+
 /// Keeps the subscription alive: applies messages, re-syncs nodes periodically, detects an
-/// outage, reconnects with exponential backoff (50 ms to 2 s) and reconciles on return. A
+/// outage, reconnects with exponential backoff (50 to 500 ms) and reconciles on return. A
 /// subscription lost while Redis still answers commands is renewed without an outage (see
 /// [`Inner::subscription_failed`]).
 /// Every reconnection goes through [`Inner::subscribe_and_sync`], which with Sentinel asks
@@ -1615,7 +1640,7 @@ async fn supervise(
             _ = stop.changed() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(MAX_RESUBSCRIBE_BACKOFF);
     }
 }
 

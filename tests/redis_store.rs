@@ -1434,3 +1434,71 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
     cleanup(&url, &p).await;
 }
+
+/// An outage longer than the pin's life in Redis (twice `room_idle_ttl`: 20 min by default):
+/// the key expired while the router could not confirm it, but the room's node kept
+/// reporting it. The router pins it there again on its return, instead of leaving the room
+/// unpinned until the node's next heartbeat (a join meanwhile would place it afresh,
+/// maybe elsewhere: a split, and then the node told to evict a live room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_that_kept_it() {
+    let test = "a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_that_kept_it";
+    let Some((url, _private)) = redis_for("expired_through_outage") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("expired");
+    let cut = Partition::to(hostport).await;
+    let cfg = config(&format!("redis://{}", cut.addr), &p);
+    let a = store::open(&cfg).await.unwrap();
+    let (r, other, n1) = (room("standup"), room("ended"), node("n1"));
+    for k in [&r, &other] {
+        assert!(matches!(
+            a.pin_if(k, &n1, None, now_ms()).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+    }
+    cut.cut();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.health() != StoreHealth::Ok
+        })
+        .await,
+        "the router noticed the outage"
+    );
+    // The outage outlasts both keys (scaled down: they are given 200 ms).
+    let mut direct = redis_conn(&url).await;
+    for k in ["standup", "ended"] {
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(room_key(&p, k))
+            .arg(200)
+            .query_async(&mut direct)
+            .await
+            .unwrap();
+    }
+    // n1 keeps reporting "standup" (not "ended") meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(a.confirm(&r, &n1, now_ms()).await.unwrap());
+    assert_eq!(redis_pin(&url, &room_key(&p, "standup")).await, None);
+    cut.restore();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            a.health() == StoreHealth::Ok
+        })
+        .await,
+        "the router reconnected"
+    );
+    assert!(
+        redis_pin(&url, &room_key(&p, "standup"))
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "the pin is back in Redis"
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
+    // A room nobody confirmed stays gone, as its expiry said.
+    assert_eq!(redis_pin(&url, &room_key(&p, "ended")).await, None);
+    assert_eq!(a.get(&other).await.unwrap(), None);
+    cleanup(&url, &p).await;
+}

@@ -1178,8 +1178,9 @@ impl Inner {
             }
         }
         // After the pins (a room pinned during the outage is in the store by now). `CONFIRM`
-        // refreshes only a pin that still points at the node, so a confirmation can neither
-        // bring back a released pin nor take a room from the node the store chose.
+        // refreshes only a pin that still points at the node, so a confirmation cannot take
+        // a room from the node the store chose; where the store has no pin at all, the room
+        // is pinned to the node again (`restore_expired`).
         let rooms: Vec<RoomKey> = self
             .pending_confirms
             .iter()
@@ -1189,13 +1190,38 @@ impl Inner {
             let Some((_, (node, at))) = self.pending_confirms.remove(&room) else {
                 continue;
             };
-            if let Err(e) = self.confirm_remote(&room, &node, at).await {
+            let written = match self.confirm_remote(&room, &node, at).await {
+                Ok(false) => self.restore_expired(&room, &node, at).await,
+                other => other.map(drop),
+            };
+            if let Err(e) = written {
                 // Kept for the next write-back; one heard meanwhile may be newer.
                 self.queue_confirm(&room, &node, at);
                 return Err(e);
             }
         }
         self.write_pending_nodes().await
+    }
+
+    /// A confirmation heard during the outage found no pin to refresh: if Redis holds none,
+    /// the key expired while this router could not confirm it (an outage longer than its
+    /// life, twice `room_idle_ttl`), and the node that kept reporting the room gets it back.
+    /// Left unpinned, the room would be placed afresh by its next join, maybe elsewhere,
+    /// and the node told to evict it at its next heartbeat. A pin released meanwhile by
+    /// another router (the node said the room ended) comes back too: harmless, as the next
+    /// join then goes to the node the room was last on, and an unused pin is swept as idle.
+    /// Where Redis names another node, that pin stands.
+    async fn restore_expired(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        // Created and confirmed at the confirmation's time.
+        if let PinOutcome::Won(_) = self.pin_if_remote(room, node, None, at).await? {
+            tracing::info!(room = %room, node = %node, "a pin that expired in Redis during the outage is restored");
+        }
+        Ok(())
     }
 
     /// Writes the node changes kept since a write failed. On an error, what is not yet

@@ -608,13 +608,13 @@ async fn an_outage_re_placement_yields_to_a_node_other_routers_kept_alive() {
     // Router A, cut off, still sees it dead and re-places the room on the other node.
     assert_eq!(place(&c, &a.base(), "standup").await.unwrap(), other);
     cut.restore();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            a.app.router.store().health() == StoreHealth::Ok
-        })
-        .await,
-        "router A reconnected"
-    );
+    expect_health(
+        a.app.router.store(),
+        true,
+        Duration::from_secs(10),
+        "router A reconnected",
+    )
+    .await;
     // The store's pin wins: the node B kept using is alive, so A's decision yields to it.
     assert_eq!(
         redis_pin(&url, &room_key(&p, "standup")).await.map(|v| v
@@ -1132,6 +1132,15 @@ async fn a_behind_a_door(test: &str, name: &str) -> Option<Behind> {
     })
 }
 
+/// Waits up to `within` for `s` to be healthy (`ok`) or degraded (`!ok`); fails the test
+/// with `what` otherwise.
+async fn expect_health(s: &AnyStore, ok: bool, within: Duration, what: &str) {
+    assert!(
+        eventually(within, || async { (s.health() == StoreHealth::Ok) == ok }).await,
+        "{what}"
+    );
+}
+
 /// Times a Redis store entered degraded mode.
 fn outages(s: &AnyStore) -> u64 {
     match s {
@@ -1397,13 +1406,13 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
         .unwrap();
     assert_eq!(kept, 1);
     cut.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.health() != StoreHealth::Ok
-        })
-        .await,
-        "the router noticed the outage"
-    );
+    expect_health(
+        &a,
+        false,
+        Duration::from_secs(5),
+        "the router noticed the outage",
+    )
+    .await;
     // Node n1 keeps reporting the room throughout, for longer than the sweep's idle limit.
     while pinned_at.elapsed() < Duration::from_millis(idle_ms + 300) {
         assert!(
@@ -1413,13 +1422,7 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     cut.restore();
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            a.health() == StoreHealth::Ok
-        })
-        .await,
-        "the router reconnected"
-    );
+    expect_health(&a, true, Duration::from_secs(15), "the router reconnected").await;
     let released = a.sweep_idle(now_ms() - idle_ms).await.unwrap();
     assert!(
         released.is_empty(),
@@ -1443,16 +1446,12 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_that_kept_it() {
     let test = "a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_that_kept_it";
-    let Some((url, _private)) = redis_for("expired_through_outage") else {
+    let Some(Behind {
+        url, p, door, a, ..
+    }) = a_behind_a_door(test, "expired_through_outage").await
+    else {
         return;
     };
-    let Some(hostport) = plain_host_port(&url, test) else {
-        return;
-    };
-    let p = prefix("expired");
-    let cut = Partition::to(hostport).await;
-    let cfg = config(&format!("redis://{}", cut.addr), &p);
-    let a = store::open(&cfg).await.unwrap();
     let (r, other, n1) = (room("standup"), room("ended"), node("n1"));
     for k in [&r, &other] {
         assert!(matches!(
@@ -1460,14 +1459,14 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
             PinOutcome::Won(_)
         ));
     }
-    cut.cut();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.health() != StoreHealth::Ok
-        })
-        .await,
-        "the router noticed the outage"
-    );
+    door.cut();
+    expect_health(
+        &a,
+        false,
+        Duration::from_secs(5),
+        "the router noticed the outage",
+    )
+    .await;
     // The outage outlasts both keys (scaled down: they are given 200 ms).
     let mut direct = redis_conn(&url).await;
     for k in ["standup", "ended"] {
@@ -1482,14 +1481,8 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(a.confirm(&r, &n1, now_ms()).await.unwrap());
     assert_eq!(redis_pin(&url, &room_key(&p, "standup")).await, None);
-    cut.restore();
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            a.health() == StoreHealth::Ok
-        })
-        .await,
-        "the router reconnected"
-    );
+    door.restore();
+    expect_health(&a, true, Duration::from_secs(15), "the router reconnected").await;
     assert!(
         redis_pin(&url, &room_key(&p, "standup"))
             .await

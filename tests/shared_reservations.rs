@@ -150,6 +150,36 @@ fn own_reserved(s: &Served, id: &str) -> f64 {
     live_on(s, id, Live::reserved_units)
 }
 
+/// Places new rooms ("probes") through router `a`, each after `before`, until what `a`
+/// holds reserved on n1 is only its probes' (each reserves the default guess, 10), for at
+/// most `within`. Returns whether it came to that, and after how many probes.
+async fn until_only_probes_reserved<F, Fut>(
+    c: &reqwest::Client,
+    a: &Served,
+    within: Duration,
+    mut before: F,
+) -> (bool, u32)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+{
+    let mut probes = 0;
+    let done = eventually(within, || {
+        probes += 1;
+        let (k, step) = (probes, before());
+        async move {
+            step.await;
+            assert_eq!(
+                place(c, &a.base(), &format!("probe-{k}")).await.unwrap(),
+                "n1"
+            );
+            own_reserved(a, "n1") == 10.0 * f64::from(k)
+        }
+    })
+    .await;
+    (done, probes)
+}
+
 /// A room placed through router A whose node reports to router B only (heartbeats behind a
 /// load balancer that pins them), and whose users join through B: A's reservation is
 /// settled by the participants B's heartbeats report, as B's own would be, instead of
@@ -172,22 +202,13 @@ async fn a_reservation_is_settled_by_participants_another_router_heard_of() {
     assert_eq!(own_reserved(&a, "n1"), 30.0);
     // The class comes in (through router B) and n1 tells router B.
     heartbeat(&c, &b.base(), "n1", 30.0, &[("class", 30)]).await;
-    // Router A settles when it next places a new room (or sweeps): each probe is a new room,
-    // which reserves the default guess (10) itself.
-    let probes = std::sync::atomic::AtomicU32::new(0);
+    // Router A settles when it next places a new room (or sweeps).
+    let (settled, probes) =
+        until_only_probes_reserved(&c, &a, Duration::from_secs(3), || async {}).await;
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            let k = probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            assert_eq!(
-                place(&c, &a.base(), &format!("probe-{k}")).await.unwrap(),
-                "n1"
-            );
-            own_reserved(&a, "n1") == 10.0 * f64::from(k)
-        })
-        .await,
-        "router A's reservation for the class settled: {} reserved after {} probes",
+        settled,
+        "router A's reservation for the class settled: {} reserved after {probes} probes",
         own_reserved(&a, "n1"),
-        probes.load(std::sync::atomic::Ordering::Relaxed)
     );
     a.stop().await;
     b.stop().await;
@@ -222,21 +243,15 @@ async fn a_reservation_is_released_when_another_router_hears_its_room_ended() {
     heartbeat(&c, &b.base(), "n1", 4.0, &[("class", 4)]).await;
     // Four came, then the class ended: n1 stops listing it. Router B releases the room once
     // no ticket for it can still arrive, and says so with its next report.
-    let probes = std::sync::atomic::AtomicU32::new(0);
+    let b_base = b.base();
+    let (released, probes) = until_only_probes_reserved(&c, &a, Duration::from_secs(8), || {
+        heartbeat(&c, &b_base, "n1", 0.0, &[])
+    })
+    .await;
     assert!(
-        eventually(Duration::from_secs(8), || async {
-            heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
-            let k = probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            assert_eq!(
-                place(&c, &a.base(), &format!("probe-{k}")).await.unwrap(),
-                "n1"
-            );
-            own_reserved(&a, "n1") == 10.0 * f64::from(k)
-        })
-        .await,
-        "router A's reservation for the ended class was released: {} reserved after {} probes",
+        released,
+        "router A's reservation for the ended class was released: {} reserved after {probes} probes",
         own_reserved(&a, "n1"),
-        probes.load(std::sync::atomic::Ordering::Relaxed)
     );
     a.stop().await;
     b.stop().await;

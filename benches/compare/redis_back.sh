@@ -19,16 +19,10 @@ export RUST_LOG=${RUST_LOG:-warn}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-command -v redis-server >/dev/null || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-}
-
-echo "== building (release)"
-cargo build --release --quiet
-BIN=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/roomrouter
-
 # shellcheck source=benches/compare/lib.sh
 source benches/compare/lib.sh # (the script runs from the repository root)
+need_redis_server
+build_release
 
 REDIS_PID=
 stop_redis() {

@@ -340,9 +340,9 @@ impl<S: PinStore> Router<S> {
     /// Settles this router's reservations with the participants other routers' heartbeats
     /// reported (a shared store), as its own heartbeats settle them: without it, a room
     /// whose node reports to another router, and whose users join through others, would
-    /// stay reserved here until `reservation_ttl` although it has filled, or ended. Before every
-    /// placement that is not a pinned join (where reservations count) and at every sweep;
-    /// nothing to do costs one atomic read.
+    /// stay reserved here until `reservation_ttl` although it has filled, or ended. Before
+    /// every placement that is not a pinned join (where reservations count) and at every
+    /// sweep; nothing to do costs one atomic read.
     fn settle_observed(&self, now: Millis) {
         for seen in self.store.take_observed() {
             for (room, participants) in &seen.rooms {

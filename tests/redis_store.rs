@@ -1452,8 +1452,8 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
     else {
         return;
     };
-    let (r, other, n1) = (room("standup"), room("ended"), node("n1"));
-    for k in [&r, &other] {
+    let (r, other, left, n1) = (room("standup"), room("ended"), room("left"), node("n1"));
+    for k in [&r, &other, &left] {
         assert!(matches!(
             a.pin_if(k, &n1, None, now_ms()).await.unwrap(),
             PinOutcome::Won(_)
@@ -1469,7 +1469,7 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
     .await;
     // The outage outlasts both keys (scaled down: they are given 200 ms).
     let mut direct = redis_conn(&url).await;
-    for k in ["standup", "ended"] {
+    for k in ["standup", "ended", "left"] {
         let _: i64 = redis::cmd("PEXPIRE")
             .arg(room_key(&p, k))
             .arg(200)
@@ -1477,9 +1477,12 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
             .await
             .unwrap();
     }
-    // n1 keeps reporting "standup" (not "ended") meanwhile.
+    // n1 keeps reporting "standup" (not "ended") meanwhile; "left" it reports, then says
+    // it ended.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(a.confirm(&r, &n1, now_ms()).await.unwrap());
+    assert!(a.confirm(&left, &n1, now_ms()).await.unwrap());
+    assert!(a.release_if(&left, &n1).await.unwrap());
     assert_eq!(redis_pin(&url, &room_key(&p, "standup")).await, None);
     door.restore();
     expect_health(&a, true, Duration::from_secs(15), "the router reconnected").await;
@@ -1490,8 +1493,10 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
         "the pin is back in Redis"
     );
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
-    // A room nobody confirmed stays gone, as its expiry said.
-    assert_eq!(redis_pin(&url, &room_key(&p, "ended")).await, None);
-    assert_eq!(a.get(&other).await.unwrap(), None);
+    // A room nobody confirmed stays gone, as its expiry said, and so does one that ended.
+    for (k, key) in [(&other, "ended"), (&left, "left")] {
+        assert_eq!(redis_pin(&url, &room_key(&p, key)).await, None, "{key}");
+        assert_eq!(a.get(k).await.unwrap(), None, "{key}");
+    }
     cleanup(&url, &p).await;
 }

@@ -436,7 +436,7 @@ mod tests {
     /// This router's clock in the tests: after every report's time.
     const NOW: Millis = 10_000;
     /// The heartbeat timeout (how far ahead another router's report may be).
-    const NO_SKEW: Millis = 6_000;
+    const MAX_AHEAD: Millis = 6_000;
 
     fn info(cap: f64) -> WireInfo {
         WireInfo {
@@ -464,7 +464,7 @@ mod tests {
     #[test]
     fn the_participants_another_router_heard_are_kept_once_for_this_routers_reservations() {
         let c = Cluster::new();
-        let s = NodeSync::new(NO_SKEW);
+        let s = NodeSync::new(MAX_AHEAD);
         assert!(s.take_observed().is_empty());
         assert!(s.apply(&c, &report(1000, 4.0), NOW));
         let seen = s.take_observed();
@@ -507,7 +507,7 @@ mod tests {
     #[test]
     fn reports_register_nodes_and_never_go_back_in_time() {
         let c = Cluster::new();
-        let s = NodeSync::new(NO_SKEW);
+        let s = NodeSync::new(MAX_AHEAD);
         assert!(s.apply(&c, &report(1000, 10.0), NOW));
         let id = NodeId::parse("n1").unwrap();
         let e = c.snapshot().get(&id).unwrap().clone();
@@ -524,7 +524,7 @@ mod tests {
     #[test]
     fn a_report_from_ahead_of_this_routers_clock_counts_as_now_or_not_at_all() {
         let c = Cluster::new();
-        let s = NodeSync::new(NO_SKEW);
+        let s = NodeSync::new(MAX_AHEAD);
         let id = NodeId::parse("n1").unwrap();
         // Another router's clock a little ahead: heard from now, not later.
         assert!(s.apply(&c, &report(NOW + 2_000, 1.0), NOW));
@@ -540,7 +540,7 @@ mod tests {
     #[test]
     fn admin_state_before_first_report_holds_and_outlives_removal() {
         let c = Cluster::new();
-        let s = NodeSync::new(NO_SKEW);
+        let s = NodeSync::new(MAX_AHEAD);
         s.apply(
             &c,
             &NodeUpdate::Admin {
@@ -589,7 +589,7 @@ mod tests {
     #[test]
     fn other_routers_reservations_add_up_and_the_newest_of_each_counts() {
         let c = Cluster::new();
-        let s = NodeSync::new(NO_SKEW);
+        let s = NodeSync::new(MAX_AHEAD);
         // Heard before the node is known: kept, and counted once it arrives.
         assert!(s.apply(&c, &reserved("ra", 4_000, 10), NOW));
         s.apply(&c, &report(1000, 0.0), NOW);
@@ -622,7 +622,7 @@ mod tests {
     #[test]
     fn a_router_not_heard_from_over_a_whole_interval_is_forgotten() {
         let c = Cluster::new();
-        let s = NodeSync::new(NO_SKEW);
+        let s = NodeSync::new(MAX_AHEAD);
         s.apply(&c, &report(1000, 0.0), NOW);
         let id = NodeId::parse("n1").unwrap();
         let live = c.snapshot().get(&id).unwrap().live.clone();
@@ -652,12 +652,12 @@ mod tests {
             id: "bad id".into(),
             info: info(1.0),
         };
-        assert!(!NodeSync::new(NO_SKEW).apply(&c, &bad, NOW));
+        assert!(!NodeSync::new(MAX_AHEAD).apply(&c, &bad, NOW));
         let zero = NodeUpdate::Put {
             id: "n".into(),
             info: info(0.0),
         };
-        assert!(!NodeSync::new(NO_SKEW).apply(&c, &zero, NOW));
+        assert!(!NodeSync::new(MAX_AHEAD).apply(&c, &zero, NOW));
         assert!(c.is_empty());
     }
 }

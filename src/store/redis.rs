@@ -956,6 +956,8 @@ impl Inner {
         let old = e.pin.take();
         e.ts = 0;
         drop(e);
+        // Its confirmations are moot: written back, they would pin the room again.
+        self.pending_confirms.remove(room);
         if let Some(p) = &old {
             self.pending.insert(
                 room.clone(),
@@ -1207,10 +1209,11 @@ impl Inner {
     /// the key expired while this router could not confirm it (an outage longer than its
     /// life, twice `room_idle_ttl`), and the node that kept reporting the room gets it back.
     /// Left unpinned, the room would be placed afresh by its next join, maybe elsewhere,
-    /// and the node told to evict it at its next heartbeat. A pin released meanwhile by
-    /// another router (the node said the room ended) comes back too: harmless, as the next
+    /// and the node told to evict it at its next heartbeat. A pin another router released
+    /// meanwhile (the node told it the room ended) comes back too: harmless, as the next
     /// join then goes to the node the room was last on, and an unused pin is swept as idle.
-    /// Where Redis names another node, that pin stands.
+    /// (One this router released drops its confirmations.) Where Redis names another node,
+    /// that pin stands.
     async fn restore_expired(
         &self,
         room: &RoomKey,

@@ -3,10 +3,11 @@
 //! Every rule is deterministic (same room, nodes and loads give the same node on every router)
 //! and runs in one pass over the candidates without allocating. Every rule ranks candidates by
 //! weighted rendezvous hashing; they differ in how load enters the final pick. The default is
-//! [`ChoiceRule::LeastLoaded`]: the placement simulator (`roomrouter simulate`) found it best or
-//! within 2% of the best on 31 of the 36 standard checks (four workloads, three hint modes,
-//! three figures), against 8 of 36 for `TopTwo`, once expected-size reservations are counted
-//! (they stop the herding plain least-loaded suffers from). See BENCHMARKS.md.
+//! [`ChoiceRule::LeastLoaded`]: the placement simulator (`roomrouter simulate`) finds it best or
+//! within 2% of the best on all 36 standard checks (four workloads, three hint modes, three
+//! figures; mean of seeds 1-8) once expected-size reservations are counted and shared between
+//! the routers (they stop the herding plain least-loaded suffers from). See BENCHMARKS.md,
+//! section 3.
 
 use std::cmp::Ordering;
 

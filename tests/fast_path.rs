@@ -590,6 +590,45 @@ async fn with_the_fast_path_off_hyper_carries_everything() {
     r.stop().await;
 }
 
+/// An absolute-form target with a query and no path (`http://host?room=a`, as a proxy may
+/// send it) reaches the node as `/?room=a` on both proxy paths; the fast path used to send
+/// `GET ?room=a`, an invalid request line.
+#[tokio::test]
+async fn an_absolute_form_target_without_a_path_reaches_the_node_in_origin_form() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, node, mut c) =
+            cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        c.send("GET http://router.test?room=abs HTTP/1.1\r\nHost: router.test\r\n\r\n")
+            .await;
+        assert_eq!(c.answer().await.body, b"ok", "fast path {fast_path}");
+        let seen = node.seen();
+        assert!(
+            seen[0].starts_with("GET /?room=abs HTTP/1.1\r\n"),
+            "fast path {fast_path}: {seen:?}"
+        );
+        assert_eq!(fast_requests(&r).await, u64::from(fast_path));
+        r.stop().await;
+    }
+}
+
+/// A `#` in the target (never sent by a browser; httparse takes it) routes as hyper routes
+/// it, fragment dropped: `/healthz#` is the router's own health check on both paths, not a
+/// front-door request forwarded to the room's node as the fast path used to.
+#[tokio::test]
+async fn a_fragment_in_the_target_does_not_change_the_route() {
+    let (r, node, mut c) = cluster(vec!["HTTP/1.1 204 No Content\r\n\r\n"]).await;
+    c.send("GET /healthz#x HTTP/1.1\r\nHost: router.test\r\nX-Room: abc\r\n\r\n")
+        .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["status"], "ok");
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    r.stop().await;
+}
+
 /// A transfer coding besides chunked (`gzip`) reaches the client with the bytes it applies
 /// to, on both proxy paths: dropped as hop-by-hop, it would leave the client gzip bytes to
 /// take for plain content.

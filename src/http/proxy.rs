@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::h1::head::origin_form;
 use super::h1::pool::Conns;
 use super::server::ConnInfo;
 use super::upstream::{Lane, LaneError, Lanes};
@@ -422,9 +423,7 @@ fn lane_target(upstream: &str, uri: &Uri) -> Option<(HeaderValue, Uri)> {
     let target = match pq {
         // The common case copies nothing: the request's own path and query.
         Some(pq) if base.is_empty() && pq.as_str().starts_with('/') => Uri::from(pq.clone()),
-        _ => format!("{base}{}", pq.map_or("/", |p| p.as_str()))
-            .parse()
-            .ok()?,
+        _ => format!("{base}{}", origin_form(uri)).parse().ok()?,
     };
     Some((HeaderValue::from_str(host).ok()?, target))
 }
@@ -754,6 +753,15 @@ mod tests {
             pair("node.example", "/media/rooms/a")
         );
         assert_eq!(target("http://", "/rooms/a"), None);
+        // An absolute URI with a query and no path: the path `/`, or the node gets `?room=a`.
+        assert_eq!(
+            target("http://10.0.0.5:8080", "http://router.example?room=a"),
+            pair("10.0.0.5:8080", "/?room=a")
+        );
+        assert_eq!(
+            target("http://10.0.0.5:8080/media", "http://router.example?room=a"),
+            pair("10.0.0.5:8080", "/media/?room=a")
+        );
     }
 
     #[test]

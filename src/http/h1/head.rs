@@ -74,6 +74,12 @@ pub fn parse_request(buf: &[u8]) -> Parse {
     }
     // The path the routes see: origin form as it is; absolute form (`http://host/p`) through
     // a URI parse (rare: proxies send it, browsers do not).
+    // A fragment is never part of a request target, but httparse takes `#`: hyper's URI
+    // parse drops it, so such a request is hyper's, routed as hyper routes it (the fast
+    // path would route `/metrics#` as a front-door path).
+    if path.contains('#') {
+        return Parse::Other;
+    }
     let route_path: std::borrow::Cow<'_, str> = if path.starts_with('/') {
         path.split_once('?').map_or(path, |(p, _)| p).into()
     } else {
@@ -217,14 +223,25 @@ pub struct Forwarded<'a> {
     pub ticket: &'a str,
 }
 
+/// The target of a request to `uri` in origin form (RFC 9112 section 3.2.1): its path and
+/// query, with the path `/` where an absolute-form target had none (`http://host?room=a`,
+/// whose path and query read `?room=a`: sent so, the node would get an invalid request
+/// line).
+pub(crate) fn origin_form(uri: &Uri) -> std::borrow::Cow<'_, str> {
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some(pq) if pq.starts_with('?') => format!("/{pq}").into(),
+        Some(pq) => pq.into(),
+        None => "/".into(),
+    }
+}
+
 /// Writes the head of `parts` as it goes to the node: origin-form target under the node's
 /// base path, the node's `Host`, end-to-end headers only, and the proxy's own headers.
 pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(f.base.as_bytes());
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(pq.as_bytes());
+    out.extend_from_slice(origin_form(&parts.uri).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(f.host.as_bytes());
     out.extend_from_slice(b"\r\n");

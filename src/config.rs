@@ -14,6 +14,32 @@ use crate::placement::reservation::SizeSource;
 use crate::placement::{ChoiceRule, Params};
 use crate::room::Normalization;
 
+/// Durations in the file: humantime strings (`"250ms"`, `"6s"`, `"8days"`) up to
+/// [`duration::MAX`]. A longer one is refused as the file is read: added to the present
+/// (`Instant::now() + d`, as timeouts are), a duration of centuries overflows, and the
+/// first request to use it would panic.
+mod duration {
+    use std::time::Duration;
+
+    use serde::de::Error;
+    use serde::Deserializer;
+
+    /// Ten years: far beyond any timeout or lifetime, far below an overflow.
+    pub const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v: Duration = humantime_serde::deserialize(d)?;
+        if v > MAX {
+            return Err(D::Error::custom(format!(
+                "{} is longer than a duration may be ({})",
+                humantime::format_duration(v),
+                humantime::format_duration(MAX)
+            )));
+        }
+        Ok(v)
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -44,21 +70,21 @@ pub struct ServerConfig {
     /// Largest request head (request line + headers), in bytes.
     pub max_header_bytes: usize,
     /// Time a client has to send the request head.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub header_read_timeout: Duration,
     /// An HTTP/2 connection with no open stream for this long is shut down gracefully
     /// (GOAWAY). HTTP/1.1's idle wait is `header_read_timeout`'s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub h2_idle_timeout: Duration,
     /// Longest a write to a client may wait for the client to take bytes (a response, a
     /// proxied body, a WebSocket message); longer and the connection is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub send_timeout: Duration,
     /// Time a client has to send the request body.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub body_read_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     /// Most connections served at once; more wait in the accept queue.
     pub max_connections: usize,
@@ -201,31 +227,31 @@ pub struct PlacementConfig {
     /// Prefer nodes in the hinted region.
     pub region_affinity: bool,
     /// Interval told to nodes in heartbeat replies.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub heartbeat_interval: Duration,
     /// A node is unhealthy after this long without a heartbeat.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub heartbeat_timeout: Duration,
     /// A pin not confirmed by a join or a node report for this long is released.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub room_idle_ttl: Duration,
     /// Expected size (load units) of a new room with no hint and no history.
     pub new_room_reserve: u32,
     /// How long a reservation of that guess (`new_room_reserve`) lasts. Shorter than
     /// `reservation_ttl`: a guess covers the seconds before node reports show where new rooms
     /// went, and kept longer it is phantom load on rooms smaller than the guess.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub new_room_reserve_ttl: Duration,
     /// Largest size hint accepted; larger hints are clamped.
     pub max_size_hint: u32,
     /// How long a reservation of a hinted or learned size lasts at most.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reservation_ttl: Duration,
     /// How long a room's learned size is remembered after its last session.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub history_ttl: Duration,
     /// `Retry-After` on 503 node_full / no_capacity.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_after: Duration,
     /// Remove a node that drains itself (heartbeat `state = "draining"`) once it reports no rooms.
     pub auto_remove_drained: bool,
@@ -319,15 +345,15 @@ pub struct StoreConfig {
     /// Connections the router keeps to Redis (multiplexed; 1-64). Default 2.
     pub pool_size: usize,
     /// Time allowed to establish a connection. Default 1 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
     /// Time allowed for one command. A failed command is followed by a PING (within
     /// `connect_timeout`): only if that fails too is the store unreachable (degraded mode).
     /// Default 250 ms.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub command_timeout: Duration,
     /// Full re-read of the shared node table (in case a message was lost). Default 10 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub resync_interval: Duration,
     /// `rediss://` only: PEM file of the CA(s) that signed the Redis server's certificate.
     /// Unset: the system's trusted roots.
@@ -519,7 +545,7 @@ pub struct TicketConfig {
     /// HS256 secret shared with the nodes (or `ROOMROUTER_TICKET_SECRET`).
     pub secret: String,
     /// Ticket lifetime.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub ttl: Duration,
     /// Query parameter the ticket is added as on redirects.
     pub query_param: String,
@@ -582,7 +608,7 @@ pub struct JwtConfig {
     /// RS256/ES256 public key, PEM.
     pub public_key_file: Option<PathBuf>,
     /// Clock-skew leeway for `exp`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub leeway: Duration,
     /// Query parameter a token may come in when no `Authorization` header can be set
     /// (browser WebSockets); empty: header only.
@@ -605,13 +631,13 @@ impl Default for JwtConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Time to open a TCP (and TLS) connection to an upstream.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
     /// Time for an upstream to answer with a response head.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub response_timeout: Duration,
     /// A body (either direction) or WebSocket idle for this long is cut.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
     /// Largest request body forwarded, in bytes (larger: 413).
     pub max_request_body_bytes: u64,
@@ -622,7 +648,7 @@ pub struct ProxyConfig {
     /// requests a node has in flight at once (HAProxy keeps every idle server connection by
     /// default, hyper's client too).
     pub pool_max_idle_per_host: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub pool_idle_timeout: Duration,
     /// CA bundle (PEM) trusted for `https://` upstreams.
     pub ca_file: Option<PathBuf>,
@@ -650,7 +676,7 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     /// How often the files are checked for changes (SIGHUP reloads at once).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reload_interval: Duration,
     /// Plain-HTTP listener that answers every request with a redirect to HTTPS.
     pub redirect_listen: Option<SocketAddr>,
@@ -825,18 +851,17 @@ pub struct StaticNode {
     pub tags: Vec<String>,
 }
 
-/// A configuration problem, naming the key.
+/// A configuration problem, naming the key. The message says it all: the underlying error
+/// is part of it and not also given as the error's source, or a printed chain would say it
+/// twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
+    #[error("{path}: {cause}")]
     Parse {
         path: String,
-        source: Box<toml::de::Error>,
+        cause: Box<toml::de::Error>,
     },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
@@ -852,14 +877,14 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 impl Config {
     /// Reads, parses and validates a file; secrets from the environment fill empty fields.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            cause,
         })?;
         let mut cfg = Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { cause, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
-                source,
+                cause,
             },
             other => other,
         })?;
@@ -880,7 +905,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: "config".into(),
-            source: Box::new(e),
+            cause: Box::new(e),
         })
     }
 
@@ -1126,6 +1151,18 @@ mod tests {
     use super::*;
 
     /// The error `text` fails validation with (it must parse).
+    #[test]
+    fn a_duration_too_long_to_add_to_the_present_is_refused_as_the_file_is_read() {
+        // Centuries overflow `Instant::now() + d`: the first connection would panic.
+        let e = Config::parse("[server]\nheader_read_timeout = \"300000000000y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than a duration may be"), "{e}");
+        assert!(e.contains("header_read_timeout"), "{e}");
+        let c = Config::parse("[placement]\nhistory_ttl = \"3650days\"\n").unwrap();
+        assert_eq!(c.placement.history_ttl, duration::MAX);
+    }
+
     fn rejected(text: &str) -> String {
         Config::parse(text)
             .unwrap()

@@ -86,6 +86,20 @@ fn check_config_accepts_the_shipped_examples_and_names_bad_keys() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("new_room_limit"));
+    // A timeout of centuries would overflow the first time it is added to the present (a
+    // panic on the first connection): refused, and said once.
+    std::fs::write(&bad, "[server]\nheader_read_timeout = \"300000000000y\"\n").unwrap();
+    let out = clean_env(&mut Command::new(BIN))
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        said.matches("longer than a duration may be").count(),
+        1,
+        "{said}"
+    );
 }
 
 async fn wait_http(url: &str) {

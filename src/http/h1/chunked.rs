@@ -84,7 +84,9 @@ impl ChunkedEnd {
                 State::Done => return Ok(Some(i)),
                 State::Size => match hex(b) {
                     Some(d) => {
-                        if self.digits >= 15 {
+                        // Below 16^15 (the value, not the digits: leading zeros are allowed,
+                        // and bounded by the line's length).
+                        if self.size >= 1 << 56 {
                             return Err(ChunkedError("chunk size too large"));
                         }
                         self.size = self.size * 16 + u64::from(d);
@@ -247,6 +249,18 @@ mod tests {
         assert_eq!(c.feed(b"abcdef\r\n0\r\n"), Ok(None));
         assert!(!c.is_done());
         assert_eq!(c.feed(b"\r\n"), Ok(Some(2)));
+    }
+
+    #[test]
+    fn a_size_with_leading_zeros_is_its_value() {
+        // RFC 9112 section 7.1: chunk-size = 1*HEXDIG; sixteen digits, fifteen of them zeros.
+        let mut c = ChunkedEnd::new();
+        assert_eq!(c.feed(b"0000000000000001\r\na\r\n0\r\n\r\n"), Ok(Some(26)));
+        // The largest size taken has fifteen significant digits.
+        let mut c = ChunkedEnd::new();
+        assert_eq!(c.feed(b"00fffffffffffffff\r\n"), Ok(None));
+        let mut c = ChunkedEnd::new();
+        assert!(c.feed(b"1000000000000000\r\n").is_err());
     }
 
     #[test]

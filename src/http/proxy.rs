@@ -153,7 +153,7 @@ impl Proxy {
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
         if let Some(proto) = upgrade {
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let path = origin_form(&parts.uri);
             let uri: Uri = format!("{}{path}", node.info.upstream)
                 .parse()
                 .map_err(|_| bad_upstream(node))?;

@@ -760,6 +760,66 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// What the fast path sends a node is a valid request in origin form under the
+        /// node's base path, with the client's body length, whatever form the client's
+        /// target took (this session's fuzzing found `http://host?room=a` sent upstream as
+        /// `GET ?room=a`).
+        #[test]
+        fn the_request_sent_upstream_is_valid_origin_form(
+            method in "(GET|POST|PUT|DELETE)",
+            target in "(/rooms/[a-z0-9]{1,6}|/rooms/[a-z0-9]{1,6}\\?x=[a-z0-9]{0,4}|http://[a-z]{1,5}(:[0-9]{2,4})?(/rooms/[a-z]{1,4})?\\?room=[a-z]{1,4}|http://[a-z]{1,5}/rooms/[a-z]{1,4})",
+            headers in proptest::collection::vec("X-[A-Za-z]{1,8}: [ -~]{0,12}", 0..6),
+            body in proptest::option::of(0u64..100),
+            base in "(|/media|/a/b)",
+        ) {
+            let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: router.test\r\nX-Room: r\r\n");
+            for h in &headers {
+                raw.push_str(h);
+                raw.push_str("\r\n");
+            }
+            if let Some(n) = body {
+                raw.push_str(&format!("Content-Length: {n}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let Parse::Head(plan) = parse_request(raw.as_bytes()) else {
+                return Ok(());
+            };
+            let len = plan.len;
+            let Some(head) = plan.build(&Bytes::copy_from_slice(&raw.as_bytes()[..len])) else {
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            let f = Forwarded {
+                host: "10.0.0.5:8080",
+                base: &base,
+                peer_ip: b"127.0.0.1",
+                tls: false,
+                node: "n1",
+                ticket: "t.t.t",
+            };
+            write_upstream_request(&mut out, &head.parts, &f);
+            let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut up = httparse::Request::new(&mut hs);
+            let done = up.parse(&out);
+            proptest::prop_assert!(
+                matches!(done, Ok(httparse::Status::Complete(n)) if n == out.len()),
+                "{}", String::from_utf8_lossy(&out)
+            );
+            let sent = up.path.unwrap_or_default();
+            proptest::prop_assert!(
+                sent.starts_with(&format!("{base}/")),
+                "{target} went up as {sent}"
+            );
+            let length = up
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<u64>().ok());
+            proptest::prop_assert_eq!(length, body);
+        }
+    }
+
     #[tokio::test]
     async fn a_buffered_answer_carries_its_length_and_a_date() {
         let mut r = Response::new(crate::http::full("{}"));

@@ -1151,6 +1151,14 @@ mod tests {
     use super::*;
 
     /// The error `text` fails validation with (it must parse).
+    fn rejected(text: &str) -> String {
+        Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn a_duration_too_long_to_add_to_the_present_is_refused_as_the_file_is_read() {
         // Centuries overflow `Instant::now() + d`: the first connection would panic.
@@ -1161,14 +1169,6 @@ mod tests {
         assert!(e.contains("header_read_timeout"), "{e}");
         let c = Config::parse("[placement]\nhistory_ttl = \"3650days\"\n").unwrap();
         assert_eq!(c.placement.history_ttl, duration::MAX);
-    }
-
-    fn rejected(text: &str) -> String {
-        Config::parse(text)
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string()
     }
 
     #[test]

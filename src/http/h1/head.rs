@@ -72,14 +72,14 @@ pub fn parse_request(buf: &[u8]) -> Parse {
     if method == "CONNECT" {
         return Parse::Other;
     }
-    // The path the routes see: origin form as it is; absolute form (`http://host/p`) through
-    // a URI parse (rare: proxies send it, browsers do not).
     // A fragment is never part of a request target, but httparse takes `#`: hyper's URI
     // parse drops it, so such a request is hyper's, routed as hyper routes it (the fast
     // path would route `/metrics#` as a front-door path).
     if path.contains('#') {
         return Parse::Other;
     }
+    // The path the routes see: origin form as it is; absolute form (`http://host/p`) through
+    // a URI parse (rare: proxies send it, browsers do not).
     let route_path: std::borrow::Cow<'_, str> = if path.starts_with('/') {
         path.split_once('?').map_or(path, |(p, _)| p).into()
     } else {

@@ -1467,7 +1467,7 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
         "the router noticed the outage",
     )
     .await;
-    // The outage outlasts both keys (scaled down: they are given 200 ms).
+    // The outage outlasts the keys (scaled down: they are given 200 ms).
     let mut direct = redis_conn(&url).await;
     for k in ["standup", "ended", "left"] {
         let _: i64 = redis::cmd("PEXPIRE")

@@ -1002,20 +1002,16 @@ async fn a_router_leaves_degraded_mode_soon_after_redis_is_back() {
     };
     let p = prefix("back");
     let a = serve(config(&redis.url(), &p)).await;
-    let store_ok = || async { a.app.router.store().health() == StoreHealth::Ok };
+    let store = a.app.router.store();
     for round in 1..=2 {
         redis.stop();
-        assert!(
-            eventually(Duration::from_secs(5), || async { !store_ok().await }).await,
-            "round {round}: the outage was noticed"
-        );
+        let noticed = format!("round {round}: the outage was noticed");
+        expect_health(store, false, Duration::from_secs(5), &noticed).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         redis.restart();
         let back = std::time::Instant::now();
-        assert!(
-            eventually(Duration::from_secs(15), store_ok).await,
-            "round {round}: the router reconnected"
-        );
+        let reconnected = format!("round {round}: the router reconnected");
+        expect_health(store, true, Duration::from_secs(15), &reconnected).await;
         assert!(
             back.elapsed() < Duration::from_millis(2500),
             "round {round}: out of degraded mode {:?} after Redis was back",
@@ -1298,10 +1294,7 @@ async fn a_refused_confirmation_corrects_a_stale_cache() {
     let other = if first == "n1" { "n2" } else { "n1" };
     // The store moves the room without a message reaching router A.
     let mut conn = redis_conn(&url).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
+    let now = now_ms();
     let _: () = redis::cmd("SET")
         .arg(room_key(&p, "standup"))
         .arg(format!("{other}|{now}|{now}"))

@@ -23,7 +23,11 @@ use tokio_tungstenite::tungstenite::Message;
 use upstream::Upstream;
 
 async fn register(r: &TestRouter, id: &str, up: &Upstream) {
-    let resp = heartbeat(r, id, up.heartbeat()).await;
+    register_with(r, id, up.heartbeat()).await;
+}
+
+async fn register_with(r: &TestRouter, id: &str, body: serde_json::Value) {
+    let resp = heartbeat(r, id, body).await;
     assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
 }
 
@@ -77,6 +81,45 @@ async fn every_websocket_client_of_a_room_ends_up_on_the_same_node_socket() {
             ws.close(None).await.unwrap();
         }
     }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_it() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    // An operator's URL with a trailing slash (nodes behind a path-routing proxy): the
+    // router keeps the base path and joins it to the request's with one slash.
+    let mut hb = up.heartbeat();
+    hb["url"] = format!("{}/media/", up.url).into();
+    register_with(&r, "n1", hb).await;
+
+    let resp = r.get("/rooms/Standup/sub?x=1").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["path"], "/media/rooms/Standup/sub?x=1");
+
+    let url = format!("ws://{}/rooms/Standup/ws?k=v", r.addr);
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .unwrap()
+    .expect("the upgrade is proxied");
+    assert_eq!(
+        resp.headers()["x-upgrade-path"],
+        "/media/rooms/Standup/ws?k=v",
+        "the upgrade keeps the base path with one slash, as plain requests do"
+    );
+    ws.send(Message::text("hi")).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_text().unwrap().as_str(), "n1:hi");
+    ws.close(None).await.unwrap();
     r.stop().await;
 }
 

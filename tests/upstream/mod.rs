@@ -3,6 +3,7 @@
 //! told to hang (`/rooms/slow`), to hold its answer a while (`?hold=MS`, at most 2 s), to
 //! answer with `?size=N` bytes (at most 64 MiB) or to close the connection after answering
 //! (`?close=1`).
+//! A `101` names the target it was asked for (`x-upgrade-path`).
 //! Counts the connections it accepts. Registered with the router by hand-sent heartbeats.
 #![allow(dead_code)]
 
@@ -126,6 +127,11 @@ async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = r.headers_mut();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // The target the upgrade request named, for tests of the node's base path.
+        h.insert(
+            "x-upgrade-path",
+            HeaderValue::from_str(&req.uri().to_string()).unwrap(),
+        );
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(
             "sec-websocket-accept",

@@ -785,7 +785,10 @@ impl<S: PinStore> Router<S> {
         // Joins confirm a pin only when its confirmation is older than `confirm_every_ms`, so
         // a pin joined `room_idle_ttl` ago may carry a confirmation that much older still.
         let idle_ms = self.placement.room_idle_ttl.as_millis() as u64 + self.confirm_every_ms();
-        let released = self.store.sweep_idle(now.saturating_sub(idle_ms)).await?;
+        let released = self
+            .store
+            .sweep_idle(now.saturating_sub(idle_ms), now)
+            .await?;
         for (room, _) in &released {
             self.end_session(room);
             self.book.release(room);

@@ -149,11 +149,11 @@ async fn store_operations_are_atomic_and_caches_follow_changes() {
     let expected: Vec<String> = (0..25).map(|i| format!("room-{i:02}")).collect();
     assert_eq!(seen, expected);
     // A's cache still has room-03 confirmed at 1000; the store knows 200000 and keeps it.
-    let released = a.sweep_idle(150_000).await.unwrap();
+    let released = a.sweep_idle(150_000, 300_000).await.unwrap();
     assert_eq!(released.len(), 24, "{released:?}");
     assert!(!released.iter().any(|(r, _)| r.as_str() == "room-03"));
     assert!(
-        b.sweep_idle(150_000).await.unwrap().is_empty(),
+        b.sweep_idle(150_000, 300_000).await.unwrap().is_empty(),
         "nothing left to release"
     );
     assert_eq!(a.health(), StoreHealth::Ok);
@@ -1416,7 +1416,7 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
     }
     cut.restore();
     expect_health(&a, true, Duration::from_secs(15), "the router reconnected").await;
-    let released = a.sweep_idle(now_ms() - idle_ms).await.unwrap();
+    let released = a.sweep_idle(now_ms() - idle_ms, now_ms()).await.unwrap();
     assert!(
         released.is_empty(),
         "a room in use was released: {released:?}"
@@ -1491,5 +1491,49 @@ async fn a_pin_that_expired_in_redis_during_an_outage_is_restored_for_the_node_t
         assert_eq!(redis_pin(&url, &room_key(&p, key)).await, None, "{key}");
         assert_eq!(a.get(k).await.unwrap(), None, "{key}");
     }
+    cleanup(&url, &p).await;
+}
+
+/// The wall clock steps back (NTP corrects a clock that ran ahead) while a room is live.
+/// Its pin's last confirmation then lies in the future; unless the sweep brings it back to
+/// now, every confirmation looks fresh, none is written, and Redis expires the pin of a
+/// room whose node reports it every heartbeat (the next join could then go elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_pin_confirmed_before_the_clock_stepped_back_stays_in_redis() {
+    let Some((url, _private)) = redis_for("clock_stepped_back") else {
+        return;
+    };
+    let p = prefix("stepback");
+    let mut cfg = config(&url, &p);
+    // Redis keeps a pin twice the idle TTL: 2 s here.
+    cfg.placement.room_idle_ttl = Duration::from_secs(1);
+    cfg.validate().expect("valid");
+    let a = store::open(&cfg).await.unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    let ahead = now_ms() + 3_600_000;
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, ahead).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // The clock is back an hour; the room's node keeps reporting it, the sweep runs, for
+    // longer than Redis keeps an unconfirmed pin.
+    let since = std::time::Instant::now();
+    while since.elapsed() < Duration::from_millis(3_000) {
+        let now = now_ms();
+        a.sweep_idle(now - 1_125, now).await.unwrap();
+        assert!(a.confirm(&r, &n1, now).await.unwrap(), "the pin is n1's");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        redis_pin(&url, &room_key(&p, "standup"))
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "Redis expired the pin of a room in use"
+    );
+    // Once the room ends it goes idle on time, not an hour from now.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let now = now_ms();
+    let released = a.sweep_idle(now - 1_125, now).await.unwrap();
+    assert_eq!(released, vec![(r.clone(), n1.clone())]);
     cleanup(&url, &p).await;
 }

@@ -155,6 +155,20 @@ async fn a_node_that_dies_as_the_wall_clock_steps_back_is_still_found_dead() {
 }
 
 #[tokio::test]
+async fn a_room_joined_before_the_wall_clock_stepped_back_goes_idle_on_time() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "idle").await.unwrap();
+    r.clock().step_back(3_600_000);
+    // Idle for room_idle_ttl and the confirmation interval after the step (idle_pins_are_swept),
+    // not for an hour more.
+    assert_eq!(r.sweep().await.unwrap(), 0);
+    r.clock().advance(676_000);
+    assert_eq!(r.sweep().await.unwrap(), 1);
+    assert!(r.room(&room("idle")).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn failure_moves_only_what_failed() {
     let r = router();
     for n in ["a", "b", "c"] {

@@ -181,13 +181,25 @@ impl PinStore for MemoryStore {
         Ok(self.list_now(cursor, limit))
     }
 
-    async fn sweep_idle(&self, before: Millis) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
-        let idle: Vec<(RoomKey, NodeId)> = self
-            .pins
-            .iter()
-            .filter(|e| e.confirmed_at < before)
-            .map(|e| (e.key().clone(), e.node.clone()))
-            .collect();
+    async fn sweep_idle(
+        &self,
+        before: Millis,
+        now: Millis,
+    ) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
+        let mut idle = Vec::new();
+        let mut ahead = Vec::new();
+        for e in self.pins.iter() {
+            if e.confirmed_at < before {
+                idle.push((e.key().clone(), e.node.clone()));
+            } else if e.confirmed_at > now {
+                ahead.push(e.key().clone());
+            }
+        }
+        for room in ahead {
+            if let Some(mut p) = self.pins.get_mut(&room) {
+                p.confirmed_at = p.confirmed_at.min(now);
+            }
+        }
         let mut released = Vec::with_capacity(idle.len());
         for (room, node) in idle {
             // Re-check under the shard lock: a join may have confirmed it meanwhile.
@@ -285,7 +297,7 @@ mod tests {
         s.pin_if(&room("busy"), &node("a"), None, 1).await.unwrap();
         assert!(!s.confirm(&room("busy"), &node("b"), 50).await.unwrap());
         assert!(s.confirm(&room("busy"), &node("a"), 50).await.unwrap());
-        let released = s.sweep_idle(10).await.unwrap();
+        let released = s.sweep_idle(10, 60).await.unwrap();
         assert_eq!(released, vec![(room("old"), node("a"))]);
         assert!(s.get(&room("busy")).await.unwrap().is_some());
     }

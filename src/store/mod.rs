@@ -141,9 +141,13 @@ pub trait PinStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
 
     /// Releases pins not confirmed since `before`; returns the released rooms and their nodes.
+    /// A pin confirmed later than `now` was confirmed before the wall clock stepped back: it
+    /// counts as confirmed now, so that it goes idle on time and, in a shared store, its
+    /// next confirmation is written (refreshing the store's expiry) on time too.
     fn sweep_idle(
         &self,
         before: Millis,
+        now: Millis,
     ) -> impl Future<Output = Result<Vec<(RoomKey, NodeId)>, StoreError>> + Send;
 
     /// Number of pins (may be approximate for shared stores).
@@ -282,8 +286,12 @@ impl PinStore for AnyStore {
     async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {
         delegate!(self, s => s.list(cursor, limit).await)
     }
-    async fn sweep_idle(&self, before: Millis) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
-        delegate!(self, s => s.sweep_idle(before).await)
+    async fn sweep_idle(
+        &self,
+        before: Millis,
+        now: Millis,
+    ) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
+        delegate!(self, s => s.sweep_idle(before, now).await)
     }
     async fn count(&self) -> Result<usize, StoreError> {
         delegate!(self, s => s.count().await)

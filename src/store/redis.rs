@@ -83,12 +83,14 @@ return {0, cur or '', ts}
 "#;
 
 /// Refreshes confirmed_ms and the TTL if the pin still points at ARGV[1]. Returns 0/1.
+/// confirmed_ms only moves forward, unless ARGV[4] is 'back' (the caller's wall clock
+/// stepped back: its now is the latest confirmation it can vouch for).
 const CONFIRM: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local node, created, confirmed = string.match(cur, '^([^|]*)|([^|]*)|([^|]*)$')
 if node ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) > tonumber(confirmed) then confirmed = ARGV[2] end
+if tonumber(ARGV[2]) > tonumber(confirmed) or ARGV[4] == 'back' then confirmed = ARGV[2] end
 redis.call('SET', KEYS[1], node .. '|' .. created .. '|' .. confirmed, 'PX', ARGV[3])
 return 1
 "#;
@@ -849,6 +851,25 @@ impl Inner {
             self.get_remote(room).await?;
         }
         Ok(n == 1)
+    }
+
+    /// The wall clock stepped back and the cached pin's confirmation, ahead of `now`, was
+    /// brought back to it: so is Redis's, which `CONFIRM` otherwise only moves forward, so
+    /// that the room goes idle on time once it ends.
+    async fn confirm_back(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let mut inv = self.confirm.key(self.keys.room(room.as_str()));
+        inv.arg(node.as_str())
+            .arg(now)
+            .arg(self.pin_ttl_ms)
+            .arg("back");
+        self.run::<i64>("confirm", inv.invoke_async(&mut c)).await?;
+        Ok(())
     }
 
     /// The room's pin as Redis holds it now, read with the server time and put into the
@@ -2069,18 +2090,41 @@ impl PinStore for RedisStore {
         Ok(Page { rooms, next_cursor })
     }
 
-    async fn sweep_idle(&self, before: Millis) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
+    async fn sweep_idle(
+        &self,
+        before: Millis,
+        now: Millis,
+    ) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
         let i = &self.inner;
+        let mut idle = Vec::new();
+        let mut ahead = Vec::new();
+        for e in i.cache.iter() {
+            match &e.pin {
+                Some(p) if p.confirmed_at < before => idle.push(e.key().clone()),
+                Some(p) if p.confirmed_at > now => ahead.push((e.key().clone(), p.node.clone())),
+                _ => {}
+            }
+        }
+        // `confirm` writes only when the copy it sees is old, and a copy ahead of the clock
+        // would never look old: Redis would expire a live room's pin. The cache's copy comes
+        // back to now at once, even during an outage; Redis's when it answers.
+        for (room, _) in &ahead {
+            if let Some(mut c) = i.cache.get_mut(room) {
+                if let Some(p) = c.pin.as_mut() {
+                    p.confirmed_at = p.confirmed_at.min(now);
+                }
+            }
+        }
         if i.is_down() {
             // Releasing needs the store's view of confirmations; wait for it.
             return Ok(Vec::new());
         }
-        let idle: Vec<RoomKey> = i
-            .cache
-            .iter()
-            .filter(|e| e.pin.as_ref().is_some_and(|p| p.confirmed_at < before))
-            .map(|e| e.key().clone())
-            .collect();
+        for (room, node) in &ahead {
+            if let Err(e) = i.confirm_back(room, node, now).await {
+                tracing::warn!(error = %e, "idle sweep interrupted");
+                return Ok(Vec::new());
+            }
+        }
         let mut released = Vec::new();
         for room in idle {
             match i.sweep_one(&room, before, None).await {

@@ -84,6 +84,10 @@ impl ReservationBook {
     /// Records arrivals on the room's reservation if it is on `node` (`arrived` maps the
     /// reservation to the new arrival count), releases what that and expiry free on the
     /// node, and drops the reservation once done. Returns the units released.
+    ///
+    /// All of it under the map's lock for the room, the removal included: a done
+    /// reservation left in the map for a moment would be released a second time by a
+    /// concurrent join, report or sweep, and the node's counters would stay that much off.
     fn settle(
         &self,
         room: &RoomKey,
@@ -92,23 +96,21 @@ impl ReservationBook {
         arrived: impl FnOnce(&Reservation) -> u32,
     ) -> u32 {
         let mut released = 0;
-        let mut done = false;
-        if let Some(mut h) = self.held.get_mut(room) {
-            if &h.node == node {
-                let n = arrived(&h.res);
-                released = h.res.observe(n);
-                done = h.res.is_done(now);
-                if done {
-                    released += h.res.outstanding();
-                }
-                if released > 0 {
-                    h.live.add_reserved(-i64::from(released));
-                }
+        self.held.remove_if_mut(room, |_, h| {
+            if &h.node != node {
+                return false;
             }
-        }
-        if done {
-            self.held.remove_if(room, |_, h| &h.node == node);
-        }
+            let n = arrived(&h.res);
+            released = h.res.observe(n);
+            let done = h.res.is_done(now);
+            if done {
+                released += h.res.outstanding();
+            }
+            if released > 0 {
+                h.live.add_reserved(-i64::from(released));
+            }
+            done
+        });
         released
     }
 
@@ -155,9 +157,13 @@ impl ReservationBook {
                 h.res.expires_at = h.res.expires_at.saturating_sub(by);
             }
         }
-        let n = expired.len();
+        // Checked again under the lock: the room may have been placed again meanwhile.
+        let mut n = 0;
         for room in expired {
-            self.release(&room);
+            if let Some((_, h)) = self.held.remove_if(&room, |_, h| h.res.is_done(now)) {
+                h.live.add_reserved(-i64::from(h.res.outstanding()));
+                n += 1;
+            }
         }
         n
     }
@@ -312,6 +318,42 @@ mod tests {
 
     fn room(s: &str) -> RoomKey {
         RoomKey::parse(s, Normalization::None).unwrap()
+    }
+
+    #[test]
+    fn a_done_reservation_is_released_once_however_many_settle_it_at_once() {
+        // Joins on several event loops, a node report and the sweep can all find the same
+        // expired reservation at once; the node's counters must lose it exactly once.
+        let book = Arc::new(ReservationBook::default());
+        let live = Arc::new(Live::default());
+        let n = NodeId::parse("a").unwrap();
+        book.reserve(&room("kept"), &n, &live, 1, 0, u64::MAX);
+        for round in 0..300 {
+            book.reserve(&room("r"), &n, &live, 5, 0, 1);
+            let go = Arc::new(std::sync::Barrier::new(4));
+            let settlers: Vec<_> = (0..4)
+                .map(|i| {
+                    let (book, live, n, go) = (book.clone(), live.clone(), n.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        match i {
+                            0 => {
+                                book.sweep(10);
+                            }
+                            1 => {
+                                book.observe(&room("r"), &n, 0, 10);
+                            }
+                            _ => book.arrive_one(&room("r"), &n, &live, 10),
+                        }
+                    })
+                })
+                .collect();
+            for s in settlers {
+                s.join().unwrap();
+            }
+            assert_eq!(live.reserved_units(), 1.0, "round {round}");
+            assert!(book.outstanding(&room("r")).is_none(), "round {round}");
+        }
     }
 
     #[test]

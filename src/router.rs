@@ -64,8 +64,20 @@ impl Clock {
 pub enum Intent {
     /// A user joins: counts toward the node's `pending` and the room's reservation.
     Join,
+    /// Another request of a session a join already admitted (proxy mode: the client's
+    /// connection carried one for this room): goes to the room's node without counting, at
+    /// `join_limit` too, since refusing it would break a meeting already under way. A room
+    /// that has to be placed (its pin is gone) is joined afresh, and counts.
+    InSession,
     /// A placement lookup: places the room if `create` and it has no usable pin.
     Lookup { create: bool },
+}
+
+impl Intent {
+    /// Whether a placement made for this intent counts a join.
+    fn joins_when_placing(self) -> bool {
+        matches!(self, Intent::Join | Intent::InSession)
+    }
 }
 
 /// The answer: the room's node.
@@ -299,21 +311,41 @@ impl<S: PinStore> Router<S> {
         intent: Intent,
         now: Millis,
     ) -> Option<Result<Placement, JoinError>> {
-        self.pinned_decision(pin, now, |node, hold| match hold {
-            PinHold::Full => Err(JoinError::NodeFull {
-                node: node.id.clone(),
-            }),
-            PinHold::Join => {
-                if intent == Intent::Join {
-                    self.count_join(room, node, now);
-                }
-                Ok(Placement {
-                    node: node.clone(),
-                    created: false,
-                    overflow: false,
-                })
+        self.pinned_decision(pin, now, |node, hold| {
+            if hold == PinHold::Full && !self.goes_in_when_full(room, node, intent) {
+                return Err(JoinError::NodeFull {
+                    node: node.id.clone(),
+                });
             }
+            if intent == Intent::Join {
+                self.count_join(room, node, now);
+            }
+            Ok(Placement {
+                node: node.clone(),
+                created: false,
+                overflow: false,
+            })
         })
+    }
+
+    /// Whether a request for `room` still goes to its node although the node is at or above
+    /// `join_limit`: an in-session request of a user already admitted, or a join of a room
+    /// whose own outstanding reservation there is what takes the node to the limit. That
+    /// capacity was held for this participant (the join moves a unit from reserved to
+    /// pending, û does not grow), so refusing it would let a room's expected size lock out
+    /// the very participants it was expected for. A node full without the room's own
+    /// reservation refuses as ever. Looked at only when the node is full.
+    fn goes_in_when_full(&self, room: &RoomKey, node: &NodeEntry, intent: Intent) -> bool {
+        match intent {
+            Intent::InSession => true,
+            Intent::Join => self.book.outstanding(room).is_some_and(|(n, units)| {
+                n == node.id
+                    && units > 0
+                    && node.live.utilization_without(node.capacity(), units)
+                        < self.params.join_limit
+            }),
+            Intent::Lookup { .. } => false,
+        }
     }
 
     /// The decision for a pinned room, without bookkeeping: whether `pin` still holds at
@@ -398,6 +430,14 @@ impl<S: PinStore> Router<S> {
                     Decision::NoCapacity => None,
                 };
                 (d, entry)
+            };
+            let decision = match (decision, &entry) {
+                (Decision::NodeFull(i), Some(node))
+                    if self.goes_in_when_full(room, node, intent) =>
+                {
+                    Decision::Pinned(i)
+                }
+                (d, _) => d,
             };
             match (decision, entry) {
                 (Decision::Pinned(_), Some(node)) => {
@@ -490,7 +530,7 @@ impl<S: PinStore> Router<S> {
             now,
             self.placement.reservation_ttl_ms(source),
         );
-        if intent == Intent::Join {
+        if intent.joins_when_placing() {
             self.count_join(room, node, now);
         }
         // The placement log an operator reads when a room "moved": one line per placement

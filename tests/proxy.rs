@@ -123,6 +123,65 @@ async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_i
     r.stop().await;
 }
 
+/// The node's `pending` as the router's admin API shows it.
+async fn pending_on(r: &TestRouter, id: &str) -> f64 {
+    let v: serde_json::Value = r
+        .admin(reqwest::Method::GET, &format!("/v1/nodes/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["pending"].as_f64().unwrap()
+}
+
+#[tokio::test]
+async fn a_participants_later_requests_on_its_connection_are_not_new_joins() {
+    // Through the fast path and through hyper.
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        later_requests_are_not_new_joins(cfg).await;
+    }
+}
+
+async fn later_requests_are_not_new_joins(cfg: roomrouter::config::Config) {
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    // One participant's page: its assets and polls, on one keep-alive connection, more
+    // requests within one heartbeat than the node has capacity (100).
+    let browser = reqwest::Client::new();
+    for i in 0..150 {
+        let resp = browser
+            .get(format!("{}/rooms/standup/asset-{i}.js", r.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}: {:?}", resp.text().await);
+    }
+    assert_eq!(pending_on(&r, "n1").await, 1.0, "one join, not 150");
+    // Another participant (a connection of its own) is a join.
+    let other = reqwest::Client::new();
+    let resp = other
+        .get(format!("{}/rooms/standup", r.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(pending_on(&r, "n1").await, 2.0);
+    // So is the first request for another room on the same connection.
+    let resp = browser
+        .get(format!("{}/rooms/retro", r.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(pending_on(&r, "n1").await, 3.0);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn requests_carry_forwarded_headers_and_a_ticket_and_lose_hop_by_hop_headers() {
     let r = TestRouter::start(proxy_config()).await;

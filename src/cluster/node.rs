@@ -264,6 +264,17 @@ impl Live {
             .fetch_add(units * 1000, Ordering::Relaxed);
     }
 
+    /// û for a node of this capacity, leaving out `units` of the reservations: what a
+    /// room's own join is measured against, its own outstanding reservation having been
+    /// held for it. Summed in whole thousandths, as [`Live::utilization`], so that with
+    /// `units = 0` the two agree to the bit.
+    pub fn utilization_without(&self, capacity: f64, units: u32) -> f64 {
+        let reserved = self.counted_reserved_milli.load(Ordering::Relaxed).max(0)
+            - i64::from(units) * MILLI as i64;
+        let extra = self.pending_milli.load(Ordering::Relaxed) as f64 + reserved.max(0) as f64;
+        self.reported_util() + extra / MILLI / capacity
+    }
+
     /// û for a node of this capacity.
     #[inline]
     pub fn utilization(&self, capacity: f64) -> f64 {
@@ -421,6 +432,21 @@ mod tests {
         assert!(
             (l.utilization(100.0) - 0.59).abs() < 1e-9,
             "cpu wins, pending reset"
+        );
+    }
+
+    #[test]
+    fn utilization_without_a_rooms_own_reservation_is_exact() {
+        let l = Live::default();
+        l.record_report(10.0, 10.0, None, AdminState::Active, 5);
+        l.add_reserved(9);
+        assert_eq!(l.utilization_without(10.0, 0), l.utilization(10.0));
+        // 1.0 + 0.9 - 0.9 would be 0.9999999999999999, under a join limit of 1.0.
+        assert_eq!(l.utilization_without(10.0, 9), 1.0);
+        assert_eq!(
+            l.utilization_without(10.0, 20),
+            1.0,
+            "never below the report"
         );
     }
 

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use super::api::{authenticate_user, query, room_from_url, set_node_header, HintArgs};
 use super::proxy::Forward;
+use super::server::ConnInfo;
 use super::{full, ApiError, App, Body};
 use crate::cluster::NodeEntry;
 use crate::config::{FrontDoorMode, RoomSource};
@@ -99,7 +100,18 @@ pub struct Admission {
 /// Finds the request's room, authenticates the user for it and places it: everything a
 /// front-door request needs before it is redirected or forwarded, whichever HTTP/1 server
 /// (hyper's or the fast path, see `h1`) carries it.
-pub async fn admit<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Admission, ApiError> {
+///
+/// In proxy mode only the first request for a room on a client connection is a join
+/// (counted toward the node's `pending` and the room's reservation, refused at
+/// `join_limit`); the connection's later requests for it are that participant's session
+/// ([`Intent::InSession`]). Every proxied request counted as a join would have a page's
+/// assets and polls fill a node's `pending` within one heartbeat, and then refuse the
+/// requests of meetings already under way.
+pub async fn admit<S: PinStore>(
+    app: &App<S>,
+    parts: &Parts,
+    conn: Option<&ConnInfo>,
+) -> Result<Admission, ApiError> {
     let q = query(parts);
     let Some((room, mode)) = locate(app, parts, &q)? else {
         return Err(ApiError::NotFound(format!(
@@ -120,11 +132,22 @@ pub async fn admit<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Admission
     }
     hints.size = hints.size.or(user.size);
     hints.check()?;
+    let session = match conn {
+        Some(c) if mode == FrontDoorMode::Proxy => Some((c, room.stable_hash())),
+        _ => None,
+    };
+    let intent = match session {
+        Some((c, h)) if c.joined(h) => Intent::InSession,
+        _ => Intent::Join,
+    };
     let p = app
         .router
-        .place(&room, &hints.hints(), hints.size, Intent::Join)
+        .place(&room, &hints.hints(), hints.size, intent)
         .await
         .map_err(|e| ApiError::from_join(e, app.retry_after()))?;
+    if let Some((c, h)) = session {
+        c.set_joined(h);
+    }
     let ticket = app.tickets.issue(
         room.as_str(),
         p.node.id.as_str(),
@@ -145,7 +168,7 @@ pub async fn handle<S: PinStore>(
     body: Incoming,
     _peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    let a = admit(app, parts).await?;
+    let a = admit(app, parts, parts.extensions.get::<ConnInfo>()).await?;
     if a.mode == FrontDoorMode::Proxy {
         let to = Forward {
             node: &a.node,

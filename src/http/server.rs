@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,23 @@ pub struct ConnInfo {
     /// The event loop serving the connection (`loops`; 0 with the shared runtime): the
     /// shard of the proxy's connection pools its requests use.
     pub event_loop: usize,
+    /// The room a proxied join was last admitted for on this connection (its stable hash;
+    /// 0: none yet), shared by the connection's requests.
+    pub joined: Arc<AtomicU64>,
+}
+
+impl ConnInfo {
+    /// Whether this connection already carried an admitted proxied join for the room whose
+    /// stable hash is `room`: its later requests (a page's assets, polls, a reload on the
+    /// same keep-alive connection) are the same participant's session, not new joins.
+    pub fn joined(&self, room: u64) -> bool {
+        self.joined.load(Ordering::Relaxed) == room
+    }
+
+    /// Records that a proxied join for `room` was admitted on this connection.
+    pub fn set_joined(&self, room: u64) {
+        self.joined.store(room, Ordering::Relaxed);
+    }
 }
 
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -398,6 +416,7 @@ impl LoopServer {
                 client_cert: None,
                 slot: Some(Arc::new(permit)),
                 event_loop,
+                joined: Arc::new(AtomicU64::new(0)),
             };
             match tls {
                 None => {

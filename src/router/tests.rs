@@ -674,3 +674,65 @@ async fn joins_keep_a_busy_rooms_pin_confirmed() {
     let pin = r.room(&room("busy")).await.unwrap().unwrap();
     assert_eq!(pin.confirmed_at, T0 + 1_200_000);
 }
+
+#[tokio::test]
+async fn a_join_its_rooms_own_reservation_covers_goes_in_at_the_join_limit() {
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    join(&r, "standup").await.unwrap();
+    // Its ten expected participants are in: its own reservation is done.
+    beat(&r, "a", 100.0, 50.0, Some(vec![("standup", 10)])).await;
+    // A class expected at 60 fits nowhere else: its reservation takes the node past the
+    // join limit (0.5 + 0.60).
+    let class = r
+        .place(&room("class"), &Hints::default(), Some(60), Intent::Join)
+        .await
+        .unwrap();
+    assert_eq!(class.node.id.as_str(), "a");
+    assert!(class.node.live.utilization(100.0) >= 1.0);
+    // Its participants were expected: each moves a unit from reserved to pending, û stays.
+    let before = class.node.live.utilization(100.0);
+    for _ in 0..10 {
+        assert_eq!(node_of(&r, "class").await, "a");
+    }
+    assert!((class.node.live.utilization(100.0) - before).abs() < 1e-9);
+    // Another room's join is refused: the class's reservation counts against it.
+    assert!(matches!(
+        join(&r, "standup").await,
+        Err(JoinError::NodeFull { .. })
+    ));
+}
+
+#[tokio::test]
+async fn an_in_session_request_reaches_its_full_node_and_counts_nothing() {
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    join(&r, "standup").await.unwrap();
+    beat(&r, "a", 100.0, 100.0, Some(vec![("standup", 10)])).await;
+    let live = r.cluster.snapshot().get(&id("a")).unwrap().live.clone();
+    let u = live.utilization(100.0);
+    assert!(matches!(
+        join(&r, "standup").await,
+        Err(JoinError::NodeFull { .. })
+    ));
+    for _ in 0..5 {
+        let p = r
+            .place(&room("standup"), &Hints::default(), None, Intent::InSession)
+            .await
+            .unwrap();
+        assert_eq!(p.node.id.as_str(), "a");
+    }
+    assert_eq!(
+        live.utilization(100.0),
+        u,
+        "in-session requests are not joins"
+    );
+    // A room without a usable pin is placed afresh, and that counts.
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let p = r
+        .place(&room("new"), &Hints::default(), None, Intent::InSession)
+        .await
+        .unwrap();
+    assert_eq!(p.node.id.as_str(), "b");
+    assert_eq!(p.node.live.pending_units(), 1.0);
+}

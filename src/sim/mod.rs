@@ -532,6 +532,15 @@ impl<'a> Sim<'a> {
             }));
     }
 
+    /// Node `i`'s û as router `r` sees it (as [`Sim::fill_view`] sums it) without `units` of
+    /// router `r`'s reservations there.
+    fn util_without(&self, r: usize, i: usize, units: f64) -> f64 {
+        let n = &self.nodes[i];
+        let router = &self.routers[r];
+        let others = self.shared.as_ref().map_or(0.0, |sh| sh.others(r, i));
+        (n.reported + router.pending[i] + (router.reserved[i] - units) + others) / n.capacity
+    }
+
     /// Router `r`'s reserved amount on `node` changed by `change` at `t`.
     fn publish(&mut self, t: Millis, r: usize, node: usize, change: f64) {
         if let Some(sh) = &mut self.shared {
@@ -560,7 +569,23 @@ impl<'a> Sim<'a> {
                     },
                     ..Hints::default()
                 };
-                decide(view, pinned, room, &hints, t, p)
+                match decide(view, pinned, room, &hints, t, p) {
+                    // As the router: a join goes in at the join limit when its own room's
+                    // outstanding reservation is what takes the node there (the join moves
+                    // a unit from reserved to pending).
+                    Decision::NodeFull(i)
+                        if self.routers[r].book.iter().any(|b| {
+                            let own = f64::from(b.r.outstanding());
+                            b.session == s
+                                && b.node == i
+                                && own > 0.0
+                                && self.util_without(r, i, own) < p.join_limit
+                        }) =>
+                    {
+                        Decision::Pinned(i)
+                    }
+                    d => d,
+                }
             }
             Policy::LeastLoaded | Policy::TwoChoice => {
                 if let Some(i) = pinned.filter(|&i| is_healthy(&view[i], t, p.heartbeat_timeout_ms))

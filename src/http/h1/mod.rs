@@ -163,7 +163,7 @@ impl Client<'_> {
         if req.lookup {
             return self.lookup(app, &req, close).await;
         }
-        let admitted = front_door::admit(app, parts).await;
+        let admitted = front_door::admit(app, parts, Some(info)).await;
         let a = match admitted {
             Ok(a) => a,
             Err(e) => return self.answer_error(app, &req, e, req.body, close).await,

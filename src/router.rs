@@ -59,6 +59,22 @@ impl Clock {
     }
 }
 
+/// A node's room list with one entry per room key, the participants of entries that
+/// normalize to the same key added up ("Room" and "room" under lowercase normalization are
+/// one room to the router; a report listing a room twice, once live and once ended, must
+/// not have the second entry release the pin the first confirmed).
+fn one_entry_per_room(mut rooms: Vec<(RoomKey, u32)>) -> Vec<(RoomKey, u32)> {
+    rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rooms.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = kept.1.saturating_add(later.1);
+        }
+        same
+    });
+    rooms
+}
+
 /// What the caller wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Intent {
@@ -591,7 +607,7 @@ impl<S: PinStore> Router<S> {
         let mut reported_any = true;
         // For the other routers' reservations (a shared store only).
         let mut counts = None;
-        if let Some(rooms) = hb.rooms {
+        if let Some(rooms) = hb.rooms.map(one_entry_per_room) {
             if self.store.shared() {
                 counts = Some(
                     rooms

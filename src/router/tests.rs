@@ -736,3 +736,21 @@ async fn an_in_session_request_reaches_its_full_node_and_counts_nothing() {
     assert_eq!(p.node.id.as_str(), "b");
     assert_eq!(p.node.live.pending_units(), 1.0);
 }
+
+#[tokio::test]
+async fn a_report_listing_a_room_twice_does_not_release_it() {
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let home = node_of(&r, "dup").await;
+    // Past a ticket's lifetime: an ended room's pin would be released at once.
+    r.clock().advance(200_000);
+    // Once live and once ended (or "Dup" and "dup", which normalize to one key).
+    let reply = beat(&r, &home, 100.0, 3.0, Some(vec![("dup", 3), ("Dup", 0)])).await;
+    assert!(reply.evict.is_empty(), "{:?}", reply.evict);
+    let pin = r.room(&room("dup")).await.unwrap();
+    assert_eq!(pin.map(|p| p.node.to_string()), Some(home.clone()));
+    for _ in 0..5 {
+        assert_eq!(node_of(&r, "dup").await, home);
+    }
+}

@@ -741,3 +741,24 @@ async fn a_pooled_connection_that_dies_unanswered_is_retried_only_for_idempotent
         r.stop().await;
     }
 }
+
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_is_refused_and_never_reaches_the_node() {
+    let (r, node, mut c) =
+        cluster(vec!["HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"]).await;
+    c.send(concat!(
+        "GET /rooms/a HTTP/1.1\r\nHost: router.test\r\nConnection: Upgrade\r\n",
+        "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        "Sec-WebSocket-Version: 13\r\nContent-Length: 5\r\n\r\nhello",
+    ))
+    .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 400, "{a:?}");
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["error"], "invalid_request");
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    assert_eq!(
+        metric(&r, "roomrouter_proxy_nodes_marked_unhealthy_total").await,
+        0
+    );
+}

@@ -138,6 +138,16 @@ impl Proxy {
             return Err(ApiError::PayloadTooLarge(limit as usize));
         }
         let upgrade = upgrade_protocol(parts);
+        if upgrade.is_some()
+            && (content_length(&parts.headers).is_some_and(|l| l > 0)
+                || parts.headers.contains_key(header::TRANSFER_ENCODING))
+        {
+            // The upgrade is sent bodiless: passing on a length with no body would have the
+            // node wait for bytes that never come, or read the next request's as them.
+            return Err(ApiError::InvalidRequest(
+                "an upgrade request cannot carry a body".into(),
+            ));
+        }
         // A slow request body can delay the answer; only bodiless requests' timeouts are the
         // node's fault.
         let bodiless = upgrade.is_some() || body.is_end_stream();

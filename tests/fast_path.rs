@@ -762,3 +762,17 @@ async fn an_upgrade_request_with_a_body_is_refused_and_never_reaches_the_node() 
         0
     );
 }
+
+#[tokio::test]
+async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_502() {
+    let (r, _node, mut c) = cluster(vec![
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ])
+    .await;
+    c.send(&get("/rooms/a")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 502, "{a:?}");
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["error"], "upstream_unavailable");
+    assert_eq!(fast_requests(&r).await, 1);
+}

@@ -375,7 +375,18 @@ impl Client<'_> {
                 }
                 Ok(!close)
             }
-            Err(e) => {
+            Err(Relay::BeforeHead(e)) => {
+                // Nothing reached the client yet: it gets a 502 rather than a cut.
+                tracing::debug!(node = %node.id, error = %e, "malformed response body");
+                Err((
+                    ApiError::UpstreamUnavailable(format!(
+                        "node {} sent a malformed response",
+                        node.id
+                    )),
+                    true,
+                ))
+            }
+            Err(Relay::Cut(e)) => {
                 tracing::debug!(node = %node.id, error = %e, "response relay cut");
                 Ok(false)
             }
@@ -409,16 +420,16 @@ impl Client<'_> {
 
     /// Relays the response body after `answer` (the head): what came with the head goes in
     /// the same write, the rest as it arrives, up to where the framing says it ends.
-    async fn relay(&mut self, conn: &mut Conn, head: &ResponseHead) -> io::Result<()> {
+    async fn relay(&mut self, conn: &mut Conn, head: &ResponseHead) -> Result<(), Relay> {
         let mut left = match head.framing {
             Framing::Empty => {
-                return within(self.send, write_out(&mut self.io, &self.answer)).await;
+                return Ok(within(self.send, write_out(&mut self.io, &self.answer)).await?);
             }
             Framing::Length(n) => Left::Length(n),
             Framing::Chunked => Left::Chunked(ChunkedEnd::new()),
             Framing::UntilClose => Left::UntilClose,
         };
-        let (n, mut done) = left.take(&conn.buf)?;
+        let (n, mut done) = left.take(&conn.buf).map_err(Relay::BeforeHead)?;
         self.answer.extend_from_slice(&conn.buf[..n]);
         conn.buf.advance(n);
         within(self.send, self.io.write_all(&self.answer)).await?;
@@ -428,10 +439,10 @@ impl Client<'_> {
             if read == 0 {
                 return match left {
                     Left::UntilClose => Ok(()),
-                    _ => Err(io::Error::new(
+                    _ => Err(Relay::Cut(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "node closed mid-body",
-                    )),
+                    ))),
                 };
             }
             let (n, d) = left.take(&conn.buf)?;
@@ -439,7 +450,21 @@ impl Client<'_> {
             conn.buf.advance(n);
             done = d;
         }
-        within(self.send, self.io.flush()).await
+        Ok(within(self.send, self.io.flush()).await?)
+    }
+}
+
+/// How relaying a response failed.
+enum Relay {
+    /// The body's first bytes were malformed: nothing was written to the client yet.
+    BeforeHead(io::Error),
+    /// Later: the client has part of the answer, and can only be cut off.
+    Cut(io::Error),
+}
+
+impl From<io::Error> for Relay {
+    fn from(e: io::Error) -> Self {
+        Relay::Cut(e)
     }
 }
 

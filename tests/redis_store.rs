@@ -1537,3 +1537,58 @@ async fn a_live_pin_confirmed_before_the_clock_stepped_back_stays_in_redis() {
     assert_eq!(released, vec![(r.clone(), n1.clone())]);
     cleanup(&url, &p).await;
 }
+
+/// Redis goes silent for one router without closing a socket (its host froze, a partition
+/// drops every packet). Nothing the router serves fails (pinned joins read the cache), yet
+/// it notices within seconds, as it must to hold the nodes it knows only through Redis;
+/// and once Redis answers it reloads and hears the other routers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_goes_silent_is_noticed_though_no_command_fails() {
+    let test = "a_redis_that_goes_silent_is_noticed_though_no_command_fails";
+    let Some(Behind {
+        url, p, door, a, b, ..
+    }) = a_behind_a_door(test, "gone_silent").await
+    else {
+        return;
+    };
+    let (r, n1, n2) = (room("standup"), node("n1"), node("n2"));
+    assert!(matches!(
+        b.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.peek(&r, |p| p.map(|p| p.node.clone())).flatten() == Some(n1.clone())
+        })
+        .await,
+        "router A heard of the pin"
+    );
+    door.silence_all();
+    // A liveness PING every second, failing after connect_timeout (1 s).
+    expect_health(
+        &a,
+        false,
+        Duration::from_secs(4),
+        "the router noticed that Redis went silent",
+    )
+    .await;
+    // Meanwhile router B moves the room.
+    assert!(b.release_if(&r, &n1).await.unwrap());
+    assert!(matches!(
+        b.pin_if(&r, &n2, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.restore();
+    expect_health(&a, true, Duration::from_secs(15), "the router reconnected").await;
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n2.clone()));
+    // And it hears B again.
+    assert!(b.release_if(&r, &n2).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.peek(&r, |p| p.is_none()) == Some(true)
+        })
+        .await,
+        "router A heard the release"
+    );
+    cleanup(&url, &p).await;
+}

@@ -1607,10 +1607,20 @@ impl Inner {
 /// that Redis is back. An attempt while Redis is away costs a refused connection.
 const MAX_RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(500);
 
+/// How often a router that thinks Redis is up checks (a PING within `connect_timeout`).
+/// A Redis that went silent without closing a socket (a frozen host, a partition) fails no
+/// command the hot path sends (pinned joins read the cache), so without this check the
+/// router would notice only at its next new room; by then the nodes it knows only through
+/// Redis would look dead (no reports for `heartbeat_timeout`) instead of being held.
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+
 /// Keeps the subscription alive: applies messages, re-syncs nodes periodically, detects an
-/// outage, reconnects with exponential backoff (50 to 500 ms) and reconciles on return. A
-/// subscription lost while Redis still answers commands is renewed without an outage (see
-/// [`Inner::subscription_failed`]).
+/// outage (a failed command, a lost or silent subscription, or a PING every
+/// [`LIVENESS_EVERY`] that gets no answer), reconnects with exponential backoff (50 to
+/// 500 ms) and reconciles on return. A subscription lost while Redis still answers commands
+/// is renewed without an outage (see [`Inner::subscription_failed`]). Leaving an outage
+/// always subscribes anew before reloading: the old subscription may have died in the
+/// outage without a word, and with it every change the other routers made since.
 /// Every reconnection goes through [`Inner::subscribe_and_sync`], which with Sentinel asks
 /// the sentinels for the master first; while the subscription lives, an outage that moved
 /// the master ends it, so that the subscription moves too.
@@ -1636,6 +1646,9 @@ async fn supervise(
                 resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 resync.tick().await;
                 let mut check = tokio::time::interval(Duration::from_millis(250));
+                let mut alive = tokio::time::interval(LIVENESS_EVERY);
+                alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                alive.tick().await;
                 // A subscription whose socket died silently (a host gone, a NAT entry
                 // expired) never ends: every re-sync this router publishes a probe to itself
                 // and, if not even that came back by the next one, subscribes again.
@@ -1665,17 +1678,19 @@ async fn supervise(
                             let cutoff = inner.last_ts.load(Ordering::Relaxed).saturating_sub(60_000_000);
                             inner.cache.retain(|_, v| v.pin.is_some() || v.ts == 0 || v.ts > cutoff);
                         }
+                        _ = alive.tick() => {
+                            if !inner.is_down() {
+                                if let Err(why) = inner.probe().await {
+                                    inner.mark_down(format!("Redis went silent: {why}"));
+                                }
+                            }
+                        }
                         _ = check.tick() => {
                             if inner.is_down() {
-                                match inner.follow_master().await {
-                                    Ok(true) => break "following the new master".to_string(),
-                                    Ok(false) => {
-                                        if let Err(e) = inner.recover().await {
-                                            inner.mark_down(&e);
-                                        }
-                                    }
-                                    Err(e) => inner.mark_down(format!("{e:#}")),
-                                }
+                                // Reconnects through `subscribe_and_sync` (a new master's,
+                                // with Sentinel), which subscribes before it reloads.
+                                // Keeps the reason the outage began with.
+                                break inner.why.lock().map(|w| w.clone()).unwrap_or_default();
                             }
                         }
                     }

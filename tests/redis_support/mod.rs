@@ -468,6 +468,8 @@ pub async fn cleanup(url: &str, prefix: &str) {
 pub struct Partition {
     pub addr: std::net::SocketAddr,
     open: Arc<AtomicBool>,
+    /// Every connection silent, new ones too (`silence_all`).
+    silent_all: Arc<AtomicBool>,
     conns: Arc<std::sync::Mutex<Vec<Forwarded>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -518,8 +520,9 @@ impl Partition {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
+        let silent_all = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (o, cs) = (open.clone(), conns.clone());
+        let (o, cs, quiet) = (open.clone(), conns.clone(), silent_all.clone());
         let accept = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 if !o.load(AtomicOrdering::SeqCst) {
@@ -533,7 +536,7 @@ impl Partition {
                 };
                 let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
                 let subscribed = Arc::new(AtomicBool::new(false));
-                let silent = Arc::new(AtomicBool::new(false));
+                let silent = Arc::new(AtomicBool::new(quiet.load(AtomicOrdering::SeqCst)));
                 let tasks = [
                     tokio::spawn(forward(dr, uw, Some(subscribed.clone()), silent.clone())),
                     tokio::spawn(forward(ur, dw, None, silent.clone())),
@@ -549,8 +552,19 @@ impl Partition {
         Partition {
             addr,
             open,
+            silent_all,
             conns,
             accept,
+        }
+    }
+
+    /// Redis goes silent without closing anything, as when its host freezes or the network
+    /// between drops every packet: every connection open now, and every one made later,
+    /// passes nothing on. `restore()` lets what they hold through.
+    pub fn silence_all(&self) {
+        self.silent_all.store(true, AtomicOrdering::SeqCst);
+        for c in self.conns.lock().unwrap().iter() {
+            c.silent.store(true, AtomicOrdering::SeqCst);
         }
     }
 
@@ -563,6 +577,11 @@ impl Partition {
 
     pub fn restore(&self) {
         self.open.store(true, AtomicOrdering::SeqCst);
+        if self.silent_all.swap(false, AtomicOrdering::SeqCst) {
+            for c in self.conns.lock().unwrap().iter() {
+                c.silent.store(false, AtomicOrdering::SeqCst);
+            }
+        }
     }
 
     /// Refuses new connections (they are reset) while the open ones keep working, as a

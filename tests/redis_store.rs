@@ -1592,3 +1592,58 @@ async fn a_redis_that_goes_silent_is_noticed_though_no_command_fails() {
     );
     cleanup(&url, &p).await;
 }
+
+/// Joins go on while a router recovers from an outage: decisions it takes after its first
+/// write-back must survive the reload that follows. Wiped, a room's second join would miss
+/// the cache and place the room afresh (here: on another node, a split).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_taken_while_the_router_recovers_survive_the_reload() {
+    let test = "decisions_taken_while_the_router_recovers_survive_the_reload";
+    let Some(Behind {
+        url, p, door, a, ..
+    }) = a_behind_a_door(test, "recovering").await
+    else {
+        return;
+    };
+    // A large room index makes the reload take a while (pages of 1000 names).
+    let mut direct = redis_conn(&url).await;
+    for batch in 0..8 {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(format!("{{{p}}}:rooms"));
+        for i in 0..2_500 {
+            zadd.arg(0).arg(format!("gone-{batch}-{i}"));
+        }
+        let _: i64 = zadd.query_async(&mut direct).await.unwrap();
+    }
+    door.cut();
+    expect_health(&a, false, Duration::from_secs(5), "the router noticed").await;
+    door.restore();
+    let (n1, n2) = (node("n1"), node("n2"));
+    let mut rooms = Vec::new();
+    let started = std::time::Instant::now();
+    // Bounded: the recovery ends within seconds, and the loop within 20 s whatever happens.
+    while a.health() != StoreHealth::Ok && started.elapsed() < Duration::from_secs(20) {
+        let r = room(&format!("during-{}", rooms.len()));
+        if let PinOutcome::Won(_) = a.pin_if(&r, &n1, None, now_ms()).await.unwrap() {
+            match a.pin_if(&r, &n2, None, now_ms()).await.unwrap() {
+                PinOutcome::Lost(Some(cur)) => assert_eq!(cur.node, n1, "{r}"),
+                other => panic!("{r}: the second join placed the room afresh: {other:?}"),
+            }
+            rooms.push(r);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(a.health(), StoreHealth::Ok, "the router recovered");
+    assert!(!rooms.is_empty());
+    // Every decision reached Redis with its time.
+    for r in &rooms {
+        let v = eventually(Duration::from_secs(5), || async {
+            redis_pin(&url, &room_key(&p, r.as_str())).await.is_some()
+        })
+        .await;
+        assert!(v, "{r} never reached Redis");
+        let v = redis_pin(&url, &room_key(&p, r.as_str())).await.unwrap();
+        assert!(v.starts_with("n1|") && !v.ends_with("|0"), "{r}: {v}");
+    }
+    cleanup(&url, &p).await;
+}

@@ -1450,7 +1450,7 @@ impl Inner {
                             .cache
                             .entry(room.clone())
                             .or_insert(Cached { pin: None, ts: 0 });
-                        if e.ts <= ts0 {
+                        if loaded_pin_replaces(&e, self.pending.contains_key(&room), ts0) {
                             *e = Cached {
                                 pin: Some(pin),
                                 ts: ts0,
@@ -1468,9 +1468,13 @@ impl Inner {
                 break;
             }
         }
-        // Pins gone from the store while we were not listening; tombstones.
-        self.cache
-            .retain(|k, v| v.ts > ts0 || (v.pin.is_some() && seen.contains(k)));
+        // Pins gone from the store while we were not listening; tombstones. Not a decision
+        // still queued for write-back (see `loaded_pin_replaces`).
+        self.cache.retain(|k, v| {
+            v.ts > ts0
+                || (v.pin.is_some() && seen.contains(k))
+                || is_local_decision(v, self.pending.contains_key(k))
+        });
         Ok(())
     }
 
@@ -1601,6 +1605,24 @@ impl Inner {
             .await?;
         Ok(())
     }
+}
+
+/// Whether a cache entry is a decision this router took while Redis was away and has not
+/// written back yet: a pin or a release made locally (Redis time 0), with its write-back
+/// queued (a local pin is in the cache an instant before its queue entry). Recovery runs
+/// while joins go on: one decided after the first write-back took the queue is this
+/// router's latest word on the room until the second write-back settles it by
+/// compare-and-set, so the reload must not wipe it. Wiped, the room's next join would miss
+/// the cache and be placed afresh, maybe elsewhere (a split), or the write-back would
+/// write the pin with no time and the next sweep release it.
+fn is_local_decision(e: &Cached, queued: bool) -> bool {
+    e.ts == 0 && (e.pin.is_some() || queued)
+}
+
+/// Whether the pin the reload read from Redis at `ts0` replaces the cache entry `e`: the
+/// entry is older, and not a local decision still queued ([`is_local_decision`]).
+fn loaded_pin_replaces(e: &Cached, queued: bool, ts0: u64) -> bool {
+    e.ts <= ts0 && !is_local_decision(e, queued)
 }
 
 /// Longest wait between two attempts to subscribe again: how late, at most, a router notices
@@ -2243,6 +2265,38 @@ impl PinStore for RedisStore {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    #[test]
+    fn the_reload_after_an_outage_keeps_the_decisions_not_written_back_yet() {
+        let pin = |node: &str| Pin {
+            node: NodeId::parse(node).unwrap(),
+            created_at: 5,
+            confirmed_at: 5,
+        };
+        let ts0 = 1_000;
+        let entry = |pin: Option<Pin>, ts| Cached { pin, ts };
+        // A pin placed locally during the recovery, its write-back queued (or about to be).
+        for queued in [true, false] {
+            let local = entry(Some(pin("x")), 0);
+            assert!(!loaded_pin_replaces(&local, queued, ts0));
+            assert!(is_local_decision(&local, queued));
+        }
+        // A local release, queued: the room stays released until the write-back.
+        let released = entry(None, 0);
+        assert!(!loaded_pin_replaces(&released, true, ts0));
+        assert!(is_local_decision(&released, true));
+        // A room the cache never had (the reload's own placeholder) takes the store's pin.
+        assert!(loaded_pin_replaces(&released, false, ts0));
+        assert!(!is_local_decision(&released, false));
+        // Redis's own changes: the older one is replaced, a newer one (a message that came
+        // in during the reload) stays.
+        assert!(loaded_pin_replaces(&entry(Some(pin("y")), 900), false, ts0));
+        assert!(!loaded_pin_replaces(
+            &entry(Some(pin("y")), 1_100),
+            false,
+            ts0
+        ));
+    }
 
     fn report(id: &str, load: f64) -> NodeUpdate {
         NodeUpdate::Report {

@@ -776,3 +776,25 @@ async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_
     assert_eq!(v["error"], "upstream_unavailable");
     assert_eq!(fast_requests(&r).await, 1);
 }
+
+#[tokio::test]
+async fn an_upload_slower_than_the_response_timeout_is_answered_through_hyper_too() {
+    // The node's answer is due `response_timeout` after it has the whole request, not after
+    // the request began: an upload that keeps flowing may take longer.
+    let mut cfg = proxy_config();
+    cfg.server.fast_path = false;
+    cfg.proxy.response_timeout = Duration::from_millis(500);
+    let (r, node, mut c) =
+        cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+    c.send("POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 8\r\n\r\n")
+        .await;
+    for byte in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.send(byte).await;
+    }
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert_eq!(a.body, b"ok");
+    assert!(node.seen()[0].ends_with("abcdefgh"), "{:?}", node.seen());
+    assert_eq!(fast_requests(&r).await, 0, "hyper carried it");
+}

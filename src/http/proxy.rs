@@ -153,10 +153,15 @@ impl Proxy {
         let bodiless = upgrade.is_some() || body.is_end_stream();
         let mut headers = end_to_end(&parts.headers);
         self.forwarded_headers(parts, &mut headers, to);
-        let body: Body = if bodiless {
-            Empty::new().map_err(|never| match never {}).boxed()
+        // `response_timeout` is the node's time to answer once it has the request: for a
+        // body, counted from its end (an upload may take longer; `idle_timeout` bounds its
+        // stalls), as on the fast path.
+        let (body, sent): (Body, _) = if bodiless {
+            (Empty::new().map_err(|never| match never {}).boxed(), None)
         } else {
-            IdleTimeout::new(Limited::new(body, limit as usize), self.cfg.idle_timeout).boxed()
+            let body = IdleTimeout::new(Limited::new(body, limit as usize), self.cfg.idle_timeout);
+            let (body, sent) = EndSignal::new(body);
+            (body.boxed(), Some(sent))
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
@@ -179,7 +184,8 @@ impl Proxy {
         *req.uri_mut() = target;
         req.headers_mut().insert(header::HOST, host);
         let since = Instant::now();
-        let exchange = tokio::time::timeout(
+        let exchange = within_after(
+            sent,
             self.cfg.response_timeout,
             self.exchange(event_loop(parts), &node.info.upstream, req),
         );
@@ -601,6 +607,73 @@ where
                 }
             }
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs `f`, failing if it takes longer than `limit` after `start` resolves (at once without
+/// one). The sender dropped counts as resolved.
+async fn within_after<F: Future>(
+    start: Option<tokio::sync::oneshot::Receiver<()>>,
+    limit: Duration,
+    f: F,
+) -> Result<F::Output, ()> {
+    let mut f = std::pin::pin!(f);
+    if let Some(start) = start {
+        tokio::select! {
+            r = &mut f => return Ok(r),
+            _ = start => {}
+        }
+    }
+    tokio::time::timeout(limit, f).await.map_err(|_| ())
+}
+
+/// A body that says when it is over: its end was read, or it was dropped (the exchange gave
+/// up on it).
+struct EndSignal<B> {
+    inner: B,
+    end: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<B> EndSignal<B> {
+    fn new(inner: B) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            EndSignal {
+                inner,
+                end: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl<B> HttpBody for EndSignal<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+            if let Some(tx) = this.end.take() {
+                let _ = tx.send(());
+            }
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

@@ -678,3 +678,113 @@ async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
     assert_eq!(fast(), 2, "HTTP/2 is hyper's");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Over TLS the fast path's writes to the client may leave the last bytes in rustls's
+/// buffer (it takes them before the socket does). Each relayed piece is flushed, so a client
+/// that reads slowly still gets all the node sent while the node says nothing more (a long
+/// poll, an event stream), not only when the next piece comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tls_client_gets_all_the_node_sent_before_the_node_sends_more() {
+    use roomrouter::cluster::{NodeId, NodeInfo};
+    use roomrouter::placement::AdminState;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // More than the kernel's socket buffers hold, so the router's writes back up.
+    const HALF: usize = 8 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        let (mut head, mut buf) = (Vec::new(), vec![0u8; 16 * 1024]);
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 2 * HALF);
+        s.write_all(answer.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'a'; HALF]).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(20), go_rx).await;
+        let _ = s.write_all(&vec![b'b'; HALF]).await;
+        let _ = s.read(&mut buf).await;
+    });
+    let ca = Ca::new("front CA");
+    let (certs, dir) = front_door(&ca, "slow-tls");
+    let mut cfg = common::config();
+    cfg.front_door.mode = FrontDoorMode::Proxy;
+    cfg.placement.heartbeat_timeout = Duration::from_secs(60);
+    cfg.validate().unwrap();
+    let r = start_tls(cfg, tls::server_config(certs, None).unwrap()).await;
+    let url = format!("http://{up}");
+    let hb = roomrouter::router::Heartbeat {
+        info: NodeInfo {
+            url: url.clone(),
+            upstream: url,
+            capacity: 100.0,
+            region: None,
+            tags: vec![],
+        },
+        load: 0.0,
+        cpu: None,
+        state: AdminState::Active,
+        rooms: None,
+    };
+    r.app
+        .router
+        .heartbeat(&NodeId::parse("n1").unwrap(), hb)
+        .await
+        .unwrap();
+    // A small receive buffer of fixed size (no autotuning): the client stays slower than
+    // the router, whose last writes of the first half then meet a full socket.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(32 * 1024).unwrap();
+    let tcp = sock.connect(r.addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls_client = TlsConnector::from(Arc::new(client_config(ca.roots(), &[b"http/1.1"])));
+    let mut s = tls_client.connect(name, tcp).await.unwrap();
+    s.write_all(b"GET /rooms/slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Reads nothing for a while: the router's socket fills up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut got, mut buf, mut reads) = (Vec::new(), vec![0u8; 4 * 1024], 0u64);
+    let body_at = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if got.len() - (i + 4) >= HALF {
+                break i + 4;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "stuck: {} bytes of the first half held back",
+                    HALF + 100 - got.len()
+                )
+            })
+            .unwrap();
+        assert!(n > 0, "the router closed");
+        got.extend_from_slice(&buf[..n]);
+        reads += 1;
+        if reads % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(got[body_at..].iter().all(|&b| b == b'a'));
+    assert_eq!(r.app.router.metrics.fast_requests.get(), 1);
+    let _ = go_tx.send(());
+    let mut rest = got.len() - body_at - HALF;
+    while rest < HALF {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        rest += n;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

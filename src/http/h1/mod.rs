@@ -432,7 +432,7 @@ impl Client<'_> {
         let (n, mut done) = left.take(&conn.buf).map_err(Relay::BeforeHead)?;
         self.answer.extend_from_slice(&conn.buf[..n]);
         conn.buf.advance(n);
-        within(self.send, self.io.write_all(&self.answer)).await?;
+        within(self.send, write_out(&mut self.io, &self.answer)).await?;
         while !done {
             conn.buf.reserve(16 * 1024);
             let read = within(self.idle, conn.io.read_buf(&mut conn.buf)).await?;
@@ -446,11 +446,13 @@ impl Client<'_> {
                 };
             }
             let (n, d) = left.take(&conn.buf)?;
-            within(self.send, self.io.write_all(&conn.buf[..n])).await?;
+            // Flushed before the node is awaited again: over TLS the last bytes may sit in
+            // rustls's buffer, and the node may say nothing more for a while (a long poll).
+            within(self.send, write_out(&mut self.io, &conn.buf[..n])).await?;
             conn.buf.advance(n);
             done = d;
         }
-        Ok(within(self.send, self.io.flush()).await?)
+        Ok(())
     }
 }
 

@@ -10,7 +10,9 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{expect_error, heartbeat, one_loop, proxy_config, sample, TestRouter, SECRET};
+use common::{
+    admin_json, expect_error, heartbeat, one_loop, proxy_config, sample, TestRouter, SECRET,
+};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty, StreamBody};
@@ -125,14 +127,7 @@ async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_i
 
 /// The node's `pending` as the router's admin API shows it.
 async fn pending_on(r: &TestRouter, id: &str) -> f64 {
-    let v: serde_json::Value = r
-        .admin(reqwest::Method::GET, &format!("/v1/nodes/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = admin_json(r, &format!("/v1/nodes/{id}")).await;
     v["pending"].as_f64().unwrap()
 }
 

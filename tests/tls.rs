@@ -605,35 +605,12 @@ async fn sighup_makes_the_real_binary_reload_its_certificate_and_keep_open_conne
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
-async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
+/// A proxy-mode router on TLS (a front-door certificate from `ca`) with one node, `n1`, a
+/// plain upstream at `up`, registered. The directory holds the certificate files.
+async fn proxy_over_tls(ca: &Ca, tag: &str, up: SocketAddr) -> (TlsRouter, PathBuf) {
     use roomrouter::cluster::{NodeId, NodeInfo};
     use roomrouter::placement::AdminState;
-    // A plain upstream that names the scheme the router told it.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        for _ in 0..10 {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
-                    let proto = req.headers()["x-forwarded-proto"].clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::copy_from_slice(proto.as_bytes()),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    let ca = Ca::new("front CA");
-    let (certs, dir) = front_door(&ca, "fast-tls");
+    let (certs, dir) = front_door(ca, tag);
     let mut cfg = common::config();
     cfg.front_door.mode = FrontDoorMode::Proxy;
     cfg.placement.heartbeat_timeout = Duration::from_secs(60);
@@ -658,6 +635,36 @@ async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
         .heartbeat(&NodeId::parse("n1").unwrap(), hb)
         .await
         .unwrap();
+    (r, dir)
+}
+
+#[tokio::test]
+async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
+    // A plain upstream that names the scheme the router told it.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        for _ in 0..10 {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                    let proto = req.headers()["x-forwarded-proto"].clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::copy_from_slice(proto.as_bytes()),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let ca = Ca::new("front CA");
+    let (r, dir) = proxy_over_tls(&ca, "fast-tls", up).await;
     let fast = || r.app.router.metrics.fast_requests.get();
 
     let s = connect(r.addr, client_config(ca.roots(), &[b"http/1.1"]))
@@ -685,8 +692,6 @@ async fn http11_over_tls_is_proxied_on_the_fast_path_and_h2_through_hyper() {
 /// poll, an event stream), not only when the next piece comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_tls_client_gets_all_the_node_sent_before_the_node_sends_more() {
-    use roomrouter::cluster::{NodeId, NodeInfo};
-    use roomrouter::placement::AdminState;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // More than the kernel's socket buffers hold, so the router's writes back up.
     const HALF: usize = 8 << 20;
@@ -712,31 +717,7 @@ async fn a_slow_tls_client_gets_all_the_node_sent_before_the_node_sends_more() {
         let _ = s.read(&mut buf).await;
     });
     let ca = Ca::new("front CA");
-    let (certs, dir) = front_door(&ca, "slow-tls");
-    let mut cfg = common::config();
-    cfg.front_door.mode = FrontDoorMode::Proxy;
-    cfg.placement.heartbeat_timeout = Duration::from_secs(60);
-    cfg.validate().unwrap();
-    let r = start_tls(cfg, tls::server_config(certs, None).unwrap()).await;
-    let url = format!("http://{up}");
-    let hb = roomrouter::router::Heartbeat {
-        info: NodeInfo {
-            url: url.clone(),
-            upstream: url,
-            capacity: 100.0,
-            region: None,
-            tags: vec![],
-        },
-        load: 0.0,
-        cpu: None,
-        state: AdminState::Active,
-        rooms: None,
-    };
-    r.app
-        .router
-        .heartbeat(&NodeId::parse("n1").unwrap(), hb)
-        .await
-        .unwrap();
+    let (r, dir) = proxy_over_tls(&ca, "slow-tls", up).await;
     // A small receive buffer of fixed size (no autotuning): the client stays slower than
     // the router, whose last writes of the first half then meet a full socket.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();

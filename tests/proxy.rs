@@ -39,6 +39,35 @@ fn ticket_claims(t: &str) -> roomrouter::auth::TicketClaims {
         .expect("the router's ticket verifies with the shared secret")
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket through the router (within 5 s); the upgrade must be proxied.
+async fn open_ws(
+    url: String,
+) -> (
+    Ws,
+    tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
+) {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .unwrap()
+    .expect("the upgrade is proxied")
+}
+
+/// The next message on `ws` (within 5 s), as text.
+async fn next_text(ws: &mut Ws) -> String {
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    reply.into_text().unwrap().to_string()
+}
+
 #[tokio::test]
 async fn every_websocket_client_of_a_room_ends_up_on_the_same_node_socket() {
     let r = TestRouter::start(proxy_config()).await;
@@ -54,23 +83,12 @@ async fn every_websocket_client_of_a_room_ends_up_on_the_same_node_socket() {
     for room in ["alpha", "beta", "gamma", "delta", "Alpha"] {
         for client in 0..3 {
             let url = format!("ws://{}/rooms/{room}/ws", r.addr);
-            let (mut ws, resp) = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio_tungstenite::connect_async(url),
-            )
-            .await
-            .unwrap()
-            .expect("the upgrade is proxied");
+            let (mut ws, resp) = open_ws(url).await;
             let header_node = resp.headers()["x-room-node"].to_str().unwrap().to_string();
             ws.send(Message::text(format!("hello {client}")))
                 .await
                 .unwrap();
-            let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            let text = reply.into_text().unwrap().to_string();
+            let text = next_text(&mut ws).await;
             let (socket_node, echoed) = text.split_once(':').unwrap();
             assert_eq!(echoed, format!("hello {client}"));
             assert_eq!(
@@ -102,25 +120,14 @@ async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_i
     assert_eq!(body["path"], "/media/rooms/Standup/sub?x=1");
 
     let url = format!("ws://{}/rooms/Standup/ws?k=v", r.addr);
-    let (mut ws, resp) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    .unwrap()
-    .expect("the upgrade is proxied");
+    let (mut ws, resp) = open_ws(url).await;
     assert_eq!(
         resp.headers()["x-upgrade-path"],
         "/media/rooms/Standup/ws?k=v",
         "the upgrade keeps the base path with one slash, as plain requests do"
     );
     ws.send(Message::text("hi")).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply.into_text().unwrap().as_str(), "n1:hi");
+    assert_eq!(next_text(&mut ws).await, "n1:hi");
     ws.close(None).await.unwrap();
     r.stop().await;
 }

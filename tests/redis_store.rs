@@ -1269,7 +1269,7 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
         "the re-placement is back: {:?}",
         redis_pin(&url, &key).await
     );
-    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y));
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y.clone()));
 }
 
 /// A cache that missed a change (a message lost before the subscription was found dead)
@@ -1645,5 +1645,81 @@ async fn decisions_taken_while_the_router_recovers_survive_the_reload() {
         let v = redis_pin(&url, &room_key(&p, r.as_str())).await.unwrap();
         assert!(v.starts_with("n1|") && !v.ends_with("|0"), "{r}: {v}");
     }
+    cleanup(&url, &p).await;
+}
+
+/// An admin deletes a room's pin while this router cannot reach Redis, and a join places
+/// the room again on another node: on return the store takes the new pin, rather than
+/// keeping the deleted one (which would undo the admin's deletion and evict the room's new
+/// participants).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_deleted_and_placed_again_during_an_outage_is_written_back_as_placed() {
+    let test = "a_pin_deleted_and_placed_again_during_an_outage_is_written_back_as_placed";
+    let Some(Behind {
+        url, p, door, a, ..
+    }) = a_behind_a_door(test, "deleted_in_outage").await
+    else {
+        return;
+    };
+    let (r, x, y) = (room("standup"), node("x"), node("y"));
+    assert!(matches!(
+        a.pin_if(&r, &x, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.cut();
+    expect_health(&a, false, Duration::from_secs(5), "the router noticed").await;
+    assert_eq!(a.remove(&r).await.unwrap().map(|p| p.node), Some(x.clone()));
+    assert!(matches!(
+        a.pin_if(&r, &y, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.restore();
+    expect_health(&a, true, Duration::from_secs(15), "the router reconnected").await;
+    assert!(
+        redis_pin(&url, &room_key(&p, "standup"))
+            .await
+            .is_some_and(|v| v.starts_with("y|")),
+        "{:?}",
+        redis_pin(&url, &room_key(&p, "standup")).await
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y.clone()));
+    // Deleted and not placed again: deleted in the store too.
+    assert!(a.remove(&r).await.unwrap().is_some());
+    let other = room("retro");
+    assert!(matches!(
+        a.pin_if(&other, &x, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // And deleted, placed again, then deleted again: nothing left in the store either.
+    let third = room("triage");
+    assert!(matches!(
+        a.pin_if(&third, &x, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.cut();
+    expect_health(
+        &a,
+        false,
+        Duration::from_secs(5),
+        "the router noticed again",
+    )
+    .await;
+    assert!(a.remove(&other).await.unwrap().is_some());
+    assert!(a.remove(&third).await.unwrap().is_some());
+    assert!(matches!(
+        a.pin_if(&third, &y, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(a.remove(&third).await.unwrap().is_some());
+    door.restore();
+    expect_health(
+        &a,
+        true,
+        Duration::from_secs(15),
+        "the router reconnected again",
+    )
+    .await;
+    assert_eq!(redis_pin(&url, &room_key(&p, "retro")).await, None);
+    assert_eq!(redis_pin(&url, &room_key(&p, "triage")).await, None);
     cleanup(&url, &p).await;
 }

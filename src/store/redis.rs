@@ -266,13 +266,18 @@ struct Cached {
 /// A decision taken while Redis was unreachable, to write back.
 #[derive(Debug, Clone)]
 enum Pending {
+    /// Pinned to `node`; the store held `expected` before the outage.
     Pinned {
         node: NodeId,
         expected: Option<NodeId>,
     },
-    Released {
-        node: NodeId,
-    },
+    /// The pin to `node`, which the store holds, released here (its room ended, or an admin
+    /// deleted it).
+    Released { node: NodeId },
+    /// The pin to `released`, which the store holds, released here and the room pinned to
+    /// `node` since: written back as the compare-and-set from one to the other, whatever
+    /// `released`'s health (an admin's deletion must not come undone).
+    Replaced { node: NodeId, released: NodeId },
 }
 
 enum IndexOp {
@@ -948,17 +953,17 @@ impl Inner {
             e.ts = 0;
             drop(e);
             // Keep the oldest `expected`: that is what the store held before the outage.
-            let expected = match self.pending.get(room).map(|p| p.clone()) {
-                Some(Pending::Pinned { expected, .. }) => expected,
-                _ => expected.cloned(),
-            };
-            self.pending.insert(
-                room.clone(),
-                Pending::Pinned {
-                    node: node.clone(),
-                    expected,
+            let node = node.clone();
+            let op = match self.pending.get(room).map(|p| p.clone()) {
+                Some(Pending::Pinned { expected, .. }) => Pending::Pinned { node, expected },
+                Some(Pending::Released { node: released })
+                | Some(Pending::Replaced { released, .. }) => Pending::Replaced { node, released },
+                None => Pending::Pinned {
+                    node,
+                    expected: expected.cloned(),
                 },
-            );
+            };
+            self.pending.insert(room.clone(), op);
             PinOutcome::Won(pin)
         } else {
             PinOutcome::Lost(e.pin.clone())
@@ -980,12 +985,14 @@ impl Inner {
         // Its confirmations are moot: written back, they would pin the room again.
         self.pending_confirms.remove(room);
         if let Some(p) = &old {
-            self.pending.insert(
-                room.clone(),
-                Pending::Released {
-                    node: p.node.clone(),
-                },
-            );
+            // What the store holds is what to release there: after a release and a new
+            // pin here, still the first node.
+            let node = match self.pending.get(room).map(|p| p.clone()) {
+                Some(Pending::Replaced { released, .. }) => released,
+                _ => p.node.clone(),
+            };
+            self.pending
+                .insert(room.clone(), Pending::Released { node });
         }
         old
     }
@@ -1194,6 +1201,12 @@ impl Inner {
                 Pending::Released { node } => {
                     self.release_remote(&room, Some(node)).await.map(|_| ())
                 }
+                Pending::Replaced { node, released } => {
+                    match self.write_back_replaced(&room, node, released).await {
+                        Ok(()) => self.index_now(&[room.as_str()]).await,
+                        Err(e) => Err(e),
+                    }
+                }
             };
             if let Err(e) = r {
                 self.pending.entry(room).or_insert(op);
@@ -1320,6 +1333,35 @@ impl Inner {
                 Ok(())
             }
         }
+    }
+
+    /// Writes back a pin made here after this router released the store's pin to `released`
+    /// during the outage: from `released` to `node` by compare-and-set, or onto no pin; a
+    /// pin another router made meanwhile wins.
+    async fn write_back_replaced(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        released: &NodeId,
+    ) -> Result<(), StoreError> {
+        let at = self
+            .cache
+            .get(room)
+            .and_then(|c| c.pin.as_ref().map(|p| p.created_at))
+            .unwrap_or(0);
+        let outcome = match self.pin_if_remote(room, node, Some(released), at).await? {
+            PinOutcome::Lost(None) => self.pin_if_remote(room, node, None, at).await?,
+            o => o,
+        };
+        match outcome {
+            PinOutcome::Won(_) => {}
+            PinOutcome::Lost(Some(cur)) if &cur.node == node => {}
+            PinOutcome::Lost(cur) => {
+                self.store_won.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(room = %room, ours = %node, store = ?cur.map(|p| p.node), "outage decision lost to the store's pin");
+            }
+        }
+        Ok(())
     }
 
     /// Runs `SWEEP` on one room (with `node`: only if the pin points there) and brings the

@@ -652,6 +652,11 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// CA bundle (PEM) trusted for `https://` upstreams.
     pub ca_file: Option<PathBuf>,
+    /// A client connection is one participant: only its first request for a room is a
+    /// join (counted, refused at `join_limit`), its later ones that participant's session.
+    /// Off when an HTTP proxy in front of the router carries many users' requests over
+    /// each of its connections: then every proxied request is a join.
+    pub one_join_per_connection: bool,
 }
 
 impl Default for ProxyConfig {
@@ -665,6 +670,7 @@ impl Default for ProxyConfig {
             pool_max_idle_per_host: 256,
             pool_idle_timeout: Duration::from_secs(60),
             ca_file: None,
+            one_join_per_connection: true,
         }
     }
 }

@@ -148,6 +148,28 @@ async fn a_participants_later_requests_on_its_connection_are_not_new_joins() {
     }
 }
 
+#[tokio::test]
+async fn behind_an_http_proxy_every_proxied_request_is_a_join() {
+    // `proxy.one_join_per_connection = false`: a proxy in front carries many users'
+    // requests over one connection, so each request counts.
+    let mut cfg = proxy_config();
+    cfg.proxy.one_join_per_connection = false;
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let front_proxy = reqwest::Client::new();
+    for i in 1..=5 {
+        let resp = front_proxy
+            .get(format!("{}/rooms/standup?size=1", r.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(pending_on(&r, "n1").await, f64::from(i));
+    }
+    r.stop().await;
+}
+
 async fn later_requests_are_not_new_joins(cfg: roomrouter::config::Config) {
     let r = TestRouter::start(cfg).await;
     let up = Upstream::start("n1").await;

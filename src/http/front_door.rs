@@ -133,7 +133,9 @@ pub async fn admit<S: PinStore>(
     hints.size = hints.size.or(user.size);
     hints.check()?;
     let session = match conn {
-        Some(c) if mode == FrontDoorMode::Proxy => Some((c, room.stable_hash())),
+        Some(c) if mode == FrontDoorMode::Proxy && app.proxy.cfg().one_join_per_connection => {
+            Some((c, room.stable_hash()))
+        }
         _ => None,
     };
     let intent = match session {

@@ -663,7 +663,7 @@ impl<S: PinStore> Router<S> {
             && !reported_any
             && self.placement.auto_remove_drained
             && !entry.is_static
-            && !self.tickets_may_arrive(id, now)
+            && !self.tickets_may_arrive(id, now).await?
         {
             self.cluster.remove(id);
             self.store
@@ -782,23 +782,43 @@ impl<S: PinStore> Router<S> {
     }
 
     /// Whether a user may still arrive at `node` with a ticket: some pin on it had a join
-    /// within a ticket's lifetime (this router's own, or, by the pin's confirmation, another
-    /// router's). Rooms the node never listed count too: a room placed there since its last
+    /// within a ticket's lifetime (this router's own, or, by the pin's confirmation as the
+    /// store holds it, another router's). Rooms the node never listed count too: a room placed there since its last
     /// report, whose first user is on the way, would otherwise be placed afresh elsewhere
     /// once the node is gone, while that user lands on the node (a split). Visits every pin:
     /// only asked of a drained node that reported no rooms.
-    fn tickets_may_arrive(&self, node: &NodeId, now: Millis) -> bool {
+    async fn tickets_may_arrive(&self, node: &NodeId, now: Millis) -> Result<bool, StoreError> {
         let own_since = now.saturating_sub(self.ticket_ttl_ms);
         // As in `end_room`: other routers' joins show only as confirmations.
-        let confirmed_since = match self.store.shared() {
+        let shared = self.store.shared();
+        let confirmed_since = match shared {
             true => now.saturating_sub(self.shared_ticket_hold_ms()),
             false => Millis::MAX,
         };
-        self.store.any_pin(|room, pin| {
-            pin.node == *node
-                && (pin.confirmed_at >= confirmed_since
-                    || self.recent.joined_since(room.stable_hash(), own_since))
-        })
+        let mut ask = Vec::new();
+        let held = self.store.any_pin(|room, pin| {
+            if pin.node != *node {
+                return false;
+            }
+            let recent = pin.confirmed_at >= confirmed_since
+                || self.recent.joined_since(room.stable_hash(), own_since);
+            if !recent && shared {
+                ask.push(room.clone());
+            }
+            recent
+        });
+        if held {
+            return Ok(true);
+        }
+        // Other routers confirm in the store without telling this router's cache: the
+        // store's own copy decides (a few rooms at most: the node reported none).
+        for room in ask {
+            let stored = self.store.get_stored(&room).await?;
+            if stored.is_some_and(|p| p.node == *node && p.confirmed_at >= confirmed_since) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// How long after its last confirmation a pin may still have a ticket another router

@@ -1723,3 +1723,72 @@ async fn a_pin_deleted_and_placed_again_during_an_outage_is_written_back_as_plac
     assert_eq!(redis_pin(&url, &room_key(&p, "triage")).await, None);
     cleanup(&url, &p).await;
 }
+
+/// A node drains and reports no rooms to router A while router B has just sent a user to
+/// one of its rooms (one the node never listed: the user is still on the way). B's join
+/// confirmed the pin in Redis only (confirmations are not published), so A's cache shows
+/// the pin idle; A must ask Redis before it removes the node, or the room's next join
+/// would be placed elsewhere while that user lands on the node (a split).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_is_kept_while_another_routers_ticket_may_still_reach_it() {
+    use roomrouter::cluster::NodeInfo;
+    use roomrouter::placement::{AdminState, Hints};
+    use roomrouter::router::{Heartbeat, Intent};
+    let Some((url, _private)) = redis_for("drained_ticket") else {
+        return;
+    };
+    let p = prefix("drainedticket");
+    let mut cfg = config(&url, &p);
+    // A ticket lives 1 s, a pin is confirmed by joins at most every second (room_idle_ttl
+    // / 8), reports every second: a pin confirmed more than 3 s ago has no ticket out.
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.placement.room_idle_ttl = Duration::from_secs(8);
+    cfg.placement.heartbeat_interval = Duration::from_secs(1);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(30);
+    cfg.validate().expect("valid");
+    let (a, b) = (serve(cfg.clone()).await, serve(cfg).await);
+    let n = NodeId::parse("media-1").unwrap();
+    let beat = |state: AdminState, rooms: Option<Vec<(RoomKey, u32)>>| Heartbeat {
+        info: NodeInfo {
+            url: "http://127.0.0.1:1/media-1".into(),
+            upstream: "http://127.0.0.1:1/media-1".into(),
+            capacity: 1000.0,
+            region: None,
+            tags: vec![],
+        },
+        load: 0.0,
+        cpu: None,
+        state,
+        rooms,
+    };
+    b.app
+        .router
+        .heartbeat(&n, beat(AdminState::Active, None))
+        .await
+        .unwrap();
+    let (r, hints) = (room("class-7b"), Hints::default());
+    let join = || b.app.router.place(&r, &hints, None, Intent::Join);
+    assert_eq!(join().await.unwrap().node.id, n);
+    // Long past the hold: A's copy of the pin looks idle from now on.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    b.app
+        .router
+        .heartbeat(&n, beat(AdminState::Active, None))
+        .await
+        .unwrap();
+    // B sends a user: the confirmation was due, B writes it to Redis.
+    assert_eq!(join().await.unwrap().node.id, n);
+    // The node drains and tells A it holds no rooms.
+    a.app
+        .router
+        .heartbeat(&n, beat(AdminState::Draining, Some(vec![])))
+        .await
+        .unwrap();
+    assert!(
+        a.app.router.node(&n).is_some(),
+        "A removed the node while B's user may still be on the way to it"
+    );
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &p).await;
+}

@@ -153,6 +153,18 @@ pub trait PinStore: Send + Sync + 'static {
     /// Number of pins (may be approximate for shared stores).
     fn count(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
+    /// The room's pin as the store itself holds it now, its confirmation included: a shared
+    /// store asks Redis, whose copy other routers' confirmations reach without telling this
+    /// router's cache (they are not published). For rare decisions only. Default: [`get`].
+    ///
+    /// [`get`]: PinStore::get
+    fn get_stored(
+        &self,
+        room: &RoomKey,
+    ) -> impl Future<Output = Result<Option<Pin>, StoreError>> + Send {
+        self.get(room)
+    }
+
     /// Whether any pin satisfies `f`. Every store holds all pins locally (the memory store
     /// its map, the Redis store its complete cache), so this waits on nothing; it visits
     /// every pin, so it serves rare decisions (removing a drained node), never a join.
@@ -248,6 +260,9 @@ macro_rules! delegate {
 impl PinStore for AnyStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         delegate!(self, s => s.get(room).await)
+    }
+    async fn get_stored(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        delegate!(self, s => s.get_stored(room).await)
     }
     fn any_pin(&self, f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool {
         delegate!(self, s => s.any_pin(f))

@@ -2031,6 +2031,18 @@ impl PinStore for RedisStore {
         Ok(cached.as_ref().and_then(|c| c.pin.clone()))
     }
 
+    async fn get_stored(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        let i = &self.inner;
+        if !i.is_down() {
+            match i.get_remote(room).await {
+                Ok(pin) => return Ok(pin),
+                Err(e) => i.confirm_down(e).await?,
+            }
+        }
+        let cached = i.cache.get(room);
+        Ok(cached.as_ref().and_then(|c| c.pin.clone()))
+    }
+
     #[inline]
     fn peek<R>(&self, room: &RoomKey, f: impl FnOnce(Option<&Pin>) -> R) -> Option<R> {
         // Without the subscription the cache may be stale: `get` asks Redis instead.

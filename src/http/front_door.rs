@@ -147,7 +147,7 @@ pub async fn admit<S: PinStore>(
         .place(&room, &hints.hints(), hints.size, intent)
         .await
         .map_err(|e| ApiError::from_join(e, app.retry_after()))?;
-    if let Some((c, h)) = session {
+    if let (Some((c, h)), Intent::Join) = (session, intent) {
         c.set_joined(h);
     }
     let ticket = app.tickets.issue(

@@ -131,6 +131,13 @@ enum Ev {
     ProbeAfterFailure,
 }
 
+/// Node `n`'s û as a router sees it: the last report plus that router's pending joins and
+/// reservations there and the other routers' reservations it heard of (as the router's
+/// `Live::utilization`).
+fn seen_util(n: &Node, pending: f64, reserved: f64, others: f64) -> f64 {
+    (n.reported + pending + reserved + others) / n.capacity
+}
+
 struct Node {
     hash: u64,
     capacity: f64,
@@ -525,8 +532,7 @@ impl<'a> Sim<'a> {
                 ViewNode {
                     hash: n.hash,
                     capacity: n.capacity,
-                    util: (n.reported + router.pending[i] + router.reserved[i] + others)
-                        / n.capacity,
+                    util: seen_util(n, router.pending[i], router.reserved[i], others),
                     last_heartbeat: if n.exists { n.last_hb } else { None },
                 }
             }));
@@ -538,7 +544,7 @@ impl<'a> Sim<'a> {
         let n = &self.nodes[i];
         let router = &self.routers[r];
         let others = self.shared.as_ref().map_or(0.0, |sh| sh.others(r, i));
-        (n.reported + router.pending[i] + (router.reserved[i] - units) + others) / n.capacity
+        seen_util(n, router.pending[i], router.reserved[i] - units, others)
     }
 
     /// Router `r`'s reserved amount on `node` changed by `change` at `t`.

@@ -1301,11 +1301,7 @@ impl Inner {
         node: &NodeId,
         expected: &Option<NodeId>,
     ) -> Result<(), StoreError> {
-        let now = self
-            .cache
-            .get(room)
-            .and_then(|c| c.pin.as_ref().map(|p| p.created_at))
-            .unwrap_or(0);
+        let now = self.local_created_at(room);
         match self.pin_if_remote(room, node, None, now).await? {
             PinOutcome::Won(_) => Ok(()),
             PinOutcome::Lost(Some(cur)) if &cur.node == node => Ok(()),
@@ -1335,6 +1331,15 @@ impl Inner {
         }
     }
 
+    /// When the cached pin of `room` was made (a local decision's time, written back with
+    /// it); 0 without one.
+    fn local_created_at(&self, room: &RoomKey) -> Millis {
+        self.cache
+            .get(room)
+            .and_then(|c| c.pin.as_ref().map(|p| p.created_at))
+            .unwrap_or(0)
+    }
+
     /// Writes back a pin made here after this router released the store's pin to `released`
     /// during the outage: from `released` to `node` by compare-and-set, or onto no pin; a
     /// pin another router made meanwhile wins.
@@ -1344,11 +1349,7 @@ impl Inner {
         node: &NodeId,
         released: &NodeId,
     ) -> Result<(), StoreError> {
-        let at = self
-            .cache
-            .get(room)
-            .and_then(|c| c.pin.as_ref().map(|p| p.created_at))
-            .unwrap_or(0);
+        let at = self.local_created_at(room);
         let outcome = match self.pin_if_remote(room, node, Some(released), at).await? {
             PinOutcome::Lost(None) => self.pin_if_remote(room, node, None, at).await?,
             o => o,

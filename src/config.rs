@@ -842,6 +842,34 @@ impl Default for LoggingConfig {
     }
 }
 
+impl LoggingConfig {
+    /// Every directive of `level` must parse, and one without a target must be a level:
+    /// `tracing` reads a bare word as a target name, so `level = "warning"` would log only
+    /// events of a target called `warning` (nothing of ours, errors included).
+    fn validate(&self) -> Result<(), ConfigError> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for d in self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+        {
+            let what = |m: &str| invalid("logging.level", format!("{d:?}: {m}"));
+            if let Err(e) = d.parse::<tracing_subscriber::filter::Directive>() {
+                return Err(what(&e.to_string()));
+            }
+            let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+            let bare = !d.contains(['=', '[']);
+            if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+                return Err(what(
+                    "not a level (trace, debug, info, warn, error, off); a target takes target=level",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A node declared in the config file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -864,13 +892,55 @@ pub struct StaticNode {
 pub enum ConfigError {
     #[error("cannot read {path}: {cause}")]
     Read { path: String, cause: std::io::Error },
-    #[error("{path}: {cause}")]
+    /// Where the TOML went wrong and why, without the file's text: the line may hold a
+    /// secret (`toml`'s own message quotes it, and serde's names the value it refused).
+    #[error("{path}: line {line}, column {column}{key}: {message}")]
     Parse {
         path: String,
-        cause: Box<toml::de::Error>,
+        line: usize,
+        column: usize,
+        /// ` (table.key)` when the line assigns a key, else empty.
+        key: String,
+        message: String,
     },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
+}
+
+/// ` (table.key)` for the key the line starting at `line_start` assigns, under the last
+/// `[table]` header before it: keys are never secret, the values after `=` may be.
+fn key_at(text: &str, line_start: usize) -> Option<String> {
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(['[', ']']).trim());
+    Some(match table {
+        Some(t) => format!(" ({t}.{key})"),
+        None => format!(" ({key})"),
+    })
+}
+
+/// serde's "invalid type: string \"…\", expected …" (and "invalid value: …") quote the
+/// value they refused, which may be a secret typed in the wrong form (`admin_tokens = "…"`
+/// for a list): keep the kind of value, drop the value.
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let end = rest.find(", expected").unwrap_or(rest.len());
+            let what = &rest[..end];
+            let kind = what.split(['"', '`']).next().unwrap_or(what).trim_end();
+            return format!("{prefix}{kind}{}", &rest[end..]);
+        }
+    }
+    message.to_string()
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -888,9 +958,18 @@ impl Config {
             cause,
         })?;
         let mut cfg = Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { cause, .. } => ConfigError::Parse {
+            ConfigError::Parse {
+                line,
+                column,
+                key,
+                message,
+                ..
+            } => ConfigError::Parse {
                 path: path.display().to_string(),
-                cause,
+                line,
+                column,
+                key,
+                message,
             },
             other => other,
         })?;
@@ -909,9 +988,21 @@ impl Config {
 
     /// Parses TOML text (no environment, no validation).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "config".into(),
-            cause: Box::new(e),
+        toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start.min(text.len()));
+            let before = &text.as_bytes()[..at];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            ConfigError::Parse {
+                path: "config".into(),
+                line,
+                column: at - line_start + 1,
+                key: key_at(text, line_start).unwrap_or_default(),
+                message: without_value(e.message().trim_end()),
+            }
         })
     }
 
@@ -936,6 +1027,7 @@ impl Config {
 
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.logging.validate()?;
         let s = &self.server;
         if s.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be > 0"));
@@ -1012,13 +1104,25 @@ impl Config {
                 "must be longer than placement.heartbeat_interval",
             ));
         }
-        if p.room_idle_ttl.is_zero() {
-            return Err(invalid("placement.room_idle_ttl", "must be > 0"));
+        // A node still counted alive must keep its rooms pinned between two of its reports:
+        // a pin released in the gap is placed afresh by the next join, maybe elsewhere, and
+        // the first node's next report is answered with an eviction of a meeting under way.
+        if p.room_idle_ttl <= p.heartbeat_timeout {
+            return Err(invalid(
+                "placement.room_idle_ttl",
+                "must be longer than placement.heartbeat_timeout (node reports keep a live room's pin)",
+            ));
         }
         if p.new_room_reserve_ttl.is_zero() {
             return Err(invalid(
                 "placement.new_room_reserve_ttl",
                 "must be > 0 (new_room_reserve = 0 reserves nothing for a guess)",
+            ));
+        }
+        if p.reservation_ttl < p.new_room_reserve_ttl {
+            return Err(invalid(
+                "placement.reservation_ttl",
+                "must be at least placement.new_room_reserve_ttl (a size hint or learned size is better knowledge than the default guess)",
             ));
         }
         if p.max_size_hint == 0 {
@@ -1128,8 +1232,29 @@ impl Config {
     }
 
     /// Refuses to serve without credentials: a router anyone can register a node with can be
-    /// hijacked. The message says how to set them.
+    /// hijacked. The message says how to set them. The placeholders our examples ship
+    /// (`change-me…`, `replace-with…`) are refused too: they are public.
     pub fn require_credentials(&self) -> Result<(), ConfigError> {
+        let placeholder = |v: &str| {
+            let v = v.to_ascii_lowercase();
+            v.starts_with("change-me") || v.starts_with("replace-with")
+        };
+        let mut given: Vec<(String, &str)> = (self.auth.admin_tokens.iter().enumerate())
+            .map(|(i, t)| (format!("auth.admin_tokens[{i}]"), t.as_str()))
+            .collect();
+        given.push(("auth.node_token".into(), &self.auth.node_token));
+        given.extend(
+            (self.auth.node_tokens.iter())
+                .map(|(id, t)| (format!("auth.node_tokens.{id}"), t.as_str())),
+        );
+        given.push(("tickets.secret".into(), &self.tickets.secret));
+        given.push(("auth.jwt.secret".into(), &self.auth.jwt.secret));
+        if let Some((key, _)) = given.iter().find(|(_, v)| placeholder(v)) {
+            return Err(invalid(
+                key,
+                "is the example's placeholder, which anyone can read: set a random value (openssl rand -hex 24)",
+            ));
+        }
         if self.auth.admin_tokens.is_empty() {
             return Err(invalid(
                 "auth.admin_tokens",
@@ -1458,6 +1583,122 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("front_door.route_modes"));
+    }
+
+    #[test]
+    fn a_parse_error_names_line_and_column_but_never_quotes_the_value() {
+        for (text, line, says) in [
+            // A list written as a string: serde's message would quote the token.
+            (
+                "[auth]\nadmin_tokens = \"admin-secret-token-0123456789\"\n",
+                2,
+                "invalid type: string, expected a sequence",
+            ),
+            // A number where a string goes: serde would quote the digits.
+            (
+                "[auth]\nnode_token = 987654321987654321\n",
+                2,
+                "invalid type: integer, expected a string",
+            ),
+            // A syntax error on a secret's line: toml would print the line with a caret.
+            (
+                "\n\n[tickets]\nsecret = \"ticket-secret-0123456789\n",
+                4,
+                "",
+            ),
+        ] {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("config: line {line}, column ")),
+                "{e}"
+            );
+            assert!(e.contains(says), "{e}");
+            for secret in ["admin-secret", "987654321", "ticket-secret"] {
+                assert!(!e.contains(secret), "{e}");
+            }
+        }
+        // A key that does not exist is still named.
+        let e = Config::parse("[server]\nlisten_adress = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2, column 1 (server.listen_adress)"), "{e}");
+        let e = Config::parse("# secrets\n[[nodes]]\nid = 7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3, column 6 (nodes.id): invalid type: integer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_logging_level_that_is_not_a_level_is_refused() {
+        for bad in ["warning", "roomrouter=warning", "info,loud", "debug,[="] {
+            let e = rejected(&format!("[logging]\nlevel = {bad:?}\n"));
+            assert!(e.starts_with("logging.level"), "{bad}: {e}");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "roomrouter=debug,info",
+            "off",
+            "hyper=warn, debug",
+            "",
+        ] {
+            Config::parse(&format!("[logging]\nlevel = {good:?}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_room_idle_ttl_a_live_node_could_outlast_is_refused() {
+        // With the pin released between two reports, the next join places the room afresh.
+        let e = rejected("[placement]\nroom_idle_ttl = \"1s\"\n");
+        assert!(e.starts_with("placement.room_idle_ttl"), "{e}");
+        let e = rejected("[placement]\nroom_idle_ttl = \"6s\"\n"); // = heartbeat_timeout
+        assert!(e.contains("heartbeat_timeout"), "{e}");
+        let c = Config::parse("[placement]\nroom_idle_ttl = \"7s\"\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn reservations_of_known_sizes_last_at_least_as_long_as_a_guess() {
+        let e = rejected("[placement]\nreservation_ttl = \"0s\"\n");
+        assert!(e.starts_with("placement.reservation_ttl"), "{e}");
+        let e = rejected("[placement]\nnew_room_reserve_ttl = \"10m\"\n"); // > 5 min
+        assert!(e.starts_with("placement.reservation_ttl"), "{e}");
+        let c = Config::parse("[placement]\nreservation_ttl = \"60s\"\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_examples_placeholder_credentials_are_refused_at_serve() {
+        let creds = |admin: &str, node: &str, ticket: &str| {
+            let mut c = Config::default();
+            c.auth.admin_tokens = vec![admin.into()];
+            c.auth.node_token = node.into();
+            c.tickets.secret = ticket.into();
+            c.require_credentials().map_err(|e| e.to_string())
+        };
+        let (admin, node) = ("a-random-admin-token-0123", "a-random-node-token-0123");
+        let ticket = "a-random-ticket-secret-0123456789abcdef";
+        creds(admin, node, ticket).unwrap();
+        let e = creds("change-me-admin-token-0000000000", node, ticket).unwrap_err();
+        assert!(
+            e.starts_with("auth.admin_tokens[0]") && e.contains("placeholder"),
+            "{e}"
+        );
+        let e = creds(admin, node, "Change-Me-ticket-secret-000000000000000000").unwrap_err();
+        assert!(e.starts_with("tickets.secret"), "{e}");
+        let mut c =
+            Config::parse("[auth.node_tokens]\nm1 = \"replace-with-a-long-random-token-1\"\n")
+                .unwrap();
+        c.auth.admin_tokens = vec![admin.into()];
+        c.tickets.secret = ticket.into();
+        let e = c.require_credentials().unwrap_err().to_string();
+        assert!(e.starts_with("auth.node_tokens.m1"), "{e}");
     }
 
     #[test]

@@ -86,8 +86,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = match cli.cmd {
         // `serve` reads its configuration before the runtime exists: it sizes the runtime.
-        Cmd::Serve { config, listen } => serve_config(config.as_deref(), listen)
-            .and_then(|cfg| serve_runtime(&cfg.server)?.block_on(serve_with(cfg, cli.log_json))),
+        Cmd::Serve { config, listen } => serve_config(config.as_deref(), listen).and_then(|cfg| {
+            // The log guard outlives the runtime: the app's last owners (the learned-size
+            // file's final write among them) go with the runtime, and may have to warn.
+            let _log = init_logging(&cfg, cli.log_json);
+            let rt = serve_runtime(&cfg.server)?;
+            let served = rt.block_on(serve_with(cfg));
+            drop(rt);
+            served
+        }),
         cmd => runtime(None).and_then(|rt| rt.block_on(run(cmd, cli.log_json))),
     };
     match done {
@@ -143,13 +150,17 @@ fn serve_config(
     Ok(cfg)
 }
 
-async fn serve_with(cfg: Config, log_json: bool) -> anyhow::Result<()> {
+/// Logging as `[logging]` says, in JSON with `--log-json`.
+fn init_logging(cfg: &Config, log_json: bool) -> roomrouter::telemetry::LogGuard {
     let fmt = if log_json {
         LogFormat::Json
     } else {
         cfg.logging.format
     };
-    let _log = roomrouter::telemetry::init(fmt, &cfg.logging.level);
+    roomrouter::telemetry::init(fmt, &cfg.logging.level)
+}
+
+async fn serve_with(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
@@ -173,7 +184,9 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { config, listen } => {
-            serve_with(serve_config(config.as_deref(), listen)?, log_json).await
+            let cfg = serve_config(config.as_deref(), listen)?;
+            let _log = init_logging(&cfg, log_json);
+            serve_with(cfg).await
         }
         Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),
         Cmd::Load(args) => roomrouter::load::run_cli(&args).await,

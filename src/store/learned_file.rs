@@ -75,6 +75,18 @@ impl LearnedFile {
             rooms,
             dirty: AtomicBool::new(false),
         });
+        // Refused now rather than a warning every FLUSH_EVERY and sizes lost at every
+        // restart: the file is replaced through a sibling, so its directory must take one.
+        let probe = file.sibling();
+        std::fs::File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .with_context(|| {
+                format!(
+                    "store.learned_file {}: cannot write beside it ({})",
+                    path.display(),
+                    probe.display()
+                )
+            })?;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(flush_periodically(Arc::downgrade(&file)));
         }
@@ -114,10 +126,15 @@ impl LearnedFile {
         written
     }
 
-    fn write(&self) -> std::io::Result<()> {
+    /// The file a write goes to before it is renamed over [`LearnedFile::path`].
+    fn sibling(&self) -> PathBuf {
         let mut name = self.path.file_name().unwrap_or_default().to_os_string();
         name.push(".tmp");
-        let tmp = self.path.with_file_name(name);
+        self.path.with_file_name(name)
+    }
+
+    fn write(&self) -> std::io::Result<()> {
+        let tmp = self.sibling();
         {
             let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
             for e in self.rooms.iter() {
@@ -232,6 +249,22 @@ mod tests {
         let e = LearnedFile::open(&path).unwrap_err().to_string();
         assert!(e.contains("store.learned_file"), "{e}");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_file_in_a_directory_that_does_not_exist_is_refused_at_open() {
+        let path = temp_path("nowhere");
+        let dir = path.parent().unwrap().to_path_buf();
+        let inside = dir.join("missing").join("learned.txt");
+        let e = format!("{:#}", LearnedFile::open(&inside).unwrap_err());
+        assert!(
+            e.contains("store.learned_file") && e.contains("cannot write"),
+            "{e}"
+        );
+        // The probe leaves nothing behind where it can write.
+        LearnedFile::open(&path).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

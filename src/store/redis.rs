@@ -499,15 +499,18 @@ impl RedisStore {
                 builder = builder.certs(certs);
             }
             let client = builder.build().context("store.cluster_nodes")?;
+            // Logged and shown as the store's server: never with a password.
+            let seeds = (cfg.cluster_nodes.iter())
+                .map(|u| crate::config::redact_url(u))
+                .collect::<Vec<_>>()
+                .join(",");
             let c = tokio::time::timeout(cfg.connect_timeout * 3, client.get_async_connection())
                 .await
                 .map_err(|_| anyhow::anyhow!("timed out"))
                 .and_then(|r| r.map_err(anyhow::Error::from))
-                .with_context(|| {
-                    format!("cannot connect to Redis Cluster {:?}", cfg.cluster_nodes)
-                })?;
+                .with_context(|| format!("cannot connect to Redis Cluster {seeds}"))?;
             Pool {
-                server: cfg.cluster_nodes.join(","),
+                server: seeds,
                 subs: cfg
                     .cluster_nodes
                     .iter()
@@ -2320,6 +2323,30 @@ impl PinStore for RedisStore {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    #[tokio::test]
+    async fn a_cluster_that_cannot_be_reached_is_named_without_its_password() {
+        // A port nothing listens on: taken, then let go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cfg = crate::config::Config::default();
+        cfg.store.kind = crate::config::StoreKind::Redis;
+        cfg.store.cluster_nodes = vec![format!("redis://:hunter2-cluster-pw@127.0.0.1:{port}")];
+        cfg.store.connect_timeout = Duration::from_millis(200);
+        let e = format!(
+            "{:#}",
+            crate::store::open(&cfg)
+                .await
+                .err()
+                .expect("no Redis there")
+        );
+        assert!(e.contains("cannot connect to Redis Cluster"), "{e}");
+        assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
 
     #[test]
     fn the_reload_after_an_outage_keeps_the_decisions_not_written_back_yet() {

@@ -87,6 +87,7 @@ pub async fn run<S: PinStore>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let hangup = survive_hangup();
     // Room sizes learned by earlier runs (Redis): before the first placement, so that a
     // restart does not cost a week of weekly classes placed at the default size.
     match app.router.restore_history().await {
@@ -98,6 +99,9 @@ pub async fn run<S: PinStore>(
     let sharer = spawn_reservation_sharer(&app);
     // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.
     let r = server::serve_configured(app, listener, shutdown).await;
+    if let Some(h) = hangup {
+        h.abort();
+    }
     sweeper.abort();
     if let Some(s) = sharer {
         s.abort();
@@ -128,6 +132,32 @@ pub async fn run_configured(
     );
     run(build(cfg, store), listener, shutdown).await?;
     Ok(())
+}
+
+/// Takes SIGHUP (`kill -HUP`, `systemctl reload`-style habits, a closed terminal) from its
+/// default action, which ends the process without a drain, and which systemd's
+/// `Restart=on-failure` counts as a clean stop. With TLS on, the certificate watcher
+/// reloads on it as well; nothing else is read again.
+fn survive_hangup() -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => Some(tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP: TLS certificates reload (when TLS is on); the configuration is read at start only"
+                    );
+                }
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: SIGHUP will end the process");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

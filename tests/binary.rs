@@ -28,6 +28,25 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// An address for a child process to listen on: a port free on a random loopback address
+/// (all of 127.0.0.0/8 is loopback). The port is let go before the child binds it; on an
+/// address of its own, another test's child cannot take it in between (on 127.0.0.1 one
+/// did, and the test then talked to the other test's router).
+fn free_addr() -> std::net::SocketAddr {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let ip = std::net::Ipv4Addr::new(
+        127,
+        rng.random_range(1..255),
+        rng.random(),
+        rng.random_range(1..255),
+    );
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn clean_env(c: &mut Command) -> &mut Command {
     c.env_remove("ROOMROUTER_ADMIN_TOKEN")
         .env_remove("ROOMROUTER_NODE_TOKEN")
@@ -149,18 +168,14 @@ async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
 /// `roomrouter serve` with the test credentials on a free port, logging JSON at `level` to
 /// a file: `(router, its URL, the log file)`.
 async fn serve_logging_to_a_file(level: &str) -> (Reaper, String, PathBuf) {
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("rr-log-{}-{port}.log", std::process::id()));
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let log =
+        (std::env::temp_dir()).join(format!("rr-log-{}-{}.log", std::process::id(), addr.port()));
     let file = std::fs::File::create(&log).unwrap();
     let router = Reaper(
         clean_env(&mut Command::new(BIN))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log-json",
-            ])
+            .args(["serve", "--listen", &addr.to_string(), "--log-json"])
             .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
             .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
             .env("ROOMROUTER_TICKET_SECRET", SECRET)
@@ -280,12 +295,12 @@ fn demo_node(router: &str, id: &str, capacity: u32) -> Reaper {
 
 /// `roomrouter serve --config CONFIG` on a free port with the test credentials.
 fn serve_with(config: &std::path::Path) -> (Reaper, String) {
-    let port = free_port();
+    let addr = free_addr();
     let router = Reaper(
         clean_env(&mut Command::new(BIN))
             .args(["serve", "--config"])
             .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &addr.to_string()])
             .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
             .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
             .env("ROOMROUTER_TICKET_SECRET", SECRET)
@@ -293,7 +308,7 @@ fn serve_with(config: &std::path::Path) -> (Reaper, String) {
             .spawn()
             .unwrap(),
     );
-    (router, format!("http://127.0.0.1:{port}"))
+    (router, format!("http://{addr}"))
 }
 
 #[tokio::test]
@@ -352,6 +367,36 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     assert_eq!(
         expected_size(&c, &url, ADMIN, "other").await,
         (10, "default".into())
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_hangup_signal_does_not_stop_a_router_without_tls() {
+    // SIGHUP's default action ends a process; `Restart=on-failure` would not bring it back.
+    let dir = std::env::temp_dir().join(format!("rr-hup-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(&config, "[logging]\nlevel = \"warn\"\n").unwrap();
+    let (mut router, url) = serve_with(&config);
+    wait_http(&format!("{url}/healthz")).await;
+    for _ in 0..2 {
+        let sent = Command::new("kill")
+            .args(["-HUP", &router.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            router.0.try_wait().unwrap().is_none(),
+            "SIGHUP ended the router"
+        );
+        let r = client().get(format!("{url}/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        terminate(&mut router.0).await,
+        "SIGTERM still drains and exits 0"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -447,9 +492,9 @@ async fn both_runtime_models_proxy_concurrent_joins_and_stop_on_sigterm() {
 
 #[tokio::test]
 async fn the_one_command_demo_serves_joins() {
-    let port = free_port();
+    let addr = free_addr();
     let mut child = clean_env(&mut Command::new(BIN))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["demo", "--listen", &addr.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -458,8 +503,8 @@ async fn the_one_command_demo_serves_joins() {
     let _reaper = Reaper(child);
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().unwrap().unwrap();
-    assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
-    let url = format!("http://127.0.0.1:{port}");
+    assert!(first.contains(&addr.to_string()), "{first}");
+    let url = format!("http://{addr}");
     wait_http(&format!("{url}/readyz")).await;
     let resp = client()
         .get(format!("{url}/rooms/demo-room"))
@@ -552,17 +597,17 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
         ],
     );
 
-    let port = free_port();
+    let addr = free_addr();
     let _ceiling = Reaper(
         clean_env(&mut Command::new(BIN))
-            .args(["load", "--ceiling-server", &format!("127.0.0.1:{port}")])
+            .args(["load", "--ceiling-server", &addr.to_string()])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("http://{addr}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while std::net::TcpStream::connect(addr).is_err() {
         assert!(
             Instant::now() < deadline,
             "the ceiling server did not start"
@@ -579,7 +624,8 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
     // The spin-paced run also warms up for half a second: 250 more requests, sent and
     // answered, none of them measured.
     for (pacing, paced_by, warmup) in [("wheel", wheel, 0), ("spin", "spin", 250)] {
-        let json = std::env::temp_dir().join(format!("roomrouter-rate-{port}-{pacing}.json"));
+        let json =
+            std::env::temp_dir().join(format!("roomrouter-rate-{}-{pacing}.json", addr.port()));
         let out = clean_env(&mut Command::new(BIN))
             .args([
                 "load",

@@ -124,7 +124,8 @@ pub struct LoadArgs {
     /// Zipf exponent of room popularity.
     #[arg(long, default_value_t = 1.1)]
     pub zipf: f64,
-    /// Participants per session: fixed:V, uniform:LO:HI, exp:MEAN or zipf:MAX:S.
+    /// Participants per session: fixed:V, uniform:LO:HI, exp:MEAN or zipf:MAX:S (MAX at most
+    /// 100000).
     #[arg(long, default_value = "uniform:2:8", value_parser = parse_dist)]
     pub size: Dist,
     /// Seconds a participant stays (same forms as --size).

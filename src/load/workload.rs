@@ -16,6 +16,11 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, Zipf};
 use serde::Serialize;
 
+/// Largest `MAX` of `zipf:MAX:S`: a session's size is capped at this many participants
+/// anyway, and [`Dist::mean`] sums over `1..=MAX`, so a larger one would only make the run
+/// wait for that sum before it starts (`zipf:1e12:1.5` never would).
+pub const ZIPF_MAX: u32 = 100_000;
+
 /// A distribution of room sizes (participants) or stays (seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -64,8 +69,11 @@ impl Dist {
             }
             ("zipf", 3) => {
                 let (max, s_) = (num(1)?, num(2)?);
-                if max < 1.0 || s_ <= 0.0 {
-                    return Err(format!("{s:?}: needs max >= 1 and s > 0"));
+                if !(1.0..=ZIPF_MAX as f64).contains(&max) || s_ <= 0.0 {
+                    return Err(format!(
+                        "{s:?}: needs MAX in 1..={ZIPF_MAX} and S > 0 (sizes are capped at \
+                         {ZIPF_MAX} participants anyway)"
+                    ));
                 }
                 Dist::Zipf { max, s: s_ }
             }
@@ -78,7 +86,7 @@ impl Dist {
         Ok(d)
     }
 
-    /// The mean (exact for every kind).
+    /// The mean (exact for every kind; a Zipf's `max` is at most [`ZIPF_MAX`] when parsed).
     pub fn mean(&self) -> f64 {
         match *self {
             Dist::Fixed { value } => value,
@@ -209,7 +217,7 @@ impl WorkloadSpec {
                 Some(z) => (z.sample(&mut rng) as u32).clamp(1, rooms_n) - 1,
                 None => rng.random_range(0..rooms_n),
             };
-            let size = self.size.sample_count(&mut rng).min(100_000);
+            let size = self.size.sample_count(&mut rng).min(ZIPF_MAX);
             for j in 0..size {
                 let off = if j == 0 {
                     0.0
@@ -238,7 +246,7 @@ impl WorkloadSpec {
                 let room = rooms.len() as u32;
                 rooms.push(format!("burst-{b}-{i}"));
                 let first = burst.at.as_secs_f64() + i as f64 / burst.rooms as f64;
-                let size = self.size.sample_count(&mut rng).min(100_000);
+                let size = self.size.sample_count(&mut rng).min(ZIPF_MAX);
                 for j in 0..size {
                     let off = if j == 0 {
                         0.0
@@ -347,5 +355,18 @@ mod tests {
         );
         assert!(Burst::parse("5").is_err());
         assert!(Burst::parse("1:0").is_err());
+    }
+
+    #[test]
+    fn a_huge_zipf_max_is_refused_not_summed() {
+        // The mean sums over 1..=MAX: 1e12 terms would hang the run before it starts.
+        let e = Dist::parse("zipf:1e12:1.5").unwrap_err();
+        assert!(e.contains("MAX in 1..=100000"), "{e}");
+        assert!(Dist::parse("zipf:100001:1.5").is_err());
+        assert!(Dist::parse("zipf:0.5:1.5").is_err());
+        let t = std::time::Instant::now();
+        let m = Dist::parse("zipf:100000:1.5").unwrap().mean();
+        assert!(m > 1.0 && m.is_finite(), "{m}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
     }
 }

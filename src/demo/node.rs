@@ -145,7 +145,9 @@ impl DemoNode {
         self.state.draining.store(on, Ordering::Relaxed);
     }
 
-    /// Stops serving and heartbeating at once (a crash, as far as the router can tell).
+    /// Stops serving and heartbeating at once (a crash, as far as the router and its users
+    /// can tell): the accept loop and the heartbeats end, and so do the open connections,
+    /// idle keep-alive ones included.
     pub fn kill(mut self) {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
@@ -153,7 +155,9 @@ impl DemoNode {
         }
     }
 
-    /// Stops, waiting for the tasks to end.
+    /// Stops, waiting for the tasks to end (open connections are closed as by [`kill`]).
+    ///
+    /// [`kill`]: DemoNode::kill
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
@@ -184,6 +188,7 @@ async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
     let builder = Arc::new(builder);
+    let conn_stop = stop.clone();
     let serve = move |stream: TcpStream| {
         let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
         let svc = service_fn(move |req| {
@@ -191,14 +196,20 @@ async fn serve(
             async move { Ok::<_, Infallible>(handle(req, &state, &tickets, &id)) }
         });
         let builder = builder.clone();
+        let mut stop = conn_stop.clone();
         async move {
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            // A stopped or killed node ends its open connections too (dropping the connection
+            // closes the socket, mid-request or idle), as a crashed process would: a
+            // keep-alive client must not go on joining and leaving a node that is gone.
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|stopped| *stopped) => {}
+                _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc) => {}
+            }
         }
     };
     let stopped = async move {
-        let _ = stop.changed().await;
+        let _ = stop.wait_for(|stopped| *stopped).await;
     };
     sniff::accept_sniffed(listener, MAX_CONNECTIONS, HEADER_TIMEOUT, stopped, serve).await;
 }
@@ -406,5 +417,79 @@ impl Heartbeater {
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One HTTP/1.1 answer read off `conn` (head and `content-length` body), or `None` if the
+    /// server closed or reset the connection first. Bounded: 3 s, 64 KiB.
+    async fn answer(conn: &mut TcpStream) -> Option<String> {
+        let read = async {
+            let mut buf = Vec::new();
+            loop {
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        return Some(text);
+                    }
+                }
+                assert!(buf.len() < 64 * 1024, "answer too long");
+                let mut chunk = [0u8; 4096];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), read)
+            .await
+            .expect("the node neither answered nor closed the connection")
+    }
+
+    #[tokio::test]
+    async fn a_killed_node_closes_its_open_keep_alive_connections() {
+        // Nothing listens at the router's address: heartbeats fail fast, which is fine here.
+        let router = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let node = DemoNode::start(DemoNodeConfig {
+            id: "media-1".into(),
+            router: format!("http://{router}"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            capacity: 10.0,
+            region: None,
+            tags: vec![],
+            node_token: "node-token".into(),
+            ticket_secret: "ticket-secret-0123456789-0123456789".into(),
+            heartbeat_interval: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+        let request = b"GET /status HTTP/1.1\r\nhost: node\r\n\r\n";
+        let mut conn = TcpStream::connect(node.addr).await.unwrap();
+        conn.write_all(request).await.unwrap();
+        let first = answer(&mut conn).await.expect("an answer before the kill");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+        node.kill();
+        // The same keep-alive connection, as a load test's pooled client would reuse it: a
+        // crashed node answers nothing more on it.
+        let _ = conn.write_all(request).await;
+        let after = answer(&mut conn).await;
+        assert!(after.is_none(), "a killed node still answered: {after:?}");
     }
 }

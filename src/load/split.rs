@@ -5,8 +5,9 @@
 //! participant to node B (or node B accepts one) while the room still has participants on
 //! another node A that is alive. That is also the only way a room can "move" while it is in
 //! use, so moves after a node is added are splits too. Rooms of a node the harness killed
-//! lose their participants with it; when such a room comes back on another node it counts as
-//! **failed over**, not split. A room that emptied may legitimately come back elsewhere.
+//! lose their participants with it (also those whose join is reported only after the kill);
+//! when such a room comes back on another node it counts as **failed over**, not split. A
+//! room that emptied may legitimately come back elsewhere.
 //!
 //! Without following redirects (nobody really joins the nodes), every decision counts as a
 //! participant that never leaves, so any two nodes for one room during the run are a split.
@@ -81,26 +82,29 @@ impl SplitDetector {
     pub fn decided(&mut self, room: &str, node: &str, at: Duration, counts_as_participant: bool) {
         self.check(room, node, at);
         if counts_as_participant {
-            *self
-                .rooms
-                .get_mut(room)
-                .expect("check inserted it")
-                .live
-                .entry(node.to_string())
-                .or_default() += 1;
+            self.arrive(room, node);
         }
     }
 
     /// `node` accepted a participant of `room`.
     pub fn joined(&mut self, room: &str, node: &str, at: Duration) {
         self.check(room, node, at);
-        *self
-            .rooms
-            .get_mut(room)
-            .expect("check inserted it")
-            .live
-            .entry(node.to_string())
-            .or_default() += 1;
+        self.arrive(room, node);
+    }
+
+    /// A participant of `room` (already [`check`](Self::check)ed) is on `node`. On a node
+    /// already killed (its join was answered just before the kill, and reported after it)
+    /// the participant went down with the node: the room counts as one of the killed node's.
+    fn arrive(&mut self, room: &str, node: &str) {
+        let st = self.rooms.get_mut(room).expect("check inserted it");
+        if self.dead.contains(node) {
+            if !st.orphaned {
+                st.orphaned = true;
+                self.orphaned += 1;
+            }
+            return;
+        }
+        *st.live.entry(node.to_string()).or_default() += 1;
     }
 
     /// A participant of `room` left `node`.
@@ -197,6 +201,22 @@ mod tests {
         assert_eq!(s[0].at_ms, 10);
         assert_eq!(d.split_since(T * 3), 0);
         assert_eq!(d.split_since(T), 1);
+    }
+
+    #[test]
+    fn a_join_reported_after_its_node_was_killed_went_down_with_it() {
+        let mut d = SplitDetector::new();
+        d.joined("r1", "b", T);
+        d.killed("a");
+        // Answered by a just before the kill, reported after it.
+        d.joined("r2", "a", T * 2);
+        assert_eq!(d.orphaned_count(), 1);
+        d.joined("r2", "b", T * 3);
+        assert_eq!(d.failed_over_count(), 1);
+        assert_eq!(d.split_count(), 0);
+        // In a decisions-only run the decision is the participant: the same holds.
+        d.decided("r3", "a", T * 4, true);
+        assert_eq!(d.orphaned_count(), 2);
     }
 
     #[test]

@@ -560,6 +560,25 @@ pub fn auto_capacity(w: &WorkloadSpec, nodes: usize) -> f64 {
         .max(20.0)
 }
 
+/// Moves ([`SplitDetector::moves_between`]) in the window of each cluster event of the run
+/// (planned run times): from the event to the next one, the last one's to the end of
+/// everything (late answers included), so a move is blamed on one event only: the latest
+/// before it. Events at the same time: the kill's.
+fn moves_after_events(
+    d: &SplitDetector,
+    add: Option<Duration>,
+    kill: Option<Duration>,
+) -> (Option<u64>, Option<u64>) {
+    let window = |from: Duration, other: Option<Duration>| {
+        let to = other.filter(|o| *o >= from).unwrap_or(Duration::MAX);
+        d.moves_between(from, to)
+    };
+    (
+        add.map(|a| window(a, kill)),
+        kill.map(|k| window(k, add.filter(|a| *a > k))),
+    )
+}
+
 /// Runs one load test.
 pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(cfg.connections > 0, "connections must be > 0");
@@ -772,7 +791,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     }
 
     let elapsed = c.last_done.as_secs_f64().max(1e-9);
-    let when = |t: Option<Duration>| t.map(|t| c.detector.split_since(t));
+    let (moved_after_add, moved_after_kill) =
+        moves_after_events(&c.detector, cfg.add_node_at, cfg.kill_node_at);
     let report = LoadReport {
         target,
         settings: serde_json::json!({
@@ -808,12 +828,65 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         rooms_seen: c.detector.rooms_seen(),
         split_rooms: c.detector.split_count(),
         split_examples: c.detector.split_rooms(20),
-        rooms_moved_after_add: when(cfg.add_node_at),
-        rooms_moved_after_kill: when(cfg.kill_node_at),
+        rooms_moved_after_add: moved_after_add,
+        rooms_moved_after_kill: moved_after_kill,
         rooms_on_killed_node: cfg.kill_node_at.map(|_| c.detector.orphaned_count()),
         rooms_failed_over: cfg.kill_node_at.map(|_| c.detector.failed_over_count()),
         utilization: UtilSummary::of(samples),
         events: c.events,
     };
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    /// A detector with room `r` on node a from 0 s, moved to b at each of `moves` (ms) and
+    /// back to a at the next, alternately.
+    fn moved_at(moves: &[u64]) -> SplitDetector {
+        let mut d = SplitDetector::new();
+        d.joined("r", "a", Duration::ZERO);
+        for (k, t) in moves.iter().enumerate() {
+            d.joined("r", ["b", "a"][k % 2], s(*t));
+        }
+        d
+    }
+
+    #[test]
+    fn a_move_is_blamed_on_the_latest_cluster_event_before_it() {
+        // Add at 1 s, kill at 2 s, the move at 3 s: the kill's, not the add's as well.
+        let d = moved_at(&[3_000]);
+        assert_eq!(
+            moves_after_events(&d, Some(s(1_000)), Some(s(2_000))),
+            (Some(0), Some(1))
+        );
+        // A move between the add and the kill is the add's only.
+        let d = moved_at(&[1_500]);
+        assert_eq!(
+            moves_after_events(&d, Some(s(1_000)), Some(s(2_000))),
+            (Some(1), Some(0))
+        );
+        // Kill first, add later: the add's window runs to the end.
+        let d = moved_at(&[1_500, 2_500, 2_600]);
+        assert_eq!(
+            moves_after_events(&d, Some(s(2_000)), Some(s(1_000))),
+            (Some(2), Some(1))
+        );
+        // A room that moves again after the add counts again; a single event gets everything
+        // from its time on.
+        let d = moved_at(&[500, 1_500, 2_500]);
+        assert_eq!(
+            moves_after_events(&d, Some(s(1_000)), None),
+            (Some(2), None)
+        );
+        assert_eq!(
+            moves_after_events(&d, None, Some(s(1_000))),
+            (None, Some(2))
+        );
+    }
 }

@@ -118,9 +118,12 @@ pub struct LoadReport {
     /// Rooms whose participants were on two live nodes at once. Must be 0.
     pub split_rooms: u64,
     pub split_examples: Vec<SplitRoom>,
-    /// Rooms split (moved while in use) after a node was added; must be 0.
+    /// Moves of rooms in use (a participant sent to another live node than the room's last
+    /// while it still had participants elsewhere; a room that moves twice counts twice)
+    /// from the node's addition to the next cluster event, or to the end; must be 0.
     pub rooms_moved_after_add: Option<u64>,
-    /// Rooms other than the killed node's that moved after the kill; must be 0.
+    /// Moves of rooms other than the killed node's from the kill to the next cluster event,
+    /// or to the end; must be 0.
     pub rooms_moved_after_kill: Option<u64>,
     /// Rooms with participants on the killed node when it died.
     pub rooms_on_killed_node: Option<u64>,
@@ -181,12 +184,12 @@ impl LoadReport {
             }
         );
         if let Some(n) = self.rooms_moved_after_add {
-            let _ = writeln!(s, "  scale-out  rooms moved after the node was added: {n}");
+            let _ = writeln!(s, "  scale-out  room moves after the node was added: {n}");
         }
         if let Some(n) = self.rooms_moved_after_kill {
             let _ = writeln!(
                 s,
-                "  failure    rooms on the killed node {}, failed over {}, other rooms moved {n}",
+                "  failure    rooms on the killed node {}, failed over {}, moves of other rooms {n}",
                 self.rooms_on_killed_node.unwrap_or(0),
                 self.rooms_failed_over.unwrap_or(0)
             );

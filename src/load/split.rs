@@ -4,10 +4,13 @@
 //! node accepted and every participant that left. A room is **split** when the router sends a
 //! participant to node B (or node B accepts one) while the room still has participants on
 //! another node A that is alive. That is also the only way a room can "move" while it is in
-//! use, so moves after a node is added are splits too. Rooms of a node the harness killed
-//! lose their participants with it (also those whose join is reported only after the kill);
-//! when such a room comes back on another node it counts as **failed over**, not split. A
-//! room that emptied may legitimately come back elsewhere.
+//! use, so moves after a node is added are splits too: each time a room's participant is sent
+//! to another live node than its previous one while the room still has participants on a
+//! live node other than that one, the room **moved** once more (a room that moves back and
+//! forth counts every time; [`SplitDetector::moves_between`]). Rooms of a node the harness
+//! killed lose their participants with it (also those whose join is reported only after the
+//! kill); when such a room comes back on another node it counts as **failed over**, not split
+//! or moved. A room that emptied may legitimately come back elsewhere.
 //!
 //! Without following redirects (nobody really joins the nodes), every decision counts as a
 //! participant that never leaves, so any two nodes for one room during the run are a split.
@@ -33,6 +36,8 @@ struct RoomState {
     live: BTreeMap<String, u32>,
     /// Every node a decision or a join named.
     seen: BTreeSet<String>,
+    /// The live node the room's latest participant was sent to.
+    last: Option<String>,
     split_at: Option<Duration>,
     /// The room had participants on a node that was killed.
     orphaned: bool,
@@ -47,6 +52,8 @@ pub struct SplitDetector {
     split_count: u64,
     failed_over: u64,
     orphaned: u64,
+    /// Run time of every move, in the order seen (at most one per decision or join).
+    moves: Vec<Duration>,
 }
 
 impl SplitDetector {
@@ -67,9 +74,17 @@ impl SplitDetector {
             .live
             .iter()
             .any(|(n, c)| *c > 0 && n != node && !dead.contains(n));
-        if elsewhere && st.split_at.is_none() {
-            st.split_at = Some(at);
-            self.split_count += 1;
+        if elsewhere {
+            if st.split_at.is_none() {
+                st.split_at = Some(at);
+                self.split_count += 1;
+            }
+            if st.last.as_deref() != Some(node) {
+                self.moves.push(at);
+            }
+        }
+        if st.last.as_deref() != Some(node) {
+            st.last = Some(node.to_string());
         }
         if st.orphaned && !st.failed_over && !dead.contains(node) {
             st.failed_over = true;
@@ -150,11 +165,12 @@ impl SplitDetector {
         self.rooms.len()
     }
 
-    /// Split rooms that split after `since` (run time).
-    pub fn split_since(&self, since: Duration) -> u64 {
-        self.rooms
-            .values()
-            .filter(|s| s.split_at.is_some_and(|t| t >= since))
+    /// Moves (see the module documentation) at run times in `from..to`: every move, so a
+    /// room that moves twice counts twice.
+    pub fn moves_between(&self, from: Duration, to: Duration) -> u64 {
+        self.moves
+            .iter()
+            .filter(|t| (from..to).contains(*t))
             .count() as u64
     }
 
@@ -199,8 +215,32 @@ mod tests {
         assert_eq!(s[0].room, "standup");
         assert_eq!(s[0].nodes, vec!["a", "b", "c"]);
         assert_eq!(s[0].at_ms, 10);
-        assert_eq!(d.split_since(T * 3), 0);
-        assert_eq!(d.split_since(T), 1);
+    }
+
+    #[test]
+    fn every_move_is_counted_in_the_window_it_happened_in() {
+        let mut d = SplitDetector::new();
+        d.joined("r", "a", T);
+        // Moves to b (a still holds a participant): one move at 2T, whatever b's joins after.
+        d.decided("r", "b", T * 2, false);
+        d.joined("r", "b", T * 2);
+        d.joined("r", "b", T * 3);
+        assert_eq!(d.moves_between(Duration::ZERO, T * 10), 1);
+        // Back to a, then to c: two more moves of the same room, one split room in all.
+        d.joined("r", "a", T * 4);
+        d.joined("r", "c", T * 6);
+        assert_eq!(d.split_count(), 1);
+        assert_eq!(d.moves_between(Duration::ZERO, T * 10), 3);
+        // Each move belongs to the window it happened in, and to no other.
+        assert_eq!(d.moves_between(T, T * 3), 1);
+        assert_eq!(d.moves_between(T * 3, T * 5), 1);
+        assert_eq!(d.moves_between(T * 5, T * 10), 1);
+        assert_eq!(d.moves_between(T * 7, T * 10), 0);
+        // A room that emptied and comes back elsewhere did not move.
+        d.joined("q", "a", T);
+        d.left("q", "a");
+        d.joined("q", "b", T * 8);
+        assert_eq!(d.moves_between(Duration::ZERO, T * 10), 3);
     }
 
     #[test]
@@ -214,6 +254,7 @@ mod tests {
         d.joined("r2", "b", T * 3);
         assert_eq!(d.failed_over_count(), 1);
         assert_eq!(d.split_count(), 0);
+        assert_eq!(d.moves_between(Duration::ZERO, T * 10), 0);
         // In a decisions-only run the decision is the participant: the same holds.
         d.decided("r3", "a", T * 4, true);
         assert_eq!(d.orphaned_count(), 2);

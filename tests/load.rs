@@ -2,10 +2,13 @@
 //! split, and deliberately split rooms (two independent routers for the same rooms; a node
 //! disabled while its rooms still have participants) are caught.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use roomrouter::load::engine::OwnCluster;
-use roomrouter::load::{run, ClusterSpec, Dist, LoadConfig, WorkloadSpec};
+use roomrouter::load::{run, ClusterSpec, Dist, LoadConfig, LoadReport, WorkloadSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config(rate: f64, secs: u64, rooms: u32) -> LoadConfig {
     LoadConfig {
@@ -130,4 +133,93 @@ async fn a_node_disabled_under_its_participants_shows_as_split() {
         .nodes
         .iter()
         .any(|n| n.starts_with("media-1@")));
+}
+
+async fn bounded(cfg: LoadConfig) -> LoadReport {
+    tokio::time::timeout(Duration::from_secs(30), run(cfg))
+        .await
+        .expect("bounded")
+        .unwrap()
+}
+
+/// A stand-in router on loopback for decisions-only runs: answers each request `307` (to a
+/// node nobody follows) after `delay`; with `hang_first`, the very first request gets no
+/// answer at all (the connection stays open until the client gives up). Bounded: at most
+/// 1 000 connections, 10 s per read, 16 KiB per request head.
+struct Scripted {
+    url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn scripted(delay: Duration, hang_first: bool) -> Scripted {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn(async move {
+        for _ in 0..1_000 {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request head (GETs carry no body).
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 2048];
+                        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 && buf.len() + n <= 16 * 1024 => {
+                                buf.extend_from_slice(&chunk[..n])
+                            }
+                            _ => return,
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    if hang_first && requests.fetch_add(1, Ordering::SeqCst) == 0 {
+                        // No answer: wait for the client to give up and close.
+                        let mut chunk = [0u8; 64];
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+                                .await;
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    let answer = "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:9/rooms/x\r\nx-room-node: media-1\r\ncontent-length: 0\r\n\r\n";
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Scripted { url, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_errors_not_fast_latency() {
+    // Half the joins go to an address nothing listens on: refused within microseconds.
+    let server = scripted(Duration::from_millis(20), false).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = config(20.0, 1, 10);
+    cfg.routers = vec![server.url.clone(), format!("http://{dead}")];
+    cfg.follow = false;
+    let r = bounded(cfg).await;
+    assert_eq!(r.completed, 20, "{}", r.table());
+    assert_eq!(r.errors.get("connect"), Some(&10), "{}", r.table());
+    assert_eq!(r.latency_us.count, 10, "{}", r.table());
+    assert_eq!(r.service_us.count, 10, "{}", r.table());
+    // Every answer took the server's 20 ms: the refusals did not pull the median down.
+    assert!(r.latency_us.p50 >= 20_000, "{}", r.table());
 }

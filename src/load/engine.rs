@@ -413,9 +413,14 @@ async fn one_join(
 
 /// What the collector gathered.
 struct Collected {
+    /// Decisions that got an HTTP answer, from their planned time.
     latency: Histogram<u64>,
+    /// The same, from their actual send.
     service: Histogram<u64>,
+    /// Decisions that got an HTTP answer or a transport failure.
     completed: u64,
+    /// Decisions that got an HTTP answer (any status).
+    answered: u64,
     ok: u64,
     errors: BTreeMap<String, u64>,
     node_errors: BTreeMap<String, u64>,
@@ -440,6 +445,7 @@ async fn collect(
         latency: histogram(),
         service: histogram(),
         completed: 0,
+        answered: 0,
         ok: 0,
         errors: BTreeMap::new(),
         node_errors: BTreeMap::new(),
@@ -462,10 +468,16 @@ async fn collect(
             } => {
                 c.completed += 1;
                 c.last_done = c.last_done.max(at);
-                c.latency
-                    .saturating_record(latency.as_micros().max(1) as u64);
-                c.service
-                    .saturating_record(service.as_micros().max(1) as u64);
+                // Only answers are timed: a refused connection fails in microseconds and
+                // would pull the percentiles down, a timeout is the timeout (as in `rate`).
+                let outcome_answered = outcome.is_ok();
+                if outcome_answered {
+                    c.answered += 1;
+                    c.latency
+                        .saturating_record(latency.as_micros().max(1) as u64);
+                    c.service
+                        .saturating_record(service.as_micros().max(1) as u64);
+                }
                 match outcome {
                     Ok(s) if (200..400).contains(&s) => {
                         c.ok += 1;
@@ -488,7 +500,7 @@ async fn collect(
                     }
                 }
                 progress.completed.store(c.completed, Ordering::Relaxed);
-                if c.completed % 256 == 0 {
+                if outcome_answered && c.answered % 256 == 0 {
                     progress
                         .p99_us
                         .store(c.latency.value_at_quantile(0.99), Ordering::Relaxed);
@@ -816,6 +828,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         }),
         scheduled: schedule.joins.len() as u64,
         completed: c.completed,
+        answered: c.answered,
         ok: c.ok,
         elapsed_s: elapsed,
         throughput_per_s: c.completed as f64 / elapsed,
@@ -888,5 +901,51 @@ mod tests {
             moves_after_events(&d, None, Some(s(1_000))),
             (None, Some(2))
         );
+    }
+
+    fn run_collector(events: Vec<Event>, follow: bool) -> Collected {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for e in events {
+            tx.send(e).unwrap();
+        }
+        drop(tx);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(collect(
+            rx,
+            vec!["r".into(), "q".into()],
+            follow,
+            Arc::default(),
+        ))
+    }
+
+    fn decided(room: u32, outcome: Result<u16, &'static str>, node: &str) -> Event {
+        Event::Decided {
+            room,
+            outcome,
+            code: None,
+            node: Some(node.into()),
+            latency: s(2),
+            service: s(1),
+            at: s(10),
+        }
+    }
+
+    #[test]
+    fn transport_failures_are_errors_not_latency() {
+        let c = run_collector(
+            vec![
+                decided(0, Ok(307), "a"),
+                decided(1, Err("connect"), "a"),
+                decided(1, Ok(503), "a"),
+            ],
+            false,
+        );
+        assert_eq!((c.completed, c.answered, c.ok), (3, 2, 1));
+        assert_eq!(c.latency.len(), 2);
+        assert_eq!(c.service.len(), 2);
+        assert_eq!(c.errors.get("connect"), Some(&1));
+        assert_eq!(c.errors.get("503"), Some(&1));
     }
 }

@@ -95,18 +95,24 @@ pub struct LoadReport {
     pub settings: serde_json::Value,
     /// Joins in the schedule.
     pub scheduled: u64,
-    /// Decisions that got any HTTP answer or transport error.
+    /// Decisions that got an HTTP answer or a transport failure (timeout, refused
+    /// connection, ...).
     pub completed: u64,
+    /// Of those, decisions that got an HTTP answer (any status): what the latency
+    /// percentiles count.
+    pub answered: u64,
     /// Decisions answered 2xx/3xx.
     pub ok: u64,
     pub elapsed_s: f64,
     /// Completed decisions per second of run time.
     pub throughput_per_s: f64,
-    /// Decision latency from the *scheduled* send time (open loop: no coordinated omission).
+    /// Decision latency from the *scheduled* send time (open loop: no coordinated omission),
+    /// of answered decisions only (transport failures are in `errors`, not here).
     pub latency_us: Percentiles,
-    /// Decision latency from the actual send (service time).
+    /// Decision latency from the actual send (service time), of answered decisions.
     pub service_us: Percentiles,
-    /// Failed decisions by `status error_code`, or by transport failure.
+    /// Failed decisions by `status error_code`, or by transport failure (`connect`,
+    /// `timeout`, `transport`).
     pub errors: BTreeMap<String, u64>,
     /// Joins the nodes accepted after a redirect was followed.
     pub node_joins: u64,
@@ -149,8 +155,13 @@ impl LoadReport {
         let _ = writeln!(s, "roomrouter load: {}", self.target);
         let _ = writeln!(
             s,
-            "  joins      scheduled {}  completed {}  ok {}  in {:.2} s  = {:.0} joins/s",
-            self.scheduled, self.completed, self.ok, self.elapsed_s, self.throughput_per_s
+            "  joins      scheduled {}  completed {}  answered {}  ok {}  in {:.2} s  = {:.0} joins/s",
+            self.scheduled,
+            self.completed,
+            self.answered,
+            self.ok,
+            self.elapsed_s,
+            self.throughput_per_s
         );
         latency_header(&mut s);
         latency_row(&mut s, "from schedule (open)", &self.latency_us);

@@ -205,6 +205,25 @@ async fn scripted(delay: Duration, hang_first: bool) -> Scripted {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_after_the_run_neither_stretches_the_throughput_nor_enters_the_latency() {
+    // 20 joins within 1 s, all answered at once but the first, which times out 2 s later.
+    let server = scripted(Duration::ZERO, true).await;
+    let mut cfg = config(20.0, 1, 10);
+    cfg.routers = vec![server.url.clone()];
+    cfg.follow = false;
+    cfg.timeout = Duration::from_secs(2);
+    let r = bounded(cfg).await;
+    assert_eq!((r.completed, r.answered), (20, 19), "{}", r.table());
+    assert_eq!(r.errors.get("timeout"), Some(&1), "{}", r.table());
+    // Divided by the time to the last answer (~0.95 s), not by the timeout's end (~2 s).
+    assert!(r.elapsed_s < 1.5, "{}", r.table());
+    assert!(r.throughput_per_s > 15.0, "{}", r.table());
+    // The timeout is an error, not a 2 s latency.
+    assert_eq!(r.latency_us.count, 19, "{}", r.table());
+    assert!(r.latency_us.max < 1_500_000, "{}", r.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_errors_not_fast_latency() {
     // Half the joins go to an address nothing listens on: refused within microseconds.
     let server = scripted(Duration::from_millis(20), false).await;

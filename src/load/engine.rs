@@ -426,7 +426,8 @@ struct Collected {
     node_errors: BTreeMap<String, u64>,
     node_joins: u64,
     leaves: u64,
-    last_done: Duration,
+    /// Run time of the last HTTP answer to a decision.
+    last_answer: Duration,
     detector: SplitDetector,
     events: Vec<String>,
 }
@@ -451,7 +452,7 @@ async fn collect(
         node_errors: BTreeMap::new(),
         node_joins: 0,
         leaves: 0,
-        last_done: Duration::ZERO,
+        last_answer: Duration::ZERO,
         detector: SplitDetector::new(),
         events: Vec::new(),
     };
@@ -467,12 +468,12 @@ async fn collect(
                 at,
             } => {
                 c.completed += 1;
-                c.last_done = c.last_done.max(at);
                 // Only answers are timed: a refused connection fails in microseconds and
                 // would pull the percentiles down, a timeout is the timeout (as in `rate`).
                 let outcome_answered = outcome.is_ok();
                 if outcome_answered {
                     c.answered += 1;
+                    c.last_answer = c.last_answer.max(at);
                     c.latency
                         .saturating_record(latency.as_micros().max(1) as u64);
                     c.service
@@ -802,7 +803,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         own.stop().await;
     }
 
-    let elapsed = c.last_done.as_secs_f64().max(1e-9);
+    let elapsed = c.last_answer.as_secs_f64().max(1e-9);
     let (moved_after_add, moved_after_kill) =
         moves_after_events(&c.detector, cfg.add_node_at, cfg.kill_node_at);
     let report = LoadReport {
@@ -831,7 +832,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         answered: c.answered,
         ok: c.ok,
         elapsed_s: elapsed,
-        throughput_per_s: c.completed as f64 / elapsed,
+        throughput_per_s: c.answered as f64 / elapsed,
         latency_us: Percentiles::of(&c.latency),
         service_us: Percentiles::of(&c.service),
         errors: c.errors,

@@ -103,8 +103,10 @@ pub struct LoadReport {
     pub answered: u64,
     /// Decisions answered 2xx/3xx.
     pub ok: u64,
+    /// From the start of the run to the last HTTP answer to a decision (transport failures
+    /// and timeouts, which end later without an answer, do not stretch it).
     pub elapsed_s: f64,
-    /// Completed decisions per second of run time.
+    /// Answered decisions (`answered`) per second of `elapsed_s`.
     pub throughput_per_s: f64,
     /// Decision latency from the *scheduled* send time (open loop: no coordinated omission),
     /// of answered decisions only (transport failures are in `errors`, not here).
@@ -155,7 +157,7 @@ impl LoadReport {
         let _ = writeln!(s, "roomrouter load: {}", self.target);
         let _ = writeln!(
             s,
-            "  joins      scheduled {}  completed {}  answered {}  ok {}  in {:.2} s  = {:.0} joins/s",
+            "  joins      scheduled {}  completed {}  answered {}  ok {}  in {:.2} s  = {:.0} answered/s",
             self.scheduled,
             self.completed,
             self.answered,

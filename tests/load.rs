@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use roomrouter::load::engine::OwnCluster;
+use roomrouter::load::engine::{OwnCluster, NOT_SENT, NO_ANSWER};
 use roomrouter::load::{run, ClusterSpec, Dist, LoadConfig, LoadReport, WorkloadSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -205,6 +205,41 @@ async fn scripted(delay: Duration, hang_first: bool) -> Scripted {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_the_hard_stop_drops_are_errors_and_the_latency_says_it_is_incomplete() {
+    // One connection, 1.2 s per answer, 10 joins planned within 1 s, 2 s timeout: the hard
+    // stop (1 + 2 + 1 s) comes while the 4th join waits for its answer and the rest were
+    // never sent. They are the most delayed joins of the run.
+    let server = scripted(Duration::from_millis(1_200), false).await;
+    let mut cfg = config(10.0, 1, 10);
+    cfg.routers = vec![server.url.clone()];
+    cfg.follow = false;
+    cfg.connections = 1;
+    cfg.timeout = Duration::from_secs(2);
+    let r = bounded(cfg).await;
+    assert_eq!(r.scheduled, 10, "{}", r.table());
+    assert!(r.not_sent >= 1, "{}", r.table());
+    assert!(r.aborted_at_stop >= 1, "{}", r.table());
+    assert_eq!(
+        r.completed + r.not_sent + r.aborted_at_stop,
+        r.scheduled,
+        "{}",
+        r.table()
+    );
+    assert_eq!(r.errors.get(NOT_SENT), Some(&r.not_sent), "{}", r.table());
+    assert_eq!(
+        r.errors.get(NO_ANSWER),
+        Some(&r.aborted_at_stop),
+        "{}",
+        r.table()
+    );
+    assert!(!r.latency_complete);
+    assert!(r.table().contains("latency INCOMPLETE"), "{}", r.table());
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["latency_complete"], false);
+    assert_eq!(json["not_sent"], r.not_sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_after_the_run_neither_stretches_the_throughput_nor_enters_the_latency() {
     // 20 joins within 1 s, all answered at once but the first, which times out 2 s later.
     let server = scripted(Duration::ZERO, true).await;
@@ -215,6 +250,7 @@ async fn a_timeout_after_the_run_neither_stretches_the_throughput_nor_enters_the
     let r = bounded(cfg).await;
     assert_eq!((r.completed, r.answered), (20, 19), "{}", r.table());
     assert_eq!(r.errors.get("timeout"), Some(&1), "{}", r.table());
+    assert!(r.latency_complete, "{}", r.table());
     // Divided by the time to the last answer (~0.95 s), not by the timeout's end (~2 s).
     assert!(r.elapsed_s < 1.5, "{}", r.table());
     assert!(r.throughput_per_s > 15.0, "{}", r.table());

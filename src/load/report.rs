@@ -93,7 +93,7 @@ pub struct LoadReport {
     /// What was driven: router URLs, and whether the harness started the cluster.
     pub target: String,
     pub settings: serde_json::Value,
-    /// Joins in the schedule.
+    /// Joins in the schedule: `completed + not_sent + aborted_at_stop`.
     pub scheduled: u64,
     /// Decisions that got an HTTP answer or a transport failure (timeout, refused
     /// connection, ...).
@@ -103,6 +103,14 @@ pub struct LoadReport {
     pub answered: u64,
     /// Decisions answered 2xx/3xx.
     pub ok: u64,
+    /// Joins the hard stop (`duration + timeout + 1 s`) found not sent yet (no free
+    /// connection until then). Also in `errors`.
+    pub not_sent: u64,
+    /// Joins sent but still unanswered at the hard stop (aborted). Also in `errors`.
+    pub aborted_at_stop: u64,
+    /// False when the hard stop dropped joins (`not_sent`, `aborted_at_stop`): they are the
+    /// run's most delayed, so the latency percentiles understate the tail.
+    pub latency_complete: bool,
     /// From the start of the run to the last HTTP answer to a decision (transport failures
     /// and timeouts, which end later without an answer, do not stretch it).
     pub elapsed_s: f64,
@@ -113,8 +121,9 @@ pub struct LoadReport {
     pub latency_us: Percentiles,
     /// Decision latency from the actual send (service time), of answered decisions.
     pub service_us: Percentiles,
-    /// Failed decisions by `status error_code`, or by transport failure (`connect`,
-    /// `timeout`, `transport`).
+    /// Failed decisions by `status error_code`, by transport failure (`connect`,
+    /// `timeout`, `transport`), or dropped by the hard stop (`not sent by the hard stop`,
+    /// `no answer by the hard stop`).
     pub errors: BTreeMap<String, u64>,
     /// Joins the nodes accepted after a redirect was followed.
     pub node_joins: u64,
@@ -168,6 +177,15 @@ impl LoadReport {
         latency_header(&mut s);
         latency_row(&mut s, "from schedule (open)", &self.latency_us);
         latency_row(&mut s, "service (from send)", &self.service_us);
+        if !self.latency_complete {
+            let _ = writeln!(
+                s,
+                "  note       latency INCOMPLETE: the hard stop dropped {} joins ({} not sent, {} unanswered), the run's most delayed: the percentiles above understate the tail",
+                self.not_sent + self.aborted_at_stop,
+                self.not_sent,
+                self.aborted_at_stop
+            );
+        }
         let errs = counts::<String>;
         let _ = writeln!(s, "  errors     {}", errs(&self.errors));
         let _ = writeln!(

@@ -1,6 +1,10 @@
 //! The load harness end to end, in small bounded runs over loopback: a clean run finds no
 //! split, and deliberately split rooms (two independent routers for the same rooms; a node
-//! disabled while its rooms still have participants) are caught.
+//! disabled while its rooms still have participants) are caught, in redirect and in proxy
+//! mode; joins the hard stop drops, and timeouts, are accounted for without skewing the
+//! figures.
+
+mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -140,6 +144,86 @@ async fn bounded(cfg: LoadConfig) -> LoadReport {
         .await
         .expect("bounded")
         .unwrap()
+}
+
+/// A proxy-mode router (see `common::proxy_config`) with demo nodes `ids` of capacity 1000.
+async fn proxy_cluster(
+    ids: &[&str],
+) -> (common::TestRouter, Vec<roomrouter::demo::node::DemoNode>) {
+    let r = common::TestRouter::start(common::proxy_config()).await;
+    let mut nodes = Vec::new();
+    for id in ids {
+        nodes.push(r.node(id, 1000.0).await);
+    }
+    (r, nodes)
+}
+
+/// One proxy-mode run of 2 s against one router with two nodes; participants stay 0.3 s on
+/// average, so most leave during the run.
+async fn proxy_run(admin_token: Option<&str>) {
+    let (router, nodes) = proxy_cluster(&["media-1", "media-2"]).await;
+    let mut cfg = config(40.0, 2, 10);
+    cfg.routers = vec![router.url.clone()];
+    cfg.workload.stay = Dist::Exp { mean: 0.3 };
+    cfg.admin_token = admin_token.map(str::to_string);
+    let r = bounded(cfg).await;
+    let accepted: u64 = nodes.iter().map(|n| n.counters().0).sum();
+    let still_there: u64 = nodes.iter().map(|n| n.load() as u64).sum();
+    for n in nodes {
+        n.stop().await;
+    }
+    router.stop().await;
+    assert_eq!(r.scheduled, 80, "{}", r.table());
+    assert_eq!(r.ok, r.scheduled, "{}", r.table());
+    // Every proxied 200 is the node's own answer to a join: counted as one.
+    assert_eq!(r.node_joins, r.ok, "{}", r.table());
+    assert_eq!(accepted, r.node_joins, "{}", r.table());
+    // Participants leave, so the nodes' load goes down again.
+    assert!(r.leaves >= 20, "{}", r.table());
+    assert!(r.node_errors.is_empty(), "{}", r.table());
+    assert_eq!(still_there, r.node_joins - r.leaves, "{}", r.table());
+    match admin_token {
+        // The harness knows the nodes' URLs: the router never sees a leave.
+        Some(_) => assert_eq!(r.leaves_through_router, 0, "{}", r.table()),
+        None => assert_eq!(r.leaves_through_router, r.leaves, "{}", r.table()),
+    }
+    assert_eq!(r.split_rooms, 0, "{}", r.table());
+    assert!(r.rooms_seen >= 5, "{}", r.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_joins_count_and_participants_leave_through_the_router() {
+    proxy_run(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_participants_leave_at_the_nodes_the_admin_api_lists() {
+    proxy_run(Some(common::ADMIN)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_independent_proxy_routers_split_rooms_and_the_detector_says_so() {
+    // As in redirect mode: each router places the same rooms on its own nodes. In proxy
+    // mode the split shows in the joins the routers carried to the nodes (following on).
+    let (a, a_nodes) = proxy_cluster(&["a-1", "a-2"]).await;
+    let (b, b_nodes) = proxy_cluster(&["b-1", "b-2"]).await;
+    let mut cfg = config(40.0, 1, 10);
+    cfg.routers = vec![a.url.clone(), b.url.clone()];
+    cfg.workload.stay = Dist::Fixed { value: 60.0 };
+    let r = bounded(cfg).await;
+    for n in a_nodes.into_iter().chain(b_nodes) {
+        n.stop().await;
+    }
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(r.ok, 40, "{}", r.table());
+    assert!(r.split_rooms >= 3, "{}", r.table());
+    assert_eq!(r.node_joins, 40, "{}", r.table());
+    let s = &r.split_examples[0];
+    assert!(
+        s.nodes.iter().any(|n| n.starts_with("a-")) && s.nodes.iter().any(|n| n.starts_with("b-")),
+        "{s:?}"
+    );
 }
 
 /// A stand-in router on loopback for decisions-only runs: answers each request `307` (to a

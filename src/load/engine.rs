@@ -11,8 +11,19 @@
 //! `duration + timeout + 1 s` is aborted. The joins that stop drops (not sent yet, or sent
 //! and unanswered) are the most delayed of the run: they are counted as errors and the
 //! report says its latency percentiles miss them.
+//!
+//! Redirect mode: a `3xx` with `Location` is a decision; following it is the join on the
+//! node, and the participant later leaves at that node (`POST {node}/rooms/{room}/leave`).
+//! Proxy mode: a `2xx` with `X-Room-Node` and no `Location` is the node's own answer to the
+//! join the router carried there, so it is a decision and a join on that node at once. Its
+//! participant leaves at the node directly when the harness knows the node's URL (from the
+//! `GET /v1/nodes` of the router the join went through, which needs `--admin-token`), so that
+//! the router does not see the leave; otherwise, or if that URL refuses the connection,
+//! through the same router the way the join went (`POST {router}{--path}/leave`, proxied to
+//! the room's node: the router counts it as a join of a new connection, so it adds to the
+//! node's `pending` until its next heartbeat, and is refused at `join_limit`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +46,9 @@ use crate::demo::node::{DemoNode, DemoNodeConfig};
 const ANSWER_MAX: usize = 64 * 1024;
 /// Largest `GET /v1/nodes` answer read from an external router.
 const NODES_MAX: usize = 8 * 1024 * 1024;
+/// A proxy-mode leave for a node the directory does not know asks `GET /v1/nodes` again at
+/// most this often.
+const DIRECTORY_REFRESH: Duration = Duration::from_secs(1);
 /// Error keys of the joins the hard stop dropped.
 pub const NOT_SENT: &str = "not sent by the hard stop";
 pub const NO_ANSWER: &str = "no answer by the hard stop";
@@ -59,13 +73,15 @@ pub struct LoadConfig {
     /// Most decisions in flight at once (and so connections to the routers).
     pub connections: usize,
     pub timeout: Duration,
-    /// Follow each redirect to the node (a real join), and leave after the stay.
+    /// Follow each redirect to the node (a real join), and leave after the stay (in proxy
+    /// mode the router made the join already: only the leave).
     pub follow: bool,
     /// Send the session's size as `?size=`.
     pub size_hints: bool,
     /// Join path with one `{room}`, e.g. `/rooms/{room}`.
     pub path: String,
-    /// Admin token for `/v1/nodes` (utilization of an external router's nodes).
+    /// Admin token for `/v1/nodes`: utilization of an external router's nodes, and where a
+    /// proxy-mode participant leaves its node directly.
     pub admin_token: Option<String>,
     /// Self-started cluster: add a node at this run time.
     pub add_node_at: Option<Duration>,
@@ -212,6 +228,8 @@ enum Event {
         outcome: Result<u16, &'static str>,
         code: Option<String>,
         node: Option<String>,
+        /// The answer is the node's own, carried by a proxy-mode router: the join happened.
+        joined: bool,
         latency: Duration,
         service: Duration,
         at: Duration,
@@ -224,6 +242,7 @@ enum Event {
     Left {
         room: u32,
         node: String,
+        through_router: bool,
     },
     NodeError(String),
     Killed(String, Duration),
@@ -242,6 +261,8 @@ struct Progress {
 struct Ctx {
     client: reqwest::Client,
     routers: Vec<String>,
+    /// Per router: its nodes' URLs, when an admin token lets the harness ask.
+    directories: Vec<Option<NodeDirectory>>,
     rooms: Vec<String>,
     cfg: LoadConfig,
     start: Instant,
@@ -249,14 +270,57 @@ struct Ctx {
     events: mpsc::UnboundedSender<Event>,
 }
 
+/// Node id -> base URL, from a router's `GET /v1/nodes`: where a proxy-mode participant
+/// leaves its node directly. Asked again (at most every [`DIRECTORY_REFRESH`]) when a node
+/// it does not know shows up, as one added during the run does.
+struct NodeDirectory {
+    router: String,
+    token: String,
+    known: tokio::sync::Mutex<(HashMap<String, String>, Option<Instant>)>,
+}
+
+impl NodeDirectory {
+    fn new(router: &str, token: &str) -> NodeDirectory {
+        NodeDirectory {
+            router: router.to_string(),
+            token: token.to_string(),
+            known: tokio::sync::Mutex::new((HashMap::new(), None)),
+        }
+    }
+
+    async fn url_of(&self, client: &reqwest::Client, id: &str) -> Option<String> {
+        let mut known = self.known.lock().await;
+        if let Some(url) = known.0.get(id) {
+            return Some(url.clone());
+        }
+        if known.1.is_some_and(|t| t.elapsed() < DIRECTORY_REFRESH) {
+            return None;
+        }
+        known.1 = Some(Instant::now());
+        if let Some(nodes) = list_nodes(client, &self.router, &self.token).await {
+            known.0 = nodes
+                .iter()
+                .filter_map(|n| {
+                    Some((
+                        n["id"].as_str()?.to_string(),
+                        n["url"].as_str()?.to_string(),
+                    ))
+                })
+                .map(|(id, url)| (id, url.trim_end_matches('/').to_string()))
+                .collect();
+        }
+        known.0.get(id).cloned()
+    }
+}
+
 impl Ctx {
     fn join_url(&self, i: usize, j: &Join) -> String {
-        let room = &self.rooms[j.room as usize];
-        let enc = percent_encoding::utf8_percent_encode(room, percent_encoding::NON_ALPHANUMERIC);
         let mut url = format!(
             "{}{}",
             self.routers[i % self.routers.len()],
-            self.cfg.path.replace("{room}", &enc.to_string())
+            self.cfg
+                .path
+                .replace("{room}", &encoded(&self.rooms[j.room as usize]))
         );
         if self.cfg.size_hints {
             url.push(if url.contains('?') { '&' } else { '?' });
@@ -264,6 +328,31 @@ impl Ctx {
         }
         url
     }
+
+    /// A proxy-mode leave through router `i`: `--path` with `/leave` after its path part
+    /// (`/rooms/{room}` -> `/rooms/{room}/leave`), so the router finds the room where it
+    /// found the join's and carries the leave to the room's node.
+    fn router_leave_url(&self, i: usize, room: u32) -> String {
+        let enc = encoded(&self.rooms[room as usize]);
+        let (path, query) = match self.cfg.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.cfg.path.as_str(), None),
+        };
+        let mut url = format!(
+            "{}{}/leave",
+            self.routers[i % self.routers.len()],
+            path.replace("{room}", &enc)
+        );
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(&q.replace("{room}", &enc));
+        }
+        url
+    }
+}
+
+fn encoded(room: &str) -> String {
+    percent_encoding::utf8_percent_encode(room, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// `scheme://host:port` of a URL.
@@ -312,7 +401,7 @@ async fn one_join(
     let resp = ctx.client.get(&url).send().await;
     // Latency counts from the planned time, or from the send if the timer woke early.
     let origin = planned.min(sent);
-    let (outcome, code, node, location) = match resp {
+    let (outcome, code, node_id, location) = match resp {
         Ok(r) => {
             let status = r.status().as_u16();
             let header = |n: &str| {
@@ -339,12 +428,17 @@ async fn one_join(
     let done = Instant::now();
     drop(permit);
     let ok = matches!(outcome, Ok(s) if (200..400).contains(&s));
-    let node = node_key(node.as_deref(), location.as_deref());
+    // Proxy mode: the router carried the join to the node and passes on the node's answer.
+    let proxied = matches!(outcome, Ok(s) if (200..300).contains(&s))
+        && location.is_none()
+        && node_id.is_some();
+    let node = node_key(node_id.as_deref(), location.as_deref());
     let _ = ctx.events.send(Event::Decided {
         room: join.room,
         outcome,
         code,
         node: node.clone(),
+        joined: proxied,
         latency: done.saturating_duration_since(origin),
         service: done.saturating_duration_since(sent),
         at: done.saturating_duration_since(ctx.start),
@@ -352,68 +446,96 @@ async fn one_join(
     if !(ok && ctx.cfg.follow) {
         return;
     }
-    let (Some(location), Some(node)) = (location, node) else {
+    let Some(node) = node else {
         return;
     };
-    let Some(base) = base_of(&location) else {
-        let _ = ctx
-            .events
-            .send(Event::NodeError("join: bad location".into()));
-        return;
+    let node_base = if proxied {
+        None
+    } else {
+        let Some(location) = location else {
+            return;
+        };
+        let Some(base) = base_of(&location) else {
+            let _ = ctx
+                .events
+                .send(Event::NodeError("join: bad location".into()));
+            return;
+        };
+        match ctx.client.get(&location).send().await {
+            Ok(r) if r.status().is_success() => {
+                let _ = capped::bytes(r, ANSWER_MAX).await;
+                let _ = ctx.events.send(Event::Joined {
+                    room: join.room,
+                    node: node.clone(),
+                    at: Instant::now().saturating_duration_since(ctx.start),
+                });
+            }
+            Ok(r) => {
+                let _ = ctx
+                    .events
+                    .send(Event::NodeError(format!("join {}", r.status().as_u16())));
+                return;
+            }
+            Err(e) => {
+                let _ = ctx
+                    .events
+                    .send(Event::NodeError(format!("join {}", transport_kind(&e))));
+                return;
+            }
+        }
+        Some(base)
     };
-    match ctx.client.get(&location).send().await {
-        Ok(r) if r.status().is_success() => {
-            let _ = capped::bytes(r, ANSWER_MAX).await;
-            let _ = ctx.events.send(Event::Joined {
-                room: join.room,
-                node: node.clone(),
-                at: Instant::now().saturating_duration_since(ctx.start),
-            });
-        }
-        Ok(r) => {
-            let _ = ctx
-                .events
-                .send(Event::NodeError(format!("join {}", r.status().as_u16())));
-            return;
-        }
-        Err(e) => {
-            let _ = ctx
-                .events
-                .send(Event::NodeError(format!("join {}", transport_kind(&e))));
-            return;
-        }
-    }
     let leave_at = planned + join.stay;
     if leave_at >= ctx.end {
         return;
     }
     tokio::time::sleep_until(leave_at).await;
-    let room = &ctx.rooms[join.room as usize];
-    let enc = percent_encoding::utf8_percent_encode(room, percent_encoding::NON_ALPHANUMERIC);
-    match ctx
-        .client
-        .post(format!("{base}/rooms/{enc}/leave"))
-        .send()
-        .await
-    {
+    leave(&ctx, i, join.room, node, node_id, node_base).await;
+}
+
+/// One participant of `room` leaves `node` (its [`node_key`]; `id` from `X-Room-Node`): at
+/// `node_base` (the redirect's target), or in proxy mode (`None`) at the node's URL from the
+/// directory, else through router `i` (see the module documentation).
+async fn leave(
+    ctx: &Ctx,
+    i: usize,
+    room: u32,
+    node: String,
+    id: Option<String>,
+    node_base: Option<String>,
+) {
+    let proxied = node_base.is_none();
+    let direct = match (node_base, &ctx.directories[i % ctx.directories.len()], id) {
+        (Some(base), _, _) => Some(base),
+        (None, Some(dir), Some(id)) => dir.url_of(&ctx.client, &id).await,
+        _ => None,
+    };
+    let through_router = |ctx: &Ctx| ctx.client.post(ctx.router_leave_url(i, room)).send();
+    let (mut resp, mut via_router) = match &direct {
+        Some(base) => {
+            let url = format!("{base}/rooms/{}/leave", encoded(&ctx.rooms[room as usize]));
+            (ctx.client.post(url).send().await, false)
+        }
+        None => (through_router(ctx).await, true),
+    };
+    if proxied && !via_router && matches!(&resp, Err(e) if e.is_connect()) {
+        // The router reaches the node; the harness does not (a private address, say).
+        resp = through_router(ctx).await;
+        via_router = true;
+    }
+    let event = match resp {
         Ok(r) if r.status().is_success() => {
             let _ = capped::bytes(r, ANSWER_MAX).await;
-            let _ = ctx.events.send(Event::Left {
-                room: join.room,
+            Event::Left {
+                room,
                 node,
-            });
+                through_router: via_router,
+            }
         }
-        Ok(r) => {
-            let _ = ctx
-                .events
-                .send(Event::NodeError(format!("leave {}", r.status().as_u16())));
-        }
-        Err(e) => {
-            let _ = ctx
-                .events
-                .send(Event::NodeError(format!("leave {}", transport_kind(&e))));
-        }
-    }
+        Ok(r) => Event::NodeError(format!("leave {}", r.status().as_u16())),
+        Err(e) => Event::NodeError(format!("leave {}", transport_kind(&e))),
+    };
+    let _ = ctx.events.send(event);
 }
 
 /// What the collector gathered.
@@ -431,6 +553,7 @@ struct Collected {
     node_errors: BTreeMap<String, u64>,
     node_joins: u64,
     leaves: u64,
+    leaves_through_router: u64,
     /// Run time of the last HTTP answer to a decision.
     last_answer: Duration,
     detector: SplitDetector,
@@ -457,6 +580,7 @@ async fn collect(
         node_errors: BTreeMap::new(),
         node_joins: 0,
         leaves: 0,
+        leaves_through_router: 0,
         last_answer: Duration::ZERO,
         detector: SplitDetector::new(),
         events: Vec::new(),
@@ -468,6 +592,7 @@ async fn collect(
                 outcome,
                 code,
                 node,
+                joined,
                 latency,
                 service,
                 at,
@@ -488,8 +613,14 @@ async fn collect(
                     Ok(s) if (200..400).contains(&s) => {
                         c.ok += 1;
                         if let Some(node) = node {
-                            c.detector
-                                .decided(&rooms[room as usize], &node, at, !follow);
+                            let room = &rooms[room as usize];
+                            // Without following, the decision is the participant; a proxied
+                            // answer is a join on the node either way.
+                            c.detector.decided(room, &node, at, !follow && !joined);
+                            if joined {
+                                c.node_joins += 1;
+                                c.detector.joined(room, &node, at);
+                            }
                         }
                     }
                     Ok(s) => {
@@ -516,8 +647,13 @@ async fn collect(
                 c.node_joins += 1;
                 c.detector.joined(&rooms[room as usize], &node, at);
             }
-            Event::Left { room, node } => {
+            Event::Left {
+                room,
+                node,
+                through_router,
+            } => {
                 c.leaves += 1;
+                c.leaves_through_router += u64::from(through_router);
                 c.detector.left(&rooms[room as usize], &node);
             }
             Event::NodeError(k) => *c.node_errors.entry(k).or_default() += 1,
@@ -535,6 +671,28 @@ async fn collect(
     c
 }
 
+/// The nodes of `GET /v1/nodes` on `router`.
+async fn list_nodes(
+    client: &reqwest::Client,
+    router: &str,
+    token: &str,
+) -> Option<Vec<serde_json::Value>> {
+    let resp = client
+        .get(format!("{router}/v1/nodes"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let mut v: serde_json::Value = capped::json(resp, NODES_MAX).await.ok()?;
+    match v["nodes"].take() {
+        serde_json::Value::Array(nodes) => Some(nodes),
+        _ => None,
+    }
+}
+
 /// Utilization of an external router's nodes from `GET /v1/nodes` (reported load).
 async fn sample_external(
     client: &reqwest::Client,
@@ -542,14 +700,7 @@ async fn sample_external(
     token: &str,
     t_s: f64,
 ) -> Option<UtilSample> {
-    let resp = client
-        .get(format!("{router}/v1/nodes"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .ok()?;
-    let v: serde_json::Value = capped::json(resp, NODES_MAX).await.ok()?;
-    let nodes = v["nodes"].as_array()?;
+    let nodes = list_nodes(client, router, token).await?;
     util_sample(
         t_s,
         nodes
@@ -662,9 +813,18 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let start = Instant::now() + Duration::from_millis(20);
     let end = start + cfg.workload.duration;
     let hard_end = end + cfg.timeout + Duration::from_secs(1);
+    let directories = routers
+        .iter()
+        .map(|r| match (&cluster, &cfg.admin_token) {
+            // The self-started router redirects: its nodes' URLs come with each answer.
+            (None, Some(token)) => Some(NodeDirectory::new(r, token)),
+            _ => None,
+        })
+        .collect();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         routers: routers.clone(),
+        directories,
         rooms: schedule.rooms.clone(),
         cfg: cfg.clone(),
         start,
@@ -856,6 +1016,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         errors: c.errors,
         node_joins: c.node_joins,
         leaves: c.leaves,
+        leaves_through_router: c.leaves_through_router,
         node_errors: c.node_errors,
         rooms_seen: c.detector.rooms_seen(),
         split_rooms: c.detector.split_count(),
@@ -939,12 +1100,13 @@ mod tests {
         ))
     }
 
-    fn decided(room: u32, outcome: Result<u16, &'static str>, node: &str) -> Event {
+    fn decided(room: u32, outcome: Result<u16, &'static str>, node: &str, joined: bool) -> Event {
         Event::Decided {
             room,
             outcome,
             code: None,
             node: Some(node.into()),
+            joined,
             latency: s(2),
             service: s(1),
             at: s(10),
@@ -955,9 +1117,9 @@ mod tests {
     fn transport_failures_are_errors_not_latency() {
         let c = run_collector(
             vec![
-                decided(0, Ok(307), "a"),
-                decided(1, Err("connect"), "a"),
-                decided(1, Ok(503), "a"),
+                decided(0, Ok(307), "a", false),
+                decided(1, Err("connect"), "a", false),
+                decided(1, Ok(503), "a", false),
             ],
             false,
         );
@@ -966,5 +1128,20 @@ mod tests {
         assert_eq!(c.service.len(), 2);
         assert_eq!(c.errors.get("connect"), Some(&1));
         assert_eq!(c.errors.get("503"), Some(&1));
+    }
+
+    #[test]
+    fn a_proxied_answer_is_a_join_on_its_node() {
+        // Proxy mode, following: the decision is no participant by itself, but the proxied
+        // answer is the node's join, so a second node for the room is a split.
+        let c = run_collector(
+            vec![
+                decided(0, Ok(200), "a", true),
+                decided(0, Ok(200), "b", true),
+            ],
+            true,
+        );
+        assert_eq!(c.node_joins, 2);
+        assert_eq!(c.detector.split_count(), 1);
     }
 }

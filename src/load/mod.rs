@@ -145,10 +145,13 @@ pub struct LoadArgs {
     /// Send the session's true size as ?size= with each join.
     #[arg(long)]
     pub size_hints: bool,
-    /// Do not follow redirects to the nodes (decisions only; nobody joins or leaves).
+    /// Do not follow redirects to the nodes (decisions only; nobody joins or leaves). A
+    /// proxy-mode router still carries each join to its node, but nobody leaves.
     #[arg(long)]
     pub no_follow: bool,
-    /// Admin token, to sample an external router's node utilization from /v1/nodes.
+    /// Admin token, to sample an external router's node utilization from /v1/nodes; in
+    /// proxy mode participants then also leave at the node URLs listed there rather than
+    /// through the router.
     #[arg(long, env = "ROOMROUTER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Self-started cluster: add a node at this many seconds into the run.

@@ -125,10 +125,14 @@ pub struct LoadReport {
     /// `timeout`, `transport`), or dropped by the hard stop (`not sent by the hard stop`,
     /// `no answer by the hard stop`).
     pub errors: BTreeMap<String, u64>,
-    /// Joins the nodes accepted after a redirect was followed.
+    /// Joins the nodes accepted: redirects followed, and proxy-mode answers (a `2xx` with
+    /// `X-Room-Node` and no `Location` is the node's own answer to the join).
     pub node_joins: u64,
     /// Participants that left through the node's leave endpoint.
     pub leaves: u64,
+    /// Of those, proxy-mode leaves sent through the router (the harness did not know, or
+    /// could not connect to, the node's URL).
+    pub leaves_through_router: u64,
     /// Failed node joins and leaves by kind.
     pub node_errors: BTreeMap<String, u64>,
     pub rooms_seen: usize,
@@ -188,9 +192,14 @@ impl LoadReport {
         }
         let errs = counts::<String>;
         let _ = writeln!(s, "  errors     {}", errs(&self.errors));
+        let via = if self.leaves_through_router > 0 {
+            format!(" ({} through the router)", self.leaves_through_router)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "  nodes      joins {}  leaves {}  errors {}",
+            "  nodes      joins {}  leaves {}{via}  errors {}",
             self.node_joins,
             self.leaves,
             errs(&self.node_errors)

@@ -52,6 +52,8 @@ const DIRECTORY_REFRESH: Duration = Duration::from_secs(1);
 /// Error keys of the joins the hard stop dropped.
 pub const NOT_SENT: &str = "not sent by the hard stop";
 pub const NO_ANSWER: &str = "no answer by the hard stop";
+/// Node error key of a leave the node answered `404` (it holds nobody of the room).
+pub const LEAVE_404: &str = "leave 404";
 
 /// The cluster the harness starts itself (router + demo nodes, in this process).
 #[derive(Debug, Clone, PartialEq)]
@@ -243,6 +245,12 @@ enum Event {
         room: u32,
         node: String,
         through_router: bool,
+    },
+    /// The node answered a leave `404`: it holds nobody of the room (the followed path was
+    /// no join on the node, say), so whatever the harness counted there is not there.
+    LeaveNotFound {
+        room: u32,
+        node: String,
     },
     NodeError(String),
     Killed(String, Duration),
@@ -532,6 +540,10 @@ async fn leave(
                 through_router: via_router,
             }
         }
+        Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+            let _ = capped::bytes(r, ANSWER_MAX).await;
+            Event::LeaveNotFound { room, node }
+        }
         Ok(r) => Event::NodeError(format!("leave {}", r.status().as_u16())),
         Err(e) => Event::NodeError(format!("leave {}", transport_kind(&e))),
     };
@@ -654,6 +666,10 @@ async fn collect(
             } => {
                 c.leaves += 1;
                 c.leaves_through_router += u64::from(through_router);
+                c.detector.left(&rooms[room as usize], &node);
+            }
+            Event::LeaveNotFound { room, node } => {
+                *c.node_errors.entry(LEAVE_404.into()).or_default() += 1;
                 c.detector.left(&rooms[room as usize], &node);
             }
             Event::NodeError(k) => *c.node_errors.entry(k).or_default() += 1,
@@ -1111,6 +1127,37 @@ mod tests {
             service: s(1),
             at: s(10),
         }
+    }
+
+    #[test]
+    fn a_leave_the_node_answers_404_takes_the_participant_off_the_detector() {
+        // `--path "/status?room={room}"` with follow on: the node's 200 to the status page
+        // looked like a join, and the leave finds nobody there.
+        let c = run_collector(
+            vec![
+                decided(0, Ok(307), "a", false),
+                Event::Joined {
+                    room: 0,
+                    node: "a".into(),
+                    at: s(10),
+                },
+                Event::LeaveNotFound {
+                    room: 0,
+                    node: "a".into(),
+                },
+                // The room is empty as far as anyone can tell: coming back elsewhere is fine.
+                decided(0, Ok(307), "b", false),
+                Event::Joined {
+                    room: 0,
+                    node: "b".into(),
+                    at: s(20),
+                },
+            ],
+            true,
+        );
+        assert_eq!(c.detector.split_count(), 0);
+        assert_eq!(c.node_errors.get(LEAVE_404), Some(&1));
+        assert_eq!(c.leaves, 0);
     }
 
     #[test]

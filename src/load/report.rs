@@ -133,7 +133,9 @@ pub struct LoadReport {
     /// Of those, proxy-mode leaves sent through the router (the harness did not know, or
     /// could not connect to, the node's URL).
     pub leaves_through_router: u64,
-    /// Failed node joins and leaves by kind.
+    /// Failed node joins and leaves by kind. `leave 404`: the node holds nobody of the
+    /// room (the followed `--path` is no join on the node, say); the split detector drops
+    /// that participant.
     pub node_errors: BTreeMap<String, u64>,
     pub rooms_seen: usize,
     /// Rooms whose participants were on two live nodes at once. Must be 0.
@@ -204,6 +206,12 @@ impl LoadReport {
             self.leaves,
             errs(&self.node_errors)
         );
+        if let Some(n) = self.node_errors.get(super::engine::LEAVE_404) {
+            let _ = writeln!(
+                s,
+                "  note       {n} leaves answered 404: the node held nobody of the room (is --path a join on the node?); the split detector dropped those participants"
+            );
+        }
         let _ = writeln!(
             s,
             "  rooms      seen {}  SPLIT {}{}",

@@ -62,7 +62,10 @@ impl RoomKey {
             Normalization::None => Cow::Borrowed(raw),
             Normalization::Lowercase => lowercase(raw),
             Normalization::NfkcLowercase => {
-                let nfkc: String = raw.nfkc().collect();
+                // Lowercased before NFKC too: the two do not commute (U+03F9 `Ϲ` is NFKC `Σ`,
+                // lowercase `σ`; its lowercase U+03F2 `ϲ` is NFKC `ς`), and each spelling of
+                // a room in either case must come out as one key.
+                let nfkc: String = lowercase(raw).nfkc().collect();
                 Cow::Owned(lowercase(&nfkc).into_owned())
             }
         };
@@ -120,11 +123,24 @@ fn check(s: &str) -> Result<(), RoomError> {
     Ok(())
 }
 
+/// `s` lowercased, borrowed when lowercasing changes nothing (most room ids). The test is
+/// whether any character changes under `to_lowercase`, not `is_uppercase`: titlecase letters
+/// (`ǅ` U+01C5, Greek `ᾼ` U+1FBC, ...) are not uppercase but do lowercase, and a key left
+/// with one would be a second key for its room (`Aǅ` lowercased to `aǆ`, `aǅ` kept).
 fn lowercase(s: &str) -> Cow<'_, str> {
-    if s.chars().any(|c| c.is_uppercase()) {
+    if s.chars().any(changes_when_lowercased) {
         Cow::Owned(s.to_lowercase())
     } else {
         Cow::Borrowed(s)
+    }
+}
+
+#[inline]
+fn changes_when_lowercased(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_uppercase()
+    } else {
+        c.to_lowercase().ne(std::iter::once(c))
     }
 }
 
@@ -185,6 +201,49 @@ mod tests {
         let b = RoomKey::parse("team-standup", Normalization::Lowercase).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.stable_hash(), b.stable_hash());
+    }
+
+    /// Titlecase letters: not `is_uppercase`, yet changed by `to_lowercase`.
+    const TITLECASE: &[char] = &[
+        '\u{01C5}', '\u{01C8}', '\u{01CB}', '\u{01F2}', '\u{1F88}', '\u{1F8F}', '\u{1F98}',
+        '\u{1F9F}', '\u{1FA8}', '\u{1FAF}', '\u{1FBC}', '\u{1FCC}', '\u{1FFC}',
+    ];
+
+    #[test]
+    fn titlecase_letters_fold_like_every_other_case() {
+        for mode in [Normalization::Lowercase, Normalization::NfkcLowercase] {
+            for &c in TITLECASE {
+                assert!(!c.is_uppercase(), "{c:?} is the case the fast path missed");
+                let key = |s: &str| RoomKey::parse(s, mode).unwrap();
+                let lower: String = c.to_lowercase().collect();
+                // "Aǅ", "aǅ" and "aǆ" are one room.
+                let want = key(&format!("a{lower}"));
+                assert_eq!(key(&format!("A{c}")), want, "{mode:?} A{c}");
+                assert_eq!(key(&format!("a{c}")), want, "{mode:?} a{c}");
+                assert_eq!(key(&format!("{c}")), key(&lower), "{mode:?} {c}");
+            }
+        }
+    }
+
+    /// Over every character of planes 0 and 1 (where every case mapping and every
+    /// compatibility form that lowercases is), alone and after an ASCII letter of either
+    /// case: a key parsed again is the same key, and the string's lowercase spelling names
+    /// the same room. A failure here is two keys for one room.
+    #[test]
+    fn normalization_is_idempotent_and_case_blind_for_every_char() {
+        for mode in [Normalization::Lowercase, Normalization::NfkcLowercase] {
+            for c in (0..=0x1FFFFu32).filter_map(char::from_u32) {
+                for s in [format!("{c}"), format!("a{c}"), format!("A{c}")] {
+                    let Ok(k) = RoomKey::parse(&s, mode) else {
+                        continue;
+                    };
+                    let again = RoomKey::parse(k.as_str(), mode).unwrap();
+                    assert_eq!(again, k, "{mode:?}: {s:?} -> {k:?} -> {again:?}");
+                    let lower = RoomKey::parse(&s.to_lowercase(), mode);
+                    assert_eq!(lower.as_ref(), Ok(&k), "{mode:?}: {s:?} vs its lowercase");
+                }
+            }
+        }
     }
 
     #[test]

@@ -138,6 +138,67 @@ async fn case_variants_of_a_room_share_one_node() {
     assert_eq!(nodes.len(), 1);
 }
 
+/// Titlecase letters (`ǅ` U+01C5, `ᾼ` U+1FBC) are not uppercase but lowercase: every
+/// spelling of such a room is one key, so one pin and one node.
+#[tokio::test]
+async fn titlecase_spellings_of_a_room_share_one_pin() {
+    for mode in ["lowercase", "nfkc_lowercase"] {
+        let mut c = config();
+        c.rooms.normalization = serde_json::from_value(json!(mode)).unwrap();
+        let r = TestRouter::start(c).await;
+        for i in 0..5 {
+            heartbeat(
+                &r,
+                &format!("n{i}"),
+                json!({"url": "http://127.0.0.1:9", "capacity": 1000, "load": 0}),
+            )
+            .await;
+        }
+        // "Aǅ" / "aǅ" / "aǆ", and "Xᾼ" / "xᾼ" / "xᾳ" (percent-encoded UTF-8).
+        for spellings in [
+            ["A%C7%85", "a%C7%85", "a%C7%86"],
+            ["X%E1%BE%BC", "x%E1%BE%BC", "x%E1%BE%B3"],
+        ] {
+            let first = r
+                .get(&format!("/rooms/{}", spellings[0]))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(first.status(), 307, "{mode}");
+            let node = first.headers()["x-room-node"].clone();
+            for s in &spellings[1..] {
+                let resp = r.get(&format!("/rooms/{s}")).send().await.unwrap();
+                assert_eq!(resp.headers()["x-room-node"], node, "{mode} {s}");
+                let v: serde_json::Value = r
+                    .get(&format!("/v1/placement/{s}?create=false"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert_eq!(v["created"], false, "{mode} {s} is the pinned room: {v}");
+                assert_eq!(v["node"], node.to_str().unwrap(), "{mode} {s}");
+            }
+        }
+        let rooms = admin_json(&r, "/v1/rooms").await;
+        let names: Vec<&str> = rooms["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["room"].as_str().unwrap())
+            .collect();
+        // NFKC also takes the digraph apart: "adž".
+        let dz = if mode == "lowercase" {
+            "a\u{01C6}"
+        } else {
+            "ad\u{017E}"
+        };
+        assert_eq!(names, [dz, "x\u{1FB3}"], "{mode}: one pin per room");
+        r.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn demo_nodes_refuse_users_who_skip_the_router() {
     let r = TestRouter::start(config()).await;

@@ -132,6 +132,73 @@ async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_i
     r.stop().await;
 }
 
+/// With `auth.users = "jwt"`, a login token in the query (`?access_token=`) admits the user
+/// and stays with the router: the node gets the rest of the target, through the fast path,
+/// through hyper and on a WebSocket upgrade.
+#[tokio::test]
+async fn a_query_token_is_not_forwarded_to_the_node() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    const JWT_SECRET: &str = "user-jwt-secret-0123456789-0123456789";
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let t = encode(
+        &Header::default(),
+        &serde_json::json!({"sub": "alice", "exp": exp, "room": "*"}),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.auth.users = roomrouter::config::UserAuth::Jwt;
+        cfg.auth.jwt.secret = JWT_SECRET.into();
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        // A client of its own: the shared one's connection went to hyper with the heartbeat.
+        let browser = reqwest::Client::new();
+        for (query, node_gets) in [
+            (
+                format!("x=1&access_token={t}&y=2"),
+                "/rooms/standup?x=1&y=2",
+            ),
+            (format!("access%5Ftoken={t}"), "/rooms/standup"),
+        ] {
+            let resp = browser
+                .get(format!("{}/rooms/standup?{query}", r.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "fast path {fast_path}: {query}");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["path"], node_gets, "fast path {fast_path}");
+            assert!(!body.to_string().contains(&t), "the node saw the token");
+            assert!(body["headers"]["x-room-ticket"].is_string());
+        }
+        let m = r.metrics().await;
+        let fast = sample(&m, "roomrouter_http_fast_path_requests_total");
+        assert_eq!(fast > 0.0, fast_path, "the fast path carried them: {fast}");
+        // Without a token the request is refused before it reaches the node.
+        expect_error(
+            r.get("/rooms/standup?x=1").send().await.unwrap(),
+            401,
+            "unauthorized",
+        )
+        .await;
+        let url = format!("ws://{}/rooms/standup/ws?k=v&access_token={t}", r.addr);
+        let (mut ws, resp) = open_ws(url).await;
+        assert_eq!(resp.headers()["x-upgrade-path"], "/rooms/standup/ws?k=v");
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "n1:hi");
+        ws.close(None).await.unwrap();
+        r.stop().await;
+    }
+}
+
 /// The node's `pending` as the router's admin API shows it.
 async fn pending_on(r: &TestRouter, id: &str) -> f64 {
     let v = admin_json(r, &format!("/v1/nodes/{id}")).await;

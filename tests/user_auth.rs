@@ -133,6 +133,33 @@ async fn the_jwt_matrix_holds_at_the_front_door_and_at_login() {
     r.stop().await;
 }
 
+/// The login token is the router's credential: a redirect never carries it to the node,
+/// however its key is spelled, and the rest of the query goes as it came.
+#[tokio::test]
+async fn a_query_token_is_not_passed_on_in_the_redirect() {
+    let r = with_node(jwt_config()).await;
+    let t = hs(serde_json::json!({"sub": "alice", "exp": now() + 300, "room": "*"}));
+    for query in [
+        format!("lang=en&access_token={t}&x=1"),
+        format!("access_token={t}&lang=en&x=1"),
+        format!("lang=en&x=1&access%5Ftoken={t}"),
+    ] {
+        let resp = r
+            .get(&format!("/rooms/standup?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 307, "{query}");
+        let loc = resp.headers()["location"].to_str().unwrap();
+        assert!(!loc.contains(&t), "the token went to the node: {loc}");
+        assert!(
+            loc.starts_with("http://127.0.0.1:9/rooms/standup?lang=en&x=1&ticket="),
+            "{loc}"
+        );
+    }
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn es256_tokens_verify_with_a_public_key_file() {
     let kp = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256

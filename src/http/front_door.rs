@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::api::{authenticate_user, query, room_from_url, set_node_header, HintArgs};
@@ -95,6 +95,10 @@ pub struct Admission {
     pub node: NodeEntry,
     pub ticket: String,
     pub mode: FrontDoorMode,
+    /// Proxy mode: the target (origin form) the node gets when it is not the request's
+    /// own, because the query carried the user's login token (`auth.jwt.query_param`),
+    /// which is the router's credential and stays here. `None`: the request's target.
+    pub target: Option<String>,
 }
 
 /// Finds the request's room, authenticates the user for it and places it: everything a
@@ -156,11 +160,64 @@ pub async fn admit<S: PinStore>(
         &user.sub,
         app.router.now() / 1000,
     );
+    let target = match (mode, user_token_param(app)) {
+        (FrontDoorMode::Proxy, Some(param)) => without_params(&parts.uri, &[param]),
+        _ => None,
+    };
     Ok(Admission {
         node: p.node,
         ticket,
         mode,
+        target,
     })
+}
+
+/// The query parameter a user's login token may come in, when the router reads one
+/// (`auth.users = "jwt"`): never passed on to a node, which could replay it (a token for
+/// room `"*"` admits to every room).
+pub fn user_token_param<S: PinStore>(app: &App<S>) -> Option<&str> {
+    let param = app.cfg.auth.jwt.query_param.as_str();
+    (app.users.is_some() && !param.is_empty()).then_some(param)
+}
+
+/// Whether the raw query pair `pair` (`k=v`, as sent) is parameter `name`. The key is
+/// compared decoded, as the router reads parameters: `access%5Ftoken=` is `access_token`.
+fn is_param(pair: &str, name: &str) -> bool {
+    let key = pair.split('=').next().unwrap_or("");
+    if key.contains(['%', '+']) {
+        url::form_urlencoded::parse(key.as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == name)
+    } else {
+        key == name
+    }
+}
+
+/// The request's query pairs, raw, minus those naming one of `drop`.
+fn kept_pairs<'a>(uri: &'a Uri, drop: &'a [&str]) -> impl Iterator<Item = &'a str> + 'a {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(move |p| !p.is_empty() && !drop.iter().any(|d| is_param(p, d)))
+}
+
+/// `uri`'s target in origin form without the query parameters `drop` names, or `None`
+/// when it has none of them (the target stays the request's own).
+pub fn without_params(uri: &Uri, drop: &[&str]) -> Option<String> {
+    let q = uri.query()?;
+    if !q.split('&').any(|p| drop.iter().any(|d| is_param(p, d))) {
+        return None;
+    }
+    let path = uri.path();
+    let mut t = String::with_capacity(path.len() + q.len() + 1);
+    t.push_str(if path.is_empty() { "/" } else { path });
+    let mut sep = '?';
+    for pair in kept_pairs(uri, drop) {
+        t.push(sep);
+        t.push_str(pair);
+        sep = '&';
+    }
+    Some(t)
 }
 
 /// Handles a front-door request.
@@ -175,6 +232,7 @@ pub async fn handle<S: PinStore>(
         let to = Forward {
             node: &a.node,
             ticket: a.ticket,
+            target: a.target.as_deref(),
         };
         return app.proxy.forward(parts, body, to).await;
     }
@@ -191,6 +249,7 @@ pub fn redirect<S: PinStore>(
         &a.node.info.url,
         parts,
         &app.cfg.tickets.query_param,
+        user_token_param(app),
         &a.ticket,
     );
     let mut r = Response::new(full(bytes::Bytes::new()));
@@ -206,20 +265,23 @@ pub fn redirect<S: PinStore>(
     Ok(r)
 }
 
-/// The node URL + the request's path and query (minus any ticket the client sent) + ticket.
-pub fn redirect_location(base: &str, parts: &Parts, ticket_param: &str, ticket: &str) -> String {
+/// The node URL + the request's path and query (minus any ticket the client sent, and the
+/// user's login token when it came in `user_param`) + ticket.
+pub fn redirect_location(
+    base: &str,
+    parts: &Parts,
+    ticket_param: &str,
+    user_param: Option<&str>,
+    ticket: &str,
+) -> String {
     let mut loc = String::with_capacity(base.len() + parts.uri.path().len() + ticket.len() + 64);
     loc.push_str(base);
     loc.push_str(parts.uri.path());
     loc.push('?');
-    if let Some(q) = parts.uri.query() {
-        for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let key = pair.split('=').next().unwrap_or("");
-            if key != ticket_param {
-                loc.push_str(pair);
-                loc.push('&');
-            }
-        }
+    let both = [ticket_param, user_param.unwrap_or(ticket_param)];
+    for pair in kept_pairs(&parts.uri, &both) {
+        loc.push_str(pair);
+        loc.push('&');
     }
     loc.push_str(ticket_param);
     loc.push('=');

@@ -8,6 +8,7 @@
 //! unhealthy until its next heartbeat (passive health), so the room's next join is re-placed
 //! by the normal rules. Every body and tunnel is cut after `proxy.idle_timeout` without data.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -70,6 +71,9 @@ pub struct Forward<'a> {
     pub node: &'a NodeEntry,
     /// The signed ticket (it becomes the `X-Room-Ticket` header without a copy).
     pub ticket: String,
+    /// The target (origin form) to send instead of the request's own
+    /// ([`Admission::target`](super::front_door::Admission)).
+    pub target: Option<&'a str>,
 }
 
 impl Proxy {
@@ -151,6 +155,7 @@ impl Proxy {
         // A slow request body can delay the answer; only bodiless requests' timeouts are the
         // node's fault.
         let bodiless = upgrade.is_some() || body.is_end_stream();
+        let target = to.target;
         let mut headers = end_to_end(&parts.headers);
         self.forwarded_headers(parts, &mut headers, to);
         // `response_timeout` is the node's time to answer once it has the request: for a
@@ -168,7 +173,7 @@ impl Proxy {
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
         if let Some(proto) = upgrade {
-            let path = origin_form(&parts.uri);
+            let path = target.map_or_else(|| origin_form(&parts.uri), Cow::Borrowed);
             let uri: Uri = format!("{}{path}", node.info.upstream)
                 .parse()
                 .map_err(|_| bad_upstream(node))?;
@@ -179,8 +184,8 @@ impl Proxy {
             return self.upgrade(parts, req, node).await;
         }
         // A lane speaks HTTP/1.1 to the node itself: origin-form target, Host set here.
-        let (host, target) =
-            lane_target(&node.info.upstream, &parts.uri).ok_or_else(|| bad_upstream(node))?;
+        let (host, target) = lane_target(&node.info.upstream, &parts.uri, target)
+            .ok_or_else(|| bad_upstream(node))?;
         *req.uri_mut() = target;
         req.headers_mut().insert(header::HOST, host);
         let since = Instant::now();
@@ -432,13 +437,17 @@ pub(crate) fn upstream_parts(upstream: &str) -> Option<(&str, &str)> {
 
 /// The `Host` header and origin-form target for a request to `uri` forwarded to the node
 /// whose base URL is `upstream` (`http://10.0.0.5:8080`, or with a path prefix such as
-/// `https://node.example/media/`, which the target keeps).
-fn lane_target(upstream: &str, uri: &Uri) -> Option<(HeaderValue, Uri)> {
+/// `https://node.example/media/`, which the target keeps). `instead`: the origin-form target
+/// to send in place of the request's.
+fn lane_target(upstream: &str, uri: &Uri, instead: Option<&str>) -> Option<(HeaderValue, Uri)> {
     let (host, base) = upstream_parts(upstream)?;
     let pq = uri.path_and_query();
-    let target = match pq {
+    let target = match (instead, pq) {
+        (Some(t), _) => format!("{base}{t}").parse().ok()?,
         // The common case copies nothing: the request's own path and query.
-        Some(pq) if base.is_empty() && pq.as_str().starts_with('/') => Uri::from(pq.clone()),
+        (None, Some(pq)) if base.is_empty() && pq.as_str().starts_with('/') => {
+            Uri::from(pq.clone())
+        }
         _ => format!("{base}{}", origin_form(uri)).parse().ok()?,
     };
     Some((HeaderValue::from_str(host).ok()?, target))
@@ -818,7 +827,7 @@ mod tests {
     #[test]
     fn a_lane_request_names_the_nodes_host_and_keeps_its_base_path() {
         let target = |up: &str, uri: &str| {
-            lane_target(up, &uri.parse().unwrap())
+            lane_target(up, &uri.parse().unwrap(), None)
                 .map(|(h, t)| (h.to_str().unwrap().to_string(), t.to_string()))
         };
         let pair = |h: &str, t: &str| Some((h.to_string(), t.to_string()));

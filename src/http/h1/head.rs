@@ -221,6 +221,9 @@ pub struct Forwarded<'a> {
     pub tls: bool,
     pub node: &'a str,
     pub ticket: &'a str,
+    /// The origin-form target to send instead of the request's own (the user's login token
+    /// taken out of its query), if any.
+    pub target: Option<&'a str>,
 }
 
 /// The target of a request to `uri` in origin form (RFC 9112 section 3.2.1): its path and
@@ -241,7 +244,10 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(f.base.as_bytes());
-    out.extend_from_slice(origin_form(&parts.uri).as_bytes());
+    match f.target {
+        Some(t) => out.extend_from_slice(t.as_bytes()),
+        None => out.extend_from_slice(origin_form(&parts.uri).as_bytes()),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(f.host.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -621,6 +627,7 @@ mod tests {
                 tls: true,
                 node: "n1",
                 ticket: "t.k.n",
+                target: None,
             },
         );
         let text = String::from_utf8(out).unwrap();
@@ -797,6 +804,7 @@ mod tests {
                 tls: false,
                 node: "n1",
                 ticket: "t.t.t",
+                target: None,
             };
             write_upstream_request(&mut out, &head.parts, &f);
             let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];

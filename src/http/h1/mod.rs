@@ -273,6 +273,7 @@ impl Client<'_> {
                 tls: info.tls,
                 node: node.id.as_str(),
                 ticket: &a.ticket,
+                target: a.target.as_deref(),
             },
         );
         // The body bytes already here go out with the head, in the same write.

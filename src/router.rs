@@ -350,17 +350,19 @@ impl<S: PinStore> Router<S> {
     /// capacity was held for this participant (the join moves a unit from reserved to
     /// pending, û does not grow), so refusing it would let a room's expected size lock out
     /// the very participants it was expected for. A node full without the room's own
-    /// reservation refuses as ever. Looked at only when the node is full.
+    /// reservation refuses as ever. A lookup of a pinned room is answered with its node,
+    /// full or not: it is not a join (it counts nothing), and "repeat calls return the same
+    /// node" is what signalling servers and bots rely on. Looked at only when the node is
+    /// full.
     fn goes_in_when_full(&self, room: &RoomKey, node: &NodeEntry, intent: Intent) -> bool {
         match intent {
-            Intent::InSession => true,
+            Intent::InSession | Intent::Lookup { .. } => true,
             Intent::Join => self.book.outstanding(room).is_some_and(|(n, units)| {
                 n == node.id
                     && units > 0
                     && node.live.utilization_without(node.capacity(), units)
                         < self.params.join_limit
             }),
-            Intent::Lookup { .. } => false,
         }
     }
 

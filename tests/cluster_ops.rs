@@ -75,6 +75,69 @@ async fn new_rooms_respect_headroom_then_overflow_then_refuse() {
     assert_eq!(body["node"], "cool");
 }
 
+/// A lookup is not a join: a pinned room's node is the answer even at `join_limit`, from a
+/// holding pin and from one due for confirmation (the general path), singly and in a batch,
+/// and it counts nothing. New rooms still need headroom; joins are still refused.
+#[tokio::test]
+async fn a_lookup_names_a_pinned_rooms_full_node_and_counts_nothing() {
+    let mut c = config();
+    c.placement.heartbeat_interval = Duration::from_secs(1);
+    c.placement.heartbeat_timeout = Duration::from_secs(60);
+    // Joins and lookups confirm a pin at most every 250 ms.
+    c.placement.room_idle_ttl = Duration::from_secs(2);
+    c.validate().unwrap();
+    let r = TestRouter::start(c).await;
+    let beat = |load: u32| {
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": load,
+                                  "rooms": [{"room": "busy", "participants": 10}]})
+    };
+    assert_eq!(heartbeat(&r, "a", beat(0)).await.status(), 200);
+    assert_eq!(node_of(&r, "busy").await, "a");
+    assert_eq!(heartbeat(&r, "a", beat(100)).await.status(), 200);
+    let counters = || async {
+        let n = admin_json(&r, "/v1/nodes/a").await;
+        (
+            n["pending"].clone(),
+            n["reserved"].clone(),
+            n["utilization"].clone(),
+        )
+    };
+    let before = counters().await;
+    let resp = r.get("/rooms/busy").send().await.unwrap();
+    expect_error(resp, 503, "node_full").await;
+    for round in ["holding pin", "pin due for confirmation"] {
+        for path in ["/v1/placement/busy", "/v1/placement/BUSY?create=false"] {
+            let resp = r.get(path).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{round}: {path}");
+            assert_eq!(resp.headers()["x-room-node"], "a");
+            let v: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(v["node"], "a", "{round}: {v}");
+            assert_eq!(v["created"], false, "{round}: {v}");
+        }
+        for create in [true, false] {
+            let batch: serde_json::Value = r
+                .post("/v1/placement")
+                .json(&json!({"rooms": ["busy", "fresh"], "create": create}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(batch[0]["node"], "a", "{round}: {batch}");
+            let fresh = if create { "no_capacity" } else { "not_found" };
+            assert_eq!(batch[1]["error"], fresh, "{round}: {batch}");
+        }
+        assert_eq!(counters().await, before, "{round}: lookups counted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let resp = r.get("/v1/placement/fresh").send().await.unwrap();
+    expect_error(resp, 503, "no_capacity").await;
+    let resp = r.get("/rooms/busy").send().await.unwrap();
+    expect_error(resp, 503, "node_full").await;
+    assert_eq!(counters().await, before);
+}
+
 #[tokio::test]
 async fn drain_disable_enable_through_the_admin_api() {
     let r = TestRouter::start(config()).await;

@@ -1188,6 +1188,17 @@ impl Config {
         }
         if self.auth.users == UserAuth::Jwt {
             self.auth.jwt.validate()?;
+            // Every node holds the ticket secret: with the same HS256 secret any node could
+            // sign itself user tokens, for room "*" too.
+            if self.auth.jwt.algorithm == JwtAlgorithm::HS256
+                && !self.tickets.secret.is_empty()
+                && self.auth.jwt.secret == self.tickets.secret
+            {
+                return Err(invalid(
+                    "auth.jwt.secret",
+                    "must differ from tickets.secret (every node holds that one)",
+                ));
+            }
         }
         for (i, t) in self.auth.admin_tokens.iter().enumerate() {
             if t.len() < 16 {
@@ -1660,6 +1671,19 @@ mod tests {
         let e = rejected("[placement]\nroom_idle_ttl = \"6s\"\n"); // = heartbeat_timeout
         assert!(e.contains("heartbeat_timeout"), "{e}");
         let c = Config::parse("[placement]\nroom_idle_ttl = \"7s\"\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_user_jwt_secret_must_not_be_the_ticket_secret() {
+        let shared = "shared-secret-0123456789-0123456789";
+        let text = format!(
+            "[auth]\nusers = \"jwt\"\n[auth.jwt]\nsecret = \"{shared}\"\n[tickets]\nsecret = \"{shared}\"\n"
+        );
+        let e = rejected(&text);
+        assert!(e.starts_with("auth.jwt.secret"), "{e}");
+        let mut c = Config::parse(&text).unwrap();
+        c.tickets.secret = "ticket-secret-0123456789-0123456789".into();
         c.validate().unwrap();
     }
 

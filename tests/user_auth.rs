@@ -66,16 +66,20 @@ async fn the_jwt_matrix_holds_at_the_front_door_and_at_login() {
     let valid = hs(serde_json::json!({"sub": "alice", "exp": exp, "room": "Standup"}));
     let wildcard = hs(serde_json::json!({"sub": "bob", "exp": exp, "room": "*"}));
     let expired = hs(serde_json::json!({"sub": "alice", "exp": now() - 120, "room": "standup"}));
+    // Not valid for another two minutes (the leeway is 5 s).
+    let not_yet =
+        hs(serde_json::json!({"sub": "alice", "exp": exp, "nbf": now() + 120, "room": "standup"}));
     let wrong_room = hs(serde_json::json!({"sub": "alice", "exp": exp, "room": "other"}));
     let bad_sig = token(
         serde_json::json!({"sub": "alice", "exp": exp, "room": "standup"}),
         &EncodingKey::from_secret(b"not-the-secret-not-the-secret-000"),
         Algorithm::HS256,
     );
-    let cases: [Case<'_>; 6] = [
+    let cases: [Case<'_>; 7] = [
         (Some(&valid), None, "alice"),
         (Some(&wildcard), None, "bob"),
         (Some(&expired), Some((401, "unauthorized")), ""),
+        (Some(&not_yet), Some((401, "unauthorized")), ""),
         (Some(&bad_sig), Some((401, "unauthorized")), ""),
         (Some(&wrong_room), Some((403, "forbidden")), ""),
         (None, Some((401, "unauthorized")), ""),

@@ -2,8 +2,9 @@
 //! (HS256 secret, or RS256/ES256 public key) and decides whether it admits them to a room.
 //!
 //! Claims: `sub` (the user), `exp`, `room` (a room id, or `"*"` for any room), optional
-//! `region` (a placement hint) and `size` (expected room size). A wrong signature, a malformed
-//! or expired token, or none at all is `401`; a valid token for another room is `403`.
+//! `nbf` (not valid before), `region` (a placement hint) and `size` (expected room size). A
+//! wrong signature, a malformed, expired or not yet valid token, or none at all is `401`; a
+//! valid token for another room is `403`.
 
 use std::time::Duration;
 
@@ -94,6 +95,9 @@ impl UserVerifier {
     pub fn new(alg: Algorithm, key: DecodingKey, leeway: Duration, query_param: &str) -> Self {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token not valid before some time is refused until then (within the leeway);
+        // `nbf` stays optional.
+        validation.validate_nbf = true;
         validation.leeway = leeway.as_secs();
         validation.validate_aud = false;
         UserVerifier {
@@ -223,6 +227,26 @@ mod tests {
             v.admit(Some(&t), &r, Normalization::Lowercase),
             Err(UserAuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_nbf_beyond_the_leeway() {
+        let v = verifier();
+        let r = key("r");
+        let at = |nbf: u64| {
+            let claims =
+                serde_json::json!({"sub": "a", "exp": now() + 600, "room": "r", "nbf": nbf});
+            let t = encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap();
+            v.admit(Some(&t), &r, Normalization::Lowercase)
+        };
+        assert!(at(now() - 60).is_ok());
+        assert!(at(now() + 2).is_ok(), "within the 5 s leeway");
+        assert!(matches!(at(now() + 120), Err(UserAuthError::Invalid(_))));
     }
 
     #[test]

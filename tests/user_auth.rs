@@ -134,6 +134,24 @@ async fn the_jwt_matrix_holds_at_the_front_door_and_at_login() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 307);
+    // ... also behind a site-wide proxy that adds its own Basic auth: that header is not
+    // the user's token, the query's is.
+    for (token, status) in [(valid.as_str(), 307), (wrong_room.as_str(), 403)] {
+        let resp = r
+            .get(&format!("/rooms/standup?access_token={token}"))
+            .basic_auth("site", Some("proxy-password"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status);
+    }
+    let resp = r
+        .get("/rooms/standup")
+        .basic_auth("site", Some("proxy-password"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 401, "unauthorized").await;
     r.stop().await;
 }
 

@@ -108,13 +108,16 @@ impl UserVerifier {
     }
 
     /// The token a request carries: the bearer token, else the configured query parameter.
+    /// An `Authorization` header of another scheme (`Basic` from a site-wide proxy in front
+    /// of the router) is not the user's token and does not hide the query's.
     pub fn token_of<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
-        if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-            let v = v.to_str().ok()?.trim();
-            let (scheme, rest) = v.split_once(' ')?;
-            return scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| rest.trim().to_string());
+        let bearer = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+        if let Some((_, token)) = bearer {
+            return Some(token.trim().to_string());
         }
         if self.query_param.is_empty() {
             return None;
@@ -293,5 +296,10 @@ mod tests {
         );
         h.insert(http::header::AUTHORIZATION, "Basic xyz".parse().unwrap());
         assert_eq!(v.token_of(&h, None), None);
+        // Another scheme's header (a site-wide proxy's Basic auth) leaves the query's token.
+        assert_eq!(
+            v.token_of(&h, Some("access_token=abc")).as_deref(),
+            Some("abc")
+        );
     }
 }

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Rooms a node reported while pinned elsewhere (a split, ended through `evict`).
     pub splits_detected: Counter,
+    /// Room entries of heartbeats that were not valid room ids (skipped; the heartbeat
+    /// applied without them).
+    pub heartbeat_rooms_refused: Counter,
     pub pins_released: Family<Outcome, Counter>,
     /// HTTP errors by stable code.
     pub errors: Family<StatusLabels, Counter>,
@@ -146,6 +149,13 @@ impl Metrics {
             "splits_detected",
             "Rooms reported by a node while pinned to another (evicted)",
             splits_detected.clone(),
+        );
+        let heartbeat_rooms_refused = Counter::default();
+        registry.register(
+            "heartbeat_rooms_refused",
+            "Rooms listed in node heartbeats that are not valid room ids (a '/', a control \
+             character, over 256 bytes): skipped, the rest of the heartbeat applied",
+            heartbeat_rooms_refused.clone(),
         );
         let pins_released = Family::<Outcome, Counter>::default();
         registry.register(
@@ -258,6 +268,7 @@ impl Metrics {
             decisions,
             heartbeats,
             splits_detected,
+            heartbeat_rooms_refused,
             pins_released,
             errors,
             nodes_healthy,

@@ -68,14 +68,54 @@ async fn invalid_room_ids_are_refused_everywhere() {
         .await
         .unwrap();
     expect_error(resp, 400, "invalid_room").await;
+    assert_eq!(state(&r).await, before, "rejected requests changed state");
+}
+
+/// A node's heartbeat listing a room that is not a valid room id is not refused whole (the
+/// node would be taken for dead, its rooms re-placed while it still hosts them): the room
+/// is skipped, counted and named in the answer's `refused`, and the rest applies.
+#[tokio::test]
+async fn a_heartbeat_skips_the_rooms_it_cannot_take_and_applies_the_rest() {
+    let r = router_with_a_node().await;
+    let long = "x".repeat(300);
+    let beat = json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 50, "rooms": [
+        {"room": "ok", "participants": 1}, {"room": "bad\u{7}", "participants": 1},
+        {"room": "a/b", "participants": 2}, {"room": long, "participants": 3}]});
+    let resp = heartbeat(&r, "n1", beat.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["state"], "active", "{v}");
+    assert_eq!(v["evict"], json!([]), "{v}");
+    let refused = v["refused"].as_array().unwrap();
+    let rooms: Vec<&str> = refused
+        .iter()
+        .map(|e| e["room"].as_str().unwrap())
+        .collect();
+    assert_eq!(rooms, ["bad\u{7}", "a/b", &long[..260]], "{v}");
+    assert!(refused
+        .iter()
+        .all(|e| e["error"] == "invalid_room"
+            && e["message"].as_str().is_some_and(|m| !m.is_empty())));
+    // The valid room is the node's, and its load is recorded.
+    let room = admin_json(&r, "/v1/rooms/ok").await;
+    assert_eq!(room["node"], "n1", "{room}");
+    let node = admin_json(&r, "/v1/nodes/n1").await;
+    assert_eq!(node["load"], 50.0, "{node}");
+    let m = r.metrics().await;
+    assert_eq!(sample(&m, "roomrouter_heartbeat_rooms_refused_total"), 3.0);
+    assert_eq!(heartbeat(&r, "n1", beat).await.status(), 200);
+    let m = r.metrics().await;
+    assert_eq!(sample(&m, "roomrouter_heartbeat_rooms_refused_total"), 6.0);
+    // A heartbeat with nothing to refuse has no `refused`.
     let resp = heartbeat(
         &r,
         "n1",
-        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 50, "rooms": [{"room": "ok", "participants": 1}, {"room": "bad\u{7}", "participants": 1}]}),
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 50,
+               "rooms": [{"room": "ok", "participants": 1}]}),
     )
     .await;
-    expect_error(resp, 400, "invalid_room").await;
-    assert_eq!(state(&r).await, before, "rejected requests changed state");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert!(v.get("refused").is_none(), "{v}");
 }
 
 #[tokio::test]

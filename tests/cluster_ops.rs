@@ -265,6 +265,55 @@ async fn a_split_room_is_evicted_from_the_wrong_node() {
     );
 }
 
+/// A node that reports one room the router cannot take as a room id (a `/` in it) stays
+/// healthy past `heartbeat_timeout`: its heartbeats apply without that room, its rooms stay
+/// on it, and it is still told what to evict.
+#[tokio::test]
+async fn a_node_reporting_an_invalid_room_stays_alive_and_keeps_its_rooms() {
+    let r = TestRouter::start(config()).await;
+    let beat = |rooms: serde_json::Value| json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 10, "rooms": rooms});
+    let ok = heartbeat(
+        &r,
+        "a",
+        beat(json!([{"room": "standup", "participants": 5}])),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    let ok = heartbeat(
+        &r,
+        "b",
+        beat(json!([{"room": "elsewhere", "participants": 3}])),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    // Past heartbeat_timeout (1 s), "a" listing a room with a '/' (and one that is b's).
+    let with_bad = beat(json!([{"room": "standup", "participants": 5},
+                               {"room": "team/a", "participants": 2},
+                               {"room": "elsewhere", "participants": 1}]));
+    for _ in 0..8 {
+        let resp = heartbeat(&r, "a", with_bad.clone()).await;
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["evict"], json!(["elsewhere"]), "{v}");
+        assert_eq!(v["refused"][0]["room"], "team/a", "{v}");
+        let ok = heartbeat(
+            &r,
+            "b",
+            beat(json!([{"room": "elsewhere", "participants": 3}])),
+        )
+        .await;
+        assert_eq!(ok.status(), 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(admin_json(&r, "/v1/nodes/a").await["healthy"], true);
+    assert_eq!(
+        node_of(&r, "standup").await,
+        "a",
+        "the room stayed on its node"
+    );
+    assert_eq!(node_of(&r, "elsewhere").await, "b");
+}
+
 #[tokio::test]
 async fn rooms_end_when_their_node_stops_listing_them() {
     // The pin outlives the room by the lifetime of the last ticket issued for it (someone

@@ -3,6 +3,7 @@
 //! before the router is called.
 
 use std::borrow::Cow;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -22,6 +23,8 @@ use crate::store::{Pin, PinStore};
 pub const MAX_BATCH: usize = 1000;
 /// Most rooms in one heartbeat.
 pub const MAX_REPORTED_ROOMS: usize = 100_000;
+/// Most refused room entries a heartbeat's answer lists (the metric counts them all).
+pub const MAX_REFUSED_LISTED: usize = 100;
 const MAX_TAGS: usize = 32;
 const MAX_LABEL: usize = 64;
 
@@ -559,6 +562,7 @@ pub async fn heartbeat<S: PinStore>(
     )
     .await?;
     let b: HeartbeatBody = parse_json(&bytes)?;
+    drop(bytes);
     let info = node_info(b.url, b.upstream, b.capacity, b.region, b.tags)?;
     if !(b.load.is_finite() && b.load >= 0.0) {
         return Err(ApiError::InvalidRequest(
@@ -581,6 +585,7 @@ pub async fn heartbeat<S: PinStore>(
             ))
         }
     };
+    let mut refused = Refused::default();
     let rooms = match b.rooms {
         None => None,
         Some(v) if v.len() > MAX_REPORTED_ROOMS => {
@@ -588,11 +593,16 @@ pub async fn heartbeat<S: PinStore>(
                 "at most {MAX_REPORTED_ROOMS} rooms per heartbeat"
             )))
         }
-        Some(v) => Some(
-            v.into_iter()
-                .map(|r| room_literal(app, &r.room).map(|k| (k, r.participants)))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        Some(v) => {
+            let mut rooms = Vec::with_capacity(v.len());
+            for r in v {
+                match RoomKey::parse(&r.room, app.router.normalization()) {
+                    Ok(k) => rooms.push((k, r.participants)),
+                    Err(e) => refused.add(r.room, &e),
+                }
+            }
+            Some(rooms)
+        }
     };
     let reply = app
         .router
@@ -607,7 +617,90 @@ pub async fn heartbeat<S: PinStore>(
             },
         )
         .await?;
-    Ok(json(StatusCode::OK, &reply))
+    if refused.count > 0 {
+        refused.report(app, &id);
+    }
+    Ok(json(
+        StatusCode::OK,
+        &HeartbeatAnswer {
+            reply: &reply,
+            refused: refused.listed,
+        },
+    ))
+}
+
+/// A heartbeat's answer: the router's reply, and the room entries it could not take.
+#[derive(Serialize)]
+struct HeartbeatAnswer<'a> {
+    #[serde(flatten)]
+    reply: &'a crate::router::HeartbeatReply,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    refused: Vec<RefusedRoom>,
+}
+
+/// A room entry of a heartbeat that is not a valid room id, as the answer lists it.
+#[derive(Serialize)]
+struct RefusedRoom {
+    /// The entry's room, cut to [`MAX_ROOM_BYTES`](crate::room::MAX_ROOM_BYTES) + 4 bytes.
+    room: String,
+    error: &'static str,
+    message: String,
+}
+
+/// The room entries a heartbeat's node reported that are not valid room ids (a `/`, a
+/// control character, over 256 bytes): skipped, so that one such room does not have every
+/// heartbeat of its node refused. A node heard from no more is taken for dead, its rooms
+/// re-placed on other nodes while it still hosts them (split rooms), and it could not be
+/// told to evict anything.
+#[derive(Default)]
+struct Refused {
+    count: u64,
+    listed: Vec<RefusedRoom>,
+}
+
+impl Refused {
+    fn add(&mut self, mut room: String, why: &crate::room::RoomError) {
+        self.count += 1;
+        if self.listed.len() < MAX_REFUSED_LISTED {
+            let mut cut = room.len().min(crate::room::MAX_ROOM_BYTES + 4);
+            while !room.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            room.truncate(cut);
+            self.listed.push(RefusedRoom {
+                room,
+                error: "invalid_room",
+                message: why.to_string(),
+            });
+        }
+    }
+
+    /// Counts them, and logs them: a warning at most once a minute per router (a node
+    /// repeats its rooms every heartbeat), at debug level otherwise.
+    fn report<S: PinStore>(&self, app: &App<S>, node: &NodeId) {
+        app.router
+            .metrics
+            .heartbeat_rooms_refused
+            .inc_by(self.count);
+        let first = self.listed.first().map(|r| (&r.room, &r.message));
+        let now = app.router.now();
+        let last = app.refused_rooms_warned_at.load(Ordering::Relaxed);
+        let warn = now >= last.saturating_add(60_000)
+            && app
+                .refused_rooms_warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if warn {
+            tracing::warn!(
+                node = %node, refused = self.count, example = ?first,
+                "a heartbeat listed rooms that are not valid room ids; skipped them \
+                 (roomrouter_heartbeat_rooms_refused_total counts them; more at debug level)"
+            );
+        } else {
+            tracing::debug!(node = %node, refused = self.count, example = ?first,
+                "a heartbeat listed rooms that are not valid room ids; skipped them");
+        }
+    }
 }
 
 /// `GET /v1/nodes` (admin).

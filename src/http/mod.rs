@@ -20,6 +20,7 @@ pub mod sniff;
 pub mod tls;
 pub mod upstream;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +71,9 @@ pub struct App<S> {
     pub users: Option<Result<UserVerifier, String>>,
     /// The pooled upstream client and passive health for proxy mode.
     pub proxy: proxy::Proxy,
+    /// When (router clock, ms) a heartbeat's invalid rooms were last logged as a warning:
+    /// at most one a minute (`api::heartbeat`).
+    pub refused_rooms_warned_at: AtomicU64,
 }
 
 impl<S: PinStore> App<S> {
@@ -101,6 +105,7 @@ impl<S: PinStore> App<S> {
         App {
             users,
             proxy,
+            refused_rooms_warned_at: AtomicU64::new(0),
             tokens: Tokens::from_config(&cfg.auth),
             tickets: TicketIssuer::new(&cfg.tickets.secret, cfg.tickets.ttl),
             patterns,

@@ -118,6 +118,57 @@ async fn a_heartbeat_skips_the_rooms_it_cannot_take_and_applies_the_rest() {
     assert!(v.get("refused").is_none(), "{v}");
 }
 
+/// A heartbeat carries as many rooms as the router accepts: more than `server.max_body_bytes`
+/// holds; a body beyond the heartbeat limit is still `413`.
+#[tokio::test]
+async fn a_heartbeat_may_list_more_rooms_than_the_general_body_limit_holds() {
+    let r = router_with_a_node().await;
+    let rooms: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| json!({"room": format!("{i:08x}-0000-4000-8000-000000000000"), "participants": 2}))
+        .collect();
+    let beat =
+        json!({"url": "http://127.0.0.1:9", "capacity": 100_000, "load": 20_000, "rooms": rooms});
+    let body = serde_json::to_vec(&beat).unwrap();
+    assert!(body.len() > config().server.max_body_bytes);
+    let resp = r
+        .post("/v1/nodes/n1/heartbeat")
+        .bearer_auth(NODE_TOKEN)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    let room = admin_json(&r, "/v1/rooms/00002710-0000-4000-8000-000000000000").await;
+    assert_eq!(room["error"], "not_found", "only the listed rooms: {room}");
+    let room = admin_json(&r, "/v1/rooms/0000270f-0000-4000-8000-000000000000").await;
+    assert_eq!(room["node"], "n1", "{room}");
+    // One byte over the heartbeat limit, announced: refused before a byte of it is read.
+    let over = roomrouter::http::api::MAX_HEARTBEAT_BODY_BYTES + 1;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/nodes/n1/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {NODE_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {over}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The answer, as far as its error code (the server may close or keep the connection).
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("payload_too_large") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 5 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}
+
 #[tokio::test]
 async fn malformed_and_oversized_bodies() {
     let r = router_with_a_node().await;

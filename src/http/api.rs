@@ -23,6 +23,13 @@ use crate::store::{Pin, PinStore};
 pub const MAX_BATCH: usize = 1000;
 /// Most rooms in one heartbeat.
 pub const MAX_REPORTED_ROOMS: usize = 100_000;
+/// Largest heartbeat body accepted (or `server.max_body_bytes`, if larger): room for
+/// [`MAX_REPORTED_ROOMS`] entries of a longest room id as UTF-8
+/// (`{"room":"<256 bytes>","participants":4294967295},`, 295 bytes, with room to spare for
+/// whitespace) plus the node's own fields. `server.max_body_bytes` (256 KiB by default) holds
+/// some 4 000 UUID-named rooms: a busy node's heartbeat would be refused, and the node, heard
+/// from no more, taken for dead.
+pub const MAX_HEARTBEAT_BODY_BYTES: usize = MAX_REPORTED_ROOMS * 320 + 64 * 1024;
 /// Most refused room entries a heartbeat's answer lists (the metric counts them all).
 pub const MAX_REFUSED_LISTED: usize = 100;
 const MAX_TAGS: usize = 32;
@@ -557,7 +564,7 @@ pub async fn heartbeat<S: PinStore>(
     let bytes = read_body(
         body,
         &parts.headers,
-        app.cfg.server.max_body_bytes,
+        app.cfg.server.max_body_bytes.max(MAX_HEARTBEAT_BODY_BYTES),
         app.cfg.server.body_read_timeout,
     )
     .await?;
@@ -902,4 +909,32 @@ pub async fn delete_room<S: PinStore>(
         StatusCode::OK,
         &serde_json::json!({ "room": room.as_str(), "released_from": pin.node.as_str() }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The most a node may report, each room a longest id and a largest participant count,
+    /// with the longest node fields, fits the heartbeat limit.
+    #[test]
+    fn the_heartbeat_limit_holds_the_most_rooms_a_heartbeat_may_list() {
+        let room = "r".repeat(crate::room::MAX_ROOM_BYTES);
+        let rooms: Vec<serde_json::Value> = (0..MAX_REPORTED_ROOMS)
+            .map(|_| serde_json::json!({"room": room, "participants": u32::MAX}))
+            .collect();
+        let tags: Vec<String> = (0..MAX_TAGS).map(|i| format!("{i:064}")).collect();
+        let url = format!("https://{}.example", "n".repeat(2000));
+        let body = serde_json::json!({
+            "url": url, "upstream": url, "capacity": f64::MAX, "load": f64::MAX, "cpu": 0.5,
+            "region": "r".repeat(MAX_LABEL), "tags": tags, "state": "draining", "rooms": rooms,
+        });
+        let len = serde_json::to_vec(&body).unwrap().len();
+        assert!(len <= MAX_HEARTBEAT_BODY_BYTES, "{len}");
+        // ... with room to spare for a serializer's spaces and newlines.
+        assert!(
+            len + 2 * MAX_REPORTED_ROOMS <= MAX_HEARTBEAT_BODY_BYTES,
+            "{len}"
+        );
+    }
 }

@@ -379,6 +379,44 @@ async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// With user JWTs, placement lookups need a credential; a node's client certificate on the
+/// mTLS listener is one (no token needed), as it is for its heartbeats.
+#[tokio::test]
+async fn a_nodes_client_certificate_lets_it_look_placements_up_under_user_jwts() {
+    let front_ca = Ca::new("front CA");
+    let node_ca = Ca::new("node CA");
+    let (certs, dir) = front_door(&front_ca, "mtls-lookup");
+    let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
+    let mut cfg = common::config();
+    cfg.auth.users = roomrouter::config::UserAuth::Jwt;
+    cfg.auth.jwt.secret = "user-jwt-secret-0123456789-0123456789".into();
+    cfg.validate().unwrap();
+    let r = start_tls(cfg, sc).await;
+    let (_, node_key, node_der) = node_ca.leaf(&["node-a"]);
+    let s = connect(
+        r.addr,
+        with_client_cert(front_ca.roots(), node_der, &node_key),
+    )
+    .await
+    .unwrap();
+    let mut h = h1(s).await;
+    let hb = r#"{"url": "http://127.0.0.1:9", "capacity": 10, "load": 0}"#;
+    let (status, body) = send(&mut h, "POST", "/v1/nodes/node-a/heartbeat", hb)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = send(&mut h, "GET", "/v1/placement/standup", "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"node\":\"node-a\""), "{body}");
+    let (status, body) = send(&mut h, "POST", "/v1/placement", r#"{"rooms": ["a", "b"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// An HTTPS upstream answering "secure" to everything.
 async fn https_upstream(ca: &Ca) -> SocketAddr {
     let (cert, key, _) = ca.leaf(&["localhost"]);

@@ -182,6 +182,163 @@ async fn a_query_token_is_not_passed_on_in_the_redirect() {
     r.stop().await;
 }
 
+/// With user JWTs, placement lookups (which place rooms and reserve their expected size)
+/// are not open: a user token valid for the room (every room of a batch), a node token or
+/// an admin token; without one `401`, and nothing is placed or reserved.
+#[tokio::test]
+async fn placement_lookups_need_a_token_when_the_front_door_does() {
+    let r = with_node(jwt_config()).await;
+    let reserved = || async {
+        let n = common::admin_json(&r, "/v1/nodes/n1").await;
+        n["reserved"].as_f64().unwrap()
+    };
+    let pinned = |room: &'static str| {
+        let r = &r;
+        async move {
+            let resp = r
+                .admin(reqwest::Method::GET, &format!("/v1/rooms/{room}"))
+                .send()
+                .await
+                .unwrap();
+            resp.status() == 200
+        }
+    };
+    // No credential, or one that is nothing: 401, nothing placed.
+    for bearer in [None, Some("not-a-token"), Some("test-node-token-012345678")] {
+        let mut get = r.get("/v1/placement/fresh?size=10000");
+        let mut batch = r
+            .post("/v1/placement")
+            .json(&serde_json::json!({"rooms": ["fresh", "fresh-2"]}));
+        if let Some(b) = bearer {
+            get = get.bearer_auth(b);
+            batch = batch.bearer_auth(b);
+        }
+        expect_error(get.send().await.unwrap(), 401, "unauthorized").await;
+        expect_error(batch.send().await.unwrap(), 401, "unauthorized").await;
+    }
+    assert!(!pinned("fresh").await && !pinned("fresh-2").await);
+    assert_eq!(reserved().await, 0.0, "an unauthorized lookup reserved");
+    let exp = now() + 300;
+    let standup = hs(serde_json::json!({"sub": "alice", "exp": exp, "room": "Standup"}));
+    let any = hs(serde_json::json!({"sub": "bot", "exp": exp, "room": "*"}));
+    let lookup = |path: &'static str, token: String| {
+        let r = &r;
+        async move { r.get(path).bearer_auth(token).send().await.unwrap() }
+    };
+    // A user token: its room, not another (403, nothing placed).
+    let resp = lookup("/v1/placement/standup", standup.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let resp = lookup("/v1/placement/other", standup.clone()).await;
+    expect_error(resp, 403, "forbidden").await;
+    let resp = r
+        .get(&format!(
+            "/v1/placement/standup?create=false&access_token={standup}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a token in the query");
+    // A batch: every room must be the token's.
+    let batch = |rooms: serde_json::Value, token: String| {
+        let r = &r;
+        async move {
+            r.post("/v1/placement")
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "rooms": rooms }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let resp = batch(serde_json::json!(["standup", "other"]), standup.clone()).await;
+    expect_error(resp, 403, "forbidden").await;
+    assert!(!pinned("other").await, "a refused batch placed a room");
+    let resp = batch(serde_json::json!(["STANDUP"]), standup.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let resp = batch(
+        serde_json::json!(["standup", "other", "bad/room"]),
+        any.clone(),
+    )
+    .await;
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v[1]["node"], "n1", "{v}");
+    assert_eq!(v[2]["error"], "invalid_room", "{v}");
+    // Node and admin tokens look up any room.
+    for t in [common::NODE_TOKEN, common::ADMIN] {
+        assert_eq!(
+            lookup("/v1/placement/ops-room", t.into()).await.status(),
+            200
+        );
+        let resp = batch(serde_json::json!(["a", "b"]), t.into()).await;
+        assert_eq!(resp.status(), 200);
+    }
+    // Open lookups with auth.users = "none", as before.
+    let open = with_node(common::config()).await;
+    assert_eq!(
+        open.get("/v1/placement/x").send().await.unwrap().status(),
+        200
+    );
+    open.stop().await;
+    r.stop().await;
+}
+
+/// A user token's `size` (signed) wins over the request's `?size=` (anyone's to write), at
+/// the front door, on lookups and at login.
+#[tokio::test]
+async fn the_tokens_size_claim_wins_over_the_requests() {
+    let r = TestRouter::start(jwt_config()).await;
+    let resp = heartbeat(
+        &r,
+        "big",
+        serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 100000, "load": 0}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let reserved = || async {
+        let n = common::admin_json(&r, "/v1/nodes/big").await;
+        n["reserved"].as_f64().unwrap()
+    };
+    let t = hs(serde_json::json!({"sub": "u", "exp": now() + 300, "room": "*", "size": 3}));
+    // A lookup reserves the token's 3, not the query's 5000.
+    let resp = r
+        .get("/v1/placement/one?size=5000")
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(reserved().await, 3.0);
+    // A join reserves 3 and its user arrives: 2 more.
+    let resp = r
+        .get("/rooms/two?size=5000")
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    assert_eq!(reserved().await, 5.0);
+    let resp = r
+        .post("/v1/login")
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"room": "three", "size": 5000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(reserved().await, 7.0);
+    // A token without a size leaves the request's hint.
+    let plain = hs(serde_json::json!({"sub": "u", "exp": now() + 300, "room": "*"}));
+    let resp = r
+        .get("/rooms/four?size=40")
+        .bearer_auth(&plain)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    assert_eq!(reserved().await, 46.0);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn es256_tokens_verify_with_a_public_key_file() {
     let kp = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256

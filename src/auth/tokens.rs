@@ -105,6 +105,27 @@ impl Tokens {
         }
     }
 
+    /// Checks a request for any node's token (the cluster-wide one or a per-node one): for
+    /// what a node may do without naming itself, such as placement lookups.
+    pub fn any_node(&self, headers: &HeaderMap) -> Credential {
+        match presented(headers) {
+            None => Credential::None,
+            Some(t) => {
+                // Every token is compared, so timing does not reveal which one matched.
+                let node = self
+                    .cluster_node
+                    .iter()
+                    .chain(self.per_node.values())
+                    .fold(false, |acc, n| acc | eq(n, &t));
+                if node {
+                    Credential::Node
+                } else {
+                    Credential::Invalid
+                }
+            }
+        }
+    }
+
     /// Checks a request for the right to act as `node_id` (admins may too when `admin_ok`).
     pub fn node(&self, headers: &HeaderMap, node_id: &str, admin_ok: bool) -> Credential {
         match presented(headers) {
@@ -157,6 +178,26 @@ mod tests {
             Credential::Invalid
         );
         assert_eq!(t.admin(&HeaderMap::new()), Credential::None);
+    }
+
+    #[test]
+    fn any_nodes_token_is_a_node_credential() {
+        let t = tokens();
+        for tok in ["cluster-node-token-123", "special-node-token-123"] {
+            assert_eq!(
+                t.any_node(&headers(&format!("Bearer {tok}"))),
+                Credential::Node
+            );
+        }
+        assert_eq!(
+            t.any_node(&headers("Bearer admin-token-0123456789")),
+            Credential::Invalid
+        );
+        assert_eq!(
+            t.any_node(&headers("Bearer cluster-node-token-12")),
+            Credential::Invalid
+        );
+        assert_eq!(t.any_node(&HeaderMap::new()), Credential::None);
     }
 
     #[test]

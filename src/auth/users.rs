@@ -147,14 +147,19 @@ impl UserVerifier {
         norm: Normalization,
     ) -> Result<UserClaims, UserAuthError> {
         let claims = self.verify(token.ok_or(UserAuthError::Missing)?)?;
-        if claims.room == "*" {
-            return Ok(claims);
-        }
-        match RoomKey::parse(&claims.room, norm) {
-            Ok(k) if k.as_str() == room.as_str() => Ok(claims),
-            _ => Err(UserAuthError::WrongRoom),
+        if admits(&claims, room, norm) {
+            Ok(claims)
+        } else {
+            Err(UserAuthError::WrongRoom)
         }
     }
+}
+
+/// Whether verified `claims` admit their user to `room`: a room claim of `"*"`, or one that
+/// normalizes to `room`.
+pub fn admits(claims: &UserClaims, room: &RoomKey, norm: Normalization) -> bool {
+    claims.room == "*"
+        || RoomKey::parse(&claims.room, norm).is_ok_and(|k| k.as_str() == room.as_str())
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::{json, parse_json, read_body, ApiError, App, Body};
-use crate::auth::Credential;
+use crate::auth::users::admits;
+use crate::auth::{Credential, UserClaims};
 use crate::cluster::{check_url, NodeId, NodeInfo};
 use crate::placement::{AdminState, Hints};
 use crate::room::RoomKey;
@@ -173,6 +174,74 @@ pub fn authenticate_user<S: PinStore>(
     }
 }
 
+/// What let a placement lookup in.
+pub enum LookupAuth {
+    /// `auth.users = "none"`: lookups are open, as the front door is.
+    Open,
+    /// An admin or node token, or a node's client certificate: any room.
+    Operator,
+    /// A user JWT: the rooms it admits to.
+    User(UserClaims),
+}
+
+impl LookupAuth {
+    /// `403 forbidden` unless this admits a lookup of `room`.
+    pub fn check<S: PinStore>(&self, app: &App<S>, room: &RoomKey) -> Result<(), ApiError> {
+        match self {
+            LookupAuth::User(c) if !admits(c, room, app.router.normalization()) => Err(
+                ApiError::Forbidden(format!("the user token is not valid for room {room}")),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The size hint a lookup places a new room with: a user token's `size` claim (signed)
+    /// wins over the request's (`?size=`, which anyone can write).
+    pub fn size(&self, asked: Option<u32>) -> Option<u32> {
+        match self {
+            LookupAuth::User(c) => c.size.filter(|s| *s > 0).or(asked),
+            _ => asked,
+        }
+    }
+}
+
+/// Who may look placements up (`GET /v1/placement/{room}`, `POST /v1/placement`). A lookup
+/// places a room and reserves its expected size, as a join does; with `auth.users = "jwt"`
+/// the front door admits no one without a token, so neither do lookups: an admin or node
+/// token (compared in constant time), a node's client certificate (the mTLS listener), or
+/// a user JWT (`401 unauthorized` without one of them; a JWT is then checked against each
+/// room, `403 forbidden` for another room's). Open with `auth.users = "none"`.
+pub fn authorize_lookup<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<LookupAuth, ApiError> {
+    let Some(verifier) = &app.users else {
+        return Ok(LookupAuth::Open);
+    };
+    let cert = parts
+        .extensions
+        .get::<super::server::ConnInfo>()
+        .is_some_and(|i| i.client_cert.is_some());
+    if cert
+        || app.tokens.admin(&parts.headers) == Credential::Admin
+        || app.tokens.any_node(&parts.headers) == Credential::Node
+    {
+        return Ok(LookupAuth::Operator);
+    }
+    let verifier = verifier
+        .as_ref()
+        .map_err(|e| ApiError::Unauthorized(format!("user tokens cannot be checked: {e}")))?;
+    let token = verifier
+        .token_of(&parts.headers, parts.uri.query())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "placement lookups need a user, node or admin token (Authorization: Bearer ...)"
+                    .into(),
+            )
+        })?;
+    let claims = verifier
+        .verify(&token)
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    Ok(LookupAuth::User(claims))
+}
+
 /// A connection with a verified client certificate (the mTLS listener) may act only as the
 /// node its certificate names; others fall back to bearer tokens.
 fn require_node_cert(parts: &Parts, id: &str) -> Option<Result<(), ApiError>> {
@@ -237,9 +306,12 @@ pub async fn placement<S: PinStore>(
     parts: &Parts,
     raw_room: &str,
 ) -> Result<Response<Body>, ApiError> {
+    let auth = authorize_lookup(app, parts)?;
     let room = room_from_url(app, raw_room)?;
+    auth.check(app, &room)?;
     let q = query(parts);
-    let hints = HintArgs::from_query(&q)?;
+    let mut hints = HintArgs::from_query(&q)?;
+    hints.size = auth.size(hints.size);
     let create = match q
         .iter()
         .find(|(k, _)| k == "create")
@@ -298,6 +370,7 @@ pub async fn placement_batch<S: PinStore>(
     parts: &Parts,
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
+    let auth = authorize_lookup(app, parts)?;
     let bytes = read_body(
         body,
         &parts.headers,
@@ -318,10 +391,16 @@ pub async fn placement_batch<S: PinStore>(
     };
     hints.check()?;
     let create = req.create.unwrap_or(true);
+    let rooms: Vec<Result<RoomKey, ApiError>> =
+        req.rooms.iter().map(|raw| room_literal(app, raw)).collect();
+    // Every room the token must admit, before any is placed: a refused batch changes nothing.
+    for room in rooms.iter().flatten() {
+        auth.check(app, room)?;
+    }
     let mut results: Vec<Result<(RoomKey, Placement), (String, ApiError)>> =
         Vec::with_capacity(req.rooms.len());
-    for raw in &req.rooms {
-        let r = match room_literal(app, raw) {
+    for (raw, room) in req.rooms.iter().zip(rooms) {
+        let r = match room {
             Err(e) => Err((raw.clone(), e)),
             Ok(room) => app
                 .router
@@ -435,7 +514,8 @@ pub async fn login<S: PinStore>(
     let hints = HintArgs {
         region: req.region.or(who.region),
         tags: vec![],
-        size: req.size.or(who.size),
+        // A token's size is signed; the body's is the client's to write.
+        size: who.size.or(req.size),
     };
     hints.check()?;
     if req.size == Some(0) {

@@ -134,7 +134,8 @@ pub async fn admit<S: PinStore>(
     if hints.region.is_none() {
         hints.region = user.region;
     }
-    hints.size = hints.size.or(user.size);
+    // The token's size is signed; the query's is anyone's to write.
+    hints.size = user.size.or(hints.size);
     hints.check()?;
     let session = match conn {
         Some(c) if mode == FrontDoorMode::Proxy && app.proxy.cfg().one_join_per_connection => {

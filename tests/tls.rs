@@ -405,11 +405,27 @@ async fn a_nodes_client_certificate_lets_it_look_placements_up_under_user_jwts()
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let (status, body) = send(&mut h, "GET", "/v1/placement/standup", "")
+    // On a connection of its own, the lookup first: the HTTP/1.1 fast path answers it.
+    let (_, node_key, node_der) = node_ca.leaf(&["node-b"]);
+    let s = connect(
+        r.addr,
+        with_client_cert(front_ca.roots(), node_der, &node_key),
+    )
+    .await
+    .unwrap();
+    let mut fresh = h1(s).await;
+    let fast = || r.app.router.metrics.fast_requests.get();
+    let before = fast();
+    let (status, body) = send(&mut fresh, "GET", "/v1/placement/standup", "")
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"node\":\"node-a\""), "{body}");
+    assert_eq!(fast(), before + 1, "the fast path answered the lookup");
+    let (status, body) = send(&mut h, "GET", "/v1/placement/standup", "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
     let (status, body) = send(&mut h, "POST", "/v1/placement", r#"{"rooms": ["a", "b"]}"#)
         .await
         .unwrap();

@@ -156,13 +156,19 @@ impl Client<'_> {
         &mut self,
         app: &App<S>,
         info: &ConnInfo,
-        req: RequestHead,
+        mut req: RequestHead,
         close: bool,
     ) -> bool {
-        let parts = &req.parts;
         if req.lookup {
+            // A node's client certificate (the mTLS listener) authorizes lookups where user
+            // JWTs are on: the handler finds it where hyper's requests carry it. Only then,
+            // so that no other lookup pays for the copy.
+            if info.client_cert.is_some() {
+                req.parts.extensions.insert(info.clone());
+            }
             return self.lookup(app, &req, close).await;
         }
+        let parts = &req.parts;
         let admitted = front_door::admit(app, parts, Some(info)).await;
         let a = match admitted {
             Ok(a) => a,

@@ -81,10 +81,10 @@ async fn new_rooms_respect_headroom_then_overflow_then_refuse() {
 #[tokio::test]
 async fn a_lookup_names_a_pinned_rooms_full_node_and_counts_nothing() {
     let mut c = config();
-    c.placement.heartbeat_interval = Duration::from_secs(1);
-    c.placement.heartbeat_timeout = Duration::from_secs(60);
-    // Joins and lookups confirm a pin at most every 250 ms.
-    c.placement.room_idle_ttl = Duration::from_secs(2);
+    // Joins and lookups confirm a pin at most every 1 s; the node, heard from at the start,
+    // stays healthy for heartbeat_timeout, which room_idle_ttl must exceed.
+    c.placement.heartbeat_timeout = Duration::from_secs(6);
+    c.placement.room_idle_ttl = Duration::from_secs(8);
     c.validate().unwrap();
     let r = TestRouter::start(c).await;
     let beat = |load: u32| {
@@ -108,7 +108,10 @@ async fn a_lookup_names_a_pinned_rooms_full_node_and_counts_nothing() {
     for round in ["holding pin", "pin due for confirmation"] {
         for path in ["/v1/placement/busy", "/v1/placement/BUSY?create=false"] {
             let resp = r.get(path).send().await.unwrap();
-            assert_eq!(resp.status(), 200, "{round}: {path}");
+            let status = resp.status();
+            if status != 200 {
+                panic!("{round}: {path}: {status} {}", resp.text().await.unwrap());
+            }
             assert_eq!(resp.headers()["x-room-node"], "a");
             let v: serde_json::Value = resp.json().await.unwrap();
             assert_eq!(v["node"], "a", "{round}: {v}");
@@ -129,7 +132,7 @@ async fn a_lookup_names_a_pinned_rooms_full_node_and_counts_nothing() {
             assert_eq!(batch[1]["error"], fresh, "{round}: {batch}");
         }
         assert_eq!(counters().await, before, "{round}: lookups counted");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
     }
     let resp = r.get("/v1/placement/fresh").send().await.unwrap();
     expect_error(resp, 503, "no_capacity").await;

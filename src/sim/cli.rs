@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use super::report::Report;
 use super::standard::{run_all, run_workload, Options};
-use super::trace::read_trace;
+use super::trace::{read_trace, MAX_SPAN};
 use super::workload::{HintMode, StandardWorkload, SECOND};
 use super::Policy;
 
@@ -71,11 +71,11 @@ pub struct SimulateArgs {
     /// seconds (default: the router's `placement.new_room_reserve_ttl`, 60 s).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub new_room_reserve_ttl: Option<f64>,
-    /// With --trace: add a node at this many seconds.
-    #[arg(long, value_name = "SECS", requires = "trace")]
+    /// With --trace: add a node this many seconds after the trace's first event.
+    #[arg(long, value_name = "SECS", requires = "trace", value_parser = parse_trace_secs)]
     pub scale_out_at: Option<f64>,
-    /// With --trace: node 0 fails at this many seconds.
-    #[arg(long, value_name = "SECS", requires = "trace")]
+    /// With --trace: node 0 fails this many seconds after the trace's first event.
+    #[arg(long, value_name = "SECS", requires = "trace", value_parser = parse_trace_secs)]
     pub fail_at: Option<f64>,
 }
 
@@ -163,6 +163,16 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{s:?} is not a number of seconds above 0 and at most 86400"
         )),
+    }
+}
+
+/// A time into a trace in seconds: a finite number from 0 to the longest span a trace may
+/// have (`trace::MAX_SPAN`).
+fn parse_trace_secs(s: &str) -> Result<f64, String> {
+    let max = MAX_SPAN as f64 / SECOND as f64;
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=max).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to {max}")),
     }
 }
 
@@ -268,6 +278,10 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--fail-at", "10"]).is_err());
         assert!(Cli::try_parse_from(["x", "--trace", "t.txt", "--fail-at", "10"]).is_ok());
+        for bad in ["-1", "inf", "NaN", "1e300", "2678401"] {
+            let args = ["x", "--trace", "t.txt", "--scale-out-at", bad];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad}");
+        }
         // A trace replays one history: several seeds of it are not a thing.
         assert!(Cli::try_parse_from(["x", "--trace", "t.txt", "--seeds", "2"]).is_err());
     }

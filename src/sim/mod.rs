@@ -198,7 +198,7 @@ impl SharedBook {
     /// Makes visible every change made at or before `t - delay`.
     fn advance(&mut self, t: Millis) {
         while let Some(&(at, r, node, change)) = self.queue.front() {
-            if at + self.delay > t {
+            if at.saturating_add(self.delay) > t {
                 break;
             }
             self.queue.pop_front();
@@ -432,7 +432,7 @@ impl<'a> Sim<'a> {
             }
         }
         for i in 0..n0 {
-            let phase = cfg.heartbeat_ms * i as u64 / n0 as u64;
+            let phase = (u128::from(cfg.heartbeat_ms) * i as u128 / n0 as u128) as u64;
             sim.push(phase.max(1), Ev::Heartbeat(i as u32));
         }
         if let Some(t) = w.scale_out_at {
@@ -487,7 +487,7 @@ impl<'a> Sim<'a> {
         while self.next_sample < stop {
             // This sample is the state after every event at or before `at`.
             let at = self.next_sample;
-            self.next_sample += self.cfg.sample_ms;
+            self.next_sample = self.next_sample.saturating_add(self.cfg.sample_ms.max(1));
             let (mut load, mut cap, mut max_u, mut over) = (0.0, 0.0, 0.0f64, false);
             let mut max_offered = 0.0f64;
             for n in self.nodes.iter().filter(|n| n.exists && n.alive) {
@@ -671,7 +671,7 @@ impl<'a> Sim<'a> {
         if !self.nodes[node].alive {
             // The router does not know yet: the participant's client fails and tries again.
             self.push(
-                t + self.cfg.retry_ms,
+                t.saturating_add(self.cfg.retry_ms),
                 Ev::Join {
                     s: s as u32,
                     p: p as u32,
@@ -817,7 +817,10 @@ impl<'a> Sim<'a> {
             }
             router.reserved[i] = reserved;
         }
-        self.push(t + self.cfg.heartbeat_ms, Ev::Heartbeat(i as u32));
+        self.push(
+            t.saturating_add(self.cfg.heartbeat_ms),
+            Ev::Heartbeat(i as u32),
+        );
     }
 
     fn scale_out(&mut self, t: Millis) {
@@ -827,7 +830,10 @@ impl<'a> Sim<'a> {
         n.exists = true;
         n.alive = true;
         n.last_hb = Some(t);
-        self.push(t + self.cfg.heartbeat_ms, Ev::Heartbeat(i as u32));
+        self.push(
+            t.saturating_add(self.cfg.heartbeat_ms),
+            Ev::Heartbeat(i as u32),
+        );
         self.moved_on_scale_out = Self::changed(&before, &self.routes(t));
     }
 
@@ -835,7 +841,11 @@ impl<'a> Sim<'a> {
         self.before_failure = self.routes(t);
         self.nodes[FAILED_NODE].alive = false;
         self.nodes[FAILED_NODE].load = 0;
-        self.push(t + self.cfg.heartbeat_timeout_ms + 1, Ev::ProbeAfterFailure);
+        self.push(
+            t.saturating_add(self.cfg.heartbeat_timeout_ms)
+                .saturating_add(1),
+            Ev::ProbeAfterFailure,
+        );
         for room in &mut self.rooms {
             room.on_failed = room.on_node(FAILED_NODE) > 0;
         }
@@ -844,9 +854,10 @@ impl<'a> Sim<'a> {
                 if self.presence[s][p] == Presence::Joined(FAILED_NODE) {
                     self.rooms[s].remove(FAILED_NODE);
                     self.presence[s][p] = Presence::Waiting;
-                    let back = t + self
-                        .rng
-                        .random_range(workload::SECOND..=20 * workload::SECOND);
+                    let back = t.saturating_add(
+                        self.rng
+                            .random_range(workload::SECOND..=20 * workload::SECOND),
+                    );
                     let (s, p) = (s as u32, p as u32);
                     self.push(back, Ev::Join { s, p, retry: true });
                 }

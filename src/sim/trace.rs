@@ -7,14 +7,26 @@
 //! earliest open join; a room whose last participant leaves ends its session (a later join
 //! starts a new session of the same room). Joins still open at the end leave one second after
 //! the last event. The caller may set the scale-out and failure times afterwards.
+//!
+//! Times are rebased to the trace's first event: a trace stamped with Unix epoch seconds (what
+//! operators export from their logs) runs from 0 like one that starts at 0. A trace may span
+//! at most [`MAX_SPAN`] from its first event to its last; a longer one is refused with the
+//! line that lies beyond it (the simulator samples every second of the span).
 
 use std::collections::HashMap;
 use std::io::BufRead;
 
 use anyhow::{bail, Context};
 
-use super::workload::{Session, Stay, Workload, SECOND};
+use super::workload::{Session, Stay, Workload, HOUR, SECOND};
 use crate::placement::Millis;
+
+/// The longest span a trace may cover, first event to last: 31 days.
+pub const MAX_SPAN: Millis = 31 * 24 * HOUR;
+
+/// The largest time a line may carry, in ms: up to 2^53 every millisecond is exact in an
+/// `f64`, so no two times round together (about 285 000 years after the epoch).
+const MAX_TIME_MS: f64 = (1u64 << 53) as f64;
 
 struct Event {
     t: Millis,
@@ -42,6 +54,14 @@ fn parse_line(line: &str, no: usize) -> anyhow::Result<Option<Event>> {
     if !secs.is_finite() || secs < 0.0 {
         bail!("line {no}: time must be >= 0 seconds");
     }
+    let ms = (secs * SECOND as f64).round();
+    if ms > MAX_TIME_MS {
+        bail!(
+            "line {no}: time {:?} is too large (at most {} seconds)",
+            fields[0],
+            MAX_TIME_MS / SECOND as f64
+        );
+    }
     let join = match fields[2].to_ascii_lowercase().as_str() {
         "join" => true,
         "leave" => false,
@@ -56,7 +76,8 @@ fn parse_line(line: &str, no: usize) -> anyhow::Result<Option<Event>> {
         ),
     };
     Ok(Some(Event {
-        t: (secs * SECOND as f64).round() as Millis,
+        // In range: checked above.
+        t: ms as Millis,
         room: fields[1].to_string(),
         join,
         size,
@@ -74,6 +95,23 @@ pub fn read_trace(input: impl BufRead, name: &str) -> anyhow::Result<Workload> {
         }
     }
     events.sort_by_key(|e| e.t);
+    // Rebase to the first event; refuse a trace longer than MAX_SPAN, naming the first line
+    // (in time order) beyond it.
+    let first = events.first().map_or(0, |e| e.t);
+    if let Some(e) = events.iter().find(|e| e.t - first > MAX_SPAN) {
+        let head = &events[0];
+        bail!(
+            "line {}: {:.3} s after the trace's first event (line {}): a trace may span at most \
+             {} days; split it",
+            e.line,
+            (e.t - first) as f64 / SECOND as f64,
+            head.line,
+            MAX_SPAN / (24 * HOUR)
+        );
+    }
+    for e in &mut events {
+        e.t -= first;
+    }
     let mut sessions: Vec<Session> = Vec::new();
     // Room key -> (its open session, join times of the participants still in it).
     let mut open: HashMap<String, (usize, Vec<Millis>)> = HashMap::new();
@@ -99,15 +137,16 @@ pub fn read_trace(input: impl BufRead, name: &str) -> anyhow::Result<Workload> {
             let join = joins.remove(0);
             sessions[*s].stays.push(Stay {
                 join,
-                leave: e.t.max(join + 1),
+                leave: e.t.max(join.saturating_add(1)),
             });
             if joins.is_empty() {
                 open.remove(&e.room);
             }
         }
     }
+    // At most MAX_SPAN after the rebase: these cannot overflow, saturating all the same.
     let last = events.last().map_or(0, |e| e.t);
-    let end = last + SECOND;
+    let end = last.saturating_add(SECOND);
     for (s, joins) in open.into_values() {
         sessions[s]
             .stays
@@ -120,7 +159,7 @@ pub fn read_trace(input: impl BufRead, name: &str) -> anyhow::Result<Workload> {
         measure_until: end,
         scale_out_at: None,
         fail_at: None,
-        end: end + SECOND,
+        end: end.saturating_add(SECOND),
         learned: vec![],
     })
 }
@@ -171,5 +210,66 @@ mod tests {
         assert!(err.to_string().contains("line 3"), "{err}");
         assert!(parse_trace("0 a jump\n", "t").is_err());
         assert!(parse_trace("x a join\n", "t").is_err());
+    }
+
+    #[test]
+    fn a_time_too_large_for_milliseconds_is_an_error_naming_the_line() {
+        // 1e300 s saturated to u64::MAX ms, and the end (one second after it) overflowed.
+        for time in ["1e300", "1e16", "9007199254741"] {
+            let err = parse_trace(&format!("0 a join\n{time} a leave\n"), "t").unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("line 2") && msg.contains("too large"), "{msg}");
+        }
+        // The largest time that is still exact is fine (a trace of one instant).
+        let w = parse_trace("9007199254740 a join\n", "t").unwrap();
+        assert_eq!(w.sessions[0].stays[0].join, 0);
+    }
+
+    #[test]
+    fn epoch_stamped_times_are_rebased_to_the_first_event() {
+        let epoch = parse_trace(
+            "1700000060 b join size=2\n1700000000 a join\n1700000000.5 a join\n\
+             1700000030 a leave\n1700000090 b leave\n",
+            "t",
+        )
+        .unwrap();
+        let zero = parse_trace(
+            "60 b join size=2\n0 a join\n0.5 a join\n30 a leave\n90 b leave\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            epoch.sessions[0].stays[0],
+            Stay {
+                join: 0,
+                leave: 30_000
+            }
+        );
+        assert_eq!((epoch.measure_until, epoch.end), (91_000, 92_000));
+        assert_eq!(epoch, zero);
+        // The run samples the trace's 92 seconds, not the 54 years before it.
+        let cfg = crate::sim::SimConfig::new(2, 3.0, 1, 2_000, 1);
+        let p = crate::sim::Policy::DEFAULT;
+        let r = crate::sim::simulate(&epoch, p, &cfg);
+        // Shares are of the trace's own 91 s, not diluted by an idle prefix.
+        assert!(r.busy_share > 0.6 && r.max_over_mean.is_finite(), "{r:?}");
+        assert_eq!(r, crate::sim::simulate(&zero, p, &cfg));
+    }
+
+    #[test]
+    fn a_trace_spanning_more_than_31_days_is_refused_naming_the_line() {
+        let day = 24 * 3600;
+        let ok = format!("1700000000 a join\n{} a leave\n", 1_700_000_000 + 31 * day);
+        assert_eq!(parse_trace(&ok, "t").unwrap().end, MAX_SPAN + 2 * SECOND);
+        let long = format!(
+            "# header\n1700000000 a join\n{} a leave\n{} b join\n",
+            1_700_000_000 + 31 * day + 1,
+            1_700_000_000 + 40 * day
+        );
+        let msg = parse_trace(&long, "t").unwrap_err().to_string();
+        assert!(
+            msg.contains("line 3") && msg.contains("line 2") && msg.contains("31 days"),
+            "{msg}"
+        );
     }
 }

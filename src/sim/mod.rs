@@ -135,7 +135,7 @@ enum Ev {
 /// reservations there and the other routers' reservations it heard of (as the router's
 /// `Live::utilization`).
 fn seen_util(n: &Node, pending: f64, reserved: f64, others: f64) -> f64 {
-    (n.reported + pending + reserved + others) / n.capacity
+    (f64::from(n.reported) + pending + reserved + others) / n.capacity
 }
 
 struct Node {
@@ -146,7 +146,8 @@ struct Node {
     load: u32,
     /// Refused joins of rooms pinned here (`NodeFull`), until the leave they would have had.
     refused: u32,
-    reported: f64,
+    /// Participants at the last report.
+    reported: u32,
     last_hb: Option<Millis>,
 }
 
@@ -159,6 +160,8 @@ struct Booked {
 
 struct Router {
     pending: Vec<f64>,
+    /// Joins sent to each node since its last report (`pending` counts them in `join_cost`).
+    sent: Vec<u32>,
     reserved: Vec<f64>,
     book: Vec<Booked>,
     rng: StdRng,
@@ -353,7 +356,7 @@ impl<'a> Sim<'a> {
                 alive: i < n0,
                 load: 0,
                 refused: 0,
-                reported: 0.0,
+                reported: 0,
                 last_hb: (i < n0).then_some(0),
             })
             .collect();
@@ -365,7 +368,7 @@ impl<'a> Sim<'a> {
                 alive: false,
                 load: 0,
                 refused: 0,
-                reported: 0.0,
+                reported: 0,
                 last_hb: None,
             });
         }
@@ -375,6 +378,7 @@ impl<'a> Sim<'a> {
         let routers = (0..cfg.routers)
             .map(|r| Router {
                 pending: vec![0.0; n],
+                sent: vec![0; n],
                 reserved: vec![0.0; n],
                 book: Vec::new(),
                 rng: StdRng::seed_from_u64(cfg.seed ^ (r as u64).wrapping_mul(0x9e37_79b9)),
@@ -533,6 +537,7 @@ impl<'a> Sim<'a> {
                     hash: n.hash,
                     capacity: n.capacity,
                     util: seen_util(n, router.pending[i], router.reserved[i], others),
+                    served: u64::from(n.reported) + u64::from(router.sent[i]),
                     last_heartbeat: if n.exists { n.last_hb } else { None },
                 }
             }));
@@ -684,6 +689,7 @@ impl<'a> Sim<'a> {
         self.presence[s][p] = Presence::Joined(node);
         let router = &mut self.routers[r];
         router.pending[node] += self.cfg.join_cost;
+        router.sent[node] += 1;
         if let Some(b) = router
             .book
             .iter_mut()
@@ -793,11 +799,12 @@ impl<'a> Sim<'a> {
             return;
         }
         let n = &mut self.nodes[i];
-        n.reported = n.load as f64;
+        n.reported = n.load;
         n.last_hb = Some(t);
         let rooms = &self.rooms;
         for (r, router) in self.routers.iter_mut().enumerate() {
             router.pending[i] = 0.0;
+            router.sent[i] = 0;
             let mut reserved = 0.0;
             router.book.retain_mut(|b| {
                 if b.node != i {

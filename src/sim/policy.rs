@@ -153,6 +153,11 @@ pub struct ViewNode {
     pub capacity: f64,
     /// (reported load + pending + reserved) / capacity.
     pub util: f64,
+    /// Participants the router counts on the node, as a whole number: the last report plus
+    /// the joins it sent since (HAProxy's `served`). Kept apart from `util` so that a bound
+    /// on it is checked without a round trip through `util * capacity` (7 / 100 * 100 is
+    /// 7.000000000000001).
+    pub served: u64,
     pub last_heartbeat: Option<Millis>,
 }
 
@@ -267,7 +272,7 @@ pub fn consistent(
 
 /// HAProxy consistent hashing with bounded loads: the first healthy node clockwise whose load
 /// after this join stays within `factor` times its fair share of the total (+1) load; if none,
-/// the first healthy node.
+/// the first healthy node. Loads are the nodes' whole `served` counts.
 pub fn bounded(
     ring: &Ring,
     nodes: &[ViewNode],
@@ -276,16 +281,16 @@ pub fn bounded(
     p: &Params,
     factor: f64,
 ) -> Option<usize> {
-    let (mut total, mut cap) = (0.0, 0.0);
+    let (mut total, mut cap) = (0u64, 0.0);
     for v in nodes.iter().filter(|v| healthy(v, now, p)) {
-        total += v.util * v.capacity;
+        total += v.served;
         cap += v.capacity;
     }
     ring.walk(room)
         .find(|&i| {
             let v = &nodes[i];
             healthy(v, now, p)
-                && v.util * v.capacity + 1.0 <= ((total + 1.0) * factor * v.capacity / cap).ceil()
+                && (v.served + 1) as f64 <= ((total + 1) as f64 * factor * v.capacity / cap).ceil()
         })
         .or_else(|| consistent(ring, nodes, room, now, p))
 }
@@ -304,6 +309,7 @@ mod tests {
                 hash: node_hash(format!("n{i}").as_bytes()),
                 capacity: 100.0,
                 util: u,
+                served: (u * 100.0).round() as u64,
                 last_heartbeat: Some(0),
             })
             .collect()
@@ -345,8 +351,41 @@ mod tests {
         let first = consistent(&ring, &v, 42, 1, &p).unwrap();
         let mut hot = v.clone();
         hot[first].util = 0.5;
+        hot[first].served = 50;
         assert_eq!(bounded(&ring, &v, 42, 1, &p, 1.25), Some(first));
         assert_ne!(bounded(&ring, &hot, 42, 1, &p, 1.25), Some(first));
         assert_eq!(consistent(&ring, &hot, 42, 1, &p), Some(first));
+    }
+
+    /// A key whose ring walk starts at node `i`.
+    fn key_starting_at(ring: &Ring, i: usize) -> u64 {
+        (0..10_000)
+            .map(|k| pair_hash(k, 7))
+            .find(|&k| ring.walk(k).next() == Some(i))
+            .expect("a node with points on the ring starts some walk")
+    }
+
+    #[test]
+    fn bounded_hash_takes_a_node_exactly_at_its_bound() {
+        // 22 participants on two nodes of 100, 14 of them on node 1: with this join 23, and
+        // node 1 may hold 15 (HAProxy: 29 slots, 14 for node 0 and 15 for node 1). Rebuilt
+        // from its utilization, node 1's load was 14.000000000000002 and it was skipped.
+        let mut v = views(&[0.08, 0.14]);
+        v[1].util = 14.0 / 100.0;
+        assert_ne!(v[1].util * v[1].capacity, 14.0);
+        let hashes: Vec<u64> = v.iter().map(|n| n.hash).collect();
+        let ring = Ring::new(&hashes, &[100.0; 2]);
+        let key = key_starting_at(&ring, 1);
+        assert_eq!(
+            bounded(&ring, &v, key, 1, &Params::default(), 1.25),
+            Some(1)
+        );
+        // One more participant (24 with this join: 30 slots, 15 for node 1) and it is past
+        // its bound.
+        v[1].served = 15;
+        assert_eq!(
+            bounded(&ring, &v, key, 1, &Params::default(), 1.25),
+            Some(0)
+        );
     }
 }

@@ -230,10 +230,61 @@ pub fn two_choice(nodes: &[ViewNode], now: Millis, p: &Params, rng: &mut StdRng)
 /// Points per unit of relative weight on the ring (HAProxy uses a few dozen to a few hundred).
 pub const RING_POINTS: f64 = 100.0;
 
-/// A consistent-hash ring over every node the run may ever have.
+/// HAProxy's `BE_WEIGHT_SCALE`: a server's effective weight (`cur_eweight`) under consistent
+/// hashing is its configured `weight` times this.
+pub const BE_WEIGHT_SCALE: u64 = 16;
+
+/// HAProxy's largest server `weight`.
+pub const MAX_WEIGHT: u64 = 256;
+
+/// The `weight`s an operator would give HAProxy servers of these capacities: proportional to
+/// capacity, the largest 256, none below 1 (HAProxy's range). Equal nodes get equal weights,
+/// and for equal weights the bounded-load slots do not depend on their value.
+pub fn haproxy_weights(capacities: &[f64]) -> Vec<u64> {
+    let max = capacities.iter().copied().fold(0.0, f64::max);
+    capacities
+        .iter()
+        .map(|&c| {
+            if max > 0.0 {
+                ((MAX_WEIGHT as f64 * c / max).round() as u64).clamp(1, MAX_WEIGHT)
+            } else {
+                1
+            }
+        })
+        .collect()
+}
+
+/// HAProxy's `chash_server_is_eligible` (lb_chash.c): how many of the `served + 1`
+/// outstanding requests (including the one being placed) times `balance_factor` percent,
+/// rounded up, the server of effective weight `eweight` may hold, when the usable servers'
+/// effective weights sum to `tot_weight` and those before it (in configuration order) to
+/// `cumulative`: a whole number per weight unit, the remainder spread in proportion to
+/// weight by cumulative position, and never 0. The server is eligible while its own served
+/// count is below this.
+pub fn haproxy_slots(
+    served: u64,
+    balance_factor: u64,
+    tot_weight: u64,
+    cumulative: u64,
+    eweight: u64,
+) -> u64 {
+    let tot_weight = tot_weight.max(1);
+    // HAProxy: ((served + 1) * factor + 99) / 100.
+    let tot_slots = ((served + 1) * balance_factor).div_ceil(100);
+    let per_weight = tot_slots / tot_weight;
+    let remainder = tot_slots % tot_weight;
+    let slots = eweight * per_weight + ((cumulative + eweight) * remainder) / tot_weight
+        - (cumulative * remainder) / tot_weight;
+    slots.max(1)
+}
+
+/// A consistent-hash ring over every node the run may ever have, with each node's HAProxy
+/// effective weight for the bounded-load check.
 #[derive(Debug, Clone)]
 pub struct Ring {
     points: Vec<(u64, usize)>,
+    /// `weight * BE_WEIGHT_SCALE` per node, from [`haproxy_weights`].
+    eweights: Vec<u64>,
 }
 
 impl Ring {
@@ -246,7 +297,11 @@ impl Ring {
             points.extend((0..n).map(|k| (pair_hash(k, h), i)));
         }
         points.sort_unstable();
-        Ring { points }
+        let eweights = haproxy_weights(capacities)
+            .into_iter()
+            .map(|w| w * BE_WEIGHT_SCALE)
+            .collect();
+        Ring { points, eweights }
     }
 
     /// Nodes clockwise from `key`, one entry per point, once round the ring.
@@ -270,9 +325,10 @@ pub fn consistent(
     ring.walk(room).find(|&i| healthy(&nodes[i], now, p))
 }
 
-/// HAProxy consistent hashing with bounded loads: the first healthy node clockwise whose load
-/// after this join stays within `factor` times its fair share of the total (+1) load; if none,
-/// the first healthy node. Loads are the nodes' whole `served` counts.
+/// HAProxy consistent hashing with bounded loads (`hash-balance-factor`, `factor` = 1.25 for
+/// 125): the first healthy node clockwise that [`haproxy_slots`] finds eligible, its usable
+/// servers being the healthy nodes (weights in node order, as in HAProxy's configuration) and
+/// its served counts the nodes' whole `served`; if none, the first healthy node.
 pub fn bounded(
     ring: &Ring,
     nodes: &[ViewNode],
@@ -281,16 +337,24 @@ pub fn bounded(
     p: &Params,
     factor: f64,
 ) -> Option<usize> {
-    let (mut total, mut cap) = (0u64, 0.0);
-    for v in nodes.iter().filter(|v| healthy(v, now, p)) {
-        total += v.served;
-        cap += v.capacity;
+    let balance_factor = (factor * 100.0).round().max(0.0) as u64;
+    let (mut served, mut tot_weight) = (0u64, 0u64);
+    // Each healthy node's cumulative weight: the healthy nodes' before it.
+    let mut cumulative = vec![None; nodes.len()];
+    for (i, v) in nodes.iter().enumerate() {
+        if healthy(v, now, p) {
+            cumulative[i] = Some(tot_weight);
+            served += v.served;
+            tot_weight += ring.eweights[i];
+        }
     }
     ring.walk(room)
         .find(|&i| {
-            let v = &nodes[i];
-            healthy(v, now, p)
-                && (v.served + 1) as f64 <= ((total + 1) as f64 * factor * v.capacity / cap).ceil()
+            cumulative[i].is_some_and(|cum| {
+                let slots =
+                    haproxy_slots(served, balance_factor, tot_weight, cum, ring.eweights[i]);
+                nodes[i].served < slots
+            })
         })
         .or_else(|| consistent(ring, nodes, room, now, p))
 }
@@ -387,5 +451,45 @@ mod tests {
             bounded(&ring, &v, key, 1, &Params::default(), 1.25),
             Some(0)
         );
+    }
+
+    #[test]
+    fn haproxy_slots_spread_the_remainder_by_cumulative_weight_and_never_give_zero() {
+        // Weights 1 and 3 (effective 16 and 48), 9 served: (10 x 125 + 99) / 100 = 13 slots,
+        // 13 x 16 / 64 = 3 for the first, the other 10.
+        assert_eq!(haproxy_slots(9, 125, 64, 0, 16), 3);
+        assert_eq!(haproxy_slots(9, 125, 64, 16, 48), 10);
+        // Nothing served: 2 slots over three equal servers, the first would get 0, so 1.
+        let three: Vec<u64> = (0..3)
+            .map(|i| haproxy_slots(0, 125, 48, 16 * i, 16))
+            .collect();
+        assert_eq!(three, [1, 1, 1]);
+        // More slots than weight: whole slots per weight unit, then the remainder.
+        // 99 served: 125 slots over 48: 2 per unit (32 each), 29 left: 9, 10, 10.
+        let many: Vec<u64> = (0..3)
+            .map(|i| haproxy_slots(99, 125, 48, 16 * i, 16))
+            .collect();
+        assert_eq!(many, [41, 42, 42]);
+    }
+
+    #[test]
+    fn haproxy_weights_follow_capacity_within_haproxys_range() {
+        assert_eq!(haproxy_weights(&[100.0, 400.0, 250.0]), [64, 256, 160]);
+        assert_eq!(haproxy_weights(&[250.0; 3]), [256; 3]);
+        assert_eq!(haproxy_weights(&[1.0, 1000.0]), [1, 256]);
+    }
+
+    #[test]
+    fn bounded_hash_gives_the_remainder_to_the_later_nodes_as_haproxy_does() {
+        // One participant on each of three equal nodes: with this join 4, 5 slots. HAProxy
+        // gives them 1, 2 and 2, so node 0 (already at 1) is not eligible; an even
+        // ceil(5 / 3) = 2 each would have taken it.
+        let v = views(&[0.01, 0.01, 0.01]);
+        let hashes: Vec<u64> = v.iter().map(|n| n.hash).collect();
+        let ring = Ring::new(&hashes, &[100.0; 3]);
+        let key = key_starting_at(&ring, 0);
+        let next = ring.walk(key).find(|&i| i != 0);
+        assert_eq!(bounded(&ring, &v, key, 1, &Params::default(), 1.25), next);
+        assert_eq!(consistent(&ring, &v, key, 1, &Params::default()), Some(0));
     }
 }

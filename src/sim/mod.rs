@@ -813,7 +813,9 @@ impl<'a> Sim<'a> {
                 b.r.observe(rooms[b.session].on_node(i));
                 // A room that ended (its pin was released when it emptied) is no longer
                 // reported: the router releases its reservation, as `Router::end_room` does.
-                let keep = !b.r.is_done(t) && rooms[b.session].pin.is_some();
+                // So does a room that was placed again on another node since (by another
+                // router, after it emptied): this node no longer holds it.
+                let keep = !b.r.is_done(t) && rooms[b.session].pin == Some(i);
                 if keep {
                     reserved += b.r.outstanding() as f64;
                 }
@@ -1168,5 +1170,55 @@ mod tests {
         assert_eq!((r.refusals, r.refusals_no_capacity), (1, 1));
         assert_eq!(r.offered_peak, r.peak_utilization);
         assert_eq!(r.peak_utilization, 1.0);
+    }
+
+    #[test]
+    fn a_room_placed_again_elsewhere_releases_its_old_reservation_at_the_old_nodes_report() {
+        // Room "a" (hint 10): its first participant joins through router 0 and leaves, so the
+        // room empties and its pin is released; the next joins through router 1, which sees
+        // router 0's reservation (shared at once) and places the room on the other node.
+        // At the first node's report router 0 releases its reservation there: the room is
+        // no longer on that node, though it is pinned (elsewhere).
+        let stays = (0..16)
+            .map(|k| workload::Stay {
+                join: 1_000 + k,
+                leave: 50_000,
+            })
+            .collect();
+        let w = Workload {
+            name: "replaced".into(),
+            sessions: vec![workload::Session {
+                room: "a".into(),
+                hint: Some(10),
+                stays,
+            }],
+            bursts: vec![],
+            measure_until: 60_000,
+            scale_out_at: None,
+            fail_at: None,
+            end: 60_000,
+            learned: vec![],
+        };
+        let cfg = SimConfig::new(2, 100.0, 2, 10_000, 1);
+        let mut sim = Sim::new(&w, Policy::default_shared(0), &cfg);
+        let through = |r: usize| (0..16).find(|&p| sim.router_of(0, p) == r).unwrap();
+        let (p0, p1) = (through(0), through(1));
+        sim.join(1_000, 0, p0, false);
+        let old = sim.rooms[0].pin.unwrap();
+        assert_eq!(sim.routers[0].reserved[old], 9.0);
+        sim.leave(0, p0);
+        assert_eq!(sim.rooms[0].pin, None);
+        sim.join(2_000, 0, p1, false);
+        let new = sim.rooms[0].pin.unwrap();
+        assert_ne!(new, old, "router 1 saw router 0's reservation");
+        sim.heartbeat(10_000, old);
+        assert_eq!(sim.routers[0].reserved[old], 0.0);
+        assert!(sim.routers[0].book.is_empty());
+        // The room's reservation on its node is untouched.
+        assert_eq!(sim.routers[1].reserved[new], 9.0);
+        // ... and the other routers hear of the release.
+        let shared = sim.shared.as_mut().unwrap();
+        shared.advance(10_000);
+        assert_eq!(shared.total[old], 0.0);
     }
 }

@@ -30,7 +30,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PlacementConfig;
@@ -42,7 +42,7 @@ use crate::placement::{
 pub use policy::Policy;
 use policy::{Ring, ViewNode};
 pub use report::{PolicyResult, Report, WorkloadResult};
-pub use workload::{HintMode, StandardWorkload, Workload};
+pub use workload::{HintMode, StandardWorkload, Stream, Workload};
 
 /// The cluster and the routers' knobs for one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,7 +381,7 @@ impl<'a> Sim<'a> {
                 sent: vec![0; n],
                 reserved: vec![0.0; n],
                 book: Vec::new(),
-                rng: StdRng::seed_from_u64(cfg.seed ^ (r as u64).wrapping_mul(0x9e37_79b9)),
+                rng: Stream::Router(r).rng(cfg.seed),
             })
             .collect();
         let rule = match policy {
@@ -416,7 +416,7 @@ impl<'a> Sim<'a> {
             heap: BinaryHeap::new(),
             seq: 0,
             view: Vec::with_capacity(n),
-            rng: StdRng::seed_from_u64(cfg.seed ^ 0xfa11),
+            rng: Stream::Reconnect.rng(cfg.seed),
             next_sample: 0,
             sampler: Sampler::default(),
             joins: 0,

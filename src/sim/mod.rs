@@ -148,6 +148,14 @@ struct Node {
     refused: u32,
     /// Participants at the last report.
     reported: u32,
+    /// With Scalelite: the last report as Scalelite's poller records it (every meeting
+    /// younger than 15 minutes counted as at least 15 users).
+    scalelite_reported: u32,
+    /// With Scalelite: meetings created here since the last report (+1 each, whichever
+    /// router created them).
+    created_since: u32,
+    /// With Scalelite: the meetings created here that may still be young: (session, when).
+    young: Vec<(usize, Millis)>,
     last_hb: Option<Millis>,
 }
 
@@ -235,6 +243,8 @@ struct Room {
     peak: u32,
     split: bool,
     first_node: Option<usize>,
+    /// When the room was last placed (its meeting created on its node).
+    placed_at: Millis,
     /// Had participants on the node that failed, and has not come back yet.
     on_failed: bool,
 }
@@ -323,6 +333,8 @@ struct Sim<'a> {
     heap: BinaryHeap<Reverse<(Millis, u64, Ev)>>,
     seq: u64,
     view: Vec<ViewNode>,
+    /// With Scalelite: each node's Scalelite load over capacity, as the routers see it.
+    scalelite_view: Vec<f64>,
     rng: StdRng,
     next_sample: Millis,
     sampler: Sampler,
@@ -357,6 +369,9 @@ impl<'a> Sim<'a> {
                 load: 0,
                 refused: 0,
                 reported: 0,
+                scalelite_reported: 0,
+                created_since: 0,
+                young: Vec::new(),
                 last_hb: (i < n0).then_some(0),
             })
             .collect();
@@ -369,6 +384,9 @@ impl<'a> Sim<'a> {
                 load: 0,
                 refused: 0,
                 reported: 0,
+                scalelite_reported: 0,
+                created_since: 0,
+                young: Vec::new(),
                 last_hb: None,
             });
         }
@@ -416,6 +434,7 @@ impl<'a> Sim<'a> {
             heap: BinaryHeap::new(),
             seq: 0,
             view: Vec::with_capacity(n),
+            scalelite_view: Vec::with_capacity(n),
             rng: Stream::Reconnect.rng(cfg.seed),
             next_sample: 0,
             sampler: Sampler::default(),
@@ -541,6 +560,14 @@ impl<'a> Sim<'a> {
                     last_heartbeat: if n.exists { n.last_hb } else { None },
                 }
             }));
+        if self.policy == Policy::Scalelite {
+            self.scalelite_view.clear();
+            self.scalelite_view.extend(
+                self.nodes
+                    .iter()
+                    .map(|n| f64::from(n.scalelite_reported + n.created_since) / n.capacity),
+            );
+        }
     }
 
     /// Node `i`'s û as router `r` sees it (as [`Sim::fill_view`] sums it) without `units` of
@@ -598,7 +625,7 @@ impl<'a> Sim<'a> {
                     d => d,
                 }
             }
-            Policy::LeastLoaded | Policy::TwoChoice => {
+            Policy::LeastLoaded | Policy::Scalelite | Policy::TwoChoice => {
                 if let Some(i) = pinned.filter(|&i| is_healthy(&view[i], t, p.heartbeat_timeout_ms))
                 {
                     return if full(i) {
@@ -607,10 +634,10 @@ impl<'a> Sim<'a> {
                         Decision::Pinned(i)
                     };
                 }
-                let pick = if self.policy == Policy::LeastLoaded {
-                    policy::least_loaded(view, t, p)
-                } else {
-                    policy::two_choice(view, t, p, &mut self.routers[r].rng)
+                let pick = match self.policy {
+                    Policy::LeastLoaded => policy::least_loaded(view, t, p),
+                    Policy::Scalelite => policy::scalelite(view, &self.scalelite_view, t, p),
+                    _ => policy::two_choice(view, t, p, &mut self.routers[r].rng),
                 };
                 match pick {
                     Some(node) => Decision::Place {
@@ -650,6 +677,12 @@ impl<'a> Sim<'a> {
             Decision::Place { node, .. } => {
                 if self.policy.pins() {
                     self.rooms[s].pin = Some(node);
+                }
+                self.rooms[s].placed_at = t;
+                if self.policy == Policy::Scalelite {
+                    let n = &mut self.nodes[node];
+                    n.created_since += 1;
+                    n.young.push((s, t));
                 }
                 if self.policy.reserves() {
                     self.reserve(t, s, r, node);
@@ -798,10 +831,29 @@ impl<'a> Sim<'a> {
         if !self.nodes[i].alive {
             return;
         }
+        let rooms = &self.rooms;
         let n = &mut self.nodes[i];
         n.reported = n.load;
         n.last_hb = Some(t);
-        let rooms = &self.rooms;
+        if self.policy == Policy::Scalelite {
+            // Scalelite's poll: each meeting's users, at least 15 while it is young. The
+            // increments since the last poll are replaced by it.
+            n.young.retain(|&(s, at)| {
+                rooms[s].pin == Some(i)
+                    && rooms[s].placed_at == at
+                    && at.saturating_add(policy::SCALELITE_JOIN_BUFFER_MS) > t
+            });
+            let floor: u32 = n
+                .young
+                .iter()
+                .map(|&(s, at)| {
+                    let present = rooms[s].on_node(i);
+                    policy::scalelite_meeting_load(present, at, t) - present
+                })
+                .sum();
+            n.scalelite_reported = n.load + floor;
+            n.created_since = 0;
+        }
         for (r, router) in self.routers.iter_mut().enumerate() {
             router.pending[i] = 0.0;
             router.sent[i] = 0;
@@ -1220,5 +1272,123 @@ mod tests {
         let shared = sim.shared.as_mut().unwrap();
         shared.advance(10_000);
         assert_eq!(shared.total[old], 0.0);
+    }
+
+    /// Sessions of `n` participants each (stays long enough for any test here), no hints.
+    fn rooms_of(names: &[&str], n: u64) -> Workload {
+        Workload {
+            name: "direct".into(),
+            sessions: names
+                .iter()
+                .map(|room| workload::Session {
+                    room: room.to_string(),
+                    hint: None,
+                    stays: (0..n)
+                        .map(|k| workload::Stay {
+                            join: k,
+                            leave: 3 * workload::HOUR,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            bursts: vec![],
+            measure_until: 3 * workload::HOUR,
+            scale_out_at: None,
+            fail_at: None,
+            end: 3 * workload::HOUR,
+            learned: vec![],
+        }
+    }
+
+    /// Every node reports at `t`.
+    fn report_all(sim: &mut Sim, t: Millis) {
+        for i in 0..sim.nodes.len() {
+            sim.heartbeat(t, i);
+        }
+    }
+
+    #[test]
+    fn scalelite_counts_a_young_meeting_as_15_users_until_it_is_15_minutes_old() {
+        // "old" (10 participants) is 16 minutes old when "young" (3) starts on the other node;
+        // a minute later room "n" comes. Scalelite's poll has young at 15 and old at 10, so n
+        // joins old; plain least-loaded sees 3 against 10 and joins young.
+        let w = rooms_of(&["old", "young", "n"], 10);
+        let cfg = SimConfig::new(2, 100.0, 1, 2_000, 1);
+        let (old, young, n) = (0, 1, 2);
+        for (policy, n_with) in [(Policy::Scalelite, old), (Policy::LeastLoaded, young)] {
+            let mut sim = Sim::new(&w, policy, &cfg);
+            for p in 0..10 {
+                sim.join(p as Millis, old, p, false);
+            }
+            let t = 16 * workload::MINUTE;
+            report_all(&mut sim, t);
+            for p in 0..3 {
+                sim.join(t + p as Millis, young, p, false);
+            }
+            report_all(&mut sim, t + workload::MINUTE);
+            sim.join(t + workload::MINUTE + 1, n, 0, false);
+            let on = |s: usize| sim.rooms[s].pin.unwrap();
+            assert_ne!(on(old), on(young), "{}", policy.name());
+            assert_eq!(on(n), on(n_with), "{}", policy.name());
+            if policy == Policy::Scalelite {
+                let (y, o) = (on(young), on(old));
+                assert_eq!(sim.nodes[y].scalelite_reported, 15);
+                assert_eq!(sim.nodes[o].scalelite_reported, 10, "n came after the poll");
+                // Fifteen minutes after young was created it counts its 3 participants.
+                report_all(&mut sim, t + policy::SCALELITE_JOIN_BUFFER_MS - 1);
+                assert_eq!(sim.nodes[y].scalelite_reported, 15);
+                report_all(&mut sim, t + policy::SCALELITE_JOIN_BUFFER_MS);
+                assert_eq!(sim.nodes[y].scalelite_reported, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn scalelite_adds_one_per_meeting_created_not_per_join_until_the_next_poll() {
+        // Reports every minute, none between the rooms. Room a gets 5 participants, then b
+        // and c start. Plain least-loaded counts a's 5 joins and sends c to b's node;
+        // Scalelite counts a and b as 1 each and sends c to a's node (the lower index).
+        let w = rooms_of(&["a", "b", "c"], 5);
+        let cfg = SimConfig::new(2, 100.0, 1, 60_000, 1);
+        for (policy, c_with) in [(Policy::Scalelite, 0), (Policy::LeastLoaded, 1)] {
+            let mut sim = Sim::new(&w, policy, &cfg);
+            for p in 0..5 {
+                sim.join(1_000 + p as Millis, 0, p, false);
+            }
+            sim.join(2_000, 1, 0, false);
+            sim.join(3_000, 2, 0, false);
+            let on = |s: usize| sim.rooms[s].pin.unwrap();
+            assert_ne!(on(0), on(1), "{}", policy.name());
+            assert_eq!(on(2), on(c_with), "{}", policy.name());
+            if policy == Policy::Scalelite {
+                let a = on(0);
+                assert_eq!(sim.nodes[a].created_since, 2);
+                // The next poll replaces the increments: a and c are young (15 each).
+                sim.heartbeat(4_000, a);
+                let n = &sim.nodes[a];
+                assert_eq!((n.created_since, n.scalelite_reported), (0, 30));
+            }
+        }
+    }
+
+    #[test]
+    fn every_router_sees_scalelites_increments_at_once() {
+        // a's first participant joins through router 0, b's through router 1, no report in
+        // between: Scalelite's load lives in one Redis sorted set, so router 1 sees a's +1
+        // and puts b on the other node; with per-router pending (plain least-loaded) router 1
+        // sees both nodes empty and puts b with a (the lower index).
+        let w = rooms_of(&["a", "b"], 16);
+        let cfg = SimConfig::new(2, 100.0, 2, 60_000, 1);
+        for (policy, together) in [(Policy::Scalelite, false), (Policy::LeastLoaded, true)] {
+            let mut sim = Sim::new(&w, policy, &cfg);
+            let via = |sim: &Sim, s: usize, r: usize| {
+                (0..16).find(|&p| sim.router_of(s, p) == r).unwrap()
+            };
+            let (pa, pb) = (via(&sim, 0, 0), via(&sim, 1, 1));
+            sim.join(1_000, 0, pa, false);
+            sim.join(2_000, 1, pb, false);
+            let same = sim.rooms[0].pin == sim.rooms[1].pin;
+            assert_eq!(same, together, "{}", policy.name());
+        }
     }
 }

@@ -1,11 +1,14 @@
 //! The placement policies the simulator compares, and how each one picks a node.
 //!
 //! Ours calls the real [`crate::placement::decide`]; the others are re-implemented here from
-//! their documented behaviour, over the same router view (last report + pending (+ reserved
-//! for ours)): Scalelite's least-loaded, LiveKit's `twochoice`, HAProxy's
-//! `hash-type consistent`, and HAProxy's consistent hashing with bounded loads
-//! (`hash-balance-factor`). The hashing policies keep no pins (HAProxy routes every request by
-//! its key), so they can split a room; the others pin a room to its node.
+//! their documented behaviour and source, over the same router view (last report + pending
+//! (+ reserved for ours)): plain least-loaded (the baseline of the school-day target),
+//! Scalelite's own rule (least-loaded on a load that counts every meeting younger than 15
+//! minutes as at least 15 users and adds 1 per meeting created since the last poll),
+//! LiveKit's `twochoice`, HAProxy's `hash-type consistent`, and HAProxy's consistent hashing
+//! with bounded loads (`hash-balance-factor`). The hashing policies keep no pins (HAProxy
+//! routes every request by its key), so they can split a room; the others pin a room to its
+//! node.
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -30,8 +33,16 @@ pub enum Policy {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shared_ms: Option<u64>,
     },
-    /// The healthy node with the lowest utilization (Scalelite).
+    /// The healthy node with the lowest utilization: last report plus each router's pending
+    /// joins (`plain_least_loaded`). The baseline the school-day target is measured against
+    /// ("least-loaded without hints").
     LeastLoaded,
+    /// Scalelite's placement as its source has it: the healthy node with the lowest load,
+    /// where a node's polled load counts every meeting younger than `LOAD_JOIN_BUFFER_TIME`
+    /// (15 min) as at least `LOAD_MIN_USER_COUNT` (15) users, and each meeting created on it
+    /// since adds 1 (`server.increment_load(1)` on `create`, not per join; one Redis sorted
+    /// set, so every router sees every increment at once).
+    Scalelite,
     /// The less loaded of two random nodes under the limit (LiveKit `twochoice`).
     TwoChoice,
     /// A consistent-hash ring, no pins (HAProxy `hash-type consistent`).
@@ -69,7 +80,7 @@ impl Policy {
     }
 
     /// Every policy of the standard comparison: the default, each of our rules with and
-    /// without reservation (each router counting its own), then the four others.
+    /// without reservation (each router counting its own), then the five others.
     pub fn standard() -> Vec<Policy> {
         let mut v = vec![Policy::DEFAULT];
         for rule in ChoiceRule::ALL {
@@ -83,6 +94,7 @@ impl Policy {
         }
         v.extend([
             Policy::LeastLoaded,
+            Policy::Scalelite,
             Policy::TwoChoice,
             Policy::ConsistentHash,
             Policy::BoundedLoadHash { factor: 1.25 },
@@ -107,7 +119,8 @@ impl Policy {
                     if reservation { "+res" } else { "" }
                 )
             }
-            Policy::LeastLoaded => "scalelite_least_loaded".into(),
+            Policy::LeastLoaded => "plain_least_loaded".into(),
+            Policy::Scalelite => "scalelite".into(),
             Policy::TwoChoice => "livekit_two_choice".into(),
             Policy::ConsistentHash => "haproxy_consistent".into(),
             Policy::BoundedLoadHash { factor } => format!("haproxy_bounded_{factor}"),
@@ -189,15 +202,49 @@ fn healthy(v: &ViewNode, now: Millis, p: &Params) -> bool {
     is_healthy(v, now, p.heartbeat_timeout_ms)
 }
 
-/// Scalelite: the healthy node with the lowest utilization below `join_limit` (ties: the
-/// lowest index, as a database `ORDER BY load` would give a stable order).
+/// Plain least-loaded: the healthy node with the lowest utilization below `join_limit` (ties:
+/// the lowest index, as a database `ORDER BY load` would give a stable order).
 pub fn least_loaded(nodes: &[ViewNode], now: Millis, p: &Params) -> Option<usize> {
-    nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| healthy(v, now, p) && v.util < p.join_limit)
-        .min_by(|a, b| a.1.util.total_cmp(&b.1.util))
-        .map(|(i, _)| i)
+    lowest(nodes, now, p, |i| nodes[i].util)
+}
+
+/// Scalelite's `LOAD_MIN_USER_COUNT` (default 15): a young meeting counts as at least this
+/// many users in its server's polled load.
+pub const SCALELITE_MIN_USERS: u32 = 15;
+
+/// Scalelite's `LOAD_JOIN_BUFFER_TIME` (default 15 minutes): how long a meeting is young.
+pub const SCALELITE_JOIN_BUFFER_MS: Millis = 15 * 60 * 1_000;
+
+/// What a Scalelite poll records for a meeting with `present` users created at `created_at`:
+/// at least [`SCALELITE_MIN_USERS`] while it is younger than [`SCALELITE_JOIN_BUFFER_MS`]
+/// (`created_time > LOAD_JOIN_BUFFER_TIME.ago`), else its users.
+pub fn scalelite_meeting_load(present: u32, created_at: Millis, now: Millis) -> u32 {
+    if created_at.saturating_add(SCALELITE_JOIN_BUFFER_MS) > now {
+        present.max(SCALELITE_MIN_USERS)
+    } else {
+        present
+    }
+}
+
+/// Scalelite (`Server.find_available`): the healthy node with the lowest Scalelite load
+/// (`load[i]`: polled load with the young-meeting floor, plus 1 per meeting created since,
+/// over capacity, Scalelite's `load_multiplier`), ties to the lowest index as Redis orders a
+/// sorted set's equal scores. Scalelite itself never refuses; here, as for every policy, a
+/// node the router sees at `join_limit` (by participants: `util`) takes no new room.
+pub fn scalelite(nodes: &[ViewNode], load: &[f64], now: Millis, p: &Params) -> Option<usize> {
+    lowest(nodes, now, p, |i| load[i])
+}
+
+/// The healthy node below `join_limit` with the lowest `key`, ties to the lowest index.
+fn lowest(
+    nodes: &[ViewNode],
+    now: Millis,
+    p: &Params,
+    key: impl Fn(usize) -> f64,
+) -> Option<usize> {
+    (0..nodes.len())
+        .filter(|&i| healthy(&nodes[i], now, p) && nodes[i].util < p.join_limit)
+        .min_by(|&a, &b| key(a).total_cmp(&key(b)))
 }
 
 /// LiveKit `twochoice`: two random nodes among those below `new_room_limit` (else below
@@ -395,6 +442,33 @@ mod tests {
         let mut v = views(&[0.5, 0.2, 0.1]);
         v[2].last_heartbeat = None;
         assert_eq!(least_loaded(&v, 1, &Params::default()), Some(1));
+    }
+
+    #[test]
+    fn scalelite_ranks_by_its_own_load_among_the_nodes_that_can_take_a_room() {
+        let mut v = views(&[0.3, 0.2, 0.1, 0.0]);
+        v[3].last_heartbeat = None;
+        v[2].util = 1.0;
+        // By participants node 1 is the emptiest open node; by Scalelite's load node 0.
+        let load = [0.15, 0.25, 0.0, 0.0];
+        assert_eq!(scalelite(&v, &load, 1, &Params::default()), Some(0));
+        assert_eq!(least_loaded(&v, 1, &Params::default()), Some(1));
+        // Equal loads: the lowest index.
+        assert_eq!(
+            scalelite(&v, &[0.2, 0.2, 0.0, 0.0], 1, &Params::default()),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn a_meeting_counts_at_least_15_users_for_its_first_15_minutes() {
+        let created = 1_000;
+        assert_eq!(scalelite_meeting_load(3, created, created), 15);
+        assert_eq!(scalelite_meeting_load(20, created, created), 20);
+        let last = created + SCALELITE_JOIN_BUFFER_MS - 1;
+        assert_eq!(scalelite_meeting_load(3, created, last), 15);
+        assert_eq!(scalelite_meeting_load(3, created, last + 1), 3);
+        assert_eq!(scalelite_meeting_load(0, created, last + 1), 0);
     }
 
     #[test]

@@ -313,12 +313,14 @@ pub fn check_targets(
 }
 
 /// The school-day target on one school day: with learned history, noisy and exact hints, the
-/// default's offered peak at least 25% below least-loaded's without hints on the same day.
-/// The realized peak of a pinned node stops at `join_limit` (beyond it joins are refused), so
-/// the target compares offered peaks: what each policy piled onto its busiest node. The
-/// default's variants, each router with its own reservations (`placement.share_reservations
-/// = false`) and reservations shared after other delays (`--shared-reservations`), are
-/// checked the same way when they were run.
+/// default's peak at least 25% below least-loaded's without hints on the same day. Each check
+/// reports both peaks, and its verdict is on the **offered** peak, which it says: the realized
+/// peak of a pinned node stops at `join_limit` (beyond it joins are refused), so least-loaded's
+/// realized peak (about 1.0) hides the joins it refused on its busiest node, and comparing
+/// realized peaks would credit the baseline for them. Whether the realized peaks alone would
+/// meet the target is stated beside the verdict. The default's variants, each router with its
+/// own reservations (`placement.share_reservations = false`) and reservations shared after
+/// other delays (`--shared-reservations`), are checked the same way when they were run.
 fn school_day_targets(
     kind: StandardWorkload,
     runs: &[(StandardWorkload, HintMode, WorkloadResult)],
@@ -333,6 +335,7 @@ fn school_day_targets(
     };
     let pct = |a: f64, b: f64| 100.0 * (a / b - 1.0);
     let target = 0.75 * base.offered_peak;
+    let realized_target = 0.75 * base.peak_utilization;
     // The default, then its variants (each router counting its own reservations; shared
     // after other delays), in the order they were run.
     let mut candidates = vec![Policy::DEFAULT];
@@ -358,20 +361,24 @@ fn school_day_targets(
             let Some(def) = w.get(policy) else {
                 continue;
             };
+            let realized_met = def.peak_utilization <= realized_target;
             out.push(TargetCheck {
                 target: format!(
-                    "{}: default{with} offered peak with {what} >= 25% below least-loaded without",
+                    "{}: default{with} peak with {what} >= 25% below least-loaded without \
+                     (verdict on offered peak)",
                     kind.name()
                 ),
                 met: def.offered_peak <= target,
                 detail: format!(
-                    "offered {:.3} vs {:.3} ({:+.1}%); realized {:.3} vs {:.3} ({:+.1}%); {}",
+                    "offered peak {:.3} vs {:.3} ({:+.1}%, the verdict's figure); realized peak \
+                     {:.3} vs {:.3} ({:+.1}%: {} on realized peaks); {}",
                     def.offered_peak,
                     base.offered_peak,
                     pct(def.offered_peak, base.offered_peak),
                     def.peak_utilization,
                     base.peak_utilization,
                     pct(def.peak_utilization, base.peak_utilization),
+                    if realized_met { "met" } else { "missed" },
                     reachability(target, w.peak_mean)
                 ),
             });
@@ -410,7 +417,7 @@ mod tests {
     }
 
     fn school_lines(targets: &[TargetCheck], kind: StandardWorkload) -> Vec<&TargetCheck> {
-        let prefix = format!("{}: default offered peak", kind.name());
+        let prefix = format!("{}: default peak", kind.name());
         targets
             .iter()
             .filter(|t| t.target.starts_with(&prefix))
@@ -446,6 +453,42 @@ mod tests {
             .map(|t| t.met)
             .collect();
         assert_eq!(met, [true, false, true]);
+    }
+
+    #[test]
+    fn the_school_day_target_reports_both_peaks_and_names_the_verdicts_figure() {
+        let o = quick_school_days();
+        let mut r = run_seed(&o);
+        let base = r[0].2.get(Policy::LeastLoaded).unwrap().clone();
+        // Offered 30% below least-loaded's offered peak, realized only 10% below its
+        // realized one: met on the verdict's figure, and the check says realized would miss.
+        let def = r[2]
+            .2
+            .results
+            .iter_mut()
+            .find(|x| x.spec == Policy::DEFAULT);
+        let def = def.unwrap();
+        def.offered_peak = 0.7 * base.offered_peak;
+        def.peak_utilization = 0.9 * base.peak_utilization;
+        let def = def.clone();
+        let targets = check_targets(&o, &r);
+        let exact = school_lines(&targets, StandardWorkload::SchoolDay)[2];
+        assert!(exact.met, "{exact:?}");
+        assert!(
+            exact.target.contains("(verdict on offered peak)"),
+            "{exact:?}"
+        );
+        let offered = format!(
+            "offered peak {:.3} vs {:.3}",
+            def.offered_peak, base.offered_peak
+        );
+        let realized = format!(
+            "realized peak {:.3} vs {:.3} (-10.0%: missed on realized peaks)",
+            def.peak_utilization, base.peak_utilization
+        );
+        assert!(exact.detail.contains(&offered), "{exact:?}");
+        assert!(exact.detail.contains("the verdict's figure"), "{exact:?}");
+        assert!(exact.detail.contains(&realized), "{exact:?}");
     }
 
     #[test]
@@ -509,8 +552,8 @@ mod tests {
         let lines = school_lines(&report.targets, StandardWorkload::SchoolDay);
         assert_eq!(lines.len(), 3, "the default's: {:?}", report.targets);
         for variant in [
-            "(each router its own reservations) offered peak",
-            "(reservations shared after 50 ms) offered peak",
+            "(each router its own reservations) peak",
+            "(reservations shared after 50 ms) peak",
         ] {
             let n = report
                 .targets

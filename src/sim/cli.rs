@@ -193,6 +193,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     if let Some(first) = w.scale_out_at.into_iter().chain(w.fail_at).min() {
         w.measure_until = w.measure_until.min(first);
     }
+    // A trace is one history, run once (under the first seed's config), not a mean of seeds.
+    let o = Options { seeds: 1, ..o };
     Ok(Report {
         setup: format!("trace {}; {}", path.display(), o.describe()),
         workloads: vec![run_workload(&w, &o.policies, &o.config())],
@@ -284,6 +286,24 @@ mod tests {
         }
         // A trace replays one history: several seeds of it are not a thing.
         assert!(Cli::try_parse_from(["x", "--trace", "t.txt", "--seeds", "2"]).is_err());
+    }
+
+    #[test]
+    fn a_trace_run_says_it_ran_one_seed() {
+        let path =
+            std::env::temp_dir().join(format!("roomrouter-trace-{}.log", std::process::id()));
+        std::fs::write(&path, "1700000000 a join\n1700000060 a leave\n").unwrap();
+        let cli = Cli::parse_from(["x", "--trace", path.to_str().unwrap(), "--nodes", "2"]);
+        let report = run(&cli.args);
+        let _ = std::fs::remove_file(&path);
+        let report = report.unwrap();
+        assert!(report.setup.contains(", seed 1"), "{}", report.setup);
+        assert!(
+            !report.setup.contains("means over the seeds"),
+            "{}",
+            report.setup
+        );
+        assert_eq!(report.workloads[0].results.len(), Policy::standard().len());
     }
 
     #[test]

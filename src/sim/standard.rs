@@ -4,7 +4,7 @@
 //!
 //! One seed is one draw of the workloads (who joins when, how large rooms grow) and of the
 //! policies' own randomness. Figures move by a few hundredths from one seed to the next, which
-//! is as much as the 2% the default is held to, and the best of ten policies on one draw is
+//! is as much as the 2% the default is held to, and the best of a dozen policies on one draw is
 //! partly luck. With `seeds > 1` every seed is run (in parallel) and the figures and targets
 //! are their means, each seed's own report kept beside them.
 

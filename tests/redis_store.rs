@@ -795,6 +795,9 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
     let mut short = config(&url, &p);
     short.placement.history_ttl = Duration::from_millis(300);
     short.placement.room_idle_ttl = Duration::from_secs(1);
+    // No node reports here; a node silent this long is dead before its rooms go idle.
+    short.placement.heartbeat_interval = Duration::from_millis(200);
+    short.placement.heartbeat_timeout = Duration::from_millis(500);
     short.validate().expect("valid");
     let d = serve_service(short).await;
     assert!(
@@ -836,8 +839,11 @@ async fn a_size_learned_by_one_router_is_known_to_the_others() {
     let p = prefix("learnedshared");
     let c = client();
     let mut cfg = config(&url, &p);
-    // Sweeps (which take what other routers learned) every 500 ms.
+    // Sweeps (which take what other routers learned) every 500 ms; a node is dead before its
+    // rooms go idle.
     cfg.placement.room_idle_ttl = Duration::from_secs(2);
+    cfg.placement.heartbeat_interval = Duration::from_millis(500);
+    cfg.placement.heartbeat_timeout = Duration::from_millis(1_500);
     cfg.validate().expect("valid");
     let a = serve_service(cfg.clone()).await;
     let b = serve_service(cfg).await;
@@ -1285,6 +1291,8 @@ async fn a_refused_confirmation_corrects_a_stale_cache() {
     // Confirmations go to Redis once the cached one is older than 1/16 of the pins' TTL
     // (twice the idle TTL): 250 ms here.
     cfg.placement.room_idle_ttl = Duration::from_secs(2);
+    cfg.placement.heartbeat_interval = Duration::from_millis(500);
+    cfg.placement.heartbeat_timeout = Duration::from_millis(1_500);
     cfg.validate().unwrap();
     let a = serve(cfg).await;
     let c = client();
@@ -1377,6 +1385,8 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
     // Short enough to outlast in a test.
     let ttl = Duration::from_secs(5);
     cfg.placement.room_idle_ttl = ttl;
+    cfg.placement.heartbeat_interval = Duration::from_secs(1);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(3);
     cfg.validate().expect("valid");
     // What the router's sweep releases: rooms unconfirmed for the idle TTL and its 1/8 slack.
     let idle_ms = (ttl + ttl / 8).as_millis() as u64;
@@ -1507,6 +1517,8 @@ async fn a_live_pin_confirmed_before_the_clock_stepped_back_stays_in_redis() {
     let mut cfg = config(&url, &p);
     // Redis keeps a pin twice the idle TTL: 2 s here.
     cfg.placement.room_idle_ttl = Duration::from_secs(1);
+    cfg.placement.heartbeat_interval = Duration::from_millis(200);
+    cfg.placement.heartbeat_timeout = Duration::from_millis(500);
     cfg.validate().expect("valid");
     let a = store::open(&cfg).await.unwrap();
     let (r, n1) = (room("standup"), node("n1"));
@@ -1744,7 +1756,7 @@ async fn a_drained_node_is_kept_while_another_routers_ticket_may_still_reach_it(
     cfg.tickets.ttl = Duration::from_secs(1);
     cfg.placement.room_idle_ttl = Duration::from_secs(8);
     cfg.placement.heartbeat_interval = Duration::from_secs(1);
-    cfg.placement.heartbeat_timeout = Duration::from_secs(30);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(5);
     cfg.validate().expect("valid");
     let (a, b) = (serve(cfg.clone()).await, serve(cfg).await);
     let n = NodeId::parse("media-1").unwrap();

@@ -199,6 +199,61 @@ async fn a_query_token_is_not_forwarded_to_the_node() {
     }
 }
 
+/// A ticket the client brings in the query (another user's, copied from a redirect URL
+/// within its life) never reaches the node in proxy mode: the node gets the router's own in
+/// `X-Room-Ticket` and the rest of the target, through the fast path, through hyper and on a
+/// WebSocket upgrade.
+#[tokio::test]
+async fn a_clients_query_ticket_is_not_forwarded_to_the_node() {
+    use roomrouter::auth::TicketIssuer;
+    let tickets = TicketIssuer::new(common::SECRET, Duration::from_secs(60));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A valid ticket, for this room and node, of another user.
+    let foreign = &tickets.issue("standup", "n1", "bob", now);
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let browser = reqwest::Client::new();
+        for (query, node_gets) in [
+            (
+                format!("x=1&ticket={foreign}&y=2"),
+                "/rooms/standup?x=1&y=2",
+            ),
+            (format!("tick%65t={foreign}"), "/rooms/standup"),
+            ("ticketing=on".to_string(), "/rooms/standup?ticketing=on"),
+        ] {
+            let resp = browser
+                .get(format!("{}/rooms/standup?{query}", r.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "fast path {fast_path}: {query}");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["path"], node_gets, "fast path {fast_path}: {query}");
+            assert!(
+                !body.to_string().contains(foreign),
+                "the node saw it: {body}"
+            );
+            let ticket = body["headers"]["x-room-ticket"].as_str().unwrap();
+            let claims = tickets.verify(ticket).expect("the router's own ticket");
+            assert_ne!(claims.sub, "bob");
+        }
+        let url = format!("ws://{}/rooms/standup/ws?k=v&ticket={foreign}", r.addr);
+        let (mut ws, resp) = open_ws(url).await;
+        assert_eq!(resp.headers()["x-upgrade-path"], "/rooms/standup/ws?k=v");
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "n1:hi");
+        ws.close(None).await.unwrap();
+        r.stop().await;
+    }
+}
+
 /// The node's `pending` as the router's admin API shows it.
 async fn pending_on(r: &TestRouter, id: &str) -> f64 {
     let v = admin_json(r, &format!("/v1/nodes/{id}")).await;

@@ -97,7 +97,9 @@ pub struct Admission {
     pub mode: FrontDoorMode,
     /// Proxy mode: the target (origin form) the node gets when it is not the request's
     /// own, because the query carried the user's login token (`auth.jwt.query_param`),
-    /// which is the router's credential and stays here. `None`: the request's target.
+    /// which is the router's credential and stays here, or a ticket of the client's
+    /// (`tickets.query_param`), which the node would read instead of the router's
+    /// `X-Room-Ticket`. `None`: the request's target.
     pub target: Option<String>,
 }
 
@@ -161,9 +163,9 @@ pub async fn admit<S: PinStore>(
         &user.sub,
         app.router.now() / 1000,
     );
-    let target = match (mode, user_token_param(app)) {
-        (FrontDoorMode::Proxy, Some(param)) => without_params(&parts.uri, &[param]),
-        _ => None,
+    let target = match mode {
+        FrontDoorMode::Proxy => proxied_target(app, &parts.uri),
+        FrontDoorMode::Redirect => None,
     };
     Ok(Admission {
         node: p.node,
@@ -179,6 +181,17 @@ pub async fn admit<S: PinStore>(
 pub fn user_token_param<S: PinStore>(app: &App<S>) -> Option<&str> {
     let param = app.cfg.auth.jwt.query_param.as_str();
     (app.users.is_some() && !param.is_empty()).then_some(param)
+}
+
+/// The target a proxied request reaches its node with, when it is not the request's own:
+/// without the user's login token (the router's credential) and without any ticket the
+/// client put in the query. The router vouches for the user in `X-Room-Ticket`; a ticket in
+/// the query is one the client brought (another user's, copied from a redirect URL within
+/// its life), and a node that reads the query first would take the user for its subject.
+fn proxied_target<S: PinStore>(app: &App<S>, uri: &Uri) -> Option<String> {
+    let ticket = app.cfg.tickets.query_param.as_str();
+    let drop = [ticket, user_token_param(app).unwrap_or(ticket)];
+    without_params(uri, &drop)
 }
 
 /// Whether the raw query pair `pair` (`k=v`, as sent) is parameter `name`. The key is

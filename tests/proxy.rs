@@ -135,28 +135,39 @@ async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_i
 /// With `auth.users = "jwt"`, a login token in the query (`?access_token=`) admits the user
 /// and stays with the router: the node gets the rest of the target, through the fast path,
 /// through hyper and on a WebSocket upgrade.
-#[tokio::test]
-async fn a_query_token_is_not_forwarded_to_the_node() {
+const USER_JWT_SECRET: &str = "user-jwt-secret-0123456789-0123456789";
+
+/// A user token valid for every room for five minutes, signed with `USER_JWT_SECRET`.
+fn user_token() -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
-    const JWT_SECRET: &str = "user-jwt-secret-0123456789-0123456789";
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 300;
-    let t = encode(
+    encode(
         &Header::default(),
         &serde_json::json!({"sub": "alice", "exp": exp, "room": "*"}),
-        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        &EncodingKey::from_secret(USER_JWT_SECRET.as_bytes()),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// `proxy_config()` reading user tokens (`auth.users = "jwt"`).
+fn user_jwt_config(fast_path: bool) -> roomrouter::config::Config {
+    let mut cfg = proxy_config();
+    cfg.server.fast_path = fast_path;
+    cfg.auth.users = roomrouter::config::UserAuth::Jwt;
+    cfg.auth.jwt.secret = USER_JWT_SECRET.into();
+    cfg.validate().unwrap();
+    cfg
+}
+
+#[tokio::test]
+async fn a_query_token_is_not_forwarded_to_the_node() {
+    let t = user_token();
     for fast_path in [true, false] {
-        let mut cfg = proxy_config();
-        cfg.server.fast_path = fast_path;
-        cfg.auth.users = roomrouter::config::UserAuth::Jwt;
-        cfg.auth.jwt.secret = JWT_SECRET.into();
-        cfg.validate().unwrap();
-        let r = TestRouter::start(cfg).await;
+        let r = TestRouter::start(user_jwt_config(fast_path)).await;
         let up = Upstream::start("n1").await;
         register(&r, "n1", &up).await;
         // A client of its own: the shared one's connection went to hyper with the heartbeat.
@@ -197,6 +208,94 @@ async fn a_query_token_is_not_forwarded_to_the_node() {
         ws.close(None).await.unwrap();
         r.stop().await;
     }
+}
+
+/// A user token in `Authorization: Bearer` is the router's credential as much as one in the
+/// query: the node never gets it, through the fast path, through hyper and on a WebSocket
+/// upgrade. An `Authorization` of another scheme is not the user's token and goes through,
+/// and a router that reads no user tokens passes every `Authorization` on.
+#[tokio::test]
+async fn a_bearer_token_is_not_forwarded_to_the_node() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let t = user_token();
+    let bearer = format!("Bearer {t}");
+    for fast_path in [true, false] {
+        let r = TestRouter::start(user_jwt_config(fast_path)).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let browser = reqwest::Client::new();
+        let resp = browser
+            .get(format!("{}/rooms/standup?x=1", r.url))
+            .header("authorization", &bearer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "fast path {fast_path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            !body.to_string().contains(&t),
+            "the node saw the token: {body}"
+        );
+        assert!(body["headers"].get("authorization").is_none(), "{body}");
+        assert!(body["headers"]["x-room-ticket"].is_string());
+        // Basic credentials of a site-wide proxy, the user's token in the query.
+        let resp = browser
+            .get(format!("{}/rooms/standup?access_token={t}", r.url))
+            .header("authorization", "Basic c2l0ZTpwYXNz")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "fast path {fast_path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["headers"]["authorization"], "Basic c2l0ZTpwYXNz");
+        assert!(
+            !body.to_string().contains(&t),
+            "the node saw the token: {body}"
+        );
+        let fast = sample(
+            &r.metrics().await,
+            "roomrouter_http_fast_path_requests_total",
+        );
+        assert_eq!(fast > 0.0, fast_path, "the fast path carried them: {fast}");
+        let mut req = format!("ws://{}/rooms/standup/ws?k=v", r.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", bearer.parse().unwrap());
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert!(resp.headers().get("x-upgrade-authorization").is_none());
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "n1:hi");
+        ws.close(None).await.unwrap();
+        r.stop().await;
+    }
+    // Without user tokens the router reads no Authorization: it is the node's.
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/rooms/standup", r.url))
+        .header("authorization", "Bearer node-app-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["headers"]["authorization"], "Bearer node-app-token");
+    let mut req = format!("ws://{}/rooms/standup/ws", r.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer node-app-token".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(
+        resp.headers()["x-upgrade-authorization"],
+        "Bearer node-app-token"
+    );
+    ws.close(None).await.unwrap();
+    r.stop().await;
 }
 
 /// A ticket the client brings in the query (another user's, copied from a redirect URL

@@ -59,6 +59,17 @@ impl std::fmt::Debug for UserVerifier {
     }
 }
 
+/// The bearer token of an `Authorization: Bearer <token>` header, if the request has one:
+/// the user's token when the router reads user tokens (another scheme is not).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 impl UserVerifier {
     /// Builds the verifier; the error says what is wrong with the key.
     pub fn from_config(c: &JwtConfig) -> Result<UserVerifier, String> {
@@ -111,13 +122,8 @@ impl UserVerifier {
     /// An `Authorization` header of another scheme (`Basic` from a site-wide proxy in front
     /// of the router) is not the user's token and does not hide the query's.
     pub fn token_of<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
-        let bearer = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
-        if let Some((_, token)) = bearer {
-            return Some(token.trim().to_string());
+        if let Some(token) = bearer_token(headers) {
+            return Some(token.to_string());
         }
         if self.query_param.is_empty() {
             return None;

@@ -17,6 +17,7 @@ use super::api::{authenticate_user, query, room_from_url, set_node_header, HintA
 use super::proxy::Forward;
 use super::server::ConnInfo;
 use super::{full, ApiError, App, Body};
+use crate::auth::users::bearer_token;
 use crate::cluster::NodeEntry;
 use crate::config::{FrontDoorMode, RoomSource};
 use crate::room::RoomKey;
@@ -101,6 +102,9 @@ pub struct Admission {
     /// (`tickets.query_param`), which the node would read instead of the router's
     /// `X-Room-Ticket`. `None`: the request's target.
     pub target: Option<String>,
+    /// Proxy mode: the `Authorization` header carried the user's login token (`Bearer`,
+    /// with `auth.users = "jwt"`), which stays with the router as the query's does.
+    pub drop_authorization: bool,
 }
 
 /// Finds the request's room, authenticates the user for it and places it: everything a
@@ -163,15 +167,19 @@ pub async fn admit<S: PinStore>(
         &user.sub,
         app.router.now() / 1000,
     );
-    let target = match mode {
-        FrontDoorMode::Proxy => proxied_target(app, &parts.uri),
-        FrontDoorMode::Redirect => None,
+    let (target, drop_authorization) = match mode {
+        FrontDoorMode::Proxy => (
+            proxied_target(app, &parts.uri),
+            app.users.is_some() && bearer_token(&parts.headers).is_some(),
+        ),
+        FrontDoorMode::Redirect => (None, false),
     };
     Ok(Admission {
         node: p.node,
         ticket,
         mode,
         target,
+        drop_authorization,
     })
 }
 
@@ -247,6 +255,7 @@ pub async fn handle<S: PinStore>(
             node: &a.node,
             ticket: a.ticket,
             target: a.target.as_deref(),
+            drop_authorization: a.drop_authorization,
         };
         return app.proxy.forward(parts, body, to).await;
     }

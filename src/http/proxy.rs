@@ -74,6 +74,9 @@ pub struct Forward<'a> {
     /// The target (origin form) to send instead of the request's own
     /// ([`Admission::target`](super::front_door::Admission)).
     pub target: Option<&'a str>,
+    /// Leave out the `Authorization` header: it carried the user's login token
+    /// ([`Admission::drop_authorization`](super::front_door::Admission)).
+    pub drop_authorization: bool,
 }
 
 impl Proxy {
@@ -157,6 +160,9 @@ impl Proxy {
         let bodiless = upgrade.is_some() || body.is_end_stream();
         let target = to.target;
         let mut headers = end_to_end(&parts.headers);
+        if to.drop_authorization {
+            headers.remove(header::AUTHORIZATION);
+        }
         self.forwarded_headers(parts, &mut headers, to);
         // `response_timeout` is the node's time to answer once it has the request: for a
         // body, counted from its end (an upload may take longer; `idle_timeout` bounds its

@@ -3,7 +3,8 @@
 //! told to hang (`/rooms/slow`), to hold its answer a while (`?hold=MS`, at most 2 s), to
 //! answer with `?size=N` bytes (at most 64 MiB) or to close the connection after answering
 //! (`?close=1`).
-//! A `101` names the target it was asked for (`x-upgrade-path`).
+//! A `101` names the target it was asked for (`x-upgrade-path`) and the `Authorization` it
+//! came with (`x-upgrade-authorization`).
 //! Counts the connections it accepts. Registered with the router by hand-sent heartbeats.
 #![allow(dead_code)]
 
@@ -132,6 +133,10 @@ async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
             "x-upgrade-path",
             HeaderValue::from_str(&req.uri().to_string()).unwrap(),
         );
+        // And its credentials, if any, for tests of what the router keeps to itself.
+        if let Some(a) = req.headers().get(header::AUTHORIZATION) {
+            h.insert("x-upgrade-authorization", a.clone());
+        }
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(
             "sec-websocket-accept",

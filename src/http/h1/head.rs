@@ -224,6 +224,8 @@ pub struct Forwarded<'a> {
     /// The origin-form target to send instead of the request's own (the user's login token
     /// taken out of its query), if any.
     pub target: Option<&'a str>,
+    /// Leave out the `Authorization` header (it carried the user's login token).
+    pub drop_authorization: bool,
 }
 
 /// The target of a request to `uri` in origin form (RFC 9112 section 3.2.1): its path and
@@ -261,6 +263,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
         // the node even if `Connection` lists it, or the node would read the body as the
         // next request (one the router never admitted: request smuggling).
         if name == header::HOST
+            || f.drop_authorization && name == header::AUTHORIZATION
             || is_hop_by_hop(n.as_bytes())
             || has_connection
                 && name != header::CONTENT_LENGTH
@@ -628,6 +631,7 @@ mod tests {
                 node: "n1",
                 ticket: "t.k.n",
                 target: None,
+                drop_authorization: false,
             },
         );
         let text = String::from_utf8(out).unwrap();
@@ -805,6 +809,7 @@ mod tests {
                 node: "n1",
                 ticket: "t.t.t",
                 target: None,
+                drop_authorization: false,
             };
             write_upstream_request(&mut out, &head.parts, &f);
             let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];

@@ -280,6 +280,7 @@ impl Client<'_> {
                 node: node.id.as_str(),
                 ticket: &a.ticket,
                 target: a.target.as_deref(),
+                drop_authorization: a.drop_authorization,
             },
         );
         // The body bytes already here go out with the head, in the same write.

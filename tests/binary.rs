@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{client, expected_size, heartbeat_at, ADMIN, NODE_TOKEN, SECRET};
+use common::{client, expected_size, heartbeat_at, SendJson, ADMIN, NODE_TOKEN, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roomrouter");
 
@@ -155,12 +155,8 @@ async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
     assert_eq!(resp.headers()["x-room-node"], "proc-node");
     let joined: serde_json::Value = client()
         .get(resp.headers()["location"].to_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(joined["participants"], 1);
     assert_eq!(joined["node"], "proc-node");
 }
@@ -204,12 +200,8 @@ async fn secrets_never_reach_the_logs() {
     let login: serde_json::Value = c
         .post(format!("{url}/v1/login"))
         .json(&serde_json::json!({"room": "r"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let ticket = login["ticket"].as_str().unwrap().to_string();
     drop(router);
     let text = std::fs::read_to_string(&log).unwrap();

@@ -34,12 +34,8 @@ async fn new_rooms_respect_headroom_then_overflow_then_refuse() {
     for i in 0..20 {
         let v: serde_json::Value = r
             .get(&format!("/v1/placement/h{i}?size=1"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         assert_eq!(v["node"], "cool", "room h{i}");
     }
     // cool goes full: new rooms overflow onto hot (below join_limit).
@@ -49,14 +45,7 @@ async fn new_rooms_respect_headroom_then_overflow_then_refuse() {
         json!({"url": "http://127.0.0.1:9", "capacity": 1000, "load": 1000}),
     )
     .await;
-    let v: serde_json::Value = r
-        .get("/v1/placement/overflow?size=1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = r.get("/v1/placement/overflow?size=1").send_json().await;
     assert_eq!(v["node"], "hot");
     // Everything full: 503 no_capacity with Retry-After.
     heartbeat(
@@ -121,12 +110,8 @@ async fn a_lookup_names_a_pinned_rooms_full_node_and_counts_nothing() {
             let batch: serde_json::Value = r
                 .post("/v1/placement")
                 .json(&json!({"rooms": ["busy", "fresh"], "create": create}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                .send_json()
+                .await;
             assert_eq!(batch[0]["node"], "a", "{round}: {batch}");
             let fresh = if create { "no_capacity" } else { "not_found" };
             assert_eq!(batch[1]["error"], fresh, "{round}: {batch}");

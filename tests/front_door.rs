@@ -125,14 +125,7 @@ async fn case_variants_of_a_room_share_one_node() {
     for name in ["Team-Room", "team-room", "TEAM-ROOM", "tEaM-rOoM"] {
         let resp = r.get(&format!("/rooms/{name}")).send().await.unwrap();
         nodes.insert(resp.headers()["x-room-node"].to_str().unwrap().to_string());
-        let api: serde_json::Value = r
-            .get(&format!("/v1/placement/{name}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let api: serde_json::Value = r.get(&format!("/v1/placement/{name}")).send_json().await;
         nodes.insert(api["node"].as_str().unwrap().to_string());
     }
     assert_eq!(nodes.len(), 1);
@@ -171,12 +164,8 @@ async fn titlecase_spellings_of_a_room_share_one_pin() {
                 assert_eq!(resp.headers()["x-room-node"], node, "{mode} {s}");
                 let v: serde_json::Value = r
                     .get(&format!("/v1/placement/{s}?create=false"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                    .send_json()
+                    .await;
                 assert_eq!(v["created"], false, "{mode} {s} is the pinned room: {v}");
                 assert_eq!(v["node"], node.to_str().unwrap(), "{mode} {s}");
             }
@@ -291,7 +280,7 @@ async fn tag_hints_only_place_rooms_on_nodes_carrying_every_tag() {
     let lookup = |q: String| {
         let r = &r;
         async move {
-            let v: serde_json::Value = r.get(&q).send().await.unwrap().json().await.unwrap();
+            let v: serde_json::Value = r.get(&q).send_json().await;
             v["node"].as_str().unwrap_or_default().to_string()
         }
     };
@@ -350,34 +339,16 @@ async fn placement_lookups_single_batch_and_without_create() {
         .await
         .unwrap();
     expect_error(miss, 404, "not_found").await;
-    let first: serde_json::Value = r
-        .get("/v1/placement/alpha?size=4")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: serde_json::Value = r.get("/v1/placement/alpha?size=4").send_json().await;
     assert_eq!(first["created"], true);
-    let again: serde_json::Value = r
-        .get("/v1/placement/alpha")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: serde_json::Value = r.get("/v1/placement/alpha").send_json().await;
     assert_eq!(again["created"], false);
     assert_eq!(again["node"], first["node"]);
     let batch: serde_json::Value = r
         .post("/v1/placement")
         .json(&serde_json::json!({"rooms": ["alpha", "beta", "bad/room", "gamma"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let items = batch.as_array().unwrap();
     assert_eq!(items.len(), 4);
     assert_eq!(items[0]["node"], first["node"]);

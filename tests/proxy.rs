@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    admin_json, expect_error, heartbeat, one_loop, proxy_config, sample, TestRouter, SECRET,
+    admin_json, expect_error, heartbeat, one_loop, proxy_config, sample, SendJson, TestRouter,
+    SECRET,
 };
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
@@ -277,12 +278,8 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
     let body: serde_json::Value = reqwest::Client::new()
         .get(format!("{}/rooms/standup", r.url))
         .header("authorization", "Bearer node-app-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(body["headers"]["authorization"], "Bearer node-app-token");
     let mut req = format!("ws://{}/rooms/standup/ws", r.addr)
         .into_client_request()
@@ -674,12 +671,8 @@ async fn a_refusing_node_answers_502_then_turns_unhealthy_and_the_room_moves() {
     assert_eq!(resp.headers()["x-room-node"], "live");
     let v: serde_json::Value = r
         .admin(reqwest::Method::GET, "/v1/rooms/r1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(v["node"], "live", "the pin moved: {v}");
     r.stop().await;
 }

@@ -11,6 +11,17 @@ use roomrouter::http::App;
 use roomrouter::store::MemoryStore;
 use tokio::sync::oneshot;
 
+/// Sends a request and reads its answer as JSON: for tests that look only at the body.
+pub trait SendJson {
+    fn send_json(self) -> impl std::future::Future<Output = serde_json::Value> + Send;
+}
+
+impl SendJson for reqwest::RequestBuilder {
+    async fn send_json(self) -> serde_json::Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+}
+
 pub const ADMIN: &str = "test-admin-token-0123456789";
 pub const NODE_TOKEN: &str = "test-node-token-0123456789";
 pub const SECRET: &str = "test-ticket-secret-0123456789-0123456789";
@@ -157,12 +168,8 @@ pub async fn expected_size(
     let e: serde_json::Value = c
         .get(format!("{url}/v1/placement/{room}/explain"))
         .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     (
         e["expected_size"].as_u64().unwrap_or(0),
         e["size_source"].as_str().unwrap_or("").to_string(),
@@ -257,11 +264,5 @@ pub async fn heartbeat_at(
 
 /// `GET path` with the admin token, as JSON (any status).
 pub async fn admin_json(r: &TestRouter, path: &str) -> serde_json::Value {
-    r.admin(reqwest::Method::GET, path)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    r.admin(reqwest::Method::GET, path).send_json().await
 }

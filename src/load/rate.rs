@@ -797,7 +797,9 @@ mod tests {
         let server = tokio::spawn(super::super::ceiling::serve_bare_307(listener, async {
             let _ = stopped.await;
         }));
-        let r = bounded(config(&url, 2_000.0, 1.0, 8)).await.unwrap();
+        // 1 000/s over 8 connections: a rate a debug build keeps on a machine busy with
+        // other work (a test run beside a build), so the band below tests the pacing.
+        let r = bounded(config(&url, 1_000.0, 2.0, 8)).await.unwrap();
         let _ = stop.send(());
         let _ = server.await;
 
@@ -812,7 +814,7 @@ mod tests {
         assert!(r.errors.is_empty(), "{}", r.table());
         assert_eq!(r.reconnects, 0, "keep-alive: no connection was reopened");
         assert!(
-            (1_500.0..=2_500.0).contains(&r.achieved_per_s),
+            (750.0..=1_250.0).contains(&r.achieved_per_s),
             "achieved {} /s\n{}",
             r.achieved_per_s,
             r.table()
@@ -890,38 +892,40 @@ mod tests {
         );
     }
 
-    /// The same 300 ms stall, on the very first request, inside a 0.8 s warm-up: the
-    /// requests queued behind it leave late and are answered, but none of them is measured,
-    /// and the measured second after the warm-up starts with the connection caught up (it
-    /// had half a second to send its ~300 queued requests).
+    /// A 600 ms stall on the very first request, inside a 1.5 s warm-up: the ~120 requests
+    /// queued behind it leave late and are answered, but none of them is measured (nor the
+    /// stalled answer's service time), and the measured half after the warm-up starts with
+    /// the connection caught up (it had 0.9 s to send them). At 200/s on one connection the
+    /// margins hold on a machine busy with other work: measured, the queue's latencies from
+    /// the plan would reach ~600 ms, and the stalled answer's service time 600 ms.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stall_during_the_warm_up_is_answered_but_not_measured() {
-        let stall = Duration::from_millis(300);
+        let stall = Duration::from_millis(600);
         let server = TestServer::start(Some(1), stall).await;
-        let mut cfg = config(&server.url, 1_000.0, 1.0, 1);
-        cfg.warmup = Duration::from_millis(800);
+        let mut cfg = config(&server.url, 200.0, 1.5, 1);
+        cfg.warmup = Duration::from_millis(1_500);
         cfg.pacing = Pacing::Wheel;
         let r = bounded(cfg).await.unwrap();
-        assert_eq!((r.planned, r.answered), (1_800, 1_800), "{}", r.table());
-        assert_eq!(server.requests.load(Ordering::SeqCst), 1_800);
-        assert_eq!(r.warmup_sent, 800, "{}", r.table());
-        assert_eq!(r.statuses, BTreeMap::from([(204, 1_800)]), "{}", r.table());
-        assert_eq!(r.latency_us.count, 1_000, "only what followed the warm-up");
-        assert_eq!(r.service_us.count, 1_000);
+        assert_eq!((r.planned, r.answered), (600, 600), "{}", r.table());
+        assert_eq!(server.requests.load(Ordering::SeqCst), 600);
+        assert_eq!(r.warmup_sent, 300, "{}", r.table());
+        assert_eq!(r.statuses, BTreeMap::from([(204, 600)]), "{}", r.table());
+        assert_eq!(r.latency_us.count, 300, "only what followed the warm-up");
+        assert_eq!(r.service_us.count, 300);
         assert!(
-            r.latency_us.max < 200_000,
-            "the stall and its queue stayed in the warm-up: {}",
+            r.latency_us.max < 300_000,
+            "the stall's queue stayed in the warm-up: {}",
             r.table()
         );
         assert!(
-            r.late_sends < 250,
-            "the ~300 sends queued behind the stall were the warm-up's: {}",
+            r.service_us.max < 300_000,
+            "the stalled answer stayed in the warm-up: {}",
             r.table()
         );
-        assert!(r.table().contains("the first 800 sent are not measured"));
+        assert!(r.table().contains("the first 300 sent are not measured"));
         let json = serde_json::to_value(&r).unwrap();
-        assert_eq!(json["warmup_sent"], 800);
-        assert_eq!(json["settings"]["warmup_s"], 0.8);
+        assert_eq!(json["warmup_sent"], 300);
+        assert_eq!(json["settings"]["warmup_s"], 1.5);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -676,6 +676,71 @@ fn load_constant_rate_measures_the_ceiling_and_refuses_bad_flags_without_panicki
     }
 }
 
+/// `roomrouter load` on a cluster it starts itself, in either front-door mode: the binary
+/// runs the router and demo nodes, kills one mid-run, prints its table, writes its JSON and
+/// exits 0 with no room split.
+#[test]
+fn load_runs_a_self_started_cluster_in_either_mode_and_refuses_bad_flags() {
+    refuses(
+        "load",
+        &[
+            (&["--mode", "sideways"], "expected redirect or proxy"),
+            (
+                &["--mode", "proxy", "--router", "http://127.0.0.1:9"],
+                "cannot be used with",
+            ),
+            (
+                &[
+                    "--mode",
+                    "proxy",
+                    "--constant-rate",
+                    "10",
+                    "--url",
+                    "http://127.0.0.1:9",
+                ],
+                "cannot be used with",
+            ),
+        ],
+    );
+    for mode in ["redirect", "proxy"] {
+        let json = std::env::temp_dir().join(format!(
+            "roomrouter-load-{mode}-{}.json",
+            std::process::id()
+        ));
+        let out = clean_env(&mut Command::new(BIN))
+            .args(["load", "--mode", mode, "--rate", "60", "--duration", "2"])
+            .args([
+                "--rooms",
+                "20",
+                "--stay",
+                "exp:0.5",
+                "--heartbeat-ms",
+                "100",
+            ])
+            .args([
+                "--kill-node-at",
+                "1",
+                "--quiet",
+                "--json",
+                json.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let table = stdout_of_success(&out);
+        assert!(
+            table.contains(&format!("self-started {mode}-mode router")),
+            "{table}"
+        );
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&json);
+        assert_eq!(r["scheduled"], 120, "{r}");
+        assert_eq!(r["split_rooms"], 0, "{r}");
+        assert!(r["node_joins"].as_u64().is_some_and(|n| n > 60), "{r}");
+        assert!(r["leaves"].as_u64().is_some_and(|n| n > 0), "{r}");
+        assert_eq!(r["rooms_moved_after_kill"], 0, "{r}");
+    }
+}
+
 #[test]
 fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking() {
     refuses(

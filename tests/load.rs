@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use roomrouter::config::FrontDoorMode;
 use roomrouter::load::engine::{OwnCluster, NOT_SENT, NO_ANSWER};
 use roomrouter::load::{run, ClusterSpec, Dist, LoadConfig, LoadReport, WorkloadSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,7 @@ fn config(rate: f64, secs: u64, rooms: u32) -> LoadConfig {
             nodes: 3,
             capacity: None,
             heartbeat: Duration::from_millis(200),
+            mode: FrontDoorMode::Redirect,
         },
         workload: WorkloadSpec {
             rate,
@@ -75,16 +77,61 @@ async fn self_started_run_with_scale_out_and_failure_splits_nothing() {
     assert!(json["latency_us"]["p99"].as_u64().is_some());
 }
 
+/// The same run through a proxy-mode router the harness starts: every join is the node's
+/// own answer carried by the router, participants leave at the nodes (the harness asks the
+/// router's admin API where they are, again for the node added mid-run), and neither the
+/// new node nor the dead one moves a room in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_started_proxy_run_with_scale_out_and_failure_splits_nothing() {
+    let mut cfg = config(80.0, 3, 40);
+    cfg.cluster.mode = FrontDoorMode::Proxy;
+    cfg.workload.stay = Dist::Exp { mean: 0.5 };
+    cfg.workload.bursts = vec![roomrouter::load::Burst::parse("1:40").unwrap()];
+    cfg.add_node_at = Some(Duration::from_millis(800));
+    cfg.kill_node_at = Some(Duration::from_millis(1_500));
+    let r = bounded(cfg).await;
+    assert!(r.target.contains("proxy-mode"), "{}", r.table());
+    assert!(r.scheduled >= 240, "{}", r.table());
+    assert_eq!(r.completed, r.scheduled, "{}", r.table());
+    // Joins to the killed node until its heartbeats time out (0.6 s) are the router's 502s.
+    assert!(r.ok as f64 >= 0.8 * r.scheduled as f64, "{}", r.table());
+    // Every proxied 2xx is a join on a node, nothing to follow.
+    assert_eq!(r.node_joins, r.ok, "{}", r.table());
+    assert!(r.leaves > 0, "{}", r.table());
+    assert_eq!(r.leaves_through_router, 0, "{}", r.table());
+    assert_eq!(r.split_rooms, 0, "{}", r.table());
+    assert_eq!(r.rooms_moved_after_add, Some(0), "{}", r.table());
+    assert_eq!(r.rooms_moved_after_kill, Some(0), "{}", r.table());
+    assert!(
+        r.rooms_on_killed_node.is_some_and(|n| n > 0),
+        "the killed node is named as the answers name it: {}",
+        r.table()
+    );
+    assert_eq!(r.events.len(), 2, "{:?}", r.events);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
     // Each router has its own memory store and its own nodes: the same room gets a node from
     // each, which is exactly a split room.
-    let a = OwnCluster::start(2, 1000.0, Duration::from_millis(200), 1)
-        .await
-        .unwrap();
-    let b = OwnCluster::start(2, 1000.0, Duration::from_millis(200), 1)
-        .await
-        .unwrap();
+    let a = OwnCluster::start(
+        2,
+        1000.0,
+        Duration::from_millis(200),
+        1,
+        FrontDoorMode::Redirect,
+    )
+    .await
+    .unwrap();
+    let b = OwnCluster::start(
+        2,
+        1000.0,
+        Duration::from_millis(200),
+        1,
+        FrontDoorMode::Redirect,
+    )
+    .await
+    .unwrap();
     let mut cfg = config(100.0, 1, 10);
     cfg.routers = vec![a.url.clone(), b.url.clone()];
     cfg.follow = false;
@@ -103,9 +150,15 @@ async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_disabled_under_its_participants_shows_as_split() {
-    let c = OwnCluster::start(2, 1000.0, Duration::from_millis(200), 1)
-        .await
-        .unwrap();
+    let c = OwnCluster::start(
+        2,
+        1000.0,
+        Duration::from_millis(200),
+        1,
+        FrontDoorMode::Redirect,
+    )
+    .await
+    .unwrap();
     let mut cfg = config(40.0, 3, 6);
     cfg.routers = vec![c.url.clone()];
     cfg.workload.stay = Dist::Fixed { value: 60.0 }; // nobody leaves during the run

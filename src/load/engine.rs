@@ -39,6 +39,7 @@ use super::report::{LoadReport, Percentiles, UtilSample, UtilSummary};
 use super::split::SplitDetector;
 use super::workload::{Join, WorkloadSpec};
 use crate::capped;
+use crate::config::FrontDoorMode;
 use crate::demo::node::{DemoNode, DemoNodeConfig};
 
 /// Largest answer read from a router or node for a join, a node join or a leave (they are
@@ -63,6 +64,9 @@ pub struct ClusterSpec {
     pub capacity: Option<f64>,
     /// Heartbeat interval (the timeout is three intervals).
     pub heartbeat: Duration,
+    /// How the router sends joins on: a redirect the harness follows, or proxied to the
+    /// node (the router's answer is the node's, and participants leave at the node).
+    pub mode: FrontDoorMode,
 }
 
 /// Everything a run needs.
@@ -98,6 +102,7 @@ pub struct LoadConfig {
 pub struct OwnCluster {
     pub url: String,
     pub admin_token: String,
+    pub mode: FrontDoorMode,
     node_token: String,
     ticket_secret: String,
     heartbeat: Duration,
@@ -109,14 +114,17 @@ pub struct OwnCluster {
 }
 
 impl OwnCluster {
-    /// Starts a router (memory store) and `nodes` demo nodes of `capacity` on loopback.
+    /// Starts a router (memory store, front door in `mode`) and `nodes` demo nodes of
+    /// `capacity` on loopback.
     pub async fn start(
         nodes: usize,
         capacity: f64,
         heartbeat: Duration,
         new_room_reserve: u32,
+        mode: FrontDoorMode,
     ) -> anyhow::Result<OwnCluster> {
         let mut cfg = crate::demo::demo_config("127.0.0.1:0".parse()?);
+        cfg.front_door.mode = mode;
         cfg.placement.heartbeat_interval = heartbeat;
         cfg.placement.heartbeat_timeout = heartbeat * 3;
         cfg.placement.new_room_reserve = new_room_reserve;
@@ -134,6 +142,7 @@ impl OwnCluster {
         let mut c = OwnCluster {
             url,
             admin_token,
+            mode,
             node_token,
             ticket_secret,
             heartbeat,
@@ -175,14 +184,16 @@ impl OwnCluster {
     }
 
     /// Kills the oldest node (it stops answering and heartbeating at once); returns its
-    /// [`node_key`].
+    /// [`node_key`] as the harness sees it in this mode's answers (a proxied answer names
+    /// the node, a redirect also says where it is).
     pub fn kill_first(&mut self) -> Option<String> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         if nodes.is_empty() {
             return None;
         }
         let (node, _) = nodes.remove(0);
-        let key = node_key(Some(&node.id), Some(&node.url));
+        let location = (self.mode == FrontDoorMode::Redirect).then_some(node.url.as_str());
+        let key = node_key(Some(&node.id), location);
         node.kill();
         key
     }
@@ -276,20 +287,73 @@ struct Ctx {
     start: Instant,
     end: Instant,
     events: mpsc::UnboundedSender<Event>,
+    /// The [`node_key`]s of the nodes the harness killed: their participants went with them
+    /// and send no leave.
+    killed: Mutex<Vec<String>>,
 }
 
-/// Node id -> base URL, from a router's `GET /v1/nodes`: where a proxy-mode participant
-/// leaves its node directly. Asked again (at most every [`DIRECTORY_REFRESH`]) when a node
-/// it does not know shows up, as one added during the run does.
-struct NodeDirectory {
+impl Ctx {
+    fn was_killed(&self, node: &str) -> bool {
+        self.killed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|k| k == node)
+    }
+
+    /// Adds a node to the self-started cluster, or kills its oldest, and says so.
+    async fn cluster_event(&self, c: &mut OwnCluster, add: bool) -> anyhow::Result<()> {
+        let at = self.start.elapsed();
+        let event = if add {
+            Event::Added(c.add_node().await?, at)
+        } else if let Some(key) = c.kill_first() {
+            self.killed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(key.clone());
+            Event::Killed(key, at)
+        } else {
+            return Ok(());
+        };
+        let _ = self.events.send(event);
+        Ok(())
+    }
+}
+
+/// Node id -> base URL: where a proxy-mode participant leaves its node directly.
+enum NodeDirectory {
+    /// An external router's nodes, from its `GET /v1/nodes`.
+    Admin(AdminDirectory),
+    /// The self-started cluster's nodes, as the harness started them.
+    Own(Arc<Mutex<Vec<(DemoNode, f64)>>>),
+}
+
+impl NodeDirectory {
+    async fn url_of(&self, client: &reqwest::Client, id: &str) -> Option<String> {
+        match self {
+            NodeDirectory::Admin(d) => d.url_of(client, id).await,
+            NodeDirectory::Own(nodes) => nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|(n, _)| n.id == id)
+                .map(|(n, _)| n.url.clone()),
+        }
+    }
+}
+
+/// Node id -> base URL from a router's `GET /v1/nodes`. Asked again (at most every
+/// [`DIRECTORY_REFRESH`]) when a node it does not know shows up, as one added during the run
+/// does.
+struct AdminDirectory {
     router: String,
     token: String,
     known: tokio::sync::Mutex<(HashMap<String, String>, Option<Instant>)>,
 }
 
-impl NodeDirectory {
-    fn new(router: &str, token: &str) -> NodeDirectory {
-        NodeDirectory {
+impl AdminDirectory {
+    fn new(router: &str, token: &str) -> AdminDirectory {
+        AdminDirectory {
             router: router.to_string(),
             token: token.to_string(),
             known: tokio::sync::Mutex::new((HashMap::new(), None)),
@@ -498,6 +562,9 @@ async fn one_join(
         return;
     }
     tokio::time::sleep_until(leave_at).await;
+    if ctx.was_killed(&node) {
+        return;
+    }
     leave(&ctx, i, join.room, node, node_id, node_base).await;
 }
 
@@ -527,6 +594,10 @@ async fn leave(
         None => (through_router(ctx).await, true),
     };
     if proxied && !via_router && matches!(&resp, Err(e) if e.is_connect()) {
+        if ctx.was_killed(&node) {
+            // Killed as the leave went out: the participant went with the node.
+            return;
+        }
         // The router reaches the node; the harness does not (a private address, say).
         resp = through_router(ctx).await;
         via_router = true;
@@ -789,6 +860,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                 cap,
                 cfg.cluster.heartbeat,
                 reserve,
+                cfg.cluster.mode,
             )
             .await?,
         )
@@ -805,8 +877,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     };
     let target = match &cluster {
         Some(c) => format!(
-            "self-started router {} + {} demo nodes",
-            c.url, cfg.cluster.nodes
+            "self-started {} router {} + {} demo nodes",
+            match c.mode {
+                FrontDoorMode::Redirect => "redirect-mode",
+                FrontDoorMode::Proxy => "proxy-mode",
+            },
+            c.url,
+            cfg.cluster.nodes
         ),
         None => routers.join(", "),
     };
@@ -832,8 +909,11 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let directories = routers
         .iter()
         .map(|r| match (&cluster, &cfg.admin_token) {
-            // The self-started router redirects: its nodes' URLs come with each answer.
-            (None, Some(token)) => Some(NodeDirectory::new(r, token)),
+            // A redirect says where the node is; a proxied answer only names it.
+            (Some(c), _) if c.mode == FrontDoorMode::Proxy => {
+                Some(NodeDirectory::Own(c.nodes.clone()))
+            }
+            (None, Some(token)) => Some(NodeDirectory::Admin(AdminDirectory::new(r, token))),
             _ => None,
         })
         .collect();
@@ -846,6 +926,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         start,
         end,
         events: tx.clone(),
+        killed: Mutex::new(Vec::new()),
     });
 
     // Utilization sampler and progress line, until `stop` says so.
@@ -927,13 +1008,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         while let Some((t, add)) = cluster_events.next_if(|e| start + e.0 <= planned) {
             tokio::time::sleep_until(start + t).await;
             if let Some(c) = cluster.as_mut() {
-                let at = start.elapsed();
-                if add {
-                    let id = c.add_node().await?;
-                    let _ = tx.send(Event::Added(id, at));
-                } else if let Some(id) = c.kill_first() {
-                    let _ = tx.send(Event::Killed(id, at));
-                }
+                ctx.cluster_event(c, add).await?;
             }
         }
         if Instant::now() >= hard_end {
@@ -957,13 +1032,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         }
         tokio::time::sleep_until(start + t).await;
         if let Some(c) = cluster.as_mut() {
-            let at = start.elapsed();
-            if add {
-                let id = c.add_node().await?;
-                let _ = tx.send(Event::Added(id, at));
-            } else if let Some(id) = c.kill_first() {
-                let _ = tx.send(Event::Killed(id, at));
-            }
+            ctx.cluster_event(c, add).await?;
         }
     }
     let _ = tokio::time::timeout_at(hard_end, async {

@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::config::FrontDoorMode;
+
 pub use engine::{run, ClusterSpec, LoadConfig};
 pub use pace::Pacing;
 pub use rate::RateConfig;
@@ -42,6 +44,14 @@ fn parse_dist(s: &str) -> Result<Dist, String> {
 
 fn parse_burst(s: &str) -> Result<Burst, String> {
     Burst::parse(s)
+}
+
+fn parse_mode(s: &str) -> Result<FrontDoorMode, String> {
+    match s {
+        "redirect" => Ok(FrontDoorMode::Redirect),
+        "proxy" => Ok(FrontDoorMode::Proxy),
+        _ => Err(format!("{s:?}: expected redirect or proxy")),
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -73,6 +83,12 @@ pub struct LoadArgs {
     /// Self-started cluster: heartbeat interval in ms (the timeout is 3 intervals).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=10_000))]
     pub heartbeat_ms: u64,
+    /// Self-started cluster: the router's front-door mode, `redirect` (the harness follows
+    /// the 307 to the node) or `proxy` (the router carries each join to the node and passes
+    /// its answer on; participants leave at the nodes, whose URLs the harness asks the
+    /// router's admin API for).
+    #[arg(long, default_value = "redirect", value_parser = parse_mode, conflicts_with = "routers")]
+    pub mode: FrontDoorMode,
     /// Target joins per second (open loop; bursts come on top).
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
@@ -86,7 +102,7 @@ pub struct LoadArgs {
         value_name = "REQ_PER_S",
         conflicts_with_all = [
             "rate", "bursts", "size_hints", "node_capacity", "add_node_at", "kill_node_at",
-            "ceiling_server",
+            "ceiling_server", "mode",
         ]
     )]
     pub constant_rate: Option<f64>,
@@ -234,6 +250,7 @@ impl LoadArgs {
                 nodes: self.nodes as usize,
                 capacity: self.node_capacity,
                 heartbeat: Duration::from_millis(self.heartbeat_ms),
+                mode: self.mode,
             },
             workload: WorkloadSpec {
                 rate: self.rate,

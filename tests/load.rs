@@ -114,24 +114,8 @@ async fn self_started_proxy_run_with_scale_out_and_failure_splits_nothing() {
 async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
     // Each router has its own memory store and its own nodes: the same room gets a node from
     // each, which is exactly a split room.
-    let a = OwnCluster::start(
-        2,
-        1000.0,
-        Duration::from_millis(200),
-        1,
-        FrontDoorMode::Redirect,
-    )
-    .await
-    .unwrap();
-    let b = OwnCluster::start(
-        2,
-        1000.0,
-        Duration::from_millis(200),
-        1,
-        FrontDoorMode::Redirect,
-    )
-    .await
-    .unwrap();
+    let a = redirect_cluster().await;
+    let b = redirect_cluster().await;
     let mut cfg = config(100.0, 1, 10);
     cfg.routers = vec![a.url.clone(), b.url.clone()];
     cfg.follow = false;
@@ -150,15 +134,7 @@ async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_disabled_under_its_participants_shows_as_split() {
-    let c = OwnCluster::start(
-        2,
-        1000.0,
-        Duration::from_millis(200),
-        1,
-        FrontDoorMode::Redirect,
-    )
-    .await
-    .unwrap();
+    let c = redirect_cluster().await;
     let mut cfg = config(40.0, 3, 6);
     cfg.routers = vec![c.url.clone()];
     cfg.workload.stay = Dist::Fixed { value: 60.0 }; // nobody leaves during the run
@@ -190,6 +166,19 @@ async fn a_node_disabled_under_its_participants_shows_as_split() {
         .nodes
         .iter()
         .any(|n| n.starts_with("media-1@")));
+}
+
+/// A redirect-mode cluster of the harness's own: two demo nodes of capacity 1000.
+async fn redirect_cluster() -> OwnCluster {
+    OwnCluster::start(
+        2,
+        1000.0,
+        Duration::from_millis(200),
+        1,
+        FrontDoorMode::Redirect,
+    )
+    .await
+    .unwrap()
 }
 
 async fn bounded(cfg: LoadConfig) -> LoadReport {

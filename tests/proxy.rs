@@ -139,6 +139,13 @@ async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_i
 const USER_JWT_SECRET: &str = "user-jwt-secret-0123456789-0123456789";
 
 /// A user token valid for every room for five minutes, signed with `USER_JWT_SECRET`.
+/// What the echoing upstream saw of `req` (path, headers), which must have been answered 200.
+async fn echoed(req: reqwest::RequestBuilder, what: &str) -> serde_json::Value {
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{what}");
+    resp.json().await.unwrap()
+}
+
 fn user_token() -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let exp = std::time::SystemTime::now()
@@ -180,14 +187,13 @@ async fn a_query_token_is_not_forwarded_to_the_node() {
             ),
             (format!("access%5Ftoken={t}"), "/rooms/standup"),
         ] {
-            let resp = browser
-                .get(format!("{}/rooms/standup?{query}", r.url))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200, "fast path {fast_path}: {query}");
-            let body: serde_json::Value = resp.json().await.unwrap();
-            assert_eq!(body["path"], node_gets, "fast path {fast_path}");
+            let what = format!("fast path {fast_path}: {query}");
+            let body = echoed(
+                browser.get(format!("{}/rooms/standup?{query}", r.url)),
+                &what,
+            )
+            .await;
+            assert_eq!(body["path"], node_gets, "{what}");
             assert!(!body.to_string().contains(&t), "the node saw the token");
             assert!(body["headers"]["x-room-ticket"].is_string());
         }
@@ -225,14 +231,9 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
         let up = Upstream::start("n1").await;
         register(&r, "n1", &up).await;
         let browser = reqwest::Client::new();
-        let resp = browser
-            .get(format!("{}/rooms/standup?x=1", r.url))
-            .header("authorization", &bearer)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "fast path {fast_path}");
-        let body: serde_json::Value = resp.json().await.unwrap();
+        let what = format!("fast path {fast_path}");
+        let req = browser.get(format!("{}/rooms/standup?x=1", r.url));
+        let body = echoed(req.header("authorization", &bearer), &what).await;
         assert!(
             !body.to_string().contains(&t),
             "the node saw the token: {body}"
@@ -240,14 +241,8 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
         assert!(body["headers"].get("authorization").is_none(), "{body}");
         assert!(body["headers"]["x-room-ticket"].is_string());
         // Basic credentials of a site-wide proxy, the user's token in the query.
-        let resp = browser
-            .get(format!("{}/rooms/standup?access_token={t}", r.url))
-            .header("authorization", "Basic c2l0ZTpwYXNz")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "fast path {fast_path}");
-        let body: serde_json::Value = resp.json().await.unwrap();
+        let req = browser.get(format!("{}/rooms/standup?access_token={t}", r.url));
+        let body = echoed(req.header("authorization", "Basic c2l0ZTpwYXNz"), &what).await;
         assert_eq!(body["headers"]["authorization"], "Basic c2l0ZTpwYXNz");
         assert!(
             !body.to_string().contains(&t),
@@ -324,14 +319,13 @@ async fn a_clients_query_ticket_is_not_forwarded_to_the_node() {
             (format!("tick%65t={foreign}"), "/rooms/standup"),
             ("ticketing=on".to_string(), "/rooms/standup?ticketing=on"),
         ] {
-            let resp = browser
-                .get(format!("{}/rooms/standup?{query}", r.url))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200, "fast path {fast_path}: {query}");
-            let body: serde_json::Value = resp.json().await.unwrap();
-            assert_eq!(body["path"], node_gets, "fast path {fast_path}: {query}");
+            let what = format!("fast path {fast_path}: {query}");
+            let body = echoed(
+                browser.get(format!("{}/rooms/standup?{query}", r.url)),
+                &what,
+            )
+            .await;
+            assert_eq!(body["path"], node_gets, "{what}");
             assert!(
                 !body.to_string().contains(foreign),
                 "the node saw it: {body}"

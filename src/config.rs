@@ -54,6 +54,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// Proxy mode: how the front door talks to node upstreams.
     pub proxy: ProxyConfig,
+    /// Active health checks: the router's own probes of its nodes.
+    pub health: HealthConfig,
     /// TLS on the front door, the plain-HTTP redirect listener and the mTLS node listener.
     pub tls: TlsConfig,
     /// Nodes known before their first heartbeat. They become healthy on their first heartbeat.
@@ -675,6 +677,59 @@ impl Default for ProxyConfig {
     }
 }
 
+/// Active health checks. A node that crashes stops heartbeating, and the router sees it only
+/// after `placement.heartbeat_timeout`; in redirect mode every user sent to it until then
+/// finds nothing there. With probes on, the router also opens a TCP connection to each
+/// healthy node's upstream every `probe_interval`, and a node that refuses or ignores
+/// `failures` of them in a row is unhealthy until its next heartbeat (as proxy mode's
+/// passive check does). Off by default: the upstream must be reachable from the router.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often each healthy node is probed; `0s`: never.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
+    /// Time a probe's connection has to open.
+    #[serde(with = "duration")]
+    pub probe_timeout: Duration,
+    /// Failed probes in a row that mark a node unhealthy.
+    pub failures: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_interval: Duration::ZERO,
+            probe_timeout: Duration::from_secs(1),
+            failures: 2,
+        }
+    }
+}
+
+impl HealthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.probe_interval.is_zero() {
+            return Ok(());
+        }
+        if self.probe_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "health.probe_interval",
+                "must be 0s (off) or at least 100ms",
+            ));
+        }
+        if self.probe_timeout.is_zero() || self.probe_timeout > self.probe_interval {
+            return Err(invalid(
+                "health.probe_timeout",
+                "must be > 0 and at most health.probe_interval",
+            ));
+        }
+        if !(1..=100).contains(&self.failures) {
+            return Err(invalid("health.failures", "must be 1-100"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -1028,6 +1083,7 @@ impl Config {
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.logging.validate()?;
+        self.health.validate()?;
         let s = &self.server;
         if s.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be > 0"));
@@ -1482,6 +1538,32 @@ mod tests {
             let c = Config::parse(&format!("[server]\n{key} = \"0s\"\n")).unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.starts_with(&format!("server.{key}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn health_probes_are_off_by_default_and_checked_when_on() {
+        let c = Config::default();
+        assert!(c.health.probe_interval.is_zero());
+        c.validate().unwrap();
+        let c = Config::parse("[health]\nprobe_interval = \"1s\"\n").unwrap();
+        assert_eq!(c.health.probe_timeout, Duration::from_secs(1));
+        c.validate().unwrap();
+        for (text, key) in [
+            ("probe_interval = \"10ms\"", "health.probe_interval"),
+            (
+                "probe_interval = \"1s\"\nprobe_timeout = \"2s\"",
+                "health.probe_timeout",
+            ),
+            (
+                "probe_interval = \"1s\"\nprobe_timeout = \"0s\"",
+                "health.probe_timeout",
+            ),
+            ("probe_interval = \"1s\"\nfailures = 0", "health.failures"),
+        ] {
+            let c = Config::parse(&format!("[health]\n{text}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(key), "{text}: {e}");
         }
     }
 

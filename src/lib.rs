@@ -15,6 +15,7 @@ pub mod http;
 pub mod load;
 pub mod metrics;
 pub mod placement;
+pub mod probe;
 pub mod room;
 pub mod router;
 pub mod service;

@@ -107,6 +107,10 @@ pub struct Metrics {
     pub upstream_response: NodeLatencies,
     /// How long applying a node's heartbeat took.
     pub heartbeat_time: Latency,
+    /// Active health checks (`health.probe_interval`): probes that failed, and nodes they
+    /// marked unhealthy.
+    pub probe_failures: Counter,
+    pub probe_marked_unhealthy: Counter,
 }
 
 /// What proxy mode counts (handles onto the router's registry, cheap to clone).
@@ -247,6 +251,18 @@ impl Metrics {
             Unit::Seconds,
             heartbeat_time.clone(),
         );
+        let probe_failures = Counter::default();
+        registry.register(
+            "health_probe_failures",
+            "Active health probes (health.probe_interval) a node refused or left unanswered",
+            probe_failures.clone(),
+        );
+        let probe_marked_unhealthy = Counter::default();
+        registry.register(
+            "health_probe_nodes_marked_unhealthy",
+            "Nodes marked unhealthy after health.failures failed probes in a row",
+            probe_marked_unhealthy.clone(),
+        );
         let upstream_response = NodeLatencies::default();
         registry.register_collector(Box::new(NodeLatencyFamily {
             name: "proxy_upstream_response",
@@ -283,6 +299,8 @@ impl Metrics {
             slow_decisions,
             upstream_response,
             heartbeat_time,
+            probe_failures,
+            probe_marked_unhealthy,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Assembles a running router from a validated config: store, router core, background sweep,
-//! HTTP server. `roomrouter serve`, `roomrouter demo` and the integration tests all start the
+//! Assembles a running router from a validated config: store, router core, background sweep
+//! (and reservation sharing, health probes when configured), HTTP server. `roomrouter serve`, `roomrouter demo` and the integration tests all start the
 //! service through here, so they run the same code.
 
 use std::future::Future;
@@ -97,6 +97,7 @@ pub async fn run<S: PinStore>(
     }
     let sweeper = spawn_sweeper(&app);
     let sharer = spawn_reservation_sharer(&app);
+    let prober = crate::probe::spawn_prober(&app);
     // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.
     let r = server::serve_configured(app, listener, shutdown).await;
     if let Some(h) = hangup {
@@ -105,6 +106,9 @@ pub async fn run<S: PinStore>(
     sweeper.abort();
     if let Some(s) = sharer {
         s.abort();
+    }
+    if let Some(p) = prober {
+        p.abort();
     }
     r
 }

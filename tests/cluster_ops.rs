@@ -9,6 +9,10 @@ use common::*;
 use reqwest::Method;
 use serde_json::json;
 
+async fn healthy(r: &TestRouter, id: &str) -> bool {
+    admin_json(r, &format!("/v1/nodes/{id}")).await["healthy"] == true
+}
+
 async fn node_of(r: &TestRouter, room: &str) -> String {
     let resp = r.get(&format!("/rooms/{room}")).send().await.unwrap();
     assert_eq!(resp.status(), 307, "join {room}");
@@ -216,6 +220,72 @@ async fn a_dead_node_fails_over_after_heartbeat_timeout_and_only_its_rooms_move(
         } else {
             assert_eq!(&now, old, "room r{i} moved though its node is alive");
         }
+    }
+}
+
+/// A node that crashed stops heartbeating, but the router would wait out
+/// `heartbeat_timeout` (a minute here) before it stopped sending users there. With health
+/// probes on, its closed port marks it unhealthy after `health.failures` probes, its room
+/// moves to the live node at the next join, and its next heartbeat brings it back. With
+/// probes off (the default) nothing changes over the same time.
+#[tokio::test]
+async fn a_node_whose_port_is_closed_fails_its_probes_and_its_rooms_move_before_the_timeout() {
+    // A port that listens (the live node) and one that nobody listens on any more.
+    let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (live_url, gone_url) = (
+        format!("http://{}", live.local_addr().unwrap()),
+        format!("http://{}", gone.local_addr().unwrap()),
+    );
+    drop(gone);
+    for probes in [false, true] {
+        let mut cfg = config();
+        cfg.placement.heartbeat_interval = Duration::from_secs(10);
+        cfg.placement.heartbeat_timeout = Duration::from_secs(60);
+        if probes {
+            cfg.health.probe_interval = Duration::from_millis(100);
+            cfg.health.probe_timeout = Duration::from_millis(100);
+            cfg.health.failures = 2;
+        }
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        // "gone" reports far more headroom, so new rooms go there while it looks alive.
+        let beat = |url: &str, load: u32| json!({"url": url, "capacity": 100, "load": load});
+        heartbeat(&r, "gone", beat(&gone_url, 0)).await;
+        heartbeat(&r, "live", beat(&live_url, 50)).await;
+        assert_eq!(node_of(&r, "standup").await, "gone");
+        if !probes {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert!(
+                healthy(&r, "gone").await,
+                "without probes it waits for the timeout"
+            );
+            assert_eq!(node_of(&r, "standup").await, "gone");
+            r.stop().await;
+            continue;
+        }
+        eventually(
+            "the closed port's node is unhealthy",
+            Duration::from_secs(5),
+            || async { !healthy(&r, "gone").await },
+        )
+        .await;
+        assert!(
+            healthy(&r, "live").await,
+            "the listening node passes its probes"
+        );
+        assert_eq!(node_of(&r, "standup").await, "live", "the room moved");
+        assert_eq!(node_of(&r, "retro").await, "live");
+        let m = r.metrics().await;
+        assert!(
+            sample(&m, "roomrouter_health_probe_failures_total") >= 2.0,
+            "{m}"
+        );
+        assert!(sample(&m, "roomrouter_health_probe_nodes_marked_unhealthy_total") >= 1.0);
+        // Its next heartbeat brings it back (until its probes fail again).
+        heartbeat(&r, "gone", beat(&gone_url, 0)).await;
+        assert!(healthy(&r, "gone").await);
+        r.stop().await;
     }
 }
 

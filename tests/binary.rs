@@ -685,6 +685,7 @@ fn load_runs_a_self_started_cluster_in_either_mode_and_refuses_bad_flags() {
         "load",
         &[
             (&["--mode", "sideways"], "expected redirect or proxy"),
+            (&["--probe-ms", "50"], "--probe-ms"),
             (
                 &["--mode", "proxy", "--router", "http://127.0.0.1:9"],
                 "cannot be used with",
@@ -702,13 +703,19 @@ fn load_runs_a_self_started_cluster_in_either_mode_and_refuses_bad_flags() {
             ),
         ],
     );
-    for mode in ["redirect", "proxy"] {
+    // The redirect-mode router also probes its nodes.
+    for (mode, probe) in [("redirect", "100"), ("proxy", "0")] {
         let json = std::env::temp_dir().join(format!(
             "roomrouter-load-{mode}-{}.json",
             std::process::id()
         ));
         let out = clean_env(&mut Command::new(BIN))
             .args(["load", "--mode", mode, "--rate", "60", "--duration", "2"])
+            .args(if probe == "0" {
+                vec![]
+            } else {
+                vec!["--probe-ms", probe]
+            })
             .args([
                 "--rooms",
                 "20",

@@ -23,6 +23,7 @@ fn config(rate: f64, secs: u64, rooms: u32) -> LoadConfig {
             capacity: None,
             heartbeat: Duration::from_millis(200),
             mode: FrontDoorMode::Redirect,
+            probe: None,
         },
         workload: WorkloadSpec {
             rate,
@@ -110,6 +111,39 @@ async fn self_started_proxy_run_with_scale_out_and_failure_splits_nothing() {
     assert_eq!(r.events.len(), 2, "{:?}", r.events);
 }
 
+/// A redirect-mode router learns of a crash from its heartbeats timing out (3 s here, more
+/// than the rest of the run): until then the harness follows redirects to the dead node and
+/// finds nothing. With the router probing its nodes every 100 ms, it stops sending users
+/// there within a few probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_cut_the_joins_a_redirect_mode_router_sends_to_a_dead_node() {
+    let mut lost = Vec::new();
+    for probe in [None, Some(Duration::from_millis(100))] {
+        let mut cfg = config(80.0, 3, 40);
+        cfg.cluster.heartbeat = Duration::from_secs(1);
+        cfg.cluster.probe = probe;
+        cfg.kill_node_at = Some(Duration::from_secs(1));
+        let r = bounded(cfg).await;
+        assert_eq!(r.split_rooms, 0, "{}", r.table());
+        assert_eq!(r.rooms_moved_after_kill, Some(0), "{}", r.table());
+        let connect = r.node_errors.get("join connect").copied().unwrap_or(0);
+        lost.push((connect, r.table()));
+    }
+    let (without, with) = (&lost[0], &lost[1]);
+    assert!(
+        without.0 >= 20,
+        "without probes the dead node gets its share of 2 s of joins: {}",
+        without.1
+    );
+    assert!(
+        with.0 * 3 <= without.0,
+        "with probes: {} lost, without: {}\n{}",
+        with.0,
+        without.0,
+        with.1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
     // Each router has its own memory store and its own nodes: the same room gets a node from
@@ -170,15 +204,9 @@ async fn a_node_disabled_under_its_participants_shows_as_split() {
 
 /// A redirect-mode cluster of the harness's own: two demo nodes of capacity 1000.
 async fn redirect_cluster() -> OwnCluster {
-    OwnCluster::start(
-        2,
-        1000.0,
-        Duration::from_millis(200),
-        1,
-        FrontDoorMode::Redirect,
-    )
-    .await
-    .unwrap()
+    let mut spec = config(1.0, 1, 1).cluster;
+    spec.nodes = 2;
+    OwnCluster::start(&spec, 1000.0, 1).await.unwrap()
 }
 
 async fn bounded(cfg: LoadConfig) -> LoadReport {

@@ -67,6 +67,9 @@ pub struct ClusterSpec {
     /// How the router sends joins on: a redirect the harness follows, or proxied to the
     /// node (the router's answer is the node's, and participants leave at the node).
     pub mode: FrontDoorMode,
+    /// The router's active health probes (`health.probe_interval`; two failures mark a
+    /// node), if any.
+    pub probe: Option<Duration>,
 }
 
 /// Everything a run needs.
@@ -114,17 +117,20 @@ pub struct OwnCluster {
 }
 
 impl OwnCluster {
-    /// Starts a router (memory store, front door in `mode`) and `nodes` demo nodes of
+    /// Starts a router (memory store, as `spec` says) and `spec.nodes` demo nodes of
     /// `capacity` on loopback.
     pub async fn start(
-        nodes: usize,
+        spec: &ClusterSpec,
         capacity: f64,
-        heartbeat: Duration,
         new_room_reserve: u32,
-        mode: FrontDoorMode,
     ) -> anyhow::Result<OwnCluster> {
+        let (heartbeat, mode) = (spec.heartbeat, spec.mode);
         let mut cfg = crate::demo::demo_config("127.0.0.1:0".parse()?);
         cfg.front_door.mode = mode;
+        if let Some(every) = spec.probe {
+            cfg.health.probe_interval = every;
+            cfg.health.probe_timeout = every;
+        }
         cfg.placement.heartbeat_interval = heartbeat;
         cfg.placement.heartbeat_timeout = heartbeat * 3;
         cfg.placement.new_room_reserve = new_room_reserve;
@@ -152,7 +158,7 @@ impl OwnCluster {
             stop: Some(tx),
             task,
         };
-        for _ in 0..nodes {
+        for _ in 0..spec.nodes.max(1) {
             c.add_node().await?;
         }
         Ok(c)
@@ -854,16 +860,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             .capacity
             .unwrap_or_else(|| auto_capacity(&cfg.workload, cfg.cluster.nodes));
         let reserve = cfg.workload.size.mean().round().max(1.0) as u32;
-        Some(
-            OwnCluster::start(
-                cfg.cluster.nodes.max(1),
-                cap,
-                cfg.cluster.heartbeat,
-                reserve,
-                cfg.cluster.mode,
-            )
-            .await?,
-        )
+        Some(OwnCluster::start(&cfg.cluster, cap, reserve).await?)
     } else {
         None
     };

@@ -89,6 +89,10 @@ pub struct LoadArgs {
     /// router's admin API for).
     #[arg(long, default_value = "redirect", value_parser = parse_mode, conflicts_with = "routers")]
     pub mode: FrontDoorMode,
+    /// Self-started cluster: the router probes its nodes this often (ms; two failed probes
+    /// mark one unhealthy: `health.probe_interval`); without it, only heartbeats tell.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(100..=60_000), conflicts_with = "routers")]
+    pub probe_ms: Option<u64>,
     /// Target joins per second (open loop; bursts come on top).
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
@@ -102,7 +106,7 @@ pub struct LoadArgs {
         value_name = "REQ_PER_S",
         conflicts_with_all = [
             "rate", "bursts", "size_hints", "node_capacity", "add_node_at", "kill_node_at",
-            "ceiling_server", "mode",
+            "ceiling_server", "mode", "probe_ms",
         ]
     )]
     pub constant_rate: Option<f64>,
@@ -251,6 +255,7 @@ impl LoadArgs {
                 capacity: self.node_capacity,
                 heartbeat: Duration::from_millis(self.heartbeat_ms),
                 mode: self.mode,
+                probe: self.probe_ms.map(Duration::from_millis),
             },
             workload: WorkloadSpec {
                 rate: self.rate,

@@ -1,6 +1,7 @@
-//! Assembles a running router from a validated config: store, router core, background sweep
-//! (and reservation sharing, health probes when configured), HTTP server. `roomrouter serve`, `roomrouter demo` and the integration tests all start the
-//! service through here, so they run the same code.
+//! Assembles a running router from a validated config: store, router core, background tasks
+//! (the sweep; reservation sharing and health probes when configured), HTTP server.
+//! `roomrouter serve`, `roomrouter demo` and the integration tests all start the service
+//! through here, so they run the same code.
 
 use std::future::Future;
 use std::sync::Arc;

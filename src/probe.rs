@@ -5,9 +5,10 @@
 //! keeps sending users to the dead node (the load harness lost 3.4-4.9% of a run's joins that
 //! way with a 1.5 s timeout, 0.5-0.9% with probes every 100 ms: BENCHMARKS.md section 2).
 //! With `health.probe_interval` set, a task opens a TCP connection to every healthy node's
-//! upstream that often, all nodes at once, each within `probe_timeout`; a node that fails `failures` probes in a row is marked unhealthy until its
-//! next heartbeat, exactly as proxy mode's passive check marks a node whose requests fail. The
-//! next join of one of its rooms then places the room on a live node.
+//! upstream that often, all nodes at once, each within `probe_timeout`; a node that fails
+//! `failures` probes in a row is marked unhealthy until its next heartbeat, exactly as proxy
+//! mode's passive check marks a node whose requests fail. The next join of one of its rooms
+//! then places the room on a live node.
 //!
 //! The probe is a connection, not a request: it proves the process listens, which is what a
 //! crash or a lost machine takes away, and costs a node nothing to answer. Marks are this

@@ -100,6 +100,7 @@ pub async fn run<S: PinStore>(
     let sharer = spawn_reservation_sharer(&app);
     let prober = crate::probe::spawn_prober(&app);
     // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.
+    let stopped = Arc::downgrade(&app);
     let r = server::serve_configured(app, listener, shutdown).await;
     if let Some(h) = hangup {
         h.abort();
@@ -110,6 +111,11 @@ pub async fn run<S: PinStore>(
     }
     if let Some(p) = prober {
         p.abort();
+    }
+    // What must outlive the process is written now: a connection task the shutdown let go
+    // may still hold the app (and its store) when `main` returns, and then nothing drops it.
+    if let Some(app) = stopped.upgrade() {
+        app.router.store().flush_learned();
     }
     r
 }

@@ -345,7 +345,7 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     );
 
     // A graceful stop (SIGTERM) writes the file; a restart reads it.
-    terminate(&mut router.0).await;
+    assert!(terminate(&mut router.0).await, "a clean exit");
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("\tclass-7b"), "{text}");
     let (_router, url) = serve_with(&config);

@@ -146,11 +146,18 @@ impl LearnedFile {
     }
 }
 
-impl Drop for LearnedFile {
-    fn drop(&mut self) {
+impl LearnedFile {
+    /// [`LearnedFile::flush`], a failure logged: for when nobody is left to retry.
+    pub fn flush_or_warn(&self) {
         if let Err(e) = self.flush() {
             tracing::warn!(file = %self.path.display(), error = %e, "learned room sizes not written");
         }
+    }
+}
+
+impl Drop for LearnedFile {
+    fn drop(&mut self) {
+        self.flush_or_warn();
     }
 }
 

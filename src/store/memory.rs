@@ -238,6 +238,12 @@ impl PinStore for MemoryStore {
         }
     }
 
+    fn flush_learned(&self) {
+        if let Some(f) = &self.learned {
+            f.flush_or_warn();
+        }
+    }
+
     async fn load_learned(&self) -> Result<Vec<(RoomKey, Learned)>, StoreError> {
         Ok(self.learned.as_ref().map(|f| f.all()).unwrap_or_default())
     }

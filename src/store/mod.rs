@@ -201,6 +201,11 @@ pub trait PinStore: Send + Sync + 'static {
     /// Called by the router's sweep; queues like [`PinStore::save_learned`].
     fn forget_learned(&self, _before: Millis) {}
 
+    /// Writes out what it keeps of learned sizes locally, now: called when the router stops,
+    /// which cannot wait for the store to be dropped (a connection task the shutdown let go
+    /// may still hold the app when the process exits). Default: nothing to write.
+    fn flush_learned(&self) {}
+
     /// Learned sizes other routers saved since the last call (a shared store hears of
     /// them), for the router's sweep to take. Default: none.
     fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
@@ -332,6 +337,9 @@ impl PinStore for AnyStore {
     }
     fn forget_learned(&self, before: Millis) {
         delegate!(self, s => s.forget_learned(before))
+    }
+    fn flush_learned(&self) {
+        delegate!(self, s => s.flush_learned())
     }
     fn take_learned(&self) -> Vec<(RoomKey, Learned)> {
         delegate!(self, s => s.take_learned())

@@ -99,8 +99,8 @@ pub async fn run<S: PinStore>(
     let sweeper = spawn_sweeper(&app);
     let sharer = spawn_reservation_sharer(&app);
     let prober = crate::probe::spawn_prober(&app);
-    // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.
     let stopped = Arc::downgrade(&app);
+    // Plain HTTP, or HTTPS plus the redirect and mTLS node listeners, as the config says.
     let r = server::serve_configured(app, listener, shutdown).await;
     if let Some(h) = hangup {
         h.abort();

@@ -144,9 +144,7 @@ impl LearnedFile {
         }
         std::fs::rename(&tmp, &self.path)
     }
-}
 
-impl LearnedFile {
     /// [`LearnedFile::flush`], a failure logged: for when nobody is left to retry.
     pub fn flush_or_warn(&self) {
         if let Err(e) = self.flush() {

@@ -23,7 +23,6 @@ use tokio::task::JoinSet;
 
 use crate::cluster::{NodeEntry, NodeId};
 use crate::http::App;
-use crate::placement::is_healthy;
 use crate::store::PinStore;
 
 /// Opens (and closes at once) a TCP connection to `upstream`'s host and port within
@@ -95,14 +94,13 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
             tick.tick().await;
             let Some(app) = weak.upgrade() else { break };
             let now = app.router.now();
-            let timeout_ms = app.router.placement_config().heartbeat_timeout.as_millis() as u64;
             let healthy: Vec<NodeEntry> = app
                 .router
                 .cluster()
                 .snapshot()
                 .nodes()
                 .iter()
-                .filter(|n| is_healthy(*n, now, timeout_ms))
+                .filter(|n| app.router.is_healthy(n, now))
                 .cloned()
                 .collect();
             let (failed, marked) = (

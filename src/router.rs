@@ -273,6 +273,11 @@ impl<S: PinStore> Router<S> {
         self.clock.now()
     }
 
+    /// Whether `node` has been heard from within `heartbeat_timeout` at `now`.
+    pub fn is_healthy(&self, node: &NodeEntry, now: Millis) -> bool {
+        is_healthy(node, now, self.params.heartbeat_timeout_ms)
+    }
+
     /// Decides the room's node for a join or lookup, pinning it if it needs a (new) node.
     ///
     /// A room whose pin holds is decided before this returns, under the store's read of the
@@ -727,10 +732,10 @@ impl<S: PinStore> Router<S> {
     }
 
     fn node_usable(&self, id: &NodeId, now: Millis) -> bool {
-        self.cluster.snapshot().get(id).is_some_and(|e| {
-            is_healthy(e, now, self.params.heartbeat_timeout_ms)
-                && e.state() != AdminState::Disabled
-        })
+        self.cluster
+            .snapshot()
+            .get(id)
+            .is_some_and(|e| self.is_healthy(e, now) && e.state() != AdminState::Disabled)
     }
 
     /// A node says a room ended on it (reported empty, or no longer listed): releases the
@@ -956,7 +961,7 @@ impl<S: PinStore> Router<S> {
             state: live.effective_state(),
             admin_state: live.admin_state(),
             reported_state: live.self_state(),
-            healthy: is_healthy(e, now, self.params.heartbeat_timeout_ms),
+            healthy: self.is_healthy(e, now),
             load: live.reported_load(),
             cpu: live.reported_cpu(),
             utilization: e.utilization(),
@@ -1065,7 +1070,7 @@ impl<S: PinStore> Router<S> {
         let healthy = snap
             .nodes()
             .iter()
-            .filter(|e| is_healthy(*e, now, self.params.heartbeat_timeout_ms))
+            .filter(|e| self.is_healthy(e, now))
             .count();
         self.metrics.nodes_total.set(snap.nodes().len() as i64);
         self.metrics.nodes_healthy.set(healthy as i64);
@@ -1103,11 +1108,7 @@ impl<S: PinStore> Router<S> {
             reasons.push(format!("store degraded: {why}"));
         }
         let snap = self.cluster.snapshot();
-        if !snap
-            .nodes()
-            .iter()
-            .any(|e| is_healthy(e, now, self.params.heartbeat_timeout_ms))
-        {
+        if !snap.nodes().iter().any(|e| self.is_healthy(e, now)) {
             reasons.push("no healthy node".to_string());
         }
         if reasons.is_empty() {

@@ -98,6 +98,13 @@ pub struct ServerConfig {
     /// Serve front-door requests on HTTP/1.1 through the fast path (`http::h1`): heads
     /// parsed once, bodies relayed as bytes. Off: hyper serves every request.
     pub fast_path: bool,
+    /// Let the kernel back the router's memory with transparent huge pages. Off (the
+    /// default), `roomrouter serve` opts its process out (`prctl(PR_SET_THP_DISABLE)`, Linux):
+    /// the allocator asks for huge pages, and the first touch of a 2 MiB page stalls the
+    /// event loop that touched it while the kernel zeroes (on a VM, also backs) the page: a
+    /// fresh router's p99 was 3-4x its steady one (BENCHMARKS.md section 1, twenty-fourth
+    /// session). On: the system's THP setting applies.
+    pub transparent_huge_pages: bool,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +122,7 @@ impl Default for ServerConfig {
             worker_threads: None,
             runtime: RuntimeModel::default(),
             fast_path: true,
+            transparent_huge_pages: false,
         }
     }
 }
@@ -1375,6 +1383,7 @@ mod tests {
         assert_eq!(c.placement.new_room_limit, 0.80);
         assert_eq!(c.placement.heartbeat_timeout, Duration::from_secs(6));
         assert_eq!(c.front_door.routes, vec!["/rooms/{room}", "/join/{room}"]);
+        assert!(!c.server.transparent_huge_pages);
         c.validate().unwrap();
         assert!(c.require_credentials().is_err());
     }

@@ -90,6 +90,7 @@ fn main() -> ExitCode {
             // The log guard outlives the runtime: the app's last owners (the learned-size
             // file's final write among them) go with the runtime, and may have to warn.
             let _log = init_logging(&cfg, cli.log_json);
+            transparent_huge_pages(cfg.server.transparent_huge_pages);
             let rt = serve_runtime(&cfg.server)?;
             let served = rt.block_on(serve_with(cfg));
             drop(rt);
@@ -151,6 +152,24 @@ fn serve_config(
 }
 
 /// Logging as `[logging]` says, in JSON with `--log-json`.
+/// Applies `server.transparent_huge_pages` to this process: `false` opts it out of
+/// transparent huge pages (`prctl(PR_SET_THP_DISABLE)`, which covers every thread and what
+/// was mapped already), `true` leaves the system's setting. A kernel that refuses leaves the
+/// system's setting too, with a warning.
+fn transparent_huge_pages(allowed: bool) {
+    if allowed {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(
+            error = %e,
+            "could not opt out of transparent huge pages (server.transparent_huge_pages); \
+             the system's setting applies"
+        );
+    }
+}
+
 fn init_logging(cfg: &Config, log_json: bool) -> roomrouter::telemetry::LogGuard {
     let fmt = if log_json {
         LogFormat::Json
@@ -192,6 +211,8 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
         Cmd::Load(args) => roomrouter::load::run_cli(&args).await,
         Cmd::Demo { listen, nodes } => {
             let _log = roomrouter::telemetry::init(log_format, "info");
+            // The demo's router runs on the defaults, this key's among them.
+            transparent_huge_pages(Config::default().server.transparent_huge_pages);
             roomrouter::demo::run(listen, nodes.clamp(1, 64)).await
         }
         Cmd::DemoNode {

@@ -393,6 +393,45 @@ async fn a_hangup_signal_does_not_stop_a_router_without_tls() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Whether transparent huge pages are enabled for process `pid` (`THP_enabled` in
+/// /proc/PID/status, Linux 5.0 and later); `None` where the kernel does not say.
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim() == "1")
+}
+
+#[tokio::test]
+async fn the_router_opts_out_of_transparent_huge_pages_unless_its_config_allows_them() {
+    let Some(ours) = thp_enabled(std::process::id()) else {
+        eprintln!("SKIPPED: this kernel does not report THP_enabled in /proc/PID/status");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("rr-thp-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Allowed, the router keeps what it inherited (this test's own setting); by default it
+    // opts out.
+    for (server, expected) in [("", false), ("transparent_huge_pages = true\n", ours)] {
+        let config = dir.join("router.toml");
+        std::fs::write(
+            &config,
+            format!("[server]\n{server}[logging]\nlevel = \"warn\"\n"),
+        )
+        .unwrap();
+        let (mut router, url) = serve_with(&config);
+        wait_http(&format!("{url}/healthz")).await;
+        assert_eq!(
+            thp_enabled(router.0.id()),
+            Some(expected),
+            "THP_enabled with [server] {server:?}"
+        );
+        assert!(terminate(&mut router.0).await);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Sends SIGTERM and waits (bounded) for the process to exit; returns whether it exited 0.
 async fn terminate(child: &mut Child) -> bool {
     let sent = Command::new("kill")
@@ -492,10 +531,13 @@ async fn the_one_command_demo_serves_joins() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let pid = child.id();
     let _reaper = Reaper(child);
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.contains(&addr.to_string()), "{first}");
+    // Its router runs on the defaults: no transparent huge pages.
+    assert_ne!(thp_enabled(pid), Some(true));
     let url = format!("http://{addr}");
     wait_http(&format!("{url}/readyz")).await;
     let resp = client()

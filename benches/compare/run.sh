@@ -9,6 +9,9 @@
 #   router-proxy-shared the same with server.runtime = "shared": one multi-threaded Tokio
 #                   runtime instead of an event loop per thread (that change's own
 #                   before/after, not in the default TARGETS)
+#   router-proxy-thp    the same with server.transparent_huge_pages = true: the kernel may
+#                   back the router's heap with 2 MiB pages, whose first touch stalls an
+#                   event loop (that setting's own before/after, not in the default TARGETS)
 #   haproxy         balance url_param room, hash-type consistent, hash-balance-factor 125
 #   haproxy-headers the same, also sending the headers the router's proxy mode must send
 #                   (X-Forwarded-For/-Proto/-Host, X-Room-Node both ways, and a fixed
@@ -179,12 +182,13 @@ start_nodes() { # ROUTER_URL
   for port in "${NODE_PORTS[@]}"; do wait_http "http://127.0.0.1:$port/healthz"; done
 }
 
-start_router() { # MODE PORT [FAST_PATH] [RUNTIME]
+start_router() { # MODE PORT [FAST_PATH] [RUNTIME] [TRANSPARENT_HUGE_PAGES]
   cat >"$OUT/router-$1.toml" <<EOF
 [server]
 listen = "127.0.0.1:$2"
 fast_path = ${3:-true}
 runtime = "${4:-per_thread}"
+transparent_huge_pages = ${5:-false}
 $( [ "$PROXY_THREADS" = auto ] || echo "worker_threads = $PROXY_THREADS" )
 [front_door]
 mode = "$1"
@@ -410,6 +414,7 @@ bench() { # NAME
       fi ;;
     router-proxy-hyper) start_router proxy "$port" false ;;
     router-proxy-shared) start_router proxy "$port" true shared ;;
+    router-proxy-thp) start_router proxy "$port" true per_thread true ;;
     haproxy) start_haproxy "$port" ;;
     haproxy-headers) start_haproxy "$port" 1 ;;
     nginx) start_nginx "$port" ;;
@@ -510,7 +515,8 @@ for a, b in [("router-lookup", "ceiling"), ("router-redirect", "ceiling"),
              ("router-proxy", "haproxy"), ("router-proxy", "haproxy-headers"),
              ("haproxy-headers", "haproxy"), ("router-proxy", "nginx"),
              ("router-proxy", "router-proxy-hyper"), ("router-proxy-hyper", "haproxy"),
-             ("router-proxy", "router-proxy-shared"), ("router-proxy-shared", "haproxy")]:
+             ("router-proxy", "router-proxy-shared"), ("router-proxy-shared", "haproxy"),
+             ("router-proxy", "router-proxy-thp"), ("router-proxy-thp", "haproxy")]:
     rs = ratios(a, b)
     if rs:
         per = ", ".join(f"{r:.2f}" for r in rs)

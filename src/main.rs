@@ -208,7 +208,12 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             serve_with(cfg).await
         }
         Cmd::Simulate(args) => roomrouter::sim::cli::run_cli(&args),
-        Cmd::Load(args) => roomrouter::load::run_cli(&args).await,
+        Cmd::Load(args) => {
+            // A huge-page fault in the load tool (or the ceiling server it runs) would count
+            // as the target's latency: it opts out as the router does by default.
+            transparent_huge_pages(false);
+            roomrouter::load::run_cli(&args).await
+        }
         Cmd::Demo { listen, nodes } => {
             let _log = roomrouter::telemetry::init(log_format, "info");
             // The demo's router runs on the defaults, this key's among them.

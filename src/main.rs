@@ -151,7 +151,6 @@ fn serve_config(
     Ok(cfg)
 }
 
-/// Logging as `[logging]` says, in JSON with `--log-json`.
 /// Applies `server.transparent_huge_pages` to this process: `false` opts it out of
 /// transparent huge pages (`prctl(PR_SET_THP_DISABLE)`, which covers every thread and what
 /// was mapped already), `true` leaves the system's setting. A kernel that refuses leaves the
@@ -164,12 +163,12 @@ fn transparent_huge_pages(allowed: bool) {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(
             error = %e,
-            "could not opt out of transparent huge pages (server.transparent_huge_pages); \
-             the system's setting applies"
+            "could not opt out of transparent huge pages; the system's setting applies"
         );
     }
 }
 
+/// Logging as `[logging]` says, in JSON with `--log-json`.
 fn init_logging(cfg: &Config, log_json: bool) -> roomrouter::telemetry::LogGuard {
     let fmt = if log_json {
         LogFormat::Json

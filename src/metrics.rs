@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 /// Every outcome [`Metrics::decision`] counts: the `outcome` label of
 /// `roomrouter_decisions_total`.
@@ -137,69 +137,61 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// A new metric of type `M`, registered under `name` with `help`; the handle to keep.
+fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("roomrouter");
-        let decisions = Family::<Outcome, Counter>::default();
-        registry.register(
+        let decisions: Family<Outcome, Counter> = registered(
+            &mut registry,
             "decisions",
             "Join and lookup decisions by outcome",
-            decisions.clone(),
         );
-        let heartbeats = Counter::default();
-        registry.register("heartbeats", "Heartbeats accepted", heartbeats.clone());
-        let splits_detected = Counter::default();
-        registry.register(
+        let heartbeats: Counter = registered(&mut registry, "heartbeats", "Heartbeats accepted");
+        let splits_detected: Counter = registered(
+            &mut registry,
             "splits_detected",
             "Rooms reported by a node while pinned to another (evicted)",
-            splits_detected.clone(),
         );
-        let heartbeat_rooms_refused = Counter::default();
-        registry.register(
+        let heartbeat_rooms_refused: Counter = registered(
+            &mut registry,
             "heartbeat_rooms_refused",
             "Rooms listed in node heartbeats that are not valid room ids (a '/', a control \
              character, over 256 bytes): skipped, the rest of the heartbeat applied",
-            heartbeat_rooms_refused.clone(),
         );
-        let pins_released = Family::<Outcome, Counter>::default();
-        registry.register(
-            "pins_released",
-            "Pins released, by reason",
-            pins_released.clone(),
-        );
-        let errors = Family::<StatusLabels, Counter>::default();
-        registry.register(
+        let pins_released: Family<Outcome, Counter> =
+            registered(&mut registry, "pins_released", "Pins released, by reason");
+        let errors: Family<StatusLabels, Counter> = registered(
+            &mut registry,
             "http_errors",
             "Error responses by stable code",
-            errors.clone(),
         );
-        let nodes_healthy = Gauge::default();
-        registry.register(
+        let nodes_healthy: Gauge = registered(
+            &mut registry,
             "nodes_healthy",
             "Nodes with a recent heartbeat",
-            nodes_healthy.clone(),
         );
-        let nodes_total = Gauge::default();
-        registry.register("nodes", "Nodes known", nodes_total.clone());
-        let pins = Gauge::default();
-        registry.register("pins", "Rooms pinned", pins.clone());
-        let learned_rooms = Gauge::default();
-        registry.register(
+        let nodes_total: Gauge = registered(&mut registry, "nodes", "Nodes known");
+        let pins: Gauge = registered(&mut registry, "pins", "Rooms pinned");
+        let learned_rooms: Gauge = registered(
+            &mut registry,
             "learned_rooms",
             "Rooms whose size this router has learned (history kept for placement.history_ttl)",
-            learned_rooms.clone(),
         );
-        let store_degraded = Gauge::default();
-        registry.register(
+        let store_degraded: Gauge = registered(
+            &mut registry,
             "store_degraded",
             "1 while the store is unreachable",
-            store_degraded.clone(),
         );
-        let node_utilization = Family::<NodeLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
+        let node_utilization: Family<NodeLabels, Gauge<f64, AtomicU64>> = registered(
+            &mut registry,
             "node_utilization",
             "Estimated utilization (reported + pending + reserved) / capacity",
-            node_utilization.clone(),
         );
         let proxy = ProxyMetrics::default();
         registry.register(
@@ -222,17 +214,15 @@ impl Metrics {
             "Upgraded (WebSocket) tunnels open now",
             proxy.tunnels_open.clone(),
         );
-        let fast_requests = Counter::default();
-        registry.register(
+        let fast_requests: Counter = registered(
+            &mut registry,
             "http_fast_path_requests",
             "Front-door requests and placement lookups answered by the HTTP/1.1 fast path",
-            fast_requests.clone(),
         );
-        let fast_handoffs = Counter::default();
-        registry.register(
+        let fast_handoffs: Counter = registered(
+            &mut registry,
             "http_fast_path_handoffs",
             "Connections the fast path handed to hyper at a request it does not carry",
-            fast_handoffs.clone(),
         );
         let slow_decisions = Latency::default();
         registry.register_with_unit(
@@ -251,17 +241,15 @@ impl Metrics {
             Unit::Seconds,
             heartbeat_time.clone(),
         );
-        let probe_failures = Counter::default();
-        registry.register(
+        let probe_failures: Counter = registered(
+            &mut registry,
             "health_probe_failures",
             "Active health probes (health.probe_interval) a node refused or left unanswered",
-            probe_failures.clone(),
         );
-        let probe_marked_unhealthy = Counter::default();
-        registry.register(
+        let probe_marked_unhealthy: Counter = registered(
+            &mut registry,
             "health_probe_nodes_marked_unhealthy",
             "Nodes marked unhealthy after health.failures failed probes in a row",
-            probe_marked_unhealthy.clone(),
         );
         let upstream_response = NodeLatencies::default();
         registry.register_collector(Box::new(NodeLatencyFamily {

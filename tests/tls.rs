@@ -379,6 +379,69 @@ async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A node's certificate limits what that node may do, not what an operator may: on the mTLS
+/// listener an admin token still removes any node (api.md: `DELETE /v1/nodes/{id}` takes node
+/// or admin auth), while the certificate alone removes only the node it names.
+#[tokio::test]
+async fn an_admin_token_removes_any_node_on_the_node_listener() {
+    let front_ca = Ca::new("front CA");
+    let node_ca = Ca::new("node CA");
+    let (certs, dir) = front_door(&front_ca, "mtls-admin");
+    let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
+    let r = start_tls(common::config(), sc).await;
+    let (_, node_key, node_der) = node_ca.leaf(&["node-a"]);
+    let s = connect(
+        r.addr,
+        with_client_cert(front_ca.roots(), node_der, &node_key),
+    )
+    .await
+    .unwrap();
+    let mut h = h1(s).await;
+    let admin = |method: &str, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", common::ADMIN))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let put = admin(
+        "PUT",
+        "/v1/nodes/node-b",
+        r#"{"url": "http://127.0.0.1:9", "capacity": 10}"#,
+    );
+    assert_eq!(h.send_request(put).await.unwrap().status(), 201);
+    let b = roomrouter::cluster::NodeId::parse("node-b").unwrap();
+    assert!(r.app.router.node(&b).is_some());
+
+    // node-a's certificate alone may not remove node-b...
+    let (status, body) = send(&mut h, "DELETE", "/v1/nodes/node-b", "")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        r.app.router.node(&b).is_some(),
+        "a refused delete changed nothing"
+    );
+    // ...nor may a wrong bearer token...
+    let mut wrong = admin("DELETE", "/v1/nodes/node-b", "");
+    wrong.headers_mut().insert(
+        "authorization",
+        "Bearer not-the-admin-token-0123".parse().unwrap(),
+    );
+    assert_eq!(h.send_request(wrong).await.unwrap().status(), 403);
+    // ...but the admin token on the same connection does.
+    let resp = h
+        .send_request(admin("DELETE", "/v1/nodes/node-b", ""))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(r.app.router.node(&b).is_none(), "node-b was removed");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// With user JWTs, placement lookups need a credential; a node's client certificate on the
 /// mTLS listener is one (no token needed), as it is for its heartbeats.
 #[tokio::test]

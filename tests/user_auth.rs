@@ -283,7 +283,7 @@ async fn placement_lookups_need_a_token_when_the_front_door_does() {
 }
 
 /// A user token's `size` (signed) wins over the request's `?size=` (anyone's to write), at
-/// the front door, on lookups and at login.
+/// the front door, on lookups (single and batch) and at login.
 #[tokio::test]
 async fn the_tokens_size_claim_wins_over_the_requests() {
     let r = TestRouter::start(jwt_config()).await;
@@ -336,6 +336,16 @@ async fn the_tokens_size_claim_wins_over_the_requests() {
         .unwrap();
     assert_eq!(resp.status(), 307);
     assert_eq!(reserved().await, 46.0);
+    // A batch lookup reserves the token's 3 for each new room, not the default guess.
+    let resp = r
+        .post("/v1/placement")
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"rooms": ["five", "six"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(reserved().await, 52.0);
     r.stop().await;
 }
 

@@ -392,7 +392,8 @@ pub async fn placement_batch<S: PinStore>(
     let hints = HintArgs {
         region: req.region,
         tags: req.tags,
-        size: None,
+        // A batch has no size of its own; a user token's signed `size` still applies.
+        size: auth.size(None),
     };
     hints.check()?;
     let create = req.create.unwrap_or(true);
@@ -409,7 +410,7 @@ pub async fn placement_batch<S: PinStore>(
             Err(e) => Err((raw.clone(), e)),
             Ok(room) => app
                 .router
-                .place(&room, &hints.hints(), None, Intent::Lookup { create })
+                .place(&room, &hints.hints(), hints.size, Intent::Lookup { create })
                 .await
                 .map(|p| (room, p))
                 .map_err(|e| (raw.clone(), ApiError::from_join(e, app.retry_after()))),

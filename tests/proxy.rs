@@ -561,6 +561,39 @@ async fn large_bodies_stream_both_ways_without_buffering() {
     r.stop().await;
 }
 
+/// The headers the router sets are the router's: a client's own `X-Forwarded-Host` or
+/// `X-Room-Ticket` never reaches the node, even on a request that gives the router no host of
+/// its own to put there (HTTP/1.0 without `Host`).
+#[tokio::test]
+async fn a_clients_own_forwarded_host_and_ticket_never_reach_the_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(
+        b"GET /rooms/nohost HTTP/1.0\r\nx-forwarded-host: evil.example\r\n\
+          x-room-ticket: forged\r\nx-room-node: n9\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .expect("an HTTP/1.0 answer ends with the connection")
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    let h = &body["headers"];
+    assert!(h.get("x-forwarded-host").is_none(), "{h}");
+    assert_eq!(h["x-room-node"], "n1");
+    let claims = ticket_claims(h["x-room-ticket"].as_str().unwrap());
+    assert_eq!(claims.room, "nohost");
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn http2_and_keep_alive_clients_are_proxied() {
     let r = TestRouter::start(proxy_config()).await;

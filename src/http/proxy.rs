@@ -342,6 +342,10 @@ impl Proxy {
             "http"
         };
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        // What the client sent under the names the router sets never reaches the node, even
+        // where the router has nothing to put in their place (a request with no `Host`).
+        h.remove(&X_FORWARDED_HOST);
+        h.remove(&X_ROOM_TICKET);
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri

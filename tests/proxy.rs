@@ -907,6 +907,90 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout
     }
 }
 
+/// A node that stops reading an upload does not hold the client forever: once the node has
+/// taken nothing for `proxy.idle_timeout` while the client had more to send, the client gets
+/// `502 upstream_unavailable`, on the fast path (a body with a length) and through hyper (the
+/// fast path off, or a chunked body, which the fast path hands to hyper) alike.
+#[tokio::test]
+async fn a_node_that_stops_reading_an_upload_frees_the_client_after_the_idle_timeout() {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 512; // 32 MiB, far more than any socket buffers
+    for (fast_path, chunked) in [(true, false), (true, true), (false, false)] {
+        let case = format!("fast path {fast_path}, chunked {chunked}");
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.idle_timeout = Duration::from_millis(300);
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        // A node with a small receive window that accepts and then reads nothing, for at
+        // most 30 s.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
+        let node_addr = listener.local_addr().unwrap();
+        let deaf = tokio::spawn(async move {
+            let mut held = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            while let Ok(Ok((s, _))) = tokio::time::timeout_at(until, listener.accept()).await {
+                held.push(s);
+            }
+        });
+        register_with(
+            &r,
+            "deaf",
+            serde_json::json!({"url": format!("http://{node_addr}"), "capacity": 100, "load": 0}),
+        )
+        .await;
+        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let connection = tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        // The client always has more to send until the whole body is out.
+        let feeder = tokio::spawn(async move {
+            for _ in 0..CHUNKS {
+                if tx.send(Bytes::from(vec![7u8; CHUNK])).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut req = Request::post("/rooms/upload-stall").header("host", r.addr.to_string());
+        if !chunked {
+            req = req.header("content-length", CHUNK * CHUNKS);
+        }
+        let req = req.body(StreamBody::new(chunks.boxed())).unwrap();
+        let started = Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the client still waits on a node that reads nothing ({case})")
+            })
+            .unwrap();
+        assert_eq!(resp.status(), 502, "{case}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"upstream_unavailable\""),
+            "{case}: {body:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{case}: answered after {:?}, before a whole idle period",
+            started.elapsed()
+        );
+        feeder.abort();
+        connection.abort();
+        deaf.abort();
+        r.stop().await;
+    }
+}
+
 /// One GET through the router on a connection of its own; the status and the body.
 async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
     get_on(&mut connect(r).await, r, path).await

@@ -11,7 +11,8 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -166,13 +167,13 @@ impl Proxy {
         self.forwarded_headers(parts, &mut headers, to);
         // `response_timeout` is the node's time to answer once it has the request: for a
         // body, counted from its end (an upload may take longer; `idle_timeout` bounds its
-        // stalls), as on the fast path.
-        let (body, sent): (Body, _) = if bodiless {
+        // stalls on either side), as on the fast path.
+        let (body, upload): (Body, _) = if bodiless {
             (Empty::new().map_err(|never| match never {}).boxed(), None)
         } else {
             let body = IdleTimeout::new(Limited::new(body, limit as usize), self.cfg.idle_timeout);
-            let (body, sent) = EndSignal::new(body);
-            (body.boxed(), Some(sent))
+            let (body, upload) = EndSignal::new(body, self.cfg.idle_timeout);
+            (body.boxed(), Some(upload))
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
@@ -196,7 +197,7 @@ impl Proxy {
         req.headers_mut().insert(header::HOST, host);
         let since = Instant::now();
         let exchange = within_after(
-            sent,
+            upload,
             self.cfg.response_timeout,
             self.exchange(event_loop(parts), &node.info.upstream, req),
         );
@@ -218,8 +219,16 @@ impl Proxy {
                     node.id
                 )));
             }
-            Err(_) if bodiless => return Err(self.failed(node, "no response in time")),
-            Err(_) => {
+            Err(Late::Answer) if bodiless => return Err(self.failed(node, "no response in time")),
+            // As on the fast path, a node that stops taking an upload is not counted toward
+            // passive health (it may be refusing the body), but the client is not kept waiting.
+            Err(Late::Upload) => {
+                return Err(ApiError::UpstreamUnavailable(format!(
+                    "node {} stopped reading the request body",
+                    node.id
+                )))
+            }
+            Err(Late::Answer) => {
                 return Err(ApiError::UpstreamUnavailable(format!(
                     "node {} did not answer in time",
                     node.id
@@ -637,39 +646,91 @@ where
     }
 }
 
-/// Runs `f`, failing if it takes longer than `limit` after `start` resolves (at once without
-/// one). The sender dropped counts as resolved.
-async fn within_after<F: Future>(
-    start: Option<tokio::sync::oneshot::Receiver<()>>,
-    limit: Duration,
-    f: F,
-) -> Result<F::Output, ()> {
-    let mut f = std::pin::pin!(f);
-    if let Some(start) = start {
-        tokio::select! {
-            r = &mut f => return Ok(r),
-            _ = start => {}
-        }
-    }
-    tokio::time::timeout(limit, f).await.map_err(|_| ())
+/// Why an exchange ran out of time.
+#[derive(Debug, PartialEq, Eq)]
+enum Late {
+    /// No response head within `response_timeout` of the request's end.
+    Answer,
+    /// The upload stalled on the node's side: for a whole idle period the node took no frame
+    /// of the body while the client had one ready.
+    Upload,
 }
 
-/// A body that says when it is over: its end was read, or it was dropped (the exchange gave
-/// up on it).
+/// Runs `f`, failing if it takes longer than `limit` after the upload ends (at once without
+/// one; its body dropped counts as ended), or if the upload stalls on the node's side before.
+async fn within_after<F: Future>(
+    upload: Option<Upload>,
+    limit: Duration,
+    f: F,
+) -> Result<F::Output, Late> {
+    let mut f = std::pin::pin!(f);
+    if let Some(Upload {
+        mut ended,
+        progress,
+        idle,
+    }) = upload
+    {
+        let mut seen = progress.frames.load(Ordering::Acquire);
+        loop {
+            tokio::select! {
+                r = &mut f => return Ok(r),
+                _ = &mut ended => break,
+                () = tokio::time::sleep(idle) => {
+                    let now = progress.frames.load(Ordering::Acquire);
+                    // A client that sends nothing is the body's own `IdleTimeout` to end.
+                    if now == seen && !progress.awaiting_client.load(Ordering::Acquire) {
+                        return Err(Late::Upload);
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| Late::Answer)
+}
+
+/// How far a request body has gone towards the node, for the exchange's watchdog: hyper stops
+/// polling the body while the node does not read, and a timer inside the body never fires then.
+#[derive(Default)]
+struct BodyProgress {
+    /// Frames handed to hyper so far.
+    frames: AtomicU64,
+    /// The last poll found nothing from the client yet: any stall now is the client's.
+    awaiting_client: AtomicBool,
+}
+
+/// The exchange's side of an upload: when its body ended, and how it is going.
+struct Upload {
+    ended: tokio::sync::oneshot::Receiver<()>,
+    progress: Arc<BodyProgress>,
+    idle: Duration,
+}
+
+/// A body that says when it is over (its end was read, or it was dropped: the exchange gave
+/// up on it) and how far it has got.
 struct EndSignal<B> {
     inner: B,
     end: Option<tokio::sync::oneshot::Sender<()>>,
+    progress: Arc<BodyProgress>,
 }
 
 impl<B> EndSignal<B> {
-    fn new(inner: B) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    fn new(inner: B, idle: Duration) -> (Self, Upload) {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let progress = Arc::new(BodyProgress::default());
         (
             EndSignal {
                 inner,
                 end: Some(tx),
+                progress: progress.clone(),
             },
-            rx,
+            Upload {
+                ended: rx,
+                progress,
+                idle,
+            },
         )
     }
 }
@@ -687,6 +748,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let waiting = r.is_pending();
+        this.progress
+            .awaiting_client
+            .store(waiting, Ordering::Release);
+        if !waiting {
+            this.progress.frames.fetch_add(1, Ordering::Release);
+        }
         if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
             if let Some(tx) = this.end.take() {
                 let _ = tx.send(());

@@ -758,21 +758,37 @@ async fn routes_pick_their_mode_and_room_sources_apply_in_order() {
     r.stop().await;
 }
 
+/// A body larger than `proxy.max_request_body_bytes` by its `Content-Length` is refused before
+/// anything else happens: no room placed, no join counted, on the fast path and through hyper.
 #[tokio::test]
 async fn oversized_proxied_bodies_are_refused_up_front() {
-    let mut cfg = proxy_config();
-    cfg.proxy.max_request_body_bytes = 1024;
-    let r = TestRouter::start(cfg).await;
-    let up = Upstream::start("n1").await;
-    register(&r, "n1", &up).await;
-    let resp = r
-        .post("/rooms/big")
-        .body(vec![0u8; 4096])
-        .send()
-        .await
-        .unwrap();
-    expect_error(resp, 413, "payload_too_large").await;
-    r.stop().await;
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.max_request_body_bytes = 1024;
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let resp = r
+            .post("/rooms/big")
+            .body(vec![0u8; 4096])
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 413, "payload_too_large").await;
+        assert_eq!(pending_on(&r, "n1").await, 0.0, "fast path {fast_path}");
+        let pin = r
+            .admin(reqwest::Method::GET, "/v1/rooms/big")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            pin.status(),
+            404,
+            "fast path {fast_path}: the room was placed"
+        );
+        r.stop().await;
+    }
 }
 
 #[tokio::test]

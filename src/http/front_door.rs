@@ -117,10 +117,15 @@ pub struct Admission {
 /// ([`Intent::InSession`]). Every proxied request counted as a join would have a page's
 /// assets and polls fill a node's `pending` within one heartbeat, and then refuse the
 /// requests of meetings already under way.
+///
+/// `body` is the request body's declared length: in proxy mode one over
+/// `proxy.max_request_body_bytes` is refused (`413`) before the room is placed or a join
+/// counted.
 pub async fn admit<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
     conn: Option<&ConnInfo>,
+    body: Option<u64>,
 ) -> Result<Admission, ApiError> {
     let q = query(parts);
     let Some((room, mode)) = locate(app, parts, &q)? else {
@@ -134,6 +139,10 @@ pub async fn admit<S: PinStore>(
         && parts.method != Method::HEAD
     {
         return Err(ApiError::MethodNotAllowed("GET, HEAD"));
+    }
+    let limit = app.proxy.cfg().max_request_body_bytes;
+    if mode == FrontDoorMode::Proxy && body.is_some_and(|b| b > limit) {
+        return Err(ApiError::PayloadTooLarge(limit as usize));
     }
     let user = authenticate_user(app, parts, &room)?;
     let mut hints = HintArgs::from_query(&q)?;
@@ -263,7 +272,8 @@ pub async fn handle<S: PinStore>(
     body: Incoming,
     _peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    let a = admit(app, parts, parts.extensions.get::<ConnInfo>()).await?;
+    let declared = super::proxy::content_length(&parts.headers);
+    let a = admit(app, parts, parts.extensions.get::<ConnInfo>(), declared).await?;
     if a.mode == FrontDoorMode::Proxy {
         let to = Forward {
             node: &a.node,

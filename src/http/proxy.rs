@@ -508,7 +508,7 @@ fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
     }
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 

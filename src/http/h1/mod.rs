@@ -169,7 +169,7 @@ impl Client<'_> {
             return self.lookup(app, &req, close).await;
         }
         let parts = &req.parts;
-        let admitted = front_door::admit(app, parts, Some(info)).await;
+        let admitted = front_door::admit(app, parts, Some(info), Some(req.body)).await;
         let a = match admitted {
             Ok(a) => a,
             Err(e) => return self.answer_error(app, &req, e, req.body, close).await,

@@ -76,8 +76,10 @@ impl TicketIssuer {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
+    /// A ticket's life in whole seconds, as its `exp` counts it: at least 1 (a sub-second
+    /// `tickets.ttl` would otherwise issue tickets already expired).
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl.as_secs().max(1)
     }
 
     /// Issues a ticket for `user` to join `room` on `node`; `now_secs` is Unix time.
@@ -90,7 +92,7 @@ impl TicketIssuer {
             node,
             sub: user,
             iat: now_secs,
-            exp: now_secs + self.ttl.as_secs().max(1),
+            exp: now_secs + self.ttl_secs(),
             jti: std::str::from_utf8(&jti).expect("hex digits are ASCII"),
         };
         // Serializing borrowed strings and integers cannot fail.
@@ -126,6 +128,16 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
+    }
+
+    #[test]
+    fn a_sub_second_ttl_lives_one_second_in_the_ticket_and_in_what_login_says() {
+        let t = TicketIssuer::new(&"s".repeat(32), Duration::from_millis(500));
+        let c = t
+            .verify(&t.issue("room-1", "node-a", "alice", now()))
+            .unwrap();
+        assert_eq!(c.exp - c.iat, 1);
+        assert_eq!(t.ttl_secs(), 1);
     }
 
     #[test]

@@ -564,7 +564,7 @@ pub async fn login<S: PinStore>(
                 node: p.node.id.as_str(),
                 url,
                 ticket,
-                expires_in: app.tickets.ttl().as_secs(),
+                expires_in: app.tickets.ttl_secs(),
             },
         )
     };

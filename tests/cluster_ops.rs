@@ -523,6 +523,18 @@ async fn readiness_health_metrics_and_dashboard() {
         .to_str()
         .unwrap()
         .starts_with("Basic"));
+    let m = r
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("roomrouter_http_errors_total{code=\"unauthorized\"} 1"),
+        "the dashboard's 401 is counted like every other error: {m}"
+    );
     let d = client()
         .get(format!("{}/dashboard", r.url))
         .basic_auth("admin", Some(ADMIN))

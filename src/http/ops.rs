@@ -43,7 +43,8 @@ pub async fn dashboard<S: PinStore>(
     parts: &Parts,
 ) -> Result<Response<Body>, ApiError> {
     if let Err(e) = require_admin(app, parts) {
-        let mut r = e.into_response();
+        // Through `error_response`, as every other error: logged and counted by code.
+        let mut r = super::error_response(app, parts.uri.path(), e);
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"roomrouter\""),

@@ -333,8 +333,16 @@ open_path() { # NAME -> the constant-rate path template (rooms r1..r$ROOMS, as w
   case $1 in router-lookup) echo "/v1/placement/{room}" ;; *) echo "/status?room={room}" ;; esac
 }
 
+# The kernel's transparent-huge-page faults and direct compactions over a step, machine-wide
+# (/proc/vmstat): each first touch of a 2 MiB page zeroes it, and finding one may compact
+# memory first, both inside the faulting thread (section 1, twenty-fourth session). A front
+# end that faults them during its run pays for them in its tail.
+vmstat_thp() { # -> "THP_FAULTS COMPACT_STALLS" so far
+  awk '$1 == "thp_fault_alloc" {f = $2} $1 == "compact_stall" {c = $2} END {print f + 0, c + 0}' /proc/vmstat
+}
+
 run_wrk() { # NAME PORT
-  local f="$OUT/wrk-$1-$ROUND.txt" t0 t1 n0 n1 cpu ncpu p50 p90 p99 bad
+  local f="$OUT/wrk-$1-$ROUND.txt" t0 t1 n0 n1 cpu ncpu p50 p90 p99 bad v0 v1 thp compact
   if [ "$WARMUP" != 0 ]; then # the same load, unmeasured: placed rooms, warm pools
     # wrk takes whole seconds only
     WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" \
@@ -343,10 +351,13 @@ run_wrk() { # NAME PORT
   fi
   t0=$(cpu_ticks "$FRONT_PID")
   n0=$(node_ticks)
+  v0=$(vmstat_thp)
   WRK_PATH=$(wrk_prefix "$1") "${REST_CPU[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s benches/compare/rooms.lua \
     "http://127.0.0.1:$2" >"$f" 2>&1
   t1=$(cpu_ticks "$FRONT_PID")
   n1=$(node_ticks)
+  v1=$(vmstat_thp)
+  thp=$(( ${v1% *} - ${v0% *} )) compact=$(( ${v1#* } - ${v0#* } ))
   RPS[$1]=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$f")
   cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '/requests in/ { printf "%.1f", d * 1e6 / hz / $1 }' "$f")
   ncpu=$(awk -v d=$((n1 - n0)) -v hz="$(getconf CLK_TCK)" '/requests in/ { printf "%.1f", d * 1e6 / hz / $1 }' "$f")
@@ -355,8 +366,8 @@ run_wrk() { # NAME PORT
   p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$f")")
   bad=$(awk '/Non-2xx or 3xx/ {print $NF}' "$f")
   if [ -n "$bad" ]; then NOTE[$1]="${NOTE[$1]:-}non-2xx/3xx: $bad; "; fi
-  record "\"target\": \"$1\", \"kind\": \"wrk\", \"rps\": ${RPS[$1]:-0}, \"cpu_us\": ${cpu:-null}, \"node_cpu_us\": ${ncpu:-null}, \"p50\": ${p50:-null}, \"p90\": ${p90:-null}, \"p99\": ${p99:-null}, \"non_2xx_3xx\": ${bad:-0}"
-  echo "   wrk: ${RPS[$1]} req/s, p50 $p50 us, p99 $p99 us, front end CPU $cpu us/req, nodes $ncpu us/req"
+  record "\"target\": \"$1\", \"kind\": \"wrk\", \"rps\": ${RPS[$1]:-0}, \"cpu_us\": ${cpu:-null}, \"node_cpu_us\": ${ncpu:-null}, \"p50\": ${p50:-null}, \"p90\": ${p90:-null}, \"p99\": ${p99:-null}, \"non_2xx_3xx\": ${bad:-0}, \"thp_faults\": $thp, \"compact_stalls\": $compact"
+  echo "   wrk: ${RPS[$1]} req/s, p50 $p50 us, p99 $p99 us, front end CPU $cpu us/req, nodes $ncpu us/req, THP faults $thp (compaction stalls $compact)"
 }
 
 # The load tool also reports how long the kernel's own threads (memory reclaim and

@@ -1,7 +1,8 @@
 //! Typed configuration: parsed once from TOML into these structs, validated with errors that
 //! name the offending key, then handed down by reference. No component reads the file or the
-//! environment again. Secrets may come from the environment instead of the file
-//! (`ROOMROUTER_ADMIN_TOKEN`, `ROOMROUTER_NODE_TOKEN`, `ROOMROUTER_TICKET_SECRET`).
+//! environment again. Secrets may come from the environment instead of the file, and then
+//! win over it (`ROOMROUTER_NODE_TOKEN`, `ROOMROUTER_TICKET_SECRET`, `ROOMROUTER_JWT_SECRET`;
+//! `ROOMROUTER_ADMIN_TOKEN` adds one admin token to the file's).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -329,15 +330,17 @@ pub enum StoreKind {
     Redis,
 }
 
-/// `[store]`: where pins and the shared node table live. Every key but `kind` concerns
-/// `kind = "redis"` only. `Debug` hides passwords in the URLs.
+/// `[store]`: where pins and the shared node table live. Every key but `kind` and
+/// `learned_file` (memory only) concerns `kind = "redis"` only. `Debug` hides passwords in
+/// the URLs.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
     /// Redis URL (`redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS, see
-    /// `tls_ca_file`). Default `redis://127.0.0.1:6379`. With `sentinels`, only its user, password, db and
-    /// scheme are used (for the master the sentinels name); its host and port are not.
+    /// `tls_ca_file`). Default `redis://127.0.0.1:6379`. With `sentinels`, only its user, password
+    /// and db are used (for the master the sentinels name; `rediss://` is refused there);
+    /// its host and port are not.
     pub url: String,
     /// Redis Cluster seed nodes; when non-empty, `url` is ignored and cluster mode is used.
     pub cluster_nodes: Vec<String>,
@@ -533,6 +536,7 @@ impl std::fmt::Debug for StoreConfig {
         let urls = |v: &[String]| v.iter().map(|u| redact_url(u)).collect::<Vec<_>>();
         f.debug_struct("StoreConfig")
             .field("kind", &self.kind)
+            .field("learned_file", &self.learned_file)
             .field("url", &redact_url(&self.url))
             .field("cluster_nodes", &urls(&self.cluster_nodes))
             .field("sentinels", &urls(&self.sentinels))
@@ -843,6 +847,13 @@ impl std::fmt::Debug for JwtConfig {
 
 impl JwtConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        // JWT times are whole seconds; "500ms" would silently become no leeway at all.
+        if self.leeway.subsec_nanos() != 0 {
+            return Err(invalid(
+                "auth.jwt.leeway",
+                "must be whole seconds (JWT times are seconds)",
+            ));
+        }
         crate::auth::users::UserVerifier::from_config(self)
             .map(|_| ())
             .map_err(|m| invalid("auth.jwt", m))
@@ -1014,7 +1025,8 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates a file; secrets from the environment fill empty fields.
+    /// Reads, parses and validates a file; secrets from the environment override the file's
+    /// (`ROOMROUTER_ADMIN_TOKEN` adds an admin token to the file's).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.display().to_string(),
@@ -1776,6 +1788,21 @@ mod tests {
         let mut c = Config::parse(&text).unwrap();
         c.tickets.secret = "ticket-secret-0123456789-0123456789".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_jwt_leeway_is_whole_seconds() {
+        let jwt = |leeway: &str| {
+            format!(
+                "[auth]\nusers = \"jwt\"\n[auth.jwt]\nsecret = \"user-secret-0123456789-0123456789\"\nleeway = \"{leeway}\"\n"
+            )
+        };
+        let e = rejected(&jwt("500ms"));
+        assert!(e.starts_with("auth.jwt.leeway"), "{e}");
+        let e = rejected(&jwt("1500ms"));
+        assert!(e.starts_with("auth.jwt.leeway"), "{e}");
+        Config::parse(&jwt("2s")).unwrap().validate().unwrap();
+        Config::parse(&jwt("0s")).unwrap().validate().unwrap();
     }
 
     #[test]

@@ -47,9 +47,9 @@ enum Cmd {
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Number of demo nodes.
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
+        /// Number of demo nodes (1-64).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=64))]
+        nodes: u8,
     },
     /// Compare placement policies on standard workloads or a trace, in simulation (no network).
     Simulate(roomrouter::sim::cli::SimulateArgs),
@@ -217,7 +217,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             let _log = roomrouter::telemetry::init(log_format, "info");
             // The demo's router runs on the defaults, this key's among them.
             transparent_huge_pages(Config::default().server.transparent_huge_pages);
-            roomrouter::demo::run(listen, nodes.clamp(1, 64)).await
+            roomrouter::demo::run(listen, nodes as usize).await
         }
         Cmd::DemoNode {
             router,

@@ -552,6 +552,18 @@ async fn the_one_command_demo_serves_joins() {
         .starts_with("media-"));
 }
 
+#[test]
+fn the_demo_refuses_a_node_count_it_cannot_run() {
+    refuses(
+        "demo",
+        &[
+            (&["--nodes", "0"], "--nodes"),
+            (&["--nodes", "65"], "1..=64"),
+            (&["--listen", "nowhere"], "--listen"),
+        ],
+    );
+}
+
 /// The standard output of a run that must have succeeded (else both outputs, in the panic).
 fn stdout_of_success(out: &std::process::Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -122,8 +122,10 @@ fn state_to(s: AdminState) -> u8 {
 #[derive(Debug, Default)]
 #[repr(C, align(64))]
 pub struct Live {
-    /// Reported utilization `max(load/capacity, cpu)`, f64 bits.
-    reported_util: AtomicU64,
+    /// The last report in load units, `max(load, cpu x capacity)`, f64 bits: û adds what
+    /// came since in the same units and divides once, as the simulator does, so that equal
+    /// sums are equal û and ties go to the rendezvous rank, not to rounding.
+    reported_units: AtomicU64,
     /// Last heartbeat, ms since epoch; 0 = never.
     last_heartbeat: AtomicU64,
     /// Load units (x1000) sent since the last heartbeat.
@@ -171,8 +173,8 @@ impl Live {
             t => Some(t),
         }
     }
-    pub fn reported_util(&self) -> f64 {
-        f64::from_bits(self.reported_util.load(Ordering::Relaxed))
+    fn reported_units(&self) -> f64 {
+        f64::from_bits(self.reported_units.load(Ordering::Relaxed))
     }
     pub fn reported_load(&self) -> f64 {
         f64::from_bits(self.reported_load.load(Ordering::Relaxed))
@@ -218,8 +220,9 @@ impl Live {
         own_state: AdminState,
         now: Millis,
     ) {
-        let u = (load / capacity).max(cpu.unwrap_or(0.0));
-        self.reported_util.store(u.to_bits(), Ordering::Relaxed);
+        let units = load.max(cpu.unwrap_or(0.0) * capacity);
+        self.reported_units
+            .store(units.to_bits(), Ordering::Relaxed);
         self.reported_load.store(load.to_bits(), Ordering::Relaxed);
         self.reported_cpu
             .store(cpu.unwrap_or(-1.0).to_bits(), Ordering::Relaxed);
@@ -272,7 +275,7 @@ impl Live {
         let reserved = self.counted_reserved_milli.load(Ordering::Relaxed).max(0)
             - i64::from(units) * MILLI as i64;
         let extra = self.pending_milli.load(Ordering::Relaxed) as f64 + reserved.max(0) as f64;
-        self.reported_util() + extra / MILLI / capacity
+        (self.reported_units() + extra / MILLI) / capacity
     }
 
     /// û for a node of this capacity.
@@ -280,7 +283,7 @@ impl Live {
     pub fn utilization(&self, capacity: f64) -> f64 {
         let extra = self.pending_milli.load(Ordering::Relaxed) as f64
             + self.counted_reserved_milli.load(Ordering::Relaxed).max(0) as f64;
-        self.reported_util() + extra / MILLI / capacity
+        (self.reported_units() + extra / MILLI) / capacity
     }
 }
 
@@ -403,7 +406,7 @@ impl NodeView for Candidate {
     fn warm(&self) {
         // A load whose value nobody waits for: the line is on its way by the time the pass
         // reaches this node.
-        std::hint::black_box(self.live.reported_util.load(Ordering::Relaxed));
+        std::hint::black_box(self.live.reported_units.load(Ordering::Relaxed));
     }
 }
 
@@ -432,6 +435,29 @@ mod tests {
         assert!(
             (l.utilization(100.0) - 0.59).abs() < 1e-9,
             "cpu wins, pending reset"
+        );
+    }
+
+    #[test]
+    fn equal_sums_are_equal_utilization_whatever_their_mix() {
+        // 6 reported + 1 pending is 7 units, as 7 reported is: one û, so the rule's tie
+        // goes to the rendezvous rank (as in the simulator), not to rounding. Two divisions
+        // summed gave 0.06999999999999999 against 0.07.
+        let mixed = Live::default();
+        mixed.record_report(100.0, 6.0, None, AdminState::Active, 5);
+        mixed.add_pending(1.0);
+        let plain = Live::default();
+        plain.record_report(100.0, 7.0, None, AdminState::Active, 5);
+        assert_eq!(mixed.utilization(100.0), plain.utilization(100.0));
+        let reserved = Live::default();
+        reserved.record_report(250.0, 3.0, None, AdminState::Active, 5);
+        reserved.add_reserved(10);
+        let full = Live::default();
+        full.record_report(250.0, 13.0, None, AdminState::Active, 5);
+        assert_eq!(reserved.utilization(250.0), full.utilization(250.0));
+        assert_eq!(
+            reserved.utilization_without(250.0, 0),
+            full.utilization(250.0)
         );
     }
 

@@ -741,6 +741,28 @@ fn load_runs_a_self_started_cluster_in_either_mode_and_refuses_bad_flags() {
             (&["--mode", "sideways"], "expected redirect or proxy"),
             (&["--probe-ms", "50"], "--probe-ms"),
             (
+                &["--duration", "2", "--kill-node-at", "2"],
+                "--kill-node-at must be before the end of the run",
+            ),
+            (
+                &["--duration", "2", "--add-node-at", "5"],
+                "--add-node-at must be before the end of the run",
+            ),
+            (&["--burst", "1e20:5"], "SECS in 0..=86400"),
+            (
+                // The open-loop workload's knobs mean nothing to a constant rate: refused,
+                // not silently ignored.
+                &[
+                    "--constant-rate",
+                    "10",
+                    "--url",
+                    "http://127.0.0.1:9",
+                    "--stay",
+                    "exp:1",
+                ],
+                "cannot be used with",
+            ),
+            (
                 &["--mode", "proxy", "--router", "http://127.0.0.1:9"],
                 "cannot be used with",
             ),

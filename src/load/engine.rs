@@ -53,6 +53,8 @@ const DIRECTORY_REFRESH: Duration = Duration::from_secs(1);
 /// Error keys of the joins the hard stop dropped.
 pub const NOT_SENT: &str = "not sent by the hard stop";
 pub const NO_ANSWER: &str = "no answer by the hard stop";
+/// Error key of a join with no answer within `--timeout` (in both modes).
+pub const TIMEOUT: &str = "timeout";
 /// Node error key of a leave the node answered `404` (it holds nobody of the room).
 pub const LEAVE_404: &str = "leave 404";
 
@@ -459,7 +461,7 @@ pub fn node_key(id: Option<&str>, location: Option<&str>) -> Option<String> {
 
 fn transport_kind(e: &reqwest::Error) -> &'static str {
     if e.is_timeout() {
-        "timeout"
+        TIMEOUT
     } else if e.is_connect() {
         "connect"
     } else {
@@ -937,6 +939,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         let router = routers[0].clone();
         let client = client.clone();
         let every = cfg.sample_every.max(Duration::from_millis(50));
+        // The run's own time only: afterwards participants whose stay outlasts it are still
+        // counted on their nodes, and nobody joins to balance them.
+        let until = cfg.workload.duration;
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut out = Vec::new();
@@ -945,6 +950,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                 tokio::select! {
                     _ = tick.tick() => {},
                     _ = stop.changed() => break,
+                }
+                if start.elapsed() > until {
+                    break;
                 }
                 let t_s = start.elapsed().as_secs_f64();
                 let s = match (&nodes, &admin) {
@@ -1060,6 +1068,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             *c.errors.entry(key.to_string()).or_default() += n;
         }
     }
+    let timed_out = c.errors.get(TIMEOUT).copied().unwrap_or(0);
     let elapsed = c.last_answer.as_secs_f64().max(1e-9);
     let (moved_after_add, moved_after_kill) =
         moves_after_events(&c.detector, cfg.add_node_at, cfg.kill_node_at);
@@ -1090,7 +1099,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         ok: c.ok,
         not_sent,
         aborted_at_stop,
-        latency_complete: not_sent == 0 && aborted_at_stop == 0,
+        timed_out,
+        latency_complete: not_sent == 0 && aborted_at_stop == 0 && timed_out == 0,
         elapsed_s: elapsed,
         throughput_per_s: c.answered as f64 / elapsed,
         latency_us: Percentiles::of(&c.latency),

@@ -106,7 +106,8 @@ pub struct LoadArgs {
         value_name = "REQ_PER_S",
         conflicts_with_all = [
             "rate", "bursts", "size_hints", "node_capacity", "add_node_at", "kill_node_at",
-            "ceiling_server", "mode", "probe_ms",
+            "ceiling_server", "mode", "probe_ms", "size", "stay", "spread", "no_follow",
+            "admin_token", "nodes", "heartbeat_ms",
         ]
     )]
     pub constant_rate: Option<f64>,
@@ -242,6 +243,18 @@ impl LoadArgs {
             "--zipf must be > 0"
         );
         anyhow::ensure!(!self.timeout.is_zero(), "--timeout must be > 0");
+        // An event the run never reaches would report no moves, which reads as a pass.
+        for (flag, at) in [
+            ("--add-node-at", self.add_node_at),
+            ("--kill-node-at", self.kill_node_at),
+        ] {
+            if let Some(at) = at {
+                anyhow::ensure!(
+                    at < self.duration,
+                    "{flag} must be before the end of the run (--duration)"
+                );
+            }
+        }
         if let Some(c) = self.node_capacity {
             anyhow::ensure!(c.is_finite() && c > 0.0, "--node-capacity must be > 0");
         }

@@ -341,7 +341,7 @@ impl Failure {
     fn kind(self) -> &'static str {
         match self {
             Failure::Connect => "connect",
-            Failure::Timeout => "timeout",
+            Failure::Timeout => super::engine::TIMEOUT,
             Failure::Closed => "closed",
             Failure::Transport => "transport",
         }
@@ -443,7 +443,7 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
     for k in 0..count {
         let planned = lane.planned_at(k);
         if Instant::now() >= lane.hard_end {
-            st.error("not sent by the hard stop", count - k);
+            st.error(super::engine::NOT_SENT, count - k);
             break;
         }
         lane.pacer.until(planned).await;
@@ -691,6 +691,9 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         latency_us: Percentiles::of(&total.latency),
         service_us: Percentiles::of(&total.service),
         statuses: total.statuses,
+        latency_complete: [super::engine::TIMEOUT, super::engine::NOT_SENT]
+            .iter()
+            .all(|k| !total.errors.contains_key(k)),
         errors: total
             .errors
             .into_iter()
@@ -923,6 +926,7 @@ mod tests {
             r.table()
         );
         assert!(r.table().contains("the first 300 sent are not measured"));
+        assert!(r.latency_complete, "every measured request answered");
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["warmup_sent"], 300);
         assert_eq!(json["settings"]["warmup_s"], 1.5);
@@ -963,6 +967,8 @@ mod tests {
                     .unwrap_or(0),
             10
         );
+        assert!(!r.latency_complete, "timeouts are the slowest requests");
+        assert!(r.table().contains("latency INCOMPLETE"), "{}", r.table());
     }
 
     #[tokio::test]

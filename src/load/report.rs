@@ -108,8 +108,11 @@ pub struct LoadReport {
     pub not_sent: u64,
     /// Joins sent but still unanswered at the hard stop (aborted). Also in `errors`.
     pub aborted_at_stop: u64,
-    /// False when the hard stop dropped joins (`not_sent`, `aborted_at_stop`): they are the
-    /// run's most delayed, so the latency percentiles understate the tail.
+    /// Joins that timed out (`--timeout`) without an answer. Also in `errors`.
+    pub timed_out: u64,
+    /// False when joins got no latency figure because they were the slowest: dropped by the
+    /// hard stop (`not_sent`, `aborted_at_stop`) or timed out (`timed_out`). The latency
+    /// percentiles then understate the tail.
     pub latency_complete: bool,
     /// From the start of the run to the last HTTP answer to a decision (transport failures
     /// and timeouts, which end later without an answer, do not stretch it).
@@ -186,8 +189,9 @@ impl LoadReport {
         if !self.latency_complete {
             let _ = writeln!(
                 s,
-                "  note       latency INCOMPLETE: the hard stop dropped {} joins ({} not sent, {} unanswered), the run's most delayed: the percentiles above understate the tail",
-                self.not_sent + self.aborted_at_stop,
+                "  note       latency INCOMPLETE: {} joins have no figure, the run's most delayed ({} timed out, {} not sent and {} unanswered at the hard stop): the percentiles above understate the tail",
+                self.timed_out + self.not_sent + self.aborted_at_stop,
+                self.timed_out,
                 self.not_sent,
                 self.aborted_at_stop
             );
@@ -311,6 +315,9 @@ pub struct RateReport {
     /// Requests without an answer, by kind (`timeout`, `connect`, `closed`, `transport`,
     /// `not sent by the hard stop`).
     pub errors: BTreeMap<String, u64>,
+    /// False when requests got no latency figure because they were the slowest: timed out,
+    /// or not sent by the hard stop. The percentiles then understate the tail.
+    pub latency_complete: bool,
 }
 
 fn latency_header(s: &mut String) {
@@ -395,6 +402,12 @@ impl RateReport {
         latency_header(&mut s);
         latency_row(&mut s, "from plan (constant)", &self.latency_us);
         latency_row(&mut s, "service (from send)", &self.service_us);
+        if !self.latency_complete {
+            let _ = writeln!(
+                s,
+                "  note       latency INCOMPLETE: requests that timed out or were not sent by the hard stop have no figure, and they are the run's slowest: the percentiles above understate the tail"
+            );
+        }
         let _ = writeln!(s, "  statuses   {}", counts(&self.statuses));
         let _ = writeln!(s, "  errors     {}", counts(&self.errors));
         s

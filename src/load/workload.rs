@@ -136,8 +136,8 @@ impl Burst {
             .ok_or_else(|| format!("{s:?}: expected SECS:ROOMS"))?;
         let at: f64 = a.parse().map_err(|_| format!("{s:?}: bad SECS"))?;
         let rooms: u32 = n.parse().map_err(|_| format!("{s:?}: bad ROOMS"))?;
-        if !(at.is_finite() && at >= 0.0) || rooms == 0 || rooms > 1_000_000 {
-            return Err(format!("{s:?}: SECS >= 0, ROOMS in 1..=1000000"));
+        if !(at.is_finite() && (0.0..=86_400.0).contains(&at)) || rooms == 0 || rooms > 1_000_000 {
+            return Err(format!("{s:?}: SECS in 0..=86400, ROOMS in 1..=1000000"));
         }
         Ok(Burst {
             at: Duration::from_secs_f64(at),
@@ -241,8 +241,22 @@ impl WorkloadSpec {
             .collect();
 
         // Bursts: fresh rooms, first joins spread over one second, the rest within `spread`.
-        for (b, burst) in self.bursts.iter().enumerate() {
+        // Bounded as the base load is: bursts from the run's end on are not built, and
+        // building stops at `max_joins` burst joins, earliest burst first (the schedule keeps
+        // at most that many in all).
+        let mut order: Vec<(usize, &Burst)> = self
+            .bursts
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.at < self.duration)
+            .collect();
+        order.sort_by_key(|(_, b)| b.at);
+        let mut burst_joins = 0usize;
+        'bursts: for (b, burst) in order {
             for i in 0..burst.rooms {
+                if burst_joins >= self.max_joins {
+                    break 'bursts;
+                }
                 let room = rooms.len() as u32;
                 rooms.push(format!("burst-{b}-{i}"));
                 let first = burst.at.as_secs_f64() + i as f64 / burst.rooms as f64;
@@ -253,6 +267,7 @@ impl WorkloadSpec {
                     } else {
                         rng.random_range(0.0..=spread)
                     };
+                    burst_joins += 1;
                     joins.push(Join {
                         at: Duration::from_secs_f64(first + off),
                         room,
@@ -334,6 +349,30 @@ mod tests {
         assert!(burst
             .iter()
             .all(|j| j.at >= Duration::from_secs(2) && j.at < Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn bursts_are_built_only_within_the_run_and_up_to_max_joins() {
+        let mut sp = spec();
+        sp.rate = 10.0;
+        sp.max_joins = 500;
+        sp.size = Dist::Fixed { value: 1000.0 };
+        // Listed out of order: the earlier one is built first; the one at the end not at all.
+        sp.bursts = vec![
+            Burst::parse("3:1000000").unwrap(),
+            Burst::parse("1:1000000").unwrap(),
+            Burst::parse("4:1000000").unwrap(),
+        ];
+        let s = sp.schedule();
+        assert_eq!(s.joins.len(), 500);
+        // Building stopped after the first room of the earliest burst (1 000 participants).
+        assert!(s.rooms.len() <= 200 + 2, "{} rooms built", s.rooms.len());
+        assert!(s.rooms.iter().all(|r| !r.starts_with("burst-2-")));
+        assert!(
+            Burst::parse("1e20:5").is_err(),
+            "a time a Duration cannot hold"
+        );
+        assert!(Burst::parse("86400:5").is_ok());
     }
 
     #[test]

@@ -832,6 +832,12 @@ fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking(
             (&["--seeds", "0"], "--seeds"),
             (&["--seeds", "2", "--trace", "t.txt"], "--trace"),
             (&["--workload", "rush-hour"], "rush-hour"),
+            (&["--capacity", "inf"], "--capacity"),
+            (&["--heartbeat-ms", "0"], "--heartbeat-ms"),
+            (
+                &["--heartbeat-ms", "18446744073709551615"],
+                "--heartbeat-ms",
+            ),
         ],
     );
 

@@ -41,8 +41,9 @@ pub struct SimulateArgs {
     /// Router instances, each with its own pending counts.
     #[arg(long, default_value_t = 4)]
     pub routers: usize,
-    /// Heartbeat (load report) interval in milliseconds; the timeout is three intervals.
-    #[arg(long, default_value_t = 2_000)]
+    /// Heartbeat (load report) interval in milliseconds (1 to an hour); the timeout is three
+    /// intervals.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub heartbeat_ms: u64,
     /// Seed of the workloads and of the policies' randomness (the first one, with --seeds).
     #[arg(long, default_value_t = 1)]
@@ -180,7 +181,11 @@ fn parse_trace_secs(s: &str) -> Result<f64, String> {
 pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let o = args.options();
     anyhow::ensure!(o.nodes > 0, "--nodes must be at least 1");
-    anyhow::ensure!(o.capacity > 0.0, "--capacity must be positive");
+    // (an infinite capacity would make the workloads' arrival rates infinite)
+    anyhow::ensure!(
+        o.capacity.is_finite() && o.capacity > 0.0 && o.capacity <= 1e9,
+        "--capacity must be a number above 0, at most 1e9"
+    );
     let Some(path) = &args.trace else {
         return Ok(run_all(&o));
     };

@@ -63,6 +63,9 @@ pub struct SimConfig {
     pub new_room_reserve_ttl_ms: u64,
     /// How long a reservation of a hinted or learned size lasts at most.
     pub reservation_ttl_ms: u64,
+    /// Larger size hints are clamped to this, as the router does (`placement.max_size_hint`).
+    #[serde(default = "max_size_hint")]
+    pub max_size_hint: u32,
     /// How often utilization is sampled for the figures.
     pub sample_ms: u64,
     /// Max/mean is averaged over the time the cluster is at least this busy.
@@ -70,6 +73,11 @@ pub struct SimConfig {
     /// A participant sent to a dead node tries again after this long.
     pub retry_ms: u64,
     pub seed: u64,
+}
+
+/// The router's default `placement.max_size_hint`.
+fn max_size_hint() -> u32 {
+    PlacementConfig::default().max_size_hint
 }
 
 /// The router's default `placement.new_room_reserve_ttl`, in ms.
@@ -94,6 +102,7 @@ impl SimConfig {
             new_room_reserve: p.new_room_reserve,
             new_room_reserve_ttl_ms: p.new_room_reserve_ttl.as_millis() as u64,
             reservation_ttl_ms: p.reservation_ttl.as_millis() as u64,
+            max_size_hint: p.max_size_hint,
             sample_ms: workload::SECOND,
             busy_threshold: 0.30,
             retry_ms: 2 * workload::SECOND,
@@ -769,14 +778,17 @@ impl<'a> Sim<'a> {
             .count() as u64
     }
 
-    /// What session `s`'s room would reserve: its hint, else its learned history, else the
-    /// default guess.
+    /// What session `s`'s room would reserve: its hint (capped at `max_size_hint`), else its
+    /// learned history, else the default guess, as the router's `expected_size`.
     fn expected_size(&self, s: usize) -> (u32, SizeSource) {
         let history = self
             .history
             .get(&self.rooms[s].hash)
             .and_then(|peaks| peaks.iter().copied().max());
-        expected_size(self.w.sessions[s].hint, history, self.cfg.new_room_reserve)
+        let hint = self.w.sessions[s]
+            .hint
+            .map(|h| h.min(self.cfg.max_size_hint));
+        expected_size(hint, history, self.cfg.new_room_reserve)
     }
 
     /// Books the room's expected size on `node` in router `r`.

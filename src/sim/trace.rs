@@ -1,8 +1,10 @@
 //! Trace files: a recorded workload, one event per line, turned into a [`Workload`].
 //!
 //! Format: `TIME ROOM join|leave [SIZE]`, fields separated by whitespace or commas; `TIME` in
-//! seconds (decimals allowed), `ROOM` the room key, `SIZE` an optional size hint carried by
-//! the room's first join (`size=N` or `N`). Blank lines and lines starting with `#` are
+//! seconds (decimals allowed), `ROOM` the room id (checked and normalized as the router does
+//! by default, `rooms.normalization = "lowercase"`: `Room` and `room` are one room, and an
+//! id the router would refuse is an error naming the line), `SIZE` an optional size hint
+//! carried by the room's first join (`size=N` or `N`; not on a leave). Blank lines and lines starting with `#` are
 //! skipped. Events need not be sorted. Participants are anonymous: a leave ends the room's
 //! earliest open join; a room whose last participant leaves ends its session (a later join
 //! starts a new session of the same room). Joins still open at the end leave one second after
@@ -20,6 +22,7 @@ use anyhow::{bail, Context};
 
 use super::workload::{Session, Stay, Workload, HOUR, SECOND};
 use crate::placement::Millis;
+use crate::room::{Normalization, RoomKey};
 
 /// The longest span a trace may cover, first event to last: 31 days.
 pub const MAX_SPAN: Millis = 31 * 24 * HOUR;
@@ -67,8 +70,11 @@ fn parse_line(line: &str, no: usize) -> anyhow::Result<Option<Event>> {
         "leave" => false,
         other => bail!("line {no}: expected join or leave, got {other:?}"),
     };
+    let room = RoomKey::parse(fields[1], Normalization::default())
+        .map_err(|e| anyhow::anyhow!("line {no}: room {:?}: {e}", fields[1]))?;
     let size = match fields.get(3) {
         None => None,
+        Some(f) if !join => bail!("line {no}: a leave carries no size (got {f:?})"),
         Some(f) => Some(
             f.trim_start_matches("size=")
                 .parse()
@@ -78,7 +84,7 @@ fn parse_line(line: &str, no: usize) -> anyhow::Result<Option<Event>> {
     Ok(Some(Event {
         // In range: checked above.
         t: ms as Millis,
-        room: fields[1].to_string(),
+        room: room.as_str().to_string(),
         join,
         size,
         line: no,
@@ -210,6 +216,27 @@ mod tests {
         assert!(err.to_string().contains("line 3"), "{err}");
         assert!(parse_trace("0 a jump\n", "t").is_err());
         assert!(parse_trace("x a join\n", "t").is_err());
+    }
+
+    #[test]
+    fn room_ids_are_the_routers_and_sizes_come_with_joins_only() {
+        // "Standup" and "standup" are one room to the router, so one session here.
+        let w = parse_trace("0 Standup join\n1 standup join\n2 STANDUP leave\n", "t").unwrap();
+        assert_eq!(w.sessions.len(), 1);
+        assert_eq!(w.sessions[0].room, "standup");
+        assert_eq!(w.sessions[0].stays.len(), 2);
+        let long = "x".repeat(257);
+        for (bad, says) in [
+            (format!("0 {long} join\n"), "line 1"),
+            ("0 a join\n1 a\u{7} join\n".to_string(), "line 2"),
+            (
+                "0 a join 5\n1 a leave 5\n".to_string(),
+                "a leave carries no size",
+            ),
+        ] {
+            let err = parse_trace(&bad, "t").unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -457,6 +457,14 @@ async fn drive(lane: Lane, mut conn: Option<Conn>, progress: Arc<Progress>) -> C
         }
         st.sent += 1;
         progress.sent.fetch_add(1, Ordering::Relaxed);
+        // A kept connection the server closed while it idled (its keep-alive timeout) is not
+        // this request's failure: polled once, its driver has ended, and a new one is opened
+        // (counted in `reconnects`), as a browser would.
+        if let Some(c) = conn.as_mut() {
+            if (&mut c.driver).now_or_never().is_some() {
+                conn = None;
+            }
+        }
         let mut c = match conn.take() {
             Some(c) => c,
             None => match connect(lane.addr, deadline).await {
@@ -790,6 +798,47 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), run(cfg))
             .await
             .expect("the run is bounded")
+    }
+
+    /// A server that answers `204` and closes a connection idle for 100 ms (a keep-alive
+    /// timeout, as the router's `header_read_timeout`).
+    async fn closes_idle_connections() -> (String, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let idle = Duration::from_millis(100);
+                    while let Ok(Ok(n)) = tokio::time::timeout(idle, s.read(&mut buf)).await {
+                        if n == 0
+                            || s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                                .await
+                                .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_the_server_closed_while_idle_is_reopened_not_counted_as_an_error() {
+        let (url, server) = closes_idle_connections().await;
+        // 4 connections at 20/s: each idles 200 ms between its requests, and is closed at 100.
+        let r = bounded(config(&url, 20.0, 1.0, 4)).await.unwrap();
+        server.abort();
+        assert_eq!((r.planned, r.answered), (20, 20), "{}", r.table());
+        assert!(r.errors.is_empty(), "{}", r.table());
+        assert!(
+            r.reconnects >= 12,
+            "each request after the first on a connection reopened it: {}",
+            r.table()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -355,8 +355,6 @@ struct Sim<'a> {
     moved_on_scale_out: u64,
     moved_on_failure: u64,
     replaced_after_failure: u64,
-    /// Where each live room was routed just before the failure.
-    before_failure: Vec<Option<usize>>,
 }
 
 const FAILED_NODE: usize = 0;
@@ -454,7 +452,6 @@ impl<'a> Sim<'a> {
             moved_on_scale_out: 0,
             moved_on_failure: 0,
             replaced_after_failure: 0,
-            before_failure: Vec::new(),
         };
         for (s, session) in w.sessions.iter().enumerate() {
             for (p, stay) in session.stays.iter().enumerate() {
@@ -496,14 +493,21 @@ impl<'a> Sim<'a> {
                 Ev::ScaleOut => self.scale_out(t),
                 Ev::Fail => self.fail(t),
                 Ev::ProbeAfterFailure => {
+                    // At one instant, with the failed node seen dead and seen alive: what the
+                    // failure alone moved. (Comparing with the routes at the failure would
+                    // also count what the seconds between changed: a policy that routes by
+                    // current counts, as bounded loads do, moves rooms all the time.)
                     let after = self.routes(t);
+                    let last = self.nodes[FAILED_NODE].last_hb;
+                    self.nodes[FAILED_NODE].last_hb = Some(t);
+                    let before = self.routes(t);
+                    self.nodes[FAILED_NODE].last_hb = last;
                     self.moved_on_failure = (0..self.rooms.len())
                         .filter(|&s| {
-                            let before = self.before_failure[s];
                             !self.rooms[s].on_failed
-                                && before.is_some_and(|b| b != FAILED_NODE)
+                                && before[s].is_some_and(|b| b != FAILED_NODE)
                                 && after[s].is_some()
-                                && after[s] != before
+                                && after[s] != before[s]
                         })
                         .count() as u64;
                 }
@@ -911,7 +915,6 @@ impl<'a> Sim<'a> {
     }
 
     fn fail(&mut self, t: Millis) {
-        self.before_failure = self.routes(t);
         self.nodes[FAILED_NODE].alive = false;
         self.nodes[FAILED_NODE].load = 0;
         self.push(

@@ -231,6 +231,11 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             ticket_secret,
         } => {
             let _log = roomrouter::telemetry::init(log_format, "info");
+            // A benchmark's stand-in for a media server, in front of which the router and
+            // HAProxy are compared: its huge-page faults would land in whichever front end's
+            // tail made it allocate more (the router's tickets, which it verifies), so it
+            // opts out as `demo` and the router do.
+            transparent_huge_pages(false);
             let node = DemoNode::start(DemoNodeConfig {
                 id,
                 router,

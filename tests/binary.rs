@@ -144,8 +144,10 @@ async fn serve_and_demo_node_processes_route_a_join_end_to_end() {
         "/config/router.toml"
     )));
     wait_http(&format!("{router_url}/healthz")).await;
-    let _node = demo_node(&router_url, "proc-node", 50);
+    let node = demo_node(&router_url, "proc-node", 50);
     wait_http(&format!("{router_url}/readyz")).await;
+    // A benchmark's stand-in node opts out of transparent huge pages, as the router does.
+    assert_ne!(thp_enabled(node.0.id()), Some(true));
     let resp = client()
         .get(format!("{router_url}/rooms/e2e"))
         .send()

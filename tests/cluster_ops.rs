@@ -502,14 +502,7 @@ async fn readiness_health_metrics_and_dashboard() {
     let _n = r.node("a", 100.0).await;
     assert_eq!(r.get("/readyz").send().await.unwrap().status(), 200);
     r.get("/rooms/m").send().await.unwrap();
-    let m = r
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = r.metrics().await;
     assert!(
         m.contains("roomrouter_decisions_total{outcome=\"placed\"} 1"),
         "{m}"
@@ -523,14 +516,7 @@ async fn readiness_health_metrics_and_dashboard() {
         .to_str()
         .unwrap()
         .starts_with("Basic"));
-    let m = r
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = r.metrics().await;
     assert!(
         m.contains("roomrouter_http_errors_total{code=\"unauthorized\"} 1"),
         "the dashboard's 401 is counted like every other error: {m}"

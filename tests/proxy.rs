@@ -483,24 +483,50 @@ struct Upload {
     connection: tokio::task::JoinHandle<hyper::Result<()>>,
 }
 
+/// What a streamed POST needs: a connection of its own to the router, the request, whose
+/// body is what `tx` is given (a `Content-Length` body with `length`, else chunked), and
+/// the connection's task.
+struct StreamedPost {
+    send: hyper::client::conn::http1::SendRequest<UploadBody>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    req: Request<UploadBody>,
+    connection: tokio::task::JoinHandle<hyper::Result<()>>,
+}
+
+async fn streamed_post(r: &TestRouter, path: &str, length: Option<usize>) -> StreamedPost {
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut req = Request::post(path).header("host", r.addr.to_string());
+    if let Some(n) = length {
+        req = req.header("content-length", n);
+    }
+    let req = req.body(StreamBody::new(chunks.boxed())).unwrap();
+    StreamedPost {
+        send,
+        tx,
+        req,
+        connection,
+    }
+}
+
 impl Upload {
     /// Sends `first` as the first body chunk, then waits for the response head.
     async fn start(r: &TestRouter, path: &str, first: Bytes) -> Upload {
-        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let connection = tokio::spawn(conn);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-        });
-        let req = Request::post(path)
-            .header("host", r.addr.to_string())
-            .body(StreamBody::new(chunks.boxed()))
-            .unwrap();
+        let StreamedPost {
+            mut send,
+            tx,
+            req,
+            connection,
+        } = streamed_post(r, path, None).await;
         tx.send(first).await.unwrap();
         let response = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
             .await
@@ -958,17 +984,13 @@ async fn a_node_that_stops_reading_an_upload_frees_the_client_after_the_idle_tim
             serde_json::json!({"url": format!("http://{node_addr}"), "capacity": 100, "load": 0}),
         )
         .await;
-        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let connection = tokio::spawn(conn);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-        });
+        let length = (!chunked).then_some(CHUNK * CHUNKS);
+        let StreamedPost {
+            mut send,
+            tx,
+            req,
+            connection,
+        } = streamed_post(&r, "/rooms/upload-stall", length).await;
         // The client always has more to send until the whole body is out.
         let feeder = tokio::spawn(async move {
             for _ in 0..CHUNKS {
@@ -977,11 +999,6 @@ async fn a_node_that_stops_reading_an_upload_frees_the_client_after_the_idle_tim
                 }
             }
         });
-        let mut req = Request::post("/rooms/upload-stall").header("host", r.addr.to_string());
-        if !chunked {
-            req = req.header("content-length", CHUNK * CHUNKS);
-        }
-        let req = req.body(StreamBody::new(chunks.boxed())).unwrap();
         let started = Instant::now();
         let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
             .await

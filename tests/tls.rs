@@ -312,23 +312,50 @@ fn with_client_cert(
         .unwrap()
 }
 
+/// A router serving only an mTLS node listener: its certificate from `front_ca`, client
+/// certificates from `node_ca`.
+struct Mtls {
+    r: TlsRouter,
+    front_ca: Ca,
+    node_ca: Ca,
+    dir: PathBuf,
+}
+
+impl Mtls {
+    async fn start(cfg: Config, tag: &str) -> Mtls {
+        let front_ca = Ca::new("front CA");
+        let node_ca = Ca::new("node CA");
+        let (certs, dir) = front_door(&front_ca, tag);
+        let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
+        let r = start_tls(cfg, sc).await;
+        Mtls {
+            r,
+            front_ca,
+            node_ca,
+            dir,
+        }
+    }
+
+    /// An HTTP/1.1 connection presenting a certificate `node_ca` issued for `names`.
+    async fn as_node(&self, names: &[&str]) -> H1 {
+        let (_, key, der) = self.node_ca.leaf(names);
+        let s = connect(
+            self.r.addr,
+            with_client_cert(self.front_ca.roots(), der, &key),
+        )
+        .await
+        .unwrap();
+        h1(s).await
+    }
+}
+
 #[tokio::test]
 async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
-    let front_ca = Ca::new("front CA");
-    let node_ca = Ca::new("node CA");
-    let (certs, dir) = front_door(&front_ca, "mtls");
-    let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
-    let r = start_tls(common::config(), sc).await;
-    let (_, node_key, node_der) = node_ca.leaf(&["node-a"]);
+    let m = Mtls::start(common::config(), "mtls").await;
+    let (r, front_ca) = (&m.r, &m.front_ca);
     let hb = r#"{"url": "http://127.0.0.1:9", "capacity": 10, "load": 0}"#;
 
-    let s = connect(
-        r.addr,
-        with_client_cert(front_ca.roots(), node_der.clone(), &node_key),
-    )
-    .await
-    .unwrap();
-    let mut h = h1(s).await;
+    let mut h = m.as_node(&["node-a"]).await;
     let (status, body) = send(&mut h, "POST", "/v1/nodes/node-a/heartbeat", hb)
         .await
         .unwrap();
@@ -376,7 +403,7 @@ async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
             "a connection without a trusted client certificate was served"
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&m.dir);
 }
 
 /// A node's certificate limits what that node may do, not what an operator may: on the mTLS
@@ -384,19 +411,9 @@ async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
 /// or admin auth), while the certificate alone removes only the node it names.
 #[tokio::test]
 async fn an_admin_token_removes_any_node_on_the_node_listener() {
-    let front_ca = Ca::new("front CA");
-    let node_ca = Ca::new("node CA");
-    let (certs, dir) = front_door(&front_ca, "mtls-admin");
-    let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
-    let r = start_tls(common::config(), sc).await;
-    let (_, node_key, node_der) = node_ca.leaf(&["node-a"]);
-    let s = connect(
-        r.addr,
-        with_client_cert(front_ca.roots(), node_der, &node_key),
-    )
-    .await
-    .unwrap();
-    let mut h = h1(s).await;
+    let m = Mtls::start(common::config(), "mtls-admin").await;
+    let r = &m.r;
+    let mut h = m.as_node(&["node-a"]).await;
     let admin = |method: &str, path: &str, body: &'static str| {
         Request::builder()
             .method(method)
@@ -439,44 +456,27 @@ async fn an_admin_token_removes_any_node_on_the_node_listener() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(r.app.router.node(&b).is_none(), "node-b was removed");
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&m.dir);
 }
 
 /// With user JWTs, placement lookups need a credential; a node's client certificate on the
 /// mTLS listener is one (no token needed), as it is for its heartbeats.
 #[tokio::test]
 async fn a_nodes_client_certificate_lets_it_look_placements_up_under_user_jwts() {
-    let front_ca = Ca::new("front CA");
-    let node_ca = Ca::new("node CA");
-    let (certs, dir) = front_door(&front_ca, "mtls-lookup");
-    let sc = tls::server_config(certs, Some(node_ca.roots())).unwrap();
     let mut cfg = common::config();
     cfg.auth.users = roomrouter::config::UserAuth::Jwt;
     cfg.auth.jwt.secret = "user-jwt-secret-0123456789-0123456789".into();
     cfg.validate().unwrap();
-    let r = start_tls(cfg, sc).await;
-    let (_, node_key, node_der) = node_ca.leaf(&["node-a"]);
-    let s = connect(
-        r.addr,
-        with_client_cert(front_ca.roots(), node_der, &node_key),
-    )
-    .await
-    .unwrap();
-    let mut h = h1(s).await;
+    let m = Mtls::start(cfg, "mtls-lookup").await;
+    let r = &m.r;
+    let mut h = m.as_node(&["node-a"]).await;
     let hb = r#"{"url": "http://127.0.0.1:9", "capacity": 10, "load": 0}"#;
     let (status, body) = send(&mut h, "POST", "/v1/nodes/node-a/heartbeat", hb)
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
     // On a connection of its own, the lookup first: the HTTP/1.1 fast path answers it.
-    let (_, node_key, node_der) = node_ca.leaf(&["node-b"]);
-    let s = connect(
-        r.addr,
-        with_client_cert(front_ca.roots(), node_der, &node_key),
-    )
-    .await
-    .unwrap();
-    let mut fresh = h1(s).await;
+    let mut fresh = m.as_node(&["node-b"]).await;
     let fast = || r.app.router.metrics.fast_requests.get();
     let before = fast();
     let (status, body) = send(&mut fresh, "GET", "/v1/placement/standup", "")
@@ -493,7 +493,7 @@ async fn a_nodes_client_certificate_lets_it_look_placements_up_under_user_jwts()
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&m.dir);
 }
 
 /// An HTTPS upstream answering "secure" to everything.

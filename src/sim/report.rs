@@ -63,11 +63,22 @@ impl PolicyResult {
         let mean = |f: fn(&PolicyResult) -> f64| all.iter().map(|r| f(r)).sum::<f64>() / n;
         let total = |f: fn(&PolicyResult) -> u64| all.iter().map(|r| f(r)).sum::<u64>();
         let herds: Vec<f64> = all.iter().filter_map(|r| r.herd_peak).collect();
+        // A seed whose cluster was never 30% busy has no max/mean (NaN): the mean is over the
+        // seeds that have one, as the herd figure's is over the seeds that had a burst.
+        let ratios: Vec<f64> = all
+            .iter()
+            .map(|r| r.max_over_mean)
+            .filter(|v| v.is_finite())
+            .collect();
         let first = all[0];
         PolicyResult {
             policy: first.policy.clone(),
             spec: first.spec,
-            max_over_mean: mean(|r| r.max_over_mean),
+            max_over_mean: if ratios.is_empty() {
+                f64::NAN
+            } else {
+                ratios.iter().sum::<f64>() / ratios.len() as f64
+            },
             busy_share: mean(|r| r.busy_share),
             peak_utilization: mean(|r| r.peak_utilization),
             offered_peak: mean(|r| r.offered_peak),
@@ -393,6 +404,15 @@ mod tests {
         assert!((d.offered_peak - 1.0).abs() < 1e-12);
         assert!((d.max_over_mean - 1.09).abs() < 1e-12);
         assert!((d.herd_peak.unwrap() - 1.3).abs() < 1e-12);
+        // A seed never busy enough for a max/mean does not make the mean NaN.
+        let mut idle = result(Policy::DEFAULT, 1.0, 0, None, 0);
+        idle.max_over_mean = f64::NAN;
+        let only = |r: &PolicyResult| workload(0.7, vec![r.clone()]);
+        let m2 = WorkloadResult::mean_of(&[&only(&idle), &only(a.get(Policy::DEFAULT).unwrap())]);
+        let d2 = m2.get(Policy::DEFAULT).unwrap();
+        assert!((d2.max_over_mean - a.get(Policy::DEFAULT).unwrap().max_over_mean).abs() < 1e-12);
+        let m3 = WorkloadResult::mean_of(&[&only(&idle), &only(&idle)]);
+        assert!(m3.get(Policy::DEFAULT).unwrap().max_over_mean.is_nan());
         assert_eq!((d.joins, d.refusals, d.moved_on_failure), (200, 2, 2));
         let t = m.get(Policy::TwoChoice).unwrap();
         // A split in any one seed stays visible, and a herd figure is averaged over the seeds

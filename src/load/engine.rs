@@ -1002,7 +1002,27 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         cluster_events.push((t, false));
     }
     cluster_events.sort_by_key(|e| e.0);
-    let mut cluster_events = cluster_events.into_iter().peekable();
+    // In a task of their own: starting a node waits for its first heartbeat, and the joins
+    // planned meanwhile must still leave on time (a dispatcher waiting on it would count the
+    // wait as the router's latency).
+    let events_task = {
+        let ctx = ctx.clone();
+        let mut cluster = cluster.take();
+        tokio::spawn(async move {
+            for (t, add) in cluster_events {
+                if start + t >= end {
+                    break;
+                }
+                tokio::time::sleep_until(start + t).await;
+                if let Some(c) = cluster.as_mut() {
+                    if let Err(e) = ctx.cluster_event(c, add).await {
+                        return (cluster, Err(e));
+                    }
+                }
+            }
+            (cluster, Ok(()))
+        })
+    };
 
     // The dispatcher.
     let sem = Arc::new(Semaphore::new(cfg.connections));
@@ -1010,12 +1030,6 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let pacer = Pacer::tokio();
     for (i, j) in schedule.joins.iter().enumerate() {
         let planned = start + j.at;
-        while let Some((t, add)) = cluster_events.next_if(|e| start + e.0 <= planned) {
-            tokio::time::sleep_until(start + t).await;
-            if let Some(c) = cluster.as_mut() {
-                ctx.cluster_event(c, add).await?;
-            }
-        }
         if Instant::now() >= hard_end {
             break;
         }
@@ -1030,16 +1044,11 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         tasks.spawn(one_join(ctx.clone(), i, *j, planned, permit));
         while tasks.try_join_next().is_some() {}
     }
-    // Events after the last join still happen, so the run sees their effect on leaves.
-    for (t, add) in cluster_events {
-        if start + t >= end {
-            break;
-        }
-        tokio::time::sleep_until(start + t).await;
-        if let Some(c) = cluster.as_mut() {
-            ctx.cluster_event(c, add).await?;
-        }
-    }
+    // Events after the last join still happen (they are all before `end`), so the run sees
+    // their effect on leaves.
+    let (back, events) = events_task.await?;
+    cluster = back;
+    events?;
     let _ = tokio::time::timeout_at(hard_end, async {
         while tasks.join_next().await.is_some() {}
     })

@@ -155,6 +155,25 @@ impl PinStore for MemoryStore {
         Ok(self.pins.remove_if(room, |_, p| &p.node == node).is_some())
     }
 
+    async fn release_unless(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        keep: impl FnOnce() -> bool + Send,
+    ) -> Result<Unconfirmed, StoreError> {
+        // `keep` is asked under the entry's write lock: a pinned join records itself while it
+        // holds the read lock (`Router::place`'s `peek`), so it is either seen or sees no pin.
+        Ok(match self.pins.entry(room.clone()) {
+            Entry::Occupied(e) if &e.get().node != node => Unconfirmed::NotThere,
+            Entry::Occupied(_) if keep() => Unconfirmed::Confirmed,
+            Entry::Occupied(e) => {
+                e.remove();
+                Unconfirmed::Released
+            }
+            Entry::Vacant(_) => Unconfirmed::NotThere,
+        })
+    }
+
     async fn release_if_unconfirmed(
         &self,
         room: &RoomKey,
@@ -294,6 +313,33 @@ mod tests {
         assert!(s.get(&room("r")).await.unwrap().is_some());
         assert!(s.release_if(&room("r"), &node("a")).await.unwrap());
         assert!(s.get(&room("r")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn release_unless_asks_only_about_its_own_pin() {
+        let s = MemoryStore::new();
+        s.pin_if(&room("r"), &node("a"), None, 1).await.unwrap();
+        let asked = &std::sync::atomic::AtomicBool::new(false);
+        let ask = |answer| {
+            move || {
+                asked.store(true, std::sync::atomic::Ordering::Relaxed);
+                answer
+            }
+        };
+        let other = s.release_unless(&room("r"), &node("b"), ask(false)).await;
+        assert_eq!(other.unwrap(), Unconfirmed::NotThere);
+        assert!(
+            !asked.load(std::sync::atomic::Ordering::Relaxed),
+            "not its pin: not asked"
+        );
+        let kept = s.release_unless(&room("r"), &node("a"), ask(true)).await;
+        assert_eq!(kept.unwrap(), Unconfirmed::Confirmed);
+        assert!(s.get(&room("r")).await.unwrap().is_some());
+        let gone = s.release_unless(&room("r"), &node("a"), ask(false)).await;
+        assert_eq!(gone.unwrap(), Unconfirmed::Released);
+        assert!(s.get(&room("r")).await.unwrap().is_none());
+        let none = s.release_unless(&room("r"), &node("a"), ask(false)).await;
+        assert_eq!(none.unwrap(), Unconfirmed::NotThere);
     }
 
     #[tokio::test]

@@ -117,6 +117,29 @@ pub trait PinStore: Send + Sync + 'static {
         node: &NodeId,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Deletes the pin if it still points at `node` and `keep()` says no, asking `keep` where
+    /// no join can read the pin meanwhile (the memory store: under the room's entry lock,
+    /// which the hot path holds while it records a pinned join), so that a join routed
+    /// between the question and the delete is never left without its pin. `Confirmed`: kept
+    /// because `keep` said so. Default: asks `keep`, then [`PinStore::release_if`] (a shared
+    /// store decides on confirmations instead, [`PinStore::release_if_unconfirmed`]).
+    fn release_unless(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        keep: impl FnOnce() -> bool + Send,
+    ) -> impl Future<Output = Result<Unconfirmed, StoreError>> + Send {
+        async move {
+            if keep() {
+                return Ok(Unconfirmed::Confirmed);
+            }
+            Ok(match self.release_if(room, node).await? {
+                true => Unconfirmed::Released,
+                false => Unconfirmed::NotThere,
+            })
+        }
+    }
+
     /// Deletes the pin if it still points at `node` and was last confirmed before `before`,
     /// deciding atomically on the confirmation the store holds (a shared store's cache does
     /// not see other routers' confirmations).
@@ -291,6 +314,14 @@ impl PinStore for AnyStore {
     }
     async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
         delegate!(self, s => s.release_if(room, node).await)
+    }
+    async fn release_unless(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        keep: impl FnOnce() -> bool + Send,
+    ) -> Result<Unconfirmed, StoreError> {
+        delegate!(self, s => s.release_unless(room, node, keep).await)
     }
     async fn release_if_unconfirmed(
         &self,

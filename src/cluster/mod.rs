@@ -217,6 +217,13 @@ impl Cluster {
         }
     }
 
+    /// The admin state a removed (or never seen) node comes back with: `Active` unless it
+    /// was removed under an admin's drain or disable.
+    pub fn removed_state(&self, id: &NodeId) -> AdminState {
+        let removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        removed.get(id).copied().unwrap_or(AdminState::Active)
+    }
+
     pub fn len(&self) -> usize {
         self.snapshot().nodes.len()
     }

@@ -7,6 +7,7 @@
 //! What ended sessions taught ([`Learned`]) is handed to the store, which keeps it across
 //! restarts when it is shared (Redis).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{Live, NodeId};
@@ -222,6 +223,9 @@ impl Learned {
 #[derive(Debug, Default)]
 pub struct RoomHistory {
     rooms: RoomMap<Sizes>,
+    /// `rooms.len()`, kept as a counter: the map's own `len` visits every shard, and the
+    /// bound is checked for every room a node reports that is new here.
+    count: AtomicUsize,
 }
 
 impl RoomHistory {
@@ -235,16 +239,14 @@ impl RoomHistory {
             s.last_seen = now;
             return;
         }
-        if self.rooms.len() < MAX_HISTORY {
-            self.rooms.insert(
-                room.clone(),
-                Sizes {
-                    current: participants,
-                    past: [0; 3],
-                    last_seen: now,
-                },
-            );
-        }
+        self.insert_bounded(
+            room.clone(),
+            Sizes {
+                current: participants,
+                past: [0; 3],
+                last_seen: now,
+            },
+        );
     }
 
     /// The room's session ended: its peak joins the remembered ones. Returns what the room
@@ -275,15 +277,24 @@ impl RoomHistory {
             }
             return;
         }
-        if self.rooms.len() < MAX_HISTORY {
-            self.rooms.insert(
-                room,
-                Sizes {
-                    current: 0,
-                    past: learned.peaks,
-                    last_seen: learned.last_seen,
-                },
-            );
+        self.insert_bounded(
+            room,
+            Sizes {
+                current: 0,
+                past: learned.peaks,
+                last_seen: learned.last_seen,
+            },
+        );
+    }
+
+    /// Adds a room unless `MAX_HISTORY` rooms are known; one that raced in meanwhile wins.
+    fn insert_bounded(&self, room: RoomKey, sizes: Sizes) {
+        if self.count.load(Ordering::Relaxed) >= MAX_HISTORY {
+            return;
+        }
+        if let dashmap::Entry::Vacant(e) = self.rooms.entry(room) {
+            e.insert(sizes);
+            self.count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -297,17 +308,22 @@ impl RoomHistory {
 
     /// Forgets rooms not seen since `before`.
     pub fn sweep(&self, before: Millis) -> usize {
-        let n = self.rooms.len();
-        self.rooms.retain(|_, s| s.last_seen >= before);
-        n - self.rooms.len()
+        let mut forgotten = 0;
+        self.rooms.retain(|_, s| {
+            let keep = s.last_seen >= before;
+            forgotten += usize::from(!keep);
+            keep
+        });
+        self.count.fetch_sub(forgotten, Ordering::Relaxed);
+        forgotten
     }
 
     pub fn len(&self) -> usize {
-        self.rooms.len()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rooms.is_empty()
+        self.len() == 0
     }
 }
 
@@ -471,9 +487,12 @@ mod tests {
         assert_eq!(h.end_session(&r), None, "nothing new to keep");
         assert_eq!(h.expected(&r), Some(25));
         h.observe(&r, 4, 4);
+        h.observe(&room("other"), 4, 6);
         assert_eq!(h.expected(&r), Some(25));
+        assert_eq!(h.len(), 2);
         assert_eq!(h.sweep(5), 1);
         assert_eq!(h.expected(&r), None);
+        assert_eq!(h.len(), 1, "the count follows the map");
     }
 
     #[test]

@@ -55,6 +55,7 @@ async fn cluster() -> (SocketAddr, DemoNode) {
         tags: vec![],
         node_token: NODE.into(),
         ticket_secret: SECRET.into(),
+        ticket_leeway: roomrouter::auth::ticket::DEFAULT_LEEWAY,
         heartbeat_interval: Duration::from_secs(1),
     })
     .await

@@ -565,6 +565,10 @@ pub struct TicketConfig {
     pub query_param: String,
     /// Path on a node where a room is joined, for `/v1/login` answers (`{room}` is replaced).
     pub node_path: String,
+    /// The clock skew nodes forgive past a ticket's `exp` when they verify it: an ended
+    /// room keeps its pin until no ticket issued for it can be accepted any more.
+    #[serde(with = "duration")]
+    pub leeway: Duration,
 }
 
 impl Default for TicketConfig {
@@ -574,6 +578,7 @@ impl Default for TicketConfig {
             ttl: Duration::from_secs(60),
             query_param: "ticket".into(),
             node_path: "/rooms/{room}".into(),
+            leeway: crate::auth::ticket::DEFAULT_LEEWAY,
         }
     }
 }
@@ -872,6 +877,7 @@ impl std::fmt::Debug for TicketConfig {
             .field("ttl", &self.ttl)
             .field("query_param", &self.query_param)
             .field("node_path", &self.node_path)
+            .field("leeway", &self.leeway)
             .finish()
     }
 }
@@ -1252,6 +1258,19 @@ impl Config {
         }
         if self.tickets.ttl.is_zero() {
             return Err(invalid("tickets.ttl", "must be > 0"));
+        }
+        // The idle sweep releases a pin whose last join is `room_idle_ttl` old: a ticket issued
+        // by that join must no longer be accepted, or its holder lands on a node the room has
+        // left while the next join places it elsewhere.
+        let window = crate::auth::ticket::accepted_for(self.tickets.ttl, self.tickets.leeway);
+        if self.placement.room_idle_ttl < window {
+            return Err(invalid(
+                "placement.room_idle_ttl",
+                format!(
+                    "must be at least {}s: tickets.ttl + tickets.leeway + 1 s, how long after a join its ticket may still be accepted",
+                    window.as_secs()
+                ),
+            ));
         }
         if self.tickets.query_param.is_empty() {
             return Err(invalid("tickets.query_param", "must not be empty"));
@@ -1773,7 +1792,25 @@ mod tests {
         assert!(e.starts_with("placement.room_idle_ttl"), "{e}");
         let e = rejected("[placement]\nroom_idle_ttl = \"6s\"\n"); // = heartbeat_timeout
         assert!(e.contains("heartbeat_timeout"), "{e}");
-        let c = Config::parse("[placement]\nroom_idle_ttl = \"7s\"\n").unwrap();
+        let c = Config::parse("[tickets]\nttl = \"1s\"\n[placement]\nroom_idle_ttl = \"62s\"\nheartbeat_timeout = \"61s\"\nheartbeat_interval = \"2s\"\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_room_idle_ttl_a_ticket_could_outlast_is_refused() {
+        // tickets.ttl 60 s: a ticket may be accepted up to 121 s after its join.
+        let e = rejected("[placement]\nroom_idle_ttl = \"120s\"\n");
+        assert!(e.starts_with("placement.room_idle_ttl"), "{e}");
+        assert!(e.contains("121s"), "{e}");
+        let c = Config::parse("[placement]\nroom_idle_ttl = \"121s\"\n").unwrap();
+        c.validate().unwrap();
+        let e = rejected("[tickets]\nttl = \"10m\"\n");
+        assert!(e.starts_with("placement.room_idle_ttl"), "{e}");
+        // Nodes that verify with no leeway: a ticket is accepted up to ttl + 1 s.
+        let strict = "[tickets]\nttl = \"10m\"\nleeway = \"0s\"\n[placement]\nroom_idle_ttl = ";
+        let e = rejected(&format!("{strict}\"600s\"\n"));
+        assert!(e.contains("601s"), "{e}");
+        let c = Config::parse(&format!("{strict}\"601s\"\n")).unwrap();
         c.validate().unwrap();
     }
 

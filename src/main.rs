@@ -79,6 +79,9 @@ enum Cmd {
         /// Ticket secret shared with the router.
         #[arg(long, env = "ROOMROUTER_TICKET_SECRET", hide_env_values = true)]
         ticket_secret: String,
+        /// Clock skew forgiven past a ticket's `exp`: the router's `tickets.leeway`.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        ticket_leeway: Duration,
     },
 }
 
@@ -229,6 +232,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             tags,
             node_token,
             ticket_secret,
+            ticket_leeway,
         } => {
             let _log = roomrouter::telemetry::init(log_format, "info");
             // A benchmark's stand-in for a media server, in front of which the router and
@@ -246,6 +250,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
                 tags,
                 node_token,
                 ticket_secret,
+                ticket_leeway,
                 heartbeat_interval: Duration::from_secs(2),
             })
             .await?;

@@ -216,8 +216,10 @@ pub struct Router<S> {
     history: RoomHistory,
     /// Rooms with a join routed lately (their tickets may still be on the way).
     recent: RecentJoins,
-    /// How long a ticket is valid: a room keeps its pin this long after its last join.
-    ticket_ttl_ms: u64,
+    /// How long after issue a ticket may still be accepted (its lifetime plus the
+    /// verification leeway, [`crate::auth::ticket::accepted_for`]): a room keeps its pin this
+    /// long after its last join.
+    ticket_window_ms: u64,
     /// This router among the others sharing a store: names its shared reservations.
     instance: String,
     clock: Clock,
@@ -235,7 +237,8 @@ impl<S: PinStore> Router<S> {
             book: ReservationBook::default(),
             history: RoomHistory::default(),
             recent: RecentJoins::default(),
-            ticket_ttl_ms: cfg.tickets.ttl.as_millis() as u64,
+            ticket_window_ms: crate::auth::ticket::accepted_for(cfg.tickets.ttl, cfg.tickets.leeway)
+                .as_millis() as u64,
             instance: format!("{:016x}", rand::random::<u64>()),
             clock,
             metrics: Metrics::new(),
@@ -465,12 +468,27 @@ impl<S: PinStore> Router<S> {
             match (decision, entry) {
                 (Decision::Pinned(_), Some(node)) => {
                     if intent == Intent::Join {
-                        self.count_join(room, &node, now);
+                        // Recorded before the pin is checked again below, so that a node's
+                        // report that the room ended either sees this join (and keeps the
+                        // pin) or released the pin first (and the check fails).
+                        self.recent.joined(room.stable_hash(), now);
                     }
                     if let Some(p) = &pin {
-                        if now.saturating_sub(p.confirmed_at) > self.confirm_every_ms() {
-                            self.store.confirm(room, &node.id, now).await?;
+                        // A stale confirmation is refreshed before the user is sent: if the
+                        // pin moved or went meanwhile (another router re-placed the room, or
+                        // it ended), the store refuses, and the join follows the pin as it
+                        // is now rather than the one read before. The memory store's
+                        // confirmation is one map write, so it checks on every pass here.
+                        let due = now.saturating_sub(p.confirmed_at) > self.confirm_every_ms();
+                        if (due || !self.store.shared())
+                            && !self.store.confirm(room, &node.id, now).await?
+                        {
+                            pin = self.store.get(room).await?;
+                            continue;
                         }
+                    }
+                    if intent == Intent::Join {
+                        self.count_join(room, &node, now);
                     }
                     return Ok(Placement {
                         node,
@@ -571,12 +589,14 @@ impl<S: PinStore> Router<S> {
         }
     }
 
-    /// What a new session of `room` reserves: the hint (capped at `max_size_hint`), else the
-    /// room's learned history, else `new_room_reserve`.
+    /// What a new session of `room` reserves: the hint, else the room's learned history,
+    /// else `new_room_reserve`. Hints and history are both capped at `max_size_hint`: the
+    /// history comes from node reports (and a shared store) that nothing else bounds.
     fn expected_size(&self, room: &RoomKey, size: Option<u32>) -> (u32, SizeSource) {
+        let cap = self.placement.max_size_hint;
         expected_size(
-            size.map(|s| s.min(self.placement.max_size_hint)),
-            self.history.expected(room),
+            size.map(|s| s.min(cap)),
+            self.history.expected(room).map(|s| s.min(cap)),
             self.placement.new_room_reserve,
         )
     }
@@ -602,6 +622,17 @@ impl<S: PinStore> Router<S> {
         hb: Heartbeat,
     ) -> Result<HeartbeatReply, StoreError> {
         let now = self.clock.now();
+        if self.stays_removed(id, &hb, now).await? {
+            self.metrics.heartbeats.inc();
+            return Ok(HeartbeatReply {
+                state: self
+                    .cluster
+                    .removed_state(id)
+                    .stricter(AdminState::Draining),
+                evict: Vec::new(),
+                heartbeat_interval_ms: self.placement.heartbeat_interval.as_millis() as u64,
+            });
+        }
         let (outcome, entry) = self.cluster.upsert(id, hb.info, false);
         if outcome == Upsert::Added {
             tracing::info!(node = %id, "node joined");
@@ -676,7 +707,8 @@ impl<S: PinStore> Router<S> {
             self.store
                 .share_node(NodeUpdate::Removed { id: id.to_string() });
             tracing::info!(node = %id, "drained node reported no rooms; removed");
-        } else {
+        } else if self.store.shared() {
+            // Built only for a store that tells other routers: it copies every room's name.
             self.store
                 .share_node(NodeUpdate::report(&entry, now, counts));
         }
@@ -686,6 +718,24 @@ impl<S: PinStore> Router<S> {
             evict,
             heartbeat_interval_ms: self.placement.heartbeat_interval.as_millis() as u64,
         })
+    }
+
+    /// Whether a heartbeat from a node this router does not know (removed once it drained
+    /// itself, or never seen) leaves it out: it drains itself and has no room, and no ticket
+    /// for it can arrive, so it would be removed again at once. Without this, a drained node
+    /// that keeps reporting would be added and removed at every heartbeat, each time telling
+    /// the log and the other routers.
+    async fn stays_removed(
+        &self,
+        id: &NodeId,
+        hb: &Heartbeat,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        Ok(hb.state == AdminState::Draining
+            && hb.rooms.as_ref().is_some_and(|r| r.is_empty())
+            && self.placement.auto_remove_drained
+            && self.cluster.snapshot().get(id).is_none()
+            && !self.tickets_may_arrive(id, now).await?)
     }
 
     /// A node reports a live room. Returns false if the room belongs elsewhere (evict it).
@@ -752,20 +802,25 @@ impl<S: PinStore> Router<S> {
     ) -> Result<bool, StoreError> {
         self.end_session(room);
         let now = self.clock.now();
-        let own_ticket = self
-            .recent
-            .joined_since(room.stable_hash(), now.saturating_sub(self.ticket_ttl_ms));
-        let outcome = if own_ticket {
+        let (hash, since) = (
+            room.stable_hash(),
+            now.saturating_sub(self.ticket_window_ms),
+        );
+        let own_ticket = || self.recent.joined_since(hash, since);
+        let outcome = if !self.store.shared() {
+            // Asked where no pinned join can slip in between the question and the delete.
+            self.store
+                .release_unless(room, &entry.id, own_ticket)
+                .await?
+        } else if own_ticket() {
             Unconfirmed::Confirmed
-        } else if self.store.shared() {
+        } else {
+            // Other routers' joins show only as confirmations; this router's confirm before
+            // they count (`place_inner`), so a join between the two looks sees no pin.
             let before = now.saturating_sub(self.shared_ticket_hold_ms());
             self.store
                 .release_if_unconfirmed(room, &entry.id, before)
                 .await?
-        } else if self.store.release_if(room, &entry.id).await? {
-            Unconfirmed::Released
-        } else {
-            Unconfirmed::NotThere
         };
         match outcome {
             Unconfirmed::Confirmed => {
@@ -778,13 +833,8 @@ impl<S: PinStore> Router<S> {
             Unconfirmed::Released => self.metrics.released(why),
             Unconfirmed::NotThere => {}
         }
-        if self
-            .book
-            .outstanding(room)
-            .is_some_and(|(n, _)| n == entry.id)
-        {
-            self.book.release(room);
-        }
+        // One atomic step: a reservation the room's next session made since `now` stays.
+        self.book.ended(room, &entry.id, now);
         Ok(true)
     }
 
@@ -795,7 +845,7 @@ impl<S: PinStore> Router<S> {
     /// once the node is gone, while that user lands on the node (a split). Visits every pin:
     /// only asked of a drained node that reported no rooms.
     async fn tickets_may_arrive(&self, node: &NodeId, now: Millis) -> Result<bool, StoreError> {
-        let own_since = now.saturating_sub(self.ticket_ttl_ms);
+        let own_since = now.saturating_sub(self.ticket_window_ms);
         // As in `end_room`: other routers' joins show only as confirmations.
         let shared = self.store.shared();
         let confirmed_since = match shared {
@@ -836,7 +886,7 @@ impl<S: PinStore> Router<S> {
     /// most that much older; node reports confirm it too while the room is live. Plus a
     /// heartbeat interval for the routers' clocks to disagree by.
     fn shared_ticket_hold_ms(&self) -> u64 {
-        self.ticket_ttl_ms
+        self.ticket_window_ms
             + self.confirm_every_ms()
             + self.placement.heartbeat_interval.as_millis() as u64
     }

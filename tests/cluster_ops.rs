@@ -74,8 +74,11 @@ async fn new_rooms_respect_headroom_then_overflow_then_refuse() {
 #[tokio::test]
 async fn a_lookup_names_a_pinned_rooms_full_node_and_counts_nothing() {
     let mut c = config();
-    // Joins and lookups confirm a pin at most every 1 s; the node, heard from at the start,
-    // stays healthy for heartbeat_timeout, which room_idle_ttl must exceed.
+    // Joins and lookups confirm a pin at most every 1 s (room_idle_ttl / 8, and room_idle_ttl
+    // must outlast a ticket: 1 s + no leeway + 1 s); the node, heard from at the start, stays
+    // healthy for heartbeat_timeout, which room_idle_ttl must exceed.
+    c.tickets.ttl = Duration::from_secs(1);
+    c.tickets.leeway = Duration::ZERO;
     c.placement.heartbeat_timeout = Duration::from_secs(6);
     c.placement.room_idle_ttl = Duration::from_secs(8);
     c.validate().unwrap();
@@ -374,10 +377,11 @@ async fn a_node_reporting_an_invalid_room_stays_alive_and_keeps_its_rooms() {
 
 #[tokio::test]
 async fn rooms_end_when_their_node_stops_listing_them() {
-    // The pin outlives the room by the lifetime of the last ticket issued for it (someone
-    // may still be on the way): keep that short here.
+    // The pin outlives the room for as long as the last ticket issued for it may be accepted
+    // (someone may still be on the way): keep that short here, 1 s + no leeway + 1 s.
     let mut cfg = config();
     cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     let r = TestRouter::start(cfg).await;
     let n = r.node("a", 1000.0).await;
     let loc = r.get("/rooms/short").send().await.unwrap().headers()["location"]

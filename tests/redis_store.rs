@@ -656,9 +656,10 @@ async fn a_ticket_another_router_issued_keeps_an_ended_rooms_pin() {
     };
     let p = prefix("tickethold");
     let mut cfg = config(&url, &p);
-    // Short lifetimes so that the hold (ticket 1 s + confirmation interval 1 s + heartbeat
-    // interval 0.5 s) passes within the test.
+    // Short lifetimes so that the hold (a ticket accepted up to 2 s: 1 s + no leeway + 1 s
+    // rounding, + confirmation interval 1 s + heartbeat interval 0.5 s) passes within the test.
     cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     cfg.placement.room_idle_ttl = Duration::from_secs(8);
     cfg.placement.heartbeat_interval = Duration::from_millis(500);
     let a = serve(cfg.clone()).await;
@@ -748,10 +749,12 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
     };
     let p = prefix("learned");
     let c = client();
-    // An ended room's pin outlives it while a ticket for it may be on its way (ticket 1 s +
-    // confirmation interval 1 s + heartbeat interval 0.5 s here): the lesson is over by then.
+    // An ended room's pin outlives it while a ticket for it may be on its way (accepted up to
+    // 2 s + confirmation interval 1 s + heartbeat interval 0.5 s here): the lesson is over by
+    // then.
     let mut cfg = config(&url, &p);
     cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     cfg.placement.room_idle_ttl = Duration::from_secs(8);
     cfg.placement.heartbeat_interval = Duration::from_millis(500);
     let a = serve_service(cfg.clone()).await;
@@ -794,7 +797,9 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
     // router started after that learns nothing from it.
     let mut short = config(&url, &p);
     short.placement.history_ttl = Duration::from_millis(300);
-    short.placement.room_idle_ttl = Duration::from_secs(1);
+    short.placement.room_idle_ttl = Duration::from_secs(2);
+    short.tickets.ttl = Duration::from_secs(1);
+    short.tickets.leeway = Duration::ZERO;
     // No node reports here; a node silent this long is dead before its rooms go idle.
     short.placement.heartbeat_interval = Duration::from_millis(200);
     short.placement.heartbeat_timeout = Duration::from_millis(500);
@@ -839,6 +844,10 @@ async fn a_size_learned_by_one_router_is_known_to_the_others() {
     let p = prefix("learnedshared");
     let c = client();
     let mut cfg = config(&url, &p);
+    // Pins may go idle this soon only if tickets are short-lived: one is accepted up to 2 s
+    // (1 s, no leeway, 1 s rounding).
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     // Sweeps (which take what other routers learned) every 500 ms; a node is dead before its
     // rooms go idle.
     cfg.placement.room_idle_ttl = Duration::from_secs(2);
@@ -1288,6 +1297,10 @@ async fn a_refused_confirmation_corrects_a_stale_cache() {
     };
     let p = prefix("staleconfirm");
     let mut cfg = config(&url, &p);
+    // Pins may go idle this soon only if tickets are short-lived: one is accepted up to 2 s
+    // (1 s, no leeway, 1 s rounding).
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     // Confirmations go to Redis once the cached one is older than 1/16 of the pins' TTL
     // (twice the idle TTL): 250 ms here.
     cfg.placement.room_idle_ttl = Duration::from_secs(2);
@@ -1382,6 +1395,10 @@ async fn a_room_confirmed_throughout_an_outage_longer_than_the_idle_ttl_is_not_s
     let p = prefix("confirmed");
     let cut = Partition::to(hostport).await;
     let mut cfg = config(&format!("redis://{}", cut.addr), &p);
+    // Pins may go idle this soon only if tickets are short-lived: one is accepted up to 2 s
+    // (1 s, no leeway, 1 s rounding).
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     // Short enough to outlast in a test.
     let ttl = Duration::from_secs(5);
     cfg.placement.room_idle_ttl = ttl;
@@ -1515,8 +1532,12 @@ async fn a_live_pin_confirmed_before_the_clock_stepped_back_stays_in_redis() {
     };
     let p = prefix("stepback");
     let mut cfg = config(&url, &p);
-    // Redis keeps a pin twice the idle TTL: 2 s here.
-    cfg.placement.room_idle_ttl = Duration::from_secs(1);
+    // Pins may go idle this soon only if tickets are short-lived: one is accepted up to 2 s
+    // (1 s, no leeway, 1 s rounding).
+    cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
+    // Redis keeps a pin twice the idle TTL: 4 s here.
+    cfg.placement.room_idle_ttl = Duration::from_secs(2);
     cfg.placement.heartbeat_interval = Duration::from_millis(200);
     cfg.placement.heartbeat_timeout = Duration::from_millis(500);
     cfg.validate().expect("valid");
@@ -1530,9 +1551,9 @@ async fn a_live_pin_confirmed_before_the_clock_stepped_back_stays_in_redis() {
     // The clock is back an hour; the room's node keeps reporting it, the sweep runs, for
     // longer than Redis keeps an unconfirmed pin.
     let since = std::time::Instant::now();
-    while since.elapsed() < Duration::from_millis(3_000) {
+    while since.elapsed() < Duration::from_millis(5_000) {
         let now = now_ms();
-        a.sweep_idle(now - 1_125, now).await.unwrap();
+        a.sweep_idle(now - 2_250, now).await.unwrap();
         assert!(a.confirm(&r, &n1, now).await.unwrap(), "the pin is n1's");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -1543,9 +1564,9 @@ async fn a_live_pin_confirmed_before_the_clock_stepped_back_stays_in_redis() {
         "Redis expired the pin of a room in use"
     );
     // Once the room ends it goes idle on time, not an hour from now.
-    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let now = now_ms();
-    let released = a.sweep_idle(now - 1_125, now).await.unwrap();
+    let released = a.sweep_idle(now - 2_250, now).await.unwrap();
     assert_eq!(released, vec![(r.clone(), n1.clone())]);
     cleanup(&url, &p).await;
 }
@@ -1751,9 +1772,11 @@ async fn a_drained_node_is_kept_while_another_routers_ticket_may_still_reach_it(
     };
     let p = prefix("drainedticket");
     let mut cfg = config(&url, &p);
-    // A ticket lives 1 s, a pin is confirmed by joins at most every second (room_idle_ttl
-    // / 8), reports every second: a pin confirmed more than 3 s ago has no ticket out.
+    // A ticket is accepted up to 2 s (1 s, no leeway, 1 s rounding), a pin is confirmed by
+    // joins at most every second (room_idle_ttl / 8), reports every second: a pin confirmed
+    // more than 4 s ago has no ticket out.
     cfg.tickets.ttl = Duration::from_secs(1);
+    cfg.tickets.leeway = Duration::ZERO;
     cfg.placement.room_idle_ttl = Duration::from_secs(8);
     cfg.placement.heartbeat_interval = Duration::from_secs(1);
     cfg.placement.heartbeat_timeout = Duration::from_secs(5);

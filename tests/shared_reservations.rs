@@ -229,6 +229,7 @@ async fn a_reservation_is_released_when_another_router_hears_its_room_ended() {
     // A room's pin outlives its last listing by a ticket's life, a confirmation interval and
     // a heartbeat interval (a ticket another router issued may be on its way): short here.
     cfg.tickets.ttl = Duration::from_millis(300);
+    cfg.tickets.leeway = Duration::ZERO;
     cfg.placement.room_idle_ttl = Duration::from_secs(8);
     cfg.placement.heartbeat_interval = Duration::from_millis(200);
     cfg.validate().expect("valid");

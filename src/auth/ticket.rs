@@ -39,6 +39,28 @@ struct ClaimsRef<'a> {
     jti: &'a str,
 }
 
+/// The clock skew nodes forgive past a ticket's `exp` unless told otherwise
+/// (`tickets.leeway`): the usual default of JWT libraries.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+
+fn ttl_secs(ttl: Duration) -> u64 {
+    ttl.as_secs().max(1)
+}
+
+/// A leeway in the whole seconds JWT times count in, rounded up.
+fn leeway_secs(leeway: Duration) -> u64 {
+    leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0)
+}
+
+/// How long after it was issued a ticket with lifetime `ttl` may still be accepted by a node
+/// verifying with `leeway`: its whole-second life, the leeway, and one second more because
+/// `iat` is the issue time rounded down. A room must keep its pin this long after its last
+/// join, or a user still holding a valid ticket may arrive at a node the room has left (a
+/// split).
+pub fn accepted_for(ttl: Duration, leeway: Duration) -> Duration {
+    Duration::from_secs(ttl_secs(ttl) + leeway_secs(leeway) + 1)
+}
+
 /// Signs (and, for nodes and tests, verifies) tickets.
 ///
 /// Signing is on every join's path, so it is done here rather than by `jsonwebtoken`'s
@@ -52,12 +74,15 @@ pub struct TicketIssuer {
     mac: Hmac<Sha256>,
     dec: DecodingKey,
     ttl: Duration,
+    /// What [`TicketIssuer::verify`] forgives past `exp`, in seconds.
+    leeway_secs: u64,
 }
 
 impl std::fmt::Debug for TicketIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TicketIssuer")
             .field("ttl", &self.ttl)
+            .field("leeway_secs", &self.leeway_secs)
             .finish_non_exhaustive()
     }
 }
@@ -67,19 +92,27 @@ impl std::fmt::Debug for TicketIssuer {
 pub struct TicketError(String);
 
 impl TicketIssuer {
+    /// Issues tickets living `ttl`; verifies them with [`DEFAULT_LEEWAY`].
     pub fn new(secret: &str, ttl: Duration) -> TicketIssuer {
         TicketIssuer {
             // HMAC takes a key of any length.
             mac: Hmac::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length"),
             dec: DecodingKey::from_secret(secret.as_bytes()),
             ttl,
+            leeway_secs: leeway_secs(DEFAULT_LEEWAY),
         }
+    }
+
+    /// Verifies with `leeway` past `exp` (rounded up to whole seconds) instead.
+    pub fn with_leeway(mut self, leeway: Duration) -> TicketIssuer {
+        self.leeway_secs = leeway_secs(leeway);
+        self
     }
 
     /// A ticket's life in whole seconds, as its `exp` counts it: at least 1 (a sub-second
     /// `tickets.ttl` would otherwise issue tickets already expired).
     pub fn ttl_secs(&self) -> u64 {
-        self.ttl.as_secs().max(1)
+        ttl_secs(self.ttl)
     }
 
     /// Issues a ticket for `user` to join `room` on `node`; `now_secs` is Unix time.
@@ -108,11 +141,11 @@ impl TicketIssuer {
         token
     }
 
-    /// Verifies signature and expiry (60 s leeway) and returns the claims.
+    /// Verifies signature and expiry (with the issuer's leeway) and returns the claims.
     pub fn verify(&self, token: &str) -> Result<TicketClaims, TicketError> {
         let mut v = Validation::new(Algorithm::HS256);
         v.set_required_spec_claims(&["exp", "sub"]);
-        v.leeway = 60;
+        v.leeway = self.leeway_secs;
         decode::<TicketClaims>(token, &self.dec, &v)
             .map(|d| d.claims)
             .map_err(|e| TicketError(e.to_string()))
@@ -195,5 +228,24 @@ mod tests {
         let other = TicketIssuer::new(&"x".repeat(32), Duration::from_secs(60));
         assert!(other.verify(&t.issue("r", "n", "u", now())).is_err());
         assert!(t.verify(&t.issue("r", "n", "u", now() - 3600)).is_err());
+    }
+
+    #[test]
+    fn a_ticket_is_accepted_for_its_life_plus_the_leeway_and_no_longer() {
+        let ttl = Duration::from_secs(10);
+        let strict = TicketIssuer::new(&"s".repeat(32), ttl).with_leeway(Duration::ZERO);
+        let stock = TicketIssuer::new(&"s".repeat(32), ttl);
+        // Issued 40 s ago: expired 30 s ago, inside the stock 60 s leeway only.
+        let old = strict.issue("r", "n", "u", now() - 40);
+        assert!(strict.verify(&old).is_err());
+        assert!(stock.verify(&old).is_ok());
+        // The window the router keeps an ended room's pin for covers both.
+        assert_eq!(accepted_for(ttl, Duration::ZERO), Duration::from_secs(11));
+        assert_eq!(accepted_for(ttl, DEFAULT_LEEWAY), Duration::from_secs(71));
+        // A part second of leeway is forgiven as a whole one, as JWT times count.
+        assert_eq!(
+            accepted_for(Duration::from_millis(300), Duration::from_millis(1)),
+            Duration::from_secs(3)
+        );
     }
 }

@@ -36,7 +36,7 @@ pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
     let router_url = format!("http://{addr}");
     let admin = cfg.auth.admin_tokens[0].clone();
     let node_token = cfg.auth.node_token.clone();
-    let ticket_secret = cfg.tickets.secret.clone();
+    let (ticket_secret, ticket_leeway) = (cfg.tickets.secret.clone(), cfg.tickets.leeway);
     let server = tokio::spawn(crate::service::run_memory(
         cfg,
         listener,
@@ -56,6 +56,7 @@ pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
                 tags: vec![],
                 node_token: node_token.clone(),
                 ticket_secret: ticket_secret.clone(),
+                ticket_leeway,
                 heartbeat_interval: Duration::from_secs(2),
             })
             .await?,

@@ -59,6 +59,8 @@ pub struct DemoNodeConfig {
     pub node_token: String,
     /// Shared ticket secret.
     pub ticket_secret: String,
+    /// Clock skew forgiven past a ticket's `exp` (the router's `tickets.leeway`).
+    pub ticket_leeway: Duration,
     /// First heartbeat interval; the router's reply sets the next ones.
     pub heartbeat_interval: Duration,
 }
@@ -94,10 +96,10 @@ impl DemoNode {
             .unwrap_or_else(|| format!("http://{addr}"));
         let state = Arc::new(State::default());
         let (stop, stop_rx) = watch::channel(false);
-        let tickets = Arc::new(TicketIssuer::new(
-            &cfg.ticket_secret,
-            Duration::from_secs(60),
-        ));
+        let tickets = Arc::new(
+            TicketIssuer::new(&cfg.ticket_secret, Duration::from_secs(60))
+                .with_leeway(cfg.ticket_leeway),
+        );
         let server = tokio::spawn(serve(
             listener,
             state.clone(),
@@ -475,6 +477,7 @@ mod tests {
             tags: vec![],
             node_token: "node-token".into(),
             ticket_secret: "ticket-secret-0123456789-0123456789".into(),
+            ticket_leeway: crate::auth::ticket::DEFAULT_LEEWAY,
             heartbeat_interval: Duration::from_secs(60),
         })
         .await

@@ -107,7 +107,8 @@ impl<S: PinStore> App<S> {
             proxy,
             refused_rooms_warned_at: AtomicU64::new(0),
             tokens: Tokens::from_config(&cfg.auth),
-            tickets: TicketIssuer::new(&cfg.tickets.secret, cfg.tickets.ttl),
+            tickets: TicketIssuer::new(&cfg.tickets.secret, cfg.tickets.ttl)
+                .with_leeway(cfg.tickets.leeway),
             patterns,
             router,
             cfg: Arc::new(cfg),

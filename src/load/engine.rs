@@ -110,6 +110,7 @@ pub struct OwnCluster {
     pub mode: FrontDoorMode,
     node_token: String,
     ticket_secret: String,
+    ticket_leeway: Duration,
     heartbeat: Duration,
     capacity: f64,
     nodes: Arc<Mutex<Vec<(DemoNode, f64)>>>,
@@ -141,7 +142,7 @@ impl OwnCluster {
         let url = format!("http://{}", listener.local_addr()?);
         let admin_token = cfg.auth.admin_tokens[0].clone();
         let node_token = cfg.auth.node_token.clone();
-        let ticket_secret = cfg.tickets.secret.clone();
+        let (ticket_secret, ticket_leeway) = (cfg.tickets.secret.clone(), cfg.tickets.leeway);
         let app = crate::service::build(cfg, crate::store::MemoryStore::new());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::service::run(app, listener, async {
@@ -153,6 +154,7 @@ impl OwnCluster {
             mode,
             node_token,
             ticket_secret,
+            ticket_leeway,
             heartbeat,
             capacity,
             nodes: Arc::new(Mutex::new(Vec::new())),
@@ -180,6 +182,7 @@ impl OwnCluster {
             tags: vec![],
             node_token: self.node_token.clone(),
             ticket_secret: self.ticket_secret.clone(),
+            ticket_leeway: self.ticket_leeway,
             heartbeat_interval: self.heartbeat,
         })
         .await

@@ -31,8 +31,8 @@ fn room(s: &str) -> RoomKey {
     RoomKey::parse(s, Normalization::Lowercase).unwrap()
 }
 
-async fn beat(
-    r: &Router<MemoryStore>,
+async fn beat<S: PinStore>(
+    r: &Router<S>,
     node: &str,
     cap: f64,
     load: f64,
@@ -41,8 +41,8 @@ async fn beat(
     beat_state(r, node, cap, load, rooms, AdminState::Active).await
 }
 
-async fn beat_state(
-    r: &Router<MemoryStore>,
+async fn beat_state<S: PinStore>(
+    r: &Router<S>,
     node: &str,
     cap: f64,
     load: f64,
@@ -59,12 +59,12 @@ async fn beat_state(
     r.heartbeat(&id(node), hb).await.unwrap()
 }
 
-async fn join(r: &Router<MemoryStore>, k: &str) -> Result<Placement, JoinError> {
+async fn join<S: PinStore>(r: &Router<S>, k: &str) -> Result<Placement, JoinError> {
     r.place(&room(k), &Hints::default(), None, Intent::Join)
         .await
 }
 
-async fn node_of(r: &Router<MemoryStore>, k: &str) -> String {
+async fn node_of<S: PinStore>(r: &Router<S>, k: &str) -> String {
     join(r, k).await.unwrap().node.id.to_string()
 }
 
@@ -274,19 +274,23 @@ async fn heartbeat_rooms_confirm_release_and_evict() {
     let reply = beat(&r, &home, 1000.0, 3.0, Some(vec![("shared", 3)])).await;
     assert!(reply.evict.is_empty());
     // Once the last ticket has expired, it stops listing the room: the pin is released.
-    r.clock().advance(TICKET_TTL_MS + 1);
+    r.clock().advance(TICKET_WINDOW_MS + 1);
     beat(&r, &home, 1000.0, 3.0, Some(vec![("shared", 3)])).await;
     beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
     assert!(r.room(&room("shared")).await.unwrap().is_none());
     // A room reported with 0 participants is released too.
     let home = node_of(&r, "short").await;
-    r.clock().advance(TICKET_TTL_MS + 1);
+    r.clock().advance(TICKET_WINDOW_MS + 1);
     beat(&r, &home, 1000.0, 0.0, Some(vec![("short", 0)])).await;
     assert!(r.room(&room("short")).await.unwrap().is_none());
 }
 
 /// `tickets.ttl` of the default configuration.
 const TICKET_TTL_MS: u64 = 60_000;
+
+/// How long after issue such a ticket may still be accepted: its life, the 60 s verification
+/// leeway, and the second its `iat` was rounded down by.
+const TICKET_WINDOW_MS: u64 = TICKET_TTL_MS + 61_000;
 
 #[tokio::test]
 async fn a_room_ended_while_tickets_are_out_keeps_its_pin_so_latecomers_are_not_split() {
@@ -310,12 +314,20 @@ async fn a_room_ended_while_tickets_are_out_keeps_its_pin_so_latecomers_are_not_
         home,
         "the next join goes where the ticket went"
     );
-    // Heartbeats within the ticket lifetime of that join keep it; the first one after
-    // releases it (the node no longer lists the room).
+    // Heartbeats while that join's ticket may still be accepted keep it, past the ticket's
+    // `exp` too (a node forgives the verification leeway); the first one after releases it
+    // (the node no longer lists the room).
     r.clock().advance(TICKET_TTL_MS / 2);
     beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
     assert!(r.room(&room("late")).await.unwrap().is_some());
-    r.clock().advance(TICKET_TTL_MS / 2 + 1);
+    r.clock().advance(TICKET_TTL_MS / 2 + 1_000);
+    beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
+    assert!(
+        r.room(&room("late")).await.unwrap().is_some(),
+        "expired, but within the leeway a node accepts it with"
+    );
+    r.clock()
+        .advance(TICKET_WINDOW_MS - TICKET_TTL_MS - 1_000 + 1);
     beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
     assert!(r.room(&room("late")).await.unwrap().is_none());
 }
@@ -483,7 +495,7 @@ async fn learned_history_sizes_the_next_session() {
     beat(&r, "a", 1000.0, 0.0, None).await;
     let p = join(&r, "weekly").await.unwrap();
     beat(&r, "a", 1000.0, 40.0, Some(vec![("weekly", 40)])).await;
-    r.clock().advance(TICKET_TTL_MS + 1);
+    r.clock().advance(TICKET_WINDOW_MS + 1);
     beat(&r, "a", 1000.0, 0.0, Some(vec![])).await; // session ends
     assert!(r.room(&room("weekly")).await.unwrap().is_none());
     assert_eq!(p.node.live.reserved_units(), 0.0);
@@ -497,6 +509,31 @@ async fn learned_history_sizes_the_next_session() {
         .await
         .unwrap();
     assert!((p.node.live.reserved_units() - 40.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn a_learned_size_is_capped_like_a_hint() {
+    // A node's report is not bounded by `max_size_hint`; what is learned from it must be, or
+    // one absurd report would make the room reserve more than any node has.
+    let mut cfg = Config::default();
+    cfg.placement.max_size_hint = 50;
+    let r = Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)));
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "webinar").await.unwrap();
+    beat(&r, "a", 1000.0, 0.0, Some(vec![("webinar", 4_000_000)])).await;
+    r.clock().advance(TICKET_WINDOW_MS + 1);
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await; // session ends
+    assert!(r.room(&room("webinar")).await.unwrap().is_none());
+    let p = r
+        .place(
+            &room("webinar"),
+            &Hints::default(),
+            None,
+            Intent::Lookup { create: true },
+        )
+        .await
+        .unwrap();
+    assert!((p.node.live.reserved_units() - 50.0).abs() < 1e-9);
 }
 
 #[tokio::test]
@@ -561,6 +598,36 @@ async fn a_self_draining_node_with_no_rooms_is_removed() {
 }
 
 #[tokio::test]
+async fn a_removed_drained_node_that_keeps_reporting_stays_removed() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let draining = || beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining);
+    assert_eq!(draining().await.state, AdminState::Draining);
+    assert!(r.node(&id("a")).is_none());
+    let snapshot = r.cluster.snapshot_arc();
+    for _ in 0..3 {
+        r.clock().advance(2_000);
+        let reply = draining().await;
+        assert_eq!(reply.state, AdminState::Draining);
+        assert!(r.node(&id("a")).is_none());
+    }
+    assert!(
+        Arc::ptr_eq(&snapshot, &r.cluster.snapshot_arc()),
+        "the node was added and removed again"
+    );
+    // An admin's disable outlives the removal and is what the node hears.
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    r.set_admin_state(&id("a"), AdminState::Disabled);
+    draining().await;
+    assert!(r.node(&id("a")).is_none());
+    assert_eq!(draining().await.state, AdminState::Disabled);
+    // Active again, it is back.
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
+    assert!(r.node(&id("a")).is_some());
+}
+
+#[tokio::test]
 async fn a_self_draining_node_stays_while_a_ticket_for_it_may_arrive() {
     // Its last room ended just after a join was routed there: the pin is kept for that
     // ticket, so the node is not removed under it (the next join would land elsewhere).
@@ -579,8 +646,9 @@ async fn a_self_draining_node_stays_while_a_ticket_for_it_may_arrive() {
         r.room(&room("last")).await.unwrap().unwrap().node.as_str(),
         "a"
     );
-    // The ticket lifetime (60 s) passes: the room is released and the node removed.
-    r.clock().advance(60_000);
+    // The ticket's acceptance window (60 s + the 61 s a node may still take it) passes: the
+    // room is released and the node removed.
+    r.clock().advance(TICKET_WINDOW_MS);
     draining(vec![]).await;
     assert!(r.room(&room("last")).await.unwrap().is_none());
     assert!(r.node(&id("a")).is_none());
@@ -607,11 +675,13 @@ async fn a_drained_node_stays_while_a_ticket_for_a_room_it_never_listed_may_arri
         "the room stays where its user goes"
     );
     // Once no ticket for it can arrive (the room's last join is older than a ticket's
-    // lifetime, 60 s), the drained node goes.
-    r.clock().advance(59_000);
+    // acceptance window, 121 s), the drained node goes; a ticket past its `exp` but within
+    // a node's leeway still holds it.
+    r.clock().advance(TICKET_TTL_MS + 30_000);
     draining().await;
     assert!(r.node(&id("a")).is_some(), "a ticket may still arrive");
-    r.clock().advance(2_000);
+    r.clock()
+        .advance(TICKET_WINDOW_MS - TICKET_TTL_MS - 30_000 + 1_000);
     draining().await;
     assert!(r.node(&id("a")).is_none());
 }
@@ -752,5 +822,160 @@ async fn a_report_listing_a_room_twice_does_not_release_it() {
     assert_eq!(pin.map(|p| p.node.to_string()), Some(home.clone()));
     for _ in 0..5 {
         assert_eq!(node_of(&r, "dup").await, home);
+    }
+}
+
+/// The memory store, except that the next `confirm` of a room first moves its pin to another
+/// node: what another router sharing the store does between this router's read of the pin
+/// and its confirmation of it.
+struct MovedBeforeConfirm {
+    inner: MemoryStore,
+    armed: std::sync::Mutex<Option<(RoomKey, NodeId)>>,
+}
+
+impl PinStore for MovedBeforeConfirm {
+    async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        self.inner.get(room).await
+    }
+    async fn pin_if(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+    ) -> Result<PinOutcome, StoreError> {
+        self.inner.pin_if(room, node, expected, now).await
+    }
+    async fn confirm(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let armed = self.armed.lock().unwrap().take();
+        if let Some((moved, to)) = armed.filter(|(moved, _)| moved == room) {
+            self.inner.pin_if(&moved, &to, Some(node), now).await?;
+        }
+        self.inner.confirm(room, node, now).await
+    }
+    async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
+        self.inner.release_if(room, node).await
+    }
+    async fn release_if_unconfirmed(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        before: Millis,
+    ) -> Result<Unconfirmed, StoreError> {
+        self.inner.release_if_unconfirmed(room, node, before).await
+    }
+    async fn remove(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        self.inner.remove(room).await
+    }
+    async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::store::Page, StoreError> {
+        self.inner.list(cursor, limit).await
+    }
+    async fn sweep_idle(
+        &self,
+        before: Millis,
+        now: Millis,
+    ) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
+        self.inner.sweep_idle(before, now).await
+    }
+    async fn count(&self) -> Result<usize, StoreError> {
+        self.inner.count().await
+    }
+    fn any_pin(&self, f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool {
+        self.inner.any_pin(f)
+    }
+    fn health(&self) -> StoreHealth {
+        self.inner.health()
+    }
+}
+
+#[tokio::test]
+async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
+    let store = MovedBeforeConfirm {
+        inner: MemoryStore::new(),
+        armed: std::sync::Mutex::new(None),
+    };
+    let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let first = node_of(&r, "moved").await;
+    let other = if first == "a" { "b" } else { "a" };
+    // Past the confirmation interval, the next join confirms the pin; another router moves
+    // the room to the other node just before that.
+    r.clock().advance(r.confirm_every_ms() + 1);
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    *r.store.armed.lock().unwrap() = Some((room("moved"), id(other)));
+    let before = r
+        .cluster
+        .snapshot()
+        .get(&id(first.as_str()))
+        .unwrap()
+        .live
+        .pending_units();
+    assert_eq!(
+        node_of(&r, "moved").await,
+        other,
+        "the join is sent where the room is now, not where it was"
+    );
+    let pin = r.room(&room("moved")).await.unwrap().unwrap();
+    assert_eq!(pin.node.as_str(), other);
+    let after = r
+        .cluster
+        .snapshot()
+        .get(&id(first.as_str()))
+        .unwrap()
+        .live
+        .pending_units();
+    assert_eq!(
+        after, before,
+        "nothing counted on the node the user was not sent to"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_racing_its_rooms_end_report_keeps_the_room_where_it_sent_the_user() {
+    // Rooms whose last join is older than a ticket's window end on their node while new
+    // joins for them arrive. Whichever comes first, the room must stay pinned where each
+    // join was sent: either the report sees the join (and keeps the pin) or the join sees
+    // the pin gone (and places the room afresh).
+    let r = Arc::new(router());
+    beat(&r, "a", 1_000_000.0, 0.0, None).await;
+    let rooms: Vec<String> = (0..2_000).map(|i| format!("race-{i}")).collect();
+    for k in &rooms {
+        join(&*r, k).await.unwrap();
+    }
+    // Reports keep the pins confirmed, so the joins below take the pinned fast path.
+    r.clock().advance(100_000);
+    let listed: Vec<(&str, u32)> = rooms.iter().map(|k| (k.as_str(), 1)).collect();
+    beat(&r, "a", 1_000_000.0, 0.0, Some(listed)).await;
+    r.clock().advance(TICKET_WINDOW_MS - 100_000 + 1);
+    beat(&r, "a", 1_000_000.0, 0.0, None).await; // alive, rooms not listed
+    let joiner = {
+        let (r, rooms) = (r.clone(), rooms.clone());
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for k in rooms.iter().rev() {
+                sent.push((k.clone(), node_of(&*r, k).await));
+            }
+            sent
+        })
+    };
+    beat(&r, "a", 1_000_000.0, 0.0, Some(vec![])).await;
+    for (k, node) in joiner.await.unwrap() {
+        let pin = r.room(&room(&k)).await.unwrap();
+        assert_eq!(
+            pin.map(|p| p.node.to_string()),
+            Some(node),
+            "{k}: a user was sent to a node that no longer holds the room's pin"
+        );
     }
 }

@@ -106,6 +106,7 @@ impl TestRouter {
             tags: vec![],
             node_token: NODE_TOKEN.into(),
             ticket_secret: SECRET.into(),
+            ticket_leeway: roomrouter::auth::ticket::DEFAULT_LEEWAY,
             heartbeat_interval: Duration::from_millis(200),
         })
         .await

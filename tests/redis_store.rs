@@ -1287,6 +1287,63 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y.clone()));
 }
 
+/// Redis comes back empty (a restart) but refuses writes for a while (here
+/// `min-replicas-to-write` with no replica, as a new master may): the write-back of every
+/// cached pin fails. It is tried again until it succeeds, not skipped because the server's
+/// new run id was already noted, which let the reload drop every pin the empty server lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
+    let Some(mut redis) = private_redis_for("write_back_refused") else {
+        return;
+    };
+    let p = prefix("writebackrefused");
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
+        .await
+        .unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.cut();
+    redis.restart();
+    let c = redis_conn(&redis.url()).await;
+    let refuse_writes = |n: u32| {
+        let mut c = c.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(n)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    refuse_writes(1).await;
+    door.restore();
+    // Several recovery attempts see the new server and fail to write the pin back.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_ne!(
+        a.health(),
+        StoreHealth::Ok,
+        "a refused write-back is no recovery"
+    );
+    let key = room_key(&p, "standup");
+    assert_eq!(redis_pin(&redis.url(), &key).await, None);
+    refuse_writes(0).await;
+    expect_health(&a, true, Duration::from_secs(15), "the router recovered").await;
+    assert!(
+        redis_pin(&redis.url(), &key)
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "the pin was written back: {:?}",
+        redis_pin(&redis.url(), &key).await
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
+}
+
 /// A cache that missed a change (a message lost before the subscription was found dead)
 /// is caught by the next confirmation Redis refuses: the node reporting the room is told
 /// to evict it if the store names another live node, and the cache takes the store's pin.

@@ -1075,10 +1075,15 @@ impl Inner {
     /// degraded mode. Messages received meanwhile are buffered by the subscription.
     async fn recover(&self) -> Result<(), StoreError> {
         self.wake_pool().await?;
-        if self.restarted().await? {
+        let run_id = self.server_run_id().await?;
+        if self.restarted(run_id.as_deref()) {
             tracing::warn!("Redis restarted; writing back every cached pin and admin state");
             self.write_back_all().await?;
         }
+        // Only once the write-back is done: one that failed part-way is tried again at the
+        // next attempt, not skipped because the server looks known (the load below would
+        // then drop every cached pin the empty server lacks).
+        *self.run_id.lock().unwrap_or_else(|p| p.into_inner()) = run_id;
         self.write_back().await?;
         self.load_all().await?;
         self.resync_nodes().await?;
@@ -1093,24 +1098,26 @@ impl Inner {
         Ok(())
     }
 
-    /// True if the server's run id changed since we last saw it (a restart, or with
-    /// Sentinel a new master). Not for Cluster.
-    async fn restarted(&self) -> Result<bool, StoreError> {
+    /// The server's run id (`None` for Cluster, or a server that does not say): a new one
+    /// means a restart, or with Sentinel a new master.
+    async fn server_run_id(&self) -> Result<Option<String>, StoreError> {
         if !matches!(self.pool.load().conns[0], Conn::Single(_)) {
-            return Ok(false);
+            return Ok(None);
         }
         let mut c = self.conn();
         let info: String = self
             .run("info", redis::cmd("INFO").arg("server").query_async(&mut c))
             .await?;
-        let id = info
+        Ok(info
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|s| s.trim().to_string());
-        let mut known = self.run_id.lock().unwrap_or_else(|p| p.into_inner());
-        let restarted = known.is_some() && id.is_some() && *known != id;
-        *known = id;
-        Ok(restarted)
+            .map(|s| s.trim().to_string()))
+    }
+
+    /// True if `id` is not the run id last seen after a complete recovery.
+    fn restarted(&self, id: Option<&str>) -> bool {
+        let known = self.run_id.lock().unwrap_or_else(|p| p.into_inner());
+        known.is_some() && id.is_some() && known.as_deref() != id
     }
 
     /// After a restart that may have lost data: every cached pin and every admin state this

@@ -1344,6 +1344,56 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
 }
 
+/// A room released and pinned again at once stays in the room index (which a router that
+/// starts loads its cache from), however the index writer batches the two changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_released_and_pinned_again_at_once_stays_indexed() {
+    let Some((url, _private)) = redis_for("released_pinned_again") else {
+        return;
+    };
+    let p = prefix("repinned");
+    let a = store::open(&config(&url, &p)).await.unwrap();
+    let (n1, n2) = (node("n1"), node("n2"));
+    let rooms: Vec<RoomKey> = (0..50).map(|i| room(&format!("class-{i}"))).collect();
+    for r in &rooms {
+        assert!(matches!(
+            a.pin_if(r, &n1, None, now_ms()).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+        assert!(a.release_if(r, &n1).await.unwrap());
+        assert!(matches!(
+            a.pin_if(r, &n2, None, now_ms()).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+    }
+    let c = redis_conn(&url).await;
+    let index = format!("{{{p}}}:rooms");
+    let indexed = || {
+        let (mut c, index) = (c.clone(), index.clone());
+        async move {
+            let n: usize = redis::cmd("ZCARD")
+                .arg(&index)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async { indexed().await == 50 }).await,
+        "{} of 50 rooms indexed",
+        indexed().await
+    );
+    // Nothing still on its way changes that.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(indexed().await, 50);
+    let b = store::open(&config(&url, &p)).await.unwrap();
+    for r in &rooms {
+        assert_eq!(b.get(r).await.unwrap().map(|p| p.node), Some(n2.clone()));
+    }
+    cleanup(&url, &p).await;
+}
+
 /// A cache that missed a change (a message lost before the subscription was found dead)
 /// is caught by the next confirmation Redis refuses: the node reporting the room is told
 /// to evict it if the store names another live node, and the cache takes the store's pin.

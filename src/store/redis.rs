@@ -1928,6 +1928,20 @@ async fn next_batch<T>(
     false
 }
 
+/// What a batch of index changes leaves each room as: its last change (true: indexed).
+/// A room released and pinned again within one batch stays indexed, whichever of ZADD and
+/// ZREM runs first.
+fn last_index_ops(batch: &[IndexOp]) -> HashMap<&str, bool> {
+    let mut last = HashMap::with_capacity(batch.len());
+    for op in batch {
+        match op {
+            IndexOp::Add(r) => last.insert(r.as_str(), true),
+            IndexOp::Remove(r) => last.insert(r.as_str(), false),
+        };
+    }
+    last
+}
+
 /// Maintains the room index in batches (one ZADD / ZREM per batch). During an outage the
 /// index is not written: the load after recovery prunes it and confirmations re-add.
 async fn index_writer(
@@ -1942,16 +1956,13 @@ async fn index_writer(
         let mut rem = redis::cmd("ZREM");
         rem.arg(&inner.keys.rooms_index);
         let (mut na, mut nr) = (0, 0);
-        for op in &batch {
-            match op {
-                IndexOp::Add(r) => {
-                    add.arg(0).arg(r);
-                    na += 1;
-                }
-                IndexOp::Remove(r) => {
-                    rem.arg(r);
-                    nr += 1;
-                }
+        for (room, indexed) in last_index_ops(&batch) {
+            if indexed {
+                add.arg(0).arg(room);
+                na += 1;
+            } else {
+                rem.arg(room);
+                nr += 1;
             }
         }
         let mut c = inner.conn();
@@ -2330,6 +2341,23 @@ impl PinStore for RedisStore {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    #[test]
+    fn a_batch_of_index_changes_leaves_each_room_as_its_last_change() {
+        let ops = [
+            IndexOp::Add("a".into()),
+            IndexOp::Remove("a".into()),
+            IndexOp::Add("a".into()),
+            IndexOp::Add("b".into()),
+            IndexOp::Remove("b".into()),
+            IndexOp::Remove("c".into()),
+        ];
+        let last = last_index_ops(&ops);
+        assert_eq!(last.len(), 3);
+        assert!(last["a"], "released and pinned again: indexed");
+        assert!(!last["b"], "pinned and released: not indexed");
+        assert!(!last["c"]);
+    }
 
     #[tokio::test]
     async fn a_cluster_that_cannot_be_reached_is_named_without_its_password() {

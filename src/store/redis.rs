@@ -934,6 +934,21 @@ impl Inner {
         }
     }
 
+    /// After a decision taken on the cache because the store was down: if recovery ended
+    /// meanwhile, writes the queue back now. Recovery clears `down` before its last
+    /// write-back, so a decision that saw it set may be queued after that write-back ran,
+    /// and would otherwise wait for the next outage while other routers place the room
+    /// afresh. (The queue's map lock orders the two: a write-back that missed the entry
+    /// ran before it was queued, and so after `down` was cleared, which is then seen here.)
+    async fn settle_local(&self) {
+        if self.is_down() {
+            return;
+        }
+        if let Err(e) = self.write_back().await {
+            self.mark_down(&e);
+        }
+    }
+
     fn pin_if_local(
         &self,
         room: &RoomKey,
@@ -2091,7 +2106,9 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
-        Ok(i.pin_if_local(room, node, expected, now))
+        let outcome = i.pin_if_local(room, node, expected, now);
+        i.settle_local().await;
+        Ok(outcome)
     }
 
     async fn confirm(
@@ -2117,7 +2134,9 @@ impl PinStore for RedisStore {
         if i.is_down() {
             // Remembered and written back on recovery, so that the room is not swept as
             // idle by the pre-outage confirmation Redis still holds.
-            return Ok(i.confirm_local(room, node, now));
+            let mine = i.confirm_local(room, node, now);
+            i.settle_local().await;
+            return Ok(mine);
         }
         if fresh {
             return Ok(true);
@@ -2139,7 +2158,9 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
-        Ok(i.release_local(room, Some(node)).is_some())
+        let released = i.release_local(room, Some(node)).is_some();
+        i.settle_local().await;
+        Ok(released)
     }
 
     async fn release_if_unconfirmed(
@@ -2180,7 +2201,9 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
-        Ok(i.release_local(room, None))
+        let old = i.release_local(room, None);
+        i.settle_local().await;
+        Ok(old)
     }
 
     async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {

@@ -1394,6 +1394,73 @@ async fn a_room_released_and_pinned_again_at_once_stays_indexed() {
     cleanup(&url, &p).await;
 }
 
+/// Redis's clock steps back (here: changes stamped an hour ahead, as those made before a
+/// step back of an hour are). A router orders the changes it hears of by their Redis time,
+/// so it would ignore every later change to those rooms for the hour, sending their joins
+/// to a node they left. The first reply older than what it heard before tells it: it takes
+/// the reply, and reloads the pins, for the rooms it sent no command about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_clock_that_steps_back_is_noticed_and_the_pins_reloaded() {
+    let Some((url, _private)) = redis_for("clock_steps_back") else {
+        return;
+    };
+    let p = prefix("redisclock");
+    let a = store::open(&config(&url, &p)).await.unwrap();
+    let b = store::open(&config(&url, &p)).await.unwrap();
+    let (n1, n2) = (node("n1"), node("n2"));
+    let (asked, silent) = (room("asked"), room("silent"));
+    let mut c = redis_conn(&url).await;
+    for r in [&asked, &silent] {
+        assert!(matches!(
+            a.pin_if(r, &n1, None, 1_000).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+        // The change as router A heard of it before the step: stamped an hour ahead.
+        let ahead_us = now_ms() * 1_000 + 3_600_000_000;
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{p}:pins"))
+            .arg(format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str()))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // After the step, router B moves both rooms to n2.
+    for r in [&asked, &silent] {
+        assert!(b.release_if(r, &n1).await.unwrap());
+        assert!(matches!(
+            b.pin_if(r, &n2, None, now_ms()).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A's node still reports `asked` on n1: Redis refuses the confirmation, and its reply,
+    // stamped an hour before what A heard, is taken all the same.
+    assert!(!a.confirm(&asked, &n1, now_ms()).await.unwrap());
+    assert_eq!(
+        a.get(&asked).await.unwrap().map(|p| p.node),
+        Some(n2.clone())
+    );
+    // A sent nothing about `silent`: the reload finds it on n2.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&silent).await.unwrap().map(|p| p.node) == Some(n2.clone())
+        })
+        .await,
+        "the pins were reloaded"
+    );
+    // Changes stamped after the step are heard again.
+    assert!(b.release_if(&silent, &n2).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&silent).await.unwrap().is_none()
+        })
+        .await,
+        "a release after the step reached router A"
+    );
+    cleanup(&url, &p).await;
+}
+
 /// A cache that missed a change (a message lost before the subscription was found dead)
 /// is caught by the next confirmation Redis refuses: the node reporting the room is told
 /// to evict it if the store names another live node, and the cache takes the store's pin.

@@ -369,6 +369,9 @@ struct Inner {
     why: Mutex<String>,
     /// Highest Redis time seen (µs), to age tombstones.
     last_ts: AtomicU64,
+    /// Set when Redis's clock is found to have stepped back: the cache, which orders
+    /// changes by their Redis time, is reloaded ([`Inner::apply_reply`]).
+    reload: AtomicBool,
     cmd_timeout: Duration,
     connect_timeout: Duration,
     resync_interval: Duration,
@@ -543,6 +546,7 @@ impl RedisStore {
             sub_next: AtomicUsize::new(0),
             why: Mutex::new("connecting".into()),
             last_ts: AtomicU64::new(0),
+            reload: AtomicBool::new(false),
             cmd_timeout: cfg.command_timeout,
             connect_timeout: cfg.connect_timeout,
             resync_interval: cfg.resync_interval,
@@ -782,6 +786,45 @@ impl Inner {
         }
     }
 
+    /// Puts the room's state a reply to this router's own command returned (Redis's state
+    /// when the command ran, stamped `ts`) into the cache, as [`Inner::apply`] does, first
+    /// checking Redis's clock. A change this router heard of before the reply arrived was
+    /// made at most `command_timeout` after the command ran (plus a second for this task
+    /// to be scheduled); a cached change stamped later than that was stamped before Redis's
+    /// clock stepped back. Every change made since the step then looks older than what the
+    /// cache holds and would be ignored until the clock caught up: the cache's times are
+    /// brought back to the reply's and the pins reloaded.
+    fn apply_reply(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
+        let slack = (self.cmd_timeout + Duration::from_secs(1)).as_micros() as u64;
+        let ahead = self
+            .cache
+            .get(room)
+            .is_some_and(|e| e.ts > ts.saturating_add(slack));
+        if ahead {
+            self.clock_stepped_back(ts);
+        }
+        self.apply(room, pin, ts);
+    }
+
+    /// Brings every cached time after `ts` (Redis's time now) back to it, so that changes
+    /// stamped from now on are taken, and has the supervisor reload the pins, for those
+    /// made between the step and now.
+    fn clock_stepped_back(&self, ts: u64) {
+        let mut moved = 0usize;
+        for mut e in self.cache.iter_mut() {
+            if e.ts > ts {
+                e.ts = ts;
+                moved += 1;
+            }
+        }
+        self.last_ts.store(ts, Ordering::Relaxed);
+        self.reload.store(true, Ordering::Release);
+        tracing::warn!(
+            rooms = moved,
+            "Redis's clock stepped back (a reply is older than changes heard before it); reloading the pins"
+        );
+    }
+
     // --- Redis operations (no fallback) ---
 
     async fn pin_if_remote(
@@ -802,7 +845,7 @@ impl Inner {
         let (won, v, ts): (i64, String, String) = self.run("pin", inv.invoke_async(&mut c)).await?;
         let ts = ts.parse().unwrap_or(0);
         let pin = self.decode(&v);
-        self.apply(room, pin.clone(), ts);
+        self.apply_reply(room, pin.clone(), ts);
         if won == 1 {
             let pin = pin.ok_or_else(|| err("pin: unreadable reply"))?;
             if expected.is_none() {
@@ -828,7 +871,7 @@ impl Inner {
         let ts = ts.parse().unwrap_or(0);
         let old = self.decode(&old);
         if old.is_some() {
-            self.apply(room, None, ts);
+            self.apply_reply(room, None, ts);
             let _ = self
                 .index_tx
                 .send(IndexOp::Remove(room.as_str().to_string()));
@@ -888,7 +931,7 @@ impl Inner {
         let inv = self.read.key(self.keys.room(room.as_str()));
         let (v, ts): (String, String) = self.run("read", inv.invoke_async(&mut c)).await?;
         let pin = self.decode(&v);
-        self.apply(room, pin.clone(), ts.parse().unwrap_or(0));
+        self.apply_reply(room, pin.clone(), ts.parse().unwrap_or(0));
         Ok(pin)
     }
 
@@ -1409,7 +1452,7 @@ impl Inner {
         let ts = ts.parse().unwrap_or(0);
         Ok(match state {
             1 => {
-                self.apply(room, None, ts);
+                self.apply_reply(room, None, ts);
                 let _ = self
                     .index_tx
                     .send(IndexOp::Remove(room.as_str().to_string()));
@@ -1417,15 +1460,15 @@ impl Inner {
             }
             0 => {
                 // Confirmed since, perhaps by another router: take its confirmation time.
-                self.apply(room, self.decode(&v), ts);
+                self.apply_reply(room, self.decode(&v), ts);
                 Swept::Confirmed
             }
             2 => {
-                self.apply(room, self.decode(&v), ts);
+                self.apply_reply(room, self.decode(&v), ts);
                 Swept::NotThere
             }
             _ => {
-                self.apply(room, None, ts);
+                self.apply_reply(room, None, ts);
                 Swept::NotThere
             }
         })
@@ -1776,6 +1819,14 @@ async fn supervise(
                             }
                         }
                         _ = check.tick() => {
+                            // Messages wait meanwhile; those older than the reload are
+                            // then ignored, as its reads are newer.
+                            if inner.reload.swap(false, Ordering::AcqRel) {
+                                if let Err(e) = inner.load_all().await {
+                                    tracing::warn!(error = %e, "pin reload failed; trying again");
+                                    inner.reload.store(true, Ordering::Release);
+                                }
+                            }
                             if inner.is_down() {
                                 // Reconnects through `subscribe_and_sync` (a new master's,
                                 // with Sentinel), which subscribes before it reloads.

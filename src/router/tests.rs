@@ -64,6 +64,18 @@ async fn join<S: PinStore>(r: &Router<S>, k: &str) -> Result<Placement, JoinErro
         .await
 }
 
+/// A placement lookup that places the room if it has no pin (`create`), sized `size`.
+async fn create<S: PinStore>(r: &Router<S>, k: &str, size: Option<u32>) -> Placement {
+    r.place(
+        &room(k),
+        &Hints::default(),
+        size,
+        Intent::Lookup { create: true },
+    )
+    .await
+    .unwrap()
+}
+
 async fn node_of<S: PinStore>(r: &Router<S>, k: &str) -> String {
     join(r, k).await.unwrap().node.id.to_string()
 }
@@ -401,15 +413,7 @@ async fn a_room_pinned_to_a_removed_node_is_placed_again_on_its_next_join() {
 async fn new_rooms_reserve_their_expected_size() {
     let r = router();
     beat(&r, "a", 100.0, 0.0, None).await;
-    let p = r
-        .place(
-            &room("class"),
-            &Hints::default(),
-            Some(30),
-            Intent::Lookup { create: true },
-        )
-        .await
-        .unwrap();
+    let p = create(&r, "class", Some(30)).await;
     assert!(p.created);
     assert!((p.node.live.reserved_units() - 30.0).abs() < 1e-9);
     // A join consumes one unit of reservation and adds one of pending: û unchanged.
@@ -417,15 +421,7 @@ async fn new_rooms_reserve_their_expected_size() {
     join(&r, "class").await.unwrap();
     assert!((p.node.utilization() - u).abs() < 1e-9);
     // With no hint, the default reserve (10) applies.
-    let q = r
-        .place(
-            &room("other"),
-            &Hints::default(),
-            None,
-            Intent::Lookup { create: true },
-        )
-        .await
-        .unwrap();
+    let q = create(&r, "other", None).await;
     assert!((q.node.live.reserved_units() - 39.0).abs() < 1e-9);
 }
 
@@ -435,16 +431,7 @@ async fn a_guessed_size_lapses_after_new_room_reserve_ttl_a_hinted_one_after_res
     beat(&r, "a", 1000.0, 0.0, None).await;
     let create = |k: &'static str, size| {
         let r = &r;
-        async move {
-            r.place(
-                &room(k),
-                &Hints::default(),
-                size,
-                Intent::Lookup { create: true },
-            )
-            .await
-            .unwrap()
-        }
+        async move { create(r, k, size).await }
     };
     let hinted = create("hinted", Some(30)).await;
     create("guessed", None).await;
@@ -499,15 +486,7 @@ async fn learned_history_sizes_the_next_session() {
     beat(&r, "a", 1000.0, 0.0, Some(vec![])).await; // session ends
     assert!(r.room(&room("weekly")).await.unwrap().is_none());
     assert_eq!(p.node.live.reserved_units(), 0.0);
-    let p = r
-        .place(
-            &room("weekly"),
-            &Hints::default(),
-            None,
-            Intent::Lookup { create: true },
-        )
-        .await
-        .unwrap();
+    let p = create(&r, "weekly", None).await;
     assert!((p.node.live.reserved_units() - 40.0).abs() < 1e-9);
 }
 
@@ -524,15 +503,7 @@ async fn a_learned_size_is_capped_like_a_hint() {
     r.clock().advance(TICKET_WINDOW_MS + 1);
     beat(&r, "a", 1000.0, 0.0, Some(vec![])).await; // session ends
     assert!(r.room(&room("webinar")).await.unwrap().is_none());
-    let p = r
-        .place(
-            &room("webinar"),
-            &Hints::default(),
-            None,
-            Intent::Lookup { create: true },
-        )
-        .await
-        .unwrap();
+    let p = create(&r, "webinar", None).await;
     assert!((p.node.live.reserved_units() - 50.0).abs() < 1e-9);
 }
 
@@ -694,16 +665,7 @@ async fn a_node_that_leaves_and_comes_back_counts_its_new_reservations() {
     beat(&r, "a", 100.0, 0.0, None).await;
     let sized = |k: &'static str, size| {
         let r = &r;
-        async move {
-            r.place(
-                &room(k),
-                &Hints::default(),
-                Some(size),
-                Intent::Lookup { create: true },
-            )
-            .await
-            .unwrap()
-        }
+        async move { create(r, k, Some(size)).await }
     };
     sized("before", 40).await;
     assert!(r.remove_node(&id("a")));

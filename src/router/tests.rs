@@ -876,13 +876,11 @@ async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
     beat(&r, "a", 100.0, 0.0, None).await;
     beat(&r, "b", 100.0, 0.0, None).await;
     *r.store.armed.lock().unwrap() = Some((room("moved"), id(other)));
-    let before = r
-        .cluster
-        .snapshot()
-        .get(&id(first.as_str()))
-        .unwrap()
-        .live
-        .pending_units();
+    let pending_on_first = || {
+        let nodes = r.cluster.snapshot();
+        nodes.get(&id(first.as_str())).unwrap().live.pending_units()
+    };
+    let before = pending_on_first();
     assert_eq!(
         node_of(&r, "moved").await,
         other,
@@ -890,15 +888,9 @@ async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
     );
     let pin = r.room(&room("moved")).await.unwrap().unwrap();
     assert_eq!(pin.node.as_str(), other);
-    let after = r
-        .cluster
-        .snapshot()
-        .get(&id(first.as_str()))
-        .unwrap()
-        .live
-        .pending_units();
     assert_eq!(
-        after, before,
+        pending_on_first(),
+        before,
         "nothing counted on the node the user was not sent to"
     );
 }

@@ -365,12 +365,14 @@ impl<S: PinStore> Router<S> {
     fn goes_in_when_full(&self, room: &RoomKey, node: &NodeEntry, intent: Intent) -> bool {
         match intent {
             Intent::InSession | Intent::Lookup { .. } => true,
-            Intent::Join => self.book.outstanding(room).is_some_and(|(n, units)| {
-                n == node.id
-                    && units > 0
-                    && node.live.utilization_without(node.capacity(), units)
-                        < self.params.join_limit
-            }),
+            Intent::Join => self
+                .book
+                .outstanding_on(room, &node.live)
+                .is_some_and(|units| {
+                    units > 0
+                        && node.live.utilization_without(node.capacity(), units)
+                            < self.params.join_limit
+                }),
         }
     }
 
@@ -801,7 +803,7 @@ impl<S: PinStore> Router<S> {
         why: &'static str,
     ) -> Result<bool, StoreError> {
         self.end_session(room);
-        let now = self.clock.now();
+        let (now, mark) = (self.clock.now(), self.book.mark());
         let (hash, since) = (
             room.stable_hash(),
             now.saturating_sub(self.ticket_window_ms),
@@ -833,8 +835,9 @@ impl<S: PinStore> Router<S> {
             Unconfirmed::Released => self.metrics.released(why),
             Unconfirmed::NotThere => {}
         }
-        // One atomic step: a reservation the room's next session made since `now` stays.
-        self.book.ended(room, &entry.id, now);
+        // One atomic step: a reservation the room's next session made once the pin was gone
+        // stays.
+        self.book.release_older(room, Some(&entry.id), mark);
         Ok(true)
     }
 
@@ -918,13 +921,15 @@ impl<S: PinStore> Router<S> {
         // Joins confirm a pin only when its confirmation is older than `confirm_every_ms`, so
         // a pin joined `room_idle_ttl` ago may carry a confirmation that much older still.
         let idle_ms = self.placement.room_idle_ttl.as_millis() as u64 + self.confirm_every_ms();
+        let mark = self.book.mark();
         let released = self
             .store
             .sweep_idle(now.saturating_sub(idle_ms), now)
             .await?;
-        for (room, _) in &released {
+        for (room, node) in &released {
             self.end_session(room);
-            self.book.release(room);
+            // Not a reservation a join made once the pin was gone (the room placed again).
+            self.book.release_older(room, Some(node), mark);
             self.metrics.released("idle");
         }
         self.settle_observed(now);
@@ -1048,9 +1053,11 @@ impl<S: PinStore> Router<S> {
 
     /// Admin: forget a room's pin; its next join places it afresh.
     pub async fn delete_room(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        let mark = self.book.mark();
         let removed = self.store.remove(room).await?;
         if removed.is_some() {
-            self.book.release(room);
+            // Not a reservation a join made once the pin was gone (the room placed again).
+            self.book.release_older(room, None, mark);
             self.metrics.released("admin");
         }
         Ok(removed)

@@ -10,8 +10,9 @@
 //! last ticket has expired.
 //!
 //! The record is a fixed table of join times indexed by the room's hash: one relaxed atomic
-//! store per join, no lock, no allocation, bounded memory. Two rooms sharing a slot can only
-//! make a pin live longer, never shorter.
+//! maximum per join, no lock, no allocation, bounded memory. A slot only moves forward, so
+//! two rooms sharing it, or two joins whose clock reads reach it out of order, can only make
+//! a pin live longer, never shorter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,10 +42,12 @@ impl RecentJoins {
         &self.slots[(room_hash as usize) & (SLOTS - 1)]
     }
 
-    /// A join for the room was routed at `now`.
+    /// A join for the room was routed at `now`. A later time already there stays (a join
+    /// that read the clock after this one, and got here first).
     #[inline]
     pub fn joined(&self, room_hash: u64, now: Millis) {
-        self.slot(room_hash).store(now.max(1), Ordering::Relaxed);
+        self.slot(room_hash)
+            .fetch_max(now.max(1), Ordering::Relaxed);
     }
 
     /// Whether a join for the room (or for a room sharing its slot) was routed after `since`.
@@ -69,6 +72,11 @@ mod tests {
         assert!(
             r.joined_since(42, 4_000),
             "a room sharing the slot keeps it recent"
+        );
+        r.joined(42, 4_000);
+        assert!(
+            r.joined_since(42, 4_500),
+            "an earlier time arriving later does not move the slot back"
         );
     }
 }

@@ -7,7 +7,7 @@
 //! What ended sessions taught ([`Learned`]) is handed to the store, which keeps it across
 //! restarts when it is shared (Redis).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{Live, NodeId};
@@ -29,12 +29,16 @@ struct Held {
     res: Reservation,
     /// When the room was placed: a report older than this cannot have seen it end.
     since: Millis,
+    /// Its number in the order reservations were made ([`ReservationBook::mark`]).
+    seq: u64,
 }
 
 /// Reservations by room.
 #[derive(Debug, Default)]
 pub struct ReservationBook {
     held: RoomMap<Held>,
+    /// How many reservations were ever made: the next one's number.
+    made: AtomicU64,
 }
 
 impl ReservationBook {
@@ -59,6 +63,7 @@ impl ReservationBook {
                 live: live.clone(),
                 res,
                 since: now,
+                seq: self.made.fetch_add(1, Ordering::Relaxed),
             },
         ) {
             old.live.add_reserved(-i64::from(old.res.outstanding()));
@@ -113,6 +118,29 @@ impl ReservationBook {
             done
         });
         released
+    }
+
+    /// A mark in the order reservations are made: every reservation made after this call
+    /// is newer than it ([`ReservationBook::release_older`]).
+    pub fn mark(&self) -> u64 {
+        self.made.load(Ordering::Relaxed)
+    }
+
+    /// Drops the room's reservation if it was made before `mark` (and, given a node, is on
+    /// it). For a pin released by a store operation that began after the mark: a
+    /// reservation made since belongs to the room's next placement, which a join may have
+    /// made as soon as the pin was gone, and must stay. Returns the units released.
+    pub fn release_older(&self, room: &RoomKey, node: Option<&NodeId>, mark: u64) -> u32 {
+        match self.held.remove_if(room, |_, h| {
+            h.seq < mark && node.is_none_or(|n| &h.node == n)
+        }) {
+            Some((_, h)) => {
+                let units = h.res.outstanding();
+                h.live.add_reserved(-i64::from(units));
+                units
+            }
+            None => 0,
+        }
     }
 
     /// Drops a room's reservation (room ended or moved).
@@ -174,6 +202,16 @@ impl ReservationBook {
         self.held
             .get(room)
             .map(|h| (h.node.clone(), h.res.outstanding()))
+    }
+
+    /// Outstanding units reserved for a room on exactly these counters: not on those of a
+    /// node since removed and added again under the same id, which its new counters never
+    /// held.
+    pub fn outstanding_on(&self, room: &RoomKey, live: &Arc<Live>) -> Option<u32> {
+        self.held
+            .get(room)
+            .filter(|h| Arc::ptr_eq(&h.live, live))
+            .map(|h| h.res.outstanding())
     }
 
     pub fn len(&self) -> usize {

@@ -787,15 +787,20 @@ async fn a_report_listing_a_room_twice_does_not_release_it() {
     }
 }
 
-/// The memory store, except that the next `confirm` of a room first moves its pin to another
-/// node: what another router sharing the store does between this router's read of the pin
-/// and its confirmation of it.
-struct MovedBeforeConfirm {
+/// The memory store, with hooks for what happens between two steps of the router:
+/// - `moved_before_confirm`: the next `confirm` of that room first moves its pin to that
+///   node, as another router sharing the store does between this router's read of the pin
+///   and its confirmation of it;
+/// - `sweep_pause`: `sweep_idle` says it has swept (the first) and waits for a go (the
+///   second) before it answers, so that a test can act in between.
+#[derive(Default)]
+struct HookedStore {
     inner: MemoryStore,
-    armed: std::sync::Mutex<Option<(RoomKey, NodeId)>>,
+    moved_before_confirm: std::sync::Mutex<Option<(RoomKey, NodeId)>>,
+    sweep_pause: Option<(tokio::sync::Notify, tokio::sync::Notify)>,
 }
 
-impl PinStore for MovedBeforeConfirm {
+impl PinStore for HookedStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         self.inner.get(room).await
     }
@@ -814,7 +819,7 @@ impl PinStore for MovedBeforeConfirm {
         node: &NodeId,
         now: Millis,
     ) -> Result<bool, StoreError> {
-        let armed = self.armed.lock().unwrap().take();
+        let armed = self.moved_before_confirm.lock().unwrap().take();
         if let Some((moved, to)) = armed.filter(|(moved, _)| moved == room) {
             self.inner.pin_if(&moved, &to, Some(node), now).await?;
         }
@@ -846,7 +851,12 @@ impl PinStore for MovedBeforeConfirm {
         before: Millis,
         now: Millis,
     ) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
-        self.inner.sweep_idle(before, now).await
+        let swept = self.inner.sweep_idle(before, now).await;
+        if let Some((swept_signal, go)) = &self.sweep_pause {
+            swept_signal.notify_one();
+            go.notified().await;
+        }
+        swept
     }
     async fn count(&self) -> Result<usize, StoreError> {
         self.inner.count().await
@@ -861,10 +871,7 @@ impl PinStore for MovedBeforeConfirm {
 
 #[tokio::test]
 async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
-    let store = MovedBeforeConfirm {
-        inner: MemoryStore::new(),
-        armed: std::sync::Mutex::new(None),
-    };
+    let store = HookedStore::default();
     let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
     beat(&r, "a", 100.0, 0.0, None).await;
     beat(&r, "b", 100.0, 0.0, None).await;
@@ -875,7 +882,7 @@ async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
     r.clock().advance(r.confirm_every_ms() + 1);
     beat(&r, "a", 100.0, 0.0, None).await;
     beat(&r, "b", 100.0, 0.0, None).await;
-    *r.store.armed.lock().unwrap() = Some((room("moved"), id(other)));
+    *r.store.moved_before_confirm.lock().unwrap() = Some((room("moved"), id(other)));
     let pending_on_first = || {
         let nodes = r.cluster.snapshot();
         nodes.get(&id(first.as_str())).unwrap().live.pending_units()
@@ -932,4 +939,53 @@ async fn a_join_racing_its_rooms_end_report_keeps_the_room_where_it_sent_the_use
             "{k}: a user was sent to a node that no longer holds the room's pin"
         );
     }
+}
+
+#[tokio::test]
+async fn a_reservation_swept_with_its_pin_spares_the_rooms_next_placement() {
+    // The idle sweep releases a room's pin; before it settles the room's reservation, a
+    // lookup places the room again, reserving its size anew. That reservation stays.
+    let store = HookedStore {
+        sweep_pause: Some(Default::default()),
+        ..Default::default()
+    };
+    let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    create(&r, "class", Some(30)).await;
+    r.clock().advance(
+        Config::default().placement.room_idle_ttl.as_millis() as u64 + r.confirm_every_ms() + 1,
+    );
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    let (swept, go) = r.store.sweep_pause.as_ref().unwrap();
+    let placed_again = async {
+        swept.notified().await;
+        let p = create(&r, "class", Some(30)).await;
+        go.notify_one();
+        p
+    };
+    let (released, p) = tokio::join!(r.sweep(), placed_again);
+    assert_eq!(released.unwrap(), 1, "the idle pin was swept");
+    assert!(p.created, "and the room placed again");
+    assert_eq!(
+        p.node.live.reserved_units(),
+        30.0,
+        "its new reservation stands"
+    );
+}
+
+#[tokio::test]
+async fn a_reservation_on_a_removed_nodes_old_counters_lets_no_join_past_the_limit() {
+    // A join to a full node is let in on the room's own reservation, which û would free as
+    // the participant arrives. A reservation made on a node removed and added back since is
+    // on counters the node no longer has: it frees nothing there.
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    create(&r, "class", Some(60)).await;
+    assert!(r.remove_node(&id("a")));
+    beat(&r, "a", 100.0, 75.0, None).await;
+    create(&r, "other", Some(30)).await;
+    assert!(
+        matches!(join(&r, "class").await, Err(JoinError::NodeFull { .. })),
+        "the node is full and nothing reserved on it is the room's"
+    );
 }

@@ -372,6 +372,9 @@ struct Inner {
     /// Set when Redis's clock is found to have stepped back: the cache, which orders
     /// changes by their Redis time, is reloaded ([`Inner::apply_reply`]).
     reload: AtomicBool,
+    /// Whether a reply can tell a step of Redis's clock: not on Cluster, where a reload's
+    /// times come from whichever shard answered its `TIME`, not from each room's own.
+    steps_seen: bool,
     cmd_timeout: Duration,
     connect_timeout: Duration,
     resync_interval: Duration,
@@ -526,6 +529,7 @@ impl RedisStore {
                 conns: vec![Conn::Cluster(c)],
             }
         };
+        let steps_seen = matches!(pool.conns[0], Conn::Single(_));
         let (node_tx, node_rx) = mpsc::unbounded_channel();
         let (index_tx, index_rx) = mpsc::unbounded_channel();
         let (learned_tx, learned_rx) = mpsc::unbounded_channel();
@@ -547,6 +551,7 @@ impl RedisStore {
             why: Mutex::new("connecting".into()),
             last_ts: AtomicU64::new(0),
             reload: AtomicBool::new(false),
+            steps_seen,
             cmd_timeout: cfg.command_timeout,
             connect_timeout: cfg.connect_timeout,
             resync_interval: cfg.resync_interval,
@@ -796,10 +801,13 @@ impl Inner {
     /// brought back to the reply's and the pins reloaded.
     fn apply_reply(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
         let slack = (self.cmd_timeout + Duration::from_secs(1)).as_micros() as u64;
-        let ahead = self
-            .cache
-            .get(room)
-            .is_some_and(|e| e.ts > ts.saturating_add(slack));
+        // A time of 0 is no time (a reply that did not parse), not a step to the epoch.
+        let ahead = self.steps_seen
+            && ts > 0
+            && self
+                .cache
+                .get(room)
+                .is_some_and(|e| e.ts > ts.saturating_add(slack));
         if ahead {
             self.clock_stepped_back(ts);
         }
@@ -977,21 +985,6 @@ impl Inner {
         }
     }
 
-    /// After a decision taken on the cache because the store was down: if recovery ended
-    /// meanwhile, writes the queue back now. Recovery clears `down` before its last
-    /// write-back, so a decision that saw it set may be queued after that write-back ran,
-    /// and would otherwise wait for the next outage while other routers place the room
-    /// afresh. (The queue's map lock orders the two: a write-back that missed the entry
-    /// ran before it was queued, and so after `down` was cleared, which is then seen here.)
-    async fn settle_local(&self) {
-        if self.is_down() {
-            return;
-        }
-        if let Err(e) = self.write_back().await {
-            self.mark_down(&e);
-        }
-    }
-
     fn pin_if_local(
         &self,
         room: &RoomKey,
@@ -1129,6 +1122,33 @@ impl Inner {
         Ok(())
     }
 
+    /// What the supervisor does every check while Redis is up (it is the one task that
+    /// writes back and reloads, so those never run twice at once):
+    /// - writes back decisions queued after recovery's last write-back (recovery clears
+    ///   `down` before it, so a join that saw the store down may queue its decision just
+    ///   after; left there it would wait for the next outage while other routers, finding
+    ///   no pin in Redis, place the room afresh);
+    /// - reloads the pins if Redis's clock stepped back ([`Inner::apply_reply`]). Messages
+    ///   wait meanwhile; those older than the reload are then ignored, its reads being newer.
+    ///
+    /// A failed write-back is an outage only if Redis fails the probe too; one Redis
+    /// refuses while it answers stays queued for the next check.
+    async fn catch_up(&self) {
+        if !self.pending.is_empty() || !self.pending_confirms.is_empty() {
+            if let Err(e) = self.write_back().await {
+                if self.confirm_down(e.clone()).await.is_err() {
+                    tracing::debug!(error = %e, "queued decisions not written back; trying again");
+                }
+            }
+        }
+        if self.reload.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.load_all().await {
+                tracing::warn!(error = %e, "pin reload failed; trying again");
+                self.reload.store(true, Ordering::Release);
+            }
+        }
+    }
+
     /// Writes back queued decisions, reloads the cache and the node table, and leaves
     /// degraded mode. Messages received meanwhile are buffered by the subscription.
     async fn recover(&self) -> Result<(), StoreError> {
@@ -1143,6 +1163,8 @@ impl Inner {
         // then drop every cached pin the empty server lacks).
         *self.run_id.lock().unwrap_or_else(|p| p.into_inner()) = run_id;
         self.write_back().await?;
+        // This load is the reload a step of Redis's clock asked for, if any.
+        self.reload.store(false, Ordering::Release);
         self.load_all().await?;
         self.resync_nodes().await?;
         if self.down.swap(false, Ordering::AcqRel) {
@@ -1819,13 +1841,8 @@ async fn supervise(
                             }
                         }
                         _ = check.tick() => {
-                            // Messages wait meanwhile; those older than the reload are
-                            // then ignored, as its reads are newer.
-                            if inner.reload.swap(false, Ordering::AcqRel) {
-                                if let Err(e) = inner.load_all().await {
-                                    tracing::warn!(error = %e, "pin reload failed; trying again");
-                                    inner.reload.store(true, Ordering::Release);
-                                }
+                            if !inner.is_down() {
+                                inner.catch_up().await;
                             }
                             if inner.is_down() {
                                 // Reconnects through `subscribe_and_sync` (a new master's,
@@ -2157,9 +2174,7 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
-        let outcome = i.pin_if_local(room, node, expected, now);
-        i.settle_local().await;
-        Ok(outcome)
+        Ok(i.pin_if_local(room, node, expected, now))
     }
 
     async fn confirm(
@@ -2185,9 +2200,7 @@ impl PinStore for RedisStore {
         if i.is_down() {
             // Remembered and written back on recovery, so that the room is not swept as
             // idle by the pre-outage confirmation Redis still holds.
-            let mine = i.confirm_local(room, node, now);
-            i.settle_local().await;
-            return Ok(mine);
+            return Ok(i.confirm_local(room, node, now));
         }
         if fresh {
             return Ok(true);
@@ -2209,9 +2222,7 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
-        let released = i.release_local(room, Some(node)).is_some();
-        i.settle_local().await;
-        Ok(released)
+        Ok(i.release_local(room, Some(node)).is_some())
     }
 
     async fn release_if_unconfirmed(
@@ -2252,9 +2263,7 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
-        let old = i.release_local(room, None);
-        i.settle_local().await;
-        Ok(old)
+        Ok(i.release_local(room, None))
     }
 
     async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {

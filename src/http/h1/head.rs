@@ -387,11 +387,11 @@ pub fn parse_response(
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Only the last coding decides: chunked last means chunked framing.
-            chunked = tokens(h.value)
-                .filter(|t| !t.is_empty())
-                .last()
-                .map(|t| t.eq_ignore_ascii_case(b"chunked"));
+            // Only the last coding decides: chunked last means chunked framing. The lines
+            // make one list (RFC 9110, 5.3), so an empty line changes nothing.
+            if let Some(last) = tokens(h.value).filter(|t| !t.is_empty()).last() {
+                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
         } else if name.eq_ignore_ascii_case(b"connection")
             && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"))
         {
@@ -670,6 +670,18 @@ mod tests {
         assert_eq!((r.framing, r.close, r.len), (Framing::Length(3), false, 38));
         let r = f(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        // Transfer-Encoding lines make one list: an empty one after `chunked` is no coding,
+        // and a coding on a later line is the last one.
+        let r = f(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\nContent-Length: 3\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        let r = f(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
             Method::GET,
         );
         assert_eq!(r.framing, Framing::Chunked);

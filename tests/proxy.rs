@@ -456,6 +456,33 @@ async fn requests_carry_forwarded_headers_and_a_ticket_and_lose_hop_by_hop_heade
 }
 
 #[tokio::test]
+async fn every_forwarded_for_line_reaches_the_node_in_order_on_both_paths() {
+    // A client forges the first line; a proxy before the router adds the real hop on a
+    // second. Keeping only the first would hand the node the forged address as the hop.
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let resp = r
+            .get("/rooms/xff")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-for", "10.0.0.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "fast path {fast_path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            body["headers"]["x-forwarded-for"], "6.6.6.6, 10.0.0.1, 127.0.0.1",
+            "fast path {fast_path}"
+        );
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn demo_nodes_accept_the_proxied_ticket() {
     let r = TestRouter::start(proxy_config()).await;
     let node = r.node("demo-a", 100.0).await;

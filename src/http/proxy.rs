@@ -335,11 +335,17 @@ impl Proxy {
     fn forwarded_headers(&self, parts: &Parts, h: &mut HeaderMap, to: Forward<'_>) {
         let info = parts.extensions.get::<ConnInfo>();
         if let Some(info) = info {
-            let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(prev) if !prev.trim().is_empty() => {
-                    HeaderValue::try_from(format!("{prev}, {}", info.peer.ip())).ok()
-                }
-                _ => Some(info.peer_ip.clone()),
+            // Every line the client (or a proxy before the router) sent, in order, as one
+            // list: keeping only the first would drop the hops after a forged one.
+            let prev = (h.get_all(&X_FORWARDED_FOR).iter())
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let xff = match prev.is_empty() {
+                false => HeaderValue::try_from(format!("{prev}, {}", info.peer.ip())).ok(),
+                true => Some(info.peer_ip.clone()),
             };
             if let Some(v) = xff {
                 h.insert(X_FORWARDED_FOR, v);

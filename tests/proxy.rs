@@ -1051,6 +1051,46 @@ async fn a_node_that_stops_reading_an_upload_frees_the_client_after_the_idle_tim
     }
 }
 
+/// The other side of the same stall: the client stops sending its own upload. After
+/// `proxy.idle_timeout` without a byte of it, the client gets `408 request_timeout` (the
+/// request did not arrive; the node, which waited, is not at fault), on the fast path and
+/// through hyper alike.
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_gets_408_after_the_idle_timeout() {
+    for (fast_path, chunked) in [(true, false), (true, true), (false, false)] {
+        let case = format!("fast path {fast_path}, chunked {chunked}");
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.idle_timeout = Duration::from_millis(300);
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let length = (!chunked).then_some(1_000_000);
+        let StreamedPost {
+            mut send,
+            tx,
+            req,
+            connection,
+        } = streamed_post(&r, "/rooms/client-stall?collect=1", length).await;
+        tx.send(Bytes::from(vec![7u8; 1000])).await.unwrap();
+        // `tx` is held, not dropped: the body neither ends nor goes on.
+        let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to a stalled upload ({case})"))
+            .unwrap();
+        assert_eq!(resp.status(), 408, "{case}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"request_timeout\""),
+            "{case}: {body:?}"
+        );
+        drop(tx);
+        connection.abort();
+        r.stop().await;
+    }
+}
+
 /// One GET through the router on a connection of its own; the status and the body.
 async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
     get_on(&mut connect(r).await, r, path).await

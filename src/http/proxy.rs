@@ -209,8 +209,15 @@ impl Proxy {
             // Only the node's own failures count toward passive health: a client that
             // aborts or oversends its body must not be able to mark a node unhealthy.
             Ok(Err(LaneError::Connect(e))) => return Err(self.failed(node, &e)),
-            Ok(Err(LaneError::Exchange(e))) if caused_by_limit(&e) => {
+            Ok(Err(LaneError::Exchange(e)))
+                if caused_by::<http_body_util::LengthLimitError>(&e) =>
+            {
                 return Err(ApiError::PayloadTooLarge(limit as usize))
+            }
+            // The client's own upload stalled (the timer runs only while the node waits for
+            // it): the request did not arrive, as on the fast path; the node is not at fault.
+            Ok(Err(LaneError::Exchange(e))) if caused_by::<BodyIdle>(&e) => {
+                return Err(ApiError::RequestTimeout)
             }
             Ok(Err(LaneError::Exchange(e))) => {
                 tracing::debug!(node = %node.id, error = ?e, "upstream exchange failed");
@@ -428,10 +435,10 @@ impl Drop for OpenTunnel {
     }
 }
 
-fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
+        if err.is::<E>() {
             return true;
         }
         cur = err.source();
@@ -584,6 +591,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// A body that fails when no frame arrives for `idle`.
+/// What [`IdleTimeout`] fails a body with.
+#[derive(Debug, thiserror::Error)]
+#[error("body idle for too long")]
+struct BodyIdle;
+
 struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
@@ -636,7 +648,7 @@ where
                 };
                 this.progressed = false;
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err("body idle for too long".into()))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdle.into()))),
                     Poll::Pending => Poll::Pending,
                 }
             }

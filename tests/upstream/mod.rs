@@ -1,5 +1,6 @@
 //! A tiny upstream meeting node for proxy tests: echoes WebSocket messages prefixed with its
-//! name, streams POST bodies straight back, answers GETs with the headers it saw, and can be
+//! name, streams POST bodies straight back (or, with `?collect=1`, answers their length once
+//! the whole body is in), answers GETs with the headers it saw, and can be
 //! told to hang (`/rooms/slow`), to hold its answer a while (`?hold=MS`, at most 2 s), to
 //! answer with `?size=N` bytes (at most 64 MiB) or to close the connection after answering
 //! (`?close=1`).
@@ -162,6 +163,13 @@ async fn handle(mut req: Request<Incoming>, name: String) -> Response<B> {
     });
     if let Some(n) = size {
         return Response::new(full(vec![b'x'; n.min(64 << 20)]));
+    }
+    if req.method() == http::Method::POST && req.uri().query() == Some("collect=1") {
+        // Answers only once the whole body is in: its length.
+        return match req.into_body().collect().await {
+            Ok(b) => Response::new(full(b.to_bytes().len().to_string())),
+            Err(_) => Response::new(full("body failed")),
+        };
     }
     if req.method() == http::Method::POST {
         // Streams the body straight back, frame by frame.

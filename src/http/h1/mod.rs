@@ -315,6 +315,7 @@ impl Client<'_> {
                     tokio::time::timeout(cfg.response_timeout, head).await
                 }
                 Err(Side::Client) => return Err((client_gone(), false)),
+                Err(Side::ClientStalled) => return Err((ApiError::RequestTimeout, false)),
                 // The node may have answered early (refusing the body) and stopped reading:
                 // its answer, if there is one, is the one to relay.
                 Err(Side::Node(e)) => {
@@ -411,6 +412,9 @@ impl Client<'_> {
             if self.buf.is_empty() {
                 self.buf.reserve(16 * 1024);
                 match within(self.idle, self.io.read_buf(&mut self.buf)).await {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        return Err(Side::ClientStalled)
+                    }
                     Ok(0) | Err(_) => return Err(Side::Client),
                     Ok(_) => {}
                 }
@@ -480,7 +484,10 @@ impl From<io::Error> for Relay {
 
 /// Which side of an exchange failed.
 enum Side {
+    /// The client closed, or its connection failed, before the body's end.
     Client,
+    /// The client sent nothing of the body for `proxy.idle_timeout`.
+    ClientStalled,
     Node(io::Error),
 }
 

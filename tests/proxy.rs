@@ -1091,6 +1091,46 @@ async fn a_client_that_stalls_its_upload_gets_408_after_the_idle_timeout() {
     }
 }
 
+/// A path with a `.` or `..` segment (plain or percent-encoded) is refused before the room
+/// is placed: forwarded as it is, a node resolving it would serve something outside the
+/// route, and outside its upstream base path. In both modes, on both proxy paths.
+#[tokio::test]
+async fn a_path_with_dot_segments_is_refused_before_anything_is_placed() {
+    for (mode, fast_path) in [
+        (FrontDoorMode::Proxy, true),
+        (FrontDoorMode::Proxy, false),
+        (FrontDoorMode::Redirect, true),
+    ] {
+        let case = format!("{mode:?}, fast path {fast_path}");
+        let mut cfg = proxy_config();
+        cfg.front_door.mode = mode;
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let mut send = connect(&r).await;
+        for path in [
+            "/rooms/a/../../../admin",
+            "/rooms/a/%2e%2E/%2e%2e/admin",
+            "/rooms/a/./x",
+        ] {
+            let (status, body) = get_on(&mut send, &r, path).await;
+            assert_eq!(status, 400, "{case}: {path}");
+            assert!(
+                String::from_utf8_lossy(&body).contains("\"invalid_request\""),
+                "{case}: {path}: {body:?}"
+            );
+        }
+        assert_eq!(pending_on(&r, "n1").await, 0.0, "{case}: nothing counted");
+        let rooms = admin_json(&r, "/v1/rooms").await;
+        assert_eq!(rooms["rooms"], serde_json::json!([]), "{case}: {rooms}");
+        // A dot inside a segment is an ordinary name.
+        let (status, _) = get_on(&mut send, &r, "/rooms/a.b/..x").await;
+        assert_ne!(status, 400, "{case}");
+        r.stop().await;
+    }
+}
+
 /// One GET through the router on a connection of its own; the status and the body.
 async fn get_fresh(r: &TestRouter, path: &str) -> (u16, Bytes) {
     get_on(&mut connect(r).await, r, path).await

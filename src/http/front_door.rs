@@ -127,6 +127,11 @@ pub async fn admit<S: PinStore>(
     conn: Option<&ConnInfo>,
     body: Option<u64>,
 ) -> Result<Admission, ApiError> {
+    if parts.uri.path().split('/').any(is_dot_segment) {
+        return Err(ApiError::InvalidRequest(
+            "the path has a `.` or `..` segment".into(),
+        ));
+    }
     let q = query(parts);
     let Some((room, mode)) = locate(app, parts, &q)? else {
         return Err(ApiError::NotFound(format!(
@@ -190,6 +195,29 @@ pub async fn admit<S: PinStore>(
         target,
         drop_authorization,
     })
+}
+
+/// Whether a path segment is `.` or `..`, plain or percent-encoded (`%2e`). The front door
+/// refuses such paths: forwarded as they are, a node (or a proxy before it) that resolves
+/// them would serve a path outside the route the room was found by, and outside the node's
+/// upstream base path. No allocation: it runs on every join.
+fn is_dot_segment(seg: &str) -> bool {
+    let b = seg.as_bytes();
+    let (mut dots, mut i) = (0, 0);
+    while i < b.len() {
+        if b[i] == b'.' {
+            i += 1;
+        } else if b[i] == b'%'
+            && b.get(i + 1) == Some(&b'2')
+            && b.get(i + 2).map(|c| c | 0x20) == Some(b'e')
+        {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 /// The query parameter a user's login token may come in, when the router reads one
@@ -338,11 +366,21 @@ pub fn redirect_location(
 
 #[cfg(test)]
 mod tests {
-    use super::without_params;
+    use super::{is_dot_segment, without_params};
     use hyper::Uri;
 
     fn strip(target: &str) -> Option<String> {
         without_params(&target.parse::<Uri>().unwrap(), &["ticket", "access_token"])
+    }
+
+    #[test]
+    fn dot_segments_are_found_plain_or_encoded_and_nothing_else() {
+        for seg in [".", "..", "%2e", "%2E%2e", ".%2e"] {
+            assert!(is_dot_segment(seg), "{seg}");
+        }
+        for seg in ["", "...", "a.", ".a", "%2f", "%2", "%2e%2e%2e", "standup"] {
+            assert!(!is_dot_segment(seg), "{seg}");
+        }
     }
 
     #[test]

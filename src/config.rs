@@ -1114,8 +1114,9 @@ impl Config {
         if s.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be > 0"));
         }
-        if s.max_header_bytes < 1024 {
-            return Err(invalid("server.max_header_bytes", "must be >= 1024"));
+        // HTTP/2 takes the limit as a u32; far beyond any real head anyway.
+        if !(1024..=16 * 1024 * 1024).contains(&s.max_header_bytes) {
+            return Err(invalid("server.max_header_bytes", "must be 1024-16777216"));
         }
         if s.header_read_timeout.is_zero() {
             return Err(invalid("server.header_read_timeout", "must be > 0"));
@@ -1132,8 +1133,9 @@ impl Config {
         if s.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
             return Err(invalid("server.worker_threads", "must be 1-1024"));
         }
-        if s.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be > 0"));
+        // The connection limit is a semaphore, which takes at most usize::MAX >> 3 permits.
+        if !(1..=10_000_000).contains(&s.max_connections) {
+            return Err(invalid("server.max_connections", "must be 1-10000000"));
         }
         let f = &self.front_door;
         for r in f.route_modes.keys() {
@@ -1252,8 +1254,10 @@ impl Config {
             if st.command_timeout.is_zero() {
                 return Err(invalid("store.command_timeout", "must be > 0"));
             }
-            if st.resync_interval.is_zero() {
-                return Err(invalid("store.resync_interval", "must be > 0"));
+            // Each re-sync publishes a probe and waits for it until the next one: shorter
+            // than a round of commands, every re-sync would find the subscription "silent".
+            if st.resync_interval < Duration::from_millis(100) {
+                return Err(invalid("store.resync_interval", "must be at least 100ms"));
             }
         }
         if self.tickets.ttl.is_zero() {
@@ -1295,11 +1299,29 @@ impl Config {
                 ));
             }
         }
+        if self.auth.users == UserAuth::Jwt
+            && self.auth.jwt.algorithm == JwtAlgorithm::HS256
+            && !self.auth.node_token.is_empty()
+            && self.auth.jwt.secret == self.auth.node_token
+        {
+            return Err(invalid(
+                "auth.jwt.secret",
+                "must differ from auth.node_token (every node holds that one)",
+            ));
+        }
         for (i, t) in self.auth.admin_tokens.iter().enumerate() {
             if t.len() < 16 {
                 return Err(invalid(
                     &format!("auth.admin_tokens[{i}]"),
                     "must be at least 16 characters",
+                ));
+            }
+            // Every node holds these: any node could act as an admin.
+            let held = [&self.auth.node_token, &self.tickets.secret];
+            if held.iter().any(|s| *s == t) || self.auth.node_tokens.values().any(|s| s == t) {
+                return Err(invalid(
+                    &format!("auth.admin_tokens[{i}]"),
+                    "must differ from the node tokens and tickets.secret (nodes hold those)",
                 ));
             }
         }
@@ -1825,6 +1847,47 @@ mod tests {
         let mut c = Config::parse(&text).unwrap();
         c.tickets.secret = "ticket-secret-0123456789-0123456789".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn no_secret_every_node_holds_signs_user_tokens_or_admits_admins() {
+        let node = "node-token-0123456789-0123456789";
+        let e = rejected(&format!(
+            "[auth]\nusers = \"jwt\"\nnode_token = \"{node}\"\n[auth.jwt]\nsecret = \"{node}\"\n"
+        ));
+        assert!(e.starts_with("auth.jwt.secret"), "{e}");
+        assert!(e.contains("auth.node_token"), "{e}");
+        let e = rejected(&format!(
+            "[auth]\nnode_token = \"{node}\"\nadmin_tokens = [\"admin-token-0123456789\", \"{node}\"]\n"
+        ));
+        assert!(e.starts_with("auth.admin_tokens[1]"), "{e}");
+        let e = rejected("[auth]\nadmin_tokens = [\"own-node-0123456789\"]\n[auth.node_tokens]\nn1 = \"own-node-0123456789\"\n");
+        assert!(e.starts_with("auth.admin_tokens[0]"), "{e}");
+        let ticket = "ticket-secret-0123456789-0123456789";
+        let e = rejected(&format!(
+            "[auth]\nadmin_tokens = [\"{ticket}\"]\n[tickets]\nsecret = \"{ticket}\"\n"
+        ));
+        assert!(e.starts_with("auth.admin_tokens[0]"), "{e}");
+        Config::parse(&format!(
+            "[auth]\nnode_token = \"{node}\"\nadmin_tokens = [\"admin-token-0123456789\"]\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn limits_a_runtime_cannot_honour_are_refused() {
+        let e = rejected("[server]\nmax_connections = 9223372036854775807\n");
+        assert!(e.starts_with("server.max_connections"), "{e}");
+        let e = rejected("[server]\nmax_header_bytes = 4294967296\n");
+        assert!(e.starts_with("server.max_header_bytes"), "{e}");
+        let e = rejected("[store]\nkind = \"redis\"\nresync_interval = \"1ms\"\n");
+        assert!(e.starts_with("store.resync_interval"), "{e}");
+        Config::parse("[server]\nmax_connections = 10000000\nmax_header_bytes = 16777216\n[store]\nkind = \"redis\"\nresync_interval = \"100ms\"\n")
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

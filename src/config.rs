@@ -1318,7 +1318,7 @@ impl Config {
             }
             // Every node holds these: any node could act as an admin.
             let held = [&self.auth.node_token, &self.tickets.secret];
-            if held.iter().any(|s| *s == t) || self.auth.node_tokens.values().any(|s| s == t) {
+            if held.contains(&t) || self.auth.node_tokens.values().any(|s| s == t) {
                 return Err(invalid(
                     &format!("auth.admin_tokens[{i}]"),
                     "must differ from the node tokens and tickets.secret (nodes hold those)",

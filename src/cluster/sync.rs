@@ -150,6 +150,11 @@ const MAX_RESERVED_MILLI: i64 = 1_000_000_000_000;
 #[derive(Debug, Default)]
 pub struct NodeSync {
     admin: DashMap<String, AdminState>,
+    /// When each removed node was removed, by this router's clock (at most
+    /// [`MAX_REMOVED`]): a report stamped no later is from before the removal, whether it
+    /// arrives late (its router published it after the removal went out) or is re-read from
+    /// Redis (its write landed after the removal's), and must not bring the node back.
+    removed: DashMap<String, Millis>,
     reserved: Mutex<Reserved>,
     /// Participants other routers' heartbeats reported, until the router takes them
     /// ([`NodeSync::take_observed`]); `any_observed` spares the lock when there are none.
@@ -161,6 +166,10 @@ pub struct NodeSync {
     /// Whether a report from too far ahead was logged yet (once per router is enough).
     warned_ahead: AtomicBool,
 }
+
+/// Most removals remembered ([`NodeSync`]'s `removed`); past it, a late report of a node
+/// removed since may bring it back until its heartbeat timeout passes.
+const MAX_REMOVED: usize = 100_000;
 
 /// A heartbeat another router received: the node's live rooms and their participants, and
 /// the rooms that ended on it since its previous report, for this router to settle its
@@ -211,6 +220,27 @@ impl NodeSync {
         NodeSync {
             max_ahead_ms,
             ..NodeSync::default()
+        }
+    }
+
+    /// An update this router made and shares (its own come back from Redis unapplied):
+    /// what it changes here is remembered as another router's would be, so that a later
+    /// update from elsewhere is judged against it. An admin state this router set is the
+    /// one a node re-added later takes, not an older one another router set; a node this
+    /// router removed is not brought back by a report from before.
+    pub fn own(&self, u: &NodeUpdate, now: Millis) {
+        match u {
+            NodeUpdate::Admin { id, state } => {
+                self.admin.insert(id.clone(), *state);
+            }
+            NodeUpdate::Removed { id } => self.note_removed(id, now),
+            _ => {}
+        }
+    }
+
+    fn note_removed(&self, id: &str, now: Millis) {
+        if self.removed.len() < MAX_REMOVED || self.removed.contains_key(id) {
+            self.removed.insert(id.to_string(), now);
         }
     }
 
@@ -351,6 +381,9 @@ impl NodeSync {
                     return false;
                 }
                 let at = (*at).min(now);
+                if self.removed.get(id.as_str()).is_some_and(|r| at <= *r) {
+                    return false; // sent before the node was removed
+                }
                 if cluster
                     .snapshot()
                     .get(&id)
@@ -359,6 +392,7 @@ impl NodeSync {
                 {
                     return false; // this router already has a report as new
                 }
+                self.removed.remove(id.as_str());
                 let capacity = info.capacity;
                 let (outcome, entry) = cluster.upsert(&id, info, false);
                 if outcome == Upsert::Added {
@@ -417,6 +451,7 @@ impl NodeSync {
                 if let Ok(mut r) = self.reserved.lock() {
                     r.by_node.remove(id.as_str());
                 }
+                self.note_removed(id.as_str(), now);
                 cluster.remove(&id).is_some()
             }
             NodeUpdate::Reserved {
@@ -555,7 +590,7 @@ mod tests {
             c.snapshot().get(&id).unwrap().live.effective_state(),
             AdminState::Disabled
         );
-        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, NOW));
+        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, 2_000));
         assert!(c.snapshot().get(&id).is_none());
         // Back after its removal: still disabled, until an admin enables it.
         s.apply(&c, &report(3000, 0.0), NOW);
@@ -659,5 +694,51 @@ mod tests {
         };
         assert!(!NodeSync::new(MAX_AHEAD).apply(&c, &zero, NOW));
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_report_from_before_a_removal_does_not_bring_the_node_back() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(8_000, 0.0), 8_500));
+        let removed = NodeUpdate::Removed { id: "n1".into() };
+        assert!(s.apply(&c, &removed, 9_000));
+        // Another router's report, sent before the removal, arrives (or is re-read) after it.
+        assert!(!s.apply(&c, &report(8_900, 0.0), NOW));
+        assert!(c.snapshot().get(&id).is_none(), "no ghost");
+        // The node really comes back: a report sent after the removal.
+        assert!(s.apply(&c, &report(9_500, 0.0), NOW));
+        assert!(c.snapshot().get(&id).is_some());
+        // This router's own removal counts too.
+        c.remove(&id);
+        s.own(&removed, 9_800);
+        assert!(!s.apply(&c, &report(9_700, 0.0), NOW));
+        assert!(c.snapshot().get(&id).is_none());
+    }
+
+    #[test]
+    fn a_node_re_added_takes_the_admin_state_this_router_set_last() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(1_000, 0.0), NOW));
+        // Another router enables n1; then this router's admin disables it.
+        let active = NodeUpdate::Admin {
+            id: "n1".into(),
+            state: AdminState::Active,
+        };
+        assert!(s.apply(&c, &active, NOW));
+        let disabled = NodeUpdate::Admin {
+            id: "n1".into(),
+            state: AdminState::Disabled,
+        };
+        c.set_admin_state(&id, AdminState::Disabled);
+        s.own(&disabled, NOW);
+        // n1 leaves and comes back.
+        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, 2_000));
+        assert!(s.apply(&c, &report(3_000, 0.0), NOW));
+        let e = c.snapshot().get(&id).cloned().unwrap();
+        assert_eq!(e.live.admin_state(), AdminState::Disabled);
     }
 }

@@ -2373,6 +2373,7 @@ impl PinStore for RedisStore {
     }
 
     fn share_node(&self, update: NodeUpdate) {
+        self.inner.sync.own(&update, wall_ms());
         let _ = self.inner.node_tx.send(update);
     }
 

@@ -976,6 +976,19 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout
     }
 }
 
+/// The uploads a stall is tried with: (fast path on, chunked body). A chunked body goes
+/// through hyper even with the fast path on.
+const UPLOAD_CASES: [(bool, bool); 3] = [(true, false), (true, true), (false, false)];
+
+/// A proxy-mode router whose `proxy.idle_timeout` is 300 ms, fast path on or off.
+async fn stall_router(fast_path: bool) -> TestRouter {
+    let mut cfg = proxy_config();
+    cfg.server.fast_path = fast_path;
+    cfg.proxy.idle_timeout = Duration::from_millis(300);
+    cfg.validate().unwrap();
+    TestRouter::start(cfg).await
+}
+
 /// A node that stops reading an upload does not hold the client forever: once the node has
 /// taken nothing for `proxy.idle_timeout` while the client had more to send, the client gets
 /// `502 upstream_unavailable`, on the fast path (a body with a length) and through hyper (the
@@ -984,13 +997,9 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout
 async fn a_node_that_stops_reading_an_upload_frees_the_client_after_the_idle_timeout() {
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 512; // 32 MiB, far more than any socket buffers
-    for (fast_path, chunked) in [(true, false), (true, true), (false, false)] {
+    for (fast_path, chunked) in UPLOAD_CASES {
         let case = format!("fast path {fast_path}, chunked {chunked}");
-        let mut cfg = proxy_config();
-        cfg.server.fast_path = fast_path;
-        cfg.proxy.idle_timeout = Duration::from_millis(300);
-        cfg.validate().unwrap();
-        let r = TestRouter::start(cfg).await;
+        let r = stall_router(fast_path).await;
         // A node with a small receive window that accepts and then reads nothing, for at
         // most 30 s.
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1057,13 +1066,9 @@ async fn a_node_that_stops_reading_an_upload_frees_the_client_after_the_idle_tim
 /// through hyper alike.
 #[tokio::test]
 async fn a_client_that_stalls_its_upload_gets_408_after_the_idle_timeout() {
-    for (fast_path, chunked) in [(true, false), (true, true), (false, false)] {
+    for (fast_path, chunked) in UPLOAD_CASES {
         let case = format!("fast path {fast_path}, chunked {chunked}");
-        let mut cfg = proxy_config();
-        cfg.server.fast_path = fast_path;
-        cfg.proxy.idle_timeout = Duration::from_millis(300);
-        cfg.validate().unwrap();
-        let r = TestRouter::start(cfg).await;
+        let r = stall_router(fast_path).await;
         let up = Upstream::start("n1").await;
         register(&r, "n1", &up).await;
         let length = (!chunked).then_some(1_000_000);

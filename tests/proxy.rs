@@ -307,9 +307,7 @@ async fn a_clients_query_ticket_is_not_forwarded_to_the_node() {
     for fast_path in [true, false] {
         let mut cfg = proxy_config();
         cfg.server.fast_path = fast_path;
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = with_upstream(cfg).await;
         let browser = reqwest::Client::new();
         for (query, node_gets) in [
             (
@@ -345,6 +343,14 @@ async fn a_clients_query_ticket_is_not_forwarded_to_the_node() {
 }
 
 /// The node's `pending` as the router's admin API shows it.
+/// A router started from `cfg`, with one upstream node, `n1`, registered.
+async fn with_upstream(cfg: roomrouter::config::Config) -> (TestRouter, Upstream) {
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    (r, up)
+}
+
 async fn pending_on(r: &TestRouter, id: &str) -> f64 {
     let v = admin_json(r, &format!("/v1/nodes/{id}")).await;
     v["pending"].as_f64().unwrap()
@@ -462,9 +468,7 @@ async fn every_forwarded_for_line_reaches_the_node_in_order_on_both_paths() {
     for fast_path in [true, false] {
         let mut cfg = proxy_config();
         cfg.server.fast_path = fast_path;
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = with_upstream(cfg).await;
         let resp = r
             .get("/rooms/xff")
             .header("x-forwarded-for", "6.6.6.6")
@@ -819,9 +823,7 @@ async fn oversized_proxied_bodies_are_refused_up_front() {
         let mut cfg = proxy_config();
         cfg.server.fast_path = fast_path;
         cfg.proxy.max_request_body_bytes = 1024;
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = with_upstream(cfg).await;
         let resp = r
             .post("/rooms/big")
             .body(vec![0u8; 4096])
@@ -926,9 +928,7 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout
         // (so the heartbeat's keep-alive connection frees the one slot soon)
         cfg.server.header_read_timeout = Duration::from_secs(1);
         cfg.validate().unwrap();
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = with_upstream(cfg).await;
         // A small receive window, so the router's writes stall long before 16 MiB.
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
@@ -1110,9 +1110,7 @@ async fn a_path_with_dot_segments_is_refused_before_anything_is_placed() {
         let mut cfg = proxy_config();
         cfg.front_door.mode = mode;
         cfg.server.fast_path = fast_path;
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = with_upstream(cfg).await;
         let mut send = connect(&r).await;
         for path in [
             "/rooms/a/../../../admin",

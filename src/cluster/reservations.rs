@@ -197,13 +197,6 @@ impl ReservationBook {
         n
     }
 
-    /// Outstanding units reserved for a room, if any.
-    pub fn outstanding(&self, room: &RoomKey) -> Option<(NodeId, u32)> {
-        self.held
-            .get(room)
-            .map(|h| (h.node.clone(), h.res.outstanding()))
-    }
-
     /// Outstanding units reserved for a room on exactly these counters: not on those of a
     /// node since removed and added again under the same id, which its new counters never
     /// held.
@@ -406,7 +399,10 @@ mod tests {
                 s.join().unwrap();
             }
             assert_eq!(live.reserved_units(), 1.0, "round {round}");
-            assert!(book.outstanding(&room("r")).is_none(), "round {round}");
+            assert!(
+                book.outstanding_on(&room("r"), &live).is_none(),
+                "round {round}"
+            );
         }
     }
 

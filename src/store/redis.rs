@@ -263,6 +263,14 @@ struct Cached {
     ts: u64,
 }
 
+/// Redis's reply to `PIN_IF`: whether our pin went in, the room's pin after the script
+/// ran, and the Redis time of that state.
+struct PinReply {
+    won: bool,
+    pin: Option<Pin>,
+    ts: u64,
+}
+
 /// A decision taken while Redis was unreachable, to write back.
 #[derive(Debug, Clone)]
 enum Pending {
@@ -835,13 +843,15 @@ impl Inner {
 
     // --- Redis operations (no fallback) ---
 
-    async fn pin_if_remote(
+    /// Runs `PIN_IF` (pins `room` to `node` if the room has no pin, or one on `expected`)
+    /// and returns Redis's reply as it is, touching neither cache nor index.
+    async fn pin_script(
         &self,
         room: &RoomKey,
         node: &NodeId,
         expected: Option<&NodeId>,
         now: Millis,
-    ) -> Result<PinOutcome, StoreError> {
+    ) -> Result<PinReply, StoreError> {
         let mut c = self.conn();
         let mut inv = self.pin_if.key(self.keys.room(room.as_str()));
         inv.arg(node.as_str())
@@ -851,12 +861,38 @@ impl Inner {
             .arg(&self.keys.pins_channel)
             .arg(room.as_str());
         let (won, v, ts): (i64, String, String) = self.run("pin", inv.invoke_async(&mut c)).await?;
-        let ts = ts.parse().unwrap_or(0);
-        let pin = self.decode(&v);
+        Ok(PinReply {
+            won: won == 1,
+            pin: self.decode(&v),
+            ts: ts.parse().unwrap_or(0),
+        })
+    }
+
+    /// Pins `room` to `node` in Redis by compare-and-set ([`Inner::pin_script`]) and settles
+    /// the reply into the cache and the room index.
+    async fn pin_if_remote(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+    ) -> Result<PinOutcome, StoreError> {
+        let reply = self.pin_script(room, node, expected, now).await?;
+        self.settle_pin(room, reply, expected.is_none())
+    }
+
+    /// Puts a pin reply into the cache and, for a new pin won, the room into the index.
+    fn settle_pin(
+        &self,
+        room: &RoomKey,
+        reply: PinReply,
+        new_pin: bool,
+    ) -> Result<PinOutcome, StoreError> {
+        let PinReply { won, pin, ts } = reply;
         self.apply_reply(room, pin.clone(), ts);
-        if won == 1 {
+        if won {
             let pin = pin.ok_or_else(|| err("pin: unreadable reply"))?;
-            if expected.is_none() {
+            if new_pin {
                 let _ = self.index_tx.send(IndexOp::Add(room.as_str().to_string()));
             }
             Ok(PinOutcome::Won(pin))
@@ -1260,15 +1296,20 @@ impl Inner {
     /// placement of the room than ours: a promoted replica that never got the re-placement
     /// (ours) still holds the pin it replaced, whose node users left. Then ours replaces it
     /// by compare-and-set, as every router that saw the re-placement does alike.
+    ///
+    /// The older pin the first reply shows is not cached: while the store is still down the
+    /// cache answers joins, and it must keep sending them to ours until the swap is done.
     async fn write_back_newer(&self, room: &RoomKey, ours: &Pin) -> Result<(), StoreError> {
-        let theirs = match self
-            .pin_if_remote(room, &ours.node, None, ours.confirmed_at)
-            .await?
-        {
-            PinOutcome::Lost(Some(p)) if p.node != ours.node && p.created_at < ours.created_at => p,
-            _ => return Ok(()),
+        let reply = self
+            .pin_script(room, &ours.node, None, ours.confirmed_at)
+            .await?;
+        let theirs = match &reply.pin {
+            Some(p) if !reply.won && p.node != ours.node && p.created_at < ours.created_at => {
+                p.node.clone()
+            }
+            _ => return self.settle_pin(room, reply, true).map(|_| ()),
         };
-        self.pin_if_remote(room, &ours.node, Some(&theirs.node), ours.confirmed_at)
+        self.pin_if_remote(room, &ours.node, Some(&theirs), ours.confirmed_at)
             .await
             .map(|_| ())
     }

@@ -306,14 +306,18 @@ pub struct RateReport {
     pub kernel_threads: Option<KernelThreads>,
     /// Connections opened during the run (after a close, timeout or failure).
     pub reconnects: u64,
+    /// Requests sent a second time, on a new connection, because the server closed the kept
+    /// connection they went out on without answering (its keep-alive timeout racing the
+    /// send). Each is also one of `reconnects`; a second failure is counted in `errors`.
+    pub retried: u64,
     /// Latency of answered requests from the *planned* send time (no coordinated omission).
     pub latency_us: Percentiles,
     /// Latency of answered requests from the actual send (what a closed loop would report).
     pub service_us: Percentiles,
     /// Answers by status code.
     pub statuses: BTreeMap<u16, u64>,
-    /// Requests without an answer, by kind (`timeout`, `connect`, `closed`, `transport`,
-    /// `not sent by the hard stop`).
+    /// Requests without an answer, by kind (`timeout`, `connect`, `closed`, `reset`,
+    /// `transport`, `not sent by the hard stop`).
     pub errors: BTreeMap<String, u64>,
     /// False when requests got no latency figure because they were the slowest: timed out,
     /// or not sent by the hard stop. The percentiles then understate the tail.
@@ -372,8 +376,8 @@ impl RateReport {
         }
         let _ = writeln!(
             s,
-            "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {}  paced by {}",
-            self.target_rate, self.achieved_per_s, self.connections, self.late_sends, self.reconnects, self.pacing
+            "  rate       target {:.0}/s  achieved {:.0}/s  over {} connections  late sends (>1 ms) {}  reconnects {} (retried sends {})  paced by {}",
+            self.target_rate, self.achieved_per_s, self.connections, self.late_sends, self.reconnects, self.retried, self.pacing
         );
         if let Some(c) = self.load_tool_cores {
             let _ = writeln!(

@@ -206,4 +206,35 @@ async fn pins_work_on_a_three_shard_redis_cluster() {
         "the older one forgotten: {:?}",
         later.load_learned().await
     );
+
+    // Node state on the cluster: a heartbeat and a drain on router A reach router B (each
+    // written with its announcement in one MULTI/EXEC on the prefix's slot).
+    let mut routers = config("redis://unused", &prefix("clusternodes"));
+    routers.store.url = String::new();
+    routers.store.cluster_nodes = cfg.store.cluster_nodes.clone();
+    routers.validate().unwrap();
+    let ra = serve(routers.clone()).await;
+    let rb = serve(routers).await;
+    let http = client();
+    let n1 = NodeId::parse("n1").unwrap();
+    heartbeat(&http, &ra.base(), "n1", 0.0, &[]).await;
+    let r = http
+        .post(format!("{}/v1/nodes/n1/drain", ra.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            rb.app
+                .router
+                .node(&n1)
+                .is_some_and(|n| n.state.as_str() == "draining")
+        })
+        .await,
+        "router B heard of n1 and its drain"
+    );
+    ra.stop().await;
+    rb.stop().await;
 }

@@ -475,6 +475,83 @@ async fn an_admin_change_redis_refused_is_written_once_redis_takes_writes_again(
     cleanup(&url, &p).await;
 }
 
+/// A node change and its announcement go to Redis together: while Redis refuses writes
+/// (here `min-replicas-to-write` with no replica, as a demoted or isolated master does), a
+/// drain is neither stored nor heard by the other router; once Redis takes writes again it
+/// is both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_change_redis_refuses_is_announced_only_once_it_is_stored() {
+    let Some(redis) = private_redis_for("node_change_refused") else {
+        return;
+    };
+    let (url, p) = (redis.url(), prefix("nodechangerefused"));
+    let a = serve(config(&url, &p)).await;
+    let b = serve(config(&url, &p)).await;
+    let c = client();
+    let n1 = NodeId::parse("n1").unwrap();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.node(&n1).is_some()
+        })
+        .await,
+        "router B hears of n1"
+    );
+    let conn = redis_conn(&url).await;
+    let refuse_writes = |n: u32| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(n)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    refuse_writes(1).await;
+    let r = c
+        .post(format!("{}/v1/nodes/n1/drain", a.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let admin_key = format!("{{{p}}}:admin");
+    let stored = || {
+        let mut conn = conn.clone();
+        let key = admin_key.clone();
+        async move {
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("n1")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            v
+        }
+    };
+    // Two re-syncs (1 s each) pass while the write is refused.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(a.app.router.node(&n1).unwrap().state.as_str(), "draining");
+    assert_eq!(b.app.router.node(&n1).unwrap().state.as_str(), "active");
+    assert_eq!(stored().await, None);
+    refuse_writes(0).await;
+    // The node's next heartbeat wakes the writer, which writes the kept change first.
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.node(&n1).unwrap().state.as_str() == "draining"
+        })
+        .await,
+        "router B hears of the drain once it is stored"
+    );
+    assert_eq!(stored().await.as_deref(), Some("draining"));
+    a.stop().await;
+    b.stop().await;
+}
+
 /// `redis://host:port` of `url`, for a forwarder; `None` (and a loud skip) otherwise.
 fn plain_host_port(url: &str, test: &str) -> Option<String> {
     let hp = url

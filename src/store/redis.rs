@@ -317,6 +317,30 @@ const FORGET_AT_MOST: usize = 1000;
 /// Most learned sizes heard from other routers and not yet taken by this router's sweep.
 const MAX_LEARNED_INBOX: usize = 100_000;
 
+/// Stores and announces node updates in order (KEYS[1]: the node hash, KEYS[2]: the admin
+/// hash, both in the prefix's slot; ARGV[1]: the channel, then four per update: `set`,
+/// `admin`, `del` or `none`, the node id, the value, the announcement). `redis.call` stops
+/// the script at a refused write, before that update's announcement. Returns the updates.
+const WRITE_NODES: &str = r#"
+local n = 0
+for i = 2, #ARGV, 4 do
+  local op, id = ARGV[i], ARGV[i + 1]
+  if op == 'set' then
+    redis.call('HSET', KEYS[1], id, ARGV[i + 2])
+  elseif op == 'admin' then
+    redis.call('HSET', KEYS[2], id, ARGV[i + 2])
+  elseif op == 'del' then
+    redis.call('HDEL', KEYS[1], id)
+  end
+  redis.call('PUBLISH', ARGV[1], ARGV[i + 3])
+  n = n + 1
+end
+return n
+"#;
+
+/// Most node updates one [`WRITE_NODES`] call (one round trip) takes from the node writer.
+const MAX_NODE_BATCH: usize = 128;
+
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     origin: String,
@@ -399,6 +423,7 @@ struct Inner {
     index_tx: mpsc::UnboundedSender<IndexOp>,
     learned_tx: mpsc::UnboundedSender<LearnedOp>,
     forget_learned: Script,
+    write_nodes: Script,
     /// Learned sizes other routers published, until the router takes them.
     learned_inbox: Mutex<Vec<(RoomKey, Learned)>>,
     outages: AtomicU64,
@@ -578,6 +603,7 @@ impl RedisStore {
             index_tx,
             learned_tx,
             forget_learned: Script::new(FORGET_LEARNED),
+            write_nodes: Script::new(WRITE_NODES),
             learned_inbox: Mutex::new(Vec::new()),
             outages: AtomicU64::new(0),
             store_won: AtomicU64::new(0),
@@ -1741,43 +1767,43 @@ impl Inner {
     }
 
     async fn write_node(&self, u: &NodeUpdate) -> Result<(), StoreError> {
-        let json = serde_json::to_string(u).map_err(err)?;
-        let env = serde_json::to_string(&Envelope {
-            origin: self.origin.clone(),
-            update: u.clone(),
-        })
-        .map_err(err)?;
-        let mut c = self.conn();
-        let mut p = redis::pipe();
-        match u {
-            NodeUpdate::Report { id, .. } | NodeUpdate::Put { id, .. } => {
-                p.hset(&self.keys.nodes, id, &json).ignore();
-            }
-            NodeUpdate::Admin { id, state } => {
-                p.hset(&self.keys.admin, id, state.as_str()).ignore();
-            }
-            NodeUpdate::Removed { id } => {
+        self.write_nodes(std::slice::from_ref(u)).await
+    }
+
+    /// Stores and announces `updates`, in order, in one round trip ([`WRITE_NODES`]): each
+    /// update is announced only once it is stored, so no router hears of one Redis refused
+    /// (a script stops at the first refused write: READONLY on a demoted master, NOREPLICAS,
+    /// OOM at `maxmemory`, a key of the wrong type). Those before it stay written and
+    /// announced; the caller keeps what must not be lost and writes it again.
+    async fn write_nodes(&self, updates: &[NodeUpdate]) -> Result<(), StoreError> {
+        let mut inv = self.write_nodes.prepare_invoke();
+        inv.key(&self.keys.nodes)
+            .key(&self.keys.admin)
+            .arg(&self.keys.nodes_channel);
+        for u in updates {
+            let (op, value) = match u {
+                NodeUpdate::Report { .. } | NodeUpdate::Put { .. } => {
+                    ("set", serde_json::to_string(u).map_err(err)?)
+                }
+                NodeUpdate::Admin { state, .. } => ("admin", state.as_str().to_string()),
                 // The admin state stays: a node that comes back is still drained or
                 // disabled until an admin enables it (`Cluster::remove`).
-                p.hdel(&self.keys.nodes, id).ignore();
-            }
-            // Only published: every router repeats its own every second, so a router that
-            // subscribes late has them all within a second without a stored copy.
-            NodeUpdate::Reserved { .. } => {}
+                NodeUpdate::Removed { .. } => ("del", String::new()),
+                // Only announced: every router repeats its own every second, so a router
+                // that subscribes late has them all within a second without a stored copy.
+                NodeUpdate::Reserved { .. } => ("none", String::new()),
+            };
+            let env = serde_json::to_string(&Envelope {
+                origin: self.origin.clone(),
+                update: u.clone(),
+            })
+            .map_err(err)?;
+            inv.arg(op).arg(u.id()).arg(value).arg(env);
         }
-        if !matches!(u, NodeUpdate::Reserved { .. }) {
-            self.run::<()>("node update", p.query_async(&mut c)).await?;
-        }
-        let _: i64 = self
-            .run(
-                "publish",
-                redis::cmd("PUBLISH")
-                    .arg(&self.keys.nodes_channel)
-                    .arg(env)
-                    .query_async(&mut c),
-            )
-            .await?;
-        Ok(())
+        let mut c = self.conn();
+        self.run::<i64>("node update", inv.invoke_async(&mut c))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -1968,9 +1994,9 @@ async fn node_writer(
     let mut batch = Vec::new();
     // Unlike `next_batch`, takes what queued during an outage too: admin changes are kept.
     while recv_batch(&mut rx, &mut stop, &mut batch).await {
-        // Written one by one, updates queue up behind Redis round trips when reservations
-        // change on many nodes at once (a burst of new rooms, with shared reservations): of
-        // what queued meanwhile, only each node's newest report and reservation still matter.
+        // Updates queue up behind the Redis round trip when reservations change on many
+        // nodes at once (a burst of new rooms, with shared reservations): of what queued
+        // meanwhile, only each node's newest report and reservation still matter.
         supersede(&mut batch);
         // A change kept after a failed write goes first (and before what may supersede it):
         // a write can fail while Redis is reachable (a command refused at `maxmemory`), so
@@ -1978,18 +2004,22 @@ async fn node_writer(
         if !inner.is_down() {
             let _ = inner.write_pending_nodes().await;
         }
-        for u in batch.drain(..) {
-            let keep = !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. });
-            if inner.is_down() || inner.write_node(&u).await.is_err() {
+        // The batch in one round trip (at most `MAX_NODE_BATCH` at a time).
+        for chunk in batch.chunks(MAX_NODE_BATCH) {
+            if inner.is_down() || inner.write_nodes(chunk).await.is_err() {
                 // Reports and reservations are repeated; the next one replaces a lost one.
                 // Admin changes are not.
-                if keep {
-                    if let Ok(mut m) = inner.pending_nodes.lock() {
-                        m.insert(pending_node_key(&u), u);
+                let keep = chunk.iter().filter(|u| {
+                    !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. })
+                });
+                if let Ok(mut m) = inner.pending_nodes.lock() {
+                    for u in keep {
+                        m.insert(pending_node_key(u), u.clone());
                     }
                 }
             }
         }
+        batch.clear();
     }
 }
 

@@ -216,21 +216,11 @@ async fn pins_work_on_a_three_shard_redis_cluster() {
     let ra = serve(routers.clone()).await;
     let rb = serve(routers).await;
     let http = client();
-    let n1 = NodeId::parse("n1").unwrap();
     heartbeat(&http, &ra.base(), "n1", 0.0, &[]).await;
-    let r = http
-        .post(format!("{}/v1/nodes/n1/drain", ra.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    admin_action(&http, &ra.base(), "n1", "drain").await;
     assert!(
         eventually(Duration::from_secs(3), || async {
-            rb.app
-                .router
-                .node(&n1)
-                .is_some_and(|n| n.state.as_str() == "draining")
+            rb.node_state("n1").as_deref() == Some("draining")
         })
         .await,
         "router B heard of n1 and its drain"

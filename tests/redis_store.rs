@@ -281,20 +281,10 @@ async fn admin_actions_and_room_deletion_hold_on_every_router() {
     heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
     assert!(eventually(Duration::from_secs(3), || async { a.healthy_nodes() == 2 }).await);
     // Disable n1 on router A: router B places nothing on it.
-    let r = c
-        .post(format!("{}/v1/nodes/n1/disable", a.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    let id = NodeId::parse("n1").unwrap();
+    admin_action(&c, &a.base(), "n1", "disable").await;
     assert!(
         eventually(Duration::from_secs(2), || async {
-            b.app
-                .router
-                .node(&id)
-                .is_some_and(|n| n.state.as_str() == "disabled")
+            b.node_state("n1").as_deref() == Some("disabled")
         })
         .await,
         "the disable reached router B"
@@ -341,10 +331,7 @@ async fn admin_actions_and_room_deletion_hold_on_every_router() {
     heartbeat(&c, &late.base(), "n1", 0.0, &[]).await;
     assert!(
         eventually(Duration::from_secs(3), || async {
-            late.app
-                .router
-                .node(&id)
-                .is_some_and(|n| n.state.as_str() == "disabled")
+            late.node_state("n1").as_deref() == Some("disabled")
         })
         .await
     );
@@ -435,13 +422,7 @@ async fn an_admin_change_redis_refused_is_written_once_redis_takes_writes_again(
         .query_async(&mut conn)
         .await
         .unwrap();
-    let r = c
-        .post(format!("{}/v1/nodes/n1/drain", a.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    admin_action(&c, &a.base(), "n1", "drain").await;
     // Two re-syncs (1 s each) pass while the write is refused.
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     let id = NodeId::parse("n1").unwrap();
@@ -454,21 +435,11 @@ async fn an_admin_change_redis_refused_is_written_once_redis_takes_writes_again(
         .unwrap();
     // The node's next heartbeat wakes the writer, which writes the kept change first.
     heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
-    let stored = || {
-        let mut conn = conn.clone();
-        let key = admin_key.clone();
-        async move {
-            let v: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("n1")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(None);
-            v.as_deref() == Some("draining")
-        }
-    };
     assert!(
-        eventually(Duration::from_secs(3), stored).await,
+        eventually(Duration::from_secs(3), || async {
+            stored_admin_state(&conn, &p, "n1").await.as_deref() == Some("draining")
+        })
+        .await,
         "the drain reached Redis"
     );
     a.stop().await;
@@ -488,66 +459,36 @@ async fn a_node_change_redis_refuses_is_announced_only_once_it_is_stored() {
     let a = serve(config(&url, &p)).await;
     let b = serve(config(&url, &p)).await;
     let c = client();
-    let n1 = NodeId::parse("n1").unwrap();
     heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
     assert!(
         eventually(Duration::from_secs(3), || async {
-            b.app.router.node(&n1).is_some()
+            b.node_state("n1").is_some()
         })
         .await,
         "router B hears of n1"
     );
     let conn = redis_conn(&url).await;
-    let refuse_writes = |n: u32| {
-        let mut conn = conn.clone();
-        async move {
-            let _: () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg("min-replicas-to-write")
-                .arg(n)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-    };
-    refuse_writes(1).await;
-    let r = c
-        .post(format!("{}/v1/nodes/n1/drain", a.base()))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    let admin_key = format!("{{{p}}}:admin");
-    let stored = || {
-        let mut conn = conn.clone();
-        let key = admin_key.clone();
-        async move {
-            let v: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("n1")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            v
-        }
-    };
+    refuse_writes(&conn, 1).await;
+    admin_action(&c, &a.base(), "n1", "drain").await;
     // Two re-syncs (1 s each) pass while the write is refused.
     tokio::time::sleep(Duration::from_millis(2_200)).await;
-    assert_eq!(a.app.router.node(&n1).unwrap().state.as_str(), "draining");
-    assert_eq!(b.app.router.node(&n1).unwrap().state.as_str(), "active");
-    assert_eq!(stored().await, None);
-    refuse_writes(0).await;
+    assert_eq!(a.node_state("n1").as_deref(), Some("draining"));
+    assert_eq!(b.node_state("n1").as_deref(), Some("active"));
+    assert_eq!(stored_admin_state(&conn, &p, "n1").await, None);
+    refuse_writes(&conn, 0).await;
     // The node's next heartbeat wakes the writer, which writes the kept change first.
     heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
     assert!(
         eventually(Duration::from_secs(3), || async {
-            b.app.router.node(&n1).unwrap().state.as_str() == "draining"
+            b.node_state("n1").as_deref() == Some("draining")
         })
         .await,
         "router B hears of the drain once it is stored"
     );
-    assert_eq!(stored().await.as_deref(), Some("draining"));
+    assert_eq!(
+        stored_admin_state(&conn, &p, "n1").await.as_deref(),
+        Some("draining")
+    );
     a.stop().await;
     b.stop().await;
 }
@@ -1390,19 +1331,7 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
     door.cut();
     redis.restart();
     let c = redis_conn(&redis.url()).await;
-    let refuse_writes = |n: u32| {
-        let mut c = c.clone();
-        async move {
-            let _: () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg("min-replicas-to-write")
-                .arg(n)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
-    };
-    refuse_writes(1).await;
+    refuse_writes(&c, 1).await;
     door.restore();
     // Several recovery attempts see the new server and fail to write the pin back.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -1413,7 +1342,7 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
     );
     let key = room_key(&p, "standup");
     assert_eq!(redis_pin(&redis.url(), &key).await, None);
-    refuse_writes(0).await;
+    refuse_writes(&c, 0).await;
     expect_health(&a, true, Duration::from_secs(15), "the router recovered").await;
     assert!(
         redis_pin(&redis.url(), &key)

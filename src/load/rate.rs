@@ -831,35 +831,13 @@ mod tests {
             .expect("the run is bounded")
     }
 
-    /// A server that answers `204` and closes a connection idle for 20 ms (a keep-alive
-    /// timeout, as the router's `header_read_timeout`).
-    async fn closes_idle_connections() -> (String, tokio::task::JoinHandle<()>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let idle = Duration::from_millis(20);
-                    while let Ok(Ok(n)) = tokio::time::timeout(idle, s.read(&mut buf)).await {
-                        if n == 0
-                            || s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                                .await
-                                .is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        (url, task)
-    }
-
-    /// A server that answers the first `answered` requests on each connection with `204`
-    /// and closes the connection, unanswered, on the next one.
-    async fn closes_after(answered: usize) -> (String, tokio::task::JoinHandle<()>) {
+    /// A server that answers `204` to the first `answered` requests on each connection and
+    /// closes it unanswered on the next, or once it idled for `idle` (a keep-alive timeout,
+    /// as the router's `header_read_timeout`).
+    async fn closing_server(
+        answered: usize,
+        idle: Duration,
+    ) -> (String, tokio::task::JoinHandle<()>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -868,18 +846,16 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     for _ in 0..answered {
-                        match s.read(&mut buf).await {
-                            Ok(n) if n > 0 => {}
+                        match tokio::time::timeout(idle, s.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => {}
                             _ => return,
                         }
-                        if s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                            .await
-                            .is_err()
-                        {
+                        let answer = b"HTTP/1.1 204 No Content\r\n\r\n";
+                        if s.write_all(answer).await.is_err() {
                             return;
                         }
                     }
-                    let _ = s.read(&mut buf).await;
+                    let _ = tokio::time::timeout(idle, s.read(&mut buf)).await;
                 });
             }
         });
@@ -888,7 +864,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_a_kept_connection_dropped_unanswered_is_sent_once_more_on_a_new_one() {
-        let (url, server) = closes_after(1).await;
+        let (url, server) = closing_server(1, Duration::from_secs(30)).await;
         // 2 connections, 20 requests: each connection's second request finds it closed.
         let r = bounded(config(&url, 20.0, 1.0, 2)).await.unwrap();
         server.abort();
@@ -906,7 +882,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_connection_dropped_unanswered_is_an_error_not_retried() {
-        let (url, server) = closes_after(0).await;
+        let (url, server) = closing_server(0, Duration::from_secs(30)).await;
         let r = bounded(config(&url, 20.0, 0.5, 2)).await.unwrap();
         server.abort();
         assert_eq!((r.planned, r.answered), (10, 0), "{}", r.table());
@@ -918,7 +894,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_the_server_closed_while_idle_is_reopened_not_counted_as_an_error() {
-        let (url, server) = closes_idle_connections().await;
+        let (url, server) = closing_server(usize::MAX, Duration::from_millis(20)).await;
         // 4 connections at 10/s: each idles 400 ms between its requests, and is closed after
         // 20. A send that races the close on a busy machine is retried, not lost.
         let r = bounded(config(&url, 10.0, 2.0, 4)).await.unwrap();

@@ -262,6 +262,15 @@ impl Served {
         format!("http://{}", self.addr)
     }
 
+    /// The admin state (`active`, `draining`, `disabled`) this router knows node `id` in.
+    pub fn node_state(&self, id: &str) -> Option<String> {
+        let id = roomrouter::cluster::NodeId::parse(id).expect("a valid node id");
+        self.app
+            .router
+            .node(&id)
+            .map(|n| n.state.as_str().to_string())
+    }
+
     /// How many nodes this router counts as healthy.
     pub fn healthy_nodes(&self) -> usize {
         self.app.router.nodes().iter().filter(|n| n.healthy).count()
@@ -335,6 +344,45 @@ pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .unwrap()
+}
+
+/// Posts an admin action (`drain`, `disable`, `enable`) on `node` to the router at `base`
+/// and checks that it was taken.
+pub async fn admin_action(c: &reqwest::Client, base: &str, node: &str, action: &str) {
+    let r = c
+        .post(format!("{base}/v1/nodes/{node}/{action}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{action} {node}: {}", r.status());
+}
+
+/// The admin state Redis holds for `node` under key prefix `prefix` (`None`: none stored,
+/// or not readable as a hash).
+pub async fn stored_admin_state(
+    conn: &redis::aio::MultiplexedConnection,
+    prefix: &str,
+    node: &str,
+) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(format!("{{{prefix}}}:admin"))
+        .arg(node)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap_or(None)
+}
+
+/// Has the server refuse writes (`min-replicas-to-write n` with no replica, as a demoted or
+/// new master may) or take them again (`n` = 0).
+pub async fn refuse_writes(conn: &redis::aio::MultiplexedConnection, n: u32) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg(n)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
 }
 
 /// The raw value of `key` on the server at `url` (`node|created_ms|confirmed_ms` for a pin).

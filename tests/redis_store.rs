@@ -1471,6 +1471,67 @@ async fn a_redis_clock_that_steps_back_is_noticed_and_the_pins_reloaded() {
     cleanup(&url, &p).await;
 }
 
+/// A change stamped before Redis's clock stepped back can still be on its way when a reply
+/// shows the step: heard after the cache's times were brought back (and, maybe, after the
+/// reload), its time an hour ahead would make every later change to the room look older,
+/// and the router would send the room's joins to a node it left for that hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_from_before_a_clock_step_heard_after_it_does_not_hide_later_ones() {
+    let Some((url, _private)) = redis_for("clock_step_in_flight") else {
+        return;
+    };
+    let p = prefix("stepinflight");
+    let a = store::open(&config(&url, &p)).await.unwrap();
+    let b = store::open(&config(&url, &p)).await.unwrap();
+    let (n1, n2) = (node("n1"), node("n2"));
+    let (asked, late) = (room("asked"), room("late"));
+    let mut c = redis_conn(&url).await;
+    let ahead = |r: &RoomKey| {
+        let ahead_us = now_ms() * 1_000 + 3_600_000_000;
+        format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str())
+    };
+    for r in [&asked, &late] {
+        assert!(matches!(
+            a.pin_if(r, &n1, None, 1_000).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+    }
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{p}:pins"))
+        .arg(ahead(&asked))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b.release_if(&asked, &n1).await.unwrap());
+    // Router A's confirmation is refused, in a reply an hour older than what it heard: the
+    // step is noticed.
+    assert!(!a.confirm(&asked, &n1, now_ms()).await.unwrap());
+    // A change to `late` from before the step arrives only now.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{p}:pins"))
+        .arg(ahead(&late))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // After the step, router B moves `late` to n2: router A hears of it.
+    assert!(b.release_if(&late, &n1).await.unwrap());
+    assert!(matches!(
+        b.pin_if(&late, &n2, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&late).await.unwrap().map(|p| p.node) == Some(n2.clone())
+        })
+        .await,
+        "router A follows the room after the step: {:?}",
+        a.get(&late).await.unwrap()
+    );
+    cleanup(&url, &p).await;
+}
+
 /// A cache that missed a change (a message lost before the subscription was found dead)
 /// is caught by the next confirmation Redis refuses: the node reporting the room is told
 /// to evict it if the store names another live node, and the cache takes the store's pin.

@@ -404,6 +404,11 @@ struct Inner {
     /// Set when Redis's clock is found to have stepped back: the cache, which orders
     /// changes by their Redis time, is reloaded ([`Inner::apply_reply`]).
     reload: AtomicBool,
+    /// The Redis time (µs) of the reply that last showed a step back (0: none yet), and
+    /// when it came (µs after `opened`): see [`Inner::unstep`].
+    step_ts: AtomicU64,
+    step_seen_us: AtomicU64,
+    opened: Instant,
     /// Whether a reply can tell a step of Redis's clock: not on Cluster, where a reload's
     /// times come from whichever shard answered its `TIME`, not from each room's own.
     steps_seen: bool,
@@ -584,6 +589,9 @@ impl RedisStore {
             why: Mutex::new("connecting".into()),
             last_ts: AtomicU64::new(0),
             reload: AtomicBool::new(false),
+            step_ts: AtomicU64::new(0),
+            step_seen_us: AtomicU64::new(0),
+            opened: Instant::now(),
             steps_seen,
             cmd_timeout: cfg.command_timeout,
             connect_timeout: cfg.connect_timeout,
@@ -834,7 +842,7 @@ impl Inner {
     /// cache holds and would be ignored until the clock caught up: the cache's times are
     /// brought back to the reply's and the pins reloaded.
     fn apply_reply(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
-        let slack = (self.cmd_timeout + Duration::from_secs(1)).as_micros() as u64;
+        let slack = self.reply_slack_us();
         // A time of 0 is no time (a reply that did not parse), not a step to the epoch.
         let ahead = self.steps_seen
             && ts > 0
@@ -852,6 +860,9 @@ impl Inner {
     /// stamped from now on are taken, and has the supervisor reload the pins, for those
     /// made between the step and now.
     fn clock_stepped_back(&self, ts: u64) {
+        self.step_ts.store(ts, Ordering::Release);
+        self.step_seen_us
+            .store(self.opened.elapsed().as_micros() as u64, Ordering::Release);
         let mut moved = 0usize;
         for mut e in self.cache.iter_mut() {
             if e.ts > ts {
@@ -865,6 +876,34 @@ impl Inner {
             rooms = moved,
             "Redis's clock stepped back (a reply is older than changes heard before it); reloading the pins"
         );
+    }
+
+    /// How much later than a reply's time a change heard before it can be stamped:
+    /// `command_timeout`, plus a second for this task to be scheduled.
+    fn reply_slack_us(&self) -> u64 {
+        (self.cmd_timeout + Duration::from_secs(1)).as_micros() as u64
+    }
+
+    /// The time to order a published change by. One stamped before a step back of Redis's
+    /// clock can still be on its way when a reply shows the step (and the cache's times are
+    /// brought back): its time, ahead of any Redis can show for a while, would make every
+    /// later change to the room look older and be ignored. Within that while, a change
+    /// stamped later than Redis's clock can read (the step's reply, the time since, the
+    /// slack) is ordered before everything heard after it, which it is: the subscription
+    /// delivers changes in the order Redis made them.
+    fn unstep(&self, ts: u64) -> u64 {
+        let step = self.step_ts.load(Ordering::Acquire);
+        if step == 0 {
+            return ts;
+        }
+        let since = (self.opened.elapsed().as_micros() as u64)
+            .saturating_sub(self.step_seen_us.load(Ordering::Acquire));
+        let slack = self.reply_slack_us();
+        if since <= slack && ts > step.saturating_add(since).saturating_add(slack) {
+            1
+        } else {
+            ts
+        }
     }
 
     // --- Redis operations (no fallback) ---
@@ -1732,7 +1771,7 @@ impl Inner {
             else {
                 return;
             };
-            self.apply(&room, self.decode(v), ts);
+            self.apply(&room, self.decode(v), self.unstep(ts));
         } else if channel == self.keys.nodes_channel {
             let Ok(env) = serde_json::from_str::<Envelope>(text) else {
                 return;

@@ -338,7 +338,7 @@ enum Failure {
     Closed,
     /// The connection was reset (the server closed it with the request unread).
     Reset,
-    /// Anything else hyper reports (malformed answer, reset, ...).
+    /// Anything else hyper reports (a malformed answer, ...).
     Transport,
 }
 

@@ -853,7 +853,8 @@ impl Inner {
         if ahead {
             self.clock_stepped_back(ts);
         }
-        self.apply(room, pin, ts);
+        // A reply to a command that ran before the step can still arrive after it.
+        self.apply(room, pin, self.unstep(ts));
     }
 
     /// Brings every cached time after `ts` (Redis's time now) back to it, so that changes
@@ -884,13 +885,15 @@ impl Inner {
         (self.cmd_timeout + Duration::from_secs(1)).as_micros() as u64
     }
 
-    /// The time to order a published change by. One stamped before a step back of Redis's
-    /// clock can still be on its way when a reply shows the step (and the cache's times are
-    /// brought back): its time, ahead of any Redis can show for a while, would make every
-    /// later change to the room look older and be ignored. Within that while, a change
-    /// stamped later than Redis's clock can read (the step's reply, the time since, the
-    /// slack) is ordered before everything heard after it, which it is: the subscription
-    /// delivers changes in the order Redis made them.
+    /// The time to order a published change, or a reply, by. One stamped before a step back
+    /// of Redis's clock can still be on its way when a reply shows the step (and the cache's
+    /// times are brought back): its time, ahead of any Redis can show for a while, would
+    /// make every later change to the room look older and be ignored. Within that while, a
+    /// change stamped later than Redis's clock can read (the step's reply, the time since,
+    /// the slack) is ordered before everything heard after it, which it is for messages (the
+    /// subscription delivers changes in the order Redis made them); a reply ordered so may
+    /// lose to an older change the cache already holds, which the reload the step asked for
+    /// corrects.
     fn unstep(&self, ts: u64) -> u64 {
         let step = self.step_ts.load(Ordering::Acquire);
         if step == 0 {

@@ -459,36 +459,50 @@ async fn a_node_change_redis_refuses_is_announced_only_once_it_is_stored() {
     let a = serve(config(&url, &p)).await;
     let b = serve(config(&url, &p)).await;
     let c = client();
-    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    let nodes = ["n1", "n2", "n3"];
+    for n in nodes {
+        heartbeat(&c, &a.base(), n, 0.0, &[]).await;
+    }
     assert!(
         eventually(Duration::from_secs(3), || async {
-            b.node_state("n1").is_some()
+            nodes.iter().all(|n| b.node_state(n).is_some())
         })
         .await,
-        "router B hears of n1"
+        "router B hears of the nodes"
     );
     let conn = redis_conn(&url).await;
     refuse_writes(&conn, 1).await;
-    admin_action(&c, &a.base(), "n1", "drain").await;
-    // Two re-syncs (1 s each) pass while the write is refused.
+    let changes = [("n1", "drain", "draining"), ("n2", "disable", "disabled")];
+    for (n, action, _) in changes {
+        admin_action(&c, &a.base(), n, action).await;
+    }
+    // Two re-syncs (1 s each) pass while the writes are refused.
     tokio::time::sleep(Duration::from_millis(2_200)).await;
-    assert_eq!(a.node_state("n1").as_deref(), Some("draining"));
-    assert_eq!(b.node_state("n1").as_deref(), Some("active"));
-    assert_eq!(stored_admin_state(&conn, &p, "n1").await, None);
+    for (n, _, state) in changes {
+        assert_eq!(a.node_state(n).as_deref(), Some(state));
+        assert_eq!(b.node_state(n).as_deref(), Some("active"), "{n} not heard");
+        assert_eq!(
+            stored_admin_state(&conn, &p, n).await,
+            None,
+            "{n} not stored"
+        );
+    }
     refuse_writes(&conn, 0).await;
-    // The node's next heartbeat wakes the writer, which writes the kept change first.
-    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            b.node_state("n1").as_deref() == Some("draining")
-        })
-        .await,
-        "router B hears of the drain once it is stored"
-    );
-    assert_eq!(
-        stored_admin_state(&conn, &p, "n1").await.as_deref(),
-        Some("draining")
-    );
+    // A heartbeat wakes the writer, which writes the kept changes first.
+    heartbeat(&c, &a.base(), "n3", 0.0, &[]).await;
+    for (n, _, state) in changes {
+        assert!(
+            eventually(Duration::from_secs(3), || async {
+                b.node_state(n).as_deref() == Some(state)
+            })
+            .await,
+            "router B hears that {n} is {state} once it is stored"
+        );
+        assert_eq!(
+            stored_admin_state(&conn, &p, n).await.as_deref(),
+            Some(state)
+        );
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -1463,21 +1463,25 @@ impl Inner {
     /// Writes the node changes kept since a write failed. On an error, what is not yet
     /// written stays kept (unless a newer change of the same kind replaced it meanwhile).
     async fn write_pending_nodes(&self) -> Result<(), StoreError> {
-        let nodes: Vec<(String, NodeUpdate)> = self
+        let mut nodes: Vec<(String, NodeUpdate)> = self
             .pending_nodes
             .lock()
             .map(|mut m| m.drain().collect())
             .unwrap_or_default();
-        let mut left = nodes.into_iter();
-        while let Some((key, u)) = left.next() {
-            if let Err(e) = self.write_node(&u).await {
+        let mut done = 0;
+        while done < nodes.len() {
+            let end = (done + MAX_NODE_BATCH).min(nodes.len());
+            let updates: Vec<NodeUpdate> =
+                nodes[done..end].iter().map(|(_, u)| u.clone()).collect();
+            if let Err(e) = self.write_nodes(&updates).await {
                 if let Ok(mut m) = self.pending_nodes.lock() {
-                    for (key, u) in std::iter::once((key, u)).chain(left) {
+                    for (key, u) in nodes.drain(done..) {
                         m.entry(key).or_insert(u);
                     }
                 }
                 return Err(e);
             }
+            done = end;
         }
         Ok(())
     }

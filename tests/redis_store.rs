@@ -1485,6 +1485,48 @@ async fn a_redis_clock_that_steps_back_is_noticed_and_the_pins_reloaded() {
     cleanup(&url, &p).await;
 }
 
+/// Redis's clock steps back and router A sends no command about the room: the other
+/// router's change, stamped after the step and so an hour "older" than what A heard, tells A
+/// of the step by itself, and A follows the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_older_than_the_cache_by_more_than_the_margin_shows_a_clock_step() {
+    let Some((url, _private)) = redis_for("clock_step_message") else {
+        return;
+    };
+    let p = prefix("stepmessage");
+    let a = store::open(&config(&url, &p)).await.unwrap();
+    let b = store::open(&config(&url, &p)).await.unwrap();
+    let (n1, n2, r) = (node("n1"), node("n2"), room("quiet"));
+    assert!(matches!(
+        b.pin_if(&r, &n1, None, 1_000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // The change as router A heard of it before the step: stamped an hour ahead.
+    let ahead_us = now_ms() * 1_000 + 3_600_000_000;
+    let mut c = redis_conn(&url).await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{p}:pins"))
+        .arg(format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str()))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b.release_if(&r, &n1).await.unwrap());
+    assert!(matches!(
+        b.pin_if(&r, &n2, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&r).await.unwrap().map(|p| p.node) == Some(n2.clone())
+        })
+        .await,
+        "router A follows the room: {:?}",
+        a.get(&r).await.unwrap()
+    );
+    cleanup(&url, &p).await;
+}
+
 /// A change stamped before Redis's clock stepped back can still be on its way when a reply
 /// shows the step: heard after the cache's times were brought back (and, maybe, after the
 /// reload), its time an hour ahead would make every later change to the room look older,

@@ -402,7 +402,7 @@ struct Inner {
     /// Highest Redis time seen (µs), to age tombstones.
     last_ts: AtomicU64,
     /// Set when Redis's clock is found to have stepped back: the cache, which orders
-    /// changes by their Redis time, is reloaded ([`Inner::apply_reply`]).
+    /// changes by their Redis time, is reloaded ([`Inner::apply_stamped`]).
     reload: AtomicBool,
     /// The Redis time (µs) of the reply that last showed a step back (0: none yet), and
     /// when it came (µs after `opened`): see [`Inner::unstep`].
@@ -833,15 +833,17 @@ impl Inner {
         }
     }
 
-    /// Puts the room's state a reply to this router's own command returned (Redis's state
-    /// when the command ran, stamped `ts`) into the cache, as [`Inner::apply`] does, first
-    /// checking Redis's clock. A change this router heard of before the reply arrived was
-    /// made at most `command_timeout` after the command ran (plus a second for this task
-    /// to be scheduled); a cached change stamped later than that was stamped before Redis's
-    /// clock stepped back. Every change made since the step then looks older than what the
-    /// cache holds and would be ignored until the clock caught up: the cache's times are
-    /// brought back to the reply's and the pins reloaded.
-    fn apply_reply(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
+    /// Puts a room's state stamped by Redis (a reply to this router's own command, or a
+    /// published change: Redis's state when the command ran, at `ts`) into the cache, as
+    /// [`Inner::apply`] does, first checking Redis's clock. A change this router heard of
+    /// before a reply arrived was made at most `command_timeout` after the command ran (plus
+    /// a second for this task to be scheduled), and one heard before a message no later
+    /// than the message's delivery delay, which the same margin bounds; a cached change
+    /// stamped later than that was stamped before Redis's clock stepped back. Every change
+    /// made since the step then looks older than what the cache holds and would be ignored
+    /// until the clock caught up: the cache's times are brought back to this one's and the
+    /// pins reloaded.
+    fn apply_stamped(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
         let slack = self.reply_slack_us();
         // A time of 0 is no time (a reply that did not parse), not a step to the epoch.
         let ahead = self.steps_seen
@@ -957,7 +959,7 @@ impl Inner {
         new_pin: bool,
     ) -> Result<PinOutcome, StoreError> {
         let PinReply { won, pin, ts } = reply;
-        self.apply_reply(room, pin.clone(), ts);
+        self.apply_stamped(room, pin.clone(), ts);
         if won {
             let pin = pin.ok_or_else(|| err("pin: unreadable reply"))?;
             if new_pin {
@@ -983,7 +985,7 @@ impl Inner {
         let ts = ts.parse().unwrap_or(0);
         let old = self.decode(&old);
         if old.is_some() {
-            self.apply_reply(room, None, ts);
+            self.apply_stamped(room, None, ts);
             let _ = self
                 .index_tx
                 .send(IndexOp::Remove(room.as_str().to_string()));
@@ -1043,7 +1045,7 @@ impl Inner {
         let inv = self.read.key(self.keys.room(room.as_str()));
         let (v, ts): (String, String) = self.run("read", inv.invoke_async(&mut c)).await?;
         let pin = self.decode(&v);
-        self.apply_reply(room, pin.clone(), ts.parse().unwrap_or(0));
+        self.apply_stamped(room, pin.clone(), ts.parse().unwrap_or(0));
         Ok(pin)
     }
 
@@ -1232,7 +1234,7 @@ impl Inner {
     ///   `down` before it, so a join that saw the store down may queue its decision just
     ///   after; left there it would wait for the next outage while other routers, finding
     ///   no pin in Redis, place the room afresh);
-    /// - reloads the pins if Redis's clock stepped back ([`Inner::apply_reply`]). Messages
+    /// - reloads the pins if Redis's clock stepped back ([`Inner::apply_stamped`]). Messages
     ///   wait meanwhile; those older than the reload are then ignored, its reads being newer.
     ///
     /// A failed write-back is an outage only if Redis fails the probe too; one Redis
@@ -1587,7 +1589,7 @@ impl Inner {
         let ts = ts.parse().unwrap_or(0);
         Ok(match state {
             1 => {
-                self.apply_reply(room, None, ts);
+                self.apply_stamped(room, None, ts);
                 let _ = self
                     .index_tx
                     .send(IndexOp::Remove(room.as_str().to_string()));
@@ -1595,15 +1597,15 @@ impl Inner {
             }
             0 => {
                 // Confirmed since, perhaps by another router: take its confirmation time.
-                self.apply_reply(room, self.decode(&v), ts);
+                self.apply_stamped(room, self.decode(&v), ts);
                 Swept::Confirmed
             }
             2 => {
-                self.apply_reply(room, self.decode(&v), ts);
+                self.apply_stamped(room, self.decode(&v), ts);
                 Swept::NotThere
             }
             _ => {
-                self.apply_reply(room, None, ts);
+                self.apply_stamped(room, None, ts);
                 Swept::NotThere
             }
         })
@@ -1778,7 +1780,7 @@ impl Inner {
             else {
                 return;
             };
-            self.apply(&room, self.decode(v), self.unstep(ts));
+            self.apply_stamped(&room, self.decode(v), ts);
         } else if channel == self.keys.nodes_channel {
             let Ok(env) = serde_json::from_str::<Envelope>(text) else {
                 return;

@@ -288,6 +288,42 @@ enum Pending {
     Replaced { node: NodeId, released: NodeId },
 }
 
+impl Pending {
+    /// Whether `node` is the node this decision pins or the one it replaces.
+    fn names(&self, node: &NodeId) -> bool {
+        match self {
+            Pending::Pinned { node: n, expected } => n == node || expected.as_ref() == Some(node),
+            Pending::Released { node: n } => n == node,
+            Pending::Replaced { node: n, released } => n == node || released == node,
+        }
+    }
+
+    /// The one decision to write back for `self`, whose write-back failed, followed by
+    /// `newer`, taken while `self` was being written (so queued as if nothing were): the
+    /// store still holds what `self` started from. The same composition as a decision
+    /// queued behind another (`pin_if_local`, `release_local`).
+    fn then(self, newer: Pending) -> Pending {
+        match (self, newer) {
+            (
+                Pending::Pinned { expected, .. },
+                Pending::Pinned { node, .. } | Pending::Replaced { node, .. },
+            ) => Pending::Pinned { node, expected },
+            (Pending::Pinned { .. }, released @ Pending::Released { .. }) => released,
+            (
+                Pending::Released { node: held } | Pending::Replaced { released: held, .. },
+                Pending::Pinned { node, .. } | Pending::Replaced { node, .. },
+            ) => Pending::Replaced {
+                node,
+                released: held,
+            },
+            (
+                Pending::Released { node: held } | Pending::Replaced { released: held, .. },
+                Pending::Released { .. },
+            ) => Pending::Released { node: held },
+        }
+    }
+}
+
 enum IndexOp {
     Add(String),
     Remove(String),
@@ -822,13 +858,25 @@ impl Inner {
     }
 
     /// Puts a change into the cache unless the cache already reflects a newer one.
+    ///
+    /// A local decision still queued for write-back ([`is_local_decision`]) is this router's
+    /// latest word on the room until its write-back settles it by compare-and-set, so it
+    /// stays against a release and against a pin to a node the decision names (the replies
+    /// and messages of an older decision's write-back, still in flight when it was taken).
+    /// A pin to another node is another router's, which that write-back will lose to: the
+    /// cache takes it now, so that joins here go where the other routers send them.
     fn apply(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
         self.see_ts(ts);
         let mut e = self
             .cache
             .entry(room.clone())
             .or_insert(Cached { pin: None, ts: 0 });
-        if e.ts <= ts {
+        let keep_local = e.ts == 0
+            && self.pending.get(room).is_some_and(|op| match &pin {
+                None => true,
+                Some(p) => op.names(&p.node),
+            });
+        if e.ts <= ts && !keep_local {
             *e = Cached { pin, ts };
         }
     }
@@ -1111,7 +1159,8 @@ impl Inner {
             };
             e.pin = Some(pin.clone());
             e.ts = 0;
-            drop(e);
+            // Queued while the cache entry is held (the lock order is always cache, then
+            // queue), so that no message lands between the two (`apply`).
             // Keep the oldest `expected`: that is what the store held before the outage.
             let node = node.clone();
             let op = match self.pending.get(room).map(|p| p.clone()) {
@@ -1124,6 +1173,7 @@ impl Inner {
                 },
             };
             self.pending.insert(room.clone(), op);
+            drop(e);
             PinOutcome::Won(pin)
         } else {
             PinOutcome::Lost(e.pin.clone())
@@ -1141,9 +1191,9 @@ impl Inner {
         }
         let old = e.pin.take();
         e.ts = 0;
-        drop(e);
         // Its confirmations are moot: written back, they would pin the room again.
         self.pending_confirms.remove(room);
+        // Queued while the cache entry is held, as in `pin_if_local`.
         if let Some(p) = &old {
             // What the store holds is what to release there: after a release and a new
             // pin here, still the first node.
@@ -1154,6 +1204,7 @@ impl Inner {
             self.pending
                 .insert(room.clone(), Pending::Released { node });
         }
+        drop(e);
         old
     }
 
@@ -1410,7 +1461,16 @@ impl Inner {
                 }
             };
             if let Err(e) = r {
-                self.pending.entry(room).or_insert(op);
+                // A decision taken meanwhile was queued as if `op` had been written.
+                match self.pending.entry(room) {
+                    dashmap::Entry::Occupied(mut newer) => {
+                        let newer = newer.get_mut();
+                        *newer = op.then(newer.clone());
+                    }
+                    dashmap::Entry::Vacant(v) => {
+                        v.insert(op);
+                    }
+                }
                 return Err(e);
             }
         }
@@ -2544,6 +2604,75 @@ impl PinStore for RedisStore {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    fn n(id: &str) -> NodeId {
+        NodeId::parse(id).unwrap()
+    }
+
+    fn pinned(node: &str, expected: Option<&str>) -> Pending {
+        Pending::Pinned {
+            node: n(node),
+            expected: expected.map(n),
+        }
+    }
+
+    fn released(node: &str) -> Pending {
+        Pending::Released { node: n(node) }
+    }
+
+    fn replaced(node: &str, released: &str) -> Pending {
+        Pending::Replaced {
+            node: n(node),
+            released: n(released),
+        }
+    }
+
+    /// A write-back that failed, and a decision taken while it was in flight (queued as if
+    /// it had gone through): what is queued then starts from what the store still holds.
+    #[test]
+    fn a_decision_taken_during_a_failed_write_back_starts_from_what_the_store_still_holds() {
+        let cases = [
+            // A release of X failed; the room was pinned to B meanwhile: X -> B.
+            (released("x"), pinned("b", None), replaced("b", "x")),
+            (released("x"), replaced("b", "c"), replaced("b", "x")),
+            // ... and released again: X is still the store's pin to release.
+            (released("x"), released("b"), released("x")),
+            (replaced("a", "x"), released("a"), released("x")),
+            (
+                replaced("a", "x"),
+                pinned("b", Some("a")),
+                replaced("b", "x"),
+            ),
+            // A pin over E failed; the room was re-pinned: still from E.
+            (
+                pinned("a", Some("e")),
+                pinned("b", Some("a")),
+                pinned("b", Some("e")),
+            ),
+            (pinned("a", None), replaced("b", "a"), pinned("b", None)),
+            // A pin failed and the room was released meanwhile: nothing of ours is stored.
+            (pinned("a", None), released("a"), released("a")),
+        ];
+        for (failed, newer, want) in cases {
+            let got = failed.clone().then(newer.clone());
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{want:?}"),
+                "{failed:?} then {newer:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_queued_decision_names_the_node_it_pins_and_the_one_it_replaces() {
+        assert!(pinned("b", Some("e")).names(&n("b")));
+        assert!(pinned("b", Some("e")).names(&n("e")));
+        assert!(!pinned("b", None).names(&n("e")));
+        assert!(released("x").names(&n("x")));
+        assert!(!released("x").names(&n("b")));
+        assert!(replaced("b", "x").names(&n("x")) && replaced("b", "x").names(&n("b")));
+        assert!(!replaced("b", "x").names(&n("d")));
+    }
 
     #[test]
     fn a_batch_of_index_changes_leaves_each_room_as_its_last_change() {

@@ -425,6 +425,9 @@ struct Inner {
     /// could not be written: kept by [`pending_node_key`] until written, by the writer's next
     /// round once Redis answers again, or by the write-back after an outage.
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
+    /// Held by whoever writes node changes (the node writer, the supervisor's write-back of
+    /// kept ones), so that they reach Redis in the order they were made.
+    node_writes: tokio::sync::Mutex<()>,
     down: AtomicBool,
     /// The subscription is open and the cache caught up since it opened. While it is not
     /// (and Redis answers, so the store is not down), the cache hears of no other router's
@@ -619,6 +622,7 @@ impl RedisStore {
             pending: RoomMap::default(),
             pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
+            node_writes: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(true),
             subscribed: AtomicBool::new(false),
             sub_next: AtomicUsize::new(0),
@@ -1390,6 +1394,7 @@ impl Inner {
                 .collect(),
             None => Vec::new(),
         };
+        let _one_writer = self.node_writes.lock().await;
         for (id, state) in admin {
             self.write_node(&NodeUpdate::Admin { id, state }).await?;
         }
@@ -1525,6 +1530,12 @@ impl Inner {
     /// Writes the node changes kept since a write failed. On an error, what is not yet
     /// written stays kept (unless a newer change of the same kind replaced it meanwhile).
     async fn write_pending_nodes(&self) -> Result<(), StoreError> {
+        let _one_writer = self.node_writes.lock().await;
+        self.write_kept_nodes().await
+    }
+
+    /// [`Inner::write_pending_nodes`], by a caller that holds `node_writes`.
+    async fn write_kept_nodes(&self) -> Result<(), StoreError> {
         let mut nodes: Vec<(String, NodeUpdate)> = self
             .pending_nodes
             .lock()
@@ -2108,13 +2119,15 @@ async fn node_writer(
         supersede(&mut batch);
         // A change kept after a failed write goes first (and before what may supersede it):
         // a write can fail while Redis is reachable (a command refused at `maxmemory`), so
-        // it cannot wait for the write-back after an outage, which may never come.
-        if !inner.is_down() {
-            let _ = inner.write_pending_nodes().await;
-        }
+        // it cannot wait for the write-back after an outage, which may never come. If it
+        // fails again, the batch is kept behind it, not written: an older admin state
+        // written after a newer one would undo it.
+        let _one_writer = inner.node_writes.lock().await;
+        let mut writable = !inner.is_down() && inner.write_kept_nodes().await.is_ok();
         // The batch in one round trip (at most `MAX_NODE_BATCH` at a time).
         for chunk in batch.chunks(MAX_NODE_BATCH) {
-            if inner.is_down() || inner.write_nodes(chunk).await.is_err() {
+            if !writable || inner.write_nodes(chunk).await.is_err() {
+                writable = false;
                 // Reports and reservations are repeated; the next one replaces a lost one.
                 // Admin changes are not.
                 let keep = chunk.iter().filter(|u| {

@@ -187,6 +187,9 @@ async fn malformed_and_oversized_bodies() {
         json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": -1}),
         json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "cpu": 1.5}),
         json!({"url": "ftp://127.0.0.1:9", "capacity": 100, "load": 1}),
+        // A URL the router could not put in a redirect or a request line.
+        json!({"url": "http://127.0.0.1:9\n", "capacity": 100, "load": 1}),
+        json!({"url": "http://127.0.0.1:9/a b", "capacity": 100, "load": 1}),
         json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "state": "disabled"}),
         json!({"url": "http://127.0.0.1:9", "capacity": "lots", "load": 1}),
         json!({"capacity": 100, "load": 1}),

@@ -93,8 +93,18 @@ impl std::fmt::Debug for IdentityHasher {
     }
 }
 
-/// Checks a node URL: absolute http(s) with a host.
+/// Checks a node URL: absolute http(s) with a host, kept as given, so it must already be
+/// in the form a `Location` header and a request line carry. (`Url::parse` would accept,
+/// and quietly clean up, a trailing newline, a space, an international host name: the
+/// string stored would then fail every redirect and every proxied request to the node.)
 pub fn check_url(s: &str) -> Result<(), String> {
+    if s.parse::<http::Uri>().is_err() {
+        return Err(
+            "must be a plain URL: no spaces or control characters, non-ASCII \
+                    percent-encoded, an international host name in its xn-- form"
+                .into(),
+        );
+    }
     let u = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
     if u.scheme() != "http" && u.scheme() != "https" {
         return Err("must be an http:// or https:// URL".into());
@@ -302,5 +312,16 @@ mod tests {
         assert!(check_url("ftp://x").is_err());
         assert!(check_url("not a url").is_err());
         assert!(check_url("http://x/?a=b").is_err());
+        // What `Url::parse` would clean up is refused: the string is used as given.
+        for unusable in [
+            "http://media-1:8080\n",
+            " http://media-1:8080",
+            "http://media-1/me dia",
+            "http://mé.example.org",
+            "http://media-1:8080/\tx",
+        ] {
+            assert!(check_url(unusable).is_err(), "{unusable:?}");
+        }
+        assert!(check_url("http://xn--m-bga.example.org/me%20dia").is_ok());
     }
 }

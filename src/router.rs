@@ -676,18 +676,16 @@ impl<S: PinStore> Router<S> {
                     evict.push(room);
                 }
             }
-            let before = std::mem::take(
-                &mut *entry
-                    .live
-                    .reported_rooms
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            for gone in before.iter().filter(|r| !listed.contains(*r)) {
+            // Taken, and put back if this heartbeat fails or is dropped half-way: the next
+            // one must still find what the node listed before, or it could not tell which
+            // rooms ended meanwhile.
+            let before = PutBack::take(&entry.live.reported_rooms);
+            for gone in before.rooms().filter(|r| !listed.contains(*r)) {
                 if !self.end_room(gone, &entry, "unlisted").await? {
                     kept.push(gone.clone());
                 }
             }
+            before.done();
             listed.extend(kept);
             // Pins kept for tickets still count: a drained node is removed only once no
             // ticket for it can still arrive.
@@ -1191,6 +1189,44 @@ fn static_info(n: &StaticNode) -> NodeInfo {
         capacity: n.capacity,
         region: n.region.clone(),
         tags,
+    }
+}
+
+/// A node's reported rooms taken out for a heartbeat to compare with; put back (merged with
+/// whatever another heartbeat stored meanwhile) unless [`PutBack::done`] says the heartbeat
+/// got through, so that an error or a dropped request loses nothing.
+struct PutBack<'a> {
+    slot: &'a std::sync::Mutex<HashSet<RoomKey>>,
+    rooms: Option<HashSet<RoomKey>>,
+}
+
+impl<'a> PutBack<'a> {
+    fn take(slot: &'a std::sync::Mutex<HashSet<RoomKey>>) -> Self {
+        let rooms = std::mem::take(&mut *slot.lock().unwrap_or_else(|p| p.into_inner()));
+        PutBack {
+            slot,
+            rooms: Some(rooms),
+        }
+    }
+
+    fn rooms(&self) -> impl Iterator<Item = &RoomKey> {
+        self.rooms.iter().flatten()
+    }
+
+    /// The heartbeat stores its own list: nothing to put back.
+    fn done(mut self) {
+        self.rooms = None;
+    }
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        if let Some(rooms) = self.rooms.take() {
+            self.slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(rooms);
+        }
     }
 }
 

@@ -793,11 +793,13 @@ async fn a_report_listing_a_room_twice_does_not_release_it() {
 ///   and its confirmation of it;
 /// - `sweep_pause`: `sweep_idle` says it has swept (the first) and waits for a go (the
 ///   second) before it answers, so that a test can act in between.
+/// - `refuse_releases`: `release_if` fails, as a store that times out would.
 #[derive(Default)]
 struct HookedStore {
     inner: MemoryStore,
     moved_before_confirm: std::sync::Mutex<Option<(RoomKey, NodeId)>>,
     sweep_pause: Option<(tokio::sync::Notify, tokio::sync::Notify)>,
+    refuse_releases: std::sync::atomic::AtomicBool,
 }
 
 impl PinStore for HookedStore {
@@ -826,6 +828,9 @@ impl PinStore for HookedStore {
         self.inner.confirm(room, node, now).await
     }
     async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
+        if self.refuse_releases.load(Ordering::SeqCst) {
+            return Err(StoreError("release refused".into()));
+        }
         self.inner.release_if(room, node).await
     }
     async fn release_if_unconfirmed(
@@ -866,6 +871,34 @@ impl PinStore for HookedStore {
     }
     fn health(&self) -> StoreHealth {
         self.inner.health()
+    }
+}
+
+/// A heartbeat that fails half-way (the store refused a release) leaves the node's reported
+/// rooms as they were: the next heartbeat still ends the rooms the node stopped listing.
+#[tokio::test]
+async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_with() {
+    let store = HookedStore::default();
+    let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    for k in ["r1", "r2"] {
+        assert_eq!(node_of(&r, k).await, "a");
+    }
+    beat(&r, "a", 1000.0, 2.0, Some(vec![("r1", 1), ("r2", 1)])).await;
+    r.clock().advance(TICKET_WINDOW_MS + 1);
+    r.store.refuse_releases.store(true, Ordering::SeqCst);
+    let hb = Heartbeat {
+        info: info(1000.0),
+        load: 0.0,
+        cpu: None,
+        state: AdminState::Active,
+        rooms: Some(Vec::new()),
+    };
+    assert!(r.heartbeat(&id("a"), hb).await.is_err());
+    r.store.refuse_releases.store(false, Ordering::SeqCst);
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
+    for k in ["r1", "r2"] {
+        assert!(r.room(&room(k)).await.unwrap().is_none(), "{k} ended");
     }
 }
 

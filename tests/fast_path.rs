@@ -687,6 +687,25 @@ async fn a_client_that_stalls_mid_head_is_cut_after_the_header_timeout() {
     r.stop().await;
 }
 
+/// A head over `server.max_header_bytes` (16 KiB by default) gets 431 on this path too,
+/// also when its last piece comes in one read that takes it past the limit at once.
+#[tokio::test]
+async fn a_head_over_the_limit_is_refused_even_when_one_read_completes_it() {
+    let (r, node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnode"]).await;
+    c.send(&format!(
+        "GET /rooms/big HTTP/1.1\r\nHost: router.test\r\nX-Pad-1: {}\r\n",
+        "a".repeat(15_800)
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(&format!("X-Pad-2: {}\r\n\r\n", "b".repeat(8_000)))
+        .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 431, "{a:?}");
+    assert!(node.seen().is_empty(), "{:?}", node.seen().len());
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn placement_lookups_are_answered_on_the_fast_path() {
     let (r, _node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]).await;

@@ -90,6 +90,11 @@ pub async fn serve<S: PinStore>(
             .reset(Instant::now() + limits.header_read_timeout);
         let plan = loop {
             match head::parse_request(&c.buf) {
+                // One read can complete a head past the limit (the buffer grows): hyper
+                // answers it 431, as it would had the head come on its path.
+                Parse::Head(p) if p.len > limits.max_header_bytes => {
+                    return handoff(app, c.buf.split().freeze())
+                }
                 Parse::Head(p) => break p,
                 Parse::Other => return handoff(app, c.buf.split().freeze()),
                 // Too large for this path: hyper answers 431.

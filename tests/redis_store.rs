@@ -1323,6 +1323,48 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y.clone()));
 }
 
+/// Redis restarts empty; the router writes back a pin whose confirmation it knows only from
+/// an hour ago (confirmations are not published: a router that only watches the room learns
+/// of them late). The pin goes back created when it was and confirmed now, so the next sweep
+/// does not release a room that is going on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_written_back_after_a_restart_is_not_swept_for_an_old_confirmation() {
+    let Some(mut redis) = private_redis_for("write_back_confirmed") else {
+        return;
+    };
+    let p = prefix("writebackconfirmed");
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
+        .await
+        .unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    let hour_ago = now_ms() - 3_600_000;
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, hour_ago).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.cut();
+    redis.restart();
+    door.restore();
+    let (url, key) = (redis.url(), room_key(&p, "standup"));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            redis_pin(&url, &key).await.is_some() && a.health() == StoreHealth::Ok
+        })
+        .await,
+        "the pin is written back and the store is up"
+    );
+    let v = redis_pin(&url, &key).await.unwrap();
+    let fields: Vec<&str> = v.split('|').collect();
+    assert_eq!(fields[..2], ["n1", &hour_ago.to_string()], "{v}");
+    let confirmed: u64 = fields[2].parse().unwrap();
+    assert!(confirmed + 60_000 >= now_ms(), "confirmed now: {v}");
+    let now = now_ms();
+    let swept = a.sweep_idle(now - 60_000, now).await.unwrap();
+    assert!(swept.is_empty(), "{swept:?}");
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
+}
+
 /// Redis comes back empty (a restart) but refuses writes for a while (here
 /// `min-replicas-to-write` with no replica, as a new master may): the write-back of every
 /// cached pin fails. It is tried again until it succeeds, not skipped because the server's

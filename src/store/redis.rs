@@ -66,7 +66,9 @@ use crate::config::StoreConfig;
 use crate::placement::Millis;
 use crate::room::{Normalization, RoomKey, RoomMap};
 
-/// Sets the pin if the current node is ARGV[2] ('' = no pin). Returns {won, value, ts}.
+/// Sets the pin if the current node is ARGV[2] ('' = no pin), created and confirmed at
+/// ARGV[3], or created at ARGV[7] when given (a write-back keeps the pin's own). Returns
+/// {won, value, ts}.
 const PIN_IF: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
@@ -74,7 +76,9 @@ local ts = t[1] .. string.format('%06d', tonumber(t[2]))
 local curnode = ''
 if cur then curnode = string.match(cur, '^[^|]*') end
 if (cur and ARGV[2] ~= '' and curnode == ARGV[2]) or ((not cur) and ARGV[2] == '') then
-  local v = ARGV[1] .. '|' .. ARGV[3] .. '|' .. ARGV[3]
+  local created = ARGV[3]
+  if ARGV[7] and ARGV[7] ~= '' then created = ARGV[7] end
+  local v = ARGV[1] .. '|' .. created .. '|' .. ARGV[3]
   redis.call('SET', KEYS[1], v, 'PX', ARGV[4])
   redis.call('PUBLISH', ARGV[5], ts .. '\n' .. v .. '\n' .. ARGV[6])
   return {1, v, ts}
@@ -973,6 +977,7 @@ impl Inner {
         node: &NodeId,
         expected: Option<&NodeId>,
         now: Millis,
+        created: Option<Millis>,
     ) -> Result<PinReply, StoreError> {
         let mut c = self.conn();
         let mut inv = self.pin_if.key(self.keys.room(room.as_str()));
@@ -982,6 +987,9 @@ impl Inner {
             .arg(self.pin_ttl_ms)
             .arg(&self.keys.pins_channel)
             .arg(room.as_str());
+        if let Some(created) = created {
+            inv.arg(created);
+        }
         let (won, v, ts): (i64, String, String) = self.run("pin", inv.invoke_async(&mut c)).await?;
         Ok(PinReply {
             won: won == 1,
@@ -999,7 +1007,7 @@ impl Inner {
         expected: Option<&NodeId>,
         now: Millis,
     ) -> Result<PinOutcome, StoreError> {
-        let reply = self.pin_script(room, node, expected, now).await?;
+        let reply = self.pin_script(room, node, expected, now, None).await?;
         self.settle_pin(room, reply, expected.is_none())
     }
 
@@ -1425,9 +1433,15 @@ impl Inner {
     ///
     /// The older pin the first reply shows is not cached: while the store is still down the
     /// cache answers joins, and it must keep sending them to ours until the swap is done.
+    ///
+    /// The pin goes back created when it was and confirmed now: the confirmation this router
+    /// cached may be far older than the one Redis lost (confirmations are not published, so
+    /// a router that only watches the room learns of them late), and a pin written back with
+    /// it could be released as idle by the next sweep while its room goes on.
     async fn write_back_newer(&self, room: &RoomKey, ours: &Pin) -> Result<(), StoreError> {
+        let (now, created) = (ours.confirmed_at.max(wall_ms()), Some(ours.created_at));
         let reply = self
-            .pin_script(room, &ours.node, None, ours.confirmed_at)
+            .pin_script(room, &ours.node, None, now, created)
             .await?;
         let theirs = match &reply.pin {
             Some(p) if !reply.won && p.node != ours.node && p.created_at < ours.created_at => {
@@ -1435,9 +1449,10 @@ impl Inner {
             }
             _ => return self.settle_pin(room, reply, true).map(|_| ()),
         };
-        self.pin_if_remote(room, &ours.node, Some(&theirs), ours.confirmed_at)
-            .await
-            .map(|_| ())
+        let reply = self
+            .pin_script(room, &ours.node, Some(&theirs), now, created)
+            .await?;
+        self.settle_pin(room, reply, false).map(|_| ())
     }
 
     async fn write_back(&self) -> Result<(), StoreError> {

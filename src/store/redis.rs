@@ -1339,10 +1339,15 @@ impl Inner {
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!("Redis reachable again; pins reconciled");
         }
-        // Decisions queued while the load ran.
+        // Decisions queued while the load ran. As in `catch_up`, a failure is an outage only
+        // if Redis fails the probe too: one it refuses while it answers stays queued for
+        // the supervisor's next check, rather than putting this router back to deciding
+        // locally while the other routers follow Redis.
         if let Err(e) = self.write_back().await {
-            self.mark_down(&e);
-            return Err(e);
+            if self.confirm_down(e.clone()).await.is_ok() {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "a queued decision Redis refused stays queued");
         }
         Ok(())
     }

@@ -1460,6 +1460,27 @@ async fn a_room_released_and_pinned_again_at_once_stays_indexed() {
     cleanup(&url, &p).await;
 }
 
+/// Publishes `r`'s pin to n1 as routers heard of it before Redis's clock stepped back an
+/// hour: stamped an hour ahead of Redis's time now.
+async fn publish_from_before_a_step(url: &str, p: &str, r: &RoomKey) {
+    let ahead_us = now_ms() * 1_000 + 3_600_000_000;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{p}:pins"))
+        .arg(format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str()))
+        .query_async(&mut redis_conn(url).await)
+        .await
+        .unwrap();
+}
+
+/// Router `b` moves `r` from `from` to `to`: a release, then a new pin.
+async fn move_room(b: &AnyStore, r: &RoomKey, from: &NodeId, to: &NodeId) {
+    assert!(b.release_if(r, from).await.unwrap());
+    assert!(matches!(
+        b.pin_if(r, to, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+}
+
 /// Redis's clock steps back (here: changes stamped an hour ahead, as those made before a
 /// step back of an hour are). A router orders the changes it hears of by their Redis time,
 /// so it would ignore every later change to those rooms for the hour, sending their joins
@@ -1475,29 +1496,18 @@ async fn a_redis_clock_that_steps_back_is_noticed_and_the_pins_reloaded() {
     let b = store::open(&config(&url, &p)).await.unwrap();
     let (n1, n2) = (node("n1"), node("n2"));
     let (asked, silent) = (room("asked"), room("silent"));
-    let mut c = redis_conn(&url).await;
     for r in [&asked, &silent] {
         assert!(matches!(
             a.pin_if(r, &n1, None, 1_000).await.unwrap(),
             PinOutcome::Won(_)
         ));
-        // The change as router A heard of it before the step: stamped an hour ahead.
-        let ahead_us = now_ms() * 1_000 + 3_600_000_000;
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(format!("{p}:pins"))
-            .arg(format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str()))
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        // The change as router A heard of it before the step.
+        publish_from_before_a_step(&url, &p, r).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // After the step, router B moves both rooms to n2.
     for r in [&asked, &silent] {
-        assert!(b.release_if(r, &n1).await.unwrap());
-        assert!(matches!(
-            b.pin_if(r, &n2, None, now_ms()).await.unwrap(),
-            PinOutcome::Won(_)
-        ));
+        move_room(&b, r, &n1, &n2).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // A's node still reports `asked` on n1: Redis refuses the confirmation, and its reply,
@@ -1543,21 +1553,10 @@ async fn a_message_older_than_the_cache_by_more_than_the_margin_shows_a_clock_st
         b.pin_if(&r, &n1, None, 1_000).await.unwrap(),
         PinOutcome::Won(_)
     ));
-    // The change as router A heard of it before the step: stamped an hour ahead.
-    let ahead_us = now_ms() * 1_000 + 3_600_000_000;
-    let mut c = redis_conn(&url).await;
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{p}:pins"))
-        .arg(format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str()))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    // The change as router A heard of it before the step.
+    publish_from_before_a_step(&url, &p, &r).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(b.release_if(&r, &n1).await.unwrap());
-    assert!(matches!(
-        b.pin_if(&r, &n2, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    move_room(&b, &r, &n1, &n2).await;
     assert!(
         eventually(Duration::from_secs(3), || async {
             a.get(&r).await.unwrap().map(|p| p.node) == Some(n2.clone())
@@ -1583,42 +1582,23 @@ async fn a_change_from_before_a_clock_step_heard_after_it_does_not_hide_later_on
     let b = store::open(&config(&url, &p)).await.unwrap();
     let (n1, n2) = (node("n1"), node("n2"));
     let (asked, late) = (room("asked"), room("late"));
-    let mut c = redis_conn(&url).await;
-    let ahead = |r: &RoomKey| {
-        let ahead_us = now_ms() * 1_000 + 3_600_000_000;
-        format!("{ahead_us}\nn1|1000|1000\n{}", r.as_str())
-    };
     for r in [&asked, &late] {
         assert!(matches!(
             a.pin_if(r, &n1, None, 1_000).await.unwrap(),
             PinOutcome::Won(_)
         ));
     }
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{p}:pins"))
-        .arg(ahead(&asked))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    publish_from_before_a_step(&url, &p, &asked).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(b.release_if(&asked, &n1).await.unwrap());
     // Router A's confirmation is refused, in a reply an hour older than what it heard: the
     // step is noticed.
     assert!(!a.confirm(&asked, &n1, now_ms()).await.unwrap());
     // A change to `late` from before the step arrives only now.
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{p}:pins"))
-        .arg(ahead(&late))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    publish_from_before_a_step(&url, &p, &late).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // After the step, router B moves `late` to n2: router A hears of it.
-    assert!(b.release_if(&late, &n1).await.unwrap());
-    assert!(matches!(
-        b.pin_if(&late, &n2, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    move_room(&b, &late, &n1, &n2).await;
     assert!(
         eventually(Duration::from_secs(3), || async {
             a.get(&late).await.unwrap().map(|p| p.node) == Some(n2.clone())

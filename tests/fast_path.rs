@@ -349,6 +349,54 @@ async fn a_close_delimited_answer_ends_both_connections() {
     r.stop().await;
 }
 
+/// A close-delimited answer the node stops sending half-way (it stalls past
+/// `proxy.idle_timeout`) ends the client's connection with a reset, not a FIN: the client
+/// must not take the part it got for the whole.
+#[tokio::test]
+async fn a_close_delimited_answer_cut_half_way_ends_the_client_connection_with_a_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let node = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_request(&mut sock, &mut buf).await.unwrap();
+        sock.write_all(b"HTTP/1.1 200 OK\r\n\r\nthe first half")
+            .await
+            .unwrap();
+        // Stalls with the connection open (bounded: the test aborts it).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    let mut cfg = proxy_config();
+    cfg.proxy.idle_timeout = Duration::from_millis(300);
+    let r = TestRouter::start(cfg).await;
+    let body = serde_json::json!({"url": url, "capacity": 100, "load": 0});
+    assert_eq!(heartbeat(&r, "n1", body).await.status(), 200);
+    let mut c = Raw::connect(&r).await;
+    c.send(&get("/rooms/cut")).await;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.sock.read(&mut chunk)).await {
+            Ok(Ok(0)) => break Ok(()),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => break Err(e.kind()),
+            Err(_) => panic!("the router neither finished nor cut the answer"),
+        }
+    };
+    assert!(
+        String::from_utf8_lossy(&got).ends_with("the first half"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a reset, not a clean end"
+    );
+    node.abort();
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn interim_answers_are_skipped_and_pipelined_requests_answered_in_order() {
     let (r, node, mut c) = cluster(vec![

@@ -470,6 +470,38 @@ impl LoopServer {
     }
 }
 
+/// A connection's own socket: what [`reset`] needs once the connection is boxed.
+trait Socket {
+    #[cfg(unix)]
+    fn raw_socket(&self) -> std::os::fd::RawFd;
+}
+
+impl Socket for TcpStream {
+    #[cfg(unix)]
+    fn raw_socket(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+    #[cfg(unix)]
+    fn raw_socket(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.get_ref().0)
+    }
+}
+
+/// Closes `io`, whose socket is `socket`, with a reset (`SO_LINGER` 0) rather than a FIN.
+#[cfg(unix)]
+fn reset(io: BoxIo, socket: std::os::fd::RawFd) {
+    // SAFETY: `socket` is the descriptor of the socket `io` owns, open until `io` is
+    // dropped below.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket) };
+    if let Err(e) = rustix::net::sockopt::set_socket_linger(fd, Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "could not set the socket to reset on close");
+    }
+    drop(io);
+}
+
 /// Serves one connection, `(io, timeouts)`: the fast path first when there is one, then
 /// hyper once the protocol is known (see [`sniff`]); an HTTP/2 connection is shut
 /// down once idle (see [`idle`](super::idle)).
@@ -482,14 +514,20 @@ async fn serve_io<I>(
     fast: Option<FastPath>,
     stop: watch::Receiver<bool>,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Socket + 'static,
 {
+    #[cfg(unix)]
+    let socket = io.raw_socket();
     let mut io: BoxIo = Box::new(io);
     let mut info = info;
     let mut prefix = Bytes::new();
     if let Some(fast) = fast {
         match fast(io, info, stop.clone()).await {
             (_, _, Outcome::Closed) => return,
+            #[cfg(unix)]
+            (io, _, Outcome::Cut) => return reset(io, socket),
+            #[cfg(not(unix))]
+            (_, _, Outcome::Cut) => return,
             (i, inf, Outcome::Handoff(p)) => (io, info, prefix) = (i, inf, p),
         }
     }

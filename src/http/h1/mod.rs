@@ -60,6 +60,10 @@ pub type BoxIo = Box<dyn Io>;
 pub enum Outcome {
     /// The connection is over.
     Closed,
+    /// The connection is over and must end with a reset, not a FIN: a response framed by
+    /// the end of the connection was cut, and a clean close would tell the client it had
+    /// all of it.
+    Cut,
     /// hyper serves the rest of the connection, starting with these bytes (read, not used).
     Handoff(Bytes),
 }
@@ -80,6 +84,7 @@ pub async fn serve<S: PinStore>(
         answer: Vec::with_capacity(4 * 1024),
         idle: app.proxy.cfg().idle_timeout,
         send: limits.send_timeout,
+        cut: false,
     };
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
@@ -128,6 +133,9 @@ pub async fn serve<S: PinStore>(
         app.router.metrics.fast_requests.inc();
         let close = req.close || *stop.borrow();
         if !c.request(app, info, req, close).await || close {
+            if c.cut {
+                return Outcome::Cut;
+            }
             let _ = within(c.send, c.io.shutdown()).await;
             return Outcome::Closed;
         }
@@ -153,6 +161,8 @@ struct Client<'a> {
     idle: Duration,
     /// `server.send_timeout`: the longest a write to the client may wait for it to read.
     send: Duration,
+    /// A response framed by the end of the connection was cut ([`Outcome::Cut`]).
+    cut: bool,
 }
 
 impl Client<'_> {
@@ -402,6 +412,7 @@ impl Client<'_> {
             }
             Err(Relay::Cut(e)) => {
                 tracing::debug!(node = %node.id, error = %e, "response relay cut");
+                self.cut = head.framing == Framing::UntilClose;
                 Ok(false)
             }
         }

@@ -302,10 +302,9 @@ impl Pending {
         }
     }
 
-    /// The one decision to write back for `self`, whose write-back failed, followed by
-    /// `newer`, taken while `self` was being written (so queued as if nothing were): the
-    /// store still holds what `self` started from. The same composition as a decision
-    /// queued behind another (`pin_if_local`, `release_local`).
+    /// The one decision to write back for `self` followed by `newer`, taken against a cache
+    /// that already showed `self` (queued behind it, `pin_if_local`; or while `self` was
+    /// being written back and failed): the store still holds what `self` started from.
     fn then(self, newer: Pending) -> Pending {
         match (self, newer) {
             (
@@ -1173,18 +1172,21 @@ impl Inner {
             e.ts = 0;
             // Queued while the cache entry is held (the lock order is always cache, then
             // queue), so that no message lands between the two (`apply`).
-            // Keep the oldest `expected`: that is what the store held before the outage.
-            let node = node.clone();
-            let op = match self.pending.get(room).map(|p| p.clone()) {
-                Some(Pending::Pinned { expected, .. }) => Pending::Pinned { node, expected },
-                Some(Pending::Released { node: released })
-                | Some(Pending::Replaced { released, .. }) => Pending::Replaced { node, released },
-                None => Pending::Pinned {
-                    node,
-                    expected: expected.cloned(),
-                },
+            // Behind a decision already queued, it starts from what that one started from
+            // (the oldest `expected`, or the node released): what the store still holds.
+            let op = Pending::Pinned {
+                node: node.clone(),
+                expected: expected.cloned(),
             };
-            self.pending.insert(room.clone(), op);
+            match self.pending.entry(room.clone()) {
+                dashmap::Entry::Occupied(mut queued) => {
+                    let queued = queued.get_mut();
+                    *queued = queued.clone().then(op);
+                }
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(op);
+                }
+            }
             drop(e);
             PinOutcome::Won(pin)
         } else {
@@ -1397,20 +1399,19 @@ impl Inner {
         // find none of these pins and drop them from the cache.
         let rooms: Vec<&str> = pins.iter().map(|(room, _)| room.as_str()).collect();
         self.index_now(&rooms).await?;
-        let admin: Vec<(String, crate::placement::AdminState)> = match self.cluster.get() {
+        let admin: Vec<NodeUpdate> = match self.cluster.get() {
             Some(cluster) => cluster
                 .snapshot()
                 .nodes()
                 .iter()
                 .map(|e| (e.id.to_string(), e.live.admin_state()))
                 .filter(|(_, s)| *s != crate::placement::AdminState::Active)
+                .map(|(id, state)| NodeUpdate::Admin { id, state })
                 .collect(),
             None => Vec::new(),
         };
         let _one_writer = self.node_writes.lock().await;
-        for (id, state) in admin {
-            self.write_node(&NodeUpdate::Admin { id, state }).await?;
-        }
+        self.write_in_batches(&admin).await.map_err(|(_, e)| e)?;
         Ok(())
     }
 
@@ -1556,27 +1557,20 @@ impl Inner {
 
     /// [`Inner::write_pending_nodes`], by a caller that holds `node_writes`.
     async fn write_kept_nodes(&self) -> Result<(), StoreError> {
-        let mut nodes: Vec<(String, NodeUpdate)> = self
+        let (keys, updates): (Vec<String>, Vec<NodeUpdate>) = self
             .pending_nodes
             .lock()
-            .map(|mut m| m.drain().collect())
+            .map(|mut m| m.drain().unzip())
             .unwrap_or_default();
-        let mut done = 0;
-        while done < nodes.len() {
-            let end = (done + MAX_NODE_BATCH).min(nodes.len());
-            let updates: Vec<NodeUpdate> =
-                nodes[done..end].iter().map(|(_, u)| u.clone()).collect();
-            if let Err(e) = self.write_nodes(&updates).await {
-                if let Ok(mut m) = self.pending_nodes.lock() {
-                    for (key, u) in nodes.drain(done..) {
-                        m.entry(key).or_insert(u);
-                    }
-                }
-                return Err(e);
+        let Err((written, e)) = self.write_in_batches(&updates).await else {
+            return Ok(());
+        };
+        if let Ok(mut m) = self.pending_nodes.lock() {
+            for (key, u) in keys.into_iter().zip(updates).skip(written) {
+                m.entry(key).or_insert(u);
             }
-            done = end;
         }
-        Ok(())
+        Err(e)
     }
 
     /// Whether a change of `id`'s admin state waits to be written: the store's older state
@@ -1905,8 +1899,15 @@ impl Inner {
         }
     }
 
-    async fn write_node(&self, u: &NodeUpdate) -> Result<(), StoreError> {
-        self.write_nodes(std::slice::from_ref(u)).await
+    /// Writes `updates` in order, [`MAX_NODE_BATCH`] per [`Inner::write_nodes`] call; on an
+    /// error, also says how many went through (the ones before the failed call).
+    async fn write_in_batches(&self, updates: &[NodeUpdate]) -> Result<(), (usize, StoreError)> {
+        for (i, chunk) in updates.chunks(MAX_NODE_BATCH).enumerate() {
+            if let Err(e) = self.write_nodes(chunk).await {
+                return Err((i * MAX_NODE_BATCH, e));
+            }
+        }
+        Ok(())
     }
 
     /// Stores and announces `updates`, in order, in one round trip ([`WRITE_NODES`]): each
@@ -2143,21 +2144,23 @@ async fn node_writer(
         // fails again, the batch is kept behind it, not written: an older admin state
         // written after a newer one would undo it.
         let _one_writer = inner.node_writes.lock().await;
-        let mut writable = !inner.is_down() && inner.write_kept_nodes().await.is_ok();
-        // The batch in one round trip (at most `MAX_NODE_BATCH` at a time).
-        for chunk in batch.chunks(MAX_NODE_BATCH) {
-            if !writable || inner.write_nodes(chunk).await.is_err() {
-                writable = false;
-                // Reports and reservations are repeated; the next one replaces a lost one.
-                // Admin changes are not.
-                let keep = chunk.iter().filter(|u| {
-                    !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. })
-                });
-                if let Ok(mut m) = inner.pending_nodes.lock() {
-                    for u in keep {
-                        m.insert(pending_node_key(u), u.clone());
-                    }
-                }
+        let writable = !inner.is_down() && inner.write_kept_nodes().await.is_ok();
+        let written = if !writable {
+            0
+        } else {
+            match inner.write_in_batches(&batch).await {
+                Ok(()) => batch.len(),
+                Err((written, _)) => written,
+            }
+        };
+        // Reports and reservations are repeated; the next one replaces a lost one. Admin
+        // changes are not.
+        let keep = batch[written..]
+            .iter()
+            .filter(|u| !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. }));
+        if let Ok(mut m) = inner.pending_nodes.lock() {
+            for u in keep {
+                m.insert(pending_node_key(u), u.clone());
             }
         }
         batch.clear();

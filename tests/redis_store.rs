@@ -392,6 +392,11 @@ async fn a_command_redis_refuses_is_a_503_store_unavailable_not_an_outage() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.headers()["retry-after"],
+        "1",
+        "the client may try again soon"
+    );
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "store_unavailable", "{body}");
     // Not an outage: the router stays healthy and every other room is placed as usual.
@@ -1398,8 +1403,24 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
     );
     let key = room_key(&p, "standup");
     assert_eq!(redis_pin(&redis.url(), &key).await, None);
+    // Meanwhile the rooms it knows are served from the cache, and a new room is refused,
+    // not placed alone: Redis answers, and another router may already have placed it.
+    assert_eq!(
+        a.get(&r).await.unwrap().map(|p| p.node.clone()),
+        Some(n1.clone())
+    );
+    let fresh = room("new-room");
+    let refused = a.pin_if(&fresh, &n1, None, now_ms()).await;
+    assert!(
+        refused.is_err(),
+        "placed alone while Redis answers: {refused:?}"
+    );
     refuse_writes(&c, 0).await;
     expect_health(&a, true, Duration::from_secs(15), "the router recovered").await;
+    assert!(matches!(
+        a.pin_if(&fresh, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
     assert!(
         redis_pin(&redis.url(), &key)
             .await
@@ -1408,6 +1429,61 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
         redis_pin(&redis.url(), &key).await
     );
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
+}
+
+/// A router cut off from Redis decides locally; when Redis answers again but refuses the
+/// write-back of those decisions, the router is no more unreachable than the others, who
+/// keep following Redis: it serves the rooms it knows and refuses new ones (one another
+/// router placed meanwhile would split), until the write-back succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers() {
+    let Some(redis) = private_redis_for("stalled_write_back") else {
+        return;
+    };
+    let p = prefix("stalledwriteback");
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
+        .await
+        .unwrap();
+    let b = store::open(&config(&redis.url(), &p)).await.unwrap();
+    let (outage, elsewhere) = (room("outage-room"), room("placed-elsewhere"));
+    let (n1, n2) = (node("n1"), node("n2"));
+    door.cut();
+    expect_health(&a, false, Duration::from_secs(10), "a is cut off").await;
+    assert!(matches!(
+        a.pin_if(&outage, &n2, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(matches!(
+        b.pin_if(&elsewhere, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    let c = redis_conn(&redis.url()).await;
+    refuse_writes(&c, 1).await;
+    door.restore();
+    let stalled = || async {
+        matches!(a.health(), StoreHealth::Degraded(why) if why.contains("Redis answers"))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), stalled).await,
+        "a never noticed that Redis answers: {:?}",
+        a.health()
+    );
+    let refused = a.pin_if(&elsewhere, &n2, None, now_ms()).await;
+    assert!(refused.is_err(), "split from b's pin: {refused:?}");
+    assert_eq!(
+        a.get(&outage).await.unwrap().map(|p| p.node),
+        Some(n2.clone())
+    );
+    refuse_writes(&c, 0).await;
+    expect_health(&a, true, Duration::from_secs(15), "a caught up").await;
+    assert_eq!(a.get(&elsewhere).await.unwrap().map(|p| p.node), Some(n1));
+    assert!(
+        redis_pin(&redis.url(), &room_key(&p, "outage-room"))
+            .await
+            .is_some_and(|v| v.starts_with("n2|")),
+        "the outage decision was written back"
+    );
 }
 
 /// A room released and pinned again at once stays in the room index (which a router that

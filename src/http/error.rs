@@ -128,6 +128,11 @@ impl ApiError {
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
             }
+            // A store that cannot answer is an outage or a router catching up with
+            // Redis: seconds, not minutes.
+            ApiError::StoreUnavailable(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
             ApiError::MethodNotAllowed(allow) => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }

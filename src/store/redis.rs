@@ -33,6 +33,11 @@
 //! cached pins are queued too, so that the first idle sweep after a long outage does not
 //! release rooms that stayed in use. Unreachable means that Redis fails a probe
 //! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage.
+//! Nor is a recovery that fails while Redis answers (it refuses writes: out of memory, a
+//! failed save, `min-replicas-to-write`; or refuses a subscription): the store stays down,
+//! serving the rooms it knows from the cache, but is *stalled* ([`Inner::stalled`]) and
+//! refuses new placements, which it could not share and which the routers that do reach
+//! Redis may have taken differently, until a recovery completes.
 //!
 //! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
 //! `+switch-master` announcement, a command refused by a master turned replica, or a lost
@@ -432,6 +437,11 @@ struct Inner {
     /// kept ones), so that they reach Redis in the order they were made.
     node_writes: tokio::sync::Mutex<()>,
     down: AtomicBool,
+    /// Down, and the last recovery failed while Redis answered the probe: Redis is there
+    /// but this router has not caught up with it (a write-back or a reload refused, or no
+    /// subscription). Placements are refused rather than taken locally: the other routers
+    /// reach Redis, so a local one could split a room (see [`Inner::stall`]).
+    stalled: AtomicBool,
     /// The subscription is open and the cache caught up since it opened. While it is not
     /// (and Redis answers, so the store is not down), the cache hears of no other router's
     /// change, so pins are read from Redis instead ([`RedisStore::get`]; `peek` declines):
@@ -627,6 +637,7 @@ impl RedisStore {
             pending_nodes: Mutex::new(HashMap::new()),
             node_writes: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(true),
+            stalled: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
             sub_next: AtomicUsize::new(0),
             why: Mutex::new("connecting".into()),
@@ -782,8 +793,11 @@ impl Inner {
     /// again, and [`Inner::recover`] reloads the cache, catching up on what was missed.
     async fn subscription_failed(&self, why: String) {
         if self.is_down() {
-            // Already degraded: only keep the latest reason.
-            self.mark_down(why);
+            // Already degraded: keep the latest reason, and whether Redis answers.
+            match self.probe().await {
+                Ok(()) => self.stall(why),
+                Err(failed) => self.mark_down(format!("{why}; {failed}")),
+            }
             return;
         }
         if self.confirm_down(StoreError(why.clone())).await.is_err() {
@@ -817,8 +831,25 @@ impl Inner {
         Ok(true)
     }
 
+    /// A recovery failed while Redis answers: still down (the cache is not caught up), but
+    /// new placements are refused until a recovery completes (see `stalled`).
+    fn stall(&self, why: impl std::fmt::Display) {
+        if !self.stalled.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %why, "Redis answers but this router cannot catch up with it; refusing new placements until it does");
+        }
+        if let Ok(mut w) = self.why.lock() {
+            *w = why.to_string();
+        }
+    }
+
+    fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
+
+    /// Redis is unreachable: decisions are taken from the cache and queued.
     fn mark_down(&self, why: impl std::fmt::Display) {
         let why = why.to_string();
+        self.stalled.store(false, Ordering::Release);
         if !self.down.swap(true, Ordering::AcqRel) {
             self.outage_since.store(wall_ms(), Ordering::Release);
             self.outages.fetch_add(1, Ordering::Relaxed);
@@ -1338,6 +1369,7 @@ impl Inner {
         self.reload.store(false, Ordering::Release);
         self.load_all().await?;
         self.resync_nodes().await?;
+        self.stalled.store(false, Ordering::Release);
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!("Redis reachable again; pins reconciled");
         }
@@ -2389,6 +2421,12 @@ impl PinStore for RedisStore {
                 Err(e) => i.confirm_down(e).await?,
             }
         }
+        if i.is_stalled() {
+            let why = i.why.lock().map(|w| w.clone()).unwrap_or_default();
+            return Err(StoreError(format!(
+                "Redis answers but this router has not caught up with it ({why}); new placements wait"
+            )));
+        }
         Ok(i.pin_if_local(room, node, expected, now))
     }
 
@@ -2569,7 +2607,11 @@ impl PinStore for RedisStore {
     fn health(&self) -> StoreHealth {
         if self.inner.is_down() {
             let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();
-            StoreHealth::Degraded(format!("Redis unreachable ({why}); serving from cache"))
+            StoreHealth::Degraded(if self.inner.is_stalled() {
+                format!("Redis answers but refuses to catch up ({why}); serving known rooms from cache, refusing new ones")
+            } else {
+                format!("Redis unreachable ({why}); serving from cache")
+            })
         } else {
             StoreHealth::Ok
         }

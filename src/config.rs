@@ -1299,15 +1299,26 @@ impl Config {
                 ));
             }
         }
-        if self.auth.users == UserAuth::Jwt
-            && self.auth.jwt.algorithm == JwtAlgorithm::HS256
-            && !self.auth.node_token.is_empty()
-            && self.auth.jwt.secret == self.auth.node_token
-        {
-            return Err(invalid(
-                "auth.jwt.secret",
-                "must differ from auth.node_token (every node holds that one)",
-            ));
+        if self.auth.users == UserAuth::Jwt && self.auth.jwt.algorithm == JwtAlgorithm::HS256 {
+            if !self.auth.node_token.is_empty() && self.auth.jwt.secret == self.auth.node_token {
+                return Err(invalid(
+                    "auth.jwt.secret",
+                    "must differ from auth.node_token (every node holds that one)",
+                ));
+            }
+            // A node holding its own token could sign itself user tokens with it.
+            if let Some(node) = self
+                .auth
+                .node_tokens
+                .iter()
+                .find(|(_, t)| **t == self.auth.jwt.secret)
+                .map(|(node, _)| node)
+            {
+                return Err(invalid(
+                    "auth.jwt.secret",
+                    format!("must differ from auth.node_tokens.{node} (that node holds it)"),
+                ));
+            }
         }
         for (i, t) in self.auth.admin_tokens.iter().enumerate() {
             if t.len() < 16 {
@@ -1857,6 +1868,11 @@ mod tests {
         ));
         assert!(e.starts_with("auth.jwt.secret"), "{e}");
         assert!(e.contains("auth.node_token"), "{e}");
+        let e = rejected(&format!(
+            "[auth]\nusers = \"jwt\"\n[auth.node_tokens]\nn1 = \"{node}\"\n[auth.jwt]\nsecret = \"{node}\"\n"
+        ));
+        assert!(e.starts_with("auth.jwt.secret"), "{e}");
+        assert!(e.contains("auth.node_tokens.n1"), "{e}");
         let e = rejected(&format!(
             "[auth]\nnode_token = \"{node}\"\nadmin_tokens = [\"admin-token-0123456789\", \"{node}\"]\n"
         ));

@@ -290,6 +290,59 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
     r.stop().await;
 }
 
+/// The router's own credentials never reach a node: a browser that logged in to the
+/// dashboard with Basic (the admin token as password) repeats it on every path of the
+/// router, and a node holding an admin token, or another node's, could act as them. Through
+/// the fast path, through hyper and on a WebSocket upgrade; the node's own credentials still
+/// go through.
+#[tokio::test]
+async fn the_routers_own_tokens_are_not_forwarded_to_the_node() {
+    use base64::Engine;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let basic_admin = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("x:{}", common::ADMIN))
+    );
+    let router_owned = [
+        basic_admin.clone(),
+        format!("Bearer {}", common::ADMIN),
+        format!("Bearer {}", common::NODE_TOKEN),
+    ];
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, _up) = with_upstream(cfg).await;
+        let c = reqwest::Client::new();
+        for auth in &router_owned {
+            let body: serde_json::Value = c
+                .get(format!("{}/rooms/standup", r.url))
+                .header("authorization", auth)
+                .send_json()
+                .await;
+            assert!(
+                body["headers"].get("authorization").is_none(),
+                "fast path {fast_path}: {auth} reached the node: {body}"
+            );
+        }
+        let body: serde_json::Value = c
+            .get(format!("{}/rooms/standup", r.url))
+            .header("authorization", "Bearer node-app-token")
+            .send_json()
+            .await;
+        assert_eq!(body["headers"]["authorization"], "Bearer node-app-token");
+        let mut req = format!("ws://{}/rooms/standup/ws", r.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", basic_admin.parse().unwrap());
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert!(resp.headers().get("x-upgrade-authorization").is_none());
+        ws.close(None).await.unwrap();
+        r.stop().await;
+    }
+}
+
 /// A ticket the client brings in the query (another user's, copied from a redirect URL
 /// within its life) never reaches the node in proxy mode: the node gets the router's own in
 /// `X-Room-Ticket` and the rest of the target, through the fast path, through hyper and on a

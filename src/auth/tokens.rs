@@ -105,25 +105,29 @@ impl Tokens {
         }
     }
 
+    fn is_any_node(&self, t: &[u8]) -> bool {
+        // Every token is compared, so timing does not reveal which one matched.
+        self.cluster_node
+            .iter()
+            .chain(self.per_node.values())
+            .fold(false, |acc, n| acc | eq(n, t))
+    }
+
     /// Checks a request for any node's token (the cluster-wide one or a per-node one): for
     /// what a node may do without naming itself, such as placement lookups.
     pub fn any_node(&self, headers: &HeaderMap) -> Credential {
         match presented(headers) {
             None => Credential::None,
-            Some(t) => {
-                // Every token is compared, so timing does not reveal which one matched.
-                let node = self
-                    .cluster_node
-                    .iter()
-                    .chain(self.per_node.values())
-                    .fold(false, |acc, n| acc | eq(n, &t));
-                if node {
-                    Credential::Node
-                } else {
-                    Credential::Invalid
-                }
-            }
+            Some(t) if self.is_any_node(&t) => Credential::Node,
+            Some(_) => Credential::Invalid,
         }
+    }
+
+    /// Whether a request carries one of the router's own credentials (an admin or a node
+    /// token, as Bearer or as Basic's password): one a proxied request must not take to a
+    /// node. A browser that logged in to the dashboard with Basic sends it to every path.
+    pub fn carries_any(&self, headers: &HeaderMap) -> bool {
+        presented(headers).is_some_and(|t| self.is_admin(&t) | self.is_any_node(&t))
     }
 
     /// Checks a request for the right to act as `node_id` (admins may too when `admin_ok`).

@@ -103,7 +103,8 @@ pub struct Admission {
     /// `X-Room-Ticket`. `None`: the request's target.
     pub target: Option<String>,
     /// Proxy mode: the `Authorization` header carried the user's login token (`Bearer`,
-    /// with `auth.users = "jwt"`), which stays with the router as the query's does.
+    /// with `auth.users = "jwt"`), which stays with the router as the query's does, or
+    /// one of the router's admin or node tokens (a dashboard login the browser repeats).
     pub drop_authorization: bool,
 }
 
@@ -184,7 +185,8 @@ pub async fn admit<S: PinStore>(
     let (target, drop_authorization) = match mode {
         FrontDoorMode::Proxy => (
             proxied_target(app, &parts.uri),
-            app.users.is_some() && bearer_token(&parts.headers).is_some(),
+            app.users.is_some() && bearer_token(&parts.headers).is_some()
+                || app.tokens.carries_any(&parts.headers),
         ),
         FrontDoorMode::Redirect => (None, false),
     };

@@ -844,6 +844,59 @@ async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_
     assert_eq!(fast_requests(&r).await, 1);
 }
 
+/// A node that answers an upload early, with a body malformed from the start, and resets
+/// the connection: the router's next write of the body fails. The client gets a 502 and
+/// its connection closes, because the rest of its body is still on it: read as the next
+/// request, the body's bytes would be forwarded as one (a smuggled request).
+#[tokio::test]
+async fn an_early_malformed_answer_to_an_upload_closes_the_client_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    // Bounded: a few connections, each read for at most 5 s; aborted at the end.
+    let node = tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut got = Vec::new();
+            while !find(&got, b"\r\n\r\n").is_some_and(|i| got.len() >= i + 4 + 10) {
+                if read_some(&mut sock, &mut got).await.is_none() {
+                    break;
+                }
+            }
+            s.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&got).to_string());
+            let answer = b"HTTP/1.1 413 Too Big\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+            let _ = sock.write_all(answer).await;
+            sock.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+    });
+    let r = TestRouter::start(proxy_config()).await;
+    let body = serde_json::json!({"url": url, "capacity": 100, "load": 0});
+    assert_eq!(heartbeat(&r, "n1", body).await.status(), 200);
+    let mut c = Raw::connect(&r).await;
+    c.send("POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 1000\r\n\r\n0123456789")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(&get("/rooms/smuggled")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 502, "{a:?}");
+    assert!(
+        c.closed().await,
+        "the connection stays open with a body half-read"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|req| !req.contains("/rooms/smuggled")),
+        "the body reached the node as a request: {seen:?}"
+    );
+    node.abort();
+}
+
 #[tokio::test]
 async fn an_upload_slower_than_the_response_timeout_is_answered_through_hyper_too() {
     // The node's answer is due `response_timeout` after it has the whole request, not after

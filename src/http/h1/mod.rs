@@ -400,14 +400,17 @@ impl Client<'_> {
                 Ok(!close)
             }
             Err(Relay::BeforeHead(e)) => {
-                // Nothing reached the client yet: it gets a 502 rather than a cut.
+                // Nothing reached the client yet: it gets a 502 rather than a cut. If the
+                // node answered before it had the whole body, the rest is still on the
+                // client connection, which must then close: read on, it would be taken for
+                // the next request.
                 tracing::debug!(node = %node.id, error = %e, "malformed response body");
                 Err((
                     ApiError::UpstreamUnavailable(format!(
                         "node {} sent a malformed response",
                         node.id
                     )),
-                    true,
+                    rest == 0 && !close,
                 ))
             }
             Err(Relay::Cut(e)) => {

@@ -371,7 +371,12 @@ pub fn parse_response(
         Err(httparse::Error::TooManyHeaders) => return Err(BadResponse::TooLarge),
         Err(_) => return Err(BadResponse::Malformed),
     };
-    let status = resp.code.ok_or(BadResponse::Malformed)?;
+    // httparse takes any three digits; a status below 100 is none (hyper's client refuses
+    // it too, and the hyper path answers 502).
+    let status = resp
+        .code
+        .filter(|c| *c >= 100)
+        .ok_or(BadResponse::Malformed)?;
     if status == 101 {
         return Err(BadResponse::UnaskedUpgrade);
     }
@@ -723,6 +728,10 @@ mod tests {
             BadResponse::UnaskedUpgrade
         );
         assert_eq!(e("SSH-2.0-OpenSSH\r\n\r\n"), BadResponse::Malformed);
+        assert_eq!(
+            e("HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\n"),
+            BadResponse::Malformed
+        );
         let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(70_000));
         assert_eq!(e(&big), BadResponse::TooLarge);
         assert!(response("HTTP/1.1 200 OK\r\n", Method::GET)

@@ -58,9 +58,20 @@ async fn invalid_room_ids_are_refused_everywhere() {
         format!("/rooms/{long}"),
         "/v1/placement/a%0Ab".to_string(),
         "/meet?room=".to_string(),
+        // Not UTF-8 in the query either (a lossy decoding made %FF and %FE one room).
+        "/meet?room=%FF".to_string(),
+        "/meet?x=1&room=a%FEb".to_string(),
     ] {
         expect_error(r.get(&path).send().await.unwrap(), 400, "invalid_room").await;
     }
+    let resp = r
+        .post("/v1/login")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("room=%FF")
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_room").await;
     let resp = r
         .post("/v1/login")
         .json(&json!({"room": "a/b"}))

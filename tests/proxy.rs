@@ -1149,8 +1149,8 @@ async fn a_client_that_stalls_its_upload_gets_408_after_the_idle_timeout() {
     }
 }
 
-/// A path with a `.` or `..` segment (plain or percent-encoded) is refused before the room
-/// is placed: forwarded as it is, a node resolving it would serve something outside the
+/// A path with a `.` or `..` segment (plain or percent-encoded, or with `;` parameters) or
+/// an encoded `/` or `\` is refused before the room is placed: forwarded as it is, a node resolving it would serve something outside the
 /// route, and outside its upstream base path. In both modes, on both proxy paths.
 #[tokio::test]
 async fn a_path_with_dot_segments_is_refused_before_anything_is_placed() {
@@ -1169,6 +1169,9 @@ async fn a_path_with_dot_segments_is_refused_before_anything_is_placed() {
             "/rooms/a/../../../admin",
             "/rooms/a/%2e%2E/%2e%2e/admin",
             "/rooms/a/./x",
+            "/rooms/a/..%2f..%2fadmin",
+            "/rooms/a/..;/..;/admin",
+            "/rooms/a/..%5c..%5cadmin",
         ] {
             let (status, body) = get_on(&mut send, &r, path).await;
             assert_eq!(status, 400, "{case}: {path}");

@@ -501,6 +501,14 @@ pub async fn login<S: PinStore>(
     } else {
         parse_json(&bytes)?
     };
+    if req.room.contains(char::REPLACEMENT_CHARACTER)
+        && ctype.starts_with("application/x-www-form-urlencoded")
+        && !super::front_door::param_is_utf8(&bytes, "room")
+    {
+        return Err(ApiError::InvalidRoom(
+            crate::room::RoomError::NotUtf8.to_string(),
+        ));
+    }
     let room = room_literal(app, &req.room)?;
     let who = authenticate_user(app, parts, &room)?;
     // A verified token names the user; without user auth the body may.

@@ -20,7 +20,7 @@ use super::{full, ApiError, App, Body};
 use crate::auth::users::bearer_token;
 use crate::cluster::NodeEntry;
 use crate::config::{FrontDoorMode, RoomSource};
-use crate::room::RoomKey;
+use crate::room::{RoomError, RoomKey};
 use crate::router::Intent;
 use crate::store::PinStore;
 
@@ -54,6 +54,12 @@ pub fn locate<S: PinStore>(
                 .iter()
                 .find(|(k, _)| k == fd.room_query_param.as_str())
                 .map(|(_, v)| {
+                    let raw = parts.uri.query().unwrap_or("").as_bytes();
+                    if v.contains(char::REPLACEMENT_CHARACTER)
+                        && !param_is_utf8(raw, &fd.room_query_param)
+                    {
+                        return Err(ApiError::InvalidRoom(RoomError::NotUtf8.to_string()));
+                    }
                     RoomKey::parse(v, app.router.normalization())
                         .map_err(|e| ApiError::InvalidRoom(e.to_string()))
                 }),
@@ -128,11 +134,6 @@ pub async fn admit<S: PinStore>(
     conn: Option<&ConnInfo>,
     body: Option<u64>,
 ) -> Result<Admission, ApiError> {
-    if parts.uri.path().split('/').any(is_dot_segment) {
-        return Err(ApiError::InvalidRequest(
-            "the path has a `.` or `..` segment".into(),
-        ));
-    }
     let q = query(parts);
     let Some((room, mode)) = locate(app, parts, &q)? else {
         return Err(ApiError::NotFound(format!(
@@ -140,6 +141,12 @@ pub async fn admit<S: PinStore>(
             parts.uri.path()
         )));
     };
+    // After the room: a room id with an encoded `/` is an invalid room, said as such.
+    if leaves_route(parts.uri.path()) {
+        return Err(ApiError::InvalidRequest(
+            "the path has a `.` or `..` segment, an encoded `/` or `\\`, or a `\\`".into(),
+        ));
+    }
     if mode == FrontDoorMode::Redirect
         && parts.method != Method::GET
         && parts.method != Method::HEAD
@@ -199,10 +206,25 @@ pub async fn admit<S: PinStore>(
     })
 }
 
-/// Whether a path segment is `.` or `..`, plain or percent-encoded (`%2e`). The front door
-/// refuses such paths: forwarded as they are, a node (or a proxy before it) that resolves
-/// them would serve a path outside the route the room was found by, and outside the node's
-/// upstream base path. No allocation: it runs on every join.
+/// Whether a node, or a proxy before it, could resolve `path` to one outside the route the
+/// room was found by (and outside the node's upstream base path): the front door refuses
+/// it. That is a `.` or `..` segment, plain or percent-encoded, also followed by `;`
+/// parameters (Tomcat and Jetty drop them before they resolve: `..;/`); an encoded `/` or
+/// `\` (some servers decode them first: `..%2f`); or a `\` (a separator to others). No
+/// allocation: it runs on every join.
+fn leaves_route(path: &str) -> bool {
+    let b = path.as_bytes();
+    let encoded_separator = b.windows(3).any(|w| {
+        w[0] == b'%' && (w[1] == b'2' && w[2] | 0x20 == b'f' || w[1] == b'5' && w[2] | 0x20 == b'c')
+    });
+    encoded_separator
+        || b.contains(&b'\\')
+        || path
+            .split('/')
+            .any(|seg| is_dot_segment(seg.split(';').next().unwrap_or(seg)))
+}
+
+/// Whether a path segment is `.` or `..`, plain or percent-encoded (`%2e`).
 fn is_dot_segment(seg: &str) -> bool {
     let b = seg.as_bytes();
     let (mut dots, mut i) = (0, 0);
@@ -255,6 +277,22 @@ fn is_param(pair: &str, name: &str) -> bool {
     } else {
         key == name
     }
+}
+
+/// Whether the first parameter `name` of `raw` (a query or a form body, as sent) is UTF-8
+/// once percent-decoded. The form decoders replace bytes that are not with U+FFFD, which
+/// would make `room=%FF` and `room=%FE` one room; a room id must be UTF-8 (`/rooms/%FF` is
+/// refused). Only asked when a decoded value holds a U+FFFD.
+pub(super) fn param_is_utf8(raw: &[u8], name: &str) -> bool {
+    let Ok(raw) = std::str::from_utf8(raw) else {
+        return false;
+    };
+    raw.split('&').find(|p| is_param(p, name)).is_none_or(|p| {
+        let v = p.split_once('=').map_or("", |(_, v)| v);
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .is_ok()
+    })
 }
 
 /// The request's query pairs, raw, minus those naming one of `drop`.
@@ -368,7 +406,7 @@ pub fn redirect_location(
 
 #[cfg(test)]
 mod tests {
-    use super::{is_dot_segment, without_params};
+    use super::{is_dot_segment, leaves_route, without_params};
     use hyper::Uri;
 
     fn strip(target: &str) -> Option<String> {
@@ -382,6 +420,29 @@ mod tests {
         }
         for seg in ["", "...", "a.", ".a", "%2f", "%2", "%2e%2e%2e", "standup"] {
             assert!(!is_dot_segment(seg), "{seg}");
+        }
+    }
+
+    #[test]
+    fn a_path_that_a_node_could_resolve_out_of_its_route_is_found() {
+        for path in [
+            "/rooms/a/../admin",
+            "/rooms/a/..;/..;/admin",
+            "/rooms/a/%2e%2e;x=1/admin",
+            "/rooms/a/..%2f..%2Fadmin",
+            "/rooms/a/..%5c..%5Cadmin",
+            "/rooms/a/..\\admin",
+        ] {
+            assert!(leaves_route(path), "{path}");
+        }
+        for path in [
+            "/rooms/a",
+            "/rooms/a.b/..x/;x",
+            "/rooms/a/x;v=1",
+            "/rooms/%2",
+            "/rooms/a%25f",
+        ] {
+            assert!(!leaves_route(path), "{path}");
         }
     }
 

@@ -861,7 +861,7 @@ async fn an_early_malformed_answer_to_an_upload_closes_the_client_connection() {
                 return;
             };
             let mut got = Vec::new();
-            while !find(&got, b"\r\n\r\n").is_some_and(|i| got.len() >= i + 4 + 10) {
+            while find(&got, b"\r\n\r\n").is_none_or(|i| got.len() < i + 4 + 10) {
                 if read_some(&mut sock, &mut got).await.is_none() {
                     break;
                 }
@@ -871,7 +871,7 @@ async fn an_early_malformed_answer_to_an_upload_closes_the_client_connection() {
                 .push(String::from_utf8_lossy(&got).to_string());
             let answer = b"HTTP/1.1 413 Too Big\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
             let _ = sock.write_all(answer).await;
-            sock.set_linger(Some(Duration::ZERO)).unwrap();
+            sock.set_zero_linger().unwrap();
         }
     });
     let r = TestRouter::start(proxy_config()).await;

@@ -61,7 +61,9 @@ fn rooms(n: usize) -> Vec<RoomKey> {
 }
 
 fn pinned(c: &mut Criterion) {
-    let cfg = Config::default();
+    let mut cfg = Config::default();
+    // No startup hold: the benchmark places rooms at once, on nodes it registers itself.
+    cfg.placement.startup_hold = Some(std::time::Duration::ZERO);
     let router = Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(NOW)));
     for i in 0..20 {
         let hb = Heartbeat {

@@ -101,7 +101,9 @@ fn main() {
                 return;
             }
         };
-        let mem_router = router(&Config::default()).await;
+        let mut mem = Config::default();
+        mem.placement.startup_hold = Some(Duration::ZERO);
+        let mem_router = router(&mem).await;
         let keys: Vec<RoomKey> = (0..ROOMS).map(|i| room(&format!("room-{i}"))).collect();
         for k in &keys {
             redis_router

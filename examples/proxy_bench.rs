@@ -38,6 +38,7 @@ async fn cluster() -> (SocketAddr, DemoNode) {
     cfg.auth.node_token = NODE.into();
     cfg.tickets.secret = SECRET.into();
     cfg.front_door.mode = FrontDoorMode::Proxy;
+    cfg.placement.startup_hold = Some(std::time::Duration::ZERO);
     cfg.placement.join_limit = 1e9;
     cfg.placement.new_room_limit = 1e9;
     cfg.validate().unwrap();

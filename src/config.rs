@@ -39,6 +39,17 @@ mod duration {
         }
         Ok(v)
     }
+
+    /// An optional duration, as [`deserialize`] reads one.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::Deserializer;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
 }
 
 /// The whole configuration file.
@@ -273,6 +284,14 @@ pub struct PlacementConfig {
     /// memory store (one router has no one to share with); `true` needs Redis. Read it
     /// through [`Config::shares_reservations`].
     pub share_reservations: Option<bool>,
+    /// With a store of its own (memory), how long after it starts the router places no new
+    /// room: it knows no pin, and a node hosting a live room reports it only at its next
+    /// heartbeat; a join placed before that could land elsewhere (a split, then the live
+    /// room evicted). Rooms the nodes report are adopted and joinable at once. Unset:
+    /// `heartbeat_timeout`, after which a node not heard from is dead anyway; 0 turns it
+    /// off. Not with Redis, which keeps the pins. Read it through [`Config::startup_hold`].
+    #[serde(with = "duration::option")]
+    pub startup_hold: Option<Duration>,
 }
 
 impl Default for PlacementConfig {
@@ -294,6 +313,7 @@ impl Default for PlacementConfig {
             retry_after: Duration::from_secs(5),
             auto_remove_drained: true,
             share_reservations: None,
+            startup_hold: None,
         }
     }
 }
@@ -1065,6 +1085,17 @@ impl Config {
         self.placement
             .share_reservations
             .unwrap_or(self.store.kind == StoreKind::Redis)
+    }
+
+    /// How long after it starts the router places no new room
+    /// (`placement.startup_hold`; unset: `heartbeat_timeout`; never with Redis).
+    pub fn startup_hold(&self) -> Duration {
+        if self.store.kind == StoreKind::Redis {
+            return Duration::ZERO;
+        }
+        self.placement
+            .startup_hold
+            .unwrap_or(self.placement.heartbeat_timeout)
     }
 
     /// Parses TOML text (no environment, no validation).
@@ -1858,6 +1889,21 @@ mod tests {
         let mut c = Config::parse(&text).unwrap();
         c.tickets.secret = "ticket-secret-0123456789-0123456789".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_startup_hold_is_the_heartbeat_timeout_unless_set_and_never_with_redis() {
+        let c = Config::parse("[placement]\nheartbeat_timeout = \"9s\"\n").unwrap();
+        assert_eq!(c.startup_hold(), Duration::from_secs(9));
+        let c = Config::parse("[placement]\nstartup_hold = \"0s\"\n").unwrap();
+        assert_eq!(c.startup_hold(), Duration::ZERO);
+        let c = Config::parse("[placement]\nstartup_hold = \"3s\"\n").unwrap();
+        assert_eq!(c.startup_hold(), Duration::from_secs(3));
+        let c = Config::parse(
+            "[placement]\nstartup_hold = \"3s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.startup_hold(), Duration::ZERO, "Redis keeps the pins");
     }
 
     #[test]

@@ -27,11 +27,12 @@ pub enum Decided {
     NodeFull,
     NoCapacity,
     NotFound,
+    Starting,
     StoreUnavailable,
 }
 
 impl Decided {
-    pub const ALL: [Decided; 8] = [
+    pub const ALL: [Decided; 9] = [
         Decided::Pinned,
         Decided::Placed,
         Decided::PlacedOverflow,
@@ -39,6 +40,7 @@ impl Decided {
         Decided::NodeFull,
         Decided::NoCapacity,
         Decided::NotFound,
+        Decided::Starting,
         Decided::StoreUnavailable,
     ];
 
@@ -52,6 +54,7 @@ impl Decided {
             Decided::NodeFull => "node_full",
             Decided::NoCapacity => "no_capacity",
             Decided::NotFound => "not_found",
+            Decided::Starting => "starting",
             Decided::StoreUnavailable => "store_unavailable",
         }
     }

@@ -133,6 +133,10 @@ pub enum JoinError {
     NoCapacity,
     #[error("room has no placement")]
     NotFound,
+    /// The router started moments ago and places no new room until the nodes have
+    /// reported theirs (`placement.startup_hold`).
+    #[error("the router is starting: new rooms are placed once the nodes have reported theirs, in {}s", .left_ms.div_ceil(1000))]
+    Starting { left_ms: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -222,12 +226,24 @@ pub struct Router<S> {
     ticket_window_ms: u64,
     /// This router among the others sharing a store: names its shared reservations.
     instance: String,
+    /// Until when (clock ms) no new room is placed: with a store of its own the router
+    /// knows no pin at start, and waits for the nodes to report the rooms they host
+    /// (`placement.startup_hold`). 0: no hold.
+    hold_until: Millis,
+    /// When the hold began: a clock stepped back before it ends the hold.
+    started: Millis,
     clock: Clock,
     pub metrics: Metrics,
 }
 
 impl<S: PinStore> Router<S> {
     pub fn new(cfg: &Config, store: S, clock: Clock) -> Router<S> {
+        let started = clock.now();
+        let hold = if store.shared() {
+            0
+        } else {
+            cfg.startup_hold().as_millis() as u64
+        };
         let r = Router {
             params: cfg.placement.params(),
             placement: cfg.placement.clone(),
@@ -240,6 +256,8 @@ impl<S: PinStore> Router<S> {
             ticket_window_ms: crate::auth::ticket::accepted_for(cfg.tickets.ttl, cfg.tickets.leeway)
                 .as_millis() as u64,
             instance: format!("{:016x}", rand::random::<u64>()),
+            hold_until: if hold > 0 { started + hold } else { 0 },
+            started,
             clock,
             metrics: Metrics::new(),
         };
@@ -320,6 +338,7 @@ impl<S: PinStore> Router<S> {
             Err(JoinError::NodeFull { .. }) => Decided::NodeFull,
             Err(JoinError::NoCapacity) => Decided::NoCapacity,
             Err(JoinError::NotFound) => Decided::NotFound,
+            Err(JoinError::Starting { .. }) => Decided::Starting,
             Err(JoinError::Store(_)) => Decided::StoreUnavailable,
         });
     }
@@ -508,6 +527,11 @@ impl<S: PinStore> Router<S> {
                         return Err(JoinError::NotFound);
                     }
                     let previous = pin.as_ref().map(|p| p.node.clone());
+                    if previous.is_none() {
+                        if let Some(left_ms) = self.holding(now) {
+                            return Err(JoinError::Starting { left_ms });
+                        }
+                    }
                     match self
                         .store
                         .pin_if(room, &node.id, previous.as_ref(), now)
@@ -1156,9 +1180,20 @@ impl<S: PinStore> Router<S> {
     }
 
     /// Readiness: the store answers and at least one node is healthy. Reasons when not.
+    /// While the startup hold lasts, how much of it is left (ms).
+    fn holding(&self, now: Millis) -> Option<u64> {
+        (self.started <= now && now < self.hold_until).then(|| self.hold_until - now)
+    }
+
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let now = self.clock.now();
         let mut reasons = Vec::new();
+        if let Some(left) = self.holding(now) {
+            reasons.push(format!(
+                "starting: new rooms wait {}s more for the nodes to report theirs (placement.startup_hold)",
+                left.div_ceil(1000)
+            ));
+        }
         if let StoreHealth::Degraded(why) = self.store.health() {
             reasons.push(format!("store degraded: {why}"));
         }

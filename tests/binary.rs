@@ -171,9 +171,19 @@ async fn serve_logging_to_a_file(level: &str) -> (Reaper, String, PathBuf) {
     let log =
         (std::env::temp_dir()).join(format!("rr-log-{}-{}.log", std::process::id(), addr.port()));
     let file = std::fs::File::create(&log).unwrap();
+    // The tests register their node before any join: no startup hold.
+    let config = log.with_extension("toml");
+    std::fs::write(&config, "[placement]\nstartup_hold = \"0s\"\n").unwrap();
     let router = Reaper(
         clean_env(&mut Command::new(BIN))
-            .args(["serve", "--listen", &addr.to_string(), "--log-json"])
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--log-json",
+                "--config",
+            ])
+            .arg(&config)
             .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
             .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
             .env("ROOMROUTER_TICKET_SECRET", SECRET)
@@ -314,7 +324,12 @@ async fn learned_room_sizes_survive_a_restart_with_the_memory_store() {
     let config = dir.join("router.toml");
     std::fs::write(
         &config,
-        format!("[store]\nlearned_file = {:?}\n", file.to_str().unwrap()),
+        // No startup hold: the restart below is about learned sizes, and the hold has tests
+        // of its own.
+        format!(
+            "[store]\nlearned_file = {:?}\n[placement]\nstartup_hold = \"0s\"\n",
+            file.to_str().unwrap()
+        ),
     )
     .unwrap();
 

@@ -758,3 +758,41 @@ async fn a_guessed_reservation_lapses_before_a_hinted_one() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(reserved().await, Some(30.0));
 }
+
+/// A router with a store of its own knows no pin when it (re)starts: for
+/// `placement.startup_hold` a new room gets `503 not_ready` with `Retry-After` (placed at
+/// once it could split a room whose node has not reported yet), `/readyz` says it is
+/// starting, and rooms the nodes report are joined where they are. Through the fast path
+/// and the placement API alike; after the hold, new rooms are placed.
+#[tokio::test]
+async fn a_starting_router_sends_reported_rooms_home_and_holds_new_ones() {
+    let mut cfg = config();
+    cfg.placement.startup_hold = Some(Duration::from_millis(1_500));
+    let r = TestRouter::start(cfg).await;
+    let node = |rooms: serde_json::Value| json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 0, "rooms": rooms});
+    heartbeat(&r, "a", node(json!([]))).await;
+    heartbeat(&r, "b", node(json!([{"room": "live", "participants": 5}]))).await;
+    assert_eq!(node_of(&r, "live").await, "b");
+    for path in ["/rooms/fresh", "/v1/placement/fresh"] {
+        let resp = r.get(path).send().await.unwrap();
+        assert_eq!(resp.status(), 503, "{path}");
+        let wait: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&wait), "{path}: Retry-After {wait}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["error"], "not_ready", "{v}");
+    }
+    let ready = r.get("/readyz").send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let v: serde_json::Value = ready.json().await.unwrap();
+    assert!(v.to_string().contains("starting"), "{v}");
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    heartbeat(&r, "a", node(json!([]))).await;
+    heartbeat(&r, "b", node(json!([{"room": "live", "participants": 5}]))).await;
+    assert_eq!(r.get("/readyz").send().await.unwrap().status(), 200);
+    node_of(&r, "fresh").await;
+    assert_eq!(node_of(&r, "live").await, "b");
+}

@@ -24,6 +24,8 @@ pub fn demo_config(listen: SocketAddr) -> Config {
     cfg.auth.admin_tokens = vec![format!("admin-{}", secret(24))];
     cfg.auth.node_token = format!("node-{}", secret(24));
     cfg.tickets.secret = secret(48);
+    // The demo starts its nodes itself, after the router: no room is live anywhere yet.
+    cfg.placement.startup_hold = Some(std::time::Duration::ZERO);
     cfg
 }
 

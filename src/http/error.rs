@@ -20,11 +20,21 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     RequestTimeout,
     PayloadTooLarge(usize),
-    NodeFull { node: String, retry_after: Duration },
-    NoCapacity { retry_after: Duration },
+    NodeFull {
+        node: String,
+        retry_after: Duration,
+    },
+    NoCapacity {
+        retry_after: Duration,
+    },
     StoreUnavailable(String),
     UpstreamUnavailable(String),
     NotReady(Vec<String>),
+    /// A new room while the router's startup hold lasts: `not_ready`, with `Retry-After`.
+    Starting {
+        message: String,
+        retry_after: Duration,
+    },
 }
 
 #[derive(Serialize)]
@@ -53,7 +63,7 @@ impl ApiError {
             ApiError::NoCapacity { .. } => "no_capacity",
             ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::UpstreamUnavailable(_) => "upstream_unavailable",
-            ApiError::NotReady(_) => "not_ready",
+            ApiError::NotReady(_) | ApiError::Starting { .. } => "not_ready",
         }
     }
 
@@ -69,7 +79,8 @@ impl ApiError {
             ApiError::NodeFull { .. }
             | ApiError::NoCapacity { .. }
             | ApiError::StoreUnavailable(_)
-            | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::NotReady(_)
+            | ApiError::Starting { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -82,7 +93,8 @@ impl ApiError {
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::StoreUnavailable(m)
-            | ApiError::UpstreamUnavailable(m) => m.clone(),
+            | ApiError::UpstreamUnavailable(m)
+            | ApiError::Starting { message: m, .. } => m.clone(),
             ApiError::MethodNotAllowed(allow) => {
                 format!("method not allowed here; allowed: {allow}")
             }
@@ -122,10 +134,12 @@ impl ApiError {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
-            ApiError::NodeFull { retry_after, .. } | ApiError::NoCapacity { retry_after } => {
+            ApiError::NodeFull { retry_after, .. }
+            | ApiError::NoCapacity { retry_after }
+            | ApiError::Starting { retry_after, .. } => {
                 h.insert(
                     header::RETRY_AFTER,
-                    HeaderValue::from(retry_after.as_secs().max(1)),
+                    HeaderValue::from((retry_after.as_millis().div_ceil(1000) as u64).max(1)),
                 );
             }
             // A store that cannot answer is an outage or a router catching up with
@@ -155,6 +169,10 @@ impl ApiError {
             },
             JoinError::NoCapacity => ApiError::NoCapacity { retry_after },
             JoinError::NotFound => ApiError::NotFound("the room has no placement".into()),
+            e @ JoinError::Starting { left_ms } => ApiError::Starting {
+                message: e.to_string(),
+                retry_after: Duration::from_millis(left_ms),
+            },
             JoinError::Store(e) => e.into(),
         }
     }

@@ -8,9 +8,19 @@ use crate::store::MemoryStore;
 
 const T0: Millis = 1_700_000_000_000;
 
+/// A router on the defaults, without the startup hold (the tests register nodes first).
 fn router() -> Router<MemoryStore> {
-    let cfg = Config::default();
-    Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)))
+    Router::new(
+        &no_hold(),
+        MemoryStore::new(),
+        Clock::Manual(AtomicU64::new(T0)),
+    )
+}
+
+fn no_hold() -> Config {
+    let mut cfg = Config::default();
+    cfg.placement.startup_hold = Some(std::time::Duration::ZERO);
+    cfg
 }
 
 fn info(cap: f64) -> NodeInfo {
@@ -356,6 +366,41 @@ async fn unpinned_rooms_a_node_reports_are_adopted() {
 }
 
 #[tokio::test]
+async fn a_restarted_router_places_no_new_room_until_the_nodes_have_reported_theirs() {
+    // Node b hosts a live room when the router (re)starts, and node a reports first. Placed
+    // at once, a join would land on a (a split), and b's report would then get the live
+    // room evicted. For `startup_hold` (here the default: `heartbeat_timeout`) new rooms
+    // wait; reported rooms are adopted and joinable at once.
+    let r = Router::new(
+        &Config::default(),
+        MemoryStore::new(),
+        Clock::Manual(AtomicU64::new(T0)),
+    );
+    let hold = Config::default().placement.heartbeat_timeout.as_millis() as u64;
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    match join(&r, "live").await {
+        Err(JoinError::Starting { left_ms }) => assert_eq!(left_ms, hold),
+        other => panic!("placed while starting: {other:?}"),
+    }
+    let why = r.readiness().unwrap_err();
+    assert!(why.iter().any(|w| w.starts_with("starting")), "{why:?}");
+    let reply = beat(&r, "b", 1000.0, 5.0, Some(vec![("live", 5)])).await;
+    assert!(reply.evict.is_empty(), "{:?}", reply.evict);
+    assert_eq!(node_of(&r, "live").await, "b");
+    r.clock().advance(hold - 1);
+    assert!(matches!(
+        join(&r, "fresh").await,
+        Err(JoinError::Starting { left_ms: 1 })
+    ));
+    r.clock().advance(1);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 5.0, Some(vec![("live", 5)])).await;
+    join(&r, "fresh").await.unwrap();
+    assert!(r.readiness().is_ok());
+    assert_eq!(node_of(&r, "live").await, "b");
+}
+
+#[tokio::test]
 async fn a_room_pinned_to_an_unusable_node_is_taken_over_by_the_node_reporting_it() {
     // Its users reached another node (re-placed while the old one was away): that node's
     // report moves the pin there instead of evicting the room from the only node it is on.
@@ -494,7 +539,7 @@ async fn learned_history_sizes_the_next_session() {
 async fn a_learned_size_is_capped_like_a_hint() {
     // A node's report is not bounded by `max_size_hint`; what is learned from it must be, or
     // one absurd report would make the room reserve more than any node has.
-    let mut cfg = Config::default();
+    let mut cfg = no_hold();
     cfg.placement.max_size_hint = 50;
     let r = Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)));
     beat(&r, "a", 1000.0, 0.0, None).await;
@@ -879,7 +924,7 @@ impl PinStore for HookedStore {
 #[tokio::test]
 async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_with() {
     let store = HookedStore::default();
-    let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
+    let r = Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)));
     beat(&r, "a", 1000.0, 0.0, None).await;
     for k in ["r1", "r2"] {
         assert_eq!(node_of(&r, k).await, "a");
@@ -905,7 +950,7 @@ async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_wit
 #[tokio::test]
 async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
     let store = HookedStore::default();
-    let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
+    let r = Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)));
     beat(&r, "a", 100.0, 0.0, None).await;
     beat(&r, "b", 100.0, 0.0, None).await;
     let first = node_of(&r, "moved").await;
@@ -982,7 +1027,7 @@ async fn a_reservation_swept_with_its_pin_spares_the_rooms_next_placement() {
         sweep_pause: Some(Default::default()),
         ..Default::default()
     };
-    let r = Router::new(&Config::default(), store, Clock::Manual(AtomicU64::new(T0)));
+    let r = Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)));
     beat(&r, "a", 1000.0, 0.0, None).await;
     create(&r, "class", Some(30)).await;
     r.clock().advance(

@@ -35,6 +35,8 @@ pub fn config() -> Config {
     c.tickets.secret = SECRET.into();
     c.placement.heartbeat_interval = Duration::from_millis(200);
     c.placement.heartbeat_timeout = Duration::from_millis(1_000);
+    // Tests register their nodes themselves before any join (the hold has its own tests).
+    c.placement.startup_hold = Some(Duration::ZERO);
     c.validate().unwrap();
     c
 }

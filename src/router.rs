@@ -705,8 +705,21 @@ impl<S: PinStore> Router<S> {
             // rooms ended meanwhile.
             let before = PutBack::take(&entry.live.reported_rooms);
             for gone in before.rooms().filter(|r| !listed.contains(*r)) {
-                if !self.end_room(gone, &entry, "unlisted").await? {
-                    kept.push(gone.clone());
+                match self.end_room(gone, &entry, "unlisted").await {
+                    Ok(true) => {}
+                    Ok(false) => kept.push(gone.clone()),
+                    Err(e) => {
+                        // The rooms listed now go back too (those listed before do as the
+                        // guard drops): one first listed here and gone by the next
+                        // heartbeat must be found ended then, not left to the idle sweep.
+                        entry
+                            .live
+                            .reported_rooms
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend(listed);
+                        return Err(e);
+                    }
                 }
             }
             before.done();

@@ -932,17 +932,20 @@ async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_wit
     beat(&r, "a", 1000.0, 2.0, Some(vec![("r1", 1), ("r2", 1)])).await;
     r.clock().advance(TICKET_WINDOW_MS + 1);
     r.store.refuse_releases.store(true, Ordering::SeqCst);
+    // The failing heartbeat also lists a room for the first time (adopted).
     let hb = Heartbeat {
         info: info(1000.0),
         load: 0.0,
         cpu: None,
         state: AdminState::Active,
-        rooms: Some(Vec::new()),
+        rooms: Some(vec![(room("r3"), 1)]),
     };
     assert!(r.heartbeat(&id("a"), hb).await.is_err());
+    assert_eq!(node_of(&r, "r3").await, "a", "r3 adopted");
+    r.clock().advance(TICKET_WINDOW_MS + 1);
     r.store.refuse_releases.store(false, Ordering::SeqCst);
     beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
-    for k in ["r1", "r2"] {
+    for k in ["r1", "r2", "r3"] {
         assert!(r.room(&room(k)).await.unwrap().is_none(), "{k} ended");
     }
 }

@@ -532,6 +532,12 @@ impl<S: PinStore> Router<S> {
                             return Err(JoinError::Starting { left_ms });
                         }
                     }
+                    if intent.joins_when_placing() {
+                        // Before the pin exists, as on the pinned path: a node's report
+                        // that the room ended, heard between the pin and the join's count,
+                        // must see the join and keep the pin it is sent to.
+                        self.recent.joined(room.stable_hash(), now);
+                    }
                     match self
                         .store
                         .pin_if(room, &node.id, previous.as_ref(), now)
@@ -685,11 +691,15 @@ impl<S: PinStore> Router<S> {
             // Ended rooms whose pins are kept for outstanding tickets: looked at again at the
             // next heartbeat, as if listed now.
             let mut kept = Vec::new();
+            // Rooms reported ended, not to be ended again below as unlisted: a second
+            // release could take the pin of a join that placed the room again meanwhile.
+            let mut ended = HashSet::new();
             for (room, participants) in rooms {
                 if participants == 0 {
                     if !self.end_room(&room, &entry, "ended").await? {
-                        kept.push(room);
+                        kept.push(room.clone());
                     }
+                    ended.insert(room);
                     continue;
                 }
                 self.history.observe(&room, participants, now);
@@ -704,7 +714,10 @@ impl<S: PinStore> Router<S> {
             // one must still find what the node listed before, or it could not tell which
             // rooms ended meanwhile.
             let before = PutBack::take(&entry.live.reported_rooms);
-            for gone in before.rooms().filter(|r| !listed.contains(*r)) {
+            for gone in before
+                .rooms()
+                .filter(|r| !listed.contains(*r) && !ended.contains(*r))
+            {
                 match self.end_room(gone, &entry, "unlisted").await {
                     Ok(true) => {}
                     Ok(false) => kept.push(gone.clone()),

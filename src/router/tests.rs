@@ -845,6 +845,7 @@ struct HookedStore {
     moved_before_confirm: std::sync::Mutex<Option<(RoomKey, NodeId)>>,
     sweep_pause: Option<(tokio::sync::Notify, tokio::sync::Notify)>,
     refuse_releases: std::sync::atomic::AtomicBool,
+    releases: std::sync::atomic::AtomicUsize,
 }
 
 impl PinStore for HookedStore {
@@ -873,6 +874,7 @@ impl PinStore for HookedStore {
         self.inner.confirm(room, node, now).await
     }
     async fn release_if(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
+        self.releases.fetch_add(1, Ordering::SeqCst);
         if self.refuse_releases.load(Ordering::SeqCst) {
             return Err(StoreError("release refused".into()));
         }
@@ -917,6 +919,25 @@ impl PinStore for HookedStore {
     fn health(&self) -> StoreHealth {
         self.inner.health()
     }
+}
+
+/// A room a node reports ended (0 participants) is ended once by that heartbeat, not again
+/// as a room the node no longer lists: between the two, a join may have placed the room
+/// again, and the second release would take that new pin.
+#[tokio::test]
+async fn a_room_reported_ended_is_released_once_per_heartbeat() {
+    let r = Router::new(
+        &no_hold(),
+        HookedStore::default(),
+        Clock::Manual(AtomicU64::new(T0)),
+    );
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    assert_eq!(node_of(&r, "r1").await, "a");
+    beat(&r, "a", 1000.0, 1.0, Some(vec![("r1", 1)])).await;
+    r.clock().advance(TICKET_WINDOW_MS + 1);
+    beat(&r, "a", 1000.0, 0.0, Some(vec![("r1", 0)])).await;
+    assert!(r.room(&room("r1")).await.unwrap().is_none(), "ended");
+    assert_eq!(r.store.releases.load(Ordering::SeqCst), 1);
 }
 
 /// A heartbeat that fails half-way (the store refused a release) leaves the node's reported

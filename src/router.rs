@@ -804,31 +804,35 @@ impl<S: PinStore> Router<S> {
             // holds now.
             current = self.store.get(room).await?;
         }
-        let expected = match &current {
-            Some(p) if p.node == entry.id => return Ok(true),
-            Some(p) => {
-                if self.node_usable(&p.node, now) {
-                    self.metrics.splits_detected.inc();
-                    tracing::warn!(room = %room, node = %entry.id, pinned = %p.node, "split room detected; evicting");
-                    return Ok(false);
+        // Each retry follows a lost compare-and-set: the pin changed meanwhile (another
+        // router adopted the room, an admin deleted it, the sweep released it), and what it
+        // is now decides, as on the first pass.
+        for _ in 0..8 {
+            let expected = match &current {
+                Some(p) if p.node == entry.id => return Ok(true),
+                Some(p) => {
+                    if self.node_usable(&p.node, now) {
+                        self.metrics.splits_detected.inc();
+                        tracing::warn!(room = %room, node = %entry.id, pinned = %p.node, "split room detected; evicting");
+                        return Ok(false);
+                    }
+                    Some(p.node.clone())
                 }
-                Some(p.node.clone())
-            }
-            None => None,
-        };
-        // Unpinned (e.g. the router restarted) or pinned to a node that is gone: adopt it.
-        match self
-            .store
-            .pin_if(room, &entry.id, expected.as_ref(), now)
-            .await?
-        {
-            PinOutcome::Won(_) => Ok(true),
-            PinOutcome::Lost(Some(p)) if p.node == entry.id => Ok(true),
-            PinOutcome::Lost(_) => {
-                self.metrics.splits_detected.inc();
-                Ok(false)
+                None => None,
+            };
+            // Unpinned (e.g. the router restarted) or pinned to a node that is gone: adopt it.
+            match self
+                .store
+                .pin_if(room, &entry.id, expected.as_ref(), now)
+                .await?
+            {
+                PinOutcome::Won(_) => return Ok(true),
+                PinOutcome::Lost(now_pinned) => current = now_pinned,
             }
         }
+        Err(StoreError(format!(
+            "pin of room {room} kept changing under contention"
+        )))
     }
 
     fn node_usable(&self, id: &NodeId, now: Millis) -> bool {

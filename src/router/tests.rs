@@ -846,6 +846,9 @@ struct HookedStore {
     sweep_pause: Option<(tokio::sync::Notify, tokio::sync::Notify)>,
     refuse_releases: std::sync::atomic::AtomicBool,
     releases: std::sync::atomic::AtomicUsize,
+    /// The room whose pin is deleted just before the next `pin_if` on it (an admin's
+    /// `DELETE` racing a node's takeover).
+    removed_before_pin: std::sync::Mutex<Option<RoomKey>>,
 }
 
 impl PinStore for HookedStore {
@@ -859,6 +862,10 @@ impl PinStore for HookedStore {
         expected: Option<&NodeId>,
         now: Millis,
     ) -> Result<PinOutcome, StoreError> {
+        let armed = self.removed_before_pin.lock().unwrap().take();
+        if let Some(removed) = armed.filter(|r| r == room) {
+            self.inner.remove(&removed).await?;
+        }
         self.inner.pin_if(room, node, expected, now).await
     }
     async fn confirm(
@@ -919,6 +926,28 @@ impl PinStore for HookedStore {
     fn health(&self) -> StoreHealth {
         self.inner.health()
     }
+}
+
+/// A node reporting a room pinned to a dead node takes it over; if the pin is deleted just
+/// before (an admin's `DELETE`, the idle sweep), the takeover is tried again on what the
+/// store holds now, not taken for a split: the room is the reporting node's, not evicted.
+#[tokio::test]
+async fn a_takeover_that_finds_the_pin_gone_adopts_the_room_instead_of_evicting_it() {
+    let r = Router::new(
+        &no_hold(),
+        HookedStore::default(),
+        Clock::Manual(AtomicU64::new(T0)),
+    );
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    assert_eq!(node_of(&r, "talk").await, "a");
+    // a goes silent; b, which the room's users reached meanwhile, reports it.
+    r.clock()
+        .advance(Config::default().placement.heartbeat_timeout.as_millis() as u64 + 1);
+    *r.store.removed_before_pin.lock().unwrap() = Some(room("talk"));
+    let reply = beat(&r, "b", 1000.0, 3.0, Some(vec![("talk", 3)])).await;
+    assert!(reply.evict.is_empty(), "evicted: {:?}", reply.evict);
+    assert_eq!(r.metrics.splits_detected.get(), 0);
+    assert_eq!(node_of(&r, "talk").await, "b");
 }
 
 /// A room a node reports ended (0 participants) is ended once by that heartbeat, not again

@@ -215,6 +215,22 @@ async fn demo_nodes_refuse_users_who_skip_the_router() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 403);
+    // A ticket for room x does not admit to room y on the same node, however y is spelled;
+    // x's own ticket does, in any spelling the router would take for x.
+    let home = if loc.starts_with(&a.url) { &a } else { &b };
+    for (path, status) in [
+        ("/rooms/y", 403),
+        ("/join/y", 403),
+        ("/rooms/X", 200),
+        ("/rooms/x", 200),
+    ] {
+        let resp = c
+            .get(format!("{}{path}?ticket={ticket}", home.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+    }
 }
 
 #[tokio::test]

@@ -1,14 +1,14 @@
 //! A demo meeting node: a small HTTP stand-in for a media server.
 //!
-//! It verifies the router's tickets (a user who skips the router, or lands on the wrong node,
-//! is refused), counts participants per room (`join` / `leave`), heartbeats its load and room
+//! It verifies the router's tickets (a user who skips the router, lands on the wrong node, or
+//! brings one room's ticket to another, is refused), counts participants per room (`join` / `leave`), heartbeats its load and room
 //! list to the router, and ends rooms the router lists under `evict`. Tests, benchmarks, the
 //! load harness and `roomrouter demo` all use it.
 //!
 //! Endpoints:
 //! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`
 //!   (or the ticket in `X-Room-Ticket`, as proxy mode sends it): join (200 JSON with the
-//!   participant count), 401 bad ticket, 403 ticket for another node.
+//!   participant count), 401 bad ticket, 403 ticket for another node or another room.
 //! * `POST /rooms/{room}/leave`: one participant leaves.
 //! * `GET /status`: this node's rooms and load.
 //! * `GET /healthz`.
@@ -226,6 +226,20 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// Whether `raw`, a room as the request path has it, is the ticket's room. The ticket names
+/// the room as the router normalized it (`rooms.normalization`), which this node is not
+/// told: any of the router's normalizations will do.
+fn names_room(raw: &str, ticket_room: &str) -> bool {
+    use crate::room::{Normalization, RoomKey};
+    [
+        Normalization::None,
+        Normalization::Lowercase,
+        Normalization::NfkcLowercase,
+    ]
+    .into_iter()
+    .any(|n| RoomKey::from_encoded(raw, n).is_ok_and(|k| k.as_str() == ticket_room))
+}
+
 fn handle(
     req: Request<Incoming>,
     state: &State,
@@ -262,7 +276,8 @@ fn handle(
                 serde_json::json!({"id": id, "load": load, "rooms": rooms}),
             )
         }
-        (&Method::GET, ["rooms" | "join", _]) | (&Method::POST, ["rooms" | "join", _, "join"]) => {
+        (&Method::GET, ["rooms" | "join", room])
+        | (&Method::POST, ["rooms" | "join", room, "join"]) => {
             let Some(t) = ticket() else {
                 state.refused.fetch_add(1, Ordering::Relaxed);
                 return reply(
@@ -285,6 +300,15 @@ fn handle(
                 return reply(
                     StatusCode::FORBIDDEN,
                     serde_json::json!({"error": "forbidden", "message": format!("ticket is for node {}", claims.node)}),
+                );
+            }
+            // A ticket admits to its own room only: a user the router let into one room
+            // must not use the ticket for another room on the same node.
+            if !names_room(room, &claims.room) {
+                state.refused.fetch_add(1, Ordering::Relaxed);
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    serde_json::json!({"error": "forbidden", "message": format!("ticket is for room {}", claims.room)}),
                 );
             }
             let n = {

@@ -232,6 +232,9 @@ pub struct Router<S> {
     hold_until: Millis,
     /// When the hold began: a clock stepped back before it ends the hold.
     started: Millis,
+    /// The last time (clock ms) the watch ([`Router::watch`]) saw the router awake; 0:
+    /// not watched (the gap check is off).
+    awake: AtomicU64,
     clock: Clock,
     pub metrics: Metrics,
 }
@@ -258,6 +261,7 @@ impl<S: PinStore> Router<S> {
             instance: format!("{:016x}", rand::random::<u64>()),
             hold_until: if hold > 0 { started + hold } else { 0 },
             started,
+            awake: AtomicU64::new(0),
             clock,
             metrics: Metrics::new(),
         };
@@ -449,6 +453,7 @@ impl<S: PinStore> Router<S> {
         intent: Intent,
         now: Millis,
     ) -> Result<Placement, JoinError> {
+        self.bridge_gap(now);
         self.settle_observed(now);
         let mut pin = self.store.get(room).await?;
         // What the room would reserve if placed now: the rules compare nodes with it counted.
@@ -654,6 +659,7 @@ impl<S: PinStore> Router<S> {
         hb: Heartbeat,
     ) -> Result<HeartbeatReply, StoreError> {
         let now = self.clock.now();
+        self.bridge_gap(now);
         if self.stays_removed(id, &hb, now).await? {
             self.metrics.heartbeats.inc();
             return Ok(HeartbeatReply {
@@ -1210,6 +1216,54 @@ impl<S: PinStore> Router<S> {
     }
 
     /// Readiness: the store answers and at least one node is healthy. Reasons when not.
+    /// How often the service calls [`Router::watch`].
+    pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+    /// Called every [`Router::WATCH_EVERY`] by the service: notes that the router is
+    /// awake, so that a gap in these calls shows a pause of the router (a stopped process,
+    /// a paused VM) or a forward step of the wall clock ([`Router::bridge_gap`]).
+    pub fn watch(&self, now: Millis) {
+        self.bridge_gap(now);
+        self.awake.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// A gap since the router was last seen awake longer than half the heartbeat timeout
+    /// is the router's own: its nodes went unheard only because it was not listening (or
+    /// its clock jumped), and judged on the wall clock they would all look dead at once,
+    /// their rooms moved off nodes that serve them (and then evicted from them). The gap is
+    /// bridged: every node healthy when it began has its heartbeat time moved on by it, so
+    /// that it is judged on the time the router was there to hear it. Called by the watch,
+    /// and first thing by every path that judges health before moving anything (the
+    /// general join path, heartbeats), which may run before the watch after a pause.
+    fn bridge_gap(&self, now: Millis) {
+        let last = self.awake.load(Ordering::Acquire);
+        let timeout = self.params.heartbeat_timeout_ms;
+        let gap = now.saturating_sub(last);
+        if last == 0 || gap <= (timeout / 2).max(1_000) {
+            return;
+        }
+        // One caller bridges a gap: the others find it closed.
+        if self
+            .awake
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let mut held = 0usize;
+        for e in self.cluster.snapshot().nodes() {
+            if let Some(t) = e.live.last_heartbeat().filter(|t| t + timeout > last) {
+                e.live.hold_heartbeat(t + gap);
+                held += 1;
+            }
+        }
+        tracing::warn!(
+            gap_ms = gap,
+            nodes = held,
+            "the router was not running for a while (paused, or its clock stepped forward); nodes healthy before are given that time back"
+        );
+    }
+
     /// While the startup hold lasts, how much of it is left (ms).
     fn holding(&self, now: Millis) -> Option<u64> {
         (self.started <= now && now < self.hold_until).then(|| self.hold_until - now)

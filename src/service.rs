@@ -44,6 +44,21 @@ pub fn spawn_sweeper<S: PinStore>(app: &Arc<App<S>>) -> tokio::task::JoinHandle<
     })
 }
 
+/// Tells the router it is awake every [`Router::WATCH_EVERY`], so that it can tell its own
+/// pause from its nodes' silence ([`Router::watch`]).
+pub fn spawn_watch<S: PinStore>(app: &Arc<App<S>>) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Router::<S>::WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(app) = weak.upgrade() else { break };
+            app.router.watch(app.router.now());
+        }
+    })
+}
+
 /// How often a router tells the others what it reserved where, when that changed
 /// (`placement.share_reservations`). A few milliseconds: the simulator finds the school-day
 /// gain the same at 0, 5 and 10 ms and smaller at 50 ms.
@@ -97,6 +112,7 @@ pub async fn run<S: PinStore>(
         Err(e) => tracing::warn!(error = %e, "learned room sizes not restored; learning anew"),
     }
     let sweeper = spawn_sweeper(&app);
+    let watch = spawn_watch(&app);
     let sharer = spawn_reservation_sharer(&app);
     let prober = crate::probe::spawn_prober(&app);
     let stopped = Arc::downgrade(&app);
@@ -106,6 +122,7 @@ pub async fn run<S: PinStore>(
         h.abort();
     }
     sweeper.abort();
+    watch.abort();
     if let Some(s) = sharer {
         s.abort();
     }

@@ -401,6 +401,44 @@ async fn a_restarted_router_places_no_new_room_until_the_nodes_have_reported_the
 }
 
 #[tokio::test]
+async fn a_pause_of_the_router_itself_moves_no_room_off_a_node_that_served_it() {
+    // The router (or its VM) stops for longer than the heartbeat timeout, or its clock
+    // steps forward. Judged on the wall clock every node looks dead; node b reports first
+    // after the gap. The room pinned to a stays on a, whose report is late only because
+    // the router was not there to hear it; a node already dead before the gap stays dead.
+    let r = router();
+    let timeout = Config::default().placement.heartbeat_timeout.as_millis() as u64;
+    let healthy = |r: &Router<MemoryStore>, n: &str| {
+        let snap = r.cluster.snapshot();
+        r.is_healthy(snap.get(&id(n)).unwrap(), r.now())
+    };
+    r.watch(T0);
+    beat(&r, "c", 1000.0, 0.0, None).await;
+    // Past c's timeout, with the router awake throughout: c is dead.
+    for _ in 0..(timeout / 500 + 2) {
+        r.clock().advance(500);
+        r.watch(r.now());
+        beat(&r, "a", 1000.0, 0.0, None).await;
+    }
+    assert!(!healthy(&r, "c"));
+    let home = node_of(&r, "talk").await;
+    assert_eq!(home, "a");
+    r.clock().advance(timeout + 4_000);
+    let reply = beat(&r, "b", 1000.0, 0.0, None).await;
+    assert!(reply.evict.is_empty());
+    assert!(healthy(&r, "a"), "a served its rooms throughout");
+    assert!(!healthy(&r, "c"), "c was dead before the gap");
+    assert_eq!(node_of(&r, "talk").await, "a");
+    // The time given back is the gap's only: a that stays silent while the router is awake
+    // dies as it would have.
+    for _ in 0..(timeout / 500 + 1) {
+        r.clock().advance(500);
+        r.watch(r.now());
+    }
+    assert!(!healthy(&r, "a"));
+}
+
+#[tokio::test]
 async fn a_room_pinned_to_an_unusable_node_is_taken_over_by_the_node_reporting_it() {
     // Its users reached another node (re-placed while the old one was away): that node's
     // report moves the pin there instead of evicting the room from the only node it is on.

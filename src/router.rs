@@ -1215,7 +1215,6 @@ impl<S: PinStore> Router<S> {
         self.metrics.render()
     }
 
-    /// Readiness: the store answers and at least one node is healthy. Reasons when not.
     /// How often the service calls [`Router::watch`].
     pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -1269,6 +1268,8 @@ impl<S: PinStore> Router<S> {
         (self.started <= now && now < self.hold_until).then(|| self.hold_until - now)
     }
 
+    /// Readiness: the startup hold is over, the store answers and at least one node is
+    /// healthy. Reasons when not.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let now = self.clock.now();
         let mut reasons = Vec::new();

@@ -604,6 +604,22 @@ async fn lookups_without_create_never_place() {
         .await;
     assert!(matches!(e, Err(JoinError::NotFound)));
     assert!(r.room(&room("x")).await.unwrap().is_none());
+    // Nor re-place: a room pinned to a node that failed has no usable pin, and keeps it.
+    assert_eq!(node_of(&r, "y").await, "a");
+    r.clock()
+        .advance(Config::default().placement.heartbeat_timeout.as_millis() as u64 + 1);
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let e = r
+        .place(
+            &room("y"),
+            &Hints::default(),
+            None,
+            Intent::Lookup { create: false },
+        )
+        .await;
+    assert!(matches!(e, Err(JoinError::NotFound)));
+    let pin = r.room(&room("y")).await.unwrap().unwrap();
+    assert_eq!(pin.node.as_str(), "a");
 }
 
 #[tokio::test]

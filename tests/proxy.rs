@@ -43,20 +43,29 @@ fn ticket_claims(t: &str) -> roomrouter::auth::TicketClaims {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+type Upgraded = tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>;
+
 /// Opens a WebSocket through the router (within 5 s); the upgrade must be proxied.
 async fn open_ws(
-    url: String,
-) -> (
-    Ws,
-    tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
-) {
+    req: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> (Ws, Upgraded) {
     tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_tungstenite::connect_async(url),
+        tokio_tungstenite::connect_async(req),
     )
     .await
     .unwrap()
     .expect("the upgrade is proxied")
+}
+
+/// `open_ws` sending `Authorization: {authorization}` (the echo upstream answers the one
+/// it got in `X-Upgrade-Authorization`).
+async fn open_ws_authorized(url: String, authorization: &str) -> (Ws, Upgraded) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", authorization.parse().unwrap());
+    open_ws(req).await
 }
 
 /// The next message on `ws` (within 5 s), as text.
@@ -223,7 +232,6 @@ async fn a_query_token_is_not_forwarded_to_the_node() {
 /// and a router that reads no user tokens passes every `Authorization` on.
 #[tokio::test]
 async fn a_bearer_token_is_not_forwarded_to_the_node() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let t = user_token();
     let bearer = format!("Bearer {t}");
     for fast_path in [true, false] {
@@ -253,12 +261,8 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
             "roomrouter_http_fast_path_requests_total",
         );
         assert_eq!(fast > 0.0, fast_path, "the fast path carried them: {fast}");
-        let mut req = format!("ws://{}/rooms/standup/ws?k=v", r.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", bearer.parse().unwrap());
-        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let url = format!("ws://{}/rooms/standup/ws?k=v", r.addr);
+        let (mut ws, resp) = open_ws_authorized(url, &bearer).await;
         assert_eq!(resp.status(), 101);
         assert!(resp.headers().get("x-upgrade-authorization").is_none());
         ws.send(Message::text("hi")).await.unwrap();
@@ -276,12 +280,8 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
         .send_json()
         .await;
     assert_eq!(body["headers"]["authorization"], "Bearer node-app-token");
-    let mut req = format!("ws://{}/rooms/standup/ws", r.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", "Bearer node-app-token".parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let url = format!("ws://{}/rooms/standup/ws", r.addr);
+    let (mut ws, resp) = open_ws_authorized(url, "Bearer node-app-token").await;
     assert_eq!(
         resp.headers()["x-upgrade-authorization"],
         "Bearer node-app-token"
@@ -298,7 +298,6 @@ async fn a_bearer_token_is_not_forwarded_to_the_node() {
 #[tokio::test]
 async fn the_routers_own_tokens_are_not_forwarded_to_the_node() {
     use base64::Engine;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let basic_admin = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("x:{}", common::ADMIN))
@@ -330,12 +329,8 @@ async fn the_routers_own_tokens_are_not_forwarded_to_the_node() {
             .send_json()
             .await;
         assert_eq!(body["headers"]["authorization"], "Bearer node-app-token");
-        let mut req = format!("ws://{}/rooms/standup/ws", r.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", basic_admin.parse().unwrap());
-        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let url = format!("ws://{}/rooms/standup/ws", r.addr);
+        let (mut ws, resp) = open_ws_authorized(url, &basic_admin).await;
         assert_eq!(resp.status(), 101);
         assert!(resp.headers().get("x-upgrade-authorization").is_none());
         ws.close(None).await.unwrap();

@@ -147,6 +147,10 @@ pub struct Live {
     pub(crate) reported_rooms: Mutex<HashSet<RoomKey>>,
     /// `reserved_milli` as last told to the other routers.
     shared_reserved_milli: AtomicI64,
+    /// The heartbeat time a health check forgot ([`Live::forget_heartbeat`]): a report no
+    /// newer, relayed again by another router or the store's re-sync, must not bring the
+    /// node back.
+    forgotten: AtomicU64,
     /// Proxy mode: how long the node took to answer
     /// (`roomrouter_proxy_upstream_response_seconds`). Last, so the new-room pass's cache
     /// line stays as it was.
@@ -247,9 +251,19 @@ impl Live {
         self.last_heartbeat.fetch_min(now.max(1), Ordering::AcqRel);
     }
 
-    /// Marks the node as not heard from (used by tests and by passive health checks).
+    /// Marks the node as not heard from (used by tests and by passive and active health
+    /// checks) until its next report: one made after the one forgotten.
     pub fn forget_heartbeat(&self) {
-        self.last_heartbeat.store(0, Ordering::Release);
+        let t = self.last_heartbeat.swap(0, Ordering::AcqRel);
+        self.forgotten.fetch_max(t, Ordering::AcqRel);
+    }
+
+    /// The newest report time this router has had of the node, kept or forgotten: a
+    /// relayed report no newer is old news.
+    pub fn newest_report(&self) -> Millis {
+        self.last_heartbeat
+            .load(Ordering::Acquire)
+            .max(self.forgotten.load(Ordering::Acquire))
     }
 
     /// Adds load units sent to the node since its last heartbeat.

@@ -387,10 +387,11 @@ impl NodeSync {
                 if cluster
                     .snapshot()
                     .get(&id)
-                    .and_then(|e| e.live.last_heartbeat())
-                    .is_some_and(|t| t >= at)
+                    .is_some_and(|e| e.live.newest_report() >= at)
                 {
-                    return false; // this router already has a report as new
+                    // This router already has a report as new, or forgot one as new when
+                    // a health check found the node down.
+                    return false;
                 }
                 self.removed.remove(id.as_str());
                 let capacity = info.capacity;
@@ -694,6 +695,23 @@ mod tests {
         };
         assert!(!NodeSync::new(MAX_AHEAD).apply(&c, &zero, NOW));
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_report_a_health_check_forgot_does_not_bring_the_node_back() {
+        // A probe (or proxy mode's passive check) found the node down and forgot its last
+        // heartbeat; the store's re-sync then reads that same report again.
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(8_000, 0.0), 8_500));
+        let e = c.snapshot().get(&id).unwrap().clone();
+        e.live.forget_heartbeat();
+        assert!(!s.apply(&c, &report(8_000, 0.0), 9_000));
+        assert_eq!(e.live.last_heartbeat(), None, "still down");
+        // A report made after the forgotten one is news: the node is back.
+        assert!(s.apply(&c, &report(9_500, 0.0), 9_600));
+        assert_eq!(e.live.last_heartbeat(), Some(9_500));
     }
 
     #[test]

@@ -232,9 +232,13 @@ pub struct Router<S> {
     hold_until: Millis,
     /// When the hold began: a clock stepped back before it ends the hold.
     started: Millis,
-    /// The last time (clock ms) the watch ([`Router::watch`]) saw the router awake; 0:
-    /// not watched (the gap check is off).
+    /// The last time (clock ms) the router was seen awake (by the watch, [`Router::watch`],
+    /// or by a join or heartbeat that judged node health); 0: not watched (the gap check
+    /// is off).
     awake: AtomicU64,
+    /// Held while a gap is bridged: a join or heartbeat that finds the gap waits for the
+    /// nodes' times to be moved on before it judges any node.
+    bridging: std::sync::Mutex<()>,
     clock: Clock,
     pub metrics: Metrics,
 }
@@ -262,6 +266,7 @@ impl<S: PinStore> Router<S> {
             hold_until: if hold > 0 { started + hold } else { 0 },
             started,
             awake: AtomicU64::new(0),
+            bridging: std::sync::Mutex::new(()),
             clock,
             metrics: Metrics::new(),
         };
@@ -1220,7 +1225,7 @@ impl<S: PinStore> Router<S> {
 
     /// Called every [`Router::WATCH_EVERY`] by the service: notes that the router is
     /// awake, so that a gap in these calls shows a pause of the router (a stopped process,
-    /// a paused VM) or a forward step of the wall clock ([`Router::bridge_gap`]).
+    /// a paused VM) or a forward step of the wall clock (`Router::bridge_gap`).
     pub fn watch(&self, now: Millis) {
         self.bridge_gap(now);
         self.awake.fetch_max(now, Ordering::AcqRel);
@@ -1235,27 +1240,35 @@ impl<S: PinStore> Router<S> {
     /// and first thing by every path that judges health before moving anything (the
     /// general join path, heartbeats), which may run before the watch after a pause.
     fn bridge_gap(&self, now: Millis) {
-        let last = self.awake.load(Ordering::Acquire);
         let timeout = self.params.heartbeat_timeout_ms;
-        let gap = now.saturating_sub(last);
-        if last == 0 || gap <= (timeout / 2).max(1_000) {
+        let longest = (timeout / 2).max(1_000);
+        let last = self.awake.load(Ordering::Acquire);
+        if last == 0 {
             return;
         }
-        // One caller bridges a gap: the others find it closed.
-        if self
-            .awake
-            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if now.saturating_sub(last) <= longest {
+            // Awake: this call counts too, so that a watch delayed on a busy runtime is
+            // no gap while joins and heartbeats are being served.
+            self.awake.fetch_max(now, Ordering::AcqRel);
+            return;
+        }
+        // One caller bridges a gap; the others wait for it, then find the gap closed.
+        let _one = self.bridging.lock().unwrap_or_else(|p| p.into_inner());
+        let last = self.awake.load(Ordering::Acquire);
+        let gap = now.saturating_sub(last);
+        if gap <= longest {
             return;
         }
         let mut held = 0usize;
         for e in self.cluster.snapshot().nodes() {
+            // A report heard after the gap began (relayed by another router) is no later
+            // than `last` for this purpose: the node is then heard from now, not after.
             if let Some(t) = e.live.last_heartbeat().filter(|t| t + timeout > last) {
-                e.live.hold_heartbeat(t + gap);
+                e.live.hold_heartbeat(t.min(last) + gap);
                 held += 1;
             }
         }
+        self.awake.fetch_max(now, Ordering::AcqRel);
         tracing::warn!(
             gap_ms = gap,
             nodes = held,

@@ -1446,8 +1446,16 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
         .await
         .unwrap();
     let b = store::open(&config(&redis.url(), &p)).await.unwrap();
-    let (outage, elsewhere) = (room("outage-room"), room("placed-elsewhere"));
+    let (outage, elsewhere, moved) = (
+        room("outage-room"),
+        room("placed-elsewhere"),
+        room("moved-elsewhere"),
+    );
     let (n1, n2) = (node("n1"), node("n2"));
+    assert!(matches!(
+        a.pin_if(&moved, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
     door.cut();
     expect_health(&a, false, Duration::from_secs(10), "a is cut off").await;
     assert!(matches!(
@@ -1458,6 +1466,7 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
         b.pin_if(&elsewhere, &n1, None, now_ms()).await.unwrap(),
         PinOutcome::Won(_)
     ));
+    move_room(&b, &moved, &n1, &n2).await;
     let c = redis_conn(&redis.url()).await;
     refuse_writes(&c, 1).await;
     door.restore();
@@ -1471,6 +1480,15 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
     );
     let refused = a.pin_if(&elsewhere, &n2, None, now_ms()).await;
     assert!(refused.is_err(), "split from b's pin: {refused:?}");
+    // A room a knows is read from Redis, where b moved it, not from a's outage-old cache,
+    // once a recovery attempt has found that Redis kept its data (the same server).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.get(&moved).await.unwrap().map(|p| p.node) == Some(n2.clone())
+        })
+        .await,
+        "a still sends the moved room's joins to its old node"
+    );
     assert_eq!(
         a.get(&outage).await.unwrap().map(|p| p.node),
         Some(n2.clone())

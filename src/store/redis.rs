@@ -34,10 +34,11 @@
 //! release rooms that stayed in use. Unreachable means that Redis fails a probe
 //! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage.
 //! Nor is a recovery that fails while Redis answers (it refuses writes: out of memory, a
-//! failed save, `min-replicas-to-write`; or refuses a subscription): the store stays down,
-//! serving the rooms it knows from the cache, but is *stalled* ([`Inner::stalled`]) and
-//! refuses new placements, which it could not share and which the routers that do reach
-//! Redis may have taken differently, until a recovery completes.
+//! failed save, `min-replicas-to-write`; or refuses a subscription): the store stays down
+//! but is *stalled* ([`Inner::stalled`]): it reads pins from Redis rather than from its
+//! outage-old cache (but for its own queued decisions) and refuses new placements, which it
+//! could not share and which the routers that do reach Redis may have taken differently,
+//! until a recovery completes.
 //!
 //! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
 //! `+switch-master` announcement, a command refused by a master turned replica, or a lost
@@ -442,6 +443,9 @@ struct Inner {
     /// subscription). Placements are refused rather than taken locally: the other routers
     /// reach Redis, so a local one could split a room (see [`Inner::stall`]).
     stalled: AtomicBool,
+    /// Redis may have lost pins the cache holds: from an outage's start until recovery has
+    /// found the same server (its run id), or written every cached pin back to a new one.
+    lost: AtomicBool,
     /// The subscription is open and the cache caught up since it opened. While it is not
     /// (and Redis answers, so the store is not down), the cache hears of no other router's
     /// change, so pins are read from Redis instead ([`RedisStore::get`]; `peek` declines):
@@ -638,6 +642,7 @@ impl RedisStore {
             node_writes: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
+            lost: AtomicBool::new(true),
             subscribed: AtomicBool::new(false),
             sub_next: AtomicUsize::new(0),
             why: Mutex::new("connecting".into()),
@@ -725,11 +730,23 @@ impl Inner {
         self.down.load(Ordering::Acquire)
     }
 
-    /// Redis answers but the subscription is not open (see `subscribed`): pins are read
-    /// from Redis, not from the cache.
+    /// Redis answers but the subscription is not open (see `subscribed`), or the store is
+    /// stalled (its cache is as old as the outage, and the routers that reach Redis may
+    /// have moved rooms since) and Redis kept its data (else the cache holds what Redis
+    /// lost; `lost` until recovery shows otherwise): pins are read from Redis, not from the
+    /// cache. See [`Inner::reads_from_redis_for`] for the rooms a stalled store still
+    /// answers itself.
     #[inline]
     fn reads_from_redis(&self) -> bool {
-        !self.subscribed.load(Ordering::Acquire) && !self.is_down()
+        !self.subscribed.load(Ordering::Acquire)
+            && (!self.is_down() || self.is_stalled() && !self.lost.load(Ordering::Acquire))
+    }
+
+    /// [`Inner::reads_from_redis`], except for a room whose decision this router took
+    /// during the outage and could not write back yet: Redis does not have it, and the
+    /// room's users went where the cache says.
+    fn reads_from_redis_for(&self, room: &RoomKey) -> bool {
+        self.reads_from_redis() && !(self.is_stalled() && self.pending.contains_key(room))
     }
 
     /// A command failed. Only if Redis also fails a PING within `connect_timeout` (with
@@ -850,6 +867,7 @@ impl Inner {
     fn mark_down(&self, why: impl std::fmt::Display) {
         let why = why.to_string();
         self.stalled.store(false, Ordering::Release);
+        self.lost.store(true, Ordering::Release);
         if !self.down.swap(true, Ordering::AcqRel) {
             self.outage_since.store(wall_ms(), Ordering::Release);
             self.outages.fetch_add(1, Ordering::Relaxed);
@@ -1360,6 +1378,7 @@ impl Inner {
             tracing::warn!("Redis restarted; writing back every cached pin and admin state");
             self.write_back_all().await?;
         }
+        self.lost.store(false, Ordering::Release);
         // Only once the write-back is done: one that failed part-way is tried again at the
         // next attempt, not skipped because the server looks known (the load below would
         // then drop every cached pin the empty server lacks).
@@ -1369,8 +1388,11 @@ impl Inner {
         self.reload.store(false, Ordering::Release);
         self.load_all().await?;
         self.resync_nodes().await?;
+        // Down cleared first: a placement in between must not find the store down and
+        // no longer stalled, and decide locally.
+        let was_down = self.down.swap(false, Ordering::AcqRel);
         self.stalled.store(false, Ordering::Release);
-        if self.down.swap(false, Ordering::AcqRel) {
+        if was_down {
             tracing::info!("Redis reachable again; pins reconciled");
         }
         // Decisions queued while the load ran. As in `catch_up`, a failure is an outage only
@@ -2372,7 +2394,7 @@ async fn learned_writer(
 impl PinStore for RedisStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let i = &self.inner;
-        if i.reads_from_redis() {
+        if i.reads_from_redis_for(room) {
             match i.get_remote(room).await {
                 Ok(pin) => return Ok(pin),
                 // Down now: the cache answers, as in any outage.

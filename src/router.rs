@@ -707,18 +707,22 @@ impl<S: PinStore> Router<S> {
             let mut ended = HashSet::new();
             for (room, participants) in rooms {
                 if participants == 0 {
-                    if !self.end_room(&room, &entry, "ended").await? {
-                        kept.push(room.clone());
+                    match self.end_room(&room, &entry, "ended").await {
+                        Ok(true) => {}
+                        Ok(false) => kept.push(room.clone()),
+                        Err(e) => return Err(keep_listed(&entry, listed, e)),
                     }
                     ended.insert(room);
                     continue;
                 }
                 self.history.observe(&room, participants, now);
                 self.book.observe(&room, id, participants, now);
-                if self.reconcile(&room, &entry, now).await? {
-                    listed.insert(room);
-                } else {
-                    evict.push(room);
+                match self.reconcile(&room, &entry, now).await {
+                    Ok(true) => {
+                        listed.insert(room);
+                    }
+                    Ok(false) => evict.push(room),
+                    Err(e) => return Err(keep_listed(&entry, listed, e)),
                 }
             }
             // Taken, and put back if this heartbeat fails or is dropped half-way: the next
@@ -732,18 +736,8 @@ impl<S: PinStore> Router<S> {
                 match self.end_room(gone, &entry, "unlisted").await {
                     Ok(true) => {}
                     Ok(false) => kept.push(gone.clone()),
-                    Err(e) => {
-                        // The rooms listed now go back too (those listed before do as the
-                        // guard drops): one first listed here and gone by the next
-                        // heartbeat must be found ended then, not left to the idle sweep.
-                        entry
-                            .live
-                            .reported_rooms
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .extend(listed);
-                        return Err(e);
-                    }
+                    // Those listed before go back as the guard drops.
+                    Err(e) => return Err(keep_listed(&entry, listed, e)),
                 }
             }
             before.done();
@@ -1323,6 +1317,19 @@ fn static_info(n: &StaticNode) -> NodeInfo {
         region: n.region.clone(),
         tags,
     }
+}
+
+/// A heartbeat failed half-way: the rooms it listed so far join the node's reported rooms,
+/// so that one first listed here and gone by the next heartbeat is found ended then, not
+/// left to the idle sweep. Returns `e`.
+fn keep_listed(entry: &NodeEntry, listed: HashSet<RoomKey>, e: StoreError) -> StoreError {
+    entry
+        .live
+        .reported_rooms
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(listed);
+    e
 }
 
 /// A node's reported rooms taken out for a heartbeat to compare with; put back (merged with

@@ -1004,6 +1004,36 @@ async fn a_takeover_that_finds_the_pin_gone_adopts_the_room_instead_of_evicting_
     assert_eq!(node_of(&r, "talk").await, "b");
 }
 
+/// The same, when the release that fails is of a room the heartbeat reports ended (rooms are
+/// taken in name order: "a-new" is adopted first, then "z-ended" fails).
+#[tokio::test]
+async fn a_heartbeat_that_failed_on_an_ended_room_keeps_the_rooms_it_adopted() {
+    let r = Router::new(
+        &no_hold(),
+        HookedStore::default(),
+        Clock::Manual(AtomicU64::new(T0)),
+    );
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    assert_eq!(node_of(&r, "z-ended").await, "a");
+    beat(&r, "a", 1000.0, 1.0, Some(vec![("z-ended", 1)])).await;
+    r.clock().advance(TICKET_WINDOW_MS + 1);
+    r.store.refuse_releases.store(true, Ordering::SeqCst);
+    let hb = Heartbeat {
+        info: info(1000.0),
+        load: 0.0,
+        cpu: None,
+        state: AdminState::Active,
+        rooms: Some(vec![(room("a-new"), 2), (room("z-ended"), 0)]),
+    };
+    assert!(r.heartbeat(&id("a"), hb).await.is_err());
+    r.store.refuse_releases.store(false, Ordering::SeqCst);
+    // Both rooms are gone by the next heartbeat: both are ended.
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
+    for k in ["a-new", "z-ended"] {
+        assert!(r.room(&room(k)).await.unwrap().is_none(), "{k} ended");
+    }
+}
+
 /// A room a node reports ended (0 participants) is ended once by that heartbeat, not again
 /// as a room the node no longer lists: between the two, a join may have placed the room
 /// again, and the second release would take that new pin.

@@ -210,13 +210,17 @@ pub async fn admit<S: PinStore>(
 /// room was found by (and outside the node's upstream base path): the front door refuses
 /// it. That is a `.` or `..` segment, plain or percent-encoded, also followed by `;`
 /// parameters (Tomcat and Jetty drop them before they resolve: `..;/`); an encoded `/` or
-/// `\` (some servers decode them first: `..%2f`); or a `\` (a separator to others). No
+/// `\` (some servers decode them first: `..%2f`), or a `/`, `\` or `.` encoded twice
+/// (`%252f`, `%252e`: for one that decodes twice); or a `\` (a separator to others). No
 /// allocation: it runs on every join.
 fn leaves_route(path: &str) -> bool {
     let b = path.as_bytes();
-    let encoded_separator = b.windows(3).any(|w| {
-        w[0] == b'%' && (w[1] == b'2' && w[2] | 0x20 == b'f' || w[1] == b'5' && w[2] | 0x20 == b'c')
-    });
+    // `%2f` and `%5c`, also encoded twice (`%252f`, `%252e`), which a node that decodes
+    // twice resolves as a separator or a dot.
+    let sep = |hi: u8, lo: u8| hi == b'2' && lo | 0x20 == b'f' || hi == b'5' && lo | 0x20 == b'c';
+    let encoded_separator = b.windows(3).any(|w| w[0] == b'%' && sep(w[1], w[2]))
+        || b.windows(5)
+            .any(|w| w[..3] == *b"%25" && (sep(w[3], w[4]) || w[3] == b'2' && w[4] | 0x20 == b'e'));
     encoded_separator
         || b.contains(&b'\\')
         || path
@@ -432,6 +436,8 @@ mod tests {
             "/rooms/a/..%2f..%2Fadmin",
             "/rooms/a/..%5c..%5Cadmin",
             "/rooms/a/..\\admin",
+            "/rooms/a/%252e%252e%252fadmin",
+            "/rooms/a/..%255cadmin",
         ] {
             assert!(leaves_route(path), "{path}");
         }
@@ -441,6 +447,7 @@ mod tests {
             "/rooms/a/x;v=1",
             "/rooms/%2",
             "/rooms/a%25f",
+            "/rooms/a%2525",
         ] {
             assert!(!leaves_route(path), "{path}");
         }

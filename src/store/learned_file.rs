@@ -10,12 +10,14 @@
 //! The file is text, one room per line: `peak,peak,peak,last_seen_ms<TAB>room` (a room
 //! key holds no control characters). It is replaced whole (written beside it, then renamed),
 //! so a crash leaves the old file or the new one, never half of one. Lines that do not parse
-//! are skipped and counted; a file larger than [`MAX_FILE_BYTES`] is refused.
+//! are skipped and counted; a file larger than [`MAX_FILE_BYTES`] is refused (and none is
+//! written larger). One write at a time: the periodic flush and the one at shutdown share
+//! the sibling file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,7 +29,9 @@ use crate::room::{Normalization, RoomKey, RoomMap};
 /// How often changed sizes are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
-/// Largest file read at start (about 4 million rooms).
+/// Largest file read at start (about 4 million rooms of usual names), and written: rooms
+/// past it are left out of the file (a warning says how many), so that the router can
+/// always read back what it wrote.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Learned sizes kept in memory and in a file.
@@ -36,6 +40,9 @@ pub struct LearnedFile {
     path: PathBuf,
     rooms: RoomMap<Learned>,
     dirty: AtomicBool,
+    /// Held by a write, start to rename: the periodic flush and the one at shutdown share
+    /// the sibling file, and two writers in it at once would splice their lines.
+    writing: Mutex<()>,
 }
 
 impl LearnedFile {
@@ -50,11 +57,12 @@ impl LearnedFile {
                 m.len()
             ),
             Ok(_) => {
-                let text = std::fs::read_to_string(path)
+                let bytes = std::fs::read(path)
                     .with_context(|| format!("store.learned_file {}", path.display()))?;
                 let mut skipped = 0usize;
-                for line in text.lines().filter(|l| !l.is_empty()) {
-                    match parse_line(line) {
+                // Line by line: one line that is not UTF-8 is one line skipped.
+                for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    match std::str::from_utf8(line).ok().and_then(parse_line) {
                         Some((room, learned)) => {
                             rooms.insert(room, learned);
                         }
@@ -74,6 +82,7 @@ impl LearnedFile {
             path: path.to_path_buf(),
             rooms,
             dirty: AtomicBool::new(false),
+            writing: Mutex::new(()),
         });
         // Refused now rather than a warning every FLUSH_EVERY and sizes lost at every
         // restart: the file is replaced through a sibling, so its directory must take one.
@@ -116,6 +125,7 @@ impl LearnedFile {
 
     /// Writes the file if anything changed since the last write.
     pub fn flush(&self) -> std::io::Result<()> {
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -137,10 +147,20 @@ impl LearnedFile {
         let tmp = self.sibling();
         {
             let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let (mut written, mut left_out) = (0u64, 0usize);
             for e in self.rooms.iter() {
-                writeln!(out, "{}\t{}", e.value().encode(), e.key().as_str())?;
+                let line = format!("{}\t{}\n", e.value().encode(), e.key().as_str());
+                if written + line.len() as u64 > MAX_FILE_BYTES {
+                    left_out += 1;
+                    continue;
+                }
+                written += line.len() as u64;
+                out.write_all(line.as_bytes())?;
             }
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            if left_out > 0 {
+                tracing::warn!(file = %self.path.display(), left_out, "learned room sizes past the file's limit not written");
+            }
         }
         std::fs::rename(&tmp, &self.path)
     }
@@ -270,6 +290,17 @@ mod tests {
         LearnedFile::open(&path).unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_not_the_file() {
+        let path = temp_path("bytes");
+        std::fs::write(&path, b"\xff\tx\n12,0,0,5\tgood\n3,2,1,9\tb\xc3\n").unwrap();
+        let f = LearnedFile::open(&path).unwrap();
+        let rooms: Vec<String> = f.all().iter().map(|(r, _)| r.as_str().into()).collect();
+        assert_eq!(rooms, ["good"]);
+        drop(f);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -189,7 +189,7 @@ impl Metrics {
         let store_degraded: Gauge = registered(
             &mut registry,
             "store_degraded",
-            "1 while the store is unreachable",
+            "1 while the store is unreachable, or answers but this router has not caught up with it",
         );
         let node_utilization: Family<NodeLabels, Gauge<f64, AtomicU64>> = registered(
             &mut registry,

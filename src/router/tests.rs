@@ -10,11 +10,12 @@ const T0: Millis = 1_700_000_000_000;
 
 /// A router on the defaults, without the startup hold (the tests register nodes first).
 fn router() -> Router<MemoryStore> {
-    Router::new(
-        &no_hold(),
-        MemoryStore::new(),
-        Clock::Manual(AtomicU64::new(T0)),
-    )
+    with_store(MemoryStore::new())
+}
+
+/// `router()` on `store`.
+fn with_store<S: PinStore>(store: S) -> Router<S> {
+    Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)))
 }
 
 fn no_hold() -> Config {
@@ -59,6 +60,18 @@ async fn beat_state<S: PinStore>(
     rooms: Option<Vec<(&str, u32)>>,
     state: AdminState,
 ) -> HeartbeatReply {
+    try_beat(r, node, cap, load, rooms, state).await.unwrap()
+}
+
+/// A heartbeat that may fail (the tests' stores can refuse).
+async fn try_beat<S: PinStore>(
+    r: &Router<S>,
+    node: &str,
+    cap: f64,
+    load: f64,
+    rooms: Option<Vec<(&str, u32)>>,
+    state: AdminState,
+) -> Result<HeartbeatReply, StoreError> {
     let hb = Heartbeat {
         info: info(cap),
         load,
@@ -66,7 +79,7 @@ async fn beat_state<S: PinStore>(
         state,
         rooms: rooms.map(|v| v.into_iter().map(|(k, p)| (room(k), p)).collect()),
     };
-    r.heartbeat(&id(node), hb).await.unwrap()
+    r.heartbeat(&id(node), hb).await
 }
 
 async fn join<S: PinStore>(r: &Router<S>, k: &str) -> Result<Placement, JoinError> {
@@ -987,11 +1000,7 @@ impl PinStore for HookedStore {
 /// store holds now, not taken for a split: the room is the reporting node's, not evicted.
 #[tokio::test]
 async fn a_takeover_that_finds_the_pin_gone_adopts_the_room_instead_of_evicting_it() {
-    let r = Router::new(
-        &no_hold(),
-        HookedStore::default(),
-        Clock::Manual(AtomicU64::new(T0)),
-    );
+    let r = with_store(HookedStore::default());
     beat(&r, "a", 1000.0, 0.0, None).await;
     assert_eq!(node_of(&r, "talk").await, "a");
     // a goes silent; b, which the room's users reached meanwhile, reports it.
@@ -1008,24 +1017,22 @@ async fn a_takeover_that_finds_the_pin_gone_adopts_the_room_instead_of_evicting_
 /// taken in name order: "a-new" is adopted first, then "z-ended" fails).
 #[tokio::test]
 async fn a_heartbeat_that_failed_on_an_ended_room_keeps_the_rooms_it_adopted() {
-    let r = Router::new(
-        &no_hold(),
-        HookedStore::default(),
-        Clock::Manual(AtomicU64::new(T0)),
-    );
+    let r = with_store(HookedStore::default());
     beat(&r, "a", 1000.0, 0.0, None).await;
     assert_eq!(node_of(&r, "z-ended").await, "a");
     beat(&r, "a", 1000.0, 1.0, Some(vec![("z-ended", 1)])).await;
     r.clock().advance(TICKET_WINDOW_MS + 1);
     r.store.refuse_releases.store(true, Ordering::SeqCst);
-    let hb = Heartbeat {
-        info: info(1000.0),
-        load: 0.0,
-        cpu: None,
-        state: AdminState::Active,
-        rooms: Some(vec![(room("a-new"), 2), (room("z-ended"), 0)]),
-    };
-    assert!(r.heartbeat(&id("a"), hb).await.is_err());
+    let failed = try_beat(
+        &r,
+        "a",
+        1000.0,
+        0.0,
+        Some(vec![("a-new", 2), ("z-ended", 0)]),
+        AdminState::Active,
+    )
+    .await;
+    assert!(failed.is_err());
     r.store.refuse_releases.store(false, Ordering::SeqCst);
     // Both rooms are gone by the next heartbeat: both are ended.
     beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
@@ -1039,11 +1046,7 @@ async fn a_heartbeat_that_failed_on_an_ended_room_keeps_the_rooms_it_adopted() {
 /// again, and the second release would take that new pin.
 #[tokio::test]
 async fn a_room_reported_ended_is_released_once_per_heartbeat() {
-    let r = Router::new(
-        &no_hold(),
-        HookedStore::default(),
-        Clock::Manual(AtomicU64::new(T0)),
-    );
+    let r = with_store(HookedStore::default());
     beat(&r, "a", 1000.0, 0.0, None).await;
     assert_eq!(node_of(&r, "r1").await, "a");
     beat(&r, "a", 1000.0, 1.0, Some(vec![("r1", 1)])).await;
@@ -1058,7 +1061,7 @@ async fn a_room_reported_ended_is_released_once_per_heartbeat() {
 #[tokio::test]
 async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_with() {
     let store = HookedStore::default();
-    let r = Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)));
+    let r = with_store(store);
     beat(&r, "a", 1000.0, 0.0, None).await;
     for k in ["r1", "r2"] {
         assert_eq!(node_of(&r, k).await, "a");
@@ -1067,14 +1070,16 @@ async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_wit
     r.clock().advance(TICKET_WINDOW_MS + 1);
     r.store.refuse_releases.store(true, Ordering::SeqCst);
     // The failing heartbeat also lists a room for the first time (adopted).
-    let hb = Heartbeat {
-        info: info(1000.0),
-        load: 0.0,
-        cpu: None,
-        state: AdminState::Active,
-        rooms: Some(vec![(room("r3"), 1)]),
-    };
-    assert!(r.heartbeat(&id("a"), hb).await.is_err());
+    let failed = try_beat(
+        &r,
+        "a",
+        1000.0,
+        0.0,
+        Some(vec![("r3", 1)]),
+        AdminState::Active,
+    )
+    .await;
+    assert!(failed.is_err());
     assert_eq!(node_of(&r, "r3").await, "a", "r3 adopted");
     r.clock().advance(TICKET_WINDOW_MS + 1);
     r.store.refuse_releases.store(false, Ordering::SeqCst);
@@ -1087,7 +1092,7 @@ async fn a_heartbeat_that_failed_half_way_loses_none_of_the_rooms_to_compare_wit
 #[tokio::test]
 async fn a_join_whose_pin_moved_before_its_confirmation_follows_the_pin() {
     let store = HookedStore::default();
-    let r = Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)));
+    let r = with_store(store);
     beat(&r, "a", 100.0, 0.0, None).await;
     beat(&r, "b", 100.0, 0.0, None).await;
     let first = node_of(&r, "moved").await;
@@ -1164,7 +1169,7 @@ async fn a_reservation_swept_with_its_pin_spares_the_rooms_next_placement() {
         sweep_pause: Some(Default::default()),
         ..Default::default()
     };
-    let r = Router::new(&no_hold(), store, Clock::Manual(AtomicU64::new(T0)));
+    let r = with_store(store);
     beat(&r, "a", 1000.0, 0.0, None).await;
     create(&r, "class", Some(30)).await;
     r.clock().advance(

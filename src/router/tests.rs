@@ -603,18 +603,22 @@ async fn a_learned_size_is_capped_like_a_hint() {
     assert!((p.node.live.reserved_units() - 50.0).abs() < 1e-9);
 }
 
+/// A placement lookup that does not place (`?create=false`).
+async fn look_up<S: PinStore>(r: &Router<S>, k: &str) -> Result<Placement, JoinError> {
+    r.place(
+        &room(k),
+        &Hints::default(),
+        None,
+        Intent::Lookup { create: false },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn lookups_without_create_never_place() {
     let r = router();
     beat(&r, "a", 1000.0, 0.0, None).await;
-    let e = r
-        .place(
-            &room("x"),
-            &Hints::default(),
-            None,
-            Intent::Lookup { create: false },
-        )
-        .await;
+    let e = look_up(&r, "x").await;
     assert!(matches!(e, Err(JoinError::NotFound)));
     assert!(r.room(&room("x")).await.unwrap().is_none());
     // Nor re-place: a room pinned to a node that failed has no usable pin, and keeps it.
@@ -622,14 +626,7 @@ async fn lookups_without_create_never_place() {
     r.clock()
         .advance(Config::default().placement.heartbeat_timeout.as_millis() as u64 + 1);
     beat(&r, "b", 1000.0, 0.0, None).await;
-    let e = r
-        .place(
-            &room("y"),
-            &Hints::default(),
-            None,
-            Intent::Lookup { create: false },
-        )
-        .await;
+    let e = look_up(&r, "y").await;
     assert!(matches!(e, Err(JoinError::NotFound)));
     let pin = r.room(&room("y")).await.unwrap().unwrap();
     assert_eq!(pin.node.as_str(), "a");

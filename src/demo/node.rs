@@ -1,9 +1,9 @@
 //! A demo meeting node: a small HTTP stand-in for a media server.
 //!
 //! It verifies the router's tickets (a user who skips the router, lands on the wrong node, or
-//! brings one room's ticket to another, is refused), counts participants per room (`join` / `leave`), heartbeats its load and room
-//! list to the router, and ends rooms the router lists under `evict`. Tests, benchmarks, the
-//! load harness and `roomrouter demo` all use it.
+//! brings one room's ticket to another, is refused), counts participants per room (`join` /
+//! `leave`), heartbeats its load and room list to the router, and ends rooms the router lists
+//! under `evict`. Tests, benchmarks, the load harness and `roomrouter demo` all use it.
 //!
 //! Endpoints:
 //! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`

@@ -2630,7 +2630,7 @@ impl PinStore for RedisStore {
         if self.inner.is_down() {
             let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();
             StoreHealth::Degraded(if self.inner.is_stalled() {
-                format!("Redis answers but refuses to catch up ({why}); serving known rooms from cache, refusing new ones")
+                format!("Redis answers but refuses to catch up ({why}); reading pins from Redis, refusing new rooms")
             } else {
                 format!("Redis unreachable ({why}); serving from cache")
             })

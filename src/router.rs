@@ -230,7 +230,7 @@ pub struct Router<S> {
     /// knows no pin at start, and waits for the nodes to report the rooms they host
     /// (`placement.startup_hold`). 0: no hold.
     hold_until: Millis,
-    /// When the hold began: a clock stepped back before it ends the hold.
+    /// When the hold began (see `holding` for a clock stepped back before it).
     started: Millis,
     /// The last time (clock ms) the router was seen awake (by the watch, [`Router::watch`],
     /// or by a join or heartbeat that judged node health); 0: not watched (the gap check
@@ -1270,9 +1270,13 @@ impl<S: PinStore> Router<S> {
         );
     }
 
-    /// While the startup hold lasts, how much of it is left (ms).
+    /// While the startup hold lasts, how much of it is left (ms). A wall clock stepped back
+    /// meanwhile (NTP at boot) lengthens the hold by the step rather than ending it, unless
+    /// the step is longer than the hold itself: no router waits an hour for a clock.
     fn holding(&self, now: Millis) -> Option<u64> {
-        (self.started <= now && now < self.hold_until).then(|| self.hold_until - now)
+        let hold = self.hold_until.saturating_sub(self.started);
+        (now < self.hold_until && now.saturating_add(hold) >= self.started)
+            .then(|| self.hold_until - now)
     }
 
     /// Readiness: the startup hold is over, the store answers and at least one node is

@@ -414,6 +414,32 @@ async fn a_restarted_router_places_no_new_room_until_the_nodes_have_reported_the
 }
 
 #[tokio::test]
+async fn a_clock_stepped_back_lengthens_the_startup_hold_instead_of_ending_it() {
+    let r = Router::new(
+        &Config::default(),
+        MemoryStore::new(),
+        Clock::Manual(AtomicU64::new(T0)),
+    );
+    let hold = Config::default().placement.heartbeat_timeout.as_millis() as u64;
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    // NTP steps the clock back 200 ms at boot: still holding, 200 ms longer.
+    r.clock().step_back(200);
+    match join(&r, "fresh").await {
+        Err(JoinError::Starting { left_ms }) => assert_eq!(left_ms, hold + 200),
+        other => panic!("the hold ended with the step: {other:?}"),
+    }
+    // A step longer than the hold ends it: no waiting an hour for the clock.
+    let r = Router::new(
+        &Config::default(),
+        MemoryStore::new(),
+        Clock::Manual(AtomicU64::new(T0)),
+    );
+    r.clock().step_back(3_600_000);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "fresh").await.unwrap();
+}
+
+#[tokio::test]
 async fn a_pause_of_the_router_itself_moves_no_room_off_a_node_that_served_it() {
     // The router (or its VM) stops for longer than the heartbeat timeout, or its clock
     // steps forward. Judged on the wall clock every node looks dead; node b reports first

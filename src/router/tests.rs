@@ -378,18 +378,28 @@ async fn unpinned_rooms_a_node_reports_are_adopted() {
     assert_eq!(node_of(&r, "live-room").await, "b");
 }
 
+/// A router on the defaults, startup hold included.
+fn held() -> Router<MemoryStore> {
+    Router::new(
+        &Config::default(),
+        MemoryStore::new(),
+        Clock::Manual(AtomicU64::new(T0)),
+    )
+}
+
+/// The default startup hold: `heartbeat_timeout`.
+fn default_hold_ms() -> u64 {
+    Config::default().placement.heartbeat_timeout.as_millis() as u64
+}
+
 #[tokio::test]
 async fn a_restarted_router_places_no_new_room_until_the_nodes_have_reported_theirs() {
     // Node b hosts a live room when the router (re)starts, and node a reports first. Placed
     // at once, a join would land on a (a split), and b's report would then get the live
     // room evicted. For `startup_hold` (here the default: `heartbeat_timeout`) new rooms
     // wait; reported rooms are adopted and joinable at once.
-    let r = Router::new(
-        &Config::default(),
-        MemoryStore::new(),
-        Clock::Manual(AtomicU64::new(T0)),
-    );
-    let hold = Config::default().placement.heartbeat_timeout.as_millis() as u64;
+    let r = held();
+    let hold = default_hold_ms();
     beat(&r, "a", 1000.0, 0.0, None).await;
     match join(&r, "live").await {
         Err(JoinError::Starting { left_ms }) => assert_eq!(left_ms, hold),
@@ -415,12 +425,8 @@ async fn a_restarted_router_places_no_new_room_until_the_nodes_have_reported_the
 
 #[tokio::test]
 async fn a_clock_stepped_back_lengthens_the_startup_hold_instead_of_ending_it() {
-    let r = Router::new(
-        &Config::default(),
-        MemoryStore::new(),
-        Clock::Manual(AtomicU64::new(T0)),
-    );
-    let hold = Config::default().placement.heartbeat_timeout.as_millis() as u64;
+    let r = held();
+    let hold = default_hold_ms();
     beat(&r, "a", 1000.0, 0.0, None).await;
     // NTP steps the clock back 200 ms at boot: still holding, 200 ms longer.
     r.clock().step_back(200);
@@ -429,11 +435,7 @@ async fn a_clock_stepped_back_lengthens_the_startup_hold_instead_of_ending_it() 
         other => panic!("the hold ended with the step: {other:?}"),
     }
     // A step longer than the hold ends it: no waiting an hour for the clock.
-    let r = Router::new(
-        &Config::default(),
-        MemoryStore::new(),
-        Clock::Manual(AtomicU64::new(T0)),
-    );
+    let r = held();
     r.clock().step_back(3_600_000);
     beat(&r, "a", 1000.0, 0.0, None).await;
     join(&r, "fresh").await.unwrap();

@@ -228,8 +228,9 @@ pub struct Router<S> {
     instance: String,
     /// Until when (clock ms) no new room is placed: with a store of its own the router
     /// knows no pin at start, and waits for the nodes to report the rooms they host
-    /// (`placement.startup_hold`). 0: no hold.
-    hold_until: Millis,
+    /// (`placement.startup_hold`). 0: no hold. A gap the router bridges during the hold
+    /// moves it on by the gap ([`Router::bridge_gap`]).
+    hold_until: AtomicU64,
     /// When the hold began (see `holding` for a clock stepped back before it).
     started: Millis,
     /// The last time (clock ms) the router was seen awake (by the watch, [`Router::watch`],
@@ -237,8 +238,9 @@ pub struct Router<S> {
     /// is off).
     awake: AtomicU64,
     /// Held while a gap is bridged: a join or heartbeat that finds the gap waits for the
-    /// nodes' times to be moved on before it judges any node.
-    bridging: std::sync::Mutex<()>,
+    /// nodes' times to be moved on before it judges any node. Holds the latest gaps, which
+    /// the idle sweep gives back to the pins.
+    bridging: std::sync::Mutex<Gaps>,
     clock: Clock,
     pub metrics: Metrics,
 }
@@ -263,10 +265,10 @@ impl<S: PinStore> Router<S> {
             ticket_window_ms: crate::auth::ticket::accepted_for(cfg.tickets.ttl, cfg.tickets.leeway)
                 .as_millis() as u64,
             instance: format!("{:016x}", rand::random::<u64>()),
-            hold_until: if hold > 0 { started + hold } else { 0 },
+            hold_until: AtomicU64::new(if hold > 0 { started + hold } else { 0 }),
             started,
             awake: AtomicU64::new(0),
-            bridging: std::sync::Mutex::new(()),
+            bridging: std::sync::Mutex::new(Gaps::default()),
             clock,
             metrics: Metrics::new(),
         };
@@ -581,6 +583,13 @@ impl<S: PinStore> Router<S> {
         Err(JoinError::Store(StoreError(
             "pin kept changing under contention".into(),
         )))
+    }
+
+    /// How long a pin outlives its last confirmation. Joins confirm a pin only when its
+    /// confirmation is older than `confirm_every_ms`, so a pin joined `room_idle_ttl` ago
+    /// may carry a confirmation that much older still.
+    fn idle_ms(&self) -> u64 {
+        self.placement.room_idle_ttl.as_millis() as u64 + self.confirm_every_ms()
     }
 
     /// Pins are confirmed at most this often by joins (a store write per join would be waste).
@@ -975,14 +984,17 @@ impl<S: PinStore> Router<S> {
     /// Releases idle pins, expired reservations and stale history. Returns pins released.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let now = self.clock.now();
-        // Joins confirm a pin only when its confirmation is older than `confirm_every_ms`, so
-        // a pin joined `room_idle_ttl` ago may carry a confirmation that much older still.
-        let idle_ms = self.placement.room_idle_ttl.as_millis() as u64 + self.confirm_every_ms();
+        // The sweep may be the first to run after a pause: the gap is the router's, and
+        // the pins are given it back before they are judged idle.
+        self.bridge_gap(now);
+        let given_back = self
+            .bridging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .given_back(now, self.idle_ms());
+        let cutoff = now.saturating_sub(self.idle_ms() + given_back);
         let mark = self.book.mark();
-        let released = self
-            .store
-            .sweep_idle(now.saturating_sub(idle_ms), now)
-            .await?;
+        let released = self.store.sweep_idle(cutoff, now).await?;
         for (room, node) in &released {
             self.end_session(room);
             // Not a reservation a join made once the pin was gone (the room placed again).
@@ -1247,7 +1259,7 @@ impl<S: PinStore> Router<S> {
             return;
         }
         // One caller bridges a gap; the others wait for it, then find the gap closed.
-        let _one = self.bridging.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gaps = self.bridging.lock().unwrap_or_else(|p| p.into_inner());
         let last = self.awake.load(Ordering::Acquire);
         let gap = now.saturating_sub(last);
         if gap <= longest {
@@ -1262,6 +1274,12 @@ impl<S: PinStore> Router<S> {
                 held += 1;
             }
         }
+        // The hold is time for the nodes to report in, which the gap was not.
+        let until = self.hold_until.load(Ordering::Acquire);
+        if last < until {
+            self.hold_until.store(until + gap, Ordering::Release);
+        }
+        gaps.add(gap, now, self.idle_ms());
         self.awake.fetch_max(now, Ordering::AcqRel);
         tracing::warn!(
             gap_ms = gap,
@@ -1274,9 +1292,9 @@ impl<S: PinStore> Router<S> {
     /// meanwhile (NTP at boot) lengthens the hold by the step rather than ending it, unless
     /// the step is longer than the hold itself: no router waits an hour for a clock.
     fn holding(&self, now: Millis) -> Option<u64> {
-        let hold = self.hold_until.saturating_sub(self.started);
-        (now < self.hold_until && now.saturating_add(hold) >= self.started)
-            .then(|| self.hold_until - now)
+        let until = self.hold_until.load(Ordering::Acquire);
+        let hold = until.saturating_sub(self.started);
+        (now < until && now.saturating_add(hold) >= self.started).then(|| until - now)
     }
 
     /// Readiness: the startup hold is over, the store answers and at least one node is
@@ -1334,6 +1352,38 @@ fn keep_listed(entry: &NodeEntry, listed: HashSet<RoomKey>, e: StoreError) -> St
         .unwrap_or_else(|p| p.into_inner())
         .extend(listed);
     e
+}
+
+/// The router's latest gaps (pauses, forward steps of the clock; [`Router::bridge_gap`]),
+/// for the idle sweep: a pin idle since before a gap is given the gap back, as the nodes
+/// are. Gaps within one idle TTL of each other add up; the sum is given to every pin
+/// while the last gap is less than a TTL old (more than some pins are owed, never less).
+#[derive(Debug, Default)]
+struct Gaps {
+    /// When the last gap ended (clock ms).
+    ended: Millis,
+    /// The gaps' length, summed (ms).
+    total: u64,
+}
+
+impl Gaps {
+    fn add(&mut self, gap: u64, now: Millis, idle_ms: u64) {
+        if now.saturating_sub(self.ended) >= idle_ms {
+            self.total = 0;
+        }
+        self.total += gap;
+        self.ended = now;
+    }
+
+    /// What a sweep at `now` gives back to pins idle since before the gaps. Once the last
+    /// gap is an idle TTL old, every pin from before it is idle on any count.
+    fn given_back(&self, now: Millis, idle_ms: u64) -> u64 {
+        if now.saturating_sub(self.ended) < idle_ms {
+            self.total
+        } else {
+            0
+        }
+    }
 }
 
 /// A node's reported rooms taken out for a heartbeat to compare with; put back (merged with

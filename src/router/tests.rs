@@ -480,6 +480,61 @@ async fn a_pause_of_the_router_itself_moves_no_room_off_a_node_that_served_it() 
 }
 
 #[tokio::test]
+async fn a_pause_longer_than_the_idle_ttl_releases_no_pin_it_did_not_let_idle() {
+    // The router stops for longer than `room_idle_ttl`; on waking, its sweep may run
+    // before any node has reported. Judged on the wall clock every pin looks idle, and a
+    // join before the room's node reports again would place the live room afresh (a
+    // split). The sweep counts the gap as the router's, not the rooms'.
+    let r = router();
+    r.watch(T0);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "talk").await.unwrap();
+    let ttl = Config::default().placement.room_idle_ttl.as_millis() as u64;
+    r.clock().advance(ttl + 120_000);
+    assert_eq!(
+        r.sweep().await.unwrap(),
+        0,
+        "released by the router's own gap"
+    );
+    assert!(r.room(&room("talk")).await.unwrap().is_some());
+    // The time given back is the gap's only: left idle while the router is awake, the pin
+    // goes as it would have (here `ttl` and a confirmation interval, as in `idle_pins_are_swept`).
+    let mut awake = 0;
+    while awake <= ttl + ttl / 8 + 1_000 {
+        r.clock().advance(2_000);
+        awake += 2_000;
+        r.watch(r.now());
+    }
+    assert_eq!(r.sweep().await.unwrap(), 1);
+    assert!(r.room(&room("talk")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_clock_stepped_forward_during_the_startup_hold_does_not_end_it() {
+    // The watch sees a forward step (or a pause) as a gap; the hold is for time in which
+    // the nodes could report, so the gap does not count towards it.
+    let r = held();
+    let hold = default_hold_ms();
+    r.watch(r.now());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    r.clock().advance(1_000);
+    r.watch(r.now());
+    r.clock().advance(3_600_000);
+    r.watch(r.now());
+    match join(&r, "fresh").await {
+        Err(JoinError::Starting { left_ms }) => assert_eq!(left_ms, hold - 1_000),
+        other => panic!("the hold ended with the step: {other:?}"),
+    }
+    // The rest of the hold passes with the router awake (watched every second).
+    for _ in 0..(hold - 1_000) / 1_000 {
+        r.clock().advance(1_000);
+        r.watch(r.now());
+    }
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    join(&r, "fresh").await.unwrap();
+}
+
+#[tokio::test]
 async fn a_room_pinned_to_an_unusable_node_is_taken_over_by_the_node_reporting_it() {
     // Its users reached another node (re-placed while the old one was away): that node's
     // report moves the pin there instead of evicting the room from the only node it is on.

@@ -78,6 +78,9 @@ pub struct StatusLabels {
 /// Every metric the router exports.
 pub struct Metrics {
     registry: Registry,
+    /// One scrape at a time fills the gauges set at render time and encodes them: two at
+    /// once would each clear the other's per-node series ([`Metrics::render_with`]).
+    scrape: std::sync::Mutex<()>,
     /// One counter per outcome, indexed by [`Decided`], created up front so the hot path
     /// never touches the family's lock: a decision is one relaxed atomic add.
     outcomes: [Counter; Decided::ALL.len()],
@@ -271,6 +274,7 @@ impl Metrics {
         });
         Metrics {
             registry,
+            scrape: std::sync::Mutex::new(()),
             outcomes,
             decisions,
             heartbeats,
@@ -307,6 +311,14 @@ impl Metrics {
 
     pub fn error(&self, code: &'static str) {
         self.errors.get_or_create(&StatusLabels { code }).inc();
+    }
+
+    /// The text exposition, after `fill` has set the gauges that are read at render time:
+    /// no other scrape runs between the two.
+    pub fn render_with(&self, fill: impl FnOnce(&Metrics)) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        fill(self);
+        self.render()
     }
 
     /// The text exposition.

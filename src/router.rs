@@ -1191,39 +1191,40 @@ impl<S: PinStore> Router<S> {
 
     /// Fills the state gauges and renders the metrics.
     pub async fn render_metrics(&self) -> String {
+        let pins = self.store.count().await.ok();
         let now = self.clock.now();
         let snap = self.cluster.snapshot_arc();
-        let healthy = snap
-            .nodes()
-            .iter()
-            .filter(|e| self.is_healthy(e, now))
-            .count();
-        self.metrics.nodes_total.set(snap.nodes().len() as i64);
-        self.metrics.nodes_healthy.set(healthy as i64);
-        self.metrics.node_utilization.clear();
-        let mut upstream = Vec::with_capacity(snap.nodes().len());
-        for e in snap.nodes() {
-            let labels = crate::metrics::NodeLabels {
-                node: e.id.to_string(),
-            };
-            let reading = e.live.upstream_response.read();
-            self.metrics
-                .node_utilization
-                .get_or_create(&labels)
-                .set(e.utilization());
-            if reading.count() > 0 {
-                upstream.push((labels, reading));
+        self.metrics.render_with(|m| {
+            let healthy = snap
+                .nodes()
+                .iter()
+                .filter(|e| self.is_healthy(e, now))
+                .count();
+            m.nodes_total.set(snap.nodes().len() as i64);
+            m.nodes_healthy.set(healthy as i64);
+            // Afresh: a removed node's series goes with it.
+            m.node_utilization.clear();
+            let mut upstream = Vec::with_capacity(snap.nodes().len());
+            for e in snap.nodes() {
+                let labels = crate::metrics::NodeLabels {
+                    node: e.id.to_string(),
+                };
+                let reading = e.live.upstream_response.read();
+                m.node_utilization
+                    .get_or_create(&labels)
+                    .set(e.utilization());
+                if reading.count() > 0 {
+                    upstream.push((labels, reading));
+                }
             }
-        }
-        self.metrics.upstream_response.set(upstream);
-        if let Ok(n) = self.store.count().await {
-            self.metrics.pins.set(n as i64);
-        }
-        self.metrics.learned_rooms.set(self.history.len() as i64);
-        self.metrics
-            .store_degraded
-            .set(i64::from(self.store.health() != StoreHealth::Ok));
-        self.metrics.render()
+            m.upstream_response.set(upstream);
+            if let Some(n) = pins {
+                m.pins.set(n as i64);
+            }
+            m.learned_rooms.set(self.history.len() as i64);
+            m.store_degraded
+                .set(i64::from(self.store.health() != StoreHealth::Ok));
+        })
     }
 
     /// How often the service calls [`Router::watch`].

@@ -1289,3 +1289,31 @@ async fn a_reservation_on_a_removed_nodes_old_counters_lets_no_join_past_the_lim
         "the node is full and nothing reserved on it is the room's"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_each_see_every_node() {
+    // Prometheus and a second scraper (a dashboard, an HA pair) at once: each scrape fills
+    // the per-node gauges afresh, and neither may render the other's half-filled set.
+    let r = Arc::new(router());
+    let nodes = 40;
+    for n in 0..nodes {
+        beat(&r, &format!("n{n}"), 1000.0, 0.0, None).await;
+    }
+    let mut scrapes = Vec::new();
+    for _ in 0..4 {
+        let r = r.clone();
+        scrapes.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                let text = r.render_metrics().await;
+                let series = text
+                    .lines()
+                    .filter(|l| l.starts_with("roomrouter_node_utilization{"))
+                    .count();
+                assert_eq!(series, nodes, "a scrape lost node series");
+            }
+        }));
+    }
+    for s in scrapes {
+        s.await.unwrap();
+    }
+}

@@ -304,6 +304,35 @@ mod tests {
     }
 
     #[test]
+    fn writers_at_once_neither_fail_nor_lose_a_room() {
+        // The periodic flush and the one at shutdown may meet: both write the sibling file
+        // and rename it. One at a time, every write succeeds and the last one has every
+        // room saved before it.
+        let path = temp_path("racing");
+        let f = LearnedFile::open(&path).unwrap();
+        let (writers, rooms_each) = (4, 50);
+        std::thread::scope(|s| {
+            for w in 0..writers {
+                let f = &f;
+                s.spawn(move || {
+                    for n in 0..rooms_each {
+                        let learned = Learned {
+                            peaks: [n + 1, 0, 0],
+                            last_seen: 1,
+                        };
+                        f.save(&room(&format!("w{w}-r{n}")), learned);
+                        f.flush().expect("a write failed beside another");
+                    }
+                });
+            }
+        });
+        drop(f);
+        let back = LearnedFile::open(&path).unwrap().all();
+        assert_eq!(back.len(), (writers * rooms_each) as usize);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
     fn nothing_is_written_when_nothing_changed() {
         let path = temp_path("quiet");
         let f = LearnedFile::open(&path).unwrap();

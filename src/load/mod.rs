@@ -172,8 +172,10 @@ pub struct LoadArgs {
     pub no_follow: bool,
     /// Admin token, to sample an external router's node utilization from /v1/nodes; in
     /// proxy mode participants then also leave at the node URLs listed there rather than
-    /// through the router.
-    #[arg(long, env = "ROOMROUTER_ADMIN_TOKEN", hide_env_values = true)]
+    /// through the router. Without the flag, `ROOMROUTER_ADMIN_TOKEN` (read here, not by
+    /// clap: set for a router in the same shell, it must not stop a constant-rate run,
+    /// which has no use for it and refuses only the flag).
+    #[arg(long)]
     pub admin_token: Option<String>,
     /// Self-started cluster: add a node at this many seconds into the run.
     #[arg(long, value_parser = parse_secs)]
@@ -287,7 +289,11 @@ impl LoadArgs {
             follow: !self.no_follow,
             size_hints: self.size_hints,
             path: self.path.clone(),
-            admin_token: self.admin_token.clone(),
+            admin_token: self.admin_token.clone().or_else(|| {
+                std::env::var("ROOMROUTER_ADMIN_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+            }),
             add_node_at: self.add_node_at,
             kill_node_at: self.kill_node_at,
             sample_every: Duration::from_secs(1),

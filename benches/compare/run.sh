@@ -383,7 +383,13 @@ run_rate() { # NAME PORT RATE
     --url "http://127.0.0.1:$2" --duration "$DURATION" --warmup "$WARMUP" --pacing "$PACING" \
     --connections "$RATE_CONNS" --rooms "$ROOMS" --room-prefix r --zipf 0 \
     --path "$(open_path "$1")" --max-requests $(python3 -c "import math; print(math.floor($3 * ($DURATION + $WARMUP)) + 1)") \
-    --quiet --json "$j" >"$OUT/rate-$1-$ROUND.txt" 2>&1 || { cat "$OUT/rate-$1-$ROUND.txt" >&2; return 0; }
+    --quiet --json "$j" >"$OUT/rate-$1-$ROUND.txt" 2>&1 || {
+    # Said again under the table: a step that failed leaves only a '-' in it.
+    local rc=$?
+    cat "$OUT/rate-$1-$ROUND.txt" >&2
+    NOTE[$1]="${NOTE[$1]:-}constant-rate step failed in round $ROUND (exit $rc: $OUT/rate-$1-$ROUND.txt); "
+    return 0
+  }
   line=$(python3 - "$j" "$1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

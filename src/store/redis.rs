@@ -1157,6 +1157,28 @@ impl Inner {
         Ok(pin)
     }
 
+    /// The room's pin as Redis holds it, or `None` if Redis is down (the failure marked
+    /// it so; the cache answers). A read that fails while Redis answers the probe most
+    /// likely went out on a connection a restart or failover broke, which its manager is
+    /// reopening (the probe took another): a read is safe to repeat, and is, once, so
+    /// that the first joins after Redis comes back are not refused for it.
+    async fn read_unless_down(&self, room: &RoomKey) -> Result<Option<Option<Pin>>, StoreError> {
+        let e = match self.get_remote(room).await {
+            Ok(pin) => return Ok(Some(pin)),
+            Err(e) => e,
+        };
+        if let Err(e) = self.confirm_down(e).await {
+            return match self.get_remote(room).await {
+                Ok(pin) => Ok(Some(pin)),
+                Err(again) => {
+                    tracing::debug!(first = %e, again = %again, "a read failed twice while Redis answers");
+                    Err(e)
+                }
+            };
+        }
+        Ok(None)
+    }
+
     // --- local (outage) operations on the cache ---
 
     /// Moves the cached pin's confirmation up to `now` if the pin points at `node`. True if
@@ -2395,10 +2417,9 @@ impl PinStore for RedisStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let i = &self.inner;
         if i.reads_from_redis_for(room) {
-            match i.get_remote(room).await {
-                Ok(pin) => return Ok(pin),
-                // Down now: the cache answers, as in any outage.
-                Err(e) => i.confirm_down(e).await?,
+            // Down now (`None`): the cache answers, as in any outage.
+            if let Some(pin) = i.read_unless_down(room).await? {
+                return Ok(pin);
             }
         }
         let cached = i.cache.get(room);
@@ -2408,9 +2429,8 @@ impl PinStore for RedisStore {
     async fn get_stored(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let i = &self.inner;
         if !i.is_down() {
-            match i.get_remote(room).await {
-                Ok(pin) => return Ok(pin),
-                Err(e) => i.confirm_down(e).await?,
+            if let Some(pin) = i.read_unless_down(room).await? {
+                return Ok(pin);
             }
         }
         let cached = i.cache.get(room);

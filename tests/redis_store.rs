@@ -1328,6 +1328,44 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(y.clone()));
 }
 
+/// Redis closed the router's command connection (a restart, a failover, `CLIENT KILL`, a
+/// server-side idle timeout). The first command sent on it fails; its manager reconnects,
+/// and the PING that follows the failure is answered. A read is repeated then, not turned
+/// into a refused join, and the store does not go degraded for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_connection_redis_closed_is_repeated_not_refused() {
+    let Some(redis) = private_redis_for("read_after_kill") else {
+        return;
+    };
+    let p = prefix("readkill");
+    let mut cfg = config(&redis.url(), &p);
+    // One connection: the read and the probe after it share it, as every command does
+    // once each connection of a pool has been closed.
+    cfg.store.pool_size = 1;
+    let a = store::open(&cfg).await.unwrap();
+    let (r, x) = (room("standup"), node("x"));
+    assert!(matches!(
+        a.pin_if(&r, &x, None, 1000).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    let mut c = redis_conn(&redis.url()).await;
+    for round in 0..3 {
+        // Every plain client but this one; the router's subscription is of another type.
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(killed >= 1, "the router's command connection was open");
+        let pin = a
+            .get_stored(&r)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a read refused: {e}"));
+        assert_eq!(pin.map(|p| p.node), Some(x.clone()), "round {round}");
+        assert_eq!(a.health(), StoreHealth::Ok, "round {round}");
+    }
+}
+
 /// Redis restarts empty; the router writes back a pin whose confirmation it knows only from
 /// an hour ago (confirmations are not published: a router that only watches the room learns
 /// of them late). The pin goes back created when it was and confirmed now, so the next sweep

@@ -987,12 +987,13 @@ impl<S: PinStore> Router<S> {
         // The sweep may be the first to run after a pause: the gap is the router's, and
         // the pins are given it back before they are judged idle.
         self.bridge_gap(now);
+        let idle_ms = self.idle_ms();
         let given_back = self
             .bridging
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .given_back(now, self.idle_ms());
-        let cutoff = now.saturating_sub(self.idle_ms() + given_back);
+            .given_back(now, idle_ms);
+        let cutoff = now.saturating_sub(idle_ms + given_back);
         let mark = self.book.mark();
         let released = self.store.sweep_idle(cutoff, now).await?;
         for (room, node) in &released {

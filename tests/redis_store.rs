@@ -1366,6 +1366,114 @@ async fn a_read_on_a_connection_redis_closed_is_repeated_not_refused() {
     }
 }
 
+/// Redis closed every command connection of the default pool at once (its idle `timeout`,
+/// `CLIENT KILL`): the read that finds its connection closed and the probe that follows on
+/// the other one both fail, but Redis answers the probe's second try on its reopened
+/// connection. No outage: the store stays up (a degraded router would decide new rooms
+/// alone while the others follow Redis), and reads and placements go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_closing_every_command_connection_is_no_outage() {
+    let Some(redis) = private_redis_for("kill_whole_pool") else {
+        return;
+    };
+    let p = prefix("killpool");
+    let cfg = config(&redis.url(), &p);
+    assert!(cfg.store.pool_size >= 2, "the default pool");
+    let a = store::open(&cfg).await.unwrap();
+    let (r, x) = (room("standup"), node("x"));
+    assert!(matches!(
+        a.pin_if(&r, &x, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    let mut c = redis_conn(&redis.url()).await;
+    for round in 0..3 {
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(
+            killed >= 2,
+            "round {round}: the pool's connections were open"
+        );
+        let pin = a
+            .get_stored(&r)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a read refused: {e}"));
+        assert_eq!(pin.map(|p| p.node), Some(x.clone()), "round {round}");
+        let fresh = room(&format!("new-{round}"));
+        let placed = a.pin_if(&fresh, &x, None, now_ms()).await;
+        assert!(
+            matches!(placed, Ok(PinOutcome::Won(_))),
+            "round {round}: {placed:?}"
+        );
+        assert!(
+            redis_pin(&redis.url(), &room_key(&p, &format!("new-{round}")))
+                .await
+                .is_some(),
+            "round {round}: the new room was placed in Redis, not only in the cache"
+        );
+        assert_eq!(a.health(), StoreHealth::Ok, "round {round}");
+    }
+    assert_eq!(outages(&a), 0, "no outage was declared");
+}
+
+/// Redis restarts in place, quickly, and empty, and refuses writes from its first command
+/// (`min-replicas-to-write`, as a new master may). The router's connections reopen at
+/// once, but the server is not the one it caught up with (its run id): the router serves
+/// the rooms it knows from its cache (Redis lost them) and refuses new rooms (Redis
+/// answers: another router may place them) until it has written its pins back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_restart_that_lost_the_pins_is_no_reason_to_trust_redis_over_the_cache() {
+    let Some(mut redis) = private_redis_for("quick_restart") else {
+        return;
+    };
+    let p = prefix("quickrestart");
+    let a = store::open(&config(&redis.url(), &p)).await.unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    redis.restart_with(&["--min-replicas-to-write", "1"]);
+    let key = room_key(&p, "standup");
+    expect_health(&a, false, Duration::from_secs(5), "the restart was noticed").await;
+    // Several recovery attempts meet the refusal.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_ne!(
+        a.health(),
+        StoreHealth::Ok,
+        "a refused write-back is no recovery"
+    );
+    assert_eq!(redis_pin(&redis.url(), &key).await, None);
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1.clone()));
+    assert_eq!(
+        a.get_stored(&r).await.unwrap().map(|p| p.node),
+        Some(n1.clone()),
+        "the empty server's answer is not taken over the cache"
+    );
+    let fresh = room("new-room");
+    let refused = a.pin_if(&fresh, &n1, None, now_ms()).await;
+    assert!(
+        refused.is_err(),
+        "placed alone while Redis answers: {refused:?}"
+    );
+    let c = redis_conn(&redis.url()).await;
+    refuse_writes(&c, 0).await;
+    expect_health(&a, true, Duration::from_secs(15), "the router recovered").await;
+    assert!(
+        redis_pin(&redis.url(), &key)
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "the pin was written back: {:?}",
+        redis_pin(&redis.url(), &key).await
+    );
+    assert!(matches!(
+        a.pin_if(&fresh, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+}
+
 /// Redis restarts empty; the router writes back a pin whose confirmation it knows only from
 /// an hour ago (confirmations are not published: a router that only watches the room learns
 /// of them late). The pin goes back created when it was and confirmed now, so the next sweep

@@ -32,7 +32,9 @@
 //! loser's node is then told to evict the room on its next heartbeat). Confirmations of
 //! cached pins are queued too, so that the first idle sweep after a long outage does not
 //! release rooms that stayed in use. Unreachable means that Redis fails a probe
-//! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage.
+//! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage. A
+//! probe answered by another server than the one the store caught up with (a new `run_id`:
+//! a restart) makes the store down and stalled at once ([`Inner::mark_restarted`]).
 //! Nor is a recovery that fails while Redis answers (it refuses writes: out of memory, a
 //! failed save, `min-replicas-to-write`; or refuses a subscription): the store stays down
 //! but is *stalled* ([`Inner::stalled`]): it reads pins from Redis rather than from its
@@ -150,6 +152,18 @@ enum Swept {
     Confirmed,
     /// No pin, or (when a node was given) one to another node.
     NotThere,
+}
+
+/// What [`Inner::probe`] found.
+enum Probe {
+    /// Redis answers, and is the server the store last caught up with (or there is no
+    /// telling: Cluster).
+    Answers,
+    /// Redis answers, but it restarted (or, with Sentinel, another master took over) since
+    /// the store last caught up with it: it may have lost pins only the cache holds.
+    Restarted(String),
+    /// Redis did not answer (or, with Sentinel, is no longer the master): why.
+    Unreachable(String),
 }
 
 /// One Redis connection: a reconnecting multiplexed connection, or a Cluster connection.
@@ -758,8 +772,12 @@ impl Inner {
             return Ok(());
         }
         match self.probe().await {
-            Ok(()) => Err(e),
-            Err(failed) => {
+            Probe::Answers => Err(e),
+            Probe::Restarted(why) => {
+                self.mark_restarted(format!("{e}; {why}"));
+                Ok(())
+            }
+            Probe::Unreachable(failed) => {
                 self.mark_down(format!("{e}; {failed}"));
                 Ok(())
             }
@@ -767,39 +785,89 @@ impl Inner {
     }
 
     /// The one test of whether Redis is reachable, shared by every path that may enter
-    /// degraded mode (a failed command, a lost subscription), so that none of them decides
-    /// on less evidence: a PING on the commands' connection (with Sentinel: a `ROLE` that
-    /// must say master) answered within `connect_timeout`. `Err` says how it failed.
-    async fn probe(&self) -> Result<(), String> {
+    /// degraded mode (a failed command, a lost subscription, the liveness check), so that
+    /// none of them decides on less evidence: a PING on a commands' connection (with
+    /// Sentinel: a `ROLE` that must say master) answered within `connect_timeout`.
+    ///
+    /// A PING that fails with an error (not silence) is sent once more on the same
+    /// connection, within the same time: a connection Redis closed (its idle `timeout`,
+    /// `CLIENT KILL`, a restart) answers its next command with the error that closed it
+    /// and reconnects only then. Without the second try, Redis closing every connection of
+    /// the pool at once made the probe after any failed command fail too, and the router
+    /// decided new rooms alone while Redis answered the other routers.
+    ///
+    /// An answer is then checked against the server the store last caught up with (its
+    /// `run_id`, where it has one): a server that restarted in between may have lost pins
+    /// only the cache holds, and its answers must not be taken over the cache's.
+    async fn probe(&self) -> Probe {
         let mut c = self.conn();
-        let probe = tokio::time::timeout(self.connect_timeout, async {
-            if self.sentinels.is_none() {
-                return redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .map(|_| None);
-            }
-            let role: redis::Role = redis::cmd("ROLE").query_async(&mut c).await?;
-            Ok(match role {
-                redis::Role::Primary { .. } => None,
-                _ => Some(format!(
-                    "{} is no longer the master",
-                    self.pool.load().server
-                )),
-            })
-        })
-        .await;
         let what = if self.sentinels.is_none() {
             "ping"
         } else {
             "role"
         };
+        let probe = tokio::time::timeout(self.connect_timeout, async {
+            let first = self.ask_master(&mut c).await;
+            let answer = match first {
+                Err(e) if !e.is_timeout() => {
+                    tracing::debug!(error = %e, "{what} failed; trying once more on its reopened connection");
+                    self.ask_master(&mut c).await
+                }
+                first => first,
+            };
+            let not_master = answer.map_err(|e| format!("{what}: {e}"))?;
+            if let Some(not_master) = not_master {
+                return Err(not_master);
+            }
+            Ok(self.restart_seen(&mut c).await)
+        })
+        .await;
         match probe {
-            Ok(Ok(None)) => Ok(()),
-            Ok(Ok(Some(not_master))) => Err(not_master),
-            Ok(Err(pe)) => Err(format!("{what}: {pe}")),
-            Err(_) => Err(format!("no answer to {what}")),
+            Ok(Ok(None)) => Probe::Answers,
+            Ok(Ok(Some(restarted))) => Probe::Restarted(restarted),
+            Ok(Err(failed)) => Probe::Unreachable(failed),
+            Err(_) => Probe::Unreachable(format!("no answer to {what}")),
         }
+    }
+
+    /// The probe's question: `PING`, or with Sentinel `ROLE`. `Some` says why the server
+    /// answering is not the master.
+    async fn ask_master(&self, c: &mut Conn) -> redis::RedisResult<Option<String>> {
+        if self.sentinels.is_none() {
+            return redis::cmd("PING")
+                .query_async::<String>(c)
+                .await
+                .map(|_| None);
+        }
+        let role: redis::Role = redis::cmd("ROLE").query_async(c).await?;
+        Ok(match role {
+            redis::Role::Primary { .. } => None,
+            _ => Some(format!(
+                "{} is no longer the master",
+                self.pool.load().server
+            )),
+        })
+    }
+
+    /// Whether the server answering on `c` is another than the one the store last caught
+    /// up with (a restart, or with Sentinel a new master): `Some` says so. `None` too when
+    /// there is nothing to compare (Cluster, no recovery yet) or `INFO` fails (the PING
+    /// was answered; a recovery reads the run id again before it trusts the server).
+    async fn restart_seen(&self, c: &mut Conn) -> Option<String> {
+        let known = self
+            .run_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let now = match self.run_id_on(c).await {
+            Ok(Some(id)) => id,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "run id not read by the probe");
+                return None;
+            }
+        };
+        (now != known).then(|| format!("Redis restarted (run id {known} is now {now})"))
     }
 
     /// The subscription ended, fell silent or could not be opened again. Redis may still
@@ -808,16 +876,25 @@ impl Inner {
     /// the cache then could split a room with a router that still reaches Redis, so this is
     /// an outage only if Redis also fails [`Inner::probe`]. Otherwise the caller subscribes
     /// again, and [`Inner::recover`] reloads the cache, catching up on what was missed.
+    ///
+    /// Reads turn to Redis (`subscribed` cleared) only once the probe has found the server
+    /// the store caught up with: a subscription also ends when Redis restarts, and until
+    /// the probe has seen the new run id the cache is the one to answer (a read on a
+    /// reopened connection would take the emptied server's answer into the cache over the
+    /// pin its users are on).
     async fn subscription_failed(&self, why: String) {
         if self.is_down() {
             // Already degraded: keep the latest reason, and whether Redis answers.
             match self.probe().await {
-                Ok(()) => self.stall(why),
-                Err(failed) => self.mark_down(format!("{why}; {failed}")),
+                Probe::Answers | Probe::Restarted(_) => self.stall(why),
+                Probe::Unreachable(failed) => self.mark_down(format!("{why}; {failed}")),
             }
+            self.subscribed.store(false, Ordering::Release);
             return;
         }
-        if self.confirm_down(StoreError(why.clone())).await.is_err() {
+        let verdict = self.confirm_down(StoreError(why.clone())).await;
+        self.subscribed.store(false, Ordering::Release);
+        if verdict.is_err() {
             tracing::warn!(error = %why, "Redis subscription failed while Redis answers commands; subscribing again (not an outage)");
         }
     }
@@ -861,6 +938,27 @@ impl Inner {
 
     fn is_stalled(&self) -> bool {
         self.stalled.load(Ordering::Acquire)
+    }
+
+    /// Redis answers, but it is not the server this router caught up with (it restarted,
+    /// or with Sentinel another master took over) and may have lost pins only the cache
+    /// holds: down, so that the rooms the cache knows are served from it and the recovery
+    /// writes every cached pin back, and stalled, so that new rooms are refused rather
+    /// than decided alone while the other routers reach Redis.
+    fn mark_restarted(&self, why: impl std::fmt::Display) {
+        let why = why.to_string();
+        self.lost.store(true, Ordering::Release);
+        // Stalled before down: a placement in between must not find the store down and not
+        // stalled, and decide locally.
+        self.stalled.store(true, Ordering::Release);
+        if !self.down.swap(true, Ordering::AcqRel) {
+            self.outage_since.store(wall_ms(), Ordering::Release);
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache and refusing new placements until they are written back");
+        }
+        if let Ok(mut w) = self.why.lock() {
+            *w = why;
+        }
     }
 
     /// Redis is unreachable: decisions are taken from the cache and queued.
@@ -1397,6 +1495,12 @@ impl Inner {
         self.wake_pool().await?;
         let run_id = self.server_run_id().await?;
         if self.restarted(run_id.as_deref()) {
+            if !self.is_down() {
+                // Found here, not by a probe (the subscription was lost for another
+                // reason, and Redis restarted since): until the write-back, the cache
+                // answers for the rooms it knows, not the emptied server.
+                self.mark_restarted("Redis restarted while the subscription was reopened");
+            }
             tracing::warn!("Redis restarted; writing back every cached pin and admin state");
             self.write_back_all().await?;
         }
@@ -1433,12 +1537,16 @@ impl Inner {
     /// The server's run id (`None` for Cluster, or a server that does not say): a new one
     /// means a restart, or with Sentinel a new master.
     async fn server_run_id(&self) -> Result<Option<String>, StoreError> {
-        if !matches!(self.pool.load().conns[0], Conn::Single(_)) {
+        self.run_id_on(&mut self.conn()).await
+    }
+
+    /// [`Inner::server_run_id`], asked on `c`.
+    async fn run_id_on(&self, c: &mut Conn) -> Result<Option<String>, StoreError> {
+        if !matches!(c, Conn::Single(_)) {
             return Ok(None);
         }
-        let mut c = self.conn();
         let info: String = self
-            .run("info", redis::cmd("INFO").arg("server").query_async(&mut c))
+            .run("info", redis::cmd("INFO").arg("server").query_async(c))
             .await?;
         Ok(info
             .lines()
@@ -2118,8 +2226,12 @@ async fn supervise(
                         }
                         _ = alive.tick() => {
                             if !inner.is_down() {
-                                if let Err(why) = inner.probe().await {
-                                    inner.mark_down(format!("Redis went silent: {why}"));
+                                match inner.probe().await {
+                                    Probe::Answers => {}
+                                    Probe::Restarted(why) => inner.mark_restarted(why),
+                                    Probe::Unreachable(why) => {
+                                        inner.mark_down(format!("Redis went silent: {why}"))
+                                    }
                                 }
                             }
                         }
@@ -2137,7 +2249,6 @@ async fn supervise(
                     }
                 };
                 // Only an outage if Redis fails the probe too (see `subscription_failed`).
-                inner.subscribed.store(false, Ordering::Release);
                 inner.subscription_failed(lost).await;
             }
             Err(e) => inner.subscription_failed(format!("{e:#}")).await,

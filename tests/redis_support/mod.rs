@@ -138,6 +138,13 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Restarts it (empty) with `extra` arguments from now on, such as
+    /// `--min-replicas-to-write 1` for a server that refuses writes from its first command.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|a| a.to_string()).collect();
+        self.restart();
+    }
+
     /// Stops the server (its data is gone: it keeps nothing on disk).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -757,10 +757,12 @@ impl Inner {
     }
 
     /// [`Inner::reads_from_redis`], except for a room whose decision this router took
-    /// during the outage and could not write back yet: Redis does not have it, and the
-    /// room's users went where the cache says.
+    /// during the outage and has not written back yet: Redis does not have it, and the
+    /// room's users went where the cache says. That is so while stalled, and also from the
+    /// moment a recovery clears `down` until its last write-back, while the subscription is
+    /// not yet open again.
     fn reads_from_redis_for(&self, room: &RoomKey) -> bool {
-        self.reads_from_redis() && !(self.is_stalled() && self.pending.contains_key(room))
+        self.reads_from_redis() && !self.pending.contains_key(room)
     }
 
     /// A command failed. Only if Redis also fails a PING within `connect_timeout` (with

@@ -1334,18 +1334,33 @@ async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin()
 /// into a refused join, and the store does not go degraded for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_on_a_connection_redis_closed_is_repeated_not_refused() {
-    let Some(redis) = private_redis_for("read_after_kill") else {
+    // One connection: the read and the probe after it share it.
+    every_command_connection_closed("read_after_kill", 1).await;
+}
+
+/// Redis closed every command connection of the default pool at once (its idle `timeout`,
+/// `CLIENT KILL`): the read that finds its connection closed and the probe that follows on
+/// the other one both fail, but Redis answers the probe's second try on its reopened
+/// connection. No outage: the store stays up (a degraded router would decide new rooms
+/// alone while the others follow Redis), and reads and placements go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_closing_every_command_connection_is_no_outage() {
+    every_command_connection_closed("kill_whole_pool", 2).await;
+}
+
+/// Three times: Redis closes every plain client's connection, then a read and a new room's
+/// placement go through Redis, and no outage is declared.
+async fn every_command_connection_closed(test: &str, pool_size: usize) {
+    let Some(redis) = private_redis_for(test) else {
         return;
     };
-    let p = prefix("readkill");
+    let p = prefix(test);
     let mut cfg = config(&redis.url(), &p);
-    // One connection: the read and the probe after it share it, as every command does
-    // once each connection of a pool has been closed.
-    cfg.store.pool_size = 1;
+    cfg.store.pool_size = pool_size;
     let a = store::open(&cfg).await.unwrap();
     let (r, x) = (room("standup"), node("x"));
     assert!(matches!(
-        a.pin_if(&r, &x, None, 1000).await.unwrap(),
+        a.pin_if(&r, &x, None, now_ms()).await.unwrap(),
         PinOutcome::Won(_)
     ));
     let mut c = redis_conn(&redis.url()).await;
@@ -1356,44 +1371,8 @@ async fn a_read_on_a_connection_redis_closed_is_repeated_not_refused() {
             .query_async(&mut c)
             .await
             .unwrap();
-        assert!(killed >= 1, "the router's command connection was open");
-        let pin = a
-            .get_stored(&r)
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: a read refused: {e}"));
-        assert_eq!(pin.map(|p| p.node), Some(x.clone()), "round {round}");
-        assert_eq!(a.health(), StoreHealth::Ok, "round {round}");
-    }
-}
-
-/// Redis closed every command connection of the default pool at once (its idle `timeout`,
-/// `CLIENT KILL`): the read that finds its connection closed and the probe that follows on
-/// the other one both fail, but Redis answers the probe's second try on its reopened
-/// connection. No outage: the store stays up (a degraded router would decide new rooms
-/// alone while the others follow Redis), and reads and placements go on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_closing_every_command_connection_is_no_outage() {
-    let Some(redis) = private_redis_for("kill_whole_pool") else {
-        return;
-    };
-    let p = prefix("killpool");
-    let cfg = config(&redis.url(), &p);
-    assert!(cfg.store.pool_size >= 2, "the default pool");
-    let a = store::open(&cfg).await.unwrap();
-    let (r, x) = (room("standup"), node("x"));
-    assert!(matches!(
-        a.pin_if(&r, &x, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
-    let mut c = redis_conn(&redis.url()).await;
-    for round in 0..3 {
-        let killed: i64 = redis::cmd("CLIENT")
-            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
-            .query_async(&mut c)
-            .await
-            .unwrap();
         assert!(
-            killed >= 2,
+            killed >= pool_size as i64,
             "round {round}: the pool's connections were open"
         );
         let pin = a
@@ -1401,14 +1380,14 @@ async fn redis_closing_every_command_connection_is_no_outage() {
             .await
             .unwrap_or_else(|e| panic!("round {round}: a read refused: {e}"));
         assert_eq!(pin.map(|p| p.node), Some(x.clone()), "round {round}");
-        let fresh = room(&format!("new-{round}"));
-        let placed = a.pin_if(&fresh, &x, None, now_ms()).await;
+        let fresh = format!("new-{round}");
+        let placed = a.pin_if(&room(&fresh), &x, None, now_ms()).await;
         assert!(
             matches!(placed, Ok(PinOutcome::Won(_))),
             "round {round}: {placed:?}"
         );
         assert!(
-            redis_pin(&redis.url(), &room_key(&p, &format!("new-{round}")))
+            redis_pin(&redis.url(), &room_key(&p, &fresh))
                 .await
                 .is_some(),
             "round {round}: the new room was placed in Redis, not only in the cache"
@@ -1436,16 +1415,31 @@ async fn a_quick_restart_that_lost_the_pins_is_no_reason_to_trust_redis_over_the
         PinOutcome::Won(_)
     ));
     redis.restart_with(&["--min-replicas-to-write", "1"]);
-    let key = room_key(&p, "standup");
     expect_health(&a, false, Duration::from_secs(5), "the restart was noticed").await;
-    // Several recovery attempts meet the refusal.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let c = redis_conn(&redis.url()).await;
+    stalled_until_the_pin_is_written_back(&a, &redis.url(), &p, &c).await;
+}
+
+/// `a` has a pin of `standup` to n1, which the restarted server at `url` lost and whose
+/// write-back it refuses (`min-replicas-to-write 1`): after several recovery attempts `a`
+/// is still degraded, serves the room from its cache, even when asked for the store's own
+/// copy, and refuses a new room (Redis answers: another router may have placed it). Once
+/// writes are allowed, it recovers, the pin is back in Redis, and new rooms are placed.
+async fn stalled_until_the_pin_is_written_back(
+    a: &AnyStore,
+    url: &str,
+    p: &str,
+    c: &redis::aio::MultiplexedConnection,
+) {
+    let (r, n1) = (room("standup"), node("n1"));
+    let key = room_key(p, "standup");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_ne!(
         a.health(),
         StoreHealth::Ok,
         "a refused write-back is no recovery"
     );
-    assert_eq!(redis_pin(&redis.url(), &key).await, None);
+    assert_eq!(redis_pin(url, &key).await, None);
     assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1.clone()));
     assert_eq!(
         a.get_stored(&r).await.unwrap().map(|p| p.node),
@@ -1458,20 +1452,20 @@ async fn a_quick_restart_that_lost_the_pins_is_no_reason_to_trust_redis_over_the
         refused.is_err(),
         "placed alone while Redis answers: {refused:?}"
     );
-    let c = redis_conn(&redis.url()).await;
-    refuse_writes(&c, 0).await;
-    expect_health(&a, true, Duration::from_secs(15), "the router recovered").await;
-    assert!(
-        redis_pin(&redis.url(), &key)
-            .await
-            .is_some_and(|v| v.starts_with("n1|")),
-        "the pin was written back: {:?}",
-        redis_pin(&redis.url(), &key).await
-    );
+    refuse_writes(c, 0).await;
+    expect_health(a, true, Duration::from_secs(15), "the router recovered").await;
     assert!(matches!(
         a.pin_if(&fresh, &n1, None, now_ms()).await.unwrap(),
         PinOutcome::Won(_)
     ));
+    assert!(
+        redis_pin(url, &key)
+            .await
+            .is_some_and(|v| v.starts_with("n1|")),
+        "the pin was written back: {:?}",
+        redis_pin(url, &key).await
+    );
+    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
 }
 
 /// Redis restarts empty; the router writes back a pin whose confirmation it knows only from
@@ -1541,40 +1535,7 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
     refuse_writes(&c, 1).await;
     door.restore();
     // Several recovery attempts see the new server and fail to write the pin back.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_ne!(
-        a.health(),
-        StoreHealth::Ok,
-        "a refused write-back is no recovery"
-    );
-    let key = room_key(&p, "standup");
-    assert_eq!(redis_pin(&redis.url(), &key).await, None);
-    // Meanwhile the rooms it knows are served from the cache, and a new room is refused,
-    // not placed alone: Redis answers, and another router may already have placed it.
-    assert_eq!(
-        a.get(&r).await.unwrap().map(|p| p.node.clone()),
-        Some(n1.clone())
-    );
-    let fresh = room("new-room");
-    let refused = a.pin_if(&fresh, &n1, None, now_ms()).await;
-    assert!(
-        refused.is_err(),
-        "placed alone while Redis answers: {refused:?}"
-    );
-    refuse_writes(&c, 0).await;
-    expect_health(&a, true, Duration::from_secs(15), "the router recovered").await;
-    assert!(matches!(
-        a.pin_if(&fresh, &n1, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
-    assert!(
-        redis_pin(&redis.url(), &key)
-            .await
-            .is_some_and(|v| v.starts_with("n1|")),
-        "the pin was written back: {:?}",
-        redis_pin(&redis.url(), &key).await
-    );
-    assert_eq!(a.get(&r).await.unwrap().map(|p| p.node), Some(n1));
+    stalled_until_the_pin_is_written_back(&a, &redis.url(), &p, &c).await;
 }
 
 /// A router cut off from Redis decides locally; when Redis answers again but refuses the

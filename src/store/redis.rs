@@ -948,30 +948,28 @@ impl Inner {
     /// writes every cached pin back, and stalled, so that new rooms are refused rather
     /// than decided alone while the other routers reach Redis.
     fn mark_restarted(&self, why: impl std::fmt::Display) {
-        let why = why.to_string();
-        self.lost.store(true, Ordering::Release);
-        // Stalled before down: a placement in between must not find the store down and not
-        // stalled, and decide locally.
-        self.stalled.store(true, Ordering::Release);
-        if !self.down.swap(true, Ordering::AcqRel) {
-            self.outage_since.store(wall_ms(), Ordering::Release);
-            self.outages.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache and refusing new placements until they are written back");
-        }
-        if let Ok(mut w) = self.why.lock() {
-            *w = why;
-        }
+        self.go_down(why.to_string(), true);
     }
 
     /// Redis is unreachable: decisions are taken from the cache and queued.
     fn mark_down(&self, why: impl std::fmt::Display) {
-        let why = why.to_string();
-        self.stalled.store(false, Ordering::Release);
+        self.go_down(why.to_string(), false);
+    }
+
+    /// Enters (or stays in) degraded mode, stalled or not, counting an outage if it begins.
+    fn go_down(&self, why: String, stalled: bool) {
         self.lost.store(true, Ordering::Release);
+        // Stalled set before down: a placement in between must not find the store down and
+        // not stalled, and decide locally.
+        self.stalled.store(stalled, Ordering::Release);
         if !self.down.swap(true, Ordering::AcqRel) {
             self.outage_since.store(wall_ms(), Ordering::Release);
             self.outages.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
+            if stalled {
+                tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache and refusing new placements until they are written back");
+            } else {
+                tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
+            }
         }
         if let Ok(mut w) = self.why.lock() {
             *w = why;

@@ -856,20 +856,15 @@ impl Inner {
     /// there is nothing to compare (Cluster, no recovery yet) or `INFO` fails (the PING
     /// was answered; a recovery reads the run id again before it trusts the server).
     async fn restart_seen(&self, c: &mut Conn) -> Option<String> {
-        let known = self
-            .run_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
         let now = match self.run_id_on(c).await {
-            Ok(Some(id)) => id,
-            Ok(None) => return None,
+            Ok(id) => id?,
             Err(e) => {
                 tracing::debug!(error = %e, "run id not read by the probe");
                 return None;
             }
         };
-        (now != known).then(|| format!("Redis restarted (run id {known} is now {now})"))
+        self.restarted(Some(&now))
+            .then(|| format!("Redis restarted (its run id is now {now})"))
     }
 
     /// The subscription ended, fell silent or could not be opened again. Redis may still

@@ -718,6 +718,41 @@ async fn shutdown_closes_idle_fast_path_connections() {
         .unwrap();
 }
 
+/// A connection still busy when `server.shutdown_grace` is over (a node's answer that
+/// never ends) is closed then, on both paths and with one event loop or several, and the
+/// server's stop returns: a drained server leaves no connection behind.
+#[tokio::test]
+async fn a_connection_still_busy_when_the_grace_is_over_is_closed() {
+    for (fast_path, loops) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.server.worker_threads = Some(loops);
+        cfg.server.shutdown_grace = Duration::from_millis(300);
+        cfg.validate().unwrap();
+        let (r, _node, mut c) = cluster_with(
+            cfg,
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nthe first part"],
+        )
+        .await;
+        c.send(&get("/rooms/endless")).await;
+        while find(&c.buf, b"the first part").is_none() {
+            assert!(
+                read_some(&mut c.sock, &mut c.buf).await.is_some(),
+                "fast path {fast_path}, {loops} loops: the answer's start arrives"
+            );
+        }
+        let stopped = tokio::spawn(r.stop());
+        assert!(
+            c.closed().await,
+            "fast path {fast_path}, {loops} loops: the busy connection is closed once the grace is over"
+        );
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("the stop returns soon after the grace")
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stalls_mid_head_is_cut_after_the_header_timeout() {
     let mut cfg = proxy_config();

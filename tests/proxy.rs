@@ -964,6 +964,53 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
     r.stop().await;
 }
 
+/// An open WebSocket tunnel is an open connection to the drain: it carries messages through
+/// `server.shutdown_grace`, and is closed when the grace is over (with one event loop, it
+/// was never closed; with several, it was cut at once). A drained server holds no meeting on.
+#[tokio::test]
+async fn an_open_websocket_tunnel_lasts_the_shutdown_grace_and_no_longer() {
+    for loops in [1, 2] {
+        let mut cfg = proxy_config();
+        cfg.server.worker_threads = Some(loops);
+        cfg.server.shutdown_grace = Duration::from_millis(600);
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let (mut ws, _) = open_ws(format!("ws://{}/rooms/draining/ws", r.addr)).await;
+        ws.send(Message::text("before")).await.unwrap();
+        assert!(next_text(&mut ws).await.contains("before"));
+        let app = r.app.clone();
+        assert_eq!(app.router.metrics.proxy.tunnels_open.get(), 1);
+        let stopped = tokio::spawn(r.stop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ws.send(Message::text("during")).await.unwrap();
+        assert!(
+            next_text(&mut ws).await.contains("during"),
+            "{loops} loops: the tunnel carries messages during the grace"
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            // Bounded by the timeout; the echo node sends nothing unasked.
+            loop {
+                match ws.next().await {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "{loops} loops: the tunnel is closed once the grace is over"
+        );
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("the stop returns soon after the grace")
+            .unwrap();
+        assert_eq!(app.router.metrics.proxy.tunnels_open.get(), 0);
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout() {
     // A client that asks for a large body and never reads it must not hold its connection

@@ -314,14 +314,21 @@ impl Proxy {
                 "this connection cannot be upgraded".into(),
             ));
         };
-        let slot = parts
-            .extensions
-            .get::<ConnInfo>()
-            .and_then(|i| i.slot.clone());
+        let info = parts.extensions.get::<ConnInfo>();
+        let slot = info.and_then(|i| i.slot.clone());
+        let grace_over = info.map(|i| i.grace_over.clone());
         let idle = self.cfg.idle_timeout;
         let open = OpenTunnel::new(&self.metrics);
         tokio::spawn(async move {
-            tunnel(client_side, upstream_side, idle).await;
+            let tunnel = tunnel(client_side, upstream_side, idle);
+            match grace_over {
+                // A drained server holds no tunnel on past its grace.
+                Some(over) => tokio::select! {
+                    () = tunnel => {}
+                    () = over.wait() => tracing::debug!("grace period over; tunnel closed"),
+                },
+                None => tunnel.await,
+            }
             drop(open);
             drop(slot);
         });

@@ -59,6 +59,23 @@ pub struct ConnInfo {
     /// The room a proxied join was last admitted for on this connection (its stable hash;
     /// 0: none yet), shared by the connection's requests.
     pub joined: Arc<AtomicU64>,
+    /// The end of the shutdown grace: a WebSocket tunnel the connection hands its socket to
+    /// closes then too.
+    pub grace_over: GraceOver,
+}
+
+/// The end of `server.shutdown_grace` as one event loop's connections hear it: whatever is
+/// still open then (a connection mid-response, a WebSocket tunnel) is closed, so that a
+/// drained server holds no connection on. Held for as long as what it closes lives: the
+/// drain waits, up to the grace, until none is left.
+#[derive(Debug, Clone)]
+pub struct GraceOver(watch::Receiver<bool>);
+
+impl GraceOver {
+    /// Resolves when the grace is over, or when the loop that served the connection is gone.
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|over| *over).await;
+    }
 }
 
 impl ConnInfo {
@@ -349,6 +366,9 @@ async fn serve_handed(
     Ok(())
 }
 
+/// How long the drain waits, after the grace, for the connections it closed to be gone.
+const CLOSING: Duration = Duration::from_secs(1);
+
 /// One event loop's side of serving connections: each in a task of this loop, which all
 /// stop together at the drain.
 struct LoopServer {
@@ -359,6 +379,9 @@ struct LoopServer {
     /// it through `graceful`, whose watchers every connection holds from the start).
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
+    /// Tells every connection, and every tunnel, still open when the grace is over to close;
+    /// its receivers count them, for the drain to wait on.
+    grace_over: watch::Sender<bool>,
     event_loop: usize,
     timeouts: ConnTimeouts,
 }
@@ -385,6 +408,7 @@ impl LoopServer {
             graceful: GracefulShutdown::new(),
             stop_tx,
             stop_rx,
+            grace_over: watch::channel(false).0,
             event_loop,
             timeouts: ConnTimeouts {
                 first_bytes: cfg.header_read_timeout,
@@ -406,8 +430,9 @@ impl LoopServer {
         let (tls, handler) = (self.front.tls.clone(), self.front.handler.clone());
         let (fast, stop) = (self.front.fast.clone(), self.stop_rx.clone());
         let (timeouts, event_loop) = (self.timeouts, self.event_loop);
-        tokio::spawn(async move {
-            let _open = open;
+        let grace_over = GraceOver(self.grace_over.subscribe());
+        let cut = grace_over.clone();
+        let serve = async move {
             let mut info = ConnInfo {
                 peer,
                 peer_ip: HeaderValue::try_from(peer.ip().to_string())
@@ -417,6 +442,7 @@ impl LoopServer {
                 slot: Some(Arc::new(permit)),
                 event_loop,
                 joined: Arc::new(AtomicU64::new(0)),
+                grace_over,
             };
             match tls {
                 None => {
@@ -444,6 +470,13 @@ impl LoopServer {
                     }
                 }
             }
+        };
+        tokio::spawn(async move {
+            let _open = open;
+            tokio::select! {
+                () = serve => {}
+                () = cut.wait() => tracing::debug!(%peer, "grace period over; connection closed"),
+            }
         });
     }
 
@@ -456,16 +489,29 @@ impl LoopServer {
         }
     }
 
-    /// Stops this loop's connections between requests and waits up to `grace` for them.
+    /// Stops this loop's connections between requests and waits up to `grace` for them and
+    /// for the WebSocket tunnels they opened; then closes those still open.
     async fn drain(self, grace: Duration) {
         let _ = self.stop_tx.send(true);
-        tracing::info!(
-            event_loop = self.event_loop,
-            "shutting down: waiting for open connections"
-        );
+        let event_loop = self.event_loop;
+        tracing::info!(event_loop, "shutting down: waiting for open connections");
+        // Every connection task and every tunnel holds a `GraceOver` while it lives.
+        let grace_over = self.grace_over;
+        let all_closed = async {
+            self.graceful.shutdown().await;
+            grace_over.closed().await;
+        };
+        tokio::pin!(all_closed);
         tokio::select! {
-            _ = self.graceful.shutdown() => tracing::info!(event_loop = self.event_loop, "all connections closed"),
-            _ = tokio::time::sleep(grace) => tracing::warn!(event_loop = self.event_loop, "grace period over; closing remaining connections"),
+            () = &mut all_closed => tracing::info!(event_loop, "all connections closed"),
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!(event_loop, "grace period over; closing remaining connections");
+                grace_over.send_replace(true);
+                // Each closes when its task next runs: at once, unless the loop is starved.
+                if tokio::time::timeout(CLOSING, all_closed).await.is_err() {
+                    tracing::warn!(event_loop, "connections still closing; not waiting for them");
+                }
+            }
         }
     }
 }

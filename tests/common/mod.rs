@@ -37,6 +37,8 @@ pub fn config() -> Config {
     c.placement.heartbeat_timeout = Duration::from_millis(1_000);
     // Tests register their nodes themselves before any join (the hold has its own tests).
     c.placement.startup_hold = Some(Duration::ZERO);
+    // A test that stops its router with a WebSocket still open waits this out.
+    c.server.shutdown_grace = Duration::from_secs(1);
     c.validate().unwrap();
     c
 }

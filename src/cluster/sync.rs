@@ -3,7 +3,7 @@
 //!
 //! A [`NodeUpdate`] is produced by the router on every heartbeat and admin action and handed
 //! to its store ([`crate::store::PinStore::share_node`]); a shared store (Redis) writes it
-//! down and publishes it, and every other router applies it with [`apply`]. Applying is
+//! down and publishes it, and every other router applies it with [`NodeSync::apply`]. Applying is
 //! idempotent and never moves a node's heartbeat time backwards, so duplicates, reorderings
 //! and the periodic full re-sync are harmless.
 //!

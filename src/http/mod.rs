@@ -3,7 +3,7 @@
 //!
 //! Layers, outermost first: `server` accepts connections and enforces limits and timeouts;
 //! `routes` maps (method, path) to a handler; handlers in `api`, `front_door` and `ops`
-//! parse, authenticate, call the [`Router`](crate::router::Router) and render. Handlers never
+//! parse, authenticate, call the [`Router`] and render. Handlers never
 //! decide placement; `error` renders every failure the same way.
 
 pub mod api;

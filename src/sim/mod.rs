@@ -4,7 +4,7 @@
 //! no I/O. It models what the real deployment sees: `routers` routers, each with its own
 //! `pending` per node (reset by each heartbeat) and, for ours, its own book of reservations
 //! (with `Policy::Ours { shared_ms: Some(d), .. }`, as the default has it, each router also
-//! adds the reservations of the others as they stood `d` ms earlier: [`SharedBook`]);
+//! adds the reservations of the others as they stood `d` ms earlier: `SharedBook`);
 //! nodes that report their true load every `heartbeat_ms`; a shared pin store (a pinned room
 //! always joins its node; joins to a pinned node at or above `join_limit` are refused);
 //! a node added at the workload's scale-out time and node 0 failing at its failure time

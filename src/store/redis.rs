@@ -4,7 +4,7 @@
 //! It owns the Redis data model (see ARCHITECTURE.md), the local pin cache, the write-back
 //! of decisions taken while Redis was unreachable, the transport of shared node state, and
 //! the connections: one pool of commands and one subscription, opened where
-//! [`Inner::follow_master`] says (with Sentinel: wherever the sentinels name the master).
+//! `Inner::follow_master` says (with Sentinel: wherever the sentinels name the master).
 //!
 //! Keys (`P` = `store.key_prefix`, which may not contain braces):
 //! - `P:room:{ROOM}`: one string per pinned room, `node|created_ms|confirmed_ms`, expiring
@@ -32,17 +32,17 @@
 //! loser's node is then told to evict the room on its next heartbeat). Confirmations of
 //! cached pins are queued too, so that the first idle sweep after a long outage does not
 //! release rooms that stayed in use. Unreachable means that Redis fails a probe
-//! ([`Inner::probe`]): a failed command or a lost subscription alone is not an outage. A
+//! (`Inner::probe`): a failed command or a lost subscription alone is not an outage. A
 //! probe answered by another server than the one the store caught up with (a new `run_id`:
-//! a restart) makes the store down and stalled at once ([`Inner::mark_restarted`]).
+//! a restart) makes the store down and stalled at once (`Inner::mark_restarted`).
 //! Nor is a recovery that fails while Redis answers (it refuses writes: out of memory, a
 //! failed save, `min-replicas-to-write`; or refuses a subscription): the store stays down
-//! but is *stalled* ([`Inner::stalled`]): it reads pins from Redis rather than from its
+//! but is *stalled* (`Inner::stalled`): it reads pins from Redis rather than from its
 //! outage-old cache (but for its own queued decisions) and refuses new placements, which it
 //! could not share and which the routers that do reach Redis may have taken differently,
 //! until a recovery completes.
 //!
-//! With Sentinel ([`super::sentinel`]) a failover is an outage like any other: a
+//! With Sentinel (`store::sentinel`) a failover is an outage like any other: a
 //! `+switch-master` announcement, a command refused by a master turned replica, or a lost
 //! connection marks the store down, and the reconnection asks the sentinels for the master
 //! again before it reopens the commands' pool and the subscription there. The new master

@@ -702,20 +702,30 @@ async fn transfer_codings_besides_chunked_reach_the_client() {
     }
 }
 
+/// Idle connections are closed at once at shutdown, and the stop returns without waiting
+/// out the grace: on both paths, with one event loop or several.
 #[tokio::test]
 async fn shutdown_closes_idle_fast_path_connections() {
-    let (r, _node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-    c.send(&get("/rooms/idle")).await;
-    assert_eq!(c.answer().await.body, b"ok");
-    let stopped = tokio::spawn(r.stop());
-    assert!(
-        c.closed().await,
-        "the idle connection is closed at shutdown"
-    );
-    tokio::time::timeout(Duration::from_secs(5), stopped)
-        .await
-        .expect("shutdown does not wait out the grace period")
-        .unwrap();
+    for (fast_path, loops) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.server.worker_threads = Some(loops);
+        cfg.server.shutdown_grace = Duration::from_secs(30);
+        cfg.validate().unwrap();
+        let script = vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"];
+        let (r, _node, mut c) = cluster_with(cfg, script).await;
+        c.send(&get("/rooms/idle")).await;
+        assert_eq!(c.answer().await.body, b"ok");
+        let stopped = tokio::spawn(r.stop());
+        assert!(
+            c.closed().await,
+            "fast path {fast_path}, {loops} loops: the idle connection is closed at shutdown"
+        );
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("shutdown does not wait out the grace period")
+            .unwrap();
+    }
 }
 
 /// A connection still busy when `server.shutdown_grace` is over (a node's answer that

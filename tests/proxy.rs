@@ -1011,6 +1011,54 @@ async fn an_open_websocket_tunnel_lasts_the_shutdown_grace_and_no_longer() {
     }
 }
 
+/// An HTTP/2 connection with a stream still waiting for its node when
+/// `server.shutdown_grace` is over is closed then (it had its GOAWAY at the drain's start),
+/// with one event loop or several: the stop does not wait for the node's answer.
+#[tokio::test]
+async fn an_http2_stream_still_open_when_the_grace_is_over_is_cut() {
+    for loops in [1, 2] {
+        let mut cfg = proxy_config();
+        cfg.server.worker_threads = Some(loops);
+        cfg.server.shutdown_grace = Duration::from_millis(300);
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        // The node holds its answer for 2.5 s, within proxy.response_timeout (3 s).
+        let req = Request::get(format!("http://{}/rooms/h2busy?hold=2500", r.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let t = Instant::now();
+        let asked = tokio::spawn(h2.send_request(req));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = tokio::spawn(r.stop());
+        let answer = tokio::time::timeout(Duration::from_secs(5), asked)
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        assert!(
+            answer.is_err(),
+            "{loops} loops: the stream is cut, not answered: {:?}",
+            answer.map(|r| r.status())
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(2000),
+            "{loops} loops: cut at the grace's end, not when the node answered: {:?}",
+            t.elapsed()
+        );
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("the stop returns soon after the grace")
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout() {
     // A client that asks for a large body and never reads it must not hold its connection

@@ -15,6 +15,7 @@
 //! router's own (routers sharing Redis each probe for themselves).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,27 +23,36 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::cluster::{NodeEntry, NodeId};
+use crate::http::resolve::Resolver;
 use crate::http::App;
 use crate::store::PinStore;
 
 /// Opens (and closes at once) a TCP connection to `upstream`'s host and port within
-/// `timeout`. The error says why not.
-pub async fn probe(upstream: &str, timeout: Duration) -> Result<(), String> {
+/// `timeout`, a name looked up through `resolver`. The error says why not.
+pub async fn probe(upstream: &str, resolver: &Resolver, timeout: Duration) -> Result<(), String> {
     let u = url::Url::parse(upstream).map_err(|e| format!("{upstream:?}: {e}"))?;
     let port = u
         .port_or_known_default()
         .ok_or_else(|| format!("{upstream:?}: no port"))?;
     let connect = async {
-        match u.host() {
-            Some(url::Host::Ipv4(ip)) => TcpStream::connect((ip, port)).await,
-            Some(url::Host::Ipv6(ip)) => TcpStream::connect((ip, port)).await,
-            Some(url::Host::Domain(d)) => TcpStream::connect((d, port)).await,
-            None => Err(std::io::Error::other("no host")),
-        }
+        let addrs: Vec<SocketAddr> = match u.host() {
+            Some(url::Host::Ipv4(ip)) => vec![(ip, port).into()],
+            Some(url::Host::Ipv6(ip)) => vec![(ip, port).into()],
+            Some(url::Host::Domain(d)) => resolver
+                .resolve(d)
+                .await?
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), port))
+                .collect(),
+            None => return Err("no host".to_string()),
+        };
+        TcpStream::connect(&addrs[..])
+            .await
+            .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("no connection within {timeout:?}")),
     }
 }
@@ -107,13 +117,15 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
                 app.router.metrics.probe_failures.clone(),
                 app.router.metrics.probe_marked_unhealthy.clone(),
             );
+            let resolver = app.proxy.resolver().clone();
             // Not held while the probes run: a router shutting down stops the task.
             drop(app);
             streaks.keep_only(&healthy.iter().map(|n| n.id.clone()).collect::<Vec<_>>());
             let mut probes = JoinSet::new();
             for node in healthy {
+                let resolver = resolver.clone();
                 probes.spawn(async move {
-                    let r = probe(&node.info.upstream, h.probe_timeout).await;
+                    let r = probe(&node.info.upstream, &resolver, h.probe_timeout).await;
                     (node, r)
                 });
             }
@@ -173,15 +185,35 @@ mod tests {
 
     #[tokio::test]
     async fn a_probe_connects_or_says_why_not() {
+        let r = Resolver::system();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        probe(&url, Duration::from_secs(1)).await.unwrap();
-        drop(l);
-        let e = probe(&url, Duration::from_secs(1)).await.unwrap_err();
+        let port = l.local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}");
+        probe(&url, &r, Duration::from_secs(1)).await.unwrap();
+        // A node known by name: looked up, then connected to.
+        let named = format!("http://localhost:{port}");
+        let l6 = tokio::net::TcpListener::bind(("::1", port)).await;
+        probe(&named, &r, Duration::from_secs(1)).await.unwrap();
+        drop((l, l6));
+        let e = probe(&url, &r, Duration::from_secs(1)).await.unwrap_err();
         assert!(!e.is_empty());
-        let e = probe("not a url", Duration::from_secs(1))
+        let e = probe("not a url", &r, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert!(e.contains("not a url"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_cannot_be_looked_up_fails_the_probe_and_says_so() {
+        let lookup: crate::http::resolve::Lookup =
+            Arc::new(|_| Err(std::io::Error::other("SERVFAIL")));
+        let r = Resolver::with_lookup(lookup, Duration::from_secs(5), Duration::from_secs(300));
+        let e = probe("http://media-1.example:8080", &r, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("SERVFAIL") && e.contains("media-1.example"),
+            "{e}"
+        );
     }
 }

@@ -114,6 +114,35 @@ async fn every_websocket_client_of_a_room_ends_up_on_the_same_node_socket() {
     r.stop().await;
 }
 
+/// A node known by name (`http://localhost:PORT`) is reached on every path: the fast path,
+/// hyper (HTTP/2) and a WebSocket upgrade, each looking the name up through the router's
+/// resolver.
+#[tokio::test]
+async fn a_node_registered_by_name_is_reached_on_every_path() {
+    let r = TestRouter::start(proxy_config()).await;
+    let up = Upstream::start("n1").await;
+    let mut hb = up.heartbeat();
+    hb["url"] = up.url.replace("127.0.0.1", "localhost").into();
+    register_with(&r, "n1", hb).await;
+    let resp = r.get("/rooms/named").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/rooms/named", r.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    let (mut ws, _) = open_ws(format!("ws://{}/rooms/named/ws", r.addr)).await;
+    ws.send(Message::text("by name")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "n1:by name");
+    ws.close(None).await.unwrap();
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_node_registered_with_a_base_path_gets_requests_and_websockets_under_it() {
     let r = TestRouter::start(proxy_config()).await;

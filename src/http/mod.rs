@@ -14,6 +14,7 @@ pub mod idle;
 pub mod loops;
 pub mod ops;
 pub mod proxy;
+pub mod resolve;
 pub mod routes;
 pub mod server;
 pub mod sniff;

@@ -24,7 +24,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::upgrade::OnUpgrade;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,14 +33,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::h1::head::origin_form;
 use super::h1::pool::Conns;
+use super::resolve::Resolver;
 use super::server::ConnInfo;
-use super::upstream::{Lane, LaneError, Lanes};
+use super::upstream::{Connector, Lane, LaneError, Lanes};
 use super::{tls, ApiError, Body, BoxError};
 use crate::cluster::{NodeEntry, NodeId};
 use crate::config::ProxyConfig;
 use crate::metrics::ProxyMetrics;
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+type UpstreamClient = Client<Connector, Body>;
 
 /// The upstream client and the passive-health counters.
 pub struct Proxy {
@@ -51,6 +52,8 @@ pub struct Proxy {
     /// `Upgrade` requests: hyper-util's client, whose connection tasks can hand the upgraded
     /// connection over to a tunnel.
     client: UpstreamClient,
+    /// Node names to addresses, for all three and for the health probes.
+    resolver: Resolver,
     cfg: ProxyConfig,
     /// Consecutive failures per node since its last success.
     failures: DashMap<NodeId, u32>,
@@ -88,7 +91,8 @@ impl Proxy {
             Some(p) => tls::load_roots(p)?,
             None => RootCertStore::empty(),
         };
-        let mut http = HttpConnector::new();
+        let resolver = Resolver::system();
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
@@ -121,11 +125,17 @@ impl Proxy {
             lanes,
             conns,
             client,
+            resolver,
             cfg: cfg.clone(),
             failures: DashMap::new(),
             failing: AtomicUsize::new(0),
             metrics,
         })
+    }
+
+    /// How node names become addresses: shared with the health probes.
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
     }
 
     /// The proxy's settings.

@@ -37,7 +37,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::resolve::Resolver;
 use super::Body;
+
+/// What opens upstream connections: TCP (node names through [`Resolver`]), then TLS for
+/// `https://` upstreams.
+pub(crate) type Connector = HttpsConnector<HttpConnector<Resolver>>;
 
 pub(crate) type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 
@@ -229,7 +234,7 @@ impl<T: Pooled + Send + Sync + 'static> Idle<T> {
 
 /// The lane pool: hands out idle lanes or opens new ones.
 pub struct Lanes {
-    connector: HttpsConnector<HttpConnector>,
+    connector: Connector,
     connect_timeout: Duration,
     idle: Arc<Idle<Lane>>,
 }
@@ -239,7 +244,7 @@ impl Lanes {
     /// and node, each for at most `idle_timeout`. Inside a runtime, also starts the reaper
     /// (it stops with the pool).
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: Connector,
         connect_timeout: Duration,
         loops: usize,
         max_idle_per_node: usize,
@@ -307,10 +312,7 @@ impl Lane {
 
 /// Opens a connection to `upstream` (a base URL such as `http://10.0.0.5:8080`): TCP, and
 /// TLS for `https://`. The caller bounds it in time.
-pub(crate) async fn open(
-    connector: &HttpsConnector<HttpConnector>,
-    upstream: &str,
-) -> Result<Io, LaneError> {
+pub(crate) async fn open(connector: &Connector, upstream: &str) -> Result<Io, LaneError> {
     let uri: Uri = upstream
         .parse()
         .map_err(|_| LaneError::Connect(format!("bad upstream URL {upstream:?}")))?;

@@ -11,12 +11,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::http::upstream::{self, Idle, LaneError, Pooled};
+use crate::http::upstream::{self, Connector, Idle, LaneError, Pooled};
 
 /// One connection to a node, with the buffer its responses are read into.
 pub struct Conn {
@@ -67,14 +65,14 @@ impl Pooled for Conn {
 
 /// The pool: idle connections per event loop and node, and how to open new ones.
 pub struct Conns {
-    connector: HttpsConnector<HttpConnector>,
+    connector: Connector,
     connect_timeout: Duration,
     idle: Arc<Idle<Conn>>,
 }
 
 impl Conns {
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: Connector,
         connect_timeout: Duration,
         loops: usize,
         max_idle_per_node: usize,

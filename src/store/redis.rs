@@ -438,6 +438,10 @@ struct Inner {
     cache: RoomMap<Cached>,
     node_ids: DashMap<Box<str>, NodeId>,
     pending: RoomMap<Pending>,
+    /// Decisions [`Inner::write_back`] has taken out of `pending` and is writing now: reads
+    /// do not turn to Redis for them, nor does a reload drop them, until Redis holds them
+    /// (see [`Inner::queued`]).
+    writing: RoomMap<Pending>,
     /// Confirmations heard while Redis was unreachable: room -> (node, latest time), only
     /// for rooms whose cached pin points at that node (so at most one per cached pin).
     /// Written back on recovery: without them Redis would still hold the pre-outage
@@ -651,6 +655,7 @@ impl RedisStore {
             cache: RoomMap::default(),
             node_ids: DashMap::new(),
             pending: RoomMap::default(),
+            writing: RoomMap::default(),
             pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
             node_writes: tokio::sync::Mutex::new(()),
@@ -762,7 +767,14 @@ impl Inner {
     /// moment a recovery clears `down` until its last write-back, while the subscription is
     /// not yet open again.
     fn reads_from_redis_for(&self, room: &RoomKey) -> bool {
-        self.reads_from_redis() && !self.pending.contains_key(room)
+        self.reads_from_redis() && !self.queued(room)
+    }
+
+    /// Whether this router holds a decision for `room` that Redis may not have yet: queued
+    /// for write-back, or being written (a failed write puts it back in the queue, and
+    /// until then Redis's answer for the room is older than the users' node).
+    fn queued(&self, room: &RoomKey) -> bool {
+        self.pending.contains_key(room) || self.writing.contains_key(room)
     }
 
     /// A command failed. Only if Redis also fails a PING within `connect_timeout` (with
@@ -780,7 +792,7 @@ impl Inner {
                 Ok(())
             }
             Probe::Unreachable(failed) => {
-                self.mark_down(format!("{e}; {failed}"));
+                self.mark_down_if_up(format!("{e}; {failed}"));
                 Ok(())
             }
         }
@@ -817,16 +829,19 @@ impl Inner {
                 }
                 first => first,
             };
-            let not_master = answer.map_err(|e| format!("{what}: {e}"))?;
-            if let Some(not_master) = not_master {
-                return Err(not_master);
+            match answer.map_err(|e| format!("{what}: {e}"))? {
+                Some(not_master) => Err(not_master),
+                None => Ok(()),
             }
-            Ok(self.restart_seen(&mut c).await)
         })
         .await;
         match probe {
-            Ok(Ok(None)) => Probe::Answers,
-            Ok(Ok(Some(restarted))) => Probe::Restarted(restarted),
+            // Asked outside the PING's time (bounded by `command_timeout`): a slow INFO
+            // after an answered PING is no outage.
+            Ok(Ok(())) => match self.restart_seen(&mut c).await {
+                None => Probe::Answers,
+                Some(restarted) => Probe::Restarted(restarted),
+            },
             Ok(Err(failed)) => Probe::Unreachable(failed),
             Err(_) => Probe::Unreachable(format!("no answer to {what}")),
         }
@@ -951,6 +966,32 @@ impl Inner {
         self.go_down(why.to_string(), false);
     }
 
+    /// [`Inner::mark_down`] on the verdict of a probe that began while the store was up:
+    /// only if it still is. Probes run at once from several paths; when a newer one found a
+    /// restart meanwhile (down and stalled), this older verdict must not lift the stall and
+    /// have new rooms decided alone while the other routers reach Redis.
+    fn mark_down_if_up(&self, why: impl std::fmt::Display) {
+        // Before `down`, as in `go_down`; harmless if the store is already down (then it is
+        // set) or up again (nothing reads it while up, and the next outage sets it).
+        self.lost.store(true, Ordering::Release);
+        // `stalled` is left as it is: false while the store is up (a recovery clears it
+        // right after `down`).
+        if self
+            .down
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            tracing::debug!(error = %why, "an older probe's verdict; the store is down already");
+            return;
+        }
+        self.outage_since.store(wall_ms(), Ordering::Release);
+        self.outages.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
+        if let Ok(mut w) = self.why.lock() {
+            *w = why.to_string();
+        }
+    }
+
     /// Enters (or stays in) degraded mode, stalled or not, counting an outage if it begins.
     fn go_down(&self, why: String, stalled: bool) {
         self.lost.store(true, Ordering::Release);
@@ -1020,6 +1061,8 @@ impl Inner {
             .cache
             .entry(room.clone())
             .or_insert(Cached { pin: None, ts: 0 });
+        // Not `writing`: the write-back itself takes Redis's answer (a decision that lost to
+        // the store's pin yields to it here).
         let keep_local = e.ts == 0
             && self.pending.get(room).is_some_and(|op| match &pin {
                 None => true,
@@ -1643,9 +1686,16 @@ impl Inner {
     async fn write_back(&self) -> Result<(), StoreError> {
         let rooms: Vec<RoomKey> = self.pending.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
-            let Some((_, op)) = self.pending.remove(&room) else {
+            // In `writing` before it leaves `pending`: never in neither until Redis has it.
+            let Some(queued) = self.pending.get(&room).map(|op| op.clone()) else {
                 continue;
             };
+            self.writing.insert(room.clone(), queued);
+            let Some((_, op)) = self.pending.remove(&room) else {
+                self.writing.remove(&room);
+                continue;
+            };
+            self.writing.insert(room.clone(), op.clone());
             let r = match &op {
                 // Indexed here: the index writer drops what is queued while the store is
                 // down, as it still is during recovery.
@@ -1667,7 +1717,7 @@ impl Inner {
             };
             if let Err(e) = r {
                 // A decision taken meanwhile was queued as if `op` had been written.
-                match self.pending.entry(room) {
+                match self.pending.entry(room.clone()) {
                     dashmap::Entry::Occupied(mut newer) => {
                         let newer = newer.get_mut();
                         *newer = op.then(newer.clone());
@@ -1676,8 +1726,10 @@ impl Inner {
                         v.insert(op);
                     }
                 }
+                self.writing.remove(&room);
                 return Err(e);
             }
+            self.writing.remove(&room);
         }
         // After the pins (a room pinned during the outage is in the store by now). `CONFIRM`
         // refreshes only a pin that still points at the node, so a confirmation cannot take
@@ -1962,7 +2014,7 @@ impl Inner {
                             .cache
                             .entry(room.clone())
                             .or_insert(Cached { pin: None, ts: 0 });
-                        if loaded_pin_replaces(&e, self.pending.contains_key(&room), ts0) {
+                        if loaded_pin_replaces(&e, self.queued(&room), ts0) {
                             *e = Cached {
                                 pin: Some(pin),
                                 ts: ts0,
@@ -1985,7 +2037,7 @@ impl Inner {
         self.cache.retain(|k, v| {
             v.ts > ts0
                 || (v.pin.is_some() && seen.contains(k))
-                || is_local_decision(v, self.pending.contains_key(k))
+                || is_local_decision(v, self.queued(k))
         });
         Ok(())
     }
@@ -2225,7 +2277,7 @@ async fn supervise(
                                     Probe::Answers => {}
                                     Probe::Restarted(why) => inner.mark_restarted(why),
                                     Probe::Unreachable(why) => {
-                                        inner.mark_down(format!("Redis went silent: {why}"))
+                                        inner.mark_down_if_up(format!("Redis went silent: {why}"))
                                     }
                                 }
                             }
@@ -2755,7 +2807,10 @@ impl PinStore for RedisStore {
     fn health(&self) -> StoreHealth {
         if self.inner.is_down() {
             let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();
-            StoreHealth::Degraded(if self.inner.is_stalled() {
+            let lost = self.inner.lost.load(Ordering::Acquire);
+            StoreHealth::Degraded(if self.inner.is_stalled() && lost {
+                format!("Redis answers but may have lost pins ({why}); serving known pins from cache, refusing new rooms until they are written back")
+            } else if self.inner.is_stalled() {
                 format!("Redis answers but refuses to catch up ({why}); reading pins from Redis, refusing new rooms")
             } else {
                 format!("Redis unreachable ({why}); serving from cache")

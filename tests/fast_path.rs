@@ -728,6 +728,34 @@ async fn shutdown_closes_idle_fast_path_connections() {
     }
 }
 
+/// A connection that has not sent a byte when the server stops (a browser's preconnect) is
+/// closed at once, whatever `server.header_read_timeout` would have allowed it: it asked for
+/// nothing, so the stop does not wait for it.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_connection_that_sent_nothing() {
+    for (fast_path, loops) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.server.worker_threads = Some(loops);
+        cfg.server.header_read_timeout = Duration::from_secs(30);
+        cfg.server.shutdown_grace = Duration::from_secs(30);
+        cfg.validate().unwrap();
+        let r = TestRouter::start(cfg).await;
+        let mut c = Raw::connect(&r).await;
+        // Served (accepted and waiting for its first bytes) before the stop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = tokio::spawn(r.stop());
+        assert!(
+            c.closed().await,
+            "fast path {fast_path}, {loops} loops: the silent connection is closed at shutdown"
+        );
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("shutdown does not wait for a connection that asked for nothing")
+            .unwrap();
+    }
+}
+
 /// A connection still busy when `server.shutdown_grace` is over (a node's answer that
 /// never ends) is closed then, on both paths and with one event loop or several, and the
 /// server's stop returns: a drained server leaves no connection behind.

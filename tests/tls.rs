@@ -219,6 +219,46 @@ async fn handshakes_negotiate_h2_or_http11_over_tls12_and_tls13() {
     drop(r);
 }
 
+/// A connection still without its TLS handshake when the server stops (no ClientHello
+/// yet) is closed at once, and the stop does not wait for it: not for the handshake
+/// timeout (`server.header_read_timeout`), nor for the grace.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_connection_that_never_said_hello() {
+    use tokio::io::AsyncReadExt;
+    for loops in [1, 2] {
+        let ca = Ca::new("front CA");
+        let (certs, dir) = front_door(&ca, "hello");
+        let mut cfg = common::config();
+        cfg.server.worker_threads = Some(loops);
+        cfg.server.header_read_timeout = Duration::from_secs(30);
+        cfg.server.shutdown_grace = Duration::from_secs(30);
+        cfg.validate().unwrap();
+        let app = roomrouter::service::build(cfg, MemoryStore::new());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let sc = tls::server_config(certs, None).unwrap();
+        let served = tokio::spawn(server::serve_tls(app, l, sc, async {
+            let _ = rx.await;
+        }));
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = tx.send(());
+        let mut b = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut b)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "{loops} loops: closed at shutdown: {read:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the stop does not wait for a handshake that never began")
+            .unwrap()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 #[tokio::test]
 async fn a_reloaded_certificate_serves_new_connections_and_keeps_open_ones() {
     let ca = Ca::new("front CA");

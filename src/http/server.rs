@@ -451,7 +451,16 @@ impl LoopServer {
                 }
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(timeouts.first_bytes, handshake).await {
+                    let handshake = tokio::time::timeout(timeouts.first_bytes, handshake);
+                    // A connection that has not finished its handshake when the server
+                    // stops has asked for nothing yet: closed, not waited for.
+                    let mut stopping = stop.clone();
+                    let shook = tokio::select! {
+                        biased;
+                        r = handshake => r,
+                        _ = stopping.wait_for(|s| *s) => return,
+                    };
+                    match shook {
                         Ok(Ok(s)) => {
                             info.client_cert = s
                                 .get_ref()
@@ -577,7 +586,15 @@ async fn serve_io<I>(
             (i, inf, Outcome::Handoff(p)) => (io, info, prefix) = (i, inf, p),
         }
     }
-    let Some(prefix) = sniff::protocol_bytes(&mut io, prefix, timeouts.first_bytes).await else {
+    // As in the handshake: a connection that has not told its protocol when the server
+    // stops is closed, not waited for.
+    let mut stopping = stop.clone();
+    let sniffed = tokio::select! {
+        biased;
+        p = sniff::protocol_bytes(&mut io, prefix, timeouts.first_bytes) => p,
+        _ = stopping.wait_for(|s| *s) => return,
+    };
+    let Some(prefix) = sniffed else {
         tracing::debug!(peer = %info.peer, "no request within the header timeout; closed");
         return;
     };

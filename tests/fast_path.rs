@@ -702,16 +702,26 @@ async fn transfer_codings_besides_chunked_reach_the_client() {
     }
 }
 
+/// The combinations the shutdown tests run: fast path on and off, one event loop and two.
+const STOPPING: [(bool, usize); 4] = [(true, 1), (false, 1), (true, 2), (false, 2)];
+
+/// `proxy_config()` with the fast path on or off, on `loops` event loops, with a shutdown
+/// grace of `grace`.
+fn stopping(fast_path: bool, loops: usize, grace: Duration) -> Config {
+    let mut cfg = proxy_config();
+    cfg.server.fast_path = fast_path;
+    cfg.server.worker_threads = Some(loops);
+    cfg.server.shutdown_grace = grace;
+    cfg.validate().unwrap();
+    cfg
+}
+
 /// Idle connections are closed at once at shutdown, and the stop returns without waiting
 /// out the grace: on both paths, with one event loop or several.
 #[tokio::test]
 async fn shutdown_closes_idle_fast_path_connections() {
-    for (fast_path, loops) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
-        let mut cfg = proxy_config();
-        cfg.server.fast_path = fast_path;
-        cfg.server.worker_threads = Some(loops);
-        cfg.server.shutdown_grace = Duration::from_secs(30);
-        cfg.validate().unwrap();
+    for (fast_path, loops) in STOPPING {
+        let cfg = stopping(fast_path, loops, Duration::from_secs(30));
         let script = vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"];
         let (r, _node, mut c) = cluster_with(cfg, script).await;
         c.send(&get("/rooms/idle")).await;
@@ -733,13 +743,9 @@ async fn shutdown_closes_idle_fast_path_connections() {
 /// nothing, so the stop does not wait for it.
 #[tokio::test]
 async fn shutdown_does_not_wait_for_a_connection_that_sent_nothing() {
-    for (fast_path, loops) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
-        let mut cfg = proxy_config();
-        cfg.server.fast_path = fast_path;
-        cfg.server.worker_threads = Some(loops);
+    for (fast_path, loops) in STOPPING {
+        let mut cfg = stopping(fast_path, loops, Duration::from_secs(30));
         cfg.server.header_read_timeout = Duration::from_secs(30);
-        cfg.server.shutdown_grace = Duration::from_secs(30);
-        cfg.validate().unwrap();
         let r = TestRouter::start(cfg).await;
         let mut c = Raw::connect(&r).await;
         // Served (accepted and waiting for its first bytes) before the stop.
@@ -761,12 +767,8 @@ async fn shutdown_does_not_wait_for_a_connection_that_sent_nothing() {
 /// server's stop returns: a drained server leaves no connection behind.
 #[tokio::test]
 async fn a_connection_still_busy_when_the_grace_is_over_is_closed() {
-    for (fast_path, loops) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
-        let mut cfg = proxy_config();
-        cfg.server.fast_path = fast_path;
-        cfg.server.worker_threads = Some(loops);
-        cfg.server.shutdown_grace = Duration::from_millis(300);
-        cfg.validate().unwrap();
+    for (fast_path, loops) in STOPPING {
+        let cfg = stopping(fast_path, loops, Duration::from_millis(300));
         let (r, _node, mut c) = cluster_with(
             cfg,
             vec!["HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nthe first part"],

@@ -993,19 +993,26 @@ async fn an_open_websocket_tunnel_keeps_its_connection_slot() {
     r.stop().await;
 }
 
+/// A proxy-mode router on `loops` event loops with a shutdown grace of `grace`, and an
+/// echo node registered as `n1`.
+async fn draining(loops: usize, grace: Duration) -> (TestRouter, Upstream) {
+    let mut cfg = proxy_config();
+    cfg.server.worker_threads = Some(loops);
+    cfg.server.shutdown_grace = grace;
+    cfg.validate().unwrap();
+    let r = TestRouter::start(cfg).await;
+    let up = Upstream::start("n1").await;
+    register(&r, "n1", &up).await;
+    (r, up)
+}
+
 /// An open WebSocket tunnel is an open connection to the drain: it carries messages through
 /// `server.shutdown_grace`, and is closed when the grace is over (with one event loop, it
 /// was never closed; with several, it was cut at once). A drained server holds no meeting on.
 #[tokio::test]
 async fn an_open_websocket_tunnel_lasts_the_shutdown_grace_and_no_longer() {
     for loops in [1, 2] {
-        let mut cfg = proxy_config();
-        cfg.server.worker_threads = Some(loops);
-        cfg.server.shutdown_grace = Duration::from_millis(600);
-        cfg.validate().unwrap();
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = draining(loops, Duration::from_millis(600)).await;
         let (mut ws, _) = open_ws(format!("ws://{}/rooms/draining/ws", r.addr)).await;
         ws.send(Message::text("before")).await.unwrap();
         assert!(next_text(&mut ws).await.contains("before"));
@@ -1046,13 +1053,7 @@ async fn an_open_websocket_tunnel_lasts_the_shutdown_grace_and_no_longer() {
 #[tokio::test]
 async fn an_http2_stream_still_open_when_the_grace_is_over_is_cut() {
     for loops in [1, 2] {
-        let mut cfg = proxy_config();
-        cfg.server.worker_threads = Some(loops);
-        cfg.server.shutdown_grace = Duration::from_millis(300);
-        cfg.validate().unwrap();
-        let r = TestRouter::start(cfg).await;
-        let up = Upstream::start("n1").await;
-        register(&r, "n1", &up).await;
+        let (r, _up) = draining(loops, Duration::from_millis(300)).await;
         let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
         let (mut h2, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))

@@ -114,6 +114,17 @@ async fn every_websocket_client_of_a_room_ends_up_on_the_same_node_socket() {
     r.stop().await;
 }
 
+/// An HTTP/2 (prior knowledge) connection to the router, driven by a task of its own.
+async fn h2_connect(r: &TestRouter) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    h2
+}
+
 /// A node known by name (`http://localhost:PORT`) is reached on every path: the fast path,
 /// hyper (HTTP/2) and a WebSocket upgrade, each looking the name up through the router's
 /// resolver.
@@ -126,12 +137,7 @@ async fn a_node_registered_by_name_is_reached_on_every_path() {
     register_with(&r, "n1", hb).await;
     let resp = r.get("/rooms/named").send().await.unwrap();
     assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
-    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = h2_connect(&r).await;
     let req = Request::get(format!("http://{}/rooms/named", r.addr))
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -734,12 +740,7 @@ async fn http2_and_keep_alive_clients_are_proxied() {
     let up = Upstream::start("n1").await;
     register(&r, "n1", &up).await;
     // HTTP/2 with prior knowledge.
-    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = h2_connect(&r).await;
     for _ in 0..3 {
         let req = Request::get(format!("http://{}/rooms/h2room", r.addr))
             .body(Empty::<Bytes>::new())
@@ -1054,12 +1055,7 @@ async fn an_open_websocket_tunnel_lasts_the_shutdown_grace_and_no_longer() {
 async fn an_http2_stream_still_open_when_the_grace_is_over_is_cut() {
     for loops in [1, 2] {
         let (r, _up) = draining(loops, Duration::from_millis(300)).await;
-        let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-        let (mut h2, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut h2 = h2_connect(&r).await;
         // The node holds its answer for 2.5 s, within proxy.response_timeout (3 s).
         let req = Request::get(format!("http://{}/rooms/h2busy?hold=2500", r.addr))
             .body(Empty::<Bytes>::new())

@@ -1228,6 +1228,10 @@ impl<S: PinStore> Router<S> {
         })
     }
 
+    /// How far behind the last time the router was seen awake a clock read may be before it
+    /// counts as a backward step of the clock rather than a read racing another thread's.
+    const STEP_SLACK_MS: u64 = 1_000;
+
     /// How often the service calls [`Router::watch`].
     pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -1235,8 +1239,32 @@ impl<S: PinStore> Router<S> {
     /// awake, so that a gap in these calls shows a pause of the router (a stopped process,
     /// a paused VM) or a forward step of the wall clock (`Router::bridge_gap`).
     pub fn watch(&self, now: Millis) {
+        self.step_back_to(now);
         self.bridge_gap(now);
         self.awake.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// After a backward step of the wall clock (NTP correcting a clock that ran ahead),
+    /// brings the times gap detection measures from back to `now`: left ahead, `awake`
+    /// would show no gap at all for as long as the step (a pause of the router in that
+    /// while would find every node dead, and move rooms off nodes that serve them), and
+    /// the last gap's end would keep giving its time back to idle pins. A read a little
+    /// behind another thread's (`Router::STEP_SLACK_MS`) is no step.
+    fn step_back_to(&self, now: Millis) {
+        let awake = self.awake.load(Ordering::Acquire);
+        if awake <= now.saturating_add(Self::STEP_SLACK_MS) {
+            return;
+        }
+        let mut gaps = self.bridging.lock().unwrap_or_else(|p| p.into_inner());
+        // A racing `fetch_max` from before the step is as old as the one replaced here.
+        let _ = self
+            .awake
+            .compare_exchange(awake, now, Ordering::AcqRel, Ordering::Acquire);
+        gaps.ended = gaps.ended.min(now);
+        tracing::warn!(
+            step_ms = awake - now,
+            "the wall clock stepped back; pause detection measures from now"
+        );
     }
 
     /// A gap since the router was last seen awake longer than half the heartbeat timeout

@@ -480,6 +480,37 @@ async fn a_pause_of_the_router_itself_moves_no_room_off_a_node_that_served_it() 
 }
 
 #[tokio::test]
+async fn a_pause_soon_after_the_wall_clock_stepped_back_moves_no_room() {
+    // NTP steps the router's clock back an hour (it ran ahead); a little later the router
+    // (its VM) stops for longer than the heartbeat timeout. The pause is still the
+    // router's own: the step must not hide it for the hour the clock takes to catch up.
+    let r = router();
+    let timeout = Config::default().placement.heartbeat_timeout.as_millis() as u64;
+    let healthy = |r: &Router<MemoryStore>, n: &str| {
+        let snap = r.cluster.snapshot();
+        r.is_healthy(snap.get(&id(n)).unwrap(), r.now())
+    };
+    r.watch(T0);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let home = node_of(&r, "talk").await;
+    let other = if home == "a" { "b" } else { "a" };
+    r.clock().step_back(3_600_000);
+    r.sweep().await.unwrap();
+    for _ in 0..4 {
+        r.clock().advance(500);
+        r.watch(r.now());
+        beat(&r, "a", 1000.0, 0.0, None).await;
+        beat(&r, "b", 1000.0, 0.0, None).await;
+    }
+    r.clock().advance(timeout + 4_000);
+    let reply = beat(&r, other, 1000.0, 0.0, None).await;
+    assert!(reply.evict.is_empty());
+    assert!(healthy(&r, &home), "{home} served its rooms throughout");
+    assert_eq!(node_of(&r, "talk").await, home);
+}
+
+#[tokio::test]
 async fn a_pause_longer_than_the_idle_ttl_releases_no_pin_it_did_not_let_idle() {
     // The router stops for longer than `room_idle_ttl`; on waking, its sweep may run
     // before any node has reported. Judged on the wall clock every pin looks idle, and a

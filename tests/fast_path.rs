@@ -702,6 +702,48 @@ async fn transfer_codings_besides_chunked_reach_the_client() {
     }
 }
 
+/// A node's 204 that carries a `Content-Length` (RFC 9110 forbids it) reaches the client
+/// without it on both paths, and the connection carries the next answer whole: a client
+/// that took the length would read the next response as this one's body.
+#[tokio::test]
+async fn a_204_reaches_the_client_without_a_length() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.validate().unwrap();
+        let (r, _node, mut c) = cluster_with(
+            cfg,
+            vec![
+                "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+            ],
+        )
+        .await;
+        c.send(&get("/rooms/empty")).await;
+        let end = loop {
+            if let Some(end) = find(&c.buf, b"\r\n\r\n") {
+                break end;
+            }
+            assert!(read_some(&mut c.sock, &mut c.buf).await.is_some());
+        };
+        let head = String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+        c.buf.drain(..end + 4);
+        assert!(head.starts_with("http/1.1 204"), "{head}");
+        assert!(
+            !head.contains("content-length"),
+            "fast path {fast_path}: {head}"
+        );
+        c.send(&get("/rooms/empty")).await;
+        let a = c.answer().await;
+        assert_eq!(
+            (a.status(), &a.body[..]),
+            (200, &b"next"[..]),
+            "fast path {fast_path}"
+        );
+        r.stop().await;
+    }
+}
+
 /// The combinations the shutdown tests run: fast path on and off, one event loop and two.
 const STOPPING: [(bool, usize); 4] = [(true, 1), (false, 1), (true, 2), (false, 2)];
 

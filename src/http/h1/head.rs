@@ -461,8 +461,15 @@ fn write_client_response(
             .map(|h| h.value)
     };
     let has_connection = connection().next().is_some();
-    // A length stays only where it frames the body (or, for HEAD, 304, describes one).
-    let keep_length = matches!(parsed.framing, Framing::Empty | Framing::Length(_));
+    // A length stays only where it frames the body (or, for HEAD, 304, describes one); a
+    // 204 (or 1xx) has none to describe and must not carry one (RFC 9110 8.6), which hyper
+    // also drops: a client that took it would read the next response as this one's body.
+    let no_content = parsed.status == 204 || (100..200).contains(&parsed.status);
+    let keep_length = match parsed.framing {
+        Framing::Length(_) => true,
+        Framing::Empty => !no_content,
+        _ => false,
+    };
     // The relay passes the body's bytes on as they came, so the codings the node applied
     // to them (`gzip, chunked`, or `gzip` until close) go with them: dropped as hop-by-hop,
     // they would leave the client gzip bytes to take for plain content.

@@ -870,10 +870,7 @@ impl<S: PinStore> Router<S> {
     ) -> Result<bool, StoreError> {
         self.end_session(room);
         let (now, mark) = (self.clock.now(), self.book.mark());
-        let (hash, since) = (
-            room.stable_hash(),
-            now.saturating_sub(self.ticket_window_ms),
-        );
+        let (hash, since) = (room.stable_hash(), self.tickets_issued_since(now));
         let own_ticket = || self.recent.joined_since(hash, since);
         let outcome = if !self.store.shared() {
             // Asked where no pinned join can slip in between the question and the delete.
@@ -907,6 +904,21 @@ impl<S: PinStore> Router<S> {
         Ok(true)
     }
 
+    /// The oldest join time (router clock) whose ticket a node may still accept at `now`:
+    /// a ticket's window back, and further back by the time given back for the router's
+    /// own gaps. Across a forward step of the router's clock, a join routed seconds before
+    /// it would otherwise look the step older to this router, while the node, whose clock
+    /// did not jump, still accepts its ticket: the room's pin released at its end, the next
+    /// join could go elsewhere while the ticket holder lands on the old node (a split).
+    fn tickets_issued_since(&self, now: Millis) -> Millis {
+        let given_back = self
+            .bridging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .given_back(now, self.idle_ms());
+        now.saturating_sub(self.ticket_window_ms + given_back)
+    }
+
     /// Whether a user may still arrive at `node` with a ticket: some pin on it had a join
     /// within a ticket's lifetime (this router's own, or, by the pin's confirmation as the
     /// store holds it, another router's). Rooms the node never listed count too: a room placed there since its last
@@ -914,7 +926,7 @@ impl<S: PinStore> Router<S> {
     /// once the node is gone, while that user lands on the node (a split). Visits every pin:
     /// only asked of a drained node that reported no rooms.
     async fn tickets_may_arrive(&self, node: &NodeId, now: Millis) -> Result<bool, StoreError> {
-        let own_since = now.saturating_sub(self.ticket_window_ms);
+        let own_since = self.tickets_issued_since(now);
         // As in `end_room`: other routers' joins show only as confirmations.
         let shared = self.store.shared();
         let confirmed_since = match shared {
@@ -1007,6 +1019,7 @@ impl<S: PinStore> Router<S> {
         for e in self.cluster.snapshot().nodes() {
             e.live.clamp_heartbeat(now);
         }
+        self.recent.clamp(now);
         self.book.sweep(now);
         // What the other routers learned since the last sweep (a shared store).
         for (room, learned) in self.store.take_learned() {

@@ -50,6 +50,15 @@ impl RecentJoins {
             .fetch_max(now.max(1), Ordering::Relaxed);
     }
 
+    /// Brings join times later than `now` back to it: after a backward step of the wall
+    /// clock, they would keep every room in their slot looking joined for as long as the
+    /// step. (Called by the sweep; 16 384 relaxed atomics.)
+    pub fn clamp(&self, now: Millis) {
+        for slot in self.slots.iter() {
+            slot.fetch_min(now.max(1), Ordering::Relaxed);
+        }
+    }
+
     /// Whether a join for the room (or for a room sharing its slot) was routed after `since`.
     pub fn joined_since(&self, room_hash: u64, since: Millis) -> bool {
         self.slot(room_hash).load(Ordering::Relaxed) > since
@@ -78,5 +87,15 @@ mod tests {
             r.joined_since(42, 4_500),
             "an earlier time arriving later does not move the slot back"
         );
+    }
+
+    #[test]
+    fn a_backward_step_of_the_clock_brings_join_times_back_to_now() {
+        let r = RecentJoins::default();
+        r.joined(7, 3_600_000);
+        r.clamp(1_000);
+        assert!(r.joined_since(7, 999), "still a join, as of now");
+        assert!(!r.joined_since(7, 1_000), "not one an hour ahead");
+        assert!(!r.joined_since(8, 0), "an empty slot stays empty");
     }
 }

@@ -295,6 +295,58 @@ async fn draining_keeps_rooms_disabled_moves_them_enable_restores() {
 }
 
 #[tokio::test]
+async fn a_room_joined_just_before_the_clock_jumped_ahead_keeps_its_pin_while_its_ticket_may_arrive(
+) {
+    // The router's clock steps an hour forward seconds after a join; the node's does not,
+    // so the join's ticket is still good there. The room's end must not release its pin
+    // while that ticket may arrive: the next join could go elsewhere (a split).
+    let r = router();
+    r.watch(T0);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let home = node_of(&r, "jump").await;
+    r.clock().advance(10_000);
+    r.watch(r.now());
+    r.clock().advance(3_600_000);
+    r.watch(r.now());
+    beat(&r, &home, 1000.0, 0.0, Some(vec![("jump", 0)])).await;
+    assert!(
+        r.room(&room("jump")).await.unwrap().is_some(),
+        "the pin outlives the report while the ticket may arrive"
+    );
+    // Once the ticket's window has passed with the router awake, the room's end releases it.
+    let mut awake = 0;
+    while awake <= TICKET_WINDOW_MS {
+        r.clock().advance(500);
+        awake += 500;
+        r.watch(r.now());
+    }
+    beat(&r, &home, 1000.0, 0.0, Some(vec![])).await;
+    assert!(r.room(&room("jump")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_room_joined_before_the_clock_stepped_back_ends_a_ticket_window_later_not_an_hour() {
+    // The join's time, an hour ahead after NTP steps the clock back, must not keep the
+    // room looking joined for that hour: its pin would outlive the room's end as long.
+    let r = router();
+    r.watch(T0);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    let home = node_of(&r, "stepped").await;
+    r.clock().step_back(3_600_000);
+    r.watch(r.now());
+    r.sweep().await.unwrap();
+    let mut awake = 0;
+    while awake <= TICKET_WINDOW_MS {
+        r.clock().advance(500);
+        awake += 500;
+        r.watch(r.now());
+    }
+    beat(&r, &home, 1000.0, 0.0, Some(vec![("stepped", 0)])).await;
+    assert!(r.room(&room("stepped")).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn heartbeat_rooms_confirm_release_and_evict() {
     let r = router();
     beat(&r, "a", 1000.0, 0.0, None).await;

@@ -493,6 +493,17 @@ async fn a_clock_stepped_back_lengthens_the_startup_hold_instead_of_ending_it() 
     join(&r, "fresh").await.unwrap();
 }
 
+/// `placement.heartbeat_timeout` of the default configuration, in ms.
+fn heartbeat_timeout_ms() -> u64 {
+    Config::default().placement.heartbeat_timeout.as_millis() as u64
+}
+
+/// Whether node `n` is healthy to `r` now.
+fn healthy(r: &Router<MemoryStore>, n: &str) -> bool {
+    let snap = r.cluster.snapshot();
+    r.is_healthy(snap.get(&id(n)).unwrap(), r.now())
+}
+
 #[tokio::test]
 async fn a_pause_of_the_router_itself_moves_no_room_off_a_node_that_served_it() {
     // The router (or its VM) stops for longer than the heartbeat timeout, or its clock
@@ -500,11 +511,7 @@ async fn a_pause_of_the_router_itself_moves_no_room_off_a_node_that_served_it() 
     // after the gap. The room pinned to a stays on a, whose report is late only because
     // the router was not there to hear it; a node already dead before the gap stays dead.
     let r = router();
-    let timeout = Config::default().placement.heartbeat_timeout.as_millis() as u64;
-    let healthy = |r: &Router<MemoryStore>, n: &str| {
-        let snap = r.cluster.snapshot();
-        r.is_healthy(snap.get(&id(n)).unwrap(), r.now())
-    };
+    let timeout = heartbeat_timeout_ms();
     r.watch(T0);
     beat(&r, "c", 1000.0, 0.0, None).await;
     // Past c's timeout, with the router awake throughout: c is dead.
@@ -537,11 +544,7 @@ async fn a_pause_soon_after_the_wall_clock_stepped_back_moves_no_room() {
     // (its VM) stops for longer than the heartbeat timeout. The pause is still the
     // router's own: the step must not hide it for the hour the clock takes to catch up.
     let r = router();
-    let timeout = Config::default().placement.heartbeat_timeout.as_millis() as u64;
-    let healthy = |r: &Router<MemoryStore>, n: &str| {
-        let snap = r.cluster.snapshot();
-        r.is_healthy(snap.get(&id(n)).unwrap(), r.now())
-    };
+    let timeout = heartbeat_timeout_ms();
     r.watch(T0);
     beat(&r, "a", 1000.0, 0.0, None).await;
     beat(&r, "b", 1000.0, 0.0, None).await;

@@ -417,6 +417,11 @@ pub fn parse_response(
     if framing == Framing::UntilClose {
         close = true;
     }
+    // A 204 that announces a body anyway (RFC 9110 forbids it) may still send it, late:
+    // left on a pooled connection, those bytes would be read as the next answer's head.
+    if status == 204 && (length.is_some_and(|n| n > 0) || chunked.is_some()) {
+        close = true;
+    }
     let head = ResponseHead {
         status,
         len,

@@ -113,9 +113,9 @@ impl Resolver {
                 });
             }
             let entry = table.entry(name.into()).or_default();
-            let age = entry.known.as_ref().map(|(_, at)| at.elapsed());
-            if let (Some((addrs, _)), Some(age)) = (&entry.known, age) {
-                if age < self.names.fresh {
+            let known = (entry.known.as_ref()).map(|(addrs, at)| (addrs.clone(), at.elapsed()));
+            if let Some((addrs, age)) = &known {
+                if *age < self.names.fresh {
                     return Ok(addrs.clone());
                 }
             }
@@ -130,9 +130,9 @@ impl Resolver {
                     p
                 }
             };
-            match (&entry.known, age) {
-                (Some((addrs, _)), Some(age)) if age < self.names.fresh + self.names.stale => {
-                    return Ok(addrs.clone());
+            match known {
+                Some((addrs, age)) if age < self.names.fresh + self.names.stale => {
+                    return Ok(addrs);
                 }
                 _ => pending,
             }
@@ -140,8 +140,8 @@ impl Resolver {
         wait.await
     }
 
-    /// Starts looking `name` up on the blocking pool; the returned future, whoever polls it
-    /// first to the end, records the answer in the table.
+    /// Starts looking `name` up on the blocking pool; the returned future (which `resolve`
+    /// spawns a task to drive) records the answer in the table.
     fn start(&self, name: &str) -> Shared<BoxFuture<'static, Answer>> {
         let names = self.names.clone();
         let key: Box<str> = name.into();

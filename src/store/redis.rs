@@ -943,9 +943,7 @@ impl Inner {
         if !self.stalled.swap(true, Ordering::AcqRel) {
             tracing::warn!(error = %why, "Redis answers but this router cannot catch up with it; refusing new placements until it does");
         }
-        if let Ok(mut w) = self.why.lock() {
-            *w = why.to_string();
-        }
+        self.set_why(why.to_string());
     }
 
     fn is_stalled(&self) -> bool {
@@ -984,12 +982,7 @@ impl Inner {
             tracing::debug!(error = %why, "an older probe's verdict; the store is down already");
             return;
         }
-        self.outage_since.store(wall_ms(), Ordering::Release);
-        self.outages.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
-        if let Ok(mut w) = self.why.lock() {
-            *w = why.to_string();
-        }
+        self.outage_began(why.to_string(), false);
     }
 
     /// Enters (or stays in) degraded mode, stalled or not, counting an outage if it begins.
@@ -998,15 +991,27 @@ impl Inner {
         // Stalled set before down: a placement in between must not find the store down and
         // not stalled, and decide locally.
         self.stalled.store(stalled, Ordering::Release);
-        if !self.down.swap(true, Ordering::AcqRel) {
-            self.outage_since.store(wall_ms(), Ordering::Release);
-            self.outages.fetch_add(1, Ordering::Relaxed);
-            if stalled {
-                tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache and refusing new placements until they are written back");
-            } else {
-                tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
-            }
+        if self.down.swap(true, Ordering::AcqRel) {
+            self.set_why(why);
+        } else {
+            self.outage_began(why, stalled);
         }
+    }
+
+    /// Counts and logs the outage this router's store just entered, and records why.
+    fn outage_began(&self, why: String, stalled: bool) {
+        self.outage_since.store(wall_ms(), Ordering::Release);
+        self.outages.fetch_add(1, Ordering::Relaxed);
+        if stalled {
+            tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache and refusing new placements until they are written back");
+        } else {
+            tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
+        }
+        self.set_why(why);
+    }
+
+    /// Records why the store is degraded (`/readyz`, `health`).
+    fn set_why(&self, why: String) {
         if let Ok(mut w) = self.why.lock() {
             *w = why;
         }

@@ -13,7 +13,7 @@ use rand::Rng;
 use redis_support::*;
 use roomrouter::cluster::NodeId;
 use roomrouter::room::{Normalization, RoomKey};
-use roomrouter::store::{self, AnyStore, PinOutcome, PinStore, StoreHealth};
+use roomrouter::store::{self, AnyStore, PinOutcome, PinStore, StoreHealth, Unconfirmed};
 
 fn room(s: &str) -> RoomKey {
     RoomKey::parse(s, Normalization::None).unwrap()
@@ -1418,6 +1418,98 @@ async fn a_quick_restart_that_lost_the_pins_is_no_reason_to_trust_redis_over_the
     expect_health(&a, false, Duration::from_secs(5), "the restart was noticed").await;
     let c = redis_conn(&redis.url()).await;
     stalled_until_the_pin_is_written_back(&a, &redis.url(), &p, &c).await;
+}
+
+/// The server behind the router's address is replaced by an empty one (another run id)
+/// and the router's next command reaches it before anything it holds fails, so no probe
+/// has looked: a reply saying "no pin" for a room the cache has pinned is checked against
+/// the server the store caught up with, not taken. The router keeps serving the room from
+/// its cache and refuses new rooms until it has written its pins back to the new server.
+/// Without the check, the empty server's "no pin" replaced the cached pin, and the next
+/// join placed the room anew while its users were on n1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_from_a_server_replaced_unnoticed_does_not_drop_a_cached_pin() {
+    for first in [FirstContact::Read, FirstContact::Sweep] {
+        replaced_unnoticed(first).await;
+    }
+}
+
+/// The command that first reaches the replaced server.
+#[derive(Debug, Clone, Copy)]
+enum FirstContact {
+    /// The store's own copy of a pin (`get_stored`, as the admin API reads it).
+    Read,
+    /// Whether a room a node stopped listing is still confirmed (`SWEEP` for one room).
+    Sweep,
+}
+
+async fn replaced_unnoticed(first: FirstContact) {
+    let test = "a_reply_from_a_server_replaced_unnoticed_does_not_drop_a_cached_pin";
+    let Some((url, _private)) = redis_for(test) else {
+        return;
+    };
+    let Some(empty) = private_redis_for(test) else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("replaced");
+    let door = Switchboard::to(hostport).await;
+    let mut cfg = config(&url, &p);
+    cfg.store.url = format!("redis://{}", door.addr);
+    let a = store::open(&cfg).await.unwrap();
+    let (standup, review, n1) = (room("standup"), room("review"), node("n1"));
+    for r in [&standup, &review] {
+        assert!(matches!(
+            a.pin_if(r, &n1, None, now_ms()).await.unwrap(),
+            PinOutcome::Won(_)
+        ));
+    }
+
+    door.switch_commands_to(format!("127.0.0.1:{}", empty.port));
+    match first {
+        FirstContact::Read => assert_eq!(
+            a.get_stored(&standup).await.unwrap().map(|p| p.node),
+            Some(n1.clone()),
+            "the empty server's answer was taken over the cache"
+        ),
+        FirstContact::Sweep => assert_eq!(
+            a.release_if_unconfirmed(&standup, &n1, now_ms() + 60_000)
+                .await
+                .unwrap(),
+            Unconfirmed::Confirmed,
+            "the empty server's answer was taken over the cache"
+        ),
+    }
+    assert_ne!(
+        a.health(),
+        StoreHealth::Ok,
+        "{first:?}: the new server was noticed"
+    );
+    for r in [&standup, &review] {
+        assert_eq!(
+            a.get(r).await.unwrap().map(|p| p.node),
+            Some(n1.clone()),
+            "{first:?}"
+        );
+    }
+    let fresh = a.pin_if(&room("new-room"), &n1, None, now_ms()).await;
+    assert!(
+        fresh.is_err(),
+        "{first:?}: placed alone while Redis answers: {fresh:?}"
+    );
+    let key = room_key(&p, "standup");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            redis_pin(&empty.url(), &key)
+                .await
+                .is_some_and(|v| v.starts_with("n1|"))
+        })
+        .await,
+        "{first:?}: the pin was written back to the new server"
+    );
+    cleanup(&url, &p).await;
 }
 
 /// `a` has a pin of `standup` to n1, which the restarted server at `url` lost and whose

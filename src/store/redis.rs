@@ -1197,6 +1197,7 @@ impl Inner {
         now: Millis,
     ) -> Result<PinOutcome, StoreError> {
         let reply = self.pin_script(room, node, expected, now, None).await?;
+        self.vet(room, reply.pin.as_ref()).await?;
         self.settle_pin(room, reply, expected.is_none())
     }
 
@@ -1267,6 +1268,39 @@ impl Inner {
         Ok(n == 1)
     }
 
+    /// Checks a reply that contradicts the cache (no pin, or another node, for a room the
+    /// cache has pinned) against the server the store caught up with, before the cache
+    /// takes it. A server that restarted empty answers such replies for every room until
+    /// a probe reads its new run id; a command that reaches it first, on a connection
+    /// reopened without an error (or before the probe that a failed one started), would
+    /// otherwise drop the pin its users are on, and the next join would place the room
+    /// anew. A new run id makes the store down and stalled, as the probe would (the error
+    /// says so and the reply is not taken). Only contradictions pay for the `INFO`; while
+    /// down, replies come from the recovery, which checks the run id itself.
+    async fn vet(&self, room: &RoomKey, reply: Option<&Pin>) -> Result<(), StoreError> {
+        if self.is_down() {
+            return Ok(());
+        }
+        let contradicts = self.cache.get(room).is_some_and(|e| {
+            e.pin
+                .as_ref()
+                .is_some_and(|ours| reply.is_none_or(|theirs| theirs.node != ours.node))
+        });
+        if !contradicts {
+            return Ok(());
+        }
+        let now = self.run_id_on(&mut self.conn()).await?;
+        if self.restarted(now.as_deref()) {
+            let why = format!(
+                "Redis restarted (its run id is now {}; a reply lost the pin of {room})",
+                now.unwrap_or_default()
+            );
+            self.mark_restarted(&why);
+            return Err(StoreError(why));
+        }
+        Ok(())
+    }
+
     /// The wall clock stepped back and the cached pin's confirmation, ahead of `now`, was
     /// brought back to it: so is Redis's, which `CONFIRM` otherwise only moves forward, so
     /// that the room goes idle on time once it ends.
@@ -1294,6 +1328,7 @@ impl Inner {
         let inv = self.read.key(self.keys.room(room.as_str()));
         let (v, ts): (String, String) = self.run("read", inv.invoke_async(&mut c)).await?;
         let pin = self.decode(&v);
+        self.vet(room, pin.as_ref()).await?;
         self.apply_stamped(room, pin.clone(), ts.parse().unwrap_or(0));
         Ok(pin)
     }
@@ -1908,6 +1943,10 @@ impl Inner {
         let (state, v, ts): (i64, String, String) =
             self.run("sweep", inv.invoke_async(&mut c)).await?;
         let ts = ts.parse().unwrap_or(0);
+        if state != 1 {
+            // Not released: the pin Redis holds (none for -1) goes into the cache below.
+            self.vet(room, self.decode(&v).as_ref()).await?;
+        }
         Ok(match state {
             1 => {
                 self.apply_stamped(room, None, ts);

@@ -673,3 +673,100 @@ impl Drop for Partition {
         self.cut();
     }
 }
+
+/// A loopback TCP forwarder whose command connections can be moved to another server
+/// without closing them (`switch_commands_to`): the client's next command on each goes to
+/// the new server, and no error tells it so, while its subscriptions stay where they were.
+/// What a router sees when the server behind an address was replaced before anything it
+/// holds failed: its replies come from a server it never caught up with.
+pub struct Switchboard {
+    pub addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<String>>,
+    generation: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Switchboard {
+    pub async fn to(upstream: String) -> Switchboard {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(std::sync::Mutex::new(upstream));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (t, g) = (target.clone(), generation.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                tokio::spawn(splice(down, t.clone(), g.clone()));
+            }
+        });
+        Switchboard {
+            addr,
+            target,
+            generation,
+            accept,
+        }
+    }
+
+    /// Every command connection, open or new, talks to `upstream` from its next command on.
+    pub fn switch_commands_to(&self, upstream: String) {
+        *self.target.lock().unwrap() = upstream;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Switchboard {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Serves one client connection until either side closes: before each chunk the client
+/// sends, a connection that has not subscribed follows the switchboard to its current
+/// server (a new upstream connection, the old one dropped).
+async fn splice(
+    mut down: tokio::net::TcpStream,
+    target: Arc<std::sync::Mutex<String>>,
+    generation: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = |to: String| async move { tokio::net::TcpStream::connect(to).await.ok() };
+    let mut at = generation.load(Ordering::SeqCst);
+    let to = target.lock().unwrap().clone();
+    let Some(mut up) = connect(to).await else {
+        return;
+    };
+    let (mut from_client, mut from_server) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let mut subscribed = false;
+    for _ in 0..10_000_000u64 {
+        tokio::select! {
+            n = down.read(&mut from_client) => {
+                let n = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let chunk = &from_client[..n];
+                subscribed |= chunk.windows(9).any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"));
+                let now = generation.load(Ordering::SeqCst);
+                if !subscribed && now != at {
+                    at = now;
+                    let to = target.lock().unwrap().clone();
+                    let Some(moved) = connect(to).await else {
+                        return;
+                    };
+                    up = moved;
+                }
+                if up.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+            n = up.read(&mut from_server) => {
+                let n = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if down.write_all(&from_server[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -446,6 +446,35 @@ async fn the_node_listener_takes_the_node_id_from_the_client_certificate() {
     let _ = std::fs::remove_dir_all(&m.dir);
 }
 
+/// A certificate names its node exactly: node ids are compared byte for byte, so the
+/// matching a server name gets (ASCII case folded, a trailing dot, a wildcard) must not let
+/// `node-a`'s certificate act as `NODE-A` or `node-a.`, nor `*.nodes.example` act as every
+/// node under it. Each is refused and no such node appears.
+#[tokio::test]
+async fn a_client_certificate_names_its_node_exactly() {
+    let m = Mtls::start(common::config(), "mtls-exact").await;
+    let hb = r#"{"url": "http://127.0.0.1:9", "capacity": 10, "load": 0}"#;
+    for (san, id) in [
+        ("node-a", "NODE-A"),
+        ("node-a", "Node-a"),
+        ("node-a", "node-a."),
+        ("*.nodes.example", "x.nodes.example"),
+    ] {
+        let mut h = m.as_node(&[san]).await;
+        let (status, body) = send(&mut h, "POST", &format!("/v1/nodes/{id}/heartbeat"), hb)
+            .await
+            .unwrap();
+        assert!(
+            status == 403 && body.contains("\"forbidden\""),
+            "{san} acting as {id}: {status} {body}"
+        );
+        if let Ok(id) = roomrouter::cluster::NodeId::parse(id) {
+            assert!(m.r.app.router.node(&id).is_none(), "{san} made {id}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&m.dir);
+}
+
 /// A node's certificate limits what that node may do, not what an operator may: on the mTLS
 /// listener an admin token still removes any node (api.md: `DELETE /v1/nodes/{id}` takes node
 /// or admin auth), while the certificate alone removes only the node it names.

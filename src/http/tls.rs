@@ -15,7 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The one crypto provider: ring (aws-lc-rs is not built).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -193,12 +193,21 @@ pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, String> {
         .with_no_client_auth())
 }
 
-/// Whether a (chain-verified) client certificate names `node_id` in its SAN (a DNS name).
+/// Whether a (chain-verified) client certificate names `node_id` in its SAN: a DNS name
+/// equal to it byte for byte. Not the matching a server name gets (webpki folds ASCII
+/// case, takes a name with a trailing dot and expands wildcards), because node ids are
+/// compared exactly: a certificate for `node-a` must not act as `NODE-A`, `node-a.` or,
+/// through `*.nodes.example`, as every node under it.
 pub fn cert_names_node(cert: &CertificateDer<'_>, node_id: &str) -> bool {
-    let Ok(name) = ServerName::try_from(node_id) else {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return false;
     };
-    webpki::EndEntityCert::try_from(cert)
-        .and_then(|c| c.verify_is_valid_for_subject_name(&name))
-        .is_ok()
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, GeneralName::DNSName(d) if *d == node_id))
 }

@@ -304,32 +304,47 @@ async fn metric(r: &TestRouter, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} in\n{text}"))
 }
 
+/// A chunked answer that also carries a `Content-Length` (which RFC 9112 says chunked
+/// overrides, and a proxy must remove) arrives whole and without the length, on both
+/// paths: hyper's client decodes the chunks but leaves the header, and hyper's server then
+/// framed the body by it (cut short, or the connection aborted).
 #[tokio::test]
 async fn chunked_answers_with_trailers_arrive_whole_and_the_node_connection_is_reused() {
-    let (r, node, mut c) = cluster(vec![concat!(
-        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n",
-        "5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 12\r\n\r\n"
-    )])
-    .await;
-    for i in 0..3 {
-        c.send(&get(&format!("/rooms/chunky?i={i}"))).await;
-        let a = c.answer().await;
-        assert_eq!(a.status(), 200, "{a:?}");
-        assert_eq!(a.body, b"hello, world");
-        assert_eq!(a.header("x-room-node").as_deref(), Some("n1"));
-        assert_eq!(
-            a.header("content-length"),
-            None,
-            "chunked wins over a length"
-        );
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, node, mut c) = cluster_with(
+            cfg,
+            vec![concat!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                "5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 12\r\n\r\n"
+            )],
+        )
+        .await;
+        for i in 0..3 {
+            c.send(&get(&format!("/rooms/chunky?i={i}"))).await;
+            let a = c.answer().await;
+            assert_eq!(a.status(), 200, "fast path {fast_path}: {a:?}");
+            assert_eq!(a.body, b"hello, world", "fast path {fast_path}");
+            assert_eq!(a.header("x-room-node").as_deref(), Some("n1"));
+            assert_eq!(
+                a.header("content-length"),
+                None,
+                "fast path {fast_path}: chunked wins over a length"
+            );
+        }
+        if fast_path {
+            // hyper's client does not reuse a connection whose answer had both (the RFC
+            // suggests treating one as an error); the fast path keeps it, framed by chunks.
+            assert_eq!(
+                node.connections(),
+                1,
+                "one node connection carried all three"
+            );
+        }
+        assert_eq!(fast_requests(&r).await, if fast_path { 3 } else { 0 });
+        r.stop().await;
     }
-    assert_eq!(
-        node.connections(),
-        1,
-        "one node connection carried all three"
-    );
-    assert_eq!(fast_requests(&r).await, 3);
-    r.stop().await;
 }
 
 #[tokio::test]

@@ -504,9 +504,15 @@ fn lane_target(upstream: &str, uri: &Uri, instead: Option<&str>) -> Option<(Head
 
 /// A node's response head as the client gets it: hop-by-hop headers gone, the node named.
 /// Transfer codings other than chunked stay: hyper took the chunks off, but what is left is
-/// still coded (`gzip`), and hyper's server chunks it again after them.
+/// still coded (`gzip`), and hyper's server chunks it again after them. A `Content-Length`
+/// beside a `Transfer-Encoding` goes (RFC 9112 §6.3: the coding frames the body, and a proxy
+/// must remove the length): hyper's client leaves it, and hyper's server would frame the
+/// body it relays by it.
 fn answer_head(rp: &mut http::response::Parts, node: &NodeEntry) {
     let codings = codings_besides_chunked(&rp.headers);
+    if rp.headers.contains_key(header::TRANSFER_ENCODING) {
+        rp.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut rp.headers);
     if let Some(c) = codings {
         rp.headers.insert(header::TRANSFER_ENCODING, c);

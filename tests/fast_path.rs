@@ -11,7 +11,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{heartbeat, proxy_config, TestRouter};
+use common::{admin_json, expect_error, heartbeat, proxy_config, TestRouter};
 use roomrouter::config::{Config, FrontDoorMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -965,6 +965,17 @@ async fn an_upgrade_request_with_a_body_is_refused_and_never_reaches_the_node() 
         metric(&r, "roomrouter_proxy_nodes_marked_unhealthy_total").await,
         0
     );
+    // A refused request changes nothing: the room is not placed, no join is counted, and
+    // the connection has joined nothing.
+    let room = r
+        .admin(reqwest::Method::GET, "/v1/rooms/a")
+        .send()
+        .await
+        .unwrap();
+    expect_error(room, 404, "not_found").await;
+    let n1 = admin_json(&r, "/v1/nodes/n1").await;
+    assert_eq!(n1["pending"], 0.0, "{n1}");
+    assert_eq!(n1["reserved"], 0.0, "{n1}");
 }
 
 #[tokio::test]

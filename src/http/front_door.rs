@@ -126,8 +126,8 @@ pub struct Admission {
 /// requests of meetings already under way.
 ///
 /// `body` is the request body's declared length: in proxy mode one over
-/// `proxy.max_request_body_bytes` is refused (`413`) before the room is placed or a join
-/// counted.
+/// `proxy.max_request_body_bytes` is refused (`413`), and an upgrade with a body (`400`),
+/// before the room is placed or a join counted.
 pub async fn admit<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
@@ -156,6 +156,13 @@ pub async fn admit<S: PinStore>(
     let limit = app.proxy.cfg().max_request_body_bytes;
     if mode == FrontDoorMode::Proxy && body.is_some_and(|b| b > limit) {
         return Err(ApiError::PayloadTooLarge(limit as usize));
+    }
+    if mode == FrontDoorMode::Proxy && super::proxy::upgrade_with_body(parts) {
+        // The upgrade is sent bodiless: passing on a length with no body would have the
+        // node wait for bytes that never come, or read the next request's as them.
+        return Err(ApiError::InvalidRequest(
+            "an upgrade request cannot carry a body".into(),
+        ));
     }
     let user = authenticate_user(app, parts, &room)?;
     let mut hints = HintArgs::from_query(&q)?;

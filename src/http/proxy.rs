@@ -155,17 +155,8 @@ impl Proxy {
         if content_length(&parts.headers).is_some_and(|l| l > limit) {
             return Err(ApiError::PayloadTooLarge(limit as usize));
         }
+        // `front_door::admit` refused an upgrade with a body.
         let upgrade = upgrade_protocol(parts);
-        if upgrade.is_some()
-            && (content_length(&parts.headers).is_some_and(|l| l > 0)
-                || parts.headers.contains_key(header::TRANSFER_ENCODING))
-        {
-            // The upgrade is sent bodiless: passing on a length with no body would have the
-            // node wait for bytes that never come, or read the next request's as them.
-            return Err(ApiError::InvalidRequest(
-                "an upgrade request cannot carry a body".into(),
-            ));
-        }
         // A slow request body can delay the answer; only bodiless requests' timeouts are the
         // node's fault.
         let bodiless = upgrade.is_some() || body.is_end_stream();
@@ -546,6 +537,14 @@ fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// An upgrade request that carries a body (a length over 0, or a transfer coding), which
+/// the proxy refuses: it sends an upgrade bodiless.
+pub fn upgrade_with_body(parts: &Parts) -> bool {
+    upgrade_protocol(parts).is_some()
+        && (content_length(&parts.headers).is_some_and(|l| l > 0)
+            || parts.headers.contains_key(header::TRANSFER_ENCODING))
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).

@@ -734,6 +734,38 @@ async fn a_clients_own_forwarded_host_and_ticket_never_reach_the_node() {
     r.stop().await;
 }
 
+/// A client's own claims of its address, scheme and host under the other names nodes read
+/// (`Forwarded`, RFC 7239, which Spring, Play and Jetty prefer; `X-Real-IP`) never reach
+/// the node either, on both paths: a node behind the router trusts what comes from it. The
+/// client's `X-Forwarded-For` is kept and ends with the address the router saw.
+#[tokio::test]
+async fn a_clients_own_forwarded_and_real_ip_never_reach_the_node() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        let what = format!("fast path {fast_path}");
+        let body = echoed(
+            reqwest::Client::new()
+                .get(format!("{}/rooms/claims", r.url))
+                .header("forwarded", "for=6.6.6.6;proto=https;host=admin.internal")
+                .header("x-real-ip", "6.6.6.6")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-for", "6.6.6.6"),
+            &what,
+        )
+        .await;
+        let h = &body["headers"];
+        assert!(h.get("forwarded").is_none(), "{what}: {h}");
+        assert!(h.get("x-real-ip").is_none(), "{what}: {h}");
+        assert_eq!(h["x-forwarded-proto"], "http", "{what}: {h}");
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "{what}: {h}");
+        r.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn http2_and_keep_alive_clients_are_proxied() {
     let r = TestRouter::start(proxy_config()).await;

@@ -373,9 +373,13 @@ impl Proxy {
         };
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         // What the client sent under the names the router sets never reaches the node, even
-        // where the router has nothing to put in their place (a request with no `Host`).
+        // where the router has nothing to put in their place (a request with no `Host`);
+        // nor do its own claims of its address, scheme and host under other names, which a
+        // node behind a trusted proxy would believe.
         h.remove(&X_FORWARDED_HOST);
         h.remove(&X_ROOM_TICKET);
+        h.remove(header::FORWARDED);
+        h.remove(&X_REAL_IP);
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -567,6 +571,7 @@ fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_ROOM_NODE: HeaderName = HeaderName::from_static("x-room-node");
 const X_ROOM_TICKET: HeaderName = HeaderName::from_static("x-room-ticket");
 

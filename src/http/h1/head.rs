@@ -200,12 +200,15 @@ fn listed<'a>(connection: impl IntoIterator<Item = &'a [u8]>, name: &[u8]) -> bo
         .any(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// Request headers the proxy sets itself; a client's own are dropped (`X-Forwarded-For` is
-/// extended instead).
-const SET_BY_PROXY: [&str; 5] = [
+/// Request headers the proxy sets itself, or that claim what only it can tell the node
+/// (the client's address, scheme and host: `Forwarded`, `X-Real-IP`); a client's own are
+/// dropped (`X-Forwarded-For` is extended instead).
+const SET_BY_PROXY: [&str; 7] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
     "x-room-node",
     "x-room-ticket",
 ];

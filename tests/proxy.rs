@@ -241,6 +241,37 @@ async fn a_query_token_is_not_forwarded_to_the_node() {
             assert!(!body.to_string().contains(&t), "the node saw the token");
             assert!(body["headers"]["x-room-ticket"].is_string());
         }
+        // The page's later requests name its URL, token and all, as their referrer; the
+        // node gets the URL without the token, or no referrer when it is not a URL.
+        for (referer, node_gets) in [
+            (
+                format!("{}/rooms/standup?x=1&access_token={t}", r.url),
+                Some(format!("{}/rooms/standup?x=1", r.url)),
+            ),
+            (
+                format!("/rooms/standup?access_token={t}"),
+                Some("/rooms/standup".into()),
+            ),
+            (format!("not a url?access_token={t}"), None),
+        ] {
+            let what = format!("fast path {fast_path}: referer {referer}");
+            let body = echoed(
+                browser
+                    .get(format!("{}/rooms/standup/app.js?access_token={t}", r.url))
+                    .header("referer", &referer),
+                &what,
+            )
+            .await;
+            assert!(
+                !body.to_string().contains(&t),
+                "{what}: the node saw the token"
+            );
+            assert_eq!(
+                body["headers"].get("referer").and_then(|v| v.as_str()),
+                node_gets.as_deref(),
+                "{what}"
+            );
+        }
         let m = r.metrics().await;
         let fast = sample(&m, "roomrouter_http_fast_path_requests_total");
         assert_eq!(fast > 0.0, fast_path, "the fast path carried them: {fast}");

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Response, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::api::{authenticate_user, query, room_from_url, set_node_header, HintArgs};
@@ -112,6 +112,11 @@ pub struct Admission {
     /// with `auth.users = "jwt"`), which stays with the router as the query's does, or
     /// one of the router's admin or node tokens (a dashboard login the browser repeats).
     pub drop_authorization: bool,
+    /// Proxy mode: the `Referer` the node gets instead of the client's, which carried the
+    /// user's login token in its query (a page opened with `?access_token=` names its full
+    /// URL as the referrer of every same-origin request it makes): the same URL without it,
+    /// or empty (the header left out) when the router cannot rewrite it. `None`: as it came.
+    pub referer: Option<String>,
 }
 
 /// Finds the request's room, authenticates the user for it and places it: everything a
@@ -196,13 +201,14 @@ pub async fn admit<S: PinStore>(
         &user.sub,
         app.router.now() / 1000,
     );
-    let (target, drop_authorization) = match mode {
+    let (target, drop_authorization, referer) = match mode {
         FrontDoorMode::Proxy => (
             proxied_target(app, &parts.uri),
             app.users.is_some() && bearer_token(&parts.headers).is_some()
                 || app.tokens.carries_any(&parts.headers),
+            proxied_referer(app, &parts.headers),
         ),
-        FrontDoorMode::Redirect => (None, false),
+        FrontDoorMode::Redirect => (None, false, None),
     };
     Ok(Admission {
         node: p.node,
@@ -210,6 +216,7 @@ pub async fn admit<S: PinStore>(
         mode,
         target,
         drop_authorization,
+        referer,
     })
 }
 
@@ -279,6 +286,30 @@ fn proxied_target<S: PinStore>(app: &App<S>, uri: &Uri) -> Option<String> {
         Some(user) => without_params(uri, &[ticket, user]),
         None => without_params(uri, &[ticket]),
     }
+}
+
+/// [`Admission::referer`]: the client's `Referer` without the user's login token, when
+/// its query carries one. Only with `auth.users = "jwt"` and a token query parameter.
+fn proxied_referer<S: PinStore>(app: &App<S>, headers: &HeaderMap) -> Option<String> {
+    let user = user_token_param(app)?;
+    let raw = headers.get(header::REFERER)?.as_bytes();
+    // Most referrers have no query: one byte scan and nothing else.
+    if !raw.contains(&b'?') {
+        return None;
+    }
+    let Some(uri) = std::str::from_utf8(raw)
+        .ok()
+        .and_then(|r| r.parse::<Uri>().ok())
+    else {
+        // Not a URL the router can take apart: left out rather than passed on with what
+        // it may hold.
+        return Some(String::new());
+    };
+    let origin = without_params(&uri, &[user])?;
+    Some(match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{origin}"),
+        _ => origin,
+    })
 }
 
 /// Whether the raw query pair `pair` (`k=v`, as sent) is parameter `name`. The key is
@@ -364,6 +395,7 @@ pub async fn handle<S: PinStore>(
             ticket: a.ticket,
             target: a.target.as_deref(),
             drop_authorization: a.drop_authorization,
+            referer: a.referer.as_deref(),
         };
         return app.proxy.forward(parts, body, to).await;
     }

@@ -81,6 +81,9 @@ pub struct Forward<'a> {
     /// Leave out the `Authorization` header: it carried the user's login token
     /// ([`Admission::drop_authorization`](super::front_door::Admission)).
     pub drop_authorization: bool,
+    /// The `Referer` to send instead of the client's (empty: none)
+    /// ([`Admission::referer`](super::front_door::Admission)).
+    pub referer: Option<&'a str>,
 }
 
 impl Proxy {
@@ -164,6 +167,13 @@ impl Proxy {
         let mut headers = end_to_end(&parts.headers);
         if to.drop_authorization {
             headers.remove(header::AUTHORIZATION);
+        }
+        if let Some(referer) = to.referer {
+            headers.remove(header::REFERER);
+            match HeaderValue::from_str(referer) {
+                Ok(v) if !referer.is_empty() => drop(headers.insert(header::REFERER, v)),
+                _ => {}
+            }
         }
         self.forwarded_headers(parts, &mut headers, to);
         // `response_timeout` is the node's time to answer once it has the request: for a

@@ -229,6 +229,9 @@ pub struct Forwarded<'a> {
     pub target: Option<&'a str>,
     /// Leave out the `Authorization` header (it carried the user's login token).
     pub drop_authorization: bool,
+    /// The `Referer` to send instead of the client's (empty: none), which carried the
+    /// user's login token.
+    pub referer: Option<&'a str>,
 }
 
 /// The target of a request to `uri` in origin form (RFC 9112 section 3.2.1): its path and
@@ -267,6 +270,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
         // next request (one the router never admitted: request smuggling).
         if name == header::HOST
             || f.drop_authorization && name == header::AUTHORIZATION
+            || f.referer.is_some() && name == header::REFERER
             || is_hop_by_hop(n.as_bytes())
             || has_connection
                 && name != header::CONTENT_LENGTH
@@ -297,6 +301,9 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
         .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
     if let Some(host) = host {
         header_line(out, b"x-forwarded-host", host);
+    }
+    if let Some(referer) = f.referer.filter(|r| !r.is_empty()) {
+        header_line(out, b"referer", referer.as_bytes());
     }
     header_line(out, b"x-room-node", f.node.as_bytes());
     header_line(out, b"x-room-ticket", f.ticket.as_bytes());
@@ -652,6 +659,7 @@ mod tests {
                 ticket: "t.k.n",
                 target: None,
                 drop_authorization: false,
+                referer: None,
             },
         );
         let text = String::from_utf8(out).unwrap();
@@ -846,6 +854,7 @@ mod tests {
                 ticket: "t.t.t",
                 target: None,
                 drop_authorization: false,
+                referer: None,
             };
             write_upstream_request(&mut out, &head.parts, &f);
             let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];

@@ -296,6 +296,7 @@ impl Client<'_> {
                 ticket: &a.ticket,
                 target: a.target.as_deref(),
                 drop_authorization: a.drop_authorization,
+                referer: a.referer.as_deref(),
             },
         );
         // The body bytes already here go out with the head, in the same write.

@@ -270,6 +270,23 @@ async fn login_answers_json_or_redirects_browsers() {
     );
     let joined = client().get(loc).send().await.unwrap();
     assert_eq!(joined.status(), 200);
+    // A media type is case-insensitive, and may carry parameters.
+    for ctype in [
+        "Application/X-WWW-Form-Urlencoded",
+        "application/x-www-form-urlencoded ; charset=UTF-8",
+    ] {
+        let resp = r
+            .post("/v1/login")
+            .header("content-type", ctype)
+            .body("room=board&user=cy")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{ctype}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["room"], "board", "{ctype}");
+        assert_eq!(body["node"], "solo", "{ctype}");
+    }
 }
 
 #[tokio::test]

@@ -490,19 +490,24 @@ pub async fn login<S: PinStore>(
         app.cfg.server.body_read_timeout,
     )
     .await?;
-    let ctype = parts
+    // A media type is case-insensitive (RFC 9110 §8.3.1), its parameters after a `;`.
+    let form = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let req: LoginRequest = if ctype.starts_with("application/x-www-form-urlencoded") {
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    let req: LoginRequest = if form {
         serde_urlencoded::from_bytes(&bytes)
             .map_err(|e| ApiError::InvalidRequest(format!("invalid form: {e}")))?
     } else {
         parse_json(&bytes)?
     };
     if req.room.contains(char::REPLACEMENT_CHARACTER)
-        && ctype.starts_with("application/x-www-form-urlencoded")
+        && form
         && !super::front_door::param_is_utf8(&bytes, "room")
     {
         return Err(ApiError::InvalidRoom(

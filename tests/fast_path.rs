@@ -978,6 +978,31 @@ async fn an_upgrade_request_with_a_body_is_refused_and_never_reaches_the_node() 
     assert_eq!(n1["reserved"], 0.0, "{n1}");
 }
 
+/// A request body in a transfer coding besides chunked (`gzip, chunked`): hyper takes the
+/// chunks off and leaves the gzip, which forwarded chunked the node would read as the body
+/// itself. Refused before the room is placed, and never sent to the node.
+#[tokio::test]
+async fn a_request_body_coded_besides_chunked_is_refused_and_never_reaches_the_node() {
+    let (r, node, mut c) = cluster(vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+    c.send(concat!(
+        "POST /rooms/coded HTTP/1.1\r\nHost: router.test\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ))
+    .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 400, "{a:?}");
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["error"], "invalid_request");
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    let room = r
+        .admin(reqwest::Method::GET, "/v1/rooms/coded")
+        .send()
+        .await
+        .unwrap();
+    expect_error(room, 404, "not_found").await;
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_502() {
     let (r, _node, mut c) = cluster(vec![

@@ -131,8 +131,9 @@ pub struct Admission {
 /// requests of meetings already under way.
 ///
 /// `body` is the request body's declared length: in proxy mode one over
-/// `proxy.max_request_body_bytes` is refused (`413`), and an upgrade with a body (`400`),
-/// before the room is placed or a join counted.
+/// `proxy.max_request_body_bytes` is refused (`413`), and an upgrade with a body or a body
+/// in a transfer coding besides chunked (`400`), before the room is placed or a join
+/// counted.
 pub async fn admit<S: PinStore>(
     app: &App<S>,
     parts: &Parts,
@@ -161,6 +162,13 @@ pub async fn admit<S: PinStore>(
     let limit = app.proxy.cfg().max_request_body_bytes;
     if mode == FrontDoorMode::Proxy && body.is_some_and(|b| b > limit) {
         return Err(ApiError::PayloadTooLarge(limit as usize));
+    }
+    if mode == FrontDoorMode::Proxy && super::proxy::coded_body(&parts.headers) {
+        // hyper took the chunks off, not the codings before them: forwarded chunked, the
+        // node would read the coded bytes as the body itself.
+        return Err(ApiError::InvalidRequest(
+            "a request body in a transfer coding other than chunked is not supported".into(),
+        ));
     }
     if mode == FrontDoorMode::Proxy && super::proxy::upgrade_with_body(parts) {
         // The upgrade is sent bodiless: passing on a length with no body would have the

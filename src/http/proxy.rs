@@ -553,6 +553,12 @@ pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// A request whose body is in a transfer coding besides chunked (`gzip, chunked`), which
+/// the proxy refuses: hyper's server takes the chunks off and leaves the rest coded.
+pub fn coded_body(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING) && codings_besides_chunked(h).is_some()
+}
+
 /// An upgrade request that carries a body (a length over 0, or a transfer coding), which
 /// the proxy refuses: it sends an upgrade bodiless.
 pub fn upgrade_with_body(parts: &Parts) -> bool {

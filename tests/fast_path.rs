@@ -1003,6 +1003,71 @@ async fn a_request_body_coded_besides_chunked_is_refused_and_never_reaches_the_n
     r.stop().await;
 }
 
+/// A node answers a chunked upload (which hyper carries) before it has the whole body, and
+/// keeps its connection open. The node connection is still sending the body: put back in
+/// the pool, nobody drove it, and the client's upload and its next request hung until the
+/// pool's reaper dropped the connection (every 30 s at the default idle timeout). Now the
+/// node connection closes with the answer, and the client's connection, whose unread body
+/// is still on it, ends too: the client is never left hanging.
+#[tokio::test]
+async fn an_early_answer_to_an_upload_does_not_leave_the_client_hanging() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Bounded: a few connections, each read for at most 10 s; aborted at the end.
+    let node = tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    if read_some(&mut sock, &mut buf).await.is_none() {
+                        return;
+                    }
+                }
+                let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if sock.write_all(ok.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut rest = [0u8; 4096];
+                let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                while let Ok(Ok(n)) = tokio::time::timeout_at(until, sock.read(&mut rest)).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let r = TestRouter::start(proxy_config()).await;
+    let body = serde_json::json!({"url": url, "capacity": 100, "load": 0});
+    assert_eq!(heartbeat(&r, "n1", body).await.status(), 200);
+    let mut c = Raw::connect(&r).await;
+    c.send(concat!(
+        "POST /rooms/early HTTP/1.1\r\nHost: router.test\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    ))
+    .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert_eq!(a.body, b"ok");
+    // The rest of the upload, then another request on the same connection: it is answered,
+    // or the connection ends, but it is not left hanging.
+    let _ = c
+        .sock
+        .write_all(b"5\r\nworld\r\n0\r\n\r\nGET /rooms/early HTTP/1.1\r\nHost: router.test\r\n\r\n")
+        .await;
+    let mut chunk = [0u8; 4096];
+    let next = tokio::time::timeout(Duration::from_secs(5), c.sock.read(&mut chunk)).await;
+    assert!(
+        next.is_ok(),
+        "the client's connection hung after an early answer"
+    );
+    r.stop().await;
+    node.abort();
+}
+
 #[tokio::test]
 async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_502() {
     let (r, _node, mut c) = cluster(vec![

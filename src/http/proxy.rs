@@ -35,7 +35,7 @@ use super::h1::head::origin_form;
 use super::h1::pool::Conns;
 use super::resolve::Resolver;
 use super::server::ConnInfo;
-use super::upstream::{Connector, Lane, LaneError, Lanes};
+use super::upstream::{Connector, Lane, LaneError, Lanes, Uploaded};
 use super::{tls, ApiError, Body, BoxError};
 use crate::cluster::{NodeEntry, NodeId};
 use crate::config::ProxyConfig;
@@ -186,6 +186,7 @@ impl Proxy {
             let (body, upload) = EndSignal::new(body, self.cfg.idle_timeout);
             (body.boxed(), Some(upload))
         };
+        let uploaded = (upload.as_ref()).map(|u| u.progress.clone() as Arc<dyn Uploaded>);
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.version_mut() = Version::HTTP_11;
@@ -255,7 +256,7 @@ impl Proxy {
         };
         let (mut rp, body) = resp.into_parts();
         answer_head(&mut rp, node);
-        let body = self.lanes.body(body, lane);
+        let body = self.lanes.body(body, lane, uploaded);
         Ok(Response::from_parts(
             rp,
             IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
@@ -760,6 +761,14 @@ struct BodyProgress {
     frames: AtomicU64,
     /// The last poll found nothing from the client yet: any stall now is the client's.
     awaiting_client: AtomicBool,
+    /// Its end was read: the node connection carries nothing more of it.
+    whole: AtomicBool,
+}
+
+impl Uploaded for BodyProgress {
+    fn whole(&self) -> bool {
+        self.whole.load(Ordering::Acquire)
+    }
 }
 
 /// The exchange's side of an upload: when its body ended, and how it is going.
@@ -817,6 +826,7 @@ where
             this.progress.frames.fetch_add(1, Ordering::Release);
         }
         if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.progress.whole.store(true, Ordering::Release);
             if let Some(tx) = this.end.take() {
                 let _ = tx.send(());
             }

@@ -289,11 +289,19 @@ impl Lanes {
     }
 
     /// Wraps a response body so that it drives `lane` and gives it back when it ends.
-    pub fn body(&self, inner: Incoming, lane: Box<Lane>) -> LaneBody {
+    /// The response body `inner` that arrived on `lane`, for a request whose body, if it had
+    /// one, is `upload`.
+    pub fn body(
+        &self,
+        inner: Incoming,
+        lane: Box<Lane>,
+        upload: Option<Arc<dyn Uploaded>>,
+    ) -> LaneBody {
         LaneBody {
             inner,
             lane: Some(lane),
             home: Arc::downgrade(&self.idle),
+            upload,
         }
     }
 
@@ -336,17 +344,33 @@ async fn reap<T: Pooled + Send + Sync + 'static>(idle: Weak<Idle<T>>, period: Du
     }
 }
 
+/// How far a request's body has gone to the node: whether all of it was sent.
+pub trait Uploaded: Send + Sync {
+    fn whole(&self) -> bool;
+}
+
 /// A response body that drives its lane's connection while it is read and returns the lane
 /// to the pool once it has ended.
 pub struct LaneBody {
     inner: Incoming,
     lane: Option<Box<Lane>>,
     home: Weak<Idle<Lane>>,
+    /// The request's body, if it had one.
+    upload: Option<Arc<dyn Uploaded>>,
 }
 
 impl LaneBody {
+    /// Gives the lane back, unless the node answered before it had the whole request body
+    /// (an early `401` or `413`): the connection is still sending it, and in the pool
+    /// nobody would drive it, so the client's upload (and its connection) would hang until
+    /// the lane was taken or pruned. Dropped instead: the node connection closes, and so,
+    /// after the answer, does the client's, whose unread body is still on it.
     fn release(&mut self) {
-        if let (Some(lane), Some(home)) = (self.lane.take(), self.home.upgrade()) {
+        let lane = self.lane.take();
+        if self.upload.as_ref().is_some_and(|u| !u.whole()) {
+            return;
+        }
+        if let (Some(lane), Some(home)) = (lane, self.home.upgrade()) {
             home.put(lane);
         }
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roomrouter::config::FrontDoorMode;
-use roomrouter::load::engine::{OwnCluster, NOT_SENT, NO_ANSWER};
+use roomrouter::load::engine::{OwnCluster, NOT_SENT, NO_ANSWER, TIMEOUT};
 use roomrouter::load::{run, ClusterSpec, Dist, LoadConfig, LoadReport, WorkloadSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -147,22 +147,26 @@ async fn health_probes_cut_the_joins_a_redirect_mode_router_sends_to_a_dead_node
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_independent_routers_split_rooms_and_the_detector_says_so() {
     // Each router has its own memory store and its own nodes: the same room gets a node from
-    // each, which is exactly a split room.
-    let a = redirect_cluster().await;
-    let b = redirect_cluster().await;
+    // each, which is exactly a split room. The detector knows a node by its id, so the two
+    // clusters' nodes have ids of their own.
+    let (a, a_nodes) = cluster(common::config(), &["a-1", "a-2"]).await;
+    let (b, b_nodes) = cluster(common::config(), &["b-1", "b-2"]).await;
     let mut cfg = config(100.0, 1, 10);
     cfg.routers = vec![a.url.clone(), b.url.clone()];
     cfg.follow = false;
-    let r = tokio::time::timeout(Duration::from_secs(30), run(cfg))
-        .await
-        .expect("bounded")
-        .unwrap();
+    let r = bounded(cfg).await;
+    for n in a_nodes.into_iter().chain(b_nodes) {
+        n.stop().await;
+    }
     a.stop().await;
     b.stop().await;
     assert_eq!(r.ok, 100, "{}", r.table());
     assert!(r.split_rooms >= 5, "{}", r.table());
     let s = &r.split_examples[0];
-    assert!(s.nodes.len() >= 2, "{s:?}");
+    assert!(
+        s.nodes.iter().any(|n| n.starts_with("a-")) && s.nodes.iter().any(|n| n.starts_with("b-")),
+        "{s:?}"
+    );
     assert!(r.table().contains("SPLIT"));
 }
 
@@ -196,10 +200,8 @@ async fn a_node_disabled_under_its_participants_shows_as_split() {
         "{:?}",
         r.split_examples
     );
-    assert!(r.split_examples[0]
-        .nodes
-        .iter()
-        .any(|n| n.starts_with("media-1@")));
+    // Named by its id, as the router's answers name it.
+    assert!(r.split_examples[0].nodes.iter().any(|n| n == "media-1"));
 }
 
 /// A redirect-mode cluster of the harness's own: two demo nodes of capacity 1000.
@@ -216,16 +218,24 @@ async fn bounded(cfg: LoadConfig) -> LoadReport {
         .unwrap()
 }
 
-/// A proxy-mode router (see `common::proxy_config`) with demo nodes `ids` of capacity 1000.
-async fn proxy_cluster(
+/// A router of config `c` with demo nodes `ids` of capacity 1000.
+async fn cluster(
+    c: roomrouter::config::Config,
     ids: &[&str],
 ) -> (common::TestRouter, Vec<roomrouter::demo::node::DemoNode>) {
-    let r = common::TestRouter::start(common::proxy_config()).await;
+    let r = common::TestRouter::start(c).await;
     let mut nodes = Vec::new();
     for id in ids {
         nodes.push(r.node(id, 1000.0).await);
     }
     (r, nodes)
+}
+
+/// A proxy-mode router (see `common::proxy_config`) with demo nodes `ids` of capacity 1000.
+async fn proxy_cluster(
+    ids: &[&str],
+) -> (common::TestRouter, Vec<roomrouter::demo::node::DemoNode>) {
+    cluster(common::proxy_config(), ids).await
 }
 
 /// One proxy-mode run of 2 s against one router with two nodes; participants stay 0.3 s on
@@ -324,20 +334,9 @@ async fn scripted(delay: Duration, hang_first: bool) -> Scripted {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    // One request head (GETs carry no body).
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let mut chunk = [0u8; 2048];
-                        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
-                            .await
-                        {
-                            Ok(Ok(n)) if n > 0 && buf.len() + n <= 16 * 1024 => {
-                                buf.extend_from_slice(&chunk[..n])
-                            }
-                            _ => return,
-                        }
+                    if !read_head(&mut conn, &mut buf).await {
+                        return;
                     }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    buf.drain(..end);
                     if hang_first && requests.fetch_add(1, Ordering::SeqCst) == 0 {
                         // No answer: wait for the client to give up and close.
                         let mut chunk = [0u8; 64];
@@ -356,6 +355,96 @@ async fn scripted(delay: Duration, hang_first: bool) -> Scripted {
         }
     });
     Scripted { url, task }
+}
+
+/// Reads one request head (GETs carry no body) from `conn` into `buf` and takes it out;
+/// `false` if the client closed, 10 s passed without a byte, or the head is over 16 KiB.
+async fn read_head(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 2048];
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 && buf.len() + n <= 16 * 1024 => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    buf.drain(..end);
+    true
+}
+
+/// A stand-in proxy-mode router whose answers stall: each request gets a `200` head naming
+/// node `media-1` with a 100-byte body, of which only 10 bytes come; then nothing until
+/// the client closes (or 10 s). Bounded: at most 100 connections.
+async fn stalled_body() -> Scripted {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        for _ in 0..100 {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if !read_head(&mut conn, &mut buf).await {
+                    return;
+                }
+                let answer = "HTTP/1.1 200 OK\r\nx-room-node: media-1\r\ncontent-length: 100\r\n\r\n0123456789";
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut chunk = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await;
+            });
+        }
+    });
+    Scripted { url, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_whose_answer_body_stalls_past_the_timeout_is_a_timeout_not_an_answer() {
+    // 5 joins; each answer's head comes at once, its body never ends: with a 1 s timeout,
+    // every join times out. None is an answer, none enters the latency figures or the split
+    // detector as a node's join, and the latency says it misses them.
+    let server = stalled_body().await;
+    let mut cfg = config(5.0, 1, 10);
+    cfg.routers = vec![server.url.clone()];
+    cfg.follow = false;
+    cfg.timeout = Duration::from_secs(1);
+    let r = bounded(cfg).await;
+    assert_eq!(r.scheduled, 5, "{}", r.table());
+    assert_eq!(r.completed, 5, "{}", r.table());
+    assert_eq!(r.errors.get(TIMEOUT), Some(&5), "{}", r.table());
+    assert_eq!((r.ok, r.answered, r.timed_out), (0, 0, 5), "{}", r.table());
+    assert_eq!(r.latency_us.count, 0, "{}", r.table());
+    assert_eq!(r.node_joins, 0, "{}", r.table());
+    assert!(!r.latency_complete, "{}", r.table());
+}
+
+/// A proxy-mode router takes each client connection for one participant: a connection's
+/// second request for a room it joined is that participant's session, never refused. The
+/// harness's participants are different users, so each join is on a connection of its own:
+/// one room on a node of capacity 5, 40 joins that all stay, one decision in flight at a
+/// time (a shared keep-alive connection would carry them all): the node fills up and
+/// refuses the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_joins_are_each_a_participant_and_a_full_node_refuses_them() {
+    let mut cfg = config(20.0, 2, 1);
+    cfg.cluster.mode = FrontDoorMode::Proxy;
+    cfg.cluster.nodes = 1;
+    cfg.cluster.capacity = Some(5.0);
+    cfg.connections = 1;
+    cfg.workload.stay = Dist::Fixed { value: 60.0 };
+    let r = bounded(cfg).await;
+    assert_eq!(r.scheduled, 40, "{}", r.table());
+    assert_eq!(r.completed, 40, "{}", r.table());
+    let full = r.errors.get("503 node_full").copied().unwrap_or(0);
+    assert!(full >= 30, "{}", r.table());
+    assert_eq!(r.ok + full, 40, "{}", r.table());
+    assert!(r.ok <= 6, "{}", r.table());
+    assert_eq!(r.node_joins, r.ok, "{}", r.table());
+    let u = r.utilization.as_ref().expect("sampled the demo node");
+    assert!(u.peak_max <= 1.2, "{}", r.table());
+    assert_eq!(r.split_rooms, 0, "{}", r.table());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

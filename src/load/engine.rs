@@ -22,9 +22,26 @@
 //! through the same router the way the join went (`POST {router}{--path}/leave`, proxied to
 //! the room's node: the router counts it as a join of a new connection, so it adds to the
 //! node's `pending` until its next heartbeat, and is refused at `join_limit`).
+//!
+//! Connections: a proxy-mode router takes a client connection for one participant (with
+//! `proxy.one_join_per_connection`, its default, a connection's later requests for a room it
+//! joined are that participant's session: not counted, not refused when the node is full).
+//! So every request the harness sends to a proxy-mode router (each join, and each leave
+//! through the router) goes on a connection of its own, closed after its answer, as
+//! different users' requests would; a join that reused another participant's connection
+//! would not be a join to the router. A redirect decision marks no connection, so joins to a
+//! redirect-mode router share a keep-alive pool. The self-started cluster's mode is known; an
+//! external router's is learned from its answers (a redirect: redirect mode; a proxied
+//! `2xx`: proxy mode), and until one comes its joins go on connections of their own too (the
+//! pool is empty at the start anyway).
+//!
+//! A join counts as answered once its whole answer is read within `--timeout` (as in
+//! [`rate`](super::rate)): an answer whose body stalls past the timeout is a `timeout`
+//! (missing from the latency figures, which the report then flags), one whose body fails or
+//! is over [`ANSWER_MAX`] is the error [`BODY_FAILED`] or [`BODY_TOO_LARGE`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,8 +70,14 @@ const DIRECTORY_REFRESH: Duration = Duration::from_secs(1);
 /// Error keys of the joins the hard stop dropped.
 pub const NOT_SENT: &str = "not sent by the hard stop";
 pub const NO_ANSWER: &str = "no answer by the hard stop";
-/// Error key of a join with no answer within `--timeout` (in both modes).
+/// Error key of a join with no whole answer (head and body) within `--timeout` (in both
+/// modes).
 pub const TIMEOUT: &str = "timeout";
+/// Error key of a join whose answer's head came but whose body failed (the connection reset
+/// or closed mid-body, say).
+pub const BODY_FAILED: &str = "answer body failed";
+/// Error key of a join whose answer's body was longer than [`ANSWER_MAX`].
+pub const BODY_TOO_LARGE: &str = "answer body too large";
 /// Node error key of a leave the node answered `404` (it holds nobody of the room).
 pub const LEAVE_404: &str = "leave 404";
 
@@ -195,16 +218,15 @@ impl OwnCluster {
     }
 
     /// Kills the oldest node (it stops answering and heartbeating at once); returns its
-    /// [`node_key`] as the harness sees it in this mode's answers (a proxied answer names
-    /// the node, a redirect also says where it is).
+    /// [`node_key`] as the harness sees it in the router's answers (which name the node in
+    /// either mode).
     pub fn kill_first(&mut self) -> Option<String> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         if nodes.is_empty() {
             return None;
         }
         let (node, _) = nodes.remove(0);
-        let location = (self.mode == FrontDoorMode::Redirect).then_some(node.url.as_str());
-        let key = node_key(Some(&node.id), location);
+        let key = node_key(Some(&node.id), Some(&node.url));
         node.kill();
         key
     }
@@ -288,9 +310,22 @@ struct Progress {
     p99_us: AtomicU64,
 }
 
+/// What the harness knows of a router's front-door mode (see the module documentation).
+const MODE_UNKNOWN: u8 = 0;
+const MODE_REDIRECT: u8 = 1;
+const MODE_PROXY: u8 = 2;
+
 struct Ctx {
+    /// Keep-alive connections, pooled: joins to a redirect-mode router, the nodes, and
+    /// `GET /v1/nodes`.
     client: reqwest::Client,
+    /// A connection of its own for each request, closed after its answer: joins to a
+    /// proxy-mode router (or one whose mode is not known yet) and leaves through it, each a
+    /// participant of its own to the router.
+    fresh: reqwest::Client,
     routers: Vec<String>,
+    /// Per router: its front-door mode as far as the harness knows (`MODE_*`).
+    modes: Vec<AtomicU8>,
     /// Per router: its nodes' URLs, when an admin token lets the harness ask.
     directories: Vec<Option<NodeDirectory>>,
     rooms: Vec<String>,
@@ -304,6 +339,26 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The client for a join through router `i`: the pool for a redirect-mode router, else
+    /// a connection of the join's own (see the module documentation).
+    fn join_client(&self, i: usize) -> &reqwest::Client {
+        match self.modes[i % self.modes.len()].load(Ordering::Relaxed) {
+            MODE_REDIRECT => &self.client,
+            _ => &self.fresh,
+        }
+    }
+
+    /// Router `i` answered a join the way a router in `mode` does: the first such answer
+    /// settles what the harness knows of it (a router's mode does not change in a run).
+    fn learn_mode(&self, i: usize, mode: u8) {
+        let _ = self.modes[i % self.modes.len()].compare_exchange(
+            MODE_UNKNOWN,
+            mode,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     fn was_killed(&self, node: &str) -> bool {
         self.killed
             .lock()
@@ -448,17 +503,35 @@ fn base_of(location: &str) -> Option<String> {
     })
 }
 
-/// How the detector names a node: `id@host:port` from `X-Room-Node` and the redirect's
-/// target, so equal ids of independent clusters stay apart; either part alone if that is all
-/// there is (proxy mode has no `Location`).
+/// How the detector names a node: its id from `X-Room-Node` when the answer names one, so a
+/// redirect to a node (which also says where it is) and a proxied answer from it (which only
+/// names it) are the same node, as they are to the routers (a node's id is its identity in
+/// the cluster, its registered URL an attribute). Only without an id, the `host:port` of the
+/// redirect's target. Independent clusters whose nodes share ids are therefore told apart
+/// only by giving their nodes different ids.
 pub fn node_key(id: Option<&str>, location: Option<&str>) -> Option<String> {
-    let addr = location
+    if let Some(id) = id {
+        return Some(id.to_string());
+    }
+    location
         .and_then(|l| url::Url::parse(l).ok())
-        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
-    match (id, addr) {
-        (Some(id), Some(a)) => Some(format!("{id}@{a}")),
-        (Some(id), None) => Some(id.to_string()),
-        (None, a) => a,
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+}
+
+/// The error key of a join whose answer's body could not be read (see [`TIMEOUT`],
+/// [`BODY_FAILED`], [`BODY_TOO_LARGE`]).
+fn body_failure(e: &capped::CappedError) -> &'static str {
+    match e {
+        capped::CappedError::Body(b) if b.is::<http_body_util::LengthLimitError>() => {
+            BODY_TOO_LARGE
+        }
+        capped::CappedError::Body(b)
+            if b.downcast_ref::<reqwest::Error>()
+                .is_some_and(reqwest::Error::is_timeout) =>
+        {
+            TIMEOUT
+        }
+        _ => BODY_FAILED,
     }
 }
 
@@ -481,7 +554,7 @@ async fn one_join(
 ) {
     let url = ctx.join_url(i, &join);
     let sent = Instant::now();
-    let resp = ctx.client.get(&url).send().await;
+    let resp = ctx.join_client(i).get(&url).send().await;
     // Latency counts from the planned time, or from the send if the timer woke early.
     let origin = planned.min(sent);
     let (outcome, code, node_id, location) = match resp {
@@ -496,15 +569,25 @@ async fn one_join(
             let node = header("x-room-node");
             let location = header("location");
             let ok = (200..400).contains(&status);
-            let body = capped::bytes(r, ANSWER_MAX).await.unwrap_or_default();
-            let code = if ok {
-                None
-            } else {
-                serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_string))
-            };
-            (Ok(status), code, node, location)
+            // The answer is in once its body is: a body that stalls past the timeout, fails
+            // or is too long is an error, not an answer (as in `rate`). The client's own
+            // timeout covers the body too; this deadline does not depend on it.
+            let body =
+                tokio::time::timeout_at(sent + ctx.cfg.timeout, capped::bytes(r, ANSWER_MAX)).await;
+            match body {
+                Ok(Ok(body)) => {
+                    let code = if ok {
+                        None
+                    } else {
+                        serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["error"].as_str().map(str::to_string))
+                    };
+                    (Ok(status), code, node, location)
+                }
+                Ok(Err(e)) => (Err(body_failure(&e)), None, None, None),
+                Err(_) => (Err(TIMEOUT), None, None, None),
+            }
         }
         Err(e) => (Err(transport_kind(&e)), None, None, None),
     };
@@ -515,6 +598,11 @@ async fn one_join(
     let proxied = matches!(outcome, Ok(s) if (200..300).contains(&s))
         && location.is_none()
         && node_id.is_some();
+    if proxied {
+        ctx.learn_mode(i, MODE_PROXY);
+    } else if matches!(outcome, Ok(s) if (300..400).contains(&s)) && location.is_some() {
+        ctx.learn_mode(i, MODE_REDIRECT);
+    }
     let node = node_key(node_id.as_deref(), location.as_deref());
     let _ = ctx.events.send(Event::Decided {
         room: join.room,
@@ -596,7 +684,9 @@ async fn leave(
         (None, Some(dir), Some(id)) => dir.url_of(&ctx.client, &id).await,
         _ => None,
     };
-    let through_router = |ctx: &Ctx| ctx.client.post(ctx.router_leave_url(i, room)).send();
+    // On a connection of its own, as the participant's join went: the router counts it as a
+    // join (see the module documentation).
+    let through_router = |ctx: &Ctx| ctx.fresh.post(ctx.router_leave_url(i, room)).send();
     let (mut resp, mut via_router) = match &direct {
         Some(base) => {
             let url = format!("{base}/rooms/{}/leave", encoded(&ctx.rooms[room as usize]));
@@ -889,13 +979,28 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         ),
         None => routers.join(", "),
     };
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(cfg.timeout)
-        .pool_max_idle_per_host(cfg.connections)
-        .tcp_nodelay(true)
-        .http1_only()
-        .build()?;
+    let client_with_pool = |max_idle: usize| {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(cfg.timeout)
+            .pool_max_idle_per_host(max_idle)
+            .tcp_nodelay(true)
+            .http1_only()
+            .build()
+    };
+    let client = client_with_pool(cfg.connections)?;
+    // No idle connection kept: each request on a connection of its own.
+    let fresh = client_with_pool(0)?;
+    let modes = routers
+        .iter()
+        .map(|_| {
+            AtomicU8::new(match cluster.as_ref().map(|c| c.mode) {
+                Some(FrontDoorMode::Redirect) => MODE_REDIRECT,
+                Some(FrontDoorMode::Proxy) => MODE_PROXY,
+                None => MODE_UNKNOWN,
+            })
+        })
+        .collect();
 
     let (tx, rx) = mpsc::unbounded_channel();
     let progress = Arc::new(Progress::default());
@@ -921,7 +1026,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         .collect();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
+        fresh,
         routers: routers.clone(),
+        modes,
         directories,
         rooms: schedule.rooms.clone(),
         cfg: cfg.clone(),
@@ -1263,6 +1370,97 @@ mod tests {
         assert_eq!(c.service.len(), 2);
         assert_eq!(c.errors.get("connect"), Some(&1));
         assert_eq!(c.errors.get("503"), Some(&1));
+    }
+
+    #[test]
+    fn a_node_reached_by_a_redirect_and_by_a_proxied_join_is_one_node() {
+        // One room, two routers of a cluster: one redirects to node A (the answer names A
+        // and says where it is), the other carries the join to A (the answer only names it).
+        let redirect =
+            |id: &str| node_key(Some(id), Some("http://127.0.0.1:4001/rooms/r?ticket=t")).unwrap();
+        let proxied = |id: &str| node_key(Some(id), None).unwrap();
+        assert_eq!(redirect("A"), proxied("A"));
+        for follow in [false, true] {
+            let events = |second: &str| {
+                let mut v = vec![decided(0, Ok(307), &redirect("A"), false)];
+                if follow {
+                    v.push(Event::Joined {
+                        room: 0,
+                        node: redirect("A"),
+                        at: s(10),
+                    });
+                }
+                v.push(decided(0, Ok(200), &proxied(second), true));
+                v
+            };
+            let c = run_collector(events("A"), follow);
+            assert_eq!(c.detector.split_count(), 0, "follow {follow}");
+            assert_eq!(c.ok, 2);
+            // Two different nodes for the room are still a split.
+            let c = run_collector(events("B"), follow);
+            assert_eq!(c.detector.split_count(), 1, "follow {follow}");
+        }
+        // Without an id, the redirect's target is all there is to tell nodes apart.
+        assert_eq!(
+            node_key(None, Some("http://127.0.0.1:4001/rooms/r")).as_deref(),
+            Some("127.0.0.1:4001")
+        );
+        assert_eq!(node_key(None, None), None);
+    }
+
+    /// What `capped::bytes` says, within a client `timeout`, of the body of an answer whose
+    /// head announces `length` bytes, of which a loopback server sends `sent` and then either
+    /// holds the connection (up to 5 s) or closes it.
+    async fn body_read(length: usize, sent: usize, hold: bool) -> &'static str {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            }
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + sent, b'x');
+            let _ = conn.write_all(&answer).await;
+            if hold {
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await;
+            }
+        });
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let r = client
+            .get(format!("http://{addr}/"))
+            .send()
+            .await
+            .expect("the head comes at once");
+        let read = tokio::time::timeout(Duration::from_secs(5), capped::bytes(r, ANSWER_MAX))
+            .await
+            .expect("the client's timeout ends the read");
+        server.abort();
+        match read {
+            Ok(_) => "read",
+            Err(e) => body_failure(&e),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_fails_or_is_too_long_has_its_own_error_key() {
+        assert_eq!(body_read(10, 10, true).await, "read");
+        assert_eq!(body_read(100, 10, true).await, TIMEOUT);
+        assert_eq!(body_read(100, 10, false).await, BODY_FAILED);
+        assert_eq!(
+            body_read(ANSWER_MAX + 1, ANSWER_MAX + 1, true).await,
+            BODY_TOO_LARGE
+        );
     }
 
     #[test]

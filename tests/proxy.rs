@@ -125,6 +125,66 @@ async fn h2_connect(r: &TestRouter) -> hyper::client::conn::http2::SendRequest<E
     h2
 }
 
+/// A node that closes an idle keep-alive connection just as the router reuses it: the
+/// request was written, and no answer comes. A bodiless `GET` (idempotent: the node acting
+/// twice is harmless) is sent again on a new connection and the user gets the answer, on
+/// hyper's path (here HTTP/2) as on the fast path; before, it got a `502`.
+#[tokio::test]
+async fn a_get_on_a_pooled_connection_the_node_closed_is_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Bounded: a few connections, a few requests each, reads of at most 5 s; aborted at the
+    // end. The first connection answers one request and closes on reading the second.
+    let node = tokio::spawn(async move {
+        for n in 0..4 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for i in 0..10 {
+                    loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            break;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(k)) if k > 0 => buf.extend_from_slice(&chunk[..k]),
+                            _ => return,
+                        }
+                    }
+                    if n == 0 && i == 1 {
+                        return; // closed under the request
+                    }
+                    let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if sock.write_all(ok.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let r = TestRouter::start(one_loop(proxy_config())).await;
+    let hb = serde_json::json!({"url": url, "capacity": 100, "load": 0});
+    assert_eq!(heartbeat(&r, "n1", hb).await.status(), 200);
+    let mut h2 = h2_connect(&r).await;
+    for i in 0..2 {
+        let req = Request::get(format!("http://{}/rooms/keepalive", r.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok", "request {i}");
+    }
+    r.stop().await;
+    node.abort();
+}
+
 /// A node known by name (`http://localhost:PORT`) is reached on every path: the fast path,
 /// hyper (HTTP/2) and a WebSocket upgrade, each looking the name up through the router's
 /// resolver.

@@ -264,7 +264,12 @@ impl Proxy {
     }
 
     /// Sends `req` on a lane to `upstream` and waits for the response head. A pooled lane
-    /// that turns out closed before the request was written is replaced by a new one, once.
+    /// that turns out closed before it answered is replaced by a new one, once, if the node
+    /// cannot have acted on the request (it was not written: hyper hands it back) or acting
+    /// twice is harmless (a bodiless request of an idempotent method, RFC 9110 section
+    /// 9.2.2, whose head is kept for the purpose), as on the fast path. A node that closes
+    /// idle connections (a keep-alive timeout of a few seconds is common) otherwise cost a
+    /// user a `502` whenever its close crossed a request on the wire.
     async fn exchange(
         &self,
         shard: usize,
@@ -272,15 +277,20 @@ impl Proxy {
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, Box<Lane>), LaneError> {
         let mut lane = self.lanes.get(shard, upstream).await?;
+        let again = (lane.reused() && req.body().is_end_stream() && req.method().is_idempotent())
+            .then(|| bodiless_copy(&req));
+        let req = match (lane.exchange(req).await, again) {
+            (Ok(resp), _) => return Ok((resp, lane)),
+            (Err((_, Some(req))), _) if lane.reused() => req,
+            (Err((e, None)), Some(again)) if closed_before_answer(&e) => {
+                tracing::debug!(error = %e, "a pooled node connection closed under a request; sending it again");
+                again
+            }
+            (Err((e, _)), _) => return Err(LaneError::Exchange(e)),
+        };
+        let mut lane = self.lanes.connect(shard, upstream).await?;
         match lane.exchange(req).await {
             Ok(resp) => Ok((resp, lane)),
-            Err((_, Some(req))) if lane.reused() => {
-                let mut lane = self.lanes.connect(shard, upstream).await?;
-                match lane.exchange(req).await {
-                    Ok(resp) => Ok((resp, lane)),
-                    Err((e, _)) => Err(LaneError::Exchange(e)),
-                }
-            }
             Err((e, _)) => Err(LaneError::Exchange(e)),
         }
     }
@@ -552,6 +562,25 @@ fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A copy of bodiless `req`'s head, to send again.
+fn bodiless_copy(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether an exchange failed because the connection ended (closed or reset) before any
+/// answer came, rather than on an answer the node got wrong.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    e.is_incomplete_message()
+        || e.is_closed()
+        || e.is_canceled()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
 }
 
 /// A request whose body is in a transfer coding besides chunked (`gzip, chunked`), which

@@ -768,8 +768,10 @@ impl<S: PinStore> Router<S> {
             && !self.tickets_may_arrive(id, now).await?
         {
             self.cluster.remove(id);
-            self.store
-                .share_node(NodeUpdate::Removed { id: id.to_string() });
+            self.store.share_node(NodeUpdate::Removed {
+                id: id.to_string(),
+                at: now,
+            });
             tracing::info!(node = %id, "drained node reported no rooms; removed");
         } else if self.store.shared() {
             // Built only for a store that tells other routers: it copies every room's name.
@@ -1061,8 +1063,10 @@ impl<S: PinStore> Router<S> {
     pub fn remove_node(&self, id: &NodeId) -> bool {
         let gone = self.cluster.remove(id).is_some();
         if gone {
-            self.store
-                .share_node(NodeUpdate::Removed { id: id.to_string() });
+            self.store.share_node(NodeUpdate::Removed {
+                id: id.to_string(),
+                at: self.clock.now(),
+            });
             tracing::info!(node = %id, "node removed");
         }
         gone
@@ -1071,7 +1075,9 @@ impl<S: PinStore> Router<S> {
     /// Admin: register or update a node by hand.
     pub fn put_node(&self, id: &NodeId, info: NodeInfo) -> Upsert {
         let wire = WireInfo::from(&info);
-        let outcome = self.cluster.upsert(id, info, true).0;
+        let (outcome, entry) = self.cluster.upsert(id, info, true);
+        // A removal another router decided before now is older news here (`NodeSync::apply`).
+        entry.live.note_registered(self.clock.now());
         self.store.share_node(NodeUpdate::Put {
             id: id.to_string(),
             info: wire,

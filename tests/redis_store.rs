@@ -2443,3 +2443,88 @@ async fn a_drained_node_is_kept_while_another_routers_ticket_may_still_reach_it(
     b.stop().await;
     cleanup(&url, &p).await;
 }
+
+/// Redis is down; router A removes n1 (an admin's DELETE) and keeps the removal to write it
+/// once Redis is back; n1 restarts and heartbeats to both routers (A adds it again). The
+/// removal A writes back is older than n1's newest report: router B keeps n1, rather than
+/// dropping a node that hosts rooms (whose next joins would then place them again elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_kept_through_an_outage_does_not_drop_a_node_that_came_back() {
+    let Some(mut redis) = private_redis_for("stale_removal") else {
+        return;
+    };
+    let p = prefix("staleremoval");
+    let cfg = config(&redis.url(), &p);
+    // Router A reaches Redis through a door the test opens only once router B is back, so
+    // that B is listening when A writes back what it kept.
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let mut cfg_a = cfg.clone();
+    cfg_a.store.url = format!("redis://{}", door.addr);
+    let a = serve(cfg_a).await;
+    let b = serve(cfg).await;
+    let c = client();
+    let n1 = node("n1");
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async { b.healthy_nodes() == 1 }).await,
+        "router B heard of n1"
+    );
+    door.cut();
+    redis.stop();
+    expect_health(
+        a.app.router.store(),
+        false,
+        Duration::from_secs(5),
+        "A down",
+    )
+    .await;
+    expect_health(
+        b.app.router.store(),
+        false,
+        Duration::from_secs(5),
+        "B down",
+    )
+    .await;
+    let r = c
+        .delete(format!("{}/v1/nodes/n1", a.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "DELETE n1: {}", r.status());
+    assert!(a.app.router.node(&n1).is_none());
+    // n1 comes back (a later millisecond than its removal) and reports to both routers.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+    assert!(a.app.router.node(&n1).is_some(), "A took n1 back");
+    redis.restart();
+    expect_health(
+        b.app.router.store(),
+        true,
+        Duration::from_secs(15),
+        "B back",
+    )
+    .await;
+    door.restore();
+    expect_health(
+        a.app.router.store(),
+        true,
+        Duration::from_secs(15),
+        "A back",
+    )
+    .await;
+    // Whatever A wrote back has reached B by now; B keeps n1 all along.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert!(
+            b.app.router.node(&n1).is_some(),
+            "router B dropped n1 after {:?} on a removal older than its report",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.app.router.node(&n1).is_some());
+    a.stop().await;
+    b.stop().await;
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use redis_support::*;
 use roomrouter::cluster::{Live, NodeId};
+use roomrouter::store::{PinStore, StoreHealth};
 
 /// `share`: `placement.share_reservations` as the file would set it (`None`: not set).
 fn config_sharing(url: &str, prefix: &str, share: Option<bool>) -> roomrouter::config::Config {
@@ -257,4 +258,46 @@ async fn a_reservation_is_released_when_another_router_hears_its_room_ended() {
     a.stop().await;
     b.stop().await;
     cleanup(&url, &p).await;
+}
+
+/// Redis goes away, and with it every word of the other routers: what they had reserved
+/// before (router A's, which has stopped meanwhile) is forgotten after a full re-sync
+/// interval all the same, rather than counting on the nodes for as long as the outage lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_routers_reservation_is_forgotten_during_a_redis_outage_too() {
+    let Some(mut redis) = private_redis_for("reserved_outage") else {
+        return;
+    };
+    let c = client();
+    let p = prefix("reserved-outage");
+    let (a, b) = pair(&redis.url(), &p, None).await;
+    assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            others_reserved(&b, "n1") == 5_000.0
+        })
+        .await,
+        "router B sees A's reservation: {}",
+        others_reserved(&b, "n1")
+    );
+    redis.stop();
+    a.stop().await;
+    // n1 keeps heartbeating router B directly; B hears nothing from A (nor from Redis).
+    let start = std::time::Instant::now();
+    let mut forgotten = false;
+    while start.elapsed() < Duration::from_secs(5) && !forgotten {
+        heartbeat(&c, &b.base(), "n1", 0.0, &[]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        forgotten = others_reserved(&b, "n1") == 0.0;
+    }
+    assert!(
+        b.app.router.store().health() != StoreHealth::Ok,
+        "Redis is still away for router B"
+    );
+    assert!(
+        forgotten,
+        "router B forgot the silent router's reservation during the outage: {}",
+        others_reserved(&b, "n1")
+    );
+    b.stop().await;
 }

@@ -151,6 +151,11 @@ pub struct Live {
     /// newer, relayed again by another router or the store's re-sync, must not bring the
     /// node back.
     forgotten: AtomicU64,
+    /// When this router last had word of the node itself, ms since epoch (0 = never): its
+    /// newest report (its own heartbeat or one another router relayed) or this router's
+    /// admin registering it. Unlike `last_heartbeat`, never moved by a hold (a store outage, a pause
+    /// of the router): a removal decided before it is stale ([`Live::last_word`]).
+    last_word: AtomicU64,
     /// Proxy mode: how long the node took to answer
     /// (`roomrouter_proxy_upstream_response_seconds`). Last, so the new-room pass's cache
     /// line stays as it was.
@@ -234,6 +239,22 @@ impl Live {
             .store(state_to(own_state), Ordering::Relaxed);
         self.pending_milli.store(0, Ordering::Relaxed);
         self.last_heartbeat.store(now.max(1), Ordering::Release);
+        self.last_word.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// This router's admin registered (or updated) the node by hand at `at`: word of the
+    /// node, as a report is ([`Live::last_word`]). (Another router's registration, relayed,
+    /// carries no time, and the re-sync reads it again at every interval: it does not count.)
+    pub fn note_registered(&self, at: Millis) {
+        self.last_word.fetch_max(at, Ordering::AcqRel);
+    }
+
+    /// The newest report of the node this router has had (its own heartbeat or a relayed
+    /// one, kept or forgotten since) or this router's admin registering it, whichever is later;
+    /// 0 if none. Times a hold gave the heartbeat ([`Live::hold_heartbeat`]) do not count:
+    /// they are no word from the node. A removal decided before it is older news.
+    pub fn last_word(&self) -> Millis {
+        self.last_word.load(Ordering::Acquire)
     }
 
     /// Keeps the node counted as heard from at `at` without a report (load, pending and
@@ -247,8 +268,14 @@ impl Live {
     /// backwards, the times taken before the step lie in the future and would keep the node
     /// healthy until the clock caught up with them, whether it still reports or not. The
     /// sweep calls it, so a step costs at most a sweep interval on top of the timeout.
+    /// The forgotten heartbeat and the last word of the node come back too: left in the
+    /// future, they would have every relayed report refused as old news
+    /// ([`Live::newest_report`]), and every removal ignored as older than the node's last
+    /// word, until the clock caught up with them.
     pub fn clamp_heartbeat(&self, now: Millis) {
         self.last_heartbeat.fetch_min(now.max(1), Ordering::AcqRel);
+        self.forgotten.fetch_min(now, Ordering::AcqRel);
+        self.last_word.fetch_min(now, Ordering::AcqRel);
     }
 
     /// Marks the node as not heard from (used by tests and by passive and active health

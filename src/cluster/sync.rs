@@ -5,14 +5,17 @@
 //! to its store ([`crate::store::PinStore::share_node`]); a shared store (Redis) writes it
 //! down and publishes it, and every other router applies it with [`NodeSync::apply`]. Applying is
 //! idempotent and never moves a node's heartbeat time backwards, so duplicates, reorderings
-//! and the periodic full re-sync are harmless.
+//! and the periodic full re-sync are harmless. A removal carries the time it was decided,
+//! and one older than the newest word this router has of the node (a report made since, an
+//! admin's registration) is old news and leaves the node in: a removal kept through a Redis
+//! outage and written back after the node came back must not drop it everywhere.
 //!
 //! With `placement.share_reservations`, routers also tell each other how much each has
 //! reserved on each node for new rooms ([`NodeUpdate::Reserved`], the sender's whole amount,
 //! not a change, so a lost message is made good by the next). [`NodeSync`] keeps them by node
 //! and router and counts their sum in the node's utilization; a router that stops saying
-//! anything (stopped, cut off) is forgotten after a full re-sync interval
-//! ([`NodeSync::expire_reserved`]).
+//! anything (stopped, cut off, or unheard because Redis itself is unreachable) is forgotten
+//! after a full re-sync interval ([`NodeSync::expire_reserved`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,7 +91,15 @@ pub enum NodeUpdate {
     /// An admin drained, disabled or enabled the node.
     Admin { id: String, state: AdminState },
     /// The node left (admin, node, or drained and empty).
-    Removed { id: String },
+    Removed {
+        id: String,
+        /// When the removing router decided it (its clock, ms since epoch). A removal written
+        /// late (kept through a Redis outage, then written back) is older than a report the
+        /// node made since, when it came back: [`NodeSync::apply`] leaves such a node in.
+        /// (0 from routers that predate it: applied as before, whatever the node said since.)
+        #[serde(default)]
+        at: Millis,
+    },
     /// Router `router` now holds `reserved_milli` load units (x1000) reserved on the node
     /// for new rooms' expected sizes (its whole amount there; 0 releases it). `at` orders one
     /// router's messages (its clock, ms since epoch).
@@ -132,7 +143,7 @@ impl NodeUpdate {
             NodeUpdate::Report { id, .. }
             | NodeUpdate::Put { id, .. }
             | NodeUpdate::Admin { id, .. }
-            | NodeUpdate::Removed { id }
+            | NodeUpdate::Removed { id, .. }
             | NodeUpdate::Reserved { id, .. } => id,
         }
     }
@@ -233,7 +244,7 @@ impl NodeSync {
             NodeUpdate::Admin { id, state } => {
                 self.admin.insert(id.clone(), *state);
             }
-            NodeUpdate::Removed { id } => self.note_removed(id, now),
+            NodeUpdate::Removed { id, .. } => self.note_removed(id, now),
             _ => {}
         }
     }
@@ -241,6 +252,26 @@ impl NodeSync {
     fn note_removed(&self, id: &str, now: Millis) {
         if self.removed.len() < MAX_REMOVED || self.removed.contains_key(id) {
             self.removed.insert(id.to_string(), now);
+        }
+    }
+
+    /// Brings removal times later than `now` back to `now`: after the wall clock steps
+    /// backwards, a removal stamped before the step would have every report of the node
+    /// refused as sent before it until the clock caught up with it. Called with the sweep's
+    /// clamp of heartbeat times ([`super::Live::clamp_heartbeat`]; a shared store's
+    /// `sweep_idle`).
+    pub fn clamp_removed(&self, now: Millis) {
+        // Read first: without a step (the common case) nothing is written.
+        let ahead: Vec<String> = self
+            .removed
+            .iter()
+            .filter(|r| *r.value() > now)
+            .map(|r| r.key().clone())
+            .collect();
+        for id in ahead {
+            if let Some(mut r) = self.removed.get_mut(&id) {
+                *r = (*r).min(now);
+            }
         }
     }
 
@@ -434,6 +465,8 @@ impl NodeSync {
             NodeUpdate::Put { info, .. } => match info.to_info() {
                 Some(info) => {
                     let (outcome, entry) = cluster.upsert(&id, info, true);
+                    // Not word of the node by a time (`Live::last_word`): a put carries none,
+                    // and the re-sync reads the stored one again at every interval.
                     if outcome == Upsert::Added {
                         self.added(&id, &entry);
                     }
@@ -446,7 +479,20 @@ impl NodeSync {
                 cluster.set_admin_state(&id, *state);
                 true
             }
-            NodeUpdate::Removed { .. } => {
+            NodeUpdate::Removed { at, .. } => {
+                // Decided before the newest word this router has of the node (a report made
+                // after it, or a registration): the node came back meanwhile, and the
+                // removal is old news (written back after a Redis outage, say). Taking it
+                // would drop a node that hosts rooms, and their next joins would place them
+                // again elsewhere. Held heartbeat times do not count (`Live::last_word`).
+                if *at > 0
+                    && cluster
+                        .snapshot()
+                        .get(&id)
+                        .is_some_and(|e| e.live.last_word() > *at)
+                {
+                    return false;
+                }
                 // The node's admin state stays (`self.admin`, and the cluster keeps it too):
                 // a node that comes back is still drained or disabled until an admin enables it.
                 if let Ok(mut r) = self.reserved.lock() {
@@ -494,6 +540,14 @@ mod tests {
             at,
             rooms: Some(vec!["r1".into()]),
             counts: Some(vec![("r1".into(), 4)]),
+        }
+    }
+
+    /// n1's removal, decided at `at`.
+    fn removed(at: Millis) -> NodeUpdate {
+        NodeUpdate::Removed {
+            id: "n1".into(),
+            at,
         }
     }
 
@@ -591,7 +645,7 @@ mod tests {
             c.snapshot().get(&id).unwrap().live.effective_state(),
             AdminState::Disabled
         );
-        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, 2_000));
+        assert!(s.apply(&c, &removed(2_000), 2_000));
         assert!(c.snapshot().get(&id).is_none());
         // Back after its removal: still disabled, until an admin enables it.
         s.apply(&c, &report(3000, 0.0), NOW);
@@ -651,7 +705,7 @@ mod tests {
         }
         assert_eq!(live.others_reserved_units(), 1.0);
         // A removed node's reservations are forgotten with it.
-        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, NOW));
+        assert!(s.apply(&c, &removed(NOW), NOW));
         assert_eq!(s.others_reserved_milli("n1"), 0);
     }
 
@@ -720,8 +774,8 @@ mod tests {
         let s = NodeSync::new(MAX_AHEAD);
         let id = NodeId::parse("n1").unwrap();
         assert!(s.apply(&c, &report(8_000, 0.0), 8_500));
-        let removed = NodeUpdate::Removed { id: "n1".into() };
-        assert!(s.apply(&c, &removed, 9_000));
+        let gone = removed(9_000);
+        assert!(s.apply(&c, &gone, 9_000));
         // Another router's report, sent before the removal, arrives (or is re-read) after it.
         assert!(!s.apply(&c, &report(8_900, 0.0), NOW));
         assert!(c.snapshot().get(&id).is_none(), "no ghost");
@@ -730,7 +784,7 @@ mod tests {
         assert!(c.snapshot().get(&id).is_some());
         // This router's own removal counts too.
         c.remove(&id);
-        s.own(&removed, 9_800);
+        s.own(&gone, 9_800);
         assert!(!s.apply(&c, &report(9_700, 0.0), NOW));
         assert!(c.snapshot().get(&id).is_none());
     }
@@ -754,9 +808,115 @@ mod tests {
         c.set_admin_state(&id, AdminState::Disabled);
         s.own(&disabled, NOW);
         // n1 leaves and comes back.
-        assert!(s.apply(&c, &NodeUpdate::Removed { id: "n1".into() }, 2_000));
+        assert!(s.apply(&c, &removed(2_000), 2_000));
         assert!(s.apply(&c, &report(3_000, 0.0), NOW));
         let e = c.snapshot().get(&id).cloned().unwrap();
         assert_eq!(e.live.admin_state(), AdminState::Disabled);
+    }
+
+    #[test]
+    fn a_removal_older_than_the_nodes_newest_report_leaves_it_in() {
+        // Router A removed n1 at 9 000 during a Redis outage and kept the removal; n1 came
+        // back and reported at 9 500; A writes the removal back once Redis returns.
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(9_500, 0.0), 9_600));
+        assert!(!s.apply(&c, &removed(9_000), NOW), "old news");
+        let e = c.snapshot().get(&id).cloned().expect("n1 stays");
+        assert_eq!(e.live.last_heartbeat(), Some(9_500));
+        // Its reports are still taken: no removal time was noted.
+        assert!(s.apply(&c, &report(9_700, 0.0), NOW));
+        // A heartbeat time held through an outage is no word from the node: a removal
+        // decided after its last report takes it out.
+        e.live.hold_heartbeat(9_950);
+        assert!(s.apply(&c, &removed(9_900), NOW));
+        assert!(c.snapshot().get(&id).is_none());
+    }
+
+    #[test]
+    fn a_removal_older_than_this_routers_registration_leaves_the_node_in() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        // Another router's registration carries no time, and the re-sync applies the stored
+        // one again at every interval: it is not word of the node after a removal.
+        let put = NodeUpdate::Put {
+            id: "n1".into(),
+            info: info(100.0),
+        };
+        assert!(s.apply(&c, &put, 9_000));
+        assert!(s.apply(&c, &removed(8_000), NOW));
+        assert!(c.snapshot().get(&id).is_none());
+        // This router's admin registers it at 9 000 (`Router::put_node`): a removal
+        // another router decided before is old news, one decided after is not.
+        let (_, e) = c.upsert(&id, info(100.0).to_info().unwrap(), true);
+        e.live.note_registered(9_000);
+        assert!(!s.apply(&c, &removed(8_500), NOW));
+        assert!(c.snapshot().get(&id).is_some());
+        assert!(s.apply(&c, &removed(9_500), NOW));
+        assert!(c.snapshot().get(&id).is_none());
+    }
+
+    #[test]
+    fn a_removal_from_a_router_that_predates_its_time_is_applied_as_before() {
+        let old: NodeUpdate = serde_json::from_str(r#"{"kind":"removed","id":"n1"}"#).unwrap();
+        assert_eq!(old, removed(0));
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        assert!(s.apply(&c, &report(9_500, 0.0), 9_600));
+        assert!(s.apply(&c, &old, NOW));
+        assert!(c.is_empty());
+        // And a router that predates it reads ours (an unknown field is ignored).
+        let ours = serde_json::to_value(removed(9_000)).unwrap();
+        assert_eq!(
+            ours,
+            serde_json::json!({"kind": "removed", "id": "n1", "at": 9_000})
+        );
+    }
+
+    /// An hour: how far the wall clock steps back in the tests below.
+    const HOUR: Millis = 3_600_000;
+
+    #[test]
+    fn a_heartbeat_forgotten_before_a_backward_clock_step_does_not_refuse_later_reports() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(8_000, 0.0), 8_500));
+        let e = c.snapshot().get(&id).cloned().unwrap();
+        // This router's own heartbeat from n1, an hour ahead; a health check then finds it
+        // down; the wall clock steps back an hour and the sweep clamps.
+        e.live
+            .record_report(100.0, 0.0, None, AdminState::Active, HOUR + 8_600);
+        e.live.forget_heartbeat();
+        e.live.clamp_heartbeat(9_000);
+        assert!(
+            s.apply(&c, &report(9_500, 0.0), 9_600),
+            "a report made after the clamp is news"
+        );
+        assert_eq!(e.live.last_heartbeat(), Some(9_500));
+        // Nor does the hour-ahead report outweigh a removal decided after the clamp.
+        assert!(s.apply(&c, &removed(9_550), 9_700));
+        assert!(c.snapshot().get(&id).is_none());
+    }
+
+    #[test]
+    fn a_removal_before_a_backward_clock_step_does_not_refuse_later_reports() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(8_000, 0.0), 8_500));
+        assert!(s.apply(&c, &removed(HOUR + 9_000), HOUR + 9_000));
+        assert!(c.snapshot().get(&id).is_none());
+        // The wall clock steps back an hour; the sweep clamps.
+        s.clamp_removed(9_000);
+        assert!(s.apply(&c, &report(9_500, 0.0), 9_600));
+        assert!(c.snapshot().get(&id).is_some(), "n1 is back");
+        // A report from before the (clamped) removal is still refused.
+        assert!(s.apply(&c, &removed(9_700), 9_700));
+        s.clamp_removed(9_800);
+        assert!(!s.apply(&c, &report(9_650, 0.0), 9_900));
+        assert!(c.snapshot().get(&id).is_none());
     }
 }

@@ -709,6 +709,7 @@ impl RedisStore {
         if inner.sentinels.is_some() {
             tokio::spawn(watch_failovers(inner.clone(), stop_rx.clone()));
         }
+        tokio::spawn(expire_reservations(inner.clone(), stop_rx.clone()));
         tokio::spawn(hold_nodes(inner.clone(), stop_rx));
         Ok(RedisStore { inner, stop })
     }
@@ -2309,9 +2310,8 @@ async fn supervise(
                             if let Err(e) = inner.resync_nodes().await {
                                 tracing::warn!(error = %e, "node table re-sync failed");
                             }
-                            if let Some(cluster) = inner.cluster.get() {
-                                inner.sync.expire_reserved(cluster);
-                            }
+                            // Other routers' reservations expire in `expire_reservations`,
+                            // outages included.
                             let cutoff = inner.last_ts.load(Ordering::Relaxed).saturating_sub(60_000_000);
                             inner.cache.retain(|_, v| v.pin.is_some() || v.ts == 0 || v.ts > cutoff);
                         }
@@ -2431,17 +2431,56 @@ async fn node_writer(
                 Err((written, _)) => written,
             }
         };
-        // Reports and reservations are repeated; the next one replaces a lost one. Admin
-        // changes are not.
-        let keep = batch[written..]
-            .iter()
-            .filter(|u| !matches!(u, NodeUpdate::Report { .. } | NodeUpdate::Reserved { .. }));
         if let Ok(mut m) = inner.pending_nodes.lock() {
-            for u in keep {
-                m.insert(pending_node_key(u), u.clone());
-            }
+            keep_unwritten(&mut m, &batch[written..]);
         }
         batch.clear();
+    }
+}
+
+/// Keeps, in `kept`, what of `unwritten` (in the order it was shared) must be written later.
+/// Reports and reservations are repeated, the next one replacing a lost one; admin changes,
+/// registrations and removals are not, so they are kept. But a report of a node made after
+/// its kept removal drops the removal: the node came back (it heartbeated to this router,
+/// which added it again) before the removal could be written, and written later it would
+/// have every other router drop a node that hosts rooms. (The routers that predate
+/// [`NodeUpdate::Removed`]'s time would take it whatever the node said since.)
+fn keep_unwritten(kept: &mut HashMap<String, NodeUpdate>, unwritten: &[NodeUpdate]) {
+    for u in unwritten {
+        match u {
+            NodeUpdate::Report { at, .. } => {
+                let key = pending_node_key(u);
+                let older =
+                    |k: &NodeUpdate| matches!(k, NodeUpdate::Removed { at: r, .. } if r < at);
+                if kept.get(&key).is_some_and(older) {
+                    kept.remove(&key);
+                }
+            }
+            NodeUpdate::Reserved { .. } => {}
+            _ => {
+                kept.insert(pending_node_key(u), u.clone());
+            }
+        }
+    }
+}
+
+/// Forgets the reservations of routers not heard from over a whole `store.resync_interval`
+/// ([`NodeSync::expire_reserved`]), every interval, whether the subscription is open or
+/// Redis is unreachable: during an outage no router is heard from, and what the others
+/// reserved before it (routers that may have stopped since) must not inflate this router's
+/// û for as long as it lasts. They repeat theirs within a second of its end.
+async fn expire_reservations(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.resync_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(cluster) = inner.cluster.get() {
+            inner.sync.expire_reserved(cluster);
+        }
     }
 }
 
@@ -2789,6 +2828,11 @@ impl PinStore for RedisStore {
         now: Millis,
     ) -> Result<Vec<(RoomKey, NodeId)>, StoreError> {
         let i = &self.inner;
+        // Node removals noted before a backward step of the wall clock come back to now,
+        // with the heartbeat times the router's sweep clamps (`Live::clamp_heartbeat`): left
+        // in the future, they would refuse the node's relayed reports for as long as the
+        // step. (The store's own clock: the one they were noted by.)
+        i.sync.clamp_removed(wall_ms());
         let mut idle = Vec::new();
         let mut ahead = Vec::new();
         for e in i.cache.iter() {
@@ -3106,7 +3150,10 @@ mod tests {
             id: "n1".into(),
             state: crate::placement::AdminState::Draining,
         };
-        let removed = NodeUpdate::Removed { id: "n3".into() };
+        let removed = NodeUpdate::Removed {
+            id: "n3".into(),
+            at: 1,
+        };
         let mut batch = vec![
             report("n1", 1.0),
             reserved("n1", 1_000),
@@ -3127,6 +3174,42 @@ mod tests {
                 removed
             ]
         );
+    }
+
+    #[test]
+    fn a_kept_removal_is_dropped_when_the_node_reports_again_before_it_is_written() {
+        let removed = |id: &str, at| NodeUpdate::Removed { id: id.into(), at };
+        let report_at = |id: &str, when| {
+            let mut r = report(id, 0.0);
+            if let NodeUpdate::Report { at, .. } = &mut r {
+                *at = when;
+            }
+            r
+        };
+        let admin = NodeUpdate::Admin {
+            id: "n1".into(),
+            state: crate::placement::AdminState::Draining,
+        };
+        let mut kept = HashMap::new();
+        // Redis is down: n1 and n2 are removed; reports and reservations are not kept.
+        keep_unwritten(
+            &mut kept,
+            &[
+                report_at("n1", 8_000),
+                admin.clone(),
+                removed("n1", 9_000),
+                removed("n2", 9_000),
+                reserved("n1", 1_000),
+            ],
+        );
+        assert_eq!(kept.len(), 3);
+        // n1 comes back and heartbeats to this router: its removal is old news, its admin
+        // state is not. A report from before n2's removal leaves that one kept.
+        keep_unwritten(&mut kept, &[report_at("n1", 9_500), report_at("n2", 9_000)]);
+        let left: Vec<_> = kept.into_values().collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.contains(&admin));
+        assert!(left.contains(&removed("n2", 9_000)));
     }
 
     #[test]

@@ -1068,6 +1068,34 @@ async fn an_early_answer_to_an_upload_does_not_leave_the_client_hanging() {
     node.abort();
 }
 
+/// A node that takes connections and closes each on reading a request, answering nothing
+/// (a wedged process whose heartbeat still goes out): with no body of the client's in play
+/// that is the node's failure, on both paths, and `proxy.failures_to_unhealthy` of them mark
+/// it unhealthy. Before, such exchanges were never counted, and every join got a `502`
+/// while the node stayed in use.
+#[tokio::test]
+async fn a_node_that_closes_before_answering_bodiless_requests_is_marked_unhealthy() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.failures_to_unhealthy = 2;
+        // An empty script line: the node answers nothing and closes.
+        let (r, node, mut c) = cluster_with(cfg, vec![""]).await;
+        for i in 0..2 {
+            c.send(&get("/rooms/wedged")).await;
+            let a = c.answer().await;
+            assert_eq!(a.status(), 502, "fast path {fast_path}, request {i}: {a:?}");
+        }
+        assert!(!node.seen().is_empty());
+        assert_eq!(
+            metric(&r, "roomrouter_proxy_nodes_marked_unhealthy_total").await,
+            1,
+            "fast path {fast_path}"
+        );
+        r.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_502() {
     let (r, _node, mut c) = cluster(vec![

@@ -3,8 +3,9 @@
 //! (any HTTP/1.1 `Upgrade`) sessions until either side closes. Sets `X-Forwarded-For/-Proto/-Host`, `X-Room-Node` and
 //! `X-Room-Ticket`; drops hop-by-hop headers (RFC 9110 section 7.6.1).
 //!
-//! Upstream failures (refused, reset, connect or response timeout) answer `502
-//! upstream_unavailable`; `proxy.failures_to_unhealthy` consecutive failures mark the node
+//! Upstream failures (refused, connect or response timeout; for a request without a body,
+//! also a connection closed or reset before the answer, or an answer the node got wrong)
+//! answer `502 upstream_unavailable`; `proxy.failures_to_unhealthy` consecutive failures mark the node
 //! unhealthy until its next heartbeat (passive health), so the room's next join is re-placed
 //! by the normal rules. Every body and tunnel is cut after `proxy.idle_timeout` without data.
 
@@ -230,6 +231,11 @@ impl Proxy {
             // it): the request did not arrive, as on the fast path; the node is not at fault.
             Ok(Err(LaneError::Exchange(e))) if caused_by::<BodyIdle>(&e) => {
                 return Err(ApiError::RequestTimeout)
+            }
+            // With no body of the client's in play, a connection the node closed or reset
+            // before answering, or an answer it got wrong, is the node's failure.
+            Ok(Err(LaneError::Exchange(e))) if bodiless => {
+                return Err(self.failed(node, &e.to_string()))
             }
             Ok(Err(LaneError::Exchange(e))) => {
                 tracing::debug!(node = %node.id, error = ?e, "upstream exchange failed");

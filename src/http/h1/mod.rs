@@ -364,6 +364,9 @@ impl Client<'_> {
                         .await
                         .map_err(|e| (connect_failed(app, a, e), true))?;
                 }
+                // With no body of the client's in play, a connection the node closed or
+                // reset before answering, or an answer it got wrong, is the node's failure.
+                Ok(Err(e)) if bodiless => return Err((p.failed(node, &e.to_string()), true)),
                 Ok(Err(e)) => {
                     tracing::debug!(node = %node.id, error = %e, "upstream exchange failed");
                     let consumed = rest == 0;

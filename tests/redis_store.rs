@@ -2444,6 +2444,87 @@ async fn a_drained_node_is_kept_while_another_routers_ticket_may_still_reach_it(
     cleanup(&url, &p).await;
 }
 
+/// An admin registers media-1 by hand on router A (`PUT /v1/nodes/media-1`: never removed
+/// automatically), then the node heartbeats, and its report replaces the registration in
+/// the stored node table. A router that starts later still knows the node as registered,
+/// so when the node drains and tells that router it holds no rooms, the node is kept, there
+/// and on A. Before, the late router loaded the report alone, removed the node as drained
+/// and empty, and told every router to drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registered_by_hand_stays_registered_after_it_reports() {
+    use roomrouter::cluster::NodeInfo;
+    use roomrouter::placement::AdminState;
+    use roomrouter::router::Heartbeat;
+    let Some((url, _private)) = redis_for("registered_node") else {
+        return;
+    };
+    let p = prefix("registered");
+    let cfg = config(&url, &p);
+    let a = serve(cfg.clone()).await;
+    let n = NodeId::parse("media-1").unwrap();
+    let info = NodeInfo {
+        url: "http://127.0.0.1:1/media-1".into(),
+        upstream: "http://127.0.0.1:1/media-1".into(),
+        capacity: 1000.0,
+        region: None,
+        tags: vec![],
+    };
+    let beat = |state: AdminState| Heartbeat {
+        info: info.clone(),
+        load: 0.0,
+        cpu: None,
+        state,
+        rooms: Some(vec![]),
+    };
+    a.app.router.put_node(&n, info.clone());
+    a.app
+        .router
+        .heartbeat(&n, beat(AdminState::Active))
+        .await
+        .unwrap();
+    let conn = redis_conn(&url).await;
+    let nodes_key = format!("{{{p}}}:nodes");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (mut c, k) = (conn.clone(), nodes_key.clone());
+            async move {
+                let v: Option<String> = redis::cmd("HGET")
+                    .arg(&k)
+                    .arg("media-1")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                v.is_some_and(|v| v.contains("\"report\""))
+            }
+        })
+        .await,
+        "the report replaced the registration in Redis"
+    );
+    let late = serve(cfg).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            late.app.router.node(&n).is_some_and(|v| v.is_static)
+        })
+        .await,
+        "the late router knows media-1 as registered: {:?}",
+        late.app.router.node(&n).map(|v| v.is_static)
+    );
+    late.app
+        .router
+        .heartbeat(&n, beat(AdminState::Draining))
+        .await
+        .unwrap();
+    assert!(
+        late.app.router.node(&n).is_some(),
+        "the late router removed it"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(a.app.router.node(&n).is_some(), "router A dropped it");
+    late.stop().await;
+    a.stop().await;
+    cleanup(&url, &p).await;
+}
+
 /// Redis is down; router A removes n1 (an admin's DELETE) and keeps the removal to write it
 /// once Redis is back; n1 restarts and heartbeats to both routers (A adds it again). The
 /// removal A writes back is older than n1's newest report: router B keeps n1, rather than

@@ -12,7 +12,8 @@
 //!   single-room operation is one Lua script on one key slot (works on Redis Cluster).
 //! - `{P}:rooms`: sorted set of pinned room names (score 0), an index for the cache load; a
 //!   superset that loads prune and confirmations repair.
-//! - `{P}:nodes` (hash id -> last report as JSON), `{P}:admin` (hash id -> admin state).
+//! - `{P}:nodes` (hash id -> last report or registration as JSON), `{P}:admin` (hash id ->
+//!   admin state), `{P}:registered` (set of the ids an admin registered by hand).
 //! - `{P}:learned` (hash room -> `peak,peak,peak,last_seen_ms`: the learned sizes of rooms
 //!   whose sessions ended, newest peak first) and `{P}:learned:seen` (sorted set room ->
 //!   last_seen_ms, the index the routers' sweeps prune by `history_ttl`). Loaded by a
@@ -251,6 +252,10 @@ pub struct Keys {
     pub rooms_index: String,
     pub nodes: String,
     pub admin: String,
+    /// The ids of the nodes an admin registered by hand (`PUT /v1/nodes/{id}`): their
+    /// stored entry is whatever last reached a router (their reports replace the
+    /// registration), but every router must keep them registered (never auto-removed).
+    pub registered: String,
     pub pins_channel: String,
     pub nodes_channel: String,
     pub learned: String,
@@ -265,6 +270,7 @@ impl Keys {
             rooms_index: format!("{{{prefix}}}:rooms"),
             nodes: format!("{{{prefix}}}:nodes"),
             admin: format!("{{{prefix}}}:admin"),
+            registered: format!("{{{prefix}}}:registered"),
             pins_channel: format!("{prefix}:pins"),
             nodes_channel: format!("{prefix}:nodes"),
             learned: format!("{{{prefix}}}:learned"),
@@ -386,10 +392,14 @@ for i = 2, #ARGV, 4 do
   local op, id = ARGV[i], ARGV[i + 1]
   if op == 'set' then
     redis.call('HSET', KEYS[1], id, ARGV[i + 2])
+  elseif op == 'put' then
+    redis.call('HSET', KEYS[1], id, ARGV[i + 2])
+    redis.call('SADD', KEYS[3], id)
   elseif op == 'admin' then
     redis.call('HSET', KEYS[2], id, ARGV[i + 2])
   elseif op == 'del' then
     redis.call('HDEL', KEYS[1], id)
+    redis.call('SREM', KEYS[3], id)
   end
   redis.call('PUBLISH', ARGV[1], ARGV[i + 3])
   n = n + 1
@@ -2109,9 +2119,28 @@ impl Inner {
                     .query_async(&mut c),
             )
             .await?;
-        for v in nodes.values() {
-            if let Ok(u) = serde_json::from_str::<NodeUpdate>(v) {
-                self.sync.apply(cluster, &u, wall_ms());
+        let registered: HashSet<String> = self
+            .run(
+                "registered",
+                redis::cmd("SMEMBERS")
+                    .arg(&self.keys.registered)
+                    .query_async(&mut c),
+            )
+            .await?;
+        for (id, v) in &nodes {
+            let Ok(u) = serde_json::from_str::<NodeUpdate>(v) else {
+                continue;
+            };
+            self.sync.apply(cluster, &u, wall_ms());
+            // Registered by an admin, and reported since: still a registered node.
+            if let NodeUpdate::Report { info, .. } = u {
+                if registered.contains(id) {
+                    let put = NodeUpdate::Put {
+                        id: id.clone(),
+                        info,
+                    };
+                    self.sync.apply(cluster, &put, wall_ms());
+                }
             }
         }
         for (id, s) in admin {
@@ -2195,12 +2224,13 @@ impl Inner {
         let mut inv = self.write_nodes.prepare_invoke();
         inv.key(&self.keys.nodes)
             .key(&self.keys.admin)
+            .key(&self.keys.registered)
             .arg(&self.keys.nodes_channel);
         for u in updates {
             let (op, value) = match u {
-                NodeUpdate::Report { .. } | NodeUpdate::Put { .. } => {
-                    ("set", serde_json::to_string(u).map_err(err)?)
-                }
+                NodeUpdate::Report { .. } => ("set", serde_json::to_string(u).map_err(err)?),
+                // Also noted apart: the node's next report replaces the stored entry.
+                NodeUpdate::Put { .. } => ("put", serde_json::to_string(u).map_err(err)?),
                 NodeUpdate::Admin { state, .. } => ("admin", state.as_str().to_string()),
                 // The admin state stays: a node that comes back is still drained or
                 // disabled until an admin enables it (`Cluster::remove`).

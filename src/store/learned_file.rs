@@ -51,14 +51,24 @@ impl LearnedFile {
     pub fn open(path: &Path) -> anyhow::Result<Arc<LearnedFile>> {
         let rooms = RoomMap::default();
         match std::fs::metadata(path) {
+            // A FIFO or a device would hang the start or read without end.
+            Ok(m) if !m.is_file() => {
+                anyhow::bail!("store.learned_file {}: not a regular file", path.display())
+            }
             Ok(m) if m.len() > MAX_FILE_BYTES => anyhow::bail!(
                 "store.learned_file {}: {} bytes, more than the {MAX_FILE_BYTES} read at start",
                 path.display(),
                 m.len()
             ),
             Ok(_) => {
-                let bytes = std::fs::read(path)
+                let bytes = read_at_most(path, MAX_FILE_BYTES)
                     .with_context(|| format!("store.learned_file {}", path.display()))?;
+                let Some(bytes) = bytes else {
+                    anyhow::bail!(
+                        "store.learned_file {}: more than the {MAX_FILE_BYTES} bytes read at start",
+                        path.display()
+                    );
+                };
                 let mut skipped = 0usize;
                 // Line by line: one line that is not UTF-8 is one line skipped.
                 for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -144,24 +154,26 @@ impl LearnedFile {
     }
 
     fn write(&self) -> std::io::Result<()> {
-        let tmp = self.sibling();
-        {
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            let (mut written, mut left_out) = (0u64, 0usize);
-            for e in self.rooms.iter() {
-                let line = format!("{}\t{}\n", e.value().encode(), e.key().as_str());
-                if written + line.len() as u64 > MAX_FILE_BYTES {
-                    left_out += 1;
-                    continue;
-                }
-                written += line.len() as u64;
-                out.write_all(line.as_bytes())?;
+        // The lines first, then the disk: iterating the map holds each shard's lock, and a
+        // write that stalls (a slow or wedged disk) under one would stall every session
+        // that ends, and the sweep, behind it.
+        let (mut text, mut left_out) = (Vec::new(), 0usize);
+        for e in self.rooms.iter() {
+            let line = format!("{}\t{}\n", e.value().encode(), e.key().as_str());
+            if (text.len() + line.len()) as u64 > MAX_FILE_BYTES {
+                left_out += 1;
+                continue;
             }
-            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            if left_out > 0 {
-                tracing::warn!(file = %self.path.display(), left_out, "learned room sizes past the file's limit not written");
-            }
+            text.extend_from_slice(line.as_bytes());
         }
+        if left_out > 0 {
+            tracing::warn!(file = %self.path.display(), left_out, "learned room sizes past the file's limit not written");
+        }
+        let tmp = self.sibling();
+        let mut out = std::fs::File::create(&tmp)?;
+        out.write_all(&text)?;
+        out.sync_all()?;
+        drop(out);
         std::fs::rename(&tmp, &self.path)
     }
 
@@ -177,6 +189,17 @@ impl Drop for LearnedFile {
     fn drop(&mut self) {
         self.flush_or_warn();
     }
+}
+
+/// The file's bytes, or `None` if it holds more than `max` (the limit holds for what is
+/// read, whatever the size looked like a moment before).
+fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
 }
 
 fn parse_line(line: &str) -> Option<(RoomKey, Learned)> {
@@ -273,6 +296,84 @@ mod tests {
         big.set_len(MAX_FILE_BYTES + 1).unwrap();
         let e = LearnedFile::open(&path).unwrap_err().to_string();
         assert!(e.contains("store.learned_file"), "{e}");
+        // What is read is bounded too, whatever the size looked like before.
+        std::fs::write(&path, "x".repeat(100)).unwrap();
+        assert_eq!(read_at_most(&path, 99).unwrap(), None);
+        assert_eq!(
+            read_at_most(&path, 100).unwrap().map(|b| b.len()),
+            Some(100)
+        );
+        // A FIFO (or a device) is no file to read: refused, not waited on.
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        if made.is_ok_and(|s| s.success()) {
+            let e = LearnedFile::open(&path).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// The write holds no lock of the table while it is on the disk: a flush stuck in a
+    /// write (a wedged disk; here a pipe nobody reads) does not hold up the sweep's
+    /// `forget`, nor a session's `save`, which before waited on the shard being written.
+    #[test]
+    fn a_flush_stuck_on_the_disk_does_not_hold_up_the_table() {
+        let path = temp_path("stuck");
+        let f = LearnedFile::open(&path).unwrap();
+        let l = Learned {
+            peaks: [5, 0, 0],
+            last_seen: 1,
+        };
+        // Well over a pipe's 64 KiB in every shard.
+        for i in 0..50_000 {
+            f.save(&room(&format!("room-with-a-longish-name-{i}")), l);
+        }
+        let tmp = path.with_file_name("learned.txt.tmp");
+        let made = std::process::Command::new("mkfifo").arg(&tmp).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED: no mkfifo");
+            return;
+        }
+        // The reader opens the pipe (so the writer's open returns) and reads nothing until
+        // told to drain it.
+        let (drain_tx, drain_rx) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn({
+            let tmp = tmp.clone();
+            move || {
+                use std::io::Read;
+                let mut pipe = std::fs::File::open(&tmp).unwrap();
+                let _ = drain_rx.recv_timeout(Duration::from_secs(30));
+                let mut sink = Vec::new();
+                let _ = pipe.read_to_end(&mut sink);
+            }
+        });
+        let writer = std::thread::spawn({
+            let f = f.clone();
+            move || f.flush()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let forgetter = std::thread::spawn({
+            let f = f.clone();
+            move || {
+                f.forget(0);
+                f.save(&room("a-session-that-ended"), l);
+                let _ = done_tx.send(());
+            }
+        });
+        let unblocked = done_rx.recv_timeout(Duration::from_secs(3)).is_ok();
+        let _ = drain_tx.send(());
+        // Failed: said at once, the stuck threads left behind (joined, they may not end).
+        assert!(
+            unblocked,
+            "forget and save waited on a write stuck on the disk"
+        );
+        reader.join().unwrap();
+        // A pipe takes no fsync: the write itself fails in the end, which is not the point.
+        let _ = writer.join().unwrap();
+        forgetter.join().unwrap();
+        std::fs::remove_file(&tmp).unwrap();
+        drop(f);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

@@ -1208,6 +1208,60 @@ async fn an_http2_stream_still_open_when_the_grace_is_over_is_cut() {
     }
 }
 
+/// The HTTP/2 twin: a client that grants no flow-control window stalls a response without
+/// blocking a single write (hyper waits for window, the socket stays writable), so the
+/// write timeout never fires and the stream, and its connection slot, stayed for good. The
+/// connection is now dropped once a response has waited `server.send_timeout` for its
+/// client, and the next client is served.
+#[tokio::test]
+async fn an_http2_client_that_grants_no_window_loses_its_connection_after_the_send_timeout() {
+    let mut cfg = proxy_config();
+    cfg.server.max_connections = 1;
+    cfg.server.send_timeout = Duration::from_millis(500);
+    cfg.server.h2_idle_timeout = Duration::from_secs(1);
+    // (so the heartbeat's keep-alive connection frees the one slot soon)
+    cfg.server.header_read_timeout = Duration::from_secs(1);
+    cfg.validate().unwrap();
+    let (r, _up) = with_upstream(cfg).await;
+    // Wait for the heartbeat's connection to give the slot back.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let driven = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/rooms/big?size={}", r.addr, 1 << 20))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), h2.send_request(req))
+        .await
+        .expect("the answer's head comes")
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    // The body is never read: the client grants no window.
+    let started = Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        reqwest::Client::new()
+            .get(format!("{}/healthz", r.url))
+            .send(),
+    )
+    .await
+    .expect("slot still held by an HTTP/2 client that takes nothing")
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "served after {:?}: the stalled client should have held the slot until its send timeout",
+        started.elapsed()
+    );
+    drop(held);
+    driven.abort();
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout() {
     // A client that asks for a large body and never reads it must not hold its connection

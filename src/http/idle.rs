@@ -5,10 +5,18 @@
 //! response body is dropped) and [`Streams::idle`] resolves once none has been open for
 //! `server.h2_idle_timeout`; the server then shuts the connection down gracefully (GOAWAY,
 //! open streams finish).
+//!
+//! A client that stops reading an HTTP/2 response does not block the socket: it stops
+//! granting flow-control window, hyper waits for capacity and never asks the body for more,
+//! nothing is written, so the write timeout that bounds HTTP/1.1 (`server.send_timeout`)
+//! never fires, and the stream stays open for good (one request of a few bytes per
+//! connection would hold every connection slot). [`Streams::stalled`] resolves once some
+//! stream's body has handed hyper a frame and not been asked for the next one for
+//! `server.send_timeout`; the server then drops the connection.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +35,9 @@ pub struct Streams {
     open: AtomicUsize,
     /// Milliseconds from `start` to the last time a stream opened or closed.
     last_change: AtomicU64,
+    /// Each held response body's wait for hyper to ask for its next frame: milliseconds
+    /// from `start`, plus one, since it handed over a frame; 0 while it is asked.
+    waits: Mutex<Vec<Weak<AtomicU64>>>,
 }
 
 impl Streams {
@@ -35,7 +46,12 @@ impl Streams {
             start: Instant::now(),
             open: AtomicUsize::new(0),
             last_change: AtomicU64::new(0),
+            waits: Mutex::new(Vec::new()),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis().min(u64::MAX as u128 - 1) as u64
     }
 
     /// Counts a stream as open until the returned guard drops.
@@ -51,8 +67,27 @@ impl Streams {
     }
 
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis().min(u64::MAX as u128) as u64;
-        self.last_change.fetch_max(ms, Ordering::AcqRel);
+        self.last_change.fetch_max(self.now_ms(), Ordering::AcqRel);
+    }
+
+    /// Resolves once a held body has waited `limit` for hyper to ask for its next frame:
+    /// its client has taken nothing for that long. Looks every quarter of `limit`.
+    pub async fn stalled(&self, limit: Duration) {
+        let step = (limit / 4).max(Duration::from_millis(10));
+        let limit_ms = limit.as_millis().min(u64::MAX as u128) as u64;
+        loop {
+            tokio::time::sleep(step).await;
+            let now = self.now_ms();
+            let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+            waits.retain(|w| w.strong_count() > 0);
+            let stalled = waits.iter().filter_map(Weak::upgrade).any(|w| {
+                let since = w.load(Ordering::Acquire);
+                since > 0 && now.saturating_sub(since - 1) >= limit_ms
+            });
+            if stalled {
+                return;
+            }
+        }
     }
 
     /// Resolves once no stream has been open for `limit`: one timer at a time, re-armed for
@@ -76,11 +111,11 @@ impl Streams {
     /// `body`, counting its stream as open until hyper drops it (the response was sent or
     /// the stream reset).
     pub fn hold(guard: StreamGuard, body: Body) -> Body {
-        Held {
-            body,
-            _guard: guard,
+        let wait = Arc::new(AtomicU64::new(0));
+        if let Ok(mut waits) = guard.0.waits.lock() {
+            waits.push(Arc::downgrade(&wait));
         }
-        .boxed()
+        Held { body, guard, wait }.boxed()
     }
 }
 
@@ -95,10 +130,12 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body that keeps its stream counted as open.
+/// A response body that keeps its stream counted as open, and says how long it has waited
+/// to be asked for its next frame.
 struct Held {
     body: Body,
-    _guard: StreamGuard,
+    guard: StreamGuard,
+    wait: Arc<AtomicU64>,
 }
 
 impl hyper::body::Body for Held {
@@ -109,7 +146,14 @@ impl hyper::body::Body for Held {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        this.wait.store(0, Ordering::Release);
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(&r, Poll::Ready(Some(Ok(_)))) {
+            let since = this.guard.0.now_ms() + 1;
+            this.wait.store(since, Ordering::Release);
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

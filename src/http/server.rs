@@ -627,7 +627,8 @@ async fn serve_io<I>(
             // Counted by the drain while it lives; the drain's signal comes through `stop`.
             let _watcher = watcher;
             let shut_down = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
-            close_when_idle(conn, shut_down, &streams, timeouts.h2_idle, stop, peer).await
+            let limits = (timeouts.h2_idle, timeouts.send);
+            close_when_idle(conn, shut_down, &streams, limits, stop, peer).await
         }
     };
     if let Err(e) = ended {
@@ -636,12 +637,18 @@ async fn serve_io<I>(
 }
 
 /// Drives an HTTP/2 connection to its end, shutting it down gracefully (GOAWAY; open
-/// streams finish) when `streams` has been idle for `limit` or the server drains (`stop`).
+/// streams finish) when `streams` has been idle for `idle_limit` or the server drains
+/// (`stop`). Dropped outright (`send` = `server.send_timeout`) when a stream's client has
+/// taken nothing for `send` ([`Streams::stalled`]: HTTP/2's flow control stalls a response
+/// without blocking a write, so the write timeout cannot tell), or when an idle connection
+/// shut down gracefully has not closed `send` later (h2 closes once its shutdown PING is
+/// answered, and a client that never answers it, yet answers keep-alive PINGs, would keep
+/// the connection and may still open streams).
 async fn close_when_idle<C, E>(
     conn: C,
     shut_down: impl Fn(Pin<&mut C>),
     streams: &Streams,
-    limit: Duration,
+    (idle_limit, send): (Duration, Duration),
     mut stop: watch::Receiver<bool>,
     peer: SocketAddr,
 ) -> Result<(), E>
@@ -649,15 +656,30 @@ where
     C: Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
-    let idle = streams.idle(limit);
+    let idle = streams.idle(idle_limit);
     tokio::pin!(idle);
-    let mut closing = false;
+    let stalled = streams.stalled(send);
+    tokio::pin!(stalled);
+    // Armed when an idle connection is shut down.
+    let overdue = tokio::time::sleep(send);
+    tokio::pin!(overdue);
+    let (mut closing, mut idled) = (false, false);
     loop {
         tokio::select! {
             r = conn.as_mut() => return r,
+            () = &mut stalled => {
+                tracing::debug!(%peer, "an HTTP/2 client took nothing of a response for the send timeout; connection closed");
+                return Ok(());
+            }
+            () = &mut overdue, if idled => {
+                tracing::debug!(%peer, "an idle HTTP/2 connection did not close after GOAWAY; closed");
+                return Ok(());
+            }
             () = &mut idle, if !closing => {
                 tracing::debug!(%peer, "HTTP/2 connection idle; shutting it down");
                 closing = true;
+                idled = true;
+                overdue.as_mut().reset(tokio::time::Instant::now() + send);
                 shut_down(conn.as_mut());
             }
             r = stop.wait_for(|s| *s), if !closing => {
@@ -730,4 +752,64 @@ pub async fn serve_configured<S: PinStore>(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle HTTP/2 connection shut down gracefully whose client never lets it close
+    /// (h2 waits for its shutdown PING's answer) is dropped `send_timeout` after the GOAWAY.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_that_does_not_close_after_goaway_is_dropped() {
+        let streams = Streams::new();
+        let (_stop_tx, stop) = watch::channel(false);
+        let shut_downs = std::sync::atomic::AtomicUsize::new(0);
+        let never = std::future::pending::<Result<(), ()>>();
+        let limits = (Duration::from_secs(1), Duration::from_secs(5));
+        let t0 = tokio::time::Instant::now();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(60),
+            close_when_idle(
+                never,
+                |_| {
+                    shut_downs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                },
+                &streams,
+                limits,
+                stop,
+                peer,
+            ),
+        )
+        .await;
+        assert_eq!(ended, Ok(Ok(())), "still open after a minute");
+        assert_eq!(shut_downs.into_inner(), 1, "shut down gracefully first");
+        assert_eq!(t0.elapsed(), Duration::from_secs(6), "idle 1 s, then 5 s");
+    }
+
+    /// A stream whose body handed hyper a frame and was not asked for the next one (its
+    /// client grants no window) for `send_timeout` drops the connection; one asked again in
+    /// time does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_its_client_stopped_taking_drops_the_connection() {
+        use http_body_util::BodyExt;
+        let streams = Streams::new();
+        let body: Body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
+            .map_err(|never| match never {})
+            .boxed();
+        let mut held = Streams::hold(streams.open(), body);
+        let frame = held.frame().await;
+        assert!(frame.is_some_and(|f| f.is_ok()));
+        // Not asked again: stalled after the limit, not before.
+        let limit = Duration::from_secs(4);
+        let t0 = tokio::time::Instant::now();
+        streams.stalled(limit).await;
+        let took = t0.elapsed();
+        assert!(took >= limit && took <= limit + limit / 4, "{took:?}");
+        // Asked again: no longer waiting.
+        assert!(held.frame().await.is_none());
+        let again = tokio::time::timeout(Duration::from_secs(20), streams.stalled(limit)).await;
+        assert!(again.is_err(), "a body that was asked again is no stall");
+    }
 }

@@ -1007,13 +1007,38 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Whether `key` is a whole TOML key: dotted parts, each bare (`A-Za-z0-9_-`) or quoted
+/// from end to end.
+fn is_toml_key(key: &str) -> bool {
+    let part_ok = |p: &str| {
+        let p = p.trim();
+        let quoted = p.len() >= 2
+            && (p.starts_with('"') && p.ends_with('"') || p.starts_with('\'') && p.ends_with('\''));
+        quoted
+            || !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    !key.is_empty() && key.split('.').all(part_ok)
+}
+
 /// ` (table.key)` for the key the line starting at `line_start` assigns, under the last
 /// `[table]` header before it: keys are never secret, the values after `=` may be.
+///
+/// Only a line that reads as an assignment counts: a whole key (bare, dotted, or quoted
+/// from end to end) and, after the `=`, the start of a value. A line that continues a
+/// multi-line array of tokens (`"c2VjcmV0...=",`) holds an `=` too, and what comes before
+/// it there is a secret.
 fn key_at(text: &str, line_start: usize) -> Option<String> {
     let line = text[line_start..].lines().next()?;
-    let (key, _) = line.split_once('=')?;
+    let (key, value) = line.split_once('=')?;
     let key = key.trim();
-    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+    if !is_toml_key(key) {
+        return None;
+    }
+    let starts_value =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '"' | '\'' | '[' | '{' | '-' | '+');
+    if !value.trim_start().starts_with(starts_value) {
         return None;
     }
     let table = text[..line_start]
@@ -1210,8 +1235,12 @@ impl Config {
         if !(p.join_cost.is_finite() && p.join_cost >= 0.0) {
             return Err(invalid("placement.join_cost", "must be a number >= 0"));
         }
-        if p.heartbeat_interval.is_zero() {
-            return Err(invalid("placement.heartbeat_interval", "must be > 0"));
+        // Told to nodes in whole milliseconds: less than one would read as 0.
+        if p.heartbeat_interval < Duration::from_millis(1) {
+            return Err(invalid(
+                "placement.heartbeat_interval",
+                "must be at least 1ms",
+            ));
         }
         if p.heartbeat_timeout <= p.heartbeat_interval {
             return Err(invalid(
@@ -1377,6 +1406,19 @@ impl Config {
                 return Err(invalid(
                     &format!("auth.node_tokens.{id}"),
                     "must be at least 16 characters",
+                ));
+            }
+            // A node listed here must use a token of its own: one another node holds (the
+            // shared token, or a second node's) would let that node act as this one.
+            let shared = *t == self.auth.node_token;
+            let twin = (self.auth.node_tokens.iter()).find(|(other, o)| *other != id && *o == t);
+            if shared || twin.is_some() {
+                let holder = twin.map_or("every node (auth.node_token)".to_string(), |(o, _)| {
+                    format!("auth.node_tokens.{o}")
+                });
+                return Err(invalid(
+                    &format!("auth.node_tokens.{id}"),
+                    format!("must be a token of this node's own; {holder} holds it too"),
                 ));
             }
         }
@@ -1783,6 +1825,28 @@ mod tests {
     }
 
     #[test]
+    fn a_per_node_token_is_that_nodes_own() {
+        let shared = "shared-node-token-0123456789";
+        let e = rejected(&format!(
+            "[auth]\nnode_token = \"{shared}\"\n[auth.node_tokens]\nmedia-1 = \"{shared}\"\n"
+        ));
+        assert!(e.starts_with("auth.node_tokens.media-1:"), "{e}");
+        assert!(!e.contains(shared), "{e}");
+        let twin = "per-node-token-0123456789";
+        let e = rejected(&format!(
+            "[auth.node_tokens]\nmedia-1 = \"{twin}\"\nmedia-2 = \"{twin}\"\n"
+        ));
+        assert!(e.contains("auth.node_tokens.media-"), "{e}");
+        assert!(!e.contains(twin), "{e}");
+    }
+
+    #[test]
+    fn a_heartbeat_interval_under_a_millisecond_is_refused() {
+        let e = rejected("[placement]\nheartbeat_interval = \"500us\"\n");
+        assert!(e.starts_with("placement.heartbeat_interval:"), "{e}");
+    }
+
+    #[test]
     fn a_parse_error_names_line_and_column_but_never_quotes_the_value() {
         for (text, line, says) in [
             // A list written as a string: serde's message would quote the token.
@@ -1801,6 +1865,13 @@ mod tests {
             (
                 "\n\n[tickets]\nsecret = \"ticket-secret-0123456789\n",
                 4,
+                "",
+            ),
+            // An unclosed token in a multi-line list: its `=` padding is no assignment, and
+            // what comes before it is the secret.
+            (
+                "[auth]\nadmin_tokens = [\n  \"admin-secret-dG9rZW4tMDEyMzQ1Njc4OQ=,\n]\n",
+                3,
                 "",
             ),
         ] {

@@ -45,6 +45,8 @@ pub enum RoomError {
     ControlChar,
     #[error("room id contains '/'")]
     Slash,
+    #[error("room id \"*\" is reserved: a user token's room claim for every room")]
+    Wildcard,
 }
 
 /// A validated, normalized room id with its stable placement hash.
@@ -111,6 +113,9 @@ fn check(s: &str) -> Result<(), RoomError> {
     }
     if s.len() > MAX_ROOM_BYTES {
         return Err(RoomError::TooLong);
+    }
+    if s == "*" {
+        return Err(RoomError::Wildcard);
     }
     for c in s.chars() {
         if c == '/' {
@@ -266,6 +271,25 @@ mod tests {
         assert_eq!(
             RoomKey::parse("a\u{FF0F}b", Normalization::NfkcLowercase),
             Err(RoomError::Slash)
+        );
+    }
+
+    #[test]
+    fn the_wildcard_of_a_token_is_no_room() {
+        for norm in [
+            Normalization::None,
+            Normalization::Lowercase,
+            Normalization::NfkcLowercase,
+        ] {
+            assert_eq!(RoomKey::parse("*", norm), Err(RoomError::Wildcard));
+            assert_eq!(RoomKey::from_encoded("%2A", norm), Err(RoomError::Wildcard));
+            assert!(RoomKey::parse("**", norm).is_ok());
+            assert!(RoomKey::parse("a*", norm).is_ok());
+        }
+        // Nor does NFKC make one (U+FF0A FULLWIDTH ASTERISK).
+        assert_eq!(
+            RoomKey::parse("\u{FF0A}", Normalization::NfkcLowercase),
+            Err(RoomError::Wildcard)
         );
     }
 

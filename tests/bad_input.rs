@@ -61,6 +61,11 @@ async fn invalid_room_ids_are_refused_everywhere() {
         // Not UTF-8 in the query either (a lossy decoding made %FF and %FE one room).
         "/meet?room=%FF".to_string(),
         "/meet?x=1&room=a%FEb".to_string(),
+        // `*` is a user token's room claim for every room, never a room: a user who named a
+        // room `*` and got a token for it would hold one for all rooms.
+        "/rooms/%2A".to_string(),
+        "/v1/placement/*".to_string(),
+        "/meet?room=*".to_string(),
     ] {
         expect_error(r.get(&path).send().await.unwrap(), 400, "invalid_room").await;
     }

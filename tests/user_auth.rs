@@ -417,6 +417,54 @@ fn jwt_config_errors_name_the_key() {
     assert!(e.starts_with("auth.jwt"), "{e}");
 }
 
+/// A key file that can never verify a token (a private key where the public one goes, a
+/// key of the wrong curve) is refused when the config is checked, naming the key, rather
+/// than accepted and then refusing every user with `401`.
+#[test]
+fn a_key_file_that_cannot_verify_tokens_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("rr-badkeys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let p256 = rcgen::KeyPair::generate().unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cases = [
+        (
+            JwtAlgorithm::RS256,
+            format!("{data}/users-rs256.key").into(),
+        ),
+        (
+            JwtAlgorithm::RS256,
+            write("p256.pub.pem", p256.public_key_pem()),
+        ),
+        (
+            JwtAlgorithm::ES256,
+            write("p384.pub.pem", p384.public_key_pem()),
+        ),
+        (
+            JwtAlgorithm::ES256,
+            format!("{data}/users-rs256.pub.pem").into(),
+        ),
+    ];
+    for (alg, path) in cases {
+        let mut cfg = jwt_config();
+        cfg.auth.jwt.algorithm = alg;
+        cfg.auth.jwt.public_key_file = Some(path);
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("public_key_file"), "{alg:?}: {e}");
+    }
+    // The right keys pass.
+    let mut cfg = jwt_config();
+    cfg.auth.jwt.algorithm = JwtAlgorithm::ES256;
+    cfg.auth.jwt.public_key_file = Some(write("ok.pub.pem", p256.public_key_pem()));
+    cfg.validate().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// RS256 with a static test key pair (tests/data; ring cannot generate RSA keys at run time).
 #[tokio::test]
 async fn rs256_tokens_verify_with_a_public_key_file() {

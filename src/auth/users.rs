@@ -90,14 +90,26 @@ impl UserVerifier {
                     DecodingKey::from_secret(c.secret.as_bytes()),
                 )
             }
-            JwtAlgorithm::RS256 => (
-                Algorithm::RS256,
-                DecodingKey::from_rsa_pem(&pem()?).map_err(|e| format!("public_key_file: {e}"))?,
-            ),
-            JwtAlgorithm::ES256 => (
-                Algorithm::ES256,
-                DecodingKey::from_ec_pem(&pem()?).map_err(|e| format!("public_key_file: {e}"))?,
-            ),
+            JwtAlgorithm::RS256 => {
+                let pem = pem()?;
+                // jsonwebtoken only unwraps the PEM here and parses the key at each token:
+                // a private key, or anything else in the file, would pass and then refuse
+                // every user. Parsed once now, so that `check-config` says so.
+                rsa_public_key(&pem)?;
+                (
+                    Algorithm::RS256,
+                    DecodingKey::from_rsa_pem(&pem).map_err(|e| format!("public_key_file: {e}"))?,
+                )
+            }
+            JwtAlgorithm::ES256 => {
+                let key = DecodingKey::from_ec_pem(&pem()?)
+                    .map_err(|e| format!("public_key_file: {e}"))?;
+                // The verifier is built (and the point parsed, on P-256) only at a token.
+                if jsonwebtoken::crypto::verify("AA", b"probe", &key, Algorithm::ES256).is_err() {
+                    return Err("public_key_file: not a P-256 public key (ES256 needs one)".into());
+                }
+                (Algorithm::ES256, key)
+            }
         };
         Ok(UserVerifier::new(alg, key, c.leeway, &c.query_param))
     }
@@ -166,6 +178,20 @@ impl UserVerifier {
 pub fn admits(claims: &UserClaims, room: &RoomKey, norm: Normalization) -> bool {
     claims.room == "*"
         || RoomKey::parse(&claims.room, norm).is_ok_and(|k| k.as_str() == room.as_str())
+}
+
+/// Whether `pem` holds an RSA public key (`PUBLIC KEY` or `RSA PUBLIC KEY`).
+fn rsa_public_key(pem: &[u8]) -> Result<(), String> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    let text = std::str::from_utf8(pem).map_err(|_| "public_key_file: not PEM text")?;
+    rsa::RsaPublicKey::from_public_key_pem(text.trim())
+        .map(drop)
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(text.trim()).map(drop))
+        .map_err(|_| {
+            "public_key_file: not an RSA public key (PEM `PUBLIC KEY` or `RSA PUBLIC KEY`; RS256 needs one)"
+                .to_string()
+        })
 }
 
 #[cfg(test)]

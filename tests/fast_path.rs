@@ -293,6 +293,16 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: router.test\r\n\r\n")
 }
 
+/// `room` has no pin: a refused request placed nothing.
+async fn assert_not_placed(r: &TestRouter, room: &str) {
+    let pin = r
+        .admin(reqwest::Method::GET, &format!("/v1/rooms/{room}"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(pin, 404, "not_found").await;
+}
+
 async fn fast_requests(r: &TestRouter) -> u64 {
     metric(r, "roomrouter_http_fast_path_requests_total").await
 }
@@ -967,12 +977,7 @@ async fn an_upgrade_request_with_a_body_is_refused_and_never_reaches_the_node() 
     );
     // A refused request changes nothing: the room is not placed, no join is counted, and
     // the connection has joined nothing.
-    let room = r
-        .admin(reqwest::Method::GET, "/v1/rooms/a")
-        .send()
-        .await
-        .unwrap();
-    expect_error(room, 404, "not_found").await;
+    assert_not_placed(&r, "a").await;
     let n1 = admin_json(&r, "/v1/nodes/n1").await;
     assert_eq!(n1["pending"], 0.0, "{n1}");
     assert_eq!(n1["reserved"], 0.0, "{n1}");
@@ -994,12 +999,7 @@ async fn a_request_body_coded_besides_chunked_is_refused_and_never_reaches_the_n
     let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
     assert_eq!(v["error"], "invalid_request");
     assert!(node.seen().is_empty(), "{:?}", node.seen());
-    let room = r
-        .admin(reqwest::Method::GET, "/v1/rooms/coded")
-        .send()
-        .await
-        .unwrap();
-    expect_error(room, 404, "not_found").await;
+    assert_not_placed(&r, "coded").await;
     r.stop().await;
 }
 

@@ -1208,6 +1208,28 @@ async fn an_http2_stream_still_open_when_the_grace_is_over_is_cut() {
     }
 }
 
+/// With one connection slot held by `who`, a client that stalled a response: the next
+/// client is served within 10 s, but not at once (the stall began a little before; a slot
+/// freed at once would be ~0), i.e. once the send timeout (500 ms in these tests) cut it.
+async fn served_after_the_send_timeout(r: &TestRouter, who: &str) {
+    let started = Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        reqwest::Client::new()
+            .get(format!("{}/healthz", r.url))
+            .send(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("slot still held by {who}"))
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "served after {:?}: {who} should have held the slot until its send timeout",
+        started.elapsed()
+    );
+}
+
 /// The HTTP/2 twin: a client that grants no flow-control window stalls a response without
 /// blocking a single write (hyper waits for window, the socket stays writable), so the
 /// write timeout never fires and the stream, and its connection slot, stayed for good. The
@@ -1241,22 +1263,7 @@ async fn an_http2_client_that_grants_no_window_loses_its_connection_after_the_se
         .unwrap();
     assert_eq!(held.status(), 200);
     // The body is never read: the client grants no window.
-    let started = Instant::now();
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        reqwest::Client::new()
-            .get(format!("{}/healthz", r.url))
-            .send(),
-    )
-    .await
-    .expect("slot still held by an HTTP/2 client that takes nothing")
-    .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(
-        started.elapsed() >= Duration::from_millis(200),
-        "served after {:?}: the stalled client should have held the slot until its send timeout",
-        started.elapsed()
-    );
+    served_after_the_send_timeout(&r, "an HTTP/2 client that takes nothing").await;
     drop(held);
     driven.abort();
     r.stop().await;
@@ -1298,25 +1305,8 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_send_timeout
         .expect("the large answer begins")
         .unwrap();
         assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
-        let started = Instant::now();
-        let resp = tokio::time::timeout(
-            Duration::from_secs(10),
-            reqwest::Client::new()
-                .get(format!("{}/healthz", r.url))
-                .send(),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            panic!("slot still held by a client that stopped reading (fast path {fast_path})")
-        })
-        .unwrap();
-        assert_eq!(resp.status(), 200);
-        assert!(
-            // (the stall began a little before `started`; a slot freed at once would be ~0)
-            started.elapsed() >= Duration::from_millis(200),
-            "served after {:?}: the stalled client should have held the slot until its send timeout",
-            started.elapsed()
-        );
+        let who = format!("a client that stopped reading (fast path {fast_path})");
+        served_after_the_send_timeout(&r, &who).await;
         drop(stuck);
         r.stop().await;
     }

@@ -193,6 +193,22 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut w = read_trace(BufReader::new(file), &path.display().to_string())
         .with_context(|| format!("reading {}", path.display()))?;
     let ms = |s: f64| (s * SECOND as f64) as u64;
+    // The trace ends when its last rooms do (a second after its last event): a scale-out or
+    // failure then or later would find nothing to move and report 0 moves.
+    let end = w.measure_until;
+    for (flag, at) in [
+        ("--scale-out-at", args.scale_out_at),
+        ("--fail-at", args.fail_at),
+    ] {
+        if let Some(s) = at.filter(|&s| ms(s) >= end) {
+            anyhow::bail!(
+                "{flag} {s} s is past the workload's end: {path} ends {} s after its first \
+                 event (every room gone), so nothing would be there to move",
+                end as f64 / SECOND as f64,
+                path = path.display()
+            );
+        }
+    }
     w.scale_out_at = args.scale_out_at.map(ms);
     w.fail_at = args.fail_at.map(ms);
     if let Some(first) = w.scale_out_at.into_iter().chain(w.fail_at).min() {
@@ -309,6 +325,34 @@ mod tests {
             report.setup
         );
         assert_eq!(report.workloads[0].results.len(), Policy::standard().len());
+    }
+
+    #[test]
+    fn a_scale_out_or_failure_at_or_past_the_traces_end_is_an_error() {
+        let path =
+            std::env::temp_dir().join(format!("roomrouter-trace-end-{}.log", std::process::id()));
+        // Ends at 61 s: the last event plus a second.
+        std::fs::write(&path, "0 a join\n0 b join\n60 a leave\n").unwrap();
+        let p = path.to_str().unwrap();
+        let run_with = |flag: &str, at: &str| {
+            let cli = Cli::parse_from(["x", "--trace", p, "--nodes", "2", flag, at]);
+            run(&cli.args)
+        };
+        let mut errs = Vec::new();
+        for flag in ["--scale-out-at", "--fail-at"] {
+            for at in ["61", "100"] {
+                errs.push((flag, at, run_with(flag, at).map(|_| ())));
+            }
+            assert!(run_with(flag, "30").is_ok(), "{flag} 30");
+        }
+        let _ = std::fs::remove_file(&path);
+        for (flag, at, r) in errs {
+            let err = r.expect_err(&format!("{flag} {at}")).to_string();
+            assert!(
+                err.contains(flag) && err.contains("past the workload's end"),
+                "{flag} {at}: {err}"
+            );
+        }
     }
 
     #[test]

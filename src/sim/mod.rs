@@ -982,11 +982,7 @@ impl<'a> Sim<'a> {
         PolicyResult {
             policy: self.policy.name(),
             spec: self.policy,
-            max_over_mean: if sm.busy > 0 {
-                sm.ratio_sum / sm.busy as f64
-            } else {
-                f64::NAN
-            },
+            max_over_mean: (sm.busy > 0).then(|| sm.ratio_sum / sm.busy as f64),
             busy_share: sm.busy as f64 / sm.samples.max(1) as f64,
             peak_utilization: sm.peak,
             offered_peak: sm.offered_peak,

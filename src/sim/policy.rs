@@ -79,17 +79,35 @@ impl Policy {
         }
     }
 
-    /// Every policy of the standard comparison: the default, each of our rules with and
-    /// without reservation (each router counting its own), then the five others.
+    /// Every policy of the standard comparison: the default, each of our rules with
+    /// reservations shared between routers as the default shares them (after
+    /// [`SHARED_DELAY_MS`]; for the default's rule that is the default itself, listed once),
+    /// each with reservation counted by each router alone and without reservation, then the
+    /// five others. So every rule is compared under the same sharing as the default.
     pub fn standard() -> Vec<Policy> {
         let mut v = vec![Policy::DEFAULT];
         for rule in ChoiceRule::ALL {
-            for reservation in [true, false] {
-                v.push(Policy::Ours {
+            let shared = Policy::Ours {
+                rule,
+                reservation: true,
+                shared_ms: Some(SHARED_DELAY_MS),
+            };
+            for p in [
+                shared,
+                Policy::Ours {
                     rule,
-                    reservation,
+                    reservation: true,
                     shared_ms: None,
-                });
+                },
+                Policy::Ours {
+                    rule,
+                    reservation: false,
+                    shared_ms: None,
+                },
+            ] {
+                if !v.contains(&p) {
+                    v.push(p);
+                }
             }
         }
         v.extend([
@@ -144,6 +162,14 @@ impl Policy {
                 ..
             }
         )
+    }
+
+    /// One of ours: its choice rule.
+    pub fn rule(&self) -> Option<ChoiceRule> {
+        match *self {
+            Policy::Ours { rule, .. } => Some(rule),
+            _ => None,
+        }
     }
 
     /// With reservation shared between routers: the propagation delay in milliseconds.
@@ -435,6 +461,37 @@ mod tests {
         let standard = Policy::standard();
         assert_eq!(standard[0], Policy::DEFAULT);
         assert!(standard.contains(&Policy::OWN_RESERVATIONS));
+    }
+
+    #[test]
+    fn the_standard_set_has_every_rule_with_shared_and_with_own_reservations_once() {
+        let standard = Policy::standard();
+        for rule in ChoiceRule::ALL {
+            let shared = Policy::Ours {
+                rule,
+                reservation: true,
+                shared_ms: Some(SHARED_DELAY_MS),
+            };
+            assert!(standard.contains(&shared), "{} missing", shared.name());
+            assert_eq!(
+                shared.name(),
+                format!("ours:{}+res+shared{SHARED_DELAY_MS}ms", rule.name())
+            );
+            for reservation in [true, false] {
+                let own = Policy::Ours {
+                    rule,
+                    reservation,
+                    shared_ms: None,
+                };
+                assert!(standard.contains(&own), "{} missing", own.name());
+            }
+        }
+        // No policy twice (the default is least_loaded's shared variant).
+        let mut names: Vec<String> = standard.iter().map(Policy::name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), standard.len());
+        assert_eq!(standard.len(), 1 + 3 * 3 - 1 + 5);
     }
 
     #[test]

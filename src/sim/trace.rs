@@ -75,11 +75,17 @@ fn parse_line(line: &str, no: usize) -> anyhow::Result<Option<Event>> {
     let size = match fields.get(3) {
         None => None,
         Some(f) if !join => bail!("line {no}: a leave carries no size (got {f:?})"),
-        Some(f) => Some(
-            f.trim_start_matches("size=")
+        Some(f) => {
+            let size = f
+                .trim_start_matches("size=")
                 .parse()
-                .with_context(|| format!("line {no}: bad size {f:?}"))?,
-        ),
+                .with_context(|| format!("line {no}: bad size {f:?}"))?;
+            // As the router: a size hint of 0 is refused, not taken as no hint.
+            if size == 0 {
+                bail!("line {no}: bad size {f:?}: size must be a positive integer");
+            }
+            Some(size)
+        }
     };
     Ok(Some(Event {
         // In range: checked above.
@@ -240,6 +246,20 @@ mod tests {
     }
 
     #[test]
+    fn a_size_of_0_is_an_error_naming_the_line_as_the_router_refuses_it() {
+        for zero in ["size=0", "0"] {
+            let text = format!("0 a join size=3\n1 b join {zero}\n2 a leave\n");
+            let err = parse_trace(&text, "t").unwrap_err().to_string();
+            assert!(
+                err.contains("line 2") && err.contains("positive integer"),
+                "{zero}: {err}"
+            );
+        }
+        let w = parse_trace("0 a join size=1\n", "t").unwrap();
+        assert_eq!(w.sessions[0].hint, Some(1));
+    }
+
+    #[test]
     fn a_time_too_large_for_milliseconds_is_an_error_naming_the_line() {
         // 1e300 s saturated to u64::MAX ms, and the end (one second after it) overflowed.
         for time in ["1e300", "1e16", "9007199254741"] {
@@ -279,7 +299,7 @@ mod tests {
         let p = crate::sim::Policy::DEFAULT;
         let r = crate::sim::simulate(&epoch, p, &cfg);
         // Shares are of the trace's own 91 s, not diluted by an idle prefix.
-        assert!(r.busy_share > 0.6 && r.max_over_mean.is_finite(), "{r:?}");
+        assert!(r.busy_share > 0.6 && r.max_over_mean.is_some(), "{r:?}");
         assert_eq!(r, crate::sim::simulate(&zero, p, &cfg));
     }
 

@@ -172,7 +172,6 @@ struct Booked {
     session: usize,
     node: usize,
     r: Reservation,
-    sent: u32,
 }
 
 struct Router {
@@ -741,8 +740,10 @@ impl<'a> Sim<'a> {
             .iter_mut()
             .find(|b| b.session == s && b.node == node)
         {
-            b.sent += 1;
-            let consumed = b.r.observe(b.sent) as f64;
+            // As `ReservationBook::arrive_one`: one more arrival on top of what the
+            // reservation knows (its own joins, or the node's count at the last report,
+            // which includes other routers' joins), not this router's own total of joins.
+            let consumed = b.r.observe(b.r.arrived.saturating_add(1)) as f64;
             router.reserved[node] -= consumed;
             self.publish(t, r, node, -consumed);
         }
@@ -814,7 +815,6 @@ impl<'a> Sim<'a> {
             session: s,
             node,
             r: Reservation::new(size, t, ttl),
-            sent: 0,
         });
         router.reserved[node] += size as f64;
         for (old, amount) in released {
@@ -1283,6 +1283,49 @@ mod tests {
         let shared = sim.shared.as_mut().unwrap();
         shared.advance(10_000);
         assert_eq!(shared.total[old], 0.0);
+    }
+
+    #[test]
+    fn a_join_after_a_report_consumes_one_unit_of_the_routers_reservation_as_the_router_does() {
+        // Room "a" (hint 10), two routers: router 0 places it (reserved 9), router 1 sends
+        // the second participant, the node reports 2 (reserved 8), router 0 sends the third.
+        // The router (`ReservationBook::arrive_one`) counts one more arrival on top of the
+        // report's 2: 7 left. Counting only router 0's own 2 joins consumed nothing: 8.
+        let stays = (0..16)
+            .map(|k| workload::Stay {
+                join: 1_000 + k,
+                leave: 50_000,
+            })
+            .collect();
+        let w = Workload {
+            name: "arrivals".into(),
+            sessions: vec![workload::Session {
+                room: "a".into(),
+                hint: Some(10),
+                stays,
+            }],
+            bursts: vec![],
+            measure_until: 60_000,
+            scale_out_at: None,
+            fail_at: None,
+            end: 60_000,
+            learned: vec![],
+        };
+        let cfg = SimConfig::new(2, 100.0, 2, 10_000, 1);
+        let mut sim = Sim::new(&w, Policy::default_shared(0), &cfg);
+        let of =
+            |r: usize| -> Vec<usize> { (0..16).filter(|&p| sim.router_of(0, p) == r).collect() };
+        let (r0, r1) = (of(0), of(1));
+        let (p0, p1, p2) = (r0[0], r1[0], r0[1]);
+        sim.join(1_000, 0, p0, false);
+        let node = sim.rooms[0].pin.unwrap();
+        assert_eq!(sim.routers[0].reserved[node], 9.0);
+        sim.join(1_100, 0, p1, false);
+        assert_eq!(sim.rooms[0].pin, Some(node));
+        sim.heartbeat(10_000, node);
+        assert_eq!(sim.routers[0].reserved[node], 8.0);
+        sim.join(10_100, 0, p2, false);
+        assert_eq!(sim.routers[0].reserved[node], 7.0);
     }
 
     /// Sessions of `n` participants each (stays long enough for any test here), no hints.

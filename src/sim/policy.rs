@@ -300,9 +300,6 @@ pub fn two_choice(nodes: &[ViewNode], now: Millis, p: &Params, rng: &mut StdRng)
     }
 }
 
-/// Points per unit of relative weight on the ring (HAProxy uses a few dozen to a few hundred).
-pub const RING_POINTS: f64 = 100.0;
-
 /// HAProxy's `BE_WEIGHT_SCALE`: a server's effective weight (`cur_eweight`) under consistent
 /// hashing is its configured `weight` times this.
 pub const BE_WEIGHT_SCALE: u64 = 16;
@@ -351,8 +348,10 @@ pub fn haproxy_slots(
     slots.max(1)
 }
 
-/// A consistent-hash ring over every node the run may ever have, with each node's HAProxy
-/// effective weight for the bounded-load check.
+/// A consistent-hash ring over every node the run may ever have, as HAProxy's `lb_chash.c`
+/// builds it: each node has one point per unit of its effective weight (`weight *
+/// BE_WEIGHT_SCALE`, weights from [`haproxy_weights`], 4 096 points for a node of weight 256),
+/// the same effective weights the bounded-load check uses.
 #[derive(Debug, Clone)]
 pub struct Ring {
     points: Vec<(u64, usize)>,
@@ -361,33 +360,61 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Node `i` gets `RING_POINTS * capacity_i / mean capacity` points.
+    /// Node `i` gets `eweight_i` points.
     pub fn new(hashes: &[u64], capacities: &[f64]) -> Ring {
-        let mean = capacities.iter().sum::<f64>() / capacities.len().max(1) as f64;
-        let mut points = Vec::new();
-        for (i, (&h, &c)) in hashes.iter().zip(capacities).enumerate() {
-            let n = (RING_POINTS * c / mean).round().max(1.0) as u64;
-            points.extend((0..n).map(|k| (pair_hash(k, h), i)));
-        }
-        points.sort_unstable();
-        let eweights = haproxy_weights(capacities)
+        let eweights: Vec<u64> = haproxy_weights(capacities)
             .into_iter()
             .map(|w| w * BE_WEIGHT_SCALE)
             .collect();
+        let mut points = Vec::with_capacity(eweights.iter().sum::<u64>() as usize);
+        for (i, (&h, &n)) in hashes.iter().zip(&eweights).enumerate() {
+            points.extend((0..n).map(|k| (pair_hash(k, h), i)));
+        }
+        points.sort_unstable();
         Ring { points, eweights }
     }
 
-    /// Nodes clockwise from `key`, one entry per point, once round the ring.
-    pub fn walk(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
-        let start = self.points.partition_point(|&(p, _)| p < key);
-        self.points[start..]
-            .iter()
-            .chain(&self.points[..start])
-            .map(|&(_, i)| i)
+    /// How many points node `i` has on the ring.
+    pub fn points_of(&self, i: usize) -> usize {
+        self.points.iter().filter(|&&(_, n)| n == i).count()
+    }
+
+    /// The `usable` nodes' points from `key` on, one entry per point, once round the ring,
+    /// as HAProxy's `chash_get_server_hash` looks them up (an unusable server is not in its
+    /// tree): it starts at the nearer of the point before `key` and the first point at or
+    /// after it (the one before on a tie, `dp <= dn`), then goes clockwise.
+    pub fn walk<'a>(
+        &'a self,
+        key: u64,
+        usable: impl Fn(usize) -> bool + 'a,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let n = self.points.len();
+        let at = self.points.partition_point(|&(p, _)| p < key);
+        let next = (0..n)
+            .map(|k| (at + k) % n)
+            .find(|&j| usable(self.points[j].1));
+        let prev = (1..=n)
+            .map(|k| (at + n - k) % n)
+            .find(|&j| usable(self.points[j].1));
+        let start = match (prev, next) {
+            (Some(pj), Some(nj)) => {
+                let dp = key.wrapping_sub(self.points[pj].0);
+                let dn = self.points[nj].0.wrapping_sub(key);
+                if dp <= dn {
+                    pj
+                } else {
+                    nj
+                }
+            }
+            _ => 0,
+        };
+        (0..n)
+            .map(move |k| self.points[(start + k) % n].1)
+            .filter(move |&i| usable(i))
     }
 }
 
-/// HAProxy `hash-type consistent`: the first healthy node clockwise from the room's hash.
+/// HAProxy `hash-type consistent`: the healthy node nearest the room's hash.
 pub fn consistent(
     ring: &Ring,
     nodes: &[ViewNode],
@@ -395,13 +422,15 @@ pub fn consistent(
     now: Millis,
     p: &Params,
 ) -> Option<usize> {
-    ring.walk(room).find(|&i| healthy(&nodes[i], now, p))
+    let first = ring.walk(room, |i| healthy(&nodes[i], now, p)).next();
+    first
 }
 
 /// HAProxy consistent hashing with bounded loads (`hash-balance-factor`, `factor` = 1.25 for
-/// 125): the first healthy node clockwise that [`haproxy_slots`] finds eligible, its usable
-/// servers being the healthy nodes (weights in node order, as in HAProxy's configuration) and
-/// its served counts the nodes' whole `served`; if none, the first healthy node.
+/// 125): from the nearest point on, clockwise, the first healthy node that [`haproxy_slots`]
+/// finds eligible, its usable servers being the healthy nodes (weights in node order, as in
+/// HAProxy's configuration) and its served counts the nodes' whole `served`; if none, the
+/// nearest healthy node.
 pub fn bounded(
     ring: &Ring,
     nodes: &[ViewNode],
@@ -421,15 +450,13 @@ pub fn bounded(
             tot_weight += ring.eweights[i];
         }
     }
-    ring.walk(room)
-        .find(|&i| {
-            cumulative[i].is_some_and(|cum| {
-                let slots =
-                    haproxy_slots(served, balance_factor, tot_weight, cum, ring.eweights[i]);
-                nodes[i].served < slots
-            })
+    let found = ring.walk(room, |i| cumulative[i].is_some()).find(|&i| {
+        cumulative[i].is_some_and(|cum| {
+            let slots = haproxy_slots(served, balance_factor, tot_weight, cum, ring.eweights[i]);
+            nodes[i].served < slots
         })
-        .or_else(|| consistent(ring, nodes, room, now, p))
+    });
+    found.or_else(|| consistent(ring, nodes, room, now, p))
 }
 
 #[cfg(test)]
@@ -552,11 +579,62 @@ mod tests {
         assert_eq!(consistent(&ring, &hot, 42, 1, &p), Some(first));
     }
 
+    #[test]
+    fn the_ring_gives_each_node_its_haproxy_effective_weight_in_points() {
+        // lb_chash.c: a server has `uweight * BE_WEIGHT_SCALE` points; 20 equal nodes have
+        // weight 256 each, so 4 096 points, the effective weight the bounded check uses.
+        let hashes: Vec<u64> = (0..20).map(|i| pair_hash(i, 99)).collect();
+        let ring = Ring::new(&hashes, &[100.0; 20]);
+        assert_eq!(ring.eweights[0], 256 * BE_WEIGHT_SCALE);
+        assert_eq!(ring.points_of(0) as u64, ring.eweights[0]);
+        assert_eq!(ring.points_of(0), 4_096);
+        // Unequal capacities: weights 64 and 256, points 1 024 and 4 096.
+        let ring = Ring::new(&hashes[..2], &[100.0, 400.0]);
+        assert_eq!((ring.points_of(0), ring.points_of(1)), (1_024, 4_096));
+    }
+
+    #[test]
+    fn the_ring_starts_at_the_nearer_point_as_haproxy_does() {
+        // chash_get_server_hash: the point before the key when it is at least as near as
+        // the one after (`dp <= dn`), not always the one after.
+        let hashes: Vec<u64> = (0..3).map(|i| pair_hash(i, 99)).collect();
+        let ring = Ring::new(&hashes, &[100.0; 3]);
+        let j = (0..ring.points.len() - 1)
+            .find(|&j| {
+                ring.points[j].1 != ring.points[j + 1].1
+                    && ring.points[j + 1].0 - ring.points[j].0 > 2
+            })
+            .unwrap();
+        let (before, after) = (ring.points[j], ring.points[j + 1]);
+        let all = |_| true;
+        assert_eq!(ring.walk(before.0 + 1, all).next(), Some(before.1));
+        assert_eq!(ring.walk(after.0 - 1, all).next(), Some(after.1));
+        // Exactly halfway (or the nearest key to it) and on a point.
+        let mid = before.0 + (after.0 - before.0) / 2;
+        let expect = if mid - before.0 <= after.0 - mid {
+            before.1
+        } else {
+            after.1
+        };
+        assert_eq!(ring.walk(mid, all).next(), Some(expect));
+        assert_eq!(ring.walk(after.0, all).next(), Some(after.1));
+        // An unusable node's points are not there: the nearest usable one is taken.
+        let v = views(&[0.0, 0.0, 0.0]);
+        let mut down = v.clone();
+        down[before.1].last_heartbeat = None;
+        let p = Params::default();
+        assert_ne!(
+            consistent(&ring, &down, before.0 + 1, 1, &p),
+            Some(before.1)
+        );
+        assert_eq!(consistent(&ring, &v, before.0 + 1, 1, &p), Some(before.1));
+    }
+
     /// A key whose ring walk starts at node `i`.
     fn key_starting_at(ring: &Ring, i: usize) -> u64 {
         (0..10_000)
             .map(|k| pair_hash(k, 7))
-            .find(|&k| ring.walk(k).next() == Some(i))
+            .find(|&k| ring.walk(k, |_| true).next() == Some(i))
             .expect("a node with points on the ring starts some walk")
     }
 
@@ -619,7 +697,7 @@ mod tests {
         let hashes: Vec<u64> = v.iter().map(|n| n.hash).collect();
         let ring = Ring::new(&hashes, &[100.0; 3]);
         let key = key_starting_at(&ring, 0);
-        let next = ring.walk(key).find(|&i| i != 0);
+        let next = ring.walk(key, |_| true).find(|&i| i != 0);
         assert_eq!(bounded(&ring, &v, key, 1, &Params::default(), 1.25), next);
         assert_eq!(consistent(&ring, &v, key, 1, &Params::default()), Some(0));
     }

@@ -38,7 +38,7 @@
 //! A join counts as answered once its whole answer is read within `--timeout` (as in
 //! [`rate`](super::rate)): an answer whose body stalls past the timeout is a `timeout`
 //! (missing from the latency figures, which the report then flags), one whose body fails or
-//! is over [`ANSWER_MAX`] is the error [`BODY_FAILED`] or [`BODY_TOO_LARGE`].
+//! is over `ANSWER_MAX` (64 KiB) is the error [`BODY_FAILED`] or [`BODY_TOO_LARGE`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -76,7 +76,7 @@ pub const TIMEOUT: &str = "timeout";
 /// Error key of a join whose answer's head came but whose body failed (the connection reset
 /// or closed mid-body, say).
 pub const BODY_FAILED: &str = "answer body failed";
-/// Error key of a join whose answer's body was longer than [`ANSWER_MAX`].
+/// Error key of a join whose answer's body was longer than `ANSWER_MAX` (64 KiB).
 pub const BODY_TOO_LARGE: &str = "answer body too large";
 /// Node error key of a leave the node answered `404` (it holds nobody of the room).
 pub const LEAVE_404: &str = "leave 404";

@@ -1235,21 +1235,17 @@ mod tests {
         assert_eq!(r.peak_utilization, 1.0);
     }
 
-    #[test]
-    fn a_room_placed_again_elsewhere_releases_its_old_reservation_at_the_old_nodes_report() {
-        // Room "a" (hint 10): its first participant joins through router 0 and leaves, so the
-        // room empties and its pin is released; the next joins through router 1, which sees
-        // router 0's reservation (shared at once) and places the room on the other node.
-        // At the first node's report router 0 releases its reservation there: the room is
-        // no longer on that node, though it is pinned (elsewhere).
+    /// Room "a" with a size hint of 10 and 16 participants joining from 1 s, one a
+    /// millisecond, all staying to 50 s.
+    fn one_room_of_ten(name: &str) -> Workload {
         let stays = (0..16)
             .map(|k| workload::Stay {
                 join: 1_000 + k,
                 leave: 50_000,
             })
             .collect();
-        let w = Workload {
-            name: "replaced".into(),
+        Workload {
+            name: name.into(),
             sessions: vec![workload::Session {
                 room: "a".into(),
                 hint: Some(10),
@@ -1261,7 +1257,17 @@ mod tests {
             fail_at: None,
             end: 60_000,
             learned: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn a_room_placed_again_elsewhere_releases_its_old_reservation_at_the_old_nodes_report() {
+        // Room "a" (hint 10): its first participant joins through router 0 and leaves, so the
+        // room empties and its pin is released; the next joins through router 1, which sees
+        // router 0's reservation (shared at once) and places the room on the other node.
+        // At the first node's report router 0 releases its reservation there: the room is
+        // no longer on that node, though it is pinned (elsewhere).
+        let w = one_room_of_ten("replaced");
         let cfg = SimConfig::new(2, 100.0, 2, 10_000, 1);
         let mut sim = Sim::new(&w, Policy::default_shared(0), &cfg);
         let through = |r: usize| (0..16).find(|&p| sim.router_of(0, p) == r).unwrap();
@@ -1291,26 +1297,7 @@ mod tests {
         // the second participant, the node reports 2 (reserved 8), router 0 sends the third.
         // The router (`ReservationBook::arrive_one`) counts one more arrival on top of the
         // report's 2: 7 left. Counting only router 0's own 2 joins consumed nothing: 8.
-        let stays = (0..16)
-            .map(|k| workload::Stay {
-                join: 1_000 + k,
-                leave: 50_000,
-            })
-            .collect();
-        let w = Workload {
-            name: "arrivals".into(),
-            sessions: vec![workload::Session {
-                room: "a".into(),
-                hint: Some(10),
-                stays,
-            }],
-            bursts: vec![],
-            measure_until: 60_000,
-            scale_out_at: None,
-            fail_at: None,
-            end: 60_000,
-            learned: vec![],
-        };
+        let w = one_room_of_ten("arrivals");
         let cfg = SimConfig::new(2, 100.0, 2, 10_000, 1);
         let mut sim = Sim::new(&w, Policy::default_shared(0), &cfg);
         let of =

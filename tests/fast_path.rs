@@ -293,6 +293,17 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: router.test\r\n\r\n")
 }
 
+/// Stops `r` and checks that the stop closes `c` (`closed` says which connection, for
+/// `what`) and returns within 5 s (`returns` says why it should).
+async fn stop_closing(r: TestRouter, c: &mut Raw, what: &str, closed: &str, returns: &str) {
+    let stopped = tokio::spawn(r.stop());
+    assert!(c.closed().await, "{what}: {closed}");
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: {returns}"))
+        .unwrap();
+}
+
 /// `room` has no pin: a refused request placed nothing.
 async fn assert_not_placed(r: &TestRouter, room: &str) {
     let pin = r
@@ -798,15 +809,15 @@ async fn shutdown_closes_idle_fast_path_connections() {
         let (r, _node, mut c) = cluster_with(cfg, script).await;
         c.send(&get("/rooms/idle")).await;
         assert_eq!(c.answer().await.body, b"ok");
-        let stopped = tokio::spawn(r.stop());
-        assert!(
-            c.closed().await,
-            "fast path {fast_path}, {loops} loops: the idle connection is closed at shutdown"
-        );
-        tokio::time::timeout(Duration::from_secs(5), stopped)
-            .await
-            .expect("shutdown does not wait out the grace period")
-            .unwrap();
+        let what = format!("fast path {fast_path}, {loops} loops");
+        stop_closing(
+            r,
+            &mut c,
+            &what,
+            "the idle connection is closed at shutdown",
+            "shutdown does not wait out the grace period",
+        )
+        .await;
     }
 }
 
@@ -822,15 +833,15 @@ async fn shutdown_does_not_wait_for_a_connection_that_sent_nothing() {
         let mut c = Raw::connect(&r).await;
         // Served (accepted and waiting for its first bytes) before the stop.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let stopped = tokio::spawn(r.stop());
-        assert!(
-            c.closed().await,
-            "fast path {fast_path}, {loops} loops: the silent connection is closed at shutdown"
-        );
-        tokio::time::timeout(Duration::from_secs(5), stopped)
-            .await
-            .expect("shutdown does not wait for a connection that asked for nothing")
-            .unwrap();
+        let what = format!("fast path {fast_path}, {loops} loops");
+        stop_closing(
+            r,
+            &mut c,
+            &what,
+            "the silent connection is closed at shutdown",
+            "shutdown does not wait for a connection that asked for nothing",
+        )
+        .await;
     }
 }
 
@@ -853,15 +864,15 @@ async fn a_connection_still_busy_when_the_grace_is_over_is_closed() {
                 "fast path {fast_path}, {loops} loops: the answer's start arrives"
             );
         }
-        let stopped = tokio::spawn(r.stop());
-        assert!(
-            c.closed().await,
-            "fast path {fast_path}, {loops} loops: the busy connection is closed once the grace is over"
-        );
-        tokio::time::timeout(Duration::from_secs(5), stopped)
-            .await
-            .expect("the stop returns soon after the grace")
-            .unwrap();
+        let what = format!("fast path {fast_path}, {loops} loops");
+        stop_closing(
+            r,
+            &mut c,
+            &what,
+            "the busy connection is closed once the grace is over",
+            "the stop returns soon after the grace",
+        )
+        .await;
     }
 }
 

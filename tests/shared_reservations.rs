@@ -49,6 +49,19 @@ async fn pair(url: &str, prefix: &str, share: Option<bool>) -> (Served, Served) 
     (a, b)
 }
 
+/// Router `a` places a room of 5 000 units on n1; router `b` sees the reservation within 2 s.
+async fn a_reserves_and_b_sees_it(c: &reqwest::Client, a: &Served, b: &Served) {
+    assert_eq!(place(c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            others_reserved(b, "n1") == 5_000.0
+        })
+        .await,
+        "router B sees A's reservation: {}",
+        others_reserved(b, "n1")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
     let Some((url, _private)) = redis_for("shared_reservations") else {
@@ -72,15 +85,7 @@ async fn a_new_room_reserved_on_one_router_counts_on_the_others() {
     // on n1 within milliseconds and sends the next big room to n2.
     let p = prefix("shared");
     let (a, b) = pair(&url, &p, None).await;
-    assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            others_reserved(&b, "n1") == 5_000.0
-        })
-        .await,
-        "router B sees A's reservation: {}",
-        others_reserved(&b, "n1")
-    );
+    a_reserves_and_b_sees_it(&c, &a, &b).await;
     assert_eq!(
         others_reserved(&a, "n1"),
         0.0,
@@ -271,15 +276,7 @@ async fn a_silent_routers_reservation_is_forgotten_during_a_redis_outage_too() {
     let c = client();
     let p = prefix("reserved-outage");
     let (a, b) = pair(&redis.url(), &p, None).await;
-    assert_eq!(place(&c, &a.base(), "big-a?size=5000").await.unwrap(), "n1");
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            others_reserved(&b, "n1") == 5_000.0
-        })
-        .await,
-        "router B sees A's reservation: {}",
-        others_reserved(&b, "n1")
-    );
+    a_reserves_and_b_sees_it(&c, &a, &b).await;
     redis.stop();
     a.stop().await;
     // n1 keeps heartbeating router B directly; B hears nothing from A (nor from Redis).

@@ -850,8 +850,14 @@ impl Inner {
             // Asked outside the PING's time (bounded by `command_timeout`): a slow INFO
             // after an answered PING is no outage.
             Ok(Ok(())) => match self.restart_seen(&mut c).await {
-                None => Probe::Answers,
-                Some(restarted) => Probe::Restarted(restarted),
+                Ok(Some(restarted)) => Probe::Restarted(restarted),
+                Ok(None) => Probe::Answers,
+                Err(e) => {
+                    // The PING was answered; a recovery reads the run id again before it
+                    // trusts the server.
+                    tracing::debug!(error = %e, "run id not read by the probe");
+                    Probe::Answers
+                }
             },
             Ok(Err(failed)) => Probe::Unreachable(failed),
             Err(_) => Probe::Unreachable(format!("no answer to {what}")),
@@ -878,19 +884,15 @@ impl Inner {
     }
 
     /// Whether the server answering on `c` is another than the one the store last caught
-    /// up with (a restart, or with Sentinel a new master): `Some` says so. `None` too when
-    /// there is nothing to compare (Cluster, no recovery yet) or `INFO` fails (the PING
-    /// was answered; a recovery reads the run id again before it trusts the server).
-    async fn restart_seen(&self, c: &mut Conn) -> Option<String> {
-        let now = match self.run_id_on(c).await {
-            Ok(id) => id?,
-            Err(e) => {
-                tracing::debug!(error = %e, "run id not read by the probe");
-                return None;
-            }
+    /// up with (a restart, or with Sentinel a new master): `Some` says so. `None` when
+    /// there is nothing to compare (Cluster, no recovery yet).
+    async fn restart_seen(&self, c: &mut Conn) -> Result<Option<String>, StoreError> {
+        let Some(now) = self.run_id_on(c).await? else {
+            return Ok(None);
         };
-        self.restarted(Some(&now))
-            .then(|| format!("Redis restarted (its run id is now {now})"))
+        Ok(self
+            .restarted(Some(&now))
+            .then(|| format!("Redis restarted (its run id is now {now})")))
     }
 
     /// The subscription ended, fell silent or could not be opened again. Redis may still
@@ -1300,12 +1302,8 @@ impl Inner {
         if !contradicts {
             return Ok(());
         }
-        let now = self.run_id_on(&mut self.conn()).await?;
-        if self.restarted(now.as_deref()) {
-            let why = format!(
-                "Redis restarted (its run id is now {}; a reply lost the pin of {room})",
-                now.unwrap_or_default()
-            );
+        if let Some(restarted) = self.restart_seen(&mut self.conn()).await? {
+            let why = format!("{restarted}; a reply lost the pin of {room}");
             self.mark_restarted(&why);
             return Err(StoreError(why));
         }

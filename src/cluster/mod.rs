@@ -122,11 +122,22 @@ pub fn check_url(s: &str) -> Result<(), String> {
 #[derive(Debug, Default)]
 pub struct Cluster {
     snapshot: ArcSwap<Snapshot>,
-    /// Taken by every writer. It holds the admin states (drain, disable) of nodes removed
-    /// while under one: a node that comes back under its id gets its admin's state back, so
-    /// neither leaving (on its own, or removed once drained) nor returning lifts it; only an
-    /// admin's `enable` does.
-    writers: Mutex<HashMap<NodeId, AdminState>>,
+    /// Taken by every writer.
+    writers: Mutex<Writers>,
+}
+
+/// What only writers touch, under [`Cluster`]'s mutex.
+#[derive(Debug, Default)]
+struct Writers {
+    /// The admin states (drain, disable) of nodes removed while under one: a node that
+    /// comes back under its id gets its admin's state back, so neither leaving (on its own,
+    /// or removed once drained) nor returning lifts it; only an admin's `enable` does.
+    removed: HashMap<NodeId, AdminState>,
+    /// How many admin-state changes were made ([`Cluster::admin_mark`]), and the number of
+    /// each node's latest: a state read from a shared store before a change is older than
+    /// it ([`Cluster::set_admin_state_unless_changed`]).
+    admin_changes: u64,
+    admin_changed: HashMap<NodeId, u64>,
 }
 
 /// What an upsert did.
@@ -160,7 +171,7 @@ impl Cluster {
                 return (Upsert::Unchanged, e.clone());
             }
         }
-        let mut removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.snapshot.load_full();
         let mut nodes = cur.nodes.clone();
         let (outcome, entry) = match cur.position(id) {
@@ -180,7 +191,7 @@ impl Cluster {
             }
             None => {
                 let live = Live::default();
-                if let Some(s) = removed.remove(id) {
+                if let Some(s) = w.removed.remove(id) {
                     live.set_admin_state(s);
                 }
                 let e = NodeEntry::new(id.clone(), info, Arc::new(live), is_static);
@@ -194,14 +205,14 @@ impl Cluster {
 
     /// Removes a node. Its rooms are re-placed on their next join.
     pub fn remove(&self, id: &NodeId) -> Option<NodeEntry> {
-        let mut removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.snapshot.load_full();
         let i = cur.position(id)?;
         let mut nodes = cur.nodes.clone();
         let gone = nodes.remove(i);
         let state = gone.live.admin_state();
         if state != AdminState::Active {
-            removed.insert(gone.id.clone(), state);
+            w.removed.insert(gone.id.clone(), state);
         }
         self.snapshot.store(Arc::new(Snapshot::new(nodes)));
         Some(gone)
@@ -210,7 +221,42 @@ impl Cluster {
     /// Sets a node's admin state; false if the node is unknown. For a node removed under
     /// an admin state (another router's admin acting on it), the state it comes back with.
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
-        let mut removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_admin_state_locked(&mut w, id, state)
+    }
+
+    /// A mark in the order of admin-state changes: every change made after this call is
+    /// newer than it ([`Cluster::set_admin_state_unless_changed`]).
+    pub fn admin_mark(&self) -> u64 {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admin_changes
+    }
+
+    /// Sets a node's admin state as read before `mark` (a shared store's re-sync), unless
+    /// it was changed since (by this router's admin or by news from another router): that
+    /// change is at least as new as the read, which must not undo it. True if set.
+    pub fn set_admin_state_unless_changed(
+        &self,
+        id: &NodeId,
+        state: AdminState,
+        mark: u64,
+    ) -> bool {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if w.admin_changed.get(id).is_some_and(|&n| n > mark) {
+            return false;
+        }
+        self.set_admin_state_locked(&mut w, id, state);
+        true
+    }
+
+    fn set_admin_state_locked(&self, w: &mut Writers, id: &NodeId, state: AdminState) -> bool {
+        w.admin_changes += 1;
+        let n = w.admin_changes;
+        // At most one entry per node this router ever heard an admin state of: the admin
+        // hash holds one per node as well.
+        w.admin_changed.insert(id.clone(), n);
         match self.snapshot().get(id) {
             Some(e) => {
                 e.live.set_admin_state(state);
@@ -218,8 +264,8 @@ impl Cluster {
             }
             None => {
                 if state == AdminState::Active {
-                    removed.remove(id);
-                } else if let Some(s) = removed.get_mut(id) {
+                    w.removed.remove(id);
+                } else if let Some(s) = w.removed.get_mut(id) {
                     *s = state;
                 }
                 false
@@ -230,8 +276,8 @@ impl Cluster {
     /// The admin state a removed (or never seen) node comes back with: `Active` unless it
     /// was removed under an admin's drain or disable.
     pub fn removed_state(&self, id: &NodeId) -> AdminState {
-        let removed = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        removed.get(id).copied().unwrap_or(AdminState::Active)
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        w.removed.get(id).copied().unwrap_or(AdminState::Active)
     }
 
     pub fn len(&self) -> usize {

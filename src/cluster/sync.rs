@@ -379,6 +379,28 @@ impl NodeSync {
             .set_others_reserved_milli(self.others_reserved_milli(id.as_str()));
     }
 
+    /// An admin state a shared store's re-sync read after `mark` ([`Cluster::admin_mark`]),
+    /// taken unless the node's admin state changed here since: by this router's admin (a
+    /// drain the read came too early to see) or by news from another router, either at
+    /// least as new as the read. Without this, a re-sync whose read crossed a drain undid
+    /// it here until the next re-sync (`store.resync_interval`). True if taken.
+    pub fn apply_resynced_admin(
+        &self,
+        cluster: &Cluster,
+        id: &str,
+        state: AdminState,
+        mark: u64,
+    ) -> bool {
+        let Ok(nid) = NodeId::parse(id) else {
+            return false;
+        };
+        if !cluster.set_admin_state_unless_changed(&nid, state, mark) {
+            return false;
+        }
+        self.admin.insert(id.to_string(), state);
+        true
+    }
+
     /// Applies one update, `now` by this router's clock. Returns false if it was malformed
     /// or stale and changed nothing.
     ///
@@ -812,6 +834,58 @@ mod tests {
         assert!(s.apply(&c, &report(3_000, 0.0), NOW));
         let e = c.snapshot().get(&id).cloned().unwrap();
         assert_eq!(e.live.admin_state(), AdminState::Disabled);
+    }
+
+    #[test]
+    fn a_resync_read_from_before_a_drain_does_not_undo_it() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(1_000, 0.0), NOW));
+        let state = || c.snapshot().get(&id).unwrap().live.admin_state();
+        // The re-sync starts reading the admin hash (n1: active) ...
+        let mark = c.admin_mark();
+        // ... this router's admin drains n1 meanwhile ...
+        c.set_admin_state(&id, AdminState::Draining);
+        s.own(
+            &NodeUpdate::Admin {
+                id: "n1".into(),
+                state: AdminState::Draining,
+            },
+            NOW,
+        );
+        // ... and the read comes back with what it saw before.
+        assert!(!s.apply_resynced_admin(&c, "n1", AdminState::Active, mark));
+        assert_eq!(state(), AdminState::Draining);
+        // News from another router after the read started is newer than the read too.
+        let mark = c.admin_mark();
+        assert!(s.apply(
+            &c,
+            &NodeUpdate::Admin {
+                id: "n1".into(),
+                state: AdminState::Disabled,
+            },
+            NOW,
+        ));
+        assert!(!s.apply_resynced_admin(&c, "n1", AdminState::Draining, mark));
+        assert_eq!(state(), AdminState::Disabled);
+        // A read that began after every change here is taken: it repairs a lost message.
+        let mark = c.admin_mark();
+        assert!(s.apply_resynced_admin(&c, "n1", AdminState::Active, mark));
+        assert_eq!(state(), AdminState::Active);
+        // Also for a node this router does not know yet: remembered for when it reports.
+        let mark = c.admin_mark();
+        assert!(s.apply_resynced_admin(&c, "n2", AdminState::Disabled, mark));
+        let mut n2_report = report(1_000, 0.0);
+        if let NodeUpdate::Report { id, .. } = &mut n2_report {
+            *id = "n2".into();
+        }
+        assert!(s.apply(&c, &n2_report, NOW));
+        let n2 = NodeId::parse("n2").unwrap();
+        assert_eq!(
+            c.snapshot().get(&n2).unwrap().live.admin_state(),
+            AdminState::Disabled
+        );
     }
 
     #[test]

@@ -462,6 +462,10 @@ struct Inner {
     /// could not be written: kept by [`pending_node_key`] until written, by the writer's next
     /// round once Redis answers again, or by the write-back after an outage.
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
+    /// Admin changes this router shared that the node writer has not taken care of yet
+    /// (written, or kept in `pending_nodes`), by node: the admin hash a re-sync reads may
+    /// not have them ([`Inner::resync_admin`]).
+    admin_in_flight: Mutex<HashMap<String, u32>>,
     /// Held by whoever writes node changes (the node writer, the supervisor's write-back of
     /// kept ones), so that they reach Redis in the order they were made.
     node_writes: tokio::sync::Mutex<()>,
@@ -668,6 +672,7 @@ impl RedisStore {
             writing: RoomMap::default(),
             pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
+            admin_in_flight: Mutex::new(HashMap::new()),
             node_writes: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
@@ -2109,14 +2114,6 @@ impl Inner {
                     .query_async(&mut c),
             )
             .await?;
-        let admin: HashMap<String, String> = self
-            .run(
-                "admin",
-                redis::cmd("HGETALL")
-                    .arg(&self.keys.admin)
-                    .query_async(&mut c),
-            )
-            .await?;
         let registered: HashSet<String> = self
             .run(
                 "registered",
@@ -2141,16 +2138,64 @@ impl Inner {
                 }
             }
         }
+        self.resync_admin(cluster).await
+    }
+
+    /// Re-reads the admin states and takes those this router has no newer word of. Its own
+    /// changes not yet in Redis (shared and not yet written, or kept after a failed write)
+    /// are left alone, and so is every change made here after the read began
+    /// ([`NodeSync::apply_resynced_admin`]); without that, a drain whose write crossed the
+    /// read was undone here until the next re-sync. The node writer waits meanwhile, so
+    /// that a change unwritten when the read began is still unwritten when it is checked.
+    async fn resync_admin(&self, cluster: &Cluster) -> Result<(), StoreError> {
+        let _no_writes = self.node_writes.lock().await;
+        let mark = cluster.admin_mark();
+        let mut c = self.conn();
+        let admin: HashMap<String, String> = self
+            .run(
+                "admin",
+                redis::cmd("HGETALL")
+                    .arg(&self.keys.admin)
+                    .query_async(&mut c),
+            )
+            .await?;
         for (id, s) in admin {
-            if self.admin_pending(&id) {
+            if self.admin_pending(&id) || self.admin_unwritten(&id) {
                 continue;
             }
             if let Ok(state) = serde_json::from_value(serde_json::Value::String(s)) {
-                self.sync
-                    .apply(cluster, &NodeUpdate::Admin { id, state }, wall_ms());
+                self.sync.apply_resynced_admin(cluster, &id, state, mark);
             }
         }
         Ok(())
+    }
+
+    /// Counts an admin change this router shares (`sent`), or one the node writer took care
+    /// of (written or kept): see `admin_in_flight`. Other updates are ignored.
+    fn admin_sent(&self, u: &NodeUpdate, sent: bool) {
+        let NodeUpdate::Admin { id, .. } = u else {
+            return;
+        };
+        let mut m = self
+            .admin_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if sent {
+            *m.entry(id.clone()).or_insert(0) += 1;
+        } else if let Some(n) = m.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(id);
+            }
+        }
+    }
+
+    /// Whether an admin change of `id` this router shared has not reached the node writer's
+    /// hands yet (or is in them).
+    fn admin_unwritten(&self, id: &str) -> bool {
+        self.admin_in_flight
+            .lock()
+            .is_ok_and(|m| m.contains_key(id))
     }
 
     fn on_message(&self, msg: redis::Msg) {
@@ -2461,6 +2506,9 @@ async fn node_writer(
         };
         if let Ok(mut m) = inner.pending_nodes.lock() {
             keep_unwritten(&mut m, &batch[written..]);
+        }
+        for u in &batch {
+            inner.admin_sent(u, false);
         }
         batch.clear();
     }
@@ -2950,6 +2998,7 @@ impl PinStore for RedisStore {
 
     fn share_node(&self, update: NodeUpdate) {
         self.inner.sync.own(&update, wall_ms());
+        self.inner.admin_sent(&update, true);
         let _ = self.inner.node_tx.send(update);
     }
 

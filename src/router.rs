@@ -1028,8 +1028,8 @@ impl<S: PinStore> Router<S> {
             self.history.restore(room, learned);
         }
         let forget_before = self.history_cutoff(now);
-        self.history.sweep(forget_before);
-        self.store.forget_learned(forget_before);
+        self.history.sweep(forget_before, now);
+        self.store.forget_learned(forget_before, now);
         Ok(released.len())
     }
 

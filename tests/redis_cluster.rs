@@ -197,7 +197,7 @@ async fn pins_work_on_a_three_shard_redis_cluster() {
     );
     let later = store::open(&cfg).await.unwrap();
     assert_eq!(later.load_learned().await.unwrap().len(), 2);
-    a.forget_learned(2_000);
+    a.forget_learned(2_000, 10_000);
     assert!(
         eventually(Duration::from_secs(3), || async {
             later.load_learned().await.unwrap() == vec![(rooms[1].clone(), learned(40, 5_000))]

@@ -7,7 +7,7 @@ mod redis_support;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use redis_support::*;
@@ -841,14 +841,37 @@ async fn learned_room_sizes_outlive_a_router_restart_and_expire_with_history_ttl
     short.placement.heartbeat_interval = Duration::from_millis(200);
     short.placement.heartbeat_timeout = Duration::from_millis(500);
     short.validate().expect("valid");
+    // A size stamped while some router's clock was a year ahead (it stepped back since):
+    // brought back to now, and forgotten history_ttl later like any other.
+    let year_ahead = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 365 * 24 * 3_600_000;
+    {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut r = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::pipe()
+            .hset(
+                format!("{{{p}}}:learned"),
+                "ahead",
+                format!("25,0,0,{year_ahead}"),
+            )
+            .zadd(format!("{{{p}}}:learned:seen"), "ahead", year_ahead)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+    }
     let d = serve_service(short).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             learned_in_redis(&url, &p, "class-7b").await.is_none()
+                && learned_in_redis(&url, &p, "ahead").await.is_none()
         })
         .await,
-        "forgotten: {:?}",
-        learned_in_redis(&url, &p, "class-7b").await
+        "forgotten: {:?} {:?}",
+        learned_in_redis(&url, &p, "class-7b").await,
+        learned_in_redis(&url, &p, "ahead").await
     );
     d.stop().await;
     let e = serve_service(cfg).await;

@@ -337,10 +337,13 @@ impl RoomHistory {
             .filter(|&v| v > 0)
     }
 
-    /// Forgets rooms not seen since `before`.
-    pub fn sweep(&self, before: Millis) -> usize {
+    /// Forgets rooms not seen since `before`. A room last seen later than `now` was seen
+    /// while the wall clock was ahead (it stepped back since, or another router's clock is
+    /// ahead): taken as seen now, or it would outlive `history_ttl` by the step.
+    pub fn sweep(&self, before: Millis, now: Millis) -> usize {
         let mut forgotten = 0;
         self.rooms.retain(|_, s| {
+            s.last_seen = s.last_seen.min(now);
             let keep = s.last_seen >= before;
             forgotten += usize::from(!keep);
             keep
@@ -524,9 +527,23 @@ mod tests {
         h.observe(&room("other"), 4, 6);
         assert_eq!(h.expected(&r), Some(25));
         assert_eq!(h.len(), 2);
-        assert_eq!(h.sweep(5), 1);
+        assert_eq!(h.sweep(5, 10), 1);
         assert_eq!(h.expected(&r), None);
         assert_eq!(h.len(), 1, "the count follows the map");
+    }
+
+    #[test]
+    fn a_room_seen_while_the_clock_was_ahead_is_forgotten_history_ttl_after_now() {
+        let h = RoomHistory::default();
+        let r = room("weekly-class");
+        // Seen at 1 000 000 by a clock that then stepped back to 2 000.
+        h.observe(&r, 30, 1_000_000);
+        h.end_session(&r);
+        assert_eq!(h.sweep(1_000, 2_000), 0);
+        assert_eq!(h.expected(&r), Some(30));
+        // history_ttl (1 000) after the sweep that found it ahead, not after the step.
+        assert_eq!(h.sweep(2_001, 3_001), 1);
+        assert_eq!(h.expected(&r), None);
     }
 
     #[test]

@@ -117,11 +117,19 @@ impl LearnedFile {
         self.dirty.store(true, Ordering::Release);
     }
 
-    /// Forgets rooms not seen since `before`.
-    pub fn forget(&self, before: Millis) {
-        let n = self.rooms.len();
-        self.rooms.retain(|_, l| l.last_seen >= before);
-        if self.rooms.len() != n {
+    /// Forgets rooms not seen since `before`, and brings times later than `now` back to
+    /// `now` (see [`crate::store::PinStore::forget_learned`]).
+    pub fn forget(&self, before: Millis, now: Millis) {
+        let mut changed = false;
+        self.rooms.retain(|_, l| {
+            if l.last_seen > now {
+                l.last_seen = now;
+                changed = true;
+            }
+            changed |= l.last_seen < before;
+            l.last_seen >= before
+        });
+        if changed {
             self.dirty.store(true, Ordering::Release);
         }
     }
@@ -270,7 +278,7 @@ mod tests {
                 (room("standup"), l(6, 10))
             ]
         );
-        g.forget(500);
+        g.forget(500, u64::MAX);
         drop(g); // writes on drop
         assert_eq!(
             LearnedFile::open(&path).unwrap().all(),
@@ -356,7 +364,7 @@ mod tests {
         let forgetter = std::thread::spawn({
             let f = f.clone();
             move || {
-                f.forget(0);
+                f.forget(0, u64::MAX);
                 f.save(&room("a-session-that-ended"), l);
                 let _ = done_tx.send(());
             }
@@ -434,12 +442,36 @@ mod tests {
     }
 
     #[test]
+    fn a_size_stamped_while_the_clock_was_ahead_is_brought_back_to_now() {
+        let path = temp_path("ahead");
+        let l = |peak, last_seen| Learned {
+            peaks: [peak, 0, 0],
+            last_seen,
+        };
+        let f = LearnedFile::open(&path).unwrap();
+        f.save(&room("ahead"), l(25, 1_000_000));
+        f.save(&room("due"), l(8, 900));
+        f.flush().unwrap();
+        // The clock stepped back to 2 000; history_ttl is 1 000.
+        f.forget(1_000, 2_000);
+        assert_eq!(f.all(), vec![(room("ahead"), l(25, 2_000))]);
+        drop(f);
+        let f = LearnedFile::open(&path).unwrap();
+        assert_eq!(f.all(), vec![(room("ahead"), l(25, 2_000))], "written so");
+        // Forgotten history_ttl after now, not after the step.
+        f.forget(2_001, 3_001);
+        assert!(f.all().is_empty());
+        drop(f);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
     fn nothing_is_written_when_nothing_changed() {
         let path = temp_path("quiet");
         let f = LearnedFile::open(&path).unwrap();
         f.flush().unwrap();
         assert!(!path.exists());
-        f.forget(u64::MAX);
+        f.forget(u64::MAX, u64::MAX);
         drop(f);
         assert!(!path.exists());
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();

@@ -251,9 +251,9 @@ impl PinStore for MemoryStore {
         }
     }
 
-    fn forget_learned(&self, before: Millis) {
+    fn forget_learned(&self, before: Millis, now: Millis) {
         if let Some(f) = &self.learned {
-            f.forget(before);
+            f.forget(before, now);
         }
     }
 

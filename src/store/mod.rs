@@ -220,9 +220,11 @@ pub trait PinStore: Send + Sync + 'static {
     /// nothing. (The memory store keeps them in `store.learned_file` if one is set.)
     fn save_learned(&self, _room: &RoomKey, _learned: Learned) {}
 
-    /// Forgets the learned sizes of rooms not reported since `before` (`history_ttl`).
-    /// Called by the router's sweep; queues like [`PinStore::save_learned`].
-    fn forget_learned(&self, _before: Millis) {}
+    /// Forgets the learned sizes of rooms not reported since `before` (`history_ttl`), and
+    /// brings times later than `now` back to `now`: stamped while the wall clock was ahead
+    /// (it stepped back since), they would outlive `history_ttl` by the step. Called by the
+    /// router's sweep; queues like [`PinStore::save_learned`].
+    fn forget_learned(&self, _before: Millis, _now: Millis) {}
 
     /// Writes out what it keeps of learned sizes locally, now: called when the router stops,
     /// which cannot wait for the store to be dropped (a connection task the shutdown let go
@@ -366,8 +368,8 @@ impl PinStore for AnyStore {
     fn save_learned(&self, room: &RoomKey, learned: Learned) {
         delegate!(self, s => s.save_learned(room, learned))
     }
-    fn forget_learned(&self, before: Millis) {
-        delegate!(self, s => s.forget_learned(before))
+    fn forget_learned(&self, before: Millis, now: Millis) {
+        delegate!(self, s => s.forget_learned(before, now))
     }
     fn flush_learned(&self) {
         delegate!(self, s => s.flush_learned())

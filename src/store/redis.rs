@@ -362,16 +362,28 @@ enum IndexOp {
 #[derive(Debug)]
 enum LearnedOp {
     Save(String, Learned),
-    /// Forget rooms not seen since this time (ms).
-    Forget(Millis),
+    /// Forget rooms not seen since this time (ms), and bring later times than the second
+    /// back to it ([`PinStore::forget_learned`]).
+    Forget(Millis, Millis),
 }
 
-/// Forgets learned sizes last seen before ARGV[1], at most ARGV[2] of them. Returns how many.
+/// Forgets learned sizes last seen before ARGV[1], at most ARGV[2] of them, and brings at
+/// most ARGV[2] times later than ARGV[3] (stamped while a clock was ahead) back to ARGV[3],
+/// in the index and in the value (`peaks,last_seen`). Returns how many were forgotten.
 const FORGET_LEARNED: &str = r#"
 local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 if #old > 0 then
   redis.call('HDEL', KEYS[1], unpack(old))
   redis.call('ZREM', KEYS[2], unpack(old))
+end
+local ahead = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[3], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+for _, room in ipairs(ahead) do
+  local v = redis.call('HGET', KEYS[1], room)
+  local peaks = v and string.match(v, '^(.*),[^,]*$')
+  if peaks then
+    redis.call('HSET', KEYS[1], room, peaks .. ',' .. ARGV[3])
+  end
+  redis.call('ZADD', KEYS[2], ARGV[3], room)
 end
 return #old
 "#;
@@ -2681,7 +2693,7 @@ async fn learned_writer(
         // announcements go out one by one afterwards, as the node updates do.
         let mut save = redis::pipe();
         let mut announce = Vec::new();
-        let mut forget_before = None;
+        let mut forget = None;
         for op in &batch {
             match op {
                 LearnedOp::Save(room, l) => {
@@ -2692,9 +2704,8 @@ async fn learned_writer(
                         .ignore();
                     announce.push(format!("{}\n{v}\n{room}", inner.origin));
                 }
-                LearnedOp::Forget(before) => {
-                    forget_before = Some(forget_before.map_or(*before, |b: Millis| b.max(*before)))
-                }
+                // The latest sweep's word.
+                LearnedOp::Forget(before, now) => forget = Some((*before, *now)),
             }
         }
         let mut c = inner.conn();
@@ -2715,11 +2726,12 @@ async fn learned_writer(
                 break;
             }
         }
-        if let Some(before) = forget_before {
+        if let Some((before, now)) = forget {
             let mut inv = inner.forget_learned.key(&inner.keys.learned);
             inv.key(&inner.keys.learned_seen)
                 .arg(before)
-                .arg(FORGET_AT_MOST);
+                .arg(FORGET_AT_MOST)
+                .arg(now);
             if let Err(e) = inner
                 .run::<i64>("forget learned", inv.invoke_async(&mut c))
                 .await
@@ -3009,8 +3021,8 @@ impl PinStore for RedisStore {
             .send(LearnedOp::Save(room.as_str().to_string(), learned));
     }
 
-    fn forget_learned(&self, before: Millis) {
-        let _ = self.inner.learned_tx.send(LearnedOp::Forget(before));
+    fn forget_learned(&self, before: Millis, now: Millis) {
+        let _ = self.inner.learned_tx.send(LearnedOp::Forget(before, now));
     }
 
     fn take_observed(&self) -> Vec<crate::cluster::sync::Observed> {

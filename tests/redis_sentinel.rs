@@ -396,3 +396,51 @@ async fn a_failover_announced_while_the_watch_was_deaf_is_still_followed_at_once
     .await;
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_turned_replica_holds_new_rooms_instead_of_deciding_them_alone() {
+    // The master is demoted by hand while the sentinel is gone, so the router cannot find
+    // the new master: the server it talks to answers, as a replica, and refuses writes.
+    // Other routers may well reach the new master, so new rooms wait (503) rather than
+    // being decided here alone (a room could then be split); rooms the router knows are
+    // still served. Before, a replica's answer counted as no answer at all, and the router
+    // placed new rooms on its own.
+    let Some(mut t) = Topology::start("sentinel_replica_verdict").await else {
+        return;
+    };
+    let p = prefix("sentinel-replica");
+    let a = serve(t.config(&p)).await;
+    let c = client();
+    heartbeats(&c, &[&a]).await;
+    let known = place(&c, &a.base(), "known").await.unwrap();
+
+    t.sentinel.stop();
+    let _: Option<String> = query(
+        &t.replica.url(),
+        redis::cmd("REPLICAOF").arg("NO").arg("ONE"),
+    )
+    .await;
+    let _: Option<String> = query(
+        &t.master.url(),
+        redis::cmd("REPLICAOF").arg("127.0.0.1").arg(t.replica.port),
+    )
+    .await;
+    assert_eq!(role(&t.master).await.as_deref(), Some("slave"));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            matches!(a.app.router.store().health(), StoreHealth::Degraded(_))
+        })
+        .await,
+        "the router noticed its server is a replica now"
+    );
+    heartbeats(&c, &[&a]).await;
+    let refused = place(&c, &a.base(), "new-while-demoted").await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.starts_with("503") && e.contains("store_unavailable")),
+        "a new room waits for the new master: {refused:?}"
+    );
+    assert_eq!(place(&c, &a.base(), "known").await.unwrap(), known);
+    a.stop().await;
+}

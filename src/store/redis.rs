@@ -43,9 +43,12 @@
 //! could not share and which the routers that do reach Redis may have taken differently,
 //! until a recovery completes.
 //!
-//! With Sentinel (`store::sentinel`) a failover is an outage like any other: a
-//! `+switch-master` announcement, a command refused by a master turned replica, or a lost
-//! connection marks the store down, and the reconnection asks the sentinels for the master
+//! With Sentinel (`store::sentinel`) a failover is a restart's kind of outage: a
+//! `+switch-master` announcement, or a probe (after a refused command, or the liveness
+//! check) answered by a master turned replica, marks the store down *and stalled* (the
+//! other routers follow the sentinels to the new master, so new rooms wait for it rather
+//! than being decided here alone; a lost connection with nobody answering is a plain
+//! outage), and the reconnection asks the sentinels for the master
 //! again before it reopens the commands' pool and the subscription there. The new master
 //! has a new `run_id`, so, as after a restart, every cached pin is written back by
 //! compare-and-set (pins the old master had not yet replicated are restored, and so is a
@@ -160,10 +163,12 @@ enum Probe {
     /// Redis answers, and is the server the store last caught up with (or there is no
     /// telling: Cluster).
     Answers,
-    /// Redis answers, but it restarted (or, with Sentinel, another master took over) since
-    /// the store last caught up with it: it may have lost pins only the cache holds.
+    /// Redis answers, but it restarted (or, with Sentinel, another master took over: the
+    /// server answering is a replica now, or has another run id) since the store last
+    /// caught up with it: it may have lost pins only the cache holds, and the other
+    /// routers may be deciding on the new master.
     Restarted(String),
-    /// Redis did not answer (or, with Sentinel, is no longer the master): why.
+    /// Redis did not answer: why.
     Unreachable(String),
 }
 
@@ -857,16 +862,19 @@ impl Inner {
                 }
                 first => first,
             };
-            match answer.map_err(|e| format!("{what}: {e}"))? {
-                Some(not_master) => Err(not_master),
-                None => Ok(()),
-            }
+            answer.map_err(|e| format!("{what}: {e}"))
         })
         .await;
         match probe {
+            // A master turned replica answers, and refuses writes: another master took
+            // over, which the other routers reach (or will). Deciding new rooms alone
+            // meanwhile could split them, so this is a restart's verdict (down and
+            // stalled) until the recovery finds the new master, as for a server that
+            // answers and refuses writes for another reason.
+            Ok(Ok(Some(not_master))) => Probe::Restarted(not_master),
             // Asked outside the PING's time (bounded by `command_timeout`): a slow INFO
             // after an answered PING is no outage.
-            Ok(Ok(())) => match self.restart_seen(&mut c).await {
+            Ok(Ok(None)) => match self.restart_seen(&mut c).await {
                 Ok(Some(restarted)) => Probe::Restarted(restarted),
                 Ok(None) => Probe::Answers,
                 Err(e) => {
@@ -2447,8 +2455,11 @@ async fn watch_failovers(inner: Arc<Inner>, stop: watch::Receiver<bool>) {
     };
     sentinels
         .watch(stop, |to| {
+            // As a probe answered by a replica (`Inner::probe`): the other routers follow
+            // the sentinels too, so new rooms wait for the new master rather than being
+            // decided here alone.
             if inner.pool.load().server != to {
-                inner.mark_down(format!(
+                inner.mark_restarted(format!(
                     "the sentinels moved master {:?} to {to}",
                     sentinels.master_name()
                 ));

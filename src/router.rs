@@ -614,11 +614,21 @@ impl<S: PinStore> Router<S> {
             self.metrics.decision(Decided::Replaced);
         }
         let (expected, source) = (placed.expected, placed.source);
+        // A forecast reserves at most what the node has left below `new_room_limit`: enough
+        // to turn the next new rooms away from it, never so much that the meetings already
+        // there are refused joins (`join_limit`) for a crowd that is only expected. The
+        // placement itself weighed the whole expected size. A hint is anyone's to send
+        // (`?size=` with `auth.users = "none"`): one of 10 000 on a node of 500 filled it
+        // for `reservation_ttl`, and a few such requests every node.
+        let reserved = expected.min(
+            node.live
+                .headroom_units(node.capacity(), self.params.new_room_limit),
+        );
         self.book.reserve(
             room,
             &node.id,
             &node.live,
-            expected,
+            reserved,
             now,
             self.placement.reservation_ttl_ms(source),
         );
@@ -630,12 +640,12 @@ impl<S: PinStore> Router<S> {
         let (size_source, overflow) = (source.as_str(), placed.overflow);
         match placed.previous {
             None => tracing::info!(
-                room = %room, node = %node.id, expected_size = expected, size_source, overflow,
-                "room placed"
+                room = %room, node = %node.id, expected_size = expected, reserved, size_source,
+                overflow, "room placed"
             ),
             Some(previous) => tracing::info!(
-                room = %room, node = %node.id, %previous, expected_size = expected, size_source,
-                overflow, "room re-placed: its node was gone, unhealthy or disabled"
+                room = %room, node = %node.id, %previous, expected_size = expected, reserved,
+                size_source, overflow, "room re-placed: its node was gone, unhealthy or disabled"
             ),
         }
     }

@@ -319,6 +319,17 @@ impl Live {
         (self.reported_units() + extra / MILLI) / capacity
     }
 
+    /// Whole load units a node of this capacity has left below û = `limit`, joins since
+    /// the last report and reservations counted; 0 at or above it (or if û is not a number).
+    pub fn headroom_units(&self, capacity: f64, limit: f64) -> u32 {
+        let free = (limit - self.utilization(capacity)) * capacity;
+        if free >= 1.0 {
+            free.floor().min(f64::from(u32::MAX)) as u32
+        } else {
+            0
+        }
+    }
+
     /// û for a node of this capacity.
     #[inline]
     pub fn utilization(&self, capacity: f64) -> f64 {

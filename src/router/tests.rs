@@ -989,16 +989,16 @@ async fn joins_keep_a_busy_rooms_pin_confirmed() {
 async fn a_join_its_rooms_own_reservation_covers_goes_in_at_the_join_limit() {
     let r = router();
     beat(&r, "a", 100.0, 0.0, None).await;
-    join(&r, "standup").await.unwrap();
-    // Its ten expected participants are in: its own reservation is done.
-    beat(&r, "a", 100.0, 50.0, Some(vec![("standup", 10)])).await;
-    // A class expected at 60 fits nowhere else: its reservation takes the node past the
-    // join limit (0.5 + 0.60).
+    // A class expected at 60 reserves its seats on the empty node.
     let class = r
         .place(&room("class"), &Hints::default(), Some(60), Intent::Join)
         .await
         .unwrap();
     assert_eq!(class.node.id.as_str(), "a");
+    join(&r, "standup").await.unwrap();
+    // Then the standup grows to 45 (its ten expected are in: its reservation is done), and
+    // the class's reservation takes the node past the join limit (0.45 + 0.59 + its join).
+    beat(&r, "a", 100.0, 45.0, Some(vec![("standup", 45)])).await;
     assert!(class.node.live.utilization(100.0) >= 1.0);
     // Its participants were expected: each moves a unit from reserved to pending, û stays.
     let before = class.node.live.utilization(100.0);
@@ -1011,6 +1011,25 @@ async fn a_join_its_rooms_own_reservation_covers_goes_in_at_the_join_limit() {
         join(&r, "standup").await,
         Err(JoinError::NodeFull { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_forecast_never_fills_a_node_against_the_meetings_already_on_it() {
+    // Anyone may send `?size=` (with `auth.users = "none"`): one absurd hint must not make
+    // the node refuse the next joins of meetings it hosts, for `reservation_ttl`.
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    join(&r, "meeting").await.unwrap();
+    beat(&r, "a", 100.0, 10.0, Some(vec![("meeting", 10)])).await;
+    let evil = create(&r, "evil", Some(10_000)).await;
+    assert_eq!(evil.node.id.as_str(), "a");
+    // It reserved what the node had left below new_room_limit (0.8), not 10 000.
+    assert_eq!(evil.node.live.reserved_units(), 70.0);
+    // Enough to turn new rooms away (they overflow onto the least loaded node: this one,
+    // alone here), never the meeting's participants.
+    for _ in 0..15 {
+        join(&r, "meeting").await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -1369,7 +1388,9 @@ async fn a_reservation_on_a_removed_nodes_old_counters_lets_no_join_past_the_lim
     create(&r, "class", Some(60)).await;
     assert!(r.remove_node(&id("a")));
     beat(&r, "a", 100.0, 75.0, None).await;
+    // It reserves the 5 units left below new_room_limit, then the node fills up.
     create(&r, "other", Some(30)).await;
+    beat(&r, "a", 100.0, 96.0, None).await;
     assert!(
         matches!(join(&r, "class").await, Err(JoinError::NodeFull { .. })),
         "the node is full and nothing reserved on it is the room's"

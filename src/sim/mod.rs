@@ -798,7 +798,16 @@ impl<'a> Sim<'a> {
 
     /// Books the room's expected size on `node` in router `r`.
     fn reserve(&mut self, t: Millis, s: usize, r: usize, node: usize) {
-        let (size, source) = self.expected_size(s);
+        let (expected, source) = self.expected_size(s);
+        // At most the node's headroom below `new_room_limit` as router `r` sees it, as the
+        // router's `on_placed` reserves.
+        let free =
+            (self.cfg.new_room_limit - self.util_without(r, node, 0.0)) * self.nodes[node].capacity;
+        let size = if free >= 1.0 {
+            expected.min(free.floor().min(f64::from(u32::MAX)) as u32)
+        } else {
+            0
+        };
         let ttl = source.ttl_ms(
             self.cfg.reservation_ttl_ms,
             self.cfg.new_room_reserve_ttl_ms,

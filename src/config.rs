@@ -275,7 +275,8 @@ pub struct PlacementConfig {
     /// `Retry-After` on 503 node_full / no_capacity.
     #[serde(with = "duration")]
     pub retry_after: Duration,
-    /// Remove a node that drains itself (heartbeat `state = "draining"`) once it reports no rooms.
+    /// Remove a node that drains itself (heartbeat `state = "draining"`) once it reports no
+    /// rooms, at the second such report a heartbeat interval after the first.
     pub auto_remove_drained: bool,
     /// Several routers on one Redis: each tells the others, within milliseconds, how much it
     /// has reserved on each node for new rooms' expected sizes, so that a burst of new rooms

@@ -771,12 +771,25 @@ impl<S: PinStore> Router<S> {
                 .unwrap_or_else(|p| p.into_inner()) = listed;
         }
         let state = entry.live.effective_state();
-        if hb.state == AdminState::Draining
+        let drained_empty = hb.state == AdminState::Draining
             && !reported_any
             && self.placement.auto_remove_drained
             && !entry.is_static
-            && !self.tickets_may_arrive(id, now).await?
-        {
+            && !self.tickets_may_arrive(id, now).await?;
+        // Removed at the second such report in a row, a heartbeat interval after the
+        // first, not at the first: a join that chose the node before this report made it
+        // draining may still be pinning a new room there, which `tickets_may_arrive` sees
+        // only once it is pinned (removed now, the room's next join would be placed
+        // elsewhere while its first user lands here: a split). By the next report it is
+        // pinned, and the other routers have heard that the node drains.
+        let remove = if drained_empty {
+            let since = entry.live.drained_empty_since(now);
+            now.saturating_sub(since) >= self.placement.heartbeat_interval.as_millis() as u64
+        } else {
+            entry.live.not_drained_empty();
+            false
+        };
+        if remove {
             self.cluster.remove(id);
             self.store.share_node(NodeUpdate::Removed {
                 id: id.to_string(),

@@ -151,6 +151,9 @@ pub struct Live {
     /// newer, relayed again by another router or the store's re-sync, must not bring the
     /// node back.
     forgotten: AtomicU64,
+    /// When the node first reported itself draining with nothing left on it, in the current
+    /// run of such reports (0: it did not): see [`Live::drained_empty_since`].
+    drained_empty: AtomicU64,
     /// When this router last had word of the node itself, ms since epoch (0 = never): its
     /// newest report (its own heartbeat or one another router relayed) or this router's
     /// admin registering it. Unlike `last_heartbeat`, never moved by a hold (a store outage, a pause
@@ -317,6 +320,24 @@ impl Live {
             - i64::from(units) * MILLI as i64;
         let extra = self.pending_milli.load(Ordering::Relaxed) as f64 + reserved.max(0) as f64;
         (self.reported_units() + extra / MILLI) / capacity
+    }
+
+    /// The node reported itself draining with no room (and no ticket for it may arrive) at
+    /// `now`: when the run of such reports began (`now` for the first; a time ahead of
+    /// `now`, from before a backward step of the wall clock, restarts it).
+    pub fn drained_empty_since(&self, now: Millis) -> Millis {
+        let since = self.drained_empty.load(Ordering::Relaxed);
+        if since == 0 || since > now {
+            self.drained_empty.store(now, Ordering::Relaxed);
+            now
+        } else {
+            since
+        }
+    }
+
+    /// The node reported something else: a room, a ticket on its way, or no drain.
+    pub fn not_drained_empty(&self) {
+        self.drained_empty.store(0, Ordering::Relaxed);
     }
 
     /// Whole load units a node of this capacity has left below û = `limit`, joins since

@@ -7,6 +7,8 @@ use super::*;
 use crate::store::MemoryStore;
 
 const T0: Millis = 1_700_000_000_000;
+/// `placement.heartbeat_interval`'s default.
+const HEARTBEAT_INTERVAL_MS: Millis = 2_000;
 
 /// A router on the defaults, without the startup hold (the tests register nodes first).
 fn router() -> Router<MemoryStore> {
@@ -839,11 +841,69 @@ async fn a_pin_joined_within_the_idle_ttl_is_never_swept() {
 }
 
 #[tokio::test]
-async fn a_self_draining_node_with_no_rooms_is_removed() {
+async fn a_self_draining_node_with_no_rooms_is_removed_at_its_next_such_report() {
     let r = router();
     beat(&r, "a", 1000.0, 0.0, None).await;
-    beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining).await;
+    let draining = || beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining);
+    draining().await;
+    assert!(
+        r.node(&id("a")).is_some(),
+        "removed at its first empty report"
+    );
+    // A report in between that lists a room starts the count again.
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
+    beat_state(
+        &r,
+        "a",
+        1000.0,
+        1.0,
+        Some(vec![("late", 1)]),
+        AdminState::Draining,
+    )
+    .await;
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
+    draining().await;
+    assert!(r.node(&id("a")).is_some());
+    r.clock().advance(HEARTBEAT_INTERVAL_MS - 1);
+    draining().await;
+    assert!(
+        r.node(&id("a")).is_some(),
+        "sooner than a heartbeat interval"
+    );
+    r.clock().advance(1);
+    draining().await;
     assert!(r.node(&id("a")).is_none());
+}
+
+#[tokio::test]
+async fn a_node_that_drains_itself_is_not_removed_under_a_room_being_placed_there() {
+    // A join chose the node while it was active and is pinning a new room there when the
+    // node's first empty draining report comes in: no pin shows the room yet. Removed then,
+    // the room's next join would be placed elsewhere while its first user lands here.
+    let store = HookedStore {
+        pin_pause: Some((tokio::sync::Notify::new(), tokio::sync::Notify::new())),
+        ..HookedStore::default()
+    };
+    let r = Arc::new(with_store(store));
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
+    // Past new_room_limit: new rooms go to a while it is active.
+    beat(&r, "b", 1000.0, 900.0, Some(vec![])).await;
+    let first = tokio::spawn({
+        let r = r.clone();
+        async move { join(&r, "fresh").await }
+    });
+    let (pinning, go) = r.store.pin_pause.as_ref().unwrap();
+    pinning.notified().await;
+    let draining = || beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining);
+    draining().await;
+    go.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().node.id.as_str(), "a");
+    // The room's next user goes where its first one went.
+    assert_eq!(node_of(&r, "fresh").await, "a");
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
+    draining().await;
+    assert!(r.node(&id("a")).is_some(), "removed under the new room");
+    assert_eq!(node_of(&r, "fresh").await, "a");
 }
 
 #[tokio::test]
@@ -852,6 +912,8 @@ async fn a_removed_drained_node_that_keeps_reporting_stays_removed() {
     beat(&r, "a", 1000.0, 0.0, None).await;
     beat(&r, "b", 1000.0, 0.0, None).await;
     let draining = || beat_state(&r, "a", 1000.0, 0.0, Some(vec![]), AdminState::Draining);
+    assert_eq!(draining().await.state, AdminState::Draining);
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
     assert_eq!(draining().await.state, AdminState::Draining);
     assert!(r.node(&id("a")).is_none());
     let snapshot = r.cluster.snapshot_arc();
@@ -868,6 +930,8 @@ async fn a_removed_drained_node_that_keeps_reporting_stays_removed() {
     // An admin's disable outlives the removal and is what the node hears.
     beat(&r, "a", 1000.0, 0.0, None).await;
     r.set_admin_state(&id("a"), AdminState::Disabled);
+    draining().await;
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
     draining().await;
     assert!(r.node(&id("a")).is_none());
     assert_eq!(draining().await.state, AdminState::Disabled);
@@ -900,6 +964,8 @@ async fn a_self_draining_node_stays_while_a_ticket_for_it_may_arrive() {
     r.clock().advance(TICKET_WINDOW_MS);
     draining(vec![]).await;
     assert!(r.room(&room("last")).await.unwrap().is_none());
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
+    draining(vec![]).await;
     assert!(r.node(&id("a")).is_none());
 }
 
@@ -931,6 +997,8 @@ async fn a_drained_node_stays_while_a_ticket_for_a_room_it_never_listed_may_arri
     assert!(r.node(&id("a")).is_some(), "a ticket may still arrive");
     r.clock()
         .advance(TICKET_WINDOW_MS - TICKET_TTL_MS - 30_000 + 1_000);
+    draining().await;
+    r.clock().advance(HEARTBEAT_INTERVAL_MS);
     draining().await;
     assert!(r.node(&id("a")).is_none());
 }
@@ -1101,6 +1169,9 @@ struct HookedStore {
     /// The room whose pin is deleted just before the next `pin_if` on it (an admin's
     /// `DELETE` racing a node's takeover).
     removed_before_pin: std::sync::Mutex<Option<RoomKey>>,
+    /// As `sweep_pause`, for the next `pin_if` (once): says it was called, and waits for a go.
+    pin_pause: Option<(tokio::sync::Notify, tokio::sync::Notify)>,
+    pin_paused: std::sync::atomic::AtomicBool,
 }
 
 impl PinStore for HookedStore {
@@ -1117,6 +1188,12 @@ impl PinStore for HookedStore {
         let armed = self.removed_before_pin.lock().unwrap().take();
         if let Some(removed) = armed.filter(|r| r == room) {
             self.inner.remove(&removed).await?;
+        }
+        if let Some((pinning, go)) = &self.pin_pause {
+            if !self.pin_paused.swap(true, Ordering::SeqCst) {
+                pinning.notify_one();
+                go.notified().await;
+            }
         }
         self.inner.pin_if(room, node, expected, now).await
     }

@@ -132,20 +132,32 @@ fn check(s: &str) -> Result<(), RoomError> {
 /// whether any character changes under `to_lowercase`, not `is_uppercase`: titlecase letters
 /// (`ǅ` U+01C5, Greek `ᾼ` U+1FBC, ...) are not uppercase but do lowercase, and a key left
 /// with one would be a second key for its room (`Aǅ` lowercased to `aǆ`, `aǅ` kept).
+///
+/// Greek final sigma `ς` is folded to `σ`, as Unicode case folding does: `to_lowercase`
+/// turns `Σ` into `ς` at the end of a word and into `σ` elsewhere, so `ΑΣ` became `ας`
+/// while `ασ`, the same name in another case, stayed `ασ`: two keys for one room.
 fn lowercase(s: &str) -> Cow<'_, str> {
     if s.chars().any(changes_when_lowercased) {
-        Cow::Owned(s.to_lowercase())
+        let lower = s.to_lowercase();
+        Cow::Owned(if lower.contains(FINAL_SIGMA) {
+            lower.replace(FINAL_SIGMA, "σ")
+        } else {
+            lower
+        })
     } else {
         Cow::Borrowed(s)
     }
 }
+
+/// U+03C2, which case folding makes `σ` (U+03C3).
+const FINAL_SIGMA: char = 'ς';
 
 #[inline]
 fn changes_when_lowercased(c: char) -> bool {
     if c.is_ascii() {
         c.is_ascii_uppercase()
     } else {
-        c.to_lowercase().ne(std::iter::once(c))
+        c == FINAL_SIGMA || c.to_lowercase().ne(std::iter::once(c))
     }
 }
 
@@ -248,6 +260,18 @@ mod tests {
                     assert_eq!(lower.as_ref(), Ok(&k), "{mode:?}: {s:?} vs its lowercase");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_two_lowercase_sigmas_are_one_room() {
+        for mode in [Normalization::Lowercase, Normalization::NfkcLowercase] {
+            let key = |s: &str| RoomKey::parse(s, mode).unwrap();
+            // `to_lowercase` gives `ας` for `ΑΣ` (a final sigma), and leaves `ασ` alone.
+            assert_eq!(key("ΑΣ"), key("ασ"), "{mode:?}");
+            assert_eq!(key("ας"), key("ασ"), "{mode:?}");
+            assert_eq!(key("ΟΔΥΣΣΕΥΣ"), key("οδυσσευς"), "{mode:?}");
+            assert_eq!(key("ασ").as_str(), "ασ", "{mode:?}");
         }
     }
 

@@ -228,7 +228,9 @@ fn cannot_matter(bar: Bar, room: u64, node_hash: u64, w: f64) -> bool {
         Bar::Skip => true,
         Bar::Score(bar) => {
             let x = hash::pair_hash(room, node_hash) as f64 / u64::MAX as f64;
-            (x - 1.0) / w < bar
+            // The weight as `raw_score` divides by it: with a smaller one (a subnormal
+            // weight, from a node's tiny capacity) the bound fell below the score it bounds.
+            (x - 1.0) / w.max(f64::MIN_POSITIVE) < bar
         }
     }
 }

@@ -669,3 +669,19 @@ fn one_pass_choice_equals_full_ranking_on_large_clusters() {
         }
     }
 }
+
+#[test]
+fn the_pruning_bound_never_falls_below_the_score_it_bounds_even_for_a_subnormal_weight() {
+    // `raw_score` divides by the weight raised to the smallest normal float; a bound that
+    // divided by the subnormal weight itself could drop below that score and prune a node
+    // that would have ranked (a capacity of 1e-310 is finite and > 0: a heartbeat may say it).
+    let w = 1e-310;
+    for room in 0..200u64 {
+        let node = node_hash(b"tiny");
+        let score = raw_score(room, node, w);
+        assert!(
+            !cannot_matter(Bar::Score(score), room, node, w),
+            "room {room}: pruned a node scoring {score}, exactly at the bar"
+        );
+    }
+}

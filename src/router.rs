@@ -104,6 +104,8 @@ pub struct Placement {
     pub created: bool,
     /// True when every candidate was above `new_room_limit` and the room overflowed.
     pub overflow: bool,
+    /// True when the room was pinned to another node before (gone, unhealthy or disabled).
+    pub replaced: bool,
 }
 
 /// What the general path tells `on_placed` about a placement it won.
@@ -344,6 +346,8 @@ impl<S: PinStore> Router<S> {
     fn count_decision(&self, r: &Result<Placement, JoinError>) {
         self.metrics.decision(match r {
             Ok(p) if !p.created => Decided::Pinned,
+            // One outcome per decision: a re-placement is `replaced`, overflowed or not.
+            Ok(p) if p.replaced => Decided::Replaced,
             Ok(p) if p.overflow => Decided::PlacedOverflow,
             Ok(_) => Decided::Placed,
             Err(JoinError::NodeFull { .. }) => Decided::NodeFull,
@@ -378,6 +382,7 @@ impl<S: PinStore> Router<S> {
                 node: node.clone(),
                 created: false,
                 overflow: false,
+                replaced: false,
             })
         })
     }
@@ -527,6 +532,7 @@ impl<S: PinStore> Router<S> {
                         node,
                         created: false,
                         overflow: false,
+                        replaced: false,
                     });
                 }
                 (Decision::NodeFull(_), Some(node)) => {
@@ -567,6 +573,7 @@ impl<S: PinStore> Router<S> {
                                 node,
                                 created: true,
                                 overflow,
+                                replaced: previous.is_some(),
                             });
                         }
                         PinOutcome::Lost(current) => pin = current,
@@ -610,9 +617,6 @@ impl<S: PinStore> Router<S> {
         // and created again before that reservation lapsed. Release it first: overwritten in
         // the book, it would stay counted on its node for good.
         self.book.release(room);
-        if placed.previous.is_some() {
-            self.metrics.decision(Decided::Replaced);
-        }
         let (expected, source) = (placed.expected, placed.source);
         // A forecast reserves at most what the node has left below `new_room_limit`: enough
         // to turn the next new rooms away from it, never so much that the meetings already

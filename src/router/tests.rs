@@ -1501,3 +1501,35 @@ async fn concurrent_scrapes_each_see_every_node() {
         s.await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_re_placement_is_one_decision_in_the_metrics() {
+    let r = router();
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    let first = node_of(&r, "moving").await;
+    let other = if first == "a" { "b" } else { "a" };
+    // The room's node stops beating; the other goes on past its timeout.
+    r.clock().advance(7_000);
+    beat(&r, other, 1000.0, 0.0, None).await;
+    assert_eq!(node_of(&r, "moving").await, other);
+    let text = r.render_metrics().await;
+    let outcome = |o: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("roomrouter_decisions_total{{outcome=\"{o}\"}} "))
+            })
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    let all: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("roomrouter_decisions_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        (outcome("placed"), outcome("replaced")),
+        (1.0, 1.0),
+        "{text}"
+    );
+    assert_eq!(all, 2.0, "two decisions, one outcome each: {text}");
+}

@@ -1726,6 +1726,70 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
     );
 }
 
+/// A stalled router (its write-back refused while Redis answers) whose Redis then restarts
+/// empty and still refuses writes (an operator's restart of a server out of memory, or a
+/// new master under `min-replicas-to-write`): the rooms it knows are answered from its
+/// cache, not from the emptied server, and written back once writes are taken again.
+/// Before, the recovery that found the same server first had cleared `lost`, the restart
+/// found later did not set it again, reads went to the empty server, and the pins of the
+/// rooms joined meanwhile were dropped and never written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_router_keeps_its_pins_through_a_restart_of_redis() {
+    let Some(mut redis) = private_redis_for("stalled_restart") else {
+        return;
+    };
+    let p = prefix("stalledrestart");
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
+        .await
+        .unwrap();
+    let (kept, outage) = (room("kept-room"), room("outage-room"));
+    let (n1, n2) = (node("n1"), node("n2"));
+    assert!(matches!(
+        a.pin_if(&kept, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    door.cut();
+    expect_health(&a, false, Duration::from_secs(10), "a is cut off").await;
+    assert!(matches!(
+        a.pin_if(&outage, &n2, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    refuse_writes(&redis_conn(&redis.url()).await, 1).await;
+    door.restore();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            matches!(a.health(), StoreHealth::Degraded(why) if why.contains("Redis answers"))
+        })
+        .await,
+        "a never noticed that Redis answers: {:?}",
+        a.health()
+    );
+    redis.restart_with(&["--min-replicas-to-write", "1"]);
+    // Joins for 2 s, across several recovery attempts: the cache answers every time.
+    for _ in 0..20 {
+        let got = a.get(&kept).await.ok().flatten().map(|p| p.node);
+        assert_eq!(got, Some(n1.clone()), "health {:?}", a.health());
+        // The node's report of the room asks whether its pin was confirmed: it is there.
+        assert_eq!(
+            a.release_if_unconfirmed(&kept, &n1, now_ms() + 3_600_000)
+                .await
+                .unwrap(),
+            Unconfirmed::Confirmed
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    refuse_writes(&redis_conn(&redis.url()).await, 0).await;
+    expect_health(&a, true, Duration::from_secs(15), "a caught up").await;
+    for (r, n) in [("kept-room", "n1|"), ("outage-room", "n2|")] {
+        let stored = redis_pin(&redis.url(), &room_key(&p, r)).await;
+        assert!(
+            stored.as_deref().is_some_and(|v| v.starts_with(n)),
+            "{r} written back to the restarted server: {stored:?}"
+        );
+    }
+}
+
 /// A room released and pinned again at once stays in the room index (which a router that
 /// starts loads its cache from), however the index writer batches the two changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

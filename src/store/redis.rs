@@ -936,7 +936,10 @@ impl Inner {
         if self.is_down() {
             // Already degraded: keep the latest reason, and whether Redis answers.
             match self.probe().await {
-                Probe::Answers | Probe::Restarted(_) => self.stall(why),
+                Probe::Answers => self.stall(why),
+                // Stalled too, and the cache answers (`lost`): the server is not the one
+                // the store last caught up with.
+                Probe::Restarted(restarted) => self.mark_restarted(format!("{why}; {restarted}")),
                 Probe::Unreachable(failed) => self.mark_down(format!("{why}; {failed}")),
             }
             self.subscribed.store(false, Ordering::Release);
@@ -1316,7 +1319,10 @@ impl Inner {
     /// says so and the reply is not taken). Only contradictions pay for the `INFO`; while
     /// down, replies come from the recovery, which checks the run id itself.
     async fn vet(&self, room: &RoomKey, reply: Option<&Pin>) -> Result<(), StoreError> {
-        if self.is_down() {
+        // Down and not stalled, nothing is read from Redis; stalled, pins are (while
+        // `lost` is clear), and the server may have restarted since the recovery that
+        // found it the same (an operator's fix for the refused writes that stalled it).
+        if self.is_down() && !self.is_stalled() {
             return Ok(());
         }
         let contradicts = self.cache.get(room).is_some_and(|e| {
@@ -1612,6 +1618,11 @@ impl Inner {
                 // reason, and Redis restarted since): until the write-back, the cache
                 // answers for the rooms it knows, not the emptied server.
                 self.mark_restarted("Redis restarted while the subscription was reopened");
+            } else {
+                // Down already, maybe stalled by an earlier recovery that found the same
+                // server (and cleared `lost`) but could not write back: this one is
+                // another, which may have lost what only the cache holds.
+                self.lost.store(true, Ordering::Release);
             }
             tracing::warn!("Redis restarted; writing back every cached pin and admin state");
             self.write_back_all().await?;
@@ -2868,9 +2879,16 @@ impl PinStore for RedisStore {
     ) -> Result<Unconfirmed, StoreError> {
         let i = &self.inner;
         // While Redis is unreachable the other routers' confirmations are out of sight: keep
-        // the pin; the node's next report asks again.
+        // the pin; the node's next report asks again. Read from the cache itself: `peek`
+        // declines while the store is stalled, and "no pin" would have the router stop
+        // asking about a room whose pin is there.
         let kept = || {
-            if self.peek(room, |p| p.is_some_and(|p| &p.node == node)) == Some(true) {
+            let cached = i.cache.get(room);
+            if cached
+                .as_ref()
+                .and_then(|c| c.pin.as_ref())
+                .is_some_and(|p| &p.node == node)
+            {
                 Unconfirmed::Confirmed
             } else {
                 Unconfirmed::NotThere

@@ -2432,6 +2432,13 @@ async fn a_pin_deleted_and_placed_again_during_an_outage_is_written_back_as_plac
         a.pin_if(&third, &x, None, now_ms()).await.unwrap(),
         PinOutcome::Won(_)
     ));
+    // And re-placed (its node gone), then deleted: the store's pin, still to the first
+    // node, deleted too (releasing the new one left it, and the reload brought it back).
+    let fourth = room("review");
+    assert!(matches!(
+        a.pin_if(&fourth, &x, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
     door.cut();
     expect_health(
         &a,
@@ -2447,6 +2454,11 @@ async fn a_pin_deleted_and_placed_again_during_an_outage_is_written_back_as_plac
         PinOutcome::Won(_)
     ));
     assert!(a.remove(&third).await.unwrap().is_some());
+    assert!(matches!(
+        a.pin_if(&fourth, &y, Some(&x), now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    assert!(a.remove(&fourth).await.unwrap().is_some());
     door.restore();
     expect_health(
         &a,
@@ -2457,6 +2469,8 @@ async fn a_pin_deleted_and_placed_again_during_an_outage_is_written_back_as_plac
     .await;
     assert_eq!(redis_pin(&url, &room_key(&p, "retro")).await, None);
     assert_eq!(redis_pin(&url, &room_key(&p, "triage")).await, None);
+    assert_eq!(redis_pin(&url, &room_key(&p, "review")).await, None);
+    assert_eq!(a.get(&fourth).await.unwrap(), None);
     cleanup(&url, &p).await;
 }
 

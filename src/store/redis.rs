@@ -1497,9 +1497,14 @@ impl Inner {
         // Queued while the cache entry is held, as in `pin_if_local`.
         if let Some(p) = &old {
             // What the store holds is what to release there: after a release and a new
-            // pin here, still the first node.
+            // pin here, or a re-placement here, still the first node (releasing the new one
+            // would leave the store's pin, which the reload would then bring back).
             let node = match self.pending.get(room).map(|p| p.clone()) {
                 Some(Pending::Replaced { released, .. }) => released,
+                Some(Pending::Pinned {
+                    expected: Some(held),
+                    ..
+                }) => held,
                 _ => p.node.clone(),
             };
             self.pending

@@ -486,7 +486,9 @@ async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
     c.send(concat!(
         "GET /rooms/hdr HTTP/1.1\r\nHost: router.test\r\nConnection: keep-alive, x-private\r\n",
         "X-Private: 1\r\nX-Room-Ticket: forged\r\nX-Room-Node: forged\r\n",
-        "X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Proto: gopher\r\nCookie: a=b\r\n\r\n"
+        "X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Proto: gopher\r\nCookie: a=b\r\n",
+        // The same names with `_`, which CGI-style node stacks read as `-`.
+        "X_Room_Ticket: forged\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n"
     ))
     .await;
     let a = c.answer().await;
@@ -508,7 +510,14 @@ async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
         "{seen}"
     );
     assert!(seen.contains("\r\ncookie: a=b\r\n"), "{seen}");
-    for gone in ["x-private", "connection:", "forged", "gopher"] {
+    for gone in [
+        "x-private",
+        "connection:",
+        "forged",
+        "gopher",
+        "x_forwarded_for",
+        "6.6.6.6",
+    ] {
         assert!(!seen.contains(gone), "{gone} reached the node: {seen}");
     }
     let ticket = seen
@@ -785,6 +794,82 @@ async fn a_204_reaches_the_client_without_a_length() {
     }
 }
 
+/// A node's answer whose length is one value repeated (`Content-Length: 5, 5`, which RFC
+/// 9110 lets a recipient take as `5`, and hyper's client does), or whose length comes with
+/// a `Transfer-Encoding` that overrides it, is relayed on both paths: the fast path refused
+/// them, answering a 502 that hyper's path did not and counting a failure against the node.
+#[tokio::test]
+async fn a_length_repeated_or_overridden_by_the_node_is_relayed_on_both_paths() {
+    for fast_path in [true, false] {
+        let what = format!("fast path {fast_path}");
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.validate().unwrap();
+        let (r, _node, mut c) = cluster_with(
+            cfg,
+            vec![
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+                concat!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
+                    "5\r\nworld\r\n0\r\n\r\n"
+                ),
+            ],
+        )
+        .await;
+        c.send(&get("/rooms/lengths")).await;
+        let a = c.answer().await;
+        assert_eq!(
+            (a.status(), &a.body[..]),
+            (200, &b"hello"[..]),
+            "{what}: {a:?}"
+        );
+        assert_eq!(
+            a.header("content-length").as_deref(),
+            Some("5"),
+            "{what}: {a:?}"
+        );
+        c.send(&get("/rooms/lengths")).await;
+        let a = c.answer().await;
+        assert_eq!(
+            (a.status(), &a.body[..]),
+            (200, &b"world"[..]),
+            "{what}: {a:?}"
+        );
+        assert_eq!(a.header("content-length"), None, "{what}: {a:?}");
+        assert_eq!(
+            metric(&r, "roomrouter_proxy_upstream_failures_total").await,
+            0,
+            "{what}"
+        );
+        r.stop().await;
+    }
+}
+
+/// A node's answer without a `Date` gets one on its way to the client, on both paths: RFC
+/// 9110 (6.6.1) asks it of a proxy, and hyper's path always added it.
+#[tokio::test]
+async fn a_relayed_answer_without_a_date_gets_one_on_both_paths() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.validate().unwrap();
+        let script = vec!["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"];
+        let (r, _node, mut c) = cluster_with(cfg, script).await;
+        c.send(&get("/rooms/undated")).await;
+        let a = c.answer().await;
+        assert_eq!(a.status(), 200, "{a:?}");
+        let date = a.header("date");
+        assert!(
+            date.is_some_and(|d| httpdate::parse_http_date(&d).is_ok()),
+            "fast path {fast_path}: {a:?}"
+        );
+        if fast_path {
+            assert_eq!(fast_requests(&r).await, 1);
+        }
+        r.stop().await;
+    }
+}
+
 /// The combinations the shutdown tests run: fast path on and off, one event loop and two.
 const STOPPING: [(bool, usize); 4] = [(true, 1), (false, 1), (true, 2), (false, 2)];
 
@@ -842,6 +927,39 @@ async fn shutdown_does_not_wait_for_a_connection_that_sent_nothing() {
             "shutdown does not wait for a connection that asked for nothing",
         )
         .await;
+    }
+}
+
+/// A request whose head was still coming in when the server began to stop, and that the
+/// fast path hands to hyper (an API call, a heartbeat, an upgrade), is answered with
+/// `connection: close`, as hyper answers one it was reading when the drain began. Handed
+/// over after the drain began, hyper-util's protocol detection was cancelled before it
+/// looked at the bytes already read: the client got a close and no answer.
+#[tokio::test]
+async fn a_head_still_arriving_when_the_server_stops_is_answered_before_the_close() {
+    for fast_path in [true, false] {
+        let what = format!("fast path {fast_path}");
+        let r = TestRouter::start(stopping(fast_path, 1, Duration::from_secs(5))).await;
+        // A keep-alive connection left idle: its close tells that the drain has begun.
+        let mut idle = Raw::connect(&r).await;
+        idle.send(&get("/healthz")).await;
+        assert_eq!(idle.answer().await.status(), 200, "{what}");
+        let mut c = Raw::connect(&r).await;
+        c.send("GET /healthz HTTP/1.1\r\nHost: router.test\r\n")
+            .await;
+        // Read (the connection is busy) before the stop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = tokio::spawn(r.stop());
+        assert!(idle.closed().await, "{what}: the drain has begun");
+        c.send("\r\n").await;
+        let a = c.answer().await;
+        assert_eq!(a.status(), 200, "{what}: {a:?}");
+        assert_eq!(a.header("connection").as_deref(), Some("close"), "{what}");
+        assert!(c.closed().await, "{what}");
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the stop returns once it is answered"))
+            .unwrap();
     }
 }
 

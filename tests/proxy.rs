@@ -844,13 +844,20 @@ async fn a_clients_own_forwarded_and_real_ip_never_reach_the_node() {
                 .header("forwarded", "for=6.6.6.6;proto=https;host=admin.internal")
                 .header("x-real-ip", "6.6.6.6")
                 .header("x-forwarded-proto", "https")
-                .header("x-forwarded-for", "6.6.6.6"),
+                .header("x-forwarded-for", "6.6.6.6")
+                // The same names with `_`, which CGI-style node stacks read as `-`.
+                .header("X_Room_Ticket", "forged")
+                .header("X_Forwarded_For", "10.0.0.1")
+                .header("x_real_ip", "6.6.6.6"),
             &what,
         )
         .await;
         let h = &body["headers"];
         assert!(h.get("forwarded").is_none(), "{what}: {h}");
         assert!(h.get("x-real-ip").is_none(), "{what}: {h}");
+        for alias in ["x_room_ticket", "x_forwarded_for", "x_real_ip"] {
+            assert!(h.get(alias).is_none(), "{what}: {alias}: {h}");
+        }
         assert_eq!(h["x-forwarded-proto"], "http", "{what}: {h}");
         assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "{what}: {h}");
         r.stop().await;

@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::h1::head::origin_form;
+use super::h1::head::{origin_form, parse_length_list, set_by_proxy};
 use super::h1::pool::Conns;
 use super::resolve::Resolver;
 use super::server::ConnInfo;
@@ -399,14 +399,8 @@ impl Proxy {
             "http"
         };
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        // What the client sent under the names the router sets never reaches the node, even
-        // where the router has nothing to put in their place (a request with no `Host`);
-        // nor do its own claims of its address, scheme and host under other names, which a
-        // node behind a trusted proxy would believe.
-        h.remove(&X_FORWARDED_HOST);
-        h.remove(&X_ROOM_TICKET);
-        h.remove(header::FORWARDED);
-        h.remove(&X_REAL_IP);
+        // The client's own under the names set here are gone (`end_to_end`) but for
+        // `X-Forwarded-For`, extended above.
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -529,11 +523,15 @@ fn lane_target(upstream: &str, uri: &Uri, instead: Option<&str>) -> Option<(Head
 /// still coded (`gzip`), and hyper's server chunks it again after them. A `Content-Length`
 /// beside a `Transfer-Encoding` goes (RFC 9112 §6.3: the coding frames the body, and a proxy
 /// must remove the length): hyper's client leaves it, and hyper's server would frame the
-/// body it relays by it.
+/// body it relays by it. A length the node repeated (`5, 5`, which hyper's client takes)
+/// goes to the client once, as the fast path sends it: not every client reads a list.
 fn answer_head(rp: &mut http::response::Parts, node: &NodeEntry) {
     let codings = codings_besides_chunked(&rp.headers);
     if rp.headers.contains_key(header::TRANSFER_ENCODING) {
         rp.headers.remove(header::CONTENT_LENGTH);
+    } else if let Some(n) = repeated_length(&rp.headers) {
+        rp.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     strip_hop_by_hop(&mut rp.headers);
     if let Some(c) = codings {
@@ -564,6 +562,22 @@ fn set_node(h: &mut HeaderMap, node: &NodeEntry) {
     if let Ok(v) = HeaderValue::from_str(node.id.as_str()) {
         h.insert(X_ROOM_NODE, v);
     }
+}
+
+/// The one length of a `Content-Length` given more than once (a list, or several lines)
+/// with the same value; `None` for a single plain value or none.
+fn repeated_length(h: &HeaderMap) -> Option<u64> {
+    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+    let first = all.next()?;
+    let n = parse_length_list(first.as_bytes())?;
+    let mut repeated = first.as_bytes().contains(&b',');
+    for v in all {
+        if parse_length_list(v.as_bytes())? != n {
+            return None;
+        }
+        repeated = true;
+    }
+    repeated.then_some(n)
 }
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
@@ -623,7 +637,6 @@ fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_ROOM_NODE: HeaderName = HeaderName::from_static("x-room-node");
 const X_ROOM_TICKET: HeaderName = HeaderName::from_static("x-room-ticket");
 
@@ -644,12 +657,19 @@ fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// A request's end-to-end headers, as they go to the node: all but the hop-by-hop ones,
-/// those the `Connection` header lists, and `Host` (the node's own is set by the lane).
+/// those the `Connection` header lists, `Host` (the node's own is set by the lane), and the
+/// client's own under the names the router sets, `_` read as `-` (`X_Room_Ticket`; see
+/// [`set_by_proxy`](super::h1::head::set_by_proxy)): those never reach the node, even where
+/// the router has nothing to put in their place (a request with no `Host`), nor do its own
+/// claims of its address, scheme and host under other names (`Forwarded`, `X-Real-IP`),
+/// which a node behind a trusted proxy would believe. `X-Forwarded-For` itself stays, for
+/// `forwarded_headers` to extend.
 fn end_to_end(src: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(src);
     let mut h = HeaderMap::with_capacity(src.len() + 6);
     for (name, value) in src {
-        if name != header::HOST && !is_hop_by_hop(name) && !listed.contains(name) {
+        let claimed = name != X_FORWARDED_FOR && set_by_proxy(name.as_str().as_bytes());
+        if name != header::HOST && !is_hop_by_hop(name) && !listed.contains(name) && !claimed {
             h.append(name.clone(), value.clone());
         }
     }
@@ -962,11 +982,26 @@ mod tests {
         h.append(header::ACCEPT, "text/html".parse().unwrap());
         h.append(header::ACCEPT, "application/json".parse().unwrap());
         h.insert("x-custom", "kept".parse().unwrap());
+        // The client's own under the names the router sets, also spelled with `_` (which
+        // CGI-style stacks read as `-`), go; `X-Forwarded-For` stays, to be extended.
+        for name in [
+            "x-room-ticket",
+            "x_room_ticket",
+            "X_Forwarded_For",
+            "x_real_ip",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "forged".parse().unwrap(),
+            );
+        }
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         let out = end_to_end(&h);
-        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out.len(), 4, "{out:?}");
         let accept: Vec<_> = out.get_all(header::ACCEPT).iter().collect();
         assert_eq!(accept, ["text/html", "application/json"]);
         assert_eq!(out["x-custom"], "kept");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1");
     }
 
     #[tokio::test]

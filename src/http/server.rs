@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -374,9 +375,10 @@ const CLOSING: Duration = Duration::from_secs(1);
 struct LoopServer {
     front: Front,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Counts the connections for the drain to wait on: each holds a watcher from the start.
     graceful: GracefulShutdown,
-    /// Tells connections in their fast phase to stop between requests (hyper's phase hears
-    /// it through `graceful`, whose watchers every connection holds from the start).
+    /// Tells connections to stop between requests, in their fast phase and in hyper's (which
+    /// shuts them down gracefully: see `close_when_stopped` and `close_when_idle`).
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     /// Tells every connection, and every tunnel, still open when the grace is over to close;
@@ -607,11 +609,24 @@ async fn serve_io<I>(
     // open streams; HTTP/1.1's idle time is hyper's header timeout.
     let streams = sniff::is_h2(&prefix).then(Streams::new);
     let counted = streams.clone();
+    let draining = stop.clone();
     let svc = service_fn(move |req| {
         let stream = counted.as_ref().map(Streams::open);
         let fut = handler(req, info.clone());
+        let draining = draining.clone();
         async move {
-            let resp = fut.await;
+            let mut resp = fut.await;
+            // Once the drain has begun, an HTTP/1 answer says `connection: close`, as hyper's
+            // graceful shutdown makes it do: also one written before that shutdown reaches
+            // its connection (one the fast path handed over after the drain began, answered
+            // within hyper's first poll: see `close_when_stopped`).
+            if stream.is_none()
+                && *draining.borrow()
+                && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                let close = HeaderValue::from_static("close");
+                resp.headers_mut().insert(header::CONNECTION, close);
+            }
             Ok::<_, Infallible>(match stream {
                 Some(guard) => resp.map(|body| Streams::hold(guard, body)),
                 None => resp,
@@ -622,7 +637,12 @@ async fn serve_io<I>(
         .serve_connection_with_upgrades(TokioIo::new(Rewind::new(io, prefix)), svc)
         .into_owned();
     let ended = match streams {
-        None => watcher.watch(conn).await,
+        None => {
+            // Counted by the drain while it lives; the drain's signal comes through `stop`.
+            let _watcher = watcher;
+            let shut_down = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+            close_when_stopped(conn, shut_down, stop).await
+        }
         Some(streams) => {
             // Counted by the drain while it lives; the drain's signal comes through `stop`.
             let _watcher = watcher;
@@ -633,6 +653,42 @@ async fn serve_io<I>(
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives an HTTP/1 connection to its end, shutting it down gracefully (the request it is
+/// reading is answered with `connection: close`; an idle connection closes) when the server
+/// drains (`stop`), but never before its first poll: hyper-util's `auto` connection starts
+/// by telling the protocol from the bytes [`sniff`] read, and a shutdown before then
+/// cancels it outright. hyper-util's watcher (`Watcher::watch`) did that to a connection
+/// handed over after the drain began (the fast path's, with a head that was still arriving
+/// when it began): its client got a close and no answer. The first poll reads the protocol
+/// from bytes already there, and may answer a request whole before the shutdown: the
+/// service adds the `connection: close` then.
+async fn close_when_stopped<C, E>(
+    conn: C,
+    shut_down: impl Fn(Pin<&mut C>),
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    let first = std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await;
+    if let Poll::Ready(r) = first {
+        return r;
+    }
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            r = stop.wait_for(|s| *s), if !closing => {
+                let _ = r;
+                closing = true;
+                shut_down(conn.as_mut());
+            }
+        }
     }
 }
 

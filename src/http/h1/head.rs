@@ -169,6 +169,22 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// A node's `Content-Length` value: one length, or the same length repeated as a list
+/// (`5, 5`), which RFC 9110 (8.6) lets a recipient read as that one length and hyper's
+/// client takes; refused on the fast path, the node's answer would be a 502 on this path
+/// alone, and a failure counted against the node. Differing values are refused.
+pub(crate) fn parse_length_list(v: &[u8]) -> Option<u64> {
+    let mut n = None;
+    for t in tokens(v) {
+        let l = parse_length(t)?;
+        if n.is_some_and(|n| n != l) {
+            return None;
+        }
+        n = Some(l);
+    }
+    n
+}
+
 /// The comma-separated tokens of a header value, trimmed.
 fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(|t| t.trim_ascii())
@@ -212,6 +228,21 @@ const SET_BY_PROXY: [&str; 7] = [
     "x-room-node",
     "x-room-ticket",
 ];
+
+/// Whether a client's request header `name` claims one the proxy sets ([`SET_BY_PROXY`]),
+/// `_` read as `-` and case aside: node stacks that map headers to CGI-style variables
+/// (`HTTP_X_ROOM_TICKET`; Rack before CVE-2024-45614) read `X_Room_Ticket` as
+/// `X-Room-Ticket`, and may take the client's, sent first, over the router's own. Both
+/// proxy paths drop them.
+pub(crate) fn set_by_proxy(name: &[u8]) -> bool {
+    let dash = |b: &u8| match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    SET_BY_PROXY
+        .iter()
+        .any(|s| s.len() == name.len() && s.bytes().eq(name.iter().map(dash)))
+}
 
 /// What the node is told about the request besides its own headers.
 pub struct Forwarded<'a> {
@@ -278,7 +309,8 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
         {
             continue;
         }
-        if SET_BY_PROXY.contains(&n) {
+        if set_by_proxy(n.as_bytes()) {
+            // Only the name itself extends the chain: `X_Forwarded_For` is dropped.
             if n == "x-forwarded-for" && !value.as_bytes().trim_ascii().is_empty() {
                 xff_prev.push(value.as_bytes().trim_ascii());
             }
@@ -392,15 +424,15 @@ pub fn parse_response(
     }
     let mut close = resp.version != Some(1);
     let mut length: Option<u64> = None;
+    let mut bad_length = false;
     let mut chunked = None;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(h.value).ok_or(BadResponse::Length)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(BadResponse::Length);
+            match parse_length_list(h.value) {
+                Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                _ => bad_length = true,
             }
-            length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Only the last coding decides: chunked last means chunked framing. The lines
             // make one list (RFC 9110, 5.3), so an empty line changes nothing.
@@ -412,6 +444,13 @@ pub fn parse_response(
         {
             close = true;
         }
+    }
+    // `Transfer-Encoding` overrides `Content-Length` (RFC 9112 6.3), as in hyper's client:
+    // with it, the length is neither read nor relayed, so an unusable one is no error.
+    if chunked.is_some() {
+        length = None;
+    } else if bad_length {
+        return Err(BadResponse::Length);
     }
     let interim = (100..200).contains(&status);
     let framing = if *request == Method::HEAD || interim || status == 204 || status == 304 {
@@ -440,18 +479,21 @@ pub fn parse_response(
         client_close: client.close || framing == Framing::UntilClose,
     };
     if !interim {
-        write_client_response(client.out, &resp, &head, client.node);
+        write_client_response(client.out, &resp, &head, length, client.node);
     }
     Ok(Some(head))
 }
 
 /// Writes the client's copy of the node's response head: hop-by-hop headers dropped, the
-/// body's framing restated, `X-Room-Node` set, `Connection: close` when the client
-/// connection ends after it.
+/// body's framing restated (`length`, the node's `Content-Length` as one value), `Date`
+/// added where the node sent none (RFC 9110 6.6.1 asks it of a proxy, and hyper's path
+/// adds it), `X-Room-Node` set, `Connection: close` when the client connection ends after
+/// it.
 fn write_client_response(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     parsed: &ResponseHead,
+    length: Option<u64>,
     node: &str,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -490,6 +532,8 @@ fn write_client_response(
     // they would leave the client gzip bytes to take for plain content.
     let keep_codings = matches!(parsed.framing, Framing::Chunked | Framing::UntilClose);
     let mut codings_sent = false;
+    let mut length_sent = false;
+    let mut dated = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if keep_codings && name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -497,20 +541,32 @@ fn write_client_response(
             codings_sent = true;
             continue;
         }
-        let length = name.eq_ignore_ascii_case(b"content-length");
         // A length that frames the body stays even if `Connection` lists it: the relay
-        // sends that many bytes, and the client must know where they end.
+        // sends that many bytes, and the client must know where they end. It goes once,
+        // as one value, where the node's first was (`5, 5` or two lines: one `5`).
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if let Some(n) = length.filter(|_| keep_length && !length_sent) {
+                header_line(out, name, itoa::Buffer::new().format(n).as_bytes());
+                length_sent = true;
+            }
+            continue;
+        }
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-room-node")
-            || (length && !keep_length)
-            || (has_connection && !(length && keep_length) && listed(connection(), name))
+            || (has_connection && listed(connection(), name))
         {
             continue;
         }
+        dated |= name.eq_ignore_ascii_case(b"date");
         header_line(out, name, h.value);
     }
     if parsed.framing == Framing::Chunked && !codings_sent {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
     }
     header_line(out, b"x-room-node", node.as_bytes());
     if parsed.client_close {
@@ -644,6 +700,8 @@ mod tests {
             "GET /rooms/a?x=1 HTTP/1.1\r\nHost: r.example\r\nConnection: keep-alive, x-hop\r\n",
             "X-Hop: 1\r\nKeep-Alive: 5\r\nProxy-Authorization: b\r\nX-Forwarded-For: 10.1.1.1\r\n",
             "X-Room-Ticket: forged\r\nX-Room-Node: forged\r\nX-Forwarded-Proto: gopher\r\n",
+            // The same names as CGI-style stacks read them (`_` as `-`).
+            "X_Room_Ticket: forged\r\nX_Forwarded_For: 10.6.6.6\r\nx_real_ip: 10.6.6.6\r\n",
             "Accept: a\r\nAccept: b\r\n\r\n"
         ));
         let mut out = Vec::new();
@@ -720,6 +778,30 @@ mod tests {
         assert_eq!((r.framing, r.close), (Framing::UntilClose, true));
         let r = f("HTTP/1.1 200 OK\r\n\r\n", Method::GET);
         assert_eq!((r.framing, r.close), (Framing::UntilClose, true));
+        // One length repeated, as a list or on lines of its own, is that length (RFC 9110
+        // 8.6; hyper's client takes it too).
+        for lengths in ["5, 5", "5,5", "5\r\nContent-Length: 5, 5"] {
+            let r = f(
+                &format!("HTTP/1.1 200 OK\r\nContent-Length: {lengths}\r\n\r\n"),
+                Method::GET,
+            );
+            assert_eq!(
+                (r.framing, r.close),
+                (Framing::Length(5), false),
+                "{lengths}"
+            );
+        }
+        // Transfer-Encoding overrides Content-Length, whatever the length says.
+        let r = f(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: x, 7\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        let r = f(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\nTransfer-Encoding: gzip\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!((r.framing, r.close), (Framing::UntilClose, true));
         let r = f("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::HEAD);
         assert_eq!(r.framing, Framing::Empty);
         for status in [204, 304, 103] {
@@ -746,6 +828,15 @@ mod tests {
             e("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             BadResponse::Length
         );
+        for lengths in ["1, 2", "1\r\nContent-Length: 1, 2", "1,", ", 1", "1, +1"] {
+            assert_eq!(
+                e(&format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {lengths}\r\n\r\n"
+                )),
+                BadResponse::Length,
+                "{lengths}"
+            );
+        }
         assert_eq!(
             e("HTTP/1.1 101 Switching\r\n\r\n"),
             BadResponse::UnaskedUpgrade
@@ -767,7 +858,7 @@ mod tests {
         let raw = concat!(
             "HTTP/1.1 200 Fine\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n",
             "Transfer-Encoding: chunked\r\nContent-Length: 9\r\nX-Room-Node: forged\r\n",
-            "Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
+            "Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n\r\n"
         );
         let mut out = Vec::new();
         let mut client = ClientHead {
@@ -782,9 +873,50 @@ mod tests {
             concat!(
                 // The node's codings go with the bytes they apply to, as it wrote them.
                 "HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=1\r\n",
-                "Set-Cookie: b=2\r\nx-room-node: n1\r\nconnection: close\r\n\r\n"
+                "Set-Cookie: b=2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n",
+                "x-room-node: n1\r\nconnection: close\r\n\r\n"
             )
         );
+    }
+
+    /// The client's head as the fast path writes it for the node's `raw`.
+    fn relayed(raw: &str) -> String {
+        let mut out = Vec::new();
+        let mut client = ClientHead {
+            out: &mut out,
+            node: "n1",
+            close: false,
+        };
+        parse_response(raw.as_bytes(), &Method::GET, 64 * 1024, &mut client)
+            .unwrap()
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_length_repeated_by_the_node_reaches_the_client_once() {
+        let text = relayed(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nX-A: 1\r\nContent-Length: 5\r\nDate: d\r\n\r\n",
+        );
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nDate: d\r\nx-room-node: n1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_relayed_response_without_a_date_gets_one() {
+        let text = relayed("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let date = text
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .unwrap_or_else(|| panic!("no date: {text}"));
+        assert!(httpdate::parse_http_date(date).is_ok(), "{text}");
+        // A node's own is kept, and not doubled.
+        let text = relayed("HTTP/1.1 200 OK\r\nDATE: d\r\nContent-Length: 0\r\n\r\n");
+        let dates = text.to_ascii_lowercase().matches("\r\ndate: ").count();
+        assert_eq!(dates, 1, "{text}");
+        assert!(text.contains("\r\nDATE: d\r\n"), "{text}");
     }
 
     proptest::proptest! {

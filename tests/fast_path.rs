@@ -747,6 +747,26 @@ async fn transfer_codings_besides_chunked_reach_the_client() {
     }
 }
 
+/// The same answer to an HTTP/1.0 client (served by hyper), which cannot be told of a
+/// transfer coding: refused (502) rather than the gzip bytes passed off as the content.
+#[tokio::test]
+async fn a_transfer_coding_an_http_1_0_client_cannot_carry_is_refused() {
+    let (r, _node, mut c) = cluster_with(
+        proxy_config(),
+        vec!["HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+    )
+    .await;
+    c.send("GET /rooms/coded HTTP/1.0\r\nHost: router.test\r\n\r\n")
+        .await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 502, "{a:?}");
+    assert!(
+        String::from_utf8_lossy(&a.body).contains("upstream_unavailable"),
+        "{a:?}"
+    );
+    r.stop().await;
+}
+
 /// A node's 204 that carries a `Content-Length` (RFC 9110 forbids it) reaches the client
 /// without it on both paths, and the connection carries the next answer whole: a client
 /// that took the length would read the next response as this one's body. The fast path

@@ -261,6 +261,20 @@ impl Proxy {
             }
         };
         let (mut rp, body) = resp.into_parts();
+        // A transfer coding besides chunked (`gzip`) cannot be said to an HTTP/2 or
+        // HTTP/1.0 client: hyper's server drops the header, and the client would take the
+        // coded bytes for the content. Refused (such answers are rare); the lane is dropped
+        // with its unread body.
+        if parts.version != Version::HTTP_11 {
+            if let Some(codings) = codings_besides_chunked(&rp.headers) {
+                return Err(ApiError::UpstreamUnavailable(format!(
+                    "node {} answered in a transfer coding ({}) that this client's {:?} cannot carry",
+                    node.id,
+                    codings.to_str().unwrap_or("?"),
+                    parts.version
+                )));
+            }
+        }
         answer_head(&mut rp, node);
         let body = self.lanes.body(body, lane, uploaded);
         Ok(Response::from_parts(

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use roomrouter::cluster::NodeId;
 use roomrouter::config::{Config, LogFormat, RuntimeModel, ServerConfig};
 use roomrouter::demo::node::{DemoNode, DemoNodeConfig};
+use roomrouter::room::Normalization;
 
 /// mimalloc instead of the system allocator: a proxied request allocates and frees dozens of
 /// small buffers (headers, URIs, body frames), and glibc's malloc/free took about 12% of the
@@ -60,9 +62,11 @@ enum Cmd {
         /// Router base URL.
         #[arg(long)]
         router: String,
-        #[arg(long)]
+        /// Node id: 1-64 of A-Za-z0-9._- (what the router takes).
+        #[arg(long, value_parser = node_id)]
         id: String,
-        #[arg(long, default_value_t = 100.0)]
+        /// Capacity in participants: a number > 0 (what the router takes).
+        #[arg(long, default_value_t = 100.0, value_parser = capacity, allow_negative_numbers = true)]
         capacity: f64,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
@@ -82,7 +86,37 @@ enum Cmd {
         /// Clock skew forgiven past a ticket's `exp`: the router's `tickets.leeway`.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         ticket_leeway: Duration,
+        /// How the router normalizes room ids (its `rooms.normalization`: none, lowercase or
+        /// nfkc_lowercase): a ticket admits to the room the path names normalized so.
+        #[arg(long, default_value = "lowercase", value_parser = room_normalization)]
+        room_normalization: Normalization,
     },
+}
+
+/// `demo-node --id`: an id the router takes. A node started with one it does not take would
+/// be refused at every heartbeat, forever, and never receive a user.
+fn node_id(s: &str) -> Result<String, String> {
+    NodeId::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `demo-node --capacity`: finite and > 0, as the router takes it (see `node_id`).
+fn capacity(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if c.is_finite() && c > 0.0 => Ok(c),
+        _ => Err("the capacity must be a number > 0".into()),
+    }
+}
+
+/// `demo-node --room-normalization`, spelled as `rooms.normalization` is.
+fn room_normalization(s: &str) -> Result<Normalization, String> {
+    match s {
+        "none" => Ok(Normalization::None),
+        "lowercase" => Ok(Normalization::Lowercase),
+        "nfkc_lowercase" => Ok(Normalization::NfkcLowercase),
+        _ => Err("must be none, lowercase or nfkc_lowercase".into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -233,6 +267,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             node_token,
             ticket_secret,
             ticket_leeway,
+            room_normalization,
         } => {
             let _log = roomrouter::telemetry::init(log_format, "info");
             // A benchmark's stand-in for a media server, in front of which the router and
@@ -240,22 +275,27 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             // tail made it allocate more (the router's tickets, which it verifies), so it
             // opts out as `demo` and the router do.
             transparent_huge_pages(false);
-            let node = DemoNode::start(DemoNodeConfig {
-                id,
-                router,
-                listen,
-                public_url,
-                capacity,
-                region,
-                tags,
-                node_token,
-                ticket_secret,
-                ticket_leeway,
-                heartbeat_interval: Duration::from_secs(2),
-            })
+            let node = DemoNode::start_with_normalization(
+                DemoNodeConfig {
+                    id,
+                    router,
+                    listen,
+                    public_url,
+                    capacity,
+                    region,
+                    tags,
+                    node_token,
+                    ticket_secret,
+                    ticket_leeway,
+                    heartbeat_interval: Duration::from_secs(2),
+                },
+                room_normalization,
+            )
             .await?;
             println!("demo node {} serving on {}", node.id, node.url);
             roomrouter::service::shutdown_signal().await;
+            // A graceful stop leaves the router at once: a node that just vanished would
+            // look crashed, and be sent joins until the router's heartbeat timeout.
             node.stop().await;
             Ok(())
         }

@@ -297,6 +297,130 @@ fn demo_node(router: &str, id: &str, capacity: u32) -> Reaper {
     )
 }
 
+/// A demo node stopped by its operator (SIGTERM) leaves its router before it exits: the
+/// router lists it no more and sends no join or new room its way, at once rather than at
+/// `placement.heartbeat_timeout` (6 s), as it would after a crash.
+#[tokio::test]
+async fn a_demo_node_stopped_by_sigterm_leaves_its_router_at_once() {
+    let dir = std::env::temp_dir().join(format!("rr-leave-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(&config, "[placement]\nstartup_hold = \"0s\"\n").unwrap();
+    let (_router, url) = serve_with(&config);
+    wait_http(&format!("{url}/healthz")).await;
+    let mut node = demo_node(&url, "media-1", 100);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: serde_json::Value = c
+            .get(format!("{url}/v1/nodes/media-1"))
+            .bearer_auth(ADMIN)
+            .send_json()
+            .await;
+        if n["healthy"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never became healthy: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped_at = Instant::now();
+    assert!(terminate(&mut node.0).await, "the node exits 0 on SIGTERM");
+    let listed = c
+        .get(format!("{url}/v1/nodes/media-1"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    common::expect_error(listed, 404, "not_found").await;
+    let join = c
+        .get(format!("{url}/rooms/after-stop"))
+        .send()
+        .await
+        .unwrap();
+    common::expect_error(join, 503, "no_capacity").await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(3),
+        "the leave took {:?}",
+        stopped_at.elapsed()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A node the router refuses at its first heartbeat (a wrong node token here) would be
+/// refused at every one, forever: `demo-node` exits non-zero and says why.
+#[tokio::test]
+async fn a_demo_node_its_router_refuses_exits_and_says_why() {
+    let dir =
+        std::env::temp_dir().join(format!("rr-refused-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(&config, "[logging]\nlevel = \"warn\"\n").unwrap();
+    let (_router, url) = serve_with(&config);
+    wait_http(&format!("{url}/healthz")).await;
+    let mut node = Reaper(
+        clean_env(&mut Command::new(BIN))
+            .args(["demo-node", "--router", &url, "--id", "media-1"])
+            .env("ROOMROUTER_NODE_TOKEN", "not-the-node-token")
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = node.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a refused demo node kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut node.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("refused") && err.contains("401") && err.contains("node token"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An id or a capacity the router refuses at every heartbeat is refused before the node
+/// starts, naming the flag.
+#[test]
+fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
+    let base = [
+        "--router",
+        "http://127.0.0.1:9",
+        "--node-token",
+        "t",
+        "--ticket-secret",
+        "s",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(extra).copied().collect()
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (with(&["--id", "n1", "--capacity", "0"]), "--capacity"),
+        (with(&["--id", "n1", "--capacity", "-5"]), "--capacity"),
+        (with(&["--id", "n1", "--capacity", "NaN"]), "--capacity"),
+        (with(&["--id", "n1", "--capacity", "inf"]), "--capacity"),
+        (with(&["--id", "a/b"]), "--id"),
+        (
+            with(&["--id", "n1", "--room-normalization", "upper"]),
+            "--room-normalization",
+        ),
+    ];
+    let cases: Vec<(&[&str], &str)> = cases.iter().map(|(a, s)| (a.as_slice(), *s)).collect();
+    refuses("demo-node", &cases);
+}
+
 /// `roomrouter serve --config CONFIG` on a free port with the test credentials.
 fn serve_with(config: &std::path::Path) -> (Reaper, String) {
     let addr = free_addr();
@@ -593,16 +717,37 @@ fn stdout_of_success(out: &std::process::Output) -> String {
 }
 
 /// Runs `roomrouter SUBCOMMAND ARGS...` for each case and checks that it fails with a message
-/// containing the expected text, never a panic.
+/// containing the expected text, never a panic. Bounded (30 s): a command that takes what it
+/// should refuse may well run on (a demo node heartbeating to nobody), and fails the case.
 fn refuses(subcommand: &str, cases: &[(&[&str], &str)]) {
     for (args, says) in cases {
-        let out = clean_env(&mut Command::new(BIN))
+        let mut child = clean_env(&mut Command::new(BIN))
             .arg(subcommand)
             .args(*args)
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}");
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?}: still running after 30 s, not refused");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = reader.join().unwrap();
+        assert!(!status.success(), "{args:?}");
         assert!(
             err.contains(says) && !err.contains("panicked"),
             "{args:?}: {err}"

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use reqwest::Method;
+use roomrouter::room::Normalization;
 use serde_json::json;
 
 async fn healthy(r: &TestRouter, id: &str) -> bool {
@@ -414,6 +415,42 @@ async fn rooms_end_when_their_node_stops_listing_them() {
     .await;
 }
 
+/// The join counts a participant under the room as the router normalized it; the leave, at
+/// the same path, finds that room: a name the router keeps in capitals (`none`), or one
+/// Rust's `to_lowercase` folds otherwise than the router (`ΑΣ`, `Aǅ`), included.
+#[tokio::test]
+async fn a_participant_leaves_the_room_it_joined_under_every_normalization() {
+    for (rooms, path, key) in [
+        (Normalization::None, "Standup", "Standup"),
+        (Normalization::Lowercase, "%CE%91%CE%A3", "ασ"),
+        (Normalization::NfkcLowercase, "A%C7%85", "ad\u{17E}"),
+    ] {
+        let normalization = format!("{rooms:?}");
+        let mut cfg = config();
+        cfg.rooms.normalization = rooms;
+        let r = TestRouter::start(cfg).await;
+        let n = r.node_naming_rooms("a", 1000.0, rooms).await;
+        let redirect = r.get(&format!("/rooms/{path}")).send().await.unwrap();
+        assert_eq!(redirect.status(), 307, "{normalization}");
+        let joined: serde_json::Value = client()
+            .get(redirect.headers()["location"].to_str().unwrap())
+            .send_json()
+            .await;
+        assert_eq!(joined["participants"], 1, "{normalization}: {joined}");
+        assert_eq!(n.rooms().get(key), Some(&1), "{normalization}");
+        let left = client()
+            .post(format!("{}/rooms/{path}/leave", n.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(left.status(), 200, "{normalization}: leave {path}");
+        let left: serde_json::Value = left.json().await.unwrap();
+        assert_eq!(left["participants"], 0, "{normalization}: {left}");
+        assert!(n.rooms().is_empty(), "{normalization}: {:?}", n.rooms());
+        r.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn rooms_and_nodes_admin_endpoints() {
     let r = TestRouter::start(config()).await;
@@ -702,6 +739,10 @@ async fn a_disabled_node_that_leaves_and_comes_back_is_still_disabled() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // It drains itself empty: removed at its second such report, a heartbeat interval
+    // (200 ms here) after the first.
+    assert_eq!(heartbeat(&r, "a", hb("draining")).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(heartbeat(&r, "a", hb("draining")).await.status(), 200);
     r.expect_admin_error(Method::GET, "/v1/nodes/a", 404, "not_found")
         .await;

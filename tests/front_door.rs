@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::*;
+use roomrouter::room::Normalization;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -231,6 +232,37 @@ async fn demo_nodes_refuse_users_who_skip_the_router() {
             .unwrap();
         assert_eq!(resp.status(), status, "{path}");
     }
+}
+
+/// A demo node compares the room a ticket names with the path's room normalized as its
+/// router does, and only so: under `none`, "Standup" is another room than "standup", and a
+/// ticket for one does not admit to the other.
+#[tokio::test]
+async fn a_demo_node_compares_rooms_as_its_router_normalizes_them() {
+    let mut c = config();
+    c.rooms.normalization = Normalization::None;
+    let r = TestRouter::start(c).await;
+    let node = r
+        .node_naming_rooms("exact", 100.0, Normalization::None)
+        .await;
+    let loc = r.get("/rooms/standup").send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let ticket = loc.rsplit("ticket=").next().unwrap();
+    let other = client()
+        .get(format!("{}/rooms/Standup?ticket={ticket}", node.url))
+        .send()
+        .await
+        .unwrap();
+    expect_error(other, 403, "forbidden").await;
+    let own = client()
+        .get(format!("{}/rooms/standup?ticket={ticket}", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(node.counters().0, 1, "one join accepted");
 }
 
 #[tokio::test]

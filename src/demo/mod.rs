@@ -29,7 +29,9 @@ pub fn demo_config(listen: SocketAddr) -> Config {
     cfg
 }
 
-/// Runs the demo until Ctrl-C.
+/// Runs the demo until Ctrl-C (or SIGTERM). The nodes then leave the router, as nodes shut
+/// down by their operator do, and the router stops last: stopped the other way round, each
+/// node's leave would find no router to tell.
 pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
     let cfg = demo_config(listen);
     cfg.validate()?;
@@ -39,28 +41,32 @@ pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
     let admin = cfg.auth.admin_tokens[0].clone();
     let node_token = cfg.auth.node_token.clone();
     let (ticket_secret, ticket_leeway) = (cfg.tickets.secret.clone(), cfg.tickets.leeway);
-    let server = tokio::spawn(crate::service::run_memory(
-        cfg,
-        listener,
-        crate::service::shutdown_signal(),
-    ));
+    // The nodes name rooms as this router does: its tickets name them so.
+    let rooms = cfg.rooms.normalization;
+    let (stop_router, router_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(crate::service::run_memory(cfg, listener, async {
+        let _ = router_stopped.await;
+    }));
     let mut demo_nodes = Vec::new();
     for i in 0..nodes {
         let capacity = [50.0, 100.0, 200.0][i % 3] * (1 + i / 3) as f64;
         demo_nodes.push(
-            DemoNode::start(DemoNodeConfig {
-                id: format!("media-{}", i + 1),
-                router: router_url.clone(),
-                listen: "127.0.0.1:0".parse()?,
-                public_url: None,
-                capacity,
-                region: None,
-                tags: vec![],
-                node_token: node_token.clone(),
-                ticket_secret: ticket_secret.clone(),
-                ticket_leeway,
-                heartbeat_interval: Duration::from_secs(2),
-            })
+            DemoNode::start_with_normalization(
+                DemoNodeConfig {
+                    id: format!("media-{}", i + 1),
+                    router: router_url.clone(),
+                    listen: "127.0.0.1:0".parse()?,
+                    public_url: None,
+                    capacity,
+                    region: None,
+                    tags: vec![],
+                    node_token: node_token.clone(),
+                    ticket_secret: ticket_secret.clone(),
+                    ticket_leeway,
+                    heartbeat_interval: Duration::from_secs(2),
+                },
+                rooms,
+            )
             .await?,
         );
     }
@@ -86,9 +92,15 @@ Try:
 
 Ctrl-C stops everything."#
     );
-    server.await??;
+    tokio::select! {
+        _ = crate::service::shutdown_signal() => {}
+        // The router ended on its own (it failed): the nodes go with it.
+        ended = &mut server => return Ok(ended??),
+    }
     for n in demo_nodes {
         n.stop().await;
     }
+    let _ = stop_router.send(());
+    server.await??;
     Ok(())
 }

@@ -5,13 +5,22 @@
 //! `leave`), heartbeats its load and room list to the router, and ends rooms the router lists
 //! under `evict`. Tests, benchmarks, the load harness and `roomrouter demo` all use it.
 //!
+//! It names rooms as the router does: every room in a path goes through
+//! [`RoomKey::from_encoded`] under the router's `rooms.normalization`, which the node is told
+//! ([`DemoNode::start_with_normalization`]). A ticket names its room normalized so; a room
+//! compared any other way either admits a ticket at another room's path or cannot find the
+//! room a join was counted under.
+//!
 //! Endpoints:
 //! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`
 //!   (or the ticket in `X-Room-Ticket`, as proxy mode sends it): join (200 JSON with the
 //!   participant count), 401 bad ticket, 403 ticket for another node or another room.
-//! * `POST /rooms/{room}/leave`: one participant leaves.
+//! * `POST /rooms/{room}/leave`: one participant leaves (404 if the room has nobody here).
 //! * `GET /status`: this node's rooms and load.
 //! * `GET /healthz`.
+//!
+//! Stopping: [`DemoNode::stop`] is an operator's stop (it leaves the router, then lets the
+//! requests in flight finish); [`DemoNode::kill`] is a crash.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -34,14 +43,22 @@ use tokio::sync::watch;
 use crate::auth::TicketIssuer;
 use crate::capped;
 use crate::http::sniff;
+use crate::room::{Normalization, RoomKey};
 
 /// Largest heartbeat reply read from the router: its evictions name at most the rooms this
 /// node reported (at most 100 000, each id at most 256 bytes).
 const HEARTBEAT_REPLY_MAX: usize = 32 * 1024 * 1024;
+/// Largest error answer read from the router: enough for its `{"error", "message"}`.
+const ERROR_REPLY_MAX: usize = 4096;
 /// Connections a demo node serves at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 10_000;
 /// Time a client has to send a request head (and to idle between requests).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time the router has to answer a heartbeat or a leave.
+const ROUTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a stopping node gives the requests in flight (a demo node answers each at once, so
+/// this only bounds a slow client) before it closes what is left.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// How a demo node is set up.
 #[derive(Debug, Clone)]
@@ -74,20 +91,54 @@ struct State {
     draining: AtomicBool,
 }
 
+/// Where a node is in its life, as its tasks and connections watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// A graceful stop: no new connection; open ones finish the request in flight and close.
+    Closing,
+    /// Every connection ends at once, as when the process is gone.
+    Stopped,
+}
+
 /// A running demo node.
 pub struct DemoNode {
     pub id: String,
     pub addr: SocketAddr,
     pub url: String,
     state: Arc<State>,
-    stop: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    router: RouterClient,
+}
+
+/// What a node sends the router: heartbeats, and its leave.
+#[derive(Clone)]
+struct RouterClient {
+    client: reqwest::Client,
+    /// `{router}/v1/nodes/{id}`.
+    node: String,
+    token: String,
 }
 
 impl DemoNode {
-    /// Binds, starts serving and heartbeating. The first heartbeat is sent before this returns
-    /// (errors are logged and retried by the loop).
+    /// Binds, starts serving and heartbeating, for a router on the default
+    /// `rooms.normalization` (`lowercase`); see [`DemoNode::start_with_normalization`].
     pub async fn start(cfg: DemoNodeConfig) -> std::io::Result<DemoNode> {
+        Self::start_with_normalization(cfg, Normalization::default()).await
+    }
+
+    /// Binds, starts serving and heartbeating, naming rooms as a router with
+    /// `rooms.normalization = rooms` does (its tickets name rooms so).
+    ///
+    /// The first heartbeat is sent before this returns. One the router refuses for good (a
+    /// 4xx other than 408 and 429: a wrong node token, an id or capacity it never takes) is
+    /// an error: the node would be refused at every heartbeat and never receive a user. Any
+    /// other failure (the router not up yet, a 5xx) is logged and retried by the loop.
+    pub async fn start_with_normalization(
+        cfg: DemoNodeConfig,
+        rooms: Normalization,
+    ) -> std::io::Result<DemoNode> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let url = cfg
@@ -95,29 +146,56 @@ impl DemoNode {
             .clone()
             .unwrap_or_else(|| format!("http://{addr}"));
         let state = Arc::new(State::default());
-        let (stop, stop_rx) = watch::channel(false);
+        let (phase, phase_rx) = watch::channel(Phase::Serving);
         let tickets = Arc::new(
             TicketIssuer::new(&cfg.ticket_secret, Duration::from_secs(60))
                 .with_leeway(cfg.ticket_leeway),
         );
+        let router = RouterClient {
+            client: reqwest::Client::builder()
+                .timeout(ROUTER_TIMEOUT)
+                .build()
+                .unwrap_or_default(),
+            node: format!("{}/v1/nodes/{}", cfg.router.trim_end_matches('/'), cfg.id),
+            token: cfg.node_token.clone(),
+        };
         let server = tokio::spawn(serve(
             listener,
             state.clone(),
             tickets,
-            cfg.id.clone(),
-            stop_rx.clone(),
+            Node {
+                id: cfg.id.clone(),
+                rooms,
+            },
+            phase.clone(),
         ));
-        let hb = Heartbeater::new(&cfg, url.clone(), state.clone());
-        hb.beat().await.ok();
-        let beats = tokio::spawn(hb.run(cfg.heartbeat_interval, stop_rx));
-        Ok(DemoNode {
-            id: cfg.id,
+        // From here on, an early return drops the node, which ends the server.
+        let mut node = DemoNode {
+            id: cfg.id.clone(),
             addr,
-            url,
-            state,
-            stop,
-            tasks: vec![server, beats],
-        })
+            url: url.clone(),
+            state: state.clone(),
+            phase,
+            tasks: vec![server],
+            router: router.clone(),
+        };
+        let hb = Heartbeater::new(&cfg, router, url, state);
+        if let Err(e) = hb.beat().await {
+            match e.downcast_ref::<Refused>() {
+                Some(r) if r.is_permanent() => {
+                    return Err(std::io::Error::other(format!(
+                        "the router at {} refused node {}'s first heartbeat ({r}){}",
+                        cfg.router,
+                        cfg.id,
+                        r.hint()
+                    )))
+                }
+                _ => tracing::warn!(error = %e, "first heartbeat failed; retrying"),
+            }
+        }
+        node.tasks
+            .push(tokio::spawn(hb.run(cfg.heartbeat_interval, phase_rx)));
+        Ok(node)
     }
 
     /// Participants per room right now.
@@ -151,38 +229,130 @@ impl DemoNode {
     /// can tell): the accept loop and the heartbeats end, and so do the open connections,
     /// idle keep-alive ones included.
     pub fn kill(mut self) {
-        let _ = self.stop.send(true);
+        self.phase.send_replace(Phase::Stopped);
         for t in self.tasks.drain(..) {
             t.abort();
         }
     }
 
-    /// Stops, waiting for the tasks to end (open connections are closed as by [`kill`]).
+    /// Stops as an operator stops a node (SIGTERM, Ctrl-C), not as a crash: it takes no new
+    /// connection, leaves the router (`DELETE /v1/nodes/{id}`), then gives the requests in
+    /// flight 3 s (`STOP_GRACE`) to finish and closes what is left (idle connections at once).
     ///
-    /// [`kill`]: DemoNode::kill
+    /// Without the leave the router would take the node for alive, and send it joins and new
+    /// rooms it refuses, until `placement.heartbeat_timeout` passed. A leave that fails is
+    /// logged: the router then finds out at that timeout, as after a crash.
     pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
+        self.phase.send_replace(Phase::Closing);
+        // The accept loop and the heartbeats end before the leave: a heartbeat the router
+        // applied after it would register the node again. A heartbeat in flight is let
+        // finish (bounded by ROUTER_TIMEOUT), not dropped: the router may have it already.
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        self.router.leave(&self.id).await;
+        // Each open connection holds a receiver until it closes.
+        let _ = tokio::time::timeout(STOP_GRACE, self.phase.closed()).await;
+        self.phase.send_replace(Phase::Stopped);
     }
 }
 
 impl Drop for DemoNode {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.phase.send_replace(Phase::Stopped);
         for t in &self.tasks {
             t.abort();
         }
     }
 }
 
+impl RouterClient {
+    /// `DELETE /v1/nodes/{id}`: the router places nothing more here from now on.
+    async fn leave(&self, id: &str) {
+        let sent = self
+            .client
+            .delete(&self.node)
+            .bearer_auth(&self.token)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => tracing::info!(node = %id, "left the router"),
+            // Removed already (drained empty, or by an admin): nothing to leave.
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                tracing::info!(node = %id, "the router no longer lists this node")
+            }
+            Ok(r) => {
+                let refused = Refused::read(r).await;
+                tracing::warn!(node = %id, error = %refused, "the router refused this node's leave; it will take the node for dead at its heartbeat timeout")
+            }
+            Err(e) => {
+                tracing::warn!(node = %id, error = %e, "could not tell the router this node leaves; it will take the node for dead at its heartbeat timeout")
+            }
+        }
+    }
+}
+
+/// An error answer from the router.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {message}")]
+struct Refused {
+    status: StatusCode,
+    /// The router's `error: message`, or the body as it came.
+    message: String,
+}
+
+impl Refused {
+    async fn read(resp: reqwest::Response) -> Refused {
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            error: String,
+            message: String,
+        }
+        let status = resp.status();
+        let body = capped::bytes(resp, ERROR_REPLY_MAX)
+            .await
+            .unwrap_or_default();
+        let message = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => format!("{}: {}", e.error, e.message),
+            Err(_) => String::from_utf8_lossy(&body).trim().to_string(),
+        };
+        Refused { status, message }
+    }
+
+    /// Whether the router would answer every heartbeat so: a client error other than a
+    /// timeout or a rate limit.
+    fn is_permanent(&self) -> bool {
+        self.status.is_client_error()
+            && self.status != StatusCode::REQUEST_TIMEOUT
+            && self.status != StatusCode::TOO_MANY_REQUESTS
+    }
+
+    /// What the operator of a node refused so likely has to fix.
+    fn hint(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                ": check the node token (--node-token, ROOMROUTER_NODE_TOKEN) against the router's auth.node_token"
+            }
+            StatusCode::NOT_FOUND => ": is the router URL a roomrouter?",
+            _ => "",
+        }
+    }
+}
+
+/// Who a node is, as its request handler needs it.
+#[derive(Debug, Clone)]
+struct Node {
+    id: String,
+    /// The router's `rooms.normalization`.
+    rooms: Normalization,
+}
+
 async fn serve(
     listener: TcpListener,
     state: Arc<State>,
     tickets: Arc<TicketIssuer>,
-    id: String,
-    mut stop: watch::Receiver<bool>,
+    node: Node,
+    phase: watch::Sender<Phase>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -190,28 +360,44 @@ async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
     let builder = Arc::new(builder);
-    let conn_stop = stop.clone();
+    let node = Arc::new(node);
+    let mut accepting = phase.subscribe();
     let serve = move |stream: TcpStream| {
-        let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
+        let (state, tickets, node) = (state.clone(), tickets.clone(), node.clone());
         let svc = service_fn(move |req| {
-            let (state, tickets, id) = (state.clone(), tickets.clone(), id.clone());
-            async move { Ok::<_, Infallible>(handle(req, &state, &tickets, &id)) }
+            let (state, tickets, node) = (state.clone(), tickets.clone(), node.clone());
+            async move { Ok::<_, Infallible>(handle(req, &state, &tickets, &node)) }
         });
         let builder = builder.clone();
-        let mut stop = conn_stop.clone();
+        // Subscribed only once the connection is served: a stopping node waits for the
+        // receivers of its open connections to go, not for sockets still being sniffed.
+        let mut phase = phase.subscribe();
         async move {
-            // A stopped or killed node ends its open connections too (dropping the connection
-            // closes the socket, mid-request or idle), as a crashed process would: a
-            // keep-alive client must not go on joining and leaving a node that is gone.
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|stopped| *stopped) => {}
-                _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc) => {}
+                _ = phase.wait_for(|p| *p != Phase::Serving) => {}
+                _ = conn.as_mut() => return,
+            }
+            // A killed node ends its open connections too (dropping the connection closes
+            // the socket, mid-request or idle), as a crashed process would: a keep-alive
+            // client must not go on joining and leaving a node that is gone.
+            if *phase.borrow() == Phase::Stopped {
+                return;
+            }
+            // A stopping one lets the request in flight finish, then closes; an idle
+            // connection closes now.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                biased;
+                _ = phase.wait_for(|p| *p == Phase::Stopped) => {}
+                _ = conn => {}
             }
         }
     };
     let stopped = async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
+        let _ = accepting.wait_for(|p| *p != Phase::Serving).await;
     };
     sniff::accept_sniffed(listener, MAX_CONNECTIONS, HEADER_TIMEOUT, stopped, serve).await;
 }
@@ -226,26 +412,21 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-/// Whether `raw`, a room as the request path has it, is the ticket's room. The ticket names
-/// the room as the router normalized it (`rooms.normalization`), which this node is not
-/// told: any of the router's normalizations will do.
-fn names_room(raw: &str, ticket_room: &str) -> bool {
-    use crate::room::{Normalization, RoomKey};
-    [
-        Normalization::None,
-        Normalization::Lowercase,
-        Normalization::NfkcLowercase,
-    ]
-    .into_iter()
-    .any(|n| RoomKey::from_encoded(raw, n).is_ok_and(|k| k.as_str() == ticket_room))
+/// The key the router stores `raw`, a room as a request path has it, under; `None` if it is
+/// no valid room id.
+fn room_key(raw: &str, rooms: Normalization) -> Option<String> {
+    RoomKey::from_encoded(raw, rooms)
+        .ok()
+        .map(|k| k.as_str().to_string())
 }
 
 fn handle(
     req: Request<Incoming>,
     state: &State,
     tickets: &TicketIssuer,
-    id: &str,
+    node: &Node,
 ) -> Response<Full<Bytes>> {
+    let id = node.id.as_str();
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // Redirect mode brings the ticket in the query; proxy mode in the X-Room-Ticket header.
@@ -303,8 +484,10 @@ fn handle(
                 );
             }
             // A ticket admits to its own room only: a user the router let into one room
-            // must not use the ticket for another room on the same node.
-            if !names_room(room, &claims.room) {
+            // must not use the ticket for another room on the same node. The room is
+            // compared as the router normalized the ticket's: under `none`, "Standup" is
+            // another room than "standup".
+            if room_key(room, node.rooms).as_deref() != Some(claims.room.as_str()) {
                 state.refused.fetch_add(1, Ordering::Relaxed);
                 return reply(
                     StatusCode::FORBIDDEN,
@@ -324,20 +507,20 @@ fn handle(
             )
         }
         (&Method::POST, ["rooms" | "join", room, "leave"]) => {
-            let room = percent_encoding::percent_decode_str(room)
-                .decode_utf8_lossy()
-                .to_lowercase();
+            // The join counted the participant under the ticket's room, the path's room
+            // normalized as the router does: the leave finds it under the same key.
             let mut rooms = state.rooms.lock().unwrap_or_else(|p| p.into_inner());
-            match rooms.get_mut(&room) {
-                Some(n) => {
+            let key = room_key(room, node.rooms);
+            match key.as_ref().and_then(|k| Some((k, rooms.get_mut(k)?))) {
+                Some((key, n)) => {
                     *n = n.saturating_sub(1);
                     let left = *n;
                     if left == 0 {
-                        rooms.remove(&room);
+                        rooms.remove(key);
                     }
                     reply(
                         StatusCode::OK,
-                        serde_json::json!({"room": room, "participants": left}),
+                        serde_json::json!({"room": key, "participants": left}),
                     )
                 }
                 None => reply(
@@ -361,26 +544,23 @@ struct HeartbeatReply {
 }
 
 struct Heartbeater {
-    client: reqwest::Client,
+    router: RouterClient,
+    /// `{router}/v1/nodes/{id}/heartbeat`.
     endpoint: String,
-    node_token: String,
     body_base: serde_json::Value,
     state: Arc<State>,
 }
 
 impl Heartbeater {
-    fn new(cfg: &DemoNodeConfig, url: String, state: Arc<State>) -> Heartbeater {
+    fn new(
+        cfg: &DemoNodeConfig,
+        router: RouterClient,
+        url: String,
+        state: Arc<State>,
+    ) -> Heartbeater {
         Heartbeater {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
-            endpoint: format!(
-                "{}/v1/nodes/{}/heartbeat",
-                cfg.router.trim_end_matches('/'),
-                cfg.id
-            ),
-            node_token: cfg.node_token.clone(),
+            endpoint: format!("{}/heartbeat", router.node),
+            router,
             body_base: serde_json::json!({
                 "url": url,
                 "capacity": cfg.capacity,
@@ -391,7 +571,8 @@ impl Heartbeater {
         }
     }
 
-    /// Sends one heartbeat; applies evictions; returns the interval the router asks for.
+    /// Sends one heartbeat; applies evictions; returns the interval the router asks for. An
+    /// error answer is a [`Refused`].
     async fn beat(&self) -> anyhow::Result<Option<Duration>> {
         let (load, rooms) = {
             let rooms = self.state.rooms.lock().unwrap_or_else(|p| p.into_inner());
@@ -408,15 +589,15 @@ impl Heartbeater {
             body["state"] = "draining".into();
         }
         let resp = self
+            .router
             .client
             .post(&self.endpoint)
-            .bearer_auth(&self.node_token)
+            .bearer_auth(&self.router.token)
             .json(&body)
             .send()
             .await?;
         if !resp.status().is_success() {
-            tracing::warn!(status = %resp.status(), "heartbeat refused");
-            return Ok(None);
+            return Err(Refused::read(resp).await.into());
         }
         let r: HeartbeatReply = capped::json(resp, HEARTBEAT_REPLY_MAX).await?;
         if !r.evict.is_empty() {
@@ -430,7 +611,7 @@ impl Heartbeater {
         Ok(r.heartbeat_interval_ms.map(Duration::from_millis))
     }
 
-    async fn run(self, first: Duration, mut stop: watch::Receiver<bool>) {
+    async fn run(self, first: Duration, mut stop: watch::Receiver<Phase>) {
         let mut every = first;
         loop {
             tokio::select! {
@@ -484,14 +665,14 @@ mod tests {
             .expect("the node neither answered nor closed the connection")
     }
 
-    #[tokio::test]
-    async fn a_killed_node_closes_its_open_keep_alive_connections() {
-        // Nothing listens at the router's address: heartbeats fail fast, which is fine here.
+    /// A node whose router is not there: heartbeats (and a leave) fail fast, which is fine
+    /// here.
+    async fn node_without_router() -> DemoNode {
         let router = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let node = DemoNode::start(DemoNodeConfig {
+        DemoNode::start(DemoNodeConfig {
             id: "media-1".into(),
             router: format!("http://{router}"),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -505,7 +686,38 @@ mod tests {
             heartbeat_interval: Duration::from_secs(60),
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// An idle keep-alive connection (a pooled client's, the proxy's) is no request in
+    /// flight: a stopping node closes it at once instead of waiting its grace out, and takes
+    /// no new connection.
+    #[tokio::test]
+    async fn a_stopping_node_closes_idle_connections_without_waiting_out_its_grace() {
+        let node = node_without_router().await;
+        let addr = node.addr;
+        let request = b"GET /status HTTP/1.1\r\nhost: node\r\n\r\n";
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request).await.unwrap();
+        let first = answer(&mut conn).await.expect("an answer before the stop");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+        let started = std::time::Instant::now();
+        node.stop().await;
+        assert!(
+            started.elapsed() < STOP_GRACE,
+            "the stop waited {:?} for an idle connection",
+            started.elapsed()
+        );
+        let _ = conn.write_all(request).await;
+        let after = answer(&mut conn).await;
+        assert!(after.is_none(), "a stopped node still answered: {after:?}");
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+    }
+
+    #[tokio::test]
+    async fn a_killed_node_closes_its_open_keep_alive_connections() {
+        let node = node_without_router().await;
         let request = b"GET /status HTTP/1.1\r\nhost: node\r\n\r\n";
         let mut conn = TcpStream::connect(node.addr).await.unwrap();
         conn.write_all(request).await.unwrap();

@@ -100,7 +100,26 @@ impl TestRouter {
 
     /// Starts a demo node heartbeating to this router.
     pub async fn node(&self, id: &str, capacity: f64) -> DemoNode {
-        DemoNode::start(DemoNodeConfig {
+        DemoNode::start(self.node_config(id, capacity))
+            .await
+            .unwrap()
+    }
+
+    /// Starts a demo node that names rooms as a router with `rooms.normalization = rooms`.
+    pub async fn node_naming_rooms(
+        &self,
+        id: &str,
+        capacity: f64,
+        rooms: roomrouter::room::Normalization,
+    ) -> DemoNode {
+        DemoNode::start_with_normalization(self.node_config(id, capacity), rooms)
+            .await
+            .unwrap()
+    }
+
+    /// A demo node of this router's: its token, secret and a 200 ms heartbeat.
+    pub fn node_config(&self, id: &str, capacity: f64) -> DemoNodeConfig {
+        DemoNodeConfig {
             id: id.into(),
             router: self.url.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -112,9 +131,7 @@ impl TestRouter {
             ticket_secret: SECRET.into(),
             ticket_leeway: roomrouter::auth::ticket::DEFAULT_LEEWAY,
             heartbeat_interval: Duration::from_millis(200),
-        })
-        .await
-        .unwrap()
+        }
     }
 
     /// The Prometheus text of `GET /metrics`.

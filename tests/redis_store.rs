@@ -1203,6 +1203,22 @@ async fn a_behind_a_door(test: &str, name: &str) -> Option<Behind> {
     })
 }
 
+/// A Redis of the test's own (for tests that restart it or have it refuse writes), the
+/// test's key prefix, and router A's store reaching it through a door the test can cut.
+/// `None` (after a loud skip) without `redis-server`.
+async fn private_behind_a_door(
+    name: &str,
+    prefix_name: &str,
+) -> Option<(PrivateRedis, String, Partition, AnyStore)> {
+    let redis = private_redis_for(name)?;
+    let p = prefix(prefix_name);
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
+        .await
+        .unwrap();
+    Some((redis, p, door, a))
+}
+
 /// Waits up to `within` for `s` to be healthy (`ok`) or degraded (`!ok`); fails the test
 /// with `what` otherwise.
 async fn expect_health(s: &AnyStore, ok: bool, within: Duration, what: &str) {
@@ -1304,14 +1320,11 @@ async fn a_lost_subscription_while_redis_answers_is_not_an_outage() {
 /// their write-back puts it over the older pin instead of yielding to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_placement_the_new_master_lost_is_written_back_over_the_older_pin() {
-    let Some(mut redis) = private_redis_for("lost_re_placement") else {
+    let Some((mut redis, p, door, a)) =
+        private_behind_a_door("lost_re_placement", "lostreplace").await
+    else {
         return;
     };
-    let p = prefix("lostreplace");
-    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
-    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
-        .await
-        .unwrap();
     let (r, x, y) = (room("standup"), node("x"), node("y"));
     assert!(matches!(
         a.pin_if(&r, &x, None, 1000).await.unwrap(),
@@ -1589,14 +1602,11 @@ async fn stalled_until_the_pin_is_written_back(
 /// does not release a room that is going on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_written_back_after_a_restart_is_not_swept_for_an_old_confirmation() {
-    let Some(mut redis) = private_redis_for("write_back_confirmed") else {
+    let Some((mut redis, p, door, a)) =
+        private_behind_a_door("write_back_confirmed", "writebackconfirmed").await
+    else {
         return;
     };
-    let p = prefix("writebackconfirmed");
-    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
-    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
-        .await
-        .unwrap();
     let (r, n1) = (room("standup"), node("n1"));
     let hour_ago = now_ms() - 3_600_000;
     assert!(matches!(
@@ -1631,14 +1641,11 @@ async fn a_pin_written_back_after_a_restart_is_not_swept_for_an_old_confirmation
 /// new run id was already noted, which let the reload drop every pin the empty server lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
-    let Some(mut redis) = private_redis_for("write_back_refused") else {
+    let Some((mut redis, p, door, a)) =
+        private_behind_a_door("write_back_refused", "writebackrefused").await
+    else {
         return;
     };
-    let p = prefix("writebackrefused");
-    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
-    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
-        .await
-        .unwrap();
     let (r, n1) = (room("standup"), node("n1"));
     assert!(matches!(
         a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
@@ -1659,14 +1666,11 @@ async fn a_write_back_after_a_restart_that_redis_refused_is_tried_again() {
 /// router placed meanwhile would split), until the write-back succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers() {
-    let Some(redis) = private_redis_for("stalled_write_back") else {
+    let Some((redis, p, door, a)) =
+        private_behind_a_door("stalled_write_back", "stalledwriteback").await
+    else {
         return;
     };
-    let p = prefix("stalledwriteback");
-    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
-    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
-        .await
-        .unwrap();
     let b = store::open(&config(&redis.url(), &p)).await.unwrap();
     let (outage, elsewhere, moved) = (
         room("outage-room"),
@@ -1735,14 +1739,11 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
 /// rooms joined meanwhile were dropped and never written back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_router_keeps_its_pins_through_a_restart_of_redis() {
-    let Some(mut redis) = private_redis_for("stalled_restart") else {
+    let Some((mut redis, p, door, a)) =
+        private_behind_a_door("stalled_restart", "stalledrestart").await
+    else {
         return;
     };
-    let p = prefix("stalledrestart");
-    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
-    let a = store::open(&config(&format!("redis://{}", door.addr), &p))
-        .await
-        .unwrap();
     let (kept, outage) = (room("kept-room"), room("outage-room"));
     let (n1, n2) = (node("n1"), node("n2"));
     assert!(matches!(
@@ -1936,6 +1937,50 @@ async fn a_message_older_than_the_cache_by_more_than_the_margin_shows_a_clock_st
     // The change as router A heard of it before the step.
     publish_from_before_a_step(&url, &p, &r).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    move_room(&b, &r, &n1, &n2).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(&r).await.unwrap().map(|p| p.node) == Some(n2.clone())
+        })
+        .await,
+        "router A follows the room: {:?}",
+        a.get(&r).await.unwrap()
+    );
+    cleanup(&url, &p).await;
+}
+
+/// A change heard late without any step of Redis's clock: it waited in router A's
+/// subscription buffer while A wrote back and reloaded after an outage, and the reload
+/// stamped A's cache later than the change. It is older news, not a step: before, A took it
+/// for one, took its stale pin, and ignored every change made in the next second (here B's
+/// move), sending the room's joins to the node it had left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_late_without_a_clock_step_hides_no_later_change() {
+    let Some((url, _private)) = redis_for("late_message") else {
+        return;
+    };
+    let p = prefix("latemessage");
+    let a = store::open(&config(&url, &p)).await.unwrap();
+    let b = store::open(&config(&url, &p)).await.unwrap();
+    let (n1, n2, r) = (node("n1"), node("n2"), room("watched"));
+    assert!(matches!(
+        a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // A change Redis made 10 s ago, delivered only now.
+    let late_us = now_ms() * 1_000 - 10_000_000;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{p}:pins"))
+        .arg(format!("{late_us}\nn9|1000|1000\n{}", r.as_str()))
+        .query_async(&mut redis_conn(&url).await)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        a.get(&r).await.unwrap().map(|p| p.node),
+        Some(n1.clone()),
+        "older news changes nothing"
+    );
     move_room(&b, &r, &n1, &n2).await;
     assert!(
         eventually(Duration::from_secs(3), || async {

@@ -513,6 +513,10 @@ struct Inner {
     /// when it came (µs after `opened`): see [`Inner::unstep`].
     step_ts: AtomicU64,
     step_seen_us: AtomicU64,
+    /// Redis's time in its latest reply to this router (µs; 0: none yet), and when it came
+    /// (µs after `opened`): see [`Inner::redis_now_us`].
+    reply_ts: AtomicU64,
+    reply_seen_us: AtomicU64,
     opened: Instant,
     /// Whether a reply can tell a step of Redis's clock: not on Cluster, where a reload's
     /// times come from whichever shard answered its `TIME`, not from each room's own.
@@ -701,6 +705,8 @@ impl RedisStore {
             reload: AtomicBool::new(false),
             step_ts: AtomicU64::new(0),
             step_seen_us: AtomicU64::new(0),
+            reply_ts: AtomicU64::new(0),
+            reply_seen_us: AtomicU64::new(0),
             opened: Instant::now(),
             steps_seen,
             cmd_timeout: cfg.command_timeout,
@@ -1119,30 +1125,65 @@ impl Inner {
         }
     }
 
-    /// Puts a room's state stamped by Redis (a reply to this router's own command, or a
-    /// published change: Redis's state when the command ran, at `ts`) into the cache, as
-    /// [`Inner::apply`] does, first checking Redis's clock. A change this router heard of
-    /// before a reply arrived was made at most `command_timeout` after the command ran (plus
-    /// a second for this task to be scheduled), and one heard before a message no later
-    /// than the message's delivery delay, which the same margin bounds; a cached change
-    /// stamped later than that was stamped before Redis's clock stepped back. Every change
-    /// made since the step then looks older than what the cache holds and would be ignored
-    /// until the clock caught up: the cache's times are brought back to this one's and the
-    /// pins reloaded.
+    /// Puts a room's state stamped by Redis in a reply to this router's own command (Redis's
+    /// state when the command ran, at `ts`) into the cache, as [`Inner::apply`] does, first
+    /// checking Redis's clock. A change this router heard of before a reply arrived was made
+    /// at most `command_timeout` after the command ran (plus a second for this task to be
+    /// scheduled); a cached change stamped later than that was stamped before Redis's clock
+    /// stepped back. Every change made since the step then looks older than what the cache
+    /// holds and would be ignored until the clock caught up: the cache's times are brought
+    /// back to this one's and the pins reloaded.
     fn apply_stamped(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
+        self.note_reply_time(ts);
+        self.apply_checked(room, pin, ts, false);
+    }
+
+    /// [`Inner::apply_stamped`] for a change published by Redis (another router's, or this
+    /// one's), stamped `ts`. A message older than the cache shows a step of Redis's clock
+    /// only if the cache is also ahead of what Redis's clock reads now: a message can be
+    /// late by more than the margin without any step, when it waited in the subscription's
+    /// buffer while the supervisor wrote back and reloaded after an outage (the reload
+    /// stamped the cache with its own, later, time). Taken for a step, such a message had
+    /// every change made in the next second ignored.
+    fn apply_heard(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
+        self.apply_checked(room, pin, ts, true);
+    }
+
+    fn apply_checked(&self, room: &RoomKey, pin: Option<Pin>, ts: u64, heard: bool) {
         let slack = self.reply_slack_us();
         // A time of 0 is no time (a reply that did not parse), not a step to the epoch.
         let ahead = self.steps_seen
             && ts > 0
-            && self
-                .cache
-                .get(room)
-                .is_some_and(|e| e.ts > ts.saturating_add(slack));
+            && self.cache.get(room).is_some_and(|e| {
+                e.ts > ts.saturating_add(slack)
+                    && (!heard || e.ts > self.redis_now_us().saturating_add(slack))
+            });
         if ahead {
             self.clock_stepped_back(ts);
         }
         // A reply to a command that ran before the step can still arrive after it.
         self.apply(room, pin, self.unstep(ts));
+    }
+
+    /// Remembers Redis's time in a reply (µs), and when it came, for [`Inner::redis_now_us`].
+    fn note_reply_time(&self, ts: u64) {
+        if ts > 0 {
+            self.reply_seen_us
+                .store(self.opened.elapsed().as_micros() as u64, Ordering::Release);
+            self.reply_ts.store(ts, Ordering::Release);
+        }
+    }
+
+    /// What Redis's clock reads now (µs), from its latest reply to this router and the time
+    /// since; 0 before any reply.
+    fn redis_now_us(&self) -> u64 {
+        let ts = self.reply_ts.load(Ordering::Acquire);
+        if ts == 0 {
+            return 0;
+        }
+        let since = (self.opened.elapsed().as_micros() as u64)
+            .saturating_sub(self.reply_seen_us.load(Ordering::Acquire));
+        ts.saturating_add(since)
     }
 
     /// Brings every cached time after `ts` (Redis's time now) back to it, so that changes
@@ -2070,6 +2111,7 @@ impl Inner {
         let ts0: u64 =
             secs.parse::<u64>().unwrap_or(0) * 1_000_000 + micros.parse::<u64>().unwrap_or(0);
         self.see_ts(ts0);
+        self.note_reply_time(ts0);
         let mut seen: HashSet<RoomKey> = HashSet::new();
         let mut start = "-".to_string();
         for _ in 0..100_000 {
@@ -2249,7 +2291,7 @@ impl Inner {
             else {
                 return;
             };
-            self.apply_stamped(&room, self.decode(v), ts);
+            self.apply_heard(&room, self.decode(v), ts);
         } else if channel == self.keys.nodes_channel {
             let Ok(env) = serde_json::from_str::<Envelope>(text) else {
                 return;

@@ -1678,32 +1678,16 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
         room("moved-elsewhere"),
     );
     let (n1, n2) = (node("n1"), node("n2"));
-    assert!(matches!(
-        a.pin_if(&moved, &n1, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    pin_new(&a, &moved, &n1).await;
     door.cut();
     expect_health(&a, false, Duration::from_secs(10), "a is cut off").await;
-    assert!(matches!(
-        a.pin_if(&outage, &n2, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
-    assert!(matches!(
-        b.pin_if(&elsewhere, &n1, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    pin_new(&a, &outage, &n2).await;
+    pin_new(&b, &elsewhere, &n1).await;
     move_room(&b, &moved, &n1, &n2).await;
     let c = redis_conn(&redis.url()).await;
     refuse_writes(&c, 1).await;
     door.restore();
-    let stalled = || async {
-        matches!(a.health(), StoreHealth::Degraded(why) if why.contains("Redis answers"))
-    };
-    assert!(
-        eventually(Duration::from_secs(10), stalled).await,
-        "a never noticed that Redis answers: {:?}",
-        a.health()
-    );
+    until_stalled(&a).await;
     let refused = a.pin_if(&elsewhere, &n2, None, now_ms()).await;
     assert!(refused.is_err(), "split from b's pin: {refused:?}");
     // A room a knows is read from Redis, where b moved it, not from a's outage-old cache,
@@ -1730,6 +1714,26 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
     );
 }
 
+/// Pins `r` to `n` in `s`, a room with no pin yet.
+async fn pin_new(s: &AnyStore, r: &RoomKey, n: &NodeId) {
+    assert!(matches!(
+        s.pin_if(r, n, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+}
+
+/// Waits (at most 10 s) until `a` is stalled: degraded, and saying that Redis answers.
+async fn until_stalled(a: &AnyStore) {
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            matches!(a.health(), StoreHealth::Degraded(why) if why.contains("Redis answers"))
+        })
+        .await,
+        "a never noticed that Redis answers: {:?}",
+        a.health()
+    );
+}
+
 /// A stalled router (its write-back refused while Redis answers) whose Redis then restarts
 /// empty and still refuses writes (an operator's restart of a server out of memory, or a
 /// new master under `min-replicas-to-write`): the rooms it knows are answered from its
@@ -1746,26 +1750,13 @@ async fn a_stalled_router_keeps_its_pins_through_a_restart_of_redis() {
     };
     let (kept, outage) = (room("kept-room"), room("outage-room"));
     let (n1, n2) = (node("n1"), node("n2"));
-    assert!(matches!(
-        a.pin_if(&kept, &n1, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    pin_new(&a, &kept, &n1).await;
     door.cut();
     expect_health(&a, false, Duration::from_secs(10), "a is cut off").await;
-    assert!(matches!(
-        a.pin_if(&outage, &n2, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    pin_new(&a, &outage, &n2).await;
     refuse_writes(&redis_conn(&redis.url()).await, 1).await;
     door.restore();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            matches!(a.health(), StoreHealth::Degraded(why) if why.contains("Redis answers"))
-        })
-        .await,
-        "a never noticed that Redis answers: {:?}",
-        a.health()
-    );
+    until_stalled(&a).await;
     redis.restart_with(&["--min-replicas-to-write", "1"]);
     // Joins for 2 s, across several recovery attempts: the cache answers every time.
     for _ in 0..20 {
@@ -1918,6 +1909,18 @@ async fn a_redis_clock_that_steps_back_is_noticed_and_the_pins_reloaded() {
     cleanup(&url, &p).await;
 }
 
+/// Waits (at most 3 s) until router `a` sends `r`'s joins to `n`.
+async fn follows_within_3s(a: &AnyStore, r: &RoomKey, n: &NodeId) {
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.get(r).await.unwrap().map(|p| p.node).as_ref() == Some(n)
+        })
+        .await,
+        "router A follows the room: {:?}",
+        a.get(r).await.unwrap()
+    );
+}
+
 /// Redis's clock steps back and router A sends no command about the room: the other
 /// router's change, stamped after the step and so an hour "older" than what A heard, tells A
 /// of the step by itself, and A follows the room.
@@ -1938,14 +1941,7 @@ async fn a_message_older_than_the_cache_by_more_than_the_margin_shows_a_clock_st
     publish_from_before_a_step(&url, &p, &r).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     move_room(&b, &r, &n1, &n2).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            a.get(&r).await.unwrap().map(|p| p.node) == Some(n2.clone())
-        })
-        .await,
-        "router A follows the room: {:?}",
-        a.get(&r).await.unwrap()
-    );
+    follows_within_3s(&a, &r, &n2).await;
     cleanup(&url, &p).await;
 }
 
@@ -1963,10 +1959,7 @@ async fn a_message_delivered_late_without_a_clock_step_hides_no_later_change() {
     let a = store::open(&config(&url, &p)).await.unwrap();
     let b = store::open(&config(&url, &p)).await.unwrap();
     let (n1, n2, r) = (node("n1"), node("n2"), room("watched"));
-    assert!(matches!(
-        a.pin_if(&r, &n1, None, now_ms()).await.unwrap(),
-        PinOutcome::Won(_)
-    ));
+    pin_new(&a, &r, &n1).await;
     // A change Redis made 10 s ago, delivered only now.
     let late_us = now_ms() * 1_000 - 10_000_000;
     let _: i64 = redis::cmd("PUBLISH")
@@ -1982,14 +1975,7 @@ async fn a_message_delivered_late_without_a_clock_step_hides_no_later_change() {
         "older news changes nothing"
     );
     move_room(&b, &r, &n1, &n2).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            a.get(&r).await.unwrap().map(|p| p.node) == Some(n2.clone())
-        })
-        .await,
-        "router A follows the room: {:?}",
-        a.get(&r).await.unwrap()
-    );
+    follows_within_3s(&a, &r, &n2).await;
     cleanup(&url, &p).await;
 }
 

@@ -940,6 +940,15 @@ impl Inner {
     /// pin its users are on).
     async fn subscription_failed(&self, why: String) {
         if self.is_down() {
+            // With Sentinel, the probe asks the master the sentinels name now: after a
+            // failover (announced, or found by a replica's answer) the old master is often
+            // dead, and its silence would lift the stall that keeps new rooms waiting for
+            // the new master, which the other routers already use. Only if no master
+            // answers is this router on its own (a plain outage). Without Sentinel, or
+            // with no sentinel answering, the probe asks the server it has.
+            if let Err(e) = self.follow_master().await {
+                tracing::debug!(error = %format!("{e:#}"), "no master found through the sentinels");
+            }
             // Already degraded: keep the latest reason, and whether Redis answers.
             match self.probe().await {
                 Probe::Answers => self.stall(why),

@@ -517,6 +517,9 @@ struct Inner {
     /// (µs after `opened`): see [`Inner::redis_now_us`].
     reply_ts: AtomicU64,
     reply_seen_us: AtomicU64,
+    /// A `TIME` asked for a message older than the cache is on its way
+    /// ([`Inner::check_clock`]).
+    clock_check: AtomicBool,
     opened: Instant,
     /// Whether a reply can tell a step of Redis's clock: not on Cluster, where a reload's
     /// times come from whichever shard answered its `TIME`, not from each room's own.
@@ -707,6 +710,7 @@ impl RedisStore {
             step_seen_us: AtomicU64::new(0),
             reply_ts: AtomicU64::new(0),
             reply_seen_us: AtomicU64::new(0),
+            clock_check: AtomicBool::new(false),
             opened: Instant::now(),
             steps_seen,
             cmd_timeout: cfg.command_timeout,
@@ -1144,34 +1148,78 @@ impl Inner {
     /// back to this one's and the pins reloaded.
     fn apply_stamped(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
         self.note_reply_time(ts);
-        self.apply_checked(room, pin, ts, false);
-    }
-
-    /// [`Inner::apply_stamped`] for a change published by Redis (another router's, or this
-    /// one's), stamped `ts`. A message older than the cache shows a step of Redis's clock
-    /// only if the cache is also ahead of what Redis's clock reads now: a message can be
-    /// late by more than the margin without any step, when it waited in the subscription's
-    /// buffer while the supervisor wrote back and reloaded after an outage (the reload
-    /// stamped the cache with its own, later, time). Taken for a step, such a message had
-    /// every change made in the next second ignored.
-    fn apply_heard(&self, room: &RoomKey, pin: Option<Pin>, ts: u64) {
-        self.apply_checked(room, pin, ts, true);
-    }
-
-    fn apply_checked(&self, room: &RoomKey, pin: Option<Pin>, ts: u64, heard: bool) {
-        let slack = self.reply_slack_us();
-        // A time of 0 is no time (a reply that did not parse), not a step to the epoch.
-        let ahead = self.steps_seen
-            && ts > 0
-            && self.cache.get(room).is_some_and(|e| {
-                e.ts > ts.saturating_add(slack)
-                    && (!heard || e.ts > self.redis_now_us().saturating_add(slack))
-            });
-        if ahead {
+        if self.older_than_cached(room, ts).is_some() {
             self.clock_stepped_back(ts);
         }
         // A reply to a command that ran before the step can still arrive after it.
         self.apply(room, pin, self.unstep(ts));
+    }
+
+    /// [`Inner::apply_stamped`] for a change published by Redis (another router's, or this
+    /// one's), stamped `ts`. A message older than the cache by more than the margin shows a
+    /// step of Redis's clock only if the cache is also ahead of what Redis's clock reads
+    /// now: a message can be that late without any step, when it waited in the
+    /// subscription's buffer while the supervisor wrote back and reloaded after an outage
+    /// (the reload stamped the cache with its own, later, time); taken for a step, it had
+    /// every change made in the next second ignored. What Redis's clock reads now is known
+    /// from the latest reply ([`Inner::redis_now_us`]); when that does not show the cache
+    /// ahead, Redis is asked its time ([`Inner::check_clock`]), since a router that only
+    /// hears messages may have no reply from after a real step.
+    fn apply_heard(self: &Arc<Self>, room: &RoomKey, pin: Option<Pin>, ts: u64) {
+        if let Some(cached) = self.older_than_cached(room, ts) {
+            if cached > self.redis_now_us().saturating_add(self.reply_slack_us()) {
+                self.clock_stepped_back(ts);
+            } else {
+                self.check_clock(cached);
+            }
+        }
+        self.apply(room, pin, self.unstep(ts));
+    }
+
+    /// The cached time of `room` if it is later than `ts` by more than the margin
+    /// (`reply_slack_us`): news stamped `ts` is then older than the cache can explain
+    /// without a step of Redis's clock or a late delivery.
+    fn older_than_cached(&self, room: &RoomKey, ts: u64) -> Option<u64> {
+        let slack = self.reply_slack_us();
+        // A time of 0 is no time (a reply that did not parse), not a step to the epoch.
+        if !self.steps_seen || ts == 0 {
+            return None;
+        }
+        self.cache
+            .get(room)
+            .map(|e| e.ts)
+            .filter(|&cached| cached > ts.saturating_add(slack))
+    }
+
+    /// Asks Redis its time, in a task of its own (one at a time), and takes a step back of
+    /// its clock if a cache time of `cached` is ahead of it by more than the margin.
+    fn check_clock(self: &Arc<Self>, cached: u64) {
+        if self.clock_check.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let now = inner.server_time_us().await;
+            inner.clock_check.store(false, Ordering::Release);
+            match now {
+                Ok(now) => {
+                    inner.note_reply_time(now);
+                    if cached > now.saturating_add(inner.reply_slack_us()) {
+                        inner.clock_stepped_back(now);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "Redis's time not read"),
+            }
+        });
+    }
+
+    /// Redis's clock (`TIME`), µs.
+    async fn server_time_us(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn();
+        let (secs, micros): (String, String) = self
+            .run("time", redis::cmd("TIME").query_async(&mut c))
+            .await?;
+        Ok(secs.parse::<u64>().unwrap_or(0) * 1_000_000 + micros.parse::<u64>().unwrap_or(0))
     }
 
     /// Remembers Redis's time in a reply (µs), and when it came, for [`Inner::redis_now_us`].
@@ -2113,12 +2161,8 @@ impl Inner {
 
     /// Replaces the cache with the store's pins (keeping changes newer than the load).
     async fn load_all(&self) -> Result<(), StoreError> {
+        let ts0 = self.server_time_us().await?;
         let mut c = self.conn();
-        let (secs, micros): (String, String) = self
-            .run("time", redis::cmd("TIME").query_async(&mut c))
-            .await?;
-        let ts0: u64 =
-            secs.parse::<u64>().unwrap_or(0) * 1_000_000 + micros.parse::<u64>().unwrap_or(0);
         self.see_ts(ts0);
         self.note_reply_time(ts0);
         let mut seen: HashSet<RoomKey> = HashSet::new();
@@ -2285,7 +2329,7 @@ impl Inner {
             .is_ok_and(|m| m.contains_key(id))
     }
 
-    fn on_message(&self, msg: redis::Msg) {
+    fn on_message(self: &Arc<Self>, msg: redis::Msg) {
         let channel = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
         let Ok(text) = std::str::from_utf8(payload) else {

@@ -351,6 +351,13 @@ impl Live {
         }
     }
 
+    /// The reservations' part of [`Live::utilization`] (this router's and, shared, the
+    /// others').
+    #[inline]
+    pub fn reserved_utilization(&self, capacity: f64) -> f64 {
+        self.counted_reserved_milli.load(Ordering::Relaxed).max(0) as f64 / MILLI / capacity
+    }
+
     /// û for a node of this capacity.
     #[inline]
     pub fn utilization(&self, capacity: f64) -> f64 {
@@ -407,6 +414,10 @@ impl NodeView for NodeEntry {
         self.live.utilization(self.info.capacity)
     }
     #[inline]
+    fn reserved_utilization(&self) -> f64 {
+        self.live.reserved_utilization(self.info.capacity)
+    }
+    #[inline]
     fn last_heartbeat(&self) -> Option<Millis> {
         self.live.last_heartbeat()
     }
@@ -460,6 +471,10 @@ impl NodeView for Candidate {
     #[inline]
     fn utilization(&self) -> f64 {
         self.live.utilization(self.capacity)
+    }
+    #[inline]
+    fn reserved_utilization(&self) -> f64 {
+        self.live.reserved_utilization(self.capacity)
     }
     #[inline]
     fn last_heartbeat(&self) -> Option<Millis> {

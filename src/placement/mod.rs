@@ -55,6 +55,12 @@ pub trait NodeView {
     fn capacity(&self) -> f64;
     /// Estimated utilization û: last report plus what was sent and reserved since.
     fn utilization(&self) -> f64;
+    /// The part of [`NodeView::utilization`] that is reservations (expected sizes of new
+    /// rooms not yet arrived); 0 for a view that has none.
+    #[inline]
+    fn reserved_utilization(&self) -> f64 {
+        0.0
+    }
     /// Time of the last heartbeat, if any.
     fn last_heartbeat(&self) -> Option<Millis>;
     /// Effective admin state (the stricter of the admin's and the node's own).
@@ -172,12 +178,20 @@ pub enum PinHold {
 /// The pinned-room half of [`decide`], for one node: `None` if the pin no longer holds
 /// (the node is unhealthy or disabled) and the room must be re-placed. Draining nodes and
 /// nodes above `new_room_limit` keep their rooms.
+///
+/// Reservations count against a pinned room's join only up to `new_room_limit`, however
+/// many there are: a forecast turns new rooms away from the node, never the meetings
+/// already on it. Anyone may send a size hint (`?size=`), and hints placed at once, on
+/// one router or several sharing their reservations, each reserving the headroom it saw,
+/// would otherwise add up past `join_limit` and refuse those meetings' joins.
 #[inline]
 pub fn pin_holds<N: NodeView + ?Sized>(n: &N, now: Millis, p: &Params) -> Option<PinHold> {
     if !is_healthy(n, now, p.heartbeat_timeout_ms) || n.state() == AdminState::Disabled {
         return None;
     }
-    Some(if n.utilization() >= p.join_limit {
+    let u = n.utilization();
+    let held = (u - n.reserved_utilization()).max(u.min(p.new_room_limit));
+    Some(if held >= p.join_limit {
         PinHold::Full
     } else {
         PinHold::Join

@@ -101,6 +101,14 @@ async fn create<S: PinStore>(r: &Router<S>, k: &str, size: Option<u32>) -> Place
     .unwrap()
 }
 
+/// `router()` with `new_room_limit` at `join_limit` (1.0), where reservations count in full
+/// against the joins of rooms already placed.
+fn limits_equal() -> Router<MemoryStore> {
+    let mut cfg = no_hold();
+    cfg.placement.new_room_limit = 1.0;
+    Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)))
+}
+
 async fn node_of<S: PinStore>(r: &Router<S>, k: &str) -> String {
     join(r, k).await.unwrap().node.id.to_string()
 }
@@ -1055,7 +1063,9 @@ async fn joins_keep_a_busy_rooms_pin_confirmed() {
 
 #[tokio::test]
 async fn a_join_its_rooms_own_reservation_covers_goes_in_at_the_join_limit() {
-    let r = router();
+    // Reservations count against joins up to new_room_limit only: with it at the join
+    // limit, they count in full, and a room's own reservation is what lets its joins in.
+    let r = limits_equal();
     beat(&r, "a", 100.0, 0.0, None).await;
     // A class expected at 60 reserves its seats on the empty node.
     let class = r
@@ -1098,6 +1108,12 @@ async fn a_forecast_never_fills_a_node_against_the_meetings_already_on_it() {
     for _ in 0..15 {
         join(&r, "meeting").await.unwrap();
     }
+    // Hints placed at once (here: reserved by hand, as several placements each seeing the
+    // same headroom, or several routers sharing theirs, would) add up past the join limit;
+    // the meeting's joins still go in while its real load is under the limit.
+    evil.node.live.add_reserved(500);
+    assert!(evil.node.live.utilization(100.0) > 5.0);
+    join(&r, "meeting").await.unwrap();
 }
 
 #[tokio::test]
@@ -1459,8 +1475,9 @@ async fn a_reservation_swept_with_its_pin_spares_the_rooms_next_placement() {
 async fn a_reservation_on_a_removed_nodes_old_counters_lets_no_join_past_the_limit() {
     // A join to a full node is let in on the room's own reservation, which û would free as
     // the participant arrives. A reservation made on a node removed and added back since is
-    // on counters the node no longer has: it frees nothing there.
-    let r = router();
+    // on counters the node no longer has: it frees nothing there. (Reservations count in
+    // full against joins when new_room_limit is the join limit.)
+    let r = limits_equal();
     beat(&r, "a", 100.0, 0.0, None).await;
     create(&r, "class", Some(60)).await;
     assert!(r.remove_node(&id("a")));

@@ -568,6 +568,7 @@ impl<'a> Sim<'a> {
                     hash: n.hash,
                     capacity: n.capacity,
                     util: seen_util(n, router.pending[i], router.reserved[i], others),
+                    reserved: (router.reserved[i] + others).max(0.0) / n.capacity,
                     served: u64::from(n.reported) + u64::from(router.sent[i]),
                     last_heartbeat: if n.exists { n.last_hb } else { None },
                 }

@@ -192,6 +192,8 @@ pub struct ViewNode {
     pub capacity: f64,
     /// (reported load + pending + reserved) / capacity.
     pub util: f64,
+    /// reserved / capacity (this router's reservations and the others' it was told of).
+    pub reserved: f64,
     /// Participants the router counts on the node, as a whole number: the last report plus
     /// the joins it sent since (HAProxy's `served`). Kept apart from `util` so that a bound
     /// on it is checked without a round trip through `util * capacity` (7 / 100 * 100 is
@@ -209,6 +211,9 @@ impl NodeView for ViewNode {
     }
     fn utilization(&self) -> f64 {
         self.util
+    }
+    fn reserved_utilization(&self) -> f64 {
+        self.reserved
     }
     fn last_heartbeat(&self) -> Option<Millis> {
         self.last_heartbeat
@@ -473,6 +478,7 @@ mod tests {
                 hash: node_hash(format!("n{i}").as_bytes()),
                 capacity: 100.0,
                 util: u,
+                reserved: 0.0,
                 served: (u * 100.0).round() as u64,
                 last_heartbeat: Some(0),
             })

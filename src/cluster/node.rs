@@ -351,11 +351,17 @@ impl Live {
         }
     }
 
-    /// The reservations' part of [`Live::utilization`] (this router's and, shared, the
-    /// others').
+    /// û for a node of this capacity as a pinned room's join is judged: reservations (this
+    /// router's and, shared, the others') counted only up to `new_room_limit`
+    /// ([`NodeView::join_utilization`]). Each counter read once, as [`Live::utilization`]
+    /// reads them.
     #[inline]
-    pub fn reserved_utilization(&self, capacity: f64) -> f64 {
-        self.counted_reserved_milli.load(Ordering::Relaxed).max(0) as f64 / MILLI / capacity
+    pub fn join_utilization(&self, capacity: f64, new_room_limit: f64) -> f64 {
+        let reserved = self.counted_reserved_milli.load(Ordering::Relaxed).max(0) as f64;
+        let real =
+            self.reported_units() + self.pending_milli.load(Ordering::Relaxed) as f64 / MILLI;
+        let u = (real + reserved / MILLI) / capacity;
+        (real / capacity).max(u.min(new_room_limit))
     }
 
     /// û for a node of this capacity.
@@ -414,8 +420,9 @@ impl NodeView for NodeEntry {
         self.live.utilization(self.info.capacity)
     }
     #[inline]
-    fn reserved_utilization(&self) -> f64 {
-        self.live.reserved_utilization(self.info.capacity)
+    fn join_utilization(&self, new_room_limit: f64) -> f64 {
+        self.live
+            .join_utilization(self.info.capacity, new_room_limit)
     }
     #[inline]
     fn last_heartbeat(&self) -> Option<Millis> {
@@ -473,8 +480,8 @@ impl NodeView for Candidate {
         self.live.utilization(self.capacity)
     }
     #[inline]
-    fn reserved_utilization(&self) -> f64 {
-        self.live.reserved_utilization(self.capacity)
+    fn join_utilization(&self, new_room_limit: f64) -> f64 {
+        self.live.join_utilization(self.capacity, new_room_limit)
     }
     #[inline]
     fn last_heartbeat(&self) -> Option<Millis> {

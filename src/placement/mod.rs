@@ -55,11 +55,12 @@ pub trait NodeView {
     fn capacity(&self) -> f64;
     /// Estimated utilization û: last report plus what was sent and reserved since.
     fn utilization(&self) -> f64;
-    /// The part of [`NodeView::utilization`] that is reservations (expected sizes of new
-    /// rooms not yet arrived); 0 for a view that has none.
+    /// û as a pinned room's join is judged ([`pin_holds`]): reservations (expected sizes of
+    /// new rooms not yet arrived) counted only up to `new_room_limit`,
+    /// `max(û - reserved, min(û, new_room_limit))`. A view without reservations has û.
     #[inline]
-    fn reserved_utilization(&self) -> f64 {
-        0.0
+    fn join_utilization(&self, _new_room_limit: f64) -> f64 {
+        self.utilization()
     }
     /// Time of the last heartbeat, if any.
     fn last_heartbeat(&self) -> Option<Millis>;
@@ -189,9 +190,7 @@ pub fn pin_holds<N: NodeView + ?Sized>(n: &N, now: Millis, p: &Params) -> Option
     if !is_healthy(n, now, p.heartbeat_timeout_ms) || n.state() == AdminState::Disabled {
         return None;
     }
-    let u = n.utilization();
-    let held = (u - n.reserved_utilization()).max(u.min(p.new_room_limit));
-    Some(if held >= p.join_limit {
+    Some(if n.join_utilization(p.new_room_limit) >= p.join_limit {
         PinHold::Full
     } else {
         PinHold::Join

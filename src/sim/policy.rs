@@ -212,8 +212,8 @@ impl NodeView for ViewNode {
     fn utilization(&self) -> f64 {
         self.util
     }
-    fn reserved_utilization(&self) -> f64 {
-        self.reserved
+    fn join_utilization(&self, new_room_limit: f64) -> f64 {
+        (self.util - self.reserved).max(self.util.min(new_room_limit))
     }
     fn last_heartbeat(&self) -> Option<Millis> {
         self.last_heartbeat

@@ -1113,12 +1113,15 @@ impl<S: PinStore> Router<S> {
     }
 
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
-        let ok = self.cluster.set_admin_state(id, state);
-        if ok {
+        // Shared while the change's number is held (`Cluster::set_admin_state_then`): a
+        // shared store's re-sync must not undo a change it read too early to see.
+        let ok = self.cluster.set_admin_state_then(id, state, || {
             self.store.share_node(NodeUpdate::Admin {
                 id: id.to_string(),
                 state,
-            });
+            })
+        });
+        if ok {
             tracing::info!(node = %id, state = state.as_str(), "admin state set");
         }
         ok

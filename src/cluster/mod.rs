@@ -221,8 +221,28 @@ impl Cluster {
     /// Sets a node's admin state; false if the node is unknown. For a node removed under
     /// an admin state (another router's admin acting on it), the state it comes back with.
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
+        self.set_admin_state_then(id, state, || {})
+    }
+
+    /// [`Cluster::set_admin_state`], then `then` (when the node is known) before the change
+    /// is visible to [`Cluster::admin_mark`]: a mark that counts this change is taken after
+    /// `then` returned. A router shares its admin's change with the other routers here, so
+    /// that a shared store's re-sync that read the store before the change was written
+    /// either finds it in flight or has a mark older than it; sharing after this returned
+    /// left a moment in which neither held, and a re-sync undid the drain for up to
+    /// `store.resync_interval`. `then` must not call back into this cluster's writers.
+    pub fn set_admin_state_then(
+        &self,
+        id: &NodeId,
+        state: AdminState,
+        then: impl FnOnce(),
+    ) -> bool {
         let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        self.set_admin_state_locked(&mut w, id, state)
+        let ok = self.set_admin_state_locked(&mut w, id, state);
+        if ok {
+            then();
+        }
+        ok
     }
 
     /// A mark in the order of admin-state changes: every change made after this call is
@@ -336,6 +356,50 @@ mod tests {
         assert!(!c.set_admin_state(&a, AdminState::Active));
         let (_, back) = c.upsert(&a, info(10.0), false);
         assert_eq!(back.live.admin_state(), AdminState::Active);
+    }
+
+    #[test]
+    fn a_mark_that_counts_an_admin_change_is_taken_after_the_change_was_shared() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let c = Arc::new(Cluster::new());
+        let a = NodeId::parse("a").unwrap();
+        c.upsert(&a, info(10.0), false);
+        let before = c.admin_mark();
+        let numbered = Arc::new(std::sync::Barrier::new(2));
+        let shared = Arc::new(AtomicBool::new(false));
+        // A re-sync takes its mark while the admin's change is being shared.
+        let resync = {
+            let (c, numbered, shared) = (c.clone(), numbered.clone(), shared.clone());
+            std::thread::spawn(move || {
+                numbered.wait();
+                let mark = c.admin_mark();
+                (mark, shared.load(Ordering::SeqCst))
+            })
+        };
+        assert!(c.set_admin_state_then(&a, AdminState::Draining, || {
+            numbered.wait();
+            // However slow the sharing, the re-sync's mark waits for it.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            shared.store(true, Ordering::SeqCst);
+        }));
+        let (mark, was_shared) = resync.join().unwrap();
+        assert!(mark > before, "the mark counts the change");
+        assert!(was_shared, "a mark counting the change saw it shared");
+        // So a read from before the change, applied under that mark, finds it in flight
+        // (the store's check); one under an older mark is refused here.
+        assert!(!c.set_admin_state_unless_changed(&a, AdminState::Active, before));
+        assert_eq!(
+            c.snapshot().get(&a).unwrap().live.admin_state(),
+            AdminState::Draining
+        );
+        // An unknown node is not shared.
+        let mut called = false;
+        assert!(!c.set_admin_state_then(
+            &NodeId::parse("z").unwrap(),
+            AdminState::Draining,
+            || { called = true }
+        ));
+        assert!(!called);
     }
 
     #[test]

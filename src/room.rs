@@ -47,6 +47,8 @@ pub enum RoomError {
     Slash,
     #[error("room id \"*\" is reserved: a user token's room claim for every room")]
     Wildcard,
+    #[error("room id \".\" or \"..\" is a path segment: a node's room URL ending in it would resolve to another path")]
+    DotSegment,
 }
 
 /// A validated, normalized room id with its stable placement hash.
@@ -116,6 +118,9 @@ fn check(s: &str) -> Result<(), RoomError> {
     }
     if s == "*" {
         return Err(RoomError::Wildcard);
+    }
+    if s == "." || s == ".." {
+        return Err(RoomError::DotSegment);
     }
     for c in s.chars() {
         if c == '/' {
@@ -314,6 +319,31 @@ mod tests {
         assert_eq!(
             RoomKey::parse("\u{FF0A}", Normalization::NfkcLowercase),
             Err(RoomError::Wildcard)
+        );
+    }
+
+    #[test]
+    fn a_dot_segment_is_no_room() {
+        for norm in [
+            Normalization::None,
+            Normalization::Lowercase,
+            Normalization::NfkcLowercase,
+        ] {
+            for dots in [".", ".."] {
+                assert_eq!(RoomKey::parse(dots, norm), Err(RoomError::DotSegment));
+            }
+            assert_eq!(
+                RoomKey::from_encoded("%2E%2e", norm),
+                Err(RoomError::DotSegment)
+            );
+            for ok in ["...", ".a", "a.", "a..b"] {
+                assert!(RoomKey::parse(ok, norm).is_ok(), "{ok}");
+            }
+        }
+        // Nor does NFKC make one (U+FF0E FULLWIDTH FULL STOP).
+        assert_eq!(
+            RoomKey::parse("\u{FF0E}\u{FF0E}", Normalization::NfkcLowercase),
+            Err(RoomError::DotSegment)
         );
     }
 

@@ -66,6 +66,11 @@ async fn invalid_room_ids_are_refused_everywhere() {
         "/rooms/%2A".to_string(),
         "/v1/placement/*".to_string(),
         "/meet?room=*".to_string(),
+        // `.` and `..` are path segments: a node's room URL ending in one resolves to
+        // another path (the node's `/`), and a browser sent there lands outside the room.
+        "/meet?room=..".to_string(),
+        "/meet?room=.".to_string(),
+        "/meet?room=%2E%2E".to_string(),
     ] {
         expect_error(r.get(&path).send().await.unwrap(), 400, "invalid_room").await;
     }
@@ -80,6 +85,14 @@ async fn invalid_room_ids_are_refused_everywhere() {
     let resp = r
         .post("/v1/login")
         .json(&json!({"room": "a/b"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 400, "invalid_room").await;
+    let resp = r
+        .post("/v1/login")
+        .header("accept", "text/html")
+        .json(&json!({"room": ".."}))
         .send()
         .await
         .unwrap();

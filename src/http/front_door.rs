@@ -233,9 +233,46 @@ pub async fn admit<S: PinStore>(
 /// it. That is a `.` or `..` segment, plain or percent-encoded, also followed by `;`
 /// parameters (Tomcat and Jetty drop them before they resolve: `..;/`); an encoded `/` or
 /// `\` (some servers decode them first: `..%2f`), or a `/`, `\` or `.` encoded twice
-/// (`%252f`, `%252e`: for one that decodes twice); or a `\` (a separator to others). No
-/// allocation: it runs on every join.
+/// (`%252f`, `%252e`: for one that decodes twice), also with the escape's own digits
+/// encoded (`%25%32%65`, `%%32%65`: each decodes to `%2e` once); or a `\` (a separator to
+/// others). No allocation for a path without a `%` that outlives one decoding: it runs on
+/// every join.
 fn leaves_route(path: &str) -> bool {
+    if leaves_route_as_is(path) {
+        return true;
+    }
+    // A node that decodes twice reads what one decoding leaves: when a `%` outlives it, that
+    // is checked too (and what a third decoding would leave, for good measure).
+    let mut once = Cow::Borrowed(path);
+    for _ in 0..3 {
+        if !percent_outlives_decoding(once.as_bytes()) {
+            return false;
+        }
+        let next = percent_encoding::percent_decode(once.as_bytes())
+            .decode_utf8_lossy()
+            .into_owned();
+        if next == once {
+            return false;
+        }
+        if leaves_route_as_is(&next) {
+            return true;
+        }
+        once = Cow::Owned(next);
+    }
+    false
+}
+
+/// Whether decoding `b` once leaves a `%`: it holds `%25`, or a `%` that starts no escape
+/// (a decoder keeps it as it is).
+fn percent_outlives_decoding(b: &[u8]) -> bool {
+    let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'%' && (!hex(i + 1) || !hex(i + 2) || (b[i + 1] == b'2' && b[i + 2] == b'5'))
+    })
+}
+
+/// [`leaves_route`] of the path as it is, without decoding it.
+fn leaves_route_as_is(path: &str) -> bool {
     let b = path.as_bytes();
     // Each case below needs a `%`, a `\` or a `.`; most paths have none, and one pass
     // over the bytes is all they cost (the splits below are a few hundred instructions).
@@ -490,6 +527,11 @@ mod tests {
             "/rooms/a/..\\admin",
             "/rooms/a/%252e%252e%252fadmin",
             "/rooms/a/..%255cadmin",
+            // The escape's digits encoded too: each decodes to `%2e` or `%2f` once.
+            "/rooms/a/%25%32%65%25%32%65/admin",
+            "/rooms/a/..%25%32%66admin",
+            "/rooms/a/%%32%65%%32%65/admin",
+            "/rooms/a/..%2%66admin",
         ] {
             assert!(leaves_route(path), "{path}");
         }
@@ -500,6 +542,10 @@ mod tests {
             "/rooms/%2",
             "/rooms/a%25f",
             "/rooms/a%2525",
+            "/rooms/100%25",
+            "/rooms/%",
+            "/rooms/a%%20b",
+            "/rooms/%CE%B1%CF%83",
         ] {
             assert!(!leaves_route(path), "{path}");
         }

@@ -319,6 +319,37 @@ async fn login_answers_json_or_redirects_browsers() {
         assert_eq!(body["room"], "board", "{ctype}");
         assert_eq!(body["node"], "solo", "{ctype}");
     }
+    // An HTML form sends its optional inputs left blank: they count as absent.
+    let resp = r
+        .post("/v1/login")
+        .header("accept", "text/html")
+        .form(&[
+            ("room", "board"),
+            ("user", ""),
+            ("display_name", ""),
+            ("region", ""),
+            ("size", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let loc = resp.headers()["location"].to_str().unwrap();
+    let ticket = loc.split("ticket=").nth(1).unwrap();
+    let claims = roomrouter::auth::TicketIssuer::new(SECRET, Duration::from_secs(60))
+        .verify(ticket)
+        .unwrap();
+    assert_eq!(claims.sub, "anonymous");
+    // A size that is given must still be one.
+    let resp = r
+        .post("/v1/login")
+        .form(&[("room", "board"), ("size", "large")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request");
 }
 
 #[tokio::test]

@@ -460,6 +460,35 @@ struct LoginRequest {
     size: Option<u32>,
 }
 
+/// A login posted by a browser form: every field a string, and a field left blank (`size=`,
+/// `region=`: an HTML form sends its optional inputs whether or not they were filled in)
+/// counts as absent, as a JSON body would leave it out.
+#[derive(Deserialize)]
+struct LoginForm {
+    room: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    display_name: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    size: Option<String>,
+}
+
+impl LoginForm {
+    fn into_request(self) -> Result<LoginRequest, ApiError> {
+        let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+        Ok(LoginRequest {
+            room: self.room,
+            user: given(self.user),
+            display_name: given(self.display_name),
+            region: given(self.region),
+            size: given(self.size).map(|s| parse_size(&s)).transpose()?,
+        })
+    }
+}
+
 #[derive(Serialize)]
 struct LoginResponse<'a> {
     room: &'a str,
@@ -501,8 +530,9 @@ pub async fn login<S: PinStore>(
                 .eq_ignore_ascii_case("application/x-www-form-urlencoded")
         });
     let req: LoginRequest = if form {
-        serde_urlencoded::from_bytes(&bytes)
+        serde_urlencoded::from_bytes::<LoginForm>(&bytes)
             .map_err(|e| ApiError::InvalidRequest(format!("invalid form: {e}")))?
+            .into_request()?
     } else {
         parse_json(&bytes)?
     };

@@ -562,6 +562,53 @@ async fn behind_an_http_proxy_every_proxied_request_is_a_join() {
     r.stop().await;
 }
 
+/// In proxy mode the query string is the node application's too: its own `size`, `region`
+/// or `tag` that is no valid placement hint (`?size=large` on an avatar) reaches the node
+/// as it was sent, on a participant's first request and on its later ones, rather than
+/// being refused as a bad hint.
+#[tokio::test]
+async fn the_node_applications_own_query_parameters_are_not_refused_as_hints() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, _up) = with_upstream(cfg).await;
+        let long = "r".repeat(100);
+        for browser in [reqwest::Client::new(), reqwest::Client::new()] {
+            for query in [
+                "size=large".to_string(),
+                format!("region={long}&size=-3"),
+                "tag=&region=".to_string(),
+            ] {
+                let what = format!("fast path {fast_path}: {query}");
+                let body = echoed(
+                    browser.get(format!("{}/rooms/standup/avatar?{query}", r.url)),
+                    &what,
+                )
+                .await;
+                assert_eq!(
+                    body["path"],
+                    format!("/rooms/standup/avatar?{query}"),
+                    "{what}"
+                );
+            }
+        }
+        // A valid hint is still one: a new room reserves its size (less its first join),
+        // not the default guess of 10.
+        let reserved = || async { admin_json(&r, "/v1/nodes/n1").await["reserved"].as_f64() };
+        let before = reserved().await.unwrap();
+        // (The test upstream answers `?size=N` with N bytes.)
+        let resp = reqwest::Client::new()
+            .get(format!("{}/rooms/retro?size=7", r.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.bytes().await.unwrap().len(), 7);
+        assert_eq!(reserved().await.unwrap() - before, 6.0);
+        r.stop().await;
+    }
+}
+
 async fn later_requests_are_not_new_joins(cfg: roomrouter::config::Config) {
     let r = TestRouter::start(cfg).await;
     let up = Upstream::start("n1").await;

@@ -77,6 +77,28 @@ impl HintArgs {
         Ok(h)
     }
 
+    /// The hints among `q` that are valid, the others left out: in proxy mode the query
+    /// string belongs to the node's application, whose own `size`, `region` or `tag`
+    /// (`?size=large` on an avatar) is not a bad request to the router.
+    pub fn from_query_lenient(q: &[(Cow<'_, str>, Cow<'_, str>)]) -> HintArgs {
+        let mut h = HintArgs::default();
+        for (k, v) in q {
+            match k.as_ref() {
+                "region" if check_label("region", v).is_ok() => h.region = Some(v.to_string()),
+                "tag" if h.tags.len() < MAX_TAGS && check_label("tag", v).is_ok() => {
+                    h.tags.push(v.to_string())
+                }
+                "size" => {
+                    if let Ok(size) = parse_size(v) {
+                        h.size = Some(size);
+                    }
+                }
+                _ => {}
+            }
+        }
+        h
+    }
+
     pub fn check(&self) -> Result<(), ApiError> {
         if let Some(r) = &self.region {
             check_label("region", r)?;

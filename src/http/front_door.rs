@@ -178,7 +178,11 @@ pub async fn admit<S: PinStore>(
         ));
     }
     let user = authenticate_user(app, parts, &room)?;
-    let mut hints = HintArgs::from_query(&q)?;
+    let mut hints = match mode {
+        FrontDoorMode::Redirect => HintArgs::from_query(&q)?,
+        // The query is the node application's too: what is not a valid hint is its own.
+        FrontDoorMode::Proxy => HintArgs::from_query_lenient(&q),
+    };
     if hints.region.is_none() {
         hints.region = user.region;
     }

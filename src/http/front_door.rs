@@ -191,12 +191,12 @@ pub async fn admit<S: PinStore>(
     hints.check()?;
     let session = match conn {
         Some(c) if mode == FrontDoorMode::Proxy && app.proxy.cfg().one_join_per_connection => {
-            Some((c, room.stable_hash()))
+            Some(c)
         }
         _ => None,
     };
     let intent = match session {
-        Some((c, h)) if c.joined(h) => Intent::InSession,
+        Some(c) if c.joined(&room) => Intent::InSession,
         _ => Intent::Join,
     };
     let p = app
@@ -204,8 +204,8 @@ pub async fn admit<S: PinStore>(
         .place(&room, &hints.hints(), hints.size, intent)
         .await
         .map_err(|e| ApiError::from_join(e, app.retry_after()))?;
-    if let (Some((c, h)), Intent::Join) = (session, intent) {
-        c.set_joined(h);
+    if let (Some(c), Intent::Join) = (session, intent) {
+        c.set_joined(&room);
     }
     let ticket = app.tickets.issue(
         room.as_str(),

@@ -37,6 +37,7 @@ use super::loops::{self, Handed, Handoff, Inbox, Open, Stop};
 use super::sniff;
 use super::{handle, tls, ApiError, App, Body};
 use crate::config::ServerConfig as ServerLimits;
+use crate::room::RoomKey;
 use crate::store::PinStore;
 
 /// What the accept loop knows about a connection; handlers find it in the request's
@@ -57,9 +58,9 @@ pub struct ConnInfo {
     /// The event loop serving the connection (`loops`; 0 with the shared runtime): the
     /// shard of the proxy's connection pools its requests use.
     pub event_loop: usize,
-    /// The room a proxied join was last admitted for on this connection (its stable hash;
-    /// 0: none yet), shared by the connection's requests.
-    pub joined: Arc<AtomicU64>,
+    /// The room a proxied join was last admitted for on this connection, shared by the
+    /// connection's requests.
+    pub joined: Arc<JoinedRoom>,
     /// The end of the shutdown grace: a WebSocket tunnel the connection hands its socket to
     /// closes then too.
     pub grace_over: GraceOver,
@@ -79,17 +80,38 @@ impl GraceOver {
     }
 }
 
+/// The room a connection's last admitted proxied join was for, as a hash keyed by the
+/// connection's own random key: not the room's placement hash, which anyone can compute, so
+/// that no one can name a second room that passes for the first (a 64-bit hash pair is
+/// within reach of a birthday search) and have its joins skip `join_limit` as the first
+/// room's session.
+#[derive(Debug, Default)]
+pub struct JoinedRoom {
+    key: std::hash::RandomState,
+    /// The keyed hash with its low bit set; 0: none yet.
+    hash: AtomicU64,
+}
+
+impl JoinedRoom {
+    fn tag(&self, room: &RoomKey) -> u64 {
+        use std::hash::BuildHasher;
+        self.key.hash_one(room.as_str()) | 1
+    }
+}
+
 impl ConnInfo {
-    /// Whether this connection already carried an admitted proxied join for the room whose
-    /// stable hash is `room`: its later requests (a page's assets, polls, a reload on the
-    /// same keep-alive connection) are the same participant's session, not new joins.
-    pub fn joined(&self, room: u64) -> bool {
-        self.joined.load(Ordering::Relaxed) == room
+    /// Whether this connection already carried an admitted proxied join for `room`: its
+    /// later requests (a page's assets, polls, a reload on the same keep-alive connection)
+    /// are the same participant's session, not new joins.
+    pub fn joined(&self, room: &RoomKey) -> bool {
+        self.joined.hash.load(Ordering::Relaxed) == self.joined.tag(room)
     }
 
     /// Records that a proxied join for `room` was admitted on this connection.
-    pub fn set_joined(&self, room: u64) {
-        self.joined.store(room, Ordering::Relaxed);
+    pub fn set_joined(&self, room: &RoomKey) {
+        self.joined
+            .hash
+            .store(self.joined.tag(room), Ordering::Relaxed);
     }
 }
 
@@ -443,7 +465,7 @@ impl LoopServer {
                 client_cert: None,
                 slot: Some(Arc::new(permit)),
                 event_loop,
-                joined: Arc::new(AtomicU64::new(0)),
+                joined: Arc::default(),
                 grace_over,
             };
             match tls {

@@ -21,6 +21,9 @@ use prometheus_client::registry::{Metric, Registry, Unit};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decided {
     Pinned,
+    /// Another request of a session a join already admitted (proxy mode: a page's assets,
+    /// polls), sent to its room's node: not a join, and not counted as one.
+    InSession,
     Placed,
     PlacedOverflow,
     Replaced,
@@ -32,8 +35,9 @@ pub enum Decided {
 }
 
 impl Decided {
-    pub const ALL: [Decided; 9] = [
+    pub const ALL: [Decided; 10] = [
         Decided::Pinned,
+        Decided::InSession,
         Decided::Placed,
         Decided::PlacedOverflow,
         Decided::Replaced,
@@ -48,6 +52,7 @@ impl Decided {
     pub fn as_str(self) -> &'static str {
         match self {
             Decided::Pinned => "pinned",
+            Decided::InSession => "in_session",
             Decided::Placed => "placed",
             Decided::PlacedOverflow => "placed_overflow",
             Decided::Replaced => "replaced",

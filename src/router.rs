@@ -330,21 +330,23 @@ impl<S: PinStore> Router<S> {
             .store
             .peek(room, |pin| self.join_pinned(room, pin?, intent, now));
         if let Some(Some(r)) = fast {
-            self.count_decision(&r);
+            self.count_decision(&r, intent);
             return Either::Left(future::ready(r));
         }
         let started = Instant::now();
         Either::Right(Box::pin(async move {
             let r = self.place_inner(room, hints, size, intent, now).await;
-            self.count_decision(&r);
+            self.count_decision(&r, intent);
             self.metrics.slow_decisions.observe(started.elapsed());
             r
         }))
     }
 
     #[inline]
-    fn count_decision(&self, r: &Result<Placement, JoinError>) {
+    fn count_decision(&self, r: &Result<Placement, JoinError>, intent: Intent) {
         self.metrics.decision(match r {
+            // Not a join: counted apart, so that refusals are a share of joins.
+            Ok(p) if !p.created && intent == Intent::InSession => Decided::InSession,
             Ok(p) if !p.created => Decided::Pinned,
             // One outcome per decision: a re-placement is `replaced`, overflowed or not.
             Ok(p) if p.replaced => Decided::Replaced,

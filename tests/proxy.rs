@@ -625,6 +625,17 @@ async fn later_requests_are_not_new_joins(cfg: roomrouter::config::Config) {
         assert_eq!(resp.status(), 200, "request {i}: {:?}", resp.text().await);
     }
     assert_eq!(pending_on(&r, "n1").await, 1.0, "one join, not 150");
+    // And the metrics say so: refusals are a share of joins, not of a page's requests.
+    let m = r.metrics().await;
+    let decided = |outcome: &str| {
+        sample(
+            &m,
+            &format!("roomrouter_decisions_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(decided("placed"), 1.0);
+    assert_eq!(decided("in_session"), 149.0);
+    assert_eq!(decided("pinned"), 0.0);
     // Another participant (a connection of its own) is a join.
     let other = reqwest::Client::new();
     let resp = other

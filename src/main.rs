@@ -235,6 +235,10 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
         Cmd::CheckConfig { file } => {
             let cfg = Config::load(&file)?;
             cfg.require_credentials()?;
+            // What `serve` would refuse at its start, found before it (`ExecStartPre`).
+            if let Some(path) = &cfg.store.learned_file {
+                roomrouter::store::learned_file::LearnedFile::check(path)?;
+            }
             println!("{}: ok ({} static nodes)", file.display(), cfg.nodes.len());
             Ok(())
         }

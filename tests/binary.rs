@@ -119,6 +119,34 @@ fn check_config_accepts_the_shipped_examples_and_names_bad_keys() {
         1,
         "{said}"
     );
+    // A learned-sizes file `serve` could not keep (its directory missing: under systemd's
+    // `ProtectSystem=strict`, any directory outside the unit's own) fails the check, as it
+    // would fail the start; one in a directory that takes it passes.
+    let check_learned = |file: &std::path::Path| {
+        std::fs::write(
+            &bad,
+            format!("[store]\nlearned_file = {:?}\n", file.to_str().unwrap()),
+        )
+        .unwrap();
+        clean_env(&mut Command::new(BIN))
+            .args(["check-config", bad.to_str().unwrap()])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .output()
+            .unwrap()
+    };
+    let out = check_learned(&dir.join("missing").join("learned.txt"));
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("store.learned_file"), "{said}");
+    let out = check_learned(&dir.join("learned.txt"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.join("learned.txt").exists(), "the check wrote nothing");
 }
 
 async fn wait_http(url: &str) {

@@ -45,13 +45,35 @@ pub struct LearnedFile {
     writing: Mutex<()>,
 }
 
+/// The file a write goes to before it is renamed over `path`.
+fn sibling(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Whether `path`'s directory takes the sibling a write replaces it through.
+fn probe_sibling(path: &Path) -> anyhow::Result<()> {
+    let probe = sibling(path);
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "store.learned_file {}: cannot write beside it ({})",
+                path.display(),
+                probe.display()
+            )
+        })
+}
+
 impl LearnedFile {
-    /// Reads `path` (a missing file is an empty one) and, inside a runtime, starts writing
-    /// changes every [`FLUSH_EVERY`] until the returned value is dropped.
-    pub fn open(path: &Path) -> anyhow::Result<Arc<LearnedFile>> {
-        let rooms = RoomMap::default();
+    /// What [`LearnedFile::open`] refuses before it reads the file, checked without reading
+    /// or writing it (`check-config`): a path that is no regular file, a file too large,
+    /// or a directory that does not take the sibling every write goes through (missing,
+    /// read-only: under systemd's `ProtectSystem=strict`, anything outside the unit's
+    /// `StateDirectory`).
+    pub fn check(path: &Path) -> anyhow::Result<()> {
         match std::fs::metadata(path) {
-            // A FIFO or a device would hang the start or read without end.
             Ok(m) if !m.is_file() => {
                 anyhow::bail!("store.learned_file {}: not a regular file", path.display())
             }
@@ -60,6 +82,24 @@ impl LearnedFile {
                 path.display(),
                 m.len()
             ),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("store.learned_file {}", path.display()))
+            }
+        }
+        probe_sibling(path)
+    }
+
+    /// Reads `path` (a missing file is an empty one) and, inside a runtime, starts writing
+    /// changes every [`FLUSH_EVERY`] until the returned value is dropped.
+    pub fn open(path: &Path) -> anyhow::Result<Arc<LearnedFile>> {
+        // Refused now rather than a warning every FLUSH_EVERY and sizes lost at every
+        // restart (the file is replaced through a sibling, so its directory must take
+        // one); and a FIFO or a device would hang the start or read without end.
+        Self::check(path)?;
+        let rooms = RoomMap::default();
+        match std::fs::metadata(path) {
             Ok(_) => {
                 let bytes = read_at_most(path, MAX_FILE_BYTES)
                     .with_context(|| format!("store.learned_file {}", path.display()))?;
@@ -94,18 +134,6 @@ impl LearnedFile {
             dirty: AtomicBool::new(false),
             writing: Mutex::new(()),
         });
-        // Refused now rather than a warning every FLUSH_EVERY and sizes lost at every
-        // restart: the file is replaced through a sibling, so its directory must take one.
-        let probe = file.sibling();
-        std::fs::File::create(&probe)
-            .and_then(|_| std::fs::remove_file(&probe))
-            .with_context(|| {
-                format!(
-                    "store.learned_file {}: cannot write beside it ({})",
-                    path.display(),
-                    probe.display()
-                )
-            })?;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(flush_periodically(Arc::downgrade(&file)));
         }
@@ -156,9 +184,7 @@ impl LearnedFile {
 
     /// The file a write goes to before it is renamed over [`LearnedFile::path`].
     fn sibling(&self) -> PathBuf {
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(".tmp");
-        self.path.with_file_name(name)
+        sibling(&self.path)
     }
 
     fn write(&self) -> std::io::Result<()> {

@@ -130,7 +130,9 @@ fn main() -> ExitCode {
             transparent_huge_pages(cfg.server.transparent_huge_pages);
             let rt = serve_runtime(&cfg.server)?;
             let served = rt.block_on(serve_with(cfg));
-            drop(rt);
+            // Not a plain drop, which would wait without limit for a name lookup a DNS
+            // outage holds: the exit would overrun systemd's stop timeout.
+            roomrouter::http::loops::end(rt);
             served
         }),
         cmd => runtime(None).and_then(|rt| rt.block_on(run(cmd, cli.log_json))),

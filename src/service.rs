@@ -103,7 +103,16 @@ pub async fn run<S: PinStore>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let hangup = survive_hangup();
+    serve_app(app, listener, shutdown, survive_hangup()).await
+}
+
+/// [`run`], SIGHUP already taken from its default action (`hangup`: see [`survive_hangup`]).
+async fn serve_app<S: PinStore>(
+    app: Arc<App<S>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    hangup: Option<tokio::task::JoinHandle<()>>,
+) -> std::io::Result<()> {
     // Room sizes learned by earlier runs (Redis): before the first placement, so that a
     // restart does not cost a week of weekly classes placed at the default size.
     match app.router.restore_history().await {
@@ -147,18 +156,43 @@ pub async fn run_memory(
 }
 
 /// Runs with the store `[store]` names (memory, or Redis shared with other routers).
+///
+/// Opening the store can take seconds (an unreachable Redis: twice `store.connect_timeout`,
+/// more through Sentinel), and signals do not wait for it: SIGHUP (logrotate) is taken from
+/// its default action first, and `shutdown` (SIGTERM: [`shutdown_signal`] installs its
+/// handler when first polled) is listened to from the start, so that a SIGTERM meanwhile
+/// ends the process as one while serving does, with exit code 0, rather than by the
+/// signal's default action.
 pub async fn run_configured(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let store = crate::store::open(&cfg).await?;
+    let hangup = survive_hangup();
+    tokio::pin!(shutdown);
+    let opened = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("stopped before the store was open");
+            Ok(None)
+        }
+        store = crate::store::open(&cfg) => store.map(Some),
+    };
+    let store = match opened {
+        Ok(Some(store)) => store,
+        ended => {
+            if let Some(h) = hangup {
+                h.abort();
+            }
+            return ended.map(|_| ());
+        }
+    };
     tracing::info!(
         store = ?cfg.store.kind,
         share_reservations = cfg.shares_reservations(),
         "store opened"
     );
-    run(build(cfg, store), listener, shutdown).await?;
+    serve_app(build(cfg, store), listener, shutdown, hangup).await?;
     Ok(())
 }
 
@@ -188,7 +222,8 @@ fn survive_hangup() -> Option<tokio::task::JoinHandle<()>> {
     None
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on Ctrl-C or SIGTERM. Takes them from their default action (ending the process)
+/// when first polled, not before.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -17,13 +17,16 @@
 //! opens its connections in a burst found them all taken by whichever loop woke first, and
 //! they stay there for their lifetime.) Loops 1.. are threads started here. All stop when
 //! `shutdown` resolves, each draining its own connections, and [`run`] returns once every
-//! loop has ended. A loop that fails stops the others.
+//! loop has ended. A loop that fails stops the others. A loop's runtime ends with [`end`]:
+//! blocking work still running on it then (a name lookup a DNS outage holds) does not hold
+//! the loop, nor the process's exit.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 
@@ -34,6 +37,13 @@ impl Stop {
     pub async fn wait(mut self) {
         // An error means the sender is gone, which also means stop.
         let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    /// A stop and how to give it: for tests of one loop's side.
+    #[cfg(test)]
+    pub(crate) fn by_hand() -> (watch::Sender<bool>, Stop) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Stop(rx))
     }
 }
 
@@ -61,7 +71,7 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    fn new(loops: usize) -> (Handoff, Vec<Inbox>) {
+    pub(crate) fn new(loops: usize) -> (Handoff, Vec<Inbox>) {
         let (inboxes, receivers) = (1..loops).map(|_| mpsc::unbounded_channel()).unzip();
         let open = (0..loops).map(|_| AtomicUsize::new(0)).collect();
         let handoff = Handoff {
@@ -94,7 +104,8 @@ impl Handoff {
         }
     }
 
-    /// Hands `h` to loop `to` (1..); gives it back if that loop has ended.
+    /// Hands `h` to loop `to` (1..); gives it back if that loop has ended or is stopping
+    /// (it takes nothing new once stopped: see `serve_handed` in `server`).
     pub fn send(&self, to: usize, h: Handed) -> Result<(), Handed> {
         self.inboxes[to - 1].send(h).map_err(|e| e.0)
     }
@@ -172,6 +183,18 @@ pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// How long a runtime's [`end`] waits for the blocking work still running on it.
+pub const BLOCKING_AT_EXIT: Duration = Duration::from_secs(1);
+
+/// Ends `rt`, whose work has drained: its tasks are dropped, and its blocking threads
+/// waited for up to [`BLOCKING_AT_EXIT`], then left running to the process's exit. Dropping
+/// a runtime waits for them without limit, and a `getaddrinfo` (`resolve`) held by a DNS
+/// outage takes 10-30 s: past the shutdown grace, and past systemd's patience, whose
+/// SIGKILL loses the log lines not yet written.
+pub fn end(rt: tokio::runtime::Runtime) {
+    rt.shutdown_timeout(BLOCKING_AT_EXIT);
+}
+
 /// Starts loop `index` on a thread of its own; the receiver gets how it ended.
 fn spawn<S, SF>(
     index: usize,
@@ -188,7 +211,11 @@ where
     std::thread::Builder::new()
         .name(format!("roomrouter-loop-{index}"))
         .spawn(move || {
-            let ended = runtime().and_then(|rt| rt.block_on(serve(inbox, index, stop)));
+            let ended = runtime().and_then(|rt| {
+                let ended = rt.block_on(serve(inbox, index, stop));
+                end(rt);
+                ended
+            });
             if ended.is_err() {
                 stop_tx.send_replace(true);
             }
@@ -200,7 +227,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::http::resolve::{Lookup, Resolver};
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::Semaphore;
@@ -349,5 +377,66 @@ mod tests {
         .await
         .expect("a failed loop ends the run");
         assert_eq!(r.unwrap_err().to_string(), "loop 2 broke");
+    }
+
+    /// What a DNS outage does to `getaddrinfo`: the lookup tells `started` it runs, then
+    /// holds its blocking thread for `hold` and fails.
+    fn stuck_resolver(hold: Duration, started: Arc<tokio::sync::Notify>) -> Resolver {
+        let lookup: Lookup = Arc::new(move |_name| {
+            started.notify_one();
+            std::thread::sleep(hold);
+            Err(io::Error::other("SERVFAIL"))
+        });
+        Resolver::with_lookup(lookup, Duration::from_secs(5), Duration::from_secs(300))
+    }
+
+    /// Well past [`BLOCKING_AT_EXIT`], yet far short of the stuck lookup's 10 s.
+    const EXIT_WITHIN: Duration = Duration::from_secs(4);
+
+    /// `roomrouter serve`'s own runtime (loop 0's, or the shared one) ends with [`end`].
+    #[test]
+    fn a_runtime_ends_without_waiting_for_a_lookup_a_dns_outage_holds() {
+        let rt = runtime().unwrap();
+        let started = Arc::new(tokio::sync::Notify::new());
+        let resolver = stuck_resolver(Duration::from_secs(10), started.clone());
+        rt.block_on(async {
+            tokio::spawn(async move { resolver.resolve("media-1.example").await });
+            started.notified().await;
+        });
+        let t = Instant::now();
+        end(rt);
+        assert!(t.elapsed() < EXIT_WITHIN, "{:?}", t.elapsed());
+    }
+
+    /// Loops 1.. end their runtimes with [`end`] too: the run returns without waiting for a
+    /// lookup one of them started.
+    #[tokio::test]
+    async fn a_loop_ends_without_waiting_for_a_lookup_a_dns_outage_holds() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let started = Arc::new(tokio::sync::Notify::new());
+        let resolver = stuck_resolver(Duration::from_secs(10), started.clone());
+        // Loop 1 looks a node up on its runtime, as its proxied requests do.
+        let looking = move |inbox: Inbox, index: usize, stop: Stop| {
+            let resolver = resolver.clone();
+            async move {
+                tokio::spawn(async move { resolver.resolve("media-1.example").await });
+                serve(inbox, index, stop).await
+            }
+        };
+        // Told to stop once the lookup runs.
+        let t = Instant::now();
+        let ran = tokio::time::timeout(
+            Duration::from_secs(30),
+            run(
+                2,
+                async move { started.notified().await },
+                move |h, stop| accept(listener, h, stop),
+                looking,
+            ),
+        )
+        .await
+        .expect("the run ends");
+        ran.unwrap();
+        assert!(t.elapsed() < EXIT_WITHIN, "{:?}", t.elapsed());
     }
 }

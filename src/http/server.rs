@@ -313,12 +313,17 @@ async fn accept_loop(
     let slots = front.slots.clone();
     let here = LoopServer::new(cfg, front, 0);
     tokio::pin!(shutdown);
+    // The stop comes first: an unbiased `select!` could still take a waiting connection
+    // after it, and hand it to a loop that takes no more (it would come back here).
     loop {
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            biased;
             _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -328,7 +333,6 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let Some(handoff) = &handoff else {
@@ -356,7 +360,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        // That loop has ended (it failed; everything stops soon): serve it here.
+        // That loop has ended (it failed; everything stops soon) or is stopping (this one is
+        // too, then): serve it here.
         if let Err(back) = handed {
             here.adopt(back);
         }
@@ -368,6 +373,12 @@ async fn accept_loop(
 
 /// Event loop `index` (1..): serves the connections loop 0 hands it until `stop`, then
 /// drains them for up to `server.shutdown_grace`.
+///
+/// Connections still in the inbox at the stop are served too, and drained with the rest:
+/// as any connection whose request the stop finds unread, they are closed at once (see
+/// `serve_io`). Left in the inbox, they were closed only when the drain ended, their clients
+/// having waited as long as the drain's busiest connection. The inbox is closed first, so
+/// that a connection loop 0 hands over later comes back to it, to be served there.
 async fn serve_handed(
     mut inbox: Inbox,
     cfg: &ServerLimits,
@@ -383,6 +394,11 @@ async fn serve_handed(
             h = inbox.recv() => match h { Some(h) => h, None => break },
             () = &mut stop => break,
         };
+        here.adopt(handed);
+    }
+    inbox.close();
+    // Until `None`: a hand-over under way when the inbox closed still arrives.
+    while let Some(handed) = inbox.recv().await {
         here.adopt(handed);
     }
     here.drain(cfg.shutdown_grace).await;
@@ -835,6 +851,151 @@ pub async fn serve_configured<S: PinStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// A front door (hyper's path) that answers `200 ok`, but holds `GET /busy` until `go`
+    /// turns true; it tells `asked` each path it is asked for.
+    fn holding_front(
+        go: watch::Receiver<bool>,
+        asked: mpsc::UnboundedSender<String>,
+        cfg: &ServerLimits,
+    ) -> Front {
+        let handler: Handler = Arc::new(move |req, _info| {
+            let (mut go, asked) = (go.clone(), asked.clone());
+            let path = req.uri().path().to_string();
+            Box::pin(async move {
+                let busy = path == "/busy";
+                let _ = asked.send(path);
+                if busy {
+                    let _ = go.wait_for(|go| *go).await;
+                }
+                Response::new(crate::http::full(Bytes::from_static(b"ok")))
+            })
+        });
+        Front::new(None, handler, None, cfg)
+    }
+
+    /// A client that sent `GET path`, and its connection as loop 0 accepted it.
+    async fn asking(
+        listener: &TcpListener,
+        path: &str,
+    ) -> (TcpStream, (std::net::TcpStream, SocketAddr)) {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: router.test\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        (client, (accepted.into_std().unwrap(), peer))
+    }
+
+    /// All the server sends until it closes the connection (a reset is a close), lowercase.
+    async fn until_closed(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        String::from_utf8_lossy(&got).to_lowercase()
+    }
+
+    fn answered_with_close(said: &str) -> bool {
+        said.starts_with("http/1.1 200") && said.contains("connection: close")
+    }
+
+    /// Connections loop 0 handed to a loop that are still in its inbox when it is told to
+    /// stop are served and drained with the rest: they are done at once, not held unanswered
+    /// for as long as the drain waits for a busy connection. A connection handed over after
+    /// that comes back to loop 0 (which serves it).
+    #[tokio::test]
+    async fn connections_still_in_a_loops_inbox_when_it_stops_are_served_with_the_rest() {
+        const QUEUED: usize = 20;
+        let cfg = ServerLimits {
+            shutdown_grace: Duration::from_secs(30),
+            ..ServerLimits::default()
+        };
+        let (go_tx, go) = watch::channel(false);
+        let (asked_tx, mut asked) = mpsc::unbounded_channel();
+        let front = holding_front(go, asked_tx, &cfg);
+        let slots = front.slots.clone();
+        let (handoff, mut inboxes) = Handoff::new(2);
+        let hand = |(stream, peer)| Handed {
+            stream,
+            peer,
+            permit: slots.clone().try_acquire_owned().unwrap(),
+            open: handoff.opened(1),
+        };
+        let (stop_tx, stop) = Stop::by_hand();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving = serve_handed(inboxes.remove(0), &cfg, front, 1, stop);
+        let clients = async {
+            // A request still being answered when the stop comes: the drain waits for it.
+            let (mut busy, accepted) = asking(&listener, "/busy").await;
+            assert!(handoff.send(1, hand(accepted)).is_ok());
+            let first = tokio::time::timeout(Duration::from_secs(5), asked.recv()).await;
+            assert_eq!(first.unwrap().as_deref(), Some("/busy"));
+            // Handed over, then the stop, before loop 1 runs again.
+            let (mut waiting, mut accepted) = (Vec::new(), Vec::new());
+            for _ in 0..QUEUED {
+                let (client, a) = asking(&listener, "/queued").await;
+                waiting.push(client);
+                accepted.push(a);
+            }
+            for a in accepted {
+                assert!(handoff.send(1, hand(a)).is_ok());
+            }
+            stop_tx.send_replace(true);
+            for (i, client) in waiting.iter_mut().enumerate() {
+                let said = tokio::time::timeout(Duration::from_secs(5), until_closed(client))
+                    .await
+                    .unwrap_or_else(|_| panic!("queued connection {i} left waiting"));
+                // Answered if its request was read before the stop reached it, else closed
+                // as one that had asked for nothing yet (see `serve_io`).
+                assert!(said.is_empty() || answered_with_close(&said), "{said}");
+            }
+            let (_late, accepted) = asking(&listener, "/late").await;
+            assert!(
+                handoff.send(1, hand(accepted)).is_err(),
+                "a stopped loop takes no more connections"
+            );
+            go_tx.send_replace(true);
+            let said = until_closed(&mut busy).await;
+            assert!(answered_with_close(&said), "{said}");
+        };
+        let both = async { tokio::join!(serving, clients) };
+        let (served, ()) = tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .expect("the loop ends once its connections are done");
+        served.unwrap();
+    }
+
+    /// Once told to stop, loop 0 takes no more connections, not even one already waiting:
+    /// it would hand it to a loop that stopped taking any.
+    #[tokio::test]
+    async fn a_stopped_accept_loop_takes_no_more_connections() {
+        let cfg = ServerLimits::default();
+        let (_go_tx, go) = watch::channel(true);
+        let (asked_tx, _asked) = mpsc::unbounded_channel();
+        // An unbiased `select!` took the waiting connection one time in four: 32 tries.
+        for _ in 0..32 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            // One accepted first: the listener is known to be ready when the loop starts.
+            let _first = TcpStream::connect(addr).await.unwrap();
+            let _accepted = listener.accept().await.unwrap();
+            let _waiting = TcpStream::connect(addr).await.unwrap();
+            let (handoff, mut inboxes) = Handoff::new(2);
+            // Loop 0 is the busier: what it accepts goes to loop 1.
+            let _busy = handoff.opened(0);
+            let front = holding_front(go.clone(), asked_tx.clone(), &cfg);
+            let stopped = std::future::ready(());
+            accept_loop(listener, &cfg, front, Some(handoff), stopped)
+                .await
+                .unwrap();
+            assert!(
+                inboxes[0].try_recv().is_err(),
+                "a connection was accepted after the stop"
+            );
+        }
+    }
 
     /// An idle HTTP/2 connection shut down gracefully whose client never lets it close
     /// (h2 waits for its shutdown PING's answer) is dropped `send_timeout` after the GOAWAY.

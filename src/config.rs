@@ -653,6 +653,12 @@ pub struct JwtConfig {
     /// Query parameter a token may come in when no `Authorization` header can be set
     /// (browser WebSockets); empty: header only.
     pub query_param: String,
+    /// Accepted `aud` values; a token must name one of them. Empty: `aud` is not checked.
+    /// With an identity provider shared by other services, its tokens for those services
+    /// are signed with the same key: this is what tells the router's from theirs.
+    pub audience: Vec<String>,
+    /// Accepted `iss` values; a token must carry one of them. Empty: not checked.
+    pub issuer: Vec<String>,
 }
 
 impl Default for JwtConfig {
@@ -663,6 +669,8 @@ impl Default for JwtConfig {
             public_key_file: None,
             leeway: Duration::from_secs(30),
             query_param: "access_token".into(),
+            audience: vec![],
+            issuer: vec![],
         }
     }
 }
@@ -868,12 +876,22 @@ impl std::fmt::Debug for JwtConfig {
             .field("public_key_file", &self.public_key_file)
             .field("leeway", &self.leeway)
             .field("query_param", &self.query_param)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
 
 impl JwtConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        for (key, values) in [
+            ("auth.jwt.audience", &self.audience),
+            ("auth.jwt.issuer", &self.issuer),
+        ] {
+            if values.iter().any(|v| v.is_empty()) {
+                return Err(invalid(key, "an empty value matches no token"));
+            }
+        }
         // JWT times are whole seconds; "500ms" would silently become no leeway at all.
         if self.leeway.subsec_nanos() != 0 {
             return Err(invalid(

@@ -409,6 +409,59 @@ async fn the_region_claim_is_the_placement_hint() {
     r.stop().await;
 }
 
+/// With `auth.jwt.audience` and `issuer` set, the identity provider's tokens for another
+/// service (same key, another `aud`) and tokens without the claims are `401` at the front
+/// door and at login; the router's own pass.
+#[tokio::test]
+async fn an_audience_and_issuer_set_keep_other_services_tokens_out() {
+    let mut cfg = jwt_config();
+    cfg.auth.jwt.audience = vec!["roomrouter".into()];
+    cfg.auth.jwt.issuer = vec!["https://idp.test".into()];
+    cfg.validate().unwrap();
+    let r = with_node(cfg).await;
+    let exp = now() + 300;
+    let claims = |aud: Option<&str>, iss: &str| {
+        let mut c = serde_json::json!({"sub": "ann", "exp": exp, "room": "*", "iss": iss});
+        if let Some(aud) = aud {
+            c["aud"] = aud.into();
+        }
+        hs(c)
+    };
+    for (t, ok) in [
+        (claims(Some("roomrouter"), "https://idp.test"), true),
+        (claims(Some("billing"), "https://idp.test"), false),
+        (claims(None, "https://idp.test"), false),
+        (claims(Some("roomrouter"), "https://other.test"), false),
+    ] {
+        let door = r
+            .get("/rooms/standup")
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        let login = r
+            .post("/v1/login")
+            .bearer_auth(&t)
+            .json(&serde_json::json!({"room": "standup"}))
+            .send()
+            .await
+            .unwrap();
+        if ok {
+            assert_eq!(door.status(), 307);
+            assert_eq!(login.status(), 200);
+        } else {
+            expect_error(door, 401, "unauthorized").await;
+            expect_error(login, 401, "unauthorized").await;
+        }
+    }
+    // An empty value would match no token: refused when the config is checked.
+    let mut bad = jwt_config();
+    bad.auth.jwt.audience = vec![String::new()];
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.starts_with("auth.jwt.audience"), "{e}");
+    r.stop().await;
+}
+
 #[test]
 fn jwt_config_errors_name_the_key() {
     let mut c = common::config();

@@ -111,7 +111,26 @@ impl UserVerifier {
                 (Algorithm::ES256, key)
             }
         };
-        Ok(UserVerifier::new(alg, key, c.leeway, &c.query_param))
+        Ok(UserVerifier::new(alg, key, c.leeway, &c.query_param).expecting(&c.audience, &c.issuer))
+    }
+
+    /// Requires tokens to carry an `aud` among `audience` and an `iss` among `issuer`
+    /// (each unless empty). A token without the claim is refused: an identity provider's
+    /// tokens for another service, with no audience of ours, must not pass for ours.
+    pub fn expecting(mut self, audience: &[String], issuer: &[String]) -> Self {
+        let mut required = vec!["exp", "sub"];
+        if !audience.is_empty() {
+            self.validation.set_audience(audience);
+            // (`new` turned the check off for tokens with no audience configured.)
+            self.validation.validate_aud = true;
+            required.push("aud");
+        }
+        if !issuer.is_empty() {
+            self.validation.set_issuer(issuer);
+            required.push("iss");
+        }
+        self.validation.set_required_spec_claims(&required);
+        self
     }
 
     /// A verifier for one algorithm and key (the algorithm is pinned: no `alg` confusion).
@@ -304,6 +323,51 @@ mod tests {
         .unwrap();
         assert!(v.verify(&t).is_err());
         assert!(v.verify(&"x".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn an_audience_or_issuer_set_is_required_of_every_token() {
+        let token = |claims: serde_json::Value| {
+            encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        let exp = now() + 60;
+        let ours = token(
+            serde_json::json!({"sub": "ann", "room": "*", "exp": exp, "aud": "roomrouter", "iss": "https://idp"}),
+        );
+        let other_service = token(
+            serde_json::json!({"sub": "ann", "room": "*", "exp": exp, "aud": "billing", "iss": "https://idp"}),
+        );
+        let no_audience =
+            token(serde_json::json!({"sub": "ann", "room": "*", "exp": exp, "iss": "https://idp"}));
+        let other_issuer = token(
+            serde_json::json!({"sub": "ann", "room": "*", "exp": exp, "aud": ["x", "roomrouter"], "iss": "https://evil"}),
+        );
+        // Unset (the default): neither is checked.
+        let plain = verifier();
+        for t in [&ours, &other_service, &no_audience, &other_issuer] {
+            assert!(plain.verify(t).is_ok());
+        }
+        let strict = UserVerifier::from_config(&JwtConfig {
+            secret: SECRET.into(),
+            audience: vec!["roomrouter".into(), "meet".into()],
+            issuer: vec!["https://idp".into()],
+            ..JwtConfig::default()
+        })
+        .unwrap();
+        assert!(strict.verify(&ours).is_ok());
+        for t in [&other_service, &no_audience, &other_issuer] {
+            assert!(strict.verify(t).is_err());
+        }
+        // `exp` and `sub` are still required.
+        let no_sub = token(
+            serde_json::json!({"room": "*", "exp": exp, "aud": "meet", "iss": "https://idp"}),
+        );
+        assert!(strict.verify(&no_sub).is_err());
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! report says its latency percentiles miss them.
 //!
 //! Redirect mode: a `3xx` with `Location` is a decision; following it is the join on the
-//! node, and the participant later leaves at that node (`POST {node}/rooms/{room}/leave`).
+//! node, and the participant later leaves at that node (`POST {node}/rooms/{room}/leave`,
+//! `{node}` the node's URL, path included: the `Location` without the join's path and query).
 //! Proxy mode: a `2xx` with `X-Room-Node` and no `Location` is the node's own answer to the
 //! join the router carried there, so it is a decision and a join on that node at once. Its
 //! participant leaves at the node directly when the harness knows the node's URL (from the
@@ -36,9 +37,11 @@
 //! pool is empty at the start anyway).
 //!
 //! A join counts as answered once its whole answer is read within `--timeout` (as in
-//! [`rate`](super::rate)): an answer whose body stalls past the timeout is a `timeout`
-//! (missing from the latency figures, which the report then flags), one whose body fails or
-//! is over `ANSWER_MAX` (64 KiB) is the error [`BODY_FAILED`] or [`BODY_TOO_LARGE`].
+//! [`rate`](super::rate)): an answer whose body stalls past the timeout is a `timeout`, one
+//! whose body fails or is over `ANSWER_MAX` (64 KiB) is the error [`BODY_FAILED`] or
+//! [`BODY_TOO_LARGE`]. Only answers are timed (a refused connection fails in microseconds and
+//! would pull the percentiles down), so a join with none, whatever its failure, is missing
+//! from the latency figures, and the report says they are incomplete.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -467,6 +470,13 @@ impl Ctx {
         url
     }
 
+    /// The path part of the join of `room` (`--path` with the room, before any `?`): what
+    /// the router puts after the node's URL in its redirect.
+    fn join_path(&self, room: u32) -> String {
+        let path = self.cfg.path.split('?').next().unwrap_or_default();
+        path.replace("{room}", &encoded(&self.rooms[room as usize]))
+    }
+
     /// A proxy-mode leave through router `i`: `--path` with `/leave` after its path part
     /// (`/rooms/{room}` -> `/rooms/{room}/leave`), so the router finds the room where it
     /// found the join's and carries the leave to the room's node.
@@ -491,6 +501,29 @@ impl Ctx {
 
 fn encoded(room: &str) -> String {
     percent_encoding::utf8_percent_encode(room, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// The URL of the node a redirect sent a join to, whose path part (`--path` with its room,
+/// no query) was `join_path`. The router's `Location` is the node's registered `url`
+/// followed by the join's path and query (`redirect_location`), so the node's URL is the
+/// `Location` without its query and without `join_path` at the end of its path. A node
+/// served under a path (`http://h:p/n1`, behind a reverse proxy that routes by path) keeps
+/// it, and its participants leave where they joined (`/n1/rooms/{room}/leave`), not at the
+/// host's `/rooms/{room}/leave`, which is no such node. A `Location` whose path does not end
+/// with `join_path` (a router that rewrote the path) leaves only its origin,
+/// `scheme://host:port`.
+fn node_base(location: &str, join_path: &str) -> Option<String> {
+    let origin = base_of(location)?;
+    let path = url::Url::parse(location).ok()?.path().to_string();
+    // The join's path as the URL parser writes it, as the `Location`'s is.
+    let join_path = url::Url::parse(&format!("http://h/{}", join_path.trim_start_matches('/')))
+        .ok()?
+        .path()
+        .to_string();
+    Some(match path.strip_suffix(&join_path) {
+        Some(prefix) => format!("{origin}{prefix}"),
+        None => origin,
+    })
 }
 
 /// `scheme://host:port` of a URL.
@@ -626,7 +659,7 @@ async fn one_join(
         let Some(location) = location else {
             return;
         };
-        let Some(base) = base_of(&location) else {
+        let Some(base) = node_base(&location, &ctx.join_path(join.room)) else {
             let _ = ctx
                 .events
                 .send(Event::NodeError("join: bad location".into()));
@@ -668,8 +701,9 @@ async fn one_join(
 }
 
 /// One participant of `room` leaves `node` (its [`node_key`]; `id` from `X-Room-Node`): at
-/// `node_base` (the redirect's target), or in proxy mode (`None`) at the node's URL from the
-/// directory, else through router `i` (see the module documentation).
+/// `node_base` (the node's URL, from the redirect's target: [`node_base`]), or in proxy
+/// mode (`None`) at the node's URL from the directory, else through router `i` (see the
+/// module documentation).
 async fn leave(
     ctx: &Ctx,
     i: usize,
@@ -744,8 +778,15 @@ struct Collected {
     events: Vec<String>,
 }
 
+/// Auto-resizing: `--duration` and `--timeout` take up to a day each, and a latency past a
+/// fixed top (an hour, once) would be clamped to it without a word.
 fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+    Histogram::new(3).expect("valid histogram")
+}
+
+/// Records `d` in microseconds (at least 1), growing the histogram as needed.
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    let _ = h.record(d.as_micros().clamp(1, u64::MAX as u128) as u64);
 }
 
 async fn collect(
@@ -788,10 +829,8 @@ async fn collect(
                 if outcome_answered {
                     c.answered += 1;
                     c.last_answer = c.last_answer.max(at);
-                    c.latency
-                        .saturating_record(latency.as_micros().max(1) as u64);
-                    c.service
-                        .saturating_record(service.as_micros().max(1) as u64);
+                    record(&mut c.latency, latency);
+                    record(&mut c.service, service);
                 }
                 match outcome {
                     Ok(s) if (200..400).contains(&s) => {
@@ -1219,7 +1258,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         not_sent,
         aborted_at_stop,
         timed_out,
-        latency_complete: not_sent == 0 && aborted_at_stop == 0 && timed_out == 0,
+        // Every join has a figure only if every one was answered: a failure took any time up
+        // to the timeout, and a timeout or a join the hard stop dropped was the slowest.
+        latency_complete: c.answered == schedule.joins.len() as u64,
         elapsed_s: elapsed,
         throughput_per_s: c.answered as f64 / elapsed,
         latency_us: Percentiles::of(&c.latency),
@@ -1460,6 +1501,214 @@ mod tests {
         assert_eq!(
             body_read(ANSWER_MAX + 1, ANSWER_MAX + 1, true).await,
             BODY_TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn a_latency_over_an_hour_is_recorded_not_clamped() {
+        // `--duration` and `--timeout` take up to a day: a join planned early and answered
+        // two hours later is two hours late.
+        let two_hours = Duration::from_secs(7_200);
+        let c = run_collector(
+            vec![Event::Decided {
+                room: 0,
+                outcome: Ok(307),
+                code: None,
+                node: Some("a".into()),
+                joined: false,
+                latency: two_hours,
+                service: two_hours,
+                at: two_hours,
+            }],
+            false,
+        );
+        for h in [&c.latency, &c.service] {
+            let max = Percentiles::of(h).max;
+            assert!(
+                (7_199_000_000..=7_210_000_000).contains(&max),
+                "{max} µs, not 7 200 s"
+            );
+        }
+    }
+
+    /// A load config for `routers`: 20 joins/s for 1 s over 5 rooms, sessions of 2 arriving
+    /// within 0.2 s, each participant staying 0.1 s (so all but the last few leave in the
+    /// run).
+    fn small_run(routers: Vec<String>) -> LoadConfig {
+        LoadConfig {
+            routers,
+            cluster: ClusterSpec {
+                nodes: 1,
+                capacity: None,
+                heartbeat: Duration::from_millis(500),
+                mode: FrontDoorMode::Redirect,
+                probe: None,
+            },
+            workload: WorkloadSpec {
+                rate: 20.0,
+                duration: Duration::from_secs(1),
+                max_joins: 1_000,
+                rooms: 5,
+                zipf_s: 1.1,
+                size: crate::load::Dist::Fixed { value: 2.0 },
+                stay: crate::load::Dist::Fixed { value: 0.1 },
+                spread: Duration::from_millis(200),
+                bursts: vec![],
+                seed: 1,
+            },
+            connections: 4,
+            timeout: Duration::from_secs(2),
+            follow: true,
+            size_hints: false,
+            path: "/rooms/{room}".into(),
+            admin_token: None,
+            add_node_at: None,
+            kill_node_at: None,
+            sample_every: Duration::from_secs(1),
+            progress: false,
+        }
+    }
+
+    async fn bounded(cfg: LoadConfig) -> LoadReport {
+        tokio::time::timeout(Duration::from_secs(30), run(cfg))
+            .await
+            .expect("the run is bounded")
+            .unwrap()
+    }
+
+    /// Serves `handle` on a loopback port (HTTP/1.1) until the returned task is aborted.
+    async fn serve<F>(handle: F) -> (String, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(http::Method, String) -> (u16, Vec<(&'static str, String)>)
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        use hyper::body::Incoming;
+        use hyper_util::rt::TokioIo;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let handle = handle.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let (status, headers) = handle(req.method().clone(), req.uri().to_string());
+                    async move {
+                        let mut r = http::Response::builder().status(status);
+                        for (k, v) in headers {
+                            r = r.header(k, v);
+                        }
+                        Ok::<_, std::convert::Infallible>(
+                            r.body(http_body_util::Full::new(bytes::Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_participant_leaves_a_node_served_under_a_path_where_it_joined() {
+        // A node registered as `http://h:p/n1` (behind a reverse proxy that routes by path)
+        // answers only under `/n1`: joins `GET /n1/rooms/{room}`, leaves `POST
+        // /n1/rooms/{room}/leave` (404 for a room with nobody, as the demo node's).
+        let participants: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let (node, node_task) = {
+            let participants = participants.clone();
+            serve(move |method, uri| {
+                let path = uri.split('?').next().unwrap_or_default();
+                let parts: Vec<&str> = path.split('/').collect();
+                let mut rooms = participants.lock().unwrap();
+                let status = match (method, parts.as_slice()) {
+                    (http::Method::GET, ["", "n1", "rooms", room]) => {
+                        *rooms.entry(room.to_string()).or_default() += 1;
+                        200
+                    }
+                    (http::Method::POST, ["", "n1", "rooms", room, "leave"]) => {
+                        match rooms.get_mut(*room).filter(|n| **n > 0) {
+                            Some(n) => {
+                                *n -= 1;
+                                200
+                            }
+                            None => 404,
+                        }
+                    }
+                    _ => 404,
+                };
+                (status, vec![])
+            })
+            .await
+        };
+        // A redirect-mode router's answer (`redirect_location`): the node's URL, the join's
+        // path and query, a ticket.
+        let node_url = format!("{node}/n1");
+        let (router, router_task) = serve(move |_, uri| {
+            let sep = if uri.contains('?') { '&' } else { '?' };
+            let location = format!("{node_url}{uri}{sep}ticket=t");
+            (
+                307,
+                vec![("location", location), ("x-room-node", "n1".into())],
+            )
+        })
+        .await;
+        let r = bounded(small_run(vec![router])).await;
+        router_task.abort();
+        node_task.abort();
+        assert_eq!(r.node_joins, 20, "{}", r.table());
+        assert!(r.node_errors.is_empty(), "{}", r.table());
+        // The joins planned before 0.9 s leave within the run.
+        assert_eq!(r.leaves, 18, "{}", r.table());
+        let still_there: u32 = participants.lock().unwrap().values().sum();
+        assert_eq!(u64::from(still_there), r.node_joins - r.leaves);
+        assert_eq!(r.split_rooms, 0, "{}", r.table());
+    }
+
+    #[test]
+    fn a_node_url_is_the_location_without_the_joins_path() {
+        let base = |loc: &str, path: &str| node_base(loc, path).unwrap();
+        assert_eq!(
+            base("http://h:1/n1/rooms/r%2D1?ticket=t", "/rooms/r%2D1"),
+            "http://h:1/n1"
+        );
+        assert_eq!(
+            base("http://h:1/rooms/r?x=1&ticket=t", "/rooms/r"),
+            "http://h:1"
+        );
+        // Another path than the join's: only the origin is known.
+        assert_eq!(
+            base("http://h:1/elsewhere?ticket=t", "/rooms/r"),
+            "http://h:1"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn joins_that_fail_without_an_answer_leave_the_latency_incomplete() {
+        // Nothing listens: every join is refused within microseconds. None is timed (that
+        // would pull the percentiles down), so the figures miss every join, and say so.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut cfg = small_run(vec![format!("http://{dead}")]);
+        cfg.follow = false;
+        let r = bounded(cfg).await;
+        assert_eq!((r.completed, r.answered), (20, 0), "{}", r.table());
+        assert_eq!(r.errors.get("connect"), Some(&20), "{}", r.table());
+        assert_eq!((r.timed_out, r.not_sent, r.aborted_at_stop), (0, 0, 0));
+        assert!(!r.latency_complete, "{}", r.table());
+        assert!(
+            r.table()
+                .contains("20 joins have no figure (0 timed out, 20 failed"),
+            "{}",
+            r.table()
         );
     }
 

@@ -130,7 +130,9 @@ pub struct LoadArgs {
     /// start are not the server's steady state.
     #[arg(long, default_value = "0", value_parser = parse_secs, requires = "constant_rate")]
     pub warmup: Duration,
-    /// At most this many joins, whatever the rate and duration.
+    /// At most this many joins: the schedule is cut there, whatever the rate and duration.
+    /// Constant-rate mode cuts nothing: a run that plans more requests than this (floor(rate
+    /// x (warmup + duration)), the warm-up's included) is refused.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_requests: usize,
     /// Most decisions in flight (connections to the routers).

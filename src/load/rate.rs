@@ -730,9 +730,9 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<RateReport> {
         latency_us: Percentiles::of(&total.latency),
         service_us: Percentiles::of(&total.service),
         statuses: total.statuses,
-        latency_complete: [super::engine::TIMEOUT, super::engine::NOT_SENT]
-            .iter()
-            .all(|k| !total.errors.contains_key(k)),
+        // Every measured request has a figure only if every one was answered: a failure took
+        // any time up to the timeout, and a timeout or a request not sent was the slowest.
+        latency_complete: total.latency.len() == planned - cfg.warmup_planned(),
         errors: total
             .errors
             .into_iter()
@@ -890,6 +890,22 @@ mod tests {
         // The two connections opened ahead of the run idled until their first request, which
         // is retried once; the connections opened after are not.
         assert_eq!((r.retried, r.reconnects), (2, 10), "{}", r.table());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_that_fail_without_an_answer_leave_the_latency_incomplete() {
+        // Every connection is closed unanswered: no request is timed out or left unsent, yet
+        // none has a figure (a failure may take any time up to the timeout), and the report
+        // says the latency misses them.
+        let (url, server) = closing_server(0, Duration::from_secs(30)).await;
+        let r = bounded(config(&url, 20.0, 0.5, 2)).await.unwrap();
+        server.abort();
+        assert_eq!((r.planned, r.answered), (10, 0), "{}", r.table());
+        assert!(!r.errors.contains_key(super::super::engine::TIMEOUT));
+        assert!(!r.errors.contains_key(super::super::engine::NOT_SENT));
+        assert_eq!(r.latency_us.count, 0);
+        assert!(!r.latency_complete, "{}", r.table());
+        assert!(r.table().contains("latency INCOMPLETE"), "{}", r.table());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,9 +110,12 @@ pub struct LoadReport {
     pub aborted_at_stop: u64,
     /// Joins that timed out (`--timeout`) without an answer. Also in `errors`.
     pub timed_out: u64,
-    /// False when joins got no latency figure because they were the slowest: dropped by the
-    /// hard stop (`not_sent`, `aborted_at_stop`) or timed out (`timed_out`). The latency
-    /// percentiles then understate the tail.
+    /// False when a join got no latency figure (`answered < scheduled`): it timed out
+    /// (`timed_out`), failed without an answer (refused connection, transport, answer body
+    /// failed or too large: in `errors`), or was dropped by the hard stop (`not_sent`,
+    /// `aborted_at_stop`). Only answers are timed, and the joins without one include the
+    /// slowest (a timeout, the hard stop's) or took an unknown time up to `--timeout`, so the
+    /// latency percentiles then may understate the tail.
     pub latency_complete: bool,
     /// From the start of the run to the last HTTP answer to a decision (transport failures
     /// and timeouts, which end later without an answer, do not stretch it).
@@ -187,10 +190,14 @@ impl LoadReport {
         latency_row(&mut s, "from schedule (open)", &self.latency_us);
         latency_row(&mut s, "service (from send)", &self.service_us);
         if !self.latency_complete {
+            let failed = self
+                .completed
+                .saturating_sub(self.answered)
+                .saturating_sub(self.timed_out);
             let _ = writeln!(
                 s,
-                "  note       latency INCOMPLETE: {} joins have no figure, the run's most delayed ({} timed out, {} not sent and {} unanswered at the hard stop): the percentiles above understate the tail",
-                self.timed_out + self.not_sent + self.aborted_at_stop,
+                "  note       latency INCOMPLETE: {} joins have no figure ({} timed out, {failed} failed without an answer, {} not sent and {} unanswered at the hard stop), the run's most delayed among them: the percentiles above may understate the tail",
+                self.scheduled.saturating_sub(self.answered),
                 self.timed_out,
                 self.not_sent,
                 self.aborted_at_stop
@@ -319,8 +326,12 @@ pub struct RateReport {
     /// Requests without an answer, by kind (`timeout`, `connect`, `closed`, `reset`,
     /// `transport`, `not sent by the hard stop`).
     pub errors: BTreeMap<String, u64>,
-    /// False when requests got no latency figure because they were the slowest: timed out,
-    /// or not sent by the hard stop. The percentiles then understate the tail.
+    /// False when a measured request (one after the warm-up) got no latency figure: it timed
+    /// out, failed without an answer (`connect`, `closed`, `reset`, `transport`), was not
+    /// sent by the hard stop, or went with an aborted connection task. Only answers are
+    /// timed, and the requests without one include the slowest (a timeout, the hard stop's)
+    /// or took an unknown time up to `--timeout`, so the percentiles then may understate the
+    /// tail.
     pub latency_complete: bool,
 }
 
@@ -409,7 +420,7 @@ impl RateReport {
         if !self.latency_complete {
             let _ = writeln!(
                 s,
-                "  note       latency INCOMPLETE: requests that timed out or were not sent by the hard stop have no figure, and they are the run's slowest: the percentiles above understate the tail"
+                "  note       latency INCOMPLETE: measured requests that timed out, failed without an answer or were not sent by the hard stop (errors below) have no figure, the run's slowest among them: the percentiles above may understate the tail"
             );
         }
         let _ = writeln!(s, "  statuses   {}", counts(&self.statuses));

@@ -9,11 +9,13 @@
 //! second") are added on top with fresh room names. Everything is drawn from a seed, so a
 //! run can be repeated, and the schedule is cut at the duration and at `max_joins`.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Exp, Zipf};
+use rand_distr::{Binomial, Distribution, Exp, Zipf};
 use serde::Serialize;
 
 /// Largest `MAX` of `zipf:MAX:S`: a session's size is capped at this many participants
@@ -188,6 +190,38 @@ pub struct Schedule {
     pub joins: Vec<Join>,
 }
 
+/// A base join in natural time, before the re-timing; ordered by that time, then by the
+/// order drawn (so the heap that keeps the earliest drops the latest drawn of a tie).
+#[derive(Debug, Clone, Copy)]
+struct Natural {
+    /// Seconds from the start, >= 0.
+    at: f64,
+    seq: u64,
+    room: u32,
+    size: u32,
+    stay: f64,
+}
+
+impl PartialEq for Natural {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Natural {}
+
+impl PartialOrd for Natural {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Natural {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.at.total_cmp(&other.at).then(self.seq.cmp(&other.seq))
+    }
+}
+
 /// The name of base room `i`.
 pub fn room_name(i: u32) -> String {
     format!("room-{i}")
@@ -202,41 +236,80 @@ impl WorkloadSpec {
         let secs = self.duration.as_secs_f64();
         let base_n = ((self.rate.max(0.0) * secs).floor() as usize).min(self.max_joins);
 
-        // Base sessions in natural time; generate somewhat more than needed, then re-time.
+        // Base sessions in natural time, then re-timed. A session's participants arrive up to
+        // `spread` after its first join, so the base_n earliest joins are only known once a
+        // session starts after the base_n-th earliest join drawn so far: no later session can
+        // add an earlier one. (Stopping on a count of joins drawn, latecomers far past the cut
+        // included, left the end of a schedule whose `spread` is about the duration without
+        // new rooms.) Only the base_n earliest joins are kept, in a max-heap on natural time,
+        // and a session's latecomers are drawn only where they can still be kept, so memory
+        // and work grow with base_n, not with `spread` x size. Bounded by natural time too.
         let mean_size = self.size.mean().max(1.0);
         let session_rate = (self.rate / mean_size).max(1e-9);
         let arrivals = Exp::new(session_rate).expect("rate > 0");
         let popularity = Zipf::new(rooms_n as f64, self.zipf_s.max(1e-9)).ok();
         let spread = self.spread.as_secs_f64();
-        let mut natural: Vec<(f64, u32, u32, f64)> = Vec::with_capacity(base_n + base_n / 4);
+        let mut kept: BinaryHeap<Natural> = BinaryHeap::with_capacity(base_n.saturating_add(1));
+        let mut seq = 0u64;
         let mut t = 0.0f64;
-        // Bounded: stops once enough joins exist or natural time runs far past the run.
-        while natural.len() < base_n + base_n / 5 + 16 && t < secs * 4.0 + 60.0 && base_n > 0 {
+        let horizon = secs * 4.0 + spread * 2.0 + 60.0;
+        while base_n > 0 && t < horizon {
             t += arrivals.sample(&mut rng);
+            // Later than the base_n-th earliest join kept: this session and every later one
+            // would only add joins past the cut.
+            let cut = match kept.peek() {
+                Some(last) if kept.len() >= base_n => last.at,
+                _ => f64::INFINITY,
+            };
+            if t >= cut {
+                break;
+            }
             let room = match &popularity {
                 Some(z) => (z.sample(&mut rng) as u32).clamp(1, rooms_n) - 1,
                 None => rng.random_range(0..rooms_n),
             };
             let size = self.size.sample_count(&mut rng).min(ZIPF_MAX);
-            for j in 0..size {
+            // Latecomers are uniform in `t..=t + spread`; those at or past the cut would be
+            // dropped, so draw only how many land before it (binomially) and where (uniform
+            // below it): the same joins kept, in distribution, without drawing the rest.
+            let (late, within) = if cut - t >= spread {
+                (size - 1, spread)
+            } else {
+                let p = (cut - t) / spread;
+                let n = Binomial::new(u64::from(size - 1), p).map_or(0, |b| b.sample(&mut rng));
+                (n as u32, cut - t)
+            };
+            for j in 0..=late {
                 let off = if j == 0 {
                     0.0
-                } else {
+                } else if within >= spread {
                     rng.random_range(0.0..=spread)
+                } else {
+                    rng.random_range(0.0..within)
                 };
-                natural.push((t + off, room, size, self.stay.sample(&mut rng)));
+                seq += 1;
+                kept.push(Natural {
+                    at: t + off,
+                    seq,
+                    room,
+                    size,
+                    stay: self.stay.sample(&mut rng),
+                });
+                if kept.len() > base_n {
+                    kept.pop();
+                }
             }
         }
-        natural.sort_by(|a, b| a.0.total_cmp(&b.0));
-        natural.truncate(base_n);
+        // Ascending natural time; joins at the same time in the order drawn.
+        let natural = kept.into_sorted_vec();
         let mut joins: Vec<Join> = natural
             .into_iter()
             .enumerate()
-            .map(|(k, (_, room, size, stay))| Join {
+            .map(|(k, n)| Join {
                 at: Duration::from_secs_f64(k as f64 / self.rate),
-                room,
-                size,
-                stay: Duration::from_secs_f64(stay.clamp(0.0, 86_400.0)),
+                room: n.room,
+                size: n.size,
+                stay: Duration::from_secs_f64(n.stay.clamp(0.0, 86_400.0)),
             })
             .collect();
 
@@ -320,6 +393,45 @@ mod tests {
         let mut capped = spec();
         capped.max_joins = 123;
         assert_eq!(capped.schedule().joins.len(), 123);
+    }
+
+    /// Rooms whose first join is in the last quarter of the schedule's joins.
+    fn new_rooms_in_the_last_quarter(s: &Schedule) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let from = s.joins.len() * 3 / 4;
+        s.joins
+            .iter()
+            .enumerate()
+            .filter(|(k, j)| seen.insert(j.room) && *k >= from)
+            .count()
+    }
+
+    #[test]
+    fn new_rooms_keep_coming_to_the_end_when_participants_arrive_over_the_whole_run() {
+        // 100 joins/s of sessions of 5 over a million rooms (so a room is almost never drawn
+        // twice): 20 new rooms a second. With latecomers arriving up to 10 s (or 30 s) after
+        // a session's first join, the last quarter of the 1 000 joins (the last 2.5 s) still
+        // has its share of sessions starting: 50 once the latecomers are steady, more while
+        // they still ramp up (about 70 at 30 s). A generator that stopped on the number of
+        // joins drawn, latecomers far past the cut included, had 15 at 10 s and none at 30 s.
+        for (spread, most) in [(10, 65), (30, 90)] {
+            let sp = WorkloadSpec {
+                rate: 100.0,
+                duration: Duration::from_secs(10),
+                rooms: 1_000_000,
+                zipf_s: 0.1,
+                size: Dist::Fixed { value: 5.0 },
+                spread: Duration::from_secs(spread),
+                ..spec()
+            };
+            let s = sp.schedule();
+            assert_eq!(s.joins.len(), 1_000);
+            let new = new_rooms_in_the_last_quarter(&s);
+            assert!(
+                (35..=most).contains(&new),
+                "spread {spread} s: {new} new rooms"
+            );
+        }
     }
 
     #[test]

@@ -52,10 +52,22 @@ fn sibling(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Whether `path`'s directory takes the sibling a write replaces it through.
+/// Whether `path`'s directory takes the sibling a write replaces it through: a file of
+/// its own is made there and removed, never the writer's sibling itself, which a running
+/// router may be writing (`check-config` before a restart) and whose rename over `path` an
+/// emptied sibling would turn into a file of no sizes.
 fn probe_sibling(path: &Path) -> anyhow::Result<()> {
-    let probe = sibling(path);
-    std::fs::File::create(&probe)
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".probe-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let probe = path.with_file_name(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
         .and_then(|_| std::fs::remove_file(&probe))
         .with_context(|| {
             format!(
@@ -425,6 +437,25 @@ mod tests {
         LearnedFile::open(&path).unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_check_leaves_a_running_routers_write_alone() {
+        let path = temp_path("running");
+        // A running router is halfway through its flush: its sibling holds the lines.
+        let theirs = path.with_file_name("learned.txt.tmp");
+        std::fs::write(&theirs, "3,0,0,1\tstandup\n").unwrap();
+        LearnedFile::check(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&theirs).unwrap(),
+            "3,0,0,1\tstandup\n"
+        );
+        // And the check's own probe is gone.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

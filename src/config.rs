@@ -692,7 +692,8 @@ pub struct ProxyConfig {
     /// Consecutive failures after which a node is marked unhealthy until its next heartbeat.
     pub failures_to_unhealthy: u32,
     /// Idle upstream connections kept per node by each event loop, in each of its pools (the
-    /// fast path's and hyper's). A connection over this many is closed when
+    /// fast path's and the lanes'), and by the upgrades' shared pool. A connection over this
+    /// many is closed when
     /// its exchange ends, and the next burst opens a new one: keep it above the proxied
     /// requests a node has in flight at once (HAProxy keeps every idle server connection by
     /// default, hyper's client too).

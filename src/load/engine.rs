@@ -1693,10 +1693,11 @@ mod tests {
     async fn joins_that_fail_without_an_answer_leave_the_latency_incomplete() {
         // Nothing listens: every join is refused within microseconds. None is timed (that
         // would pull the percentiles down), so the figures miss every join, and say so.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Bound but not listening, and held to the end: connects are refused, and no other
+        // test can be given the port meanwhile.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dead = socket.local_addr().unwrap();
         let mut cfg = small_run(vec![format!("http://{dead}")]);
         cfg.follow = false;
         let r = bounded(cfg).await;

@@ -908,7 +908,9 @@ impl<S: PinStore> Router<S> {
             self.store
                 .release_unless(room, &entry.id, own_ticket)
                 .await?
-        } else if own_ticket() {
+        } else if own_ticket() && self.pinned_on(room, &entry.id).await? {
+            // (Only for a pin on this node: a room evicted from it, pinned elsewhere, is
+            // not kept on its list for joins that go to the other node.)
             Unconfirmed::Confirmed
         } else {
             // Other routers' joins show only as confirmations; this router's confirm before
@@ -933,6 +935,15 @@ impl<S: PinStore> Router<S> {
         // stays.
         self.book.release_older(room, Some(&entry.id), mark);
         Ok(true)
+    }
+
+    /// Whether the room's pin points at `node`: from the store's cache when it keeps one.
+    async fn pinned_on(&self, room: &RoomKey, node: &NodeId) -> Result<bool, StoreError> {
+        let on = |p: Option<&Pin>| p.is_some_and(|p| p.node == *node);
+        if let Some(cached) = self.store.peek(room, on) {
+            return Ok(cached);
+        }
+        Ok(on(self.store.get(room).await?.as_ref()))
     }
 
     /// The oldest join time (router clock) whose ticket a node may still accept at `now`:

@@ -2067,6 +2067,57 @@ async fn a_refused_confirmation_corrects_a_stale_cache() {
     cleanup(&url, &p).await;
 }
 
+/// A room that moved off a node (re-placed elsewhere), which the node then stops listing,
+/// leaves that node's list at once, even while this router's tickets for the room are
+/// fresh (they are for the other node): kept, it counted under the wrong node at every
+/// heartbeat, and a node draining itself with it on its list was never removed.
+#[tokio::test]
+async fn a_room_that_moved_off_a_node_leaves_its_list_when_the_node_stops_listing_it() {
+    let Some((url, _private)) = redis_for("moved_leaves_list") else {
+        return;
+    };
+    let p = prefix("movedlist");
+    let a = serve(config(&url, &p)).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &a.base(), "n2", 0.0, &[]).await;
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let join = || async {
+        let r = browser
+            .get(format!("{}/rooms/standup", a.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 307);
+        r.headers()["x-room-node"].to_str().unwrap().to_string()
+    };
+    let first = join().await;
+    let other = if first == "n1" { "n2" } else { "n1" };
+    heartbeat(&c, &a.base(), &first, 1.0, &[("standup", 1)]).await;
+    assert_eq!(node_json(&c, &a.base(), &first).await["rooms"], 1);
+    // The room moves: its node drains, an admin releases it, the next join places it
+    // on the other node (this router's ticket for it is fresh).
+    admin_action(&c, &a.base(), &first, "drain").await;
+    let released = c
+        .delete(format!("{}/v1/rooms/standup", a.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200);
+    assert_eq!(join().await, other);
+    // The old node's meeting ends there.
+    heartbeat(&c, &a.base(), &first, 0.0, &[]).await;
+    let n = node_json(&c, &a.base(), &first).await;
+    assert_eq!(n["rooms"], 0, "{n}");
+    assert_eq!(place(&c, &a.base(), "standup").await.unwrap(), other);
+    a.stop().await;
+    cleanup(&url, &p).await;
+}
+
 /// Without its subscription a router hears of no other router's change, so while Redis
 /// answers it reads pins from Redis instead of its cache: a room released and placed afresh
 /// elsewhere meanwhile is not joined on its old node (a split).

@@ -259,6 +259,41 @@ async fn shutdown_does_not_wait_for_a_connection_that_never_said_hello() {
     }
 }
 
+/// A renewal written over the old files with the same sizes and the old modification time
+/// (`cp -p`, `rsync -a`, `install -p` keep it) is still noticed by the file check.
+#[test]
+fn a_renewal_of_the_same_size_with_the_old_modification_time_is_noticed() {
+    let ca = Ca::new("front CA");
+    let dir = tempdir("same-size");
+    let (cert, key, _) = ca.leaf(&["localhost"]);
+    let (c, k) = write_pair(&dir, &cert, &key);
+    let certs = tls::CertReloader::new(&c, &k).unwrap();
+    let kept = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let (cert_time, key_time) = (kept(&c), kept(&k));
+    // A renewed certificate of the same length (an ECDSA signature's length varies by a
+    // byte or two: draw until one matches), and a key of the same length.
+    let (new_cert, new_key, new_der) = (0..64)
+        .map(|_| ca.leaf(&["localhost"]))
+        .find(|(c2, k2, _)| c2.len() == cert.len() && k2.len() == key.len())
+        .expect("a renewal of the same length within 64 draws");
+    // Past the filesystem clock's tick, as a renewal days later would be.
+    std::thread::sleep(Duration::from_millis(50));
+    write_pair(&dir, &new_cert, &new_key);
+    for (p, t) in [(&c, cert_time), (&k, key_time)] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+    assert_eq!(kept(&c), cert_time);
+    assert_eq!(certs.reload_if_changed(), Ok(true));
+    assert_eq!(certs.current().cert[0], new_der);
+    assert_eq!(certs.reload_if_changed(), Ok(false), "once");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn a_reloaded_certificate_serves_new_connections_and_keeps_open_ones() {
     let ca = Ca::new("front CA");

@@ -58,9 +58,34 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+/// What tells a certificate file's change: its modification time and size, and on Unix
+/// its inode and status-change time. Time and size alone miss a renewal of the same size
+/// whose modification time was kept (`cp -p`, `rsync -a`, `install -p`) or fell in the same
+/// tick of a coarse clock; no one can set the status-change time, and a file renamed into
+/// place has another inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    inode: (u64, u64),
+    changed: (i64, i64),
+}
+
+fn stamp(p: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    #[cfg(unix)]
+    let (inode, changed) = {
+        use std::os::unix::fs::MetadataExt;
+        ((m.dev(), m.ino()), (m.ctime(), m.ctime_nsec()))
+    };
+    #[cfg(not(unix))]
+    let (inode, changed) = ((0, 0), (0, 0));
+    Some(Stamp {
+        modified: m.modified().ok()?,
+        len: m.len(),
+        inode,
+        changed,
+    })
 }
 
 /// The front door's certificate: swapped atomically on reload; each handshake takes the
@@ -70,7 +95,7 @@ pub struct CertReloader {
     cert: PathBuf,
     key: PathBuf,
     current: ArcSwap<CertifiedKey>,
-    stamps: Mutex<[Option<(SystemTime, u64)>; 2]>,
+    stamps: Mutex<[Option<Stamp>; 2]>,
 }
 
 impl CertReloader {
@@ -93,7 +118,7 @@ impl CertReloader {
         Ok(())
     }
 
-    /// Reloads if either file's modification time or size changed; `Ok(true)` if it did.
+    /// Reloads if either file changed ([`Stamp`]); `Ok(true)` if it did.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let now = [stamp(&self.cert), stamp(&self.key)];
         if *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) == now {

@@ -451,6 +451,57 @@ async fn a_participant_leaves_the_room_it_joined_under_every_normalization() {
     }
 }
 
+/// A heartbeat that leaves out `upstream`, `region` or `tags` keeps the ones the router
+/// has (an operator's `PUT` here): a node reporting only its url, capacity and load must
+/// not send proxied sessions to its public url or lose the tags rooms are placed by.
+#[tokio::test]
+async fn a_heartbeat_keeps_the_upstream_region_and_tags_it_leaves_out() {
+    let r = TestRouter::start(config()).await;
+    let registered = client()
+        .put(format!("{}/v1/nodes/n1", r.url))
+        .bearer_auth(ADMIN)
+        .json(
+            &json!({"url": "http://127.0.0.1:7001", "upstream": "http://127.0.0.2:8080",
+                      "capacity": 100, "region": "eu", "tags": ["rec"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success(), "{}", registered.status());
+    let beat = |body: serde_json::Value| async {
+        assert_eq!(heartbeat(&r, "n1", body).await.status(), 200);
+        admin_json(&r, "/v1/nodes/n1").await
+    };
+    let n = beat(json!({"url": "http://127.0.0.1:7001", "capacity": 100, "load": 3})).await;
+    assert_eq!(n["upstream"], "http://127.0.0.2:8080", "{n}");
+    assert_eq!(
+        (n["region"].clone(), n["tags"].clone()),
+        (json!("eu"), json!(["rec"]))
+    );
+    assert_eq!(n["load"], 3.0);
+    // What it does send replaces: tags cleared, another region.
+    let n = beat(
+        json!({"url": "http://127.0.0.1:7001", "capacity": 100, "load": 3,
+                        "region": "us", "tags": []}),
+    )
+    .await;
+    assert_eq!(
+        (n["region"].clone(), n["tags"].clone()),
+        (json!("us"), json!([]))
+    );
+    assert_eq!(n["upstream"], "http://127.0.0.2:8080", "{n}");
+    // An upstream that was only the url follows the url.
+    let n = beat(
+        json!({"url": "http://127.0.0.1:7003", "upstream": "http://127.0.0.1:7003",
+                        "capacity": 100, "load": 0}),
+    )
+    .await;
+    let n2 = beat(json!({"url": "http://127.0.0.1:7004", "capacity": 100, "load": 0})).await;
+    assert_eq!(n["upstream"], "http://127.0.0.1:7003");
+    assert_eq!(n2["upstream"], "http://127.0.0.1:7004", "{n2}");
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn rooms_and_nodes_admin_endpoints() {
     let r = TestRouter::start(config()).await;

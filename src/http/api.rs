@@ -655,11 +655,34 @@ struct HeartbeatBody {
     #[serde(default)]
     region: Option<String>,
     #[serde(default)]
-    tags: Vec<String>,
+    tags: Option<Vec<String>>,
     #[serde(default)]
     state: Option<String>,
     #[serde(default)]
     rooms: Option<Vec<RoomReport>>,
+}
+
+impl HeartbeatBody {
+    /// Fills in what the heartbeat leaves out (`upstream`, `region`, `tags`) from what the
+    /// router knows of the node (`[[nodes]]`, a `PUT`, an earlier heartbeat): a node that
+    /// reports only its url, capacity and load must not wipe the private upstream, region
+    /// or tags an operator configured for it. An upstream that was only the node's old url
+    /// (none given) follows the new url.
+    fn keeping(mut self, known: Option<&NodeInfo>) -> HeartbeatBody {
+        let Some(known) = known else {
+            return self;
+        };
+        if self.upstream.is_none() && known.upstream != known.url {
+            self.upstream = Some(known.upstream.clone());
+        }
+        if self.region.is_none() {
+            self.region = known.region.clone();
+        }
+        if self.tags.is_none() {
+            self.tags = Some(known.tags.clone());
+        }
+        self
+    }
 }
 
 /// Validates a node description (heartbeat or admin PUT).
@@ -721,7 +744,14 @@ pub async fn heartbeat<S: PinStore>(
     .await?;
     let b: HeartbeatBody = parse_json(&bytes)?;
     drop(bytes);
-    let info = node_info(b.url, b.upstream, b.capacity, b.region, b.tags)?;
+    let b = b.keeping(app.router.cluster().snapshot().get(&id).map(|e| &e.info));
+    let info = node_info(
+        b.url,
+        b.upstream,
+        b.capacity,
+        b.region,
+        b.tags.unwrap_or_default(),
+    )?;
     if !(b.load.is_finite() && b.load >= 0.0) {
         return Err(ApiError::InvalidRequest(
             "load must be a number >= 0".into(),

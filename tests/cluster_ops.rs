@@ -451,6 +451,35 @@ async fn a_participant_leaves_the_room_it_joined_under_every_normalization() {
     }
 }
 
+/// An admin's action on a node the router does not list is `404` and changes nothing: a
+/// node removed under an admin's disable comes back disabled, an `enable` sent while it was
+/// away (answered "not found") notwithstanding.
+#[tokio::test]
+async fn an_admin_action_on_a_removed_node_is_not_found_and_changes_nothing() {
+    let r = TestRouter::start(config()).await;
+    let beat = json!({"url": "http://127.0.0.1:7001", "capacity": 100, "load": 0});
+    assert_eq!(heartbeat(&r, "n1", beat.clone()).await.status(), 200);
+    let act = |action: &'static str| {
+        client()
+            .post(format!("{}/v1/nodes/n1/{action}", r.url))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    assert_eq!(act("disable").await.unwrap().status(), 200);
+    let gone = client()
+        .delete(format!("{}/v1/nodes/n1", r.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+    expect_error(act("enable").await.unwrap(), 404, "not_found").await;
+    assert_eq!(heartbeat(&r, "n1", beat).await.status(), 200);
+    let n = admin_json(&r, "/v1/nodes/n1").await;
+    assert_eq!(n["admin_state"], "disabled", "{n}");
+    r.stop().await;
+}
+
 /// A heartbeat that leaves out `upstream`, `region` or `tags` keeps the ones the router
 /// has (an operator's `PUT` here): a node reporting only its url, capacity and load must
 /// not send proxied sessions to its public url or lose the tags rooms are placed by.

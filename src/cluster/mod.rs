@@ -221,7 +221,8 @@ impl Cluster {
     /// Sets a node's admin state; false if the node is unknown. For a node removed under
     /// an admin state (another router's admin acting on it), the state it comes back with.
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
-        self.set_admin_state_then(id, state, || {})
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_admin_state_locked(&mut w, id, state)
     }
 
     /// [`Cluster::set_admin_state`], then `then` (when the node is known) before the change
@@ -231,6 +232,10 @@ impl Cluster {
     /// either finds it in flight or has a mark older than it; sharing after this returned
     /// left a moment in which neither held, and a re-sync undid the drain for up to
     /// `store.resync_interval`. `then` must not call back into this cluster's writers.
+    ///
+    /// Unlike [`Cluster::set_admin_state`] (news from another router), a node this router
+    /// does not list is left alone, the state it would come back with included: this is
+    /// this router's admin acting, who is told the node is not found.
     pub fn set_admin_state_then(
         &self,
         id: &NodeId,
@@ -238,6 +243,9 @@ impl Cluster {
         then: impl FnOnce(),
     ) -> bool {
         let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if self.snapshot().get(id).is_none() {
+            return false;
+        }
         let ok = self.set_admin_state_locked(&mut w, id, state);
         if ok {
             then();

@@ -13,12 +13,20 @@
 //! The probe is a connection, not a request: it proves the process listens, which is what a
 //! crash or a lost machine takes away, and costs a node nothing to answer. Marks are this
 //! router's own (routers sharing Redis each probe for themselves).
+//!
+//! A node known by a name with several addresses is probed as the proxy's connector reaches
+//! it (Happy Eyeballs): one address after another, each started [`ATTEMPT_DELAY`] after the
+//! one before (or as soon as it fails) while the earlier ones keep trying, the first
+//! connection wins. Tried strictly in turn, an address that drops packets (a black-holed
+//! IPv6 path, a dead first A record) took the whole timeout: every probe failed and the
+//! node flapped between healthy and not, while the proxy reached it fine.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
@@ -26,6 +34,14 @@ use crate::cluster::{NodeEntry, NodeId};
 use crate::http::resolve::Resolver;
 use crate::http::App;
 use crate::store::PinStore;
+
+/// Addresses of one name a probe tries at most: a name is a node, whatever a misconfigured
+/// DNS record lists.
+const MAX_ADDRS: usize = 8;
+/// How long an address has alone before the next one is tried alongside it, as RFC 8305's
+/// Connection Attempt Delay (and hyper-util's connector); shortened so that all the
+/// addresses tried start within the probe's timeout.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// Opens (and closes at once) a TCP connection to `upstream`'s host and port within
 /// `timeout`, a name looked up through `resolver`. The error says why not.
@@ -46,15 +62,50 @@ pub async fn probe(upstream: &str, resolver: &Resolver, timeout: Duration) -> Re
                 .collect(),
             None => return Err("no host".to_string()),
         };
-        TcpStream::connect(&addrs[..])
-            .await
-            .map_err(|e| e.to_string())
+        connect_any(&addrs, timeout).await
     };
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("no connection within {timeout:?}")),
     }
+}
+
+/// Connects to the first of `addrs` (at most [`MAX_ADDRS`]) that answers, trying them in
+/// order, staggered: the next starts [`ATTEMPT_DELAY`] (at most `timeout` shared out among
+/// them) after the last, or at once when an attempt fails; the attempts still under way are
+/// dropped once one connects. Unbounded in time: the caller's timeout bounds it. Fails with
+/// every address's error once all have failed.
+async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let addrs = &addrs[..addrs.len().min(MAX_ADDRS)];
+    let delay = ATTEMPT_DELAY.min(timeout / addrs.len().max(1) as u32);
+    let attempt = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
+    let mut untried = addrs.iter().copied();
+    let mut racing = FuturesUnordered::new();
+    racing.extend(untried.next().map(attempt));
+    let mut errors = Vec::new();
+    let next_start = tokio::time::sleep(delay);
+    tokio::pin!(next_start);
+    while !racing.is_empty() {
+        tokio::select! {
+            Some((addr, r)) = racing.next() => match r {
+                Ok(stream) => return Ok(stream),
+                Err(e) => {
+                    errors.push(format!("{addr}: {e}"));
+                    racing.extend(untried.next().map(attempt));
+                    next_start.as_mut().reset(tokio::time::Instant::now() + delay);
+                }
+            },
+            () = &mut next_start, if untried.len() > 0 => {
+                racing.extend(untried.next().map(attempt));
+                next_start.as_mut().reset(tokio::time::Instant::now() + delay);
+            }
+        }
+    }
+    if errors.is_empty() {
+        return Err("no addresses".to_string());
+    }
+    Err(errors.join("; "))
 }
 
 /// Failed probes in a row, per node.
@@ -103,6 +154,7 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
         loop {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { break };
+            // Taken before the probes start: a report later than this outdates their failures.
             let now = app.router.now();
             let healthy: Vec<NodeEntry> = app
                 .router
@@ -135,8 +187,12 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
                     failed.inc();
                     tracing::debug!(node = %node.id, error = %why, "health probe failed");
                 }
-                if streaks.record(&node.id, r.is_ok(), h.failures) {
-                    node.live.forget_heartbeat();
+                if !streaks.record(&node.id, r.is_ok(), h.failures) {
+                    continue;
+                }
+                // Unless the node reported in while the probes ran (a rebooting node back
+                // within the timeout): that report is newer news than their failure.
+                if node.live.forget_heartbeat_if_not_after(now) {
                     marked.inc();
                     tracing::warn!(
                         node = %node.id,
@@ -144,6 +200,8 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
                         failures = h.failures,
                         "health probes failing: marked unhealthy until its next heartbeat"
                     );
+                } else {
+                    tracing::debug!(node = %node.id, "health probes failed, but the node reported in since they began: not marked");
                 }
             }
         }
@@ -153,9 +211,51 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    use crate::cluster::NodeInfo;
+    use crate::config::Config;
+    use crate::http::resolve::Lookup;
+    use crate::placement::AdminState;
+    use crate::router::{Clock, Heartbeat, Router};
+    use crate::store::MemoryStore;
 
     fn id(s: &str) -> NodeId {
         NodeId::parse(s).unwrap()
+    }
+
+    /// A listener at `addr` (port 0: any) that never accepts, its accept queue filled, so
+    /// that the kernel drops further SYNs and a connect to it hangs, as to an address that
+    /// black-holes packets. Returned with the connections filling it, which must live as long
+    /// as it does; checked to hang, or the tests built on it would prove nothing.
+    async fn black_hole(addr: SocketAddr) -> (tokio::net::TcpListener, Vec<TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(addr).unwrap();
+        let l = socket.listen(1).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut filling = Vec::new();
+        for _ in 0..8 {
+            let c = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr));
+            match c.await {
+                Ok(Ok(c)) => filling.push(c),
+                Ok(Err(e)) => panic!("{addr}: {e}"),
+                Err(_) => return (l, filling),
+            }
+        }
+        panic!("{addr} still takes connections: no black hole to test with");
+    }
+
+    /// Waits (at most 5 s) for `counter` to reach `n`.
+    async fn counted(counter: &prometheus_client::metrics::counter::Counter, n: u64) {
+        let t = std::time::Instant::now();
+        while counter.get() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{} of {n}",
+                counter.get()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
@@ -201,6 +301,84 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("not a url"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_name_whose_first_address_drops_packets_is_reached_at_the_next() {
+        // Both addresses with the port of the URL, as a name's A records are.
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = live.local_addr().unwrap().port();
+        let (_hole, _filling) = black_hole(([127, 0, 0, 2], port).into()).await;
+        let lookup: Lookup =
+            Arc::new(|_| Ok(vec![([127, 0, 0, 2], 0).into(), ([127, 0, 0, 1], 0).into()]));
+        let r = Resolver::with_lookup(lookup, Duration::from_secs(5), Duration::from_secs(300));
+        let timeout = Duration::from_secs(2);
+        let t = std::time::Instant::now();
+        probe(&format!("http://media-1.example:{port}"), &r, timeout)
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < ATTEMPT_DELAY * 3,
+            "the next address is tried {ATTEMPT_DELAY:?} after the first, not once the \
+             timeout is spent: {:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_while_a_probe_fails_keeps_the_node_and_a_failure_after_it_marks_it() {
+        const T0: u64 = 1_700_000_000_000;
+        let (hole, _filling) = black_hole(([127, 0, 0, 1], 0).into()).await;
+        let every = Duration::from_millis(500);
+        let mut cfg = Config::default();
+        cfg.placement.startup_hold = Some(Duration::ZERO);
+        cfg.health.probe_interval = every;
+        cfg.health.probe_timeout = every;
+        cfg.health.failures = 1;
+        let router = Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)));
+        let app = Arc::new(App::new(cfg, router));
+        let node = id("media-1");
+        let upstream = format!("http://{}", hole.local_addr().unwrap());
+        let beat = || async {
+            let info = NodeInfo {
+                url: upstream.clone(),
+                upstream: upstream.clone(),
+                capacity: 100.0,
+                region: None,
+                tags: vec![],
+            };
+            let hb = Heartbeat {
+                info,
+                load: 0.0,
+                cpu: None,
+                state: AdminState::Active,
+                rooms: None,
+            };
+            app.router.heartbeat(&node, hb).await.unwrap();
+        };
+        beat().await;
+        let entry = app.router.cluster().snapshot().get(&node).unwrap().clone();
+        let metrics = &app.router.metrics;
+        let prober = spawn_prober(&app).unwrap();
+
+        // The first round starts at T0; its probe hangs on the black hole while the node,
+        // back up, reports in.
+        tokio::time::sleep(every / 5).await;
+        app.router.clock().advance(100);
+        beat().await;
+        counted(&metrics.probe_failures, 1).await;
+        assert_eq!(
+            entry.live.last_heartbeat(),
+            Some(T0 + 100),
+            "the report made while the probe ran stands"
+        );
+        assert_eq!(metrics.probe_marked_unhealthy.get(), 0);
+
+        // The next round starts after that report: its failure marks the node.
+        counted(&metrics.probe_failures, 2).await;
+        assert_eq!(entry.live.last_heartbeat(), None);
+        assert_eq!(metrics.probe_marked_unhealthy.get(), 1);
+        prober.abort();
     }
 
     #[tokio::test]

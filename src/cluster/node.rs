@@ -288,6 +288,26 @@ impl Live {
         self.forgotten.fetch_max(t, Ordering::AcqRel);
     }
 
+    /// [`Live::forget_heartbeat`] for a check that began at `start`: forgets the last report
+    /// only if it is no newer than `start`. A report made while the check ran (a rebooting
+    /// node back within a probe's timeout) outdates the check's verdict, so it stays, where
+    /// forgetting it would keep the node unhealthy until the report after. `false` when such a
+    /// report kept the node.
+    pub fn forget_heartbeat_if_not_after(&self, start: Millis) -> bool {
+        let update = self
+            .last_heartbeat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t <= start).then_some(0)
+            });
+        match update {
+            Ok(t) => {
+                self.forgotten.fetch_max(t, Ordering::AcqRel);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The newest report time this router has had of the node, kept or forgotten: a
     /// relayed report no newer is old news.
     pub fn newest_report(&self) -> Millis {
@@ -597,6 +617,29 @@ mod tests {
         );
         assert_eq!(l.reserved_to_share(true), None);
         assert!((l.utilization(100.0) - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_check_forgets_only_a_heartbeat_no_newer_than_its_start() {
+        let l = Live::default();
+        l.record_report(1.0, 0.0, None, AdminState::Active, 100);
+        // A report made after the check began outdates it: kept, nothing forgotten.
+        assert!(!l.forget_heartbeat_if_not_after(99));
+        assert_eq!(l.last_heartbeat(), Some(100));
+        assert_eq!(l.newest_report(), 100);
+        // One made at or before its start is forgotten, as `forget_heartbeat` forgets it.
+        assert!(l.forget_heartbeat_if_not_after(100));
+        assert_eq!(l.last_heartbeat(), None);
+        assert_eq!(
+            l.newest_report(),
+            100,
+            "an older relayed report stays refused"
+        );
+        assert!(
+            l.forget_heartbeat_if_not_after(200),
+            "nothing left to forget"
+        );
+        assert_eq!(l.newest_report(), 100);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! router's own (routers sharing Redis each probe for themselves).
 //!
 //! A node known by a name with several addresses is probed as the proxy's connector reaches
-//! it (Happy Eyeballs): one address after another, each started [`ATTEMPT_DELAY`] after the
+//! it (Happy Eyeballs): one address after another, each started `ATTEMPT_DELAY` after the
 //! one before (or as soon as it fails) while the earlier ones keep trying, the first
 //! connection wins. Tried strictly in turn, an address that drops packets (a black-holed
 //! IPv6 path, a dead first A record) took the whole timeout: every probe failed and the

@@ -118,7 +118,7 @@ impl CertReloader {
         Ok(())
     }
 
-    /// Reloads if either file changed ([`Stamp`]); `Ok(true)` if it did.
+    /// Reloads if either file changed (its `Stamp`); `Ok(true)` if it did.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let now = [stamp(&self.cert), stamp(&self.key)];
         if *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) == now {

@@ -11,7 +11,10 @@
 //!   until it is answered (or if it fails), the last answer still serves for up to
 //!   [`STALE`] more, so that a DNS outage does not stop new connections to nodes whose
 //!   addresses were known;
-//! - a failed lookup is not remembered: the next ask tries again (one at a time).
+//! - a failed lookup is remembered for [`NEGATIVE`]: meanwhile asks get the last answer if
+//!   it still serves, else that failure, without asking the DNS server again (a name that
+//!   does not resolve would otherwise cost one lookup per new connection); after it, the
+//!   next ask tries again (one at a time).
 //!
 //! Addresses (`10.0.0.5`, `[::1]`) never get here: hyper's connector and the probe take
 //! them as they are.
@@ -33,6 +36,8 @@ pub const FRESH: Duration = Duration::from_secs(5);
 /// How long past [`FRESH`] an answer is still used while a new lookup runs or after it
 /// failed.
 pub const STALE: Duration = Duration::from_secs(300);
+/// How long a failed lookup is remembered before the next ask tries again.
+pub const NEGATIVE: Duration = Duration::from_secs(1);
 /// Names kept at most; past it, those with neither a usable answer nor a lookup under way
 /// are forgotten (names come from node registrations, so this is rarely reached).
 const MAX_NAMES: usize = 4096;
@@ -54,6 +59,7 @@ struct Names {
     lookup: Lookup,
     fresh: Duration,
     stale: Duration,
+    negative: Duration,
 }
 
 #[derive(Default)]
@@ -62,6 +68,8 @@ struct Entry {
     known: Option<(Arc<[SocketAddr]>, Instant)>,
     /// The lookup under way, if any.
     pending: Option<Shared<BoxFuture<'static, Answer>>>,
+    /// The last lookup's failure, and when it came (cleared by an answer).
+    failed: Option<(String, Instant)>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -69,6 +77,7 @@ impl std::fmt::Debug for Resolver {
         f.debug_struct("Resolver")
             .field("fresh", &self.names.fresh)
             .field("stale", &self.names.stale)
+            .field("negative", &self.names.negative)
             .finish_non_exhaustive()
     }
 }
@@ -80,21 +89,33 @@ impl Default for Resolver {
 }
 
 impl Resolver {
-    /// The system resolver (`getaddrinfo`), with [`FRESH`] and [`STALE`].
+    /// The system resolver (`getaddrinfo`), with [`FRESH`], [`STALE`] and [`NEGATIVE`].
     pub fn system() -> Resolver {
         let lookup: Lookup = Arc::new(|name| Ok((name, 0).to_socket_addrs()?.collect()));
         Resolver::with_lookup(lookup, FRESH, STALE)
     }
 
     /// A resolver that looks names up with `lookup` (blocking; run on Tokio's blocking
-    /// pool), keeping answers `fresh`, then `stale` more as a fallback.
+    /// pool), keeping answers `fresh`, then `stale` more as a fallback, and failures
+    /// [`NEGATIVE`].
     pub fn with_lookup(lookup: Lookup, fresh: Duration, stale: Duration) -> Resolver {
+        Resolver::with_lookup_negative(lookup, fresh, stale, NEGATIVE)
+    }
+
+    /// As [`Resolver::with_lookup`], remembering failures for `negative`.
+    pub fn with_lookup_negative(
+        lookup: Lookup,
+        fresh: Duration,
+        stale: Duration,
+        negative: Duration,
+    ) -> Resolver {
         Resolver {
             names: Arc::new(Names {
                 table: Mutex::new(HashMap::new()),
                 lookup,
                 fresh,
                 stale,
+                negative,
             }),
         }
     }
@@ -107,6 +128,9 @@ impl Resolver {
                 let usable = self.names.fresh + self.names.stale;
                 table.retain(|_, e| {
                     e.pending.is_some()
+                        || e.failed
+                            .as_ref()
+                            .is_some_and(|(_, at)| at.elapsed() < self.names.negative)
                         || e.known
                             .as_ref()
                             .is_some_and(|(_, at)| at.elapsed() < usable)
@@ -117,6 +141,19 @@ impl Resolver {
             if let Some((addrs, age)) = &known {
                 if *age < self.names.fresh {
                     return Ok(addrs.clone());
+                }
+            }
+            let usable = known
+                .as_ref()
+                .filter(|(_, age)| *age < self.names.fresh + self.names.stale);
+            if entry.pending.is_none() {
+                if let Some((why, at)) = &entry.failed {
+                    if at.elapsed() < self.names.negative {
+                        return match usable {
+                            Some((addrs, _)) => Ok(addrs.clone()),
+                            None => Err(why.clone()),
+                        };
+                    }
                 }
             }
             let pending = match &entry.pending {
@@ -130,11 +167,9 @@ impl Resolver {
                     p
                 }
             };
-            match known {
-                Some((addrs, age)) if age < self.names.fresh + self.names.stale => {
-                    return Ok(addrs);
-                }
-                _ => pending,
+            match usable {
+                Some((addrs, _)) => return Ok(addrs.clone()),
+                None => pending,
             }
         };
         wait.await
@@ -161,11 +196,17 @@ impl Resolver {
             let entry = table.entry(key.clone()).or_default();
             entry.pending = None;
             match &answer {
-                Ok(addrs) => entry.known = Some((addrs.clone(), Instant::now())),
-                Err(why) => match &entry.known {
-                    Some(_) => tracing::warn!(error = %why, "looking a node up failed; using its last known addresses"),
-                    None => tracing::debug!(error = %why, "looking a node up failed"),
-                },
+                Ok(addrs) => {
+                    entry.known = Some((addrs.clone(), Instant::now()));
+                    entry.failed = None;
+                }
+                Err(why) => {
+                    match &entry.known {
+                        Some(_) => tracing::warn!(error = %why, "looking a node up failed; using its last known addresses"),
+                        None => tracing::debug!(error = %why, "looking a node up failed"),
+                    }
+                    entry.failed = Some((why.clone(), Instant::now()));
+                }
             }
             answer
         }
@@ -320,11 +361,87 @@ mod tests {
         tokio::time::sleep(stale).await;
         let e = r.resolve("n").await.unwrap_err();
         assert!(e.contains("SERVFAIL"), "{e}");
-        // A failure is not remembered: the next ask looks up again, and it works again.
+        // Past the failure's NEGATIVE, the next ask looks up again, and it works again.
         dns.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(NEGATIVE).await;
         let before = dns.calls.load(Ordering::SeqCst);
         r.resolve("n").await.unwrap();
         assert_eq!(dns.calls.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_remembered_for_a_while_and_not_asked_again_meanwhile() {
+        let dns = Arc::new(Dns {
+            calls: AtomicUsize::new(0),
+            failing: Default::default(),
+            delay: Duration::ZERO,
+        });
+        dns.failing.store(true, Ordering::SeqCst);
+        let d = dns.clone();
+        let lookup: Lookup = Arc::new(move |_name| {
+            d.calls.fetch_add(1, Ordering::SeqCst);
+            Err(io::Error::other("NXDOMAIN"))
+        });
+        let negative = Duration::from_millis(300);
+        let r = Resolver::with_lookup_negative(lookup, FRESH, STALE, negative);
+        // A name that does not resolve, asked for by 100 new connections one after another:
+        // one lookup, and each asker gets its failure.
+        for _ in 0..100 {
+            let e = r.resolve("typo.example").await.unwrap_err();
+            assert!(e.contains("NXDOMAIN") && e.contains("typo.example"), "{e}");
+        }
+        assert_eq!(
+            dns.calls.load(Ordering::SeqCst),
+            1,
+            "one lookup for 100 asks"
+        );
+        // Another name is its own.
+        r.resolve("other.example").await.unwrap_err();
+        assert_eq!(dns.calls.load(Ordering::SeqCst), 2);
+        // After `negative`, the next ask tries again.
+        tokio::time::sleep(negative + Duration::from_millis(50)).await;
+        r.resolve("typo.example").await.unwrap_err();
+        assert_eq!(dns.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn while_a_failure_is_remembered_the_last_answer_still_serves() {
+        let (fresh, negative) = (Duration::from_millis(50), Duration::from_millis(400));
+        let d = Arc::new(Dns {
+            calls: AtomicUsize::new(0),
+            failing: Default::default(),
+            delay: Duration::ZERO,
+        });
+        let dns = d.clone();
+        let lookup: Lookup = Arc::new(move |_name| {
+            let n = d.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if d.failing.load(Ordering::SeqCst) {
+                return Err(io::Error::other("SERVFAIL"));
+            }
+            Ok(vec![SocketAddr::from(([127, 0, 0, n as u8], 0))])
+        });
+        let r = Resolver::with_lookup_negative(lookup, fresh, STALE, negative);
+        assert_eq!(last_octet(&r.resolve("n").await.unwrap()), 1);
+        dns.failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(fresh * 2).await;
+        // The first ask past freshness starts a lookup (which fails) and gets the old answer.
+        assert_eq!(last_octet(&r.resolve("n").await.unwrap()), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(dns.calls.load(Ordering::SeqCst), 2);
+        for _ in 0..50 {
+            assert_eq!(last_octet(&r.resolve("n").await.unwrap()), 1);
+        }
+        assert_eq!(
+            dns.calls.load(Ordering::SeqCst),
+            2,
+            "no lookup while the failure is remembered"
+        );
+        // Past it, a lookup runs again, and its answer is used once it comes.
+        dns.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(negative).await;
+        assert_eq!(last_octet(&r.resolve("n").await.unwrap()), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(last_octet(&r.resolve("n").await.unwrap()), 3);
     }
 
     #[tokio::test]

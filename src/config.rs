@@ -968,26 +968,7 @@ impl LoggingConfig {
     /// `tracing` reads a bare word as a target name, so `level = "warning"` would log only
     /// events of a target called `warning` (nothing of ours, errors included).
     fn validate(&self) -> Result<(), ConfigError> {
-        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-        for d in self
-            .level
-            .split(',')
-            .map(str::trim)
-            .filter(|d| !d.is_empty())
-        {
-            let what = |m: &str| invalid("logging.level", format!("{d:?}: {m}"));
-            if let Err(e) = d.parse::<tracing_subscriber::filter::Directive>() {
-                return Err(what(&e.to_string()));
-            }
-            let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
-            let bare = !d.contains(['=', '[']);
-            if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
-                return Err(what(
-                    "not a level (trace, debug, info, warn, error, off); a target takes target=level",
-                ));
-            }
-        }
-        Ok(())
+        crate::telemetry::check_filter(&self.level).map_err(|m| invalid("logging.level", m))
     }
 }
 

@@ -258,6 +258,26 @@ async fn secrets_never_reach_the_logs() {
     }
 }
 
+/// `RUST_LOG=warning` (not a level: `tracing` would read it as a target and log nothing,
+/// errors included) is not used: the router logs at its configured level and says why.
+#[tokio::test]
+async fn a_rust_log_that_is_not_a_filter_is_refused_aloud_and_the_configured_level_logs() {
+    let (router, url, log) = serve_logging_to_a_file("warning").await;
+    let hb = serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 10, "load": 0});
+    heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
+    drop(router);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        text.contains("RUST_LOG ignored") && text.contains("\"warning\""),
+        "the operator is told: {text}"
+    );
+    assert!(
+        text.contains("node joined"),
+        "the configured level (info) logs: {text}"
+    );
+}
+
 /// Every placement is logged once, with where the room went and what it reserves; joins of
 /// a placed room are not (a log line per join would be a flood at 100 000 joins/s).
 #[tokio::test]

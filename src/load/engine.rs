@@ -417,7 +417,7 @@ impl NodeDirectory {
 struct AdminDirectory {
     router: String,
     token: String,
-    known: tokio::sync::Mutex<(HashMap<String, String>, Option<Instant>)>,
+    known: Mutex<(HashMap<String, String>, Option<Instant>)>,
 }
 
 impl AdminDirectory {
@@ -425,20 +425,26 @@ impl AdminDirectory {
         AdminDirectory {
             router: router.to_string(),
             token: token.to_string(),
-            known: tokio::sync::Mutex::new((HashMap::new(), None)),
+            known: Mutex::new((HashMap::new(), None)),
         }
     }
 
     async fn url_of(&self, client: &reqwest::Client, id: &str) -> Option<String> {
-        let mut known = self.known.lock().await;
-        if let Some(url) = known.0.get(id) {
-            return Some(url.clone());
+        {
+            let mut known = self.lock();
+            if let Some(url) = known.0.get(id) {
+                return Some(url.clone());
+            }
+            if known.1.is_some_and(|t| t.elapsed() < DIRECTORY_REFRESH) {
+                return None;
+            }
+            known.1 = Some(Instant::now());
         }
-        if known.1.is_some_and(|t| t.elapsed() < DIRECTORY_REFRESH) {
-            return None;
-        }
-        known.1 = Some(Instant::now());
-        if let Some(nodes) = list_nodes(client, &self.router, &self.token).await {
+        // Not held across the request: leaves of known nodes go on meanwhile, and those of
+        // unknown ones go through the router (`None`) until the answer is in.
+        let nodes = list_nodes(client, &self.router, &self.token).await;
+        let mut known = self.lock();
+        if let Some(nodes) = nodes {
             known.0 = nodes
                 .iter()
                 .filter_map(|n| {
@@ -451,6 +457,10 @@ impl AdminDirectory {
                 .collect();
         }
         known.0.get(id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, String>, Option<Instant>)> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

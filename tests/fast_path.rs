@@ -1217,6 +1217,109 @@ async fn an_early_answer_to_an_upload_does_not_leave_the_client_hanging() {
     node.abort();
 }
 
+/// A node that answers every request `answer` as soon as it has the head, then reads
+/// nothing more for 30 s (bounded: a few connections; aborted at the end), as a media server
+/// refusing an upload (too big, not allowed) may.
+async fn answering_early(answer: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    if read_some(&mut sock, &mut buf).await.is_none() {
+                        return;
+                    }
+                }
+                let _ = sock.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    (url, task)
+}
+
+/// A node answers a large upload before its end (a `413`, with a `103` before it) and
+/// stops reading. The answer reaches the client at once, on both paths, rather than once
+/// the upload is cut by `proxy.idle_timeout` (the fast path sent the whole body before it
+/// looked for an answer); the client connection, its body half read, then closes. And a
+/// client that stops sending its body after the node answered gets the node's answer, not
+/// the router's `408` at `proxy.idle_timeout`.
+#[tokio::test]
+async fn a_node_answering_an_upload_before_its_end_is_heard_at_once() {
+    const ANSWER: &str = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                          HTTP/1.1 413 Too Big\r\nContent-Length: 4\r\n\r\nnope";
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.idle_timeout = Duration::from_secs(30);
+        cfg.proxy.max_request_body_bytes = 1 << 30;
+        let (url, node) = answering_early(ANSWER).await;
+        let r = TestRouter::start(cfg).await;
+        let body = serde_json::json!({"url": url, "capacity": 100, "load": 0});
+        assert_eq!(heartbeat(&r, "n1", body).await.status(), 200);
+
+        // 1. An upload far larger than the socket buffers between here and the node.
+        let total: usize = 64 << 20;
+        let c = Raw::connect(&r).await;
+        let (mut rd, mut wr) = c.sock.into_split();
+        let upload = tokio::spawn(async move {
+            let head = format!(
+                "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: {total}\r\n\r\n"
+            );
+            wr.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'a'; 64 << 10];
+            for _ in 0..total / chunk.len() {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let heard = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut b = [0u8; 4096];
+            while find(&got, b"nope").is_none() {
+                match rd.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            heard.is_ok() && text.starts_with("HTTP/1.1 413") && text.ends_with("nope"),
+            "fast path {fast_path}: the node's answer was held back: {text:?}"
+        );
+        assert!(
+            !text.contains("103"),
+            "fast path {fast_path}: interim answers are not relayed: {text:?}"
+        );
+        upload.abort();
+
+        // 2. A client that stops sending its body once the node has answered.
+        let mut c = Raw::connect(&r).await;
+        c.send(
+            "POST /rooms/b HTTP/1.1\r\nHost: router.test\r\nContent-Length: 1000\r\n\r\n0123456789",
+        )
+        .await;
+        let a = tokio::time::timeout(Duration::from_secs(10), c.answer()).await;
+        let a = a
+            .unwrap_or_else(|_| panic!("fast path {fast_path}: no answer before the idle timeout"));
+        assert_eq!(a.status(), 413, "fast path {fast_path}: {a:?}");
+        assert!(
+            c.closed().await,
+            "fast path {fast_path}: the body is still on the connection"
+        );
+        r.stop().await;
+        node.abort();
+    }
+}
+
 /// A node that takes connections and closes each on reading a request, answering nothing
 /// (a wedged process whose heartbeat still goes out): with no body of the client's in play
 /// that is the node's failure, on both paths, and `proxy.failures_to_unhealthy` of them mark

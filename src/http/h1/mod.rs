@@ -319,7 +319,7 @@ impl Client<'_> {
             .await
             .map_err(|e| (connect_failed(app, a, e), rest == 0))?;
         let head = loop {
-            let sent = self.send(&mut conn, &mut rest).await;
+            let sent = self.send(&mut conn, &mut rest, method, max).await;
             let got = match sent {
                 Ok(()) => {
                     let mut client = ClientHead {
@@ -334,7 +334,11 @@ impl Client<'_> {
                 Err(Side::ClientStalled) => return Err((ApiError::RequestTimeout, false)),
                 // The node may have answered early (refusing the body) and stopped reading:
                 // its answer, if there is one, is the one to relay.
-                Err(Side::Node(e)) => {
+                Err(side @ (Side::Node(_) | Side::Answered)) => {
+                    let e = match side {
+                        Side::Node(e) => e,
+                        _ => io::Error::other("the node answered before the request's end"),
+                    };
                     sent_whole = false;
                     let mut client = ClientHead {
                         out: &mut self.answer,
@@ -427,25 +431,54 @@ impl Client<'_> {
 
     /// Writes `out` (head and the body bytes that came with it) to the node, then the rest of
     /// the request body as it arrives from the client.
-    async fn send(&mut self, conn: &mut Conn, rest: &mut u64) -> Result<(), Side> {
-        within(self.idle, conn.io.write_all(&self.out))
+    ///
+    /// While a body is streamed the node is listened to as well: one that answers before the
+    /// body's end (a `413`, a `401`) and stops reading would otherwise hold its answer back
+    /// until the upload finished or `proxy.idle_timeout` cut it. Its answer stops the upload
+    /// ([`Side::Answered`]); interim (1xx) heads are passed over, as [`read_head`] does.
+    async fn send(
+        &mut self,
+        conn: &mut Conn,
+        rest: &mut u64,
+        method: &Method,
+        max: usize,
+    ) -> Result<(), Side> {
+        if *rest == 0 {
+            // The whole request is in `out`: nothing to stream, nothing to listen for.
+            within(self.idle, conn.io.write_all(&self.out))
+                .await
+                .map_err(Side::Node)?;
+            return within(self.idle, conn.io.flush()).await.map_err(Side::Node);
+        }
+        let listen = Listen { method, max };
+        within(self.idle, write_listening(conn, &self.out, &listen))
             .await
-            .map_err(Side::Node)?;
+            .map_err(Side::Node)??;
         while *rest > 0 {
             if self.buf.is_empty() {
                 self.buf.reserve(16 * 1024);
-                match within(self.idle, self.io.read_buf(&mut self.buf)).await {
+                let (client, buf) = (&mut self.io, &mut self.buf);
+                let read = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(side) = listen.poll(conn, cx) {
+                        return Poll::Ready(Err(side));
+                    }
+                    let mut read = std::pin::pin!(client.read_buf(buf));
+                    read.as_mut().poll(cx).map(Ok)
+                });
+                match within(self.idle, async { Ok(read.await) }).await {
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                         return Err(Side::ClientStalled)
                     }
-                    Ok(0) | Err(_) => return Err(Side::Client),
-                    Ok(_) => {}
+                    Err(_) => return Err(Side::Client),
+                    Ok(Err(side)) => return Err(side),
+                    Ok(Ok(Ok(0)) | Ok(Err(_))) => return Err(Side::Client),
+                    Ok(Ok(Ok(_))) => {}
                 }
             }
             let n = (*rest).min(self.buf.len() as u64) as usize;
-            within(self.idle, conn.io.write_all(&self.buf[..n]))
+            within(self.idle, write_listening(conn, &self.buf[..n], &listen))
                 .await
-                .map_err(Side::Node)?;
+                .map_err(Side::Node)??;
             self.buf.advance(n);
             *rest -= n as u64;
         }
@@ -512,6 +545,78 @@ enum Side {
     /// The client sent nothing of the body for `proxy.idle_timeout`.
     ClientStalled,
     Node(io::Error),
+    /// The node sent a final response head (in `conn.buf`) before the body's end.
+    Answered,
+}
+
+/// What [`Session::send`] listens for from the node while a body is streamed.
+struct Listen<'a> {
+    method: &'a Method,
+    max: usize,
+}
+
+impl Listen<'_> {
+    /// Takes in what the node has sent (without waiting): `Ready` once it holds a final
+    /// response head (or bytes that are none: [`read_head`] says so), closed the connection
+    /// or failed; 1xx heads are dropped as they come.
+    fn poll(&self, conn: &mut Conn, cx: &mut Context<'_>) -> Poll<Side> {
+        loop {
+            if !conn.buf.is_empty() {
+                let mut head = Vec::new();
+                let mut client = ClientHead {
+                    out: &mut head,
+                    node: "",
+                    close: true,
+                };
+                match head::parse_response(&conn.buf, self.method, self.max, &mut client) {
+                    Ok(Some(h)) if (100..200).contains(&h.status) => {
+                        conn.buf.advance(h.len);
+                        continue;
+                    }
+                    Ok(Some(_)) | Err(_) => return Poll::Ready(Side::Answered),
+                    Ok(None) => {}
+                }
+            }
+            let mut bytes = [0u8; 4096];
+            let mut read = ReadBuf::new(&mut bytes);
+            match Pin::new(&mut conn.io).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    return Poll::Ready(Side::Node(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the node closed before the request's end",
+                    )))
+                }
+                Poll::Ready(Ok(())) => conn.buf.extend_from_slice(read.filled()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Side::Node(e)),
+            }
+        }
+    }
+}
+
+/// Writes all of `bytes` to the node unless it answers first (`Ok(Err(Side::Answered))`,
+/// or the side that failed); the `io::Error` is the write's own.
+async fn write_listening(
+    conn: &mut Conn,
+    bytes: &[u8],
+    listen: &Listen<'_>,
+) -> io::Result<Result<(), Side>> {
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(side) = listen.poll(conn, cx) {
+            return Poll::Ready(Ok(Err(side)));
+        }
+        while written < bytes.len() {
+            match Pin::new(&mut conn.io).poll_write(cx, &bytes[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(Ok(())))
+    })
+    .await
 }
 
 /// What is left of a response body.

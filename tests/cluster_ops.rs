@@ -917,3 +917,80 @@ async fn a_starting_router_sends_reported_rooms_home_and_holds_new_ones() {
     node_of(&r, "fresh").await;
     assert_eq!(node_of(&r, "live").await, "b");
 }
+
+/// A browser logged in to `/dashboard` with Basic sends that login with every request to
+/// the router, another site's included: a form there posting to an admin endpoint must not
+/// act with it (cross-site request forgery). Reading stays open, and tools that send no
+/// browser headers, and Bearer tokens (never sent by a browser on its own), pass.
+#[tokio::test]
+async fn a_cross_site_request_cannot_act_with_a_browsers_basic_login() {
+    let r = TestRouter::start(config()).await;
+    let _n = r.node("a", 100.0).await;
+    let basic = |m: Method, path: &str| {
+        client()
+            .request(m, format!("{}{path}", r.url))
+            .basic_auth("admin", Some(ADMIN))
+    };
+    let host = r.url.trim_start_matches("http://").to_string();
+    let forged = [
+        ("sec-fetch-site", "cross-site".to_string()),
+        ("sec-fetch-site", "same-site".to_string()),
+        ("origin", "https://evil.example".to_string()),
+        ("origin", "null".to_string()),
+    ];
+    for (name, value) in &forged {
+        for (m, path) in [
+            (Method::POST, "/v1/nodes/a/disable"),
+            (Method::POST, "/v1/nodes/a/drain"),
+            (Method::DELETE, "/v1/nodes/a"),
+            (Method::DELETE, "/v1/rooms/r1"),
+        ] {
+            let resp = basic(m.clone(), path)
+                .header(*name, value)
+                .send()
+                .await
+                .unwrap();
+            let v = expect_error(resp, 403, "forbidden").await;
+            assert!(
+                v["message"].as_str().unwrap().contains("Bearer"),
+                "{name}: {value}: {m} {path}: {v}"
+            );
+        }
+        // Reading is not acting: the dashboard and the node list still answer.
+        let resp = basic(Method::GET, "/v1/nodes")
+            .header(*name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{name}: {value}");
+    }
+    assert_eq!(admin_json(&r, "/v1/nodes/a").await["admin_state"], "active");
+
+    // The router's own page (same origin), a tool sending no browser headers, and a Bearer
+    // token from anywhere act as before.
+    let resp = basic(Method::POST, "/v1/nodes/a/drain")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = basic(Method::POST, "/v1/nodes/a/enable")
+        .header("origin", format!("http://{host}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = basic(Method::POST, "/v1/nodes/a/drain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = r
+        .admin(Method::POST, "/v1/nodes/a/enable")
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(admin_json(&r, "/v1/nodes/a").await["admin_state"], "active");
+}

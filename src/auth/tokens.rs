@@ -67,6 +67,16 @@ pub fn presented(headers: &HeaderMap) -> Option<Vec<u8>> {
     None
 }
 
+/// Whether the request's credentials came as HTTP Basic: what a browser that logged in to
+/// the dashboard sends by itself, with every request to the router, cross-site ones too.
+pub fn is_basic(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+}
+
 impl Tokens {
     pub fn from_config(a: &AuthConfig) -> Tokens {
         Tokens {

@@ -142,6 +142,7 @@ pub fn room_literal<S: PinStore>(app: &App<S>, raw: &str) -> Result<RoomKey, Api
 }
 
 pub fn require_admin<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<(), ApiError> {
+    refuse_cross_site_basic(parts)?;
     match app.tokens.admin(&parts.headers) {
         Credential::Admin => Ok(()),
         Credential::None => Err(ApiError::Unauthorized(
@@ -149,6 +150,43 @@ pub fn require_admin<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<(), Api
         )),
         _ => Err(ApiError::Unauthorized("invalid admin token".into())),
     }
+}
+
+/// A browser that logged in to `/dashboard` with Basic sends that login with every request
+/// to the router, those another site's page makes included: a form there posting to
+/// `/v1/nodes/{id}/disable` would act with the admin's rights (cross-site request forgery).
+/// So a request that changes something (not `GET`, `HEAD` or `OPTIONS`) and carries Basic
+/// credentials is refused (`403 forbidden`) when the browser says it comes from another
+/// site: `Sec-Fetch-Site` other than `same-origin` or `none`, or, without it, an `Origin`
+/// that is not this router's. Tools (curl, scripts) send neither, and Bearer tokens are
+/// never sent by a browser on its own: both pass.
+pub fn refuse_cross_site_basic(parts: &Parts) -> Result<(), ApiError> {
+    use http::Method;
+    if matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        || !crate::auth::tokens::is_basic(&parts.headers)
+    {
+        return Ok(());
+    }
+    let h = &parts.headers;
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let cross = match text("sec-fetch-site") {
+        Some(site) => !["same-origin", "none"]
+            .iter()
+            .any(|s| site.eq_ignore_ascii_case(s)),
+        None => text("origin").is_some_and(|origin| {
+            let ours = text("host").or_else(|| parts.uri.authority().map(|a| a.as_str()));
+            let theirs = origin.split_once("://").map(|(_, authority)| authority);
+            !matches!((theirs, ours), (Some(t), Some(o)) if t.eq_ignore_ascii_case(o))
+        }),
+    };
+    if cross {
+        return Err(ApiError::Forbidden(
+            "a cross-site request may not act with a browser's Basic login; send the token as \
+             Authorization: Bearer"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 // ---- user JWTs and node certificates (issue 3) ----
@@ -241,10 +279,13 @@ pub fn authorize_lookup<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Look
         .extensions
         .get::<super::server::ConnInfo>()
         .is_some_and(|i| i.client_cert.is_some());
-    if cert
-        || app.tokens.admin(&parts.headers) == Credential::Admin
+    if cert {
+        return Ok(LookupAuth::Operator);
+    }
+    if app.tokens.admin(&parts.headers) == Credential::Admin
         || app.tokens.any_node(&parts.headers) == Credential::Node
     {
+        refuse_cross_site_basic(parts)?;
         return Ok(LookupAuth::Operator);
     }
     let verifier = verifier
@@ -292,13 +333,13 @@ fn require_node<S: PinStore>(
     // An operator's admin token works on every listener, the mTLS one included: what a node
     // certificate restricts is what a node may do, not what an admin may.
     if admin_ok && app.tokens.admin(&parts.headers) == Credential::Admin {
-        return Ok(());
+        return refuse_cross_site_basic(parts);
     }
     if let Some(r) = require_node_cert(parts, id) {
         return r;
     }
     match app.tokens.node(&parts.headers, id, admin_ok) {
-        Credential::Node | Credential::Admin => Ok(()),
+        Credential::Node | Credential::Admin => refuse_cross_site_basic(parts),
         Credential::None => Err(ApiError::Unauthorized(
             "node token required (Authorization: Bearer ...)".into(),
         )),

@@ -1441,6 +1441,16 @@ impl Config {
             if !(n.capacity.is_finite() && n.capacity > 0.0) {
                 return Err(invalid(&key("capacity"), "must be a number > 0"));
             }
+            // As a heartbeat must carry them: one that leaves them out keeps these, and
+            // would be refused for them, the node taken for dead.
+            crate::cluster::check_region_and_tags(n.region.as_deref(), &n.tags).map_err(|m| {
+                let k = if m.starts_with("region") {
+                    "region"
+                } else {
+                    "tags"
+                };
+                invalid(&key(k), m)
+            })?;
         }
         Ok(())
     }
@@ -1687,6 +1697,37 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.starts_with(&format!("server.{key}")), "{e}");
         }
+    }
+
+    #[test]
+    fn a_static_nodes_region_and_tags_follow_the_heartbeats_rules() {
+        // A heartbeat that leaves them out keeps these: one the API refuses would have every
+        // such heartbeat refused, and the node taken for dead.
+        let node = |extra: &str| {
+            format!("[[nodes]]\nid = \"a\"\nurl = \"http://x\"\ncapacity = 1\n{extra}\n")
+        };
+        let tags = |n: usize| {
+            (0..n)
+                .map(|i| format!("\"t{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for (extra, key) in [
+            ("region = \"\"".to_string(), "nodes[0].region"),
+            (
+                format!("region = \"{}\"", "r".repeat(65)),
+                "nodes[0].region",
+            ),
+            ("region = \"eu\\n\"".to_string(), "nodes[0].region"),
+            ("tags = [\"\"]".to_string(), "nodes[0].tags"),
+            (format!("tags = [\"{}\"]", "t".repeat(65)), "nodes[0].tags"),
+            (format!("tags = [{}]", tags(33)), "nodes[0].tags"),
+        ] {
+            let e = rejected(&node(&extra));
+            assert!(e.starts_with(key), "{extra}: {e}");
+        }
+        let ok = format!("region = \"{}\"\ntags = [{}]", "r".repeat(64), tags(32));
+        Config::parse(&node(&ok)).unwrap().validate().unwrap();
     }
 
     #[test]

@@ -118,6 +118,35 @@ pub fn check_url(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most tags a node (or a join's hints) may carry.
+pub const MAX_TAGS: usize = 32;
+/// Longest region, tag or other label, in bytes.
+pub const MAX_LABEL: usize = 64;
+
+/// Checks a label (a region, a tag): 1-[`MAX_LABEL`] bytes, no control characters. The
+/// error names `key`.
+pub fn check_label(key: &str, v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > MAX_LABEL || v.chars().any(char::is_control) {
+        return Err(format!("{key} must be 1-{MAX_LABEL} printable characters"));
+    }
+    Ok(())
+}
+
+/// Checks a node's region and tags as a heartbeat, a `PUT` and `[[nodes]]` all must have
+/// them: one rule, so that what the config accepts a heartbeat that keeps it never refuses.
+pub fn check_region_and_tags(region: Option<&str>, tags: &[String]) -> Result<(), String> {
+    if let Some(r) = region {
+        check_label("region", r)?;
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(format!("at most {MAX_TAGS} tags"));
+    }
+    for t in tags {
+        check_label("tag", t)?;
+    }
+    Ok(())
+}
+
 /// The registry: a published snapshot plus the writers' mutex.
 #[derive(Debug, Default)]
 pub struct Cluster {

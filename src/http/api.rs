@@ -33,8 +33,7 @@ pub const MAX_REPORTED_ROOMS: usize = 100_000;
 pub const MAX_HEARTBEAT_BODY_BYTES: usize = MAX_REPORTED_ROOMS * 320 + 64 * 1024;
 /// Most refused room entries a heartbeat's answer lists (the metric counts them all).
 pub const MAX_REFUSED_LISTED: usize = 100;
-const MAX_TAGS: usize = 32;
-const MAX_LABEL: usize = 64;
+use crate::cluster::MAX_TAGS;
 
 /// The query string's pairs, decoded.
 pub fn query(parts: &Parts) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
@@ -46,12 +45,7 @@ pub fn query(parts: &Parts) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
 }
 
 fn check_label(key: &str, v: &str) -> Result<(), ApiError> {
-    if v.is_empty() || v.len() > MAX_LABEL || v.chars().any(char::is_control) {
-        return Err(ApiError::InvalidRequest(format!(
-            "{key} must be 1-{MAX_LABEL} printable characters"
-        )));
-    }
-    Ok(())
+    crate::cluster::check_label(key, v).map_err(ApiError::InvalidRequest)
 }
 
 /// Placement hints from a query string or a body.
@@ -100,16 +94,8 @@ impl HintArgs {
     }
 
     pub fn check(&self) -> Result<(), ApiError> {
-        if let Some(r) = &self.region {
-            check_label("region", r)?;
-        }
-        if self.tags.len() > MAX_TAGS {
-            return Err(ApiError::InvalidRequest(format!("at most {MAX_TAGS} tags")));
-        }
-        for t in &self.tags {
-            check_label("tag", t)?;
-        }
-        Ok(())
+        crate::cluster::check_region_and_tags(self.region.as_deref(), &self.tags)
+            .map_err(ApiError::InvalidRequest)
     }
 
     pub fn hints(&self) -> Hints<'_> {
@@ -743,15 +729,8 @@ fn node_info(
             "capacity must be a number > 0".into(),
         ));
     }
-    if let Some(r) = &region {
-        check_label("region", r)?;
-    }
-    if tags.len() > MAX_TAGS {
-        return Err(ApiError::InvalidRequest(format!("at most {MAX_TAGS} tags")));
-    }
-    for t in &tags {
-        check_label("tag", t)?;
-    }
+    crate::cluster::check_region_and_tags(region.as_deref(), &tags)
+        .map_err(ApiError::InvalidRequest)?;
     tags.sort();
     tags.dedup();
     let url = url.trim_end_matches('/').to_string();
@@ -1136,6 +1115,7 @@ pub async fn delete_room<S: PinStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::MAX_LABEL;
 
     /// The most a node may report, each room a longest id and a largest participant count,
     /// with the longest node fields, fits the heartbeat limit.

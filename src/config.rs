@@ -1070,6 +1070,40 @@ fn without_value(message: &str) -> String {
     message.to_string()
 }
 
+impl Config {
+    /// The query parameters the router reads or writes by name (`tickets.query_param`,
+    /// `auth.jwt.query_param`, `front_door.room_query_param`): each goes into URLs and is
+    /// looked for in them as it is, so it must be a plain token (`A-Za-z0-9-._~`, at most
+    /// 64), and no two may be the same (the ticket would be read as the login token, the
+    /// room as either). The last two may be empty (not read from the query).
+    fn check_query_params(&self) -> Result<(), ConfigError> {
+        let named = [
+            ("tickets.query_param", &self.tickets.query_param),
+            ("auth.jwt.query_param", &self.auth.jwt.query_param),
+            (
+                "front_door.room_query_param",
+                &self.front_door.room_query_param,
+            ),
+        ];
+        for (i, (key, v)) in named.iter().enumerate() {
+            if v.is_empty() {
+                continue;
+            }
+            let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+            if v.len() > 64 || !v.bytes().all(plain) {
+                return Err(invalid(
+                    key,
+                    "must be 1-64 of A-Za-z0-9-._~ (it goes into URLs as it is)",
+                ));
+            }
+            if let Some((other, _)) = named[..i].iter().find(|(_, o)| o == v) {
+                return Err(invalid(key, format!("must differ from {other} ({v:?})")));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -1341,10 +1375,24 @@ impl Config {
         if self.tickets.query_param.is_empty() {
             return Err(invalid("tickets.query_param", "must not be empty"));
         }
-        if !self.tickets.node_path.starts_with('/') || !self.tickets.node_path.contains("{room}") {
+        self.check_query_params()?;
+        let path = &self.tickets.node_path;
+        if !path.starts_with('/') || !path.contains("{room}") {
             return Err(invalid(
                 "tickets.node_path",
                 "must start with '/' and contain {room}",
+            ));
+        }
+        // It goes into `Location` as it is, `?ticket=` after it.
+        if !path
+            .replace("{room}", "r")
+            .bytes()
+            .all(crate::http::routes::is_path_byte)
+        {
+            return Err(invalid(
+                "tickets.node_path",
+                "must be a plain URL path: no query ('?'), fragment ('#'), spaces or \
+                 non-ASCII (percent-encode it)",
             ));
         }
         if self.auth.users == UserAuth::Jwt {
@@ -1696,6 +1744,54 @@ mod tests {
             let c = Config::parse(&format!("[server]\n{key} = \"0s\"\n")).unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.starts_with(&format!("server.{key}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn query_parameter_names_and_the_node_path_must_go_into_urls_as_they_are() {
+        for (toml, key) in [
+            (
+                "[tickets]\nquery_param = \"t&admin=1\"",
+                "tickets.query_param",
+            ),
+            ("[tickets]\nquery_param = \"tické\"", "tickets.query_param"),
+            ("[tickets]\nquery_param = \"a b\"", "tickets.query_param"),
+            ("[auth.jwt]\nquery_param = \"tok=\"", "auth.jwt.query_param"),
+            (
+                "[front_door]\nroom_query_param = \"r#\"",
+                "front_door.room_query_param",
+            ),
+            // Two names the same: the ticket read as the login token, the room as either.
+            (
+                "[auth.jwt]\nquery_param = \"ticket\"",
+                "auth.jwt.query_param",
+            ),
+            (
+                "[front_door]\nroom_query_param = \"ticket\"",
+                "front_door.room_query_param",
+            ),
+            (
+                "[tickets]\nnode_path = \"/join?room={room}\"",
+                "tickets.node_path",
+            ),
+            (
+                "[tickets]\nnode_path = \"/räume/{room}\"",
+                "tickets.node_path",
+            ),
+            (
+                "[tickets]\nnode_path = \"/rooms/{room}#x\"",
+                "tickets.node_path",
+            ),
+        ] {
+            let e = rejected(toml);
+            assert!(e.starts_with(key), "{toml}: {e}");
+        }
+        for ok in [
+            "[tickets]\nquery_param = \"rr_ticket\"\nnode_path = \"/b/r%C3%A4ume/{room}/join\"",
+            "[auth.jwt]\nquery_param = \"\"\n[front_door]\nroom_query_param = \"\"",
+            "[front_door]\nroom_query_param = \"meetingID\"",
+        ] {
+            Config::parse(ok).unwrap().validate().unwrap();
         }
     }
 

@@ -17,7 +17,9 @@ use crate::room::RoomKey;
 /// Longest node id.
 pub const MAX_NODE_ID: usize = 64;
 
-/// A validated node id (1-64 of `A-Za-z0-9._-`) with its stable hash.
+/// A validated node id (1-64 of `A-Za-z0-9._-`, not `.` or `..`) with its stable hash. The
+/// id is a path segment of the API (`/v1/nodes/{id}/heartbeat`): `.` and `..` would be
+/// resolved away by every HTTP client before the router saw them.
 #[derive(Clone)]
 pub struct NodeId {
     name: Arc<str>,
@@ -25,12 +27,14 @@ pub struct NodeId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("node id must be 1-{MAX_NODE_ID} characters of A-Za-z0-9._-")]
+#[error("node id must be 1-{MAX_NODE_ID} characters of A-Za-z0-9._-, and not . or ..")]
 pub struct NodeIdError;
 
 impl NodeId {
     pub fn parse(s: &str) -> Result<NodeId, NodeIdError> {
         let ok = !s.is_empty()
+            && s != "."
+            && s != ".."
             && s.len() <= MAX_NODE_ID
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
@@ -535,6 +539,10 @@ mod tests {
         assert!(NodeId::parse("").is_err());
         assert!(NodeId::parse("a b").is_err());
         assert!(NodeId::parse("a/b").is_err());
+        // Path segments every HTTP client resolves away: /v1/nodes/../heartbeat.
+        assert!(NodeId::parse(".").is_err());
+        assert!(NodeId::parse("..").is_err());
+        assert!(NodeId::parse("...").is_ok());
         assert!(NodeId::parse(&"x".repeat(65)).is_err());
     }
 

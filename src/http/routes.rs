@@ -3,6 +3,12 @@
 //! Paths are matched on their raw (still percent-encoded) segments; a room segment is decoded
 //! by `RoomKey::from_encoded`, the one function every path uses.
 
+/// A byte a URL path may carry as it is (RFC 3986: unreserved, sub-delims, ':', '@', '/',
+/// and the '%' of a percent-encoding): what a request's path arrives made of.
+pub fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b)
+}
+
 /// A front-door path pattern such as `/rooms/{room}`: literal segments and exactly one
 /// `{room}` segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +35,12 @@ impl RoomPattern {
                 ));
             } else if s.is_empty() {
                 return Err("empty path segment".into());
+            } else if !s.bytes().all(is_path_byte) {
+                // Matched against the raw path, where such a byte never arrives as it is.
+                return Err(format!(
+                    "segment {s:?} would never match: write it as it arrives in a request \
+                     (percent-encode non-ASCII, spaces and the like)"
+                ));
             } else {
                 segments.push(Seg::Lit(s.to_string()));
             }
@@ -149,6 +161,16 @@ mod tests {
         assert_eq!(p.matches("/rooms/a%20b/ws"), Some("a%20b"));
         assert_eq!(p.matches("/join/abc"), None);
         assert_eq!(p.matches("/rooms"), None);
+    }
+
+    #[test]
+    fn a_literal_segment_no_request_path_can_carry_is_refused() {
+        // A request's path arrives percent-encoded: "/räume/x" as "/r%C3%A4ume/x".
+        let e = RoomPattern::parse("/räume/{room}").unwrap_err();
+        assert!(e.contains("would never match"), "{e}");
+        assert!(RoomPattern::parse("/my rooms/{room}").is_err());
+        let p = RoomPattern::parse("/r%C3%A4ume/{room}").unwrap();
+        assert_eq!(p.matches("/r%C3%A4ume/x"), Some("x"));
     }
 
     #[test]

@@ -2792,3 +2792,49 @@ async fn a_removal_kept_through_an_outage_does_not_drop_a_node_that_came_back() 
     a.stop().await;
     b.stop().await;
 }
+
+/// This router's cache says `n1`, Redis says `n2` (a message the cache missed), and the
+/// read that would take Redis's pin fails right after Redis refused the confirmation (here
+/// `INFO`, which the contradiction check sends, is denied). The join must not go to `n1`:
+/// the confirmation is refused (`false`), as Redis refused it. Before, the read's failure
+/// came back as the confirmation's, and that as "confirmed" (the cache's word): a split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_redis_refused_stays_refused_when_the_read_after_it_fails() {
+    let Some(private) = private_redis_for("confirm_refused") else {
+        return;
+    };
+    let url = private.url();
+    let p = prefix("confirm-refused");
+    let b = store::open(&config(&url, &p)).await.unwrap();
+    let (r, n1) = (room("standup"), node("n1"));
+    let t = now_ms();
+    assert!(matches!(
+        b.pin_if(&r, &n1, None, t).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    // Another router moved the room to n2, and this one missed the message: the key is set
+    // without a publish.
+    let mut direct = redis_conn(&url).await;
+    let _: () = redis::cmd("SET")
+        .arg(room_key(&p, "standup"))
+        .arg(format!("n2|{t}|{t}"))
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-info")
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    // Due for a confirmation.
+    let said = b.confirm(&r, &n1, t + 3_600_000).await;
+    assert_eq!(
+        said.ok(),
+        Some(false),
+        "Redis refused it; the join must not go to n1"
+    );
+}

@@ -1402,7 +1402,17 @@ impl Inner {
             // The cache names `node` but Redis does not: a change it missed (a message lost
             // before the subscription was found dead). It takes Redis's pin now, so that the
             // caller, and the next join, see where the room is.
-            self.get_remote(room).await?;
+            if let Err(e) = self.get_remote(room).await {
+                // Redis refused the confirmation: whatever became of that read, the caller
+                // must not send the join to `node` (`Ok(false)`: it reads the pin again).
+                // Unless the read found Redis restarted empty (`vet` made the store down):
+                // then the refusal is the empty server's, and the error lets the caller
+                // keep the pin it knows.
+                if self.is_down() {
+                    return Err(e);
+                }
+                tracing::debug!(room = %room, error = %e, "reading a pin Redis would not confirm failed");
+            }
         }
         Ok(n == 1)
     }

@@ -94,6 +94,9 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Rooms a node reported while pinned elsewhere (a split, ended through `evict`).
     pub splits_detected: Counter,
+    /// Rooms not moved off a node this router took for gone, because the shared store said
+    /// another router still hears it.
+    pub moves_held: Counter,
     /// Room entries of heartbeats that were not valid room ids (skipped; the heartbeat
     /// applied without them).
     pub heartbeat_rooms_refused: Counter,
@@ -168,6 +171,12 @@ impl Metrics {
             &mut registry,
             "splits_detected",
             "Rooms reported by a node while pinned to another (evicted)",
+        );
+        let moves_held: Counter = registered(
+            &mut registry,
+            "moves_held",
+            "Joins whose room stayed on a node this router took for gone, because the shared \
+             store said another router still hears it",
         );
         let heartbeat_rooms_refused: Counter = registered(
             &mut registry,
@@ -284,6 +293,7 @@ impl Metrics {
             decisions,
             heartbeats,
             splits_detected,
+            moves_held,
             heartbeat_rooms_refused,
             pins_released,
             errors,

@@ -139,6 +139,11 @@ pub enum JoinError {
     /// reported theirs (`placement.startup_hold`).
     #[error("the router is starting: new rooms are placed once the nodes have reported theirs, in {}s", .left_ms.div_ceil(1000))]
     Starting { left_ms: u64 },
+    /// The room's node is alive as the shared store tells it, but this router does not know
+    /// it yet (its node table is still loading): the join cannot be sent there yet, and must
+    /// not be sent elsewhere.
+    #[error("node {node} of the room is not known to this router yet; retry in a moment")]
+    NodeSyncing { node: NodeId },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -355,7 +360,7 @@ impl<S: PinStore> Router<S> {
             Err(JoinError::NodeFull { .. }) => Decided::NodeFull,
             Err(JoinError::NoCapacity) => Decided::NoCapacity,
             Err(JoinError::NotFound) => Decided::NotFound,
-            Err(JoinError::Starting { .. }) => Decided::Starting,
+            Err(JoinError::Starting { .. } | JoinError::NodeSyncing { .. }) => Decided::Starting,
             Err(JoinError::Store(_)) => Decided::StoreUnavailable,
         });
     }
@@ -543,10 +548,23 @@ impl<S: PinStore> Router<S> {
                     })
                 }
                 (Decision::Place { overflow, .. }, Some(node)) => {
+                    let previous = pin.as_ref().map(|p| p.node.clone());
+                    if let Some(prev) = &previous {
+                        if let Some(held) = self.still_heard_elsewhere(prev).await? {
+                            if intent == Intent::Join {
+                                self.count_join(room, &held, now);
+                            }
+                            return Ok(Placement {
+                                node: held,
+                                created: false,
+                                overflow: false,
+                                replaced: false,
+                            });
+                        }
+                    }
                     if intent == (Intent::Lookup { create: false }) {
                         return Err(JoinError::NotFound);
                     }
-                    let previous = pin.as_ref().map(|p| p.node.clone());
                     if previous.is_none() {
                         if let Some(left_ms) = self.holding(now) {
                             return Err(JoinError::Starting { left_ms });
@@ -592,6 +610,38 @@ impl<S: PinStore> Router<S> {
         Err(JoinError::Store(StoreError(
             "pin kept changing under contention".into(),
         )))
+    }
+
+    /// Before a room is moved off `prev`, the node its pin names, which this router takes
+    /// for gone (no report within `heartbeat_timeout`, or not known here at all): with a
+    /// shared store, whether another router still hears it. This router's view may be the
+    /// one behind (its subscription silent, its node table still loading), and moving the
+    /// room would split a live meeting. `Ok(Some(node))`: it is heard, the join goes there;
+    /// an error when it is heard but not known here yet (no URL to send the user to: a
+    /// moment later it is). `Ok(None)`: move the room (an admin disabled the node, no
+    /// router hears it, or the store gave no answer). Never on a pinned join's path.
+    async fn still_heard_elsewhere(&self, prev: &NodeId) -> Result<Option<NodeEntry>, JoinError> {
+        if !self.store.shared() {
+            return Ok(None);
+        }
+        let known = {
+            let snap = self.cluster.snapshot();
+            snap.position(prev).map(|i| snap.nodes()[i].clone())
+        };
+        if known
+            .as_ref()
+            .is_some_and(|n| n.state() == AdminState::Disabled)
+        {
+            return Ok(None);
+        }
+        if self.store.node_alive_elsewhere(prev).await != Some(true) {
+            return Ok(None);
+        }
+        self.metrics.moves_held.inc();
+        match known {
+            Some(n) => Ok(Some(n)),
+            None => Err(JoinError::NodeSyncing { node: prev.clone() }),
+        }
     }
 
     /// How long a pin outlives its last confirmation. Joins confirm a pin only when its

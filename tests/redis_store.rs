@@ -2838,3 +2838,82 @@ async fn a_confirmation_redis_refused_stays_refused_when_the_read_after_it_fails
         "Redis refused it; the join must not go to n1"
     );
 }
+
+/// Router B's subscription goes silent (a NAT that dropped the idle connection): node n1
+/// heartbeats only to router A, so B's view of n1 ages past `heartbeat_timeout` before
+/// B's re-sync (`store.resync_interval`, 10 s by default) or its silence check catch up,
+/// and B takes n1 for dead. A join through B must not move n1's live room: the shared
+/// store says A still hears n1, so the join goes to n1 (counted in
+/// `roomrouter_moves_held_total`). Before, B re-placed the room on n2 and n1 was told to
+/// evict it: a live meeting cut off (found by a review with this test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_behind_on_a_node_does_not_move_its_rooms_while_others_hear_it() {
+    let test = "a_router_behind_on_a_node_does_not_move_its_rooms_while_others_hear_it";
+    let Some((url, _private)) = redis_for("behind_on_a_node") else {
+        return;
+    };
+    let Some(hostport) = plain_host_port(&url, test) else {
+        return;
+    };
+    let p = prefix("behind");
+    let mut cfg = config(&url, &p);
+    // The default (the test helpers' is shorter).
+    cfg.store.resync_interval = Duration::from_secs(10);
+    let part = Partition::to(hostport).await;
+    let mut cfg_b = cfg.clone();
+    cfg_b.store.url = format!("redis://{}", part.addr);
+    let a = serve(cfg).await;
+    let b = serve(cfg_b).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
+        })
+        .await
+    );
+    let mut room = None;
+    for i in 0..50 {
+        let r = format!("room{i}");
+        if place(&c, &a.base(), &r).await.unwrap() == "n1" {
+            room = Some(r);
+            break;
+        }
+    }
+    let room = room.expect("a room on n1 among 50");
+    // Bounded: aborted below, after at most some 25 s.
+    let (ca, abase, bbase, rr) = (c.clone(), a.base(), b.base(), room.clone());
+    let beats = tokio::spawn(async move {
+        loop {
+            heartbeat(&ca, &abase, "n1", 1.0, &[(rr.as_str(), 3)]).await;
+            heartbeat(&ca, &bbase, "n2", 0.0, &[]).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    assert_eq!(part.silence_subscriptions(), 1, "router B subscribes once");
+    let n1 = NodeId::parse("n1").unwrap();
+    let behind = eventually(Duration::from_secs(25), || async {
+        b.app.router.node(&n1).is_some_and(|s| !s.healthy)
+    })
+    .await;
+    if behind {
+        assert_eq!(
+            place(&c, &b.base(), &room).await.as_deref(),
+            Ok("n1"),
+            "router B moved a live room off a node router A hears"
+        );
+        let m = common::metrics(&c, &b.base()).await;
+        assert!(
+            common::sample(&m, "roomrouter_moves_held_total") >= 1.0,
+            "{m}"
+        );
+    } else {
+        // B's re-sync or silence check caught up first on this machine: nothing to hold.
+        eprintln!("{test}: router B never took n1 for dead; the hold was not exercised");
+    }
+    let stored = redis_pin(&url, &room_key(&p, &room)).await.unwrap();
+    assert!(stored.starts_with("n1|"), "Redis: {stored}");
+    beats.abort();
+    cleanup(&url, &p).await;
+}

@@ -173,6 +173,10 @@ impl ApiError {
                 message: e.to_string(),
                 retry_after: Duration::from_millis(left_ms),
             },
+            e @ JoinError::NodeSyncing { .. } => ApiError::Starting {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            },
             JoinError::Store(e) => e.into(),
         }
     }

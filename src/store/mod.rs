@@ -188,6 +188,16 @@ pub trait PinStore: Send + Sync + 'static {
         self.get(room)
     }
 
+    /// Whether the store's shared node table says `node` is alive: some router heard its
+    /// report within the heartbeat timeout, and no admin disabled it. The router asks before
+    /// it moves a room off a node it takes for gone: its own view may be the one behind (a
+    /// silent subscription, a node table still loading), and moving a live meeting splits
+    /// it. `None`: no shared view (one router), or the store did not answer (the router
+    /// then decides on its own view, as during an outage). Default: `None`.
+    fn node_alive_elsewhere(&self, _node: &NodeId) -> impl Future<Output = Option<bool>> + Send {
+        async { None }
+    }
+
     /// Whether any pin satisfies `f`. Every store holds all pins locally (the memory store
     /// its map, the Redis store its complete cache), so this waits on nothing; it visits
     /// every pin, so it serves rare decisions (removing a drained node), never a join.
@@ -293,6 +303,9 @@ impl PinStore for AnyStore {
     }
     async fn get_stored(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         delegate!(self, s => s.get_stored(room).await)
+    }
+    async fn node_alive_elsewhere(&self, node: &NodeId) -> Option<bool> {
+        delegate!(self, s => s.node_alive_elsewhere(node).await)
     }
     fn any_pin(&self, f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool {
         delegate!(self, s => s.any_pin(f))

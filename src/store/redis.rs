@@ -2887,6 +2887,14 @@ impl PinStore for RedisStore {
         Ok(cached.as_ref().and_then(|c| c.pin.clone()))
     }
 
+    async fn node_alive_elsewhere(&self, node: &NodeId) -> Option<bool> {
+        let i = &self.inner;
+        if i.is_down() {
+            return None;
+        }
+        i.node_alive_in_store(node).await.ok()
+    }
+
     async fn get_stored(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
         let i = &self.inner;
         if !i.is_down() {

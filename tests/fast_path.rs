@@ -337,7 +337,8 @@ async fn chunked_answers_with_trailers_arrive_whole_and_the_node_connection_is_r
         let (r, node, mut c) = cluster_with(
             cfg,
             vec![concat!(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+                "Trailer: X-Sum\r\n\r\n",
                 "5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Sum: 12\r\n\r\n"
             )],
         )
@@ -352,6 +353,13 @@ async fn chunked_answers_with_trailers_arrive_whole_and_the_node_connection_is_r
                 a.header("content-length"),
                 None,
                 "fast path {fast_path}: chunked wins over a length"
+            );
+            // End to end (RFC 9110 section 6.6.2), not hop-by-hop: it announces the trailer
+            // fields that follow the body.
+            assert_eq!(
+                a.header("trailer").as_deref(),
+                Some("X-Sum"),
+                "fast path {fast_path}"
             );
         }
         if fast_path {

@@ -190,13 +190,13 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(|t| t.trim_ascii())
 }
 
-/// Hop-by-hop header names (RFC 9110 section 7.6.1, and two legacy ones), never forwarded
-/// by either proxy path.
+/// Hop-by-hop header names (RFC 9110 sections 7.6.1 and 11.7, and legacy ones), never forwarded
+/// by either proxy path. (`Trailer` is not one: it announces trailer fields, which are
+/// relayed, RFC 9110 section 6.6.2.)
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
+    const HOP: [&[u8]; 8] = [
         b"connection",
         b"te",
-        b"trailer",
         b"transfer-encoding",
         b"upgrade",
         b"proxy-authorization",

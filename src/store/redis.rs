@@ -342,7 +342,13 @@ impl Pending {
                 Pending::Pinned { expected, .. },
                 Pending::Pinned { node, .. } | Pending::Replaced { node, .. },
             ) => Pending::Pinned { node, expected },
-            (Pending::Pinned { .. }, released @ Pending::Released { .. }) => released,
+            // A pin over E failed and the room was released here meanwhile: the store
+            // still holds E, the pin to release (as `release_local` picks it when the pin is
+            // still queued). Released as the new node, E's pin would stay in the store, and
+            // the next reload would bring back the pin the admin had deleted.
+            (Pending::Pinned { expected, .. }, Pending::Released { node }) => Pending::Released {
+                node: expected.unwrap_or(node),
+            },
             (
                 Pending::Released { node: held } | Pending::Replaced { released: held, .. },
                 Pending::Pinned { node, .. } | Pending::Replaced { node, .. },
@@ -3257,6 +3263,8 @@ mod tests {
             (pinned("a", None), replaced("b", "a"), pinned("b", None)),
             // A pin failed and the room was released meanwhile: nothing of ours is stored.
             (pinned("a", None), released("a"), released("a")),
+            // ... a pin over E: E is what the store holds, and what the release must free.
+            (pinned("a", Some("e")), released("a"), released("e")),
         ];
         for (failed, newer, want) in cases {
             let got = failed.clone().then(newer.clone());

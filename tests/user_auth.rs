@@ -282,6 +282,54 @@ async fn placement_lookups_need_a_token_when_the_front_door_does() {
     r.stop().await;
 }
 
+/// Hints a token's issuer got wrong (a negative or fractional `size`, an empty or overlong
+/// `region`) are left out: the user, whose token is otherwise valid, is admitted and the room
+/// placed as without them, not refused with `401` or blamed with `400 invalid_request`.
+#[tokio::test]
+async fn a_tokens_hint_claims_that_are_no_valid_hints_are_left_out() {
+    let r = TestRouter::start(jwt_config()).await;
+    let resp = heartbeat(
+        &r,
+        "n1",
+        serde_json::json!({"url": "http://127.0.0.1:9", "capacity": 1000, "load": 0}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let bad = [
+        serde_json::json!({"size": -3}),
+        serde_json::json!({"size": 2.5}),
+        serde_json::json!({"size": "ten"}),
+        serde_json::json!({"region": ""}),
+        serde_json::json!({"region": "r".repeat(65)}),
+        serde_json::json!({"region": 7}),
+    ];
+    for (i, extra) in bad.iter().enumerate() {
+        let mut claims = serde_json::json!({"sub": "u", "exp": now() + 300, "room": "*"});
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let t = hs(claims);
+        let resp = r
+            .get(&format!("/rooms/hinted-{i}"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 307, "{extra}");
+    }
+    // A valid one is still taken (what it reserves: the next test).
+    let t = hs(serde_json::json!({"sub": "u", "exp": now() + 300, "room": "*", "size": 7}));
+    let resp = r
+        .get("/v1/placement/sized")
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    r.stop().await;
+}
+
 /// A user token's `size` (signed) wins over the request's `?size=` (anyone's to write), at
 /// the front door, on lookups (single and batch) and at login.
 #[tokio::test]

@@ -25,10 +25,24 @@ pub struct UserClaims {
     pub exp: u64,
     /// A room id, or `"*"` for every room.
     pub room: String,
-    #[serde(default)]
+    /// A hint: not a string, it is left out (as an invalid one is, where it is used).
+    #[serde(default, deserialize_with = "lenient")]
     pub region: Option<String>,
-    #[serde(default)]
+    /// A hint: not a whole number of participants (negative, fractional, a string), it is
+    /// left out rather than the whole token refused.
+    #[serde(default, deserialize_with = "lenient")]
     pub size: Option<u32>,
+}
+
+/// An optional claim that is left out (`None`) when it is not of its type: a hint the
+/// token's issuer got wrong must not refuse the user.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 /// Why a user was not admitted.

@@ -209,9 +209,13 @@ pub fn authenticate_user<S: PinStore>(
             check_label("sub", &c.sub).map_err(|_| {
                 ApiError::Unauthorized("token sub must be 1-64 printable characters".into())
             })?;
+            // The hints a token carries are its issuer's, not the user's to fix: one that is
+            // no valid hint is left out (the join places as without it), not answered
+            // `400 invalid_request` as if the user had sent it.
+            let region = c.region.filter(|r| check_label("region", r).is_ok());
             Ok(User {
                 sub: c.sub,
-                region: c.region,
+                region,
                 size: c.size.filter(|s| *s > 0),
             })
         }

@@ -739,6 +739,20 @@ async fn the_one_command_demo_serves_joins() {
         .to_str()
         .unwrap()
         .starts_with("media-"));
+    // It prints the admin token as the README's examples use it (`$ADMIN`), and it works.
+    let admin = loop {
+        let line = lines.next().expect("an export ADMIN= line").unwrap();
+        if let Some(t) = line.trim().strip_prefix("export ADMIN=") {
+            break t.to_string();
+        }
+    };
+    let nodes = client()
+        .get(format!("{url}/v1/nodes"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nodes.status(), 200);
 }
 
 #[test]

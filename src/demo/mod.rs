@@ -80,13 +80,14 @@ pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
     println!(
         r#"
 Try:
+  export ADMIN={admin}
   curl -si {router_url}/rooms/standup                # 307 to the room's node, with a ticket
   curl -sL {router_url}/rooms/standup                # follow it: the node counts you in
   curl -s  {router_url}/v1/placement/standup         # placement lookup (JSON)
   curl -s  -X POST {router_url}/v1/login -H 'content-type: application/json' -d '{{"room":"standup","user":"ann"}}'
-  curl -s  -H 'authorization: Bearer {admin}' {router_url}/v1/nodes
-  curl -s  -H 'authorization: Bearer {admin}' {router_url}/v1/placement/standup/explain
-  curl -s  -X POST -H 'authorization: Bearer {admin}' {router_url}/v1/nodes/media-1/drain
+  curl -s  -H "authorization: Bearer $ADMIN" {router_url}/v1/nodes
+  curl -s  -H "authorization: Bearer $ADMIN" {router_url}/v1/placement/standup/explain
+  curl -s  -X POST -H "authorization: Bearer $ADMIN" {router_url}/v1/nodes/media-1/drain
   open     {router_url}/dashboard   (user: admin, password: {admin})
   curl -s  {router_url}/metrics
 

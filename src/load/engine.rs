@@ -870,7 +870,7 @@ async fn collect(
                     }
                 }
                 progress.completed.store(c.completed, Ordering::Relaxed);
-                if outcome_answered && c.answered % 256 == 0 {
+                if outcome_answered && c.answered.is_multiple_of(256) {
                     progress
                         .p99_us
                         .store(c.latency.value_at_quantile(0.99), Ordering::Relaxed);

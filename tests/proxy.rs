@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    admin_json, expect_error, heartbeat, one_loop, proxy_config, sample, SendJson, TestRouter,
-    SECRET,
+    admin_json, client, expect_error, heartbeat, one_loop, proxy_config, sample, SendJson,
+    TestRouter, SECRET,
 };
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
@@ -714,6 +714,42 @@ async fn every_forwarded_for_line_reaches_the_node_in_order_on_both_paths() {
             body["headers"]["x-forwarded-for"], "6.6.6.6, 10.0.0.1, 127.0.0.1",
             "fast path {fast_path}"
         );
+        r.stop().await;
+    }
+}
+
+/// On a dual-stack listener (`[::]`) an IPv4 client's address is IPv4-mapped
+/// (`::ffff:127.0.0.1`); the node gets it as IPv4, which its allow-lists, rate limits and
+/// logs know, on both paths and after a client's own hops.
+#[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
+    for fast_path in [true, false] {
+        let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+            eprintln!("SKIPPED: no IPv6 on this machine: cannot listen on [::]");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start_on(cfg, listener).await;
+        let up = Upstream::start("n1").await;
+        register(&r, "n1", &up).await;
+        for (sent, want) in [
+            (None, "127.0.0.1"),
+            (Some("10.0.0.1"), "10.0.0.1, 127.0.0.1"),
+        ] {
+            let mut req = client().get(format!("http://127.0.0.1:{port}/rooms/dual"));
+            if let Some(v) = sent {
+                req = req.header("x-forwarded-for", v);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200, "fast path {fast_path}");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(
+                body["headers"]["x-forwarded-for"], want,
+                "fast path {fast_path}"
+            );
+        }
         r.stop().await;
     }
 }

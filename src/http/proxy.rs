@@ -400,7 +400,9 @@ impl Proxy {
                 .collect::<Vec<_>>()
                 .join(", ");
             let xff = match prev.is_empty() {
-                false => HeaderValue::try_from(format!("{prev}, {}", info.peer.ip())).ok(),
+                false => {
+                    HeaderValue::try_from(format!("{prev}, {}", info.peer.ip().to_canonical())).ok()
+                }
                 true => Some(info.peer_ip.clone()),
             };
             if let Some(v) = xff {

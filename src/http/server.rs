@@ -475,7 +475,9 @@ impl LoopServer {
         let serve = async move {
             let mut info = ConnInfo {
                 peer,
-                peer_ip: HeaderValue::try_from(peer.ip().to_string())
+                // An IPv4 client of a dual-stack (`[::]`) listener as IPv4 (`::ffff:10.0.0.7`
+                // is `10.0.0.7`): nodes' allow-lists and logs know it that way.
+                peer_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
                     .expect("an IP address is a valid header value"),
                 tls: tls.is_some(),
                 client_cert: None,

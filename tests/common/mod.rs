@@ -76,6 +76,11 @@ pub struct TestRouter {
 impl TestRouter {
     pub async fn start(cfg: Config) -> TestRouter {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestRouter::start_on(cfg, listener).await
+    }
+
+    /// As [`TestRouter::start`], serving `listener` (its URL: the listener's address).
+    pub async fn start_on(cfg: Config, listener: tokio::net::TcpListener) -> TestRouter {
         let addr = listener.local_addr().unwrap();
         let app = roomrouter::service::build(cfg, MemoryStore::new());
         let (tx, rx) = oneshot::channel::<()>();

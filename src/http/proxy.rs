@@ -689,7 +689,29 @@ fn end_to_end(src: &HeaderMap) -> HeaderMap {
             h.append(name.clone(), value.clone());
         }
     }
+    join_cookies(&mut h);
     h
+}
+
+/// An HTTP/2 client may send its cookies as several `cookie` fields (RFC 9113 section
+/// 8.2.3); an HTTP/1.1 request must carry one `Cookie` line (RFC 6265 section 5.4), and a
+/// node that reads only the first would lose the rest (the session among them). They are
+/// joined with "; ", in order.
+fn join_cookies(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
 }
 
 /// Removes the hop-by-hop headers: those RFC 9110 names plus any the `Connection` header lists.

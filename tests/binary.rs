@@ -2,6 +2,7 @@
 //! processes, and the one-command demo.
 
 mod common;
+mod upstream;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -1111,4 +1112,93 @@ fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking(
     let mean = (peak(&seeds[0]) + peak(&seeds[1])) / 2.0;
     assert!((peak(&report) - mean).abs() < 1e-9, "{report}");
     assert!(seeds[1]["setup"].as_str().unwrap().ends_with("seed 6"));
+}
+
+/// A router short of file descriptors (here `ulimit -n 64`) cannot open connections to a
+/// node for an HTTP/2 client's many streams at once. Those requests fail (`502`), but the
+/// node is not to blame: it is not marked unhealthy, and the requests after the burst reach
+/// it. Before, every failed connect counted against the node, which was taken for dead and
+/// its meetings' joins refused (a review's finding).
+#[tokio::test]
+async fn a_router_short_of_sockets_does_not_blame_the_node() {
+    let up = upstream::Upstream::start("n1").await;
+    let addr = free_addr();
+    let dir = std::env::temp_dir().join(format!("rr-short-{}-{}", std::process::id(), addr.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(
+        &config,
+        "[front_door]\nmode = \"proxy\"\n[placement]\nstartup_hold = \"0s\"\n\
+         [proxy]\nfailures_to_unhealthy = 2\n[server]\nworker_threads = 1\n",
+    )
+    .unwrap();
+    let script = format!(
+        "ulimit -n 64 && exec {BIN} serve --config {} --listen {addr}",
+        config.display()
+    );
+    let _router = Reaper(
+        clean_env(&mut Command::new("sh"))
+            .args(["-c", &script])
+            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+            .env("ROOMROUTER_TICKET_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{addr}");
+    wait_http(&format!("{url}/healthz")).await;
+    let hb = serde_json::json!({"url": up.url, "capacity": 1000, "load": 0});
+    heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
+    // One HTTP/2 connection, 150 streams each held 1 s by the node: one upstream connection
+    // each, far more than 64 descriptors.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..150 {
+        let (h2, url) = (h2.clone(), url.clone());
+        burst.spawn(async move {
+            let r = h2
+                .get(format!("{url}/rooms/busy?hold=1000&i={i}"))
+                .send()
+                .await;
+            r.map(|r| r.status().as_u16()).unwrap_or(0)
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    while let Some(s) = burst.join_next().await {
+        *statuses.entry(s.unwrap()).or_default() += 1;
+    }
+    assert!(
+        statuses.get(&502).is_some_and(|n| *n > 0),
+        "the limit was not reached (nothing to show): {statuses:?}"
+    );
+    let node: serde_json::Value = client()
+        .get(format!("{url}/v1/nodes/n1"))
+        .bearer_auth(ADMIN)
+        .send_json()
+        .await;
+    assert_eq!(node["healthy"], true, "the node was blamed: {statuses:?}");
+    let m = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("roomrouter_proxy_nodes_marked_unhealthy_total 0"),
+        "{m}"
+    );
+    let after = client()
+        .get(format!("{url}/rooms/busy"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 200);
+    let _ = std::fs::remove_dir_all(&dir);
 }

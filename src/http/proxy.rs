@@ -222,6 +222,7 @@ impl Proxy {
             // Only the node's own failures count toward passive health: a client that
             // aborts or oversends its body must not be able to mark a node unhealthy.
             Ok(Err(LaneError::Connect(e))) => return Err(self.failed(node, &e)),
+            Ok(Err(LaneError::Local(e))) => return Err(self.short(node, &e)),
             Ok(Err(LaneError::Exchange(e)))
                 if caused_by::<http_body_util::LengthLimitError>(&e) =>
             {
@@ -329,6 +330,9 @@ impl Proxy {
                 Ok(Ok(r)) => {
                     self.succeeded(node, since);
                     r
+                }
+                Ok(Err(e)) if e.is_connect() && super::upstream::is_local_shortage(&e) => {
+                    return Err(self.short(node, &e.to_string()))
                 }
                 Ok(Err(e)) if e.is_connect() => return Err(self.failed(node, &format!("{e:?}"))),
                 Ok(Err(e)) => {
@@ -441,6 +445,16 @@ impl Proxy {
         if self.failing.load(Ordering::Acquire) > 0 && self.failures.remove(&node.id).is_some() {
             self.failing.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// A connection to `node` the router could not open for want of its own resources
+    /// ([`LaneError::Local`]): the request fails, the node is not blamed.
+    pub(crate) fn short(&self, node: &NodeEntry, why: &str) -> ApiError {
+        tracing::warn!(node = %node.id, error = why, "no connection to the node: the router is short of sockets or memory (raise its open-files limit?)");
+        ApiError::UpstreamUnavailable(format!(
+            "the router could not open a connection to node {}",
+            node.id
+        ))
     }
 
     /// Counts a failure against the node; enough in a row mark it unhealthy.

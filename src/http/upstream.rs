@@ -51,6 +51,9 @@ pub(crate) type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 pub enum LaneError {
     /// No connection to the node (refused, unreachable, TLS failure, timeout).
     Connect(String),
+    /// No connection because the router itself ran short (file descriptors, local ports,
+    /// socket buffers, memory): not the node's failure, and not counted against it.
+    Local(String),
     /// The exchange failed after the connection was open.
     Exchange(hyper::Error),
 }
@@ -328,10 +331,47 @@ pub(crate) async fn open(connector: &Connector, upstream: &str) -> Result<Io, La
     std::future::poll_fn(|cx| connector.poll_ready(cx))
         .await
         .map_err(|e| LaneError::Connect(e.to_string()))?;
-    connector
-        .call(uri)
-        .await
-        .map_err(|e| LaneError::Connect(e.to_string()))
+    connector.call(uri).await.map_err(|e| {
+        let why = e.to_string();
+        if is_local_shortage(&*e) {
+            LaneError::Local(why)
+        } else {
+            LaneError::Connect(why)
+        }
+    })
+}
+
+/// Whether `e`, or an error it was caused by, is the router's own shortage rather than the
+/// node's refusal: out of file descriptors (`EMFILE`, `ENFILE`), local ports
+/// (`EADDRNOTAVAIL`), socket buffers (`ENOBUFS`) or memory. A burst of such connects (an
+/// HTTP/2 client's 256 streams at once under a low `ulimit -n`) must not mark a healthy
+/// node unhealthy and send its meetings' joins elsewhere.
+pub(crate) fn is_local_shortage(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind;
+            if matches!(
+                io.kind(),
+                ErrorKind::AddrNotAvailable | ErrorKind::OutOfMemory
+            ) {
+                return true;
+            }
+            #[cfg(target_os = "linux")]
+            {
+                use rustix::io::Errno;
+                let short = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS];
+                if short
+                    .iter()
+                    .any(|s| io.raw_os_error() == Some(s.raw_os_error()))
+                {
+                    return true;
+                }
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 async fn reap<T: Pooled + Send + Sync + 'static>(idle: Weak<Idle<T>>, period: Duration) {

@@ -693,6 +693,7 @@ async fn read_head(
 fn connect_failed<S: PinStore>(app: &App<S>, a: &Admission, e: LaneError) -> ApiError {
     let why = match e {
         LaneError::Connect(e) => e,
+        LaneError::Local(e) => return app.proxy.short(&a.node, &e),
         LaneError::Exchange(e) => e.to_string(),
     };
     app.proxy.failed(&a.node, &why)

@@ -464,6 +464,50 @@ async fn the_routers_own_tokens_are_not_forwarded_to_the_node() {
     }
 }
 
+/// A node that answers a WebSocket upgrade `101` without naming the protocol (no `Upgrade`,
+/// or not the one asked for, or no `Connection: upgrade`): a browser refuses such a
+/// handshake, and nothing is tunnelled; the client gets `502 upstream_unavailable`.
+#[tokio::test]
+async fn a_101_that_does_not_switch_to_what_was_asked_is_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answers = [
+        "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    ];
+    for answer in answers {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node_url = format!("http://{}", listener.local_addr().unwrap());
+        // Bounded: one connection, aborted at the end.
+        let node = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock.write_all(answer.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let r = TestRouter::start(proxy_config()).await;
+        register_with(
+            &r,
+            "n1",
+            serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
+        )
+        .await;
+        let resp = client()
+            .get(format!("{}/rooms/standup/ws", r.url))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 502, "upstream_unavailable").await;
+        node.abort();
+        r.stop().await;
+    }
+}
+
 /// A ticket the client brings in the query (another user's, copied from a redirect URL
 /// within its life) never reaches the node in proxy mode: the node gets the router's own in
 /// `X-Room-Ticket` and the rest of the target, through the fast path, through hyper and on a

@@ -353,6 +353,15 @@ impl Proxy {
                 IdleTimeout::new(body, self.cfg.idle_timeout).boxed(),
             ));
         }
+        if !switches_to_asked(&parts.headers, resp.headers()) {
+            // A browser refuses such a handshake, and the bytes after it would be read as
+            // a protocol neither side agreed on: the node's answer is malformed.
+            tracing::debug!(node = %node.id, "a 101 without the Upgrade the client asked for");
+            return Err(ApiError::UpstreamUnavailable(format!(
+                "node {} switched protocols without naming the one asked for",
+                node.id
+            )));
+        }
         let client_side = parts.extensions.get::<OnUpgrade>().cloned();
         let upstream_side = hyper::upgrade::on(&mut resp);
         let Some(client_side) = client_side else {
@@ -674,6 +683,27 @@ const X_ROOM_TICKET: HeaderName = HeaderName::from_static("x-room-ticket");
 /// forwarded.
 fn is_hop_by_hop(n: &HeaderName) -> bool {
     super::h1::head::is_hop_by_hop(n.as_str().as_bytes())
+}
+
+/// Whether a `101` answer is a switch to a protocol the request asked for (RFC 9110 section
+/// 7.8): `Connection: upgrade` and an `Upgrade` whose protocols the request's `Upgrade` named.
+fn switches_to_asked(request: &HeaderMap, answer: &HeaderMap) -> bool {
+    let tokens = |h: &HeaderMap, name: header::HeaderName| -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let asked = tokens(request, header::UPGRADE);
+    let named = tokens(answer, header::UPGRADE);
+    tokens(answer, header::CONNECTION)
+        .iter()
+        .any(|t| t == "upgrade")
+        && !named.is_empty()
+        && named.iter().all(|p| asked.contains(p))
 }
 
 /// The header names a `Connection` header lists (they are hop-by-hop for this message).

@@ -24,6 +24,7 @@ fn config(rate: f64, secs: u64, rooms: u32) -> LoadConfig {
             heartbeat: Duration::from_millis(200),
             mode: FrontDoorMode::Redirect,
             probe: None,
+            new_room_reserve: None,
         },
         workload: WorkloadSpec {
             rate,

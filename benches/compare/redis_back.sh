@@ -36,7 +36,8 @@ cleanup() {
   stop_started
   stop_redis
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 RPORT=$(free_port)
 start_redis() {

@@ -43,7 +43,8 @@ cleanup() {
     wait "$REDIS_PID" 2>/dev/null || true
   fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 if [ -n "${REDIS_URL:-}" ]; then
   URL=$REDIS_URL

@@ -98,6 +98,8 @@ pub struct ClusterSpec {
     /// The router's active health probes (`health.probe_interval`; two failures mark a
     /// node), if any.
     pub probe: Option<Duration>,
+    /// The router's `placement.new_room_reserve`; `None`: the workload's mean room size.
+    pub new_room_reserve: Option<u32>,
 }
 
 /// Everything a run needs.
@@ -127,6 +129,16 @@ pub struct LoadConfig {
     pub sample_every: Duration,
     /// Print a progress line every second to stderr.
     pub progress: bool,
+}
+
+impl LoadConfig {
+    /// The self-started router's `placement.new_room_reserve`: as given, else the
+    /// workload's mean room size (rounded).
+    pub fn own_new_room_reserve(&self) -> u32 {
+        self.cluster
+            .new_room_reserve
+            .unwrap_or_else(|| self.workload.size.mean().round().max(1.0) as u32)
+    }
 }
 
 /// A router and demo nodes started by the harness.
@@ -1003,7 +1015,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             .cluster
             .capacity
             .unwrap_or_else(|| auto_capacity(&cfg.workload, cfg.cluster.nodes));
-        let reserve = cfg.workload.size.mean().round().max(1.0) as u32;
+        let reserve = cfg.own_new_room_reserve();
+        eprintln!("self-started router: placement.new_room_reserve = {reserve}");
         Some(OwnCluster::start(&cfg.cluster, cap, reserve).await?)
     } else {
         None
@@ -1258,6 +1271,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             "size_hints": cfg.size_hints,
             "path": cfg.path,
             "nodes": if own { Some(cfg.cluster.nodes) } else { None },
+            "new_room_reserve": own.then(|| cfg.own_new_room_reserve()),
             "add_node_at_s": cfg.add_node_at.map(|d| d.as_secs_f64()),
             "kill_node_at_s": cfg.kill_node_at.map(|d| d.as_secs_f64()),
         }),
@@ -1553,6 +1567,7 @@ mod tests {
                 heartbeat: Duration::from_millis(500),
                 mode: FrontDoorMode::Redirect,
                 probe: None,
+                new_room_reserve: None,
             },
             workload: WorkloadSpec {
                 rate: 20.0,

@@ -93,6 +93,11 @@ pub struct LoadArgs {
     /// mark one unhealthy: `health.probe_interval`); without it, only heartbeats tell.
     #[arg(long, value_parser = clap::value_parser!(u64).range(100..=60_000), conflicts_with = "routers")]
     pub probe_ms: Option<u64>,
+    /// Self-started cluster: the router's `placement.new_room_reserve`, what a room with
+    /// neither hint nor history reserves. Default: the workload's mean room size (rounded),
+    /// as an operator who knows their meetings would set it; the router's own default is 10.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000), conflicts_with = "routers")]
+    pub new_room_reserve: Option<u32>,
     /// Target joins per second (open loop; bursts come on top).
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
@@ -273,6 +278,7 @@ impl LoadArgs {
                 heartbeat: Duration::from_millis(self.heartbeat_ms),
                 mode: self.mode,
                 probe: self.probe_ms.map(Duration::from_millis),
+                new_room_reserve: self.new_room_reserve,
             },
             workload: WorkloadSpec {
                 rate: self.rate,

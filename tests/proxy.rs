@@ -464,6 +464,48 @@ async fn the_routers_own_tokens_are_not_forwarded_to_the_node() {
     }
 }
 
+/// A client whose chunked upload is malformed (a chunk size that is no number) gets `400
+/// invalid_request`, on both paths (the fast path hands chunked bodies to hyper): its
+/// request is at fault, not the node, which is not counted against either.
+#[tokio::test]
+async fn a_malformed_chunked_upload_is_the_clients_fault() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, _up) = with_upstream(cfg).await;
+        let mut sock = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        sock.write_all(
+            b"POST /rooms/upload?collect=1 HTTP/1.1\r\nHost: router.test\r\n\
+              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut b = [0u8; 4096];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok() && text.starts_with("HTTP/1.1 400"),
+            "fast path {fast_path}: {text}"
+        );
+        let m = r.metrics().await;
+        assert!(
+            m.contains("roomrouter_proxy_upstream_failures_total 0"),
+            "fast path {fast_path}: {m}"
+        );
+        r.stop().await;
+    }
+}
+
 /// A node that answers a WebSocket upgrade `101` without naming the protocol (no `Upgrade`,
 /// or not the one asked for, or no `Connection: upgrade`): a browser refuses such a
 /// handshake, and nothing is tunnelled; the client gets `502 upstream_unavailable`.

@@ -233,6 +233,13 @@ impl Proxy {
             Ok(Err(LaneError::Exchange(e))) if caused_by::<BodyIdle>(&e) => {
                 return Err(ApiError::RequestTimeout)
             }
+            // The client's own body was malformed (a bad chunk size): its request, not the
+            // node, is at fault.
+            Ok(Err(LaneError::Exchange(e))) if client_body_malformed(&e) => {
+                return Err(ApiError::InvalidRequest(
+                    "the request body is malformed (its chunked framing)".into(),
+                ))
+            }
             // With no body of the client's in play, a connection the node closed or reset
             // before answering, or an answer it got wrong, is the node's failure.
             Ok(Err(LaneError::Exchange(e))) if bodiless => {
@@ -505,6 +512,27 @@ impl Drop for OpenTunnel {
     fn drop(&mut self) {
         self.0.tunnels_open.dec();
     }
+}
+
+/// Whether an exchange failed because the client's body, streamed to the node, could not be
+/// read: below the upstream connection's error for the body it was given, the client
+/// connection's own, caused by a framing hyper's decoder refused (`InvalidInput` or
+/// `InvalidData`: a bad chunk size line, say; a client gone mid-body is neither).
+fn client_body_malformed(e: &hyper::Error) -> bool {
+    if !e.is_user() {
+        return false;
+    }
+    let mut cur = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {

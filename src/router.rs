@@ -618,8 +618,9 @@ impl<S: PinStore> Router<S> {
     /// one behind (its subscription silent, its node table still loading), and moving the
     /// room would split a live meeting. `Ok(Some(node))`: it is heard, the join goes there;
     /// an error when it is heard but not known here yet (no URL to send the user to: a
-    /// moment later it is). `Ok(None)`: move the room (an admin disabled the node, no
-    /// router hears it, or the store gave no answer). Never on a pinned join's path.
+    /// moment later it is). `Ok(None)`: move the room (an admin disabled the node, this
+    /// router's health check failed it, no router hears it, or the store gave no answer).
+    /// Never on a pinned join's path.
     async fn still_heard_elsewhere(&self, prev: &NodeId) -> Result<Option<NodeEntry>, JoinError> {
         if !self.store.shared() {
             return Ok(None);
@@ -628,9 +629,12 @@ impl<S: PinStore> Router<S> {
             let snap = self.cluster.snapshot();
             snap.position(prev).map(|i| snap.nodes()[i].clone())
         };
+        // An admin's disable, or this router's own health check failing the node (a wedged
+        // process whose heartbeats still go out), is evidence, not a view behind: the room
+        // moves.
         if known
             .as_ref()
-            .is_some_and(|n| n.state() == AdminState::Disabled)
+            .is_some_and(|n| n.state() == AdminState::Disabled || n.live.marked_by_check())
         {
             return Ok(None);
         }

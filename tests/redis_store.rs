@@ -2917,3 +2917,53 @@ async fn a_router_behind_on_a_node_does_not_move_its_rooms_while_others_hear_it(
     beats.abort();
     cleanup(&url, &p).await;
 }
+
+/// The hold above is for a view that is behind, not for evidence: a router whose own health
+/// check failed a node (proxy mode's passive check, a probe: a wedged process whose
+/// heartbeats still go out) moves its rooms, though the shared store still shows the node
+/// reporting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_this_routers_own_check_failed_loses_its_rooms_though_others_hear_it() {
+    let Some((url, _private)) = redis_for("own_check_failed") else {
+        return;
+    };
+    let p = prefix("own-check");
+    let cfg = config(&url, &p);
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
+        })
+        .await
+    );
+    let mut room = None;
+    for i in 0..50 {
+        let r = format!("room{i}");
+        if place(&c, &a.base(), &r).await.unwrap() == "n1" {
+            room = Some(r);
+            break;
+        }
+    }
+    let room = room.expect("a room on n1 among 50");
+    // n1 reported a moment ago (the store shows it alive); router B's check fails it.
+    heartbeat(&c, &a.base(), "n1", 1.0, &[(room.as_str(), 3)]).await;
+    let n1 = NodeId::parse("n1").unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.app.router.node(&n1).is_some_and(|s| s.healthy)
+        })
+        .await
+    );
+    let snap = b.app.router.cluster().snapshot();
+    snap.get(&n1).unwrap().live.forget_heartbeat();
+    assert_eq!(
+        place(&c, &b.base(), &room).await.as_deref(),
+        Ok("n2"),
+        "router B held a room on a node its own check failed"
+    );
+    cleanup(&url, &p).await;
+}

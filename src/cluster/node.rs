@@ -312,6 +312,14 @@ impl Live {
         }
     }
 
+    /// Whether a health check of this router (passive, in proxy mode, or a probe) marked the
+    /// node unhealthy and no report came since: this router's own evidence that it fails,
+    /// not merely a report it has not heard.
+    pub fn marked_by_check(&self) -> bool {
+        self.last_heartbeat.load(Ordering::Acquire) == 0
+            && self.forgotten.load(Ordering::Acquire) != 0
+    }
+
     /// The newest report time this router has had of the node, kept or forgotten: a
     /// relayed report no newer is old news.
     pub fn newest_report(&self) -> Millis {

@@ -525,3 +525,24 @@ async fn refused_connections_are_errors_not_fast_latency() {
     // Every answer took the server's 20 ms: the refusals did not pull the median down.
     assert!(r.latency_us.p50 >= 20_000, "{}", r.table());
 }
+
+/// A cluster too small for the load refuses most joins (`503 no_capacity`, quick to give):
+/// the answered rate counts them, the ok rate does not, and the report shows both, so a
+/// run's throughput is not read as seats it did not give.
+#[tokio::test]
+async fn refusals_count_in_the_answered_rate_and_not_in_the_ok_rate() {
+    let mut cfg = config(100.0, 1, 50);
+    cfg.cluster.capacity = Some(4.0);
+    let r = bounded(cfg).await;
+    let refused = r.errors.get("503 no_capacity").copied().unwrap_or(0);
+    assert!(refused > 0, "the cluster refused nothing: {}", r.table());
+    assert!(r.ok < r.answered, "{}", r.table());
+    assert!(r.ok_per_s < r.throughput_per_s, "{}", r.table());
+    let expected = r.ok as f64 / r.elapsed_s;
+    assert!((r.ok_per_s - expected).abs() < 1e-6, "{}", r.table());
+    assert!(
+        r.table().contains(&format!("{:.0} ok/s", r.ok_per_s)),
+        "{}",
+        r.table()
+    );
+}

@@ -1287,6 +1287,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         latency_complete: c.answered == schedule.joins.len() as u64,
         elapsed_s: elapsed,
         throughput_per_s: c.answered as f64 / elapsed,
+        ok_per_s: c.ok as f64 / elapsed,
         latency_us: Percentiles::of(&c.latency),
         service_us: Percentiles::of(&c.service),
         errors: c.errors,

@@ -120,10 +120,15 @@ pub struct LoadReport {
     /// From the start of the run to the last HTTP answer to a decision (transport failures
     /// and timeouts, which end later without an answer, do not stretch it).
     pub elapsed_s: f64,
-    /// Answered decisions (`answered`) per second of `elapsed_s`.
+    /// Answered decisions (`answered`) per second of `elapsed_s`: refusals (a `503
+    /// no_capacity` is quick to give) included.
     pub throughput_per_s: f64,
+    /// Joins the nodes accepted (`ok`) per second of `elapsed_s`: the throughput that
+    /// seated someone.
+    pub ok_per_s: f64,
     /// Decision latency from the *scheduled* send time (open loop: no coordinated omission),
-    /// of answered decisions only (transport failures are in `errors`, not here).
+    /// of answered decisions only (transport failures are in `errors`, not here; refusals
+    /// such as `503 no_capacity` are answers, and in it: a run with errors says so).
     pub latency_us: Percentiles,
     /// Decision latency from the actual send (service time), of answered decisions.
     pub service_us: Percentiles,
@@ -178,13 +183,14 @@ impl LoadReport {
         let _ = writeln!(s, "roomrouter load: {}", self.target);
         let _ = writeln!(
             s,
-            "  joins      scheduled {}  completed {}  answered {}  ok {}  in {:.2} s  = {:.0} answered/s",
+            "  joins      scheduled {}  completed {}  answered {}  ok {}  in {:.2} s  = {:.0} answered/s, {:.0} ok/s",
             self.scheduled,
             self.completed,
             self.answered,
             self.ok,
             self.elapsed_s,
-            self.throughput_per_s
+            self.throughput_per_s,
+            self.ok_per_s
         );
         latency_header(&mut s);
         latency_row(&mut s, "from schedule (open)", &self.latency_us);

@@ -209,6 +209,9 @@ impl Proxy {
         *req.uri_mut() = target;
         req.headers_mut().insert(header::HOST, host);
         let since = Instant::now();
+        // The report the node was known by when the exchange began: a failure found later
+        // (up to `response_timeout`) does not mark a node that reported since (restarted).
+        let heard = node.live.last_heartbeat().unwrap_or(0);
         let exchange = within_after(
             upload,
             self.cfg.response_timeout,
@@ -221,7 +224,7 @@ impl Proxy {
             }
             // Only the node's own failures count toward passive health: a client that
             // aborts or oversends its body must not be able to mark a node unhealthy.
-            Ok(Err(LaneError::Connect(e))) => return Err(self.failed(node, &e)),
+            Ok(Err(LaneError::Connect(e))) => return Err(self.failed(node, heard, &e)),
             Ok(Err(LaneError::Local(e))) => return Err(self.short(node, &e)),
             Ok(Err(LaneError::Exchange(e)))
                 if caused_by::<http_body_util::LengthLimitError>(&e) =>
@@ -243,7 +246,7 @@ impl Proxy {
             // With no body of the client's in play, a connection the node closed or reset
             // before answering, or an answer it got wrong, is the node's failure.
             Ok(Err(LaneError::Exchange(e))) if bodiless => {
-                return Err(self.failed(node, &e.to_string()))
+                return Err(self.failed(node, heard, &e.to_string()))
             }
             Ok(Err(LaneError::Exchange(e))) => {
                 tracing::debug!(node = %node.id, error = ?e, "upstream exchange failed");
@@ -252,7 +255,9 @@ impl Proxy {
                     node.id
                 )));
             }
-            Err(Late::Answer) if bodiless => return Err(self.failed(node, "no response in time")),
+            Err(Late::Answer) if bodiless => {
+                return Err(self.failed(node, heard, "no response in time"))
+            }
             // As on the fast path, a node that stops taking an upload is not counted toward
             // passive health (it may be refusing the body), but the client is not kept waiting.
             Err(Late::Upload) => {
@@ -332,6 +337,9 @@ impl Proxy {
         node: &NodeEntry,
     ) -> Result<Response<Body>, ApiError> {
         let since = Instant::now();
+        // The report the node was known by when the exchange began: a failure found later
+        // (up to `response_timeout`) does not mark a node that reported since (restarted).
+        let heard = node.live.last_heartbeat().unwrap_or(0);
         let mut resp =
             match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
                 Ok(Ok(r)) => {
@@ -341,7 +349,9 @@ impl Proxy {
                 Ok(Err(e)) if e.is_connect() && super::upstream::is_local_shortage(&e) => {
                     return Err(self.short(node, &e.to_string()))
                 }
-                Ok(Err(e)) if e.is_connect() => return Err(self.failed(node, &format!("{e:?}"))),
+                Ok(Err(e)) if e.is_connect() => {
+                    return Err(self.failed(node, heard, &format!("{e:?}")))
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(node = %node.id, error = ?e, "upstream upgrade failed");
                     return Err(ApiError::UpstreamUnavailable(format!(
@@ -349,7 +359,7 @@ impl Proxy {
                         node.id
                     )));
                 }
-                Err(_) => return Err(self.failed(node, "no response in time")),
+                Err(_) => return Err(self.failed(node, heard, "no response in time")),
             };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The node declined the upgrade: its answer goes back as it is.
@@ -473,8 +483,15 @@ impl Proxy {
         ))
     }
 
-    /// Counts a failure against the node; enough in a row mark it unhealthy.
-    pub(crate) fn failed(&self, node: &NodeEntry, why: &str) -> ApiError {
+    /// Counts a failure against the node; enough in a row mark it unhealthy, unless it
+    /// reported after `heard` (its last report when the failed exchange began: a node that
+    /// restarted and reported meanwhile is not the one that failed).
+    pub(crate) fn failed(
+        &self,
+        node: &NodeEntry,
+        heard: crate::placement::Millis,
+        why: &str,
+    ) -> ApiError {
         self.metrics.upstream_failures.inc();
         let mut n = match self.failures.entry(node.id.clone()) {
             dashmap::Entry::Occupied(e) => e.into_ref(),
@@ -488,9 +505,12 @@ impl Proxy {
         *n += 1;
         if *n >= self.cfg.failures_to_unhealthy {
             *n = 0;
-            node.live.forget_heartbeat();
-            self.metrics.nodes_marked_unhealthy.inc();
-            tracing::warn!(node = %node.id, "upstream failing: marked unhealthy until its next heartbeat");
+            if node.live.forget_heartbeat_if_not_after(heard) {
+                self.metrics.nodes_marked_unhealthy.inc();
+                tracing::warn!(node = %node.id, "upstream failing: marked unhealthy until its next heartbeat");
+            } else {
+                tracing::debug!(node = %node.id, "upstream failing, but it reported since: not marked");
+            }
         }
         tracing::debug!(node = %node.id, error = why, "upstream request failed");
         ApiError::UpstreamUnavailable(format!("node {} did not answer", node.id))
@@ -1130,16 +1150,56 @@ mod tests {
         };
         let id = NodeId::parse("media-1").unwrap();
         let node = NodeEntry::new(id, info, Default::default(), false);
-        p.failed(&node, "refused");
+        p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
         p.succeeded(&node, Instant::now());
-        p.failed(&node, "refused");
+        p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
-        p.failed(&node, "refused");
+        p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);
         // Marking starts a new run; a success with nothing failing is a no-op.
         p.succeeded(&node, Instant::now());
         p.succeeded(&node, Instant::now());
         assert_eq!(p.failing.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn failures_of_exchanges_begun_before_a_nodes_latest_report_do_not_mark_it() {
+        let cfg = ProxyConfig {
+            failures_to_unhealthy: 2,
+            ..ProxyConfig::default()
+        };
+        let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
+        let info = crate::cluster::NodeInfo {
+            url: "http://127.0.0.1:9".into(),
+            upstream: "http://127.0.0.1:9".into(),
+            capacity: 100.0,
+            region: None,
+            tags: vec![],
+        };
+        let node = NodeEntry::new(
+            NodeId::parse("media-1").unwrap(),
+            info,
+            Default::default(),
+            false,
+        );
+        node.live.hold_heartbeat(1_000);
+        // Two exchanges begin; the node restarts and reports at 2 000; then both time out.
+        let heard = node.live.last_heartbeat().unwrap();
+        node.live.hold_heartbeat(2_000);
+        p.failed(&node, heard, "no response in time");
+        p.failed(&node, heard, "no response in time");
+        assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
+        assert_eq!(
+            node.live.last_heartbeat(),
+            Some(2_000),
+            "the new report stands"
+        );
+        // Failures of exchanges begun after it do mark it.
+        let heard = node.live.last_heartbeat().unwrap();
+        p.failed(&node, heard, "refused");
+        p.failed(&node, heard, "refused");
+        assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);
+        assert_eq!(node.live.last_heartbeat(), None);
     }
 
     #[test]

@@ -313,6 +313,8 @@ impl Client<'_> {
         let mut sent_whole = true;
         let max = app.cfg.server.max_header_bytes.max(64 * 1024);
         let since = std::time::Instant::now();
+        // As `Proxy::forward`: a failure does not mark a node that reported since.
+        let heard = node.live.last_heartbeat().unwrap_or(0);
         let mut conn = p
             .conns
             .get(info.event_loop, upstream)
@@ -370,7 +372,9 @@ impl Client<'_> {
                 }
                 // With no body of the client's in play, a connection the node closed or
                 // reset before answering, or an answer it got wrong, is the node's failure.
-                Ok(Err(e)) if bodiless => return Err((p.failed(node, &e.to_string()), true)),
+                Ok(Err(e)) if bodiless => {
+                    return Err((p.failed(node, heard, &e.to_string()), true))
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(node = %node.id, error = %e, "upstream exchange failed");
                     let consumed = rest == 0;
@@ -382,7 +386,9 @@ impl Client<'_> {
                         consumed,
                     ));
                 }
-                Err(_) if bodiless => return Err((p.failed(node, "no response in time"), true)),
+                Err(_) if bodiless => {
+                    return Err((p.failed(node, heard, "no response in time"), true))
+                }
                 Err(_) => {
                     return Err((
                         ApiError::UpstreamUnavailable(format!(
@@ -696,7 +702,8 @@ fn connect_failed<S: PinStore>(app: &App<S>, a: &Admission, e: LaneError) -> Api
         LaneError::Local(e) => return app.proxy.short(&a.node, &e),
         LaneError::Exchange(e) => e.to_string(),
     };
-    app.proxy.failed(&a.node, &why)
+    app.proxy
+        .failed(&a.node, a.node.live.last_heartbeat().unwrap_or(0), &why)
 }
 
 fn client_gone() -> ApiError {

@@ -2865,23 +2865,7 @@ async fn a_router_behind_on_a_node_does_not_move_its_rooms_while_others_hear_it(
     let a = serve(cfg).await;
     let b = serve(cfg_b).await;
     let c = client();
-    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
-    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
-        })
-        .await
-    );
-    let mut room = None;
-    for i in 0..50 {
-        let r = format!("room{i}");
-        if place(&c, &a.base(), &r).await.unwrap() == "n1" {
-            room = Some(r);
-            break;
-        }
-    }
-    let room = room.expect("a room on n1 among 50");
+    let room = a_room_on_n1(&c, &a, &b).await;
     // Bounded: aborted below, after at most some 25 s.
     let (ca, abase, bbase, rr) = (c.clone(), a.base(), b.base(), room.clone());
     let beats = tokio::spawn(async move {
@@ -2932,29 +2916,17 @@ async fn a_node_this_routers_own_check_failed_loses_its_rooms_though_others_hear
     let a = serve(cfg.clone()).await;
     let b = serve(cfg).await;
     let c = client();
-    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
-    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
-        })
-        .await
-    );
-    let mut room = None;
-    for i in 0..50 {
-        let r = format!("room{i}");
-        if place(&c, &a.base(), &r).await.unwrap() == "n1" {
-            room = Some(r);
-            break;
-        }
-    }
-    let room = room.expect("a room on n1 among 50");
+    let room = a_room_on_n1(&c, &a, &b).await;
     // n1 reported a moment ago (the store shows it alive); router B's check fails it.
     heartbeat(&c, &a.base(), "n1", 1.0, &[(room.as_str(), 3)]).await;
     let n1 = NodeId::parse("n1").unwrap();
+    // Router B has that report (its load): no relayed report comes after the mark below.
     assert!(
         eventually(Duration::from_secs(3), || async {
-            b.app.router.node(&n1).is_some_and(|s| s.healthy)
+            b.app
+                .router
+                .node(&n1)
+                .is_some_and(|s| s.healthy && s.load == 1.0)
         })
         .await
     );
@@ -2966,4 +2938,24 @@ async fn a_node_this_routers_own_check_failed_loses_its_rooms_though_others_hear
         "router B held a room on a node its own check failed"
     );
     cleanup(&url, &p).await;
+}
+
+/// Node n1 reporting to router `a`, n2 to `b`, both seen by both; then a room placed
+/// through `a` on n1, returned.
+async fn a_room_on_n1(c: &reqwest::Client, a: &Served, b: &Served) -> String {
+    heartbeat(c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
+        })
+        .await
+    );
+    for i in 0..50 {
+        let r = format!("room{i}");
+        if place(c, &a.base(), &r).await.unwrap() == "n1" {
+            return r;
+        }
+    }
+    panic!("no room on n1 among 50");
 }

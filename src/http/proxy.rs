@@ -1134,13 +1134,8 @@ mod tests {
         assert_eq!(out["x-forwarded-for"], "10.0.0.1");
     }
 
-    #[tokio::test]
-    async fn a_success_ends_a_nodes_run_of_failures() {
-        let cfg = ProxyConfig {
-            failures_to_unhealthy: 2,
-            ..ProxyConfig::default()
-        };
-        let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
+    /// A node `media-1` at an address nothing listens on.
+    fn media_1() -> NodeEntry {
         let info = crate::cluster::NodeInfo {
             url: "http://127.0.0.1:9".into(),
             upstream: "http://127.0.0.1:9".into(),
@@ -1148,8 +1143,22 @@ mod tests {
             region: None,
             tags: vec![],
         };
-        let id = NodeId::parse("media-1").unwrap();
-        let node = NodeEntry::new(id, info, Default::default(), false);
+        NodeEntry::new(
+            NodeId::parse("media-1").unwrap(),
+            info,
+            Default::default(),
+            false,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_success_ends_a_nodes_run_of_failures() {
+        let cfg = ProxyConfig {
+            failures_to_unhealthy: 2,
+            ..ProxyConfig::default()
+        };
+        let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
+        let node = media_1();
         p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
         p.succeeded(&node, Instant::now());
         p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
@@ -1169,19 +1178,7 @@ mod tests {
             ..ProxyConfig::default()
         };
         let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
-        let info = crate::cluster::NodeInfo {
-            url: "http://127.0.0.1:9".into(),
-            upstream: "http://127.0.0.1:9".into(),
-            capacity: 100.0,
-            region: None,
-            tags: vec![],
-        };
-        let node = NodeEntry::new(
-            NodeId::parse("media-1").unwrap(),
-            info,
-            Default::default(),
-            false,
-        );
+        let node = media_1();
         node.live.hold_heartbeat(1_000);
         // Two exchanges begin; the node restarts and reports at 2 000; then both time out.
         let heard = node.live.last_heartbeat().unwrap();

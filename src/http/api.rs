@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{json, parse_json, read_body, ApiError, App, Body};
 use crate::auth::users::admits;
 use crate::auth::{Credential, UserClaims};
-use crate::cluster::{check_url, NodeId, NodeInfo};
+use crate::cluster::{check_url, NodeId, NodeInfo, MAX_TAGS};
 use crate::placement::{AdminState, Hints};
 use crate::room::RoomKey;
 use crate::router::{Heartbeat, Intent, Placement};
@@ -33,7 +33,6 @@ pub const MAX_REPORTED_ROOMS: usize = 100_000;
 pub const MAX_HEARTBEAT_BODY_BYTES: usize = MAX_REPORTED_ROOMS * 320 + 64 * 1024;
 /// Most refused room entries a heartbeat's answer lists (the metric counts them all).
 pub const MAX_REFUSED_LISTED: usize = 100;
-use crate::cluster::MAX_TAGS;
 
 /// The query string's pairs, decoded.
 pub fn query(parts: &Parts) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {

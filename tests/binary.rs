@@ -474,18 +474,26 @@ fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
 fn serve_with(config: &std::path::Path) -> (Reaper, String) {
     let addr = free_addr();
     let router = Reaper(
-        clean_env(&mut Command::new(BIN))
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", &addr.to_string()])
-            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
-            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-            .env("ROOMROUTER_TICKET_SECRET", SECRET)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+        with_credentials(
+            Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(config)
+                .args(["--listen", &addr.to_string()]),
+        )
+        .spawn()
+        .unwrap(),
     );
     (router, format!("http://{addr}"))
+}
+
+/// `c` in a clean environment with the test credentials, its stdout dropped: a router as
+/// the tests run it.
+fn with_credentials(c: &mut Command) -> &mut Command {
+    clean_env(c)
+        .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
+        .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
+        .env("ROOMROUTER_TICKET_SECRET", SECRET)
+        .stdout(Stdio::null())
 }
 
 #[tokio::test]
@@ -1137,12 +1145,7 @@ async fn a_router_short_of_sockets_does_not_blame_the_node() {
         config.display()
     );
     let _router = Reaper(
-        clean_env(&mut Command::new("sh"))
-            .args(["-c", &script])
-            .env("ROOMROUTER_ADMIN_TOKEN", ADMIN)
-            .env("ROOMROUTER_NODE_TOKEN", NODE_TOKEN)
-            .env("ROOMROUTER_TICKET_SECRET", SECRET)
-            .stdout(Stdio::null())
+        with_credentials(Command::new("sh").args(["-c", &script]))
             .spawn()
             .unwrap(),
     );

@@ -1151,13 +1151,18 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_success_ends_a_nodes_run_of_failures() {
+    /// A proxy that marks a node after `n` failures in a row.
+    fn failing_after(n: u32) -> Proxy {
         let cfg = ProxyConfig {
-            failures_to_unhealthy: 2,
+            failures_to_unhealthy: n,
             ..ProxyConfig::default()
         };
-        let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
+        Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_success_ends_a_nodes_run_of_failures() {
+        let p = failing_after(2);
         let node = media_1();
         p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
         p.succeeded(&node, Instant::now());
@@ -1173,11 +1178,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_of_exchanges_begun_before_a_nodes_latest_report_do_not_mark_it() {
-        let cfg = ProxyConfig {
-            failures_to_unhealthy: 2,
-            ..ProxyConfig::default()
-        };
-        let p = Proxy::new(&cfg, 1, ProxyMetrics::default()).unwrap();
+        let p = failing_after(2);
         let node = media_1();
         node.live.hold_heartbeat(1_000);
         // Two exchanges begin; the node restarts and reports at 2 000; then both time out.

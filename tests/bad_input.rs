@@ -434,6 +434,74 @@ async fn unknown_nodes_paths_and_wrong_methods() {
     assert_eq!(state(&r).await, before);
 }
 
+/// One raw request on a connection of its own; the whole answer (the router closes after a
+/// 400, or the request said `Connection: close`).
+async fn raw(r: &TestRouter, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The status code of a raw answer (`HTTP/1.x NNN ...`).
+fn status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_request_without_exactly_one_valid_host_is_a_400_on_either_path() {
+    // RFC 9112 section 3.2: a server answers 400 to an HTTP/1.1 request with no `Host`, and
+    // to any request with two or with an invalid one. A cache or proxy in front could read
+    // another host than the router did.
+    for fast_path in [true, false] {
+        let mut cfg = config();
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let hb = json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1});
+        assert_eq!(heartbeat(&r, "n1", hb).await.status(), 200);
+        let before = state(&r).await;
+        for request in [
+            "GET /rooms/a HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nConnection: close\r\nHost: r.example\r\nHost: evil.example\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nConnection: close\r\nHost: r.example\r\nhost: r.example\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nConnection: close\r\nHost: user@r.example\r\n\r\n",
+            "GET /v1/placement/a HTTP/1.1\r\nConnection: close\r\nHost: r.example/x\r\n\r\n",
+            "GET /v1/placement/a HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /rooms/a HTTP/1.0\r\nConnection: close\r\nHost: a\r\nHost: b\r\n\r\n",
+        ] {
+            let answer = raw(&r, request).await;
+            assert!(
+                status(&answer) == 400 && answer.contains("invalid_request"),
+                "fast path {fast_path}, {request:?}: {answer}"
+            );
+        }
+        // Nothing was placed or pinned by the refused requests.
+        assert_eq!(state(&r).await, before, "fast path {fast_path}");
+        // One valid `Host` is served; HTTP/1.0 may go without one.
+        for request in [
+            "GET /healthz HTTP/1.1\r\nHost: r.example:8080\r\nConnection: close\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+            "GET /healthz HTTP/1.0\r\n\r\n",
+            "GET /v1/placement/b HTTP/1.1\r\nHost: r.example\r\nConnection: close\r\n\r\n",
+        ] {
+            let answer = raw(&r, request).await;
+            assert!(
+                status(&answer) == 200,
+                "fast path {fast_path}, {request:?}: {answer}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let mut cfg = config();

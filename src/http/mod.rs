@@ -166,8 +166,72 @@ pub async fn handle<S: PinStore>(
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let route = routes::route(parts.uri.path());
-    let result = dispatch(&app, &route, &parts, body, peer).await;
+    let result = match check_host(&parts) {
+        Ok(()) => dispatch(&app, &route, &parts, body, peer).await,
+        Err(e) => Err(e),
+    };
     result.unwrap_or_else(|e| error_response(&app, parts.uri.path(), e))
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `Host`, and no HTTP/1.x
+/// request carries two; either way its value is a host and optional port. Anything else is
+/// a 400, as the RFC requires of a server, before any handler sees the request (a proxy
+/// or cache in front could read a different host than the router did). HTTP/2 names its
+/// authority in `:authority` and is left to hyper.
+fn check_host(parts: &http::request::Parts) -> Result<(), ApiError> {
+    if parts.version > http::Version::HTTP_11 {
+        return Ok(());
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if parts.version == http::Version::HTTP_11 => Err(ApiError::InvalidRequest(
+            "an HTTP/1.1 request needs a Host header".into(),
+        )),
+        (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
+            "a request carries one Host header, not several".into(),
+        )),
+        (Some(h), None) if !valid_host(h.as_bytes()) => Err(ApiError::InvalidRequest(
+            "the Host header is not a host and optional port".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `v` is a `Host` value: `uri-host [ ":" port ]` (RFC 9110 section 7.2; RFC 3986
+/// section 3.2.2 for the host), or empty (RFC 9112 section 3.2: a target whose authority is
+/// empty). No user info, path, spaces or controls. Checked byte by byte, with no copy: the
+/// fast path asks it of every request.
+pub(crate) fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = match v.first() {
+        // An IP literal: `[` hex digits, `:`, `.`, a zone (`%25eth0`) or IPvFuture `]`.
+        Some(b'[') => match v.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inside = &v[1..end];
+                let ok = !inside.is_empty()
+                    && inside
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b":.%-_~".contains(&b));
+                if !ok {
+                    return false;
+                }
+                (&v[..0], &v[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match v.iter().position(|&b| b == b':') {
+            Some(colon) => (&v[..colon], &v[colon..]),
+            None => (v, &v[..0]),
+        },
+    };
+    let reg_name = host
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    reg_name && port_ok
 }
 
 /// The answer for a failed request, counted and logged the same way whichever server
@@ -215,5 +279,65 @@ async fn dispatch<S: PinStore>(
         ))),
         (Route::FrontDoor, _) => front_door::handle(app, parts, body, peer).await,
         (r, _) => Err(ApiError::MethodNotAllowed(r.allowed())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: http::Version, hosts: &[&str]) -> http::request::Parts {
+        let mut b = Request::builder().uri("/rooms/a").version(version);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn a_host_is_a_host_and_an_optional_port() {
+        for ok in [
+            "",
+            "router.example",
+            "router.example:8443",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "[fe80::1%25eth0]:80",
+            "xn--bcher-kva.example",
+            "host:",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok:?} is a host");
+        }
+        for bad in [
+            "user@router.example",
+            "router.example/path",
+            "router example",
+            "router.example:80:80",
+            "router.example:http",
+            "router.example:123456",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a\tb",
+            "a?b",
+            "a#b",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} is not a host");
+        }
+    }
+
+    #[test]
+    fn http_1_1_needs_exactly_one_valid_host_and_http_1_0_at_most_one() {
+        use http::Version;
+        assert!(check_host(&parts(Version::HTTP_11, &["r.example"])).is_ok());
+        assert!(check_host(&parts(Version::HTTP_11, &[])).is_err());
+        assert!(check_host(&parts(Version::HTTP_11, &["a", "b"])).is_err());
+        assert!(check_host(&parts(Version::HTTP_11, &["a", "a"])).is_err());
+        assert!(check_host(&parts(Version::HTTP_11, &["u@a"])).is_err());
+        assert!(check_host(&parts(Version::HTTP_10, &[])).is_ok());
+        assert!(check_host(&parts(Version::HTTP_10, &["a", "b"])).is_err());
+        // HTTP/2 names its authority in `:authority`.
+        assert!(check_host(&parts(Version::HTTP_2, &[])).is_ok());
     }
 }

@@ -99,6 +99,7 @@ pub fn parse_request(buf: &[u8]) -> Parse {
     };
     let mut body = None;
     let mut close = false;
+    let mut hosts = 0u32;
     let mut plan_headers = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -113,6 +114,12 @@ pub fn parse_request(buf: &[u8]) -> Parse {
                 (None, Some(n)) => body = Some(n),
                 _ => return Parse::Other,
             }
+        } else if name.eq_ignore_ascii_case(b"host") {
+            // RFC 9112 section 3.2: one valid `Host`, or hyper's path answers the 400.
+            hosts += 1;
+            if hosts > 1 || !crate::http::valid_host(h.value) {
+                return Parse::Other;
+            }
         } else if name.eq_ignore_ascii_case(b"connection") {
             for t in tokens(h.value) {
                 if t.eq_ignore_ascii_case(b"close") {
@@ -124,7 +131,7 @@ pub fn parse_request(buf: &[u8]) -> Parse {
         }
         plan_headers.push((at(name), at(h.value)));
     }
-    if lookup && body.is_some_and(|n| n > 0) {
+    if hosts == 0 || lookup && body.is_some_and(|n| n > 0) {
         return Parse::Other;
     }
     Parse::Head(Plan {
@@ -654,7 +661,7 @@ mod tests {
         assert_eq!(h.parts.uri, "/rooms/a?x=1");
         assert_eq!(h.body, 5);
         assert!(!h.close && !h.lookup);
-        assert!(head("GET /v1/placement/a?create=false HTTP/1.1\r\n\r\n").lookup);
+        assert!(head("GET /v1/placement/a?create=false HTTP/1.1\r\nHost: x\r\n\r\n").lookup);
         let xa: Vec<_> = h.parts.headers.get_all("x-a").iter().collect();
         assert_eq!(xa, ["1", "2"]);
     }
@@ -662,21 +669,26 @@ mod tests {
     #[test]
     fn what_the_fast_path_does_not_carry_goes_to_hyper() {
         for raw in [
-            "POST /v1/placement HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
-            "GET /v1/placement/a/explain HTTP/1.1\r\n\r\n",
-            "GET /v1/placement/a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
-            "GET /healthz HTTP/1.1\r\n\r\n",
-            "GET /rooms/a HTTP/1.0\r\n\r\n",
-            "POST /rooms/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST /rooms/a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
-            "POST /rooms/a HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
-            "POST /rooms/a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
-            "GET /rooms/a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            "GET /rooms/a HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            "POST /v1/placement HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+            "GET /v1/placement/a/explain HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /v1/placement/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /rooms/a HTTP/1.0\r\nHost: x\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n",
+            "POST /rooms/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "CONNECT r.example:443 HTTP/1.1\r\n\r\n",
-            "OPTIONS * HTTP/1.1\r\n\r\n",
-            "GET /rooms/a HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "CONNECT r.example:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n",
+            // RFC 9112 section 3.2: hyper's path answers these with a 400.
+            "GET /rooms/a HTTP/1.1\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
+            "GET /rooms/a HTTP/1.1\r\nHost: u@x\r\n\r\n",
+            "GET /v1/placement/a HTTP/1.1\r\nHost: x/y\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_request(raw.as_bytes()), Parse::Other),
@@ -691,7 +703,9 @@ mod tests {
 
     #[test]
     fn connection_close_is_noticed() {
-        assert!(head("GET /rooms/a HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n").close);
+        assert!(
+            head("GET /rooms/a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n").close
+        );
     }
 
     #[test]

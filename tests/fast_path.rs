@@ -1370,6 +1370,21 @@ async fn a_node_answer_whose_body_is_malformed_from_the_start_gets_the_client_a_
     assert_eq!(fast_requests(&r).await, 1);
 }
 
+#[tokio::test]
+async fn a_chunk_extension_with_a_control_byte_is_not_relayed() {
+    // A NUL in a chunk extension: a client's parser may end the line (or the message) there,
+    // and the relay would no longer agree with it on where the next answer starts.
+    let (r, _node, mut c) = cluster(vec![
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=\0\r\nhello\r\n0\r\n\r\n",
+    ])
+    .await;
+    c.send(&get("/rooms/a")).await;
+    let a = c.answer().await;
+    assert_eq!(a.status(), 502, "{a:?}");
+    assert!(!a.body.windows(5).any(|w| w == b"hello"), "{a:?}");
+    assert_eq!(fast_requests(&r).await, 1);
+}
+
 /// A node that answers an upload early, with a body malformed from the start, and resets
 /// the connection: the router's next write of the body fails. The client gets a 502 and
 /// its connection closes, because the rest of its body is still on it: read as the next

@@ -106,6 +106,7 @@ impl ChunkedEnd {
                 State::Ext => match b {
                     b'\r' => self.state = State::SizeLf,
                     b'\n' => return Err(ChunkedError("bare LF in chunk size line")),
+                    b if is_ctl(b) => return Err(ChunkedError("control byte in chunk extension")),
                     _ => self.grow_line()?,
                 },
                 State::SizeLf => {
@@ -139,6 +140,7 @@ impl ChunkedEnd {
                 State::TrailerStart => match b {
                     b'\r' => self.state = State::EndLf,
                     b'\n' => return Err(ChunkedError("bare LF in trailers")),
+                    b if is_ctl(b) => return Err(ChunkedError("control byte in trailers")),
                     _ => {
                         self.grow_trailers()?;
                         self.state = State::Trailer;
@@ -147,6 +149,7 @@ impl ChunkedEnd {
                 State::Trailer => match b {
                     b'\r' => self.state = State::TrailerLf,
                     b'\n' => return Err(ChunkedError("bare LF in trailers")),
+                    b if is_ctl(b) => return Err(ChunkedError("control byte in trailers")),
                     _ => self.grow_trailers()?,
                 },
                 State::TrailerLf => {
@@ -190,6 +193,15 @@ fn expect(b: u8, want: u8, why: &'static str) -> Result<(), ChunkedError> {
     }
 }
 
+/// A control byte no chunk extension or trailer field line may carry (RFC 9110 section
+/// 5.5; RFC 9112 section 7.1.1: extensions are tokens and quoted strings): every CTL but
+/// HTAB, which is whitespace there. A client's parser may end the line, or the message, at
+/// one where this relay did not, so the relay closes both connections instead (CR and LF
+/// are the framing's own and are checked where they belong).
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t' && b != b'\r' && b != b'\n') || b == 0x7f
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -215,7 +227,7 @@ mod tests {
 
     #[test]
     fn the_end_is_found_however_the_bytes_are_split() {
-        let body = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Sum: 9\r\n\r\n";
+        let body = b"5;ext=1;q=\"a\tb\xff\"\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Sum: 9\r\n\r\n";
         for at in 0..=body.len() {
             assert_eq!(end_split(body, at), Ok(Some(body.len())), "split at {at}");
         }
@@ -273,6 +285,12 @@ mod tests {
             b"3\rabc",
             b"ffffffffffffffff1\r\n",
             b"\r\n",
+            // Control bytes where a client's parser could take the line to end elsewhere.
+            b"3;ext=\0\r\nabc\r\n",
+            b"3;a\x0bb\r\nabc\r\n",
+            b"3;a\x7f\r\nabc\r\n",
+            b"0\r\nX-T: a\x00b\r\n\r\n",
+            b"0\r\n\x01X-T: a\r\n\r\n",
         ] {
             let mut c = ChunkedEnd::new();
             assert!(c.feed(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));

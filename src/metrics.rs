@@ -125,6 +125,7 @@ pub struct Metrics {
     /// marked unhealthy.
     pub probe_failures: Counter,
     pub probe_marked_unhealthy: Counter,
+    pub probes_short: Counter,
 }
 
 /// What proxy mode counts (handles onto the router's registry, cheap to clone).
@@ -271,6 +272,12 @@ impl Metrics {
             "health_probe_nodes_marked_unhealthy",
             "Nodes marked unhealthy after health.failures failed probes in a row",
         );
+        let probes_short: Counter = registered(
+            &mut registry,
+            "health_probes_short",
+            "Active health probes the router could not make for want of its own resources \
+             (file descriptors, local ports, memory); held against no node",
+        );
         let upstream_response = NodeLatencies::default();
         registry.register_collector(Box::new(NodeLatencyFamily {
             name: "proxy_upstream_response",
@@ -311,6 +318,7 @@ impl Metrics {
             heartbeat_time,
             probe_failures,
             probe_marked_unhealthy,
+            probes_short,
         }
     }
 

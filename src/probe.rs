@@ -12,7 +12,9 @@
 //!
 //! The probe is a connection, not a request: it proves the process listens, which is what a
 //! crash or a lost machine takes away, and costs a node nothing to answer. Marks are this
-//! router's own (routers sharing Redis each probe for themselves).
+//! router's own (routers sharing Redis each probe for themselves). A connection the router
+//! cannot open for want of its own resources (file descriptors, local ports, memory) says
+//! nothing about the node: it counts neither way, and the router warns about itself.
 //!
 //! A node known by a name with several addresses is probed as the proxy's connector reaches
 //! it (Happy Eyeballs): one address after another, each started `ATTEMPT_DELAY` after the
@@ -32,6 +34,7 @@ use tokio::task::JoinSet;
 
 use crate::cluster::{NodeEntry, NodeId};
 use crate::http::resolve::Resolver;
+use crate::http::upstream::is_local_shortage;
 use crate::http::App;
 use crate::store::PinStore;
 
@@ -43,31 +46,55 @@ const MAX_ADDRS: usize = 8;
 /// addresses tried start within the probe's timeout.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
+/// Why a probe failed.
+#[derive(Debug)]
+pub struct ProbeFailed {
+    /// The router, not the node, ran short: out of file descriptors, local ports or memory
+    /// ([`is_local_shortage`]). Such a failure says nothing about the node, and is held
+    /// against none, as in proxy mode (`LaneError::Local`).
+    pub local: bool,
+    pub why: String,
+}
+
+impl ProbeFailed {
+    fn node(why: String) -> ProbeFailed {
+        ProbeFailed { local: false, why }
+    }
+}
+
 /// Opens (and closes at once) a TCP connection to `upstream`'s host and port within
 /// `timeout`, a name looked up through `resolver`. The error says why not.
-pub async fn probe(upstream: &str, resolver: &Resolver, timeout: Duration) -> Result<(), String> {
-    let u = url::Url::parse(upstream).map_err(|e| format!("{upstream:?}: {e}"))?;
+pub async fn probe(
+    upstream: &str,
+    resolver: &Resolver,
+    timeout: Duration,
+) -> Result<(), ProbeFailed> {
+    let u =
+        url::Url::parse(upstream).map_err(|e| ProbeFailed::node(format!("{upstream:?}: {e}")))?;
     let port = u
         .port_or_known_default()
-        .ok_or_else(|| format!("{upstream:?}: no port"))?;
+        .ok_or_else(|| ProbeFailed::node(format!("{upstream:?}: no port")))?;
     let connect = async {
         let addrs: Vec<SocketAddr> = match u.host() {
             Some(url::Host::Ipv4(ip)) => vec![(ip, port).into()],
             Some(url::Host::Ipv6(ip)) => vec![(ip, port).into()],
             Some(url::Host::Domain(d)) => resolver
                 .resolve(d)
-                .await?
+                .await
+                .map_err(ProbeFailed::node)?
                 .iter()
                 .map(|a| SocketAddr::new(a.ip(), port))
                 .collect(),
-            None => return Err("no host".to_string()),
+            None => return Err(ProbeFailed::node("no host".to_string())),
         };
         connect_any(&addrs, timeout).await
     };
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no connection within {timeout:?}")),
+        Err(_) => Err(ProbeFailed::node(format!(
+            "no connection within {timeout:?}"
+        ))),
     }
 }
 
@@ -75,8 +102,9 @@ pub async fn probe(upstream: &str, resolver: &Resolver, timeout: Duration) -> Re
 /// order, staggered: the next starts [`ATTEMPT_DELAY`] (at most `timeout` shared out among
 /// them) after the last, or at once when an attempt fails; the attempts still under way are
 /// dropped once one connects. Unbounded in time: the caller's timeout bounds it. Fails with
-/// every address's error once all have failed.
-async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+/// every address's error once all have failed (a local failure if any of them was one: the
+/// router could not try that address).
+async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, ProbeFailed> {
     let addrs = &addrs[..addrs.len().min(MAX_ADDRS)];
     let delay = ATTEMPT_DELAY.min(timeout / addrs.len().max(1) as u32);
     let attempt = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
@@ -84,6 +112,7 @@ async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
     let mut racing = FuturesUnordered::new();
     racing.extend(untried.next().map(attempt));
     let mut errors = Vec::new();
+    let mut local = false;
     let next_start = tokio::time::sleep(delay);
     tokio::pin!(next_start);
     while !racing.is_empty() {
@@ -91,6 +120,7 @@ async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
             Some((addr, r)) = racing.next() => match r {
                 Ok(stream) => return Ok(stream),
                 Err(e) => {
+                    local |= is_local_shortage(&e);
                     errors.push(format!("{addr}: {e}"));
                     racing.extend(untried.next().map(attempt));
                     next_start.as_mut().reset(tokio::time::Instant::now() + delay);
@@ -103,9 +133,12 @@ async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
         }
     }
     if errors.is_empty() {
-        return Err("no addresses".to_string());
+        return Err(ProbeFailed::node("no addresses".to_string()));
     }
-    Err(errors.join("; "))
+    Err(ProbeFailed {
+        local,
+        why: errors.join("; "),
+    })
 }
 
 /// Failed probes in a row, per node.
@@ -165,9 +198,10 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
                 .filter(|n| app.router.is_healthy(n, now))
                 .cloned()
                 .collect();
-            let (failed, marked) = (
+            let (failed, marked, skipped) = (
                 app.router.metrics.probe_failures.clone(),
                 app.router.metrics.probe_marked_unhealthy.clone(),
+                app.router.metrics.probes_short.clone(),
             );
             let resolver = app.proxy.resolver().clone();
             // Not held while the probes run: a router shutting down stops the task.
@@ -181,11 +215,21 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
                     (node, r)
                 });
             }
+            let mut short = None;
             while let Some(done) = probes.join_next().await {
                 let Ok((node, r)) = done else { continue };
-                if let Err(why) = &r {
-                    failed.inc();
-                    tracing::debug!(node = %node.id, error = %why, "health probe failed");
+                match &r {
+                    Err(f) if f.local => {
+                        // Neither a success nor a failure of the node: its streak stands.
+                        skipped.inc();
+                        short = Some(f.why.clone());
+                        continue;
+                    }
+                    Err(f) => {
+                        failed.inc();
+                        tracing::debug!(node = %node.id, error = %f.why, "health probe failed");
+                    }
+                    Ok(()) => {}
                 }
                 if !streaks.record(&node.id, r.is_ok(), h.failures) {
                     continue;
@@ -203,6 +247,9 @@ pub fn spawn_prober<S: PinStore>(app: &Arc<App<S>>) -> Option<tokio::task::JoinH
                 } else {
                     tracing::debug!(node = %node.id, "health probes failed, but the node reported in since they began: not marked");
                 }
+            }
+            if let Some(why) = short {
+                tracing::warn!(error = %why, "health probes not made: the router is short of sockets or memory (raise its open-files limit?); no node is blamed");
             }
         }
     }))
@@ -296,11 +343,11 @@ mod tests {
         probe(&named, &r, Duration::from_secs(1)).await.unwrap();
         drop((l, l6));
         let e = probe(&url, &r, Duration::from_secs(1)).await.unwrap_err();
-        assert!(!e.is_empty());
+        assert!(!e.why.is_empty() && !e.local, "{e:?}");
         let e = probe("not a url", &r, Duration::from_secs(1))
             .await
             .unwrap_err();
-        assert!(e.contains("not a url"), "{e}");
+        assert!(e.why.contains("not a url"), "{e:?}");
     }
 
     #[tokio::test]
@@ -390,8 +437,8 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            e.contains("SERVFAIL") && e.contains("media-1.example"),
-            "{e}"
+            e.why.contains("SERVFAIL") && e.why.contains("media-1.example") && !e.local,
+            "{e:?}"
         );
     }
 }

@@ -1205,3 +1205,82 @@ async fn a_router_short_of_sockets_does_not_blame_the_node() {
     assert_eq!(after.status(), 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same for the active health check: a router out of file descriptors (`ulimit -n 64`,
+/// its slots taken by idle client connections) cannot open its probes' connections. That
+/// says nothing about the node, which is not marked (before, two rounds of such probes
+/// marked every node unhealthy, and a router short of sockets refused every room: a
+/// review's finding); the probes not made are counted.
+#[tokio::test]
+async fn a_router_short_of_sockets_does_not_fail_its_health_probes() {
+    let up = upstream::Upstream::start("n1").await;
+    let addr = free_addr();
+    let dir = std::env::temp_dir().join(format!(
+        "rr-probe-short-{}-{}",
+        std::process::id(),
+        addr.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(
+        &config,
+        "[placement]\nstartup_hold = \"0s\"\nheartbeat_timeout = \"30s\"\n\
+         [health]\nprobe_interval = \"100ms\"\nprobe_timeout = \"100ms\"\nfailures = 2\n\
+         [server]\nworker_threads = 1\n",
+    )
+    .unwrap();
+    let script = format!(
+        "ulimit -n 64 && exec {BIN} serve --config {} --listen {addr}",
+        config.display()
+    );
+    let _router = Reaper(
+        with_credentials(Command::new("sh").args(["-c", &script]))
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{addr}");
+    wait_http(&format!("{url}/healthz")).await;
+    let hb = serde_json::json!({"url": up.url, "capacity": 1000, "load": 0});
+    heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
+    // Idle connections take every descriptor the router has left, for 1.5 s (15 rounds).
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(idle);
+    // The router serves again once they are gone (its header timeout closes the rest).
+    let metric = |m: &str, name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let m = loop {
+        let got = client().get(format!("{url}/metrics")).send().await;
+        if let Ok(r) = got {
+            break r.text().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router does not serve again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        metric(&m, "roomrouter_health_probes_short_total") > 0.0,
+        "the limit was not reached (nothing to show): {m}"
+    );
+    assert_eq!(
+        metric(&m, "roomrouter_health_probe_nodes_marked_unhealthy_total"),
+        0.0,
+        "{m}"
+    );
+    let node: serde_json::Value = client()
+        .get(format!("{url}/v1/nodes/n1"))
+        .bearer_auth(ADMIN)
+        .send_json()
+        .await;
+    assert_eq!(node["healthy"], true, "the node was blamed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -551,6 +551,25 @@ impl<S: PinStore> Router<S> {
                     let previous = pin.as_ref().map(|p| p.node.clone());
                     if let Some(prev) = &previous {
                         if let Some(held) = self.still_heard_elsewhere(prev).await? {
+                            // As on the pinned path: the join recorded first, then the pin
+                            // confirmed as the store holds it now (another router may have
+                            // moved the room since it was read), then the join limit, of
+                            // which the node's last report here is the best knowledge.
+                            if intent == Intent::Join {
+                                self.recent.joined(room.stable_hash(), now);
+                            }
+                            if !self.store.confirm(room, &held.id, now).await? {
+                                pin = self.store.get(room).await?;
+                                continue;
+                            }
+                            if held.join_utilization(self.params.new_room_limit)
+                                >= self.params.join_limit
+                                && !self.goes_in_when_full(room, &held, intent)
+                            {
+                                return Err(JoinError::NodeFull {
+                                    node: held.id.clone(),
+                                });
+                            }
                             if intent == Intent::Join {
                                 self.count_join(room, &held, now);
                             }
@@ -920,12 +939,22 @@ impl<S: PinStore> Router<S> {
                 None => None,
             };
             // Unpinned (e.g. the router restarted) or pinned to a node that is gone: adopt it.
+            let mark = self.book.mark();
             match self
                 .store
                 .pin_if(room, &entry.id, expected.as_ref(), now)
                 .await?
             {
-                PinOutcome::Won(_) => return Ok(true),
+                PinOutcome::Won(_) => {
+                    // The room's reservation on the node it left goes with it: kept, that
+                    // node would count a meeting it no longer hosts until `reservation_ttl`
+                    // (a node back from a blip avoided for new rooms, a small cluster
+                    // pushed into overflow), on every router sharing reservations too.
+                    if let Some(prev) = &expected {
+                        self.book.release_older(room, Some(prev), mark);
+                    }
+                    return Ok(true);
+                }
                 PinOutcome::Lost(now_pinned) => current = now_pinned,
             }
         }

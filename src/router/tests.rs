@@ -1188,11 +1188,26 @@ struct HookedStore {
     /// As `sweep_pause`, for the next `pin_if` (once): says it was called, and waits for a go.
     pin_pause: Option<(tokio::sync::Notify, tokio::sync::Notify)>,
     pin_paused: std::sync::atomic::AtomicBool,
+    /// A store other routers share, every one of which still hears every node this router
+    /// takes for gone (`node_alive_elsewhere`).
+    heard_elsewhere: std::sync::atomic::AtomicBool,
+    /// What the next `get` answers instead of the pin (once): this router's cached read of a
+    /// pin another router has changed since.
+    stale_read: std::sync::Mutex<Option<Pin>>,
 }
 
 impl PinStore for HookedStore {
     async fn get(&self, room: &RoomKey) -> Result<Option<Pin>, StoreError> {
+        if let Some(stale) = self.stale_read.lock().unwrap().take() {
+            return Ok(Some(stale));
+        }
         self.inner.get(room).await
+    }
+    fn shared(&self) -> bool {
+        self.heard_elsewhere.load(Ordering::SeqCst)
+    }
+    async fn node_alive_elsewhere(&self, _node: &NodeId) -> Option<bool> {
+        self.heard_elsewhere.load(Ordering::SeqCst).then_some(true)
     }
     async fn pin_if(
         &self,
@@ -1549,4 +1564,98 @@ async fn a_re_placement_is_one_decision_in_the_metrics() {
         "{text}"
     );
     assert_eq!(all, 2.0, "two decisions, one outcome each: {text}");
+}
+
+/// A join held on the node a router no longer hears, because other routers sharing the
+/// store still do, goes there only as any pinned join would: if that node's last report
+/// says it is full, the join is refused (`node_full`), never sent past `join_limit` (a
+/// review's finding).
+#[tokio::test]
+async fn a_join_held_on_a_node_heard_elsewhere_respects_the_join_limit() {
+    let r = with_store(HookedStore::default());
+    r.store.heard_elsewhere.store(true, Ordering::SeqCst);
+    beat(&r, "a", 100.0, 0.0, None).await;
+    assert_eq!(node_of(&r, "talk").await, "a");
+    beat(&r, "a", 100.0, 100.0, Some(vec![("talk", 100)])).await;
+    assert!(matches!(
+        join(&r, "talk").await,
+        Err(JoinError::NodeFull { .. })
+    ));
+    // This router stops hearing a; another one still does.
+    r.clock().advance(heartbeat_timeout_ms() + 1);
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let got = join(&r, "talk").await;
+    assert!(
+        matches!(&got, Err(JoinError::NodeFull { node }) if node.as_str() == "a"),
+        "{:?}",
+        got.map(|p| p.node.id.clone())
+    );
+    // Still pinned to a: a lookup answers a, and nothing moved.
+    assert_eq!(
+        r.room(&room("talk")).await.unwrap().unwrap().node.as_str(),
+        "a"
+    );
+}
+
+/// A join held on a node heard elsewhere follows the pin as the store holds it now: if
+/// another router moved the room since this router read its pin, the join goes to the
+/// room's new node, not to the old one (a split; a review's finding).
+#[tokio::test]
+async fn a_join_held_on_a_node_heard_elsewhere_follows_the_pin_as_stored() {
+    let r = with_store(HookedStore::default());
+    r.store.heard_elsewhere.store(true, Ordering::SeqCst);
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let talk = room("talk");
+    r.store
+        .inner
+        .pin_if(&talk, &id("a"), None, T0)
+        .await
+        .unwrap();
+    let read = r.store.inner.get(&talk).await.unwrap();
+    // Another router moves the room to b; this router's read still says a.
+    r.store
+        .inner
+        .pin_if(&talk, &id("b"), Some(&id("a")), T0)
+        .await
+        .unwrap();
+    *r.store.stale_read.lock().unwrap() = read;
+    r.clock().advance(heartbeat_timeout_ms() + 1);
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let p = join(&r, "talk").await.unwrap();
+    assert_eq!(r.room(&talk).await.unwrap().unwrap().node.as_str(), "b");
+    assert_eq!(
+        p.node.id.as_str(),
+        "b",
+        "the join went to a node the room is not pinned to"
+    );
+}
+
+/// A room a node takes over (it reports the room, whose pinned node is gone) leaves no
+/// reservation on the node it left: that node, back from its blip, must not count a
+/// meeting it no longer hosts until `reservation_ttl` (a review's finding).
+#[tokio::test]
+async fn a_room_taken_over_by_the_node_reporting_it_frees_its_old_nodes_reservation() {
+    let r = router();
+    beat(&r, "a", 100.0, 0.0, None).await;
+    let p = create(&r, "class", Some(50)).await;
+    assert_eq!(p.node.id.as_str(), "a");
+    assert_eq!(p.node.live.reserved_units(), 50.0);
+    // a falls silent; b, which the class's users reached, reports it and takes it over.
+    r.clock().advance(heartbeat_timeout_ms() + 1);
+    let reply = beat(&r, "b", 100.0, 3.0, Some(vec![("class", 3)])).await;
+    assert!(reply.evict.is_empty());
+    assert_eq!(
+        r.room(&room("class")).await.unwrap().unwrap().node.as_str(),
+        "b"
+    );
+    // a comes back empty.
+    beat(&r, "a", 100.0, 0.0, Some(vec![])).await;
+    r.sweep().await.unwrap();
+    let a = r.cluster().snapshot().get(&id("a")).unwrap().clone();
+    assert_eq!(
+        a.live.reserved_units(),
+        0.0,
+        "a still holds the class's reservation"
+    );
 }

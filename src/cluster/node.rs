@@ -245,8 +245,10 @@ impl Live {
         self.self_state
             .store(state_to(own_state), Ordering::Relaxed);
         self.pending_milli.store(0, Ordering::Relaxed);
-        self.last_heartbeat.store(now.max(1), Ordering::Release);
+        // The word first: a check that sees this report's heartbeat time sees its word too
+        // ([`Live::forget_heartbeat_if_not_after`]).
         self.last_word.fetch_max(now, Ordering::AcqRel);
+        self.last_heartbeat.store(now.max(1), Ordering::Release);
     }
 
     /// This router's admin registered (or updated) the node by hand at `at`: word of the
@@ -293,15 +295,20 @@ impl Live {
     }
 
     /// [`Live::forget_heartbeat`] for a check that began at `start`: forgets the last report
-    /// only if it is no newer than `start`. A report made while the check ran (a rebooting
-    /// node back within a probe's timeout) outdates the check's verdict, so it stays, where
-    /// forgetting it would keep the node unhealthy until the report after. `false` when such a
-    /// report kept the node.
+    /// only if the node has given no word since ([`Live::last_word`] no later than `start`).
+    /// A report made while the check ran (a rebooting node back within a probe's timeout)
+    /// outdates the check's verdict, so it stays, where forgetting it would keep the node
+    /// unhealthy until the report after. `false` when such a report kept the node. A hold
+    /// ([`Live::hold_heartbeat`], every 250 ms during a store outage) is no word from the
+    /// node: compared with the heartbeat time it moves, it kept every check that took longer
+    /// than that (a lost machine's probe timing out) from ever marking the node.
     pub fn forget_heartbeat_if_not_after(&self, start: Millis) -> bool {
+        // Read inside the update: a report that lands meanwhile changes the heartbeat time
+        // (the update then runs again) after its word (`record_report`), so it is seen.
         let update = self
             .last_heartbeat
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t <= start).then_some(0)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |_| {
+                (self.last_word() <= start).then_some(0)
             });
         match update {
             Ok(t) => {
@@ -552,6 +559,23 @@ mod tests {
         assert!(NodeId::parse("..").is_err());
         assert!(NodeId::parse("...").is_ok());
         assert!(NodeId::parse(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn a_hold_is_no_word_from_the_node_and_does_not_keep_a_failing_check_from_marking_it() {
+        let l = Live::default();
+        l.record_report(100.0, 0.0, None, AdminState::Active, 1_000);
+        // A check begins at 1 500; the store's outage hold moves the heartbeat past it.
+        l.hold_heartbeat(2_000);
+        assert!(l.forget_heartbeat_if_not_after(1_500));
+        assert!(l.marked_by_check());
+        assert_eq!(l.last_heartbeat(), None);
+        // A report while a later check ran outdates that check.
+        l.record_report(100.0, 0.0, None, AdminState::Active, 3_000);
+        assert!(!l.forget_heartbeat_if_not_after(2_500));
+        assert_eq!(l.last_heartbeat(), Some(3_000));
+        // One at or before the check's start does not.
+        assert!(l.forget_heartbeat_if_not_after(3_000));
     }
 
     #[test]

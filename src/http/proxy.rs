@@ -209,9 +209,9 @@ impl Proxy {
         *req.uri_mut() = target;
         req.headers_mut().insert(header::HOST, host);
         let since = Instant::now();
-        // The report the node was known by when the exchange began: a failure found later
-        // (up to `response_timeout`) does not mark a node that reported since (restarted).
-        let heard = node.live.last_heartbeat().unwrap_or(0);
+        // The node's last word when the exchange began: a failure found later (up to
+        // `response_timeout`) does not mark a node that reported since (restarted).
+        let heard = node.live.last_word();
         let exchange = within_after(
             upload,
             self.cfg.response_timeout,
@@ -337,9 +337,9 @@ impl Proxy {
         node: &NodeEntry,
     ) -> Result<Response<Body>, ApiError> {
         let since = Instant::now();
-        // The report the node was known by when the exchange began: a failure found later
-        // (up to `response_timeout`) does not mark a node that reported since (restarted).
-        let heard = node.live.last_heartbeat().unwrap_or(0);
+        // The node's last word when the exchange began: a failure found later (up to
+        // `response_timeout`) does not mark a node that reported since (restarted).
+        let heard = node.live.last_word();
         let mut resp =
             match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
                 Ok(Ok(r)) => {
@@ -484,8 +484,9 @@ impl Proxy {
     }
 
     /// Counts a failure against the node; enough in a row mark it unhealthy, unless it
-    /// reported after `heard` (its last report when the failed exchange began: a node that
-    /// restarted and reported meanwhile is not the one that failed).
+    /// reported after `heard` (its [`Live::last_word`](crate::cluster::Live::last_word) when
+    /// the failed exchange began: a node that restarted and reported meanwhile is not the
+    /// one that failed).
     pub(crate) fn failed(
         &self,
         node: &NodeEntry,
@@ -1164,11 +1165,11 @@ mod tests {
     async fn a_success_ends_a_nodes_run_of_failures() {
         let p = failing_after(2);
         let node = media_1();
-        p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
+        p.failed(&node, node.live.last_word(), "refused");
         p.succeeded(&node, Instant::now());
-        p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
+        p.failed(&node, node.live.last_word(), "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
-        p.failed(&node, node.live.last_heartbeat().unwrap_or(0), "refused");
+        p.failed(&node, node.live.last_word(), "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);
         // Marking starts a new run; a success with nothing failing is a no-op.
         p.succeeded(&node, Instant::now());
@@ -1180,10 +1181,14 @@ mod tests {
     async fn failures_of_exchanges_begun_before_a_nodes_latest_report_do_not_mark_it() {
         let p = failing_after(2);
         let node = media_1();
-        node.live.hold_heartbeat(1_000);
+        let report = |at| {
+            node.live
+                .record_report(100.0, 0.0, None, crate::placement::AdminState::Active, at)
+        };
+        report(1_000);
         // Two exchanges begin; the node restarts and reports at 2 000; then both time out.
-        let heard = node.live.last_heartbeat().unwrap();
-        node.live.hold_heartbeat(2_000);
+        let heard = node.live.last_word();
+        report(2_000);
         p.failed(&node, heard, "no response in time");
         p.failed(&node, heard, "no response in time");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
@@ -1192,8 +1197,10 @@ mod tests {
             Some(2_000),
             "the new report stands"
         );
-        // Failures of exchanges begun after it do mark it.
-        let heard = node.live.last_heartbeat().unwrap();
+        // Failures of exchanges begun after it do mark it, even if a store outage's hold
+        // moved its heartbeat time meanwhile: a hold is no word from the node.
+        let heard = node.live.last_word();
+        node.live.hold_heartbeat(2_250);
         p.failed(&node, heard, "refused");
         p.failed(&node, heard, "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);

@@ -314,7 +314,7 @@ impl Client<'_> {
         let max = app.cfg.server.max_header_bytes.max(64 * 1024);
         let since = std::time::Instant::now();
         // As `Proxy::forward`: a failure does not mark a node that reported since.
-        let heard = node.live.last_heartbeat().unwrap_or(0);
+        let heard = node.live.last_word();
         let mut conn = p
             .conns
             .get(info.event_loop, upstream)
@@ -702,8 +702,7 @@ fn connect_failed<S: PinStore>(app: &App<S>, a: &Admission, e: LaneError) -> Api
         LaneError::Local(e) => return app.proxy.short(&a.node, &e),
         LaneError::Exchange(e) => e.to_string(),
     };
-    app.proxy
-        .failed(&a.node, a.node.live.last_heartbeat().unwrap_or(0), &why)
+    app.proxy.failed(&a.node, a.node.live.last_word(), &why)
 }
 
 fn client_gone() -> ApiError {

@@ -400,6 +400,8 @@ async fn unknown_nodes_paths_and_wrong_methods() {
         "not_found",
     )
     .await;
+    // The API's root is no front-door path: not a join of room x.
+    expect_error(r.get("/v1?room=x").send().await.unwrap(), 404, "not_found").await;
     let resp = r
         .admin(Method::DELETE, "/v1/placement/x")
         .send()

@@ -122,6 +122,8 @@ pub fn route(path: &str) -> Route<'_> {
         "/v1/placement" => return Route::PlacementBatch,
         "/v1/nodes" => return Route::Nodes,
         "/v1/rooms" => return Route::Rooms,
+        // The API's own root, never a front-door path (`/v1?room=x` is no join).
+        "/v1" => return Route::UnknownApi,
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v1/") else {
@@ -189,5 +191,7 @@ mod tests {
         assert_eq!(route("/v1/rooms/r"), Route::Room("r"));
         assert_eq!(route("/rooms/r"), Route::FrontDoor);
         assert_eq!(route("/v1/whatever"), Route::UnknownApi);
+        assert_eq!(route("/v1"), Route::UnknownApi);
+        assert_eq!(route("/v1/"), Route::UnknownApi);
     }
 }

@@ -490,6 +490,15 @@ impl StoreConfig {
                 "store.tls_cert_file and store.tls_key_file go together",
             ));
         }
+        // Parsed as the other TLS keys are: a file that is no PEM certificate passed here and
+        // failed only at the handshake, in words that named neither key nor file.
+        if let Some(ca) = &self.tls_ca_file {
+            crate::http::tls::load_roots(ca).map_err(|m| invalid("store.tls_ca_file", m))?;
+        }
+        if let (Some(c), Some(k)) = (&self.tls_cert_file, &self.tls_key_file) {
+            crate::http::tls::load_certified_key(c, k)
+                .map_err(|m| invalid("store.tls_cert_file", m))?;
+        }
         Ok(())
     }
 
@@ -843,6 +852,13 @@ impl TlsConfig {
                 .as_ref()
                 .ok_or_else(|| invalid("tls.client_ca_file", "required with tls.node_listen"))?;
             crate::http::tls::load_roots(ca).map_err(|m| invalid("tls.client_ca_file", m))?;
+        } else if self.client_ca_file.is_some() {
+            // Only the node listener checks client certificates: set alone, it would turn
+            // on nothing an operator could see.
+            return Err(invalid(
+                "tls.client_ca_file",
+                "needs tls.node_listen (the listener that checks nodes' client certificates)",
+            ));
         }
         Ok(())
     }
@@ -1229,6 +1245,28 @@ impl Config {
         if !(1..=10_000_000).contains(&s.max_connections) {
             return Err(invalid("server.max_connections", "must be 1-10000000"));
         }
+        // Two listeners on one address: the second bind fails at start, after check-config
+        // passed. A wildcard address takes its port on every address of its family.
+        let listeners = [
+            ("server.listen", Some(s.listen)),
+            ("tls.redirect_listen", self.tls.redirect_listen),
+            ("tls.node_listen", self.tls.node_listen),
+        ];
+        for (i, (key, a)) in listeners.iter().enumerate() {
+            for (other, b) in &listeners[i + 1..] {
+                let (Some(a), Some(b)) = (a, b) else { continue };
+                let clash = a.port() == b.port()
+                    && a.port() != 0
+                    && a.is_ipv4() == b.is_ipv4()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+                if clash {
+                    return Err(invalid(
+                        other,
+                        format!("{b} is the address of {key} ({a}): each listener needs its own"),
+                    ));
+                }
+            }
+        }
         let f = &self.front_door;
         for r in f.route_modes.keys() {
             if !f.routes.contains(r) {
@@ -1254,6 +1292,15 @@ impl Config {
             && http::HeaderName::from_bytes(f.room_header.as_bytes()).is_err()
         {
             return Err(invalid("front_door.room_header", "not a valid header name"));
+        }
+        // A cookie name is a token (RFC 6265 section 4.1.1): with a space, `;` or `=` in it,
+        // no cookie a browser sends could ever match.
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if !f.room_cookie.bytes().all(tchar) {
+            return Err(invalid(
+                "front_door.room_cookie",
+                "not a cookie name (a token: letters, digits and !#$%&'*+-.^_`|~)",
+            ));
         }
         let p = &self.placement;
         if !(p.join_limit.is_finite() && p.join_limit > 0.0) {
@@ -1593,11 +1640,26 @@ mod tests {
         assert!(e.contains("new_room_limt"), "{e}");
     }
 
+    /// A self-signed certificate and its key, as PEM files named after `tag` in the temp
+    /// directory; they serve as a CA bundle too.
+    fn pem_pair(tag: &str) -> (PathBuf, PathBuf) {
+        let ck = rcgen::generate_simple_self_signed(vec!["h".to_string()]).unwrap();
+        let dir = std::env::temp_dir();
+        let cert = dir.join(format!("rr-cfg-{tag}-{}.pem", std::process::id()));
+        let key = dir.join(format!("rr-cfg-{tag}-{}.key", std::process::id()));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
     #[test]
     fn redis_urls_are_checked_and_hide_passwords_in_debug() {
-        let ca = std::env::temp_dir().join(format!("rr-cfg-ca-{}.pem", std::process::id()));
-        std::fs::write(&ca, "not read here").unwrap();
-        let ca = ca.display();
+        let (ca, key) = pem_pair("store");
+        let (ca, key) = (ca.display(), key.display());
+        let garbage =
+            std::env::temp_dir().join(format!("rr-cfg-garbage-{}.pem", std::process::id()));
+        std::fs::write(&garbage, "garbage").unwrap();
+        let garbage = garbage.display();
         for (text, key) in [
             (
                 "kind = \"redis\"\ncluster_nodes = [\"redis://h:7000\", \"ftp://h\"]\n",
@@ -1627,6 +1689,16 @@ mod tests {
                 &format!("kind = \"redis\"\nurl = \"rediss://h\"\ntls_cert_file = \"{ca}\"\n"),
                 "store.tls_cert_file",
             ),
+            // Files that are no PEM certificate (or key) are refused here, naming the key,
+            // not at the first handshake.
+            (
+                &format!("kind = \"redis\"\nurl = \"rediss://h\"\ntls_ca_file = \"{garbage}\"\n"),
+                "store.tls_ca_file",
+            ),
+            (
+                &format!("kind = \"redis\"\nurl = \"rediss://h\"\ntls_cert_file = \"{ca}\"\ntls_key_file = \"{garbage}\"\n"),
+                "store.tls_cert_file",
+            ),
         ] {
             let c = Config::parse(&format!("[store]\n{text}")).unwrap();
             let e = c.validate().unwrap_err().to_string();
@@ -1634,7 +1706,7 @@ mod tests {
         }
         for ok in [
             format!("url = \"rediss://h:6380\"\ntls_ca_file = \"{ca}\""),
-            format!("cluster_nodes = [\"rediss://h:7000\", \"rediss://h:7001\"]\ntls_cert_file = \"{ca}\"\ntls_key_file = \"{ca}\""),
+            format!("cluster_nodes = [\"rediss://h:7000\", \"rediss://h:7001\"]\ntls_cert_file = \"{ca}\"\ntls_key_file = \"{key}\""),
             "url = \"rediss://h:6380\"".to_string(),
         ] {
             let c = Config::parse(&format!("[store]\nkind = \"redis\"\n{ok}\n")).unwrap();
@@ -1943,6 +2015,38 @@ mod tests {
             e.starts_with("tls.cert_file") && e.contains("/nonexistent.pem"),
             "{e}"
         );
+        for bad in ["my cookie", "room;x", "a=b", "r\u{e4}um"] {
+            let c = Config::parse(&format!("[front_door]\nroom_cookie = \"{bad}\"\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with("front_door.room_cookie"), "{bad:?}: {e}");
+        }
+        Config::parse("[front_door]\nroom_cookie = \"__Host-room.id\"\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        // Two listeners on one address (a wildcard one takes its port everywhere).
+        for (listen, extra) in [
+            ("127.0.0.1:8080", "redirect_listen = \"127.0.0.1:8080\""),
+            ("127.0.0.1:8443", "redirect_listen = \"0.0.0.0:8443\""),
+        ] {
+            let c = Config::parse(&format!(
+                "[server]\nlisten = \"{listen}\"\n[tls]\n{extra}\n"
+            ))
+            .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.starts_with("tls.redirect_listen") && e.contains("server.listen"),
+                "{e}"
+            );
+        }
+        // A client CA without the listener that checks client certificates turns on nothing.
+        let (ca, _) = pem_pair("client-ca");
+        let c = Config::parse(&format!("[tls]\nclient_ca_file = \"{}\"\n", ca.display())).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.client_ca_file") && e.contains("node_listen"),
+            "{e}"
+        );
         let c = Config::parse("[tls]\nnode_listen = \"127.0.0.1:1\"\n").unwrap();
         assert!(c
             .validate()
@@ -2040,7 +2144,15 @@ mod tests {
 
     #[test]
     fn a_logging_level_that_is_not_a_level_is_refused() {
-        for bad in ["warning", "roomrouter=warning", "info,loud", "debug,[="] {
+        // "" and "," name nothing: tracing would log errors only, not even the router's start.
+        for bad in [
+            "warning",
+            "roomrouter=warning",
+            "info,loud",
+            "debug,[=",
+            "",
+            ",",
+        ] {
             let e = rejected(&format!("[logging]\nlevel = {bad:?}\n"));
             assert!(e.starts_with("logging.level"), "{bad}: {e}");
         }
@@ -2050,7 +2162,6 @@ mod tests {
             "roomrouter=debug,info",
             "off",
             "hyper=warn, debug",
-            "",
         ] {
             Config::parse(&format!("[logging]\nlevel = {good:?}\n"))
                 .unwrap()

@@ -185,6 +185,8 @@ fn serve_config(
     };
     if let Some(l) = listen {
         cfg.server.listen = l;
+        // Checked again with it: it may be another listener's address.
+        cfg.validate()?;
     }
     cfg.require_credentials()?;
     Ok(cfg)

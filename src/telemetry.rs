@@ -31,8 +31,15 @@ pub struct LogGuard {
 const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// Every directive of `filter` (comma-separated) must parse, and one without a target must
-/// be a level; the error names the directive and what is wrong with it.
+/// be a level; the error names the directive and what is wrong with it. A filter with no
+/// directive at all is refused too: tracing would read it as `error` and drop every line
+/// below that, the router's start included.
 pub fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.split(',').all(|d| d.trim().is_empty()) {
+        return Err(format!(
+            "{filter:?}: no directive; name a level (trace, debug, info, warn, error, off)"
+        ));
+    }
     for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         if let Err(e) = d.parse::<tracing_subscriber::filter::Directive>() {
             return Err(format!("{d:?}: {e}"));
@@ -103,13 +110,18 @@ mod tests {
             "roomrouter=debug,info",
             "off",
             "hyper=warn, error",
-            "",
+            "info,",
         ] {
             assert_eq!(check_filter(good), Ok(()), "{good}");
         }
         for bad in ["warning", "info,warning", "verbose", "roomrouter=loud"] {
             let e = check_filter(bad).unwrap_err();
             assert!(e.contains(bad.rsplit(',').next().unwrap()), "{bad}: {e}");
+        }
+        // No directive at all: tracing would log errors only.
+        for empty in ["", " ", ",", " , "] {
+            let e = check_filter(empty).unwrap_err();
+            assert!(e.contains("no directive"), "{empty:?}: {e}");
         }
     }
 

@@ -35,7 +35,9 @@ pub fn demo_config(listen: SocketAddr) -> Config {
 pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
     let cfg = demo_config(listen);
     cfg.validate()?;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (demo --listen): {e}"))?;
     let addr = listener.local_addr()?;
     let router_url = format!("http://{addr}");
     let admin = cfg.auth.admin_tokens[0].clone();

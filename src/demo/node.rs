@@ -331,7 +331,7 @@ impl Refused {
     fn hint(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                ": check the node token (--node-token, ROOMROUTER_NODE_TOKEN) against the router's auth.node_token"
+                ": check the node token (--node-token, ROOMROUTER_NODE_TOKEN) against the router's auth.node_tokens.<this node's id>, or its auth.node_token if it has none for this node"
             }
             StatusCode::NOT_FOUND => ": is the router URL a roomrouter?",
             _ => "",

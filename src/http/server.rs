@@ -815,7 +815,7 @@ pub async fn serve_configured<S: PinStore>(
     let sc = tls::server_config(certs.clone(), None).map_err(std::io::Error::other)?;
     tasks.spawn(serve_tls(app.clone(), main, sc, stop()));
     if let Some(addr) = cfg.tls.redirect_listen {
-        let l = TcpListener::bind(addr).await?;
+        let l = bind_for("tls.redirect_listen", addr).await?;
         tracing::info!(addr = %l.local_addr()?, "redirecting HTTP to HTTPS");
         tasks.spawn(serve_https_redirect(
             l,
@@ -827,7 +827,7 @@ pub async fn serve_configured<S: PinStore>(
     if let (Some(addr), Some(ca)) = (cfg.tls.node_listen, &cfg.tls.client_ca_file) {
         let roots = tls::load_roots(ca).map_err(std::io::Error::other)?;
         let sc = tls::server_config(certs, Some(roots)).map_err(std::io::Error::other)?;
-        let l = TcpListener::bind(addr).await?;
+        let l = bind_for("tls.node_listen", addr).await?;
         tracing::info!(addr = %l.local_addr()?, "node listener (client certificates required)");
         // The node listener is light (heartbeats): one loop.
         let front = Front::for_app(&app, Some(TlsAcceptor::from(sc)));
@@ -850,9 +850,30 @@ pub async fn serve_configured<S: PinStore>(
     result
 }
 
+/// Binds the listener `key` configures, an error naming both (a bare "address in use" left
+/// an operator guessing which of the router's listeners it was).
+async fn bind_for(key: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_listener_that_cannot_bind_says_which_it_is() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = bind_for("tls.redirect_listen", addr).await.unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("tls.redirect_listen") && m.contains(&addr.to_string()),
+            "{m}"
+        );
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 

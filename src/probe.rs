@@ -50,7 +50,7 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct ProbeFailed {
     /// The router, not the node, ran short: out of file descriptors, local ports or memory
-    /// ([`is_local_shortage`]). Such a failure says nothing about the node, and is held
+    /// (`is_local_shortage`). Such a failure says nothing about the node, and is held
     /// against none, as in proxy mode (`LaneError::Local`).
     pub local: bool,
     pub why: String,

@@ -456,6 +456,14 @@ impl<S: PinStore> Router<S> {
         }
     }
 
+    /// When a join of the general path is recorded (`cluster::recent`): the clock read
+    /// again, not the decision's `now`, which the store's round trips may have left behind.
+    /// The ticket the user gets is issued after this, and a node's report that the room
+    /// ended must see the join for as long as that ticket may arrive.
+    fn join_time(&self, decided: Millis) -> Millis {
+        self.clock.now().max(decided)
+    }
+
     /// A join sent to `node`: counts toward its `pending` and the room's reservation.
     #[inline]
     fn count_join(&self, room: &RoomKey, node: &NodeEntry, now: Millis) {
@@ -516,7 +524,7 @@ impl<S: PinStore> Router<S> {
                         // Recorded before the pin is checked again below, so that a node's
                         // report that the room ended either sees this join (and keeps the
                         // pin) or released the pin first (and the check fails).
-                        self.recent.joined(room.stable_hash(), now);
+                        self.recent.joined(room.stable_hash(), self.join_time(now));
                     }
                     if let Some(p) = &pin {
                         // A stale confirmation is refreshed before the user is sent: if the
@@ -533,7 +541,7 @@ impl<S: PinStore> Router<S> {
                         }
                     }
                     if intent == Intent::Join {
-                        self.count_join(room, &node, now);
+                        self.count_join(room, &node, self.join_time(now));
                     }
                     return Ok(Placement {
                         node,
@@ -556,7 +564,7 @@ impl<S: PinStore> Router<S> {
                             // moved the room since it was read), then the join limit, of
                             // which the node's last report here is the best knowledge.
                             if intent == Intent::Join {
-                                self.recent.joined(room.stable_hash(), now);
+                                self.recent.joined(room.stable_hash(), self.join_time(now));
                             }
                             if !self.store.confirm(room, &held.id, now).await? {
                                 pin = self.store.get(room).await?;
@@ -571,7 +579,7 @@ impl<S: PinStore> Router<S> {
                                 });
                             }
                             if intent == Intent::Join {
-                                self.count_join(room, &held, now);
+                                self.count_join(room, &held, self.join_time(now));
                             }
                             return Ok(Placement {
                                 node: held,
@@ -593,7 +601,7 @@ impl<S: PinStore> Router<S> {
                         // Before the pin exists, as on the pinned path: a node's report
                         // that the room ended, heard between the pin and the join's count,
                         // must see the join and keep the pin it is sent to.
-                        self.recent.joined(room.stable_hash(), now);
+                        self.recent.joined(room.stable_hash(), self.join_time(now));
                     }
                     match self
                         .store
@@ -712,7 +720,7 @@ impl<S: PinStore> Router<S> {
             self.placement.reservation_ttl_ms(source),
         );
         if intent.joins_when_placing() {
-            self.count_join(room, node, now);
+            self.count_join(room, node, self.join_time(now));
         }
         // The placement log an operator reads when a room "moved": one line per placement
         // (never per join), queued to the log's writer thread.

@@ -1659,3 +1659,33 @@ async fn a_room_taken_over_by_the_node_reporting_it_frees_its_old_nodes_reservat
         "a still holds the class's reservation"
     );
 }
+
+/// A join whose placement waited on the store is recorded at the time it was sent, not at
+/// the time its decision began: a node's report that the room ended must keep the pin for
+/// as long as the ticket the user got (issued after the wait) may arrive (a review's
+/// finding: the recorded join lagged the ticket by the store's latency).
+#[tokio::test]
+async fn a_join_that_waited_on_the_store_is_recorded_when_it_was_sent() {
+    let store = HookedStore {
+        pin_pause: Some((tokio::sync::Notify::new(), tokio::sync::Notify::new())),
+        ..HookedStore::default()
+    };
+    let r = Arc::new(with_store(store));
+    beat(&r, "a", 1000.0, 0.0, Some(vec![])).await;
+    let decided = r.now();
+    let first = tokio::spawn({
+        let r = r.clone();
+        async move { join(&r, "slow").await }
+    });
+    let (pinning, go) = r.store.pin_pause.as_ref().unwrap();
+    pinning.notified().await;
+    // The store takes 5 s to answer.
+    r.clock().advance(5_000);
+    go.notify_one();
+    first.await.unwrap().unwrap();
+    let hash = room("slow").stable_hash();
+    assert!(
+        r.recent.joined_since(hash, decided + 4_999),
+        "the join was recorded at its decision's start, 5 s before its ticket"
+    );
+}

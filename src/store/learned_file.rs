@@ -52,6 +52,31 @@ fn sibling(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Creates (or truncates) `tmp`, the file that will replace `path`, with `path`'s
+/// permissions if it exists, else readable by the owner only: room names are the
+/// organization's meetings, and an operator's `chmod` of the file must outlive the rename
+/// every write ends with (a file made under the umask, 0644 as a rule, lost it).
+fn create_private(tmp: &Path, path: &Path) -> std::io::Result<std::fs::File> {
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o777);
+        open.mode(mode);
+        let file = open.open(tmp)?;
+        // `mode` applies only to a file the open creates: a sibling left by a crash keeps
+        // its own unless set here.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        open.open(tmp)
+    }
+}
+
 /// Whether `path`'s directory takes the sibling a write replaces it through: a file of
 /// its own is made there and removed, never the writer's sibling itself, which a running
 /// router may be writing (`check-config` before a restart) and whose rename over `path` an
@@ -216,11 +241,16 @@ impl LearnedFile {
             tracing::warn!(file = %self.path.display(), left_out, "learned room sizes past the file's limit not written");
         }
         let tmp = self.sibling();
-        let mut out = std::fs::File::create(&tmp)?;
+        let mut out = create_private(&tmp, &self.path)?;
         out.write_all(&text)?;
         out.sync_all()?;
         drop(out);
-        std::fs::rename(&tmp, &self.path)
+        std::fs::rename(&tmp, &self.path)?;
+        // The rename is the directory's change: synced too, or a crash may undo it.
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// [`LearnedFile::flush`], a failure logged: for when nobody is left to retry.
@@ -291,6 +321,35 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("learned.txt")
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_file_is_the_owners_alone_and_keeps_the_mode_an_operator_gave_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = temp_path("mode");
+        let f = LearnedFile::open(&path).unwrap();
+        let l = Learned {
+            peaks: [4, 0, 0],
+            last_seen: 1,
+        };
+        f.save(&room("a"), l.clone());
+        f.flush().unwrap();
+        assert_eq!(mode(&path), 0o600, "room names are not the world's to read");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // A sibling a crash left, readable by all, does not lend the file its mode.
+        std::fs::write(path.with_file_name("learned.txt.tmp"), "x").unwrap();
+        std::fs::set_permissions(
+            path.with_file_name("learned.txt.tmp"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        f.save(&room("b"), l);
+        f.flush().unwrap();
+        assert_eq!(mode(&path), 0o640, "the operator's chmod outlives a write");
+        assert_eq!(LearnedFile::open(&path).unwrap().all().len(), 2);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -1832,6 +1832,57 @@ async fn a_room_released_and_pinned_again_at_once_stays_indexed() {
     cleanup(&url, &p).await;
 }
 
+/// A pin that expired in Redis (no router confirmed it for twice `room_idle_ttl`: routers
+/// down, an outage) leaves the room index when the idle sweep finds it gone. Before, its
+/// entry stayed until a router restarted and pruned the index at its load, and the index
+/// grew with every such room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_that_expired_leaves_the_room_index_at_the_sweep() {
+    let Some((url, _private)) = redis_for("expired_unindexed") else {
+        return;
+    };
+    let p = prefix("expired-index");
+    let a = store::open(&config(&url, &p)).await.unwrap();
+    let r = room("gone-by-itself");
+    let t0 = now_ms();
+    assert!(matches!(
+        a.pin_if(&r, &node("n1"), None, t0).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    let c = redis_conn(&url).await;
+    let index = format!("{{{p}}}:rooms");
+    let indexed = || {
+        let (mut c, index) = (c.clone(), index.clone());
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&index)
+                .arg("gone-by-itself")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            score.is_some()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), indexed).await,
+        "never indexed"
+    );
+    // The key expires (as Redis does after twice room_idle_ttl without a confirmation).
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{p}:room:{{gone-by-itself}}"))
+        .query_async(&mut c.clone())
+        .await
+        .unwrap();
+    let released = a.sweep_idle(t0 + 1, t0 + 1).await.unwrap();
+    assert!(released.is_empty(), "nothing to release: {released:?}");
+    assert!(
+        eventually(Duration::from_secs(3), || async { !indexed().await }).await,
+        "the expired room is still indexed"
+    );
+    assert_eq!(a.get(&r).await.unwrap(), None);
+    cleanup(&url, &p).await;
+}
+
 /// Publishes `r`'s pin to n1 as routers heard of it before Redis's clock stepped back an
 /// hour: stamped an hour ahead of Redis's time now.
 async fn publish_from_before_a_step(url: &str, p: &str, r: &RoomKey) {

@@ -11,7 +11,8 @@
 //!   after twice `room_idle_ttl` unless confirmed. The hash tag is the room, so every
 //!   single-room operation is one Lua script on one key slot (works on Redis Cluster).
 //! - `{P}:rooms`: sorted set of pinned room names (score 0), an index for the cache load; a
-//!   superset that loads prune and confirmations repair.
+//!   superset that loads and the idle sweep (a pin found expired) prune, and confirmations
+//!   repair.
 //! - `{P}:nodes` (hash id -> last report or registration as JSON), `{P}:admin` (hash id ->
 //!   admin state), `{P}:registered` (set of the ids an admin registered by hand).
 //! - `{P}:learned` (hash room -> `peak,peak,peak,last_seen_ms`: the learned sizes of rooms
@@ -2110,6 +2111,14 @@ impl Inner {
         if state != 1 {
             // Not released: the pin Redis holds (none for -1) goes into the cache below.
             self.vet(room, self.decode(&v).as_ref()).await?;
+        }
+        if state == -1 {
+            // The key expired (no router confirmed it for twice `room_idle_ttl`: an outage,
+            // routers down): its index entry goes too. Left, the index grew with every such
+            // room until a router restarted and pruned it at its load.
+            let _ = self
+                .index_tx
+                .send(IndexOp::Remove(room.as_str().to_string()));
         }
         Ok(match state {
             1 => {

@@ -334,7 +334,7 @@ mod tests {
             peaks: [4, 0, 0],
             last_seen: 1,
         };
-        f.save(&room("a"), l.clone());
+        f.save(&room("a"), l);
         f.flush().unwrap();
         assert_eq!(mode(&path), 0o600, "room names are not the world's to read");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();

@@ -282,9 +282,16 @@ impl Live {
     /// ([`Live::newest_report`]), and every removal ignored as older than the node's last
     /// word, until the clock caught up with them.
     pub fn clamp_heartbeat(&self, now: Millis) {
-        self.last_heartbeat.fetch_min(now.max(1), Ordering::AcqRel);
-        self.forgotten.fetch_min(now, Ordering::AcqRel);
-        self.last_word.fetch_min(now, Ordering::AcqRel);
+        // Read first: at every sweep, with no step to undo, a write would take the node's
+        // line (which the new-room pass reads) from every core for nothing.
+        let clamp = |a: &AtomicU64, to: Millis| {
+            if a.load(Ordering::Acquire) > to {
+                a.fetch_min(to, Ordering::AcqRel);
+            }
+        };
+        clamp(&self.last_heartbeat, now.max(1));
+        clamp(&self.forgotten, now);
+        clamp(&self.last_word, now);
     }
 
     /// Marks the node as not heard from (used by tests and by passive and active health

@@ -125,7 +125,11 @@ impl RecentJoins {
                     (time(e) > now).then_some((e & !TIME_MASK) | now)
                 });
             }
-            b.floor.fetch_min(now, Ordering::AcqRel);
+            // Read first: a write to every bucket at every sweep, with no step to undo,
+            // would take each cache line from the cores that join.
+            if b.floor.load(Ordering::Relaxed) > now {
+                b.floor.fetch_min(now, Ordering::AcqRel);
+            }
         }
     }
 

@@ -320,10 +320,14 @@ impl Cluster {
                 true
             }
             None => {
+                // Kept for a node never listed here too: news of another router's admin (or
+                // the re-sync) can come before the node's first report reaches this router,
+                // whose own heartbeat then added it as active, open to new rooms, until the
+                // next re-sync.
                 if state == AdminState::Active {
                     w.removed.remove(id);
-                } else if let Some(s) = w.removed.get_mut(id) {
-                    *s = state;
+                } else {
+                    w.removed.insert(id.clone(), state);
                 }
                 false
             }
@@ -393,6 +397,25 @@ mod tests {
         assert!(!c.set_admin_state(&a, AdminState::Active));
         let (_, back) = c.upsert(&a, info(10.0), false);
         assert_eq!(back.live.admin_state(), AdminState::Active);
+    }
+
+    #[test]
+    fn an_admin_state_heard_before_the_nodes_first_report_holds_when_it_comes() {
+        // Another router's admin disabled a node this router has never listed; then the
+        // node's first report reaches this router.
+        let c = Cluster::new();
+        let x = NodeId::parse("x").unwrap();
+        assert!(!c.set_admin_state(&x, AdminState::Disabled));
+        let (o, e) = c.upsert(&x, info(10.0), false);
+        assert_eq!(o, Upsert::Added);
+        assert_eq!(e.live.admin_state(), AdminState::Disabled);
+        // As for the re-sync's read of the admin states.
+        let y = NodeId::parse("y").unwrap();
+        assert!(c.set_admin_state_unless_changed(&y, AdminState::Draining, c.admin_mark()));
+        assert_eq!(
+            c.upsert(&y, info(10.0), false).1.live.admin_state(),
+            AdminState::Draining
+        );
     }
 
     #[test]

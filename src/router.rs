@@ -21,8 +21,8 @@ use crate::config::{Config, PlacementConfig, StaticNode};
 use crate::metrics::{Decided, Metrics};
 use crate::placement::reservation::{expected_size, SizeSource};
 use crate::placement::{
-    decide, explain, is_healthy, pin_holds, AdminState, Decision, Hints, Millis, NodeExplain,
-    NodeView, Params, PinHold,
+    decide, decide_alone, explain, is_healthy, pin_holds, AdminState, Decision, Hints, Millis,
+    NodeExplain, NodeView, Params, PinHold,
 };
 use crate::room::{Normalization, RoomKey};
 use crate::store::{Pin, PinOutcome, PinStore, StoreError, StoreHealth, Unconfirmed};
@@ -494,6 +494,11 @@ impl<S: PinStore> Router<S> {
             let (decision, entry) = {
                 let snap = self.cluster.snapshot();
                 let pinned = pin.as_ref().and_then(|p| snap.position(&p.node));
+                // With the shared store out of reach, by a rule every router applies alike.
+                let decide = match self.store.deciding_alone() {
+                    true => decide_alone,
+                    false => decide,
+                };
                 let d = decide(
                     snap.candidates(),
                     pinned,
@@ -937,6 +942,15 @@ impl<S: PinStore> Router<S> {
             let expected = match &current {
                 Some(p) if p.node == entry.id => return Ok(true),
                 Some(p) => {
+                    if self.node_usable(&p.node, now) && self.store.deciding_alone() {
+                        // The pin read is this router's own cache, perhaps its own decision
+                        // taken alone, and the other half may be another router's: which one
+                        // the store keeps is decided when the decisions are written back, and
+                        // the loser's node is told then. Evicted now, a room whose two
+                        // halves' routers each evicted the other's was emptied everywhere.
+                        tracing::debug!(room = %room, node = %entry.id, pinned = %p.node, "room reported while pinned elsewhere, the store out of reach: left to the write-back");
+                        return Ok(true);
+                    }
                     if self.node_usable(&p.node, now) {
                         self.metrics.splits_detected.inc();
                         tracing::warn!(room = %room, node = %entry.id, pinned = %p.node, "split room detected; evicting");

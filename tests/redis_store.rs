@@ -1150,6 +1150,57 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
     beats.abort();
 }
 
+/// Two routers that cannot reach Redis each decide alone; for a new room they must still
+/// decide alike, or its first users are sent to two nodes (a failure-injection run: 6 of 10
+/// new rooms split across two routers during a 3 s outage). Here each router hears one node
+/// directly and sees the other's load as it was before the outage, and the node router A
+/// hears reports itself busy: the load-weighing default then chose differently on the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
+    let Some(mut redis) = private_redis_for("outage_same_choice") else {
+        return;
+    };
+    let p = prefix("alike");
+    let mut cfg = config(&redis.url(), &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(300);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(5);
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
+        })
+        .await
+    );
+    redis.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.app.router.store().deciding_alone() && b.app.router.store().deciding_alone()
+        })
+        .await,
+        "the routers never noticed the outage"
+    );
+    // n1 is busy, as only router A hears.
+    heartbeat(&c, &a.base(), "n1", 70_000.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    let mut apart = Vec::new();
+    for i in 0..20 {
+        let room = format!("new-{i}");
+        let on_a = place(&c, &a.base(), &room).await.unwrap();
+        let on_b = place(&c, &b.base(), &room).await.unwrap();
+        if on_a != on_b {
+            apart.push(format!("{room}: {on_a} / {on_b}"));
+        }
+    }
+    assert!(apart.is_empty(), "new rooms on two nodes: {apart:?}");
+    redis.restart();
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Kills, on the server at `url`, only the subscriptions open through `through` (`CLIENT
 /// KILL ADDR .. TYPE pubsub`: what Redis does to a subscriber for `CLIENT KILL TYPE pubsub`
 /// or past its output buffer limit), leaving every other test's clients alone. How many.

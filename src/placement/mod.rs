@@ -156,15 +156,34 @@ pub fn decide<N: NodeView>(
     now: Millis,
     p: &Params,
 ) -> Decision {
-    if let Some(i) = pinned {
-        if let Some(pin) = nodes.get(i).and_then(|n| pin_holds(n, now, p)) {
-            return match pin {
-                PinHold::Join => Decision::Pinned(i),
-                PinHold::Full => Decision::NodeFull(i),
-            };
-        }
-    }
-    choose(nodes, room, hints, now, p)
+    pinned_holds(nodes, pinned, now, p).unwrap_or_else(|| choose(nodes, room, hints, now, p))
+}
+
+/// [`decide`] for a router deciding alone (the shared store down): a pin that holds as
+/// there, a room without one by [`choose_alone`].
+pub fn decide_alone<N: NodeView>(
+    nodes: &[N],
+    pinned: Option<usize>,
+    room: u64,
+    hints: &Hints<'_>,
+    now: Millis,
+    p: &Params,
+) -> Decision {
+    pinned_holds(nodes, pinned, now, p).unwrap_or_else(|| choose_alone(nodes, room, hints, now, p))
+}
+
+/// The decision for the room's pinned node `pinned`, if the pin holds ([`pin_holds`]).
+fn pinned_holds<N: NodeView>(
+    nodes: &[N],
+    pinned: Option<usize>,
+    now: Millis,
+    p: &Params,
+) -> Option<Decision> {
+    let i = pinned?;
+    Some(match pin_holds(nodes.get(i)?, now, p)? {
+        PinHold::Join => Decision::Pinned(i),
+        PinHold::Full => Decision::NodeFull(i),
+    })
 }
 
 /// What a room's pin to a live node means for a join.
@@ -339,6 +358,55 @@ pub fn choose<N: NodeView>(
         Some(c) => Decision::Place {
             node: c.index,
             overflow: true,
+        },
+        None => Decision::NoCapacity,
+    }
+}
+
+/// Picks a node for a room without a usable pin while the shared store cannot be reached
+/// and every router decides alone ([`crate::store::PinStore::deciding_alone`]): by
+/// weighted rendezvous hashing on capacity alone, the best-ranked eligible node below
+/// `join_limit` (in the room's region first, with `region_affinity`). What the rules
+/// weigh besides (utilization with this router's `pending` and reservations, and reports
+/// only some routers hear) differs from one router to the next, and so did their choices:
+/// two routers sent the first users of one new room to two nodes, and the write-back after
+/// the outage could only evict one half. Capacity and the hashes are the same on every
+/// router, so they choose alike; the price is balance for the outage's length.
+pub fn choose_alone<N: NodeView>(
+    nodes: &[N],
+    room: u64,
+    hints: &Hints<'_>,
+    now: Millis,
+    p: &Params,
+) -> Decision {
+    let prefer_region = if p.region_affinity {
+        hints.region
+    } else {
+        None
+    };
+    // (score, tiebreak, index) of the best node, anywhere and in the region.
+    let mut best: [Option<(f64, u64, usize)>; 2] = [None, None];
+    for (i, n) in nodes.iter().enumerate() {
+        if !base_eligible(n, hints, now, p) || n.utilization() >= p.join_limit {
+            continue;
+        }
+        let c = (
+            raw_score(room, n.node_hash(), n.capacity()),
+            n.node_hash(),
+            i,
+        );
+        let in_region = prefer_region.is_some() && n.region() == prefer_region;
+        for (slot, take) in best.iter_mut().zip([true, in_region]) {
+            let better = slot.is_none_or(|(s, h, _)| c.0 > s || (c.0 == s && c.1 > h));
+            if take && better {
+                *slot = Some(c);
+            }
+        }
+    }
+    match best[1].or(best[0]) {
+        Some((_, _, node)) => Decision::Place {
+            node,
+            overflow: false,
         },
         None => Decision::NoCapacity,
     }

@@ -685,3 +685,79 @@ fn the_pruning_bound_never_falls_below_the_score_it_bounds_even_for_a_subnormal_
         );
     }
 }
+
+/// Deciding alone (the shared store down): two routers whose views of the nodes' load
+/// differ (each its own `pending` and reservations, each the reports only it hears) choose
+/// the same node for every new room, the best-ranked by capacity alone, as long as both
+/// take the node for eligible. The rules that weigh load choose differently.
+#[test]
+fn routers_deciding_alone_agree_whatever_load_each_sees() {
+    let p = Params::default();
+    let caps = [100.0, 200.0, 300.0];
+    let here = cluster(&caps);
+    let mut there = cluster(&caps);
+    for (i, n) in there.iter_mut().enumerate() {
+        n.util = [0.5, 0.1, 0.7][i];
+    }
+    let mut disagreed_by_load = 0;
+    let mut counts = [0usize; 3];
+    for i in 0..3_000 {
+        let a = choose_alone(&here, room(i), &Hints::default(), NOW, &p);
+        let b = choose_alone(&there, room(i), &Hints::default(), NOW, &p);
+        assert_eq!(a, b, "room {i}");
+        let Decision::Place { node, .. } = a else {
+            panic!("room {i}: {a:?}")
+        };
+        counts[node] += 1;
+        if placed(&here, room(i), &p) != placed(&there, room(i), &p) {
+            disagreed_by_load += 1;
+        }
+    }
+    assert!(
+        disagreed_by_load > 300,
+        "the load-weighing rule disagreed only {disagreed_by_load} times: nothing shown"
+    );
+    // Spread by capacity, as plain weighted rendezvous hashing.
+    let share = |n: usize| counts[n] as f64 / 3_000.0;
+    assert!(
+        (share(2) - 0.5).abs() < 0.04 && (share(0) - 1.0 / 6.0).abs() < 0.04,
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn deciding_alone_still_filters_and_prefers_the_region() {
+    let p = Params::default();
+    let mut nodes = cluster(&[100.0, 100.0, 100.0, 100.0]);
+    nodes[0].state = AdminState::Draining;
+    nodes[1].hb = None;
+    nodes[2].util = 1.0; // at join_limit
+    nodes[3].region = Some("eu".into());
+    for i in 0..200 {
+        assert_eq!(
+            choose_alone(&nodes, room(i), &Hints::default(), NOW, &p),
+            Decision::Place {
+                node: 3,
+                overflow: false
+            }
+        );
+    }
+    nodes[3].util = 0.99;
+    nodes[2].util = 0.0;
+    let eu = Hints {
+        region: Some("eu"),
+        ..Hints::default()
+    };
+    for i in 0..200 {
+        let Decision::Place { node, .. } = choose_alone(&nodes, room(i), &eu, NOW, &p) else {
+            panic!()
+        };
+        assert_eq!(node, 3, "the region's node, below join_limit, first");
+    }
+    nodes[3].util = 1.0;
+    nodes[2].util = 1.0;
+    assert_eq!(
+        choose_alone(&nodes, room(1), &eu, NOW, &p),
+        Decision::NoCapacity
+    );
+}

@@ -1194,6 +1194,8 @@ struct HookedStore {
     /// What the next `get` answers instead of the pin (once): this router's cached read of a
     /// pin another router has changed since.
     stale_read: std::sync::Mutex<Option<Pin>>,
+    /// The shared store is out of reach: the router decides alone.
+    alone: std::sync::atomic::AtomicBool,
 }
 
 impl PinStore for HookedStore {
@@ -1204,7 +1206,10 @@ impl PinStore for HookedStore {
         self.inner.get(room).await
     }
     fn shared(&self) -> bool {
-        self.heard_elsewhere.load(Ordering::SeqCst)
+        self.heard_elsewhere.load(Ordering::SeqCst) || self.alone.load(Ordering::SeqCst)
+    }
+    fn deciding_alone(&self) -> bool {
+        self.alone.load(Ordering::SeqCst)
     }
     async fn node_alive_elsewhere(&self, _node: &NodeId) -> Option<bool> {
         self.heard_elsewhere.load(Ordering::SeqCst).then_some(true)
@@ -1688,4 +1693,74 @@ async fn a_join_that_waited_on_the_store_is_recorded_when_it_was_sent() {
         r.recent.joined_since(hash, decided + 4_999),
         "the join was recorded at its decision's start, 5 s before its ticket"
     );
+}
+
+/// While the shared store is out of reach, a node reporting a room this router's cache pins
+/// to another live node is not evicted: the cache's pin may be this router's own decision,
+/// taken alone, and the reporting half another router's. Each router evicting the other's
+/// half emptied the room everywhere (a failure-injection run: 7 rooms of 23). Once the store
+/// answers again, the same report is a split, evicted as ever.
+#[tokio::test]
+async fn a_room_reported_elsewhere_while_the_store_is_out_of_reach_is_not_evicted() {
+    let r = with_store(HookedStore::default());
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    let talk = room("talk");
+    r.store
+        .inner
+        .pin_if(&talk, &id("a"), None, T0)
+        .await
+        .unwrap();
+    r.store.alone.store(true, Ordering::SeqCst);
+    let reply = beat(&r, "b", 100.0, 3.0, Some(vec![("talk", 3)])).await;
+    assert!(
+        reply.evict.is_empty(),
+        "evicted while deciding alone: {:?}",
+        reply.evict
+    );
+    assert_eq!(r.metrics.splits_detected.get(), 0);
+    assert_eq!(r.room(&talk).await.unwrap().unwrap().node.as_str(), "a");
+    r.store.alone.store(false, Ordering::SeqCst);
+    let reply = beat(&r, "b", 100.0, 3.0, Some(vec![("talk", 3)])).await;
+    assert_eq!(reply.evict.len(), 1, "a split once the store answers");
+}
+
+/// A router deciding alone places a new room by capacity alone, as every other router then
+/// does, whatever load it sees: here the node the load-weighing default would avoid.
+#[tokio::test]
+async fn a_router_deciding_alone_places_new_rooms_as_every_router_would() {
+    let r = with_store(HookedStore::default());
+    beat(&r, "a", 100.0, 0.0, None).await;
+    beat(&r, "b", 100.0, 0.0, None).await;
+    // A room whose best-ranked node by capacity is b.
+    let name = (0..)
+        .map(|i| format!("room-{i}"))
+        .find(|k| {
+            let nodes = r.cluster().snapshot();
+            let c = crate::placement::choose_alone(
+                nodes.candidates(),
+                room(k).stable_hash(),
+                &Hints::default(),
+                T0,
+                &r.params,
+            );
+            matches!(c, Decision::Place { node, .. } if nodes.nodes()[node].id.as_str() == "b")
+        })
+        .unwrap();
+    // b looks busy here (only this router hears its load): the default rule takes a.
+    beat(&r, "b", 100.0, 60.0, None).await;
+    let nodes = r.cluster().snapshot();
+    let by_load = crate::placement::choose(
+        nodes.candidates(),
+        room(&name).stable_hash(),
+        &Hints::default(),
+        T0,
+        &r.params,
+    );
+    assert!(
+        matches!(by_load, Decision::Place { node, .. } if nodes.nodes()[node].id.as_str() == "a"),
+        "nothing to show: {by_load:?}"
+    );
+    r.store.alone.store(true, Ordering::SeqCst);
+    assert_eq!(node_of(&r, &name).await, "b");
 }

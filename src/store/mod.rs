@@ -203,6 +203,15 @@ pub trait PinStore: Send + Sync + 'static {
     /// every pin, so it serves rare decisions (removing a drained node), never a join.
     fn any_pin(&self, f: impl FnMut(&RoomKey, &Pin) -> bool) -> bool;
 
+    /// Whether this router decides alone: a store other routers share that it cannot reach
+    /// now, whose decisions it takes from its own cache and writes back later. New rooms
+    /// are then placed by a rule every router applies alike (`placement::choose_alone`),
+    /// and a node's report of a room pinned elsewhere is not a split to evict (which half
+    /// the store keeps is decided at the write-back). Default: false.
+    fn deciding_alone(&self) -> bool {
+        false
+    }
+
     /// Health for `/readyz` and metrics.
     fn health(&self) -> StoreHealth;
 
@@ -371,6 +380,9 @@ impl PinStore for AnyStore {
     }
     fn shared(&self) -> bool {
         delegate!(self, s => s.shared())
+    }
+    fn deciding_alone(&self) -> bool {
+        delegate!(self, s => s.deciding_alone())
     }
     fn attach(&self, cluster: &Arc<Cluster>) {
         delegate!(self, s => s.attach(cluster))

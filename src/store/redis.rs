@@ -3142,6 +3142,10 @@ impl PinStore for RedisStore {
         true
     }
 
+    fn deciding_alone(&self) -> bool {
+        self.inner.is_down()
+    }
+
     fn health(&self) -> StoreHealth {
         if self.inner.is_down() {
             let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();

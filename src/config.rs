@@ -389,6 +389,11 @@ pub struct StoreConfig {
     /// Full re-read of the shared node table (in case a message was lost). Default 10 s.
     #[serde(with = "duration")]
     pub resync_interval: Duration,
+    /// How long a Redis outage keeps healthy the nodes this router cannot hear from itself
+    /// (they may report to other routers), unless the router probes its nodes
+    /// (`health.probe_interval`), which then keeps them for the whole outage. Default 60 s.
+    #[serde(with = "duration")]
+    pub outage_node_hold: Duration,
     /// `rediss://` only: PEM file of the CA(s) that signed the Redis server's certificate.
     /// Unset: the system's trusted roots.
     pub tls_ca_file: Option<PathBuf>,
@@ -415,6 +420,7 @@ impl Default for StoreConfig {
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(250),
             resync_interval: Duration::from_secs(10),
+            outage_node_hold: Duration::from_secs(60),
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -576,6 +582,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("resync_interval", &self.resync_interval)
+            .field("outage_node_hold", &self.outage_node_hold)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)

@@ -1201,6 +1201,133 @@ async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
     b.stop().await;
 }
 
+/// A node's report heard during a Redis outage is written back when Redis returns, not
+/// only at the node's next heartbeat: until then the store's node table held the report
+/// from before the outage (or none, after a restart that lost it), and a router that had
+/// stopped hearing the node took the shared table's word that nobody did, and moved its
+/// rooms (a failure-injection run: rooms moved back and forth for a second after Redis came
+/// back from a long outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_heard_during_an_outage_is_written_back_when_redis_returns() {
+    let Some(mut redis) = private_redis_for("outage_report_back") else {
+        return;
+    };
+    let p = prefix("report-back");
+    let cfg = config(&redis.url(), &p);
+    let a = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    redis.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.app.router.store().deciding_alone()
+        })
+        .await,
+        "the router never noticed the outage"
+    );
+    let during = now_ms();
+    heartbeat(&c, &a.base(), "n1", 42.0, &[]).await;
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            a.app.router.store().health() == StoreHealth::Ok
+        })
+        .await
+    );
+    // No heartbeat since: the report in the table is the one from the outage.
+    let url = redis.url();
+    let stored_at = || {
+        let url = url.clone();
+        let key = format!("{{{p}}}:nodes");
+        async move {
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(key)
+                .arg("n1")
+                .query_async(&mut redis_conn(&url).await)
+                .await
+                .unwrap();
+            v.and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+                .and_then(|v| v["at"].as_u64())
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            stored_at().await.is_some_and(|at| at >= during)
+        })
+        .await,
+        "the store's report of n1 is {:?}, not the one from the outage (at >= {during})",
+        stored_at().await
+    );
+    a.stop().await;
+}
+
+/// During a Redis outage a router keeps the nodes it hears of only through Redis healthy
+/// for `store.outage_node_hold`, then takes them for gone; a router that probes its nodes
+/// keeps them for the whole outage (its probes would find a dead one), rather than moving
+/// every live room of theirs that gets a join through it while other routers still send
+/// users there (a failure-injection run: a 75 s outage split 38 rooms that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_holds_nodes_heard_through_redis_for_its_bound_or_with_probes_throughout() {
+    let Some(mut redis) = private_redis_for("outage_hold_bound") else {
+        return;
+    };
+    let p = prefix("hold-bound");
+    let mut cfg = config(&redis.url(), &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(300);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(1);
+    cfg.store.outage_node_hold = Duration::from_secs(1);
+    let mut probing = cfg.clone();
+    probing.health.probe_interval = Duration::from_millis(100);
+    probing.health.probe_timeout = Duration::from_millis(100);
+    let hears = serve(cfg.clone()).await;
+    let bound = serve(cfg).await;
+    let probes = serve_service(probing).await;
+    // The node listens (so that probes reach it) and reports to the first router only.
+    let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", node.local_addr().unwrap());
+    let c = client();
+    let beat = || {
+        c.post(format!("{}/v1/nodes/n1/heartbeat", hears.base()))
+            .bearer_auth(NODE)
+            .json(&serde_json::json!({"url": url, "capacity": 100, "load": 0}))
+            .send()
+    };
+    assert!(beat().await.unwrap().status().is_success());
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            bound.healthy_nodes() == 1 && probes.healthy_nodes() == 1
+        })
+        .await
+    );
+    redis.stop();
+    // Past the hold and a heartbeat timeout, the node still reporting to the first router.
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_millis(3_500) {
+        let _ = beat().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(bound.app.router.store().deciding_alone());
+    assert_eq!(bound.healthy_nodes(), 0, "held past store.outage_node_hold");
+    assert_eq!(
+        probes.healthy_nodes(),
+        1,
+        "a probing router lets its probes judge"
+    );
+    drop(node);
+    // A node that dies is then found by the probes, hold or not.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            probes.healthy_nodes() == 0
+        })
+        .await,
+        "a dead node held healthy by a probing router"
+    );
+    redis.restart();
+    for r in [hears, bound, probes] {
+        r.stop().await;
+    }
+}
+
 /// Kills, on the server at `url`, only the subscriptions open through `through` (`CLIENT
 /// KILL ADDR .. TYPE pubsub`: what Redis does to a subscriber for `CLIENT KILL TYPE pubsub`
 /// or past its output buffer limit), leaving every other test's clients alone. How many.

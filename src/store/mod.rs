@@ -291,6 +291,7 @@ pub async fn open(cfg: &Config) -> anyhow::Result<AnyStore> {
                 &cfg.store,
                 cfg.placement.room_idle_ttl,
                 cfg.placement.heartbeat_timeout,
+                !cfg.health.probe_interval.is_zero(),
             )
             .await?,
         ),

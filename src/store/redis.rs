@@ -482,9 +482,10 @@ struct Inner {
     /// confirmation, and the first idle sweep after an outage longer than the idle TTL
     /// would release rooms whose nodes kept confirming them all along.
     pending_confirms: RoomMap<(NodeId, Millis)>,
-    /// Node changes that are not repeated (admin states, hand registrations, removals) and
-    /// could not be written: kept by [`pending_node_key`] until written, by the writer's next
-    /// round once Redis answers again, or by the write-back after an outage.
+    /// Node changes that are not repeated (admin states, hand registrations, removals), and
+    /// each node's newest report (see [`keep_unwritten`]), that could not be written: kept
+    /// until written, by the writer's next round once Redis answers again, or by the
+    /// write-back after an outage.
     pending_nodes: Mutex<HashMap<String, NodeUpdate>>,
     /// Admin changes this router shared that the node writer has not taken care of yet
     /// (written, or kept in `pending_nodes`), by node: the admin hash a re-sync reads may
@@ -558,10 +559,15 @@ struct Inner {
     /// When the current outage began (ms since epoch; 0 = none), for the health hold.
     outage_since: AtomicU64,
     heartbeat_timeout_ms: u64,
+    /// How long an outage holds nodes healthy (`hold_nodes`): `store.outage_node_hold`, past
+    /// which a node that died meanwhile would otherwise get users for as long as the outage
+    /// lasts. The price is every live room of a node this router only heard of through
+    /// Redis: its next join here is placed elsewhere, while the routers that hear the node
+    /// keep sending users to it (a split, settled when Redis returns). When the router
+    /// probes its nodes itself (`health.probe_interval`), the probes find a dead node, and
+    /// the hold lasts the whole outage.
+    hold_ms: u64,
 }
-
-/// How long an outage may hold nodes healthy that this router cannot hear from.
-const MAX_HOLD_MS: u64 = 60_000;
 
 fn wall_ms() -> Millis {
     std::time::SystemTime::now()
@@ -627,6 +633,7 @@ impl RedisStore {
         cfg: &StoreConfig,
         room_idle_ttl: Duration,
         heartbeat_timeout: Duration,
+        probes_nodes: bool,
     ) -> anyhow::Result<Self> {
         let keys = Keys::new(&cfg.key_prefix);
         let certs = tls_certificates(cfg)?;
@@ -745,6 +752,10 @@ impl RedisStore {
             run_id: Mutex::new(None),
             outage_since: AtomicU64::new(0),
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
+            hold_ms: match probes_nodes {
+                true => u64::MAX,
+                false => cfg.outage_node_hold.as_millis() as u64,
+            },
         });
         // Subscribe and load before answering anything, so the cache starts complete.
         let stream = inner
@@ -2605,9 +2616,10 @@ async fn watch_failovers(inner: Arc<Inner>, stop: watch::Receiver<bool>) {
 }
 
 /// While Redis is down, keeps healthy the nodes that were healthy when the outage began (for
-/// at most [`MAX_HOLD_MS`]): this router may have heard of them only through Redis, and an
-/// outage of the store is not a failure of every node. Heartbeats that reach this router
-/// directly still update them as usual.
+/// at most `store.outage_node_hold`, or the whole outage with probes): this router may have heard of
+/// them only through Redis, and an outage of the store is not a failure of every node.
+/// Heartbeats that reach this router directly still update them as usual, and a node this
+/// router's own check marked (its heartbeat forgotten) is not held.
 async fn hold_nodes(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -2620,7 +2632,7 @@ async fn hold_nodes(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             continue;
         };
         let now = wall_ms();
-        if now.saturating_sub(since) > MAX_HOLD_MS {
+        if now.saturating_sub(since) > inner.hold_ms {
             continue;
         }
         let healthy_at_start = since.saturating_sub(inner.heartbeat_timeout_ms);
@@ -2674,13 +2686,20 @@ async fn node_writer(
 }
 
 /// Keeps, in `kept`, what of `unwritten` (in the order it was shared) must be written later.
-/// Reports and reservations are repeated, the next one replacing a lost one; admin changes,
-/// registrations and removals are not, so they are kept. But a report of a node made after
-/// its kept removal drops the removal: the node came back (it heartbeated to this router,
-/// which added it again) before the removal could be written, and written later it would
-/// have every other router drop a node that hosts rooms. (The routers that predate
+/// Reservations are repeated, the next one replacing a lost one; admin changes,
+/// registrations and removals are not, so they are kept. A node's newest report is kept
+/// too (`report {id}`), though the next one would replace it: that comes a heartbeat
+/// interval after the outage ends, and until then the store's node table holds the report
+/// from before the outage, by which a router that stopped hearing the node (its hold over)
+/// takes it for gone with every other router's word (`node_alive_in_store`) and moves its
+/// rooms (a failure-injection run: rooms moved back and forth for a second after Redis
+/// returned). A report of a node made after its kept removal drops the removal: the node
+/// came back (it heartbeated to this router, which added it again) before the removal could
+/// be written, and written later it would have every other router drop a node that hosts
+/// rooms. A removal drops a kept report made no later. (The routers that predate
 /// [`NodeUpdate::Removed`]'s time would take it whatever the node said since.)
 fn keep_unwritten(kept: &mut HashMap<String, NodeUpdate>, unwritten: &[NodeUpdate]) {
+    let report_key = |id: &str| format!("report {id}");
     for u in unwritten {
         match u {
             NodeUpdate::Report { at, .. } => {
@@ -2690,8 +2709,20 @@ fn keep_unwritten(kept: &mut HashMap<String, NodeUpdate>, unwritten: &[NodeUpdat
                 if kept.get(&key).is_some_and(older) {
                     kept.remove(&key);
                 }
+                let removed = matches!(kept.get(&key), Some(NodeUpdate::Removed { .. }));
+                if !removed {
+                    kept.insert(report_key(u.id()), u.clone());
+                }
             }
             NodeUpdate::Reserved { .. } => {}
+            NodeUpdate::Removed { at: r, .. } => {
+                let no_later =
+                    |k: &NodeUpdate| matches!(k, NodeUpdate::Report { at, .. } if at <= r);
+                if kept.get(&report_key(u.id())).is_some_and(no_later) {
+                    kept.remove(&report_key(u.id()));
+                }
+                kept.insert(pending_node_key(u), u.clone());
+            }
             _ => {
                 kept.insert(pending_node_key(u), u.clone());
             }
@@ -3448,7 +3479,8 @@ mod tests {
             state: crate::placement::AdminState::Draining,
         };
         let mut kept = HashMap::new();
-        // Redis is down: n1 and n2 are removed; reports and reservations are not kept.
+        // Redis is down: n1 and n2 are removed (their earlier reports go), and reservations
+        // are not kept.
         keep_unwritten(
             &mut kept,
             &[
@@ -3461,12 +3493,18 @@ mod tests {
         );
         assert_eq!(kept.len(), 3);
         // n1 comes back and heartbeats to this router: its removal is old news, its admin
-        // state is not. A report from before n2's removal leaves that one kept.
+        // state is not, and its newest report is written back with it. A report from
+        // before n2's removal leaves that one kept, and is not.
         keep_unwritten(&mut kept, &[report_at("n1", 9_500), report_at("n2", 9_000)]);
+        keep_unwritten(&mut kept, &[report_at("n1", 9_700)]);
         let left: Vec<_> = kept.into_values().collect();
-        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left.len(), 3, "{left:?}");
         assert!(left.contains(&admin));
         assert!(left.contains(&removed("n2", 9_000)));
+        assert!(
+            left.contains(&report_at("n1", 9_700)),
+            "the newest report only"
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ async fn cluster() -> (SocketAddr, DemoNode) {
     tokio::spawn(roomrouter::service::run(app, l, std::future::pending()));
     let node = DemoNode::start(DemoNodeConfig {
         id: "bench-node".into(),
-        router: format!("http://{addr}"),
+        routers: vec![format!("http://{addr}")],
         listen: "127.0.0.1:0".parse().unwrap(),
         public_url: None,
         capacity: 1e9,

@@ -59,9 +59,10 @@ enum Cmd {
     Load(roomrouter::load::LoadArgs),
     /// Run one demo meeting node that heartbeats to a router.
     DemoNode {
-        /// Router base URL.
-        #[arg(long)]
-        router: String,
+        /// Router base URL. Repeat it for several routers (sharing a Redis): heartbeats go
+        /// to the next when one fails, so a router's crash is not taken for the node's.
+        #[arg(long = "router", required = true)]
+        routers: Vec<String>,
         /// Node id: 1-64 of A-Za-z0-9._- (what the router takes).
         #[arg(long, value_parser = node_id)]
         id: String,
@@ -265,7 +266,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             roomrouter::demo::run(listen, nodes as usize).await
         }
         Cmd::DemoNode {
-            router,
+            routers,
             id,
             capacity,
             listen,
@@ -286,7 +287,7 @@ async fn run(cmd: Cmd, log_json: bool) -> anyhow::Result<()> {
             let node = DemoNode::start_with_normalization(
                 DemoNodeConfig {
                     id,
-                    router,
+                    routers,
                     listen,
                     public_url,
                     capacity,

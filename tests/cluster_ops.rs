@@ -994,3 +994,44 @@ async fn a_cross_site_request_cannot_act_with_a_browsers_basic_login() {
     assert_eq!(resp.status(), 200);
     assert_eq!(admin_json(&r, "/v1/nodes/a").await["admin_state"], "active");
 }
+
+/// A node agent given several routers (sharing a Redis, in production) heartbeats to the
+/// next one when the one it uses fails: a router's crash or hang must not leave the node
+/// unheard for `placement.heartbeat_timeout`, which the other routers would take for the
+/// node's death and move its live rooms (a failure-injection run: a router paused 10 s
+/// had 20 rooms of a healthy node moved). Here the first router is not up at start, and
+/// the one the node then uses stops.
+#[tokio::test]
+async fn a_node_with_several_routers_heartbeats_to_the_next_when_one_fails() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (a, b) = (
+        TestRouter::start(config()).await,
+        TestRouter::start(config()).await,
+    );
+    let mut cfg = a.node_config("media-1", 100.0);
+    cfg.routers = vec![format!("http://{dead}"), a.url.clone(), b.url.clone()];
+    let node = roomrouter::demo::node::DemoNode::start(cfg).await.unwrap();
+    assert!(
+        healthy(&a, "media-1").await,
+        "the first router that answers takes the node"
+    );
+    let b_list = admin_json(&b, "/v1/nodes").await;
+    assert_eq!(b_list["nodes"].as_array().unwrap().len(), 0, "{b_list}");
+    a.stop().await;
+    // Heartbeats every 200 ms: b hears the node within a few.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !healthy(&b, "media-1").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never heard the node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+    // The leave went to the router the node used last.
+    let b_list = admin_json(&b, "/v1/nodes").await;
+    assert_eq!(b_list["nodes"].as_array().unwrap().len(), 0, "{b_list}");
+}

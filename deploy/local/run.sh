@@ -72,10 +72,12 @@ wait_ok() { # url, tries
 wait_ok "http://127.0.0.1:$A_PORT/healthz" 100 || { cat "$WORK/router-a.log"; exit 1; }
 wait_ok "http://127.0.0.1:$B_PORT/healthz" 100 || { cat "$WORK/router-b.log"; exit 1; }
 
+# Each node reports to one router (the other hears of it through Redis), and to the other
+# only if that one fails: a router's crash must not look like the node's.
 for i in 1 2 3; do
-  port=$A_PORT; [[ $i == 2 ]] && port=$B_PORT
-  "$BIN" demo-node --router "http://127.0.0.1:$port" --id "node-$i" --capacity 100 \
-    >"$WORK/node-$i.log" 2>&1 &
+  port=$A_PORT; other=$B_PORT; [[ $i == 2 ]] && { port=$B_PORT; other=$A_PORT; }
+  "$BIN" demo-node --router "http://127.0.0.1:$port" --router "http://127.0.0.1:$other" \
+    --id "node-$i" --capacity 100 >"$WORK/node-$i.log" 2>&1 &
   PIDS+=($!)
 done
 

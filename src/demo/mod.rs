@@ -56,7 +56,7 @@ pub async fn run(listen: SocketAddr, nodes: usize) -> anyhow::Result<()> {
             DemoNode::start_with_normalization(
                 DemoNodeConfig {
                     id: format!("media-{}", i + 1),
-                    router: router_url.clone(),
+                    routers: vec![router_url.clone()],
                     listen: "127.0.0.1:0".parse()?,
                     public_url: None,
                     capacity,

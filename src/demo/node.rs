@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,8 +64,12 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub struct DemoNodeConfig {
     pub id: String,
-    /// Router base URL, e.g. `http://127.0.0.1:8080`.
-    pub router: String,
+    /// Router base URLs, e.g. `http://127.0.0.1:8080` (at least one). Heartbeats go to the
+    /// one that answered last; when it fails (no connection, a timeout, a 5xx), the next one
+    /// is tried at once, so a router that crashes or hangs does not leave the node unheard
+    /// for `placement.heartbeat_timeout`, which the other routers would take for the node's
+    /// death (and move its live rooms). Routers sharing a Redis share what any of them hears.
+    pub routers: Vec<String>,
     pub listen: SocketAddr,
     /// URL users reach this node at; defaults to `http://{bound address}`.
     pub public_url: Option<String>,
@@ -116,8 +120,10 @@ pub struct DemoNode {
 #[derive(Clone)]
 struct RouterClient {
     client: reqwest::Client,
-    /// `{router}/v1/nodes/{id}`.
-    node: String,
+    /// `{router}/v1/nodes/{id}`, per router.
+    nodes: Arc<[String]>,
+    /// The router that answered last (an index into `nodes`).
+    current: Arc<AtomicUsize>,
     token: String,
 }
 
@@ -139,6 +145,9 @@ impl DemoNode {
         cfg: DemoNodeConfig,
         rooms: Normalization,
     ) -> std::io::Result<DemoNode> {
+        if cfg.routers.is_empty() {
+            return Err(std::io::Error::other("a demo node needs a router URL"));
+        }
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let url = cfg
@@ -156,7 +165,12 @@ impl DemoNode {
                 .timeout(ROUTER_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
-            node: format!("{}/v1/nodes/{}", cfg.router.trim_end_matches('/'), cfg.id),
+            nodes: cfg
+                .routers
+                .iter()
+                .map(|r| format!("{}/v1/nodes/{}", r.trim_end_matches('/'), cfg.id))
+                .collect(),
+            current: Arc::new(AtomicUsize::new(0)),
             token: cfg.node_token.clone(),
         };
         let server = tokio::spawn(serve(
@@ -185,7 +199,7 @@ impl DemoNode {
                 Some(r) if r.is_permanent() => {
                     return Err(std::io::Error::other(format!(
                         "the router at {} refused node {}'s first heartbeat ({r}){}",
-                        cfg.router,
+                        hb.router.current_base(),
                         cfg.id,
                         r.hint()
                     )))
@@ -267,11 +281,24 @@ impl Drop for DemoNode {
 }
 
 impl RouterClient {
-    /// `DELETE /v1/nodes/{id}`: the router places nothing more here from now on.
+    /// `{router}/v1/nodes/{id}` of the router that answered last.
+    fn node(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        self.nodes.get(i).or(self.nodes.first()).map_or("", |n| n)
+    }
+
+    /// The base URL of the router that answered last (for messages).
+    fn current_base(&self) -> &str {
+        let n = self.node();
+        n.find("/v1/nodes/").map_or(n, |i| &n[..i])
+    }
+
+    /// `DELETE /v1/nodes/{id}`: the router places nothing more here from now on (told to
+    /// the router that answered last; with a shared store, every router learns it).
     async fn leave(&self, id: &str) {
         let sent = self
             .client
-            .delete(&self.node)
+            .delete(self.node())
             .bearer_auth(&self.token)
             .send()
             .await;
@@ -545,8 +572,6 @@ struct HeartbeatReply {
 
 struct Heartbeater {
     router: RouterClient,
-    /// `{router}/v1/nodes/{id}/heartbeat`.
-    endpoint: String,
     body_base: serde_json::Value,
     state: Arc<State>,
 }
@@ -559,7 +584,6 @@ impl Heartbeater {
         state: Arc<State>,
     ) -> Heartbeater {
         Heartbeater {
-            endpoint: format!("{}/heartbeat", router.node),
             router,
             body_base: serde_json::json!({
                 "url": url,
@@ -588,17 +612,55 @@ impl Heartbeater {
         if self.state.draining.load(Ordering::Relaxed) {
             body["state"] = "draining".into();
         }
-        let resp = self
-            .router
-            .client
-            .post(&self.endpoint)
-            .bearer_auth(&self.router.token)
-            .json(&body)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            return Err(Refused::read(resp).await.into());
+        // The router that answered last, then the others in turn: one that fails (no
+        // connection, a timeout, a 5xx) must not leave the node unheard. A refusal that no
+        // other router would change (a wrong token) ends the round.
+        let (first, n) = (
+            self.router.current.load(Ordering::Relaxed),
+            self.router.nodes.len(),
+        );
+        let mut failed: Option<anyhow::Error> = None;
+        let mut answered = None;
+        for k in 0..n.max(1) {
+            let i = (first + k) % n.max(1);
+            let Some(node) = self.router.nodes.get(i) else {
+                break;
+            };
+            let sent = self
+                .router
+                .client
+                .post(format!("{node}/heartbeat"))
+                .bearer_auth(&self.router.token)
+                .json(&body)
+                .send()
+                .await;
+            match sent {
+                Ok(resp) if resp.status().is_success() => {
+                    self.router.current.store(i, Ordering::Relaxed);
+                    answered = Some(resp);
+                    break;
+                }
+                Ok(resp) => {
+                    let refused = Refused::read(resp).await;
+                    let permanent = refused.is_permanent();
+                    failed = Some(refused.into());
+                    if permanent {
+                        break;
+                    }
+                }
+                Err(e) => failed = Some(e.into()),
+            }
+            if k + 1 < n {
+                let why = failed
+                    .as_ref()
+                    .map(|e| format!("{e:#}"))
+                    .unwrap_or_default();
+                tracing::warn!(router = %node, error = %why, "heartbeat failed; trying the next router");
+            }
         }
+        let Some(resp) = answered else {
+            return Err(failed.unwrap_or_else(|| anyhow::anyhow!("no router to heartbeat to")));
+        };
         let r: HeartbeatReply = capped::json(resp, HEARTBEAT_REPLY_MAX).await?;
         if !r.evict.is_empty() {
             let mut rooms = self.state.rooms.lock().unwrap_or_else(|p| p.into_inner());
@@ -674,7 +736,7 @@ mod tests {
             .unwrap();
         DemoNode::start(DemoNodeConfig {
             id: "media-1".into(),
-            router: format!("http://{router}"),
+            routers: vec![format!("http://{router}")],
             listen: "127.0.0.1:0".parse().unwrap(),
             public_url: None,
             capacity: 10.0,

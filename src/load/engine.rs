@@ -212,7 +212,7 @@ impl OwnCluster {
         self.next_id += 1;
         let node = DemoNode::start(DemoNodeConfig {
             id: id.clone(),
-            router: self.url.clone(),
+            routers: vec![self.url.clone()],
             listen: "127.0.0.1:0".parse()?,
             public_url: None,
             capacity: self.capacity,

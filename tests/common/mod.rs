@@ -126,7 +126,7 @@ impl TestRouter {
     pub fn node_config(&self, id: &str, capacity: f64) -> DemoNodeConfig {
         DemoNodeConfig {
             id: id.into(),
-            router: self.url.clone(),
+            routers: vec![self.url.clone()],
             listen: "127.0.0.1:0".parse().unwrap(),
             public_url: None,
             capacity,

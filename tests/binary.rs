@@ -1122,29 +1122,24 @@ fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking(
     assert!(seeds[1]["setup"].as_str().unwrap().ends_with("seed 6"));
 }
 
-/// A router short of file descriptors (here `ulimit -n 64`) cannot open connections to a
-/// node for an HTTP/2 client's many streams at once. Those requests fail (`502`), but the
-/// node is not to blame: it is not marked unhealthy, and the requests after the burst reach
-/// it. Before, every failed connect counted against the node, which was taken for dead and
-/// its meetings' joins refused (a review's finding).
-#[tokio::test]
-async fn a_router_short_of_sockets_does_not_blame_the_node() {
+/// A router run as `roomrouter serve` under `ulimit -n 64` with `config` (a file in a
+/// directory named after `tag`), and node n1 (a live upstream) reporting to it: the node,
+/// the process, the router's URL and the directory, for the caller to remove.
+async fn short_of_sockets(
+    tag: &str,
+    config: &str,
+) -> (upstream::Upstream, Reaper, String, std::path::PathBuf) {
     let up = upstream::Upstream::start("n1").await;
     let addr = free_addr();
-    let dir = std::env::temp_dir().join(format!("rr-short-{}-{}", std::process::id(), addr.port()));
+    let dir = std::env::temp_dir().join(format!("rr-{tag}-{}-{}", std::process::id(), addr.port()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("router.toml");
-    std::fs::write(
-        &config,
-        "[front_door]\nmode = \"proxy\"\n[placement]\nstartup_hold = \"0s\"\n\
-         [proxy]\nfailures_to_unhealthy = 2\n[server]\nworker_threads = 1\n",
-    )
-    .unwrap();
+    let file = dir.join("router.toml");
+    std::fs::write(&file, config).unwrap();
     let script = format!(
         "ulimit -n 64 && exec {BIN} serve --config {} --listen {addr}",
-        config.display()
+        file.display()
     );
-    let _router = Reaper(
+    let router = Reaper(
         with_credentials(Command::new("sh").args(["-c", &script]))
             .spawn()
             .unwrap(),
@@ -1153,6 +1148,22 @@ async fn a_router_short_of_sockets_does_not_blame_the_node() {
     wait_http(&format!("{url}/healthz")).await;
     let hb = serde_json::json!({"url": up.url, "capacity": 1000, "load": 0});
     heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
+    (up, router, url, dir)
+}
+
+/// A router short of file descriptors (here `ulimit -n 64`) cannot open connections to a
+/// node for an HTTP/2 client's many streams at once. Those requests fail (`502`), but the
+/// node is not to blame: it is not marked unhealthy, and the requests after the burst reach
+/// it. Before, every failed connect counted against the node, which was taken for dead and
+/// its meetings' joins refused (a review's finding).
+#[tokio::test]
+async fn a_router_short_of_sockets_does_not_blame_the_node() {
+    let (_up, _router, url, dir) = short_of_sockets(
+        "short",
+        "[front_door]\nmode = \"proxy\"\n[placement]\nstartup_hold = \"0s\"\n\
+         [proxy]\nfailures_to_unhealthy = 2\n[server]\nworker_threads = 1\n",
+    )
+    .await;
     // One HTTP/2 connection, 150 streams each held 1 s by the node: one upstream connection
     // each, far more than 64 descriptors.
     let h2 = reqwest::Client::builder()
@@ -1213,35 +1224,14 @@ async fn a_router_short_of_sockets_does_not_blame_the_node() {
 /// review's finding); the probes not made are counted.
 #[tokio::test]
 async fn a_router_short_of_sockets_does_not_fail_its_health_probes() {
-    let up = upstream::Upstream::start("n1").await;
-    let addr = free_addr();
-    let dir = std::env::temp_dir().join(format!(
-        "rr-probe-short-{}-{}",
-        std::process::id(),
-        addr.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("router.toml");
-    std::fs::write(
-        &config,
+    let (_up, _router, url, dir) = short_of_sockets(
+        "probe-short",
         "[placement]\nstartup_hold = \"0s\"\nheartbeat_timeout = \"30s\"\n\
          [health]\nprobe_interval = \"100ms\"\nprobe_timeout = \"100ms\"\nfailures = 2\n\
          [server]\nworker_threads = 1\n",
     )
-    .unwrap();
-    let script = format!(
-        "ulimit -n 64 && exec {BIN} serve --config {} --listen {addr}",
-        config.display()
-    );
-    let _router = Reaper(
-        with_credentials(Command::new("sh").args(["-c", &script]))
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://{addr}");
-    wait_http(&format!("{url}/healthz")).await;
-    let hb = serde_json::json!({"url": up.url, "capacity": 1000, "load": 0});
-    heartbeat_at(&url, NODE_TOKEN, "n1", &hb).await;
+    .await;
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
     // Idle connections take every descriptor the router has left, for 1.5 s (15 rounds).
     let mut idle = Vec::new();
     for _ in 0..100 {

@@ -129,13 +129,22 @@ impl LearnedFile {
     }
 
     /// Reads `path` (a missing file is an empty one) and, inside a runtime, starts writing
-    /// changes every [`FLUSH_EVERY`] until the returned value is dropped.
+    /// changes every [`FLUSH_EVERY`] until the returned value is dropped. Room names are
+    /// taken as written; see [`LearnedFile::open_as`].
     pub fn open(path: &Path) -> anyhow::Result<Arc<LearnedFile>> {
+        Self::open_as(path, Normalization::None)
+    }
+
+    /// [`LearnedFile::open`], with each room name read under `rooms` (the router's
+    /// `rooms.normalization`): a file written under another normalization (`none`, then
+    /// `lowercase`) would otherwise keep sizes under names no room has any longer, for
+    /// `placement.history_ttl`. Names that become one keep the most recent session's.
+    pub fn open_as(path: &Path, rooms_as: Normalization) -> anyhow::Result<Arc<LearnedFile>> {
         // Refused now rather than a warning every FLUSH_EVERY and sizes lost at every
         // restart (the file is replaced through a sibling, so its directory must take
         // one); and a FIFO or a device would hang the start or read without end.
         Self::check(path)?;
-        let rooms = RoomMap::default();
+        let rooms: RoomMap<Learned> = RoomMap::default();
         match std::fs::metadata(path) {
             Ok(_) => {
                 let bytes = read_at_most(path, MAX_FILE_BYTES)
@@ -149,9 +158,17 @@ impl LearnedFile {
                 let mut skipped = 0usize;
                 // Line by line: one line that is not UTF-8 is one line skipped.
                 for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                    match std::str::from_utf8(line).ok().and_then(parse_line) {
+                    let parsed = std::str::from_utf8(line)
+                        .ok()
+                        .and_then(|l| parse_line(l, rooms_as));
+                    match parsed {
                         Some((room, learned)) => {
-                            rooms.insert(room, learned);
+                            let newer = rooms
+                                .get(&room)
+                                .is_none_or(|had| had.last_seen <= learned.last_seen);
+                            if newer {
+                                rooms.insert(room, learned);
+                            }
                         }
                         None => skipped += 1,
                     }
@@ -278,10 +295,10 @@ fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
     Ok((bytes.len() as u64 <= max).then_some(bytes))
 }
 
-fn parse_line(line: &str) -> Option<(RoomKey, Learned)> {
+fn parse_line(line: &str, rooms_as: Normalization) -> Option<(RoomKey, Learned)> {
     let (learned, room) = line.split_once('\t')?;
     Some((
-        RoomKey::parse(room, Normalization::None).ok()?,
+        RoomKey::parse(room, rooms_as).ok()?,
         Learned::decode(learned)?,
     ))
 }
@@ -321,6 +338,29 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("learned.txt")
+    }
+
+    #[test]
+    fn names_are_read_under_the_routers_normalization_and_the_newest_wins() {
+        let path = temp_path("normalized");
+        // Written while rooms were taken as they came; read by a lowercasing router.
+        std::fs::write(
+            &path,
+            "30,0,0,1000\tStandUp\n12,0,0,2000\tstandup\n7,0,0,5\tOther\n",
+        )
+        .unwrap();
+        let f = LearnedFile::open_as(&path, Normalization::Lowercase).unwrap();
+        let mut all = f.all();
+        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let names: Vec<_> = all
+            .iter()
+            .map(|(r, l)| (r.as_str().to_string(), l.peaks[0]))
+            .collect();
+        assert_eq!(
+            names,
+            [("other".to_string(), 7), ("standup".to_string(), 12)]
+        );
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[cfg(unix)]

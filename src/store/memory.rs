@@ -16,7 +16,7 @@ use super::{Page, Pin, PinOutcome, PinStore, StoreError, StoreHealth, Unconfirme
 use crate::cluster::reservations::Learned;
 use crate::cluster::NodeId;
 use crate::placement::Millis;
-use crate::room::{RoomKey, RoomMap};
+use crate::room::{Normalization, RoomKey, RoomMap};
 
 /// Pins in a `DashMap`; learned sizes in a file if one is configured.
 #[derive(Debug, Default)]
@@ -30,11 +30,12 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    /// A memory store that keeps learned room sizes in `path` across restarts.
-    pub fn with_learned_file(path: &Path) -> anyhow::Result<MemoryStore> {
+    /// A memory store that keeps learned room sizes in `path` across restarts, reading the
+    /// names there under `rooms` (the router's `rooms.normalization`).
+    pub fn with_learned_file(path: &Path, rooms: Normalization) -> anyhow::Result<MemoryStore> {
         Ok(MemoryStore {
             pins: RoomMap::default(),
-            learned: Some(LearnedFile::open(path)?),
+            learned: Some(LearnedFile::open_as(path, rooms)?),
         })
     }
 

@@ -283,7 +283,7 @@ pub enum AnyStore {
 pub async fn open(cfg: &Config) -> anyhow::Result<AnyStore> {
     Ok(match cfg.store.kind {
         StoreKind::Memory => AnyStore::Memory(match &cfg.store.learned_file {
-            Some(path) => MemoryStore::with_learned_file(path)?,
+            Some(path) => MemoryStore::with_learned_file(path, cfg.rooms.normalization)?,
             None => MemoryStore::new(),
         }),
         StoreKind::Redis => AnyStore::Redis(

@@ -1262,10 +1262,13 @@ impl Config {
         for (i, (key, a)) in listeners.iter().enumerate() {
             for (other, b) in &listeners[i + 1..] {
                 let (Some(a), Some(b)) = (a, b) else { continue };
+                // `[::]` takes the port on IPv4 too (Linux's default dual stack).
+                let covers = |w: &std::net::SocketAddr, o: &std::net::SocketAddr| {
+                    w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4())
+                };
                 let clash = a.port() == b.port()
                     && a.port() != 0
-                    && a.is_ipv4() == b.is_ipv4()
-                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+                    && (a.ip() == b.ip() || covers(a, b) || covers(b, a));
                 if clash {
                     return Err(invalid(
                         other,
@@ -2035,6 +2038,7 @@ mod tests {
         for (listen, extra) in [
             ("127.0.0.1:8080", "redirect_listen = \"127.0.0.1:8080\""),
             ("127.0.0.1:8443", "redirect_listen = \"0.0.0.0:8443\""),
+            ("0.0.0.0:8443", "redirect_listen = \"[::]:8443\""),
         ] {
             let c = Config::parse(&format!(
                 "[server]\nlisten = \"{listen}\"\n[tls]\n{extra}\n"

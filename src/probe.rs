@@ -102,8 +102,8 @@ pub async fn probe(
 /// order, staggered: the next starts [`ATTEMPT_DELAY`] (at most `timeout` shared out among
 /// them) after the last, or at once when an attempt fails; the attempts still under way are
 /// dropped once one connects. Unbounded in time: the caller's timeout bounds it. Fails with
-/// every address's error once all have failed (a local failure if any of them was one: the
-/// router could not try that address).
+/// every address's error once all have failed (a local failure if every one of them was:
+/// the router could not try any address).
 async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, ProbeFailed> {
     let addrs = &addrs[..addrs.len().min(MAX_ADDRS)];
     let delay = ATTEMPT_DELAY.min(timeout / addrs.len().max(1) as u32);
@@ -112,7 +112,9 @@ async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
     let mut racing = FuturesUnordered::new();
     racing.extend(untried.next().map(attempt));
     let mut errors = Vec::new();
-    let mut local = false;
+    // Local only if every attempt was: one address the router cannot use (IPv6 off in a
+    // container) must not excuse a refusal at the next.
+    let mut local = true;
     let next_start = tokio::time::sleep(delay);
     tokio::pin!(next_start);
     while !racing.is_empty() {
@@ -120,7 +122,7 @@ async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
             Some((addr, r)) = racing.next() => match r {
                 Ok(stream) => return Ok(stream),
                 Err(e) => {
-                    local |= is_local_shortage(&e);
+                    local &= is_local_shortage(&e);
                     errors.push(format!("{addr}: {e}"));
                     racing.extend(untried.next().map(attempt));
                     next_start.as_mut().reset(tokio::time::Instant::now() + delay);

@@ -1162,7 +1162,10 @@ impl<S: PinStore> Router<S> {
             self.metrics.released("idle");
         }
         self.settle_observed(now);
-        // Times later than now come from before a backward step of the wall clock.
+        // Times later than now come from before a backward step of the wall clock. Now as
+        // of here: the store's sweep may have taken a while, and a join or report recorded
+        // meanwhile is no time from before a step.
+        let now = self.clock.now().max(now);
         for e in self.cluster.snapshot().nodes() {
             e.live.clamp_heartbeat(now);
         }

@@ -1201,6 +1201,61 @@ async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
     b.stop().await;
 }
 
+/// A new room a router is placing as Redis goes away (its own command finds the outage)
+/// is decided again by the rule routers share while cut off, not pinned where the
+/// configured rule, over this router's view of load, had chosen: a router that noticed
+/// the outage before would place it by the shared rule, on another node (a
+/// failure-injection run: a room placed in that second went to two nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_placed_as_redis_goes_away_is_placed_by_the_shared_rule() {
+    let Some(mut redis) = private_redis_for("outage_window") else {
+        return;
+    };
+    let p = prefix("window");
+    let mut cfg = config(&redis.url(), &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(300);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(5);
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    // n1 is busy enough for the default rule to avoid it, not for the shared one.
+    heartbeat(&c, &a.base(), "n1", 70_000.0, &[]).await;
+    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
+        })
+        .await
+    );
+    redis.stop();
+    // At once, before router A has noticed: its own commands find the outage.
+    if a.app.router.store().deciding_alone() {
+        // Its once-a-second PING got there first (rare): this run shows the shared rule only.
+        eprintln!("router A noticed the outage before its placements: the window is not tested");
+    }
+    let rooms: Vec<String> = (0..20).map(|i| format!("edge-{i}")).collect();
+    let base_a = a.base();
+    let on_a = futures_util::future::join_all(rooms.iter().map(|r| place(&c, &base_a, r))).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.app.router.store().deciding_alone()
+        })
+        .await
+    );
+    let mut apart = Vec::new();
+    for (room, on_a) in rooms.iter().zip(on_a) {
+        let on_a = on_a.unwrap();
+        let on_b = place(&c, &b.base(), room).await.unwrap();
+        if on_a != on_b {
+            apart.push(format!("{room}: {on_a} / {on_b}"));
+        }
+    }
+    assert!(apart.is_empty(), "new rooms on two nodes: {apart:?}");
+    redis.restart();
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A node's report heard during a Redis outage is written back when Redis returns, not
 /// only at the node's next heartbeat: until then the store's node table held the report
 /// from before the outage (or none, after a restart that lost it), and a router that had

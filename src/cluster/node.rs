@@ -319,7 +319,12 @@ impl Live {
             });
         match update {
             Ok(t) => {
-                self.forgotten.fetch_max(t, Ordering::AcqRel);
+                // The node's own time, not a hold's: a relayed report the node made after
+                // its last word but before the hold's time is news, and must not be refused
+                // as older than what was forgotten.
+                let word = self.last_word();
+                self.forgotten
+                    .fetch_max(if word > 0 { t.min(word) } else { t }, Ordering::AcqRel);
                 true
             }
             Err(_) => false,
@@ -417,6 +422,12 @@ impl Live {
             + self.counted_reserved_milli.load(Ordering::Relaxed).max(0) as f64;
         (self.reported_units() + extra / MILLI) / capacity
     }
+
+    /// The node's own last report as a share of `capacity`, without this router's `pending`
+    /// and reservations: what routers that heard the same report agree on.
+    pub fn reported_utilization(&self, capacity: f64) -> f64 {
+        self.reported_units() / capacity
+    }
 }
 
 /// A node as the current snapshot holds it. Cheap to clone (one reference count).
@@ -464,6 +475,9 @@ impl NodeView for NodeEntry {
     #[inline]
     fn utilization(&self) -> f64 {
         self.live.utilization(self.info.capacity)
+    }
+    fn reported_utilization(&self) -> f64 {
+        self.live.reported_utilization(self.info.capacity)
     }
     #[inline]
     fn join_utilization(&self, new_room_limit: f64) -> f64 {
@@ -525,6 +539,9 @@ impl NodeView for Candidate {
     fn utilization(&self) -> f64 {
         self.live.utilization(self.capacity)
     }
+    fn reported_utilization(&self) -> f64 {
+        self.live.reported_utilization(self.capacity)
+    }
     #[inline]
     fn join_utilization(&self, new_room_limit: f64) -> f64 {
         self.live.join_utilization(self.capacity, new_room_limit)
@@ -583,6 +600,12 @@ mod tests {
         assert_eq!(l.last_heartbeat(), Some(3_000));
         // One at or before the check's start does not.
         assert!(l.forget_heartbeat_if_not_after(3_000));
+        // What is remembered as forgotten is the node's own last report, not the hold's
+        // time: a relayed report it made in between is newer news.
+        l.record_report(100.0, 0.0, None, AdminState::Active, 4_000);
+        l.hold_heartbeat(5_000);
+        assert!(l.forget_heartbeat_if_not_after(4_500));
+        assert_eq!(l.newest_report(), 4_000);
     }
 
     #[test]

@@ -294,14 +294,34 @@ impl RouterClient {
     }
 
     /// `DELETE /v1/nodes/{id}`: the router places nothing more here from now on (told to
-    /// the router that answered last; with a shared store, every router learns it).
+    /// the router that answered last, or, if it fails, the next; with a shared store, every
+    /// router learns it).
     async fn leave(&self, id: &str) {
-        let sent = self
-            .client
-            .delete(self.node())
-            .bearer_auth(&self.token)
-            .send()
-            .await;
+        let (first, n) = (
+            self.current.load(Ordering::Relaxed),
+            self.nodes.len().max(1),
+        );
+        let mut sent = None;
+        for k in 0..n {
+            let Some(node) = self.nodes.get((first + k) % n) else {
+                break;
+            };
+            let r = self
+                .client
+                .delete(node)
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            let next = match &r {
+                Err(_) => true,
+                Ok(resp) => resp.status().is_server_error(),
+            };
+            sent = Some(r);
+            if !next {
+                break;
+            }
+        }
+        let Some(sent) = sent else { return };
         match sent {
             Ok(r) if r.status().is_success() => tracing::info!(node = %id, "left the router"),
             // Removed already (drained empty, or by an admin): nothing to leave.

@@ -55,6 +55,13 @@ pub trait NodeView {
     fn capacity(&self) -> f64;
     /// Estimated utilization û: last report plus what was sent and reserved since.
     fn utilization(&self) -> f64;
+    /// The node's last report alone, without what this router sent and reserved since: what
+    /// every router that heard that report agrees on ([`choose_alone`]). A view that keeps
+    /// no such counters has û.
+    #[inline]
+    fn reported_utilization(&self) -> f64 {
+        self.utilization()
+    }
     /// û as a pinned room's join is judged ([`pin_holds`]): reservations (expected sizes of
     /// new rooms not yet arrived) counted only up to `new_room_limit`,
     /// `max(û - reserved, min(û, new_room_limit))`. A view without reservations has û.
@@ -365,13 +372,15 @@ pub fn choose<N: NodeView>(
 
 /// Picks a node for a room without a usable pin while the shared store cannot be reached
 /// and every router decides alone ([`crate::store::PinStore::deciding_alone`]): by
-/// weighted rendezvous hashing on capacity alone, the best-ranked eligible node below
-/// `join_limit` (in the room's region first, with `region_affinity`). What the rules
-/// weigh besides (utilization with this router's `pending` and reservations, and reports
-/// only some routers hear) differs from one router to the next, and so did their choices:
-/// two routers sent the first users of one new room to two nodes, and the write-back after
-/// the outage could only evict one half. Capacity and the hashes are the same on every
-/// router, so they choose alike; the price is balance for the outage's length.
+/// weighted rendezvous hashing on capacity alone, the best-ranked eligible node whose last
+/// report is below `new_room_limit` (in the room's region first, with `region_affinity`),
+/// else, as overflow, below `join_limit`. What the rules weigh besides (this router's
+/// `pending` and reservations) differs from one router to the next, and so did their
+/// choices: two routers sent the first users of one new room to two nodes, and the
+/// write-back after the outage could only evict one half. Capacity, the hashes and a
+/// node's reports are the same on every router that heard them, so they choose alike,
+/// unless a report only some of them heard moved a node across a limit. The price is
+/// balance for the outage's length.
 pub fn choose_alone<N: NodeView>(
     nodes: &[N],
     room: u64,
@@ -384,29 +393,45 @@ pub fn choose_alone<N: NodeView>(
     } else {
         None
     };
-    // (score, tiebreak, index) of the best node, anywhere and in the region.
-    let mut best: [Option<(f64, u64, usize)>; 2] = [None, None];
+    // (score, tiebreak, index) of the best node: [tier][anywhere, in the region], the
+    // tiers below `new_room_limit` and below `join_limit`.
+    let mut best: [[Option<(f64, u64, usize)>; 2]; 2] = [[None; 2]; 2];
     for (i, n) in nodes.iter().enumerate() {
-        if !base_eligible(n, hints, now, p) || n.utilization() >= p.join_limit {
+        if !base_eligible(n, hints, now, p) {
             continue;
         }
+        let u = n.reported_utilization();
+        let tier = if u < p.new_room_limit {
+            0
+        } else if u < p.join_limit {
+            1
+        } else {
+            continue;
+        };
         let c = (
             raw_score(room, n.node_hash(), n.capacity()),
             n.node_hash(),
             i,
         );
         let in_region = prefer_region.is_some() && n.region() == prefer_region;
-        for (slot, take) in best.iter_mut().zip([true, in_region]) {
+        for (slot, take) in best[tier].iter_mut().zip([true, in_region]) {
             let better = slot.is_none_or(|(s, h, _)| c.0 > s || (c.0 == s && c.1 > h));
             if take && better {
                 *slot = Some(c);
             }
         }
     }
-    match best[1].or(best[0]) {
-        Some((_, _, node)) => Decision::Place {
+    let [below, over] = best;
+    if let Some((_, _, node)) = below[1].or(below[0]) {
+        return Decision::Place {
             node,
             overflow: false,
+        };
+    }
+    match over[1].or(over[0]) {
+        Some((_, _, node)) => Decision::Place {
+            node,
+            overflow: true,
         },
         None => Decision::NoCapacity,
     }

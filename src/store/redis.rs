@@ -408,12 +408,26 @@ const MAX_LEARNED_INBOX: usize = 100_000;
 
 /// Stores and announces node updates in order (KEYS[1]: the node hash, KEYS[2]: the admin
 /// hash, both in the prefix's slot; ARGV[1]: the channel, then four per update: `set`,
-/// `admin`, `del` or `none`, the node id, the value, the announcement). `redis.call` stops
+/// `late` (a report stored only over an older one), `put`, `admin`, `del` or `none`, the
+/// node id, the value, the announcement). `redis.call` stops
 /// the script at a refused write, before that update's announcement. Returns the updates.
 const WRITE_NODES: &str = r#"
 local n = 0
 for i = 2, #ARGV, 4 do
   local op, id = ARGV[i], ARGV[i + 1]
+  if op == 'late' then
+    -- A report kept through an outage: stored only over an older one (another router may
+    -- have stored a newer report of the node since Redis returned).
+    local cur = redis.call('HGET', KEYS[1], id)
+    local ok, c = pcall(cjson.decode, cur or '')
+    local at = tonumber(cjson.decode(ARGV[i + 2])['at'])
+    if ok and type(c) == 'table' and c['kind'] == 'report' and tonumber(c['at'])
+        and at and tonumber(c['at']) >= at then
+      op = 'none'
+    else
+      op = 'set'
+    end
+  end
   if op == 'set' then
     redis.call('HSET', KEYS[1], id, ARGV[i + 2])
   elseif op == 'put' then
@@ -1849,7 +1863,9 @@ impl Inner {
             None => Vec::new(),
         };
         let _one_writer = self.node_writes.lock().await;
-        self.write_in_batches(&admin).await.map_err(|(_, e)| e)?;
+        self.write_in_batches(&admin, true)
+            .await
+            .map_err(|(_, e)| e)?;
         Ok(())
     }
 
@@ -1900,6 +1916,10 @@ impl Inner {
     }
 
     async fn write_back(&self) -> Result<(), StoreError> {
+        // The node table first: the pins' write-back asks it whether a node another router
+        // kept hearing is alive (`node_alive_in_store`), and its reports from the outage are
+        // what says so.
+        self.write_pending_nodes().await?;
         let rooms: Vec<RoomKey> = self.pending.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
             // In `writing` before it leaves `pending`: never in neither until Redis has it.
@@ -2007,9 +2027,15 @@ impl Inner {
         let (keys, updates): (Vec<String>, Vec<NodeUpdate>) = self
             .pending_nodes
             .lock()
-            .map(|mut m| m.drain().unzip())
+            .map(|mut m| {
+                let mut kept: Vec<(String, NodeUpdate)> = m.drain().collect();
+                // Reports last: a registration written after one would replace it in the
+                // table, and the node would read as unheard until its next report.
+                kept.sort_by_key(|(_, u)| matches!(u, NodeUpdate::Report { .. }));
+                kept.into_iter().unzip()
+            })
             .unwrap_or_default();
-        let Err((written, e)) = self.write_in_batches(&updates).await else {
+        let Err((written, e)) = self.write_in_batches(&updates, true).await else {
             return Ok(());
         };
         if let Ok(mut m) = self.pending_nodes.lock() {
@@ -2415,10 +2441,15 @@ impl Inner {
     }
 
     /// Writes `updates` in order, [`MAX_NODE_BATCH`] per [`Inner::write_nodes`] call; on an
-    /// error, also says how many went through (the ones before the failed call).
-    async fn write_in_batches(&self, updates: &[NodeUpdate]) -> Result<(), (usize, StoreError)> {
+    /// error, also says how many went through (the ones before the failed call). `late`:
+    /// kept updates written after the fact, whose reports go only over older ones.
+    async fn write_in_batches(
+        &self,
+        updates: &[NodeUpdate],
+        late: bool,
+    ) -> Result<(), (usize, StoreError)> {
         for (i, chunk) in updates.chunks(MAX_NODE_BATCH).enumerate() {
-            if let Err(e) = self.write_nodes(chunk).await {
+            if let Err(e) = self.write_nodes(chunk, late).await {
                 return Err((i * MAX_NODE_BATCH, e));
             }
         }
@@ -2430,7 +2461,7 @@ impl Inner {
     /// (a script stops at the first refused write: READONLY on a demoted master, NOREPLICAS,
     /// OOM at `maxmemory`, a key of the wrong type). Those before it stay written and
     /// announced; the caller keeps what must not be lost and writes it again.
-    async fn write_nodes(&self, updates: &[NodeUpdate]) -> Result<(), StoreError> {
+    async fn write_nodes(&self, updates: &[NodeUpdate], late: bool) -> Result<(), StoreError> {
         let mut inv = self.write_nodes.prepare_invoke();
         inv.key(&self.keys.nodes)
             .key(&self.keys.admin)
@@ -2438,7 +2469,10 @@ impl Inner {
             .arg(&self.keys.nodes_channel);
         for u in updates {
             let (op, value) = match u {
-                NodeUpdate::Report { .. } => ("set", serde_json::to_string(u).map_err(err)?),
+                NodeUpdate::Report { .. } => (
+                    if late { "late" } else { "set" },
+                    serde_json::to_string(u).map_err(err)?,
+                ),
                 // Also noted apart: the node's next report replaces the stored entry.
                 NodeUpdate::Put { .. } => ("put", serde_json::to_string(u).map_err(err)?),
                 NodeUpdate::Admin { state, .. } => ("admin", state.as_str().to_string()),
@@ -2670,7 +2704,7 @@ async fn node_writer(
         let written = if !writable {
             0
         } else {
-            match inner.write_in_batches(&batch).await {
+            match inner.write_in_batches(&batch, false).await {
                 Ok(()) => batch.len(),
                 Err((written, _)) => written,
             }
@@ -2975,7 +3009,16 @@ impl PinStore for RedisStore {
         if !i.is_down() {
             match i.pin_if_remote(room, node, expected, now).await {
                 Ok(o) => return Ok(o),
-                Err(e) => i.confirm_down(e).await?,
+                Err(e) => {
+                    i.confirm_down(e).await?;
+                    // The outage began with this call: `node` was chosen by the configured
+                    // rule, over this router's own view of load, and the other routers will
+                    // decide this room by the rule they all share while Redis is out of
+                    // reach (`PinStore::deciding_alone`). The caller decides again, by that
+                    // rule, from the pin as the cache holds it (a failure-injection run:
+                    // rooms placed in that second went to two nodes).
+                    return self.get(room).await.map(PinOutcome::Lost);
+                }
             }
         }
         if i.is_stalled() {
@@ -3540,5 +3583,92 @@ mod tests {
         assert_eq!(decode(&encode(&p)), Some(p));
         assert_eq!(decode(""), None);
         assert_eq!(decode("bad node|1|2"), None);
+    }
+}
+
+#[cfg(test)]
+mod late_report_tests {
+    use super::*;
+
+    /// `WRITE_NODES`'s `late` op, against the Redis at `REDIS_URL` (which `.ci/run` sets):
+    /// a report kept through an outage is stored only over an older one, so that it cannot
+    /// take the place of a newer report another router stored since Redis returned.
+    #[tokio::test]
+    async fn a_late_report_is_stored_only_over_an_older_one() {
+        let Ok(url) = std::env::var("REDIS_URL") else {
+            assert!(
+                std::env::var("ROOMROUTER_REQUIRE_REDIS").is_err(),
+                "ROOMROUTER_REQUIRE_REDIS is set but REDIS_URL is not"
+            );
+            eprintln!("SKIPPED a_late_report_is_stored_only_over_an_older_one: no REDIS_URL");
+            return;
+        };
+        let client = redis::Client::open(url).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let keys = Keys::new(&format!("rr-late-{}", rand::random::<u64>()));
+        let script = Script::new(WRITE_NODES);
+        let report_at = |at: Millis| {
+            serde_json::json!({"kind": "report", "id": "n1", "at": at, "load": 0.0}).to_string()
+        };
+        let write = |op: &'static str, value: String| {
+            let mut inv = script.prepare_invoke();
+            inv.key(&keys.nodes)
+                .key(&keys.admin)
+                .key(&keys.registered)
+                .arg(&keys.nodes_channel)
+                .arg(op)
+                .arg("n1")
+                .arg(value)
+                .arg("announcement");
+            inv
+        };
+        let stored_at = |c: &mut redis::aio::MultiplexedConnection| {
+            let key = keys.nodes.clone();
+            let mut c = c.clone();
+            async move {
+                let v: String = redis::cmd("HGET")
+                    .arg(key)
+                    .arg("n1")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                serde_json::from_str::<serde_json::Value>(&v).unwrap()["at"]
+                    .as_u64()
+                    .unwrap()
+            }
+        };
+        let _: i64 = write("late", report_at(1_000))
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(stored_at(&mut c).await, 1_000, "over nothing");
+        let _: i64 = write("set", report_at(2_000))
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        let _: i64 = write("late", report_at(1_500))
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(stored_at(&mut c).await, 2_000, "a newer report stays");
+        let _: i64 = write("late", report_at(3_000))
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(stored_at(&mut c).await, 3_000, "over an older one");
+        // Over a registration (no report yet), as a report always goes.
+        let put = serde_json::json!({"kind": "put", "id": "n1"}).to_string();
+        let _: i64 = write("put", put).invoke_async(&mut c).await.unwrap();
+        let _: i64 = write("late", report_at(500))
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(stored_at(&mut c).await, 500);
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys.nodes)
+            .arg(&keys.registered)
+            .query_async(&mut c)
+            .await
+            .unwrap();
     }
 }

@@ -1320,7 +1320,7 @@ impl<S: PinStore> Router<S> {
             expected_load: f64::from(expected_size),
             ..*hints
         };
-        let (d, rows) = explain(
+        let (mut d, rows) = explain(
             snap.candidates(),
             pinned,
             room.stable_hash(),
@@ -1328,6 +1328,19 @@ impl<S: PinStore> Router<S> {
             now,
             &self.params,
         );
+        // While the store is out of reach, joins are decided by the shared rule: the answer
+        // says what a join would get; the nodes' rows stay the configured rule's view.
+        let alone = self.store.deciding_alone();
+        if alone {
+            d = decide_alone(
+                snap.candidates(),
+                pinned,
+                room.stable_hash(),
+                hints,
+                now,
+                &self.params,
+            );
+        }
         let (decision, node) = match d {
             Decision::Pinned(i) => ("pinned", Some(i)),
             Decision::NodeFull(i) => ("node_full", Some(i)),
@@ -1346,7 +1359,11 @@ impl<S: PinStore> Router<S> {
             pinned: pin.map(|p| p.node),
             decision: decision.to_string(),
             node: node.map(|i| snap.nodes()[i].id.clone()),
-            rule: self.params.rule.name(),
+            rule: if alone {
+                "alone"
+            } else {
+                self.params.rule.name()
+            },
             expected_size,
             size_source,
             reserved_for_ms: self.placement.reservation_ttl_ms(size_source),

@@ -1762,5 +1762,14 @@ async fn a_router_deciding_alone_places_new_rooms_as_every_router_would() {
         "nothing to show: {by_load:?}"
     );
     r.store.alone.store(true, Ordering::SeqCst);
+    // explain says what the join then gets.
+    let e = r
+        .explain(&room(&name), &Hints::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (e.rule, e.node.as_ref().map(|n| n.as_str())),
+        ("alone", Some("b"))
+    );
     assert_eq!(node_of(&r, &name).await, "b");
 }

@@ -1150,24 +1150,22 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
     beats.abort();
 }
 
-/// Two routers that cannot reach Redis each decide alone; for a new room they must still
-/// decide alike, or its first users are sent to two nodes (a failure-injection run: 6 of 10
-/// new rooms split across two routers during a 3 s outage). Here each router hears one node
-/// directly and sees the other's load as it was before the outage, and the node router A
-/// hears reports itself busy: the load-weighing default then chose differently on the two.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
-    let Some(mut redis) = private_redis_for("outage_same_choice") else {
-        return;
-    };
-    let p = prefix("alike");
+/// A Redis of the test's own, two routers on it (heartbeat timeout 5 s), node n1 reporting
+/// `n1_load` (of 100 000) to router A and n2 reporting nothing to router B, both known to
+/// both routers; `None` (after a loud skip) without `redis-server`.
+async fn two_routers_one_node_each(
+    name: &str,
+    n1_load: f64,
+) -> Option<(PrivateRedis, Served, Served, reqwest::Client)> {
+    let redis = private_redis_for(name)?;
+    let p = prefix(name);
     let mut cfg = config(&redis.url(), &p);
     cfg.placement.heartbeat_interval = Duration::from_millis(300);
     cfg.placement.heartbeat_timeout = Duration::from_secs(5);
     let a = serve(cfg.clone()).await;
     let b = serve(cfg).await;
     let c = client();
-    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    heartbeat(&c, &a.base(), "n1", n1_load, &[]).await;
     heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
     assert!(
         eventually(Duration::from_secs(3), || async {
@@ -1175,6 +1173,20 @@ async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
         })
         .await
     );
+    Some((redis, a, b, c))
+}
+
+/// Two routers that cannot reach Redis each decide alone; for a new room they must still
+/// decide alike, or its first users are sent to two nodes (a failure-injection run: 6 of 10
+/// new rooms split across two routers during a 3 s outage). Here each router hears one node
+/// directly and sees the other's load as it was before the outage, and the node router A
+/// hears reports itself busy: the load-weighing default then chose differently on the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
+    let Some((mut redis, a, b, c)) = two_routers_one_node_each("outage_same_choice", 0.0).await
+    else {
+        return;
+    };
     redis.stop();
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -1208,25 +1220,11 @@ async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
 /// failure-injection run: a room placed in that second went to two nodes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_placed_as_redis_goes_away_is_placed_by_the_shared_rule() {
-    let Some(mut redis) = private_redis_for("outage_window") else {
+    // n1 is busy enough for the default rule to avoid it, not for the shared one.
+    let Some((mut redis, a, b, c)) = two_routers_one_node_each("outage_window", 70_000.0).await
+    else {
         return;
     };
-    let p = prefix("window");
-    let mut cfg = config(&redis.url(), &p);
-    cfg.placement.heartbeat_interval = Duration::from_millis(300);
-    cfg.placement.heartbeat_timeout = Duration::from_secs(5);
-    let a = serve(cfg.clone()).await;
-    let b = serve(cfg).await;
-    let c = client();
-    // n1 is busy enough for the default rule to avoid it, not for the shared one.
-    heartbeat(&c, &a.base(), "n1", 70_000.0, &[]).await;
-    heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            a.healthy_nodes() == 2 && b.healthy_nodes() == 2
-        })
-        .await
-    );
     redis.stop();
     // At once, before router A has noticed: its own commands find the outage.
     if a.app.router.store().deciding_alone() {

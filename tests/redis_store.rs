@@ -1195,8 +1195,8 @@ async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
         .await,
         "the routers never noticed the outage"
     );
-    // n1 is busy, as only router A hears.
-    heartbeat(&c, &a.base(), "n1", 70_000.0, &[]).await;
+    // n1 is now past new_room_limit, as only router A hears.
+    heartbeat(&c, &a.base(), "n1", 85_000.0, &[]).await;
     heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
     let mut apart = Vec::new();
     for i in 0..20 {

@@ -163,6 +163,9 @@ pub struct Live {
     /// admin registering it. Unlike `last_heartbeat`, never moved by a hold (a store outage, a pause
     /// of the router): a removal decided before it is stale ([`Live::last_word`]).
     last_word: AtomicU64,
+    /// The node's reported units (f64 bits) when the shared store's current outage began,
+    /// plus one (0: none taken; see [`Live::outage_utilization`]).
+    outage_units: AtomicU64,
     /// Proxy mode: how long the node took to answer
     /// (`roomrouter_proxy_upstream_response_seconds`). Last, so the new-room pass's cache
     /// line stays as it was.
@@ -428,6 +431,25 @@ impl Live {
     pub fn reported_utilization(&self, capacity: f64) -> f64 {
         self.reported_units() / capacity
     }
+
+    /// Notes the node's report as it stands when the shared store's outage begins: the last
+    /// state every router shared. During the outage each node's reports reach only the
+    /// routers it heartbeats, so routers deciding alone judge it by this one.
+    pub fn note_outage_start(&self) {
+        self.outage_units.store(
+            self.reported_units().to_bits().wrapping_add(1),
+            Ordering::Release,
+        );
+    }
+
+    /// [`Live::reported_utilization`] as of the outage's start ([`Live::note_outage_start`]),
+    /// or of the last report for a node first heard since.
+    pub fn outage_utilization(&self, capacity: f64) -> f64 {
+        match self.outage_units.load(Ordering::Acquire) {
+            0 => self.reported_utilization(capacity),
+            bits => f64::from_bits(bits.wrapping_sub(1)) / capacity,
+        }
+    }
 }
 
 /// A node as the current snapshot holds it. Cheap to clone (one reference count).
@@ -477,7 +499,7 @@ impl NodeView for NodeEntry {
         self.live.utilization(self.info.capacity)
     }
     fn reported_utilization(&self) -> f64 {
-        self.live.reported_utilization(self.info.capacity)
+        self.live.outage_utilization(self.info.capacity)
     }
     #[inline]
     fn join_utilization(&self, new_room_limit: f64) -> f64 {
@@ -540,7 +562,7 @@ impl NodeView for Candidate {
         self.live.utilization(self.capacity)
     }
     fn reported_utilization(&self) -> f64 {
-        self.live.reported_utilization(self.capacity)
+        self.live.outage_utilization(self.capacity)
     }
     #[inline]
     fn join_utilization(&self, new_room_limit: f64) -> f64 {
@@ -606,6 +628,31 @@ mod tests {
         l.hold_heartbeat(5_000);
         assert!(l.forget_heartbeat_if_not_after(4_500));
         assert_eq!(l.newest_report(), 4_000);
+    }
+
+    #[test]
+    fn routers_deciding_alone_judge_a_node_by_its_report_at_the_outage_start() {
+        let l = Live::default();
+        l.record_report(100.0, 40.0, None, AdminState::Active, 1);
+        assert_eq!(
+            l.outage_utilization(100.0),
+            0.4,
+            "none taken: the last report"
+        );
+        l.note_outage_start();
+        l.record_report(100.0, 90.0, None, AdminState::Active, 2);
+        l.add_pending(5.0);
+        assert_eq!(
+            l.outage_utilization(100.0),
+            0.4,
+            "only this router heard the 90"
+        );
+        assert_eq!(l.reported_utilization(100.0), 0.9);
+        // An empty node at the start is 0, not "none taken".
+        let e = Live::default();
+        e.note_outage_start();
+        e.record_report(100.0, 90.0, None, AdminState::Active, 2);
+        assert_eq!(e.outage_utilization(100.0), 0.0);
     }
 
     #[test]

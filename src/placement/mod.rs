@@ -55,9 +55,11 @@ pub trait NodeView {
     fn capacity(&self) -> f64;
     /// Estimated utilization û: last report plus what was sent and reserved since.
     fn utilization(&self) -> f64;
-    /// The node's last report alone, without what this router sent and reserved since: what
-    /// every router that heard that report agrees on ([`choose_alone`]). A view that keeps
-    /// no such counters has û.
+    /// The node's report as every router shared it last, without what this router sent
+    /// and reserved since: for a router's node table, the report as it stood when the shared
+    /// store's outage began (`Live::outage_utilization`), since during the outage each
+    /// node's reports reach only the routers it heartbeats. What [`choose_alone`] judges
+    /// nodes by. A view that keeps no such counters has û.
     #[inline]
     fn reported_utilization(&self) -> f64 {
         self.utilization()
@@ -372,15 +374,17 @@ pub fn choose<N: NodeView>(
 
 /// Picks a node for a room without a usable pin while the shared store cannot be reached
 /// and every router decides alone ([`crate::store::PinStore::deciding_alone`]): by
-/// weighted rendezvous hashing on capacity alone, the best-ranked eligible node whose last
-/// report is below `new_room_limit` (in the room's region first, with `region_affinity`),
-/// else, as overflow, below `join_limit`. What the rules weigh besides (this router's
-/// `pending` and reservations) differs from one router to the next, and so did their
-/// choices: two routers sent the first users of one new room to two nodes, and the
-/// write-back after the outage could only evict one half. Capacity, the hashes and a
-/// node's reports are the same on every router that heard them, so they choose alike,
-/// unless a report only some of them heard moved a node across a limit. The price is
-/// balance for the outage's length.
+/// weighted rendezvous hashing on capacity alone, the best-ranked eligible node whose
+/// shared report ([`NodeView::reported_utilization`]: as it stood when the outage began)
+/// is below `new_room_limit` (in the room's region first, with `region_affinity`), else,
+/// as overflow, below `join_limit`. What the rules weigh besides (this router's `pending`
+/// and reservations, and the reports only it hears during the outage) differs from one
+/// router to the next, and so did their choices: two routers sent the first users of one
+/// new room to two nodes, and the write-back after the outage could only evict one half.
+/// Capacity, the hashes and the shared reports are the same on every router, so they
+/// choose alike. The price: balance for the outage's length, and a node that fills during
+/// it keeps its tier until Redis returns (its meetings' joins are refused at `join_limit`
+/// as ever).
 pub fn choose_alone<N: NodeView>(
     nodes: &[N],
     room: u64,

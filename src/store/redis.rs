@@ -423,7 +423,7 @@ for i = 2, #ARGV, 4 do
     local at = tonumber(cjson.decode(ARGV[i + 2])['at'])
     if ok and type(c) == 'table' and c['kind'] == 'report' and tonumber(c['at'])
         and at and tonumber(c['at']) >= at then
-      op = 'none'
+      op = 'stale'
     else
       op = 'set'
     end
@@ -439,7 +439,11 @@ for i = 2, #ARGV, 4 do
     redis.call('HDEL', KEYS[1], id)
     redis.call('SREM', KEYS[3], id)
   end
-  redis.call('PUBLISH', ARGV[1], ARGV[i + 3])
+  -- A late report older than the stored one is not announced either: a router that knows
+  -- the node only from it would take its old load and state.
+  if op ~= 'stale' then
+    redis.call('PUBLISH', ARGV[1], ARGV[i + 3])
+  end
   n = n + 1
 end
 return n
@@ -1061,6 +1065,7 @@ impl Inner {
     /// restart meanwhile (down and stalled), this older verdict must not lift the stall and
     /// have new rooms decided alone while the other routers reach Redis.
     fn mark_down_if_up(&self, why: impl std::fmt::Display) {
+        self.note_outage_start();
         // Before `down`, as in `go_down`; harmless if the store is already down (then it is
         // set) or up again (nothing reads it while up, and the next outage sets it).
         self.lost.store(true, Ordering::Release);
@@ -1077,8 +1082,22 @@ impl Inner {
         self.outage_began(why.to_string(), false);
     }
 
+    /// Notes every node's report as the outage begins (`Live::note_outage_start`), before
+    /// `down` is set: placements that then find the store down judge nodes by it.
+    fn note_outage_start(&self) {
+        if self.down.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(cluster) = self.cluster.get() {
+            for e in cluster.snapshot().nodes() {
+                e.live.note_outage_start();
+            }
+        }
+    }
+
     /// Enters (or stays in) degraded mode, stalled or not, counting an outage if it begins.
     fn go_down(&self, why: String, stalled: bool) {
+        self.note_outage_start();
         self.lost.store(true, Ordering::Release);
         // Stalled set before down: a placement in between must not find the store down and
         // not stalled, and decide locally.
@@ -1918,8 +1937,11 @@ impl Inner {
     async fn write_back(&self) -> Result<(), StoreError> {
         // The node table first: the pins' write-back asks it whether a node another router
         // kept hearing is alive (`node_alive_in_store`), and its reports from the outage are
-        // what says so.
-        self.write_pending_nodes().await?;
+        // what says so. A node write Redis refuses does not hold up the pins (what is kept
+        // is written again at the end, and its error returned then).
+        if let Err(e) = self.write_pending_nodes().await {
+            tracing::warn!(error = %e, "node changes not written back before the pins; trying again after them");
+        }
         let rooms: Vec<RoomKey> = self.pending.iter().map(|e| e.key().clone()).collect();
         for room in rooms {
             // In `writing` before it leaves `pending`: never in neither until Redis has it.

@@ -1254,6 +1254,65 @@ async fn a_room_placed_as_redis_goes_away_is_placed_by_the_shared_rule() {
     b.stop().await;
 }
 
+/// A room every router placed alone during an outage (the same node, by the shared rule)
+/// was reserved by each of them; after the write-back only the router whose pin the store
+/// kept still reserves it. Counted once per router, its expected size crowded the node for
+/// `new_room_reserve_ttl` (a failure-injection run: `no_capacity` a second after Redis
+/// returned, the busiest node at 38%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_both_routers_placed_alone_is_reserved_once_after_the_write_back() {
+    let Some((mut redis, a, b, c)) = two_routers_one_node_each("outage_reserved_once", 0.0).await
+    else {
+        return;
+    };
+    redis.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.app.router.store().deciding_alone() && b.app.router.store().deciding_alone()
+        })
+        .await
+    );
+    let on_a = place(&c, &a.base(), "twice").await.unwrap();
+    let on_b = place(&c, &b.base(), "twice").await.unwrap();
+    assert_eq!(on_a, on_b);
+    let reserved = |r: &Served| {
+        let id = roomrouter::cluster::NodeId::parse(&on_a).unwrap();
+        r.app
+            .router
+            .cluster()
+            .snapshot()
+            .get(&id)
+            .unwrap()
+            .live
+            .reserved_units()
+    };
+    let each = reserved(&a);
+    assert!(
+        each > 0.0 && reserved(&b) == each,
+        "{each} / {}",
+        reserved(&b)
+    );
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            a.app.router.store().health() == StoreHealth::Ok
+                && b.app.router.store().health() == StoreHealth::Ok
+        })
+        .await
+    );
+    // The sweep settles what the write-back found.
+    a.app.router.sweep().await.unwrap();
+    b.app.router.sweep().await.unwrap();
+    let (on_a_now, on_b_now) = (reserved(&a), reserved(&b));
+    assert_eq!(
+        on_a_now + on_b_now,
+        each,
+        "reserved {on_a_now} on A and {on_b_now} on B: the room counted twice"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A node's report heard during a Redis outage is written back when Redis returns, not
 /// only at the node's next heartbeat: until then the store's node table held the report
 /// from before the outage (or none, after a restart that lost it), and a router that had

@@ -275,6 +275,25 @@ impl NodeSync {
         }
     }
 
+    /// The room's session on `node` is over for this router, as of `at`, though no node said
+    /// so: its pin there from a store outage lost to another router's at the write-back (the
+    /// same node or another). The router drops its reservation of the room there, as for a
+    /// session a report said ended ([`Observed::ended`]); kept, it counted the room a second
+    /// time on top of the winner's for `reservation_ttl`.
+    pub fn note_ended(&self, node: NodeId, room: RoomKey, at: Millis) {
+        if let Ok(mut o) = self.observed.lock() {
+            if o.len() < MAX_OBSERVED {
+                o.push(Observed {
+                    node,
+                    at,
+                    rooms: Vec::new(),
+                    ended: vec![room],
+                });
+                self.any_observed.store(true, Ordering::Release);
+            }
+        }
+    }
+
     /// The participants other routers' heartbeats reported since the last call.
     pub fn take_observed(&self) -> Vec<Observed> {
         // A read first: the common case (nothing heard) writes no shared cache line.

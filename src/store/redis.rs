@@ -2087,9 +2087,19 @@ impl Inner {
         expected: &Option<NodeId>,
     ) -> Result<(), StoreError> {
         let now = self.local_created_at(room);
+        // This router's reservation of the room on `node` goes when another router's pin
+        // stands in the store: on another node it is no room of `node`'s, and on the same
+        // node the winner reserved it already (a room every router placed alone during the
+        // outage was counted once per router: a `no_capacity` after Redis returned).
+        let not_ours = || self.sync.note_ended(node.clone(), room.clone(), wall_ms());
         match self.pin_if_remote(room, node, None, now).await? {
             PinOutcome::Won(_) => Ok(()),
-            PinOutcome::Lost(Some(cur)) if &cur.node == node => Ok(()),
+            PinOutcome::Lost(Some(cur)) if &cur.node == node => {
+                if cur.created_at != now {
+                    not_ours();
+                }
+                Ok(())
+            }
             PinOutcome::Lost(Some(cur)) if expected.as_ref() == Some(&cur.node) => {
                 // We re-placed the room off a node that failed as we saw it; the store still
                 // names that node. If the store says it is alive (another router kept hearing
@@ -2097,6 +2107,7 @@ impl Inner {
                 // disagreement; if not, nobody re-placed the room and ours stands.
                 if self.node_alive_in_store(&cur.node).await? {
                     self.store_won.fetch_add(1, Ordering::Relaxed);
+                    not_ours();
                     tracing::warn!(room = %room, ours = %node, store = %cur.node, "outage re-placement lost: the store's node is alive");
                     return Ok(());
                 }
@@ -2104,12 +2115,16 @@ impl Inner {
                     PinOutcome::Won(_) => Ok(()),
                     PinOutcome::Lost(_) => {
                         self.store_won.fetch_add(1, Ordering::Relaxed);
+                        not_ours();
                         Ok(())
                     }
                 }
             }
             PinOutcome::Lost(cur) => {
                 self.store_won.fetch_add(1, Ordering::Relaxed);
+                if cur.is_some() {
+                    not_ours();
+                }
                 tracing::warn!(room = %room, ours = %node, store = ?cur.map(|p| p.node), "outage decision lost to the store's pin");
                 Ok(())
             }

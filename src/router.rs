@@ -464,6 +464,30 @@ impl<S: PinStore> Router<S> {
         self.clock.now().max(decided)
     }
 
+    /// The decision for `room` over `snap`: by the configured rule, or, while the shared
+    /// store is out of reach, by the rule every router applies alike (`decide_alone`).
+    fn decide(
+        &self,
+        snap: &Snapshot,
+        pinned: Option<usize>,
+        room: &RoomKey,
+        hints: &Hints<'_>,
+        now: Millis,
+    ) -> Decision {
+        let decide = match self.store.deciding_alone() {
+            true => decide_alone,
+            false => decide,
+        };
+        decide(
+            snap.candidates(),
+            pinned,
+            room.stable_hash(),
+            hints,
+            now,
+            &self.params,
+        )
+    }
+
     /// A join sent to `node`: counts toward its `pending` and the room's reservation.
     #[inline]
     fn count_join(&self, room: &RoomKey, node: &NodeEntry, now: Millis) {
@@ -494,19 +518,7 @@ impl<S: PinStore> Router<S> {
             let (decision, entry) = {
                 let snap = self.cluster.snapshot();
                 let pinned = pin.as_ref().and_then(|p| snap.position(&p.node));
-                // With the shared store out of reach, by a rule every router applies alike.
-                let decide = match self.store.deciding_alone() {
-                    true => decide_alone,
-                    false => decide,
-                };
-                let d = decide(
-                    snap.candidates(),
-                    pinned,
-                    room.stable_hash(),
-                    hints,
-                    now,
-                    &self.params,
-                );
+                let d = self.decide(&snap, pinned, room, hints, now);
                 let entry = match d {
                     Decision::Pinned(i)
                     | Decision::NodeFull(i)
@@ -1332,14 +1344,7 @@ impl<S: PinStore> Router<S> {
         // says what a join would get; the nodes' rows stay the configured rule's view.
         let alone = self.store.deciding_alone();
         if alone {
-            d = decide_alone(
-                snap.candidates(),
-                pinned,
-                room.stable_hash(),
-                hints,
-                now,
-                &self.params,
-            );
+            d = self.decide(&snap, pinned, room, hints, now);
         }
         let (decision, node) = match d {
             Decision::Pinned(i) => ("pinned", Some(i)),

@@ -1150,6 +1150,19 @@ async fn a_redis_outage_does_not_declare_dead_the_nodes_a_router_hears_of_throug
     beats.abort();
 }
 
+/// The rooms router `b` places on another node than the one given (router A's choice),
+/// as `room: A's / B's`.
+async fn placed_apart(c: &reqwest::Client, b: &Served, on_a: Vec<(String, String)>) -> Vec<String> {
+    let mut apart = Vec::new();
+    for (on_a, room) in on_a {
+        let on_b = place(c, &b.base(), &room).await.unwrap();
+        if on_a != on_b {
+            apart.push(format!("{room}: {on_a} / {on_b}"));
+        }
+    }
+    apart
+}
+
 /// A Redis of the test's own, two routers on it (heartbeat timeout 5 s), node n1 reporting
 /// `n1_load` (of 100 000) to router A and n2 reporting nothing to router B, both known to
 /// both routers; `None` (after a loud skip) without `redis-server`.
@@ -1198,15 +1211,12 @@ async fn routers_cut_off_from_redis_place_a_new_room_on_the_same_node() {
     // n1 is now past new_room_limit, as only router A hears.
     heartbeat(&c, &a.base(), "n1", 85_000.0, &[]).await;
     heartbeat(&c, &b.base(), "n2", 0.0, &[]).await;
-    let mut apart = Vec::new();
+    let mut on_a = Vec::new();
     for i in 0..20 {
         let room = format!("new-{i}");
-        let on_a = place(&c, &a.base(), &room).await.unwrap();
-        let on_b = place(&c, &b.base(), &room).await.unwrap();
-        if on_a != on_b {
-            apart.push(format!("{room}: {on_a} / {on_b}"));
-        }
+        on_a.push((place(&c, &a.base(), &room).await.unwrap(), room));
     }
+    let apart = placed_apart(&c, &b, on_a).await;
     assert!(apart.is_empty(), "new rooms on two nodes: {apart:?}");
     redis.restart();
     a.stop().await;
@@ -1240,14 +1250,8 @@ async fn a_room_placed_as_redis_goes_away_is_placed_by_the_shared_rule() {
         })
         .await
     );
-    let mut apart = Vec::new();
-    for (room, on_a) in rooms.iter().zip(on_a) {
-        let on_a = on_a.unwrap();
-        let on_b = place(&c, &b.base(), room).await.unwrap();
-        if on_a != on_b {
-            apart.push(format!("{room}: {on_a} / {on_b}"));
-        }
-    }
+    let on_a = on_a.into_iter().map(Result::unwrap).zip(rooms).collect();
+    let apart = placed_apart(&c, &b, on_a).await;
     assert!(apart.is_empty(), "new rooms on two nodes: {apart:?}");
     redis.restart();
     a.stop().await;

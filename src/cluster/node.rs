@@ -498,7 +498,7 @@ impl NodeView for NodeEntry {
     fn utilization(&self) -> f64 {
         self.live.utilization(self.info.capacity)
     }
-    fn reported_utilization(&self) -> f64 {
+    fn shared_utilization(&self) -> f64 {
         self.live.outage_utilization(self.info.capacity)
     }
     #[inline]
@@ -561,7 +561,7 @@ impl NodeView for Candidate {
     fn utilization(&self) -> f64 {
         self.live.utilization(self.capacity)
     }
-    fn reported_utilization(&self) -> f64 {
+    fn shared_utilization(&self) -> f64 {
         self.live.outage_utilization(self.capacity)
     }
     #[inline]

@@ -61,7 +61,7 @@ pub trait NodeView {
     /// node's reports reach only the routers it heartbeats. What [`choose_alone`] judges
     /// nodes by. A view that keeps no such counters has û.
     #[inline]
-    fn reported_utilization(&self) -> f64 {
+    fn shared_utilization(&self) -> f64 {
         self.utilization()
     }
     /// û as a pinned room's join is judged ([`pin_holds`]): reservations (expected sizes of
@@ -375,7 +375,7 @@ pub fn choose<N: NodeView>(
 /// Picks a node for a room without a usable pin while the shared store cannot be reached
 /// and every router decides alone ([`crate::store::PinStore::deciding_alone`]): by
 /// weighted rendezvous hashing on capacity alone, the best-ranked eligible node whose
-/// shared report ([`NodeView::reported_utilization`]: as it stood when the outage began)
+/// shared report ([`NodeView::shared_utilization`]: as it stood when the outage began)
 /// is below `new_room_limit` (in the room's region first, with `region_affinity`), else,
 /// as overflow, below `join_limit`. What the rules weigh besides (this router's `pending`
 /// and reservations, and the reports only it hears during the outage) differs from one
@@ -404,7 +404,7 @@ pub fn choose_alone<N: NodeView>(
         if !base_eligible(n, hints, now, p) {
             continue;
         }
-        let u = n.reported_utilization();
+        let u = n.shared_utilization();
         let tier = if u < p.new_room_limit {
             0
         } else if u < p.join_limit {

@@ -11,7 +11,7 @@ struct N {
     cap: f64,
     util: f64,
     /// What this router sent and reserved since the node's report (in `util` already):
-    /// `reported_utilization` is `util - local`.
+    /// `shared_utilization` is `util - local`.
     local: f64,
     hb: Option<Millis>,
     state: AdminState,
@@ -43,7 +43,7 @@ impl NodeView for N {
     fn utilization(&self) -> f64 {
         self.util
     }
-    fn reported_utilization(&self) -> f64 {
+    fn shared_utilization(&self) -> f64 {
         self.util - self.local
     }
     fn last_heartbeat(&self) -> Option<Millis> {

@@ -1609,14 +1609,7 @@ async fn a_join_held_on_a_node_heard_elsewhere_respects_the_join_limit() {
 async fn a_join_held_on_a_node_heard_elsewhere_follows_the_pin_as_stored() {
     let r = with_store(HookedStore::default());
     r.store.heard_elsewhere.store(true, Ordering::SeqCst);
-    beat(&r, "a", 100.0, 0.0, None).await;
-    beat(&r, "b", 100.0, 0.0, None).await;
-    let talk = room("talk");
-    r.store
-        .inner
-        .pin_if(&talk, &id("a"), None, T0)
-        .await
-        .unwrap();
+    let talk = talk_pinned_to_a(&r).await;
     let read = r.store.inner.get(&talk).await.unwrap();
     // Another router moves the room to b; this router's read still says a.
     r.store
@@ -1703,14 +1696,7 @@ async fn a_join_that_waited_on_the_store_is_recorded_when_it_was_sent() {
 #[tokio::test]
 async fn a_room_reported_elsewhere_while_the_store_is_out_of_reach_is_not_evicted() {
     let r = with_store(HookedStore::default());
-    beat(&r, "a", 100.0, 0.0, None).await;
-    beat(&r, "b", 100.0, 0.0, None).await;
-    let talk = room("talk");
-    r.store
-        .inner
-        .pin_if(&talk, &id("a"), None, T0)
-        .await
-        .unwrap();
+    let talk = talk_pinned_to_a(&r).await;
     r.store.alone.store(true, Ordering::SeqCst);
     let reply = beat(&r, "b", 100.0, 3.0, Some(vec![("talk", 3)])).await;
     assert!(
@@ -1772,4 +1758,17 @@ async fn a_router_deciding_alone_places_new_rooms_as_every_router_would() {
         ("alone", Some("b"))
     );
     assert_eq!(node_of(&r, &name).await, "b");
+}
+
+/// Nodes a and b report (100 units, empty), and room "talk" is pinned to a in the store.
+async fn talk_pinned_to_a(r: &Router<HookedStore>) -> RoomKey {
+    beat(r, "a", 100.0, 0.0, None).await;
+    beat(r, "b", 100.0, 0.0, None).await;
+    let talk = room("talk");
+    r.store
+        .inner
+        .pin_if(&talk, &id("a"), None, T0)
+        .await
+        .unwrap();
+    talk
 }

@@ -278,6 +278,15 @@ pub struct PlacementConfig {
     /// Remove a node that drains itself (heartbeat `state = "draining"`) once it reports no
     /// rooms, at the second such report a heartbeat interval after the first.
     pub auto_remove_drained: bool,
+    /// A node that registered itself by heartbeat (not from the config file, not put by an
+    /// admin: those are the admin's to take out) and has not reported for this long, to this
+    /// router or through the shared store, leaves the node table as if it had left
+    /// (`DELETE /v1/nodes/{id}`): a node that crashed under an id of its own (a Kubernetes
+    /// pod's name) would otherwise stay listed, unhealthy, for good, with its metrics
+    /// series. Its admin state (drain, disable) is kept for its return; it comes back with
+    /// its next heartbeat. 0: never. At least `heartbeat_timeout`.
+    #[serde(with = "duration")]
+    pub forget_node_after: Duration,
     /// Several routers on one Redis: each tells the others, within milliseconds, how much it
     /// has reserved on each node for new rooms' expected sizes, so that a burst of new rooms
     /// spread over the routers is placed as one router would place it. Unset: on with
@@ -313,6 +322,7 @@ impl Default for PlacementConfig {
             history_ttl: Duration::from_secs(8 * 24 * 3600),
             retry_after: Duration::from_secs(5),
             auto_remove_drained: true,
+            forget_node_after: Duration::from_secs(24 * 3600),
             share_reservations: None,
             startup_hold: None,
         }
@@ -1341,6 +1351,13 @@ impl Config {
                 "must be longer than placement.heartbeat_interval",
             ));
         }
+        // Forgotten, a node still counted alive would leave the table under its rooms.
+        if !p.forget_node_after.is_zero() && p.forget_node_after < p.heartbeat_timeout {
+            return Err(invalid(
+                "placement.forget_node_after",
+                "must be 0 (never) or at least placement.heartbeat_timeout",
+            ));
+        }
         // A node still counted alive must keep its rooms pinned between two of its reports:
         // a pin released in the gap is placed afresh by the next join, maybe elsewhere, and
         // the first node's next report is answered with an eviction of a meeting under way.
@@ -1822,6 +1839,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("placement.heartbeat_timeout"));
+        let c = Config::parse("[placement]\nforget_node_after = \"5s\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("placement.forget_node_after"), "{e}");
+        for ok in ["0s", "6s", "1h"] {
+            let c = Config::parse(&format!("[placement]\nforget_node_after = \"{ok}\"\n"));
+            c.unwrap().validate().unwrap();
+        }
         for key in ["h2_idle_timeout", "send_timeout"] {
             let c = Config::parse(&format!("[server]\n{key} = \"0s\"\n")).unwrap();
             let e = c.validate().unwrap_err().to_string();

@@ -1182,6 +1182,7 @@ impl<S: PinStore> Router<S> {
             e.live.clamp_heartbeat(now);
         }
         self.recent.clamp(now);
+        self.forget_silent_nodes(now).await;
         self.book.sweep(now);
         // What the other routers learned since the last sweep (a shared store).
         for (room, learned) in self.store.take_learned() {
@@ -1191,6 +1192,54 @@ impl<S: PinStore> Router<S> {
         self.history.sweep(forget_before, now);
         self.store.forget_learned(forget_before, now);
         Ok(released.len())
+    }
+
+    /// Takes out of the node table each node that registered itself by heartbeat, has not
+    /// reported for `placement.forget_node_after` and is not healthy, telling the other
+    /// routers as a `DELETE` would. Not while the store is out of reach (the nodes heard only
+    /// through it are silent then, not gone), nor a node the shared store says another router
+    /// still hears, or cannot say (this router's view may be the one behind). A pause of the
+    /// router itself is not the nodes' silence ([`Router::bridge_gap`]). Returns how many.
+    async fn forget_silent_nodes(&self, now: Millis) -> usize {
+        let after = self.placement.forget_node_after.as_millis() as u64;
+        if after == 0 || self.store.deciding_alone() {
+            return 0;
+        }
+        let given_back = self
+            .bridging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .given_back(now, after);
+        let silent = |e: &NodeEntry| {
+            let word = e.live.last_word();
+            !e.is_static
+                && word > 0
+                && now.saturating_sub(word) >= after.saturating_add(given_back)
+                && !self.is_healthy(e, now)
+        };
+        let mut forgotten = 0;
+        for e in self.cluster.snapshot_arc().nodes() {
+            if !silent(e) {
+                continue;
+            }
+            let heard = self.store.node_alive_elsewhere(&e.id).await;
+            if heard == Some(true) || (heard.is_none() && self.store.shared()) {
+                continue;
+            }
+            if self.cluster.remove_if(&e.id, silent).is_some() {
+                self.store.share_node(NodeUpdate::Removed {
+                    id: e.id.to_string(),
+                    at: now,
+                });
+                tracing::info!(
+                    node = %e.id,
+                    silent_s = now.saturating_sub(e.live.last_word()) / 1000,
+                    "node silent for placement.forget_node_after; forgotten"
+                );
+                forgotten += 1;
+            }
+        }
+        forgotten
     }
 
     /// Learned sizes last seen before this are forgotten (`history_ttl`).

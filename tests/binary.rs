@@ -398,6 +398,73 @@ async fn a_demo_node_stopped_by_sigterm_leaves_its_router_at_once() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `GET /v1/nodes/{id}` on the router at `url`: whether the node is listed, and healthy.
+async fn listed(url: &str, id: &str) -> Option<bool> {
+    let r = client()
+        .get(format!("{url}/v1/nodes/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 404 {
+        return None;
+    }
+    let n: serde_json::Value = r.json().await.unwrap();
+    Some(n["healthy"] == true)
+}
+
+/// A node that crashes (no leave) under an id of its own, as a Kubernetes pod does, leaves
+/// the node table once silent for `placement.forget_node_after`; a static node that never
+/// reported stays; the crashed node's next heartbeat brings it back.
+#[tokio::test]
+async fn a_crashed_node_silent_for_forget_node_after_is_forgotten_and_comes_back() {
+    let dir =
+        std::env::temp_dir().join(format!("rr-forget-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(
+        &config,
+        "[placement]\nstartup_hold = \"0s\"\nheartbeat_interval = \"500ms\"\n\
+         heartbeat_timeout = \"2s\"\nforget_node_after = \"3s\"\n\
+         [[nodes]]\nid = \"fixed\"\nurl = \"http://127.0.0.1:1\"\ncapacity = 10\n",
+    )
+    .unwrap();
+    let (_router, url) = serve_with(&config);
+    wait_http(&format!("{url}/healthz")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut node = demo_node(&url, "pod-7f9c", 100);
+    while listed(&url, "pod-7f9c").await != Some(true) {
+        assert!(Instant::now() < deadline, "the node never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+    assert!(
+        listed(&url, "pod-7f9c").await.is_some(),
+        "forgotten before its time"
+    );
+    let killed = Instant::now();
+    while listed(&url, "pod-7f9c").await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the crashed node is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(killed.elapsed() >= Duration::from_millis(2_000));
+    assert_eq!(
+        listed(&url, "fixed").await,
+        Some(false),
+        "the static node stays"
+    );
+    let _back = demo_node(&url, "pod-7f9c", 100);
+    while listed(&url, "pod-7f9c").await != Some(true) {
+        assert!(Instant::now() < deadline, "the node did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A node the router refuses at its first heartbeat (a wrong node token here) would be
 /// refused at every one, forever: `demo-node` exits non-zero and says why.
 #[tokio::test]

@@ -3304,3 +3304,68 @@ async fn a_room_on_n1(c: &reqwest::Client, a: &Served, b: &Served) -> String {
     }
     panic!("no room on n1 among 50");
 }
+
+/// The ids of the nodes router `s` lists, sorted.
+fn listed_on(s: &Served) -> Vec<String> {
+    let mut ids: Vec<String> = s
+        .app
+        .router
+        .nodes()
+        .into_iter()
+        .map(|n| n.id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A node that stops reporting (crashed under an id of its own) leaves every router's table
+/// once silent for `placement.forget_node_after`; a node that reports to router A only is
+/// heard by router B through Redis, and B never forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_leaves_every_router_and_one_heard_through_another_router_stays() {
+    let Some((url, _private)) = redis_for("forget_node") else {
+        return;
+    };
+    let p = prefix("forget");
+    let mut cfg = config(&url, &p);
+    cfg.placement.heartbeat_interval = Duration::from_millis(300);
+    cfg.placement.heartbeat_timeout = Duration::from_secs(1);
+    cfg.placement.forget_node_after = Duration::from_secs(2);
+    cfg.validate().unwrap();
+    let a = serve(cfg.clone()).await;
+    let b = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n2", 0.0, &[]).await;
+    let last_of_n2 = std::time::Instant::now();
+    // n1 reports to router A only, every 300 ms, for at most 8 s.
+    let mut forgotten = false;
+    for _ in 0..27 {
+        heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+        a.app.router.sweep().await.unwrap();
+        b.app.router.sweep().await.unwrap();
+        if listed_on(&a) == ["n1"] && listed_on(&b) == ["n1"] {
+            forgotten = true;
+            break;
+        }
+        assert!(
+            last_of_n2.elapsed() >= Duration::from_secs(2) || listed_on(&a) == ["n1", "n2"],
+            "n2 forgotten before its time"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        forgotten,
+        "A lists {:?}, B lists {:?}",
+        listed_on(&a),
+        listed_on(&b)
+    );
+    // n1 stays on B through more than forget_node_after of reports to A alone.
+    for _ in 0..10 {
+        heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+        b.app.router.sweep().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(listed_on(&b), ["n1"]);
+    assert_eq!(b.healthy_nodes(), 1);
+    cleanup(&url, &p).await;
+}

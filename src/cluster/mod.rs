@@ -234,9 +234,22 @@ impl Cluster {
 
     /// Removes a node. Its rooms are re-placed on their next join.
     pub fn remove(&self, id: &NodeId) -> Option<NodeEntry> {
+        self.remove_if(id, |_| true)
+    }
+
+    /// [`Cluster::remove`], if `still` holds of the node under the writers' lock (a check
+    /// made on a snapshot may be out of date by then).
+    pub fn remove_if(
+        &self,
+        id: &NodeId,
+        still: impl FnOnce(&NodeEntry) -> bool,
+    ) -> Option<NodeEntry> {
         let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.snapshot.load_full();
         let i = cur.position(id)?;
+        if !still(&cur.nodes[i]) {
+            return None;
+        }
         let mut nodes = cur.nodes.clone();
         let gone = nodes.remove(i);
         let state = gone.live.admin_state();

@@ -1772,3 +1772,128 @@ async fn talk_pinned_to_a(r: &Router<HookedStore>) -> RoomKey {
         .unwrap();
     talk
 }
+
+/// `placement.forget_node_after` of the `forgetful` routers below, in ms.
+const FORGET_MS: u64 = 60_000;
+
+/// A router on `store` that forgets nodes silent for [`FORGET_MS`], with static node "s".
+fn forgetful<S: PinStore>(store: S) -> Router<S> {
+    let mut cfg = no_hold();
+    cfg.placement.forget_node_after = std::time::Duration::from_millis(FORGET_MS);
+    cfg.nodes.push(crate::config::StaticNode {
+        id: "s".into(),
+        url: "http://127.0.0.1:1".into(),
+        upstream: None,
+        capacity: 1000.0,
+        region: None,
+        tags: vec![],
+    });
+    let r = Router::new(&cfg, store, Clock::Manual(AtomicU64::new(T0)));
+    r.watch(T0);
+    r
+}
+
+/// Moves `r`'s clock on by `ms` with the router awake throughout (no gap), the nodes
+/// `reporting` reporting every 500 ms.
+async fn awake_for<S: PinStore>(r: &Router<S>, ms: u64, reporting: &[&str]) {
+    let mut t = 0;
+    while t < ms {
+        r.clock().advance(500);
+        t += 500;
+        r.watch(r.now());
+        for n in reporting {
+            beat(r, n, 1000.0, 0.0, None).await;
+        }
+    }
+}
+
+/// The ids of the nodes in `r`'s table, sorted.
+fn listed<S: PinStore>(r: &Router<S>) -> Vec<String> {
+    let mut ids: Vec<String> = r.nodes().into_iter().map(|n| n.id.to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_node_silent_for_forget_node_after_leaves_the_table_and_returns_as_it_left() {
+    // A pod that crashed under a name of its own never reports again; without this it
+    // stays listed, unhealthy, for good. Its drain is kept for the day it does come back.
+    let r = forgetful(MemoryStore::new());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    beat(&r, "b", 1000.0, 0.0, None).await;
+    assert!(r.set_admin_state(&id("a"), AdminState::Draining));
+    awake_for(&r, FORGET_MS - 1_000, &["b"]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a", "b", "s"], "a dead, not yet forgotten");
+    awake_for(&r, 1_500, &["b"]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["b", "s"], "the static node stays");
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    let a = r.node(&id("a")).expect("back with its next heartbeat");
+    assert_eq!(a.admin_state, AdminState::Draining);
+    assert!(a.healthy);
+}
+
+#[tokio::test]
+async fn a_node_heard_from_within_forget_node_after_is_kept_and_0_keeps_every_node() {
+    // The silence is counted from the node's last report, not from when it died.
+    let r = forgetful(MemoryStore::new());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    awake_for(&r, FORGET_MS - 10_000, &[]).await;
+    assert!(!healthy(&r, "a"));
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    // A node an admin put in the table by hand is the admin's to take out, as a static one.
+    r.put_node(&id("p"), info(1000.0));
+    beat(&r, "p", 1000.0, 0.0, None).await;
+    awake_for(&r, 20_000, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a", "p", "s"]);
+    awake_for(&r, FORGET_MS, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["p", "s"]);
+    // 0: never, a day later and more.
+    let mut cfg = no_hold();
+    cfg.placement.forget_node_after = std::time::Duration::ZERO;
+    let r = Router::new(&cfg, MemoryStore::new(), Clock::Manual(AtomicU64::new(T0)));
+    r.watch(T0);
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    awake_for(&r, 25 * 3_600_000, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a"]);
+}
+
+#[tokio::test]
+async fn a_pause_of_the_router_or_an_unreachable_store_or_another_routers_word_forgets_no_node() {
+    // Nodes unheard because the router was not running (or its clock jumped) are not
+    // silent; the time given back is the pause's only.
+    let r = forgetful(MemoryStore::new());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    r.clock().advance(2 * FORGET_MS);
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a", "s"]);
+    awake_for(&r, FORGET_MS - 1_000, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(
+        listed(&r),
+        ["a", "s"],
+        "silent for less than forget_node_after awake"
+    );
+    awake_for(&r, 1_500, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["s"]);
+    // Deciding alone, the nodes heard only through the store are silent, not gone.
+    let r = forgetful(HookedStore::default());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    r.store.alone.store(true, Ordering::SeqCst);
+    awake_for(&r, FORGET_MS + 1_000, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a", "s"]);
+    // Another router still hears it: this router's view is the one behind.
+    r.store.alone.store(false, Ordering::SeqCst);
+    r.store.heard_elsewhere.store(true, Ordering::SeqCst);
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a", "s"]);
+    r.store.heard_elsewhere.store(false, Ordering::SeqCst);
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["s"]);
+}

@@ -248,6 +248,10 @@ pub struct Router<S> {
     /// nodes' times to be moved on before it judges any node. Holds the latest gaps, which
     /// the idle sweep gives back to the pins.
     bridging: std::sync::Mutex<Gaps>,
+    /// The last sweep that found the router deciding alone (the shared store out of reach;
+    /// 0: none): the nodes it hears only through the store are silent until then, not gone
+    /// ([`Router::forget_silent_nodes`]).
+    alone_seen: AtomicU64,
     clock: Clock,
     pub metrics: Metrics,
 }
@@ -276,6 +280,7 @@ impl<S: PinStore> Router<S> {
             started,
             awake: AtomicU64::new(0),
             bridging: std::sync::Mutex::new(Gaps::default()),
+            alone_seen: AtomicU64::new(0),
             clock,
             metrics: Metrics::new(),
         };
@@ -799,13 +804,26 @@ impl<S: PinStore> Router<S> {
                 heartbeat_interval_ms: self.placement.heartbeat_interval.as_millis() as u64,
             });
         }
-        let (outcome, entry) = self.cluster.upsert(id, hb.info, false);
+        let (outcome, mut entry) = self.cluster.upsert(id, hb.info, false);
         if outcome == Upsert::Added {
             tracing::info!(node = %id, "node joined");
         }
         entry
             .live
             .record_report(entry.info.capacity, hb.load, hb.cpu, hb.state, now);
+        // A sweep that forgot the silent node between the two steps above took it out of
+        // the table before this report reached it: the node is back.
+        if !self
+            .cluster
+            .snapshot()
+            .get(id)
+            .is_some_and(|e| Arc::ptr_eq(&e.live, &entry.live))
+        {
+            entry = self.cluster.upsert(id, entry.info.clone(), false).1;
+            entry
+                .live
+                .record_report(entry.info.capacity, hb.load, hb.cpu, hb.state, now);
+        }
         self.metrics.heartbeats.inc();
         let mut evict = Vec::new();
         let mut reported_any = true;
@@ -898,6 +916,7 @@ impl<S: PinStore> Router<S> {
             self.store.share_node(NodeUpdate::Removed {
                 id: id.to_string(),
                 at: now,
+                silent_since: None,
             });
             tracing::info!(node = %id, "drained node reported no rooms; removed");
         } else if self.store.shared() {
@@ -1196,15 +1215,22 @@ impl<S: PinStore> Router<S> {
 
     /// Takes out of the node table each node that registered itself by heartbeat, has not
     /// reported for `placement.forget_node_after` and is not healthy, telling the other
-    /// routers as a `DELETE` would. Not while the store is out of reach (the nodes heard only
-    /// through it are silent then, not gone), nor a node the shared store says another router
-    /// still hears, or cannot say (this router's view may be the one behind). A pause of the
-    /// router itself is not the nodes' silence ([`Router::bridge_gap`]). Returns how many.
+    /// routers as a `DELETE` would, but with its last word of the node (a router, or the
+    /// stored record, with newer word keeps the node). Time spent deciding alone (the store
+    /// out of reach: the nodes heard only through it are silent then, not gone) and pauses of
+    /// the router itself ([`Router::bridge_gap`]) are not the nodes' silence. Nor is a node
+    /// the shared store says another router still hears, or cannot say: this router's view
+    /// may be the one behind. Returns how many.
     async fn forget_silent_nodes(&self, now: Millis) -> usize {
         let after = self.placement.forget_node_after.as_millis() as u64;
-        if after == 0 || self.store.deciding_alone() {
+        if after == 0 {
             return 0;
         }
+        if self.store.deciding_alone() {
+            self.alone_seen.fetch_max(now, Ordering::AcqRel);
+            return 0;
+        }
+        let alone_seen = self.alone_seen.load(Ordering::Acquire);
         let given_back = self
             .bridging
             .lock()
@@ -1214,7 +1240,7 @@ impl<S: PinStore> Router<S> {
             let word = e.live.last_word();
             !e.is_static
                 && word > 0
-                && now.saturating_sub(word) >= after.saturating_add(given_back)
+                && now.saturating_sub(word.max(alone_seen)) >= after.saturating_add(given_back)
                 && !self.is_healthy(e, now)
         };
         let mut forgotten = 0;
@@ -1227,13 +1253,15 @@ impl<S: PinStore> Router<S> {
                 continue;
             }
             if self.cluster.remove_if(&e.id, silent).is_some() {
+                let word = e.live.last_word();
                 self.store.share_node(NodeUpdate::Removed {
                     id: e.id.to_string(),
                     at: now,
+                    silent_since: Some(word),
                 });
                 tracing::info!(
                     node = %e.id,
-                    silent_s = now.saturating_sub(e.live.last_word()) / 1000,
+                    silent_s = now.saturating_sub(word) / 1000,
                     "node silent for placement.forget_node_after; forgotten"
                 );
                 forgotten += 1;
@@ -1275,6 +1303,7 @@ impl<S: PinStore> Router<S> {
             self.store.share_node(NodeUpdate::Removed {
                 id: id.to_string(),
                 at: self.clock.now(),
+                silent_since: None,
             });
             tracing::info!(node = %id, "node removed");
         }

@@ -3369,3 +3369,67 @@ async fn a_silent_node_leaves_every_router_and_one_heard_through_another_router_
     assert_eq!(b.healthy_nodes(), 1);
     cleanup(&url, &p).await;
 }
+
+/// Whether Redis holds a record of node `id` under prefix `p`.
+async fn node_record(url: &str, p: &str, id: &str) -> bool {
+    let mut conn = redis_conn(url).await;
+    redis::cmd("HEXISTS")
+        .arg(format!("{{{p}}}:nodes"))
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A node forgotten for its silence by a router whose view is behind (it last heard the
+/// node before another router stored a newer report) keeps its record in Redis, where the
+/// routers that start later read it; one forgotten on the newest word there is goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_leaves_a_stored_report_newer_than_the_removers_last_word() {
+    use roomrouter::cluster::sync::{NodeUpdate, WireInfo};
+    let Some((url, _private)) = redis_for("forget_record") else {
+        return;
+    };
+    let p = prefix("forgetrec");
+    let s = store::open(&config(&url, &p)).await.unwrap();
+    let report = |id: &str, at| NodeUpdate::Report {
+        id: id.into(),
+        info: WireInfo {
+            url: "http://127.0.0.1:9".into(),
+            upstream: "http://127.0.0.1:9".into(),
+            capacity: 100.0,
+            region: None,
+            tags: vec![],
+        },
+        load: 0.0,
+        cpu: None,
+        state: roomrouter::placement::AdminState::Active,
+        at,
+        rooms: None,
+        counts: None,
+    };
+    let forget = |id: &str, since| NodeUpdate::Removed {
+        id: id.into(),
+        at: 10_000,
+        silent_since: Some(since),
+    };
+    s.share_node(report("n1", 8_000));
+    s.share_node(report("n2", 8_000));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            node_record(&url, &p, "n1").await && node_record(&url, &p, "n2").await
+        })
+        .await
+    );
+    s.share_node(forget("n1", 5_000));
+    s.share_node(forget("n2", 8_000));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            !node_record(&url, &p, "n2").await
+        })
+        .await,
+        "n2 forgotten on the newest word there is"
+    );
+    assert!(node_record(&url, &p, "n1").await, "n1 heard since");
+    cleanup(&url, &p).await;
+}

@@ -99,6 +99,12 @@ pub enum NodeUpdate {
         /// (0 from routers that predate it: applied as before, whatever the node said since.)
         #[serde(default)]
         at: Millis,
+        /// A node forgotten for its silence (`placement.forget_node_after`): the newest word
+        /// of it the removing router had. A router (or the stored record) with newer word of
+        /// the node keeps it: the remover's view was the one behind. (Absent from admin and
+        /// node removals, and from routers that predate it.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        silent_since: Option<Millis>,
     },
     /// Router `router` now holds `reserved_milli` load units (x1000) reserved on the node
     /// for new rooms' expected sizes (its whole amount there; 0 releases it). `at` orders one
@@ -244,7 +250,9 @@ impl NodeSync {
             NodeUpdate::Admin { id, state } => {
                 self.admin.insert(id.clone(), *state);
             }
-            NodeUpdate::Removed { id, .. } => self.note_removed(id, now),
+            NodeUpdate::Removed {
+                id, silent_since, ..
+            } => self.note_removed(id, silent_since.map_or(now, |s| s.min(now))),
             _ => {}
         }
     }
@@ -520,18 +528,25 @@ impl NodeSync {
                 cluster.set_admin_state(&id, *state);
                 true
             }
-            NodeUpdate::Removed { at, .. } => {
+            NodeUpdate::Removed {
+                at, silent_since, ..
+            } => {
                 // Decided before the newest word this router has of the node (a report made
                 // after it, or a registration): the node came back meanwhile, and the
                 // removal is old news (written back after a Redis outage, say). Taking it
                 // would drop a node that hosts rooms, and their next joins would place them
                 // again elsewhere. Held heartbeat times do not count (`Live::last_word`).
-                if *at > 0
-                    && cluster
-                        .snapshot()
-                        .get(&id)
-                        .is_some_and(|e| e.live.last_word() > *at)
-                {
+                // A node forgotten for its silence is kept by word newer than the remover had.
+                let newer = (*at > 0).then_some(*at);
+                let newer = silent_since.map_or(newer, |s| Some(newer.map_or(s, |a| a.min(s))));
+                let heard_since =
+                    |e: &super::NodeEntry| newer.is_some_and(|t| e.live.last_word() > t);
+                if cluster.snapshot().get(&id).is_some_and(heard_since) {
+                    return false;
+                }
+                // Checked again under the table's lock: a report may land in between.
+                let gone = cluster.remove_if(&id, |e| !heard_since(e)).is_some();
+                if !gone && cluster.snapshot().get(&id).is_some() {
                     return false;
                 }
                 // The node's admin state stays (`self.admin`, and the cluster keeps it too):
@@ -539,8 +554,10 @@ impl NodeSync {
                 if let Ok(mut r) = self.reserved.lock() {
                     r.by_node.remove(id.as_str());
                 }
-                self.note_removed(id.as_str(), now);
-                cluster.remove(&id).is_some()
+                // Reports up to then are from before it; of a node forgotten for its silence,
+                // those made after the remover last heard it are not.
+                self.note_removed(id.as_str(), silent_since.map_or(now, |s| s.min(now)));
+                gone
             }
             NodeUpdate::Reserved {
                 router,
@@ -589,6 +606,7 @@ mod tests {
         NodeUpdate::Removed {
             id: "n1".into(),
             at,
+            silent_since: None,
         }
     }
 
@@ -965,6 +983,42 @@ mod tests {
         assert_eq!(
             ours,
             serde_json::json!({"kind": "removed", "id": "n1", "at": 9_000})
+        );
+    }
+
+    /// n1 forgotten for its silence at `NOW`, its remover's last word of it at `since`.
+    fn forgotten(since: Millis) -> NodeUpdate {
+        NodeUpdate::Removed {
+            id: "n1".into(),
+            at: NOW,
+            silent_since: Some(since),
+        }
+    }
+
+    #[test]
+    fn a_node_forgotten_for_its_silence_stays_where_it_was_heard_since() {
+        // The remover last heard n1 at 5 000; this router heard it at 8 000 (through a third
+        // router): the remover's view is the one behind, and the node hosts rooms.
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        assert!(s.apply(&c, &report(8_000, 0.0), 8_100));
+        assert!(!s.apply(&c, &forgotten(5_000), NOW));
+        assert!(c.snapshot().get(&id).is_some());
+        // Where the remover's word is the newest there is, the node goes...
+        assert!(s.apply(&c, &forgotten(8_000), NOW));
+        assert!(c.snapshot().get(&id).is_none());
+        // ... and a report made after that word brings it back, though relayed after the
+        // removal (an admin's removal at `NOW` would refuse it as sent before).
+        assert!(s.apply(&c, &report(9_000, 0.0), NOW + 100));
+        assert!(c.snapshot().get(&id).is_some());
+        assert!(s.apply(&c, &removed(NOW), NOW));
+        assert!(!s.apply(&c, &report(9_500, 0.0), NOW + 200));
+        // And routers that predate the field read a forget as a removal at its time.
+        let wire = serde_json::to_value(forgotten(8_000)).unwrap();
+        assert_eq!(
+            wire,
+            serde_json::json!({"kind": "removed", "id": "n1", "at": NOW, "silent_since": 8_000})
         );
     }
 

@@ -1888,8 +1888,13 @@ async fn a_pause_of_the_router_or_an_unreachable_store_or_another_routers_word_f
     awake_for(&r, FORGET_MS + 1_000, &[]).await;
     r.sweep().await.unwrap();
     assert_eq!(listed(&r), ["a", "s"]);
-    // Another router still hears it: this router's view is the one behind.
+    // Nor is the time spent alone counted once the store is back.
     r.store.alone.store(false, Ordering::SeqCst);
+    awake_for(&r, FORGET_MS - 1_000, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["a", "s"]);
+    awake_for(&r, 1_500, &[]).await;
+    // Another router still hears it: this router's view is the one behind.
     r.store.heard_elsewhere.store(true, Ordering::SeqCst);
     r.sweep().await.unwrap();
     assert_eq!(listed(&r), ["a", "s"]);

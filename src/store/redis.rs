@@ -438,6 +438,19 @@ for i = 2, #ARGV, 4 do
   elseif op == 'del' then
     redis.call('HDEL', KEYS[1], id)
     redis.call('SREM', KEYS[3], id)
+  elseif op == 'forget' then
+    -- A node forgotten for its silence: not over a report newer than the remover's last
+    -- word of it, nor a node an admin registered; then not announced either.
+    local cur = redis.call('HGET', KEYS[1], id)
+    local ok, c = pcall(cjson.decode, cur or '')
+    local since = tonumber(ARGV[i + 2])
+    local newer = ok and type(c) == 'table' and c['kind'] == 'report' and tonumber(c['at'])
+        and tonumber(c['at']) > since
+    if newer or redis.call('SISMEMBER', KEYS[3], id) == 1 then
+      op = 'stale'
+    else
+      redis.call('HDEL', KEYS[1], id)
+    end
   end
   -- A late report older than the stored one is not announced either: a router that knows
   -- the node only from it would take its old load and state.
@@ -2515,7 +2528,15 @@ impl Inner {
                 NodeUpdate::Admin { state, .. } => ("admin", state.as_str().to_string()),
                 // The admin state stays: a node that comes back is still drained or
                 // disabled until an admin enables it (`Cluster::remove`).
-                NodeUpdate::Removed { .. } => ("del", String::new()),
+                NodeUpdate::Removed {
+                    silent_since: None, ..
+                } => ("del", String::new()),
+                // Forgotten for its silence: the record stays if it holds newer word of the
+                // node, or an admin registered it (the remover's view was the one behind).
+                NodeUpdate::Removed {
+                    silent_since: Some(since),
+                    ..
+                } => ("forget", since.to_string()),
                 // Only announced: every router repeats its own every second, so a router
                 // that subscribes late has them all within a second without a stored copy.
                 NodeUpdate::Reserved { .. } => ("none", String::new()),
@@ -3521,6 +3542,7 @@ mod tests {
         let removed = NodeUpdate::Removed {
             id: "n3".into(),
             at: 1,
+            silent_since: None,
         };
         let mut batch = vec![
             report("n1", 1.0),
@@ -3546,7 +3568,11 @@ mod tests {
 
     #[test]
     fn a_kept_removal_is_dropped_when_the_node_reports_again_before_it_is_written() {
-        let removed = |id: &str, at| NodeUpdate::Removed { id: id.into(), at };
+        let removed = |id: &str, at| NodeUpdate::Removed {
+            id: id.into(),
+            at,
+            silent_since: None,
+        };
         let report_at = |id: &str, when| {
             let mut r = report(id, 0.0);
             if let NodeUpdate::Report { at, .. } = &mut r {

@@ -507,6 +507,10 @@ struct Inner {
     /// do not turn to Redis for them, nor does a reload drop them, until Redis holds them
     /// (see [`Inner::queued`]).
     writing: RoomMap<Pending>,
+    /// Rooms whose pin write-back failed with an error after which Redis may hold it all the
+    /// same (a reply lost on the way back): at the next try, a pin on the same node and of
+    /// the same creation time in the store may be this router's own ([`Inner::write_back_pin`]).
+    tried: RoomMap<()>,
     /// Confirmations heard while Redis was unreachable: room -> (node, latest time), only
     /// for rooms whose cached pin points at that node (so at most one per cached pin).
     /// Written back on recovery: without them Redis would still hold the pre-outage
@@ -739,6 +743,7 @@ impl RedisStore {
             node_ids: DashMap::new(),
             pending: RoomMap::default(),
             writing: RoomMap::default(),
+            tried: RoomMap::default(),
             pending_confirms: RoomMap::default(),
             pending_nodes: Mutex::new(HashMap::new()),
             admin_in_flight: Mutex::new(HashMap::new()),
@@ -2002,6 +2007,8 @@ impl Inner {
             }
             self.writing.remove(&room);
         }
+        // Every pin is written: no try of this router's is left to recognise.
+        self.tried.clear();
         // After the pins (a room pinned during the outage is in the store by now). `CONFIRM`
         // refreshes only a pin that still points at the node, so a confirmation cannot take
         // a room from the node the store chose; where the store has no pin at all, the room
@@ -2105,10 +2112,21 @@ impl Inner {
         // node the winner reserved it already (a room every router placed alone during the
         // outage was counted once per router: a `no_capacity` after Redis returned).
         let not_ours = || self.sync.note_ended(node.clone(), room.clone(), wall_ms());
-        match self.pin_if_remote(room, node, None, now).await? {
+        // At a first try a pin on the same node is another router's, though made in the same
+        // millisecond (two routers placing one room alike); after a failed try it may be
+        // ours, if its time is.
+        let tried = self.tried.remove(room).is_some();
+        let outcome = match self.pin_if_remote(room, node, None, now).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.tried.insert(room.clone(), ());
+                return Err(e);
+            }
+        };
+        match outcome {
             PinOutcome::Won(_) => Ok(()),
             PinOutcome::Lost(Some(cur)) if &cur.node == node => {
-                if cur.created_at != now {
+                if !tried || cur.created_at != now {
                     not_ours();
                 }
                 Ok(())
@@ -2124,12 +2142,16 @@ impl Inner {
                     tracing::warn!(room = %room, ours = %node, store = %cur.node, "outage re-placement lost: the store's node is alive");
                     return Ok(());
                 }
-                match self.pin_if_remote(room, node, Some(&cur.node), now).await? {
-                    PinOutcome::Won(_) => Ok(()),
-                    PinOutcome::Lost(_) => {
+                match self.pin_if_remote(room, node, Some(&cur.node), now).await {
+                    Ok(PinOutcome::Won(_)) => Ok(()),
+                    Ok(PinOutcome::Lost(_)) => {
                         self.store_won.fetch_add(1, Ordering::Relaxed);
                         not_ours();
                         Ok(())
+                    }
+                    Err(e) => {
+                        self.tried.insert(room.clone(), ());
+                        Err(e)
                     }
                 }
             }

@@ -188,6 +188,12 @@ pub struct NodeSync {
 /// removed since may bring it back until its heartbeat timeout passes.
 const MAX_REMOVED: usize = 100_000;
 
+/// How long a removal is remembered ([`NodeSync::clamp_removed`]): far longer than any
+/// message is late, and than a report kept through a usual outage. Without a bound every
+/// crashed node forgotten (`placement.forget_node_after`) under an id of its own would stay
+/// remembered until the table was full, and removals after that would not be.
+const REMOVED_KEEP_MS: Millis = 3_600_000;
+
 /// A heartbeat another router received: the node's live rooms and their participants, and
 /// the rooms that ended on it since its previous report, for this router to settle its
 /// reservations with.
@@ -280,6 +286,17 @@ impl NodeSync {
             if let Some(mut r) = self.removed.get_mut(&id) {
                 *r = (*r).min(now);
             }
+        }
+        // And removals older than `REMOVED_KEEP_MS` are forgotten.
+        let old: Vec<String> = self
+            .removed
+            .iter()
+            .filter(|r| now.saturating_sub(*r.value()) >= REMOVED_KEEP_MS)
+            .map(|r| r.key().clone())
+            .collect();
+        for id in old {
+            self.removed
+                .remove_if(&id, |_, at| now.saturating_sub(*at) >= REMOVED_KEEP_MS);
         }
     }
 
@@ -1020,6 +1037,22 @@ mod tests {
             wire,
             serde_json::json!({"kind": "removed", "id": "n1", "at": NOW, "silent_since": 8_000})
         );
+    }
+
+    #[test]
+    fn a_removal_is_remembered_for_an_hour() {
+        // A crashed node forgotten under an id of its own never reports again: its removal
+        // must not be kept for good (100 000 of them fill the table).
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        assert!(s.apply(&c, &report(NOW - 2, 0.0), NOW));
+        assert!(s.apply(&c, &removed(NOW), NOW));
+        s.clamp_removed(NOW + REMOVED_KEEP_MS - 1);
+        assert!(!s.apply(&c, &report(NOW - 1, 0.0), NOW + REMOVED_KEEP_MS - 1));
+        s.clamp_removed(NOW + REMOVED_KEEP_MS);
+        assert!(s.removed.is_empty());
+        // A report that late (kept through an hour's outage) is taken again.
+        assert!(s.apply(&c, &report(NOW - 1, 0.0), NOW + REMOVED_KEEP_MS));
     }
 
     /// An hour: how far the wall clock steps back in the tests below.

@@ -274,6 +274,7 @@ async fn missing_or_wrong_tokens_are_refused_and_change_nothing() {
         .await
         .unwrap();
     expect_error(resp, 401, "unauthorized").await;
+    // A token of the router's, where it may not act: the caller is known (403), and told so.
     let resp = r
         .post("/v1/nodes/n1/heartbeat")
         .bearer_auth(ADMIN)
@@ -281,7 +282,7 @@ async fn missing_or_wrong_tokens_are_refused_and_change_nothing() {
         .send()
         .await
         .unwrap();
-    expect_error(resp, 401, "unauthorized").await;
+    expect_error(resp, 403, "forbidden").await;
     for (m, p) in [
         (Method::GET, "/v1/nodes"),
         (Method::GET, "/v1/nodes/n1"),
@@ -301,7 +302,7 @@ async fn missing_or_wrong_tokens_are_refused_and_change_nothing() {
             .send()
             .await
             .unwrap();
-        expect_error(resp, 401, "unauthorized").await;
+        expect_error(resp, 403, "forbidden").await;
     }
     let resp = client()
         .delete(format!("{}/v1/nodes/n1", r.url))
@@ -364,8 +365,8 @@ async fn a_node_with_its_own_token_must_use_it_and_no_other_node_may() {
                 .unwrap()
         }
     };
-    expect_error(send("special", NODE_TOKEN).await, 401, "unauthorized").await;
-    expect_error(send("other", own).await, 401, "unauthorized").await;
+    expect_error(send("special", NODE_TOKEN).await, 403, "forbidden").await;
+    expect_error(send("other", own).await, 403, "forbidden").await;
     assert_eq!(send("special", own).await.status(), 200);
     assert_eq!(send("other", NODE_TOKEN).await.status(), 200);
     let del = client()
@@ -374,7 +375,7 @@ async fn a_node_with_its_own_token_must_use_it_and_no_other_node_may() {
         .send()
         .await
         .unwrap();
-    expect_error(del, 401, "unauthorized").await;
+    expect_error(del, 403, "forbidden").await;
     let del = client()
         .delete(format!("{}/v1/nodes/special", r.url))
         .bearer_auth(own)

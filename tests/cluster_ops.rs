@@ -562,14 +562,17 @@ async fn rooms_and_nodes_admin_endpoints() {
         (Some("http://127.0.0.1:7001"), Some(80.0))
     );
     assert_eq!(st["region"], "us");
-    for token in [None, Some(NODE_TOKEN)] {
+    for (token, status, code) in [
+        (None, 401, "unauthorized"),
+        (Some(NODE_TOKEN), 403, "forbidden"),
+    ] {
         let mut req = client()
             .put(format!("{}/v1/nodes/static-1", r.url))
             .json(&json!({"url": "http://127.0.0.1:7002", "capacity": 1}));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        expect_error(req.send().await.unwrap(), 401, "unauthorized").await;
+        expect_error(req.send().await.unwrap(), status, code).await;
     }
     assert_eq!(admin_json(&r, "/v1/nodes/static-1").await["capacity"], 80.0);
     let _n = r.node("live", 1000.0).await;

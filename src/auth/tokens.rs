@@ -21,6 +21,10 @@ pub enum Credential {
     Node,
     /// A token was presented but matched nothing.
     Invalid,
+    /// One of the router's tokens, but not one for this: a node's token on an admin
+    /// endpoint, another node's token, an admin token where only the node may act (`403`:
+    /// the caller is known, the act is not theirs).
+    Elsewhere,
 }
 
 /// The configured tokens.
@@ -111,6 +115,7 @@ impl Tokens {
         match presented(headers) {
             None => Credential::None,
             Some(t) if self.is_admin(&t) => Credential::Admin,
+            Some(t) if self.is_any_node(&t) => Credential::Elsewhere,
             Some(_) => Credential::Invalid,
         }
     }
@@ -146,6 +151,7 @@ impl Tokens {
             None => Credential::None,
             Some(t) if self.is_node(node_id, &t) => Credential::Node,
             Some(t) if admin_ok && self.is_admin(&t) => Credential::Admin,
+            Some(t) if self.is_admin(&t) | self.is_any_node(&t) => Credential::Elsewhere,
             Some(_) => Credential::Invalid,
         }
     }
@@ -191,6 +197,10 @@ mod tests {
             t.admin(&headers("Bearer admin-token-012345678")),
             Credential::Invalid
         );
+        assert_eq!(
+            t.admin(&headers("Bearer cluster-node-token-123")),
+            Credential::Elsewhere
+        );
         assert_eq!(t.admin(&HeaderMap::new()), Credential::None);
     }
 
@@ -223,6 +233,14 @@ mod tests {
         );
         assert_eq!(
             t.node(&headers("Bearer cluster-node-token-123"), "special", false),
+            Credential::Elsewhere
+        );
+        assert_eq!(
+            t.node(&headers("Bearer special-node-token-123"), "any", false),
+            Credential::Elsewhere
+        );
+        assert_eq!(
+            t.node(&headers("Bearer cluster-node-token-12"), "any", false),
             Credential::Invalid
         );
         assert_eq!(
@@ -231,7 +249,7 @@ mod tests {
         );
         assert_eq!(
             t.node(&headers("Bearer admin-token-0123456789"), "any", false),
-            Credential::Invalid
+            Credential::Elsewhere
         );
         assert_eq!(
             t.node(&headers("Bearer admin-token-0123456789"), "any", true),

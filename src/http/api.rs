@@ -133,6 +133,9 @@ pub fn require_admin<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<(), Api
         Credential::None => Err(ApiError::Unauthorized(
             "admin token required (Authorization: Bearer ...)".into(),
         )),
+        Credential::Elsewhere => Err(ApiError::Forbidden(
+            "a node's token cannot act as an admin".into(),
+        )),
         _ => Err(ApiError::Unauthorized("invalid admin token".into())),
     }
 }
@@ -332,6 +335,9 @@ fn require_node<S: PinStore>(
         Credential::None => Err(ApiError::Unauthorized(
             "node token required (Authorization: Bearer ...)".into(),
         )),
+        Credential::Elsewhere => Err(ApiError::Forbidden(format!(
+            "this token cannot act as node {id} (another node's, or an admin's where only the node may act)"
+        ))),
         _ => Err(ApiError::Unauthorized("invalid node token".into())),
     }
 }

@@ -1560,8 +1560,11 @@ impl Config {
             if let Some(u) = &n.upstream {
                 crate::cluster::check_url(u).map_err(|m| invalid(&key("upstream"), m))?;
             }
-            if !(n.capacity.is_finite() && n.capacity > 0.0) {
-                return Err(invalid(&key("capacity"), "must be a number > 0"));
+            if !(n.capacity > 0.0 && n.capacity <= crate::cluster::MAX_UNITS) {
+                return Err(invalid(
+                    &key("capacity"),
+                    "must be a number > 0 and <= 1e12",
+                ));
             }
             // As a heartbeat must carry them: one that leaves them out keeps these, and
             // would be refused for them, the node taken for dead.
@@ -1833,6 +1836,14 @@ mod tests {
             Config::parse("[[nodes]]\nid = \"a b\"\nurl = \"http://x\"\ncapacity = 1\n").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("nodes[0].id"), "{e}");
+        for cap in ["0", "-1", "2e12", "nan"] {
+            let c = Config::parse(&format!(
+                "[[nodes]]\nid = \"a\"\nurl = \"http://x\"\ncapacity = {cap}\n"
+            ))
+            .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with("nodes[0].capacity"), "{cap}: {e}");
+        }
         let c = Config::parse("[placement]\nheartbeat_timeout = \"1s\"\n").unwrap();
         assert!(c
             .validate()

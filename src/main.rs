@@ -102,11 +102,12 @@ fn node_id(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `demo-node --capacity`: finite and > 0, as the router takes it (see `node_id`).
+/// `demo-node --capacity`: > 0 and at most [`roomrouter::cluster::MAX_UNITS`], as the router
+/// takes it (see `node_id`).
 fn capacity(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(c) if c.is_finite() && c > 0.0 => Ok(c),
-        _ => Err("the capacity must be a number > 0".into()),
+        Ok(c) if c > 0.0 && c <= roomrouter::cluster::MAX_UNITS => Ok(c),
+        _ => Err("the capacity must be a number > 0 and <= 1e12".into()),
     }
 }
 

@@ -214,6 +214,10 @@ async fn malformed_and_oversized_bodies() {
         json!({"url": "http://127.0.0.1:9", "capacity": 0, "load": 1}),
         json!({"url": "http://127.0.0.1:9", "capacity": -5, "load": 1}),
         json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": -1}),
+        // Past any media server, and sums of them would overflow (a trillion is the most).
+        json!({"url": "http://127.0.0.1:9", "capacity": 1e300, "load": 1}),
+        json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1e300}),
+        json!({"url": "http://127.0.0.1:9", "capacity": 1.000001e12, "load": 1}),
         json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "cpu": 1.5}),
         json!({"url": "ftp://127.0.0.1:9", "capacity": 100, "load": 1}),
         // A URL the router could not put in a redirect or a request line.

@@ -527,6 +527,7 @@ fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
         (with(&["--id", "n1", "--capacity", "-5"]), "--capacity"),
         (with(&["--id", "n1", "--capacity", "NaN"]), "--capacity"),
         (with(&["--id", "n1", "--capacity", "inf"]), "--capacity"),
+        (with(&["--id", "n1", "--capacity", "2e12"]), "--capacity"),
         (with(&["--id", "a/b"]), "--id"),
         (
             with(&["--id", "n1", "--room-normalization", "upper"]),

@@ -120,6 +120,10 @@ pub fn check_url(s: &str) -> Result<(), String> {
 
 /// Most tags a node (or a join's hints) may carry.
 pub const MAX_TAGS: usize = 32;
+/// Largest capacity or load a node may report, in load units (a trillion participants):
+/// far past any media server, and small enough that sums over a cluster and the weights
+/// the placement takes from them stay finite and exact enough to compare.
+pub const MAX_UNITS: f64 = 1e12;
 /// Longest region, tag or other label, in bytes.
 pub const MAX_LABEL: usize = 64;
 

@@ -733,10 +733,11 @@ fn node_info(
     if let Some(u) = &upstream {
         check_url(u).map_err(|m| ApiError::InvalidRequest(format!("upstream: {m}")))?;
     }
-    if !(capacity.is_finite() && capacity > 0.0) {
-        return Err(ApiError::InvalidRequest(
-            "capacity must be a number > 0".into(),
-        ));
+    if !(capacity > 0.0 && capacity <= crate::cluster::MAX_UNITS) {
+        return Err(ApiError::InvalidRequest(format!(
+            "capacity must be a number > 0 and <= {:e}",
+            crate::cluster::MAX_UNITS
+        )));
     }
     crate::cluster::check_region_and_tags(region.as_deref(), &tags)
         .map_err(ApiError::InvalidRequest)?;
@@ -781,10 +782,11 @@ pub async fn heartbeat<S: PinStore>(
         b.region,
         b.tags.unwrap_or_default(),
     )?;
-    if !(b.load.is_finite() && b.load >= 0.0) {
-        return Err(ApiError::InvalidRequest(
-            "load must be a number >= 0".into(),
-        ));
+    if !(b.load >= 0.0 && b.load <= crate::cluster::MAX_UNITS) {
+        return Err(ApiError::InvalidRequest(format!(
+            "load must be a number >= 0 and <= {:e}",
+            crate::cluster::MAX_UNITS
+        )));
     }
     if let Some(c) = b.cpu {
         if !(0.0..=1.0).contains(&c) {

@@ -265,7 +265,10 @@ impl LoadArgs {
             }
         }
         if let Some(c) = self.node_capacity {
-            anyhow::ensure!(c.is_finite() && c > 0.0, "--node-capacity must be > 0");
+            anyhow::ensure!(
+                c > 0.0 && c <= crate::cluster::MAX_UNITS,
+                "--node-capacity must be > 0 and <= 1e12"
+            );
         }
         for r in &self.routers {
             url::Url::parse(r).with_context(|| format!("--router {r:?}"))?;

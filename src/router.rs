@@ -1323,19 +1323,25 @@ impl<S: PinStore> Router<S> {
         outcome
     }
 
+    /// Admin: drains, disables or enables a node; for a node that left under a drain or
+    /// disable, sets the state it comes back with. False if the node is unknown.
     pub fn set_admin_state(&self, id: &NodeId, state: AdminState) -> bool {
         // Shared while the change's number is held (`Cluster::set_admin_state_then`): a
         // shared store's re-sync must not undo a change it read too early to see.
-        let ok = self.cluster.set_admin_state_then(id, state, || {
+        let listed = self.cluster.set_admin_state_then(id, state, || {
             self.store.share_node(NodeUpdate::Admin {
                 id: id.to_string(),
                 state,
             })
         });
-        if ok {
-            tracing::info!(node = %id, state = state.as_str(), "admin state set");
+        match listed {
+            Some(true) => tracing::info!(node = %id, state = state.as_str(), "admin state set"),
+            Some(false) => {
+                tracing::info!(node = %id, state = state.as_str(), "admin state set for the node's return")
+            }
+            None => {}
         }
-        ok
+        listed.is_some()
     }
 
     pub fn node_status(&self, e: &NodeEntry, now: Millis) -> NodeStatus {

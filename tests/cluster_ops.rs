@@ -193,6 +193,34 @@ async fn drain_disable_enable_through_the_admin_api() {
     assert!(back > 0);
     r.expect_admin_error(Method::POST, "/v1/nodes/ghost/drain", 404, "not_found")
         .await;
+    // A node that left disabled (removed, or forgotten for its silence) comes back disabled;
+    // the admin may clear that before it does, though it is not listed.
+    let hb = json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 0});
+    assert_eq!(heartbeat(&r, "gone", hb.clone()).await.status(), 200);
+    let disable = r.admin(Method::POST, "/v1/nodes/gone/disable").send();
+    assert_eq!(disable.await.unwrap().status(), 200);
+    let del = r.admin(Method::DELETE, "/v1/nodes/gone").send();
+    assert_eq!(del.await.unwrap().status(), 200);
+    r.expect_admin_error(Method::GET, "/v1/nodes/gone", 404, "not_found")
+        .await;
+    let resp = r
+        .admin(Method::POST, "/v1/nodes/gone/enable")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let st: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        st,
+        json!({"id": "gone", "listed": false, "admin_state": "active"})
+    );
+    assert_eq!(heartbeat(&r, "gone", hb).await.status(), 200);
+    assert_eq!(admin_json(&r, "/v1/nodes/gone").await["state"], "active");
+    // Cleared, the state is no longer kept: the id is unknown again once it leaves.
+    let del = r.admin(Method::DELETE, "/v1/nodes/gone").send();
+    assert_eq!(del.await.unwrap().status(), 200);
+    r.expect_admin_error(Method::POST, "/v1/nodes/gone/drain", 404, "not_found")
+        .await;
 }
 
 #[tokio::test]

@@ -280,23 +280,24 @@ impl Cluster {
     /// `store.resync_interval`. `then` must not call back into this cluster's writers.
     ///
     /// Unlike [`Cluster::set_admin_state`] (news from another router), a node this router
-    /// does not list is left alone, the state it would come back with included: this is
-    /// this router's admin acting, who is told the node is not found.
+    /// neither lists nor keeps a state for is left alone: this is this router's admin
+    /// acting, who is told the node is not found. A node that left under a drain or disable
+    /// (forgotten for its silence, say) has that state kept for its return, and this admin
+    /// may change it (`enable` clears it); false for the node then too, as it is not listed.
+    /// Returns whether the node is listed, `None` if it is unknown.
     pub fn set_admin_state_then(
         &self,
         id: &NodeId,
         state: AdminState,
         then: impl FnOnce(),
-    ) -> bool {
+    ) -> Option<bool> {
         let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        if self.snapshot().get(id).is_none() {
-            return false;
+        if self.snapshot().get(id).is_none() && !w.removed.contains_key(id) {
+            return None;
         }
-        let ok = self.set_admin_state_locked(&mut w, id, state);
-        if ok {
-            then();
-        }
-        ok
+        let listed = self.set_admin_state_locked(&mut w, id, state);
+        then();
+        Some(listed)
     }
 
     /// A mark in the order of admin-state changes: every change made after this call is
@@ -453,12 +454,13 @@ mod tests {
                 (mark, shared.load(Ordering::SeqCst))
             })
         };
-        assert!(c.set_admin_state_then(&a, AdminState::Draining, || {
+        let listed = c.set_admin_state_then(&a, AdminState::Draining, || {
             numbered.wait();
             // However slow the sharing, the re-sync's mark waits for it.
             std::thread::sleep(std::time::Duration::from_millis(50));
             shared.store(true, Ordering::SeqCst);
-        }));
+        });
+        assert_eq!(listed, Some(true));
         let (mark, was_shared) = resync.join().unwrap();
         assert!(mark > before, "the mark counts the change");
         assert!(was_shared, "a mark counting the change saw it shared");
@@ -471,11 +473,9 @@ mod tests {
         );
         // An unknown node is not shared.
         let mut called = false;
-        assert!(!c.set_admin_state_then(
-            &NodeId::parse("z").unwrap(),
-            AdminState::Draining,
-            || { called = true }
-        ));
+        let z = NodeId::parse("z").unwrap();
+        let listed = c.set_admin_state_then(&z, AdminState::Draining, || called = true);
+        assert_eq!(listed, None);
         assert!(!called);
     }
 

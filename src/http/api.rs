@@ -1028,8 +1028,18 @@ pub fn node_action<S: PinStore>(
     if !app.router.set_admin_state(&id, state) {
         return Err(unknown_node(&id));
     }
-    let s = app.router.node(&id).ok_or_else(|| unknown_node(&id))?;
-    Ok(json(StatusCode::OK, &s))
+    match app.router.node(&id) {
+        Some(s) => Ok(json(StatusCode::OK, &s)),
+        // Left under a drain or disable: the state it comes back with.
+        None => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "id": id.as_str(),
+                "listed": false,
+                "admin_state": state.as_str(),
+            }),
+        )),
+    }
 }
 
 #[derive(Serialize)]

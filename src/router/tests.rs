@@ -1902,3 +1902,21 @@ async fn a_pause_of_the_router_or_an_unreachable_store_or_another_routers_word_f
     r.sweep().await.unwrap();
     assert_eq!(listed(&r), ["s"]);
 }
+
+#[tokio::test]
+async fn an_admin_may_change_the_state_a_forgotten_node_comes_back_with() {
+    let r = forgetful(MemoryStore::new());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    assert!(r.set_admin_state(&id("a"), AdminState::Disabled));
+    awake_for(&r, FORGET_MS + 500, &[]).await;
+    r.sweep().await.unwrap();
+    assert!(r.node(&id("a")).is_none());
+    assert!(
+        !r.set_admin_state(&id("ghost"), AdminState::Active),
+        "unknown"
+    );
+    assert!(r.set_admin_state(&id("a"), AdminState::Active));
+    assert!(r.node(&id("a")).is_none(), "not listed by it");
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    assert_eq!(r.node(&id("a")).unwrap().admin_state, AdminState::Active);
+}

@@ -468,7 +468,12 @@ impl Proxy {
         node.live.upstream_response.observe(since.elapsed());
         // Most requests find no failures at all; they skip the map (and its shard's write
         // lock, which every request to the node would otherwise take).
-        if self.failing.load(Ordering::Acquire) > 0 && self.failures.remove(&node.id).is_some() {
+        // And while some other node has failures, a read (a shared lock on the map's shard)
+        // tells this one has none, sparing every answer the shard's write lock.
+        if self.failing.load(Ordering::Acquire) > 0
+            && self.failures.contains_key(&node.id)
+            && self.failures.remove(&node.id).is_some()
+        {
             self.failing.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -494,18 +499,30 @@ impl Proxy {
         why: &str,
     ) -> ApiError {
         self.metrics.upstream_failures.inc();
-        let mut n = match self.failures.entry(node.id.clone()) {
-            dashmap::Entry::Occupied(e) => e.into_ref(),
-            dashmap::Entry::Vacant(e) => {
-                // Counted before the entry exists, so a success racing with this failure
-                // looks in the map.
-                self.failing.fetch_add(1, Ordering::AcqRel);
-                e.insert(0)
-            }
+        let limit = self.cfg.failures_to_unhealthy;
+        let reached = {
+            let mut n = match self.failures.entry(node.id.clone()) {
+                dashmap::Entry::Occupied(e) => e.into_ref(),
+                dashmap::Entry::Vacant(e) => {
+                    // Counted before the entry exists, so a success racing with this failure
+                    // looks in the map.
+                    self.failing.fetch_add(1, Ordering::AcqRel);
+                    e.insert(0)
+                }
+            };
+            *n += 1;
+            *n >= limit
         };
-        *n += 1;
-        if *n >= self.cfg.failures_to_unhealthy {
-            *n = 0;
+        // The run ends with the marking, and its entry with it: a node that died is not
+        // asked again, and its entry would otherwise stay for good (its id may never come
+        // back), every success looking in the map.
+        if reached
+            && self
+                .failures
+                .remove_if(&node.id, |_, n| *n >= limit)
+                .is_some()
+        {
+            self.failing.fetch_sub(1, Ordering::AcqRel);
             if node.live.forget_heartbeat_if_not_after(heard) {
                 self.metrics.nodes_marked_unhealthy.inc();
                 tracing::warn!(node = %node.id, "upstream failing: marked unhealthy until its next heartbeat");
@@ -1171,7 +1188,13 @@ mod tests {
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 0);
         p.failed(&node, node.live.last_word(), "refused");
         assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1);
-        // Marking starts a new run; a success with nothing failing is a no-op.
+        // Marking ends the run and its entry: a node that died and never comes back (its
+        // id forgotten) leaves nothing for every later success to look up.
+        assert_eq!(p.failing.load(Ordering::Relaxed), 0);
+        assert!(p.failures.is_empty());
+        p.failed(&node, node.live.last_word(), "refused");
+        assert_eq!(p.metrics.nodes_marked_unhealthy.get(), 1, "a new run");
+        // A success with nothing failing is a no-op.
         p.succeeded(&node, Instant::now());
         p.succeeded(&node, Instant::now());
         assert_eq!(p.failing.load(Ordering::Relaxed), 0);

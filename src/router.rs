@@ -804,26 +804,18 @@ impl<S: PinStore> Router<S> {
                 heartbeat_interval_ms: self.placement.heartbeat_interval.as_millis() as u64,
             });
         }
-        let (outcome, mut entry) = self.cluster.upsert(id, hb.info, false);
+        // Word of the node before the table is touched: a sweep forgetting it meanwhile
+        // either sees the word and keeps it, or took it out before the upsert adds it back.
+        if let Some(e) = self.cluster.snapshot().get(id) {
+            e.live.hear(now);
+        }
+        let (outcome, entry) = self.cluster.upsert(id, hb.info, false);
         if outcome == Upsert::Added {
             tracing::info!(node = %id, "node joined");
         }
         entry
             .live
             .record_report(entry.info.capacity, hb.load, hb.cpu, hb.state, now);
-        // A sweep that forgot the silent node between the two steps above took it out of
-        // the table before this report reached it: the node is back.
-        if !self
-            .cluster
-            .snapshot()
-            .get(id)
-            .is_some_and(|e| Arc::ptr_eq(&e.live, &entry.live))
-        {
-            entry = self.cluster.upsert(id, entry.info.clone(), false).1;
-            entry
-                .live
-                .record_report(entry.info.capacity, hb.load, hb.cpu, hb.state, now);
-        }
         self.metrics.heartbeats.inc();
         let mut evict = Vec::new();
         let mut reported_any = true;
@@ -1231,17 +1223,18 @@ impl<S: PinStore> Router<S> {
             return 0;
         }
         let alone_seen = self.alone_seen.load(Ordering::Acquire);
-        let given_back = self
+        let gaps = self
             .bridging
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .given_back(now, after);
+            .recent();
         let silent = |e: &NodeEntry| {
             let word = e.live.last_word();
-            !e.is_static
-                && word > 0
-                && now.saturating_sub(word.max(alone_seen)) >= after.saturating_add(given_back)
-                && !self.is_healthy(e, now)
+            let since = word.max(alone_seen);
+            let awake = now
+                .saturating_sub(since)
+                .saturating_sub(Gaps::given_back_since(&gaps, since));
+            !e.is_static && word > 0 && awake >= after && !self.is_healthy(e, now)
         };
         let mut forgotten = 0;
         for e in self.cluster.snapshot_arc().nodes() {
@@ -1252,8 +1245,15 @@ impl<S: PinStore> Router<S> {
             if heard == Some(true) || (heard.is_none() && self.store.shared()) {
                 continue;
             }
-            if self.cluster.remove_if(&e.id, silent).is_some() {
-                let word = e.live.last_word();
+            // The word as the removal judged it, under the table's lock (a report recorded
+            // after it is news the removal did not have).
+            let judged = std::cell::Cell::new(0);
+            let still = |e: &NodeEntry| {
+                judged.set(e.live.last_word());
+                silent(e)
+            };
+            if self.cluster.remove_if(&e.id, still).is_some() {
+                let word = judged.get();
                 self.store.share_node(NodeUpdate::Removed {
                     id: e.id.to_string(),
                     at: now,
@@ -1664,21 +1664,50 @@ fn keep_listed(entry: &NodeEntry, listed: HashSet<RoomKey>, e: StoreError) -> St
 /// for the idle sweep: a pin idle since before a gap is given the gap back, as the nodes
 /// are. Gaps within one idle TTL of each other add up; the sum is given to every pin
 /// while the last gap is less than a TTL old (more than some pins are owed, never less).
+/// For forgetting silent nodes (over a day, say), the latest gaps themselves.
 #[derive(Debug, Default)]
 struct Gaps {
     /// When the last gap ended (clock ms).
     ended: Millis,
     /// The gaps' length, summed (ms).
     total: u64,
+    /// The latest gaps, as (when it ended, how long), oldest first; at most
+    /// [`Gaps::KEPT`], the oldest two merged into one (later, and as long as both) past it.
+    recent: std::collections::VecDeque<(Millis, u64)>,
 }
 
 impl Gaps {
+    const KEPT: usize = 32;
+
     fn add(&mut self, gap: u64, now: Millis, idle_ms: u64) {
         if now.saturating_sub(self.ended) >= idle_ms {
             self.total = 0;
         }
         self.total += gap;
         self.ended = now;
+        self.recent.push_back((now, gap));
+        if self.recent.len() > Self::KEPT {
+            // Merged, they are given back as long as the later was: more than some nodes
+            // are owed, never less.
+            let (_, first) = self.recent.pop_front().unwrap_or_default();
+            if let Some(second) = self.recent.front_mut() {
+                second.1 += first;
+            }
+        }
+    }
+
+    /// The latest gaps, for [`Gaps::given_back_since`] without the lock.
+    fn recent(&self) -> Vec<(Millis, u64)> {
+        self.recent.iter().copied().collect()
+    }
+
+    /// How much of the time since `word` the router was not running, of `recent`: what a
+    /// node silent since `word` is given back (`placement.forget_node_after`).
+    fn given_back_since(recent: &[(Millis, u64)], word: Millis) -> u64 {
+        recent
+            .iter()
+            .map(|&(ended, gap)| ended.saturating_sub(ended.saturating_sub(gap).max(word)))
+            .sum()
     }
 
     /// What a sweep at `now` gives back to pins idle since before the gaps. Once the last

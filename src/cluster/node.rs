@@ -261,6 +261,14 @@ impl Live {
         self.last_word.fetch_max(at, Ordering::AcqRel);
     }
 
+    /// A report of the node made at `at` is being recorded: its word counts from here, before
+    /// the report reaches the entry, so that a sweep forgetting silent nodes meanwhile
+    /// (`placement.forget_node_after`, which checks the word under the table's lock) keeps
+    /// the node rather than drop it under the report.
+    pub fn hear(&self, at: Millis) {
+        self.last_word.fetch_max(at, Ordering::AcqRel);
+    }
+
     /// The newest report of the node this router has had (its own heartbeat or a relayed
     /// one, kept or forgotten since) or this router's admin registering it, whichever is later;
     /// 0 if none. Times a hold gave the heartbeat ([`Live::hold_heartbeat`]) do not count:

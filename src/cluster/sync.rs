@@ -54,7 +54,8 @@ impl From<&NodeInfo> for WireInfo {
 
 impl WireInfo {
     fn to_info(&self) -> Option<NodeInfo> {
-        (self.capacity.is_finite() && self.capacity > 0.0).then(|| NodeInfo {
+        // As the HTTP surface takes them (a router that predates the bound may relay more).
+        (self.capacity > 0.0 && self.capacity <= super::MAX_UNITS).then(|| NodeInfo {
             url: self.url.clone(),
             upstream: self.upstream.clone(),
             capacity: self.capacity,
@@ -167,11 +168,12 @@ const MAX_RESERVED_MILLI: i64 = 1_000_000_000_000;
 #[derive(Debug, Default)]
 pub struct NodeSync {
     admin: DashMap<String, AdminState>,
-    /// When each removed node was removed, by this router's clock (at most
-    /// [`MAX_REMOVED`]): a report stamped no later is from before the removal, whether it
-    /// arrives late (its router published it after the removal went out) or is re-read from
-    /// Redis (its write landed after the removal's), and must not bring the node back.
-    removed: DashMap<String, Millis>,
+    /// Each removed node's removal, by this router's clock (at most [`MAX_REMOVED`], for
+    /// [`REMOVED_KEEP_MS`]): a report stamped no later than its `before` is from before the
+    /// removal, whether it arrives late (its router published it after the removal went
+    /// out) or is re-read from Redis (its write landed after the removal's), and must not
+    /// bring the node back.
+    removed: DashMap<String, Removal>,
     reserved: Mutex<Reserved>,
     /// Participants other routers' heartbeats reported, until the router takes them
     /// ([`NodeSync::take_observed`]); `any_observed` spares the lock when there are none.
@@ -182,6 +184,16 @@ pub struct NodeSync {
     max_ahead_ms: Millis,
     /// Whether a report from too far ahead was logged yet (once per router is enough).
     warned_ahead: AtomicBool,
+}
+
+/// A removal [`NodeSync`] remembers.
+#[derive(Debug, Clone, Copy)]
+struct Removal {
+    /// Reports made no later are from before it (its time; for a node forgotten for its
+    /// silence, the remover's last word of it).
+    before: Millis,
+    /// When this router learned of it, by its clock: how old the memory is.
+    noted: Millis,
 }
 
 /// Most removals remembered ([`NodeSync`]'s `removed`); past it, a late report of a node
@@ -258,14 +270,16 @@ impl NodeSync {
             }
             NodeUpdate::Removed {
                 id, silent_since, ..
-            } => self.note_removed(id, silent_since.map_or(now, |s| s.min(now))),
+            } => self.note_removed(id, silent_since.map_or(now, |s| s.min(now)), now),
             _ => {}
         }
     }
 
-    fn note_removed(&self, id: &str, now: Millis) {
+    /// Remembers `id`'s removal at `now`, refusing reports made no later than `before`.
+    fn note_removed(&self, id: &str, before: Millis, now: Millis) {
         if self.removed.len() < MAX_REMOVED || self.removed.contains_key(id) {
-            self.removed.insert(id.to_string(), now);
+            self.removed
+                .insert(id.to_string(), Removal { before, noted: now });
         }
     }
 
@@ -279,24 +293,25 @@ impl NodeSync {
         let ahead: Vec<String> = self
             .removed
             .iter()
-            .filter(|r| *r.value() > now)
+            .filter(|r| r.before > now || r.noted > now)
             .map(|r| r.key().clone())
             .collect();
         for id in ahead {
             if let Some(mut r) = self.removed.get_mut(&id) {
-                *r = (*r).min(now);
+                r.before = r.before.min(now);
+                r.noted = r.noted.min(now);
             }
         }
-        // And removals older than `REMOVED_KEEP_MS` are forgotten.
-        let old: Vec<String> = self
+        // And removals this router learned of `REMOVED_KEEP_MS` ago are forgotten.
+        let old = |r: &Removal| now.saturating_sub(r.noted) >= REMOVED_KEEP_MS;
+        let expired: Vec<String> = self
             .removed
             .iter()
-            .filter(|r| now.saturating_sub(*r.value()) >= REMOVED_KEEP_MS)
+            .filter(|r| old(r.value()))
             .map(|r| r.key().clone())
             .collect();
-        for id in old {
-            self.removed
-                .remove_if(&id, |_, at| now.saturating_sub(*at) >= REMOVED_KEEP_MS);
+        for id in expired {
+            self.removed.remove_if(&id, |_, r| old(r));
         }
     }
 
@@ -478,7 +493,11 @@ impl NodeSync {
                     return false;
                 }
                 let at = (*at).min(now);
-                if self.removed.get(id.as_str()).is_some_and(|r| at <= *r) {
+                if self
+                    .removed
+                    .get(id.as_str())
+                    .is_some_and(|r| at <= r.before)
+                {
                     return false; // sent before the node was removed
                 }
                 if cluster
@@ -490,7 +509,14 @@ impl NodeSync {
                     // a health check found the node down.
                     return false;
                 }
+                if !(0.0..=super::MAX_UNITS).contains(load) {
+                    return false;
+                }
                 self.removed.remove(id.as_str());
+                // As a heartbeat does (`Live::hear`): a forget under way keeps the node.
+                if let Some(e) = cluster.snapshot().get(&id) {
+                    e.live.hear(at);
+                }
                 let capacity = info.capacity;
                 let (outcome, entry) = cluster.upsert(&id, info, false);
                 if outcome == Upsert::Added {
@@ -556,8 +582,12 @@ impl NodeSync {
                 // A node forgotten for its silence is kept by word newer than the remover had.
                 let newer = (*at > 0).then_some(*at);
                 let newer = silent_since.map_or(newer, |s| Some(newer.map_or(s, |a| a.min(s))));
-                let heard_since =
-                    |e: &super::NodeEntry| newer.is_some_and(|t| e.live.last_word() > t);
+                // A forget leaves a node this router has from its config file (another
+                // router's may lack the entry, as a change rolls out).
+                let heard_since = |e: &super::NodeEntry| {
+                    newer.is_some_and(|t| e.live.last_word() > t)
+                        || (silent_since.is_some() && e.is_static)
+                };
                 if cluster.snapshot().get(&id).is_some_and(heard_since) {
                     return false;
                 }
@@ -573,7 +603,7 @@ impl NodeSync {
                 }
                 // Reports up to then are from before it; of a node forgotten for its silence,
                 // those made after the remover last heard it are not.
-                self.note_removed(id.as_str(), silent_since.map_or(now, |s| s.min(now)));
+                self.note_removed(id.as_str(), silent_since.map_or(now, |s| s.min(now)), now);
                 gone
             }
             NodeUpdate::Reserved {
@@ -1053,6 +1083,46 @@ mod tests {
         assert!(s.removed.is_empty());
         // A report that late (kept through an hour's outage) is taken again.
         assert!(s.apply(&c, &report(NOW - 1, 0.0), NOW + REMOVED_KEEP_MS));
+        // A node forgotten for its silence is remembered an hour from when this router
+        // learned of it, not from the remover's last word of it (a day before).
+        let later = NOW + 2 * REMOVED_KEEP_MS;
+        assert!(s.apply(&c, &report(later - 3, 0.0), later));
+        let forget = NodeUpdate::Removed {
+            id: "n1".into(),
+            at: later,
+            silent_since: Some(later - 2),
+        };
+        assert!(s.apply(&c, &forget, later));
+        s.clamp_removed(later + 1);
+        assert!(
+            !s.apply(&c, &report(later - 2, 0.0), later + 1),
+            "from before"
+        );
+        assert!(
+            s.apply(&c, &report(later - 1, 0.0), later + 1),
+            "after its last word"
+        );
+    }
+
+    #[test]
+    fn a_forget_leaves_a_static_node_and_bounds_hold_for_relayed_nodes() {
+        let c = Cluster::new();
+        let s = NodeSync::new(MAX_AHEAD);
+        let id = NodeId::parse("n1").unwrap();
+        c.upsert(&id, info(100.0).to_info().unwrap(), true);
+        // Another router, without the config file's entry yet, forgets it.
+        assert!(!s.apply(&c, &forgotten(NOW), NOW));
+        assert!(c.snapshot().get(&id).is_some());
+        // As the HTTP surface refuses them: capacity and load past 1e12 units.
+        let c = Cluster::new();
+        let mut huge = report(NOW - 1, 0.0);
+        if let NodeUpdate::Report { info, .. } = &mut huge {
+            info.capacity = 1e300;
+        }
+        assert!(!s.apply(&c, &huge, NOW));
+        assert!(!s.apply(&c, &report(NOW - 1, 1e300), NOW));
+        assert!(c.is_empty());
+        assert!(s.apply(&c, &report(NOW - 1, 1e12), NOW));
     }
 
     /// An hour: how far the wall clock steps back in the tests below.

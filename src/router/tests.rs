@@ -1920,3 +1920,28 @@ async fn an_admin_may_change_the_state_a_forgotten_node_comes_back_with() {
     beat(&r, "a", 1000.0, 0.0, None).await;
     assert_eq!(r.node(&id("a")).unwrap().admin_state, AdminState::Active);
 }
+
+#[tokio::test]
+async fn pauses_of_the_router_far_apart_are_all_given_back_to_a_silent_node() {
+    // The node dies; the router pauses twice for longer than the idle TTL, the pauses
+    // further apart than one: the second must not wipe out the first's credit.
+    let r = forgetful(MemoryStore::new());
+    beat(&r, "a", 1000.0, 0.0, None).await;
+    awake_for(&r, heartbeat_timeout_ms() + 1_000, &[]).await;
+    assert!(!healthy(&r, "a"));
+    let idle = Config::default().placement.room_idle_ttl.as_millis() as u64;
+    for _ in 0..2 {
+        r.clock().advance(idle + 60_000);
+        r.sweep().await.unwrap();
+        awake_for(&r, 2_500, &[]).await;
+    }
+    r.sweep().await.unwrap();
+    assert_eq!(
+        listed(&r),
+        ["a", "s"],
+        "silent for seconds while the router ran"
+    );
+    awake_for(&r, FORGET_MS, &[]).await;
+    r.sweep().await.unwrap();
+    assert_eq!(listed(&r), ["s"]);
+}

@@ -1992,6 +1992,11 @@ impl Inner {
                 }
             };
             if let Err(e) = r {
+                // The pin may be in Redis all the same (its index write failed after it, or
+                // the reply was lost): the next try must know it for this router's own.
+                if matches!(op, Pending::Pinned { .. }) {
+                    self.tried.insert(room.clone(), ());
+                }
                 // A decision taken meanwhile was queued as if `op` had been written.
                 match self.pending.entry(room.clone()) {
                     dashmap::Entry::Occupied(mut newer) => {
@@ -2114,16 +2119,9 @@ impl Inner {
         let not_ours = || self.sync.note_ended(node.clone(), room.clone(), wall_ms());
         // At a first try a pin on the same node is another router's, though made in the same
         // millisecond (two routers placing one room alike); after a failed try it may be
-        // ours, if its time is.
+        // ours, if its time is (the caller notes the failure: [`Inner::write_back`]).
         let tried = self.tried.remove(room).is_some();
-        let outcome = match self.pin_if_remote(room, node, None, now).await {
-            Ok(o) => o,
-            Err(e) => {
-                self.tried.insert(room.clone(), ());
-                return Err(e);
-            }
-        };
-        match outcome {
+        match self.pin_if_remote(room, node, None, now).await? {
             PinOutcome::Won(_) => Ok(()),
             PinOutcome::Lost(Some(cur)) if &cur.node == node => {
                 if !tried || cur.created_at != now {
@@ -2142,16 +2140,12 @@ impl Inner {
                     tracing::warn!(room = %room, ours = %node, store = %cur.node, "outage re-placement lost: the store's node is alive");
                     return Ok(());
                 }
-                match self.pin_if_remote(room, node, Some(&cur.node), now).await {
-                    Ok(PinOutcome::Won(_)) => Ok(()),
-                    Ok(PinOutcome::Lost(_)) => {
+                match self.pin_if_remote(room, node, Some(&cur.node), now).await? {
+                    PinOutcome::Won(_) => Ok(()),
+                    PinOutcome::Lost(_) => {
                         self.store_won.fetch_add(1, Ordering::Relaxed);
                         not_ours();
                         Ok(())
-                    }
-                    Err(e) => {
-                        self.tried.insert(room.clone(), ());
-                        Err(e)
                     }
                 }
             }

@@ -479,21 +479,21 @@ async fn a_participant_leaves_the_room_it_joined_under_every_normalization() {
     }
 }
 
-/// An admin's action on a node the router does not list is `404` and changes nothing: a
-/// node removed under an admin's disable comes back disabled, an `enable` sent while it was
-/// away (answered "not found") notwithstanding.
+/// An admin's action on a node the router neither lists nor keeps a state for is `404` and
+/// changes nothing; one on a node removed under an admin's disable answers what it did to
+/// the state the node comes back with (the answer says what happened, either way).
 #[tokio::test]
-async fn an_admin_action_on_a_removed_node_is_not_found_and_changes_nothing() {
+async fn an_admin_action_on_a_removed_node_says_what_it_changed() {
     let r = TestRouter::start(config()).await;
     let beat = json!({"url": "http://127.0.0.1:7001", "capacity": 100, "load": 0});
     assert_eq!(heartbeat(&r, "n1", beat.clone()).await.status(), 200);
-    let act = |action: &'static str| {
+    let act = |id: &'static str, action: &'static str| {
         client()
-            .post(format!("{}/v1/nodes/n1/{action}", r.url))
+            .post(format!("{}/v1/nodes/{id}/{action}", r.url))
             .bearer_auth(ADMIN)
             .send()
     };
-    assert_eq!(act("disable").await.unwrap().status(), 200);
+    assert_eq!(act("n1", "disable").await.unwrap().status(), 200);
     let gone = client()
         .delete(format!("{}/v1/nodes/n1", r.url))
         .bearer_auth(ADMIN)
@@ -501,10 +501,18 @@ async fn an_admin_action_on_a_removed_node_is_not_found_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(gone.status(), 200);
-    expect_error(act("enable").await.unwrap(), 404, "not_found").await;
-    assert_eq!(heartbeat(&r, "n1", beat).await.status(), 200);
+    let drained = act("n1", "drain").await.unwrap();
+    assert_eq!(drained.status(), 200);
+    let body: serde_json::Value = drained.json().await.unwrap();
+    assert_eq!(body["listed"], false);
+    assert_eq!(heartbeat(&r, "n1", beat.clone()).await.status(), 200);
     let n = admin_json(&r, "/v1/nodes/n1").await;
-    assert_eq!(n["admin_state"], "disabled", "{n}");
+    assert_eq!(n["admin_state"], "draining", "{n}");
+    // Never known here: not found, and it joins active.
+    expect_error(act("n2", "disable").await.unwrap(), 404, "not_found").await;
+    assert_eq!(heartbeat(&r, "n2", beat).await.status(), 200);
+    let n = admin_json(&r, "/v1/nodes/n2").await;
+    assert_eq!(n["admin_state"], "active", "{n}");
     r.stop().await;
 }
 

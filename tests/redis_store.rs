@@ -3496,3 +3496,33 @@ async fn the_same_placement_made_alone_in_one_millisecond_is_settled_once() {
         "settled on A and B: {settled:?}"
     );
 }
+
+/// A placement Redis runs only after the router stopped waiting for it (a Redis frozen with
+/// the command queued: `CLIENT PAUSE` here, `SIGSTOP` or a stalled host in life) is not
+/// written: the router decided the room without it, and a pin landing late would override
+/// that decision under the meeting it hosts (a failure-injection run: a room's 10
+/// participants on one node evicted for a pin written when Redis resumed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_redis_runs_after_the_router_stopped_waiting_is_not_written() {
+    let Some(redis) = private_redis_for("late_pin") else {
+        return;
+    };
+    let p = prefix("latepin");
+    let s = store::open(&config(&redis.url(), &p)).await.unwrap();
+    // A reply first: the router knows Redis's clock.
+    s.pin_if(&room("warm"), &node("n1"), None, now_ms())
+        .await
+        .unwrap();
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1_500)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let got = s.pin_if(&room("late"), &node("n2"), None, now_ms()).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let stored = redis_pin(&redis.url(), &room_key(&p, "late")).await;
+    assert_eq!(stored, None, "{got:?}");
+}

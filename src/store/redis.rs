@@ -81,11 +81,17 @@ use crate::room::{Normalization, RoomKey, RoomMap};
 
 /// Sets the pin if the current node is ARGV[2] ('' = no pin), created and confirmed at
 /// ARGV[3], or created at ARGV[7] when given (a write-back keeps the pin's own). Returns
-/// {won, value, ts}.
+/// {won, value, ts}; {2, '', ts} and nothing written when Redis runs it after ARGV[8] (µs of
+/// Redis's clock, when given): the router stopped waiting for it by then and decided the
+/// room without it, and a pin written late (by a Redis that was frozen with the command
+/// queued) would override that decision, under the meeting it hosts.
 const PIN_IF: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%06d', tonumber(t[2]))
+if ARGV[8] and ARGV[8] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[8]) then
+  return {2, '', ts}
+end
 local curnode = ''
 if cur then curnode = string.match(cur, '^[^|]*') end
 if (cur and ARGV[2] ~= '' and curnode == ARGV[2]) or ((not cur) and ARGV[2] == '') then
@@ -1291,6 +1297,15 @@ impl Inner {
         Ok(secs.parse::<u64>().unwrap_or(0) * 1_000_000 + micros.parse::<u64>().unwrap_or(0))
     }
 
+    /// By Redis's clock (µs), when this router stops waiting for a command it sends now
+    /// (`command_timeout` on from [`Inner::redis_now_us`], which trails Redis's clock by the
+    /// reply's way back: a command run by then has its reply back in time). `None` before
+    /// any reply.
+    fn deadline_us(&self) -> Option<u64> {
+        let now = self.redis_now_us();
+        (now > 0).then(|| now.saturating_add(self.cmd_timeout.as_micros() as u64))
+    }
+
     /// Remembers Redis's time in a reply (µs), and when it came, for [`Inner::redis_now_us`].
     fn note_reply_time(&self, ts: u64) {
         if ts > 0 {
@@ -1383,11 +1398,21 @@ impl Inner {
             .arg(now)
             .arg(self.pin_ttl_ms)
             .arg(&self.keys.pins_channel)
-            .arg(room.as_str());
-        if let Some(created) = created {
-            inv.arg(created);
-        }
+            .arg(room.as_str())
+            .arg(created.map(|c| c.to_string()).unwrap_or_default())
+            .arg(
+                self.deadline_us()
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+            );
         let (won, v, ts): (i64, String, String) = self.run("pin", inv.invoke_async(&mut c)).await?;
+        if won == 2 {
+            // Its time sets the next deadline right, should Redis's clock have stepped on.
+            self.note_reply_time(ts.parse().unwrap_or(0));
+            return Err(err(
+                "pin: Redis ran it after this router stopped waiting; not written",
+            ));
+        }
         Ok(PinReply {
             won: won == 1,
             pin: self.decode(&v),

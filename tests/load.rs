@@ -546,3 +546,37 @@ async fn refusals_count_in_the_answered_rate_and_not_in_the_ok_rate() {
         r.table()
     );
 }
+
+/// A router that stops answering holds only its own share of the connections: the joins to
+/// the other routers go out on time (a failure-injection run, one of three routers frozen
+/// 10 s: 65 joins to the two healthy ones timed out behind the frozen one's, which held
+/// every connection until their timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stops_answering_does_not_hold_up_the_joins_to_the_others() {
+    let good = scripted(Duration::ZERO, false).await;
+    // Bound and never accepted: the kernel completes the connections, nobody reads.
+    let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(40.0, 2, 10);
+    cfg.routers = vec![
+        good.url.clone(),
+        format!("http://{}", frozen.local_addr().unwrap()),
+    ];
+    cfg.follow = false;
+    cfg.connections = 4;
+    cfg.timeout = Duration::from_secs(3);
+    let r = bounded(cfg).await;
+    drop(frozen);
+    assert_eq!(r.scheduled, 80, "{}", r.table());
+    assert_eq!(
+        r.ok,
+        40,
+        "every join to the answering router: {}",
+        r.table()
+    );
+    assert_eq!(
+        r.completed + r.not_sent + r.aborted_at_stop,
+        80,
+        "{}",
+        r.table()
+    );
+}

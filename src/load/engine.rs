@@ -109,7 +109,8 @@ pub struct LoadConfig {
     pub routers: Vec<String>,
     pub cluster: ClusterSpec,
     pub workload: WorkloadSpec,
-    /// Most decisions in flight at once (and so connections to the routers).
+    /// Most decisions in flight at once (and so connections to the routers), shared among
+    /// the routers, at least one each: a router that stops answering holds only its share.
     pub connections: usize,
     pub timeout: Duration,
     /// Follow each redirect to the node (a real join), and leave after the stay (in proxy
@@ -598,6 +599,15 @@ fn transport_kind(e: &reqwest::Error) -> &'static str {
     } else {
         "transport"
     }
+}
+
+/// `connections` shared over `routers` (joins go to them in turn): as evenly as they go,
+/// at least one each.
+fn slots_per_router(connections: usize, routers: usize) -> Vec<usize> {
+    let routers = routers.max(1);
+    (0..routers)
+        .map(|r| (connections / routers + usize::from(r < connections % routers)).max(1))
+        .collect()
 }
 
 async fn one_join(
@@ -1196,8 +1206,15 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         })
     };
 
-    // The dispatcher.
-    let sem = Arc::new(Semaphore::new(cfg.connections));
+    // The dispatcher. Each router has its share of the connections (at least one): a router
+    // that stops answering holds only its own until the joins time out, and the joins to the
+    // others go on time. A join waits for its router's connection in a task of its own, so
+    // the dispatcher never waits behind one (latency still counts from the planned time).
+    let pools = slots_per_router(cfg.connections, ctx.routers.len());
+    let sems: Vec<Arc<Semaphore>> = pools
+        .into_iter()
+        .map(|n| Arc::new(Semaphore::new(n)))
+        .collect();
     let mut tasks = JoinSet::new();
     let pacer = Pacer::tokio();
     for (i, j) in schedule.joins.iter().enumerate() {
@@ -1208,12 +1225,24 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         // Tokio's timer rounds deadlines up to the next millisecond; waking up to 1 ms early
         // keeps sends on schedule instead of systematically late (see `one_join`).
         pacer.until(planned).await;
-        let permit = tokio::select! {
-            p = sem.clone().acquire_owned() => p?,
-            _ = tokio::time::sleep_until(hard_end) => break,
-        };
-        progress.sent.fetch_add(1, Ordering::Relaxed);
-        tasks.spawn(one_join(ctx.clone(), i, *j, planned, permit));
+        let (sem, ctx, progress, j) = (
+            sems[i % sems.len()].clone(),
+            ctx.clone(),
+            progress.clone(),
+            *j,
+        );
+        tasks.spawn(async move {
+            let permit = tokio::select! {
+                p = sem.acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                // Never sent: counted as such after the run.
+                _ = tokio::time::sleep_until(hard_end) => return,
+            };
+            progress.sent.fetch_add(1, Ordering::Relaxed);
+            one_join(ctx, i, j, planned, permit).await
+        });
         while tasks.try_join_next().is_some() {}
     }
     // Events after the last join still happen (they are all before `end`), so the run sees

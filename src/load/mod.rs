@@ -140,7 +140,8 @@ pub struct LoadArgs {
     /// x (warmup + duration)), the warm-up's included) is refused.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_requests: usize,
-    /// Most decisions in flight (connections to the routers).
+    /// Most decisions in flight (connections to the routers), shared among the routers (at
+    /// least one each): one that stops answering holds only its share.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
     /// Per-request timeout in seconds.

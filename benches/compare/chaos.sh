@@ -151,17 +151,11 @@ PY
 
 # ---- one cluster
 REDIS_PID=
-start_redis() { # on $RPORT, no persistence; bounded: 2 s
-  redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >>"$DIR/redis.log" 2>&1 &
-  REDIS_PID=$!
+start_redis() { # on $RPORT (lib.sh's start_private_redis), stopped with the rest
+  local rc=0
+  start_private_redis "$RPORT" "$DIR/redis.log" || rc=$?
   PIDS+=("$REDIS_PID")
-  local i
-  for i in $(seq 1 100); do
-    redis-cli -p "$RPORT" ping >/dev/null 2>&1 && return 0
-    sleep 0.02
-  done
-  echo "redis-server did not start on $RPORT" >&2
-  return 1
+  return $rc
 }
 
 R=() RPID=() NODE_URLS=()

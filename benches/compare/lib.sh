@@ -27,6 +27,20 @@ need_redis_server() {
   }
 }
 
+# A private redis-server on 127.0.0.1:$1 without persistence, logging to $2; sets REDIS_PID
+# (also when it fails to answer). Bounded: 2 s for its first PONG.
+start_private_redis() {
+  redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no >>"$2" 2>&1 &
+  REDIS_PID=$!
+  local i
+  for i in $(seq 1 100); do
+    redis-cli -p "$1" ping >/dev/null 2>&1 && return 0
+    sleep 0.02
+  done
+  echo "redis-server did not start on $1" >&2
+  return 1
+}
+
 # Builds the release binary and sets BIN to it.
 build_release() {
   echo "== building (release)"

@@ -40,17 +40,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 RPORT=$(free_port)
-start_redis() {
-  redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >>"$OUT/redis.log" 2>&1 &
-  REDIS_PID=$!
-  local i
-  for i in $(seq 1 100); do
-    redis-cli -p "$RPORT" ping >/dev/null 2>&1 && return 0
-    sleep 0.02
-  done
-  echo "redis-server did not start on $RPORT" >&2
-  return 1
-}
+start_redis() { start_private_redis "$RPORT" "$OUT/redis.log"; }
 
 HTTP=$(free_port)
 cat >"$OUT/router.toml" <<EOF

@@ -580,18 +580,17 @@ impl NodeSync {
                 // would drop a node that hosts rooms, and their next joins would place them
                 // again elsewhere. Held heartbeat times do not count (`Live::last_word`).
                 // A node forgotten for its silence is kept by word newer than the remover had.
-                let newer = (*at > 0).then_some(*at);
-                let newer = silent_since.map_or(newer, |s| Some(newer.map_or(s, |a| a.min(s))));
+                let newer = [(*at > 0).then_some(*at), *silent_since]
+                    .into_iter()
+                    .flatten()
+                    .min();
                 // A forget leaves a node this router has from its config file (another
                 // router's may lack the entry, as a change rolls out).
                 let heard_since = |e: &super::NodeEntry| {
                     newer.is_some_and(|t| e.live.last_word() > t)
                         || (silent_since.is_some() && e.is_static)
                 };
-                if cluster.snapshot().get(&id).is_some_and(heard_since) {
-                    return false;
-                }
-                // Checked again under the table's lock: a report may land in between.
+                // Checked under the table's lock: a report may land as this applies.
                 let gone = cluster.remove_if(&id, |e| !heard_since(e)).is_some();
                 if !gone && cluster.snapshot().get(&id).is_some() {
                     return false;

@@ -441,6 +441,83 @@ async fn unknown_nodes_paths_and_wrong_methods() {
     assert_eq!(state(&r).await, before);
 }
 
+/// `HEAD` on a read-only endpoint answers as `GET` would, without the body (RFC 9110
+/// section 9.3.2): a monitor may probe the admin API with it. A placement lookup places a
+/// room that has none, so `HEAD` there is refused and places nothing.
+#[tokio::test]
+async fn head_answers_what_get_would_on_read_only_endpoints_and_places_nothing() {
+    let r = router_with_a_node().await;
+    let before = state(&r).await;
+    for path in [
+        "/v1/nodes",
+        "/v1/nodes/n1",
+        "/v1/rooms",
+        "/v1/rooms/existing",
+        "/v1/placement/fresh/explain",
+        "/healthz",
+    ] {
+        let get = r.admin(Method::GET, path).send().await.unwrap();
+        assert_eq!(get.status(), 200, "GET {path}");
+        let get_type = get.headers()["content-type"].clone();
+        let get_len = get.bytes().await.unwrap().len();
+        assert!(get_len > 0, "GET {path}");
+        let answer = raw(
+            &r,
+            &format!(
+                "HEAD {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status(&answer), 200, "HEAD {path}: {answer}");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body, "", "HEAD {path} sent a body");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("content-length: {get_len}\r\n")),
+            "HEAD {path}: {head}"
+        );
+        let get_type = get_type.to_str().unwrap().to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("content-type: {get_type}")),
+            "{head}"
+        );
+    }
+    // The same rules for who may ask.
+    let anon = raw(
+        &r,
+        "HEAD /v1/nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&anon), 401, "{anon}");
+    let missing = raw(
+        &r,
+        &format!(
+            "HEAD /v1/rooms/nowhere HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status(&missing), 404, "{missing}");
+    assert!(missing.ends_with("\r\n\r\n"), "HEAD got a body: {missing}");
+
+    let lookup = r
+        .admin(Method::HEAD, "/v1/placement/fresh")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), 405);
+    assert_eq!(lookup.headers()["allow"], "GET");
+    let node = r
+        .admin(Method::OPTIONS, "/v1/nodes/n1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(node.headers()["allow"], "GET, HEAD, PUT, DELETE");
+    // Nothing was placed or changed: `fresh` has no node.
+    assert_eq!(state(&r).await, before);
+}
+
 /// One raw request on a connection of its own; the whole answer (the router closes after a
 /// 400, or the request said `Connection: close`).
 async fn raw(r: &TestRouter, request: &str) -> String {

@@ -99,13 +99,20 @@ impl Route<'_> {
     /// Methods the route accepts, for 405 answers.
     pub fn allowed(&self) -> &'static str {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::Dashboard => "GET, HEAD",
-            Route::Placement(_) | Route::PlacementExplain(_) | Route::Nodes | Route::Rooms => "GET",
+            Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::Dashboard
+            | Route::PlacementExplain(_)
+            | Route::Nodes
+            | Route::Rooms => "GET, HEAD",
+            // A lookup places a room that has no node yet: no HEAD, which must change nothing.
+            Route::Placement(_) => "GET",
             Route::Login | Route::PlacementBatch | Route::Heartbeat(_) | Route::NodeAction(..) => {
                 "POST"
             }
-            Route::Node(_) => "GET, PUT, DELETE",
-            Route::Room(_) => "GET, DELETE",
+            Route::Node(_) => "GET, HEAD, PUT, DELETE",
+            Route::Room(_) => "GET, HEAD, DELETE",
             Route::UnknownApi | Route::FrontDoor => "GET",
         }
     }

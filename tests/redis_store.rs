@@ -1828,10 +1828,17 @@ async fn replaced_unnoticed(first: FirstContact) {
             "{first:?}"
         );
     }
+    // Held while the router writes its pins back to the new server, then handed back to
+    // be decided again (`Lost`), or refused if that takes longer than `connect_timeout`:
+    // never placed from the cache while Redis answers.
     let fresh = a.pin_if(&room("new-room"), &n1, None, now_ms()).await;
     assert!(
-        fresh.is_err(),
+        matches!(fresh, Err(_) | Ok(PinOutcome::Lost(None))),
         "{first:?}: placed alone while Redis answers: {fresh:?}"
+    );
+    assert_eq!(
+        redis_pin(&empty.url(), &room_key(&p, "new-room")).await,
+        None
     );
     let key = room_key(&p, "standup");
     assert!(
@@ -2010,6 +2017,71 @@ async fn a_router_that_cannot_write_back_refuses_new_rooms_while_redis_answers()
             .is_some_and(|v| v.starts_with("n2|")),
         "the outage decision was written back"
     );
+}
+
+/// A router catching up with Redis after an outage (here its write-back refused for a
+/// moment) holds a new room's placement until it has caught up, up to
+/// `store.connect_timeout`, rather than refusing it: the join is answered once the recovery
+/// completes. Before, the lookup got `503 store_unavailable` at once (seen by chaos.sh
+/// scenario A: a subscription tried while Redis was frozen failed just as it answered
+/// again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_room_waits_for_a_router_catching_up_rather_than_being_refused() {
+    let test = "a_new_room_waits_for_a_router_catching_up";
+    let Some(redis) = private_redis_for(test) else {
+        return;
+    };
+    let p = prefix("catchupwait");
+    let door = Partition::to(format!("127.0.0.1:{}", redis.port)).await;
+    let mut cfg = config(&format!("redis://{}", door.addr), &p);
+    cfg.store.connect_timeout = Duration::from_secs(4);
+    let a = serve(cfg).await;
+    let c = client();
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    let store = || a.app.router.store().health();
+    door.cut();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            store() != StoreHealth::Ok
+        })
+        .await,
+        "a is cut off"
+    );
+    heartbeat(&c, &a.base(), "n1", 0.0, &[]).await;
+    // Decided alone: a write-back is due when Redis answers again.
+    assert_eq!(
+        place(&c, &a.base(), "outage-room").await.as_deref(),
+        Ok("n1")
+    );
+    let conn = redis_conn(&redis.url()).await;
+    refuse_writes(&conn, 1).await;
+    door.restore();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            matches!(store(), StoreHealth::Degraded(why) if why.contains("Redis answers"))
+        })
+        .await,
+        "a never noticed that Redis answers: {:?}",
+        store()
+    );
+    let asked = tokio::spawn({
+        let (c, base) = (c.clone(), a.base());
+        async move { place(&c, &base, "fresh-room").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!asked.is_finished(), "answered while a could not catch up");
+    refuse_writes(&conn, 0).await;
+    assert_eq!(asked.await.unwrap().as_deref(), Ok("n1"));
+    assert_eq!(store(), StoreHealth::Ok);
+    for room in ["outage-room", "fresh-room"] {
+        assert!(
+            redis_pin(&redis.url(), &room_key(&p, room))
+                .await
+                .is_some_and(|v| v.starts_with("n1|")),
+            "{room} is in Redis"
+        );
+    }
+    a.stop().await;
 }
 
 /// Pins `r` to `n` in `s`, a room with no pin yet.

@@ -42,7 +42,7 @@ pub struct Pin {
 pub enum PinOutcome {
     /// The store now holds our pin.
     Won(Pin),
-    /// The store held something else (another router won); this is what it holds now.
+    /// Not written: decide again from what the store holds now (see [`PinStore::pin_if`]).
     Lost(Option<Pin>),
 }
 
@@ -94,6 +94,10 @@ pub trait PinStore: Send + Sync + 'static {
     }
 
     /// Sets the pin to `node` if the current pin's node is `expected` (`None`: no pin).
+    /// `Lost` with the pin held now means "decide again from this": another router won, or
+    /// the store's mode changed under the call (an outage began, or a catching-up store
+    /// caught up), so that `node`, chosen by the old mode's rule, is not written. The pin
+    /// handed back may be `expected` itself.
     fn pin_if(
         &self,
         room: &RoomKey,

@@ -538,9 +538,13 @@ struct Inner {
     down: AtomicBool,
     /// Down, and the last recovery failed while Redis answered the probe: Redis is there
     /// but this router has not caught up with it (a write-back or a reload refused, or no
-    /// subscription). Placements are refused rather than taken locally: the other routers
-    /// reach Redis, so a local one could split a room (see [`Inner::stall`]).
+    /// subscription). Placements wait for a recovery (at most `connect_timeout`), then are
+    /// refused, rather than taken locally: the other routers reach Redis, so a local one
+    /// could split a room (see [`Inner::stall`]).
     stalled: AtomicBool,
+    /// Told whenever a stall ends (a recovery completed, or Redis stopped answering): the
+    /// placements waiting in [`RedisStore::pin_if`] look again.
+    unstalled: tokio::sync::Notify,
     /// Redis may have lost pins the cache holds: from an outage's start until recovery has
     /// found the same server (its run id), or written every cached pin back to a new one.
     lost: AtomicBool,
@@ -756,6 +760,7 @@ impl RedisStore {
             node_writes: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
+            unstalled: tokio::sync::Notify::new(),
             lost: AtomicBool::new(true),
             subscribed: AtomicBool::new(false),
             sub_next: AtomicUsize::new(0),
@@ -1002,7 +1007,8 @@ impl Inner {
     /// the probe has seen the new run id the cache is the one to answer (a read on a
     /// reopened connection would take the emptied server's answer into the cache over the
     /// pin its users are on).
-    async fn subscription_failed(&self, why: String) {
+    /// True if a stall began with this failure: the supervisor then tries again at once.
+    async fn subscription_failed(&self, why: String) -> bool {
         if self.is_down() {
             // With Sentinel, the probe asks the master the sentinels name now: after a
             // failover (announced, or found by a replica's answer) the old master is often
@@ -1014,21 +1020,28 @@ impl Inner {
                 tracing::debug!(error = %format!("{e:#}"), "no master found through the sentinels");
             }
             // Already degraded: keep the latest reason, and whether Redis answers.
-            match self.probe().await {
+            let began = match self.probe().await {
                 Probe::Answers => self.stall(why),
                 // Stalled too, and the cache answers (`lost`): the server is not the one
                 // the store last caught up with.
-                Probe::Restarted(restarted) => self.mark_restarted(format!("{why}; {restarted}")),
-                Probe::Unreachable(failed) => self.mark_down(format!("{why}; {failed}")),
-            }
+                Probe::Restarted(restarted) => {
+                    self.mark_restarted(format!("{why}; {restarted}"));
+                    false
+                }
+                Probe::Unreachable(failed) => {
+                    self.mark_down(format!("{why}; {failed}"));
+                    false
+                }
+            };
             self.subscribed.store(false, Ordering::Release);
-            return;
+            return began;
         }
         let verdict = self.confirm_down(StoreError(why.clone())).await;
         self.subscribed.store(false, Ordering::Release);
         if verdict.is_err() {
             tracing::warn!(error = %why, "Redis subscription failed while Redis answers commands; subscribing again (not an outage)");
         }
+        false
     }
 
     /// With Sentinel: asks the sentinels where the master is and, if it is not where the
@@ -1058,12 +1071,31 @@ impl Inner {
     }
 
     /// A recovery failed while Redis answers: still down (the cache is not caught up), but
-    /// new placements are refused until a recovery completes (see `stalled`).
-    fn stall(&self, why: impl std::fmt::Display) {
-        if !self.stalled.swap(true, Ordering::AcqRel) {
-            tracing::warn!(error = %why, "Redis answers but this router cannot catch up with it; refusing new placements until it does");
+    /// new placements wait for a recovery to complete, or are refused (see `stalled`).
+    /// True if the stall begins with this call.
+    fn stall(&self, why: impl std::fmt::Display) -> bool {
+        let began = !self.stalled.swap(true, Ordering::AcqRel);
+        if began {
+            tracing::warn!(error = %why, "Redis answers but this router cannot catch up with it; new placements wait for it");
         }
         self.set_why(why.to_string());
+        began
+    }
+
+    /// Waits, at most `connect_timeout`, for a stall to end: a recovery after an outage
+    /// (a subscription tried while Redis was frozen fails just as it answers again) takes
+    /// a moment, which a placement would rather wait out than be refused. False if still
+    /// stalled.
+    async fn wait_unstalled(&self) -> bool {
+        let lifted = self.unstalled.notified();
+        tokio::pin!(lifted);
+        // Registered before the check, so that a recovery in between is not missed.
+        lifted.as_mut().enable();
+        if !self.is_stalled() {
+            return true;
+        }
+        let _ = tokio::time::timeout(self.connect_timeout, lifted).await;
+        !self.is_stalled()
     }
 
     fn is_stalled(&self) -> bool {
@@ -1125,7 +1157,9 @@ impl Inner {
         self.lost.store(true, Ordering::Release);
         // Stalled set before down: a placement in between must not find the store down and
         // not stalled, and decide locally.
-        self.stalled.store(stalled, Ordering::Release);
+        if self.stalled.swap(stalled, Ordering::AcqRel) && !stalled {
+            self.unstalled.notify_waiters();
+        }
         if self.down.swap(true, Ordering::AcqRel) {
             self.set_why(why);
         } else {
@@ -1138,7 +1172,7 @@ impl Inner {
         self.outage_since.store(wall_ms(), Ordering::Release);
         self.outages.fetch_add(1, Ordering::Relaxed);
         if stalled {
-            tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache and refusing new placements until they are written back");
+            tracing::warn!(error = %why, "Redis restarted; serving known pins from the local cache; new placements wait until they are written back");
         } else {
             tracing::warn!(error = %why, "Redis unreachable; serving pins from the local cache");
         }
@@ -1848,6 +1882,7 @@ impl Inner {
         // no longer stalled, and decide locally.
         let was_down = self.down.swap(false, Ordering::AcqRel);
         self.stalled.store(false, Ordering::Release);
+        self.unstalled.notify_waiters();
         if was_down {
             tracing::info!("Redis reachable again; pins reconciled");
         }
@@ -2650,7 +2685,7 @@ async fn supervise(
             Some(s) => Ok(s),
             None => inner.subscribe_and_sync().await,
         };
-        match s {
+        let stalled = match s {
             Ok(mut s) => {
                 backoff = Duration::from_millis(50);
                 let mut resync = tokio::time::interval(inner.resync_interval);
@@ -2713,9 +2748,14 @@ async fn supervise(
                     }
                 };
                 // Only an outage if Redis fails the probe too (see `subscription_failed`).
-                inner.subscription_failed(lost).await;
+                inner.subscription_failed(lost).await
             }
             Err(e) => inner.subscription_failed(format!("{e:#}")).await,
+        };
+        if stalled {
+            // Redis answers again, and new rooms wait (`RedisStore::pin_if`): the attempt
+            // that failed most likely began while it did not (frozen, or restarting).
+            backoff = Duration::from_millis(50);
         }
         tokio::select! {
             _ = stop.changed() => return,
@@ -3121,6 +3161,12 @@ impl PinStore for RedisStore {
             }
         }
         if i.is_stalled() {
+            if i.wait_unstalled().await {
+                // Caught up (or out of reach again): `node` was chosen by the rule for a
+                // router deciding alone, from a pin that may be old by now. The caller
+                // decides again, from the pin the store holds now.
+                return self.get(room).await.map(PinOutcome::Lost);
+            }
             let why = i.why.lock().map(|w| w.clone()).unwrap_or_default();
             return Err(StoreError(format!(
                 "Redis answers but this router has not caught up with it ({why}); new placements wait"

@@ -3569,6 +3569,42 @@ async fn the_same_placement_made_alone_in_one_millisecond_is_settled_once() {
     );
 }
 
+/// One placement slower than `store.command_timeout` while Redis answers PING (here a
+/// `CLIENT PAUSE ... WRITE`; a fork for a save or a slow host in life) is no outage, and no
+/// longer a `503 store_unavailable` for the join: the router asks once more, and the second
+/// attempt is written when Redis goes on, while the first, run late, is refused by its
+/// deadline. Before, the join got the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_placement_while_redis_answers_is_asked_again_not_refused() {
+    let Some(redis) = private_redis_for("slow_pin") else {
+        return;
+    };
+    let p = prefix("slowpin");
+    let mut cfg = config(&redis.url(), &p);
+    cfg.store.command_timeout = Duration::from_millis(400);
+    let s = store::open(&cfg).await.unwrap();
+    // A reply first: the router knows Redis's clock.
+    pin_new(&s, &room("warm"), &node("n1")).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(600)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let got = s.pin_if(&room("slow"), &node("n2"), None, now_ms()).await;
+    assert!(matches!(got, Ok(PinOutcome::Won(_))), "{got:?}");
+    assert!(
+        redis_pin(&redis.url(), &room_key(&p, "slow"))
+            .await
+            .is_some_and(|v| v.starts_with("n2|")),
+        "the second attempt was written"
+    );
+    assert_eq!(s.health(), StoreHealth::Ok, "no outage");
+    assert_eq!(outages(&s), 0);
+}
+
 /// A placement Redis runs only after the router stopped waiting for it (a Redis frozen with
 /// the command queued: `CLIENT PAUSE` here, `SIGSTOP` or a stalled host in life) is not
 /// written: the router decided the room without it, and a pin landing late would override

@@ -3149,7 +3149,22 @@ impl PinStore for RedisStore {
             match i.pin_if_remote(room, node, expected, now).await {
                 Ok(o) => return Ok(o),
                 Err(e) => {
-                    i.confirm_down(e).await?;
+                    if let Err(e) = i.confirm_down(e).await {
+                        // Redis answers the probe: one command slow past `command_timeout`
+                        // (a fork for a save, a pause), or its reply lost. Asked once more,
+                        // as a read is: a compare-and-set, so a first attempt that was
+                        // written after all shows as the pin it made (`Lost`, and the
+                        // caller joins it), and one Redis runs late is refused by its
+                        // deadline. A second failure is the caller's error, unless it
+                        // turns out to be an outage.
+                        match i.pin_if_remote(room, node, expected, now).await {
+                            Ok(o) => return Ok(o),
+                            Err(again) => {
+                                tracing::debug!(first = %e, again = %again, "a placement failed twice while Redis answers");
+                                i.confirm_down(e).await?;
+                            }
+                        }
+                    }
                     // The outage began with this call: `node` was chosen by the configured
                     // rule, over this router's own view of load, and the other routers will
                     // decide this room by the rule they all share while Redis is out of

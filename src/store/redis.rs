@@ -545,6 +545,10 @@ struct Inner {
     /// Told whenever a stall ends (a recovery completed, or Redis stopped answering): the
     /// placements waiting in [`RedisStore::pin_if`] look again.
     unstalled: tokio::sync::Notify,
+    /// When the current stall began (µs since `opened`): a stall older than
+    /// `connect_timeout` refuses at once, so that its waits add up to one `connect_timeout`
+    /// however many placements and reported rooms run into it.
+    stalled_since: AtomicU64,
     /// Redis may have lost pins the cache holds: from an outage's start until recovery has
     /// found the same server (its run id), or written every cached pin back to a new one.
     lost: AtomicBool,
@@ -761,6 +765,7 @@ impl RedisStore {
             down: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
             unstalled: tokio::sync::Notify::new(),
+            stalled_since: AtomicU64::new(0),
             lost: AtomicBool::new(true),
             subscribed: AtomicBool::new(false),
             sub_next: AtomicUsize::new(0),
@@ -1024,10 +1029,7 @@ impl Inner {
                 Probe::Answers => self.stall(why),
                 // Stalled too, and the cache answers (`lost`): the server is not the one
                 // the store last caught up with.
-                Probe::Restarted(restarted) => {
-                    self.mark_restarted(format!("{why}; {restarted}"));
-                    false
-                }
+                Probe::Restarted(restarted) => self.mark_restarted(format!("{why}; {restarted}")),
                 Probe::Unreachable(failed) => {
                     self.mark_down(format!("{why}; {failed}"));
                     false
@@ -1076,13 +1078,14 @@ impl Inner {
     fn stall(&self, why: impl std::fmt::Display) -> bool {
         let began = !self.stalled.swap(true, Ordering::AcqRel);
         if began {
+            self.note_stall_start();
             tracing::warn!(error = %why, "Redis answers but this router cannot catch up with it; new placements wait for it");
         }
         self.set_why(why.to_string());
         began
     }
 
-    /// Waits, at most `connect_timeout`, for a stall to end: a recovery after an outage
+    /// Waits for a stall to end, until `connect_timeout` after it began: a recovery after an outage
     /// (a subscription tried while Redis was frozen fails just as it answers again) takes
     /// a moment, which a placement would rather wait out than be refused. False if still
     /// stalled.
@@ -1094,7 +1097,16 @@ impl Inner {
         if !self.is_stalled() {
             return true;
         }
-        let _ = tokio::time::timeout(self.connect_timeout, lifted).await;
+        // Measured from the stall's start: one that lasts refuses at once.
+        let age = Duration::from_micros(
+            (self.opened.elapsed().as_micros() as u64)
+                .saturating_sub(self.stalled_since.load(Ordering::Acquire)),
+        );
+        let left = self.connect_timeout.saturating_sub(age);
+        if left.is_zero() {
+            return false;
+        }
+        let _ = tokio::time::timeout(left, lifted).await;
         !self.is_stalled()
     }
 
@@ -1105,10 +1117,11 @@ impl Inner {
     /// Redis answers, but it is not the server this router caught up with (it restarted,
     /// or with Sentinel another master took over) and may have lost pins only the cache
     /// holds: down, so that the rooms the cache knows are served from it and the recovery
-    /// writes every cached pin back, and stalled, so that new rooms are refused rather
+    /// writes every cached pin back, and stalled, so that new rooms wait or are refused rather
     /// than decided alone while the other routers reach Redis.
-    fn mark_restarted(&self, why: impl std::fmt::Display) {
-        self.go_down(why.to_string(), true);
+    /// True if a stall begins with this call.
+    fn mark_restarted(&self, why: impl std::fmt::Display) -> bool {
+        self.go_down(why.to_string(), true)
     }
 
     /// Redis is unreachable: decisions are taken from the cache and queued.
@@ -1152,19 +1165,30 @@ impl Inner {
     }
 
     /// Enters (or stays in) degraded mode, stalled or not, counting an outage if it begins.
-    fn go_down(&self, why: String, stalled: bool) {
+    /// True if a stall begins with this call.
+    fn go_down(&self, why: String, stalled: bool) -> bool {
         self.note_outage_start();
         self.lost.store(true, Ordering::Release);
         // Stalled set before down: a placement in between must not find the store down and
         // not stalled, and decide locally.
-        if self.stalled.swap(stalled, Ordering::AcqRel) && !stalled {
+        let was = self.stalled.swap(stalled, Ordering::AcqRel);
+        if was && !stalled {
             self.unstalled.notify_waiters();
+        }
+        if !was && stalled {
+            self.note_stall_start();
         }
         if self.down.swap(true, Ordering::AcqRel) {
             self.set_why(why);
         } else {
             self.outage_began(why, stalled);
         }
+        !was && stalled
+    }
+
+    fn note_stall_start(&self) {
+        self.stalled_since
+            .store(self.opened.elapsed().as_micros() as u64, Ordering::Release);
     }
 
     /// Counts and logs the outage this router's store just entered, and records why.
@@ -1466,6 +1490,29 @@ impl Inner {
         let reply = self.pin_script(room, node, expected, now, None).await?;
         self.vet(room, reply.pin.as_ref()).await?;
         self.settle_pin(room, reply, expected.is_none())
+    }
+
+    /// A placement asked again after its first attempt failed: a pin to `node` created at
+    /// `now` is the first attempt's, written though its reply was lost. It is this
+    /// placement's win (its reservation, its log line, `created`), and a new room goes into
+    /// the index, which only a win puts it in.
+    fn first_attempt_won(
+        &self,
+        room: &RoomKey,
+        node: &NodeId,
+        expected: Option<&NodeId>,
+        now: Millis,
+        outcome: PinOutcome,
+    ) -> PinOutcome {
+        match outcome {
+            PinOutcome::Lost(Some(p)) if &p.node == node && p.created_at == now => {
+                if expected.is_none() {
+                    let _ = self.index_tx.send(IndexOp::Add(room.as_str().to_string()));
+                }
+                PinOutcome::Won(p)
+            }
+            o => o,
+        }
     }
 
     /// Puts a pin reply into the cache and, for a new pin won, the room into the index.
@@ -2727,7 +2774,9 @@ async fn supervise(
                             if !inner.is_down() {
                                 match inner.probe().await {
                                     Probe::Answers => {}
-                                    Probe::Restarted(why) => inner.mark_restarted(why),
+                                    Probe::Restarted(why) => {
+                                        inner.mark_restarted(why);
+                                    }
                                     Probe::Unreachable(why) => {
                                         inner.mark_down_if_up(format!("Redis went silent: {why}"))
                                     }
@@ -3157,11 +3206,17 @@ impl PinStore for RedisStore {
                         // caller joins it), and one Redis runs late is refused by its
                         // deadline. A second failure is the caller's error, unless it
                         // turns out to be an outage.
-                        match i.pin_if_remote(room, node, expected, now).await {
-                            Ok(o) => return Ok(o),
-                            Err(again) => {
-                                tracing::debug!(first = %e, again = %again, "a placement failed twice while Redis answers");
-                                i.confirm_down(e).await?;
+                        // Unless another path found the store down meanwhile: then its
+                        // rule holds (below).
+                        if !i.is_down() {
+                            match i.pin_if_remote(room, node, expected, now).await {
+                                Ok(o) => {
+                                    return Ok(i.first_attempt_won(room, node, expected, now, o))
+                                }
+                                Err(again) => {
+                                    tracing::debug!(first = %e, again = %again, "a placement failed twice while Redis answers");
+                                    i.confirm_down(again).await?;
+                                }
                             }
                         }
                     }
@@ -3385,9 +3440,9 @@ impl PinStore for RedisStore {
             let why = self.inner.why.lock().map(|w| w.clone()).unwrap_or_default();
             let lost = self.inner.lost.load(Ordering::Acquire);
             StoreHealth::Degraded(if self.inner.is_stalled() && lost {
-                format!("Redis answers but may have lost pins ({why}); serving known pins from cache, refusing new rooms until they are written back")
+                format!("Redis answers but may have lost pins ({why}); serving known pins from cache, new rooms wait, then are refused, until they are written back")
             } else if self.inner.is_stalled() {
-                format!("Redis answers but refuses to catch up ({why}); reading pins from Redis, refusing new rooms")
+                format!("Redis answers but refuses to catch up ({why}); reading pins from Redis; new rooms wait, then are refused")
             } else {
                 format!("Redis unreachable ({why}); serving from cache")
             })

@@ -1731,6 +1731,54 @@ async fn every_command_connection_closed(test: &str, pool_size: usize) {
     assert_eq!(outages(&a), 0, "no outage was declared");
 }
 
+/// One of the pool's command connections goes silent while Redis and the other one answer:
+/// its socket stays open and nothing comes back, as when a NAT or firewall entry expired or
+/// a middlebox dropped the flow (no FIN, no RST; TCP gives up only after minutes). That is
+/// no outage: reads and new rooms keep going through Redis, none is refused, and a new
+/// connection takes the silent one's place. Before, the liveness PING that went out on it
+/// declared Redis down (and the router placed rooms alone while the others reached Redis),
+/// and every recovery then failed on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_connection_gone_silent_is_replaced_not_an_outage() {
+    let Some((_redis, _p, door, a)) = private_behind_a_door("silent_command", "silentcmd").await
+    else {
+        return;
+    };
+    let (r, x) = (room("standup"), node("x"));
+    assert!(matches!(
+        a.pin_if(&r, &x, None, now_ms()).await.unwrap(),
+        PinOutcome::Won(_)
+    ));
+    let made = door.connections_made();
+    assert_eq!(door.silence_command_connections(1), 1);
+    // Three liveness checks' worth of joins, each a read and a new room.
+    let started = std::time::Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(3) && round < 100 {
+        let pin = a
+            .get_stored(&r)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a read refused: {e}"));
+        assert_eq!(pin.map(|p| p.node), Some(x.clone()), "round {round}");
+        let placed = a
+            .pin_if(&room(&format!("new-{round}")), &x, None, now_ms())
+            .await;
+        assert!(
+            matches!(placed, Ok(PinOutcome::Won(_))),
+            "round {round}: {placed:?}"
+        );
+        assert_eq!(a.health(), StoreHealth::Ok, "round {round}");
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(round >= 10, "only {round} rounds in 3 s");
+    assert_eq!(outages(&a), 0, "no outage was declared");
+    assert!(
+        door.connections_made() > made,
+        "a new connection took the silent one's place"
+    );
+}
+
 /// Redis restarts in place, quickly, and empty, and refuses writes from its first command
 /// (`min-replicas-to-write`, as a new master may). The router's connections reopen at
 /// once, but the server is not the one it caught up with (its run id): the router serves

@@ -63,6 +63,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -222,6 +223,9 @@ struct Pool {
     /// the one that last worked, so that one seed gone does not cut the router off.
     subs: Vec<redis::Client>,
     conns: Vec<Conn>,
+    /// What `conns` were opened with, to open one anew in place of a connection that went
+    /// silent (see [`Inner::reopen`]); `None` for Cluster, whose connection keeps its own.
+    client: Option<redis::Client>,
 }
 
 /// Opens `size` reconnecting multiplexed connections to one server (standalone, or the
@@ -235,26 +239,41 @@ async fn open_pool(
     let server = client.get_connection_info().addr().to_string();
     let mut conns = Vec::with_capacity(size.max(1));
     for _ in 0..size.max(1) {
-        let mc = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(command_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let m = tokio::time::timeout(
-            connect_timeout,
-            ConnectionManager::new_with_config(client.clone(), mc),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| format!("cannot connect to Redis at {server}"))?;
-        conns.push(Conn::Single(m));
+        conns.push(open_conn(&client, connect_timeout, command_timeout).await?);
     }
     Ok(Pool {
         server,
-        subs: vec![client],
+        subs: vec![client.clone()],
         conns,
+        client: Some(client),
     })
+}
+
+/// Opens one reconnecting multiplexed connection within `connect_timeout`.
+async fn open_conn(
+    client: &redis::Client,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+) -> anyhow::Result<Conn> {
+    let mc = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(command_timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(2));
+    let m = tokio::time::timeout(
+        connect_timeout,
+        ConnectionManager::new_with_config(client.clone(), mc),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out"))
+    .and_then(|r| r.map_err(anyhow::Error::from))
+    .with_context(|| {
+        format!(
+            "cannot connect to Redis at {}",
+            client.get_connection_info().addr()
+        )
+    })?;
+    Ok(Conn::Single(m))
 }
 
 /// Key and channel names for one prefix.
@@ -503,6 +522,10 @@ struct Inner {
     keys: Keys,
     pool: ArcSwap<Pool>,
     next: AtomicUsize,
+    /// Held while connections are opened in place of silent ones ([`Inner::reopen`]).
+    reopening: tokio::sync::Mutex<()>,
+    /// Command connections replaced because they went silent while Redis answered.
+    reopened: AtomicU64,
     /// With Sentinel: whom to ask where the master is, on every reconnection.
     sentinels: Option<Sentinels>,
     pool_size: usize,
@@ -740,6 +763,7 @@ impl RedisStore {
                     })
                     .collect::<anyhow::Result<_>>()?,
                 conns: vec![Conn::Cluster(c)],
+                client: None,
             }
         };
         let steps_seen = matches!(pool.conns[0], Conn::Single(_));
@@ -751,6 +775,8 @@ impl RedisStore {
             keys,
             pool: ArcSwap::from_pointee(pool),
             next: AtomicUsize::new(0),
+            reopening: tokio::sync::Mutex::new(()),
+            reopened: AtomicU64::new(0),
             sentinels,
             pool_size: cfg.pool_size,
             cache: RoomMap::default(),
@@ -913,8 +939,9 @@ impl Inner {
 
     /// The one test of whether Redis is reachable, shared by every path that may enter
     /// degraded mode (a failed command, a lost subscription, the liveness check), so that
-    /// none of them decides on less evidence: a PING on a commands' connection (with
-    /// Sentinel: a `ROLE` that must say master) answered within `connect_timeout`.
+    /// none of them decides on less evidence: a PING on every commands' connection at once
+    /// (with Sentinel: a `ROLE` that must say master), one answered within
+    /// `connect_timeout`.
     ///
     /// A PING that fails with an error (not silence) is sent once more on the same
     /// connection, within the same time: a connection Redis closed (its idle `timeout`,
@@ -923,38 +950,76 @@ impl Inner {
     /// the pool at once made the probe after any failed command fail too, and the router
     /// decided new rooms alone while Redis answered the other routers.
     ///
+    /// A connection silent while another answers went silent alone (a NAT or firewall
+    /// entry expired, a middlebox dropped the flow: no FIN, no RST, and its manager
+    /// reconnects only on an error): Redis answers, and a new connection takes the silent
+    /// one's place ([`Inner::reopen`]). Asked on one connection, the probe found Redis
+    /// down each time it went out on the silent one, and so did every recovery.
+    ///
     /// An answer is then checked against the server the store last caught up with (its
     /// `run_id`, where it has one): a server that restarted in between may have lost pins
     /// only the cache holds, and its answers must not be taken over the cache's.
     async fn probe(&self) -> Probe {
-        let mut c = self.conn();
+        let pool = self.pool.load_full();
         let what = if self.sentinels.is_none() {
             "ping"
         } else {
             "role"
         };
-        let probe = tokio::time::timeout(self.connect_timeout, async {
-            let first = self.ask_master(&mut c).await;
-            let answer = match first {
-                Err(e) if !e.is_timeout() => {
-                    tracing::debug!(error = %e, "{what} failed; trying once more on its reopened connection");
-                    self.ask_master(&mut c).await
+        let asked = pool.conns.iter().map(|c| async move {
+            let mut c = c.clone();
+            let answer = tokio::time::timeout(self.connect_timeout, async {
+                match self.ask_master(&mut c).await {
+                    Err(e) if !e.is_timeout() => {
+                        tracing::debug!(error = %e, "{what} failed; trying once more on its reopened connection");
+                        self.ask_master(&mut c).await
+                    }
+                    first => first,
                 }
-                first => first,
-            };
-            answer.map_err(|e| format!("{what}: {e}"))
-        })
-        .await;
-        match probe {
+            })
+            .await;
+            (c, answer)
+        });
+        let (mut answered, mut silent, mut failed) = (None, Vec::new(), None);
+        for (i, (c, answer)) in join_all(asked).await.into_iter().enumerate() {
+            match answer {
+                // A server that is no longer the master outweighs one that still says so.
+                Ok(Ok(master)) => {
+                    if answered
+                        .as_ref()
+                        .is_none_or(|(_, m): &(Conn, Option<String>)| m.is_none())
+                    {
+                        answered = Some((c, master));
+                    }
+                }
+                Ok(Err(e)) => {
+                    if e.is_timeout() {
+                        silent.push(i);
+                    }
+                    failed.get_or_insert_with(|| format!("{what}: {e}"));
+                }
+                Err(_) => {
+                    silent.push(i);
+                    failed.get_or_insert_with(|| format!("no answer to {what}"));
+                }
+            }
+        }
+        let Some((mut c, master)) = answered else {
+            return Probe::Unreachable(failed.unwrap_or_else(|| format!("no answer to {what}")));
+        };
+        if !silent.is_empty() {
+            self.reopen(&pool, &silent).await;
+        }
+        match master {
             // A master turned replica answers, and refuses writes: another master took
             // over, which the other routers reach (or will). Deciding new rooms alone
             // meanwhile could split them, so this is a restart's verdict (down and
             // stalled) until the recovery finds the new master, as for a server that
             // answers and refuses writes for another reason.
-            Ok(Ok(Some(not_master))) => Probe::Restarted(not_master),
+            Some(not_master) => Probe::Restarted(not_master),
             // Asked outside the PING's time (bounded by `command_timeout`): a slow INFO
             // after an answered PING is no outage.
-            Ok(Ok(None)) => match self.restart_seen(&mut c).await {
+            None => match self.restart_seen(&mut c).await {
                 Ok(Some(restarted)) => Probe::Restarted(restarted),
                 Ok(None) => Probe::Answers,
                 Err(e) => {
@@ -964,9 +1029,50 @@ impl Inner {
                     Probe::Answers
                 }
             },
-            Ok(Err(failed)) => Probe::Unreachable(failed),
-            Err(_) => Probe::Unreachable(format!("no answer to {what}")),
         }
+    }
+
+    /// Opens new connections in place of the pool's at `slots`, which stayed silent while
+    /// another answered, and swaps them in, unless the pool was replaced meanwhile (by
+    /// another reopening, or with Sentinel by a new master's pool). One reopening at a
+    /// time, each connection within `connect_timeout`; the silent connections close once
+    /// the commands still waiting on them are done. Cluster's connection keeps its own
+    /// connections to each node: nothing to do there.
+    async fn reopen(&self, pool: &Arc<Pool>, slots: &[usize]) -> bool {
+        let Some(client) = &pool.client else {
+            return false;
+        };
+        let _one = self.reopening.lock().await;
+        if !Arc::ptr_eq(&self.pool.load(), pool) {
+            return true;
+        }
+        let opened = join_all(
+            (slots.iter()).map(|_| open_conn(client, self.connect_timeout, self.cmd_timeout)),
+        )
+        .await;
+        let mut conns = pool.conns.clone();
+        for (&i, c) in slots.iter().zip(opened) {
+            match c {
+                Ok(c) => conns[i] = c,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), server = %pool.server, "a Redis command connection is silent and no new one opened in its place; trying again at the next check");
+                    return false;
+                }
+            }
+        }
+        let fresh = Arc::new(Pool {
+            server: pool.server.clone(),
+            subs: pool.subs.clone(),
+            conns,
+            client: pool.client.clone(),
+        });
+        let before = self.pool.compare_and_swap(pool, fresh);
+        if Arc::ptr_eq(&before, pool) {
+            self.reopened
+                .fetch_add(slots.len() as u64, Ordering::Relaxed);
+            tracing::warn!(server = %pool.server, silent = slots.len(), "Redis command connection silent while Redis answers on another; replaced it (not an outage)");
+        }
+        true
     }
 
     /// The probe's question: `PING`, or with Sentinel `ROLE`. `Some` says why the server
@@ -1849,23 +1955,49 @@ impl Inner {
     /// its last reconnection attempt met while Redis was away), and only then connects
     /// again: without this, the pool's connections each failed one recovery attempt in
     /// turn, each failure waiting out the reconnection backoff, and a router was back 4-5 s
-    /// after Redis (BENCHMARKS.md, section 6).
+    /// after Redis (BENCHMARKS.md, section 6). A connection silent both times while
+    /// another answered is replaced ([`Inner::reopen`]); otherwise it would fail every
+    /// recovery until TCP gave up on it, minutes later.
     async fn wake_pool(&self) -> Result<(), StoreError> {
-        let conns = self.pool.load().conns.clone();
-        for mut c in conns {
+        let pool = self.pool.load_full();
+        let pinged = pool.conns.iter().map(|c| async move {
+            let mut c = c.clone();
             let mut answer = Ok(());
             for _ in 0..2 {
-                answer = self
-                    .run::<String>("ping", redis::cmd("PING").query_async(&mut c))
-                    .await
-                    .map(drop);
-                if answer.is_ok() {
-                    break;
-                }
+                let ping = redis::cmd("PING");
+                let asked = ping.query_async::<String>(&mut c);
+                answer = match tokio::time::timeout(self.cmd_timeout, asked).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => Err((e.is_timeout(), StoreError(format!("ping: {e}")))),
+                    Err(_) => Err((
+                        true,
+                        StoreError(format!("ping: no answer within {:?}", self.cmd_timeout)),
+                    )),
+                };
             }
-            answer?;
+            answer
+        });
+        let (mut answered, mut silent, mut failed) = (false, Vec::new(), None);
+        for (i, answer) in join_all(pinged).await.into_iter().enumerate() {
+            match answer {
+                Ok(()) => answered = true,
+                Err((true, e)) => {
+                    silent.push(i);
+                    failed.get_or_insert(e);
+                }
+                // An error after the second try: the connection is reconnecting; the
+                // next recovery tries again.
+                Err((false, e)) => return Err(e),
+            }
         }
-        Ok(())
+        match failed {
+            None => Ok(()),
+            Some(e) if !answered => Err(e),
+            Some(e) => match self.reopen(&pool, &silent).await {
+                true => Ok(()),
+                false => Err(e),
+            },
+        }
     }
 
     /// What the supervisor does every check while Redis is up (it is the one task that

@@ -656,6 +656,25 @@ impl Partition {
             .collect()
     }
 
+    /// Silences the first `n` command connections (not subscriptions) open now, in the
+    /// order they were made; the others, and connections made later, pass. Returns how
+    /// many it silenced.
+    pub fn silence_command_connections(&self, n: usize) -> usize {
+        let conns = self.conns.lock().unwrap();
+        let commands = conns
+            .iter()
+            .filter(|c| !c.subscribed.load(AtomicOrdering::SeqCst));
+        commands
+            .take(n)
+            .map(|c| c.silent.store(true, AtomicOrdering::SeqCst))
+            .count()
+    }
+
+    /// How many connections have been made through here since the last `cut`.
+    pub fn connections_made(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
     /// Silences every subscription open now; connections made later pass.
     pub fn silence_subscriptions(&self) -> usize {
         let conns = self.conns.lock().unwrap();

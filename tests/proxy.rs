@@ -545,9 +545,119 @@ async fn a_101_that_does_not_switch_to_what_was_asked_is_a_502() {
             .await
             .unwrap();
         expect_error(resp, 502, "upstream_unavailable").await;
+        let metrics = r.metrics().await;
+        let failed = "roomrouter_proxy_upstream_failures_total 1";
+        assert!(
+            metrics.contains(failed),
+            "{answer:?}: {failed} in {metrics}"
+        );
         node.abort();
         r.stop().await;
     }
+}
+
+/// A node that answers `n` connections with `answer` once it has read their request (or,
+/// with `None`, closes them unanswered), and then stops listening.
+fn scripted_node(
+    listener: tokio::net::TcpListener,
+    answer: Option<&'static str>,
+    n: usize,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        for _ in 0..n {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                if let Some(answer) = answer {
+                    let _ = sock.write_all(answer.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            });
+        }
+    })
+}
+
+/// A node that answers `101 Switching Protocols` to a request that asked for no upgrade
+/// has answered wrongly: the client gets `502 upstream_unavailable` and the node a failure
+/// toward passive health, on the fast path and on hyper's (which takes a 101 for an answer
+/// to anything, and passed it on: a bare 101 to an HTTP/1.1 client, a protocol error to an
+/// HTTP/2 one).
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502_on_both_paths() {
+    for fast_path in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node_url = format!("http://{}", listener.local_addr().unwrap());
+        let node = scripted_node(
+            listener,
+            Some("HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+            4,
+        );
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        register_with(
+            &r,
+            "n1",
+            serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
+        )
+        .await;
+        let resp = (r.get("/rooms/standup").send().await)
+            .unwrap_or_else(|e| panic!("fast path {fast_path}: no answer: {e}"));
+        expect_error(resp, 502, "upstream_unavailable").await;
+        let metrics = r.metrics().await;
+        let failed = "roomrouter_proxy_upstream_failures_total 1";
+        assert!(
+            metrics.contains(failed),
+            "fast path {fast_path}: {failed} in {metrics}"
+        );
+        node.abort();
+        r.stop().await;
+    }
+}
+
+/// A node that closes every WebSocket upgrade unanswered fails toward passive health as it
+/// would for any request without a body: after `failures_to_unhealthy` such upgrades it is
+/// unhealthy, and the room's next join finds no node rather than the broken one.
+#[tokio::test]
+async fn a_node_that_drops_websocket_upgrades_turns_unhealthy() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_url = format!("http://{}", listener.local_addr().unwrap());
+    let node = scripted_node(listener, None, 8);
+    let mut cfg = proxy_config();
+    cfg.proxy.failures_to_unhealthy = 2;
+    let r = TestRouter::start(cfg).await;
+    register_with(
+        &r,
+        "n1",
+        serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
+    )
+    .await;
+    let upgrade = || {
+        client()
+            .get(format!("{}/rooms/standup/ws", r.url))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+    };
+    for _ in 0..2 {
+        expect_error(upgrade().await.unwrap(), 502, "upstream_unavailable").await;
+    }
+    expect_error(upgrade().await.unwrap(), 503, "no_capacity").await;
+    let metrics = r.metrics().await;
+    for line in [
+        "roomrouter_proxy_upstream_failures_total 2",
+        "roomrouter_proxy_nodes_marked_unhealthy_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    node.abort();
+    r.stop().await;
 }
 
 /// A ticket the client brings in the query (another user's, copied from a redirect URL

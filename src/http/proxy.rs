@@ -218,6 +218,20 @@ impl Proxy {
             self.exchange(event_loop(parts), &node.info.upstream, req),
         );
         let (resp, lane) = match exchange.await {
+            // hyper's client takes a 101 for an answer to any request; here nothing asked
+            // for an upgrade, so the node's answer is wrong, as the fast path finds it
+            // (`BadResponse::UnaskedUpgrade`). Passed on, it reached an HTTP/1.1 client as
+            // a bare 101 and an HTTP/2 client as a protocol error.
+            Ok(Ok((r, _))) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let why = "a 101 answer to a request that asked for no upgrade";
+                if bodiless {
+                    self.failed(node, heard, why);
+                }
+                return Err(ApiError::UpstreamUnavailable(format!(
+                    "node {} gave {why}",
+                    node.id
+                )));
+            }
             Ok(Ok(r)) => {
                 self.succeeded(node, since);
                 r
@@ -342,27 +356,25 @@ impl Proxy {
         let heard = node.live.last_word();
         let mut resp =
             match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
-                Ok(Ok(r)) => {
-                    self.succeeded(node, since);
-                    r
-                }
+                Ok(Ok(r)) => r,
                 Ok(Err(e)) if e.is_connect() && super::upstream::is_local_shortage(&e) => {
                     return Err(self.short(node, &e.to_string()))
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     return Err(self.failed(node, heard, &format!("{e:?}")))
                 }
+                // An upgrade carries no body of the client's: a connection the node closed
+                // or reset before answering, or an answer it garbled, is the node's failure,
+                // as for any bodiless request.
                 Ok(Err(e)) => {
                     tracing::debug!(node = %node.id, error = ?e, "upstream upgrade failed");
-                    return Err(ApiError::UpstreamUnavailable(format!(
-                        "the exchange with node {} failed",
-                        node.id
-                    )));
+                    return Err(self.failed(node, heard, &e.to_string()));
                 }
                 Err(_) => return Err(self.failed(node, heard, "no response in time")),
             };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The node declined the upgrade: its answer goes back as it is.
+            self.succeeded(node, since);
             let (mut rp, body) = resp.into_parts();
             answer_head(&mut rp, node);
             return Ok(Response::from_parts(
@@ -374,11 +386,14 @@ impl Proxy {
             // A browser refuses such a handshake, and the bytes after it would be read as
             // a protocol neither side agreed on: the node's answer is malformed.
             tracing::debug!(node = %node.id, "a 101 without the Upgrade the client asked for");
+            let why = "switched protocols without naming the one asked for";
+            self.failed(node, heard, why);
             return Err(ApiError::UpstreamUnavailable(format!(
-                "node {} switched protocols without naming the one asked for",
+                "node {} {why}",
                 node.id
             )));
         }
+        self.succeeded(node, since);
         let client_side = parts.extensions.get::<OnUpgrade>().cloned();
         let upstream_side = hyper::upgrade::on(&mut resp);
         let Some(client_side) = client_side else {

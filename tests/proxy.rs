@@ -511,7 +511,6 @@ async fn a_malformed_chunked_upload_is_the_clients_fault() {
 /// handshake, and nothing is tunnelled; the client gets `502 upstream_unavailable`.
 #[tokio::test]
 async fn a_101_that_does_not_switch_to_what_was_asked_is_a_502() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answers = [
         "HTTP/1.1 101 Switching Protocols\r\n\r\n",
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
@@ -520,30 +519,9 @@ async fn a_101_that_does_not_switch_to_what_was_asked_is_a_502() {
     for answer in answers {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node_url = format!("http://{}", listener.local_addr().unwrap());
-        // Bounded: one connection, aborted at the end.
-        let node = tokio::spawn(async move {
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let _ = sock.read(&mut buf).await;
-            let _ = sock.write_all(answer.as_bytes()).await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        });
-        let r = TestRouter::start(proxy_config()).await;
-        register_with(
-            &r,
-            "n1",
-            serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
-        )
-        .await;
-        let resp = client()
-            .get(format!("{}/rooms/standup/ws", r.url))
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .send()
-            .await
-            .unwrap();
+        let node = scripted_node(listener, Some(answer), 1);
+        let r = router_with_one_node(proxy_config(), &node_url).await;
+        let resp = websocket_upgrade(&r).send().await.unwrap();
         expect_error(resp, 502, "upstream_unavailable").await;
         let metrics = r.metrics().await;
         let failed = "roomrouter_proxy_upstream_failures_total 1";
@@ -554,6 +532,28 @@ async fn a_101_that_does_not_switch_to_what_was_asked_is_a_502() {
         node.abort();
         r.stop().await;
     }
+}
+
+/// A proxy-mode router with `cfg` and one node, `n1`, at `node_url`.
+async fn router_with_one_node(cfg: roomrouter::config::Config, node_url: &str) -> TestRouter {
+    let r = TestRouter::start(cfg).await;
+    register_with(
+        &r,
+        "n1",
+        serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
+    )
+    .await;
+    r
+}
+
+/// A WebSocket handshake for room `standup`.
+fn websocket_upgrade(r: &TestRouter) -> reqwest::RequestBuilder {
+    client()
+        .get(format!("{}/rooms/standup/ws", r.url))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
 }
 
 /// A node that answers `n` connections with `answer` once it has read their request (or,
@@ -598,13 +598,7 @@ async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502_on_both_paths() {
         );
         let mut cfg = proxy_config();
         cfg.server.fast_path = fast_path;
-        let r = TestRouter::start(cfg).await;
-        register_with(
-            &r,
-            "n1",
-            serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
-        )
-        .await;
+        let r = router_with_one_node(cfg, &node_url).await;
         let resp = (r.get("/rooms/standup").send().await)
             .unwrap_or_else(|e| panic!("fast path {fast_path}: no answer: {e}"));
         expect_error(resp, 502, "upstream_unavailable").await;
@@ -629,22 +623,8 @@ async fn a_node_that_drops_websocket_upgrades_turns_unhealthy() {
     let node = scripted_node(listener, None, 8);
     let mut cfg = proxy_config();
     cfg.proxy.failures_to_unhealthy = 2;
-    let r = TestRouter::start(cfg).await;
-    register_with(
-        &r,
-        "n1",
-        serde_json::json!({"url": node_url, "capacity": 100, "load": 0}),
-    )
-    .await;
-    let upgrade = || {
-        client()
-            .get(format!("{}/rooms/standup/ws", r.url))
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .send()
-    };
+    let r = router_with_one_node(cfg, &node_url).await;
+    let upgrade = || websocket_upgrade(&r).send();
     for _ in 0..2 {
         expect_error(upgrade().await.unwrap(), 502, "upstream_unavailable").await;
     }

@@ -85,6 +85,7 @@ pub async fn serve<S: PinStore>(
         idle: app.proxy.cfg().idle_timeout,
         send: limits.send_timeout,
         cut: false,
+        linger: false,
     };
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
@@ -136,7 +137,10 @@ pub async fn serve<S: PinStore>(
             if c.cut {
                 return Outcome::Cut;
             }
-            let _ = within(c.send, c.io.shutdown()).await;
+            let shut = within(c.send, c.io.shutdown()).await;
+            if c.linger && shut.is_ok() {
+                linger(c.io).await;
+            }
             return Outcome::Closed;
         }
     }
@@ -163,6 +167,32 @@ struct Client<'a> {
     send: Duration,
     /// A response framed by the end of the connection was cut ([`Outcome::Cut`]).
     cut: bool,
+    /// An error answer left part of the request's body unread: the close lingers
+    /// ([`linger`]).
+    linger: bool,
+}
+
+/// How long, and how many bytes, a close [`linger`]s over a body left unread.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// After an error answer that left the request's body unread (a `413` for an upload too
+/// large, a `401`, `404` or `503` before it was read) and the write side's shutdown: reads
+/// and drops what the client still sends, until it closes, for at most [`LINGER`] and
+/// [`LINGER_BYTES`]. Linux answers a socket closed with unread bytes, and every segment
+/// after, with a reset: a client still sending its body then got `ECONNRESET` on its next
+/// write and, as many do, reported that instead of reading the answer already sent.
+/// nginx's lingering close, for the same reason.
+async fn linger(io: &mut BoxIo) {
+    let deadline = Instant::now() + LINGER;
+    let mut scratch = vec![0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, io.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
 }
 
 impl Client<'_> {
@@ -246,7 +276,9 @@ impl Client<'_> {
         unread: u64,
         close: bool,
     ) -> bool {
-        let keep = !close && self.skip_body(unread);
+        let skipped = self.skip_body(unread);
+        self.linger |= !skipped;
+        let keep = !close && skipped;
         let resp = super::error_response(app, req.parts.uri.path(), e);
         self.out.clear();
         let head_only = req.parts.method == Method::HEAD;

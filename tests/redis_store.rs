@@ -1779,6 +1779,79 @@ async fn a_command_connection_gone_silent_is_replaced_not_an_outage() {
     );
 }
 
+/// A new room's placement runs in Redis but its reply is lost on the way back (held on one
+/// connection while the other answers): the placement is asked again, finds the pin its
+/// first attempt wrote (this node, created at this placement's time) and takes it as its
+/// win, with the room in the index, rather than as a pin another router won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_whose_reply_was_lost_is_still_a_win() {
+    let Some((_redis, p, door, a)) = private_behind_a_door("lost_reply", "lostreply").await else {
+        return;
+    };
+    let x = node("x");
+    // Loads the script into Redis: a first EVALSHA answered NOSCRIPT runs nothing.
+    assert!(matches!(
+        a.pin_if(&room("warm-up"), &x, None, now_ms()).await,
+        Ok(PinOutcome::Won(_))
+    ));
+    let c = redis_conn(&format!("redis://{}", door.addr)).await;
+    let index = format!("{{{p}}}:rooms");
+    let mut lost_path = 0;
+    // Each try silences one connection's replies and places two rooms at once: with two
+    // connections taken in turn, one of them goes out on the silenced one (unless the
+    // liveness check found and replaced it first; then the next try does it again).
+    for attempt in 0..4 {
+        if lost_path > 0 {
+            break;
+        }
+        assert_eq!(
+            door.silence_replies_of_command_connections(1),
+            1,
+            "try {attempt}"
+        );
+        let t = now_ms();
+        let place = |name: String| {
+            let (a, x) = (&a, &x);
+            async move {
+                let r = room(&name);
+                let started = std::time::Instant::now();
+                let placed = a.pin_if(&r, x, None, t).await;
+                (name, placed, started.elapsed())
+            }
+        };
+        let tries = [format!("lost-{attempt}-a"), format!("lost-{attempt}-b")];
+        let (one, two) = tokio::join!(place(tries[0].clone()), place(tries[1].clone()));
+        for (name, placed, took) in [one, two] {
+            match placed {
+                Ok(PinOutcome::Won(pin)) => assert_eq!(pin.node, x, "{name}"),
+                other => panic!("{name}: {other:?} (took {took:?})"),
+            }
+            if took >= Duration::from_millis(250) {
+                lost_path += 1;
+            }
+            let key = name.clone();
+            let indexed = || {
+                let (mut c, index, key) = (c.clone(), index.clone(), key.clone());
+                async move {
+                    let score: Option<f64> = redis::cmd("ZSCORE")
+                        .arg(&index)
+                        .arg(&key)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    score.is_some()
+                }
+            };
+            assert!(
+                eventually(Duration::from_secs(3), indexed).await,
+                "{name} is in the rooms index"
+            );
+        }
+    }
+    assert!(lost_path > 0, "no placement had its reply lost in 4 tries");
+    assert_eq!(outages(&a), 0, "no outage was declared");
+}
+
 /// Redis restarts in place, quickly, and empty, and refuses writes from its first command
 /// (`min-replicas-to-write`, as a new master may). The router's connections reopen at
 /// once, but the server is not the one it caught up with (its run id): the router serves

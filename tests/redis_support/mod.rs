@@ -535,16 +535,19 @@ struct Forwarded {
     tasks: [tokio::task::JoinHandle<()>; 2],
     subscribed: Arc<AtomicBool>,
     silent: Arc<AtomicBool>,
+    /// Redis's replies held back, the client's commands passed on (`silence_replies`).
+    replies_silent: Arc<AtomicBool>,
     upstream: std::net::SocketAddr,
 }
 
 /// Copies `from` to `to` chunk by chunk; holds a chunk (and so everything after it) while
-/// `silent`; marks `subscribed` when a chunk carries a SUBSCRIBE command.
+/// `silent` or `also_silent`; marks `subscribed` when a chunk carries a SUBSCRIBE command.
 async fn forward(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     subscribed: Option<Arc<AtomicBool>>,
     silent: Arc<AtomicBool>,
+    also_silent: Arc<AtomicBool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -561,7 +564,7 @@ async fn forward(
                 s.store(true, AtomicOrdering::SeqCst);
             }
         }
-        while silent.load(AtomicOrdering::SeqCst) {
+        while silent.load(AtomicOrdering::SeqCst) || also_silent.load(AtomicOrdering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -592,14 +595,29 @@ impl Partition {
                 let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
                 let subscribed = Arc::new(AtomicBool::new(false));
                 let silent = Arc::new(AtomicBool::new(quiet.load(AtomicOrdering::SeqCst)));
+                let replies_silent = Arc::new(AtomicBool::new(false));
+                let never = Arc::new(AtomicBool::new(false));
                 let tasks = [
-                    tokio::spawn(forward(dr, uw, Some(subscribed.clone()), silent.clone())),
-                    tokio::spawn(forward(ur, dw, None, silent.clone())),
+                    tokio::spawn(forward(
+                        dr,
+                        uw,
+                        Some(subscribed.clone()),
+                        silent.clone(),
+                        never,
+                    )),
+                    tokio::spawn(forward(
+                        ur,
+                        dw,
+                        None,
+                        silent.clone(),
+                        replies_silent.clone(),
+                    )),
                 ];
                 cs.lock().unwrap().push(Forwarded {
                     tasks,
                     subscribed,
                     silent,
+                    replies_silent,
                     upstream: up_addr,
                 });
             }
@@ -667,6 +685,22 @@ impl Partition {
         commands
             .take(n)
             .map(|c| c.silent.store(true, AtomicOrdering::SeqCst))
+            .count()
+    }
+
+    /// Holds back Redis's replies on the first `n` command connections open now whose
+    /// replies pass, while their commands still reach Redis and run: what a client sees
+    /// when a reply is lost on the way back. Returns how many.
+    pub fn silence_replies_of_command_connections(&self, n: usize) -> usize {
+        let conns = self.conns.lock().unwrap();
+        let commands = conns.iter().filter(|c| {
+            !c.subscribed.load(AtomicOrdering::SeqCst)
+                && !c.replies_silent.load(AtomicOrdering::SeqCst)
+                && !c.tasks[0].is_finished()
+        });
+        commands
+            .take(n)
+            .map(|c| c.replies_silent.store(true, AtomicOrdering::SeqCst))
             .count()
     }
 

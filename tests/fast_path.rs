@@ -1461,56 +1461,63 @@ async fn an_upload_slower_than_the_response_timeout_is_answered_through_hyper_to
 }
 
 /// An upload the router refuses before reading it (a `413`: its `Content-Length` is over
-/// `proxy.max_request_body_bytes`) while the client is still sending it: the answer goes
-/// out and the close lingers, reading what the client sends, so that the client's writes
-/// go on without a reset and it reads the answer whole. Closed at once, the socket's
-/// unread bytes made Linux reset the connection, and a client still writing got
-/// `ECONNRESET`, which many report instead of the answer.
+/// `proxy.max_request_body_bytes`) while the client is still sending it, on the fast path
+/// and on hyper's: the answer goes out and the close lingers, reading what the client
+/// sends, so that the client's writes go on without a reset and it reads the answer whole.
+/// Closed at once, the socket's unread bytes made Linux reset the connection, and a client
+/// still writing got `ECONNRESET` (or `EPIPE`), which many report instead of the answer.
 #[tokio::test]
 async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
-    let mut cfg = proxy_config();
-    cfg.proxy.max_request_body_bytes = 1 << 20;
-    let (r, _node, c) =
-        cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-    let (mut rd, mut wr) = c.sock.into_split();
-    // Paced, bounded: 64 KiB every 10 ms for 1 s (about 6 MiB), well within the linger.
-    let upload = tokio::spawn(async move {
-        let head =
-            "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n";
-        wr.write_all(head.as_bytes()).await.unwrap();
-        let chunk = vec![b'a'; 64 << 10];
-        let started = tokio::time::Instant::now();
-        for i in 0..100 {
-            if let Err(e) = wr.write_all(&chunk).await {
-                return Err(format!(
-                    "write {i} failed after {:?}: {e}",
-                    started.elapsed()
-                ));
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.max_request_body_bytes = 1 << 20;
+        let (r, _node, c) =
+            cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        let (mut rd, mut wr) = c.sock.into_split();
+        // Paced, bounded: 64 KiB every 10 ms for 1 s (about 6 MiB), well within the linger.
+        let upload = tokio::spawn(async move {
+            let head =
+                "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n";
+            wr.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'a'; 64 << 10];
+            let started = tokio::time::Instant::now();
+            for i in 0..100 {
+                if let Err(e) = wr.write_all(&chunk).await {
+                    return Err(format!(
+                        "write {i} failed after {:?}: {e}",
+                        started.elapsed()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
-    });
-    let mut got = Vec::new();
-    let heard = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut b = [0u8; 4096];
-        while find(&got, b"payload_too_large").is_none() {
-            match rd.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&b[..n]),
+            Ok(())
+        });
+        let mut got = Vec::new();
+        let heard = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut b = [0u8; 4096];
+            while find(&got, b"payload_too_large").is_none() {
+                match rd.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                }
             }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got);
-    assert!(
-        heard.is_ok() && text.starts_with("HTTP/1.1 413") && text.contains("payload_too_large"),
-        "the answer: {text:?}"
-    );
-    let sent = tokio::time::timeout(Duration::from_secs(10), upload)
-        .await
-        .expect("the upload is bounded")
-        .unwrap();
-    assert_eq!(sent, Ok(()), "the client's writes met a reset");
-    r.stop().await;
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            heard.is_ok() && text.starts_with("HTTP/1.1 413") && text.contains("payload_too_large"),
+            "fast path {fast_path}: the answer: {text:?}"
+        );
+        let sent = tokio::time::timeout(Duration::from_secs(10), upload)
+            .await
+            .expect("the upload is bounded")
+            .unwrap();
+        assert_eq!(
+            sent,
+            Ok(()),
+            "fast path {fast_path}: the client's writes met a reset"
+        );
+        r.stop().await;
+    }
 }

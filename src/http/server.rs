@@ -587,6 +587,98 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// An HTTP/1 connection on hyper's path that lingers when it closes over unread bytes, as
+/// the fast path does ([`h1::linger`]): hyper answers a request it refused before reading
+/// its body (a `413`, a `401`) and closes, and Linux resets a socket closed with unread
+/// bytes, so a client still sending its body got `ECONNRESET` instead of the answer. On
+/// drop, a socket with bytes still to read (`FIONREAD`) is handed to a task that shuts
+/// its write side and reads on, within [`h1::linger`]'s bounds; any other closes at once.
+#[cfg(unix)]
+struct Lingering {
+    io: Option<BoxIo>,
+    socket: std::os::fd::RawFd,
+    send: Duration,
+}
+
+#[cfg(unix)]
+impl Lingering {
+    fn io(&mut self) -> Pin<&mut BoxIo> {
+        Pin::new(self.io.as_mut().expect("taken only on drop"))
+    }
+}
+
+#[cfg(unix)]
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+#[cfg(unix)]
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.io().poll_shutdown(cx)
+    }
+}
+
+#[cfg(unix)]
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut io) = self.io.take() else {
+            return;
+        };
+        // SAFETY: `socket` is the descriptor of the socket `io` owns, open until `io` is
+        // dropped.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket) };
+        if !rustix::io::ioctl_fionread(fd).is_ok_and(|unread| unread > 0) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let send = self.send;
+        rt.spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            if tokio::time::timeout(send, io.shutdown())
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                h1::linger(&mut io).await;
+            }
+        });
+    }
+}
+
 /// Closes `io`, whose socket is `socket`, with a reset (`SO_LINGER` 0) rather than a FIN.
 #[cfg(unix)]
 fn reset(io: BoxIo, socket: std::os::fd::RawFd) {
@@ -648,6 +740,15 @@ async fn serve_io<I>(
     // HTTP/2 (prior knowledge, or TLS with ALPN `h2`: both open with the preface) counts its
     // open streams; HTTP/1.1's idle time is hyper's header timeout.
     let streams = sniff::is_h2(&prefix).then(Streams::new);
+    #[cfg(unix)]
+    let io: BoxIo = match streams {
+        Some(_) => io,
+        None => Box::new(Lingering {
+            io: Some(io),
+            socket,
+            send: timeouts.send,
+        }),
+    };
     let counted = streams.clone();
     let draining = stop.clone();
     let svc = service_fn(move |req| {

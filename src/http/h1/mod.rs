@@ -183,7 +183,7 @@ const LINGER_BYTES: usize = 16 * 1024 * 1024;
 /// after, with a reset: a client still sending its body then got `ECONNRESET` on its next
 /// write and, as many do, reported that instead of reading the answer already sent.
 /// nginx's lingering close, for the same reason.
-async fn linger(io: &mut BoxIo) {
+pub(crate) async fn linger(io: &mut BoxIo) {
     let deadline = Instant::now() + LINGER;
     let mut scratch = vec![0u8; 16 * 1024];
     let mut left = LINGER_BYTES;

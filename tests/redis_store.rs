@@ -1527,6 +1527,17 @@ async fn expect_health(s: &AnyStore, ok: bool, within: Duration, what: &str) {
 }
 
 /// Times a Redis store entered degraded mode.
+/// Whether `room` is in the rooms index `index` (a sorted set) now.
+async fn indexed(c: &redis::aio::MultiplexedConnection, index: &str, room: &str) -> bool {
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(index)
+        .arg(room)
+        .query_async(&mut c.clone())
+        .await
+        .unwrap();
+    score.is_some()
+}
+
 fn outages(s: &AnyStore) -> u64 {
     match s {
         AnyStore::Redis(r) => r.outage_stats().0,
@@ -1829,21 +1840,8 @@ async fn a_placement_whose_reply_was_lost_is_still_a_win() {
             if took >= Duration::from_millis(250) {
                 lost_path += 1;
             }
-            let key = name.clone();
-            let indexed = || {
-                let (mut c, index, key) = (c.clone(), index.clone(), key.clone());
-                async move {
-                    let score: Option<f64> = redis::cmd("ZSCORE")
-                        .arg(&index)
-                        .arg(&key)
-                        .query_async(&mut c)
-                        .await
-                        .unwrap();
-                    score.is_some()
-                }
-            };
             assert!(
-                eventually(Duration::from_secs(3), indexed).await,
+                eventually(Duration::from_secs(3), || indexed(&c, &index, &name)).await,
                 "{name} is in the rooms index"
             );
         }
@@ -2342,20 +2340,13 @@ async fn a_pin_that_expired_leaves_the_room_index_at_the_sweep() {
     ));
     let c = redis_conn(&url).await;
     let index = format!("{{{p}}}:rooms");
-    let indexed = || {
-        let (mut c, index) = (c.clone(), index.clone());
-        async move {
-            let score: Option<f64> = redis::cmd("ZSCORE")
-                .arg(&index)
-                .arg("gone-by-itself")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            score.is_some()
-        }
-    };
     assert!(
-        eventually(Duration::from_secs(3), indexed).await,
+        eventually(Duration::from_secs(3), || indexed(
+            &c,
+            &index,
+            "gone-by-itself"
+        ))
+        .await,
         "never indexed"
     );
     // The key expires (as Redis does after twice room_idle_ttl without a confirmation).
@@ -2367,7 +2358,10 @@ async fn a_pin_that_expired_leaves_the_room_index_at_the_sweep() {
     let released = a.sweep_idle(t0 + 1, t0 + 1).await.unwrap();
     assert!(released.is_empty(), "nothing to release: {released:?}");
     assert!(
-        eventually(Duration::from_secs(3), || async { !indexed().await }).await,
+        eventually(Duration::from_secs(3), || async {
+            !indexed(&c, &index, "gone-by-itself").await
+        })
+        .await,
         "the expired room is still indexed"
     );
     assert_eq!(a.get(&r).await.unwrap(), None);

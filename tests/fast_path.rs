@@ -1466,6 +1466,10 @@ async fn an_upload_slower_than_the_response_timeout_is_answered_through_hyper_to
 /// sends, so that the client's writes go on without a reset and it reads the answer whole.
 /// Closed at once, the socket's unread bytes made Linux reset the connection, and a client
 /// still writing got `ECONNRESET` (or `EPIPE`), which many report instead of the answer.
+/// The client pauses between its first part and the rest until it has the answer, so that
+/// no bytes wait unread when the router closes: the close must linger all the same (hyper's
+/// path once lingered only over bytes waiting at that instant, and a client whose next
+/// write came a moment later met a reset).
 #[tokio::test]
 async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
     for fast_path in [true, false] {
@@ -1475,11 +1479,15 @@ async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
         let (r, _node, c) =
             cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
         let (mut rd, mut wr) = c.sock.into_split();
+        let (answered, heard_answer) = tokio::sync::oneshot::channel::<()>();
         // Paced, bounded: 64 KiB every 10 ms for 1 s (about 6 MiB), well within the linger.
         let upload = tokio::spawn(async move {
             let head =
                 "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n";
             wr.write_all(head.as_bytes()).await.unwrap();
+            wr.write_all(&[b'a'; 1024]).await.unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(5), heard_answer).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let chunk = vec![b'a'; 64 << 10];
             let started = tokio::time::Instant::now();
             for i in 0..100 {
@@ -1504,6 +1512,7 @@ async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
             }
         })
         .await;
+        let _ = answered.send(());
         let text = String::from_utf8_lossy(&got);
         assert!(
             heard.is_ok() && text.starts_with("HTTP/1.1 413") && text.contains("payload_too_large"),

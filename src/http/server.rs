@@ -591,13 +591,17 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
 /// the fast path does ([`h1::linger`]): hyper answers a request it refused before reading
 /// its body (a `413`, a `401`) and closes, and Linux resets a socket closed with unread
 /// bytes, so a client still sending its body got `ECONNRESET` instead of the answer. On
-/// drop, a socket with bytes still to read (`FIONREAD`) is handed to a task that shuts
-/// its write side and reads on, within [`h1::linger`]'s bounds; any other closes at once.
+/// drop, a connection whose client has not closed its side (no read has met the end of
+/// the stream) is handed to a task that shuts its write side and reads on, within
+/// [`h1::linger`]'s bounds; one the client closed closes at once. Whether bytes are
+/// waiting at that instant (`FIONREAD`) is no test: hyper may just have drained them, and
+/// the client's next write then met a closed socket and a reset.
 #[cfg(unix)]
 struct Lingering {
     io: Option<BoxIo>,
-    socket: std::os::fd::RawFd,
     send: Duration,
+    /// A read met the end of the stream: the client closed its side and sends nothing more.
+    eof: bool,
 }
 
 #[cfg(unix)]
@@ -614,7 +618,12 @@ impl AsyncRead for Lingering {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.io().poll_read(cx, buf)
+        let (before, room) = (buf.filled().len(), buf.remaining());
+        let polled = self.io().poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && room > 0 && buf.filled().len() == before {
+            self.eof = true;
+        }
+        polled
     }
 }
 
@@ -657,10 +666,7 @@ impl Drop for Lingering {
         let Some(mut io) = self.io.take() else {
             return;
         };
-        // SAFETY: `socket` is the descriptor of the socket `io` owns, open until `io` is
-        // dropped.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket) };
-        if !rustix::io::ioctl_fionread(fd).is_ok_and(|unread| unread > 0) {
+        if self.eof {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -669,12 +675,11 @@ impl Drop for Lingering {
         let send = self.send;
         rt.spawn(async move {
             use tokio::io::AsyncWriteExt;
-            if tokio::time::timeout(send, io.shutdown())
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                h1::linger(&mut io).await;
-            }
+            // hyper may have shut the write side already; a second shutdown's error, or
+            // one that cannot finish (a TLS close the client does not read), still leaves
+            // the bytes in flight to be read and dropped.
+            let _ = tokio::time::timeout(send, io.shutdown()).await;
+            h1::linger(&mut io).await;
         });
     }
 }
@@ -745,8 +750,8 @@ async fn serve_io<I>(
         Some(_) => io,
         None => Box::new(Lingering {
             io: Some(io),
-            socket,
             send: timeouts.send,
+            eof: false,
         }),
     };
     let counted = streams.clone();

@@ -1478,50 +1478,7 @@ async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
         cfg.proxy.max_request_body_bytes = 1 << 20;
         let (r, _node, c) =
             cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-        let (mut rd, mut wr) = c.sock.into_split();
-        let (answered, heard_answer) = tokio::sync::oneshot::channel::<()>();
-        // Paced, bounded: 64 KiB every 10 ms for 1 s (about 6 MiB), well within the linger.
-        let upload = tokio::spawn(async move {
-            let head =
-                "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n";
-            wr.write_all(head.as_bytes()).await.unwrap();
-            wr.write_all(&[b'a'; 1024]).await.unwrap();
-            let _ = tokio::time::timeout(Duration::from_secs(5), heard_answer).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let chunk = vec![b'a'; 64 << 10];
-            let started = tokio::time::Instant::now();
-            for i in 0..100 {
-                if let Err(e) = wr.write_all(&chunk).await {
-                    return Err(format!(
-                        "write {i} failed after {:?}: {e}",
-                        started.elapsed()
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Ok(())
-        });
-        let mut got = Vec::new();
-        let heard = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut b = [0u8; 4096];
-            while find(&got, b"payload_too_large").is_none() {
-                match rd.read(&mut b).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&b[..n]),
-                }
-            }
-        })
-        .await;
-        let _ = answered.send(());
-        let text = String::from_utf8_lossy(&got);
-        assert!(
-            heard.is_ok() && text.starts_with("HTTP/1.1 413") && text.contains("payload_too_large"),
-            "fast path {fast_path}: the answer: {text:?}"
-        );
-        let sent = tokio::time::timeout(Duration::from_secs(10), upload)
-            .await
-            .expect("the upload is bounded")
-            .unwrap();
+        let sent = upload_after_its_answer(c, "HTTP/1.1 413", "payload_too_large").await;
         assert_eq!(
             sent,
             Ok(()),
@@ -1529,4 +1486,82 @@ async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
         );
         r.stop().await;
     }
+}
+
+/// As [`a_refused_upload_still_being_sent_gets_its_answer_and_no_reset`], when the refusal
+/// is the node's: it answers `413` once it has the head and reads no more. The router
+/// relays the answer and closes the client connection, whose body is half read: that close
+/// lingers too (the fast path closed at once, and the client still uploading met a reset).
+#[tokio::test]
+async fn a_nodes_early_answer_to_an_upload_still_being_sent_comes_with_no_reset() {
+    const ANSWER: &str = "HTTP/1.1 413 Too Big\r\nContent-Length: 4\r\n\r\nnope";
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        cfg.proxy.max_request_body_bytes = 1 << 30;
+        let (url, node) = answering_early(ANSWER).await;
+        let r = TestRouter::start(cfg).await;
+        let body = serde_json::json!({"url": url, "capacity": 100, "load": 0});
+        assert_eq!(heartbeat(&r, "n1", body).await.status(), 200);
+        let c = Raw::connect(&r).await;
+        let sent = upload_after_its_answer(c, "HTTP/1.1 413 Too Big", "nope").await;
+        assert_eq!(
+            sent,
+            Ok(()),
+            "fast path {fast_path}: the client's writes met a reset"
+        );
+        r.stop().await;
+        node.abort();
+    }
+}
+
+/// Sends `POST /rooms/a` with a 64 MiB `Content-Length` on `c`: the head and 1 KiB, then,
+/// once the answer (starting `status`, holding `marker`) has been read and 50 ms more, about
+/// 6 MiB paced over 1 s (bounded). The pause leaves no bytes unread when the router closes,
+/// so a close that lingers only over bytes waiting at that instant is caught. `Err` names
+/// the write that failed (a reset).
+async fn upload_after_its_answer(c: Raw, status: &str, marker: &str) -> Result<(), String> {
+    let (mut rd, mut wr) = c.sock.into_split();
+    let (answered, heard_answer) = tokio::sync::oneshot::channel::<()>();
+    let upload = tokio::spawn(async move {
+        let head =
+            "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n";
+        wr.write_all(head.as_bytes()).await.unwrap();
+        wr.write_all(&[b'a'; 1024]).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), heard_answer).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let chunk = vec![b'a'; 64 << 10];
+        let started = tokio::time::Instant::now();
+        for i in 0..100 {
+            if let Err(e) = wr.write_all(&chunk).await {
+                return Err(format!(
+                    "write {i} failed after {:?}: {e}",
+                    started.elapsed()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    });
+    let mut got = Vec::new();
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut b = [0u8; 4096];
+        while find(&got, marker.as_bytes()).is_none() {
+            match rd.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&b[..n]),
+            }
+        }
+    })
+    .await;
+    let _ = answered.send(());
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        heard.is_ok() && text.starts_with(status) && text.contains(marker),
+        "the answer: {text:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload is bounded")
+        .unwrap()
 }

@@ -167,8 +167,8 @@ struct Client<'a> {
     send: Duration,
     /// A response framed by the end of the connection was cut ([`Outcome::Cut`]).
     cut: bool,
-    /// An error answer left part of the request's body unread: the close lingers
-    /// ([`linger`]).
+    /// An answer (the router's error, or a node's that came before the request's end) left
+    /// part of the request's body unread: the close lingers ([`linger`]).
     linger: bool,
 }
 
@@ -434,8 +434,10 @@ impl Client<'_> {
         };
         p.succeeded(node, since);
         // A body the node did not take in full is still on the client connection (and the
-        // answer's head says so: it was read with `close` set).
+        // answer's head says so: it was read with `close` set); the client may still be
+        // sending it, so the close lingers.
         let close = head.client_close;
+        self.linger |= rest > 0;
         conn.buf.advance(head.len);
         let ended = self.relay(&mut conn, &head).await;
         match ended {

@@ -147,6 +147,60 @@ async fn a_heartbeat_skips_the_rooms_it_cannot_take_and_applies_the_rest() {
     assert!(v.get("refused").is_none(), "{v}");
 }
 
+/// A heartbeat room entry that is not `{"room": string, "participants": u32}` is skipped
+/// and named as `invalid_request`, as a bad room id is: one node's bug in one entry (a
+/// count of `-1`, a number for a room) does not make every heartbeat of it fail, the node
+/// look dead and its rooms be re-placed while it hosts them.
+#[tokio::test]
+async fn a_heartbeat_skips_room_entries_of_the_wrong_shape_and_applies_the_rest() {
+    let r = router_with_a_node().await;
+    let beat = json!({"url": "http://127.0.0.1:9", "capacity": 100, "load": 40, "rooms": [
+        {"room": "ok", "participants": 2},
+        {"room": "neg", "participants": -1},
+        {"room": "half", "participants": 1.5},
+        {"room": "huge", "participants": 4294967296u64},
+        {"room": "none", "participants": null},
+        {"room": "missing"},
+        {"room": 5, "participants": 1},
+        {"participants": 1},
+        "bare",
+        {"room": "max", "participants": 4294967295u64}]});
+    let resp = heartbeat(&r, "n1", beat).await;
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let refused = v["refused"].as_array().unwrap();
+    let rooms: Vec<&str> = refused
+        .iter()
+        .map(|e| e["room"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rooms,
+        [
+            "neg",
+            "half",
+            "huge",
+            "none",
+            "missing",
+            "5",
+            r#"{"participants":1}"#,
+            r#""bare""#
+        ],
+        "{v}"
+    );
+    assert!(refused
+        .iter()
+        .all(|e| e["error"] == "invalid_request"
+            && e["message"].as_str().is_some_and(|m| !m.is_empty())));
+    for room in ["ok", "max"] {
+        let got = admin_json(&r, &format!("/v1/rooms/{room}")).await;
+        assert_eq!(got["node"], "n1", "{got}");
+    }
+    let node = admin_json(&r, "/v1/nodes/n1").await;
+    assert_eq!(node["load"], 40.0, "{node}");
+    let m = r.metrics().await;
+    assert_eq!(sample(&m, "roomrouter_heartbeat_rooms_refused_total"), 8.0);
+}
+
 /// A heartbeat carries as many rooms as the router accepts: more than `server.max_body_bytes`
 /// holds; a body beyond the heartbeat limit is still `413`.
 #[tokio::test]

@@ -673,10 +673,44 @@ pub async fn login<S: PinStore>(
     Ok(r)
 }
 
-#[derive(Deserialize)]
-struct RoomReport {
-    room: String,
-    participants: u32,
+/// One entry of a heartbeat's `rooms`: any JSON value is taken, so that an entry the
+/// router cannot use (a room that is no string, a count that is negative, fractional,
+/// over `u32` or missing) is skipped and named in `refused` rather than failing the whole
+/// heartbeat, as a room id that is not valid is ([`Refused`]).
+struct RoomReport(serde_json::Value);
+
+impl<'de> Deserialize<'de> for RoomReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(d).map(RoomReport)
+    }
+}
+
+impl RoomReport {
+    /// The entry's room and participant count; else what to list in `refused`: the room
+    /// (or, when it is no string, the entry as JSON) and why.
+    fn parts(self) -> Result<(String, u32), (String, &'static str)> {
+        let serde_json::Value::Object(mut entry) = self.0 else {
+            return Err((self.0.to_string(), "a room entry must be an object"));
+        };
+        let count = entry
+            .get("participants")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok());
+        match (entry.remove("room"), count) {
+            (Some(serde_json::Value::String(room)), Some(n)) => Ok((room, n)),
+            (Some(serde_json::Value::String(room)), None) => Err((
+                room,
+                "participants must be a whole number from 0 to 4294967295",
+            )),
+            (room, _) => {
+                let shown = room.map_or_else(
+                    || serde_json::Value::Object(entry).to_string(),
+                    |r| r.to_string(),
+                );
+                Err((shown, "room must be a string"))
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -815,9 +849,16 @@ pub async fn heartbeat<S: PinStore>(
         Some(v) => {
             let mut rooms = Vec::with_capacity(v.len());
             for r in v {
-                match RoomKey::parse(&r.room, app.router.normalization()) {
-                    Ok(k) => rooms.push((k, r.participants)),
-                    Err(e) => refused.add(r.room, &e),
+                let (room, participants) = match r.parts() {
+                    Ok(p) => p,
+                    Err((shown, why)) => {
+                        refused.add(shown, "invalid_request", why.to_string());
+                        continue;
+                    }
+                };
+                match RoomKey::parse(&room, app.router.normalization()) {
+                    Ok(k) => rooms.push((k, participants)),
+                    Err(e) => refused.add(room, "invalid_room", e.to_string()),
                 }
             }
             Some(rooms)
@@ -857,18 +898,20 @@ struct HeartbeatAnswer<'a> {
     refused: Vec<RefusedRoom>,
 }
 
-/// A room entry of a heartbeat that is not a valid room id, as the answer lists it.
+/// A room entry of a heartbeat the router could not take, as the answer lists it.
 #[derive(Serialize)]
 struct RefusedRoom {
-    /// The entry's room, cut to [`MAX_ROOM_BYTES`](crate::room::MAX_ROOM_BYTES) + 4 bytes.
+    /// The entry's room (when it is no string, the room or the entry as JSON), cut to
+    /// [`MAX_ROOM_BYTES`](crate::room::MAX_ROOM_BYTES) + 4 bytes.
     room: String,
     error: &'static str,
     message: String,
 }
 
-/// The room entries a heartbeat's node reported that are not valid room ids (a `/`, a
-/// control character, over 256 bytes): skipped, so that one such room does not have every
-/// heartbeat of its node refused. A node heard from no more is taken for dead, its rooms
+/// The room entries a heartbeat's node reported that the router cannot take: a room that
+/// is not a valid room id (a `/`, a control character, over 256 bytes: `invalid_room`), or
+/// an entry that is not `{"room": string, "participants": u32}` (`invalid_request`).
+/// Skipped, so that one such entry does not have every heartbeat of its node refused. A node heard from no more is taken for dead, its rooms
 /// re-placed on other nodes while it still hosts them (split rooms), and it could not be
 /// told to evict anything.
 #[derive(Default)]
@@ -878,7 +921,7 @@ struct Refused {
 }
 
 impl Refused {
-    fn add(&mut self, mut room: String, why: &crate::room::RoomError) {
+    fn add(&mut self, mut room: String, error: &'static str, message: String) {
         self.count += 1;
         if self.listed.len() < MAX_REFUSED_LISTED {
             let mut cut = room.len().min(crate::room::MAX_ROOM_BYTES + 4);
@@ -888,8 +931,8 @@ impl Refused {
             room.truncate(cut);
             self.listed.push(RefusedRoom {
                 room,
-                error: "invalid_room",
-                message: why.to_string(),
+                error,
+                message,
             });
         }
     }

@@ -536,6 +536,45 @@ async fn the_node_sees_the_proxys_headers_and_none_of_the_clients_forgeries() {
     r.stop().await;
 }
 
+/// Framing and hop-by-hop headers spelled with `_` for `-` (`Transfer_Encoding`,
+/// `Content_Length`) reach the node on neither path: a node stack that reads `_` as `-`
+/// would frame the body otherwise than the router did (`Transfer_Encoding: chunked` on a
+/// body framed by `Content-Length`), and take what follows for a request the router never
+/// admitted. Other names with `_` pass.
+#[tokio::test]
+async fn framing_headers_spelled_with_underscores_never_reach_the_node() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, node, mut c) =
+            cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        c.send(concat!(
+            "POST /rooms/u HTTP/1.1\r\nHost: router.test\r\nContent-Length: 5\r\n",
+            "Transfer_Encoding: chunked\r\nContent_Length: 0\r\nKeep_Alive: 1\r\n",
+            "Proxy_Connection: x\r\nX_Custom: kept\r\n\r\n0\r\n\r\n",
+        ))
+        .await;
+        let a = c.answer().await;
+        assert_eq!(a.status(), 200, "fast path {fast_path}: {a:?}");
+        let seen = node.seen().remove(0).to_ascii_lowercase();
+        for gone in [
+            "transfer_encoding",
+            "content_length",
+            "keep_alive",
+            "proxy_connection",
+        ] {
+            assert!(
+                !seen.contains(gone),
+                "fast path {fast_path}: {gone} reached the node: {seen}"
+            );
+        }
+        assert!(seen.contains("\r\nx_custom: kept\r\n"), "{seen}");
+        assert!(seen.contains("\r\ncontent-length: 5\r\n"), "{seen}");
+        assert!(seen.ends_with("\r\n\r\n0\r\n\r\n"), "{seen}");
+        r.stop().await;
+    }
+}
+
 /// `Connection` may name headers to drop on the way, but not the length that frames a body:
 /// a request that listed `Content-Length` there lost it on the way to the node, which then
 /// read the body as a second request, one the router never admitted, carrying whatever

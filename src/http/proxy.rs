@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::h1::head::{origin_form, parse_length_list, set_by_proxy};
+use super::h1::head::{origin_form, parse_length_list, set_by_proxy, underscored_framing};
 use super::h1::pool::Conns;
 use super::resolve::Resolver;
 use super::server::ConnInfo;
@@ -801,7 +801,9 @@ fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
 /// those the `Connection` header lists, `Host` (the node's own is set by the lane), and the
 /// client's own under the names the router sets, `_` read as `-` (`X_Room_Ticket`; see
 /// [`set_by_proxy`](super::h1::head::set_by_proxy)): those never reach the node, even where
-/// the router has nothing to put in their place (a request with no `Host`), nor do its own
+/// the router has nothing to put in their place (a request with no `Host`), nor do framing
+/// and hop-by-hop names spelled so (`Transfer_Encoding`: see
+/// [`underscored_framing`](super::h1::head::underscored_framing)), nor do its own
 /// claims of its address, scheme and host under other names (`Forwarded`, `X-Real-IP`),
 /// which a node behind a trusted proxy would believe. `X-Forwarded-For` itself stays, for
 /// `forwarded_headers` to extend.
@@ -809,7 +811,8 @@ fn end_to_end(src: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(src);
     let mut h = HeaderMap::with_capacity(src.len() + 6);
     for (name, value) in src {
-        let claimed = name != X_FORWARDED_FOR && set_by_proxy(name.as_str().as_bytes());
+        let n = name.as_str().as_bytes();
+        let claimed = name != X_FORWARDED_FOR && set_by_proxy(n) || underscored_framing(n);
         if name != header::HOST && !is_hop_by_hop(name) && !listed.contains(name) && !claimed {
             h.append(name.clone(), value.clone());
         }

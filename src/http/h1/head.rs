@@ -201,17 +201,39 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// by either proxy path. (`Trailer` is not one: it announces trailer fields, which are
 /// relayed, RFC 9110 section 6.6.2.)
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 8] = [
-        b"connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"keep-alive",
-        b"proxy-connection",
-    ];
     HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// The names [`is_hop_by_hop`] knows, lowercase.
+const HOP: [&[u8]; 8] = [
+    b"connection",
+    b"te",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+    b"keep-alive",
+    b"proxy-connection",
+];
+
+/// Whether `name` reads as `lower` (a lowercase name) with `_` taken for `-` and case aside.
+fn dashed_eq(name: &[u8], lower: &[u8]) -> bool {
+    let dash = |b: &u8| match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    lower.len() == name.len() && lower.iter().copied().eq(name.iter().map(dash))
+}
+
+/// Whether `name` spells with `_` for `-` a header that frames a message or belongs to one
+/// hop (`Transfer_Encoding`, `Content_Length`, `Keep_Alive`). Neither proxy path reads it
+/// as one, so it would reach the node; a node stack that maps `_` to `-` (CGI-style
+/// variables) could then frame the body otherwise than the router did, and read what
+/// follows as a request the router never admitted (request smuggling). Both proxy paths
+/// drop it, as nginx drops every header with `_` by default.
+pub(crate) fn underscored_framing(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && (dashed_eq(name, b"content-length") || HOP.iter().any(|h| dashed_eq(name, h)))
 }
 
 /// Whether `name` is listed by any of the `Connection` values (so hop-by-hop for this
@@ -242,13 +264,7 @@ const SET_BY_PROXY: [&str; 7] = [
 /// `X-Room-Ticket`, and may take the client's, sent first, over the router's own. Both
 /// proxy paths drop them.
 pub(crate) fn set_by_proxy(name: &[u8]) -> bool {
-    let dash = |b: &u8| match b {
-        b'_' => b'-',
-        b => b.to_ascii_lowercase(),
-    };
-    SET_BY_PROXY
-        .iter()
-        .any(|s| s.len() == name.len() && s.bytes().eq(name.iter().map(dash)))
+    SET_BY_PROXY.iter().any(|s| dashed_eq(name, s.as_bytes()))
 }
 
 /// What the node is told about the request besides its own headers.
@@ -310,6 +326,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
             || f.drop_authorization && name == header::AUTHORIZATION
             || f.referer.is_some() && name == header::REFERER
             || is_hop_by_hop(n.as_bytes())
+            || underscored_framing(n.as_bytes())
             || has_connection
                 && name != header::CONTENT_LENGTH
                 && listed(connection.iter().map(|v| v.as_bytes()), n.as_bytes())

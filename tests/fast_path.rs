@@ -1554,17 +1554,49 @@ async fn a_nodes_early_answer_to_an_upload_still_being_sent_comes_with_no_reset(
     }
 }
 
+/// As [`a_refused_upload_still_being_sent_gets_its_answer_and_no_reset`], for a redirect:
+/// a `GET` with a body in redirect mode gets its `307` and the connection closes over the
+/// unread body, lingering (the fast path closed at once, and the client met a reset).
+#[tokio::test]
+async fn a_redirect_over_a_body_still_being_sent_comes_with_no_reset() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.front_door.mode = FrontDoorMode::Redirect;
+        cfg.server.fast_path = fast_path;
+        let (r, _node, c) =
+            cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        let sent = upload_after_its_answer_as(c, "GET", "HTTP/1.1 307", "\r\n\r\n").await;
+        assert_eq!(
+            sent,
+            Ok(()),
+            "fast path {fast_path}: the client's writes met a reset"
+        );
+        r.stop().await;
+    }
+}
+
 /// Sends `POST /rooms/a` with a 64 MiB `Content-Length` on `c`: the head and 1 KiB, then,
 /// once the answer (starting `status`, holding `marker`) has been read and 50 ms more, about
 /// 6 MiB paced over 1 s (bounded). The pause leaves no bytes unread when the router closes,
 /// so a close that lingers only over bytes waiting at that instant is caught. `Err` names
 /// the write that failed (a reset).
 async fn upload_after_its_answer(c: Raw, status: &str, marker: &str) -> Result<(), String> {
+    upload_after_its_answer_as(c, "POST", status, marker).await
+}
+
+/// [`upload_after_its_answer`] with the request's `method`.
+async fn upload_after_its_answer_as(
+    c: Raw,
+    method: &str,
+    status: &str,
+    marker: &str,
+) -> Result<(), String> {
     let (mut rd, mut wr) = c.sock.into_split();
     let (answered, heard_answer) = tokio::sync::oneshot::channel::<()>();
+    let head = format!(
+        "{method} /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n"
+    );
     let upload = tokio::spawn(async move {
-        let head =
-            "POST /rooms/a HTTP/1.1\r\nHost: router.test\r\nContent-Length: 67108864\r\n\r\n";
         wr.write_all(head.as_bytes()).await.unwrap();
         wr.write_all(&[b'a'; 1024]).await.unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(5), heard_answer).await;

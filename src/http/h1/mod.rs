@@ -167,8 +167,9 @@ struct Client<'a> {
     send: Duration,
     /// A response framed by the end of the connection was cut ([`Outcome::Cut`]).
     cut: bool,
-    /// An answer (the router's error, or a node's that came before the request's end) left
-    /// part of the request's body unread: the close lingers ([`linger`]).
+    /// An answer (a redirect, the router's error, or a node's that came before the
+    /// request's end) left part of the request's body unread: the close lingers
+    /// ([`linger`]).
     linger: bool,
 }
 
@@ -256,12 +257,13 @@ impl Client<'_> {
     }
 
     /// Drops a request body the answer does not need, if it is all here already; false if
-    /// it is not (the connection then closes after the answer).
+    /// it is not (the connection then closes after the answer, lingering over the rest).
     fn skip_body(&mut self, body: u64) -> bool {
         if body <= self.buf.len() as u64 {
             self.buf.advance(body as usize);
             true
         } else {
+            self.linger = true;
             false
         }
     }
@@ -277,7 +279,6 @@ impl Client<'_> {
         close: bool,
     ) -> bool {
         let skipped = self.skip_body(unread);
-        self.linger |= !skipped;
         let keep = !close && skipped;
         let resp = super::error_response(app, req.parts.uri.path(), e);
         self.out.clear();

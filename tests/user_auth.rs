@@ -397,6 +397,41 @@ async fn the_tokens_size_claim_wins_over_the_requests() {
     r.stop().await;
 }
 
+/// A key file that went away after the config was checked refuses every user token, and
+/// the `401` says only that the router's key is unusable: not the file's path, nor why it
+/// failed (those go to the router's log).
+#[tokio::test]
+async fn an_unusable_key_refuses_users_without_telling_them_its_path() {
+    let dir = std::env::temp_dir().join(format!("rr-gone-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pub_path = dir.join("users.pub.pem");
+    let kp = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&pub_path, kp.public_key_pem()).unwrap();
+    let mut cfg = jwt_config();
+    cfg.auth.jwt.algorithm = JwtAlgorithm::ES256;
+    cfg.auth.jwt.public_key_file = Some(pub_path.clone());
+    cfg.validate().unwrap();
+    std::fs::remove_file(&pub_path).unwrap();
+    let r = with_node(cfg).await;
+    let key = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+    let good = token(
+        serde_json::json!({"sub": "carol", "exp": now() + 60, "room": "*"}),
+        &key,
+        Algorithm::ES256,
+    );
+    for path in ["/rooms/any", "/v1/placement/any"] {
+        let resp = r.get(path).bearer_auth(&good).send().await.unwrap();
+        let body = expect_error(resp, 401, "unauthorized").await;
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("key is unusable"), "{path}: {body}");
+        assert!(
+            !message.contains("rr-gone-key") && !message.contains(".pem"),
+            "{path} told the key's path: {body}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn es256_tokens_verify_with_a_public_key_file() {
     let kp = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::{json, parse_json, read_body, ApiError, App, Body};
-use crate::auth::users::admits;
+use crate::auth::users::{admits, UserVerifier};
 use crate::auth::{Credential, UserClaims};
 use crate::cluster::{check_url, NodeId, NodeInfo, MAX_TAGS};
 use crate::placement::{AdminState, Hints};
@@ -140,6 +140,15 @@ pub fn require_admin<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<(), Api
     }
 }
 
+/// The user-token verifier, or a `401` when its key could not be loaded (a file changed
+/// since the config was checked): the callers are told no more than that, the key file's
+/// path and error are in the router's log ([`App::new`](super::App)).
+fn checkable(v: &Result<UserVerifier, String>) -> Result<&UserVerifier, ApiError> {
+    v.as_ref().map_err(|_| {
+        ApiError::Unauthorized("user tokens cannot be checked: the router's key is unusable".into())
+    })
+}
+
 /// A browser that logged in to `/dashboard` with Basic sends that login with every request
 /// to the router, those another site's page makes included: a form there posting to
 /// `/v1/nodes/{id}/disable` would act with the admin's rights (cross-site request forgery).
@@ -202,9 +211,7 @@ pub fn authenticate_user<S: PinStore>(
             size: None,
         });
     };
-    let verifier = verifier
-        .as_ref()
-        .map_err(|e| ApiError::Unauthorized(format!("user tokens cannot be checked: {e}")))?;
+    let verifier = checkable(verifier)?;
     let token = verifier.token_of(&parts.headers, parts.uri.query());
     match verifier.admit(token.as_deref(), room, app.router.normalization()) {
         Ok(c) => {
@@ -280,9 +287,7 @@ pub fn authorize_lookup<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Look
         refuse_cross_site_basic(parts)?;
         return Ok(LookupAuth::Operator);
     }
-    let verifier = verifier
-        .as_ref()
-        .map_err(|e| ApiError::Unauthorized(format!("user tokens cannot be checked: {e}")))?;
+    let verifier = checkable(verifier)?;
     let token = verifier
         .token_of(&parts.headers, parts.uri.query())
         .ok_or_else(|| {

@@ -89,6 +89,9 @@ impl<S: PinStore> App<S> {
         // fails closed: users get 401, upstream TLS trusts nothing.
         let users =
             (cfg.auth.users == UserAuth::Jwt).then(|| UserVerifier::from_config(&cfg.auth.jwt));
+        if let Some(Err(e)) = &users {
+            tracing::error!(error = %e, "auth.jwt key unusable; every user token is refused");
+        }
         let counts = router.metrics.proxy.clone();
         let loops = cfg.server.event_loops();
         let proxy = proxy::Proxy::new(&cfg.proxy, loops, counts.clone()).unwrap_or_else(|e| {

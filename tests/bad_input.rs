@@ -71,8 +71,18 @@ async fn invalid_room_ids_are_refused_everywhere() {
         "/meet?room=..".to_string(),
         "/meet?room=.".to_string(),
         "/meet?room=%2E%2E".to_string(),
+        // An empty room in an API path: the endpoint exists, the room is what is wrong.
+        "/v1/placement/".to_string(),
     ] {
         expect_error(r.get(&path).send().await.unwrap(), 400, "invalid_room").await;
+    }
+    for (method, path) in [
+        (Method::GET, "/v1/rooms/"),
+        (Method::DELETE, "/v1/rooms/"),
+        (Method::GET, "/v1/placement//explain"),
+    ] {
+        r.expect_admin_error(method, path, 400, "invalid_room")
+            .await;
     }
     let resp = r
         .post("/v1/login")

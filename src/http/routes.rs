@@ -137,13 +137,16 @@ pub fn route(path: &str) -> Route<'_> {
         return Route::FrontDoor;
     };
     let parts: Vec<&str> = rest.split('/').collect();
+    // An empty room (`/v1/placement/`, `/v1/rooms/`) reaches its handler, which answers
+    // `400 invalid_room` as for any room id it cannot take, not `404`: the endpoint exists,
+    // the caller's room variable was empty.
     match parts.as_slice() {
-        ["placement", room] if !room.is_empty() => Route::Placement(room),
-        ["placement", room, "explain"] if !room.is_empty() => Route::PlacementExplain(room),
+        ["placement", room] => Route::Placement(room),
+        ["placement", room, "explain"] => Route::PlacementExplain(room),
         ["nodes", id] if !id.is_empty() => Route::Node(id),
         ["nodes", id, "heartbeat"] => Route::Heartbeat(id),
         ["nodes", id, action @ ("drain" | "disable" | "enable")] => Route::NodeAction(id, action),
-        ["rooms", room] if !room.is_empty() => Route::Room(room),
+        ["rooms", room] => Route::Room(room),
         _ => Route::UnknownApi,
     }
 }
@@ -196,6 +199,8 @@ mod tests {
         );
         assert_eq!(route("/v1/nodes/n1/reboot"), Route::UnknownApi);
         assert_eq!(route("/v1/rooms/r"), Route::Room("r"));
+        assert_eq!(route("/v1/rooms/"), Route::Room(""));
+        assert_eq!(route("/v1/placement/"), Route::Placement(""));
         assert_eq!(route("/rooms/r"), Route::FrontDoor);
         assert_eq!(route("/v1/whatever"), Route::UnknownApi);
         assert_eq!(route("/v1"), Route::UnknownApi);

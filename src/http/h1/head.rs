@@ -470,7 +470,10 @@ pub fn parse_response(
         }
     }
     // `Transfer-Encoding` overrides `Content-Length` (RFC 9112 6.3), as in hyper's client:
-    // with it, the length is neither read nor relayed, so an unusable one is no error.
+    // with it, the length is neither read nor relayed, so an unusable one is no error. The
+    // message is still one RFC 9112 calls an error: the connection that carried it is not
+    // used again (what else the node got wrong may be left on it), as HAProxy does.
+    let both = chunked.is_some() && (length.is_some() || bad_length);
     if chunked.is_some() {
         length = None;
     } else if bad_length {
@@ -487,7 +490,7 @@ pub fn parse_response(
             (None, None) => Framing::UntilClose,
         }
     };
-    if framing == Framing::UntilClose {
+    if framing == Framing::UntilClose || both {
         close = true;
     }
     // A 204 that announces a body anyway (RFC 9110 forbids it) may still send it, late:
@@ -506,6 +509,29 @@ pub fn parse_response(
         write_client_response(client.out, &resp, &head, length, client.node);
     }
     Ok(Some(head))
+}
+
+/// Writes one `transfer-encoding` line with every non-empty coding of `headers`'
+/// `Transfer-Encoding` lines, in order; none when there is none.
+fn write_codings(out: &mut Vec<u8>, headers: &[httparse::Header<'_>]) {
+    let codings = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        .flat_map(|h| tokens(h.value))
+        .filter(|t| !t.is_empty());
+    let mut first = true;
+    for coding in codings {
+        out.extend_from_slice(if first {
+            b"transfer-encoding: ".as_slice()
+        } else {
+            b", ".as_slice()
+        });
+        out.extend_from_slice(coding);
+        first = false;
+    }
+    if !first {
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Writes the client's copy of the node's response head: hop-by-hop headers dropped, the
@@ -560,9 +586,15 @@ fn write_client_response(
     let mut dated = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        if keep_codings && name.eq_ignore_ascii_case(b"transfer-encoding") {
-            header_line(out, name, h.value);
-            codings_sent = true;
+        // The codings go as one line listing them all, the empty ones left out, where the
+        // node's first line was: the framing read here takes every line as one list (RFC
+        // 9110 5.3), and a client that reads only the last (hyper's reads `chunked` then an
+        // empty line as no coding) would frame the body otherwise.
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if keep_codings && !codings_sent {
+                write_codings(out, resp.headers);
+                codings_sent = true;
+            }
             continue;
         }
         // A length that frames the body stays even if `Connection` lists it: the relay
@@ -903,7 +935,7 @@ mod tests {
             String::from_utf8(out).unwrap(),
             concat!(
                 // The node's codings go with the bytes they apply to, as it wrote them.
-                "HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=1\r\n",
+                "HTTP/1.1 200 Fine\r\ntransfer-encoding: chunked\r\nSet-Cookie: a=1\r\n",
                 "Set-Cookie: b=2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n",
                 "x-room-node: n1\r\nconnection: close\r\n\r\n"
             )
@@ -922,6 +954,40 @@ mod tests {
             .unwrap()
             .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_nodes_codings_reach_the_client_as_one_line_without_empty_ones() {
+        let text = relayed(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\nDate: d\r\n\r\n",
+        );
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\nX-A: 1\r\nDate: d\r\nx-room-node: n1\r\n\r\n"
+        );
+        let text = relayed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\nDate: d\r\n\r\n");
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nDate: d\r\nx-room-node: n1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_response_with_a_length_and_codings_ends_its_node_connection() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let r = response(raw, Method::GET).unwrap().unwrap();
+            assert_eq!((r.framing, r.close), (Framing::Chunked, true), "{raw:?}");
+            // The client connection goes on: the body reaches it chunked, framed as read.
+            assert!(!r.client_close, "{raw:?}");
+        }
+        let r = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::GET,
+        );
+        assert!(!r.unwrap().unwrap().close);
     }
 
     #[test]

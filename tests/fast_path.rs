@@ -604,6 +604,30 @@ async fn framing_headers_spelled_with_underscores_never_reach_the_node() {
     }
 }
 
+/// A request's length reaches the node as the number the router framed its body by, on
+/// both paths: `0005` as the client wrote it was passed on, for the node's parser to read
+/// as it will (an octal reading, a refusal).
+#[tokio::test]
+async fn the_node_gets_the_length_as_the_router_read_it() {
+    for fast_path in [true, false] {
+        let mut cfg = proxy_config();
+        cfg.server.fast_path = fast_path;
+        let (r, node, mut c) =
+            cluster_with(cfg, vec!["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        c.send("POST /rooms/l HTTP/1.1\r\nHost: router.test\r\nContent-Length: 00010\r\n\r\n0123456789")
+            .await;
+        let a = c.answer().await;
+        assert_eq!(a.status(), 200, "fast path {fast_path}: {a:?}");
+        let seen = node.seen().remove(0).to_ascii_lowercase();
+        assert!(
+            seen.contains("\r\ncontent-length: 10\r\n") && !seen.contains("00010"),
+            "fast path {fast_path}: {seen}"
+        );
+        assert!(seen.ends_with("\r\n\r\n0123456789"), "{seen}");
+        r.stop().await;
+    }
+}
+
 /// `Connection` may name headers to drop on the way, but not the length that frames a body:
 /// a request that listed `Content-Length` there lost it on the way to the node, which then
 /// read the body as a second request, one the router never admitted, carrying whatever

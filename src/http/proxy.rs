@@ -814,6 +814,14 @@ fn end_to_end(src: &HeaderMap) -> HeaderMap {
         let n = name.as_str().as_bytes();
         let claimed = name != X_FORWARDED_FOR && set_by_proxy(n) || underscored_framing(n);
         if name != header::HOST && !is_hop_by_hop(name) && !listed.contains(name) && !claimed {
+            // The length goes as the number hyper framed the body by, once (`0005`, or
+            // `5, 5`, would reach the node as written, for its parser to read otherwise).
+            if name == header::CONTENT_LENGTH {
+                if let Some(n) = parse_length_list(value.as_bytes()) {
+                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                    continue;
+                }
+            }
             h.append(name.clone(), value.clone());
         }
     }

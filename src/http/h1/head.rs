@@ -333,6 +333,18 @@ pub fn write_upstream_request(out: &mut Vec<u8>, parts: &Parts, f: &Forwarded<'_
         {
             continue;
         }
+        // The length goes as the number the body was framed by (`0005` would reach the
+        // node as written, for its parser to read otherwise).
+        if name == header::CONTENT_LENGTH {
+            if let Some(len) = parse_length(value.as_bytes()) {
+                header_line(
+                    out,
+                    b"content-length",
+                    itoa::Buffer::new().format(len).as_bytes(),
+                );
+                continue;
+            }
+        }
         if set_by_proxy(n.as_bytes()) {
             // Only the name itself extends the chain: `X_Forwarded_For` is dropped.
             if n == "x-forwarded-for" && !value.as_bytes().trim_ascii().is_empty() {

@@ -460,3 +460,62 @@ async fn placement_lookups_single_batch_and_without_create() {
         .unwrap();
     expect_error(resp, 400, "invalid_request").await;
 }
+
+/// A `HEAD` on the front door is safe (RFC 9110 9.2.1): a link checker's or a monitor's
+/// opens no meeting and counts no join. A room not placed is `404`, and stays unplaced; a
+/// placed one gets the `GET`'s redirect to its node, with the node's `pending` unchanged.
+/// On both paths, in both modes.
+#[tokio::test]
+async fn a_head_on_the_front_door_places_nothing_and_counts_no_join() {
+    use roomrouter::config::FrontDoorMode;
+    for (mode, fast_path) in [
+        (FrontDoorMode::Redirect, true),
+        (FrontDoorMode::Redirect, false),
+        (FrontDoorMode::Proxy, true),
+        (FrontDoorMode::Proxy, false),
+    ] {
+        let what = format!("{mode:?}, fast path {fast_path}");
+        let mut cfg = config();
+        cfg.front_door.mode = mode;
+        cfg.server.fast_path = fast_path;
+        let r = TestRouter::start(cfg).await;
+        let node = r.node("n1", 100.0).await;
+        let pending = || async { admin_json(&r, "/v1/nodes/n1").await["pending"].clone() };
+        let head = || async {
+            client()
+                .head(format!("{}/rooms/checked", r.url))
+                .send()
+                .await
+                .unwrap()
+        };
+        let resp = head().await;
+        assert_eq!(resp.status(), 404, "{what}");
+        assert!(resp.headers().get("x-room-node").is_none(), "{what}");
+        r.expect_admin_error(reqwest::Method::GET, "/v1/rooms/checked", 404, "not_found")
+            .await;
+        assert_eq!(pending().await, 0.0, "{what}");
+
+        let resp = r.get("/rooms/checked").send().await.unwrap();
+        let placed = if mode == FrontDoorMode::Redirect {
+            307
+        } else {
+            200
+        };
+        assert_eq!(resp.status(), placed, "{what}");
+        let joined = pending().await;
+        assert!(
+            joined.as_f64().is_some_and(|p| p >= 1.0),
+            "{what}: {joined}"
+        );
+
+        // Proxied, the answer is the node's own to a HEAD (the demo node serves GET only).
+        let resp = head().await;
+        if mode == FrontDoorMode::Redirect {
+            assert_eq!(resp.status(), 307, "{what}");
+        }
+        assert_eq!(resp.headers()["x-room-node"], "n1", "{what}");
+        assert_eq!(pending().await, joined, "{what}: the HEAD counted a join");
+        drop(node);
+        r.stop().await;
+    }
+}

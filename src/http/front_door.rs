@@ -195,7 +195,11 @@ pub async fn admit<S: PinStore>(
         }
         _ => None,
     };
+    // A `HEAD` is safe (RFC 9110 9.2.1): a link checker's or a monitor's must not open a
+    // meeting nor count as a join. It gets what a `GET` would for a room already placed,
+    // and `404 not_found` for one that is not.
     let intent = match session {
+        _ if parts.method == Method::HEAD => Intent::Lookup { create: false },
         Some(c) if c.joined(&room) => Intent::InSession,
         _ => Intent::Join,
     };

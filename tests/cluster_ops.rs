@@ -1034,6 +1034,49 @@ async fn a_cross_site_request_cannot_act_with_a_browsers_basic_login() {
     assert_eq!(admin_json(&r, "/v1/nodes/a").await["admin_state"], "active");
 }
 
+/// A placement lookup is a `GET` that places its room (and reserves `?size=`): with user
+/// tokens on, an admin's Basic login a browser sends on its own must not let another
+/// site's `<img src=".../v1/placement/x?size=...">` place rooms. Refused as a cross-site
+/// `POST` is; the router's own page, tools and Bearer tokens pass.
+#[tokio::test]
+async fn a_cross_site_lookup_cannot_place_rooms_with_a_browsers_basic_login() {
+    let mut cfg = config();
+    cfg.auth.users = roomrouter::config::UserAuth::Jwt;
+    cfg.auth.jwt.secret = "user-jwt-secret-0123456789-0123456789".into();
+    let r = TestRouter::start(cfg).await;
+    let _n = r.node("a", 100.0).await;
+    let basic = |path: &str| {
+        client()
+            .get(format!("{}{path}", r.url))
+            .basic_auth("admin", Some(ADMIN))
+    };
+    let resp = basic("/v1/placement/forged?size=50")
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 403, "forbidden").await;
+    r.expect_admin_error(Method::GET, "/v1/rooms/forged", 404, "not_found")
+        .await;
+    let resp = basic("/v1/placement/own")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        basic("/v1/placement/tool").send().await.unwrap().status(),
+        200
+    );
+    let resp = r
+        .admin(Method::GET, "/v1/placement/bearer")
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 /// A node agent given several routers (sharing a Redis, in production) heartbeats to the
 /// next one when the one it uses fails: a router's crash or hang must not leave the node
 /// unheard for `placement.heartbeat_timeout`, which the other routers would take for the

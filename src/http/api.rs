@@ -159,9 +159,18 @@ fn checkable(v: &Result<UserVerifier, String>) -> Result<&UserVerifier, ApiError
 /// never sent by a browser on its own: both pass.
 pub fn refuse_cross_site_basic(parts: &Parts) -> Result<(), ApiError> {
     use http::Method;
-    if matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-        || !crate::auth::tokens::is_basic(&parts.headers)
-    {
+    if matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    refuse_cross_site_basic_whatever_the_method(parts)
+}
+
+/// [`refuse_cross_site_basic`] for a request that changes something whatever its method:
+/// a placement lookup is a `GET` that places the room (and reserves its expected size), so
+/// another site's `<img src=".../v1/placement/x?size=1000">`, sent with an admin's Basic
+/// login, would fill nodes.
+fn refuse_cross_site_basic_whatever_the_method(parts: &Parts) -> Result<(), ApiError> {
+    if !crate::auth::tokens::is_basic(&parts.headers) {
         return Ok(());
     }
     let h = &parts.headers;
@@ -284,7 +293,7 @@ pub fn authorize_lookup<S: PinStore>(app: &App<S>, parts: &Parts) -> Result<Look
     if app.tokens.admin(&parts.headers) == Credential::Admin
         || app.tokens.any_node(&parts.headers) == Credential::Node
     {
-        refuse_cross_site_basic(parts)?;
+        refuse_cross_site_basic_whatever_the_method(parts)?;
         return Ok(LookupAuth::Operator);
     }
     let verifier = checkable(verifier)?;

@@ -174,7 +174,9 @@ async fn a_heartbeat_skips_room_entries_of_the_wrong_shape_and_applies_the_rest(
         {"room": 5, "participants": 1},
         {"participants": 1},
         "bare",
-        {"room": "max", "participants": 4294967295u64}]});
+        [1, 2],
+        null,
+        {"room": "max", "participants": 4294967295u64, "other": {"deep": [1]}}]});
     let resp = heartbeat(&r, "n1", beat).await;
     assert_eq!(resp.status(), 200);
     let v: serde_json::Value = resp.json().await.unwrap();
@@ -192,8 +194,10 @@ async fn a_heartbeat_skips_room_entries_of_the_wrong_shape_and_applies_the_rest(
             "none",
             "missing",
             "5",
-            r#"{"participants":1}"#,
-            r#""bare""#
+            "",
+            r#""bare""#,
+            "[...]",
+            "null"
         ],
         "{v}"
     );
@@ -208,7 +212,37 @@ async fn a_heartbeat_skips_room_entries_of_the_wrong_shape_and_applies_the_rest(
     let node = admin_json(&r, "/v1/nodes/n1").await;
     assert_eq!(node["load"], 40.0, "{node}");
     let m = r.metrics().await;
-    assert_eq!(sample(&m, "roomrouter_heartbeat_rooms_refused_total"), 8.0);
+    assert_eq!(sample(&m, "roomrouter_heartbeat_rooms_refused_total"), 10.0);
+}
+
+/// A heartbeat listing more rooms than a node may report is refused as it is read: entries
+/// as small as `{}` fit the byte limit by the million, and were all kept before the count
+/// was checked.
+#[tokio::test]
+async fn a_heartbeat_over_the_room_limit_is_refused() {
+    let r = router_with_a_node().await;
+    let limit = roomrouter::http::api::MAX_REPORTED_ROOMS;
+    for (entries, status) in [(limit, 200), (limit + 1, 400)] {
+        let body = format!(
+            r#"{{"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "rooms": [{}{{}}]}}"#,
+            "{},".repeat(entries - 1)
+        );
+        let resp = r
+            .post("/v1/nodes/n1/heartbeat")
+            .bearer_auth(NODE_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        if status == 200 {
+            assert_eq!(resp.status(), 200);
+        } else {
+            let v = expect_error(resp, 400, "invalid_request").await;
+            let message = v["message"].as_str().unwrap();
+            assert!(message.contains(&format!("at most {limit} rooms")), "{v}");
+        }
+    }
 }
 
 /// A heartbeat carries as many rooms as the router accepts: more than `server.max_body_bytes`

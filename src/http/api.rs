@@ -687,44 +687,127 @@ pub async fn login<S: PinStore>(
     Ok(r)
 }
 
-/// One entry of a heartbeat's `rooms`: any JSON value is taken, so that an entry the
-/// router cannot use (a room that is no string, a count that is negative, fractional,
-/// over `u32` or missing) is skipped and named in `refused` rather than failing the whole
-/// heartbeat, as a room id that is not valid is ([`Refused`]).
-struct RoomReport(serde_json::Value);
+/// One entry of a heartbeat's `rooms`, read leniently: an entry the router cannot use (a
+/// room that is no string, a count that is negative, fractional, over `u32` or missing,
+/// an entry that is no object) is kept as [`RoomReport::Unusable`], to be skipped and
+/// named in `refused` rather than fail the whole heartbeat, as a room id that is not valid
+/// is ([`Refused`]). Only the room and the count are kept, whatever else the entry holds.
+enum RoomReport {
+    Usable(String, u32),
+    /// What to list in `refused` for the entry, and why.
+    Unusable(String, &'static str),
+}
 
 impl<'de> Deserialize<'de> for RoomReport {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        serde_json::Value::deserialize(d).map(RoomReport)
+        d.deserialize_any(RoomReportVisitor)
     }
 }
 
-impl RoomReport {
-    /// The entry's room and participant count; else what to list in `refused`: the room
-    /// (or, when it is no string, the entry as JSON) and why.
-    fn parts(self) -> Result<(String, u32), (String, &'static str)> {
-        let serde_json::Value::Object(mut entry) = self.0 else {
-            return Err((self.0.to_string(), "a room entry must be an object"));
-        };
-        let count = entry
-            .get("participants")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|n| u32::try_from(n).ok());
-        match (entry.remove("room"), count) {
-            (Some(serde_json::Value::String(room)), Some(n)) => Ok((room, n)),
-            (Some(serde_json::Value::String(room)), None) => Err((
-                room,
-                "participants must be a whole number from 0 to 4294967295",
-            )),
-            (room, _) => {
-                let shown = room.map_or_else(
-                    || serde_json::Value::Object(entry).to_string(),
-                    |r| r.to_string(),
-                );
-                Err((shown, "room must be a string"))
+struct RoomReportVisitor;
+
+impl RoomReportVisitor {
+    fn not_an_object(shown: String) -> RoomReport {
+        RoomReport::Unusable(shown, "a room entry must be an object")
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RoomReportVisitor {
+    type Value = RoomReport;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a room entry")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RoomReport, A::Error> {
+        use serde::de::IgnoredAny;
+        let (mut room, mut count) = (None, None);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "room" => room = Some(map.next_value::<serde_json::Value>()?),
+                "participants" => count = Some(map.next_value::<serde_json::Value>()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
+        let count = count
+            .as_ref()
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok());
+        Ok(match (room, count) {
+            (Some(serde_json::Value::String(room)), Some(n)) => RoomReport::Usable(room, n),
+            (Some(serde_json::Value::String(room)), None) => RoomReport::Unusable(
+                room,
+                "participants must be a whole number from 0 to 4294967295",
+            ),
+            (Some(room), _) => RoomReport::Unusable(room.to_string(), "room must be a string"),
+            (None, _) => RoomReport::Unusable(String::new(), "room is missing"),
+        })
     }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RoomReport, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Self::not_an_object("[...]".into()))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<RoomReport, E> {
+        Ok(Self::not_an_object(serde_json::Value::from(v).to_string()))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<RoomReport, E> {
+        Ok(Self::not_an_object(v.to_string()))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<RoomReport, E> {
+        Ok(Self::not_an_object(v.to_string()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<RoomReport, E> {
+        Ok(Self::not_an_object(v.to_string()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<RoomReport, E> {
+        Ok(Self::not_an_object(v.to_string()))
+    }
+
+    fn visit_unit<E>(self) -> Result<RoomReport, E> {
+        Ok(Self::not_an_object("null".into()))
+    }
+}
+
+/// A heartbeat's `rooms`, refused as soon as it lists more than [`MAX_REPORTED_ROOMS`]:
+/// the entries past the limit are never kept (a body of a million tiny entries, within
+/// the byte limit, held a million entries before the count was checked).
+fn bounded_rooms<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<RoomReport>>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Option<Vec<RoomReport>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of rooms")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut rooms = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            while let Some(r) = seq.next_element::<RoomReport>()? {
+                if rooms.len() == MAX_REPORTED_ROOMS {
+                    return Err(serde::de::Error::custom(format!(
+                        "at most {MAX_REPORTED_ROOMS} rooms per heartbeat"
+                    )));
+                }
+                rooms.push(r);
+            }
+            Ok(Some(rooms))
+        }
+    }
+    d.deserialize_any(Bounded)
 }
 
 #[derive(Deserialize)]
@@ -742,7 +825,7 @@ struct HeartbeatBody {
     tags: Option<Vec<String>>,
     #[serde(default)]
     state: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_rooms")]
     rooms: Option<Vec<RoomReport>>,
 }
 
@@ -855,17 +938,12 @@ pub async fn heartbeat<S: PinStore>(
     let mut refused = Refused::default();
     let rooms = match b.rooms {
         None => None,
-        Some(v) if v.len() > MAX_REPORTED_ROOMS => {
-            return Err(ApiError::InvalidRequest(format!(
-                "at most {MAX_REPORTED_ROOMS} rooms per heartbeat"
-            )))
-        }
         Some(v) => {
             let mut rooms = Vec::with_capacity(v.len());
             for r in v {
-                let (room, participants) = match r.parts() {
-                    Ok(p) => p,
-                    Err((shown, why)) => {
+                let (room, participants) = match r {
+                    RoomReport::Usable(room, n) => (room, n),
+                    RoomReport::Unusable(shown, why) => {
                         refused.add(shown, "invalid_request", why.to_string());
                         continue;
                     }

@@ -11,7 +11,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{admin_json, expect_error, heartbeat, proxy_config, TestRouter};
+use common::{admin_json, config, expect_error, heartbeat, proxy_config, TestRouter};
 use roomrouter::config::{Config, FrontDoorMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1578,6 +1578,43 @@ async fn a_refused_upload_still_being_sent_gets_its_answer_and_no_reset() {
         );
         r.stop().await;
     }
+}
+
+/// A socket that lingers after hyper closed it still holds its slot under
+/// `server.max_connections`: lingering sockets, slot-free, grew with the accept rate (2 s
+/// of accepts, in descriptors and buffers) whatever the limit said. With one slot, a
+/// second client waits while the first one's closed connection lingers, and is served once
+/// that client closes.
+#[tokio::test]
+async fn a_lingering_socket_keeps_its_connection_slot() {
+    let mut cfg = config();
+    cfg.server.max_connections = 1;
+    let r = TestRouter::start(cfg).await;
+    let ask = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut first = TcpStream::connect(r.addr).await.unwrap();
+    first.write_all(ask.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut answer))
+        .await
+        .expect("the router closes its side after the answer")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // The first client keeps its side open: the router's socket lingers over it.
+    let mut second = TcpStream::connect(r.addr).await.unwrap();
+    second.write_all(ask.as_bytes()).await.unwrap();
+    let mut b = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut b)).await;
+    assert!(
+        early.is_err(),
+        "served while the first socket lingered: {early:?}"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut b))
+        .await
+        .expect("served once the first client closed")
+        .unwrap();
+    assert!(b[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &b[..n]);
+    r.stop().await;
 }
 
 /// As [`a_refused_upload_still_being_sent_gets_its_answer_and_no_reset`], when the refusal

@@ -593,21 +593,38 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
 /// bytes, so a client still sending its body got `ECONNRESET` instead of the answer. On
 /// drop, a connection whose client has not closed its side (no read has met the end of
 /// the stream) is handed to a task that shuts its write side and reads on, within
-/// [`h1::linger`]'s bounds; one the client closed closes at once. Whether bytes are
+/// [`h1::linger`]'s bounds, holding the connection's slot; one the client closed, or
+/// whose writes failed (a client that stopped reading, cut by the send timeout), closes at
+/// once. Whether bytes are
 /// waiting at that instant (`FIONREAD`) is no test: hyper may just have drained them, and
 /// the client's next write then met a closed socket and a reset.
 #[cfg(unix)]
 struct Lingering {
     io: Option<BoxIo>,
+    /// The connection's slot under `server.max_connections`, held while the socket
+    /// lingers: else lingering sockets, slot-free, would grow with the accept rate (2 s of
+    /// accepts, in descriptors and buffers) whatever the limit says.
+    slot: Option<Arc<OwnedSemaphorePermit>>,
     send: Duration,
     /// A read met the end of the stream: the client closed its side and sends nothing more.
     eof: bool,
+    /// A write failed (timed out: a client that stopped reading; or the peer is gone):
+    /// such a connection is cut, not lingered over.
+    broken: bool,
 }
 
 #[cfg(unix)]
 impl Lingering {
     fn io(&mut self) -> Pin<&mut BoxIo> {
         Pin::new(self.io.as_mut().expect("taken only on drop"))
+    }
+
+    /// Notes a write side's failure ([`Lingering::broken`]).
+    fn wrote<T>(&mut self, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if matches!(polled, Poll::Ready(Err(_))) {
+            self.broken = true;
+        }
+        polled
     }
 }
 
@@ -634,14 +651,16 @@ impl AsyncWrite for Lingering {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.io().poll_write(cx, buf)
+        let polled = self.io().poll_write(cx, buf);
+        self.wrote(polled)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.io().poll_write_vectored(cx, bufs)
+        let polled = self.io().poll_write_vectored(cx, bufs);
+        self.wrote(polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.as_ref().is_some_and(|io| io.is_write_vectored())
@@ -650,13 +669,15 @@ impl AsyncWrite for Lingering {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.io().poll_flush(cx)
+        let polled = self.io().poll_flush(cx);
+        self.wrote(polled)
     }
     fn poll_shutdown(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.io().poll_shutdown(cx)
+        let polled = self.io().poll_shutdown(cx);
+        self.wrote(polled)
     }
 }
 
@@ -666,19 +687,22 @@ impl Drop for Lingering {
         let Some(mut io) = self.io.take() else {
             return;
         };
-        if self.eof {
+        if self.eof || self.broken {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let send = self.send;
+        let slot = self.slot.take();
         rt.spawn(async move {
             use tokio::io::AsyncWriteExt;
+            let _slot = slot;
             // hyper may have shut the write side already; a second shutdown's error, or
             // one that cannot finish (a TLS close the client does not read), still leaves
-            // the bytes in flight to be read and dropped.
-            let _ = tokio::time::timeout(send, io.shutdown()).await;
+            // the bytes in flight to be read and dropped. Bounded as the linger is: a
+            // closing socket holds its slot a moment, not a whole send timeout more.
+            let _ = tokio::time::timeout(send.min(h1::LINGER), io.shutdown()).await;
             h1::linger(&mut io).await;
         });
     }
@@ -750,8 +774,10 @@ async fn serve_io<I>(
         Some(_) => io,
         None => Box::new(Lingering {
             io: Some(io),
+            slot: info.slot.clone(),
             send: timeouts.send,
             eof: false,
+            broken: false,
         }),
     };
     let counted = streams.clone();

@@ -174,7 +174,7 @@ struct Client<'a> {
 }
 
 /// How long, and how many bytes, a close [`linger`]s over a body left unread.
-const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// After an error answer that left the request's body unread (a `413` for an upload too

@@ -1115,6 +1115,15 @@ async fn a_clients_own_forwarded_and_real_ip_never_reach_the_node() {
                 .header("x-real-ip", "6.6.6.6")
                 .header("x-forwarded-proto", "https")
                 .header("x-forwarded-for", "6.6.6.6")
+                // The other names frameworks read the scheme, port and prefix from.
+                .header("x-forwarded-ssl", "on")
+                .header("x-forwarded-scheme", "https")
+                .header("x-forwarded-protocol", "https")
+                .header("x-forwarded-port", "443")
+                .header("x-forwarded-prefix", "/admin")
+                .header("x-forwarded-server", "admin.internal")
+                .header("x-url-scheme", "https")
+                .header("front-end-https", "on")
                 // The same names with `_`, which CGI-style node stacks read as `-`.
                 .header("X_Room_Ticket", "forged")
                 .header("X_Forwarded_For", "10.0.0.1")
@@ -1125,6 +1134,18 @@ async fn a_clients_own_forwarded_and_real_ip_never_reach_the_node() {
         let h = &body["headers"];
         assert!(h.get("forwarded").is_none(), "{what}: {h}");
         assert!(h.get("x-real-ip").is_none(), "{what}: {h}");
+        for claim in [
+            "x-forwarded-ssl",
+            "x-forwarded-scheme",
+            "x-forwarded-protocol",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+            "x-url-scheme",
+            "front-end-https",
+        ] {
+            assert!(h.get(claim).is_none(), "{what}: {claim}: {h}");
+        }
         for alias in ["x_room_ticket", "x_forwarded_for", "x_real_ip"] {
             assert!(h.get(alias).is_none(), "{what}: {alias}: {h}");
         }

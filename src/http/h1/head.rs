@@ -246,9 +246,12 @@ fn listed<'a>(connection: impl IntoIterator<Item = &'a [u8]>, name: &[u8]) -> bo
 }
 
 /// Request headers the proxy sets itself, or that claim what only it can tell the node
-/// (the client's address, scheme and host: `Forwarded`, `X-Real-IP`); a client's own are
-/// dropped (`X-Forwarded-For` is extended instead).
-const SET_BY_PROXY: [&str; 7] = [
+/// (the client's address, scheme, host, port and path prefix: `Forwarded`, `X-Real-IP`,
+/// and the other names frameworks read them from: Rack takes `X-Forwarded-Ssl: on` and
+/// `X-Forwarded-Scheme` for the scheme, Spring and Rack build URLs from
+/// `X-Forwarded-Port` and `X-Forwarded-Prefix`); a client's own are dropped
+/// (`X-Forwarded-For` is extended instead).
+const SET_BY_PROXY: [&str; 15] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
@@ -256,6 +259,14 @@ const SET_BY_PROXY: [&str; 7] = [
     "x-real-ip",
     "x-room-node",
     "x-room-ticket",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-url-scheme",
+    "front-end-https",
 ];
 
 /// Whether a client's request header `name` claims one the proxy sets ([`SET_BY_PROXY`]),

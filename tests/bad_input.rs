@@ -215,6 +215,17 @@ async fn a_heartbeat_skips_room_entries_of_the_wrong_shape_and_applies_the_rest(
     assert_eq!(sample(&m, "roomrouter_heartbeat_rooms_refused_total"), 10.0);
 }
 
+/// Posts `body` as node `n1`'s heartbeat, as it is.
+async fn raw_heartbeat(r: &TestRouter, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    r.post("/v1/nodes/n1/heartbeat")
+        .bearer_auth(NODE_TOKEN)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A heartbeat listing more rooms than a node may report is refused as it is read: entries
 /// as small as `{}` fit the byte limit by the million, and were all kept before the count
 /// was checked.
@@ -227,14 +238,7 @@ async fn a_heartbeat_over_the_room_limit_is_refused() {
             r#"{{"url": "http://127.0.0.1:9", "capacity": 100, "load": 1, "rooms": [{}{{}}]}}"#,
             "{},".repeat(entries - 1)
         );
-        let resp = r
-            .post("/v1/nodes/n1/heartbeat")
-            .bearer_auth(NODE_TOKEN)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let resp = raw_heartbeat(&r, body).await;
         if status == 200 {
             assert_eq!(resp.status(), 200);
         } else {
@@ -257,14 +261,7 @@ async fn a_heartbeat_may_list_more_rooms_than_the_general_body_limit_holds() {
         json!({"url": "http://127.0.0.1:9", "capacity": 100_000, "load": 20_000, "rooms": rooms});
     let body = serde_json::to_vec(&beat).unwrap();
     assert!(body.len() > config().server.max_body_bytes);
-    let resp = r
-        .post("/v1/nodes/n1/heartbeat")
-        .bearer_auth(NODE_TOKEN)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = raw_heartbeat(&r, body).await;
     assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
     let room = admin_json(&r, "/v1/rooms/00002710-0000-4000-8000-000000000000").await;
     assert_eq!(room["error"], "not_found", "only the listed rooms: {room}");

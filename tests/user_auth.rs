@@ -397,28 +397,35 @@ async fn the_tokens_size_claim_wins_over_the_requests() {
     r.stop().await;
 }
 
-/// A key file that went away after the config was checked refuses every user token, and
-/// the `401` says only that the router's key is unusable: not the file's path, nor why it
-/// failed (those go to the router's log).
-#[tokio::test]
-async fn an_unusable_key_refuses_users_without_telling_them_its_path() {
-    let dir = std::env::temp_dir().join(format!("rr-gone-key-{}", std::process::id()));
+/// A checked ES256 config whose public key is `users.pub.pem` in a fresh directory named
+/// after `tag` (returned), and a token for every room signed with its private key.
+fn es256_config(tag: &str) -> (Config, std::path::PathBuf, String) {
+    let kp = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pub_path = dir.join("users.pub.pem");
-    let kp = rcgen::KeyPair::generate().unwrap();
     std::fs::write(&pub_path, kp.public_key_pem()).unwrap();
     let mut cfg = jwt_config();
     cfg.auth.jwt.algorithm = JwtAlgorithm::ES256;
-    cfg.auth.jwt.public_key_file = Some(pub_path.clone());
+    cfg.auth.jwt.public_key_file = Some(pub_path);
     cfg.validate().unwrap();
-    std::fs::remove_file(&pub_path).unwrap();
-    let r = with_node(cfg).await;
     let key = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
     let good = token(
         serde_json::json!({"sub": "carol", "exp": now() + 60, "room": "*"}),
         &key,
         Algorithm::ES256,
     );
+    (cfg, dir, good)
+}
+
+/// A key file that went away after the config was checked refuses every user token, and
+/// the `401` says only that the router's key is unusable: not the file's path, nor why it
+/// failed (those go to the router's log).
+#[tokio::test]
+async fn an_unusable_key_refuses_users_without_telling_them_its_path() {
+    let (cfg, dir, good) = es256_config("rr-gone-key");
+    std::fs::remove_file(dir.join("users.pub.pem")).unwrap();
+    let r = with_node(cfg).await;
     for path in ["/rooms/any", "/v1/placement/any"] {
         let resp = r.get(path).bearer_auth(&good).send().await.unwrap();
         let body = expect_error(resp, 401, "unauthorized").await;
@@ -434,22 +441,8 @@ async fn an_unusable_key_refuses_users_without_telling_them_its_path() {
 
 #[tokio::test]
 async fn es256_tokens_verify_with_a_public_key_file() {
-    let kp = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
-    let dir = std::env::temp_dir().join(format!("rr-es256-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pub_path = dir.join("users.pub.pem");
-    std::fs::write(&pub_path, kp.public_key_pem()).unwrap();
-    let mut cfg = jwt_config();
-    cfg.auth.jwt.algorithm = JwtAlgorithm::ES256;
-    cfg.auth.jwt.public_key_file = Some(pub_path);
-    cfg.validate().unwrap();
+    let (cfg, dir, good) = es256_config("rr-es256");
     let r = with_node(cfg).await;
-    let key = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
-    let good = token(
-        serde_json::json!({"sub": "carol", "exp": now() + 60, "room": "*"}),
-        &key,
-        Algorithm::ES256,
-    );
     let resp = r.get("/rooms/any").bearer_auth(&good).send().await.unwrap();
     assert_eq!(resp.status(), 307);
     // An HS256 token is refused even when signed with something the server might accept.

@@ -887,6 +887,9 @@ impl ProxyConfig {
             ("proxy.connect_timeout", self.connect_timeout),
             ("proxy.response_timeout", self.response_timeout),
             ("proxy.idle_timeout", self.idle_timeout),
+            // Zero would keep no idle connection at all (reuse needs an idle time under
+            // it): every proxied request a new connection, silently.
+            ("proxy.pool_idle_timeout", self.pool_idle_timeout),
         ] {
             if v.is_zero() {
                 return Err(invalid(k, "must be > 0"));
@@ -1302,6 +1305,22 @@ impl Config {
                 "must name at least one source",
             ));
         }
+        // A source is off while what it reads by is empty: a list of only such sources
+        // finds no room in any request (every front-door request a `404`).
+        let on = |source: &RoomSource| match source {
+            RoomSource::Path => !f.routes.is_empty(),
+            RoomSource::Query => !f.room_query_param.is_empty(),
+            RoomSource::Header => !f.room_header.is_empty(),
+            RoomSource::Cookie => !f.room_cookie.is_empty(),
+        };
+        if !f.room_sources.iter().any(on) {
+            return Err(invalid(
+                "front_door.room_sources",
+                "none of the listed sources is on: path needs front_door.routes, query \
+                 front_door.room_query_param, header front_door.room_header, cookie \
+                 front_door.room_cookie",
+            ));
+        }
         self.proxy.validate()?;
         self.tls.validate()?;
         for (i, r) in f.routes.iter().enumerate() {
@@ -1660,6 +1679,33 @@ mod tests {
         assert!(!c.server.transparent_huge_pages);
         c.validate().unwrap();
         assert!(c.require_credentials().is_err());
+    }
+
+    /// Sources that are all off find no room in any request: refused, naming what each
+    /// needs. One source on among others off (the default's empty cookie) is fine.
+    #[test]
+    fn room_sources_that_can_find_no_room_are_refused() {
+        for text in [
+            "[front_door]\nroom_sources = [\"cookie\"]\n",
+            "[front_door]\nroutes = []\nroom_sources = [\"path\"]\n",
+            "[front_door]\nroom_query_param = \"\"\nroom_header = \"\"\nroom_sources = [\"query\", \"header\"]\n",
+        ] {
+            let e = rejected(text);
+            assert!(e.contains("front_door.room_sources"), "{text}: {e}");
+            assert!(e.contains("none of the listed sources is on"), "{text}: {e}");
+        }
+        let c = Config::parse("[front_door]\nroom_sources = [\"cookie\", \"query\"]\n").unwrap();
+        c.validate().unwrap();
+        let c =
+            Config::parse("[front_door]\nroom_cookie = \"room\"\nroom_sources = [\"cookie\"]\n")
+                .unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_zero_pool_idle_timeout_is_refused() {
+        let e = rejected("[proxy]\npool_idle_timeout = \"0s\"\n");
+        assert!(e.contains("proxy.pool_idle_timeout"), "{e}");
     }
 
     #[test]

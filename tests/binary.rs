@@ -106,6 +106,15 @@ fn check_config_accepts_the_shipped_examples_and_names_bad_keys() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("new_room_limit"));
+    // Room sources that are all off (the cookie's name is empty by default) would make
+    // every front-door request a 404.
+    std::fs::write(&bad, "[front_door]\nroom_sources = [\"cookie\"]\n").unwrap();
+    let out = clean_env(&mut Command::new(BIN))
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("front_door.room_sources"));
     // A timeout of centuries would overflow the first time it is added to the present (a
     // panic on the first connection): refused, and said once.
     std::fs::write(&bad, "[server]\nheader_read_timeout = \"300000000000y\"\n").unwrap();

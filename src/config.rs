@@ -19,7 +19,7 @@ use crate::room::Normalization;
 /// [`duration::MAX`]. A longer one is refused as the file is read: added to the present
 /// (`Instant::now() + d`, as timeouts are), a duration of centuries overflows, and the
 /// first request to use it would panic.
-mod duration {
+pub mod duration {
     use std::time::Duration;
 
     use serde::de::Error;
@@ -30,12 +30,25 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v: Duration = humantime_serde::deserialize(d)?;
+        bounded(v).map_err(D::Error::custom)
+    }
+
+    /// A command-line duration (`"60s"`), bounded as the file's are (a `demo-node
+    /// --ticket-leeway` of a century overflowed the ticket check: a panic, or every ticket
+    /// refused).
+    pub fn parse_arg(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s)
+            .map_err(|e| e.to_string())
+            .and_then(bounded)
+    }
+
+    fn bounded(v: Duration) -> Result<Duration, String> {
         if v > MAX {
-            return Err(D::Error::custom(format!(
+            return Err(format!(
                 "{} is longer than a duration may be ({})",
                 humantime::format_duration(v),
                 humantime::format_duration(MAX)
-            )));
+            ));
         }
         Ok(v)
     }

@@ -85,7 +85,7 @@ enum Cmd {
         #[arg(long, env = "ROOMROUTER_TICKET_SECRET", hide_env_values = true)]
         ticket_secret: String,
         /// Clock skew forgiven past a ticket's `exp`: the router's `tickets.leeway`.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = roomrouter::config::duration::parse_arg)]
         ticket_leeway: Duration,
         /// How the router normalizes room ids (its `rooms.normalization`: none, lowercase or
         /// nfkc_lowercase): a ticket admits to the room the path names normalized so.

@@ -516,8 +516,8 @@ async fn a_demo_node_its_router_refuses_exits_and_says_why() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// An id or a capacity the router refuses at every heartbeat is refused before the node
-/// starts, naming the flag.
+/// An id or a capacity the router refuses at every heartbeat, or a ticket leeway past the
+/// config's bound, is refused before the node starts, naming the flag.
 #[test]
 fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
     let base = [
@@ -541,6 +541,11 @@ fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
         (
             with(&["--id", "n1", "--room-normalization", "upper"]),
             "--room-normalization",
+        ),
+        // A leeway of a century overflowed the ticket check (a panic in a debug build).
+        (
+            with(&["--id", "n1", "--ticket-leeway", "100y"]),
+            "--ticket-leeway",
         ),
     ];
     let cases: Vec<(&[&str], &str)> = cases.iter().map(|(a, s)| (a.as_slice(), *s)).collect();

@@ -1151,6 +1151,11 @@ fn simulate_reports_the_mean_over_seeds_and_refuses_bad_flags_without_panicking(
             (&["--seeds", "2", "--trace", "t.txt"], "--trace"),
             (&["--workload", "rush-hour"], "rush-hour"),
             (&["--capacity", "inf"], "--capacity"),
+            // A huge node or router count panicked allocating one entry for each.
+            (&["--nodes", "100000000000000"], "--nodes"),
+            (&["--nodes", "0"], "--nodes"),
+            (&["--routers", "0"], "--routers"),
+            (&["--routers", "100000000000000"], "--routers"),
             (&["--heartbeat-ms", "0"], "--heartbeat-ms"),
             (
                 &["--heartbeat-ms", "18446744073709551615"],

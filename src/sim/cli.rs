@@ -27,8 +27,9 @@ pub struct SimulateArgs {
     /// workloads.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["workload", "hints", "quick"])]
     pub trace: Option<PathBuf>,
-    /// Nodes at the start (all of equal capacity).
-    #[arg(long, default_value_t = 20)]
+    /// Nodes at the start (all of equal capacity; 1 to 10 000).
+    #[arg(long, default_value_t = 20,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_NODES as u64))]
     pub nodes: usize,
     /// Capacity of each node, in load units.
     #[arg(long, default_value_t = 250.0)]
@@ -38,8 +39,9 @@ pub struct SimulateArgs {
     /// workloads are sized for the same total capacity.
     #[arg(long, value_name = "LIST", value_parser = parse_capacities, conflicts_with_all = ["nodes", "capacity"])]
     pub capacities: Option<Capacities>,
-    /// Router instances, each with its own pending counts.
-    #[arg(long, default_value_t = 4)]
+    /// Router instances, each with its own pending counts (1 to 1 000).
+    #[arg(long, default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
     pub routers: usize,
     /// Heartbeat (load report) interval in milliseconds (1 to an hour); the timeout is three
     /// intervals.

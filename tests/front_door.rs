@@ -519,3 +519,30 @@ async fn a_head_on_the_front_door_places_nothing_and_counts_no_join() {
         r.stop().await;
     }
 }
+
+/// A ticket used again at the demo node (a reload, a retry, a replay) is the participant it
+/// admitted, not one more: counted again, one ticket could make a room look as large as a
+/// replayer liked, and the node full to the router. A second join's own ticket counts.
+#[tokio::test]
+async fn a_demo_node_counts_a_ticket_used_again_once() {
+    let r = TestRouter::start(config()).await;
+    let node = r.node("n1", 100.0).await;
+    let c = client();
+    let join = || async {
+        let resp = r.get("/rooms/replayed").send().await.unwrap();
+        assert_eq!(resp.status(), 307);
+        resp.headers()["location"].to_str().unwrap().to_string()
+    };
+    let first = join().await;
+    for _ in 0..3 {
+        let resp = c.get(&first).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["participants"], 1, "{v}");
+    }
+    let second = join().await;
+    let v: serde_json::Value = c.get(&second).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["participants"], 2, "{v}");
+    assert_eq!(node.rooms().get("replayed"), Some(&2));
+    r.stop().await;
+}

@@ -14,7 +14,8 @@
 //! Endpoints:
 //! * `GET /rooms/{room}?ticket=T`, `GET /join/{room}?ticket=T`, `POST /rooms/{room}/join?ticket=T`
 //!   (or the ticket in `X-Room-Ticket`, as proxy mode sends it): join (200 JSON with the
-//!   participant count), 401 bad ticket, 403 ticket for another node or another room.
+//!   participant count), 401 bad ticket, 403 ticket for another node or another room. A
+//!   ticket used again (its `jti`) is the participant it admitted, not one more.
 //! * `POST /rooms/{room}/leave`: one participant leaves (404 if the room has nobody here).
 //! * `GET /status`: this node's rooms and load.
 //! * `GET /healthz`.
@@ -89,11 +90,19 @@ pub struct DemoNodeConfig {
 #[derive(Debug, Default)]
 struct State {
     rooms: Mutex<HashMap<String, u32>>,
+    /// The tickets (`jti` -> `exp`) that admitted a participant, kept while they verify: a
+    /// ticket used again (a reload, a retry, a replay) is the same participant, not one
+    /// more. Counted again, one ticket could make a room look as large as a replayer
+    /// liked, and the node full to the router.
+    admitted: Mutex<HashMap<String, u64>>,
     joins: AtomicU64,
     refused: AtomicU64,
     evicted: AtomicU64,
     draining: AtomicBool,
 }
+
+/// How many admitting tickets a node keeps before it forgets those that no longer verify.
+const ADMITTED_PRUNE_AT: usize = 4096;
 
 /// Where a node is in its life, as its tasks and connections watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,13 +550,27 @@ fn handle(
                     serde_json::json!({"error": "forbidden", "message": format!("ticket is for room {}", claims.room)}),
                 );
             }
-            let n = {
+            let (n, fresh) = {
+                let mut admitted = state.admitted.lock().unwrap_or_else(|p| p.into_inner());
+                let fresh = admitted.insert(claims.jti.clone(), claims.exp).is_none();
+                if fresh && admitted.len() > ADMITTED_PRUNE_AT {
+                    // Those no longer verifying cannot come back: forget them.
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let leeway = tickets.leeway_secs();
+                    admitted.retain(|_, exp| exp.saturating_add(leeway) >= now);
+                }
                 let mut rooms = state.rooms.lock().unwrap_or_else(|p| p.into_inner());
                 let n = rooms.entry(claims.room.clone()).or_insert(0);
-                *n += 1;
-                *n
+                if fresh {
+                    *n += 1;
+                }
+                (*n, fresh)
             };
-            state.joins.fetch_add(1, Ordering::Relaxed);
+            if fresh {
+                state.joins.fetch_add(1, Ordering::Relaxed);
+            }
             reply(
                 StatusCode::OK,
                 serde_json::json!({"node": id, "room": claims.room, "user": claims.sub, "participants": n}),

@@ -279,9 +279,17 @@ impl Live {
 
     /// Keeps the node counted as heard from at `at` without a report (load, pending and
     /// states unchanged). Used while the shared store is down, so a router does not declare
-    /// dead the nodes it only heard of through the store.
+    /// dead the nodes it only heard of through the store, and over a pause of the router.
+    /// A heartbeat forgotten meanwhile (0: a probe or the proxy found the node dead between
+    /// the caller's read and this hold) stays forgotten, in the same atomic step: raised,
+    /// it would bring back a node just found dead, and hold it healthy for the outage.
     pub fn hold_heartbeat(&self, at: Millis) {
-        self.last_heartbeat.fetch_max(at.max(1), Ordering::AcqRel);
+        let at = at.max(1);
+        let _ = self
+            .last_heartbeat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t != 0 && t < at).then_some(at)
+            });
     }
 
     /// Brings a heartbeat time later than `now` back to `now`: after the wall clock steps
@@ -636,6 +644,25 @@ mod tests {
         l.hold_heartbeat(5_000);
         assert!(l.forget_heartbeat_if_not_after(4_500));
         assert_eq!(l.newest_report(), 4_000);
+    }
+
+    /// A hold keeps a heard node heard; it never brings back one whose heartbeat was
+    /// forgotten (a check found it dead between the holder's read and its hold), nor one
+    /// never heard of, nor moves a heartbeat back.
+    #[test]
+    fn a_hold_never_revives_a_node_a_check_found_dead() {
+        let l = Live::default();
+        l.hold_heartbeat(1_000);
+        assert_eq!(l.last_heartbeat(), None, "never heard of");
+        l.record_report(100.0, 0.0, None, AdminState::Active, 1_000);
+        l.hold_heartbeat(2_000);
+        assert_eq!(l.last_heartbeat(), Some(2_000));
+        l.hold_heartbeat(1_500);
+        assert_eq!(l.last_heartbeat(), Some(2_000), "no step back");
+        // The holder read 2 000 (heard), then a probe found the node dead, then it holds.
+        l.forget_heartbeat();
+        l.hold_heartbeat(2_250);
+        assert_eq!(l.last_heartbeat(), None, "the hold revived a dead node");
     }
 
     #[test]

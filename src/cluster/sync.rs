@@ -433,9 +433,12 @@ impl NodeSync {
         if let Some(s) = self.admin.get(id.as_str()) {
             entry.live.set_admin_state(*s);
         }
-        entry
-            .live
-            .set_others_reserved_milli(self.others_reserved_milli(id.as_str()));
+        // Set under the lock, as `apply_reserved` does: read, unlocked, then set, a release
+        // applied in between (its 0 written) was overwritten by the older sum, and nothing
+        // recounts a node no router reserves on any more.
+        if let Ok(r) = self.reserved.lock() {
+            entry.live.set_others_reserved_milli(r.sum(id.as_str()));
+        }
     }
 
     /// An admin state a shared store's re-sync read after `mark` ([`Cluster::admin_mark`]),

@@ -222,10 +222,12 @@ impl PinStore for MemoryStore {
         }
         let mut released = Vec::with_capacity(idle.len());
         for (room, node) in idle {
-            // Re-check under the shard lock: a join may have confirmed it meanwhile.
+            // Re-check under the shard lock: a join may have confirmed it meanwhile, or
+            // re-pinned it elsewhere (with a confirmation time below `before` after the
+            // wall clock stepped back): that pin is not the idle one listed.
             if self
                 .pins
-                .remove_if(&room, |_, p| p.confirmed_at < before)
+                .remove_if(&room, |_, p| p.confirmed_at < before && p.node == node)
                 .is_some()
             {
                 released.push((room, node));

@@ -659,6 +659,12 @@ async fn readiness_health_metrics_and_dashboard() {
     assert_eq!(r.get("/healthz").send().await.unwrap().status(), 200);
     let body = expect_error(r.get("/readyz").send().await.unwrap(), 503, "not_ready").await;
     assert_eq!(body["reasons"], json!(["no healthy node"]));
+    // A probe's 503 is an answer, not an error users met: not counted as one.
+    let m = r.metrics().await;
+    assert!(
+        !m.contains("roomrouter_http_errors_total{code=\"not_ready\"}"),
+        "{m}"
+    );
     let _n = r.node("a", 100.0).await;
     assert_eq!(r.get("/readyz").send().await.unwrap().status(), 200);
     r.get("/rooms/m").send().await.unwrap();

@@ -17,7 +17,9 @@ pub fn readyz<S: PinStore>(app: &App<S>) -> Result<Response<Body>, ApiError> {
             StatusCode::OK,
             &serde_json::json!({ "status": "ready" }),
         )),
-        Err(reasons) => Err(ApiError::NotReady(reasons)),
+        // An answer, not a failed request: probes ask every few seconds through an outage,
+        // and counted and logged as errors they would drown the refusals users met.
+        Err(reasons) => Ok(ApiError::NotReady(reasons).into_response()),
     }
 }
 

@@ -81,8 +81,10 @@ enum Cmd {
         /// Node bearer token.
         #[arg(long, env = "ROOMROUTER_NODE_TOKEN", hide_env_values = true)]
         node_token: String,
-        /// Ticket secret shared with the router.
-        #[arg(long, env = "ROOMROUTER_TICKET_SECRET", hide_env_values = true)]
+        /// Ticket secret shared with the router (at least 32 characters, as its
+        /// `tickets.secret`).
+        #[arg(long, env = "ROOMROUTER_TICKET_SECRET", hide_env_values = true,
+              value_parser = ticket_secret)]
         ticket_secret: String,
         /// Clock skew forgiven past a ticket's `exp`: the router's `tickets.leeway`.
         #[arg(long, default_value = "60s", value_parser = roomrouter::config::duration::parse_arg)]
@@ -109,6 +111,16 @@ fn capacity(s: &str) -> Result<f64, String> {
         Ok(c) if c > 0.0 && c <= roomrouter::cluster::MAX_UNITS => Ok(c),
         _ => Err("the capacity must be a number > 0 and <= 1e12".into()),
     }
+}
+
+/// `demo-node --ticket-secret`: at least 32 characters, as the router's `tickets.secret`.
+/// A shorter one can be no secret the router signs with, so every ticket would be refused
+/// (`401`), quietly, at the node.
+fn ticket_secret(s: &str) -> Result<String, String> {
+    if s.len() < 32 {
+        return Err("must be at least 32 characters, as the router's tickets.secret".into());
+    }
+    Ok(s.to_string())
 }
 
 /// `demo-node --room-normalization`, spelled as `rooms.normalization` is.

@@ -526,7 +526,7 @@ fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
         "--node-token",
         "t",
         "--ticket-secret",
-        "s",
+        "test-ticket-secret-0123456789-0123456789",
     ];
     let with = |extra: &[&'static str]| -> Vec<&'static str> {
         base.iter().chain(extra).copied().collect()
@@ -546,6 +546,21 @@ fn demo_node_refuses_an_id_or_a_capacity_its_router_never_takes() {
         (
             with(&["--id", "n1", "--ticket-leeway", "100y"]),
             "--ticket-leeway",
+        ),
+        // A secret the router cannot have (it takes 32 characters or more): every ticket
+        // would be refused at the node.
+        (
+            vec![
+                "--router",
+                "http://127.0.0.1:9",
+                "--node-token",
+                "t",
+                "--id",
+                "n1",
+                "--ticket-secret",
+                "short",
+            ],
+            "--ticket-secret",
         ),
     ];
     let cases: Vec<(&[&str], &str)> = cases.iter().map(|(a, s)| (a.as_slice(), *s)).collect();

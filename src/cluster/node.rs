@@ -149,6 +149,10 @@ pub struct Live {
     reported_cpu: AtomicU64,
     /// Rooms the node listed in its last heartbeat; only heartbeats touch it.
     pub(crate) reported_rooms: Mutex<HashSet<RoomKey>>,
+    /// Held while a report is written: a relayed one checks that it is the newest and is
+    /// written in one step ([`Live::record_report_if_newer`]), so that a newer report
+    /// recorded between the check and the write is not overwritten by an older one.
+    reporting: Mutex<()>,
     /// `reserved_milli` as last told to the other routers.
     shared_reserved_milli: AtomicI64,
     /// The heartbeat time a health check forgot ([`Live::forget_heartbeat`]): a report no
@@ -232,6 +236,40 @@ impl Live {
 
     /// Records a heartbeat's load report; `pending` starts again from zero.
     pub fn record_report(
+        &self,
+        capacity: f64,
+        load: f64,
+        cpu: Option<f64>,
+        own_state: AdminState,
+        now: Millis,
+    ) {
+        let _writing = self.reporting.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_report(capacity, load, cpu, own_state, now);
+    }
+
+    /// Records a report another router relayed, made at `at`, unless this router holds one
+    /// as new (or forgot one as new: [`Live::newest_report`]); false if it was older news.
+    /// The check and the write are one step against every other report's write: checked
+    /// apart, a report this router recorded in between (its own heartbeat, or another
+    /// relay) was overwritten by the older one, its heartbeat time moved back and its load
+    /// and state (a `draining` just reported) undone until the next report.
+    pub fn record_report_if_newer(
+        &self,
+        capacity: f64,
+        load: f64,
+        cpu: Option<f64>,
+        own_state: AdminState,
+        at: Millis,
+    ) -> bool {
+        let _writing = self.reporting.lock().unwrap_or_else(|p| p.into_inner());
+        if self.newest_report() >= at {
+            return false;
+        }
+        self.write_report(capacity, load, cpu, own_state, at);
+        true
+    }
+
+    fn write_report(
         &self,
         capacity: f64,
         load: f64,
@@ -663,6 +701,20 @@ mod tests {
         l.forget_heartbeat();
         l.hold_heartbeat(2_250);
         assert_eq!(l.last_heartbeat(), None, "the hold revived a dead node");
+    }
+
+    /// A relayed report is written only if it is the newest the router has: one that lost
+    /// the race to a newer report leaves that report, its time, load and state, as they are.
+    #[test]
+    fn a_relayed_report_older_than_the_one_held_is_not_written() {
+        let l = Live::default();
+        l.record_report(100.0, 10.0, None, AdminState::Active, 5_000);
+        assert!(!l.record_report_if_newer(100.0, 90.0, None, AdminState::Draining, 4_000));
+        assert_eq!(l.last_heartbeat(), Some(5_000));
+        assert_eq!(l.self_state(), AdminState::Active);
+        assert!(l.record_report_if_newer(100.0, 30.0, None, AdminState::Draining, 6_000));
+        assert_eq!(l.last_heartbeat(), Some(6_000));
+        assert_eq!(l.self_state(), AdminState::Draining);
     }
 
     #[test]

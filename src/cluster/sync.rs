@@ -525,7 +525,14 @@ impl NodeSync {
                 if outcome == Upsert::Added {
                     self.added(&id, &entry);
                 }
-                entry.live.record_report(capacity, *load, *cpu, *state, at);
+                // Checked again as it is written: a report recorded since the check above
+                // (this router's own heartbeat, another relay) is newer news.
+                if !entry
+                    .live
+                    .record_report_if_newer(capacity, *load, *cpu, *state, at)
+                {
+                    return false;
+                }
                 let mut ended = Vec::new();
                 if let Some(rooms) = rooms {
                     let set: HashSet<RoomKey> = rooms

@@ -141,13 +141,13 @@ impl TicketIssuer {
         token
     }
 
-    /// Verifies signature and expiry (with the issuer's leeway) and returns the claims.
     /// The leeway [`TicketIssuer::verify`] forgives past `exp`, in whole seconds: a ticket
     /// whose `exp` is further in the past than this is refused.
     pub fn leeway_secs(&self) -> u64 {
         self.leeway_secs
     }
 
+    /// Verifies signature and expiry (with the issuer's leeway) and returns the claims.
     pub fn verify(&self, token: &str) -> Result<TicketClaims, TicketError> {
         let mut v = Validation::new(Algorithm::HS256);
         v.set_required_spec_claims(&["exp", "sub"]);

@@ -1003,9 +1003,9 @@ struct RefusedRoom {
 /// The room entries a heartbeat's node reported that the router cannot take: a room that
 /// is not a valid room id (a `/`, a control character, over 256 bytes: `invalid_room`), or
 /// an entry that is not `{"room": string, "participants": u32}` (`invalid_request`).
-/// Skipped, so that one such entry does not have every heartbeat of its node refused. A node heard from no more is taken for dead, its rooms
-/// re-placed on other nodes while it still hosts them (split rooms), and it could not be
-/// told to evict anything.
+/// Skipped, so that one such entry does not have every heartbeat of its node refused. A
+/// node heard from no more is taken for dead, its rooms re-placed on other nodes while it
+/// still hosts them (split rooms), and it could not be told to evict anything.
 #[derive(Default)]
 struct Refused {
     count: u64,

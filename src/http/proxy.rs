@@ -817,8 +817,8 @@ fn end_to_end(src: &HeaderMap) -> HeaderMap {
             // The length goes as the number hyper framed the body by, once (`0005`, or
             // `5, 5`, would reach the node as written, for its parser to read otherwise).
             if name == header::CONTENT_LENGTH {
-                if let Some(n) = parse_length_list(value.as_bytes()) {
-                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                if let Some(len) = parse_length_list(value.as_bytes()) {
+                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
                     continue;
                 }
             }

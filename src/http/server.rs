@@ -595,9 +595,8 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
 /// the stream) is handed to a task that shuts its write side and reads on, within
 /// [`h1::linger`]'s bounds, holding the connection's slot; one the client closed, or
 /// whose writes failed (a client that stopped reading, cut by the send timeout), closes at
-/// once. Whether bytes are
-/// waiting at that instant (`FIONREAD`) is no test: hyper may just have drained them, and
-/// the client's next write then met a closed socket and a reset.
+/// once. Whether bytes are waiting at that instant (`FIONREAD`) is no test: hyper may just
+/// have drained them, and the client's next write then met a closed socket and a reset.
 #[cfg(unix)]
 struct Lingering {
     io: Option<BoxIo>,

@@ -957,7 +957,7 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             concat!(
-                // The node's codings go with the bytes they apply to, as it wrote them.
+                // The node's codings go with the bytes they apply to, restated on one line.
                 "HTTP/1.1 200 Fine\r\ntransfer-encoding: chunked\r\nSet-Cookie: a=1\r\n",
                 "Set-Cookie: b=2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n",
                 "x-room-node: n1\r\nconnection: close\r\n\r\n"
